@@ -1,0 +1,37 @@
+// The two GEMM shapes every MoE projection reduces to, over one expert's packed bf16 weight W [N, K].
+//
+// Packed layout ("bf16" weight format): W is cut into panels of 16 output rows (N padded with zero
+// rows to a multiple of 16). Panel p stores, for each k in [0, K), 16 bf16 values: slot 2i holds
+// W[16p + i, k] and slot 2i+1 holds W[16p + 8 + i, k]. One 256-bit load then widens to two fp32
+// vectors (rows 16p..16p+7 and 16p+8..16p+15) with one shift and one mask, and both GEMM shapes
+// below read the panels contiguously.
+//
+// This header is included by translation units compiled with different -m flags: it must stay free
+// of inline code (an inline function compiled with AVX2 could be picked by the linker for a
+// baseline caller).
+#pragma once
+#include <cstdint>
+
+namespace kt {
+
+constexpr int kPanelRows = 16;
+
+static constexpr int64_t padded_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
+
+template <typename T>
+struct GemmKernels {
+  // C[i, c] = sum_k A[i][k] * W[16*p0 + c, k] for i < m, c < 16*np.
+  // A rows have K elements. C is dense [m, 16*np] (padded columns included).
+  void (*gemm_nt)(const T* const* a_rows, int m, int K, const uint16_t* w, int p0, int np, T* c);
+  // C[i, c] = sum_n A[i][n] * W[n, k0 + c] for i < m, c < kc; n runs over the padded N.
+  // A rows have padded-N elements (zero beyond N). C is [m, ldc].
+  void (*gemm_nn)(const T* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0,
+                  int kc, T* c, int ldc);
+  const char* name;
+};
+
+const GemmKernels<float>& ref_kernels_f32();
+const GemmKernels<double>& ref_kernels_f64();
+const GemmKernels<float>* avx2_kernels_f32();  // nullptr when not compiled in
+
+}  // namespace kt

@@ -1,0 +1,678 @@
+// MoE expert computation with LoRA on gate/up/down: forward and backward (see kt_ops/reference.py for
+// the math). The ISA-specific part is only the two GEMM shapes of kernels/gemm.h; this file does the
+// routing (counting sort of (token, slot) pairs by expert), the LoRA rank-r products, the
+// activation, and the reductions, with fp32 accumulation (fp64 for verification runs).
+//
+// Every per-pair intermediate is stored in pair order p = t * k + j, so backward can be fed the
+// tensors forward returned without any hidden state, and their sizes follow from input shapes.
+#include "moe_sft.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/gemm.h"
+#include "runtime/cpu.h"
+#include "runtime/thread_pool.h"
+
+namespace kt {
+namespace {
+
+constexpr int64_t kRowsPerTask = 64;       // rows of one expert handled by one GEMM task
+constexpr int64_t kPanelsPerTask = 4;      // 64 output columns per gate/up/down forward task
+constexpr int64_t kColsPerNnTask = 64;     // output columns per backward GEMM task
+constexpr int64_t kPairsPerTask = 8;       // per-pair elementwise / rank-r work
+constexpr int64_t kTokensPerTask = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Input validation: every check names the argument and the expectation.
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "kt_ops: ", name, " must be a CPU tensor, got device ", t.device());
+}
+
+void check_dim(const Tensor& t, const char* name, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "kt_ops: ", name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
+}
+
+void check_float_dtype(const Tensor& t, const char* name) {
+  auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, "kt_ops: ", name,
+                   " must be bfloat16, float32 or float64, got ", dt);
+}
+
+void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expected, const char* layout) {
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "kt_ops: ", name, " must have shape ", layout, " = ",
+                    at::IntArrayRef(expected), ", got ", t.sizes());
+}
+
+int64_t packed_bytes(c10::string_view format, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(format == "bf16", "kt_ops: unsupported weight_format '", std::string(format),
+                    "'; supported: bf16");
+  return padded_rows(rows) * cols * 2;
+}
+
+struct Shapes {
+  int64_t T, k, E, H, I, r;
+  int64_t pairs() const { return T * k; }
+};
+
+struct LoraArgs {
+  const Tensor& gate_a;
+  const Tensor& gate_b;
+  const Tensor& up_a;
+  const Tensor& up_b;
+  const Tensor& down_a;
+  const Tensor& down_b;
+};
+
+Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& gate_w,
+                    const Tensor& up_w, const Tensor& down_w, const std::optional<Tensor>& gate_scale,
+                    const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale,
+                    c10::string_view format, int64_t I, const LoraArgs& lora) {
+  const std::pair<const Tensor*, const char*> all[] = {
+      {&hidden, "hidden_states"}, {&ids, "topk_ids"},         {&weights, "topk_weights"},
+      {&gate_w, "gate_weight"},   {&up_w, "up_weight"},       {&down_w, "down_weight"},
+      {&lora.gate_a, "gate_lora_a"}, {&lora.gate_b, "gate_lora_b"}, {&lora.up_a, "up_lora_a"},
+      {&lora.up_b, "up_lora_b"},  {&lora.down_a, "down_lora_a"}, {&lora.down_b, "down_lora_b"}};
+  for (auto& [t, name] : all) check_cpu(*t, name);
+
+  check_dim(hidden, "hidden_states", 2, "[num_tokens, hidden_size]");
+  check_float_dtype(hidden, "hidden_states");
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  TORCH_CHECK_VALUE(H >= 1, "kt_ops: hidden_states must have hidden_size >= 1, got shape ", hidden.sizes());
+
+  check_dim(ids, "topk_ids", 2, "[num_tokens, num_experts_per_tok]");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "kt_ops: topk_ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.size(0) == T, "kt_ops: topk_ids must have one row per token of hidden_states (", T,
+                    "), got shape ", ids.sizes());
+  const int64_t k = ids.size(1);
+
+  check_dim(weights, "topk_weights", 2, "[num_tokens, num_experts_per_tok]");
+  check_float_dtype(weights, "topk_weights");
+  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes(), "kt_ops: topk_weights must have the shape of topk_ids ",
+                    ids.sizes(), ", got ", weights.sizes());
+
+  TORCH_CHECK_VALUE(I >= 1, "kt_ops: intermediate_size must be >= 1, got ", I);
+  TORCH_CHECK_VALUE(!gate_scale.has_value() && !up_scale.has_value() && !down_scale.has_value() || format != "bf16",
+                    "kt_ops: weight_format 'bf16' takes no gate_scale/up_scale/down_scale (pass None)");
+  const int64_t gate_bytes = packed_bytes(format, I, H), down_bytes = packed_bytes(format, H, I);
+  const std::pair<const Tensor*, const char*> packed[] = {{&gate_w, "gate_weight"}, {&up_w, "up_weight"},
+                                                         {&down_w, "down_weight"}};
+  for (auto& [t, name] : packed) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "kt_ops: ", name,
+                     " must be a packed uint8 weight (kt_ops.pack_experts), got dtype ", t->scalar_type());
+    check_dim(*t, name, 2, "[num_experts, packed_bytes]");
+    TORCH_CHECK_VALUE(t->is_contiguous(), "kt_ops: ", name, " must be contiguous (as kt_ops.pack_experts returns it)");
+  }
+  const int64_t E = gate_w.size(0);
+  TORCH_CHECK_VALUE(E >= 1, "kt_ops: gate_weight must hold at least one expert, got shape ", gate_w.sizes());
+  check_shape(gate_w, "gate_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
+  check_shape(up_w, "up_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
+  check_shape(down_w, "down_weight", {E, down_bytes}, "[num_experts, packed bytes of hidden_size x intermediate_size]");
+
+  check_dim(lora.gate_a, "gate_lora_a", 3, "[num_experts, lora_rank, hidden_size]");
+  const int64_t r = lora.gate_a.size(1);
+  const std::tuple<const Tensor*, const char*, std::vector<int64_t>, const char*> lora_shapes[] = {
+      {&lora.gate_a, "gate_lora_a", {E, r, H}, "[num_experts, lora_rank, hidden_size]"},
+      {&lora.gate_b, "gate_lora_b", {E, I, r}, "[num_experts, intermediate_size, lora_rank]"},
+      {&lora.up_a, "up_lora_a", {E, r, H}, "[num_experts, lora_rank, hidden_size]"},
+      {&lora.up_b, "up_lora_b", {E, I, r}, "[num_experts, intermediate_size, lora_rank]"},
+      {&lora.down_a, "down_lora_a", {E, r, I}, "[num_experts, lora_rank, intermediate_size]"},
+      {&lora.down_b, "down_lora_b", {E, H, r}, "[num_experts, hidden_size, lora_rank]"}};
+  for (auto& [t, name, shape, layout] : lora_shapes) {
+    check_float_dtype(*t, name);
+    check_shape(*t, name, shape, layout);
+  }
+
+  // Ids are data: checked before any work so that a bad id never reads outside the weights.
+  if (ids.numel() > 0) {
+    Tensor ids64 = ids.to(at::kLong);
+    const int64_t lo = ids64.min().item<int64_t>(), hi = ids64.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < E, "kt_ops: topk_ids must be in [0, ", E,
+                      ") (or -1 for a slot computed elsewhere), got values in [", lo, ", ", hi, "]");
+  }
+  return {T, k, E, H, I, r};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing: (token, slot) pairs grouped by expert with a counting sort; -1 slots are left out.
+
+struct Routing {
+  std::vector<int64_t> expert_of_pair;  // -1 for skipped slots
+  std::vector<int64_t> order;           // pair indices grouped by expert
+  std::vector<int64_t> offsets;         // expert e owns order[offsets[e] : offsets[e+1]]
+  std::vector<int64_t> hit_experts;
+};
+
+Routing route(const Tensor& ids, int64_t E) {
+  Routing routing;
+  Tensor ids64 = ids.to(at::kLong).contiguous();
+  const int64_t* id = ids64.data_ptr<int64_t>();
+  const int64_t pairs = ids64.numel();
+  routing.expert_of_pair.assign(id, id + pairs);
+  routing.offsets.assign(E + 1, 0);
+  for (int64_t p = 0; p < pairs; ++p)
+    if (id[p] >= 0) ++routing.offsets[id[p] + 1];
+  for (int64_t e = 0; e < E; ++e) {
+    if (routing.offsets[e + 1] > 0) routing.hit_experts.push_back(e);
+    routing.offsets[e + 1] += routing.offsets[e];
+  }
+  routing.order.resize(routing.offsets[E]);
+  std::vector<int64_t> cursor(routing.offsets.begin(), routing.offsets.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p)
+    if (id[p] >= 0) routing.order[cursor[id[p]]++] = p;
+  return routing;
+}
+
+// A GEMM task: rows [row_begin, row_end) of one expert's routed pairs, one block of output columns.
+struct GemmTask {
+  int64_t expert, row_begin, row_end, col_begin, col_end;
+};
+
+std::vector<GemmTask> gemm_tasks(const Routing& routing, int64_t cols, int64_t cols_per_task) {
+  std::vector<GemmTask> tasks;
+  for (int64_t e : routing.hit_experts) {
+    for (int64_t r0 = routing.offsets[e]; r0 < routing.offsets[e + 1]; r0 += kRowsPerTask) {
+      const int64_t r1 = std::min(routing.offsets[e + 1], r0 + kRowsPerTask);
+      for (int64_t c0 = 0; c0 < cols; c0 += cols_per_task) tasks.push_back({e, r0, r1, c0, std::min(cols, c0 + cols_per_task)});
+    }
+  }
+  return tasks;
+}
+
+template <typename T>
+std::vector<T>& scratch(int slot, size_t size) {
+  thread_local std::vector<T> buffers[4];
+  auto& buffer = buffers[slot];
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer;
+}
+
+// Torch ops are not called from pool tasks (they would start their own threads inside ours).
+template <typename T>
+void store_rows(const T* src, int64_t count, const Tensor& dst, int64_t offset) {
+  switch (dst.scalar_type()) {
+    case at::kFloat: std::copy(src, src + count, dst.data_ptr<float>() + offset); break;
+    case at::kDouble: std::copy(src, src + count, dst.data_ptr<double>() + offset); break;
+    case at::kBFloat16: {
+      c10::BFloat16* out = dst.data_ptr<c10::BFloat16>() + offset;
+      for (int64_t i = 0; i < count; ++i) out[i] = c10::BFloat16(static_cast<float>(src[i]));
+      break;
+    }
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected LoRA dtype ", dst.scalar_type());
+  }
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// LoRA matrices as contiguous T arrays. Only experts that are hit are converted, so that a decode
+// step with bf16 LoRA does not convert all E experts' adapters.
+template <typename T>
+struct LoraMatrix {
+  Tensor storage;
+  std::vector<int64_t> slot_of_expert;
+  int64_t expert_stride = 0;
+
+  LoraMatrix(const Tensor& lora, const Routing& routing) {
+    const auto dtype = c10::CppTypeToScalarType<T>::value;
+    expert_stride = lora.size(1) * lora.size(2);
+    if (lora.scalar_type() == dtype && lora.is_contiguous()) {
+      storage = lora;
+      return;
+    }
+    slot_of_expert.assign(lora.size(0), -1);
+    for (size_t i = 0; i < routing.hit_experts.size(); ++i) slot_of_expert[routing.hit_experts[i]] = i;
+    auto index = torch::tensor(routing.hit_experts, torch::kLong);
+    storage = lora.index_select(0, index).to(dtype).contiguous();
+  }
+  const T* expert(int64_t e) const {
+    const int64_t slot = slot_of_expert.empty() ? e : slot_of_expert[e];
+    return storage.data_ptr<T>() + slot * expert_stride;
+  }
+};
+
+template <typename T>
+struct Lora {
+  LoraMatrix<T> gate_a, gate_b, up_a, up_b, down_a, down_b;
+  Lora(const LoraArgs& args, const Routing& routing)
+      : gate_a(args.gate_a, routing), gate_b(args.gate_b, routing), up_a(args.up_a, routing),
+        up_b(args.up_b, routing), down_a(args.down_a, routing), down_b(args.down_b, routing) {}
+};
+
+template <typename T>
+const GemmKernels<T>& kernels();
+
+template <>
+const GemmKernels<float>& kernels<float>() {
+  return current_isa() == Isa::Avx2 ? *avx2_kernels_f32() : ref_kernels_f32();
+}
+
+template <>
+const GemmKernels<double>& kernels<double>() {
+  return ref_kernels_f64();  // float64 exists for verification; only the reference kernel has it
+}
+
+const uint16_t* expert_weight(const Tensor& packed, int64_t e) {
+  return reinterpret_cast<const uint16_t*>(packed.data_ptr<uint8_t>() + e * packed.size(1));
+}
+
+template <typename T>
+void parallel_over(int64_t count, int64_t per_task, const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t tasks = (count + per_task - 1) / per_task;
+  ThreadPool::instance().parallel_for(tasks, [&](int64_t task) {
+    body(task * per_task, std::min(count, (task + 1) * per_task));
+  });
+}
+
+// out[t] = sum over the token's valid slots j of scale(t, j) * rows[t * k + j], in slot order so the
+// result does not depend on scheduling.
+template <typename T>
+void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_t width, const T* scale,
+                  Tensor& out) {
+  T* dst = out.data_ptr<T>();
+  parallel_over<T>(s.T, kTokensPerTask, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* o = dst + t * width;
+      std::fill(o, o + width, T(0));
+      for (int64_t j = 0; j < s.k; ++j) {
+        const int64_t p = t * s.k + j;
+        if (routing.expert_of_pair[p] >= 0) axpy(scale ? scale[p] : T(1), rows + p * width, o, width);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& hidden, const Tensor& ids,
+                                                const Tensor& weights, const Tensor& gate_w, const Tensor& up_w,
+                                                const Tensor& down_w, const LoraArgs& lora_args, T scaling,
+                                                bool save) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  const auto opts = hidden.options().dtype(dtype);
+  const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
+  const Routing routing = route(ids, s.E);
+  const Lora<T> lora(lora_args, routing);
+  const GemmKernels<T>& gemm = kernels<T>();
+
+  Tensor x = hidden.to(dtype).contiguous();
+  Tensor w = weights.to(dtype).contiguous();
+  Tensor gate_up_pre = save ? at::zeros({2, P, I}, opts) : at::empty({0}, opts);
+  Tensor lora_mid = save ? at::zeros({3, P, r}, opts) : at::empty({0}, opts);
+  Tensor mid = save ? lora_mid : at::zeros({3, P, r}, opts);  // xa_gate, xa_up, ha_down per pair
+  Tensor h = at::empty({P, I}, opts);
+  Tensor y = at::empty({P, H}, opts);
+  const T* xp = x.data_ptr<T>();
+  T* midp = mid.data_ptr<T>();
+  T* hp = h.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  T* prep = save ? gate_up_pre.data_ptr<T>() : nullptr;
+  const int64_t* order = routing.order.data();
+
+  // Rank-r inputs of the gate/up LoRA: xa = x . A^T.
+  if (r > 0) {
+    parallel_over<T>(routing.order.size(), kPairsPerTask, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = order[i], e = routing.expert_of_pair[p];
+        const T* xr = xp + (p / s.k) * H;
+        for (int64_t q = 0; q < r; ++q) {
+          midp[p * r + q] = dot(xr, lora.gate_a.expert(e) + q * H, H);
+          midp[(P + p) * r + q] = dot(xr, lora.up_a.expert(e) + q * H, H);
+        }
+      }
+    });
+  }
+
+  // Gate and up as one job: both tiles of a block, then LoRA, SiLU(g) * u in the epilogue.
+  {
+    const auto tasks = gemm_tasks(routing, Ip / kPanelRows, kPanelsPerTask);
+    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
+      const GemmTask& task = tasks[ti];
+      const int64_t m = task.row_end - task.row_begin, np = task.col_end - task.col_begin, cols = np * kPanelRows;
+      std::vector<const T*> rows(m);
+      for (int64_t i = 0; i < m; ++i) rows[i] = xp + (order[task.row_begin + i] / s.k) * H;
+      T* tile_g = scratch<T>(0, m * cols).data();
+      T* tile_u = scratch<T>(1, m * cols).data();
+      gemm.gemm_nt(rows.data(), m, H, expert_weight(gate_w, task.expert), task.col_begin, np, tile_g);
+      gemm.gemm_nt(rows.data(), m, H, expert_weight(up_w, task.expert), task.col_begin, np, tile_u);
+      const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
+      const T* bg = lora.gate_b.expert(task.expert);
+      const T* bu = lora.up_b.expert(task.expert);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = order[task.row_begin + i];
+        const T* xag = midp + p * r;
+        const T* xau = midp + (P + p) * r;
+        for (int64_t n = n0; n < n1; ++n) {
+          T g = tile_g[i * cols + (n - n0)], u = tile_u[i * cols + (n - n0)];
+          if (r > 0) {
+            g += scaling * dot(xag, bg + n * r, r);
+            u += scaling * dot(xau, bu + n * r, r);
+          }
+          if (prep) {
+            prep[p * I + n] = g;
+            prep[(P + p) * I + n] = u;
+          }
+          hp[p * I + n] = g * sigmoid(g) * u;
+        }
+      }
+    });
+  }
+
+  // Rank-r input of the down LoRA: ha = h . Ad^T.
+  if (r > 0) {
+    parallel_over<T>(routing.order.size(), kPairsPerTask, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = order[i], e = routing.expert_of_pair[p];
+        for (int64_t q = 0; q < r; ++q) midp[(2 * P + p) * r + q] = dot(hp + p * I, lora.down_a.expert(e) + q * I, I);
+      }
+    });
+  }
+
+  // Down projection per pair (unweighted), then the weighted sum over each token's slots.
+  {
+    const auto tasks = gemm_tasks(routing, Hp / kPanelRows, kPanelsPerTask);
+    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
+      const GemmTask& task = tasks[ti];
+      const int64_t m = task.row_end - task.row_begin, np = task.col_end - task.col_begin, cols = np * kPanelRows;
+      std::vector<const T*> rows(m);
+      for (int64_t i = 0; i < m; ++i) rows[i] = hp + order[task.row_begin + i] * I;
+      T* tile = scratch<T>(0, m * cols).data();
+      gemm.gemm_nt(rows.data(), m, I, expert_weight(down_w, task.expert), task.col_begin, np, tile);
+      const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
+      const T* bd = lora.down_b.expert(task.expert);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = order[task.row_begin + i];
+        const T* ha = midp + (2 * P + p) * r;
+        for (int64_t n = n0; n < n1; ++n) {
+          T value = tile[i * cols + (n - n0)];
+          if (r > 0) value += scaling * dot(ha, bd + n * r, r);
+          yp[p * H + n] = value;
+        }
+      }
+    });
+  }
+
+  Tensor out = at::empty({s.T, H}, opts);
+  combine_rows<T>(s, routing, yp, H, w.data_ptr<T>(), out);
+  return {out.to(hidden.scalar_type()), gate_up_pre, lora_mid};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (base weights frozen: gradients for hidden states, routing weights and LoRA only)
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
+    const Tensor& gate_w, const Tensor& up_w, const Tensor& down_w, const LoraArgs& lora_args, T scaling,
+    const Tensor& gate_up_pre_in, const Tensor& lora_mid_in) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  const auto opts = hidden.options().dtype(dtype);
+  const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
+  const Routing routing = route(ids, s.E);
+  const Lora<T> lora(lora_args, routing);
+  const GemmKernels<T>& gemm = kernels<T>();
+  const int64_t* order = routing.order.data();
+  const int64_t routed = routing.order.size();
+
+  Tensor x = hidden.to(dtype).contiguous();
+  Tensor w = weights.to(dtype).contiguous();
+  Tensor pre = gate_up_pre_in.to(dtype).contiguous();
+  Tensor mid = lora_mid_in.to(dtype).contiguous();
+  // Rows that feed gemm_nn must be zero beyond N up to the padded N.
+  Tensor dy = at::zeros({s.T, Hp}, opts);
+  dy.narrow(1, 0, H).copy_(grad_output);
+  Tensor dg = at::zeros({P, Ip}, opts);  // first dh_raw, then the gate pre-activation gradient
+  Tensor du = at::zeros({P, Ip}, opts);
+  Tensor h = at::empty({P, I}, opts);
+  Tensor rank_grads = at::zeros({3, P, r}, opts);  // dY.Bd, dg.Bg, du.Bu per pair
+  Tensor dw = at::zeros({P}, opts);
+  Tensor dx_pairs = at::empty({P, H}, opts);
+  const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>(), *prep = pre.data_ptr<T>(), *midp = mid.data_ptr<T>();
+  T *dyp = dy.data_ptr<T>(), *dgp = dg.data_ptr<T>(), *dup = du.data_ptr<T>(), *hp = h.data_ptr<T>();
+  T *rgp = rank_grads.data_ptr<T>(), *dwp = dw.data_ptr<T>(), *dxp = dx_pairs.data_ptr<T>();
+  auto dy_row = [&](int64_t p) { return dyp + (p / s.k) * Hp; };
+
+  // dYB = dY . Bd (rank r), shared by dh_raw and the down-A gradient.
+  if (r > 0) {
+    parallel_over<T>(routed, kPairsPerTask, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = order[i];
+        const T* bd = lora.down_b.expert(routing.expert_of_pair[p]);
+        T* out = rgp + p * r;
+        const T* d = dy_row(p);
+        for (int64_t n = 0; n < H; ++n) axpy(d[n], bd + n * r, out, r);
+      }
+    });
+  }
+
+  // dh_raw = dY . Wd + s (dY . Bd) . Ad   (unweighted by the routing weight)
+  {
+    const auto tasks = gemm_tasks(routing, I, kColsPerNnTask);
+    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
+      const GemmTask& task = tasks[ti];
+      const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
+      std::vector<const T*> rows(m);
+      for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order[task.row_begin + i]);
+      T* tile = scratch<T>(0, m * kc).data();
+      gemm.gemm_nn(rows.data(), m, Hp, expert_weight(down_w, task.expert), I, task.col_begin, kc, tile, kc);
+      const T* ad = lora.down_a.expert(task.expert);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = order[task.row_begin + i];
+        T* dst = dgp + p * Ip + task.col_begin;
+        std::copy(tile + i * kc, tile + (i + 1) * kc, dst);
+        for (int64_t q = 0; q < r; ++q) axpy(scaling * rgp[p * r + q], ad + q * I + task.col_begin, dst, kc);
+      }
+    });
+  }
+
+  // Per pair: routing-weight gradient, then through SiLU(g) * u to dg and du; rank-r dg.Bg, du.Bu.
+  parallel_over<T>(routed, kPairsPerTask, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = order[i], e = routing.expert_of_pair[p];
+      const T* g = prep + p * I;
+      const T* u = prep + (P + p) * I;
+      T* dgr = dgp + p * Ip;
+      T* dur = dup + p * Ip;
+      T* hr = hp + p * I;
+      T dweight = 0;
+      for (int64_t n = 0; n < I; ++n) {
+        const T sig = sigmoid(g[n]), silu = g[n] * sig;
+        hr[n] = silu * u[n];
+        dweight += hr[n] * dgr[n];
+        const T dh = wp[p] * dgr[n];
+        dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
+        dur[n] = dh * silu;
+      }
+      dwp[p] = dweight;
+      if (r > 0) {
+        const T* bg = lora.gate_b.expert(e);
+        const T* bu = lora.up_b.expert(e);
+        T* dgb = rgp + (P + p) * r;
+        T* dub = rgp + (2 * P + p) * r;
+        for (int64_t n = 0; n < I; ++n) {
+          axpy(dgr[n], bg + n * r, dgb, r);
+          axpy(dur[n], bu + n * r, dub, r);
+        }
+      }
+    }
+  });
+
+  // dX per pair = dg . Wg + du . Wu + s [(dg.Bg) . Ag + (du.Bu) . Au]
+  {
+    const auto tasks = gemm_tasks(routing, H, kColsPerNnTask);
+    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
+      const GemmTask& task = tasks[ti];
+      const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
+      std::vector<const T*> rows_g(m), rows_u(m);
+      for (int64_t i = 0; i < m; ++i) {
+        rows_g[i] = dgp + order[task.row_begin + i] * Ip;
+        rows_u[i] = dup + order[task.row_begin + i] * Ip;
+      }
+      T* tile_g = scratch<T>(0, m * kc).data();
+      T* tile_u = scratch<T>(1, m * kc).data();
+      gemm.gemm_nn(rows_g.data(), m, Ip, expert_weight(gate_w, task.expert), H, task.col_begin, kc, tile_g, kc);
+      gemm.gemm_nn(rows_u.data(), m, Ip, expert_weight(up_w, task.expert), H, task.col_begin, kc, tile_u, kc);
+      const T* ag = lora.gate_a.expert(task.expert);
+      const T* au = lora.up_a.expert(task.expert);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = order[task.row_begin + i];
+        T* dst = dxp + p * H + task.col_begin;
+        for (int64_t c = 0; c < kc; ++c) dst[c] = tile_g[i * kc + c] + tile_u[i * kc + c];
+        for (int64_t q = 0; q < r; ++q) {
+          axpy(scaling * rgp[(P + p) * r + q], ag + q * H + task.col_begin, dst, kc);
+          axpy(scaling * rgp[(2 * P + p) * r + q], au + q * H + task.col_begin, dst, kc);
+        }
+      }
+    });
+  }
+
+  // LoRA gradients: outer products summed over each expert's pairs; one task per (expert, matrix).
+  std::vector<Tensor> lora_grads;
+  const Tensor* lora_inputs[6] = {&lora_args.gate_a, &lora_args.gate_b, &lora_args.up_a,
+                                  &lora_args.up_b,   &lora_args.down_a, &lora_args.down_b};
+  for (const Tensor* t : lora_inputs) lora_grads.push_back(at::zeros(t->sizes(), t->options()));
+  if (r > 0) {
+    const int64_t hits = routing.hit_experts.size();
+    ThreadPool::instance().parallel_for(hits * 6, [&](int64_t ti) {
+      const int64_t e = routing.hit_experts[ti / 6], which = ti % 6;
+      const int64_t rows = lora_inputs[which]->size(1), cols = lora_inputs[which]->size(2);
+      std::vector<T>& acc = scratch<T>(2, rows * cols);
+      std::fill(acc.begin(), acc.begin() + rows * cols, T(0));
+      for (int64_t i = routing.offsets[e]; i < routing.offsets[e + 1]; ++i) {
+        const int64_t p = order[i], t = p / s.k;
+        switch (which) {
+          case 0:  // dAg[q, :] += s (dg.Bg)[q] x
+          case 2:
+            for (int64_t q = 0; q < r; ++q) axpy(scaling * rgp[((which == 0 ? 1 : 2) * P + p) * r + q], xp + t * H, acc.data() + q * H, H);
+            break;
+          case 1:  // dBg[n, :] += s dg[n] xa
+          case 3: {
+            const T* d = which == 1 ? dgp + p * Ip : dup + p * Ip;
+            const T* xa = midp + ((which == 1 ? 0 : 1) * P + p) * r;
+            for (int64_t n = 0; n < I; ++n) axpy(scaling * d[n], xa, acc.data() + n * r, r);
+            break;
+          }
+          case 4:  // dAd[q, :] += s w (dY.Bd)[q] h
+            for (int64_t q = 0; q < r; ++q) axpy(scaling * wp[p] * rgp[p * r + q], hp + p * I, acc.data() + q * I, I);
+            break;
+          case 5: {  // dBd[n, :] += s w dY[n] ha
+            const T* ha = midp + (2 * P + p) * r;
+            const T* d = dy_row(p);
+            for (int64_t n = 0; n < H; ++n) axpy(scaling * wp[p] * d[n], ha, acc.data() + n * r, r);
+            break;
+          }
+        }
+      }
+      store_rows(acc.data(), rows * cols, lora_grads[which], e * rows * cols);
+    });
+  }
+
+  Tensor grad_hidden = at::empty({s.T, H}, opts);
+  combine_rows<T>(s, routing, dxp, H, nullptr, grad_hidden);
+  // Skipped (-1) slots keep a zero routing-weight gradient: dw starts at zero and they are never routed.
+  Tensor grad_weights = dw.view({s.T, s.k}).to(weights.scalar_type());
+  return {grad_hidden.to(hidden.scalar_type()), grad_weights, lora_grads[0], lora_grads[1],
+          lora_grads[2], lora_grads[3], lora_grads[4], lora_grads[5]};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
+    const Tensor& hidden_states, const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& gate_weight,
+    const Tensor& up_weight, const Tensor& down_weight, const std::optional<Tensor>& gate_scale,
+    const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale, c10::string_view weight_format,
+    int64_t intermediate_size, const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a,
+    const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
+    bool save_for_backward) {
+  const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
+  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
+                                gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
+  if (hidden_states.scalar_type() == at::kDouble)
+    return forward_impl<double>(s, hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, lora,
+                                lora_scaling, save_for_backward);
+  return forward_impl<float>(s, hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, lora,
+                             static_cast<float>(lora_scaling), save_for_backward);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_sft_backward(
+    const Tensor& grad_output, const Tensor& hidden_states, const Tensor& topk_ids, const Tensor& topk_weights,
+    const Tensor& gate_weight, const Tensor& up_weight, const Tensor& down_weight,
+    const std::optional<Tensor>& gate_scale, const std::optional<Tensor>& up_scale,
+    const std::optional<Tensor>& down_scale, c10::string_view weight_format, int64_t intermediate_size,
+    const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
+    const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
+    const Tensor& lora_mid) {
+  const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
+  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
+                                gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
+  check_cpu(grad_output, "grad_output");
+  check_cpu(gate_up_pre, "gate_up_pre");
+  check_cpu(lora_mid, "lora_mid");
+  check_float_dtype(grad_output, "grad_output");
+  check_shape(grad_output, "grad_output", {s.T, s.H}, "[num_tokens, hidden_size]");
+  TORCH_CHECK_VALUE(gate_up_pre.numel() > 0 || s.pairs() == 0,
+                    "kt_ops: backward needs the tensors saved by a forward run with save_for_backward=True");
+  const auto acc_dtype = hidden_states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(gate_up_pre.scalar_type() == acc_dtype && lora_mid.scalar_type() == acc_dtype,
+                   "kt_ops: gate_up_pre and lora_mid must be ", acc_dtype, " as forward returned them");
+  check_shape(gate_up_pre, "gate_up_pre", {2, s.pairs(), s.I}, "[2, num_tokens * num_experts_per_tok, intermediate_size]");
+  check_shape(lora_mid, "lora_mid", {3, s.pairs(), s.r}, "[3, num_tokens * num_experts_per_tok, lora_rank]");
+  if (hidden_states.scalar_type() == at::kDouble)
+    return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
+                                 down_weight, lora, lora_scaling, gate_up_pre, lora_mid);
+  return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
+                              down_weight, lora, static_cast<float>(lora_scaling), gate_up_pre, lora_mid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing
+
+Tensor pack_weights(const Tensor& weight, c10::string_view weight_format) {
+  check_cpu(weight, "weight");
+  check_dim(weight, "weight", 3, "[num_experts, out_features, in_features]");
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "kt_ops: weight must be a floating tensor, got ",
+                   weight.scalar_type());
+  const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
+  TORCH_CHECK_VALUE(E >= 1 && N >= 1 && K >= 1, "kt_ops: weight must be non-empty, got shape ", weight.sizes());
+  const int64_t bytes = packed_bytes(weight_format, N, K);
+  // [E, N, K] -> pad N -> [E, N/16, 2 halves, 8 rows, K] -> [E, N/16, K, 8 rows, 2 halves]: slot 2i is row i,
+  // slot 2i+1 is row 8+i of the panel.
+  Tensor bf = weight.to(at::kBFloat16);
+  const int64_t Np = padded_rows(N);
+  if (Np != N) bf = at::constant_pad_nd(bf, {0, 0, 0, Np - N});
+  Tensor packed = bf.view({E, Np / kPanelRows, 2, 8, K}).permute({0, 1, 4, 3, 2}).contiguous();
+  return packed.view(at::kByte).view({E, bytes});
+}
+
+Tensor unpack_weights(const Tensor& packed, c10::string_view weight_format, int64_t rows, int64_t cols) {
+  check_cpu(packed, "packed");
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "kt_ops: packed must be uint8, got ", packed.scalar_type());
+  check_dim(packed, "packed", 2, "[num_experts, packed_bytes]");
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "kt_ops: rows and cols must be >= 1");
+  const int64_t E = packed.size(0);
+  check_shape(packed, "packed", {E, packed_bytes(weight_format, rows, cols)}, "[num_experts, packed bytes]");
+  const int64_t Np = padded_rows(rows);
+  Tensor bf = packed.contiguous().view(at::kBFloat16).view({E, Np / kPanelRows, cols, 8, 2});
+  return bf.permute({0, 1, 4, 3, 2}).reshape({E, Np, cols}).narrow(1, 0, rows).contiguous();
+}
+
+}  // namespace kt

@@ -1,0 +1,33 @@
+#pragma once
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace kt {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
+    const Tensor& hidden_states, const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& gate_weight,
+    const Tensor& up_weight, const Tensor& down_weight, const std::optional<Tensor>& gate_scale,
+    const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale, c10::string_view weight_format,
+    int64_t intermediate_size, const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a,
+    const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
+    bool save_for_backward);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_sft_backward(
+    const Tensor& grad_output, const Tensor& hidden_states, const Tensor& topk_ids, const Tensor& topk_weights,
+    const Tensor& gate_weight, const Tensor& up_weight, const Tensor& down_weight,
+    const std::optional<Tensor>& gate_scale, const std::optional<Tensor>& up_scale,
+    const std::optional<Tensor>& down_scale, c10::string_view weight_format, int64_t intermediate_size,
+    const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
+    const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
+    const Tensor& lora_mid);
+
+// [E, N, K] float tensor -> [E, packed bytes] uint8 in the given weight format, and back.
+Tensor pack_weights(const Tensor& weight, c10::string_view weight_format);
+Tensor unpack_weights(const Tensor& packed, c10::string_view weight_format, int64_t rows, int64_t cols);
+
+}  // namespace kt

@@ -1,0 +1,28 @@
+// CPU feature detection and the run-time choice of kernel ISA.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kt {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vnni = false, avx512_bf16 = false;
+  bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+};
+
+const CpuFeatures& cpu_features();
+std::string cpu_model_name();
+std::vector<std::pair<std::string, bool>> cpu_feature_list();
+
+enum class Isa { Ref, Avx2 };
+
+// Names accepted by set_isa; "auto" picks the best the CPU and this build support.
+std::vector<std::string> known_isa_names();
+std::vector<std::string> available_isa_names();
+void set_isa(const std::string& name);  // throws c10::ValueError with the reason when unusable
+Isa current_isa();
+std::string isa_name(Isa isa);
+
+}  // namespace kt
