@@ -7,6 +7,8 @@
 // tensors forward returned without any hidden state, and their sizes follow from input shapes.
 #include "moe_sft.h"
 
+#include <c10/util/ParallelGuard.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -191,30 +193,16 @@ std::vector<T>& scratch(int slot, size_t size) {
 }
 
 // Torch ops are not called from pool tasks (they would start their own threads inside ours).
+// Writes a [rows, cols] block into dst (contiguous) at offset; with src_transposed, src holds it as
+// [cols, rows].
 template <typename T>
-void store_rows(const T* src, int64_t count, const Tensor& dst, int64_t offset) {
-  switch (dst.scalar_type()) {
-    case at::kFloat: std::copy(src, src + count, dst.data_ptr<float>() + offset); break;
-    case at::kDouble: std::copy(src, src + count, dst.data_ptr<double>() + offset); break;
-    case at::kBFloat16: {
-      c10::BFloat16* out = dst.data_ptr<c10::BFloat16>() + offset;
-      for (int64_t i = 0; i < count; ++i) out[i] = c10::BFloat16(static_cast<float>(src[i]));
-      break;
-    }
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected LoRA dtype ", dst.scalar_type());
-  }
-}
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-template <typename T>
-inline void axpy(T alpha, const T* x, T* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+void store_rows(const T* src, int64_t rows, int64_t cols, bool src_transposed, const Tensor& dst, int64_t offset) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "kt_store_rows", [&] {
+    scalar_t* out = dst.data_ptr<scalar_t>() + offset;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        out[i * cols + j] = static_cast<scalar_t>(src_transposed ? src[j * rows + i] : src[i * cols + j]);
+  });
 }
 
 template <typename T>
@@ -222,50 +210,66 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// LoRA matrices as contiguous T arrays. Only experts that are hit are converted, so that a decode
-// step with bf16 LoRA does not convert all E experts' adapters.
+// The LoRA matrices of the experts that are hit, converted to T, with every B transposed to
+// [r, out] so that all rank-r work is a dot or an axpy over contiguous rows. Only hit experts are
+// converted, so a decode step does not touch all E experts' adapters.
 template <typename T>
-struct LoraMatrix {
-  Tensor storage;
-  std::vector<int64_t> slot_of_expert;
-  int64_t expert_stride = 0;
+class Lora {
+ public:
+  enum Which { GateA, GateB, UpA, UpB, DownA, DownB };
 
-  LoraMatrix(const Tensor& lora, const Routing& routing) {
-    const auto dtype = c10::CppTypeToScalarType<T>::value;
-    expert_stride = lora.size(1) * lora.size(2);
-    if (lora.scalar_type() == dtype && lora.is_contiguous()) {
-      storage = lora;
-      return;
+  Lora(const LoraArgs& args, const Routing& routing) : sources_{&args.gate_a, &args.gate_b, &args.up_a,
+                                                                &args.up_b,   &args.down_a, &args.down_b} {
+    slot_of_expert_.assign(args.gate_a.size(0), -1);
+    for (size_t i = 0; i < routing.hit_experts.size(); ++i) slot_of_expert_[routing.hit_experts[i]] = i;
+    int64_t total = 0;
+    for (int m = 0; m < 6; ++m) {
+      offset_[m] = total;
+      total += sources_[m]->size(1) * sources_[m]->size(2);
+      contiguous_[m] = sources_[m]->contiguous();
     }
-    slot_of_expert.assign(lora.size(0), -1);
-    for (size_t i = 0; i < routing.hit_experts.size(); ++i) slot_of_expert[routing.hit_experts[i]] = i;
-    auto index = torch::tensor(routing.hit_experts, torch::kLong);
-    storage = lora.index_select(0, index).to(dtype).contiguous();
+    per_expert_ = total;
+    const int64_t hits = routing.hit_experts.size();
+    storage_.resize(hits * per_expert_);
+    ThreadPool::instance().parallel_for(hits * 6, [&](int64_t task) {
+      const int64_t e = routing.hit_experts[task / 6];
+      const int m = task % 6;
+      const Tensor& src = contiguous_[m];
+      const int64_t rows = src.size(1), cols = src.size(2);
+      T* dst = storage_.data() + slot_of_expert_[e] * per_expert_ + offset_[m];
+      const bool transpose = m == GateB || m == UpB || m == DownB;
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "kt_lora_convert", [&] {
+        const scalar_t* from = src.data_ptr<scalar_t>() + e * rows * cols;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j)
+            dst[transpose ? j * rows + i : i * cols + j] = static_cast<T>(from[i * cols + j]);
+      });
+    });
   }
-  const T* expert(int64_t e) const {
-    const int64_t slot = slot_of_expert.empty() ? e : slot_of_expert[e];
-    return storage.data_ptr<T>() + slot * expert_stride;
+  // A as [r, in]; B transposed as [r, out].
+  const T* get(Which which, int64_t expert) const {
+    return storage_.data() + slot_of_expert_[expert] * per_expert_ + offset_[which];
   }
+
+ private:
+  const Tensor* sources_[6];
+  Tensor contiguous_[6];
+  int64_t offset_[6] = {};
+  int64_t per_expert_ = 0;
+  std::vector<int64_t> slot_of_expert_;
+  std::vector<T> storage_;
 };
 
 template <typename T>
-struct Lora {
-  LoraMatrix<T> gate_a, gate_b, up_a, up_b, down_a, down_b;
-  Lora(const LoraArgs& args, const Routing& routing)
-      : gate_a(args.gate_a, routing), gate_b(args.gate_b, routing), up_a(args.up_a, routing),
-        up_b(args.up_b, routing), down_a(args.down_a, routing), down_b(args.down_b, routing) {}
-};
-
-template <typename T>
-const GemmKernels<T>& kernels();
+const Kernels<T>& kernels();
 
 template <>
-const GemmKernels<float>& kernels<float>() {
+const Kernels<float>& kernels<float>() {
   return current_isa() == Isa::Avx2 ? *avx2_kernels_f32() : ref_kernels_f32();
 }
 
 template <>
-const GemmKernels<double>& kernels<double>() {
+const Kernels<double>& kernels<double>() {
   return ref_kernels_f64();  // float64 exists for verification; only the reference kernel has it
 }
 
@@ -286,6 +290,7 @@ void parallel_over(int64_t count, int64_t per_task, const std::function<void(int
 template <typename T>
 void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_t width, const T* scale,
                   Tensor& out) {
+  const Kernels<T>& k = kernels<T>();
   T* dst = out.data_ptr<T>();
   parallel_over<T>(s.T, kTokensPerTask, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -293,7 +298,7 @@ void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_
       std::fill(o, o + width, T(0));
       for (int64_t j = 0; j < s.k; ++j) {
         const int64_t p = t * s.k + j;
-        if (routing.expert_of_pair[p] >= 0) axpy(scale ? scale[p] : T(1), rows + p * width, o, width);
+        if (routing.expert_of_pair[p] >= 0) k.axpy(scale ? scale[p] : T(1), rows + p * width, o, width);
       }
     }
   });
@@ -312,7 +317,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
   const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
   const Routing routing = route(ids, s.E);
   const Lora<T> lora(lora_args, routing);
-  const GemmKernels<T>& gemm = kernels<T>();
+  const Kernels<T>& k = kernels<T>();
 
   Tensor x = hidden.to(dtype).contiguous();
   Tensor w = weights.to(dtype).contiguous();
@@ -335,8 +340,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
         const int64_t p = order[i], e = routing.expert_of_pair[p];
         const T* xr = xp + (p / s.k) * H;
         for (int64_t q = 0; q < r; ++q) {
-          midp[p * r + q] = dot(xr, lora.gate_a.expert(e) + q * H, H);
-          midp[(P + p) * r + q] = dot(xr, lora.up_a.expert(e) + q * H, H);
+          midp[p * r + q] = k.dot(xr, lora.get(Lora<T>::GateA, e) + q * H, H);
+          midp[(P + p) * r + q] = k.dot(xr, lora.get(Lora<T>::UpA, e) + q * H, H);
         }
       }
     });
@@ -352,21 +357,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       for (int64_t i = 0; i < m; ++i) rows[i] = xp + (order[task.row_begin + i] / s.k) * H;
       T* tile_g = scratch<T>(0, m * cols).data();
       T* tile_u = scratch<T>(1, m * cols).data();
-      gemm.gemm_nt(rows.data(), m, H, expert_weight(gate_w, task.expert), task.col_begin, np, tile_g);
-      gemm.gemm_nt(rows.data(), m, H, expert_weight(up_w, task.expert), task.col_begin, np, tile_u);
+      k.gemm_nt(rows.data(), m, H, expert_weight(gate_w, task.expert), task.col_begin, np, tile_g);
+      k.gemm_nt(rows.data(), m, H, expert_weight(up_w, task.expert), task.col_begin, np, tile_u);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
-      const T* bg = lora.gate_b.expert(task.expert);
-      const T* bu = lora.up_b.expert(task.expert);
+      const T* bg = r ? lora.get(Lora<T>::GateB, task.expert) : nullptr;
+      const T* bu = r ? lora.get(Lora<T>::UpB, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
-        const T* xag = midp + p * r;
-        const T* xau = midp + (P + p) * r;
+        T* gi = tile_g + i * cols;
+        T* ui = tile_u + i * cols;
+        for (int64_t q = 0; q < r; ++q) {
+          k.axpy(scaling * midp[p * r + q], bg + q * I + n0, gi, n1 - n0);
+          k.axpy(scaling * midp[(P + p) * r + q], bu + q * I + n0, ui, n1 - n0);
+        }
         for (int64_t n = n0; n < n1; ++n) {
-          T g = tile_g[i * cols + (n - n0)], u = tile_u[i * cols + (n - n0)];
-          if (r > 0) {
-            g += scaling * dot(xag, bg + n * r, r);
-            u += scaling * dot(xau, bu + n * r, r);
-          }
+          const T g = gi[n - n0], u = ui[n - n0];
           if (prep) {
             prep[p * I + n] = g;
             prep[(P + p) * I + n] = u;
@@ -382,7 +387,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
     parallel_over<T>(routing.order.size(), kPairsPerTask, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p = order[i], e = routing.expert_of_pair[p];
-        for (int64_t q = 0; q < r; ++q) midp[(2 * P + p) * r + q] = dot(hp + p * I, lora.down_a.expert(e) + q * I, I);
+        for (int64_t q = 0; q < r; ++q) midp[(2 * P + p) * r + q] = k.dot(hp + p * I, lora.get(Lora<T>::DownA, e) + q * I, I);
       }
     });
   }
@@ -396,17 +401,14 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       std::vector<const T*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = hp + order[task.row_begin + i] * I;
       T* tile = scratch<T>(0, m * cols).data();
-      gemm.gemm_nt(rows.data(), m, I, expert_weight(down_w, task.expert), task.col_begin, np, tile);
+      k.gemm_nt(rows.data(), m, I, expert_weight(down_w, task.expert), task.col_begin, np, tile);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
-      const T* bd = lora.down_b.expert(task.expert);
+      const T* bd = r ? lora.get(Lora<T>::DownB, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
-        const T* ha = midp + (2 * P + p) * r;
-        for (int64_t n = n0; n < n1; ++n) {
-          T value = tile[i * cols + (n - n0)];
-          if (r > 0) value += scaling * dot(ha, bd + n * r, r);
-          yp[p * H + n] = value;
-        }
+        T* yi = tile + i * cols;
+        for (int64_t q = 0; q < r; ++q) k.axpy(scaling * midp[(2 * P + p) * r + q], bd + q * H + n0, yi, n1 - n0);
+        std::copy(yi, yi + (n1 - n0), yp + p * H + n0);
       }
     });
   }
@@ -429,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
   const Routing routing = route(ids, s.E);
   const Lora<T> lora(lora_args, routing);
-  const GemmKernels<T>& gemm = kernels<T>();
+  const Kernels<T>& k = kernels<T>();
   const int64_t* order = routing.order.data();
   const int64_t routed = routing.order.size();
 
@@ -456,10 +458,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     parallel_over<T>(routed, kPairsPerTask, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p = order[i];
-        const T* bd = lora.down_b.expert(routing.expert_of_pair[p]);
-        T* out = rgp + p * r;
-        const T* d = dy_row(p);
-        for (int64_t n = 0; n < H; ++n) axpy(d[n], bd + n * r, out, r);
+        const T* bd = lora.get(Lora<T>::DownB, routing.expert_of_pair[p]);
+        for (int64_t q = 0; q < r; ++q) rgp[p * r + q] = k.dot(dy_row(p), bd + q * H, H);
       }
     });
   }
@@ -473,13 +473,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       std::vector<const T*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order[task.row_begin + i]);
       T* tile = scratch<T>(0, m * kc).data();
-      gemm.gemm_nn(rows.data(), m, Hp, expert_weight(down_w, task.expert), I, task.col_begin, kc, tile, kc);
-      const T* ad = lora.down_a.expert(task.expert);
+      k.gemm_nn(rows.data(), m, Hp, expert_weight(down_w, task.expert), I, task.col_begin, kc, tile, kc);
+      const T* ad = r ? lora.get(Lora<T>::DownA, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
         T* dst = dgp + p * Ip + task.col_begin;
         std::copy(tile + i * kc, tile + (i + 1) * kc, dst);
-        for (int64_t q = 0; q < r; ++q) axpy(scaling * rgp[p * r + q], ad + q * I + task.col_begin, dst, kc);
+        for (int64_t q = 0; q < r; ++q) k.axpy(scaling * rgp[p * r + q], ad + q * I + task.col_begin, dst, kc);
       }
     });
   }
@@ -504,13 +504,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       }
       dwp[p] = dweight;
       if (r > 0) {
-        const T* bg = lora.gate_b.expert(e);
-        const T* bu = lora.up_b.expert(e);
-        T* dgb = rgp + (P + p) * r;
-        T* dub = rgp + (2 * P + p) * r;
-        for (int64_t n = 0; n < I; ++n) {
-          axpy(dgr[n], bg + n * r, dgb, r);
-          axpy(dur[n], bu + n * r, dub, r);
+        const T* bg = lora.get(Lora<T>::GateB, e);
+        const T* bu = lora.get(Lora<T>::UpB, e);
+        for (int64_t q = 0; q < r; ++q) {
+          rgp[(P + p) * r + q] = k.dot(dgr, bg + q * I, I);
+          rgp[(2 * P + p) * r + q] = k.dot(dur, bu + q * I, I);
         }
       }
     }
@@ -529,17 +527,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       }
       T* tile_g = scratch<T>(0, m * kc).data();
       T* tile_u = scratch<T>(1, m * kc).data();
-      gemm.gemm_nn(rows_g.data(), m, Ip, expert_weight(gate_w, task.expert), H, task.col_begin, kc, tile_g, kc);
-      gemm.gemm_nn(rows_u.data(), m, Ip, expert_weight(up_w, task.expert), H, task.col_begin, kc, tile_u, kc);
-      const T* ag = lora.gate_a.expert(task.expert);
-      const T* au = lora.up_a.expert(task.expert);
+      k.gemm_nn(rows_g.data(), m, Ip, expert_weight(gate_w, task.expert), H, task.col_begin, kc, tile_g, kc);
+      k.gemm_nn(rows_u.data(), m, Ip, expert_weight(up_w, task.expert), H, task.col_begin, kc, tile_u, kc);
+      const T* ag = r ? lora.get(Lora<T>::GateA, task.expert) : nullptr;
+      const T* au = r ? lora.get(Lora<T>::UpA, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
         T* dst = dxp + p * H + task.col_begin;
         for (int64_t c = 0; c < kc; ++c) dst[c] = tile_g[i * kc + c] + tile_u[i * kc + c];
         for (int64_t q = 0; q < r; ++q) {
-          axpy(scaling * rgp[(P + p) * r + q], ag + q * H + task.col_begin, dst, kc);
-          axpy(scaling * rgp[(2 * P + p) * r + q], au + q * H + task.col_begin, dst, kc);
+          k.axpy(scaling * rgp[(P + p) * r + q], ag + q * H + task.col_begin, dst, kc);
+          k.axpy(scaling * rgp[(2 * P + p) * r + q], au + q * H + task.col_begin, dst, kc);
         }
       }
     });
@@ -562,27 +560,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
         switch (which) {
           case 0:  // dAg[q, :] += s (dg.Bg)[q] x
           case 2:
-            for (int64_t q = 0; q < r; ++q) axpy(scaling * rgp[((which == 0 ? 1 : 2) * P + p) * r + q], xp + t * H, acc.data() + q * H, H);
+            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * rgp[((which == 0 ? 1 : 2) * P + p) * r + q], xp + t * H, acc.data() + q * H, H);
             break;
-          case 1:  // dBg[n, :] += s dg[n] xa
+          case 1:  // dBg^T[q, :] += s xa[q] dg
           case 3: {
             const T* d = which == 1 ? dgp + p * Ip : dup + p * Ip;
             const T* xa = midp + ((which == 1 ? 0 : 1) * P + p) * r;
-            for (int64_t n = 0; n < I; ++n) axpy(scaling * d[n], xa, acc.data() + n * r, r);
+            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * xa[q], d, acc.data() + q * I, I);
             break;
           }
           case 4:  // dAd[q, :] += s w (dY.Bd)[q] h
-            for (int64_t q = 0; q < r; ++q) axpy(scaling * wp[p] * rgp[p * r + q], hp + p * I, acc.data() + q * I, I);
+            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * wp[p] * rgp[p * r + q], hp + p * I, acc.data() + q * I, I);
             break;
-          case 5: {  // dBd[n, :] += s w dY[n] ha
+          case 5: {  // dBd^T[q, :] += s w ha[q] dY
             const T* ha = midp + (2 * P + p) * r;
-            const T* d = dy_row(p);
-            for (int64_t n = 0; n < H; ++n) axpy(scaling * wp[p] * d[n], ha, acc.data() + n * r, r);
+            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * wp[p] * ha[q], dy_row(p), acc.data() + q * H, H);
             break;
           }
         }
       }
-      store_rows(acc.data(), rows * cols, lora_grads[which], e * rows * cols);
+      // B gradients were accumulated transposed ([r, out]); store_rows puts them back as [out, r].
+      const bool transposed = which == 1 || which == 3 || which == 5;
+      store_rows(acc.data(), rows, cols, transposed, lora_grads[which], e * rows * cols);
     });
   }
 
@@ -603,6 +602,9 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     int64_t intermediate_size, const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a,
     const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
     bool save_for_backward) {
+  // The few torch ops used here (conversions, zero fills) run inline: waking torch's OpenMP team
+  // would leave it spinning on the cores the kt_ops pool is about to use.
+  c10::ParallelGuard inline_torch_ops(true);
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
@@ -621,6 +623,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
     const Tensor& lora_mid) {
+  // The few torch ops used here (conversions, zero fills) run inline: waking torch's OpenMP team
+  // would leave it spinning on the cores the kt_ops pool is about to use.
+  c10::ParallelGuard inline_torch_ops(true);
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);

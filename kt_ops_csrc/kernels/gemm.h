@@ -1,4 +1,5 @@
-// The two GEMM shapes every MoE projection reduces to, over one expert's packed bf16 weight W [N, K].
+// The ISA-specific primitives: the two GEMM shapes every MoE projection reduces to, over one expert's
+// packed bf16 weight W [N, K], and the dot/axpy that carry the rank-r LoRA work.
 //
 // Packed layout ("bf16" weight format): W is cut into panels of 16 output rows (N padded with zero
 // rows to a multiple of 16). Panel p stores, for each k in [0, K), 16 bf16 values: slot 2i holds
@@ -19,7 +20,7 @@ constexpr int kPanelRows = 16;
 static constexpr int64_t padded_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
 
 template <typename T>
-struct GemmKernels {
+struct Kernels {
   // C[i, c] = sum_k A[i][k] * W[16*p0 + c, k] for i < m, c < 16*np.
   // A rows have K elements. C is dense [m, 16*np] (padded columns included).
   void (*gemm_nt)(const T* const* a_rows, int m, int K, const uint16_t* w, int p0, int np, T* c);
@@ -27,11 +28,13 @@ struct GemmKernels {
   // A rows have padded-N elements (zero beyond N). C is [m, ldc].
   void (*gemm_nn)(const T* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0,
                   int kc, T* c, int ldc);
+  T (*dot)(const T* a, const T* b, int64_t n);
+  void (*axpy)(T alpha, const T* x, T* y, int64_t n);  // y += alpha * x
   const char* name;
 };
 
-const GemmKernels<float>& ref_kernels_f32();
-const GemmKernels<double>& ref_kernels_f64();
-const GemmKernels<float>* avx2_kernels_f32();  // nullptr when not compiled in
+const Kernels<float>& ref_kernels_f32();
+const Kernels<double>& ref_kernels_f64();
+const Kernels<float>* avx2_kernels_f32();  // nullptr when not compiled in
 
 }  // namespace kt

@@ -48,15 +48,27 @@ void gemm_nn_ref(const T* const* a_rows, int m, int n_padded, const uint16_t* w,
   }
 }
 
+template <typename T>
+T dot_ref(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+void axpy_ref(T alpha, const T* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
 }  // namespace
 
-const GemmKernels<float>& ref_kernels_f32() {
-  static const GemmKernels<float> kernels{gemm_nt_ref<float>, gemm_nn_ref<float>, "ref"};
+const Kernels<float>& ref_kernels_f32() {
+  static const Kernels<float> kernels{gemm_nt_ref<float>, gemm_nn_ref<float>, dot_ref<float>, axpy_ref<float>, "ref"};
   return kernels;
 }
 
-const GemmKernels<double>& ref_kernels_f64() {
-  static const GemmKernels<double> kernels{gemm_nt_ref<double>, gemm_nn_ref<double>, "ref"};
+const Kernels<double>& ref_kernels_f64() {
+  static const Kernels<double> kernels{gemm_nt_ref<double>, gemm_nn_ref<double>, dot_ref<double>, axpy_ref<double>, "ref"};
   return kernels;
 }
 
