@@ -78,11 +78,24 @@ def _accumulation_dtype(hidden_states: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
 
 
+def _check_same_device(hidden_states: torch.Tensor, **tensors) -> None:
+    # The fake kernel also serves meta tensors: a meta tensor among CPU ones must not silently
+    # yield an uninitialised CPU result.
+    for name, t in tensors.items():
+        if t is not None and t.device != hidden_states.device:
+            raise ValueError(f"kt_ops: {name} must be on the device of hidden_states ({hidden_states.device}), "
+                             f"got {t.device}")
+
+
 @torch.library.register_fake("kt::moe_sft_forward")
 def _moe_sft_forward_fake(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                           gate_scale, up_scale, down_scale, weight_format, intermediate_size,
                           gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
                           lora_scaling, save_for_backward):
+    _check_same_device(hidden_states, topk_ids=topk_ids, topk_weights=topk_weights, gate_weight=gate_weight,
+                       up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale, up_scale=up_scale,
+                       down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
+                       up_lora_a=up_lora_a, up_lora_b=up_lora_b, down_lora_a=down_lora_a, down_lora_b=down_lora_b)
     T, H = hidden_states.shape
     pairs = T * topk_ids.shape[1]
     rank = gate_lora_a.shape[1]
@@ -99,6 +112,11 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
                            down_weight, gate_scale, up_scale, down_scale, weight_format, intermediate_size,
                            gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
                            lora_scaling, gate_up_pre, lora_mid):
+    _check_same_device(hidden_states, grad_output=grad_output, topk_ids=topk_ids, topk_weights=topk_weights,
+                       gate_weight=gate_weight, up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale,
+                       up_scale=up_scale, down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
+                       up_lora_a=up_lora_a, up_lora_b=up_lora_b, down_lora_a=down_lora_a, down_lora_b=down_lora_b,
+                       gate_up_pre=gate_up_pre, lora_mid=lora_mid)
     loras = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     return (torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
             torch.empty_like(topk_weights, memory_format=torch.contiguous_format),
@@ -186,6 +204,9 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     _check_cpu_inputs({"hidden_states": hidden_states, "topk_ids": topk_ids, "topk_weights": topk_weights,
                        **dict(zip(("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
                                    "down_lora_b"), loras))})
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != experts.hidden_size:
+        raise ValueError(f"hidden_states must have shape [num_tokens, {experts.hidden_size}] to match the experts' "
+                         f"hidden_size, got {tuple(hidden_states.shape)}")
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, topk_weights, *loras))
     output, _, _ = torch.ops.kt.moe_sft_forward(

@@ -110,6 +110,10 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
   }
   const int64_t E = gate_w.size(0);
   TORCH_CHECK_VALUE(E >= 1, "kt_ops: gate_weight must hold at least one expert, got shape ", gate_w.sizes());
+  TORCH_CHECK_VALUE(gate_w.size(1) == gate_bytes && down_w.size(1) == down_bytes,
+                    "kt_ops: the packed experts do not match hidden_states' hidden_size ", H, " and intermediate_size ",
+                    I, ": gate_weight must be [", E, ", ", gate_bytes, "] and down_weight [", E, ", ", down_bytes,
+                    "], got ", gate_w.sizes(), " and ", down_w.sizes());
   check_shape(gate_w, "gate_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
   check_shape(up_w, "up_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
   check_shape(down_w, "down_weight", {E, down_bytes}, "[num_experts, packed bytes of hidden_size x intermediate_size]");

@@ -23,27 +23,48 @@ inline void widen_panel_row(const uint16_t* src, __m256& rows_lo, __m256& rows_h
   rows_hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Accumulators are named variables rather than an array: GCC keeps arrays of vectors on the stack
+// and reloads them every iteration, which halves the FMA rate.
+#define KT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
 template <int MR>
 inline void nt_block(const float* const* a, int k_begin, int k_end, const uint16_t* panel, float* c,
                      int ldc, bool accumulate) {
-  __m256 acc_lo[MR], acc_hi[MR];
-  for (int i = 0; i < MR; ++i) {
-    acc_lo[i] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-    acc_hi[i] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+#define KT_DECLARE(i)                                                                      \
+  __m256 lo##i = _mm256_setzero_ps(), hi##i = _mm256_setzero_ps();                         \
+  const float* a##i = a[i < MR ? i : 0];                                                   \
+  if (i < MR && accumulate) {                                                              \
+    lo##i = _mm256_loadu_ps(c + i * ldc);                                                  \
+    hi##i = _mm256_loadu_ps(c + i * ldc + 8);                                              \
   }
+  KT_ROWS6(KT_DECLARE)
+#undef KT_DECLARE
   for (int k = k_begin; k < k_end; ++k) {
     __m256 w_lo, w_hi;
     widen_panel_row(panel + static_cast<int64_t>(k) * kPanelRows, w_lo, w_hi);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 x = _mm256_broadcast_ss(a[i] + k);
-      acc_lo[i] = _mm256_fmadd_ps(x, w_lo, acc_lo[i]);
-      acc_hi[i] = _mm256_fmadd_ps(x, w_hi, acc_hi[i]);
-    }
+#define KT_FMA(i)                                          \
+  if (i < MR) {                                            \
+    const __m256 x = _mm256_broadcast_ss(a##i + k);        \
+    lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
+    hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
   }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(c + i * ldc, acc_lo[i]);
-    _mm256_storeu_ps(c + i * ldc + 8, acc_hi[i]);
+    KT_ROWS6(KT_FMA)
+#undef KT_FMA
   }
+#define KT_STORE(i)                             \
+  if (i < MR) {                                 \
+    _mm256_storeu_ps(c + i * ldc, lo##i);       \
+    _mm256_storeu_ps(c + i * ldc + 8, hi##i);   \
+  }
+  KT_ROWS6(KT_STORE)
+#undef KT_STORE
 }
 
 template <int MR>
@@ -69,12 +90,6 @@ void gemm_nt_avx2(const float* const* a_rows, int m, int K, const uint16_t* w, i
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Dot-product form: for output column k the 16 weights of a panel are contiguous in n, so each
 // accumulator holds 8 partial sums over n, reduced once per reduction chunk. A block of 4 rows x
@@ -83,27 +98,39 @@ constexpr int kNnRows = 4;
 constexpr int kNnCols = 2;
 constexpr int kNnChunkPanels = 64;  // 1024 n: 4 rows of A (16 KiB fp32) stay in L1 across columns
 
+#define KT_ROWS4(X) X(0) X(1) X(2) X(3)
+
 template <int MR, int KR>
 inline void nn_block(const float* const* a, int p_begin, int p_end, const uint16_t* w, int K, int k,
                      float* c, int ldc) {
-  __m256 acc[MR][KR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < KR; ++j) acc[i][j] = _mm256_setzero_ps();
+  static_assert(KR == 1 || KR == 2, "nn_block computes one or two output columns");
+#define KT_DECLARE(i)                                                   \
+  __m256 acc##i##0 = _mm256_setzero_ps(), acc##i##1 = _mm256_setzero_ps(); \
+  const float* a##i = a[i < MR ? i : 0];
+  KT_ROWS4(KT_DECLARE)
+#undef KT_DECLARE
   for (int p = p_begin; p < p_end; ++p) {
-    __m256 w_lo[KR], w_hi[KR];
     const uint16_t* src = w + (static_cast<int64_t>(p) * K + k) * kPanelRows;
-    for (int j = 0; j < KR; ++j) widen_panel_row(src + j * kPanelRows, w_lo[j], w_hi[j]);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 a_lo = _mm256_loadu_ps(a[i] + p * kPanelRows);
-      const __m256 a_hi = _mm256_loadu_ps(a[i] + p * kPanelRows + 8);
-      for (int j = 0; j < KR; ++j) {
-        acc[i][j] = _mm256_fmadd_ps(a_lo, w_lo[j], acc[i][j]);
-        acc[i][j] = _mm256_fmadd_ps(a_hi, w_hi[j], acc[i][j]);
-      }
-    }
+    __m256 w0_lo, w0_hi, w1_lo = _mm256_setzero_ps(), w1_hi = _mm256_setzero_ps();
+    widen_panel_row(src, w0_lo, w0_hi);
+    if (KR == 2) widen_panel_row(src + kPanelRows, w1_lo, w1_hi);
+#define KT_FMA(i)                                                            \
+  if (i < MR) {                                                              \
+    const __m256 x_lo = _mm256_loadu_ps(a##i + p * kPanelRows);              \
+    const __m256 x_hi = _mm256_loadu_ps(a##i + p * kPanelRows + 8);          \
+    acc##i##0 = _mm256_fmadd_ps(x_hi, w0_hi, _mm256_fmadd_ps(x_lo, w0_lo, acc##i##0)); \
+    if (KR == 2) acc##i##1 = _mm256_fmadd_ps(x_hi, w1_hi, _mm256_fmadd_ps(x_lo, w1_lo, acc##i##1)); \
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < KR; ++j) c[i * ldc + j] += hsum(acc[i][j]);
+    KT_ROWS4(KT_FMA)
+#undef KT_FMA
+  }
+#define KT_STORE(i)                                    \
+  if (i < MR) {                                        \
+    c[i * ldc] += hsum(acc##i##0);                     \
+    if (KR == 2) c[i * ldc + 1] += hsum(acc##i##1);    \
+  }
+  KT_ROWS4(KT_STORE)
+#undef KT_STORE
 }
 
 template <int MR>

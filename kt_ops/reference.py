@@ -1,0 +1,156 @@
+"""Plain-PyTorch reference implementation of the LoRA-augmented MoE expert MLP.
+
+This module is the definition of the math computed by the ``kt`` kernels and
+the oracle of the test-suite. It depends on nothing but PyTorch (it does not
+import the C++ extension), so it can be loaded on its own.
+
+Math, per expert ``e`` with routed rows ``X`` and ``s = lora_scaling =
+lora_alpha / lora_rank``::
+
+    g = X·Wgᵀ + s·(X·Agᵀ)·Bgᵀ        u = X·Wuᵀ + s·(X·Auᵀ)·Buᵀ        h = silu(g) ⊙ u
+    y = h·Wdᵀ + s·(h·Adᵀ)·Bdᵀ         Y[t] = Σ_j w[t,j] · y[t,j]
+
+Shapes::
+
+    hidden_states  [T, H]           topk_ids [T, k] (int64 or int32)   topk_weights [T, k]
+    gate_proj      [E, I, H]        up_proj  [E, I, H]                 down_proj    [E, H, I]
+    gate_lora_a    [E, r, H]        gate_lora_b [E, I, r]
+    up_lora_a      [E, r, H]        up_lora_b   [E, I, r]
+    down_lora_a    [E, r, I]        down_lora_b [E, H, r]
+
+``y[t, j]`` is expert ``topk_ids[t, j]`` applied to ``hidden_states[t]``.
+A slot with ``topk_ids[t, j] == -1`` is computed elsewhere: it contributes
+nothing to ``Y[t]`` and receives zero gradient. The same expert may appear
+more than once in a token's row; its contributions are simply summed.
+``r`` may be 0 (no LoRA: the LoRA terms vanish).
+
+The base weights are frozen; the result is differentiable by autograd with
+respect to ``hidden_states``, ``topk_weights`` and the six LoRA tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["moe_sft_reference", "expert_mlp_reference"]
+
+
+def expert_mlp_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    a_gate: torch.Tensor,
+    b_gate: torch.Tensor,
+    a_up: torch.Tensor,
+    b_up: torch.Tensor,
+    a_down: torch.Tensor,
+    b_down: torch.Tensor,
+    lora_scaling: float,
+) -> torch.Tensor:
+    """One expert applied to rows ``x`` [n, H]; all tensors of one dtype.
+
+    ``w_gate``/``w_up`` [I, H], ``w_down`` [H, I], ``a_gate``/``a_up`` [r, H],
+    ``b_gate``/``b_up`` [I, r], ``a_down`` [r, I], ``b_down`` [H, r].
+    Returns ``y`` [n, H].
+    """
+    s = lora_scaling
+    g = x @ w_gate.T + s * ((x @ a_gate.T) @ b_gate.T)
+    u = x @ w_up.T + s * ((x @ a_up.T) @ b_up.T)
+    h = F.silu(g) * u
+    return h @ w_down.T + s * ((h @ a_down.T) @ b_down.T)
+
+
+def _default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Low-precision inputs are computed in fp32; fp32 stays fp32, fp64 stays fp64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def moe_sft_reference(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_lora_a: torch.Tensor,
+    gate_lora_b: torch.Tensor,
+    up_lora_a: torch.Tensor,
+    up_lora_b: torch.Tensor,
+    down_lora_a: torch.Tensor,
+    down_lora_b: torch.Tensor,
+    lora_scaling: float,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Reference MoE forward (see the module docstring for the math).
+
+    Every tensor is cast to ``compute_dtype`` for the computation. When
+    ``compute_dtype`` is None the computation runs in
+    ``promote_types(hidden_states.dtype, float32)`` and the result is returned
+    in ``hidden_states.dtype``; otherwise the result is in ``compute_dtype``.
+
+    Raises ValueError when ``topk_ids`` holds an id outside ``[0, E)`` other
+    than -1, or when the shapes do not fit together.
+    """
+    out_dtype = compute_dtype if compute_dtype is not None else hidden_states.dtype
+    cdt = compute_dtype if compute_dtype is not None else _default_compute_dtype(hidden_states.dtype)
+
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(hidden_states.shape)}")
+    T, H = hidden_states.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [T={T}, k], got shape {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    E, I, H_g = gate_proj.shape
+    if H_g != H or tuple(up_proj.shape) != (E, I, H) or tuple(down_proj.shape) != (E, H, I):
+        raise ValueError(
+            "base weights must be gate_proj/up_proj [E, I, H] and down_proj [E, H, I] "
+            f"with H={H}; got {tuple(gate_proj.shape)}, {tuple(up_proj.shape)}, {tuple(down_proj.shape)}"
+        )
+    r = gate_lora_a.shape[1]
+    expected = {
+        "gate_lora_a": (gate_lora_a, (E, r, H)),
+        "gate_lora_b": (gate_lora_b, (E, I, r)),
+        "up_lora_a": (up_lora_a, (E, r, H)),
+        "up_lora_b": (up_lora_b, (E, I, r)),
+        "down_lora_a": (down_lora_a, (E, r, I)),
+        "down_lora_b": (down_lora_b, (E, H, r)),
+    }
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    bad = (ids < -1) | (ids >= E)
+    if bool(bad.any()):
+        raise ValueError(
+            f"topk_ids must lie in [0, {E}) or be -1, got {int(ids[bad][0])}"
+        )
+
+    k = topk_ids.shape[1]
+    x = hidden_states.to(cdt)
+    weights = topk_weights.reshape(-1).to(cdt)          # [T*k]
+    token_of_slot = torch.arange(T, device=x.device).repeat_interleave(k)  # [T*k]
+
+    base = [gate_proj.to(cdt), up_proj.to(cdt), down_proj.to(cdt)]
+    lora = [t.to(cdt) for t in (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)]
+
+    out = torch.zeros(T, H, dtype=cdt, device=x.device)
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        slots = torch.nonzero(ids == e).flatten()
+        tokens = token_of_slot[slots]
+        y = expert_mlp_reference(
+            x[tokens],
+            base[0][e], base[1][e], base[2][e],
+            lora[0][e], lora[1][e], lora[2][e], lora[3][e], lora[4][e], lora[5][e],
+            lora_scaling,
+        )
+        out = out.index_add(0, tokens, weights[slots].unsqueeze(1) * y)
+    return out.to(out_dtype)
