@@ -126,7 +126,7 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
 @torch.library.register_fake("kt::pack_weights")
 def _pack_weights_fake(weight, weight_format):
     E, N, K = weight.shape
-    return weight.new_empty((E, (N + 15) // 16 * 16 * K * 2), dtype=torch.uint8)
+    return weight.new_empty((E, ((N + 15) // 16 * 16) * ((K + 1) // 2) * 4), dtype=torch.uint8)
 
 
 # Positions in the moe_sft_forward schema; the autograd formula returns one gradient per input.

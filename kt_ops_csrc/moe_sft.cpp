@@ -51,7 +51,7 @@ void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expecte
 int64_t packed_bytes(c10::string_view format, int64_t rows, int64_t cols) {
   TORCH_CHECK_VALUE(format == "bf16", "kt_ops: unsupported weight_format '", std::string(format),
                     "'; supported: bf16");
-  return padded_rows(rows) * cols * 2;
+  return padded_rows(rows) * k_pairs(cols) * 2 * 2;
 }
 
 struct Shapes {
@@ -663,12 +663,11 @@ Tensor pack_weights(const Tensor& weight, c10::string_view weight_format) {
   const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
   TORCH_CHECK_VALUE(E >= 1 && N >= 1 && K >= 1, "kt_ops: weight must be non-empty, got shape ", weight.sizes());
   const int64_t bytes = packed_bytes(weight_format, N, K);
-  // [E, N, K] -> pad N -> [E, N/16, 2 halves, 8 rows, K] -> [E, N/16, K, 8 rows, 2 halves]: slot 2i is row i,
-  // slot 2i+1 is row 8+i of the panel.
+  // [E, N, K] -> pad N to 16, K to even -> [E, N/16, 16 rows, K/2, 2] -> [E, N/16, K/2, 16 rows, 2].
   Tensor bf = weight.to(at::kBFloat16);
-  const int64_t Np = padded_rows(N);
-  if (Np != N) bf = at::constant_pad_nd(bf, {0, 0, 0, Np - N});
-  Tensor packed = bf.view({E, Np / kPanelRows, 2, 8, K}).permute({0, 1, 4, 3, 2}).contiguous();
+  const int64_t Np = padded_rows(N), Kp = k_pairs(K);
+  if (Np != N || 2 * Kp != K) bf = at::constant_pad_nd(bf, {0, 2 * Kp - K, 0, Np - N});
+  Tensor packed = bf.view({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
   return packed.view(at::kByte).view({E, bytes});
 }
 
@@ -679,9 +678,9 @@ Tensor unpack_weights(const Tensor& packed, c10::string_view weight_format, int6
   TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "kt_ops: rows and cols must be >= 1");
   const int64_t E = packed.size(0);
   check_shape(packed, "packed", {E, packed_bytes(weight_format, rows, cols)}, "[num_experts, packed bytes]");
-  const int64_t Np = padded_rows(rows);
-  Tensor bf = packed.contiguous().view(at::kBFloat16).view({E, Np / kPanelRows, cols, 8, 2});
-  return bf.permute({0, 1, 4, 3, 2}).reshape({E, Np, cols}).narrow(1, 0, rows).contiguous();
+  const int64_t Np = padded_rows(rows), Kp = k_pairs(cols);
+  Tensor bf = packed.contiguous().view(at::kBFloat16).view({E, Np / kPanelRows, Kp, kPanelRows, 2});
+  return bf.permute({0, 1, 3, 2, 4}).reshape({E, Np, 2 * Kp}).narrow(1, 0, rows).narrow(2, 0, cols).contiguous();
 }
 
 }  // namespace kt

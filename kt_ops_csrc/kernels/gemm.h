@@ -1,11 +1,12 @@
 // The ISA-specific primitives: the two GEMM shapes every MoE projection reduces to, over one expert's
 // packed bf16 weight W [N, K], and the dot/axpy that carry the rank-r LoRA work.
 //
-// Packed layout ("bf16" weight format): W is cut into panels of 16 output rows (N padded with zero
-// rows to a multiple of 16). Panel p stores, for each k in [0, K), 16 bf16 values: slot 2i holds
-// W[16p + i, k] and slot 2i+1 holds W[16p + 8 + i, k]. One 256-bit load then widens to two fp32
-// vectors (rows 16p..16p+7 and 16p+8..16p+15) with one shift and one mask, and both GEMM shapes
-// below read the panels contiguously.
+// Packed layout ("bf16" weight format), the VNNI pair layout that AVX-512 BF16 (vdpbf16ps) and AMX
+// (tile B rows) consume directly: W is cut into panels of 16 output rows (N padded with zero rows to
+// a multiple of 16, K padded with a zero column to even). Panel p stores, for each k pair kp, 16 x 2
+// bf16 values: element (i, h) is W[16p + i, 2kp + h]. With AVX2, one 256-bit load covers 8 rows x
+// 2 k and widens to fp32 with one shift (even k) or one mask (odd k); the 64 bytes of one pair
+// are exactly one AMX tile row.
 //
 // This header is included by translation units compiled with different -m flags: it must stay free
 // of inline code (an inline function compiled with AVX2 could be picked by the linker for a
@@ -18,6 +19,7 @@ namespace kt {
 constexpr int kPanelRows = 16;
 
 static constexpr int64_t padded_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
+static constexpr int64_t k_pairs(int64_t k) { return (k + 1) / 2; }
 
 template <typename T>
 struct Kernels {
@@ -25,7 +27,7 @@ struct Kernels {
   // A rows have K elements. C is dense [m, 16*np] (padded columns included).
   void (*gemm_nt)(const T* const* a_rows, int m, int K, const uint16_t* w, int p0, int np, T* c);
   // C[i, c] = sum_n A[i][n] * W[n, k0 + c] for i < m, c < kc; n runs over the padded N.
-  // A rows have padded-N elements (zero beyond N). C is [m, ldc].
+  // A rows have padded-N elements (zero beyond N). C is [m, ldc]. k0 is even.
   void (*gemm_nn)(const T* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0,
                   int kc, T* c, int ldc);
   T (*dot)(const T* a, const T* b, int64_t n);

@@ -17,11 +17,13 @@ inline int min_int(int a, int b) { return a < b ? a : b; }
 constexpr int kNtRows = 6;
 constexpr int kNtDepth = 256;
 
-inline void widen_panel_row(const uint16_t* src, __m256& rows_lo, __m256& rows_hi) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  rows_lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-  rows_hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+// One 256-bit load of a panel's k pair covers 8 rows x (k, k+1); the even k is the low half of each
+// 32-bit lane, the odd k the high half.
+inline __m256 widen_even(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+inline __m256 widen_odd(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
+inline __m256i load_pairs(const uint16_t* src) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,17 +48,31 @@ inline void nt_block(const float* const* a, int k_begin, int k_end, const uint16
   }
   KT_ROWS6(KT_DECLARE)
 #undef KT_DECLARE
-  for (int k = k_begin; k < k_end; ++k) {
-    __m256 w_lo, w_hi;
-    widen_panel_row(panel + static_cast<int64_t>(k) * kPanelRows, w_lo, w_hi);
+  // k_begin is even; an odd k_end (odd K) leaves a last pair whose odd half is padding.
+  for (int k = k_begin; k < k_end; k += 2) {
+    const uint16_t* pair = panel + static_cast<int64_t>(k / 2) * 2 * kPanelRows;
+    {
+      const __m256 w_lo = widen_even(load_pairs(pair)), w_hi = widen_even(load_pairs(pair + kPanelRows));
 #define KT_FMA(i)                                          \
   if (i < MR) {                                            \
     const __m256 x = _mm256_broadcast_ss(a##i + k);        \
     lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
     hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
   }
-    KT_ROWS6(KT_FMA)
+      KT_ROWS6(KT_FMA)
 #undef KT_FMA
+    }
+    if (k + 1 < k_end) {
+      const __m256 w_lo = widen_odd(load_pairs(pair)), w_hi = widen_odd(load_pairs(pair + kPanelRows));
+#define KT_FMA(i)                                          \
+  if (i < MR) {                                            \
+    const __m256 x = _mm256_broadcast_ss(a##i + k + 1);    \
+    lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
+    hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
+  }
+      KT_ROWS6(KT_FMA)
+#undef KT_FMA
+    }
   }
 #define KT_STORE(i)                             \
   if (i < MR) {                                 \
@@ -78,7 +94,7 @@ void gemm_nt_avx2(const float* const* a_rows, int m, int K, const uint16_t* w, i
   static constexpr RowsFn kTail[kNtRows] = {nullptr, nt_rows<1>, nt_rows<2>, nt_rows<3>, nt_rows<4>, nt_rows<5>};
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p) {
-    const uint16_t* panel = w + static_cast<int64_t>(p0 + p) * K * kPanelRows;
+    const uint16_t* panel = w + static_cast<int64_t>(p0 + p) * k_pairs(K) * 2 * kPanelRows;
     for (int k0 = 0; k0 < K; k0 += kNtDepth) {
       const int k1 = min_int(K, k0 + kNtDepth);
       const bool accumulate = k0 > 0;
@@ -110,10 +126,12 @@ inline void nn_block(const float* const* a, int p_begin, int p_end, const uint16
   KT_ROWS4(KT_DECLARE)
 #undef KT_DECLARE
   for (int p = p_begin; p < p_end; ++p) {
-    const uint16_t* src = w + (static_cast<int64_t>(p) * K + k) * kPanelRows;
-    __m256 w0_lo, w0_hi, w1_lo = _mm256_setzero_ps(), w1_hi = _mm256_setzero_ps();
-    widen_panel_row(src, w0_lo, w0_hi);
-    if (KR == 2) widen_panel_row(src + kPanelRows, w1_lo, w1_hi);
+    // Column k (even) and k + 1 come from the same pair loads.
+    const uint16_t* src = w + (static_cast<int64_t>(p) * k_pairs(K) + k / 2) * 2 * kPanelRows;
+    const __m256i pairs_lo = load_pairs(src), pairs_hi = load_pairs(src + kPanelRows);
+    const __m256 w0_lo = widen_even(pairs_lo), w0_hi = widen_even(pairs_hi);
+    const __m256 w1_lo = KR == 2 ? widen_odd(pairs_lo) : _mm256_setzero_ps();
+    const __m256 w1_hi = KR == 2 ? widen_odd(pairs_hi) : _mm256_setzero_ps();
 #define KT_FMA(i)                                                            \
   if (i < MR) {                                                              \
     const __m256 x_lo = _mm256_loadu_ps(a##i + p * kPanelRows);              \

@@ -16,9 +16,8 @@ inline float bf16_to_float(uint16_t bits) {
 
 // Offset of W[n, k] inside one expert's packed weight.
 inline int64_t packed_index(int64_t n, int64_t k, int64_t K) {
-  int64_t panel = n / kPanelRows, row = n % kPanelRows;
-  int64_t slot = row < 8 ? 2 * row : 2 * (row - 8) + 1;
-  return (panel * K + k) * kPanelRows + slot;
+  const int64_t panel = n / kPanelRows, row = n % kPanelRows;
+  return ((panel * k_pairs(K) + k / 2) * kPanelRows + row) * 2 + k % 2;
 }
 
 template <typename T>
