@@ -8,11 +8,19 @@ import torch
 from torch import nn
 
 from . import _C
-from .ops import PackedExperts, moe_sft, pack_experts
+from .ops import WEIGHT_FORMATS, PackedExperts, moe_sft, pack_experts
 
 # The specification's SFT method names name the weight format; every one runs on every CPU (the
-# kernel ISA is chosen at run time). Quantized formats join this table with their kernels.
-SFT_METHOD_FORMATS = {"AMXBF16_SFT": "bf16"}
+# kernel ISA is chosen at run time). The format names themselves are accepted too.
+SFT_METHOD_FORMATS = {
+    "AMXBF16_SFT": "bf16",
+    "AMXINT8_SFT": "int8",
+    "AMXINT4_SFT": "int4",
+    "AMXINT4_1_SFT": "int4_1",
+    "AMXINT4_KGroup_SFT": "int4_kgroup",
+    "AMXINT4_1KGroup_SFT": "int4_1_kgroup",
+    **{fmt: fmt for fmt in WEIGHT_FORMATS},
+}
 
 _LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 
@@ -31,7 +39,7 @@ class KTMoELayer(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, lora_rank: int = 16,
                  lora_alpha: float = 32.0, method: str = "AMXBF16_SFT", num_threads: Optional[int] = None,
-                 lora_dtype: torch.dtype = torch.bfloat16):
+                 lora_dtype: torch.dtype = torch.bfloat16, group_size: int = 128):
         super().__init__()
         self.num_experts = _positive_int(num_experts, "num_experts")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
@@ -45,6 +53,7 @@ class KTMoELayer(nn.Module):
             raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
         self.method = method
         self.weight_format = SFT_METHOD_FORMATS[method]
+        self.group_size = group_size
         self.lora_alpha = float(lora_alpha)
         self.lora_scaling = self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
         if num_threads is not None:
@@ -78,7 +87,7 @@ class KTMoELayer(nn.Module):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must have shape {expected[name]} for this layer, got {got}")
-        self.experts = pack_experts(gate_proj, up_proj, down_proj, self.weight_format)
+        self.experts = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
 
     def lora_parameters(self) -> Optional[tuple]:
         return tuple(getattr(self, name) for name in _LORA_NAMES) if self.lora_rank else None

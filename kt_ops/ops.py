@@ -14,7 +14,10 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library that defines torch.ops.kt)
 
-WEIGHT_FORMATS = ("bf16",)
+# bf16; int8 symmetric per row; int4 symmetric per row; int4_1 per row with zero point (scale, min);
+# int4_kgroup / int4_1_kgroup: the same per group of `group_size` along K (kt_ops_csrc/kernels/quant.h).
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup")
+GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup")
 
 
 @dataclass(frozen=True)
@@ -47,31 +50,39 @@ def _check_expert_tensor(t: torch.Tensor, name: str, shape: Sequence[int], layou
 
 
 def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                 weight_format: str = "bf16") -> PackedExperts:
-    """Pack [E, I, H], [E, I, H], [E, H, I] expert weights (any float dtype) into `weight_format`."""
+                 weight_format: str = "bf16", group_size: int = 128) -> PackedExperts:
+    """Pack (quantize) [E, I, H], [E, I, H], [E, H, I] expert weights of any float dtype into
+    `weight_format`; `group_size` applies to the K-group formats and must divide H and I."""
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if weight_format in GROUPED_FORMATS and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise TypeError(f"group_size must be an int, got {group_size!r}")
     if not isinstance(gate_proj, torch.Tensor) or gate_proj.dim() != 3:
         raise ValueError("gate_proj must be a 3-D tensor [num_experts, intermediate_size, hidden_size]")
     E, I, H = gate_proj.shape
     _check_expert_tensor(gate_proj, "gate_proj", (E, I, H), "[num_experts, intermediate_size, hidden_size]")
     _check_expert_tensor(up_proj, "up_proj", (E, I, H), "[num_experts, intermediate_size, hidden_size]")
     _check_expert_tensor(down_proj, "down_proj", (E, H, I), "[num_experts, hidden_size, intermediate_size]")
-    pack = torch.ops.kt.pack_weights
+    if weight_format in GROUPED_FORMATS:
+        for name, size in (("hidden_size", H), ("intermediate_size", I)):
+            if group_size < 2 or group_size % 2 or size % group_size:
+                raise ValueError(f"group_size {group_size} must be even and divide {name} ({size}) for "
+                                 f"weight_format {weight_format!r}; e.g. 32, 64 or 128")
+    packed = {}
     with torch.no_grad():
-        return PackedExperts(
-            gate=pack(gate_proj.detach().cpu(), weight_format),
-            up=pack(up_proj.detach().cpu(), weight_format),
-            down=pack(down_proj.detach().cpu(), weight_format),
-            gate_scale=None, up_scale=None, down_scale=None,
-            weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
+        for name, t in (("gate", gate_proj), ("up", up_proj), ("down", down_proj)):
+            blob, scales = torch.ops.kt.pack_weights(t.detach().cpu(), weight_format, int(group_size))
+            packed[name], packed[name + "_scale"] = blob, (scales if weight_format != "bf16" else None)
+    return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
 
 
 def unpack_experts(experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bf16 weights the kernels actually use, as [E, I, H], [E, I, H], [E, H, I]."""
+    """The bf16 weights the kernels actually compute with (dequantized for quantized formats), as
+    [E, I, H], [E, I, H], [E, H, I]."""
     unpack = torch.ops.kt.unpack_weights
     H, I, fmt = experts.hidden_size, experts.intermediate_size, experts.weight_format
-    return unpack(experts.gate, fmt, I, H), unpack(experts.up, fmt, I, H), unpack(experts.down, fmt, H, I)
+    return (unpack(experts.gate, experts.gate_scale, fmt, I, H), unpack(experts.up, experts.up_scale, fmt, I, H),
+            unpack(experts.down, experts.down_scale, fmt, H, I))
 
 
 def _accumulation_dtype(hidden_states: torch.Tensor) -> torch.dtype:
@@ -123,10 +134,6 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
             *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in loras))
 
 
-@torch.library.register_fake("kt::pack_weights")
-def _pack_weights_fake(weight, weight_format):
-    E, N, K = weight.shape
-    return weight.new_empty((E, ((N + 15) // 16 * 16) * ((K + 1) // 2) * 4), dtype=torch.uint8)
 
 
 # Positions in the moe_sft_forward schema; the autograd formula returns one gradient per input.

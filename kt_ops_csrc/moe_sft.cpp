@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "formats.h"
 #include "kernels/gemm.h"
 #include "runtime/cpu.h"
 #include "runtime/thread_pool.h"
@@ -48,14 +49,10 @@ void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expecte
                     at::IntArrayRef(expected), ", got ", t.sizes());
 }
 
-int64_t packed_bytes(c10::string_view format, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(format == "bf16", "kt_ops: unsupported weight_format '", std::string(format),
-                    "'; supported: bf16");
-  return padded_rows(rows) * k_pairs(cols) * 2 * 2;
-}
-
 struct Shapes {
   int64_t T, k, E, H, I, r;
+  WeightFormat format;
+  int64_t gate_groups, down_groups;
   int64_t pairs() const { return T * k; }
 };
 
@@ -97,9 +94,7 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
                     ids.sizes(), ", got ", weights.sizes());
 
   TORCH_CHECK_VALUE(I >= 1, "kt_ops: intermediate_size must be >= 1, got ", I);
-  TORCH_CHECK_VALUE(!gate_scale.has_value() && !up_scale.has_value() && !down_scale.has_value() || format != "bf16",
-                    "kt_ops: weight_format 'bf16' takes no gate_scale/up_scale/down_scale (pass None)");
-  const int64_t gate_bytes = packed_bytes(format, I, H), down_bytes = packed_bytes(format, H, I);
+  const WeightFormat fmt = parse_weight_format(format);
   const std::pair<const Tensor*, const char*> packed[] = {{&gate_w, "gate_weight"}, {&up_w, "up_weight"},
                                                          {&down_w, "down_weight"}};
   for (auto& [t, name] : packed) {
@@ -110,13 +105,18 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
   }
   const int64_t E = gate_w.size(0);
   TORCH_CHECK_VALUE(E >= 1, "kt_ops: gate_weight must hold at least one expert, got shape ", gate_w.sizes());
+  const int64_t gate_bytes = packed_bytes(fmt, I, H), down_bytes = packed_bytes(fmt, H, I);
   TORCH_CHECK_VALUE(gate_w.size(1) == gate_bytes && down_w.size(1) == down_bytes,
                     "kt_ops: the packed experts do not match hidden_states' hidden_size ", H, " and intermediate_size ",
                     I, ": gate_weight must be [", E, ", ", gate_bytes, "] and down_weight [", E, ", ", down_bytes,
                     "], got ", gate_w.sizes(), " and ", down_w.sizes());
-  check_shape(gate_w, "gate_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
-  check_shape(up_w, "up_weight", {E, gate_bytes}, "[num_experts, packed bytes of intermediate_size x hidden_size]");
-  check_shape(down_w, "down_weight", {E, down_bytes}, "[num_experts, packed bytes of hidden_size x intermediate_size]");
+  TORCH_CHECK_VALUE(up_w.size(0) == E && down_w.size(0) == E, "kt_ops: gate_weight, up_weight and down_weight must "
+                    "hold the same number of experts, got ", gate_w.size(0), ", ", up_w.size(0), ", ", down_w.size(0));
+  const int64_t gate_groups = check_packed_matrix(fmt, gate_w, gate_scale, E, I, H, "gate_weight", "gate_scale");
+  const int64_t up_groups = check_packed_matrix(fmt, up_w, up_scale, E, I, H, "up_weight", "up_scale");
+  const int64_t down_groups = check_packed_matrix(fmt, down_w, down_scale, E, H, I, "down_weight", "down_scale");
+  TORCH_CHECK_VALUE(up_groups == gate_groups, "kt_ops: up_scale must have the groups of gate_scale (", gate_groups,
+                    "), got ", up_groups);
 
   check_dim(lora.gate_a, "gate_lora_a", 3, "[num_experts, lora_rank, hidden_size]");
   const int64_t r = lora.gate_a.size(1);
@@ -139,7 +139,7 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
     TORCH_CHECK_VALUE(lo >= -1 && hi < E, "kt_ops: topk_ids must be in [0, ", E,
                       ") (or -1 for a slot computed elsewhere), got values in [", lo, ", ", hi, "]");
   }
-  return {T, k, E, H, I, r};
+  return {T, k, E, H, I, r, fmt, gate_groups, down_groups};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,10 +277,6 @@ const Kernels<double>& kernels<double>() {
   return ref_kernels_f64();  // float64 exists for verification; only the reference kernel has it
 }
 
-const uint16_t* expert_weight(const Tensor& packed, int64_t e) {
-  return reinterpret_cast<const uint16_t*>(packed.data_ptr<uint8_t>() + e * packed.size(1));
-}
-
 template <typename T>
 void parallel_over(int64_t count, int64_t per_task, const std::function<void(int64_t, int64_t)>& body) {
   const int64_t tasks = (count + per_task - 1) / per_task;
@@ -313,8 +309,9 @@ void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& hidden, const Tensor& ids,
-                                                const Tensor& weights, const Tensor& gate_w, const Tensor& up_w,
-                                                const Tensor& down_w, const LoraArgs& lora_args, T scaling,
+                                                const Tensor& weights, const ExpertWeights& gate_w,
+                                                const ExpertWeights& up_w, const ExpertWeights& down_w,
+                                                const LoraArgs& lora_args, T scaling,
                                                 bool save) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   const auto opts = hidden.options().dtype(dtype);
@@ -361,8 +358,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       for (int64_t i = 0; i < m; ++i) rows[i] = xp + (order[task.row_begin + i] / s.k) * H;
       T* tile_g = scratch<T>(0, m * cols).data();
       T* tile_u = scratch<T>(1, m * cols).data();
-      k.gemm_nt(rows.data(), m, H, expert_weight(gate_w, task.expert), task.col_begin, np, tile_g);
-      k.gemm_nt(rows.data(), m, H, expert_weight(up_w, task.expert), task.col_begin, np, tile_u);
+      int64_t first_panel;
+      const uint16_t* wg = gate_w.nt_panels(task.expert, task.col_begin, np, first_panel);
+      k.gemm_nt(rows.data(), m, H, wg, first_panel, np, tile_g);
+      const uint16_t* wu = up_w.nt_panels(task.expert, task.col_begin, np, first_panel);
+      k.gemm_nt(rows.data(), m, H, wu, first_panel, np, tile_u);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
       const T* bg = r ? lora.get(Lora<T>::GateB, task.expert) : nullptr;
       const T* bu = r ? lora.get(Lora<T>::UpB, task.expert) : nullptr;
@@ -405,7 +405,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       std::vector<const T*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = hp + order[task.row_begin + i] * I;
       T* tile = scratch<T>(0, m * cols).data();
-      k.gemm_nt(rows.data(), m, I, expert_weight(down_w, task.expert), task.col_begin, np, tile);
+      int64_t first_panel;
+      const uint16_t* wd = down_w.nt_panels(task.expert, task.col_begin, np, first_panel);
+      k.gemm_nt(rows.data(), m, I, wd, first_panel, np, tile);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
       const T* bd = r ? lora.get(Lora<T>::DownB, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
@@ -428,7 +430,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
-    const Tensor& gate_w, const Tensor& up_w, const Tensor& down_w, const LoraArgs& lora_args, T scaling,
+    const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
+    T scaling,
     const Tensor& gate_up_pre_in, const Tensor& lora_mid_in) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   const auto opts = hidden.options().dtype(dtype);
@@ -477,7 +480,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       std::vector<const T*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order[task.row_begin + i]);
       T* tile = scratch<T>(0, m * kc).data();
-      k.gemm_nn(rows.data(), m, Hp, expert_weight(down_w, task.expert), I, task.col_begin, kc, tile, kc);
+      int64_t k_total, k_first;
+      const uint16_t* wd = down_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k.gemm_nn(rows.data(), m, Hp, wd, k_total, k_first, kc, tile, kc);
       const T* ad = r ? lora.get(Lora<T>::DownA, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
@@ -531,8 +536,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       }
       T* tile_g = scratch<T>(0, m * kc).data();
       T* tile_u = scratch<T>(1, m * kc).data();
-      k.gemm_nn(rows_g.data(), m, Ip, expert_weight(gate_w, task.expert), H, task.col_begin, kc, tile_g, kc);
-      k.gemm_nn(rows_u.data(), m, Ip, expert_weight(up_w, task.expert), H, task.col_begin, kc, tile_u, kc);
+      int64_t k_total, k_first;
+      const uint16_t* wg = gate_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k.gemm_nn(rows_g.data(), m, Ip, wg, k_total, k_first, kc, tile_g, kc);
+      const uint16_t* wu = up_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k.gemm_nn(rows_u.data(), m, Ip, wu, k_total, k_first, kc, tile_u, kc);
       const T* ag = r ? lora.get(Lora<T>::GateA, task.expert) : nullptr;
       const T* au = r ? lora.get(Lora<T>::UpA, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
@@ -612,10 +620,13 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
+  const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
+  const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
+  const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   if (hidden_states.scalar_type() == at::kDouble)
-    return forward_impl<double>(s, hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, lora,
-                                lora_scaling, save_for_backward);
-  return forward_impl<float>(s, hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, lora,
+    return forward_impl<double>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora, lora_scaling,
+                                save_for_backward);
+  return forward_impl<float>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
                              static_cast<float>(lora_scaling), save_for_backward);
 }
 
@@ -645,42 +656,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
                    "kt_ops: gate_up_pre and lora_mid must be ", acc_dtype, " as forward returned them");
   check_shape(gate_up_pre, "gate_up_pre", {2, s.pairs(), s.I}, "[2, num_tokens * num_experts_per_tok, intermediate_size]");
   check_shape(lora_mid, "lora_mid", {3, s.pairs(), s.r}, "[3, num_tokens * num_experts_per_tok, lora_rank]");
+  const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
+  const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
+  const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   if (hidden_states.scalar_type() == at::kDouble)
-    return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
-                                 down_weight, lora, lora_scaling, gate_up_pre, lora_mid);
-  return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
-                              down_weight, lora, static_cast<float>(lora_scaling), gate_up_pre, lora_mid);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Packing
-
-Tensor pack_weights(const Tensor& weight, c10::string_view weight_format) {
-  check_cpu(weight, "weight");
-  check_dim(weight, "weight", 3, "[num_experts, out_features, in_features]");
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "kt_ops: weight must be a floating tensor, got ",
-                   weight.scalar_type());
-  const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
-  TORCH_CHECK_VALUE(E >= 1 && N >= 1 && K >= 1, "kt_ops: weight must be non-empty, got shape ", weight.sizes());
-  const int64_t bytes = packed_bytes(weight_format, N, K);
-  // [E, N, K] -> pad N to 16, K to even -> [E, N/16, 16 rows, K/2, 2] -> [E, N/16, K/2, 16 rows, 2].
-  Tensor bf = weight.to(at::kBFloat16);
-  const int64_t Np = padded_rows(N), Kp = k_pairs(K);
-  if (Np != N || 2 * Kp != K) bf = at::constant_pad_nd(bf, {0, 2 * Kp - K, 0, Np - N});
-  Tensor packed = bf.view({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
-  return packed.view(at::kByte).view({E, bytes});
-}
-
-Tensor unpack_weights(const Tensor& packed, c10::string_view weight_format, int64_t rows, int64_t cols) {
-  check_cpu(packed, "packed");
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "kt_ops: packed must be uint8, got ", packed.scalar_type());
-  check_dim(packed, "packed", 2, "[num_experts, packed_bytes]");
-  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "kt_ops: rows and cols must be >= 1");
-  const int64_t E = packed.size(0);
-  check_shape(packed, "packed", {E, packed_bytes(weight_format, rows, cols)}, "[num_experts, packed bytes]");
-  const int64_t Np = padded_rows(rows), Kp = k_pairs(cols);
-  Tensor bf = packed.contiguous().view(at::kBFloat16).view({E, Np / kPanelRows, Kp, kPanelRows, 2});
-  return bf.permute({0, 1, 3, 2, 4}).reshape({E, Np, 2 * Kp}).narrow(1, 0, rows).narrow(2, 0, cols).contiguous();
+    return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
+                                 lora_scaling, gate_up_pre, lora_mid);
+  return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
+                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid);
 }
 
 }  // namespace kt

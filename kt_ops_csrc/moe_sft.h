@@ -26,8 +26,4 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
     const Tensor& lora_mid);
 
-// [E, N, K] float tensor -> [E, packed bytes] uint8 in the given weight format, and back.
-Tensor pack_weights(const Tensor& weight, c10::string_view weight_format);
-Tensor unpack_weights(const Tensor& packed, c10::string_view weight_format, int64_t rows, int64_t cols);
-
 }  // namespace kt

@@ -1,6 +1,7 @@
 // The op schemas (defined once, here), their CPU kernels, and the small runtime module.
 #include <torch/extension.h>
 
+#include "formats.h"
 #include "moe_sft.h"
 #include "runtime/cpu.h"
 #include "runtime/thread_pool.h"
@@ -20,8 +21,8 @@ TORCH_LIBRARY(kt, m) {
       "Tensor gate_up_pre, Tensor lora_mid) -> (Tensor grad_hidden_states, Tensor grad_topk_weights, "
       "Tensor grad_gate_lora_a, Tensor grad_gate_lora_b, Tensor grad_up_lora_a, Tensor grad_up_lora_b, "
       "Tensor grad_down_lora_a, Tensor grad_down_lora_b)");
-  m.def("pack_weights(Tensor weight, str weight_format) -> Tensor");
-  m.def("unpack_weights(Tensor packed, str weight_format, int rows, int cols) -> Tensor");
+  m.def("pack_weights(Tensor weight, str weight_format, int group_size) -> (Tensor packed, Tensor scales)");
+  m.def("unpack_weights(Tensor packed, Tensor? scales, str weight_format, int rows, int cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kt, CPU, m) {

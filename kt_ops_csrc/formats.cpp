@@ -1,0 +1,226 @@
+#include "formats.h"
+
+#include <c10/util/ParallelGuard.h>
+
+#include <vector>
+
+#include "kernels/gemm.h"
+#include "runtime/cpu.h"
+
+namespace kt {
+namespace {
+
+struct FormatInfo {
+  WeightFormat format;
+  const char* name;
+};
+
+constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
+                                   {WeightFormat::Int8, "int8"},
+                                   {WeightFormat::Int4, "int4"},
+                                   {WeightFormat::Int4Zp, "int4_1"},
+                                   {WeightFormat::Int4KGroup, "int4_kgroup"},
+                                   {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"}};
+
+const DequantKernels& dequant_kernels() {
+  // The AVX2 dequantizer serves every ISA above ref (amx-emu included) on CPUs that have AVX2.
+  const CpuFeatures& f = cpu_features();
+  return current_isa() != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
+}
+
+template <typename T>
+T* thread_scratch(size_t size) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+}  // namespace
+
+WeightFormat parse_weight_format(c10::string_view name) {
+  for (const auto& info : kFormats)
+    if (name == info.name) return info.format;
+  TORCH_CHECK_VALUE(false, "kt_ops: unknown weight_format '", std::string(name),
+                    "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup");
+}
+
+const char* weight_format_name(WeightFormat format) {
+  for (const auto& info : kFormats)
+    if (info.format == format) return info.name;
+  return "?";
+}
+
+bool is_grouped(WeightFormat f) { return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup; }
+bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
+
+int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
+  const int64_t pair_rows = padded_rows(rows) * k_pairs(cols);  // (row, k pair) slots
+  switch (format) {
+    case WeightFormat::Bf16: return pair_rows * 4;
+    case WeightFormat::Int8: return pair_rows * 2;
+    default: return pair_rows;  // two 4-bit codes per byte
+  }
+}
+
+int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,
+                            int64_t num_experts, int64_t rows, int64_t cols, const char* blob_name,
+                            const char* scale_name) {
+  const int64_t bytes = packed_bytes(format, rows, cols);
+  TORCH_CHECK_VALUE(blob.size(1) == bytes, "kt_ops: ", blob_name, " must have shape [", num_experts, ", ", bytes,
+                    "] (", weight_format_name(format), " experts of ", rows, " x ", cols, "), got ", blob.sizes());
+  if (format == WeightFormat::Bf16) {
+    TORCH_CHECK_VALUE(!scales.has_value(), "kt_ops: weight_format 'bf16' takes no ", scale_name, " (pass None)");
+    return 1;
+  }
+  TORCH_CHECK_VALUE(scales.has_value(), "kt_ops: weight_format '", weight_format_name(format), "' needs ",
+                    scale_name, " (as kt_ops.pack_experts returns it)");
+  const Tensor& s = *scales;
+  TORCH_CHECK_VALUE(s.device().is_cpu(), "kt_ops: ", scale_name, " must be a CPU tensor, got device ", s.device());
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kt_ops: ", scale_name, " must be float32, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.is_contiguous(), "kt_ops: ", scale_name, " must be contiguous");
+  const int64_t width_dims = has_zero_point(format) ? 4 : 3;
+  TORCH_CHECK_VALUE(s.dim() == width_dims && s.size(0) == num_experts && s.size(1) == padded_rows(rows) &&
+                        (width_dims == 3 || s.size(3) == 2) && s.size(2) >= 1,
+                    "kt_ops: ", scale_name, " must have shape [", num_experts, ", ", padded_rows(rows),
+                    ", groups", has_zero_point(format) ? ", 2]" : "]", " for ", weight_format_name(format), ", got ",
+                    s.sizes());
+  const int64_t groups = s.size(2);
+  if (is_grouped(format)) {
+    TORCH_CHECK_VALUE(cols % groups == 0 && (cols / groups) % 2 == 0, "kt_ops: ", scale_name, " has ", groups,
+                      " groups, which do not split ", cols, " columns into groups of an even size");
+  } else {
+    TORCH_CHECK_VALUE(groups == 1, "kt_ops: ", scale_name, " must have one group per row for ",
+                      weight_format_name(format), ", got ", groups);
+  }
+  return groups;
+}
+
+ExpertWeights::ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,
+                             int64_t rows, int64_t cols, int64_t groups)
+    : format_(format), data_(blob.data_ptr<uint8_t>()), expert_bytes_(blob.size(1)), rows_(rows), cols_(cols),
+      groups_(groups) {
+  if (scales.has_value()) {
+    scales_ = scales->data_ptr<float>();
+    expert_scales_ = scales->numel() / scales->size(0);
+  }
+}
+
+QuantMatrix ExpertWeights::matrix(int64_t expert) const {
+  return {format_, data_ + expert * expert_bytes_, scales_ + expert * expert_scales_, cols_, groups_};
+}
+
+const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp) const {
+  uint16_t* out = thread_scratch<uint16_t>(np * nkp * kPanelRows * 2);
+  dequant_kernels().dequant(matrix(expert), p0, np, kp0, nkp, out);
+  return out;
+}
+
+const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const {
+  if (format_ == WeightFormat::Bf16) {
+    first_panel = p0;
+    return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_);
+  }
+  first_panel = 0;
+  return dequantized(expert, p0, np, 0, k_pairs(cols_));
+}
+
+const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total,
+                                         int64_t& k_first) const {
+  if (format_ == WeightFormat::Bf16) {
+    k_total = cols_;
+    k_first = k0;
+    return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_);
+  }
+  const int64_t kp0 = k0 / 2, nkp = k_pairs(k0 + kc) - kp0;
+  k_total = 2 * nkp;
+  k_first = 0;
+  return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp);
+}
+
+std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view weight_format, int64_t group_size) {
+  c10::ParallelGuard inline_torch_ops(false);  // packing is a one-off: let torch use its threads
+  const WeightFormat format = parse_weight_format(weight_format);
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), "kt_ops: weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK_VALUE(weight.dim() == 3, "kt_ops: weight must be 3-D [num_experts, out_features, in_features], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "kt_ops: weight must be a floating tensor, got ",
+                   weight.scalar_type());
+  const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
+  TORCH_CHECK_VALUE(E >= 1 && N >= 1 && K >= 1, "kt_ops: weight must be non-empty, got shape ", weight.sizes());
+  int64_t groups = 1;
+  if (is_grouped(format)) {
+    TORCH_CHECK_VALUE(group_size >= 2 && group_size % 2 == 0 && K % group_size == 0, "kt_ops: group_size ", group_size,
+                      " must be even and divide in_features ", K, " for weight_format '", weight_format_name(format),
+                      "' (e.g. 32, 64 or 128 dividing both hidden_size and intermediate_size)");
+    groups = K / group_size;
+  }
+  const int64_t Np = padded_rows(N), Kp = k_pairs(K);
+  auto pad_cols = [&](const Tensor& t) { return 2 * Kp != K ? at::constant_pad_nd(t, {0, 1}) : t; };
+  // [E, Np, 2Kp] -> [E, Np/16, Kp, 16, 2]: the panel / k-pair order of every format.
+  auto to_panels = [&](const Tensor& t) {
+    return t.reshape({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
+  };
+  if (format == WeightFormat::Bf16) {
+    Tensor packed = to_panels(pad_cols(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N})));
+    return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}), at::empty({0}, weight.options().dtype(at::kFloat))};
+  }
+  // Statistics over the real columns only; padded rows get zero scales (they dequantize to zero).
+  Tensor w = weight.to(at::kFloat);
+  if (Np != N) w = at::constant_pad_nd(w, {0, 0, 0, Np - N});
+  Tensor grouped = w.view({E, Np, groups, K / groups});
+  Tensor codes, scales;
+  if (has_zero_point(format)) {
+    Tensor lo = std::get<0>(grouped.min(-1, true)), hi = std::get<0>(grouped.max(-1, true));
+    Tensor scale = (hi - lo) / 15.0;
+    Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+    codes = at::round((grouped - lo) / safe).clamp(0, 15);
+    scales = at::cat({scale, lo}, -1);  // [E, Np, groups, 2]
+  } else {
+    const double qmax = format == WeightFormat::Int8 ? 127.0 : 7.0;
+    Tensor scale = grouped.abs().amax(-1, true) / qmax;
+    Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+    codes = at::round(grouped / safe).clamp(format == WeightFormat::Int8 ? -127.0 : -8.0, qmax);
+    if (format != WeightFormat::Int8) codes = codes + 8.0;  // 4-bit codes are stored offset by 8
+    scales = scale.squeeze(-1);                              // [E, Np, groups]
+  }
+  Tensor panels = to_panels(pad_cols(codes.view({E, Np, K})));
+  Tensor packed;
+  if (format == WeightFormat::Int8) {
+    packed = panels.to(at::kChar).view(at::kByte);
+  } else {
+    Tensor nibbles = panels.to(at::kByte);  // [..., 16, 2]: even k in the low nibble
+    packed = nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)).contiguous();
+  }
+  return {packed.reshape({E, packed_bytes(format, N, K)}), scales.contiguous()};
+}
+
+Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales, c10::string_view weight_format,
+                      int64_t rows, int64_t cols) {
+  const WeightFormat format = parse_weight_format(weight_format);
+  TORCH_CHECK_VALUE(packed.device().is_cpu(), "kt_ops: packed must be a CPU tensor, got device ", packed.device());
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "kt_ops: packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "kt_ops: packed must be 2-D [num_experts, packed_bytes], got ", packed.sizes());
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "kt_ops: rows and cols must be >= 1");
+  const int64_t E = packed.size(0);
+  const std::optional<Tensor> scale_arg = format == WeightFormat::Bf16 ? std::nullopt : scales;
+  const int64_t groups = check_packed_matrix(format, packed, scale_arg, E, rows, cols, "packed", "scales");
+  const int64_t Np = padded_rows(rows), Kp = k_pairs(cols);
+  Tensor blob = packed.contiguous();
+  Tensor panels;
+  if (format == WeightFormat::Bf16) {
+    panels = blob.view(at::kBFloat16).view({E, Np / kPanelRows, Kp, kPanelRows, 2});
+  } else {
+    // The portable dequantizer defines the values every ISA computes with.
+    Tensor scale_tensor = scale_arg->contiguous();
+    panels = at::empty({E, Np / kPanelRows, Kp, kPanelRows, 2}, packed.options().dtype(at::kBFloat16));
+    for (int64_t e = 0; e < E; ++e) {
+      QuantMatrix m{format, blob.data_ptr<uint8_t>() + e * blob.size(1),
+                    scale_tensor.data_ptr<float>() + e * (scale_tensor.numel() / E), cols, groups};
+      ref_dequant().dequant(m, 0, Np / kPanelRows, 0, Kp,
+                            reinterpret_cast<uint16_t*>(panels.data_ptr<at::BFloat16>()) + e * Np * Kp * 2);
+    }
+  }
+  return panels.permute({0, 1, 3, 2, 4}).reshape({E, Np, 2 * Kp}).narrow(1, 0, rows).narrow(2, 0, cols).contiguous();
+}
+
+}  // namespace kt

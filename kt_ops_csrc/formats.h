@@ -1,0 +1,54 @@
+// Weight formats: names, packed sizes, scale shapes, packing (quantization) and the per-task view
+// that hands bf16 panels to the GEMM kernels (dequantizing when the format is quantized).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+#include "kernels/quant.h"
+
+namespace kt {
+
+using at::Tensor;
+
+WeightFormat parse_weight_format(c10::string_view name);  // ValueError listing the formats
+const char* weight_format_name(WeightFormat format);
+bool is_grouped(WeightFormat format);
+bool has_zero_point(WeightFormat format);
+int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols);
+
+// Validates `blob` ([E, bytes] uint8) and `scales` for an [E, rows, cols] matrix in `format`;
+// returns the number of K groups (1 for per-row formats).
+int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,
+                            int64_t num_experts, int64_t rows, int64_t cols, const char* blob_name,
+                            const char* scale_name);
+
+// One projection's experts, as the kernels read them.
+class ExpertWeights {
+ public:
+  ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales, int64_t rows,
+                int64_t cols, int64_t groups);
+
+  // Panels [p0, p0 + np) over all K, for gemm_nt. Sets first_panel to the panel index to pass.
+  const uint16_t* nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const;
+  // All panels, columns [k0, k0 + kc) (k0 even), for gemm_nn. Sets k_total / k_first to pass.
+  const uint16_t* nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first) const;
+
+ private:
+  QuantMatrix matrix(int64_t expert) const;
+  const uint16_t* dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp) const;
+
+  WeightFormat format_;
+  const uint8_t* data_;
+  int64_t expert_bytes_;
+  const float* scales_ = nullptr;
+  int64_t expert_scales_ = 0;
+  int64_t rows_, cols_, groups_;
+};
+
+std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view weight_format, int64_t group_size);
+Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales, c10::string_view weight_format,
+                      int64_t rows, int64_t cols);
+
+}  // namespace kt

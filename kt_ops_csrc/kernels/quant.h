@@ -1,0 +1,37 @@
+// Quantized weight formats. Every format keeps the panel / k-pair structure of the bf16 layout
+// (gemm.h): element (panel p, pair kp, row i, half h) is W[16p + i, 2kp + h]. A GEMM task
+// dequantizes the panels it needs into a bf16 buffer of that layout (in L2) and runs the bf16
+// kernels on it, so every ISA's GEMM serves every format and the weights stay compressed in RAM.
+//
+//   int8            int8 codes, 2 bytes per pair-row; w = q * scale[n]                (symmetric, per row)
+//   int4            4-bit codes u (low nibble = even k, high = odd k); w = (u - 8) * scale[n]
+//   int4_1          4-bit codes; w = u * scale[n] + min[n]                             (zero point, per row)
+//   int4_kgroup     like int4 with one scale per row and group of `group_size` k
+//   int4_1_kgroup   like int4_1 with one (scale, min) per row and group
+// Scales are fp32 [Np, groups] (symmetric) or [Np, groups, 2] = (scale, min); padded rows have
+// zero scales, so they dequantize to zero. Dequantization is w = code * scale (+ min) in fp32 with
+// no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
+#pragma once
+#include <cstdint>
+
+namespace kt {
+
+enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup };
+
+struct QuantMatrix {  // one expert's W [N, K]
+  WeightFormat format;
+  const uint8_t* data;
+  const float* scales;
+  int64_t K;
+  int64_t groups;  // 1 for the per-row formats
+};
+
+struct DequantKernels {
+  // out: [np][nkp][16][2] bf16 for panels [p0, p0 + np) and k pairs [kp0, kp0 + nkp).
+  void (*dequant)(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out);
+};
+
+const DequantKernels& ref_dequant();
+const DequantKernels* avx2_dequant();
+
+}  // namespace kt
