@@ -35,6 +35,47 @@ T* thread_scratch(size_t size) {
   return buffer.data();
 }
 
+// Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
+// ratios of the range per group and keep the one with the least squared error: with 16 levels,
+// clipping the rare extreme values buys a finer step for all the others.
+std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat format) {
+  const bool zero_point = format == WeightFormat::Int4Zp || format == WeightFormat::Int4ZpKGroup;
+  const double qmax = format == WeightFormat::Int8 ? 127.0 : (zero_point ? 15.0 : 7.0);
+  const double qmin = format == WeightFormat::Int8 ? -127.0 : (zero_point ? 0.0 : -8.0);
+  const std::vector<double> ratios = format == WeightFormat::Int8 ? std::vector<double>{1.0}
+                                                                  : std::vector<double>{1.0, 0.95, 0.9, 0.85, 0.8, 0.75};
+  Tensor lo = std::get<0>(grouped.min(-1, true)), hi = std::get<0>(grouped.max(-1, true));
+  Tensor absmax = at::maximum(lo.abs(), hi);
+  Tensor best_codes, best_scale, best_offset, best_error;
+  for (double ratio : ratios) {
+    Tensor scale, offset, codes;
+    if (zero_point) {
+      offset = lo * ratio;
+      scale = (hi * ratio - offset) / qmax;
+      Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+      codes = at::round((grouped - offset) / safe).clamp(qmin, qmax);
+    } else {
+      scale = absmax * ratio / qmax;
+      Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+      codes = at::round(grouped / safe).clamp(qmin, qmax);
+    }
+    Tensor restored = zero_point ? codes * scale + offset : codes * scale;
+    Tensor error = (restored - grouped).square().sum(-1, true);
+    if (!best_error.defined()) {
+      best_codes = codes, best_scale = scale, best_offset = offset, best_error = error;
+      continue;
+    }
+    Tensor better = error < best_error;
+    best_codes = at::where(better, codes, best_codes);
+    best_scale = at::where(better, scale, best_scale);
+    if (zero_point) best_offset = at::where(better, offset, best_offset);
+    best_error = at::where(better, error, best_error);
+  }
+  if (zero_point) return {best_codes, at::cat({best_scale, best_offset}, -1)};  // [rows, groups, 2]
+  if (format != WeightFormat::Int8) best_codes = best_codes + 8.0;              // 4-bit codes offset by 8
+  return {best_codes, best_scale.squeeze(-1)};                                   // [rows, groups]
+}
+
 }  // namespace
 
 WeightFormat parse_weight_format(c10::string_view name) {
@@ -165,24 +206,16 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
     return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}), at::empty({0}, weight.options().dtype(at::kFloat))};
   }
   // Statistics over the real columns only; padded rows get zero scales (they dequantize to zero).
-  Tensor w = weight.to(at::kFloat);
-  if (Np != N) w = at::constant_pad_nd(w, {0, 0, 0, Np - N});
-  Tensor grouped = w.view({E, Np, groups, K / groups});
-  Tensor codes, scales;
-  if (has_zero_point(format)) {
-    Tensor lo = std::get<0>(grouped.min(-1, true)), hi = std::get<0>(grouped.max(-1, true));
-    Tensor scale = (hi - lo) / 15.0;
-    Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
-    codes = at::round((grouped - lo) / safe).clamp(0, 15);
-    scales = at::cat({scale, lo}, -1);  // [E, Np, groups, 2]
-  } else {
-    const double qmax = format == WeightFormat::Int8 ? 127.0 : 7.0;
-    Tensor scale = grouped.abs().amax(-1, true) / qmax;
-    Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
-    codes = at::round(grouped / safe).clamp(format == WeightFormat::Int8 ? -127.0 : -8.0, qmax);
-    if (format != WeightFormat::Int8) codes = codes + 8.0;  // 4-bit codes are stored offset by 8
-    scales = scale.squeeze(-1);                              // [E, Np, groups]
+  // One expert at a time bounds the fp32 working copy to one expert's matrix.
+  std::vector<Tensor> expert_codes, expert_scales;
+  for (int64_t e = 0; e < E; ++e) {
+    Tensor w = weight.select(0, e).to(at::kFloat);
+    if (Np != N) w = at::constant_pad_nd(w, {0, 0, 0, Np - N});
+    auto [codes, scales] = quantize_groups(w.view({Np, groups, K / groups}), format);
+    expert_codes.push_back(codes.view({Np, K}));
+    expert_scales.push_back(scales);
   }
+  Tensor codes = at::stack(expert_codes), scales = at::stack(expert_scales);
   Tensor panels = to_panels(pad_cols(codes.view({E, Np, K})));
   Tensor packed;
   if (format == WeightFormat::Int8) {
