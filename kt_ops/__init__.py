@@ -8,11 +8,13 @@ import torch
 from . import _C
 from .function import KTMoEFunction
 from .layer import SFT_METHOD_FORMATS, KTMoELayer
-from .ops import PackedExperts, moe_sft, pack_experts, unpack_experts
+from .ops import WEIGHT_FORMATS, PackedExperts, moe_sft, pack_experts, unpack_experts
+from .packed_io import load_packed_experts, packed_layers, save_packed_experts
 
 __all__ = [
-    "KTMoEFunction", "KTMoELayer", "PackedExperts", "SFT_METHOD_FORMATS", "cpu_info", "get_isa",
-    "get_num_threads", "moe_sft", "pack_experts", "set_isa", "set_num_threads", "unpack_experts",
+    "KTMoEFunction", "KTMoELayer", "PackedExperts", "SFT_METHOD_FORMATS", "WEIGHT_FORMATS", "cpu_info", "get_isa",
+    "get_num_threads", "load_packed_experts", "moe_sft", "pack_experts", "packed_layers", "save_packed_experts",
+    "set_isa", "set_num_threads", "unpack_experts",
 ]
 
 

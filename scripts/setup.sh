@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, ninja, pytest, hypothesis, numpy" 2>/dev/null; then
-  .venv/bin/pip install -q torch==2.13.0 numpy ninja pytest hypothesis setuptools wheel
+if ! .venv/bin/python -c "import torch, ninja, pytest, hypothesis, numpy, safetensors" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0 numpy ninja pytest hypothesis safetensors setuptools wheel
 fi
 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
