@@ -9,6 +9,9 @@ SOURCES = [
     "kt_ops_csrc/runtime/thread_pool.cpp",
     "kt_ops_csrc/kernels/gemm_ref.cpp",
     "kt_ops_csrc/kernels/gemm_avx2.cpp",
+    "kt_ops_csrc/kernels/gemm_avx512.cpp",
+    "kt_ops_csrc/kernels/gemm_amx.cpp",
+    "kt_ops_csrc/kernels/gemm_amx_emu.cpp",
     "kt_ops_csrc/kernels/quant_ref.cpp",
     "kt_ops_csrc/kernels/quant_avx2.cpp",
 ]

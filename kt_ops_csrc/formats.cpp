@@ -156,6 +156,15 @@ const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t n
   return out;
 }
 
+bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np,
+                                  float* c) const {
+  if (format_ == WeightFormat::Bf16 || m > kDirectQuantRows) return false;
+  const DequantKernels& kernels = dequant_kernels();
+  if (kernels.gemm_nt_codes == nullptr) return false;
+  kernels.gemm_nt_codes(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
+  return true;
+}
+
 const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const {
   if (format_ == WeightFormat::Bf16) {
     first_panel = p0;
@@ -243,15 +252,16 @@ Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales,
   if (format == WeightFormat::Bf16) {
     panels = blob.view(at::kBFloat16).view({E, Np / kPanelRows, Kp, kPanelRows, 2});
   } else {
-    // The portable dequantizer defines the values every ISA computes with.
+    // Quantized formats unpack to the exact fp32 values of their codes; the kernels compute with
+    // these rounded to bf16 (buffered path) or exactly (few-row direct path).
     Tensor scale_tensor = scale_arg->contiguous();
-    panels = at::empty({E, Np / kPanelRows, Kp, kPanelRows, 2}, packed.options().dtype(at::kBFloat16));
+    Tensor out = at::empty({E, rows, cols}, packed.options().dtype(at::kFloat));
     for (int64_t e = 0; e < E; ++e) {
       QuantMatrix m{format, blob.data_ptr<uint8_t>() + e * blob.size(1),
                     scale_tensor.data_ptr<float>() + e * (scale_tensor.numel() / E), cols, groups};
-      ref_dequant().dequant(m, 0, Np / kPanelRows, 0, Kp,
-                            reinterpret_cast<uint16_t*>(panels.data_ptr<at::BFloat16>()) + e * Np * Kp * 2);
+      dequant_f32(m, rows, out.data_ptr<float>() + e * rows * cols);
     }
+    return out;
   }
   return panels.permute({0, 1, 3, 2, 4}).reshape({E, Np, 2 * Kp}).narrow(1, 0, rows).narrow(2, 0, cols).contiguous();
 }

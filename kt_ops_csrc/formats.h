@@ -30,6 +30,8 @@ class ExpertWeights {
   ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales, int64_t rows,
                 int64_t cols, int64_t groups);
 
+  // gemm_nt straight on quantized codes for a few rows (see quant.h); false when not applicable.
+  bool gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np, float* c) const;
   // Panels [p0, p0 + np) over all K, for gemm_nt. Sets first_panel to the panel index to pass.
   const uint16_t* nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const;
   // All panels, columns [k0, k0 + kc) (k0 even), for gemm_nn. Sets k_total / k_first to pass.

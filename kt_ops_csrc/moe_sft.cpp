@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "formats.h"
 #include "kernels/gemm.h"
@@ -269,12 +270,36 @@ const Kernels<T>& kernels();
 
 template <>
 const Kernels<float>& kernels<float>() {
-  return current_isa() == Isa::Avx2 ? *avx2_kernels_f32() : ref_kernels_f32();
+  // set_isa only selects an ISA whose table exists and whose CPU features are present.
+  switch (current_isa()) {
+    case Isa::Avx2: return *avx2_kernels_f32();
+    case Isa::Avx512: {
+      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
+      const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
+      return bf16 ? *bf16 : *avx512_kernels_f32();
+    }
+    case Isa::Amx: return *amx_kernels_f32();
+    case Isa::AmxEmu: return *amx_emu_kernels_f32();
+    case Isa::Ref: break;
+  }
+  return ref_kernels_f32();
 }
 
 template <>
 const Kernels<double>& kernels<double>() {
   return ref_kernels_f64();  // float64 exists for verification; only the reference kernel has it
+}
+
+// C = A . W^T for panels [p0, p0 + np) of one expert's weight, whatever its format.
+template <typename T>
+void project_nt(const Kernels<T>& k, const ExpertWeights& w, int64_t expert, const T* const* rows, int64_t m,
+                int64_t K, int64_t p0, int64_t np, T* tile) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.gemm_nt_codes(expert, rows, m, p0, np, tile)) return;
+  }
+  int64_t first_panel;
+  const uint16_t* panels = w.nt_panels(expert, p0, np, first_panel);
+  k.gemm_nt(rows, m, K, panels, first_panel, np, tile);
 }
 
 template <typename T>
@@ -358,11 +383,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       for (int64_t i = 0; i < m; ++i) rows[i] = xp + (order[task.row_begin + i] / s.k) * H;
       T* tile_g = scratch<T>(0, m * cols).data();
       T* tile_u = scratch<T>(1, m * cols).data();
-      int64_t first_panel;
-      const uint16_t* wg = gate_w.nt_panels(task.expert, task.col_begin, np, first_panel);
-      k.gemm_nt(rows.data(), m, H, wg, first_panel, np, tile_g);
-      const uint16_t* wu = up_w.nt_panels(task.expert, task.col_begin, np, first_panel);
-      k.gemm_nt(rows.data(), m, H, wu, first_panel, np, tile_u);
+      project_nt(k, gate_w, task.expert, rows.data(), m, H, task.col_begin, np, tile_g);
+      project_nt(k, up_w, task.expert, rows.data(), m, H, task.col_begin, np, tile_u);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
       const T* bg = r ? lora.get(Lora<T>::GateB, task.expert) : nullptr;
       const T* bu = r ? lora.get(Lora<T>::UpB, task.expert) : nullptr;
@@ -405,9 +427,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       std::vector<const T*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = hp + order[task.row_begin + i] * I;
       T* tile = scratch<T>(0, m * cols).data();
-      int64_t first_panel;
-      const uint16_t* wd = down_w.nt_panels(task.expert, task.col_begin, np, first_panel);
-      k.gemm_nt(rows.data(), m, I, wd, first_panel, np, tile);
+      project_nt(k, down_w, task.expert, rows.data(), m, I, task.col_begin, np, tile);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
       const T* bd = r ? lora.get(Lora<T>::DownB, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {

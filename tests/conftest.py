@@ -1,7 +1,11 @@
 """pytest configuration of the kt_ops suite.
 
 * ``isa`` fixture: parametrized over ``kt_ops.cpu_info()["available_isas"]``;
-  selects the ISA with ``kt_ops.set_isa`` and restores the previous one.
+  selects the ISA with ``kt_ops.set_isa`` and restores the previous one. That
+  includes "amx-emu" (the AMX kernels on software tiles), available on every
+  CPU. ISAs that round fp32 activations to bf16 (amx, amx-emu, avx512 with
+  AVX512_BF16) are held to the bf16 bars instead of the fp32 "tight" one:
+  see ``kt_testing.BF16_ROUNDING_ISAS`` / ``comparison_mode``.
 * hypothesis profiles: "default" (modest, deadline=None), "thorough" (more
   examples); choose with ``HYPOTHESIS_PROFILE=thorough``.
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import pathlib
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -41,6 +42,46 @@ def lora_shapes(E: int, H: int, I: int, r: int):
         "down_lora_a": (E, r, I),
         "down_lora_b": (E, H, r),
     }
+
+
+# ISAs whose fp32 kernels round the activations (the GEMM inputs: hidden states, output gradients
+# and the intermediate h, dg, du) to bf16 before multiplying, with fp32 accumulation: the AMX tiles
+# (real and emulated) and "avx512" on a CPU with AVX512_BF16 (vdpbf16ps). Two consequences for the
+# tests, both applied automatically while such an ISA is in use:
+#  * an fp32 computation cannot meet the fp32 "tight" bar (3e-5 of max|ref|): comparison_mode()
+#    turns "tight" into the bf16 bars (rel_mae <= 0.01 forward, <= 0.02 gradients), as for bf16
+#    inputs. float64 inputs always run the reference kernel and stay tight.
+#  * make_case() draws fp32 hidden states and output gradients as bf16 numbers (stored as fp32).
+#    The kernels round the GEMM inputs but the LoRA dot products use the fp32 values, and when a
+#    tiny case (T = 1, r = 1) reduces a whole gradient to one cancelling scalar, the rounding of
+#    non-bf16 inputs alone exceeds the bars (~1% of random property cases did). With bf16-valued
+#    inputs the bars measure what they measure for bf16 inputs. The rounding of arbitrary fp32
+#    inputs is tested on its own (test_amx_emu.py, test_isa.py::test_all_isas_agree_closely) on
+#    fixed cases large enough for rel_mae to be meaningful.
+BF16_ROUNDING_ISAS = ("amx", "amx-emu")
+
+
+def isa_rounds_activations(isa: Optional[str] = None) -> bool:
+    """True when ISA ``isa`` (default: the one in use) rounds fp32 activations to bf16."""
+    import kt_ops
+
+    name = kt_ops.get_isa() if isa is None else isa
+    if name in BF16_ROUNDING_ISAS:
+        return True
+    return name == "avx512" and bool(kt_ops.cpu_info()["features"].get("avx512_bf16", False))
+
+
+def _active_isa_rounds_activations() -> bool:
+    """isa_rounds_activations() for the ISA in use; False while kt_ops is not imported."""
+    return "kt_ops" in sys.modules and isa_rounds_activations()
+
+
+def comparison_mode(case: "Case", mode: str) -> str:
+    """The bar a kernel result is held to: ``mode``, except that "tight" becomes "bf16" for an fp32
+    computation on an ISA that rounds activations to bf16 (see BF16_ROUNDING_ISAS)."""
+    if mode == "tight" and case.hidden.dtype != torch.float64 and _active_isa_rounds_activations():
+        return "bf16"
+    return mode
 
 
 @dataclasses.dataclass
@@ -136,8 +177,14 @@ def make_case(
     lora_dtype: Optional[torch.dtype] = None,
     scaling: float = 2.0,
     zero_lora_b: bool = False,
+    bf16_activations: Optional[bool] = None,
 ) -> Case:
-    """Random inputs with O(1) activations; LoRA B nonzero unless zero_lora_b."""
+    """Random inputs with O(1) activations; LoRA B nonzero unless zero_lora_b.
+
+    bf16_activations: draw fp32 hidden states and output gradients as bf16 numbers. Default: when
+    hidden_dtype is fp32 and the ISA in use rounds activations to bf16 (see BF16_ROUNDING_ISAS)."""
+    if bf16_activations is None:
+        bf16_activations = hidden_dtype == torch.float32 and _active_isa_rounds_activations()
     gen = torch.Generator().manual_seed(seed)
     weights_dtype = weights_dtype or (torch.float64 if hidden_dtype == torch.float64 else torch.float32)
     lora_dtype = lora_dtype or hidden_dtype
@@ -145,7 +192,10 @@ def make_case(
     def randn(*shape, std=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
 
-    hidden = randn(T, H).to(hidden_dtype)
+    hidden = randn(T, H)
+    if bf16_activations:
+        hidden = hidden.to(torch.bfloat16)
+    hidden = hidden.to(hidden_dtype)
     ids = make_ids(gen, T, E, k, ids_mode, neg_frac, ids_dtype)
     weights = (torch.rand(T, k, generator=gen, dtype=torch.float64) + 0.1).to(weights_dtype)
     gate = randn(E, I, H, std=H ** -0.5).to(torch.bfloat16)
@@ -162,7 +212,10 @@ def make_case(
         else:
             t = randn(*shape, std=0.5 * max(r, 1) ** -0.5)
         lora.append(t.to(lora_dtype))
-    grad_out = randn(T, H).to(hidden_dtype)
+    grad_out = randn(T, H)
+    if bf16_activations:
+        grad_out = grad_out.to(torch.bfloat16)
+    grad_out = grad_out.to(hidden_dtype)
     return Case(hidden, ids, weights, gate, up, down, tuple(lora), float(scaling), grad_out)
 
 
@@ -281,14 +334,90 @@ def assert_rel_mae(name, got, ref, tol):
     assert err <= tol, f"{name}: rel_mae {err:.4e} > {tol}"
 
 
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # round to nearest bf16: |x - bf16(x)| <= 2^-8 |x|
+
+
+def _is_bf16_valued(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
+
+
+def bf16_gemm_input_bounds(case: Case):
+    """Worst-case effect on (output, grad hidden_states) of rounding to bf16 the GEMM inputs that a
+    rounding ISA (BF16_ROUNDING_ISAS) rounds besides the hidden states and output gradients: h = silu(g)
+    * u in the down projection, and dg, du in dX = dg.Wg + du.Wu. Elementwise, in float64:
+
+        |dY[t]|  <= 2^-8 sum_j |w[t,j]| |h[t,j]| . |Wd|^T
+        |ddX[t]| <= 2^-8 sum_j |dg[t,j]| . |Wg| + |du[t,j]| . |Wu|
+
+    (the other results only use unrounded values). Returns None unless the hidden states and the output
+    gradients are bf16 numbers: their own rounding is not covered."""
+    if not (_is_bf16_valued(case.hidden) and _is_bf16_valued(case.grad_out)):
+        return None
+    with single_torch_thread():
+        cd = torch.float64
+        x, dy, w = case.hidden.to(cd), case.grad_out.to(cd), case.weights.to(cd).reshape(-1)
+        gate, up, down = (t.to(cd) for t in case.base())
+        ag, bg, au, bu, ad, bd = (t.to(cd) for t in case.lora)
+        s = case.scaling
+        ids = case.ids.to(torch.int64).reshape(-1)
+        out_bound = torch.zeros(case.T, case.H, dtype=cd)
+        dx_bound = torch.zeros(case.T, case.H, dtype=cd)
+        for e in torch.unique(ids[ids >= 0]).tolist():
+            slots = torch.nonzero(ids == e).flatten()
+            tokens = slots // case.k
+            xe, dye, we = x[tokens], dy[tokens], w[slots].unsqueeze(1)
+            g = xe @ gate[e].T + s * ((xe @ ag[e].T) @ bg[e].T)
+            u = xe @ up[e].T + s * ((xe @ au[e].T) @ bu[e].T)
+            sig = torch.sigmoid(g)
+            silu = g * sig
+            out_bound.index_add_(0, tokens, we.abs() * ((silu * u).abs() @ down[e].abs().T))
+            dh = we * (dye @ down[e] + s * ((dye @ bd[e]) @ ad[e]))
+            dg = dh * u * sig * (1 + g * (1 - sig))
+            du = dh * silu
+            dx_bound.index_add_(0, tokens, dg.abs() @ gate[e].abs() + du.abs() @ up[e].abs())
+    return BF16_UNIT_ROUNDOFF * out_bound, BF16_UNIT_ROUNDOFF * dx_bound
+
+
+def assert_within_bound(name, got, ref, bound):
+    """|got - ref| <= 1.1 bound + 2^-7 |ref| + 1e-6 scale elementwise: the rounding bound of the GEMM
+    inputs, the rounding of a bf16 result, and fp32 accumulation."""
+    got_d = got.detach().to(torch.float64)
+    assert torch.isfinite(got_d).all(), f"{name}: non-finite values in kernel result"
+    scale = max(ref.abs().max().item(), bound.max().item(), 1e-3)
+    allowed = 1.1 * bound + 2.0 ** -7 * ref.abs() + 1e-6 * scale
+    excess = ((got_d - ref).abs() - allowed).max().item()
+    assert excess <= 0, f"{name}: error exceeds the bf16 input-rounding bound by {excess:.3e}"
+
+
 def compare_with_reference(case: Case, out, grads, mode: str, ref=None):
-    """mode "tight" (fp32/fp64 kernel) or "bf16" (rel_mae 0.01 forward, 0.02 grads)."""
+    """mode "tight" (fp32/fp64 kernel) or "bf16" (rel_mae 0.01 forward, 0.02 grads).
+
+    On ISAs that round activations to bf16 (BF16_ROUNDING_ISAS), "tight" is relaxed to "bf16"
+    (comparison_mode), and the output and the hidden-state gradient, the two results that carry the
+    rounding of intermediate GEMM inputs, may instead meet bf16_gemm_input_bounds elementwise: in tiny
+    cases (T = 1, H = I = 1, say) a result can cancel to a few percent of its terms, and the rounding
+    of the terms then exceeds the rel_mae bar without any kernel error."""
+    mode = comparison_mode(case, mode)
     ref_out, ref_grads = ref if ref is not None else run_reference(case)
+    bounds = []  # computed on first need
+
+    def check_bf16(name, got, expected, tol, which):
+        try:
+            assert_rel_mae(name, got, expected, tol)
+        except AssertionError:
+            if which is None or case.hidden.dtype == torch.float64 or not _active_isa_rounds_activations():
+                raise
+            if not bounds:
+                bounds.append(bf16_gemm_input_bounds(case))
+            if bounds[0] is None:
+                raise
+            assert_within_bound(name, got, expected, bounds[0][which])
+
     check_tensor_like("output", out, (case.T, case.H), case.hidden.dtype)
     if mode == "tight":
         assert_tight("output", out, ref_out)
     else:
-        assert_rel_mae("output", out, ref_out, 0.01)
+        check_bf16("output", out, ref_out, 0.01, 0)
     if grads is None:
         return
     inputs = [case.hidden, case.weights, *case.lora]
@@ -299,7 +428,7 @@ def compare_with_reference(case: Case, out, grads, mode: str, ref=None):
         if mode == "tight":
             assert_tight(f"grad {name}", g, rg)
         else:
-            assert_rel_mae(f"grad {name}", g, rg, 0.02)
+            check_bf16(f"grad {name}", g, rg, 0.02, 1 if name == "hidden_states" else None)
 
 
 def assert_same(name, a, b):

@@ -18,6 +18,7 @@ from kt_testing import (
     assert_rel_mae,
     assert_same,
     compare_with_reference,
+    comparison_mode,
     make_case,
     run_ops,
     run_reference,
@@ -129,8 +130,12 @@ def test_layer_rank_zero_forward_backward():
     out, grads = layer_fwd_bwd(layer, case.hidden, case.ids, case.weights, case.grad_out)
     ref_out, ref_grads = run_reference(case)
     compare_with_reference(case, out, None, "tight", ref=(ref_out, None))
-    torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=1e-4, atol=1e-4)
+    if comparison_mode(case, "tight") == "bf16":  # the ISA in use rounds activations to bf16
+        assert_rel_mae("grad hidden_states", grads[0], ref_grads[0], 0.02)
+        assert_rel_mae("grad topk_weights", grads[1], ref_grads[1], 0.02)
+    else:
+        torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=1e-4, atol=1e-4)
 
 
 def test_layer_equals_ops():

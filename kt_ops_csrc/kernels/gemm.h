@@ -40,3 +40,16 @@ const Kernels<double>& ref_kernels_f64();
 const Kernels<float>* avx2_kernels_f32();  // nullptr when not compiled in
 
 }  // namespace kt
+
+namespace kt {
+
+// AVX-512 F/BW/VL: fp32 FMA on widened bf16 weights (exact fp32 activations).
+const Kernels<float>* avx512_kernels_f32();      // nullptr when not compiled in
+// AVX-512 F/BW/VL + AVX512_BF16: vdpbf16ps, activations rounded to bf16 (fp32 accumulation).
+const Kernels<float>* avx512bf16_kernels_f32();  // nullptr when not compiled in
+// AMX-BF16 tiles (+ AVX-512), activations rounded to bf16. Needs the XTILEDATA permission first.
+const Kernels<float>* amx_kernels_f32();         // nullptr when not compiled in
+// The AMX kernel source on software tiles (kernels/amx_emu.h): any CPU, for testing. Never nullptr.
+const Kernels<float>* amx_emu_kernels_f32();
+
+}  // namespace kt

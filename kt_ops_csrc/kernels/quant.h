@@ -29,9 +29,18 @@ struct QuantMatrix {  // one expert's W [N, K]
 struct DequantKernels {
   // out: [np][nkp][16][2] bf16 for panels [p0, p0 + np) and k pairs [kp0, kp0 + nkp).
   void (*dequant)(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out);
+  // gemm_nt of gemm.h straight on the codes, for a few rows (decode), where dequantizing a panel
+  // into a buffer would cost more than the bandwidth it saves. Per group it accumulates
+  // sum x * code and applies w = code * scale + offset as scale * acc + offset * sum x. It rounds
+  // differently from the dequantized bf16 path (no bf16 rounding of w). nullptr: not provided.
+  void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
 };
 
+constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes is used
+
 const DequantKernels& ref_dequant();
+// The exact fp32 values of rows [0, rows) as [rows, K]: the weights the quantized formats stand for.
+void dequant_f32(const QuantMatrix& w, int64_t rows, float* out);
 const DequantKernels* avx2_dequant();
 
 }  // namespace kt

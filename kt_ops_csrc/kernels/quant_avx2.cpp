@@ -82,10 +82,110 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
   }
 }
 
+// Codes of one k pair of a panel as fp32: rows 0-7 and 8-15, even and odd k.
+struct PairCodes {
+  __m256 even_lo, odd_lo, even_hi, odd_hi;
+};
+
+inline PairCodes int8_codes(const int8_t* pair) {
+  // 16 bytes = 8 rows x (even, odd): widened to int16, each 32-bit lane holds one row's pair.
+  const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+  const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
+  return {_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 16), 16)), _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 16)),
+          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 16), 16)), _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 16))};
+}
+
+inline PairCodes int4_codes(const uint8_t* pair) {
+  const __m256i nibble = _mm256_set1_epi32(15);
+  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair)));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + 8)));
+  return {_mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble)), _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)),
+          _mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble)), _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4))};
+}
+
+// One panel, all K, MR (1 or 2) rows: per group acc = sum x * code, then
+// total += scale * acc + offset * sum x, with offset = 0 (int8), -8 scale (int4) or min (zero point).
+template <int MR>
+void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
+  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
+  const bool int8 = w.format == WeightFormat::Int8, zero_point = has_zero_point(w.format);
+  const int64_t width = zero_point ? 2 : 1;
+  const float* a0 = a[0];
+  const float* a1 = a[MR > 1 ? 1 : 0];
+  __m256 total_lo0 = _mm256_setzero_ps(), total_hi0 = _mm256_setzero_ps();
+  __m256 total_lo1 = _mm256_setzero_ps(), total_hi1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t kp_begin = g * pairs_per_group, kp_end = kp_begin + pairs_per_group;
+    __m256 acc_lo0 = _mm256_setzero_ps(), acc_hi0 = _mm256_setzero_ps();
+    __m256 acc_lo1 = _mm256_setzero_ps(), acc_hi1 = _mm256_setzero_ps();
+    for (int64_t kp = kp_begin; kp < kp_end; ++kp) {
+      const int64_t pair_row = panel * Kp + kp, k = 2 * kp;
+      const PairCodes q = int8 ? int8_codes(reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2)
+                               : int4_codes(w.data + pair_row * kPanelRows);
+      __m256 x = _mm256_broadcast_ss(a0 + k);
+      acc_lo0 = _mm256_fmadd_ps(x, q.even_lo, acc_lo0);
+      acc_hi0 = _mm256_fmadd_ps(x, q.even_hi, acc_hi0);
+      if (MR > 1) {
+        x = _mm256_broadcast_ss(a1 + k);
+        acc_lo1 = _mm256_fmadd_ps(x, q.even_lo, acc_lo1);
+        acc_hi1 = _mm256_fmadd_ps(x, q.even_hi, acc_hi1);
+      }
+      if (k + 1 < K) {  // odd K: the last pair's odd half is padding
+        x = _mm256_broadcast_ss(a0 + k + 1);
+        acc_lo0 = _mm256_fmadd_ps(x, q.odd_lo, acc_lo0);
+        acc_hi0 = _mm256_fmadd_ps(x, q.odd_hi, acc_hi0);
+        if (MR > 1) {
+          x = _mm256_broadcast_ss(a1 + k + 1);
+          acc_lo1 = _mm256_fmadd_ps(x, q.odd_lo, acc_lo1);
+          acc_hi1 = _mm256_fmadd_ps(x, q.odd_hi, acc_hi1);
+        }
+      }
+    }
+    alignas(32) float scale[16], offset[16];
+    for (int i = 0; i < kPanelRows; ++i) {
+      const float* s = w.scales + ((panel * kPanelRows + i) * w.groups + g) * width;
+      scale[i] = s[0];
+      offset[i] = zero_point ? s[1] : (int8 ? 0.0f : -8.0f * s[0]);
+    }
+    const int64_t k_end = kp_end * 2 < K ? kp_end * 2 : K;
+    float sum0 = 0.0f, sum1 = 0.0f;
+    for (int64_t k = kp_begin * 2; k < k_end; ++k) {
+      sum0 += a0[k];
+      if (MR > 1) sum1 += a1[k];
+    }
+    const __m256 s_lo = _mm256_load_ps(scale), s_hi = _mm256_load_ps(scale + 8);
+    const __m256 o_lo = _mm256_load_ps(offset), o_hi = _mm256_load_ps(offset + 8);
+    total_lo0 = _mm256_fmadd_ps(acc_lo0, s_lo, _mm256_fmadd_ps(_mm256_set1_ps(sum0), o_lo, total_lo0));
+    total_hi0 = _mm256_fmadd_ps(acc_hi0, s_hi, _mm256_fmadd_ps(_mm256_set1_ps(sum0), o_hi, total_hi0));
+    if (MR > 1) {
+      total_lo1 = _mm256_fmadd_ps(acc_lo1, s_lo, _mm256_fmadd_ps(_mm256_set1_ps(sum1), o_lo, total_lo1));
+      total_hi1 = _mm256_fmadd_ps(acc_hi1, s_hi, _mm256_fmadd_ps(_mm256_set1_ps(sum1), o_hi, total_hi1));
+    }
+  }
+  _mm256_storeu_ps(c, total_lo0);
+  _mm256_storeu_ps(c + 8, total_hi0);
+  if (MR > 1) {
+    _mm256_storeu_ps(c + ldc, total_lo1);
+    _mm256_storeu_ps(c + ldc + 8, total_hi1);
+  }
+}
+
+void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+  const int ldc = np * kPanelRows;
+  for (int p = 0; p < np; ++p)
+    for (int i = 0; i < m; i += 2) {
+      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
+      if (i + 1 < m)
+        codes_panel<2>(w, a_rows + i, p0 + p, out, ldc);
+      else
+        codes_panel<1>(w, a_rows + i, p0 + p, out, ldc);
+    }
+}
+
 }  // namespace
 
 const DequantKernels* avx2_dequant() {
-  static const DequantKernels kernels{dequant_avx2};
+  static const DequantKernels kernels{dequant_avx2, gemm_nt_codes_avx2};
   return &kernels;
 }
 

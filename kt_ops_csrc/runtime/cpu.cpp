@@ -3,6 +3,9 @@
 #include <cpuid.h>
 #include <torch/extension.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <fstream>
 
@@ -44,16 +47,46 @@ CpuFeatures detect() {
   return f;
 }
 
+bool has_avx512(const CpuFeatures& f) { return f.avx512f && f.avx512bw && f.avx512vl; }
+bool has_amx(const CpuFeatures& f) { return f.amx_tile && f.amx_bf16 && has_avx512(f); }
+
+// Linux (>= 5.16) hands out the AMX tile-data state only on request: until a process asks with
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), its first tile instruction raises SIGILL. The
+// permission is process-wide. Asked once, and only on a CPU that reported AMX.
+bool amx_permission() {
+  static const bool granted = [] {
+#if defined(__linux__) && defined(__x86_64__)
+    constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+    constexpr unsigned long kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+    unsigned long features = 0;
+    if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &features) != 0) return false;
+    return (features & (1ul << kXfeatureXtiledata)) != 0;
+#else
+    return false;
+#endif
+  }();
+  return granted;
+}
+
 bool isa_supported(Isa isa) {
   const CpuFeatures& f = cpu_features();
   switch (isa) {
     case Isa::Ref: return true;
     case Isa::Avx2: return f.avx2 && f.fma && avx2_kernels_f32() != nullptr;
+    case Isa::Avx512: return has_avx512(f) && avx512_kernels_f32() != nullptr;
+    case Isa::Amx: return has_amx(f) && amx_kernels_f32() != nullptr && amx_permission();
+    case Isa::AmxEmu: return amx_emu_kernels_f32() != nullptr;
   }
   return false;
 }
 
-Isa best_isa() { return isa_supported(Isa::Avx2) ? Isa::Avx2 : Isa::Ref; }
+// "auto": the fastest the CPU runs; amx-emu is a test vehicle and never chosen.
+Isa best_isa() {
+  for (Isa isa : {Isa::Amx, Isa::Avx512, Isa::Avx2})
+    if (isa_supported(isa)) return isa;
+  return Isa::Ref;
+}
 
 std::atomic<int> g_isa{-1};
 
@@ -87,37 +120,78 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
 std::vector<std::string> known_isa_names() { return {"auto", "ref", "avx2", "avx512", "amx", "amx-emu"}; }
 
 std::vector<std::string> available_isa_names() {
-  std::vector<std::string> names{"ref"};
-  if (isa_supported(Isa::Avx2)) names.push_back("avx2");
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::Ref, Isa::Avx2, Isa::Avx512, Isa::Amx, Isa::AmxEmu})
+    if (isa_supported(isa)) names.push_back(isa_name(isa));
   return names;
 }
 
-std::string isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "ref"; }
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Ref: return "ref";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+    case Isa::Amx: return "amx";
+    case Isa::AmxEmu: return "amx-emu";
+  }
+  return "ref";
+}
+
+namespace {
+
+std::string available_list() {
+  std::string list;
+  for (const std::string& name : available_isa_names()) list += (list.empty() ? "" : ", ") + name;
+  return list;
+}
+
+std::string missing_features(const CpuFeatures& f, Isa isa) {
+  std::vector<std::pair<const char*, bool>> needed;
+  if (isa == Isa::Avx2) needed = {{"AVX2", f.avx2}, {"FMA", f.fma}};
+  if (isa == Isa::Avx512 || isa == Isa::Amx)
+    needed = {{"AVX512F", f.avx512f}, {"AVX512BW", f.avx512bw}, {"AVX512VL", f.avx512vl}};
+  if (isa == Isa::Amx) {
+    needed.insert(needed.begin(), {"AMX-BF16", f.amx_bf16});
+    needed.insert(needed.begin(), {"AMX-TILE", f.amx_tile});
+  }
+  std::string missing;
+  for (const auto& [feature, present] : needed)
+    if (!present) missing += (missing.empty() ? "" : ", ") + std::string(feature);
+  return missing;
+}
+
+}  // namespace
 
 void set_isa(const std::string& name) {
   const CpuFeatures& f = cpu_features();
+  Isa isa;
   if (name == "auto") {
-    g_isa = static_cast<int>(best_isa());
+    isa = best_isa();
   } else if (name == "ref") {
-    g_isa = static_cast<int>(Isa::Ref);
-  } else if (name == "avx2") {
-    TORCH_CHECK_VALUE(f.avx2 && f.fma, "KT_OPS_ISA/set_isa: 'avx2' needs a CPU with AVX2 and FMA; this CPU (",
-                      cpu_model_name(), ") lacks them. Available: ref");
-    g_isa = static_cast<int>(Isa::Avx2);
-  } else if (name == "avx512") {
-    TORCH_CHECK_VALUE(f.avx512f && f.avx512bw && f.avx512vl,
-                      "KT_OPS_ISA/set_isa: 'avx512' needs AVX-512 F/BW/VL, which this CPU (", cpu_model_name(),
-                      ") lacks");
-    TORCH_CHECK_VALUE(false, "KT_OPS_ISA/set_isa: 'avx512' kernels are not part of this build yet");
-  } else if (name == "amx" || name == "amx-emu") {
-    TORCH_CHECK_VALUE(name == "amx-emu" || (f.amx_tile && f.amx_bf16),
-                      "KT_OPS_ISA/set_isa: 'amx' needs AMX-TILE and AMX-BF16, which this CPU (", cpu_model_name(),
-                      ") lacks");
-    TORCH_CHECK_VALUE(false, "KT_OPS_ISA/set_isa: '", name, "' kernels are not part of this build yet");
+    isa = Isa::Ref;
+  } else if (name == "avx2" || name == "avx512" || name == "amx") {
+    isa = name == "avx2" ? Isa::Avx2 : name == "avx512" ? Isa::Avx512 : Isa::Amx;
+    const char* needs = isa == Isa::Avx2     ? "AVX2 and FMA"
+                        : isa == Isa::Avx512 ? "AVX-512 F/BW/VL"
+                                             : "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL";
+    const std::string missing = missing_features(f, isa);
+    TORCH_CHECK_VALUE(missing.empty(), "KT_OPS_ISA/set_isa: '", name, "' needs a CPU with ", needs, "; this CPU (",
+                      cpu_model_name(), ") lacks ", missing, " (or the OS does not enable them). Available: ",
+                      available_list());
+    TORCH_CHECK_VALUE(isa != Isa::Amx || amx_permission(),
+                      "KT_OPS_ISA/set_isa: 'amx': the CPU has AMX but the OS refused this process the tile-data "
+                      "state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) failed; Linux >= 5.16 is "
+                      "needed). Available: ",
+                      available_list());
+    TORCH_CHECK_VALUE(isa_supported(isa), "KT_OPS_ISA/set_isa: '", name,
+                      "' kernels are not part of this build (compiler too old?). Available: ", available_list());
+  } else if (name == "amx-emu") {
+    isa = Isa::AmxEmu;
   } else {
     TORCH_CHECK_VALUE(false, "KT_OPS_ISA/set_isa: unknown ISA '", name,
                       "'; expected one of auto, ref, avx2, avx512, amx, amx-emu");
   }
+  g_isa = static_cast<int>(isa);
 }
 
 Isa current_isa() {

@@ -16,7 +16,10 @@ const CpuFeatures& cpu_features();
 std::string cpu_model_name();
 std::vector<std::pair<std::string, bool>> cpu_feature_list();
 
-enum class Isa { Ref, Avx2 };
+// Ref: portable loops. Avx2: AVX2 + FMA. Avx512: AVX-512 F/BW/VL (vdpbf16ps, with bf16-rounded
+// activations, where the CPU has AVX512_BF16). Amx: AMX-BF16 tiles. AmxEmu: the AMX kernel source on
+// software tiles (any CPU; for testing, never chosen by "auto").
+enum class Isa { Ref, Avx2, Avx512, Amx, AmxEmu };
 
 // Names accepted by set_isa; "auto" picks the best the CPU and this build support.
 std::vector<std::string> known_isa_names();
