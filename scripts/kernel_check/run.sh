@@ -4,7 +4,8 @@
 #   simde:  if SIMDe is installed (Debian/Ubuntu: libsimde-dev), the avx512, avx512-bf16 and amx
 #           sources again with the AVX-512 intrinsics on SIMDe (portable C) and the AMX tiles on
 #           kernels/amx_emu.h, so their logic is checked on a CPU without AVX-512 or AMX.
-# Usage: scripts/kernel_check/run.sh [random iterations per table, default 200]
+# Usage: scripts/kernel_check/run.sh [random iterations per table, default 200]  (several minutes: the
+# SIMDe build under the sanitizers is slow to compile)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 k="$here/../../kt_ops_csrc/kernels"
