@@ -1,0 +1,371 @@
+"""Loaders for MoE expert weights stored as safetensors.
+
+* `SafeTensorLoader` reads the pre-quantized form written by `packed_io.save_packed_experts`
+  (`blk.{L}.ffn_{gate,up,down}_exps.*`), from one file or a directory of them.
+* `BF16SafeTensorLoader` reads the float expert weights of a HuggingFace checkpoint (deepseek/qwen,
+  mixtral or transformers-v5 fused key layouts, with or without a `language_model.` prefix).
+
+Only a key -> file index is built up front (from `model.safetensors.index.json` or the files'
+headers); tensors are read one layer at a time, and every file is opened inside a `with` block, so
+no handle outlives a call and a checkpoint far larger than memory can be walked layer by layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .ops import PackedExperts
+from .packed_io import _key as _packed_key
+from .packed_io import load_packed_experts, packed_layers
+
+INDEX_NAME = "model.safetensors.index.json"
+_PROJECTIONS = ("gate", "up", "down")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _safe_open(path: str):
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
+
+
+def _file_keys(path: str) -> list[str]:
+    try:
+        with _safe_open(path) as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+    with open(index_path) as fh:
+        try:
+            index = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path} must hold a 'weight_map' object mapping tensor names to file names")
+    # Shard names are relative to the index; shards are checked only when a tensor is read, so a
+    # partly downloaded checkpoint still serves the layers it has.
+    root = os.path.dirname(os.path.abspath(index_path))
+    return {key: os.path.join(root, name) for key, name in weight_map.items()}
+
+
+def _check_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device or a name like 'cpu', got {device!r}") from e
+
+
+def _check_base_key(base_key) -> str:
+    if not isinstance(base_key, str) or not base_key:
+        raise TypeError(f"base_key must be a non-empty str like 'model.layers.0', got {base_key!r}")
+    return base_key
+
+
+class SafeTensorLoader:
+    """The pre-quantized form: `path` is a safetensors file, a directory of them, or a
+    `*.index.json` weight map. A directory's `model.safetensors.index.json`, when present, is used
+    instead of scanning its `*.safetensors` files."""
+
+    def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        self.path = os.fspath(path)
+        self._key_to_file = self._build_index(self.path)
+        self._layer_files: Optional[dict[int, str]] = None
+
+    @staticmethod
+    def _build_index(path: str) -> dict[str, str]:
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, INDEX_NAME)):
+                return _read_index(os.path.join(path, INDEX_NAME))
+            names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+            if not names:
+                raise FileNotFoundError(f"path {path!r} is a directory without *.safetensors files")
+            key_to_file: dict[str, str] = {}
+            for name in names:
+                file = os.path.join(path, name)
+                for key in _file_keys(file):
+                    if key in key_to_file:
+                        raise ValueError(f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
+                                         f"remove one or add a {INDEX_NAME} that picks one")
+                    key_to_file[key] = file
+            return key_to_file
+        if os.path.isfile(path):
+            if path.endswith(".json"):
+                return _read_index(path)
+            return dict.fromkeys(_file_keys(path), path)
+        raise FileNotFoundError(f"path {path!r} does not exist")
+
+    # Nothing is held between calls; these exist so callers can treat the loader like a file.
+    def close(self) -> None:
+        pass
+
+    def close_all_handles(self) -> None:
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def has_tensor(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def _iter_tensors(self, keys: Iterable[str], device) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for `keys`, opening each file once; order follows the files."""
+        device = _check_device(device)
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key not in self._key_to_file:
+                raise KeyError(f"tensor {key!r} is not in {self.path}")
+            by_file.setdefault(self._key_to_file[key], []).append(key)
+        for file, file_keys in by_file.items():
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"file {file} (holding tensor {file_keys[0]!r}) does not exist")
+            with _safe_open(file) as f:
+                present = set(f.keys())
+                for key in file_keys:
+                    if key not in present:
+                        raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
+                    yield key, f.get_tensor(key).to(device)
+
+    def load_tensor(self, key: str, device="cpu") -> torch.Tensor:
+        return next(self._iter_tensors([key], device))[1]
+
+    def _shape(self, key: str) -> list[int]:
+        file = self._key_to_file[key]
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
+        with _safe_open(file) as f:
+            if key not in set(f.keys()):
+                raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
+            return list(f.get_slice(key).get_shape())
+
+    def _packed_layer_files(self) -> dict[int, str]:
+        if self._layer_files is None:
+            layer_files: dict[int, str] = {}
+            for file in sorted(set(self._key_to_file.values())):
+                try:
+                    file_layers = packed_layers(file)
+                except (ValueError, FileNotFoundError):
+                    continue  # not a kt_ops file (or a missing shard): it describes no packed layer
+                for layer in file_layers:
+                    if layer in layer_files:
+                        raise ValueError(f"layer {layer} is in both {layer_files[layer]} and {file}")
+                    layer_files[layer] = file
+            self._layer_files = layer_files
+        return self._layer_files
+
+    def layers(self) -> list[int]:
+        """Layer indices described by kt_ops metadata in the file(s)."""
+        return sorted(self._packed_layer_files())
+
+    def load_experts(self, base_key: str, device="cpu") -> dict:
+        """The packed blobs and scales of `base_key` ("blk.{L}") as stored; a scale is None where
+        the file has none (bf16)."""
+        m = re.fullmatch(r"blk\.(\d+)", _check_base_key(base_key))
+        if m is None:
+            raise ValueError(f"base_key must look like 'blk.<layer>' for the pre-quantized form, got {base_key!r}")
+        layer = int(m.group(1))
+        wanted = {}
+        for proj in _PROJECTIONS:
+            weight_key, scale_key = _packed_key(layer, proj, "weight"), _packed_key(layer, proj, "scale")
+            if weight_key not in self._key_to_file:
+                raise KeyError(f"tensor {weight_key!r} is not in {self.path}; available layers: "
+                               f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}")
+            wanted[weight_key] = proj
+            if scale_key in self._key_to_file:
+                wanted[scale_key] = proj + "_scale"
+        out = dict.fromkeys((*_PROJECTIONS, *(p + "_scale" for p in _PROJECTIONS)))
+        for key, t in self._iter_tensors(wanted, device):
+            out[wanted[key]] = t
+        return out
+
+    def load_packed(self, layer_idx: int) -> PackedExperts:
+        """The PackedExperts of layer `layer_idx`, described by the file's metadata."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
+        files = self._packed_layer_files()
+        if layer_idx not in files:
+            raise KeyError(f"layer {layer_idx} (key {_packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
+                           f"{self.path}; available layers: {sorted(files) or 'none'}")
+        return load_packed_experts(files[layer_idx], layer_idx)
+
+
+# Per-expert layouts: the module under the layer and the (gate, up, down) projection names.
+_PER_EXPERT_FORMATS = {
+    "deepseek": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2")),
+}
+_FUSED_SUFFIXES = ("", ".weight")
+_EXPERT_KEY = re.compile(r"(.+)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+_FUSED_KEY = re.compile(r"(.+)\.mlp\.experts\.gate_up_proj(?:\.weight)?")
+_LAYER_BASE = re.compile(r"(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)")
+_FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
+                  "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
+                  "transformers-v5 fused: {b}.mlp.experts.gate_up_proj / down_proj")
+
+
+def _candidate_bases(base_key: str) -> list[str]:
+    """The base key itself, then where multimodal checkpoints put the text model's layers."""
+    bases = [base_key]
+    if base_key.startswith("model."):
+        bases.append("model.language_model." + base_key[len("model."):])
+    bases.append("language_model." + base_key)
+    return list(dict.fromkeys(bases))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    fmt: str
+    prefix: str
+    keys: tuple  # per-expert: ((gate, up, down) key per expert, ...); fused: (gate_up_key, down_key)
+
+
+class BF16SafeTensorLoader(SafeTensorLoader):
+    """Float (bf16/fp16/fp32) expert weights of a HuggingFace checkpoint, `file_path` being its
+    directory (sharded or not) or a single .safetensors file. The key layout is detected per layer."""
+
+    MOE_FORMATS = (*_PER_EXPERT_FORMATS, "fused")
+
+    def __init__(self, file_path):
+        super().__init__(file_path)
+        self._experts_by_prefix: Optional[dict[str, dict[int, set[str]]]] = None
+
+    def _expert_table(self) -> dict[str, dict[int, set[str]]]:
+        """{expert-module prefix: {expert id: projection names present}}, from one pass over the keys."""
+        if self._experts_by_prefix is None:
+            table: dict[str, dict[int, set[str]]] = {}
+            for key in self._key_to_file:
+                m = _EXPERT_KEY.fullmatch(key)
+                if m:
+                    table.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+            self._experts_by_prefix = table
+        return self._experts_by_prefix
+
+    def _resolve(self, base_key: str) -> _Layout:
+        table = self._expert_table()
+        for base in _candidate_bases(_check_base_key(base_key)):
+            for fmt, (module, names) in _PER_EXPERT_FORMATS.items():
+                prefix = f"{base}.{module}"
+                experts = table.get(prefix, {})
+                if any(found & set(names) for found in experts.values()):
+                    return self._complete_layout(base_key, fmt, prefix, experts, names)
+            prefix = f"{base}.mlp.experts"
+            for suffix in _FUSED_SUFFIXES:
+                gate_up, down = f"{prefix}.gate_up_proj{suffix}", f"{prefix}.down_proj{suffix}"
+                if gate_up in self._key_to_file:
+                    if down not in self._key_to_file:
+                        raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
+                    return _Layout("fused", prefix, (gate_up, down))
+        raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
+                         f"{_candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}")
+
+    @staticmethod
+    def _complete_layout(base_key, fmt, prefix, experts, names) -> _Layout:
+        num = max(experts) + 1
+        gaps = [e for e in range(num) if e not in experts]
+        partial = {e: [n for n in names if n not in experts[e]] for e in sorted(experts)
+                   if not set(names) <= experts[e]}
+        if gaps or partial:
+            detail = "; ".join(filter(None, (f"missing expert ids {gaps}" if gaps else "",
+                                             f"experts missing projections {partial}" if partial else "")))
+            raise ValueError(f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
+                             f"0..{num - 1} contiguously, each with {list(names)}; {detail}")
+        return _Layout(fmt, prefix, tuple(tuple(f"{prefix}.{e}.{n}.weight" for n in names) for e in range(num)))
+
+    def moe_layers(self) -> list[int]:
+        """Indices L of `model.layers.{L}` (or its language_model variants) that have experts."""
+        bases = {prefix.rsplit(".", 2)[0] for prefix in self._expert_table()
+                 if prefix.endswith(tuple("." + module for module, _ in _PER_EXPERT_FORMATS.values()))}
+        bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self._key_to_file) if m)
+        return sorted({int(m.group(1)) for m in map(_LAYER_BASE.fullmatch, bases) if m})
+
+    def layers(self) -> list[int]:
+        return self.moe_layers()
+
+    def num_experts(self, base_key: str) -> int:
+        layout = self._resolve(base_key)
+        return len(layout.keys) if layout.fmt != "fused" else self._shape(layout.keys[0])[0]
+
+    def _checked(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"tensor {key!r} has dtype {t.dtype}; expert weights must be bf16, fp16 or fp32 "
+                            f"(dequantize fp8/int checkpoints first)")
+        return t
+
+    def _load_fused(self, base_key: str, layout: _Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up_key, down_key = layout.keys
+        loaded = dict(self._iter_tensors(layout.keys, device))
+        gate_up, down = self._checked(gate_up_key, loaded[gate_up_key]), self._checked(down_key, loaded[down_key])
+        if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+            raise ValueError(f"layer {base_key!r}: {gate_up_key!r} must be [E, 2*I, H], got {tuple(gate_up.shape)}")
+        E, two_i, H = gate_up.shape
+        if tuple(down.shape) != (E, H, two_i // 2):
+            raise ValueError(f"layer {base_key!r}: {down_key!r} must be [E, H, I] = {(E, H, two_i // 2)} to match "
+                             f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}")
+        return gate_up, down
+
+    def _load_per_expert(self, base_key: str, layout: _Layout, device, stacked: bool) -> dict:
+        """Per-expert tensors as lists, or (stacked=True) copied straight into [E, ...] tensors so a
+        layer never sits in memory twice."""
+        slot = {key: (proj, e) for e, triple in enumerate(layout.keys) for proj, key in zip(_PROJECTIONS, triple)}
+        num = len(layout.keys)
+        out: dict = {proj: (None if stacked else [None] * num) for proj in _PROJECTIONS}
+        first: dict[str, torch.Tensor] = {}
+        for key, t in self._iter_tensors(slot, device):
+            proj, e = slot[key]
+            self._checked(key, t)
+            ref = first.setdefault(proj, t)
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {proj} "
+                                 f"experts are {tuple(ref.shape)} {ref.dtype}")
+            if stacked:
+                if out[proj] is None:
+                    out[proj] = torch.empty((num, *t.shape), dtype=t.dtype, device=t.device)
+                out[proj][e].copy_(t)
+            else:
+                out[proj][e] = t
+        gate, up, down = first["gate"], first["up"], first["down"]
+        I, H = gate.shape
+        if tuple(up.shape) != (I, H) or tuple(down.shape) != (H, I) or not gate.dtype == up.dtype == down.dtype:
+            raise ValueError(f"layer {base_key!r}: expert weights must be gate [I, H], up [I, H], down [H, I] "
+                             f"of one dtype; got gate {tuple(gate.shape)} {gate.dtype}, "
+                             f"up {tuple(up.shape)} {up.dtype}, down {tuple(down.shape)} {down.dtype}")
+        return out
+
+    def load_experts(self, base_key: str, device="cpu") -> dict:
+        """{"gate": [[I, H] per expert], "up": [[I, H] ...], "down": [[H, I] ...], "*_scale": None} for
+        `base_key` like "model.layers.0", in the stored dtype, on `device`."""
+        layout = self._resolve(base_key)
+        if layout.fmt == "fused":
+            gate_up, down = self._load_fused(base_key, layout, device)
+            I = gate_up.shape[1] // 2
+            out = {"gate": list(gate_up[:, :I].unbind(0)), "up": list(gate_up[:, I:].unbind(0)),
+                   "down": list(down.unbind(0))}
+        else:
+            out = self._load_per_expert(base_key, layout, device, stacked=False)
+        return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
+
+    def load_stacked(self, base_key: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [E, I, H], up [E, I, H], down [E, H, I]), contiguous, in the stored dtype."""
+        layout = self._resolve(base_key)
+        if layout.fmt == "fused":
+            gate_up, down = self._load_fused(base_key, layout, device)
+            I = gate_up.shape[1] // 2
+            return gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), down.contiguous()
+        out = self._load_per_expert(base_key, layout, device, stacked=True)
+        return out["gate"], out["up"], out["down"]
