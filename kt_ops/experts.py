@@ -1,0 +1,41 @@
+"""KTMoEWrapper: the one entry point of spec 000 §3 / spec 003 §5. `mode` picks inference or SFT, and
+`method` the weight format; the object returned is the concrete wrapper."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class KTMoEWrapper:
+    INFERENCE_METHODS = frozenset({"AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"})
+    SFT_METHODS = frozenset({"AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
+                             "AMXINT4_1KGroup_SFT"})
+    # Spec methods whose loaders (GGUF, FP8, raw int4 checkpoints) this version does not have yet.
+    _INFERENCE_METHODS_NOT_BUILT = frozenset({"RAWINT4", "FP8", "LLAMAFILE"})
+
+    def __new__(cls, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
+                moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
+                weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
+                max_deferred_experts_per_token: Optional[int] = None, method: str = "AMXINT4",
+                mode: str = "inference", lora_rank: int = 16, lora_alpha: float = 32.0, max_cache_depth: int = 1,
+                group_size: int = 128, zero_point: bool = True):
+        if mode not in ("inference", "sft"):
+            raise ValueError(f"Unknown mode: {mode!r}. Must be 'inference' or 'sft'.")
+        supported = cls.INFERENCE_METHODS if mode == "inference" else cls.SFT_METHODS
+        if method not in supported:
+            raise ValueError(f"Method {method!r} not supported in {mode} mode. Supported methods: {sorted(supported)}")
+        base = dict(layer_idx=layer_idx, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                    hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
+                    num_gpu_experts=num_gpu_experts, cpuinfer_threads=cpuinfer_threads,
+                    threadpool_count=threadpool_count, weight_path=weight_path,
+                    chunked_prefill_size=chunked_prefill_size)
+        if mode == "sft":
+            from .utils.amx_sft import AMXSFTMoEWrapper
+            return AMXSFTMoEWrapper(method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                    max_cache_depth=max_cache_depth, group_size=group_size, zero_point=zero_point,
+                                    **base)
+        if method in cls._INFERENCE_METHODS_NOT_BUILT:
+            raise NotImplementedError(f"inference method {method!r} is not implemented in this version of kt_ops; "
+                                      "available now: AMXINT4, AMXINT8, MOE_INT4, MOE_INT8")
+        from .utils.amx import AMXMoEWrapper
+        return AMXMoEWrapper(method=method, cpu_save=cpu_save,
+                             max_deferred_experts_per_token=max_deferred_experts_per_token, **base)

@@ -1,0 +1,277 @@
+"""What the inference and SFT wrappers share (spec 003 §2): the worker-pool configuration, the one
+CPUInfer per process, base-config validation and the intermediate-dimension split across NUMA
+sub-pools (`threadpool_count`)."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+from .ops import GROUPED_FORMATS, PackedExperts, pack_experts, unpack_experts
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    return value
+
+
+@dataclass
+class WorkerPoolConfig:
+    """How the CPU work is spread: `subpool_count` sub-pools (one per NUMA node in tensor-parallel
+    mode) of `max_threads_per_subpool` threads each."""
+
+    subpool_count: int = 1
+    max_threads_per_subpool: int = 1
+
+    def __post_init__(self):
+        _check_int(self.subpool_count, "subpool_count", 1)
+        _check_int(self.max_threads_per_subpool, "max_threads_per_subpool", 1)
+
+    @property
+    def total_threads(self) -> int:
+        return self.subpool_count * self.max_threads_per_subpool
+
+
+class CPUInfer:
+    """The process's CPU engine: sizes kt_ops' worker pool and runs submitted work, in order, on one
+    background thread (what inference's submit_forward/sync_forward build on).
+
+    The pool never gets more threads than the process may run on: the kernels' workers spin while
+    they wait, so oversubscribed cores would make every call slower, not faster."""
+
+    def __init__(self, config: WorkerPoolConfig):
+        self.config = config
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.num_threads = min(config.total_threads, available)
+        if self.num_threads < config.total_threads:
+            warnings.warn(f"cpuinfer_threads asks for {config.total_threads} threads but this process may use "
+                          f"{available} CPUs; using {self.num_threads}", RuntimeWarning, stacklevel=3)
+        _C.set_num_threads(self.num_threads)
+        self._tasks: "queue.Queue[Optional[Tuple[Callable, tuple, _Pending]]]" = queue.Queue()
+        self._worker: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        self._pending: List[_Pending] = []
+
+    def submit(self, fn: Callable, *args) -> "_Pending":
+        """Queue `fn(*args)` on the background thread; returns at once."""
+        with self._start_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="kt_ops-cpuinfer", daemon=True)
+                self._worker.start()
+            pending = _Pending()
+            self._pending.append(pending)
+        self._tasks.put((fn, args, pending))
+        return pending
+
+    def sync(self) -> None:
+        """Wait for everything submitted so far; re-raises the first error a task raised."""
+        with self._start_lock:
+            pending, self._pending = self._pending, []
+        for p in pending:
+            p.result()
+
+    def _run(self) -> None:
+        while True:
+            fn, args, pending = self._tasks.get()
+            try:
+                pending.value = fn(*args)
+            except BaseException as error:  # handed to whoever waits on it
+                pending.error = error
+            pending.done.set()
+
+
+class _Pending:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+        self.error: Optional[BaseException] = None
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _MoEBase:
+    """One CPUInfer per process, created on first use behind a lock, and config validation."""
+
+    _cpu_infer_instance: ClassVar[Optional[CPUInfer]] = None
+    _cpu_infer_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def _get_cpu_infer(cls, cpuinfer_threads: int, threadpool_count: int) -> CPUInfer:
+        """`cpuinfer_threads` is the total, split evenly over the `threadpool_count` sub-pools. The
+        first wrapper's configuration wins; a later different one is reported, not applied."""
+        _check_int(cpuinfer_threads, "cpuinfer_threads", 1)
+        _check_int(threadpool_count, "threadpool_count", 1)
+        if cpuinfer_threads < threadpool_count:
+            raise ValueError(f"cpuinfer_threads ({cpuinfer_threads}) must be at least threadpool_count "
+                             f"({threadpool_count}): every sub-pool needs a thread")
+        config = WorkerPoolConfig(subpool_count=threadpool_count,
+                                  max_threads_per_subpool=cpuinfer_threads // threadpool_count)
+        with _MoEBase._cpu_infer_lock:
+            if _MoEBase._cpu_infer_instance is None:
+                _MoEBase._cpu_infer_instance = CPUInfer(config)
+            elif _MoEBase._cpu_infer_instance.config != config:
+                warnings.warn(f"the process's CPUInfer already exists with {_MoEBase._cpu_infer_instance.config}; "
+                              f"ignoring {config}", RuntimeWarning, stacklevel=3)
+            return _MoEBase._cpu_infer_instance
+
+    @classmethod
+    def _validate_base_config(cls, num_experts: int, hidden_size: int, moe_intermediate_size: int,
+                              num_experts_per_tok: int) -> None:
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                            ("moe_intermediate_size", moe_intermediate_size),
+                            ("num_experts_per_tok", num_experts_per_tok)):
+            _check_int(value, name, 1)
+        if num_experts_per_tok > num_experts:
+            raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
+
+
+def _check_expert_map(physical_to_logical_map, num_experts: int) -> torch.Tensor:
+    """A permutation of range(num_experts) as a CPU int64 tensor."""
+    if not isinstance(physical_to_logical_map, torch.Tensor):
+        physical_to_logical_map = torch.as_tensor(physical_to_logical_map)
+    if physical_to_logical_map.dtype.is_floating_point or physical_to_logical_map.dtype == torch.bool:
+        raise TypeError(f"physical_to_logical_map must be an integer tensor, got {physical_to_logical_map.dtype}")
+    mapping = physical_to_logical_map.detach().to("cpu", torch.int64).reshape(-1)
+    if mapping.numel() != num_experts:
+        raise ValueError(f"physical_to_logical_map must have num_experts={num_experts} entries, got {mapping.numel()}")
+    if not torch.equal(torch.sort(mapping).values, torch.arange(num_experts)):
+        raise ValueError(f"physical_to_logical_map must be a permutation of 0..{num_experts - 1} "
+                         "(entry p names the logical expert stored in physical slot p)")
+    return mapping
+
+
+def _permute_packed(experts: PackedExperts, mapping: torch.Tensor) -> PackedExperts:
+    """Physical slot p gets logical expert mapping[p]; packed blobs are rows per expert, so this moves
+    bytes, it does not repack."""
+    if torch.equal(mapping, torch.arange(experts.num_experts)):
+        return experts
+    pick = lambda t: None if t is None else t.index_select(0, mapping)  # noqa: E731
+    return PackedExperts(pick(experts.gate), pick(experts.up), pick(experts.down), pick(experts.gate_scale),
+                         pick(experts.up_scale), pick(experts.down_scale), experts.weight_format,
+                         experts.num_experts, experts.hidden_size, experts.intermediate_size)
+
+
+def intermediate_split(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> List[Tuple[int, int]]:
+    """[lo, hi) ranges of the intermediate dimension, one per sub-pool. Boundaries fall on
+    `group_size` for the K-group formats (down's K is the intermediate dimension) and on 32 rows
+    otherwise, so every part keeps the kernels' fast panel layout."""
+    unit = group_size if weight_format in GROUPED_FORMATS else 32
+    if parts == 1:
+        return [(0, intermediate_size)]
+    if intermediate_size % unit or intermediate_size // unit < parts:
+        raise ValueError(f"threadpool_count={parts} cannot split moe_intermediate_size={intermediate_size} into "
+                         f"parts that are multiples of {unit} (weight format {weight_format}); use a smaller "
+                         "threadpool_count")
+    units = intermediate_size // unit
+    bounds = [unit * (units * p // parts) for p in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def pack_split(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weight_format: str, group_size: int,
+               split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
+    """Pack each intermediate range separately: gate/up rows lo:hi, down columns lo:hi."""
+    return [pack_experts(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], weight_format, group_size)
+            for lo, hi in split]
+
+
+def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
+    """Split already packed (e.g. pre-quantized) experts by repacking their exact dequantized values
+    per part. bf16 comes back bit-identical; quantized formats are requantized per part, which can
+    move a few codes (down's per-row scales now cover only the part's columns)."""
+    if len(split) == 1:
+        return [experts]
+    if experts.weight_format != "bf16":
+        warnings.warn(f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
+                      "requantizes each part from the stored values", RuntimeWarning, stacklevel=3)
+    gate, up, down = unpack_experts(experts)
+    return pack_split(gate, up, down, experts.weight_format, group_size, split)
+
+
+class BaseMoEWrapper(_MoEBase):
+    """Inference-mode base (spec 003 §2.2): the SFT methods are refused with a pointer to mode='sft'."""
+
+    def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
+                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
+                 weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
+                 max_deferred_experts_per_token: Optional[int] = None):
+        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
+                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
+        _check_int(layer_idx, "layer_idx", 0)
+        _check_int(num_gpu_experts, "num_gpu_experts", 0)
+        if num_gpu_experts > num_experts:
+            raise ValueError(f"num_gpu_experts ({num_gpu_experts}) cannot exceed num_experts ({num_experts})")
+        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
+        if weight_path is not None and not isinstance(weight_path, str):
+            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
+        if max_deferred_experts_per_token:
+            raise NotImplementedError("max_deferred_experts_per_token: deferred experts are not implemented in this "
+                                      "version of kt_ops; pass None")
+        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.hidden_size = hidden_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_gpu_experts = num_gpu_experts
+        self.cpuinfer_threads = cpuinfer_threads
+        self.threadpool_count = threadpool_count
+        self.weight_path = weight_path
+        self.chunked_prefill_size = chunked_prefill_size
+        self.cpu_save = bool(cpu_save)
+        self.max_deferred_experts_per_token = max_deferred_experts_per_token
+
+    def forward_sft(self, *args, **kwargs):
+        raise RuntimeError("forward_sft() is not available in inference mode. Use forward() instead, or create "
+                           "wrapper with mode='sft'.")
+
+    def backward(self, *args, **kwargs):
+        raise RuntimeError("backward() is not available in inference mode. Create wrapper with mode='sft' to use "
+                           "SFT features.")
+
+    def init_lora_weights(self, *args, **kwargs):
+        raise RuntimeError("init_lora_weights() is not available in inference mode. Create wrapper with mode='sft' "
+                           "to use SFT features.")
+
+    def update_lora_weights(self, *args, **kwargs):
+        raise RuntimeError("update_lora_weights() is not available in inference mode. Create wrapper with "
+                           "mode='sft' to use SFT features.")
+
+
+def no_lora(num_experts: int, hidden_size: int, split: Sequence[Tuple[int, int]], like: torch.Tensor):
+    """Rank-0 LoRA placeholders for each part."""
+    E, H = num_experts, hidden_size
+    dtype = torch.float32 if like.dtype == torch.bfloat16 else like.dtype
+    return [tuple(like.new_zeros(shape, dtype=dtype) for shape in
+                  ((E, 0, H), (E, hi - lo, 0), (E, 0, H), (E, hi - lo, 0), (E, 0, hi - lo), (E, H, 0)))
+            for lo, hi in split]
+
+
+def forward_parts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, parts: Sequence[PackedExperts],
+                  lora_parts: Sequence[tuple], lora_scaling: float, save_for_backward: bool):
+    """Run kt::moe_sft_forward once per intermediate part and sum the outputs. Several parts mean
+    several roundings of a sum, so bf16 inputs then run in fp32 (the caller rounds once)."""
+    if len(parts) > 1 and x.dtype == torch.bfloat16:
+        x = x.float()
+    output, activations = None, []
+    with torch.no_grad():
+        for experts, loras in zip(parts, lora_parts):
+            out, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(
+                x, ids, weights, experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale,
+                experts.down_scale, experts.weight_format, experts.intermediate_size, *loras, float(lora_scaling),
+                bool(save_for_backward))
+            output = out if output is None else output.add_(out)
+            activations.append((gate_up_pre, lora_mid))
+    return x, output, activations

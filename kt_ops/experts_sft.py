@@ -1,0 +1,342 @@
+"""The SFT-mode wrapper base (spec 000 §4, spec 003 §3): forward_sft / backward / LoRA weights over
+the kt::moe_sft_forward / kt::moe_sft_backward ops, with a stack of saved forwards
+(`max_cache_depth`) and the intermediate dimension split over `threadpool_count` sub-pools."""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from .experts_base import _check_int, _MoEBase, forward_parts, no_lora
+from .ops import PackedExperts
+
+LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
+# Which dimension of each LoRA tensor runs along the intermediate size (None: it does not): the
+# sub-pool split slices those and sums the gradients of the others.
+_LORA_INTERMEDIATE_DIM = (None, 1, None, 1, 2, None)
+_KERNEL_LORA_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+class KExpertsSFTBuffer:
+    """Host staging for one (qlen, sizes, dtype) combination, shared by every SFT wrapper of those
+    sizes. Staging tensors (pinned when CUDA is available, so device copies can overlap) are
+    allocated on first use: inputs already on the CPU never need them. The LoRA gradients of the
+    latest backward are kept by reference (no copy)."""
+
+    _buffer_lock: ClassVar[threading.Lock] = threading.Lock()
+    capture_buffers: ClassVar[Dict[tuple, "KExpertsSFTBuffer"]] = {}
+    _STAGING = ("input_cpu", "expert_ids_cpu", "weights_cpu", "output_cpu", "grad_output_cpu", "grad_input_cpu")
+
+    def __init__(self, qlen: int, hidden_size: int, moe_intermediate_size: int, num_experts: int,
+                 num_experts_per_tok: int, lora_rank: int, dtype: torch.dtype = torch.bfloat16):
+        self.qlen, self.hidden_size, self.moe_intermediate_size = qlen, hidden_size, moe_intermediate_size
+        self.num_experts, self.num_experts_per_tok, self.lora_rank, self.dtype = (
+            num_experts, num_experts_per_tok, lora_rank, dtype)
+        self._staging: Dict[str, torch.Tensor] = {}
+        self._lora_grads: Optional[Dict[str, torch.Tensor]] = None
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name not in KExpertsSFTBuffer._STAGING:
+            raise AttributeError(name)
+        staging = self.__dict__["_staging"]
+        if name not in staging:
+            shape = (self.qlen, self.num_experts_per_tok if name in ("expert_ids_cpu", "weights_cpu")
+                     else self.hidden_size)
+            dtype = {"expert_ids_cpu": torch.int64, "weights_cpu": torch.float32}.get(name, self.dtype)
+            staging[name] = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+        return staging[name]
+
+    @classmethod
+    def get_buffer(cls, qlen: int, hidden_size: int, moe_intermediate_size: int, num_experts: int,
+                   num_experts_per_tok: int, lora_rank: int, dtype: torch.dtype = torch.bfloat16) -> "KExpertsSFTBuffer":
+        key = (qlen, hidden_size, moe_intermediate_size, num_experts, num_experts_per_tok, lora_rank, dtype)
+        with cls._buffer_lock:
+            buffer = cls.capture_buffers.get(key)
+            if buffer is None:
+                buffer = cls.capture_buffers[key] = cls(*key)
+            return buffer
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        with cls._buffer_lock:
+            cls.capture_buffers.clear()
+
+    def set_lora_grads(self, grads: Dict[str, torch.Tensor]) -> None:
+        self._lora_grads = grads
+
+    def get_lora_grads(self) -> Dict[str, torch.Tensor]:
+        """The six LoRA gradients of the latest backward at these sizes."""
+        if self._lora_grads is None:
+            raise RuntimeError("no backward has run with this buffer yet, so it holds no LoRA gradients")
+        return dict(self._lora_grads)
+
+
+class _SavedForward(NamedTuple):
+    hidden_states: torch.Tensor   # CPU, the dtype the kernels ran in
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    activations: List[Tuple[torch.Tensor, torch.Tensor]]  # (gate_up_pre, lora_mid) per sub-pool part
+    device: torch.device
+    dtype: torch.dtype
+
+
+class BaseSFTMoEWrapper(_MoEBase, ABC):
+    """SFT-mode MoE experts with LoRA on gate/up/down.
+
+    Expert ids given to forward_sft are physical slots; LoRA tensors are indexed by the same slots.
+    LoRA tensors given to init_lora_weights that are CPU, contiguous and bf16/fp32/fp64 are used in
+    place (zero copy): an optimizer updating them in place changes the next forward. Others are
+    converted once into a CPU copy, which every forward refreshes when the source tensor's version
+    counter moved, and update_lora_weights() refreshes unconditionally; nothing goes stale silently.
+    """
+
+    def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
+                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
+                 weight_path: Optional[str], chunked_prefill_size: int, lora_rank: int = 16,
+                 lora_alpha: float = 32.0, max_cache_depth: int = 1):
+        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
+                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
+        self._validate_sft_config(lora_rank, lora_alpha, max_cache_depth)
+        _check_int(layer_idx, "layer_idx", 0)
+        _check_int(num_gpu_experts, "num_gpu_experts", 0)
+        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
+        if weight_path is not None and not isinstance(weight_path, str):
+            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
+        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.hidden_size = hidden_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_gpu_experts = num_gpu_experts
+        self.weight_path = weight_path
+        self.chunked_prefill_size = chunked_prefill_size
+        self.threadpool_count = threadpool_count
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_alpha)
+        self.lora_scaling = self.lora_alpha / lora_rank
+        self.max_cache_depth = max_cache_depth
+        for name in LORA_NAMES:
+            setattr(self, name, None)
+        # One PackedExperts per sub-pool, each covering `split[p]` of the intermediate dimension.
+        self.experts_parts: List[PackedExperts] = []
+        self.split: List[Tuple[int, int]] = [(0, moe_intermediate_size)]
+        self._lora_kernel: Optional[Tuple[torch.Tensor, ...]] = None
+        self._lora_versions: Tuple[int, ...] = ()
+        self._lora_parts: List[Tuple[torch.Tensor, ...]] = []
+        self._cache: List[_SavedForward] = []
+        self._state_lock = threading.Lock()
+
+    @staticmethod
+    def _validate_sft_config(lora_rank: int, lora_alpha: float, max_cache_depth: int) -> None:
+        _check_int(lora_rank, "lora_rank", 1)
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
+        if not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {lora_alpha}")
+        _check_int(max_cache_depth, "max_cache_depth", 1)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    @property
+    def _weights_loaded(self) -> bool:
+        return bool(self.experts_parts)
+
+    @property
+    def _lora_initialized(self) -> bool:
+        return self._lora_kernel is not None
+
+    @property
+    def _cache_depth(self) -> int:
+        return len(self._cache)
+
+    @abstractmethod
+    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
+        ...
+
+    # ---- LoRA --------------------------------------------------------------------------------------
+
+    def _lora_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+        E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
+        return (E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r)
+
+    def init_lora_weights(self, gate_lora_a: torch.Tensor, gate_lora_b: torch.Tensor, up_lora_a: torch.Tensor,
+                          up_lora_b: torch.Tensor, down_lora_a: torch.Tensor, down_lora_b: torch.Tensor) -> None:
+        """Keep references to the six LoRA tensors (shapes of spec 000 §8)."""
+        sources = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+        for name, tensor, shape in zip(LORA_NAMES, sources, self._lora_shapes()):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} shape mismatch: expected {shape}, got {tuple(tensor.shape)}")
+        with self._state_lock:
+            for name, tensor in zip(LORA_NAMES, sources):
+                setattr(self, name, tensor)
+            self._sync_lora(force=True)
+
+    def update_lora_weights(self) -> None:
+        """Re-read the LoRA tensors (after an optimizer step, or after rebinding the attributes)."""
+        if not self._lora_initialized:
+            raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first.")
+        self.init_lora_weights(*(getattr(self, name) for name in LORA_NAMES))
+
+    def _sync_lora(self, force: bool) -> None:
+        sources = tuple(getattr(self, name) for name in LORA_NAMES)
+        versions = tuple(t._version for t in sources)
+        if not force and versions == self._lora_versions:
+            return
+        kernel = []
+        for i, source in enumerate(sources):
+            source = source.detach()
+            if source.device.type == "cpu" and source.is_contiguous() and source.dtype in _KERNEL_LORA_DTYPES:
+                kernel.append(source)
+                continue
+            dtype = source.dtype if source.dtype in _KERNEL_LORA_DTYPES else torch.float32
+            previous = self._lora_kernel[i] if self._lora_kernel is not None else None
+            if previous is not None and previous.dtype == dtype and previous.shape == source.shape \
+                    and previous.data_ptr() != source.data_ptr():
+                kernel.append(previous.copy_(source))
+            else:
+                kernel.append(source.to("cpu", dtype).contiguous())
+        self._lora_kernel = tuple(kernel)
+        self._lora_versions = versions
+        self._lora_parts = [self._lora_for_part(lo, hi) for lo, hi in self.split]
+
+    def _lora_for_part(self, lo: int, hi: int) -> Tuple[torch.Tensor, ...]:
+        if len(self.split) == 1:
+            return self._lora_kernel
+        return tuple(t if dim is None else t.narrow(dim, lo, hi - lo).contiguous()
+                     for t, dim in zip(self._lora_kernel, _LORA_INTERMEDIATE_DIM))
+
+    # ---- compute -----------------------------------------------------------------------------------
+
+    def _staged(self, tensor: torch.Tensor, name: str, buffer_name: str, qlen: int, dtype: torch.dtype):
+        """`tensor` on the CPU; device tensors go through the (pinned) staging buffer."""
+        if tensor.device.type == "cpu":
+            return tensor
+        buffer = KExpertsSFTBuffer.get_buffer(qlen, self.hidden_size, self.moe_intermediate_size, self.num_experts,
+                                              self.num_experts_per_tok, self.lora_rank, dtype)
+        staging = getattr(buffer, buffer_name)
+        if staging.dtype != tensor.dtype:
+            return tensor.to("cpu")
+        staging.copy_(tensor, non_blocking=True)
+        if tensor.device.type == "cuda":
+            torch.cuda.current_stream(tensor.device).synchronize()
+        return staging
+
+    def _check_tokens(self, hidden_states, expert_ids, weights) -> None:
+        for name, t in (("hidden_states", hidden_states), ("expert_ids", expert_ids), ("weights", weights)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape [qlen, hidden_size={self.hidden_size}], "
+                             f"got {tuple(hidden_states.shape)}")
+        qlen = hidden_states.shape[0]
+        for name, t in (("expert_ids", expert_ids), ("weights", weights)):
+            if tuple(t.shape) != (qlen, self.num_experts_per_tok):
+                raise ValueError(f"{name} must have shape [qlen={qlen}, num_experts_per_tok={self.num_experts_per_tok}], "
+                                 f"got {tuple(t.shape)}")
+
+    def forward_sft(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                    save_for_backward: bool = True) -> torch.Tensor:
+        """[qlen, H] -> [qlen, H] on hidden_states' device. With save_for_backward the activations
+        are pushed on the cache stack that backward() pops."""
+        if not self._weights_loaded:
+            raise RuntimeError("Weights not loaded. Call load_weights() first.")
+        if save_for_backward and not self._lora_initialized:
+            raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, "
+                               "or set save_for_backward=False.")
+        self._check_tokens(hidden_states, expert_ids, weights)
+        with self._state_lock:
+            if save_for_backward and len(self._cache) >= self.max_cache_depth:
+                raise RuntimeError(f"Forward cache full (depth={len(self._cache)}, max={self.max_cache_depth}). "
+                                   "Call backward() to free cache slots, or raise max_cache_depth.")
+            qlen, device, dtype = hidden_states.shape[0], hidden_states.device, hidden_states.dtype
+            x = self._staged(hidden_states, "hidden_states", "input_cpu", qlen, dtype)
+            ids = self._staged(expert_ids, "expert_ids", "expert_ids_cpu", qlen, dtype)
+            w = self._staged(weights, "weights", "weights_cpu", qlen, dtype)
+            if save_for_backward and x is not hidden_states:
+                x, ids, w = x.clone(), ids.clone(), w.clone()  # staging is reused by the next call
+            if self._lora_initialized:
+                self._sync_lora(force=False)
+                lora_parts = self._lora_parts
+            else:
+                lora_parts = no_lora(self.num_experts, self.hidden_size, self.split, x)
+            x, output, activations = forward_parts(x, ids, w, self.experts_parts, lora_parts, self.lora_scaling,
+                                                   save_for_backward)
+            if save_for_backward:
+                self._cache.append(_SavedForward(x, ids, w, activations, device, dtype))
+        return output.to(device=device, dtype=dtype)
+
+    def backward(self, grad_output: torch.Tensor, cache_idx: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Gradients of the saved forward `cache_idx` (default: the most recent), which is consumed.
+        Returns (grad_input, grads): grads holds grad_{gate,up,down}_lora_{a,b} and `grad_weights`,
+        the gradient of the routing weights [qlen, num_experts_per_tok] (float32)."""
+        if not self._lora_initialized:
+            raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first.")
+        if not isinstance(grad_output, torch.Tensor):
+            raise TypeError(f"grad_output must be a torch.Tensor, got {type(grad_output).__name__}")
+        with self._state_lock:
+            if not self._cache:
+                raise RuntimeError("No forward cache available. Call forward_sft() with save_for_backward=True first.")
+            if cache_idx is None:
+                cache_idx = len(self._cache) - 1
+            if isinstance(cache_idx, bool) or not isinstance(cache_idx, int) or not 0 <= cache_idx < len(self._cache):
+                raise RuntimeError(f"Invalid cache index {cache_idx!r}: {len(self._cache)} forward(s) are cached "
+                                   f"(valid: 0..{len(self._cache) - 1})")
+            saved = self._cache[cache_idx]
+            qlen = saved.hidden_states.shape[0]
+            if tuple(grad_output.shape) != (qlen, self.hidden_size):
+                raise ValueError(f"grad_output must have shape {(qlen, self.hidden_size)} to match the cached forward, "
+                                 f"got {tuple(grad_output.shape)}")
+            del self._cache[cache_idx]
+            grad = self._staged(grad_output, "grad_output", "grad_output_cpu", qlen, grad_output.dtype)
+            grad = grad.to(saved.hidden_states.dtype)
+            self._sync_lora(force=False)
+            parts = []
+            with torch.no_grad():
+                for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, self._lora_parts,
+                                                                    saved.activations):
+                    parts.append(torch.ops.kt.moe_sft_backward(
+                        grad, saved.hidden_states, saved.expert_ids, saved.weights, experts.gate, experts.up,
+                        experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
+                        experts.weight_format, experts.intermediate_size, *loras, self.lora_scaling,
+                        gate_up_pre, lora_mid))
+            grad_input, grad_weights = parts[0][0], parts[0][1]
+            lora_grads = list(parts[0][2:])
+            for part in parts[1:]:
+                grad_input = grad_input + part[0]
+                grad_weights = grad_weights + part[1]
+            if len(parts) > 1:
+                for i, dim in enumerate(_LORA_INTERMEDIATE_DIM):
+                    pieces = [part[2 + i] for part in parts]
+                    lora_grads[i] = torch.cat(pieces, dim) if dim is not None else torch.stack(pieces).sum(0)
+            grads = {f"grad_{name}": g.to(getattr(self, name).dtype) for name, g in zip(LORA_NAMES, lora_grads)}
+            KExpertsSFTBuffer.get_buffer(qlen, self.hidden_size, self.moe_intermediate_size, self.num_experts,
+                                         self.num_experts_per_tok, self.lora_rank, saved.dtype).set_lora_grads(dict(grads))
+            grads["grad_weights"] = grad_weights.float()
+        return grad_input.to(device=saved.device, dtype=saved.dtype), grads
+
+    def clear_cache(self) -> None:
+        """Drop every saved forward (e.g. after an aborted step)."""
+        with self._state_lock:
+            self._cache.clear()
+
+    # ---- inference-only methods ------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("forward() is not available in SFT mode. Use forward_sft() instead.")
+
+    def submit_forward(self, *args, **kwargs):
+        raise RuntimeError("submit_forward() is not available in SFT mode. SFT mode uses synchronous forward_sft().")
+
+    def sync_forward(self, *args, **kwargs):
+        raise RuntimeError("sync_forward() is not available in SFT mode.")
+
+    def select_deferred_experts(self, *args, **kwargs):
+        raise RuntimeError("select_deferred_experts() is not available in SFT mode.")
