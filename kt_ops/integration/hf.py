@@ -1,0 +1,293 @@
+"""Routed experts of Hugging Face transformers (v5) MoE models on kt_ops.
+
+transformers v5 keeps each layer's routed experts in one module (fused `gate_up_proj [E, 2I, H]`,
+`down_proj [E, H, I]`) whose forward is chosen through `ExpertsInterface` by
+`config._experts_implementation`. `apply_kt` registers a "kt" implementation there and moves each
+experts module's weights into a `KTExperts` (a `KTMoELayer` with per-expert LoRA). Routers, shared
+experts, top-k normalisation and scaling are left to the model's own code, which calls the experts
+module with the ids and weights it chose.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layer import SFT_METHOD_FORMATS, KTMoELayer
+from ..ops import moe_sft
+from ..packed_io import load_packed_experts, packed_layers
+
+KT_IMPLEMENTATION = "kt"
+
+# kt_backend names (kt-kernel / LLaMA-Factory spelling) -> KTMoELayer method.
+KT_BACKENDS = {
+    "auto": "AMXBF16_SFT",
+    "AMXBF16": "AMXBF16_SFT",
+    "AMXINT8": "AMXINT8_SFT",
+    "AMXINT4": "AMXINT4_SFT",
+    "AMXINT4_1": "AMXINT4_1_SFT",
+    "AMXINT4_KGroup": "AMXINT4_KGroup_SFT",
+    "AMXINT4_1KGroup": "AMXINT4_1KGroup_SFT",
+    **{name: name for name in SFT_METHOD_FORMATS if name.endswith("_SFT")},
+}
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class KTExperts(KTMoELayer):
+    """The routed experts of one MoE layer on kt_ops: packed frozen weights plus LoRA on gate/up/down.
+    Expert `j` here is expert `first_expert + j` of the model (the first ones may stay in transformers).
+    `lora_enabled = False` computes the base experts only (e.g. for a DPO reference pass)."""
+
+    def __init__(self, *args, first_expert: int = 0, layer_idx: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_expert = first_expert
+        self.layer_idx = layer_idx
+        self.lora_enabled = bool(self.lora_rank)
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.lora_enabled:
+            return KTMoELayer.forward(self, hidden_states, topk_ids, topk_weights)
+        if self.experts is None:
+            raise RuntimeError("KTExperts: base weights are not loaded")
+        cpu = torch.device("cpu")
+        out = moe_sft(hidden_states.to(cpu), topk_ids.to(cpu), topk_weights.to(cpu), self.experts, None, 0.0)
+        return out.to(hidden_states.device)
+
+    def extra_repr(self) -> str:
+        return f"{KTMoELayer.extra_repr(self)}, first_expert={self.first_expert}, layer_idx={self.layer_idx}"
+
+
+def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, num_gpu_experts: int) -> torch.Tensor:
+    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate."""
+    out = torch.zeros_like(hidden_states)
+    for expert in range(num_gpu_experts):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden_states[token_idx]
+        if module.is_transposed:
+            gate_up = x @ module.gate_up_proj[expert]
+            y = module._apply_gate(gate_up) @ module.down_proj[expert]
+        else:
+            gate_up = nn.functional.linear(x, module.gate_up_proj[expert])
+            y = nn.functional.linear(module._apply_gate(gate_up), module.down_proj[expert])
+        y = y * top_k_weights[token_idx, slot, None]
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "kt" entry of transformers' ExpertsInterface."""
+    kt = getattr(self, "kt_experts", None)
+    if kt is None:
+        raise RuntimeError(f"{type(self).__name__} runs with experts_implementation='kt' but holds no kt experts; "
+                           "convert the model with kt_ops.integration.apply_kt(model)")
+    num_gpu = kt.first_expert
+    if num_gpu == 0:
+        out = kt(hidden_states, top_k_index, top_k_weights)
+    else:
+        # -1 tells kt_ops to skip the slot; those slots are the GPU experts' share.
+        kt_ids = torch.where(top_k_index >= num_gpu, top_k_index - num_gpu, torch.full_like(top_k_index, -1))
+        out = kt(hidden_states, kt_ids, top_k_weights)
+        out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu)
+    return out.to(hidden_states.dtype)
+
+
+def _register_kt_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if ALL_EXPERTS_FUNCTIONS.get(KT_IMPLEMENTATION) is not kt_experts_forward:
+        ExpertsInterface.register(KT_IMPLEMENTATION, kt_experts_forward)
+
+
+def _is_silu(act: nn.Module) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act, (nn.SiLU, SiLUActivation))
+
+
+def _is_hf_experts(module: nn.Module) -> bool:
+    # Modules decorated with transformers' @use_experts_implementation get `has_gate` etc. in __init__.
+    return (hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
+            and (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+                 or isinstance(getattr(module, "kt_experts", None), KTMoELayer)))
+
+
+def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every transformers experts module in `model`."""
+    return [(name, m) for name, m in model.named_modules() if _is_hf_experts(m)]
+
+
+def _check_convertible(name: str, module: nn.Module) -> None:
+    from transformers.integrations.moe import _default_apply_gate
+
+    problems = []
+    if not module.has_gate:
+        problems.append("experts without a gate projection")
+    if getattr(module, "has_bias", False):
+        problems.append("expert biases")
+    if getattr(module, "has_post_expert_norm", False):
+        problems.append("a post-expert norm")
+    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
+    if not getattr(module, "is_concatenated", True):
+        problems.append("interleaved gate/up rows")
+    if not _is_silu(module.act_fn):
+        problems.append(f"activation {type(module.act_fn).__name__} (kt_ops computes SiLU-gated experts)")
+    if problems:
+        raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
+                         + ", ".join(problems))
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"apply_kt: {name}: expected 3-D gate_up_proj/down_proj, got {tuple(gate_up.shape)} "
+                         f"and {tuple(down.shape)}")
+    if gate_up.is_meta or down.is_meta:
+        raise ValueError(f"apply_kt: {name}: expert weights are on the meta device; load the model's weights "
+                         "first or pass kt_weight_path")
+
+
+def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if module.is_transposed:  # [E, H, 2I] and [E, I, H]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    gate, up = gate_up.chunk(2, dim=1)
+    return gate, up, down
+
+
+def _packed_file_for_layer(path: str, layer_idx: int) -> str:
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"kt_weight_path {path!r} is neither a file nor a directory")
+    candidate = os.path.join(path, f"blk.{layer_idx}.safetensors")
+    if os.path.isfile(candidate):
+        return candidate
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        try:
+            if layer_idx in packed_layers(file):
+                return file
+        except ValueError:  # not a packed-experts file (e.g. the model's own shards)
+            continue
+    raise FileNotFoundError(f"kt_weight_path {path!r} has no packed experts for layer {layer_idx} "
+                            f"(looked for blk.{layer_idx}.safetensors and inside every *.safetensors)")
+
+
+def _positive_or_none(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+
+def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Optional[int] = None,
+             kt_tp_enabled: bool = False, kt_num_gpu_experts: int = 0, kt_weight_path: Optional[str] = None,
+             lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, and
+    other models whose experts use `@use_experts_implementation` with SiLU gating) on kt_ops, in place.
+
+    Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
+    at a time and the originals are released, so the model never holds a layer's experts twice. The
+    first `kt_num_gpu_experts` experts of every layer stay in the module (on its device) and the rest
+    go to kt; their outputs are summed. `kt_weight_path` (a packed-experts safetensors file, or a
+    directory of `blk.{L}.safetensors`) supplies pre-quantized experts instead of packing. Works on a
+    plain model or on a peft `PeftModel` (expert LoRA stays trainable either way). Returns `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(kt_backend, str) or kt_backend not in KT_BACKENDS:
+        raise ValueError(f"kt_backend must be one of {sorted(KT_BACKENDS)}, got {kt_backend!r}")
+    _positive_or_none(kt_num_threads, "kt_num_threads")
+    if not isinstance(kt_tp_enabled, bool):
+        raise TypeError(f"kt_tp_enabled must be a bool, got {kt_tp_enabled!r}")
+    if isinstance(kt_num_gpu_experts, bool) or not isinstance(kt_num_gpu_experts, int) or kt_num_gpu_experts < 0:
+        raise ValueError(f"kt_num_gpu_experts must be an int >= 0, got {kt_num_gpu_experts!r}")
+    if kt_weight_path is not None and not isinstance(kt_weight_path, (str, os.PathLike)):
+        raise TypeError(f"kt_weight_path must be a path or None, got {type(kt_weight_path).__name__}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
+    if kt_tp_enabled:
+        # kt-kernel splits experts over NUMA nodes; kt_ops has one worker pool over all cores.
+        warnings.warn("apply_kt: kt_tp_enabled=True has no effect: kt_ops runs each layer on one worker pool "
+                      "spanning all cores", stacklevel=2)
+
+    found = find_moe_experts(model)
+    if not found:
+        raise ValueError(f"apply_kt: {type(model).__name__} has no transformers experts module "
+                         "(a module decorated with @use_experts_implementation holding gate_up_proj/down_proj)")
+    already = [name for name, m in found if hasattr(m, "kt_experts")]
+    if already:
+        raise ValueError(f"apply_kt: the model is already converted (e.g. {already[0]}.kt_experts exists)")
+    layer_of = {}
+    for name, module in found:
+        _check_convertible(name, module)
+        if kt_num_gpu_experts >= module.num_experts:
+            raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
+                             f"experts of {name} ({module.num_experts})")
+        match = _LAYER_INDEX.search(name + ".")
+        layer_of[name] = int(match.group(1)) if match else None
+        if kt_weight_path is not None and layer_of[name] is None:
+            raise ValueError(f"apply_kt: cannot tell the layer index of {name} to look it up in kt_weight_path")
+
+    _register_kt_implementation()
+    if kt_num_threads is not None:
+        from .. import set_num_threads
+
+        set_num_threads(kt_num_threads)
+    method = KT_BACKENDS[kt_backend]
+
+    for name, module in found:
+        E, N = module.num_experts, kt_num_gpu_experts
+        H, I = module.hidden_dim, module.intermediate_dim
+        layer_idx = layer_of[name]
+        packed = None
+        if kt_weight_path is not None:
+            file = _packed_file_for_layer(os.fspath(kt_weight_path), layer_idx)
+            packed = load_packed_experts(file, layer_idx)
+            if (packed.num_experts, packed.hidden_size, packed.intermediate_size) != (E - N, H, I):
+                raise ValueError(
+                    f"kt_weight_path {file}: layer {layer_idx} holds {packed.num_experts} experts of hidden "
+                    f"{packed.hidden_size} / intermediate {packed.intermediate_size}; {name} needs {E - N} "
+                    f"(num_experts {E} - kt_num_gpu_experts {N}) of {H} / {I}")
+            if kt_backend == "auto":
+                method = next(m for m in KT_BACKENDS.values() if SFT_METHOD_FORMATS[m] == packed.weight_format)
+            elif SFT_METHOD_FORMATS[method] != packed.weight_format:
+                raise ValueError(f"kt_weight_path {file}: layer {layer_idx} is {packed.weight_format!r} but "
+                                 f"kt_backend {kt_backend!r} means {SFT_METHOD_FORMATS[method]!r}; pass "
+                                 "kt_backend='auto' to use the file's format")
+        kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
+                       lora_dtype=lora_dtype, first_expert=N, layer_idx=layer_idx)
+        if packed is not None:
+            kt.experts = packed
+        else:
+            gate, up, down = _expert_weights(module)
+            kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
+        # LoRA lives where the layer's activations do, so the optimizer steps it with the rest.
+        kt.to(module.gate_up_proj.device)
+
+        # Release the originals now (before the next layer) so a layer's experts exist once.
+        keep_gate_up = module.gate_up_proj[:N].detach().clone() if N else None
+        keep_down = module.down_proj[:N].detach().clone() if N else None
+        requires_grad = module.gate_up_proj.requires_grad
+        del module.gate_up_proj
+        del module.down_proj
+        if N:
+            module.gate_up_proj = nn.Parameter(keep_gate_up, requires_grad=requires_grad)
+            module.down_proj = nn.Parameter(keep_down, requires_grad=requires_grad)
+        module.kt_experts = kt
+        module.config._experts_implementation = KT_IMPLEMENTATION
+    return model
+
+
+def kt_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, KTExperts]]:
+    """(name of the transformers experts module, that module, its KTExperts) for a converted model."""
+    return [(name, m, m.kt_experts) for name, m in find_moe_experts(model)
+            if isinstance(getattr(m, "kt_experts", None), KTExperts)]

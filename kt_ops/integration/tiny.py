@@ -1,0 +1,58 @@
+"""Tiny randomly initialised MoE models of each supported architecture, built from configs (no
+download), for tests, examples and smoke runs of a fine-tuning setup."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, tie_word_embeddings=False)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            first_k_dense_replace=1, n_shared_experts=1)
+
+TINY_MODELS = ("tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v2", "tiny-deepseek-v3")
+
+
+def tiny_config(name: str, **overrides):
+    """The transformers config of tiny model `name` (one of TINY_MODELS); `overrides` replace fields."""
+    import transformers
+
+    if name == "tiny-qwen3-moe":
+        cls, fields = transformers.Qwen3MoeConfig, dict(
+            _COMMON, intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            head_dim=16, norm_topk_prob=True)
+    elif name == "tiny-qwen2-moe":
+        cls, fields = transformers.Qwen2MoeConfig, dict(
+            _COMMON, intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2)
+    elif name == "tiny-mixtral":
+        cls, fields = transformers.MixtralConfig, dict(
+            _COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    elif name == "tiny-deepseek-v2":
+        # group-limited routing with a scaling factor, as in DeepSeek-V2.
+        cls, fields = transformers.DeepseekV2Config, dict(
+            _COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
+            num_experts_per_tok=2, q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+            routed_scaling_factor=2.0)
+    elif name == "tiny-deepseek-v3":
+        cls, fields = transformers.DeepseekV3Config, dict(
+            _COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
+            num_experts_per_tok=2, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True)
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    fields.update(overrides)
+    config = cls(**fields)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: Optional[int] = 0, **overrides):
+    """A tiny `AutoModelForCausalLM` of architecture `name` with random weights (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(name, **overrides), dtype=dtype)
