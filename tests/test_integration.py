@@ -15,6 +15,16 @@ from kt_ops.integration.tiny import TINY_MODELS, tiny_model  # noqa: E402
 VOCAB = 128
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The tiny models' torch ops are faster on one thread than contending with kt_ops' worker pool
+    # (and anything else running) for the cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _ids(batch=2, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
@@ -222,3 +232,135 @@ def test_plain_peft_freezes_expert_lora_and_helper_restores_it():
 
     set_kt_lora_trainable(wrapped)
     assert all(p.requires_grad for p in kt_lora_parameters(wrapped))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v2"])
+def test_adapter_round_trip(tmp_path, name):
+    import json
+
+    import peft
+    from safetensors import safe_open
+
+    from kt_ops.integration import load_kt_adapter, save_kt_adapter
+
+    def build():
+        model = apply_kt(tiny_model(name), lora_rank=4, lora_alpha=8.0, kt_num_gpu_experts=1)
+        return get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+
+    model = build()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(seq=16)
+    for _ in range(2):  # B leaves zero, so the round trip carries real values
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_kt_adapter(model, str(tmp_path))
+
+    mixtral = name == "tiny-mixtral"
+    block, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else \
+        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    layer = 1 if "deepseek" in name else 0  # DeepSeek's first layer is dense here
+    _, module, kt = kt_experts_modules(model)[0]
+    H, I = module.hidden_dim, module.intermediate_dim
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        prefix = f"base_model.model.model.layers.{layer}.{block}.experts"
+        # Expert 0 stays in transformers (kt_num_gpu_experts=1): its LoRA is not kt's to save.
+        assert f"{prefix}.0.{gate}.lora_A.weight" not in keys
+        assert tuple(f.get_tensor(f"{prefix}.1.{gate}.lora_A.weight").shape) == (4, H)
+        assert tuple(f.get_tensor(f"{prefix}.1.{gate}.lora_B.weight").shape) == (I, 4)
+        assert tuple(f.get_tensor(f"{prefix}.1.{up}.lora_B.weight").shape) == (I, 4)
+        assert tuple(f.get_tensor(f"{prefix}.1.{down}.lora_A.weight").shape) == (4, I)
+        assert tuple(f.get_tensor(f"{prefix}.1.{down}.lora_B.weight").shape) == (H, 4)
+        assert torch.equal(f.get_tensor(f"{prefix}.2.{down}.lora_B.weight"), kt.down_lora_b[1].detach())
+        assert any(".self_attn.o_proj.lora_A.weight" in k for k in keys)
+    config = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert config.r == 2 and config.lora_alpha == 4
+    import re
+    expert_module = f"model.layers.{layer}.{block}.experts.3.{down}"
+    assert re.fullmatch(config.target_modules, expert_module)
+    assert re.fullmatch(config.target_modules, f"model.layers.{layer}.self_attn.o_proj")
+    assert not re.fullmatch(config.target_modules, f"model.layers.{layer}.self_attn.q_proj")
+    assert any(re.match(rf"(.*\.)?({p})$", expert_module) for p in config.rank_pattern)
+    assert set(config.rank_pattern.values()) == {4} and set(config.alpha_pattern.values()) == {8.0}
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    fresh = build()
+    load_kt_adapter(fresh, str(tmp_path))
+    trained = dict(model.named_parameters())
+    for n, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[n]), n
+    model.eval()
+    fresh.eval()
+    assert torch.equal(_run(fresh, ids)[0], _run(model, ids)[0])
+
+    other_rank = get_peft_model(apply_kt(tiny_model(name), lora_rank=8, kt_num_gpu_experts=1),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    with pytest.raises(ValueError, match="shape"):
+        load_kt_adapter(other_rank, str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        load_kt_adapter(fresh, str(tmp_path / "missing"))
+
+
+def test_adapter_of_plain_model_without_peft(tmp_path):
+    from kt_ops.integration import load_kt_adapter, save_kt_adapter
+
+    model = apply_kt(tiny_model("tiny-qwen2-moe"), lora_rank=2, lora_alpha=4.0)
+    with torch.no_grad():
+        for p in kt_lora_parameters(model):
+            p.normal_()
+    save_kt_adapter(model, str(tmp_path))
+    fresh = apply_kt(tiny_model("tiny-qwen2-moe"), lora_rank=2, lora_alpha=4.0)
+    load_kt_adapter(fresh, str(tmp_path))
+    for a, b in zip(kt_lora_parameters(model), kt_lora_parameters(fresh)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no LoRA"):
+        save_kt_adapter(apply_kt(tiny_model("tiny-qwen2-moe"), lora_rank=0), str(tmp_path / "x"))
+
+
+def test_hf_trainer_with_accumulation_and_checkpointing(tmp_path):
+    import peft
+    from transformers import Trainer, TrainingArguments
+
+    model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=4, lora_alpha=8.0)
+    model = get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    rows = _ids(batch=4, seq=16, seed=3)
+    data = [{"input_ids": rows[i % 4], "labels": rows[i % 4]} for i in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        gradient_checkpointing=True, max_steps=5, learning_rate=2e-2, lr_scheduler_type="constant",
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in kt_lora_parameters(model))
+    before = [p.detach().clone() for p in kt_lora_parameters(model)]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    assert all(not torch.equal(a, b) for a, b in zip(before, kt_lora_parameters(model)))
+
+
+def test_trl_dpo(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import peft
+
+    from kt_ops.integration.tiny import tiny_tokenizer
+
+    model = apply_kt(tiny_model("tiny-deepseek-v3"), lora_rank=4, lora_alpha=8.0)
+    model = get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "o_proj"]))
+    rows = [{"prompt": f"Q{i}: 2+{i}=", "chosen": str(2 + i), "rejected": "no"} for i in range(8)]
+    # Reference log-probs precomputed from the untouched model: the expert LoRA is not part of
+    # trl's "ref" adapter copy, so a live reference pass would include the trained expert LoRA.
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2,
+        lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        precompute_ref_log_probs=True, beta=0.5, max_length=32)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tiny_tokenizer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(p.abs().sum() > 0 for _, _, kt in kt_experts_modules(model) for p in (kt.gate_lora_b, kt.down_lora_b))

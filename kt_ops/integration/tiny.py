@@ -56,3 +56,26 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: Optional[int
     if seed is not None:
         torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(name, **overrides), dtype=dtype)
+
+
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (99 ids, fits the tiny models' vocab of
+    128), built in memory so examples and tests need nothing from the Hub."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS)}
+    for code in list(range(32, 127)) + [ord("\n")]:
+        vocab.setdefault(chr(code), len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    # A plain "prompt + answer" template so chat-formatted data (trl's DPO/SFT) needs no Hub template.
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] != 'assistant' %}"
+                               "{{ '\\n' }}{% endif %}{% endfor %}")
+    return tokenizer
