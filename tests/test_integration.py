@@ -228,10 +228,41 @@ def test_plain_peft_freezes_expert_lora_and_helper_restores_it():
     model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert not any(p.requires_grad for p in kt_lora_parameters(wrapped))
+    ids = _ids()
+    with pytest.warns(UserWarning, match="expert LoRA is frozen"):
+        wrapped(input_ids=ids, labels=ids).loss.backward()
     from kt_ops.integration import set_kt_lora_trainable
 
     set_kt_lora_trainable(wrapped)
     assert all(p.requires_grad for p in kt_lora_parameters(wrapped))
+    with pytest.raises(TypeError, match="trainable"):
+        set_kt_lora_trainable(wrapped, "yes")
+
+    # Frozen on purpose (attention-only training): no warning.
+    quiet = peft.get_peft_model(apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    set_kt_lora_trainable(quiet, False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_disable_kt_lora_gives_base_experts():
+    from kt_ops.integration import disable_kt_lora
+
+    ids = _ids()
+    base = apply_kt(tiny_model("tiny-mixtral").eval(), lora_rank=0)
+    tuned = apply_kt(tiny_model("tiny-mixtral").eval(), lora_rank=2)
+    with torch.no_grad():
+        for _, _, kt in kt_experts_modules(tuned):
+            kt.gate_lora_b.normal_()
+    base_logits = _run(base, ids)[0]
+    assert not torch.allclose(_run(tuned, ids)[0], base_logits)
+    with disable_kt_lora(tuned):
+        assert torch.equal(_run(tuned, ids)[0], base_logits)
+    assert all(kt.lora_enabled for _, _, kt in kt_experts_modules(tuned))
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v2"])

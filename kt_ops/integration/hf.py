@@ -49,10 +49,15 @@ class KTExperts(KTMoELayer):
         self.first_expert = first_expert
         self.layer_idx = layer_idx
         self.lora_enabled = bool(self.lora_rank)
+        # Set by set_kt_lora_trainable(model, False): frozen expert LoRA is then intended, not an accident.
+        self.lora_frozen_on_purpose = False
+        self._frozen_warned = False
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
         if self.lora_enabled:
+            if self.training and torch.is_grad_enabled() and not self.lora_frozen_on_purpose:
+                _warn_if_frozen(self)
             return KTMoELayer.forward(self, hidden_states, topk_ids, topk_weights)
         if self.experts is None:
             raise RuntimeError("KTExperts: base weights are not loaded")
@@ -62,6 +67,17 @@ class KTExperts(KTMoELayer):
 
     def extra_repr(self) -> str:
         return f"{KTMoELayer.extra_repr(self)}, first_expert={self.first_expert}, layer_idx={self.layer_idx}"
+
+
+def _warn_if_frozen(kt: KTExperts) -> None:
+    if kt._frozen_warned or any(p.requires_grad for p in kt.lora_parameters()):
+        return
+    kt._frozen_warned = True
+    # The usual cause: peft.get_peft_model called after apply_kt freezes every parameter it did not create.
+    warnings.warn("kt expert LoRA is frozen (requires_grad=False) while training. If peft.get_peft_model ran "
+                  "after apply_kt, use kt_ops.integration.get_peft_model or call "
+                  "kt_ops.integration.set_kt_lora_trainable(model); call set_kt_lora_trainable(model, False) if "
+                  "freezing it is intended", stacklevel=3)
 
 
 def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

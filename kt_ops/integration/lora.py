@@ -23,10 +23,13 @@ def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_kt_lora_trainable(model: nn.Module, trainable: bool = True) -> None:
+    """Make the expert LoRA of every kt layer trainable or frozen (frozen on purpose: no warning)."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be a bool, got {trainable!r}")
-    for param in kt_lora_parameters(model):
-        param.requires_grad_(trainable)
+    for _, _, kt in kt_experts_modules(model):
+        kt.lora_frozen_on_purpose = not trainable
+        for param in kt.lora_parameters() or ():
+            param.requires_grad_(trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config, *args, **kwargs):
