@@ -1,0 +1,105 @@
+"""kt-sft (kt_ops.cli): config validation and short SFT / DPO runs on the shipped tiny examples."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("yaml")
+
+from kt_ops import cli  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(tmp_path, **overrides):
+    config = {"model_name_or_path": "tiny-qwen3-moe", "dataset": os.path.join(EXAMPLES, "data", "alpaca_tiny.jsonl"),
+              "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 0.01,
+              "lr_scheduler_type": "constant", "max_steps": 4, "torch_num_threads": 1}
+    config.update(overrides)
+    return config
+
+
+def test_unknown_and_bad_keys(tmp_path):
+    with pytest.raises(cli.ConfigError, match=r"unknown config keys \['lora_rnak'\]; valid keys: .*lora_rank"):
+        cli.load_config(_config(tmp_path, lora_rnak=8))
+    with pytest.raises(cli.ConfigError, match="stage must be one of"):
+        cli.load_config(_config(tmp_path, stage="ppo"))
+    with pytest.raises(cli.ConfigError, match="use_kt must be true or false"):
+        cli.load_config(_config(tmp_path, use_kt="yes"))
+    with pytest.raises(cli.ConfigError, match="max_steps must be an integer"):
+        cli.load_config(_config(tmp_path, max_steps=2.5))
+    with pytest.raises(cli.ConfigError, match="missing required config keys \\['dataset'\\]"):
+        cli.load_config({k: v for k, v in _config(tmp_path).items() if k != "dataset"})
+    with pytest.raises(cli.ConfigError, match="model_name_or_path"):
+        cli.train(_config(tmp_path, model_name_or_path=str(tmp_path / "no-such-model")))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("- a list\n- not a mapping\n")
+    assert cli.main(["train", str(bad_yaml)]) == 2
+
+
+def test_shipped_example_configs_are_valid():
+    for name in sorted(os.listdir(EXAMPLES)):
+        if name.endswith(".yaml"):
+            config = cli.load_config(os.path.join(EXAMPLES, name))
+            assert os.path.isfile(config["dataset"]), name
+            assert config["use_kt"] is True
+
+
+def test_sft_run_writes_adapter_config_and_loss_curve(tmp_path):
+    from kt_ops.integration import kt_experts_modules, load_kt_adapter
+
+    config = _config(tmp_path, kt_num_gpu_experts=1, gradient_checkpointing=True)
+    summary = cli.train(config)
+    out = tmp_path / "run"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "kt_sft_config.yaml", "loss.csv"):
+        assert (out / name).is_file(), name
+    losses = summary["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    with open(out / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(losses)
+
+    # The saved adapter restores into a freshly built model of the same config.
+    fresh, _ = cli.build_model(cli.load_config(config))
+    before = [kt.down_lora_b.detach().clone() for _, _, kt in kt_experts_modules(fresh)]
+    load_kt_adapter(fresh, str(out))
+    after = [kt.down_lora_b for _, _, kt in kt_experts_modules(fresh)]
+    assert all(b.abs().sum() == 0 for b in before) and all(a.abs().sum() > 0 for a in after)
+
+
+def test_dpo_run_from_yaml(tmp_path):
+    pytest.importorskip("trl")
+    import yaml
+
+    with open(os.path.join(EXAMPLES, "tiny_deepseek_v3_dpo.yaml")) as f:
+        config = yaml.safe_load(f)
+    config.update(dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl"), output_dir=str(tmp_path / "dpo"),
+                  max_steps=3)
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["train", str(path)]) == 0
+    with open(tmp_path / "dpo" / "loss.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses[0] == pytest.approx(0.6931, abs=0.01) and losses[-1] < losses[0]
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+
+
+def test_stage_and_dataset_mismatch(tmp_path):
+    with pytest.raises(cli.ConfigError, match="stage dpo needs preference records"):
+        cli.train(_config(tmp_path, stage="dpo"))
+    with pytest.raises(cli.ConfigError, match="stage sft needs alpaca or text records"):
+        cli.train(_config(tmp_path, dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl")))
