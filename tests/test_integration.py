@@ -417,3 +417,60 @@ def test_trl_dpo(tmp_path):
     assert losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(p.abs().sum() > 0 for _, _, kt in kt_experts_modules(model) for p in (kt.gate_lora_b, kt.down_lora_b))
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_adapter_loads_with_stock_peft_in_checkpoint_layout(tmp_path, name):
+    # A model laid out like the original checkpoints (one nn.Linear per expert projection) takes the
+    # saved directory through plain peft.PeftModel.from_pretrained, with the expert rank and scaling.
+    import peft
+    from torch import nn
+
+    from kt_ops.integration import save_kt_adapter
+
+    model = get_peft_model(apply_kt(tiny_model(name), lora_rank=4, lora_alpha=8.0),
+                           peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_kt_adapter(model, str(tmp_path))
+
+    block, projections = ("block_sparse_moe", ("w1", "w3", "w2")) if name == "tiny-mixtral" else \
+        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    _, module, _ = kt_experts_modules(model)[0]
+    H, I, E = module.hidden_dim, module.intermediate_dim, module.num_experts
+
+    def expert():
+        e = nn.Module()
+        for proj, (fan_in, fan_out) in zip(projections, ((H, I), (H, I), (I, H))):
+            setattr(e, proj, nn.Linear(fan_in, fan_out, bias=False))
+        return e
+
+    def layer():
+        layer = nn.Module()
+        layer.self_attn = nn.Module()
+        layer.self_attn.o_proj = nn.Linear(H, H, bias=False)
+        moe = nn.Module()
+        moe.experts = nn.ModuleList(expert() for _ in range(E))
+        setattr(layer, block, moe)
+        return layer
+
+    unfused = nn.Module()
+    unfused.model = nn.Module()
+    unfused.model.layers = nn.ModuleList(layer() for _ in range(2))
+    loaded = peft.PeftModel.from_pretrained(unfused, str(tmp_path))
+
+    for _, module, kt in kt_experts_modules(model):
+        layer_idx = kt.layer_idx
+        experts = getattr(loaded.base_model.model.model.layers[layer_idx], block).experts
+        for e in range(E):
+            for proj, (a_name, b_name) in zip(projections, (("gate_lora_a", "gate_lora_b"),
+                                                            ("up_lora_a", "up_lora_b"),
+                                                            ("down_lora_a", "down_lora_b"))):
+                lin = getattr(experts[e], proj)
+                assert lin.r["default"] == 4 and lin.scaling["default"] == pytest.approx(kt.lora_scaling)
+                assert torch.equal(lin.lora_A["default"].weight, getattr(kt, a_name)[e].detach())
+                assert torch.equal(lin.lora_B["default"].weight, getattr(kt, b_name)[e].detach())
+    o_proj = loaded.base_model.model.model.layers[0].self_attn.o_proj
+    assert o_proj.r["default"] == 2 and o_proj.scaling["default"] == pytest.approx(2.0)

@@ -21,9 +21,10 @@ from .hf import KTExperts, kt_experts_modules
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-# (block name in the checkpoint layout, names of the gate / up / down projections) per model_type.
+# Checkpoint layouts that differ from the module tree: model_type -> (block holding the experts,
+# gate / up / down projection names). Other models keep their own block name and gate_proj/up_proj/down_proj.
 _CHECKPOINT_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
-_DEFAULT_NAMES = ("mlp", ("gate_proj", "up_proj", "down_proj"))
+_DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # KTExperts parameter (A, B) per projection; A is [E, r, in], B is [E, out, r] as in peft's Linear.
 _KT_PARAMS = (("gate_lora_a", "gate_lora_b"), ("up_lora_a", "up_lora_b"), ("down_lora_a", "down_lora_b"))
 
@@ -36,18 +37,22 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _checkpoint_names(experts_module: nn.Module) -> tuple[str, tuple[str, str, str]]:
+def _checkpoint_names(name: str, experts_module: nn.Module) -> tuple[str, tuple[str, str, str]]:
+    """(block, projections) of the unfused experts for the experts module called `name`."""
     model_type = getattr(getattr(experts_module, "config", None), "model_type", None)
-    return _CHECKPOINT_NAMES.get(model_type, _DEFAULT_NAMES)
+    if model_type in _CHECKPOINT_NAMES:
+        return _CHECKPOINT_NAMES[model_type]
+    parent = name.rpartition(".")[0]
+    return parent.rpartition(".")[2], _DEFAULT_PROJECTIONS
 
 
 def _expert_prefix(model: nn.Module, name: str, experts_module: nn.Module) -> str:
     """Key prefix of the unfused experts (`...layers.L.mlp.experts`) in peft's saved-adapter naming."""
+    block, _ = _checkpoint_names(name, experts_module)
     if not _is_peft_model(model):
         name = "base_model.model." + name
-    block, _ = _checkpoint_names(experts_module)
     parent, _, leaf = name.rpartition(".")
-    holder, _, _ = parent.rpartition(".")
+    holder = parent.rpartition(".")[0]
     return f"{holder}.{block}.{leaf}" if holder else f"{block}.{leaf}"
 
 
@@ -61,7 +66,7 @@ def _expert_tensors(model: nn.Module) -> dict[str, tuple[KTExperts, str, int]]:
         if not kt.lora_rank:
             continue
         prefix = _expert_prefix(model, name, module)
-        _, projections = _checkpoint_names(module)
+        _, projections = _checkpoint_names(name, module)
         for local in range(kt.num_experts):
             expert = kt.first_expert + local
             for proj, (a_name, b_name) in zip(projections, _KT_PARAMS):
@@ -82,8 +87,8 @@ def _kt_lora_settings(model: nn.Module) -> tuple[int, float]:
 
 def _expert_target_regex(model: nn.Module) -> str:
     parts = set()
-    for _, module, _ in kt_experts_modules(model):
-        block, projections = _checkpoint_names(module)
+    for name, module, _ in kt_experts_modules(model):
+        block, projections = _checkpoint_names(name, module)
         parts.add(rf".*\.{re.escape(block)}\.experts\.\d+\.(?:{'|'.join(projections)})")
     return "|".join(sorted(parts))
 
@@ -111,6 +116,7 @@ def _adapter_config(model: nn.Module) -> dict:
     else:
         data = LoraConfig(r=rank, lora_alpha=alpha, target_modules=experts_regex, task_type="CAUSAL_LM").to_dict()
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    data["inference_mode"] = True  # as peft writes it: a saved adapter loads frozen unless asked otherwise
     for key, value in list(data.items()):
         if isinstance(value, set):
             data[key] = sorted(value)
