@@ -197,9 +197,12 @@ def test_bad_arguments():
         apply_kt(torch.nn.Linear(4, 4))
     with pytest.raises(FileNotFoundError, match="kt_weight_path"):
         apply_kt(model, kt_weight_path="/nonexistent/kt/weights")
+    with pytest.raises(TypeError, match="kt_tp_enabled"):
+        apply_kt(model, kt_tp_enabled="yes")
     # Failed calls leave the model untouched and usable.
     assert all("gate_up_proj" in m._parameters for _, m in find_moe_experts(model))
-    apply_kt(model, lora_rank=0)
+    with pytest.warns(UserWarning, match="kt_tp_enabled"):
+        apply_kt(model, lora_rank=0, kt_tp_enabled=True)
     with pytest.raises(ValueError, match="already converted"):
         apply_kt(model)
 

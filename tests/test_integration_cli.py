@@ -103,3 +103,20 @@ def test_stage_and_dataset_mismatch(tmp_path):
         cli.train(_config(tmp_path, stage="dpo"))
     with pytest.raises(cli.ConfigError, match="stage sft needs alpaca or text records"):
         cli.train(_config(tmp_path, dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl")))
+
+
+def test_sft_from_a_local_model_directory(tmp_path):
+    from kt_ops.integration import kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-mixtral"
+    tiny_model("tiny-mixtral").save_pretrained(str(model_dir))
+    tiny_tokenizer().save_pretrained(str(model_dir))
+    config = _config(tmp_path, model_name_or_path=str(model_dir), lora_target="q_proj,v_proj",
+                     kt_backend="AMXINT8", max_steps=3)
+    model, _ = cli.build_model(cli.load_config(config))
+    layers = kt_experts_modules(model)
+    assert len(layers) == 2 and all(kt.weight_format == "int8" for _, _, kt in layers)
+    summary = cli.train(config)
+    assert summary["losses"][-1] < summary["losses"][0]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
