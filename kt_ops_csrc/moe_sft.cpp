@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 
 #include "formats.h"
@@ -197,6 +199,43 @@ std::vector<T>& scratch(int slot, size_t size) {
   return buffer;
 }
 
+// A large per-call buffer whose pages survive the call: a fresh multi-megabyte allocation costs
+// page faults and zero-filling every time, which at decode is as much as the LoRA math itself.
+// Released buffers wait in a small process-wide free list (concurrent calls each get their own).
+template <typename T>
+class ReusedBuffer {
+ public:
+  explicit ReusedBuffer(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].capacity >= size && (best == free_.size() || free_[i].capacity < free_[best].capacity)) best = i;
+    if (best < free_.size()) {
+      block_ = std::move(free_[best]);
+      free_.erase(free_.begin() + best);
+    } else {
+      block_ = {std::unique_ptr<T[]>(new T[size]), size};  // default-initialized: no zero fill
+    }
+  }
+  ~ReusedBuffer() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.size() < kKept) free_.push_back(std::move(block_));
+  }
+  ReusedBuffer(const ReusedBuffer&) = delete;
+  ReusedBuffer& operator=(const ReusedBuffer&) = delete;
+  T* data() const { return block_.data.get(); }
+
+ private:
+  struct Block {
+    std::unique_ptr<T[]> data;
+    size_t capacity = 0;
+  };
+  static constexpr size_t kKept = 4;
+  static inline std::mutex mutex_;
+  static inline std::vector<Block> free_;
+  Block block_;
+};
+
 // Torch ops are not called from pool tasks (they would start their own threads inside ours).
 // Writes a [rows, cols] block into dst (contiguous) at offset; with src_transposed, src holds it as
 // [cols, rows].
@@ -235,25 +274,29 @@ class Lora {
     }
     per_expert_ = total;
     const int64_t hits = routing.hit_experts.size();
-    storage_.resize(hits * per_expert_);
+    storage_ = std::make_unique<ReusedBuffer<T>>(std::max<int64_t>(hits * per_expert_, 1));
     ThreadPool::instance().parallel_for(hits * 6, [&](int64_t task) {
       const int64_t e = routing.hit_experts[task / 6];
       const int m = task % 6;
       const Tensor& src = contiguous_[m];
       const int64_t rows = src.size(1), cols = src.size(2);
-      T* dst = storage_.data() + slot_of_expert_[e] * per_expert_ + offset_[m];
+      T* dst = storage_->data() + slot_of_expert_[e] * per_expert_ + offset_[m];
       const bool transpose = m == GateB || m == UpB || m == DownB;
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "kt_lora_convert", [&] {
         const scalar_t* from = src.data_ptr<scalar_t>() + e * rows * cols;
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < cols; ++j)
-            dst[transpose ? j * rows + i : i * cols + j] = static_cast<T>(from[i * cols + j]);
+        // Separate loops so the straight copy vectorizes; the transpose writes r sequential streams.
+        if (!transpose) {
+          for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<T>(from[i]);
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = static_cast<T>(from[i * cols + j]);
+        }
       });
     });
   }
   // A as [r, in]; B transposed as [r, out].
   const T* get(Which which, int64_t expert) const {
-    return storage_.data() + slot_of_expert_[expert] * per_expert_ + offset_[which];
+    return storage_->data() + slot_of_expert_[expert] * per_expert_ + offset_[which];
   }
 
  private:
@@ -262,7 +305,7 @@ class Lora {
   int64_t offset_[6] = {};
   int64_t per_expert_ = 0;
   std::vector<int64_t> slot_of_expert_;
-  std::vector<T> storage_;
+  std::unique_ptr<ReusedBuffer<T>> storage_;
 };
 
 template <typename T>

@@ -82,91 +82,129 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
   }
 }
 
-// Codes of one k pair of a panel as fp32: rows 0-7 and 8-15, even and odd k.
+// One k pair of a panel's codes as fp32, in the stored row-interleaved order: vector j holds rows
+// 4j..4j+3 as (even k, odd k) lane pairs. Both int8 (2 bytes per row) and int4 (a byte per row, low
+// nibble even) unpack to that order, so one broadcast of (x[k], x[k+1]) multiplies all of them.
 struct PairCodes {
-  __m256 even_lo, odd_lo, even_hi, odd_hi;
+  __m256 v0, v1, v2, v3;
 };
 
-inline PairCodes int8_codes(const int8_t* pair) {
-  // 16 bytes = 8 rows x (even, odd): widened to int16, each 32-bit lane holds one row's pair.
-  const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
-  const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
-  return {_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 16), 16)), _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 16)),
-          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 16), 16)), _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 16))};
+inline __m256 int8_quad(const int8_t* codes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes))));
+}
+inline __m256 uint8_quad(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+
+inline PairCodes pair_codes(const QuantMatrix& w, int64_t pair_row, bool int8) {
+  if (int8) {
+    const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2;
+    return {int8_quad(codes), int8_quad(codes + 8), int8_quad(codes + 16), int8_quad(codes + 24)};
+  }
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + pair_row * kPanelRows));
+  const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  const __m128i rows_0_7 = _mm_unpacklo_epi8(lo, hi), rows_8_15 = _mm_unpackhi_epi8(lo, hi);
+  return {uint8_quad(rows_0_7), uint8_quad(_mm_srli_si128(rows_0_7, 8)), uint8_quad(rows_8_15),
+          uint8_quad(_mm_srli_si128(rows_8_15, 8))};
 }
 
-inline PairCodes int4_codes(const uint8_t* pair) {
-  const __m256i nibble = _mm256_set1_epi32(15);
-  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair)));
-  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + 8)));
-  return {_mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble)), _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)),
-          _mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble)), _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4))};
+// (x[k], x[k+1]) in every lane pair; for odd K the last pair's odd half is padding and must
+// multiply a zero, not whatever lies past the row.
+inline __m256 x_pair(const float* x, int64_t k, int64_t K) {
+  if (k + 1 < K) return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x + k)));
+  return _mm256_setr_ps(x[k], 0.0f, x[k], 0.0f, x[k], 0.0f, x[k], 0.0f);
 }
 
-// One panel, all K, MR (1 or 2) rows: per group acc = sum x * code, then
-// total += scale * acc + offset * sum x, with offset = 0 (int8), -8 scale (int4) or min (zero point).
+inline float sum_range(const float* x, int64_t begin, int64_t end) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t k = begin;
+  for (; k + 16 <= end; k += 16) {
+    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + k));
+    s1 = _mm256_add_ps(s1, _mm256_loadu_ps(x + k + 8));
+  }
+  __m256 s = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float total = _mm_cvtss_f32(h);
+  for (; k < end; ++k) total += x[k];
+  return total;
+}
+
+// Lane-pair (even, odd) sums of rows 0-3 and 4-7 as one vector of rows 0-7.
+inline __m256 fold_pairs(__m256 rows_0_3, __m256 rows_4_7) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(rows_0_3, rows_4_7)), 0xD8));
+}
+
+// One panel, all K, MR (1 or 2) rows. Per group each row-interleaved accumulator collects
+// x * code; it is then scaled (scale per row, duplicated over the lane pair) into the totals, and
+// offset * sum(x over the group) is added, with offset = 0 (int8), -8 scale (int4) or min (zero
+// point). Four independent accumulators per row keep the FMA latency off the critical path; the
+// lane pairs are folded once per panel.
 template <int MR>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool int8 = w.format == WeightFormat::Int8, zero_point = has_zero_point(w.format);
-  const int64_t width = zero_point ? 2 : 1;
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
-  __m256 total_lo0 = _mm256_setzero_ps(), total_hi0 = _mm256_setzero_ps();
-  __m256 total_lo1 = _mm256_setzero_ps(), total_hi1 = _mm256_setzero_ps();
+  __m256 t00 = _mm256_setzero_ps(), t01 = _mm256_setzero_ps(), t02 = _mm256_setzero_ps(), t03 = _mm256_setzero_ps();
+  __m256 t10 = _mm256_setzero_ps(), t11 = _mm256_setzero_ps(), t12 = _mm256_setzero_ps(), t13 = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
     const int64_t kp_begin = g * pairs_per_group, kp_end = kp_begin + pairs_per_group;
-    __m256 acc_lo0 = _mm256_setzero_ps(), acc_hi0 = _mm256_setzero_ps();
-    __m256 acc_lo1 = _mm256_setzero_ps(), acc_hi1 = _mm256_setzero_ps();
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(), c03 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(), c12 = _mm256_setzero_ps(), c13 = _mm256_setzero_ps();
     for (int64_t kp = kp_begin; kp < kp_end; ++kp) {
-      const int64_t pair_row = panel * Kp + kp, k = 2 * kp;
-      const PairCodes q = int8 ? int8_codes(reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2)
-                               : int4_codes(w.data + pair_row * kPanelRows);
-      __m256 x = _mm256_broadcast_ss(a0 + k);
-      acc_lo0 = _mm256_fmadd_ps(x, q.even_lo, acc_lo0);
-      acc_hi0 = _mm256_fmadd_ps(x, q.even_hi, acc_hi0);
+      const PairCodes q = pair_codes(w, panel * Kp + kp, int8);
+      const __m256 x0 = x_pair(a0, 2 * kp, K);
+      c00 = _mm256_fmadd_ps(x0, q.v0, c00);
+      c01 = _mm256_fmadd_ps(x0, q.v1, c01);
+      c02 = _mm256_fmadd_ps(x0, q.v2, c02);
+      c03 = _mm256_fmadd_ps(x0, q.v3, c03);
       if (MR > 1) {
-        x = _mm256_broadcast_ss(a1 + k);
-        acc_lo1 = _mm256_fmadd_ps(x, q.even_lo, acc_lo1);
-        acc_hi1 = _mm256_fmadd_ps(x, q.even_hi, acc_hi1);
-      }
-      if (k + 1 < K) {  // odd K: the last pair's odd half is padding
-        x = _mm256_broadcast_ss(a0 + k + 1);
-        acc_lo0 = _mm256_fmadd_ps(x, q.odd_lo, acc_lo0);
-        acc_hi0 = _mm256_fmadd_ps(x, q.odd_hi, acc_hi0);
-        if (MR > 1) {
-          x = _mm256_broadcast_ss(a1 + k + 1);
-          acc_lo1 = _mm256_fmadd_ps(x, q.odd_lo, acc_lo1);
-          acc_hi1 = _mm256_fmadd_ps(x, q.odd_hi, acc_hi1);
-        }
+        const __m256 x1 = x_pair(a1, 2 * kp, K);
+        c10 = _mm256_fmadd_ps(x1, q.v0, c10);
+        c11 = _mm256_fmadd_ps(x1, q.v1, c11);
+        c12 = _mm256_fmadd_ps(x1, q.v2, c12);
+        c13 = _mm256_fmadd_ps(x1, q.v3, c13);
       }
     }
-    alignas(32) float scale[16], offset[16];
-    for (int i = 0; i < kPanelRows; ++i) {
-      const float* s = w.scales + ((panel * kPanelRows + i) * w.groups + g) * width;
-      scale[i] = s[0];
-      offset[i] = zero_point ? s[1] : (int8 ? 0.0f : -8.0f * s[0]);
-    }
-    const int64_t k_end = kp_end * 2 < K ? kp_end * 2 : K;
-    float sum0 = 0.0f, sum1 = 0.0f;
-    for (int64_t k = kp_begin * 2; k < k_end; ++k) {
-      sum0 += a0[k];
-      if (MR > 1) sum1 += a1[k];
-    }
-    const __m256 s_lo = _mm256_load_ps(scale), s_hi = _mm256_load_ps(scale + 8);
-    const __m256 o_lo = _mm256_load_ps(offset), o_hi = _mm256_load_ps(offset + 8);
-    total_lo0 = _mm256_fmadd_ps(acc_lo0, s_lo, _mm256_fmadd_ps(_mm256_set1_ps(sum0), o_lo, total_lo0));
-    total_hi0 = _mm256_fmadd_ps(acc_hi0, s_hi, _mm256_fmadd_ps(_mm256_set1_ps(sum0), o_hi, total_hi0));
+    const PanelScales s = load_scales(w, panel, g, zero_point);
+    t00 = _mm256_fmadd_ps(c00, s.scale[0], t00);
+    t01 = _mm256_fmadd_ps(c01, s.scale[1], t01);
+    t02 = _mm256_fmadd_ps(c02, s.scale[2], t02);
+    t03 = _mm256_fmadd_ps(c03, s.scale[3], t03);
     if (MR > 1) {
-      total_lo1 = _mm256_fmadd_ps(acc_lo1, s_lo, _mm256_fmadd_ps(_mm256_set1_ps(sum1), o_lo, total_lo1));
-      total_hi1 = _mm256_fmadd_ps(acc_hi1, s_hi, _mm256_fmadd_ps(_mm256_set1_ps(sum1), o_hi, total_hi1));
+      t10 = _mm256_fmadd_ps(c10, s.scale[0], t10);
+      t11 = _mm256_fmadd_ps(c11, s.scale[1], t11);
+      t12 = _mm256_fmadd_ps(c12, s.scale[2], t12);
+      t13 = _mm256_fmadd_ps(c13, s.scale[3], t13);
+    }
+    if (!int8) {
+      // Each lane pair gets half the group sum in each lane, so folding the pair restores it.
+      const int64_t k_begin = 2 * kp_begin, k_end = 2 * kp_end < K ? 2 * kp_end : K;
+      const __m256 half = _mm256_set1_ps(0.5f);
+      const __m256 o0 = zero_point ? s.offset[0] : _mm256_mul_ps(_mm256_set1_ps(-8.0f), s.scale[0]);
+      const __m256 o1 = zero_point ? s.offset[1] : _mm256_mul_ps(_mm256_set1_ps(-8.0f), s.scale[1]);
+      const __m256 o2 = zero_point ? s.offset[2] : _mm256_mul_ps(_mm256_set1_ps(-8.0f), s.scale[2]);
+      const __m256 o3 = zero_point ? s.offset[3] : _mm256_mul_ps(_mm256_set1_ps(-8.0f), s.scale[3]);
+      const __m256 sum0 = _mm256_mul_ps(half, _mm256_set1_ps(sum_range(a0, k_begin, k_end)));
+      t00 = _mm256_fmadd_ps(sum0, o0, t00);
+      t01 = _mm256_fmadd_ps(sum0, o1, t01);
+      t02 = _mm256_fmadd_ps(sum0, o2, t02);
+      t03 = _mm256_fmadd_ps(sum0, o3, t03);
+      if (MR > 1) {
+        const __m256 sum1 = _mm256_mul_ps(half, _mm256_set1_ps(sum_range(a1, k_begin, k_end)));
+        t10 = _mm256_fmadd_ps(sum1, o0, t10);
+        t11 = _mm256_fmadd_ps(sum1, o1, t11);
+        t12 = _mm256_fmadd_ps(sum1, o2, t12);
+        t13 = _mm256_fmadd_ps(sum1, o3, t13);
+      }
     }
   }
-  _mm256_storeu_ps(c, total_lo0);
-  _mm256_storeu_ps(c + 8, total_hi0);
+  _mm256_storeu_ps(c, fold_pairs(t00, t01));
+  _mm256_storeu_ps(c + 8, fold_pairs(t02, t03));
   if (MR > 1) {
-    _mm256_storeu_ps(c + ldc, total_lo1);
-    _mm256_storeu_ps(c + ldc + 8, total_hi1);
+    _mm256_storeu_ps(c + ldc, fold_pairs(t10, t11));
+    _mm256_storeu_ps(c + ldc + 8, fold_pairs(t12, t13));
   }
 }
 
