@@ -203,6 +203,9 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
             raise TypeError(f"{name} must be a path, got {type(path).__name__}")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"input adapter not found: {input_path}")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
     if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
                                    or not math.isfinite(lora_alpha) or lora_alpha <= 0):
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")

@@ -140,6 +140,8 @@ def test_rank_disagreeing_with_config_and_bad_shapes_exit_2(tmp_path, capsys):
         convert_moe_lora(weights, str(tmp_path / "x.pt"), config_path=str(tmp_path / "nope.json"))
     with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
         convert_moe_lora(weights, str(tmp_path / "x.pt"), lora_alpha=0)
+    assert main(["--input", weights, "--output", str(tmp_path / "no" / "dir.pt")]) == 2
+    assert "output directory does not exist" in capsys.readouterr().err
 
 
 def test_no_moe_keys_is_a_clean_no_op(tmp_path, capsys):
@@ -226,7 +228,9 @@ def test_lora_lifecycle_matches_direct_wrapper_and_reference(lora_file):
     assert method.wrapper.method == "AMXBF16_SFT" and method.wrapper.lora_alpha == 8.0
     method.process_weights_after_loading(None, gate_proj=case.gate, up_proj=case.up, down_proj=case.down)
     other = make_case(seed=8, T=3, E=E, k=K, H=H, I=I, r=R)
-    method.submit(case.hidden, case.ids, case.weights)
+    hidden = case.hidden.clone()
+    method.submit(hidden, case.ids, case.weights)
+    hidden.zero_()  # the engine may reuse its buffer before sync(): submit() must have taken a copy
     method.submit(other.hidden, other.ids.to(torch.int32), other.weights)  # engines route with int32 ids
     out, out_other = method.sync(case.hidden), method.sync(other.hidden)
     direct = direct_sft_wrapper(case)
