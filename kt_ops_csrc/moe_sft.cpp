@@ -668,6 +668,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
           lora_grads[2], lora_grads[3], lora_grads[4], lora_grads[5]};
 }
 
+// The few torch ops used inside the kernels (conversions, zero fills) must run inline: waking
+// torch's OpenMP team would leave it spinning on the cores the kt_ops pool is about to use.
+// c10::ParallelGuard covers torch's native thread pool, but OpenMP builds decide by
+// omp_in_parallel() and this thread's omp_get_max_threads(), so the calling thread's OpenMP thread
+// count is lowered to 1 for the duration (an OpenMP ICV: other threads are unaffected). The symbols
+// are weak so that a torch without OpenMP still loads.
+extern "C" {
+int omp_get_max_threads(void) __attribute__((weak));
+void omp_set_num_threads(int) __attribute__((weak));
+}
+
+class InlineTorchOps {
+ public:
+  InlineTorchOps() : guard_(true) {
+    if (omp_get_max_threads != nullptr && omp_set_num_threads != nullptr) {
+      saved_ = omp_get_max_threads();
+      if (saved_ > 1) omp_set_num_threads(1);
+    }
+  }
+  ~InlineTorchOps() {
+    if (saved_ > 1) omp_set_num_threads(saved_);
+  }
+  InlineTorchOps(const InlineTorchOps&) = delete;
+  InlineTorchOps& operator=(const InlineTorchOps&) = delete;
+
+ private:
+  c10::ParallelGuard guard_;
+  int saved_ = 0;
+};
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
@@ -677,9 +707,7 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     int64_t intermediate_size, const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a,
     const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
     bool save_for_backward) {
-  // The few torch ops used here (conversions, zero fills) run inline: waking torch's OpenMP team
-  // would leave it spinning on the cores the kt_ops pool is about to use.
-  c10::ParallelGuard inline_torch_ops(true);
+  const InlineTorchOps inline_torch_ops;
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
@@ -701,9 +729,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
     const Tensor& lora_mid) {
-  // The few torch ops used here (conversions, zero fills) run inline: waking torch's OpenMP team
-  // would leave it spinning on the cores the kt_ops pool is about to use.
-  c10::ParallelGuard inline_torch_ops(true);
+  const InlineTorchOps inline_torch_ops;
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
