@@ -155,21 +155,23 @@ def _collect(input_path: str):
     return weights, modules, ignored
 
 
-def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor]]],
-                 num_experts: int) -> Dict[str, torch.Tensor]:
-    """Check one layer is complete and consistent, then stack it ([E, ...] per LoRA tensor)."""
+def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor]]], num_experts: int,
+                 fill_missing: bool = False) -> Tuple[Dict[str, torch.Tensor], List[int]]:
+    """Check one layer is complete and consistent, then stack it ([E, ...] per LoRA tensor).
+    Returns (stacked tensors, ids of the experts filled with a zero LoRA)."""
     ids = sorted(experts)
-    if ids != list(range(num_experts)):
-        missing = sorted(set(range(num_experts)) - set(ids))
+    missing = sorted(set(range(num_experts)) - set(ids))
+    if missing and not fill_missing:
         raise ValueError(f"layer {layer}: experts must be numbered 0..{num_experts - 1}, but expert(s) "
                          f"{missing[:8]}{'...' if len(missing) > 8 else ''} have no LoRA "
-                         f"(found {len(ids)} experts, highest id {ids[-1]})")
+                         f"(found {len(ids)} experts, highest id {ids[-1]}); if they were left without LoRA on "
+                         "purpose (e.g. experts kept on the GPU while training), pass --fill-missing-experts")
     for e in ids:
         for proj in PROJECTIONS:
             for ab in ("a", "b"):
                 if ab not in experts[e].get(proj, {}):
                     raise ValueError(f"layer {layer}, expert {e}: {proj} projection has no lora_{ab.upper()} weight")
-    # Reference shapes from expert 0: A is [r, in], B is [out, r]; gate/up map H -> I, down I -> H.
+    # Reference shapes from the lowest expert: A is [r, in], B is [out, r]; gate/up map H -> I, down I -> H.
     first = experts[ids[0]]
     rank, hidden = first["gate"]["a"].shape if first["gate"]["a"].dim() == 2 else (None, None)
     inter = first["gate"]["b"].shape[0] if first["gate"]["b"].dim() == 2 else None
@@ -186,13 +188,23 @@ def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor
             if t.dtype != dtype:
                 raise ValueError(f"layer {layer}, expert {e}: {proj} lora_{ab.upper()} is {t.dtype}, the other "
                                  f"expert LoRA tensors are {dtype}")
-    return {f"{proj}_lora_{ab}": torch.stack([experts[e][proj][ab] for e in ids]).contiguous()
-            for proj in PROJECTIONS for ab in ("a", "b")}
+    # A zero LoRA leaves an expert exactly as its base weights compute it.
+    zeros = {key: torch.zeros(shape, dtype=dtype) for key, shape in expected.items()}
+    full = [experts[e] if e in experts else {p: {ab: zeros[(p, ab)] for ab in ("a", "b")} for p in PROJECTIONS}
+            for e in range(num_experts)]
+    stacked = {f"{proj}_lora_{ab}": torch.stack([expert[proj][ab] for expert in full]).contiguous()
+               for proj in PROJECTIONS for ab in ("a", "b")}
+    return stacked, missing
 
 
 def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[str] = None,
-                     lora_alpha: Optional[float] = None, verbose: bool = False) -> dict:
+                     lora_alpha: Optional[float] = None, verbose: bool = False,
+                     fill_missing_experts: bool = False) -> dict:
     """Convert `input_path` (PEFT adapter_model.safetensors) into `output_path` (torch.save'd dict).
+
+    Experts 0..max id must all have LoRA, unless `fill_missing_experts`: then experts with no LoRA
+    key at all get a zero LoRA (recorded in metadata["filled_experts"]); an expert with only some
+    of its six tensors is an error either way.
 
     Returns statistics: {"status": "success", "num_layers", "num_experts", "lora_rank", "lora_alpha",
     "total_keys", "ignored_keys"}. Raises NothingToConvert (writing nothing) when the adapter has no
@@ -229,8 +241,12 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
     config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
     num_experts = max(max(experts) for experts in weights.values()) + 1
     result: dict = {}
+    filled: Dict[int, List[int]] = {}
     for layer in sorted(weights):
-        result[f"layer_{layer}"] = _stack_layer(layer, weights[layer], num_experts)
+        result[f"layer_{layer}"], missing = _stack_layer(layer, weights[layer], num_experts, fill_missing_experts)
+        if missing:
+            filled[layer] = missing
+            logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
         if verbose:
             shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
             logger.info("layer %d: %s", layer, shapes)
@@ -255,7 +271,8 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
         alpha = DEFAULT_LORA_ALPHA
         logger.warning("no --lora-alpha and no lora_alpha in an adapter config: using %s", alpha)
 
-    total_keys = sum(6 * len(experts) for experts in weights.values())
+    total_keys = sum(len(proj) for experts in weights.values() for expert in experts.values()
+                     for proj in expert.values())
     result["metadata"] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -269,6 +286,7 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
         "intermediate_size": int(inter),
         "dtype": str(first["gate_lora_a"].dtype).replace("torch.", ""),
         "source": os.path.basename(str(input_path)),
+        "filled_experts": filled,
     }
     # Written beside the target and renamed, so an interrupted run never leaves a truncated file
     # where the server would look for the adapter.
@@ -305,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", required=True, help="output .pt file")
     parser.add_argument("--lora-alpha", type=float, default=None,
                         help=f"LoRA alpha (default: the config's, else {DEFAULT_LORA_ALPHA})")
+    parser.add_argument("--fill-missing-experts", action="store_true",
+                        help="give experts that have no LoRA keys at all a zero LoRA instead of failing")
     parser.add_argument("--verbose", action="store_true", help="per-layer shapes and the ignored keys")
     args = parser.parse_args(argv)
 
@@ -318,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.propagate = False
     try:
         convert_moe_lora(args.input, args.output, config_path=args.config, lora_alpha=args.lora_alpha,
-                         verbose=args.verbose)
+                         verbose=args.verbose, fill_missing_experts=args.fill_missing_experts)
     except NothingToConvert as e:
         print(f"{e}; no output written", file=sys.stderr)
         return 0

@@ -345,3 +345,53 @@ def test_other_tp_ranks_contribute_zeros(lora_file):
     x = torch.randn(3, H)
     method.submit(x, torch.zeros(3, K, dtype=torch.int64), torch.ones(3, K))
     assert method.wrapper is None and torch.equal(method.sync(x), torch.zeros_like(x))
+
+
+def test_fill_missing_experts(tmp_path, capsys):
+    # what save_kt_adapter writes when the first experts stayed on the GPU while training
+    drop = [(layer, 0, p, ab) for layer in LAYERS for p in IN_OUT for ab in "AB"]
+    rc, out, _ = convert(tmp_path / "strict", drop=drop)
+    assert rc == 2 and "pass --fill-missing-experts" in capsys.readouterr().err
+    rc, out, written = convert(tmp_path / "filled", "--fill-missing-experts", drop=drop)
+    data = torch.load(out, weights_only=True)
+    assert rc == 0 and data["metadata"]["filled_experts"] == {0: [0], 1: [0]}
+    assert not data["layer_1"]["down_lora_b"][0].any()
+    assert torch.equal(data["layer_1"]["down_lora_b"][3], written[(1, 3, "down", "B")])
+    # an expert with only some of its tensors is never filled
+    rc, _, _ = convert(tmp_path / "partial", "--fill-missing-experts", drop=[(0, 2, "up", "A")])
+    assert rc == 2 and "layer 0, expert 2: up projection has no lora_A weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_adapter_saved_by_kt_training_serves_like_the_trained_experts(tmp_path, name):
+    """kt-sft's save_kt_adapter -> convert_moe_lora -> KTEPWrapperMethod gives the trained layer's output."""
+    pytest.importorskip("transformers")
+    import kt_ops
+    from kt_ops.integration import apply_kt, kt_experts_modules, kt_lora_parameters, save_kt_adapter
+    from kt_ops.integration.tiny import tiny_model
+
+    model = apply_kt(tiny_model(name), lora_rank=4, lora_alpha=8.0)
+    with torch.no_grad():
+        for p in kt_lora_parameters(model):
+            p.normal_(std=0.3)
+    save_kt_adapter(model, str(tmp_path / "adapter"))
+    out = str(tmp_path / "moe_lora.pt")
+    assert main(["--input", str(tmp_path / "adapter" / "adapter_model.safetensors"),
+                 "--config", str(tmp_path / "adapter" / "adapter_config.json"), "--output", out]) == 0
+    _, _, kt = kt_experts_modules(model)[-1]
+    layer_idx = kt.layer_idx
+    gate, up, down = kt_ops.unpack_experts(kt.experts)
+    cfg = KTConfig(**{**BASE_CONFIG, "layer_idx": layer_idx, "moe_lora_enabled": True, "moe_lora_path": out})
+    method = KTEPWrapperMethod(cfg, num_experts_per_tok=2)
+    method.create_weights(None, kt.num_experts, kt.hidden_size, kt.intermediate_size)
+    method.process_weights_after_loading(None, gate_proj=gate, up_proj=up, down_proj=down)
+    assert (method.wrapper.lora_rank, method.wrapper.lora_alpha) == (4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, kt.hidden_size, generator=g).to(torch.bfloat16).float()
+    ids = torch.stack([torch.randperm(kt.num_experts, generator=g)[:2] for _ in range(5)])
+    w = torch.rand(5, 2, generator=g) + 0.1
+    with torch.no_grad():
+        expected = kt(x, ids, w)
+    got = method.apply(x, ids, w)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    clear_moe_lora_cache()
