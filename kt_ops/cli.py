@@ -148,14 +148,16 @@ def _detect_format(records: list[dict]) -> str:
 
 
 def _alpaca_prompt(record: dict) -> str:
-    prompt = record.get("instruction", "") or ""
+    prompt = str(record.get("instruction", "") or "")
     if record.get("input"):
-        prompt += "\n" + record["input"]
+        prompt += "\n" + str(record["input"])
     return prompt + "\n"
 
 
 def sft_examples(records: list[dict], fmt: str, tokenizer, cutoff_len: int) -> list[dict]:
     """input_ids / labels per record: prompt tokens are masked (-100) so only answers are learned."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos token; answers need one to end on")
     examples = []
     for i, record in enumerate(records):
         if fmt == "alpaca":
