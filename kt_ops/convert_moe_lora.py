@@ -128,31 +128,34 @@ def _config_rank_alpha(config: Optional[dict], module_names: Sequence[str],
     return rank, (float(alpha) if alpha is not None else None)
 
 
-def _collect(input_path: str):
-    """(weights[layer][expert][proj][a|b], module names, ignored keys) read from the adapter."""
+def _open_adapter(input_path: str):
     from safetensors import safe_open
 
-    weights: Dict[int, Dict[int, Dict[str, Dict[str, torch.Tensor]]]] = {}
-    modules: List[str] = []
-    ignored: List[str] = []
     try:
-        handle = safe_open(input_path, framework="pt")
+        return safe_open(input_path, framework="pt")
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise ValueError(f"{input_path} is not a readable safetensors file: {e}") from None
-    with handle as f:
-        for key in f.keys():
-            parsed = parse_moe_key(key)
-            if parsed is None:
-                if _EXPERT_MODULE.search(key):
-                    raise ValueError(f"{input_path}: {key} is an expert tensor the kt_ops LoRA kernels cannot "
-                                     "apply (only lora_A.weight / lora_B.weight are supported)")
-                ignored.append(key)
-                continue
-            layer, expert, proj, ab = parsed
-            weights.setdefault(layer, {}).setdefault(expert, {}).setdefault(proj, {})[ab] = f.get_tensor(key)
-            if ab == "a":
-                modules.append(MOE_PATTERN.match(key).group("module"))
-    return weights, modules, ignored
+
+
+def _index(f, input_path: str):
+    """(keys[layer][expert][proj][a|b], module names, ignored keys). Keys, not tensors: layers are
+    read one at a time, so a large adapter is never held twice (per expert and stacked)."""
+    index: Dict[int, Dict[int, Dict[str, Dict[str, str]]]] = {}
+    modules: List[str] = []
+    ignored: List[str] = []
+    for key in f.keys():
+        parsed = parse_moe_key(key)
+        if parsed is None:
+            if _EXPERT_MODULE.search(key):
+                raise ValueError(f"{input_path}: {key} is an expert tensor the kt_ops LoRA kernels cannot "
+                                 "apply (only lora_A.weight / lora_B.weight are supported)")
+            ignored.append(key)
+            continue
+        layer, expert, proj, ab = parsed
+        index.setdefault(layer, {}).setdefault(expert, {}).setdefault(proj, {})[ab] = key
+        if ab == "a":
+            modules.append(MOE_PATTERN.match(key).group("module"))
+    return index, modules, ignored
 
 
 def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor]]], num_experts: int,
@@ -227,29 +230,31 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
             raise FileNotFoundError(f"adapter config not found: {config_path}")
         config = load_adapter_config(config_path)
 
-    weights, modules, ignored = _collect(str(input_path))
-    if verbose:
-        for key in ignored:
-            logger.info("ignored (not a routed-expert LoRA): %s", key)
-    elif ignored:
-        logger.info("ignored %d non-expert key(s) (--verbose lists them)", len(ignored))
-    if not weights:
-        raise NothingToConvert(f"{input_path} has no routed-expert LoRA keys "
-                               "(layers.L.mlp.experts.E.*_proj or layers.L.block_sparse_moe.experts.E.w1/w2/w3); "
-                               "nothing to convert")
-
-    config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
-    num_experts = max(max(experts) for experts in weights.values()) + 1
     result: dict = {}
     filled: Dict[int, List[int]] = {}
-    for layer in sorted(weights):
-        result[f"layer_{layer}"], missing = _stack_layer(layer, weights[layer], num_experts, fill_missing_experts)
-        if missing:
-            filled[layer] = missing
-            logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
+    with _open_adapter(str(input_path)) as f:
+        weights, modules, ignored = _index(f, str(input_path))
         if verbose:
-            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
-            logger.info("layer %d: %s", layer, shapes)
+            for key in ignored:
+                logger.info("ignored (not a routed-expert LoRA): %s", key)
+        elif ignored:
+            logger.info("ignored %d non-expert key(s) (--verbose lists them)", len(ignored))
+        if not weights:
+            raise NothingToConvert(f"{input_path} has no routed-expert LoRA keys (layers.L.mlp.experts.E.*_proj or "
+                                   "layers.L.block_sparse_moe.experts.E.w1/w2/w3); nothing to convert")
+        config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
+        num_experts = max(max(experts) for experts in weights.values()) + 1
+        for layer in sorted(weights):
+            tensors = {e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
+                       for e, projs in weights[layer].items()}
+            result[f"layer_{layer}"], missing = _stack_layer(layer, tensors, num_experts, fill_missing_experts)
+            del tensors
+            if missing:
+                filled[layer] = missing
+                logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
+            if verbose:
+                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
+                logger.info("layer %d: %s", layer, shapes)
 
     first = result[f"layer_{min(weights)}"]
     rank, hidden = first["gate_lora_a"].shape[1:]
