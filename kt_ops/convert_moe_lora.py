@@ -6,7 +6,7 @@ serving loads with `init_lora_weights` (spec 004 §1).
 
 Input keys, with any prefix (`base_model.model.model.` ...):
     ...layers.{L}.mlp[.original_moe].experts.{E}.{gate,up,down}_proj.lora_{A,B}.weight   (DeepSeek/Qwen)
-    ...layers.{L}.block_sparse_moe.experts.{E}.{w1,w3,w2}.lora_{A,B}.weight               (Mixtral: w1 gate, w3 up, w2 down)
+    ...layers.{L}.block_sparse_moe.experts.{E}.{w1,w3,w2}.lora_{A,B}.weight   (Mixtral: w1 gate, w3 up, w2 down)
 PEFT stores lora_A.weight as [r, in] and lora_B.weight as [out, r], which is already the per-expert
 orientation of spec 000 §8, so experts are only stacked:
     {"metadata": {...}, "layer_{L}": {"gate_lora_a": [E, r, H], "gate_lora_b": [E, I, r],

@@ -180,7 +180,8 @@ def load_moe_lora_layer(path: str, layer_idx: int) -> Tuple[Dict[str, torch.Tens
     data = _load_lora_file(os.fspath(path))
     key = f"layer_{layer_idx}"
     if key not in data:
-        available = sorted((k for k in data if k.startswith("layer_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1)
+        available = sorted((k for k in data if k.startswith("layer_")),
+                           key=lambda k: int(k[6:]) if k[6:].isdigit() else -1)
         raise KeyError(f"layer {layer_idx} not found in MoE LoRA file {path}; available layers: {available}")
     layer = data[key]
     if not isinstance(layer, dict):

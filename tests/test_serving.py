@@ -309,7 +309,8 @@ def test_lifecycle_errors(tmp_path, lora_file):
     missing = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="MoE LoRA file not found: .*missing.pt"):
         layer_method(moe_lora_enabled=True, moe_lora_path=missing)
-    with pytest.raises(KeyError, match=r"layer 5 not found in MoE LoRA file .*available layers: \['layer_0', 'layer_1'\]"):
+    with pytest.raises(KeyError, match=r"layer 5 not found in MoE LoRA file .*"
+                                       r"available layers: \['layer_0', 'layer_1'\]"):
         layer_method(moe_lora_enabled=True, moe_lora_path=lora_file, layer_idx=5)
     with pytest.raises(ValueError, match="KTConfig.lora_rank=8 but MoE LoRA file .* has rank 4"):
         layer_method(moe_lora_enabled=True, moe_lora_path=lora_file, lora_rank=8)
