@@ -288,7 +288,8 @@ class KTEPWrapperMethod:
                                         max_cache_depth=1)  # serving never keeps a forward for backward
             self._gpu_mask = torch.arange(num_experts) < cfg.num_gpu_experts
         else:
-            self.wrapper = KTMoEWrapper(**common, weight_path=cfg.weight_path, mode="inference", method=cfg.method,
+            weight_path = os.fspath(cfg.weight_path) if cfg.weight_path else None
+            self.wrapper = KTMoEWrapper(**common, weight_path=weight_path, mode="inference", method=cfg.method,
                                         max_deferred_experts_per_token=self._layer_max_deferred())
 
     def process_weights_after_loading(self, layer: Optional[torch.nn.Module] = None,
