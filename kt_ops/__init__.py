@@ -26,6 +26,17 @@ __all__ = [
 ]
 
 
+_INTEGRATION = ("apply_kt", "save_kt_adapter", "load_kt_adapter")
+
+
+def __getattr__(name: str):
+    # The Hugging Face integration imports transformers and peft, so it loads on first use only.
+    if name in _INTEGRATION:
+        from . import integration
+        return getattr(integration, name)
+    raise AttributeError(f"module 'kt_ops' has no attribute {name!r}")
+
+
 def set_isa(name: str) -> None:
     """Choose the kernel ISA: 'auto' (best for this CPU), 'ref', 'avx2', 'avx512', 'amx' or 'amx-emu'.
     Raises ValueError for an unknown name or one this CPU or build cannot run."""

@@ -287,7 +287,31 @@ def _training_kwargs(config: dict) -> dict:
         lr_scheduler_type=config["lr_scheduler_type"], warmup_steps=config["warmup_steps"],
         logging_steps=config["logging_steps"], gradient_checkpointing=config["gradient_checkpointing"],
         bf16=config["bf16"], seed=config["seed"], report_to=[], save_strategy="no", use_cpu=_no_accelerator(),
-        remove_unused_columns=False, disable_tqdm=True)
+        remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="all")
+
+
+def _progress_printer():
+    """One line per logged step: a progress bar, the loss and the token throughput so far."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class ProgressPrinter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            total = max(state.max_steps, 1)
+            done = int(24 * state.global_step / total)
+            elapsed = time.perf_counter() - self.start
+            tokens = state.num_input_tokens_seen
+            rate = f"{tokens / elapsed:8.0f} tokens/s" if tokens and elapsed > 0 else ""
+            print(f"[{'#' * done}{'.' * (24 - done)}] step {state.global_step}/{total}  "
+                  f"loss {float(logs['loss']):.4f}  {rate}", flush=True)
+
+    return ProgressPrinter()
 
 
 def _no_accelerator() -> bool:
@@ -374,6 +398,10 @@ def train(config) -> dict:
                              precompute_ref_log_probs=True)
         trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[save_callback],
                                  train_dataset=datasets.Dataset.from_list(preference_records(records)))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
+    trainer.add_callback(_progress_printer())
     trainer.train()
     save(model, config["output_dir"])
     with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
@@ -381,6 +409,32 @@ def train(config) -> dict:
     files = write_loss_curve(trainer.state.log_history, config["output_dir"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"losses": losses, "files": files, "output_dir": config["output_dir"]}
+
+
+def generate(config, prompt: str, max_new_tokens: int = 32, adapter_dir: Optional[str] = None) -> str:
+    """Greedy continuation of `prompt` by the base model with the trained adapter (from `adapter_dir`,
+    default the config's output_dir), its experts computed by kt_ops when use_kt."""
+    import torch
+
+    from .integration import load_kt_adapter
+
+    config = load_config(config)
+    adapter_dir = adapter_dir or config["output_dir"]
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError(f"no adapter directory {adapter_dir}: run `kt-sft train` first or pass --adapter")
+    model, tokenizer = build_model(config)
+    if config["use_kt"]:
+        load_kt_adapter(model, adapter_dir)
+    else:
+        import peft
+
+        peft.set_peft_model_state_dict(model, peft.load_peft_weights(adapter_dir))
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _describe_keys() -> str:
@@ -394,8 +448,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = sub.add_parser("train", help="fine-tune from a YAML config")
     train_parser.add_argument("config", help="YAML config file")
+    gen_parser = sub.add_parser("generate", help="answer a prompt with the base model + the trained adapter")
+    gen_parser.add_argument("config", help="the YAML config the adapter was trained with")
+    gen_parser.add_argument("--prompt", required=True)
+    gen_parser.add_argument("--max-new-tokens", type=int, default=32)
+    gen_parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "generate":
+            print(generate(args.config, args.prompt, args.max_new_tokens, args.adapter))
+            return 0
         summary = train(args.config)
     except ConfigError as e:
         print(f"kt-sft: {e}", file=sys.stderr)

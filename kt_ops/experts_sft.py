@@ -86,6 +86,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
     """SFT-mode MoE experts with LoRA on gate/up/down.
 
     Expert ids given to forward_sft are physical slots; LoRA tensors are indexed by the same slots.
+    Slots below `num_gpu_experts` belong to experts the caller runs on its GPU: they are skipped here
+    (no output, zero gradient), as in inference mode.
     LoRA tensors given to init_lora_weights that are CPU, contiguous and bf16/fp32/fp64 are used in
     place (zero copy): an optimizer updating them in place changes the next forward. Others are
     converted once into a CPU copy, which every forward refreshes when the source tensor's version
@@ -259,6 +261,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             x = self._staged(hidden_states, "hidden_states", "input_cpu", qlen, dtype)
             ids = self._staged(expert_ids, "expert_ids", "expert_ids_cpu", qlen, dtype)
             w = self._staged(weights, "weights", "weights_cpu", qlen, dtype)
+            if self.num_gpu_experts:
+                # Slots below num_gpu_experts are computed (and trained) on the GPU by the caller.
+                ids = torch.where(ids < self.num_gpu_experts, -1, ids)
             if save_for_backward and x is not hidden_states:
                 x, ids, w = x.clone(), ids.clone(), w.clone()  # staging is reused by the next call
             if self._lora_initialized:

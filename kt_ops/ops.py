@@ -8,7 +8,7 @@ activation checkpointing see every piece of state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -16,8 +16,8 @@ from . import _C  # noqa: F401  (loads the library that defines torch.ops.kt)
 
 # bf16; int8 symmetric per row; int4 symmetric per row; int4_1 per row with zero point (scale, min);
 # int4_kgroup / int4_1_kgroup: the same per group of `group_size` along K (kt_ops_csrc/kernels/quant.h).
-WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup")
-GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup")
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
+GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,28 @@ def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torc
         for name, t in (("gate", gate_proj), ("up", up_proj), ("down", down_proj)):
             blob, scales = torch.ops.kt.pack_weights(t.detach().cpu(), weight_format, int(group_size))
             packed[name], packed[name + "_scale"] = blob, (scales if weight_format != "bf16" else None)
+    return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
+
+
+def pack_experts_from_codes(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
+                            down: Tuple[torch.Tensor, torch.Tensor], weight_format: str) -> PackedExperts:
+    """Experts that are already quantized (e.g. GGUF Q8_0 / Q4_0 / Q4_1 blocks), packed exactly:
+    each argument is (codes, scales) for [E, N, K] weights. Codes are integers: int8 formats hold
+    w = code * scale with code in [-128, 127]; 4-bit formats hold u in [0, 15] with
+    w = (u - 8) * scale (symmetric) or w = u * scale + min (zero point). Scales are [E, N, groups] or,
+    with a zero point, [E, N, groups, 2] = (scale, min); groups is 1 for the per-row formats and K /
+    group_size (even group size) for the K-group ones. Scales may be negative."""
+    if weight_format not in WEIGHT_FORMATS or weight_format == "bf16":
+        raise ValueError(f"weight_format must be a quantized format {WEIGHT_FORMATS[1:]}, got {weight_format!r}")
+    packed = {}
+    for name, pair in (("gate", gate), ("up", up), ("down", down)):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"{name} must be a (codes, scales) tuple")
+        packed[name], packed[name + "_scale"] = torch.ops.kt.pack_codes(pair[0], pair[1], weight_format)
+    E, I, H = gate[0].shape
+    if tuple(up[0].shape) != (E, I, H) or tuple(down[0].shape) != (E, H, I):
+        raise ValueError(f"codes must be gate [E, I, H], up [E, I, H], down [E, H, I]; got {tuple(gate[0].shape)}, "
+                         f"{tuple(up[0].shape)}, {tuple(down[0].shape)}")
     return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
 
 

@@ -20,7 +20,8 @@ constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
                                    {WeightFormat::Int4, "int4"},
                                    {WeightFormat::Int4Zp, "int4_1"},
                                    {WeightFormat::Int4KGroup, "int4_kgroup"},
-                                   {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"}};
+                                   {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"},
+                                   {WeightFormat::Int8KGroup, "int8_kgroup"}};
 
 const DequantKernels& dequant_kernels() {
   // The AVX2 dequantizer serves every ISA above ref (amx-emu included) on CPUs that have AVX2.
@@ -39,11 +40,10 @@ T* thread_scratch(size_t size) {
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
 // clipping the rare extreme values buys a finer step for all the others.
 std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat format) {
-  const bool zero_point = format == WeightFormat::Int4Zp || format == WeightFormat::Int4ZpKGroup;
-  const double qmax = format == WeightFormat::Int8 ? 127.0 : (zero_point ? 15.0 : 7.0);
-  const double qmin = format == WeightFormat::Int8 ? -127.0 : (zero_point ? 0.0 : -8.0);
-  const std::vector<double> ratios = format == WeightFormat::Int8 ? std::vector<double>{1.0}
-                                                                  : std::vector<double>{1.0, 0.95, 0.9, 0.85, 0.8, 0.75};
+  const bool zero_point = has_zero_point(format), int8 = is_int8(format);
+  const double qmax = int8 ? 127.0 : (zero_point ? 15.0 : 7.0);
+  const double qmin = int8 ? -127.0 : (zero_point ? 0.0 : -8.0);
+  const std::vector<double> ratios = int8 ? std::vector<double>{1.0} : std::vector<double>{1.0, 0.95, 0.9, 0.85, 0.8, 0.75};
   Tensor lo = std::get<0>(grouped.min(-1, true)), hi = std::get<0>(grouped.max(-1, true));
   Tensor absmax = at::maximum(lo.abs(), hi);
   Tensor best_codes, best_scale, best_offset, best_error;
@@ -72,7 +72,7 @@ std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat fo
     best_error = at::where(better, error, best_error);
   }
   if (zero_point) return {best_codes, at::cat({best_scale, best_offset}, -1)};  // [rows, groups, 2]
-  if (format != WeightFormat::Int8) best_codes = best_codes + 8.0;              // 4-bit codes offset by 8
+  if (!int8) best_codes = best_codes + 8.0;                                       // 4-bit codes offset by 8
   return {best_codes, best_scale.squeeze(-1)};                                   // [rows, groups]
 }
 
@@ -82,7 +82,7 @@ WeightFormat parse_weight_format(c10::string_view name) {
   for (const auto& info : kFormats)
     if (name == info.name) return info.format;
   TORCH_CHECK_VALUE(false, "kt_ops: unknown weight_format '", std::string(name),
-                    "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup");
+                    "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup, int8_kgroup");
 }
 
 const char* weight_format_name(WeightFormat format) {
@@ -91,14 +91,18 @@ const char* weight_format_name(WeightFormat format) {
   return "?";
 }
 
-bool is_grouped(WeightFormat f) { return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup; }
+bool is_grouped(WeightFormat f) {
+  return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup;
+}
 bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
+bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
   const int64_t pair_rows = padded_rows(rows) * k_pairs(cols);  // (row, k pair) slots
   switch (format) {
     case WeightFormat::Bf16: return pair_rows * 4;
-    case WeightFormat::Int8: return pair_rows * 2;
+    case WeightFormat::Int8:
+    case WeightFormat::Int8KGroup: return pair_rows * 2;
     default: return pair_rows;  // two 4-bit codes per byte
   }
 }
@@ -187,6 +191,31 @@ const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc,
   return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp);
 }
 
+namespace {
+
+// [E, Np, K] -> [E, Np/16, Kp, 16, 2] (odd K padded by one column): the panel / k-pair order of
+// every format.
+Tensor panel_order(const Tensor& t, int64_t E, int64_t Np, int64_t K) {
+  const int64_t Kp = k_pairs(K);
+  Tensor even = 2 * Kp != K ? at::constant_pad_nd(t, {0, 1}) : t;
+  return even.reshape({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
+}
+
+// Codes [E, Np, K] (integer valued) as the format's byte blob [E, packed_bytes].
+Tensor codes_to_blob(const Tensor& codes, WeightFormat format, int64_t E, int64_t N, int64_t K) {
+  Tensor panels = panel_order(codes, E, padded_rows(N), K);
+  Tensor packed;
+  if (is_int8(format)) {
+    packed = panels.to(at::kChar).view(at::kByte);
+  } else {
+    Tensor nibbles = panels.to(at::kByte);  // [..., 16, 2]: even k in the low nibble
+    packed = nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)).contiguous();
+  }
+  return packed.reshape({E, packed_bytes(format, N, K)});
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view weight_format, int64_t group_size) {
   c10::ParallelGuard inline_torch_ops(false);  // packing is a one-off: let torch use its threads
   const WeightFormat format = parse_weight_format(weight_format);
@@ -204,14 +233,9 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
                       "' (e.g. 32, 64 or 128 dividing both hidden_size and intermediate_size)");
     groups = K / group_size;
   }
-  const int64_t Np = padded_rows(N), Kp = k_pairs(K);
-  auto pad_cols = [&](const Tensor& t) { return 2 * Kp != K ? at::constant_pad_nd(t, {0, 1}) : t; };
-  // [E, Np, 2Kp] -> [E, Np/16, Kp, 16, 2]: the panel / k-pair order of every format.
-  auto to_panels = [&](const Tensor& t) {
-    return t.reshape({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
-  };
+  const int64_t Np = padded_rows(N);
   if (format == WeightFormat::Bf16) {
-    Tensor packed = to_panels(pad_cols(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N})));
+    Tensor packed = panel_order(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N}), E, Np, K);
     return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}), at::empty({0}, weight.options().dtype(at::kFloat))};
   }
   // Statistics over the real columns only; padded rows get zero scales (they dequantize to zero).
@@ -224,16 +248,42 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
     expert_codes.push_back(codes.view({Np, K}));
     expert_scales.push_back(scales);
   }
-  Tensor codes = at::stack(expert_codes), scales = at::stack(expert_scales);
-  Tensor panels = to_panels(pad_cols(codes.view({E, Np, K})));
-  Tensor packed;
-  if (format == WeightFormat::Int8) {
-    packed = panels.to(at::kChar).view(at::kByte);
-  } else {
-    Tensor nibbles = panels.to(at::kByte);  // [..., 16, 2]: even k in the low nibble
-    packed = nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)).contiguous();
-  }
-  return {packed.reshape({E, packed_bytes(format, N, K)}), scales.contiguous()};
+  return {codes_to_blob(at::stack(expert_codes), format, E, N, K), at::stack(expert_scales).contiguous()};
+}
+
+std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales, c10::string_view weight_format) {
+  const WeightFormat format = parse_weight_format(weight_format);
+  TORCH_CHECK_VALUE(format != WeightFormat::Bf16, "kt_ops: pack_codes takes a quantized weight_format, got 'bf16'");
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && scales.device().is_cpu(), "kt_ops: codes and scales must be CPU tensors");
+  TORCH_CHECK_VALUE(codes.dim() == 3, "kt_ops: codes must be 3-D [num_experts, out_features, in_features], got shape ",
+                    codes.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false), "kt_ops: codes must be an integer "
+                   "tensor, got ", codes.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()), "kt_ops: scales must be a floating tensor, got ",
+                   scales.scalar_type());
+  const int64_t E = codes.size(0), N = codes.size(1), K = codes.size(2);
+  TORCH_CHECK_VALUE(E >= 1 && N >= 1 && K >= 1, "kt_ops: codes must be non-empty, got shape ", codes.sizes());
+  const bool zero_point = has_zero_point(format);
+  TORCH_CHECK_VALUE(scales.dim() == (zero_point ? 4 : 3) && scales.size(0) == E && scales.size(1) == N &&
+                        (!zero_point || scales.size(3) == 2),
+                    "kt_ops: scales must have shape [", E, ", ", N, ", groups", zero_point ? ", 2]" : "]",
+                    " for weight_format '", weight_format_name(format), "', got ", scales.sizes());
+  const int64_t groups = scales.size(2);
+  TORCH_CHECK_VALUE(groups >= 1 && K % groups == 0 && (groups == 1 || (K / groups) % 2 == 0) &&
+                        (is_grouped(format) || groups == 1),
+                    "kt_ops: scales has ", groups, " groups per row; weight_format '", weight_format_name(format),
+                    "' needs ", is_grouped(format) ? "an even group size dividing in_features " : "1 (per row), not ",
+                    is_grouped(format) ? std::to_string(K) : std::to_string(groups));
+  const int64_t lo = is_int8(format) ? -128 : 0, hi = is_int8(format) ? 127 : 15;
+  TORCH_CHECK_VALUE(codes.min().item<int64_t>() >= lo && codes.max().item<int64_t>() <= hi, "kt_ops: codes of '",
+                    weight_format_name(format), "' must lie in [", lo, ", ", hi, "]");
+  const int64_t Np = padded_rows(N);
+  Tensor padded_codes = at::constant_pad_nd(codes.to(at::kFloat), {0, 0, 0, Np - N});
+  std::vector<int64_t> pad(2 * (scales.dim() - 2), 0);  // trailing dims unpadded
+  pad.push_back(0);
+  pad.push_back(Np - N);  // rows; padded rows get zero scales and dequantize to zero
+  Tensor padded_scales = at::constant_pad_nd(scales.to(at::kFloat), pad);
+  return {codes_to_blob(padded_codes, format, E, N, K), padded_scales.contiguous()};
 }
 
 Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales, c10::string_view weight_format,

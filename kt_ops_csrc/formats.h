@@ -16,6 +16,7 @@ WeightFormat parse_weight_format(c10::string_view name);  // ValueError listing 
 const char* weight_format_name(WeightFormat format);
 bool is_grouped(WeightFormat format);
 bool has_zero_point(WeightFormat format);
+bool is_int8(WeightFormat format);
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols);
 
 // Validates `blob` ([E, bytes] uint8) and `scales` for an [E, rows, cols] matrix in `format`;
@@ -50,6 +51,8 @@ class ExpertWeights {
 };
 
 std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view weight_format, int64_t group_size);
+// Already quantized codes (e.g. from a GGUF file) and their scales, in the format's layout, exactly.
+std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales, c10::string_view weight_format);
 Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales, c10::string_view weight_format,
                       int64_t rows, int64_t cols);
 

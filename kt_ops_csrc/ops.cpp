@@ -22,6 +22,7 @@ TORCH_LIBRARY(kt, m) {
       "Tensor grad_gate_lora_a, Tensor grad_gate_lora_b, Tensor grad_up_lora_a, Tensor grad_up_lora_b, "
       "Tensor grad_down_lora_a, Tensor grad_down_lora_b)");
   m.def("pack_weights(Tensor weight, str weight_format, int group_size) -> (Tensor packed, Tensor scales)");
+  m.def("pack_codes(Tensor codes, Tensor scales, str weight_format) -> (Tensor packed, Tensor scales)");
   m.def("unpack_weights(Tensor packed, Tensor? scales, str weight_format, int rows, int cols) -> Tensor");
 }
 
@@ -29,6 +30,7 @@ TORCH_LIBRARY_IMPL(kt, CPU, m) {
   m.impl("moe_sft_forward", &kt::moe_sft_forward);
   m.impl("moe_sft_backward", &kt::moe_sft_backward);
   m.impl("pack_weights", &kt::pack_weights);
+  m.impl("pack_codes", &kt::pack_codes);
   m.impl("unpack_weights", &kt::unpack_weights);
 }
 

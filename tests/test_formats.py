@@ -12,7 +12,7 @@ import kt_ops
 from kt_testing import (GRAD_NAMES, assert_rel_mae, assert_tight, compare_with_reference, make_case, rel_mae,
                         run_ops, run_reference)
 
-QUANTIZED = ("int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup")
+QUANTIZED = ("int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
 METHODS = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4", "AMXINT4_1_SFT": "int4_1",
            "AMXINT4_KGroup_SFT": "int4_kgroup", "AMXINT4_1KGroup_SFT": "int4_1_kgroup"}
 
@@ -62,8 +62,8 @@ def test_few_row_path_on_codes(isa, fmt, T):
     ref_out, _ = run_reference(_dequantized_case(case, experts), with_grads=False)
     if kt_ops.get_isa() == "avx2":
         assert_tight("output", out, ref_out, rtol=1e-4)  # gate, up and down all read the codes
-    else:
-        assert_rel_mae("output", out, ref_out, 3e-3)
+    else:  # bf16-rounded weights (2^-9 relative each); with 1-2 rows the mean is over few outputs
+        assert_rel_mae("output", out, ref_out, 5e-3)
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
@@ -80,7 +80,7 @@ def test_bf16_inputs_on_quantized_weights(isa, fmt):
 # int4_kgroup 0.17/0.18, int4_1_kgroup 0.16/0.17. The issue's K-group bar (0.12/0.15) assumed real
 # checkpoints; on Gaussian weights 4-bit RTN sits near 0.17 at any group size (see the issue note).
 ACCURACY_BARS = {"int8": (0.03, 0.05), "int4": (0.25, 0.3), "int4_1": (0.25, 0.3),
-                 "int4_kgroup": (0.2, 0.22), "int4_1_kgroup": (0.2, 0.22)}
+                 "int4_kgroup": (0.2, 0.22), "int4_1_kgroup": (0.2, 0.22), "int8_kgroup": (0.03, 0.05)}
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
@@ -117,7 +117,7 @@ def test_packing_is_deterministic_and_compact(fmt):
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
-    bits = {"bf16": 16, "int8": 8}.get(fmt, 4)
+    bits = 16 if fmt == "bf16" else 8 if fmt.startswith("int8") else 4
     raw = 3 * E * H * I * bits // 8
     scales = sum(t.numel() * 4 for t in (a.gate_scale, a.up_scale, a.down_scale) if t is not None)
     assert a.nbytes() - scales == raw  # H, I multiples of 16: no padding
@@ -184,3 +184,72 @@ def test_scales_are_checked():
     with pytest.raises(ValueError, match="gate_scale"):
         run_ops(case, dataclasses.replace(kt_ops.pack_experts(case.gate, case.up, case.down),
                                           gate_scale=experts.gate_scale))
+
+
+# ---- packing already-quantized codes exactly (GGUF Q8_0 / Q4_0 / Q4_1 blocks) ------------------
+
+def _random_codes(fmt, E, N, K, groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = (-128, 128) if fmt.startswith("int8") else (0, 16)
+    codes = torch.randint(lo, hi, (E, N, K), generator=gen)
+    shape = (E, N, groups, 2) if fmt in ("int4_1", "int4_1_kgroup") else (E, N, groups)
+    scales = torch.randn(shape, generator=gen)  # negative scales too, as GGUF's Q4_0 has
+    return codes, scales
+
+
+def _dequantize(fmt, codes, scales):
+    E, N, K = codes.shape
+    groups = scales.shape[2]
+    c = codes.double().view(E, N, groups, K // groups)
+    if fmt in ("int4_1", "int4_1_kgroup"):
+        w = c * scales[..., 0:1].double() + scales[..., 1:2].double()
+    elif fmt.startswith("int8"):
+        w = c * scales.double().unsqueeze(-1)
+    else:
+        w = (c - 8) * scales.double().unsqueeze(-1)
+    return w.view(E, N, K)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_pack_codes_is_exact(fmt):
+    grouped = fmt.endswith("kgroup")
+    N, K = (40, 64) if grouped else (19, 33)  # padded rows; odd K for the per-row formats
+    codes, scales = _random_codes(fmt, 3, N, K, 2 if grouped else 1, seed=len(fmt))
+    packed, padded_scales = torch.ops.kt.pack_codes(codes, scales, fmt)
+    values = torch.ops.kt.unpack_weights(packed, padded_scales, fmt, N, K)
+    torch.testing.assert_close(values.double(), _dequantize(fmt, codes, scales), rtol=1e-6, atol=1e-6)
+
+
+def test_pack_codes_matches_pack_weights_layout():
+    """Codes read back from pack_weights' own output pack to the same bytes."""
+    w = torch.randn(2, 20, 64)
+    packed, scales = torch.ops.kt.pack_weights(w, "int4_1_kgroup", 32)
+    lows = packed.view(2, -1)
+    values = torch.ops.kt.unpack_weights(packed, scales, "int4_1_kgroup", 20, 64).view(2, 20, 2, 32).double()
+    s = scales[:, :20].double()
+    codes = torch.round((values - s[..., 1:2]) / s[..., 0:1]).view(2, 20, 64).to(torch.int64)
+    repacked, rescales = torch.ops.kt.pack_codes(codes, scales[:, :20], "int4_1_kgroup")
+    assert torch.equal(repacked, lows) and torch.equal(rescales, scales)
+
+
+def test_packed_codes_run_through_the_op(isa):
+    case = make_case(seed=5, T=6, E=3, k=2, H=64, I=64, r=2)
+    pairs = [_random_codes("int8_kgroup", 3, n, k, k // 32, seed=i) for i, (n, k) in enumerate(((64, 64),) * 3)]
+    pairs = [(c, s.abs() * 0.01) for c, s in pairs]
+    experts = kt_ops.ops.pack_experts_from_codes(*pairs, "int8_kgroup")
+    out, grads = run_ops(case, experts)
+    _compare_quantized(_dequantized_case(case, experts), out, grads)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(fmt="bf16"), "quantized weight_format"),
+    (dict(codes=torch.full((1, 16, 32), 16)), r"must lie in \[0, 15\]"),
+    (dict(codes=torch.zeros(1, 16, 32, dtype=torch.float32)), "integer"),
+    (dict(scales=torch.ones(1, 16, 3)), "groups per row"),
+    (dict(scales=torch.ones(1, 15, 1)), "scales must have shape"),
+])
+def test_pack_codes_bad_input(bad, match):
+    args = dict(codes=torch.zeros(1, 16, 32, dtype=torch.int64), scales=torch.ones(1, 16, 1), fmt="int4_kgroup")
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.kt.pack_codes(args["codes"], args["scales"], args["fmt"])

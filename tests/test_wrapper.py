@@ -425,3 +425,17 @@ def test_file_mode_errors(tmp_path):
                               method="AMXBF16_SFT")
     with pytest.raises(ValueError, match="the wrapper was built for"):
         wrong_size.load_weights(torch.arange(4))
+
+
+def test_sft_skips_gpu_experts():
+    case = make_case(seed=21, T=8, E=4, k=2, H=32, I=32, r=4)
+    E, I, H = case.gate.shape
+    wrapper = KTMoEWrapper(**{**BASE, "num_gpu_experts": 1}, mode="sft", method="AMXBF16_SFT", lora_rank=4,
+                           lora_alpha=case.scaling * 4)
+    wrapper.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(E))
+    wrapper.init_lora_weights(*case.lora)
+    out, grads = wrapper_grads(wrapper, case)
+    skipped = type(case)(**{**case.__dict__, "ids": torch.where(case.ids < 1, -1, case.ids)})
+    ref_out, ref_grads = run_ops(skipped)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g.to(r.dtype), r) for g, r in zip(grads, ref_grads))

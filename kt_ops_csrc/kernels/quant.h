@@ -8,6 +8,7 @@
 //   int4_1          4-bit codes; w = u * scale[n] + min[n]                             (zero point, per row)
 //   int4_kgroup     like int4 with one scale per row and group of `group_size` k
 //   int4_1_kgroup   like int4_1 with one (scale, min) per row and group
+//   int8_kgroup     like int8 with one scale per row and group (GGUF Q8_0 is group 32)
 // Scales are fp32 [Np, groups] (symmetric) or [Np, groups, 2] = (scale, min); padded rows have
 // zero scales, so they dequantize to zero. Dequantization is w = code * scale (+ min) in fp32 with
 // no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
@@ -16,7 +17,7 @@
 
 namespace kt {
 
-enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup };
+enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, Int8KGroup };
 
 struct QuantMatrix {  // one expert's W [N, K]
   WeightFormat format;

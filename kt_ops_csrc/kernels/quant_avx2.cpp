@@ -10,6 +10,7 @@ namespace kt {
 namespace {
 
 inline bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
+inline bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 // Round two fp32 vectors to bf16 (nearest even) and store them as 16 consecutive values.
 inline void store_bf16(__m256 a, __m256 b, uint16_t* dst) {
@@ -59,7 +60,7 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
       const int64_t pair_row = (p0 + p) * Kp + kp;
       uint16_t* dst = out + (p * nkp + q) * kPanelRows * 2;
       __m256 v[4];
-      if (w.format == WeightFormat::Int8) {
+      if (is_int8(w.format)) {
         const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2;
         for (int j = 0; j < 4; ++j) {
           const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
@@ -143,7 +144,7 @@ inline __m256 fold_pairs(__m256 rows_0_3, __m256 rows_4_7) {
 template <int MR>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
-  const bool int8 = w.format == WeightFormat::Int8, zero_point = has_zero_point(w.format);
+  const bool int8 = is_int8(w.format), zero_point = has_zero_point(w.format);
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
   __m256 t00 = _mm256_setzero_ps(), t01 = _mm256_setzero_ps(), t02 = _mm256_setzero_ps(), t03 = _mm256_setzero_ps();

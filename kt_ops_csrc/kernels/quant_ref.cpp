@@ -14,13 +14,14 @@ inline uint16_t round_to_bf16(float value) {
 }
 
 inline bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
+inline bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 // w[n, 2kp + h] in fp32 (the exact value of the code).
 inline float dequant_value(const QuantMatrix& w, int64_t n, int64_t kp, int h) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups, group = kp / pairs_per_group;
   const int64_t panel = n / kPanelRows, i = n % kPanelRows, pair_row = panel * Kp + kp;
   const float* s = w.scales + (n * w.groups + group) * (has_zero_point(w.format) ? 2 : 1);
-  if (w.format == WeightFormat::Int8)
+  if (is_int8(w.format))
     return static_cast<float>(reinterpret_cast<const int8_t*>(w.data)[(pair_row * kPanelRows + i) * 2 + h]) * s[0];
   const uint8_t byte = w.data[pair_row * kPanelRows + i];
   const float code = static_cast<float>(h ? byte >> 4 : byte & 15);

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""End-to-end LoRA fine-tuning throughput and peak memory on a small Qwen3-MoE built from a config.
+
+Three set-ups train the same model (same seed, same batches), each in its own process so that peak
+memory (max RSS) is its own:
+  kt_ops      experts on kt_ops (apply_kt, bf16 packed experts, expert LoRA r in the kt layer),
+              attention LoRA through peft
+  eager-bf16  transformers' eager experts in bf16, LoRA on attention (target_modules) and on the
+              experts' fused parameters (peft target_parameters)
+  eager-fp32  the same in fp32
+Each runs warm-up steps, then timed steps of forward+backward+AdamW; tokens/s = batch * seq / step.
+
+  .venv/bin/python benchmarks/bench_train.py [--layers 8 --hidden 1024 --experts 32 ...] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(args, dtype):
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.moe_intermediate, num_experts=args.experts, num_experts_per_tok=args.topk,
+        norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def run_one(args) -> dict:
+    import peft
+
+    torch.set_num_threads(args.threads)
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if args.setup == "kt_ops":
+        import kt_ops
+        from kt_ops.integration import apply_kt, get_peft_model
+
+        kt_ops.set_num_threads(args.threads)
+        model = build(args, torch.bfloat16)
+        apply_kt(model, kt_backend="AMXBF16", lora_rank=args.rank, lora_alpha=2.0 * args.rank)
+        model = get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention))
+    else:
+        dtype = torch.bfloat16 if args.setup == "eager-bf16" else torch.float32
+        model = build(args, dtype)
+        config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention,
+                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        model = peft.get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        batch = batches[step % len(batches)]
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        losses.append(loss.item())
+        if step >= args.warmup:
+            times.append(elapsed)
+    step_s = statistics.median(times)
+    return {"setup": args.setup, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "trainable_params": sum(p.numel() for p in params), "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--moe-intermediate", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--setups", default="kt_ops,eager-bf16,eager-fp32")
+    parser.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 8 experts, seq 64")
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.experts, args.moe_intermediate, args.vocab, args.seq = 2, 256, 8, 128, 1000, 64
+    if args.setup:
+        print(json.dumps(run_one(args)))
+        return
+    model = build(args, torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    del model
+    print(f"# Qwen3-MoE {total / 1e6:.0f}M params: layers={args.layers} hidden={args.hidden} experts={args.experts} "
+          f"top-k={args.topk} moe_intermediate={args.moe_intermediate} vocab={args.vocab}; LoRA r={args.rank} on "
+          f"attention and experts; batch={args.batch} x seq={args.seq}; {args.threads} threads; median of "
+          f"{args.steps} steps after {args.warmup} warm-up")
+    print("| setup | step s | tokens/s | x eager-fp32 | peak RSS GiB | trainable params | loss first -> last |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    results = []
+    forwarded = [a for a in sys.argv[1:] if a != "--quick"]
+    for setup in args.setups.split(","):
+        cmd = [sys.executable, __file__, *forwarded, "--setup", setup]
+        if args.quick:
+            cmd.append("--quick")
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {setup} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
+            continue
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r["tokens_per_s"] for r in results if r["setup"] == "eager-fp32"), None)
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+        print(f"| {r['setup']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} | "
+              f"{r['trainable_params'] / 1e6:.1f}M | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
