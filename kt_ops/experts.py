@@ -1,5 +1,14 @@
 """KTMoEWrapper: the one entry point of spec 000 §3 / spec 003 §5. `mode` picks inference or SFT, and
-`method` the weight format; the object returned is the concrete wrapper."""
+`method` the weight format; the object returned is the concrete wrapper:
+
+    inference  AMXINT4, AMXINT8, MOE_INT4, MOE_INT8  -> AMXMoEWrapper (online quantization or kt_ops' own
+                                                        pre-quantized files)
+               FP8, RAWINT4                          -> NativeMoEWrapper (HF safetensors checkpoints: DeepSeek
+                                                        fp8 block-scaled, compressed-tensors pack-quantized int4)
+               LLAMAFILE                             -> LlamafileMoEWrapper (GGUF files)
+    sft        *_SFT                                 -> AMXSFTMoEWrapper
+
+Inference wrappers accept max_deferred_experts_per_token (see kt_ops.utils.amx for deferred experts)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,8 +18,6 @@ class KTMoEWrapper:
     INFERENCE_METHODS = frozenset({"AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"})
     SFT_METHODS = frozenset({"AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
                              "AMXINT4_1KGroup_SFT"})
-    # Spec methods whose loaders (GGUF, FP8, raw int4 checkpoints) this version does not have yet.
-    _INFERENCE_METHODS_NOT_BUILT = frozenset({"RAWINT4", "FP8", "LLAMAFILE"})
 
     def __new__(cls, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
@@ -33,9 +40,11 @@ class KTMoEWrapper:
             return AMXSFTMoEWrapper(method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_cache_depth=max_cache_depth, group_size=group_size, zero_point=zero_point,
                                     **base)
-        if method in cls._INFERENCE_METHODS_NOT_BUILT:
-            raise NotImplementedError(f"inference method {method!r} is not implemented in this version of kt_ops; "
-                                      "available now: AMXINT4, AMXINT8, MOE_INT4, MOE_INT8")
-        from .utils.amx import AMXMoEWrapper
-        return AMXMoEWrapper(method=method, cpu_save=cpu_save,
-                             max_deferred_experts_per_token=max_deferred_experts_per_token, **base)
+        if method == "LLAMAFILE":
+            from .utils.llamafile import LlamafileMoEWrapper as wrapper_cls
+        elif method in ("FP8", "RAWINT4"):
+            from .utils.native import NativeMoEWrapper as wrapper_cls
+        else:
+            from .utils.amx import AMXMoEWrapper as wrapper_cls
+        return wrapper_cls(method=method, cpu_save=cpu_save,
+                           max_deferred_experts_per_token=max_deferred_experts_per_token, **base)

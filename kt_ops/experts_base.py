@@ -216,9 +216,11 @@ class BaseMoEWrapper(_MoEBase):
         _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
         if weight_path is not None and not isinstance(weight_path, str):
             raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
-        if max_deferred_experts_per_token:
-            raise NotImplementedError("max_deferred_experts_per_token: deferred experts are not implemented in this "
-                                      "version of kt_ops; pass None")
+        if max_deferred_experts_per_token is not None:
+            _check_int(max_deferred_experts_per_token, "max_deferred_experts_per_token", 0)
+            if max_deferred_experts_per_token >= num_experts_per_tok:
+                raise ValueError(f"max_deferred_experts_per_token ({max_deferred_experts_per_token}) must be below "
+                                 f"num_experts_per_tok ({num_experts_per_tok}): every token keeps an immediate expert")
         self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
         self.layer_idx = layer_idx
         self.num_experts = num_experts
@@ -232,6 +234,33 @@ class BaseMoEWrapper(_MoEBase):
         self.chunked_prefill_size = chunked_prefill_size
         self.cpu_save = bool(cpu_save)
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
+
+    def select_deferred_experts(self, expert_ids: torch.Tensor, scores: torch.Tensor,
+                                protected_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Split each token's routed experts into (immediate_ids, deferred_ids), both shaped like
+        `expert_ids` with -1 in the slots the other one holds. Per token the `protected_k`
+        highest-scoring slots stay immediate; of the others, the lowest-scoring ones, at most
+        `max_deferred_experts_per_token`, are deferred and the rest stay immediate. Ties go to the
+        earlier slot. Slots already -1 (GPU experts) stay -1 in both."""
+        limit = self.max_deferred_experts_per_token or 0
+        if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2:
+            raise ValueError("expert_ids must be a [qlen, num_experts_per_tok] tensor")
+        if not isinstance(scores, torch.Tensor) or scores.shape != expert_ids.shape:
+            raise ValueError(f"scores must be a tensor shaped like expert_ids {tuple(expert_ids.shape)}, got "
+                             f"{None if not isinstance(scores, torch.Tensor) else tuple(scores.shape)}")
+        k = expert_ids.shape[1]
+        _check_int(protected_k, "protected_k", 0)
+        if protected_k > k:
+            raise ValueError(f"protected_k ({protected_k}) cannot exceed num_experts_per_tok ({k})")
+        n_defer = min(limit, k - protected_k)
+        deferred_mask = torch.zeros(expert_ids.shape, dtype=torch.bool, device=expert_ids.device)
+        if n_defer:
+            # stable descending order: rank r holds the r-th best slot; the last n_defer ranks defer
+            order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+            deferred_mask.scatter_(1, order[:, k - n_defer:], True)
+        deferred_mask &= expert_ids >= 0
+        none = torch.full_like(expert_ids, -1)
+        return torch.where(deferred_mask, none, expert_ids), torch.where(deferred_mask, expert_ids, none)
 
     def forward_sft(self, *args, **kwargs):
         raise RuntimeError("forward_sft() is not available in inference mode. Use forward() instead, or create "

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, ninja, pytest, hypothesis, numpy, safetensors, transformers, peft, trl, accelerate, matplotlib" 2>/dev/null; then
-  .venv/bin/pip install -q torch==2.13.0 numpy ninja pytest hypothesis safetensors setuptools wheel transformers==5.23.0 peft==0.21.2 trl==1.16.0 accelerate==1.15.0 matplotlib
+if ! .venv/bin/python -c "import torch, ninja, pytest, hypothesis, numpy, safetensors, transformers, peft, trl, accelerate, matplotlib, gguf" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0 numpy ninja pytest hypothesis safetensors setuptools wheel transformers==5.23.0 peft==0.21.2 trl==1.16.0 accelerate==1.15.0 matplotlib gguf==0.19.0
 fi
 .venv/bin/pip install -q --no-build-isolation --no-deps -e .

@@ -359,9 +359,14 @@ def test_inference_cpu_save_then_load(tmp_path):
                        second.forward(case.hidden, case.ids, case.weights))
 
 
-def test_inference_methods_not_built_say_so():
-    with pytest.raises(NotImplementedError, match="LLAMAFILE"):
-        KTMoEWrapper(**BASE, mode="inference", method="LLAMAFILE")
+@pytest.mark.parametrize("method,cls", [("LLAMAFILE", "LlamafileMoEWrapper"), ("FP8", "NativeMoEWrapper"),
+                                        ("RAWINT4", "NativeMoEWrapper"), ("MOE_INT4", "AMXMoEWrapper")])
+def test_factory_routes_every_inference_method(method, cls):
+    wrapper = KTMoEWrapper(**{**BASE, "hidden_size": 128, "moe_intermediate_size": 128}, mode="inference",
+                           method=method)
+    assert type(wrapper).__name__ == cls and wrapper.method == method
+    with pytest.raises(RuntimeError, match="Weights not loaded"):
+        wrapper.forward(torch.zeros(1, 128), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
 
 
 # ---- file mode (spec 000 §10, spec 004 §6) ------------------------------------------------------

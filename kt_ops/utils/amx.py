@@ -1,8 +1,19 @@
 """AMXMoEWrapper: inference-mode experts (AMXINT4, AMXINT8, and the generic MOE_INT4 / MOE_INT8
-names) on the kt_ops kernels, with no LoRA and nothing saved for backward."""
+names) on the kt_ops kernels, with no LoRA and nothing saved for backward. LlamafileMoEWrapper and
+NativeMoEWrapper reuse its forward path and differ only in how weights are loaded.
+
+Deferred experts (max_deferred_experts_per_token = N > 0): each forward splits every token's routed
+experts with select_deferred_experts(topk_ids, topk_weights, protected_k) (protected_k defaults to
+num_experts_per_tok - N). The immediate experts are computed and returned by that call; the deferred
+ones are queued on the CPUInfer thread right behind them and run while the caller goes on. Their
+contribution (a [qlen, hidden] tensor for the same tokens) is ADDED to the output of the wrapper's
+NEXT forward/sync_forward, whose qlen must therefore match (decode steps); flush_deferred() hands
+over the outstanding contribution instead, e.g. before a call of another length or at the end.
+So for one call: output_now + contribution_delivered_later == the full MoE output of its tokens.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,35 +24,54 @@ from ..ops import PackedExperts
 INFERENCE_FORMATS = {"AMXINT4": "int4", "AMXINT8": "int8", "MOE_INT4": "int4", "MOE_INT8": "int8"}
 
 
+def pack_codes_split(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
+                     down: Tuple[torch.Tensor, torch.Tensor], weight_format: str, group_size: int,
+                     split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
+    """pack_experts_from_codes per intermediate range: gate/up rows lo:hi, down columns lo:hi (and
+    its scale groups lo/g:hi/g), so every part stays exact."""
+    from ..ops import pack_experts_from_codes
+    if len(split) == 1:
+        return [pack_experts_from_codes(gate, up, down, weight_format)]
+    parts = []
+    for lo, hi in split:
+        rows = lambda pair: (pair[0][:, lo:hi], pair[1][:, lo:hi])  # noqa: E731
+        cols = (down[0][:, :, lo:hi], down[1][:, :, lo // group_size:hi // group_size])
+        parts.append(pack_experts_from_codes(rows(gate), rows(up), cols, weight_format))
+    return parts
+
+
 class AMXMoEWrapper(BaseMoEWrapper):
     """Expert ids below `num_gpu_experts` (or where `gpu_experts_mask` is set) belong to experts the
     caller runs on its GPU: the CPU skips them and adds nothing for them."""
 
-    SUPPORTED_METHODS = frozenset(INFERENCE_FORMATS)
+    # method -> (weight format of load_weights_from_tensors, K-group size)
+    METHOD_FORMATS: Dict[str, Tuple[str, int]] = {m: (f, 128) for m, f in INFERENCE_FORMATS.items()}
+    SUPPORTED_METHODS = frozenset(METHOD_FORMATS)
 
     def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                  moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
                  weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
                  max_deferred_experts_per_token: Optional[int] = None, method: str = "AMXINT4"):
-        if method not in self.SUPPORTED_METHODS:
-            raise ValueError(f"Unsupported method: {method!r}. Supported methods: {sorted(self.SUPPORTED_METHODS)}")
+        if method not in self.METHOD_FORMATS:
+            raise ValueError(f"Unsupported method: {method!r}. Supported methods: {sorted(self.METHOD_FORMATS)}")
         super().__init__(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
                          num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
                          cpu_save, max_deferred_experts_per_token)
         self.method = method
-        self.weight_format = INFERENCE_FORMATS[method]
-        self.split = intermediate_split(moe_intermediate_size, threadpool_count, self.weight_format, 128)
+        self.weight_format, self.group_size = self.METHOD_FORMATS[method]
+        self.split = intermediate_split(moe_intermediate_size, threadpool_count, self.weight_format, self.group_size)
         self.gpu_experts_mask = torch.arange(num_experts) < num_gpu_experts
         self.experts_parts = []
         self._full: Optional[PackedExperts] = None
         self._in_flight = []
+        self._deferred_pending = None  # the last synced call's deferred contribution, still owed
 
     def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
                                   physical_to_logical_map_cpu: torch.Tensor) -> None:
         """Quantize [E, I, H], [E, I, H], [E, H, I] logical-expert weights online. With cpu_save the
         quantized form is also written to `weight_path`, so the next start loads it."""
         mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
-        parts = pack_split(gate_proj, up_proj, down_proj, self.weight_format, 128, self.split)
+        parts = pack_split(gate_proj, up_proj, down_proj, self.weight_format, self.group_size, self.split)
         if self.cpu_save:
             from ..packed_io import save_packed_experts
             if not self.weight_path:
@@ -49,9 +79,13 @@ class AMXMoEWrapper(BaseMoEWrapper):
             full = parts[0] if len(parts) == 1 else None
             if full is None:
                 from ..ops import pack_experts
-                full = pack_experts(gate_proj, up_proj, down_proj, self.weight_format)
+                full = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
             save_packed_experts(self.weight_path, {self.layer_idx: full}, overwrite=True)
+        self._set_parts(parts, mapping)
+
+    def _set_parts(self, parts: Sequence[PackedExperts], mapping: torch.Tensor) -> None:
         self.experts_parts = [_permute_packed(part, mapping) for part in parts]
+        self.weight_format = parts[0].weight_format
 
     def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
         """Load layer `layer_idx` of the pre-quantized form at `weight_path`."""
@@ -65,33 +99,66 @@ class AMXMoEWrapper(BaseMoEWrapper):
         if experts.weight_format != self.weight_format:
             raise ValueError(f"{self.weight_path} holds layer {self.layer_idx} as {experts.weight_format}; method "
                              f"{self.method} needs {self.weight_format}")
-        parts = resplit_packed(experts, 128, self.split)
-        self.experts_parts = [_permute_packed(part, mapping) for part in parts]
+        self._set_parts(resplit_packed(experts, self.group_size, self.split), mapping)
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                cuda_stream=None) -> torch.Tensor:
-        self.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream)
+                cuda_stream=None, protected_k: Optional[int] = None) -> torch.Tensor:
+        self.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream, protected_k=protected_k)
         return self.sync_forward(hidden_states, cuda_stream)
 
     def submit_forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       cuda_stream=None) -> None:
-        """Start the experts on the CPUInfer thread and return at once; sync_forward collects."""
+                       cuda_stream=None, protected_k: Optional[int] = None) -> None:
+        """Start the experts on the CPUInfer thread and return at once; sync_forward collects.
+        `protected_k` (deferral only) overrides how many top-scoring experts per token stay immediate."""
         if not self.experts_parts:
             raise RuntimeError("Weights not loaded. Call load_weights() first.")
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 \
                 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must be a [qlen, {self.hidden_size}] tensor")
+        if protected_k is not None and not self.max_deferred_experts_per_token:
+            raise ValueError("protected_k needs deferred experts: create the wrapper with "
+                             "max_deferred_experts_per_token > 0")
         x, ids, w = (t.to("cpu") for t in (hidden_states, topk_ids, topk_weights))
         if self.gpu_experts_mask.any():
             ids = torch.where(self.gpu_experts_mask[ids.clamp(0, self.num_experts - 1).long()], -1, ids)
-        self._in_flight.append(self.cpu_infer.submit(self._compute, x, ids, w))
+        if not self.max_deferred_experts_per_token:
+            self._in_flight.append((self.cpu_infer.submit(self._compute, x, ids, w), None))
+            return
+        if protected_k is None:
+            protected_k = max(self.num_experts_per_tok - self.max_deferred_experts_per_token, 0)
+        immediate_ids, deferred_ids = self.select_deferred_experts(ids, w, protected_k)
+        immediate = self.cpu_infer.submit(self._compute, x, immediate_ids, w)
+        deferred = self.cpu_infer.submit(self._compute, x, deferred_ids, w)
+        self._in_flight.append((immediate, deferred))
 
     def sync_forward(self, hidden_states: torch.Tensor, cuda_stream=None) -> torch.Tensor:
-        """The output of the oldest submitted forward, on hidden_states' device."""
+        """The output of the oldest submitted forward, on hidden_states' device, plus the deferred
+        contribution the previous call left (see the module docstring)."""
         if not self._in_flight:
             raise RuntimeError("sync_forward() without a pending submit_forward()")
-        output = self._in_flight.pop(0).result()
+        immediate, deferred = self._in_flight.pop(0)
+        output = immediate.result()
+        if self._deferred_pending is not None:
+            # queued before this call's immediate work, so already finished
+            owed = self._deferred_pending.result()
+            if owed.shape != output.shape:
+                self._in_flight.insert(0, (immediate, deferred))
+                raise ValueError(f"the previous call's deferred experts cover {owed.shape[0]} tokens but this call "
+                                 f"has {output.shape[0]}; call flush_deferred() before changing qlen")
+            output = output + owed
+        self._deferred_pending = deferred
         return output.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def flush_deferred(self, hidden_states: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Wait for and return the deferred contribution still owed by the last synced call (None if
+        nothing is owed); it will then not be added to the next call. Cast to hidden_states' device and
+        dtype when given."""
+        if self._deferred_pending is None:
+            return None
+        owed, self._deferred_pending = self._deferred_pending.result(), None
+        if hidden_states is not None:
+            owed = owed.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return owed
 
     def _compute(self, x, ids, w) -> torch.Tensor:
         chunks = []

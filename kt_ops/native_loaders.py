@@ -1,0 +1,128 @@
+"""Expert weights of pre-quantized HuggingFace safetensors checkpoints, for NativeMoEWrapper.
+
+FP8 (DeepSeek-V3 style): per expert `{base}.mlp.experts.{e}.{gate,up,down}_proj.weight` in
+float8_e4m3fn [N, K] with `weight_scale_inv` fp32 [ceil(N/128), ceil(K/128)], one scale per 128x128
+block (w = fp8 * scale_inv). Each expert is dequantized in fp32 on its own and requantized to
+int8_kgroup with groups of 128 along K: one byte per weight like fp8, plus one fp32 scale per row
+and group instead of per block.
+
+RAWINT4 (compressed-tensors "pack-quantized", symmetric int4): `weight_packed` int32 [N, K/8]
+holding 8 signed 4-bit values per int32, lowest nibble first; `weight_scale` [N, K/group] (bf16,
+fp16 or fp32); `weight_shape` [N, K]. w = q * scale with q in [-8, 7], which is int4_kgroup's
+w = (u - 8) * scale with u = q + 8: packed exactly, codes as they are.
+
+`{base}` is `model.layers.{L}`, or where multimodal checkpoints put the text model's layers.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .loaders import SafeTensorLoader, _candidate_bases
+from .ops import PackedExperts
+
+FP8_BLOCK = 128
+_PROJ = ("gate", "up", "down")
+
+
+def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and fp32 scales of [..., K] values per `group_size` columns (scale =
+    max |w| / 127, round to nearest even), the int8_kgroup rule, for pack_codes."""
+    *lead, K = values.shape
+    groups = values.float().reshape(*lead, K // group_size, group_size)
+    scales = groups.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.round(groups / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(*lead, K), scales
+
+
+class NativeCheckpoint:
+    """The pre-quantized experts of one layer, read one expert at a time."""
+
+    def __init__(self, path, method: str):
+        if method not in ("FP8", "RAWINT4"):
+            raise ValueError(f"method must be 'FP8' or 'RAWINT4', got {method!r}")
+        self.method = method
+        self.loader = SafeTensorLoader(path)
+        self.path = self.loader.path
+        self._suffixes = ("weight", "weight_scale_inv") if method == "FP8" else ("weight_packed", "weight_scale")
+
+    def _base(self, layer_idx: int) -> str:
+        for base in _candidate_bases(f"model.layers.{layer_idx}"):
+            if self.loader.has_tensor(f"{base}.mlp.experts.0.gate_proj.{self._suffixes[0]}"):
+                return base
+        raise ValueError(f"{self.path} has no {self.method} experts for layer {layer_idx}: expected "
+                         f"model.layers.{layer_idx}.mlp.experts.{{e}}.{{gate,up,down}}_proj."
+                         f"{{{','.join(self._suffixes)}}}")
+
+    def _expert(self, base: str, expert: int) -> Dict[str, Dict[str, torch.Tensor]]:
+        keys = {f"{base}.mlp.experts.{expert}.{p}_proj.{s}": (p, s) for p in _PROJ for s in self._suffixes}
+        missing = [k for k in keys if not self.loader.has_tensor(k)]
+        if missing:
+            raise ValueError(f"{self.path} lacks {missing[0]!r} (layer {base}, expert {expert}); was the wrapper "
+                             "built with the checkpoint's num_experts?")
+        if self.method == "RAWINT4":  # optional: checked against the wrapper's shape when present
+            keys.update({f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape") for p in _PROJ
+                         if self.loader.has_tensor(f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape")})
+        out: Dict[str, Dict[str, torch.Tensor]] = {p: {} for p in _PROJ}
+        for key, tensor in self.loader._iter_tensors(keys, "cpu"):
+            p, s = keys[key]
+            out[p][s] = tensor
+        return out
+
+    def _fp8_values(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape) -> torch.Tensor:
+        if weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{key}.weight must be float8_e4m3fn for method FP8, got {weight.dtype}")
+        if tuple(weight.shape) != tuple(shape):
+            raise ValueError(f"{key}.weight has shape {list(weight.shape)}; the wrapper was built for {list(shape)}")
+        N, K = shape
+        blocks = (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+        if tuple(scale_inv.shape) != blocks:
+            raise ValueError(f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
+                             f"got {list(scale_inv.shape)}")
+        scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
+        return weight.float() * scale
+
+    def _int4_codes(self, key: str, packed: torch.Tensor, scale: torch.Tensor, shape, group_size: int):
+        N, K = shape
+        if packed.dtype != torch.int32 or tuple(packed.shape) != (N, K // 8):
+            raise ValueError(f"{key}.weight_packed must be int32 [N, K/8] = {[N, K // 8]}, got {packed.dtype} "
+                             f"{list(packed.shape)}")
+        if not scale.is_floating_point() or tuple(scale.shape) != (N, K // group_size):
+            raise ValueError(f"{key}.weight_scale must be a float tensor [N, K/{group_size}] = "
+                             f"{[N, K // group_size]} (symmetric int4, group {group_size}), got {scale.dtype} "
+                             f"{list(scale.shape)}")
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # lowest nibble first
+        signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+        return (signed + 8).to(torch.uint8).reshape(N, K), scale.float()
+
+    def load_layer(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                   split: Sequence[Tuple[int, int]], group_size: int) -> List[PackedExperts]:
+        """PackedExperts per intermediate range of `split` (int8_kgroup for FP8, int4_kgroup for
+        RAWINT4), experts in the checkpoint's (logical) order."""
+        E, H, I = num_experts, hidden_size, intermediate_size
+        base = self._base(layer_idx)
+        fmt = "int8_kgroup" if self.method == "FP8" else "int4_kgroup"
+        shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+        codes = {p: [] for p in _PROJ}
+        scales = {p: [] for p in _PROJ}
+        for e in range(E):
+            tensors = self._expert(base, e)
+            for p in _PROJ:
+                key = f"{base}.mlp.experts.{e}.{p}_proj"
+                t = tensors[p]
+                if self.method == "FP8":
+                    c, s = quantize_int8_groups(self._fp8_values(key, t["weight"], t["weight_scale_inv"],
+                                                                 shapes[p]), group_size)
+                else:
+                    if "weight_shape" in t and [int(v) for v in t["weight_shape"].tolist()] != list(shapes[p]):
+                        raise ValueError(f"{key}.weight_shape is {t['weight_shape'].tolist()}; the wrapper was "
+                                         f"built for {list(shapes[p])}")
+                    c, s = self._int4_codes(key, t["weight_packed"], t["weight_scale"], shapes[p], group_size)
+                codes[p].append(c)
+                scales[p].append(s)
+        from .utils.amx import pack_codes_split
+        stacked = {p: (torch.stack(codes[p]), torch.stack(scales[p])) for p in _PROJ}
+        return pack_codes_split(stacked["gate"], stacked["up"], stacked["down"], fmt, group_size, split)

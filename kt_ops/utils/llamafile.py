@@ -1,0 +1,33 @@
+"""LlamafileMoEWrapper (method LLAMAFILE): inference on experts read from GGUF files. The GGUF types
+map to kernel formats as kt_ops.gguf_loader documents (Q8_0 / Q4_0 / Q4_1 / Q8_K exactly, the other
+K-quants requantized, float types as bf16); forward, submit_forward/sync_forward, chunked prefill,
+GPU experts and deferred experts are AMXMoEWrapper's."""
+from __future__ import annotations
+
+import torch
+
+from ..experts_base import _check_expert_map
+from .amx import AMXMoEWrapper
+
+
+class LlamafileMoEWrapper(AMXMoEWrapper):
+    # load_weights_from_tensors quantizes like Q8_0 (int8 per 32-wide group); GGUF files bring their own.
+    # Splits across sub-pools fall on multiples of 32, the GGUF block, so every part stays exact.
+    METHOD_FORMATS = {"LLAMAFILE": ("int8_kgroup", 32)}
+    SUPPORTED_METHODS = frozenset(METHOD_FORMATS)
+
+    def __init__(self, *args, method: str = "LLAMAFILE", **kwargs):
+        super().__init__(*args, method=method, **kwargs)
+
+    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
+        """Read blk.{layer_idx}.ffn_{gate,up,down}_exps.weight from the .gguf file or directory of
+        .gguf files at `weight_path`."""
+        from ..gguf_loader import GGUFLoader
+
+        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        if not self.weight_path:
+            raise RuntimeError("weight_path is not set: create the wrapper with weight_path naming a .gguf file or "
+                               "a directory of them, or call load_weights_from_tensors()")
+        parts = GGUFLoader(self.weight_path).load_layer(self.layer_idx, self.num_experts, self.hidden_size,
+                                                        self.moe_intermediate_size, self.split)
+        self._set_parts(parts, mapping)
