@@ -44,7 +44,9 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "lr_scheduler_type": ("cosine", str, "transformers scheduler name"),
     "warmup_steps": (0, int, "warm-up steps"),
     "logging_steps": (1, int, "log (and record the loss) every N steps"),
-    "save_steps": (0, int, "also save the adapter every N steps (0: only at the end)"),
+    "save_steps": (0, int, "also save a resumable checkpoint (Trainer state + adapter) every N steps (0: only the "
+                           "adapter, at the end)"),
+    "resume_from_checkpoint": (None, str, "a checkpoint-N directory of an earlier run (with save_steps) to resume"),
     "gradient_checkpointing": (False, bool, "activation checkpointing per decoder layer"),
     "bf16": (False, bool, "load the model in bfloat16 and train with bf16 autocast"),
     "pref_beta": (0.1, float, "DPO beta"),
@@ -108,7 +110,7 @@ def load_config(path_or_dict) -> dict:
             if not isinstance(value, str):
                 raise ConfigError(f"{key} must be a string, got {value!r}")
             config[key] = value
-    for key in ("dataset", "output_dir", "kt_weight_path"):
+    for key in ("dataset", "output_dir", "kt_weight_path", "resume_from_checkpoint"):
         if config[key] is not None and not os.path.isabs(config[key]):
             config[key] = os.path.normpath(os.path.join(base_dir, config[key]))
     model = config["model_name_or_path"]
@@ -286,7 +288,8 @@ def _training_kwargs(config: dict) -> dict:
         num_train_epochs=config["num_train_epochs"], max_steps=config["max_steps"],
         lr_scheduler_type=config["lr_scheduler_type"], warmup_steps=config["warmup_steps"],
         logging_steps=config["logging_steps"], gradient_checkpointing=config["gradient_checkpointing"],
-        bf16=config["bf16"], seed=config["seed"], report_to=[], save_strategy="no", use_cpu=_no_accelerator(),
+        bf16=config["bf16"], seed=config["seed"], report_to=[], use_cpu=_no_accelerator(),
+        save_strategy="steps" if config["save_steps"] else "no", save_steps=config["save_steps"] or 500,
         remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="all")
 
 
@@ -332,10 +335,10 @@ def _adapter_saver(config: dict):
             model.save_pretrained(directory)
 
     class SaveAdapter(TrainerCallback):
-        # Trainer's own checkpoints hold only what peft knows about; the expert LoRA needs save_kt_adapter.
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if config["save_steps"] and state.global_step % config["save_steps"] == 0:
-                save(model, os.path.join(config["output_dir"], f"checkpoint-{state.global_step}"))
+        # Trainer's checkpoint holds the optimizer, scheduler and peft's adapter but not the expert LoRA:
+        # it is written into the same checkpoint directory, which then resumes completely.
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     return save, SaveAdapter()
 
@@ -402,7 +405,15 @@ def train(config) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
     trainer.add_callback(_progress_printer())
-    trainer.train()
+    resume = config["resume_from_checkpoint"]
+    if resume is not None:
+        if not os.path.isdir(resume):
+            raise ConfigError(f"resume_from_checkpoint {resume!r} is not a directory")
+        if config["use_kt"]:
+            from .integration import load_kt_adapter
+
+            load_kt_adapter(model, resume)  # the expert LoRA; Trainer restores the rest
+    trainer.train(resume_from_checkpoint=resume)
     save(model, config["output_dir"])
     with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=True)

@@ -120,3 +120,29 @@ def test_sft_from_a_local_model_directory(tmp_path):
     summary = cli.train(config)
     assert summary["losses"][-1] < summary["losses"][0]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_resumes_to_the_same_adapter(tmp_path):
+    """A run stopped after a checkpoint and resumed from it ends where the uninterrupted run ends:
+    the checkpoint holds Trainer's state and the expert LoRA (written beside peft's adapter)."""
+    from safetensors.torch import load_file
+
+    whole = cli.train(_config(tmp_path / "whole", max_steps=4, save_steps=2))
+    ckpt = os.path.join(whole["output_dir"], "checkpoint-2")
+    assert os.path.isfile(os.path.join(ckpt, "optimizer.pt"))
+    resumed = cli.train(_config(tmp_path / "resumed", max_steps=4, save_steps=2, resume_from_checkpoint=ckpt))
+    final_whole = load_file(os.path.join(whole["output_dir"], "adapter_model.safetensors"))
+    final_resumed = load_file(os.path.join(resumed["output_dir"], "adapter_model.safetensors"))
+    assert final_whole.keys() == final_resumed.keys() and any(".experts." in k for k in final_whole)
+    for key in final_whole:
+        torch.testing.assert_close(final_resumed[key], final_whole[key], rtol=1e-4, atol=1e-6, msg=key)
+    with pytest.raises(cli.ConfigError, match="resume_from_checkpoint"):
+        cli.train(_config(tmp_path / "bad", resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_bf16_run_trains(tmp_path):
+    import math
+
+    summary = cli.train(_config(tmp_path, bf16=True, max_steps=3, learning_rate=0.02))
+    assert len(summary["losses"]) == 3 and all(math.isfinite(loss) for loss in summary["losses"])
+    assert summary["losses"][-1] < summary["losses"][0]
