@@ -428,3 +428,27 @@ def test_deferred_config_errors():
     plain = amx_pair(max_deferred=None, k=2)[1]
     with pytest.raises(ValueError, match="protected_k needs deferred experts"):
         plain.forward(torch.zeros(1, 32), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), protected_k=1)
+
+
+@pytest.mark.parametrize("method", ["LLAMAFILE", "FP8", "RAWINT4"])
+def test_checkpoint_methods_refuse_cpu_save(method):
+    with pytest.raises(ValueError, match="cpu_save=True is for the AMX methods"):
+        wrapper(method, weight_path="model.gguf", cpu_save=True)
+
+
+@pytest.mark.parametrize("method,fmt", [("LLAMAFILE", "int8_kgroup"), ("FP8", "int8_kgroup"),
+                                        ("RAWINT4", "int4_kgroup")])
+def test_checkpoint_methods_also_quantize_online(method, fmt):
+    gen = torch.Generator().manual_seed(50)
+    weights = [torch.randn(s, generator=gen) * 0.05 for s in ((E, 128, 128),) * 3]
+    w = wrapper(method, hidden_size=128, moe_intermediate_size=128)
+    w.load_weights_from_tensors(*weights, torch.arange(E))
+    assert w.weight_format == fmt
+    x, ids, topk = routing(51)
+    x = x[:, :128].contiguous()
+    zeros = [torch.zeros(s) for s in ((E, 0, 128), (E, 128, 0)) * 2 + ((E, 0, 128), (E, 128, 0))]
+    stored = unpack_experts(w.experts_parts[0])
+    assert all(rel_mae(s, t) <= (0.01 if fmt == "int8_kgroup" else 0.12) for s, t in zip(stored, weights))
+    ref = moe_sft_reference(x.double(), ids, topk.double(), *(t.double() for t in stored), *zeros, 0.0,
+                            compute_dtype=torch.float64)
+    assert rel_mae(w.forward(x, ids, topk), ref) <= 0.02

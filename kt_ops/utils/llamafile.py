@@ -17,6 +17,10 @@ class LlamafileMoEWrapper(AMXMoEWrapper):
     SUPPORTED_METHODS = frozenset(METHOD_FORMATS)
 
     def __init__(self, *args, method: str = "LLAMAFILE", **kwargs):
+        if kwargs.get("cpu_save"):
+            # load_weights_from_tensors would write kt_ops' packed form over the checkpoint at weight_path
+            raise ValueError("cpu_save=True is for the AMX methods' online quantization; LLAMAFILE reads weight_path as GGUF, so "
+                             "it is never overwritten: pass cpu_save=False")
         super().__init__(*args, method=method, **kwargs)
 
     def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
