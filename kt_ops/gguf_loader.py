@@ -16,7 +16,7 @@ Q6_K). When the three projections' formats differ the layer takes one that holds
 any projection is a float type; otherwise int8_kgroup, where int4_kgroup codes stay exact (code
 u - 8, same scale) and int4_1_kgroup blocks are requantized.
 
-The files are memory-mapped (gguf.GGUFReader); a projection is decoded `expert_chunk` experts at a
+The files are memory-mapped (gguf.GGUFReader); a projection is decoded a few experts at a
 time, so the fp32 working copies stay a few experts large whatever the layer size.
 """
 from __future__ import annotations
@@ -225,9 +225,11 @@ class GGUFLoader:
         return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
     def load_layer(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   split: Sequence[Tuple[int, int]] = None, expert_chunk: int = 8) -> List[PackedExperts]:
+                   split: Sequence[Tuple[int, int]] = None,
+                   chunk_elements: int = 1 << 26) -> List[PackedExperts]:
         """Layer `layer_idx`'s experts as PackedExperts, one per intermediate range of `split`
-        (default: the whole range). Range bounds must be multiples of 32."""
+        (default: the whole range). Range bounds must be multiples of 32. Experts are decoded in
+        chunks of about `chunk_elements` weights (256 MiB as fp32), at least one expert each."""
         E, H, I = num_experts, hidden_size, intermediate_size
         split = list(split) if split is not None else [(0, I)]
         tensors = {p: self.expert_tensor(layer_idx, p) for p in _PROJECTIONS}
@@ -250,6 +252,7 @@ class GGUFLoader:
         for p in _PROJECTIONS:
             tensor = tensors[p]
             shape = self.torch_shape(tensor)
+            expert_chunk = max(1, chunk_elements // (shape[1] * shape[2]))
             for start in range(0, E, expert_chunk):
                 stop = min(start + expert_chunk, E)
                 decoded = _decode(tensor.data[start:stop], tensor.tensor_type, (stop - start, *shape[1:]))

@@ -452,3 +452,13 @@ def test_checkpoint_methods_also_quantize_online(method, fmt):
     ref = moe_sft_reference(x.double(), ids, topk.double(), *(t.double() for t in stored), *zeros, 0.0,
                             compute_dtype=torch.float64)
     assert rel_mae(w.forward(x, ids, topk), ref) <= 0.02
+
+
+def test_gguf_decoding_in_expert_chunks_changes_nothing(tmp_path):
+    from kt_ops.gguf_loader import GGUFLoader
+    write_gguf(tmp_path / "m.gguf", {"gate": T.Q4_K, "up": T.Q4_0, "down": T.Q6_K}, seed=8)
+    loader = GGUFLoader(str(tmp_path / "m.gguf"))
+    whole = loader.load_layer(0, E, H, I)[0]
+    one_by_one = loader.load_layer(0, E, H, I, chunk_elements=1)[0]
+    for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
+        assert torch.equal(getattr(whole, name), getattr(one_by_one, name)), name
