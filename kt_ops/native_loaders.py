@@ -62,7 +62,12 @@ class NativeCheckpoint:
         if missing:
             raise ValueError(f"{self.path} lacks {missing[0]!r} (layer {base}, expert {expert}); was the wrapper "
                              "built with the checkpoint's num_experts?")
-        if self.method == "RAWINT4":  # optional: checked against the wrapper's shape when present
+        if self.method == "RAWINT4":
+            asymmetric = f"{base}.mlp.experts.{expert}.gate_proj.weight_zero_point"
+            if self.loader.has_tensor(asymmetric):
+                raise ValueError(f"{self.path} has {asymmetric!r}: asymmetric int4 is not supported by RAWINT4, "
+                                 "which reads symmetric pack-quantized int4 (no zero point)")
+            # optional: checked against the wrapper's shape when present
             keys.update({f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape") for p in _PROJ
                          if self.loader.has_tensor(f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape")})
         out: Dict[str, Dict[str, torch.Tensor]] = {p: {} for p in _PROJ}

@@ -344,6 +344,11 @@ def test_native_checkpoint_errors(tmp_path):
         wrapper("FP8", weight_path=str(bad)).load_weights(torch.arange(E))
     with pytest.raises(FileNotFoundError):
         wrapper("RAWINT4", weight_path=str(tmp_path / "nowhere")).load_weights(torch.arange(E))
+    from safetensors.torch import save_file
+    save_file({"model.layers.0.mlp.experts.0.gate_proj.weight_zero_point": torch.zeros(256, 8, dtype=torch.int32)},
+              str(tmp_path / "int4" / "model-zp.safetensors"))
+    with pytest.raises(ValueError, match="asymmetric int4 is not supported"):
+        wrapper("RAWINT4", weight_path=str(tmp_path / "int4")).load_weights(torch.arange(E))
 
 
 # ---- deferred experts -----------------------------------------------------------------------------
