@@ -3,8 +3,9 @@
 
 Three set-ups train the same model (same seed, same batches), each in its own process so that peak
 memory (max RSS) is its own:
-  kt_ops      experts on kt_ops (apply_kt, bf16 packed experts, expert LoRA r in the kt layer),
-              attention LoRA through peft
+  kt_ops      experts on kt_ops (apply_kt: bf16 packed experts, fp32 expert LoRA in the kt layer),
+              the rest of the model in fp32 (on a CPU-only machine; bf16 matmuls on a CPU without
+              AVX512-BF16/AMX take torch's slow path), attention LoRA through peft
   eager-bf16  transformers' eager experts in bf16, LoRA on attention (target_modules) and on the
               experts' fused parameters (peft target_parameters)
   eager-fp32  the same in fp32
@@ -49,7 +50,7 @@ def run_one(args) -> dict:
         from kt_ops.integration import apply_kt, get_peft_model
 
         kt_ops.set_num_threads(args.threads)
-        model = build(args, torch.bfloat16)
+        model = build(args, torch.float32)
         apply_kt(model, kt_backend="AMXBF16", lora_rank=args.rank, lora_alpha=2.0 * args.rank)
         model = get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention))
     else:
@@ -92,9 +93,10 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per set-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--setups", default="kt_ops,eager-bf16,eager-fp32")
+    parser.add_argument("--setups", default="kt_ops,eager-fp32,eager-bf16")
     parser.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 8 experts, seq 64")
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,7 +120,11 @@ def main():
         cmd = [sys.executable, __file__, *forwarded, "--setup", setup]
         if args.quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| {setup} | over {args.timeout} s, stopped |", flush=True)
+            continue
         if out.returncode != 0:
             print(f"| {setup} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
             continue

@@ -256,7 +256,8 @@ inline T sigmoid(T x) {
 
 // The LoRA matrices of the experts that are hit, converted to T, with every B transposed to
 // [r, out] so that all rank-r work is a dot or an axpy over contiguous rows. Only hit experts are
-// converted, so a decode step does not touch all E experts' adapters.
+// converted, so a decode step does not touch all E experts' adapters; A matrices already in T are
+// not copied at all.
 template <typename T>
 class Lora {
  public:
@@ -268,9 +269,11 @@ class Lora {
     for (size_t i = 0; i < routing.hit_experts.size(); ++i) slot_of_expert_[routing.hit_experts[i]] = i;
     int64_t total = 0;
     for (int m = 0; m < 6; ++m) {
-      offset_[m] = total;
-      total += sources_[m]->size(1) * sources_[m]->size(2);
       contiguous_[m] = sources_[m]->contiguous();
+      // An A matrix already in T is read in place: only B (transposed) and other dtypes are copied.
+      in_place_[m] = !is_b(m) && contiguous_[m].scalar_type() == c10::CppTypeToScalarType<T>::value;
+      offset_[m] = total;
+      if (!in_place_[m]) total += sources_[m]->size(1) * sources_[m]->size(2);
     }
     per_expert_ = total;
     const int64_t hits = routing.hit_experts.size();
@@ -278,14 +281,14 @@ class Lora {
     ThreadPool::instance().parallel_for(hits * 6, [&](int64_t task) {
       const int64_t e = routing.hit_experts[task / 6];
       const int m = task % 6;
+      if (in_place_[m]) return;
       const Tensor& src = contiguous_[m];
       const int64_t rows = src.size(1), cols = src.size(2);
       T* dst = storage_->data() + slot_of_expert_[e] * per_expert_ + offset_[m];
-      const bool transpose = m == GateB || m == UpB || m == DownB;
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "kt_lora_convert", [&] {
         const scalar_t* from = src.data_ptr<scalar_t>() + e * rows * cols;
         // Separate loops so the straight copy vectorizes; the transpose writes r sequential streams.
-        if (!transpose) {
+        if (!is_b(m)) {
           for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<T>(from[i]);
         } else {
           for (int64_t i = 0; i < rows; ++i)
@@ -296,12 +299,19 @@ class Lora {
   }
   // A as [r, in]; B transposed as [r, out].
   const T* get(Which which, int64_t expert) const {
+    if (in_place_[which]) {
+      const Tensor& src = contiguous_[which];
+      return src.data_ptr<T>() + expert * src.size(1) * src.size(2);
+    }
     return storage_->data() + slot_of_expert_[expert] * per_expert_ + offset_[which];
   }
 
  private:
+  static bool is_b(int m) { return m == GateB || m == UpB || m == DownB; }
+
   const Tensor* sources_[6];
   Tensor contiguous_[6];
+  bool in_place_[6] = {};
   int64_t offset_[6] = {};
   int64_t per_expert_ = 0;
   std::vector<int64_t> slot_of_expert_;
