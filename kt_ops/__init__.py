@@ -15,12 +15,14 @@ from .loaders import BF16SafeTensorLoader, SafeTensorLoader
 from .ops import WEIGHT_FORMATS, PackedExperts, moe_sft, pack_experts, unpack_experts
 from .packed_io import load_packed_experts, packed_layers, save_packed_experts
 from .utils.amx import AMXMoEWrapper
+from .utils.llamafile import LlamafileMoEWrapper
+from .utils.native import NativeMoEWrapper
 from .utils.amx_sft import AMXSFTMoEWrapper
 
 __all__ = [
     "AMXMoEWrapper", "AMXSFTMoEWrapper", "BF16SafeTensorLoader", "BaseMoEWrapper", "BaseSFTMoEWrapper",
     "SafeTensorLoader", "CPUInfer", "KExpertsSFTBuffer",
-    "KTMoEWrapper", "WorkerPoolConfig", "KTMoEFunction", "KTMoELayer", "PackedExperts", "SFT_METHOD_FORMATS", "WEIGHT_FORMATS", "cpu_info", "get_isa",
+    "KTMoEWrapper", "LlamafileMoEWrapper", "NativeMoEWrapper", "WorkerPoolConfig", "KTMoEFunction", "KTMoELayer", "PackedExperts", "SFT_METHOD_FORMATS", "WEIGHT_FORMATS", "cpu_info", "get_isa",
     "get_num_threads", "load_packed_experts", "moe_sft", "pack_experts", "packed_layers", "save_packed_experts",
     "set_isa", "set_num_threads", "unpack_experts",
 ]
