@@ -137,6 +137,31 @@ class _MoEBase:
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
 
+    def _init_common(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
+                     moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
+                     weight_path, chunked_prefill_size: int) -> None:
+        """Validate and store the arguments both modes share, and attach the process's CPUInfer."""
+        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
+                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
+        _check_int(layer_idx, "layer_idx", 0)
+        _check_int(num_gpu_experts, "num_gpu_experts", 0)
+        if num_gpu_experts > num_experts:
+            raise ValueError(f"num_gpu_experts ({num_gpu_experts}) cannot exceed num_experts ({num_experts})")
+        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
+        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
+            raise TypeError(f"weight_path must be a path or None, got {type(weight_path).__name__}")
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.hidden_size = hidden_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_gpu_experts = num_gpu_experts
+        self.cpuinfer_threads = cpuinfer_threads
+        self.threadpool_count = threadpool_count
+        self.weight_path = os.fspath(weight_path) if weight_path is not None else None
+        self.chunked_prefill_size = chunked_prefill_size
+        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
+
 
 def _check_expert_map(physical_to_logical_map, num_experts: int) -> torch.Tensor:
     """A permutation of range(num_experts) as a CPU int64 tensor."""
@@ -207,31 +232,13 @@ class BaseMoEWrapper(_MoEBase):
                  moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
                  weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
                  max_deferred_experts_per_token: Optional[int] = None):
-        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
-                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
-        _check_int(layer_idx, "layer_idx", 0)
-        _check_int(num_gpu_experts, "num_gpu_experts", 0)
-        if num_gpu_experts > num_experts:
-            raise ValueError(f"num_gpu_experts ({num_gpu_experts}) cannot exceed num_experts ({num_experts})")
-        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
-        if weight_path is not None and not isinstance(weight_path, str):
-            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
+        self._init_common(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
+                          num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size)
         if max_deferred_experts_per_token is not None:
             _check_int(max_deferred_experts_per_token, "max_deferred_experts_per_token", 0)
             if max_deferred_experts_per_token >= num_experts_per_tok:
                 raise ValueError(f"max_deferred_experts_per_token ({max_deferred_experts_per_token}) must be below "
                                  f"num_experts_per_tok ({num_experts_per_tok}): every token keeps an immediate expert")
-        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
-        self.layer_idx = layer_idx
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.hidden_size = hidden_size
-        self.moe_intermediate_size = moe_intermediate_size
-        self.num_gpu_experts = num_gpu_experts
-        self.cpuinfer_threads = cpuinfer_threads
-        self.threadpool_count = threadpool_count
-        self.weight_path = weight_path
-        self.chunked_prefill_size = chunked_prefill_size
         self.cpu_save = bool(cpu_save)
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
 

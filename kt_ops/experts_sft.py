@@ -98,24 +98,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                  moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
                  weight_path: Optional[str], chunked_prefill_size: int, lora_rank: int = 16,
                  lora_alpha: float = 32.0, max_cache_depth: int = 1):
-        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
-                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
         self._validate_sft_config(lora_rank, lora_alpha, max_cache_depth)
-        _check_int(layer_idx, "layer_idx", 0)
-        _check_int(num_gpu_experts, "num_gpu_experts", 0)
-        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
-        if weight_path is not None and not isinstance(weight_path, str):
-            raise TypeError(f"weight_path must be a str or None, got {type(weight_path).__name__}")
-        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
-        self.layer_idx = layer_idx
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.hidden_size = hidden_size
-        self.moe_intermediate_size = moe_intermediate_size
-        self.num_gpu_experts = num_gpu_experts
-        self.weight_path = weight_path
-        self.chunked_prefill_size = chunked_prefill_size
-        self.threadpool_count = threadpool_count
+        self._init_common(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
+                          num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size)
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_alpha)
         self.lora_scaling = self.lora_alpha / lora_rank

@@ -83,3 +83,13 @@ def _restore_global_state():
     if kt is not None:
         kt.set_isa(isa)
         kt.set_num_threads(nthreads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models' torch ops run faster on one thread than contending with kt_ops' worker pool (and
+    anything else running) for the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

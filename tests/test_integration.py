@@ -15,14 +15,7 @@ from kt_ops.integration.tiny import TINY_MODELS, tiny_model  # noqa: E402
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The tiny models' torch ops are faster on one thread than contending with kt_ops' worker pool
-    # (and anything else running) for the cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(batch=2, seq=12, seed=1):
