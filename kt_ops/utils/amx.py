@@ -118,18 +118,34 @@ class AMXMoEWrapper(BaseMoEWrapper):
         if protected_k is not None and not self.max_deferred_experts_per_token:
             raise ValueError("protected_k needs deferred experts: create the wrapper with "
                              "max_deferred_experts_per_token > 0")
-        x, ids, w = (t.to("cpu") for t in (hidden_states, topk_ids, topk_weights))
+        if protected_k is None and self.max_deferred_experts_per_token:
+            protected_k = max(self.num_experts_per_tok - self.max_deferred_experts_per_token, 0)
+        x, ids, w, copied = _to_host(hidden_states, topk_ids, topk_weights, cuda_stream)
+        if copied is None:
+            routed = _Done(self._route(x, ids, w, protected_k))
+        else:
+            # Device inputs: the CPUInfer thread, not the caller, waits for their copies to land.
+            routed = self.cpu_infer.submit(self._route_after, copied, x, ids, w, protected_k)
+        immediate = self.cpu_infer.submit(self._compute_routed, routed, 0)
+        deferred = self.cpu_infer.submit(self._compute_routed, routed, 1) if self.max_deferred_experts_per_token else None
+        self._in_flight.append((immediate, deferred))
+
+    def _route(self, x, ids, w, protected_k):
+        """(x, immediate ids, deferred ids or None, weights): GPU experts masked, deferral applied."""
         if self.gpu_experts_mask.any():
             ids = torch.where(self.gpu_experts_mask[ids.clamp(0, self.num_experts - 1).long()], -1, ids)
         if not self.max_deferred_experts_per_token:
-            self._in_flight.append((self.cpu_infer.submit(self._compute, x, ids, w), None))
-            return
-        if protected_k is None:
-            protected_k = max(self.num_experts_per_tok - self.max_deferred_experts_per_token, 0)
+            return x, ids, None, w
         immediate_ids, deferred_ids = self.select_deferred_experts(ids, w, protected_k)
-        immediate = self.cpu_infer.submit(self._compute, x, immediate_ids, w)
-        deferred = self.cpu_infer.submit(self._compute, x, deferred_ids, w)
-        self._in_flight.append((immediate, deferred))
+        return x, immediate_ids, deferred_ids, w
+
+    def _route_after(self, copied, x, ids, w, protected_k):
+        copied.synchronize()
+        return self._route(x, ids, w, protected_k)
+
+    def _compute_routed(self, routed, which: int) -> torch.Tensor:
+        x, immediate_ids, deferred_ids, w = routed.result()
+        return self._compute(x, deferred_ids if which else immediate_ids, w)
 
     def sync_forward(self, hidden_states: torch.Tensor, cuda_stream=None) -> torch.Tensor:
         """The output of the oldest submitted forward, on hidden_states' device, plus the deferred
@@ -147,7 +163,7 @@ class AMXMoEWrapper(BaseMoEWrapper):
                                  f"has {output.shape[0]}; call flush_deferred() before changing qlen")
             output = output + owed
         self._deferred_pending = deferred
-        return output.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return _to_device(output.to(hidden_states.dtype), hidden_states.device, cuda_stream)
 
     def flush_deferred(self, hidden_states: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Wait for and return the deferred contribution still owed by the last synced call (None if
@@ -169,3 +185,57 @@ class AMXMoEWrapper(BaseMoEWrapper):
                                       no_lora(self.num_experts, self.hidden_size, self.split, xc), 0.0, False)
             chunks.append(out)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+# ---- host staging for device inputs ----------------------------------------------------------------
+# Hidden states on a GPU go through pinned host buffers, with the copies ordered on `cuda_stream`
+# (a torch.cuda.Stream, a raw stream handle, or None for the current stream), so submit_forward
+# returns without waiting for them and the result returns on the same stream. Not yet run on a GPU.
+
+class _Done:
+    """An already computed value with the interface of CPUInfer's pending results."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _stream(device: torch.device, cuda_stream):
+    if cuda_stream is None or cuda_stream == 0:
+        return torch.cuda.current_stream(device)
+    if isinstance(cuda_stream, int):
+        return torch.cuda.ExternalStream(cuda_stream, device=device)
+    return cuda_stream
+
+
+def _to_host(hidden_states, topk_ids, topk_weights, cuda_stream):
+    tensors = (hidden_states, topk_ids, topk_weights)
+    if hidden_states.device.type != "cuda":
+        return (*(t.to("cpu") for t in tensors), None)
+    stream = _stream(hidden_states.device, cuda_stream)
+    with torch.cuda.stream(stream):
+        host = []
+        for t in tensors:
+            if t.device.type == "cuda":
+                pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                pinned.copy_(t, non_blocking=True)
+                host.append(pinned)
+            else:
+                host.append(t)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return (*host, event)
+
+
+def _to_device(output: torch.Tensor, device: torch.device, cuda_stream) -> torch.Tensor:
+    if device.type != "cuda":
+        return output.to(device)
+    stream = _stream(device, cuda_stream)
+    with torch.cuda.stream(stream):
+        pinned = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+        pinned.copy_(output)
+        result = torch.empty(output.shape, dtype=output.dtype, device=device)
+        result.copy_(pinned, non_blocking=True)  # the caching host allocator keeps `pinned` alive for it
+    return result
