@@ -163,8 +163,55 @@ void nn_rows(const float* const* a, int p_begin, int p_end, const uint16_t* w, i
   for (; j < kc; ++j) nn_block<MR, 1>(a, p_begin, p_end, w, K, k0 + j, c + j, ldc);
 }
 
+// Few rows (the backward of a decode step): the dot-product form above walks each column pair down
+// all panels, a stride of a whole panel (tens of KiB) per load, which the prefetchers do not follow;
+// with one row per expert nothing amortizes it. Here the weights are read in memory order: per panel
+// the block's k pairs are consecutive 64-byte lines, and each line's widened halves are multiplied by
+// the panel's 16 activations into per-(row, k pair) lane sums kept in L1, folded once at the end.
+constexpr int kNnFewPairs = 32;  // k pairs per block: MR x 32 x 16 floats of lane sums (<= 8 KiB)
+
+template <int MR>
+void nn_few(const float* const* a, int panels, const uint16_t* w, int K, int k0, int kc, float* c, int ldc) {
+  const int64_t Kp = k_pairs(K), line = 2 * kPanelRows;  // uint16 per pair-row
+  alignas(32) float sums[MR][kNnFewPairs][16];
+  for (int j0 = 0; j0 < kc; j0 += 2 * kNnFewPairs) {
+    const int cols = min_int(kc - j0, 2 * kNnFewPairs), pairs = (cols + 1) / 2, kp0 = (k0 + j0) / 2;
+    for (int i = 0; i < MR; ++i)
+      for (int q = 0; q < pairs; ++q)
+        for (int l = 0; l < 16; ++l) sums[i][q][l] = 0.0f;
+    for (int p = 0; p < panels; ++p) {
+      const uint16_t* block = w + (static_cast<int64_t>(p) * Kp + kp0) * line;
+      __m256 g_lo[MR], g_hi[MR];
+      for (int i = 0; i < MR; ++i) {
+        g_lo[i] = _mm256_loadu_ps(a[i] + p * kPanelRows);
+        g_hi[i] = _mm256_loadu_ps(a[i] + p * kPanelRows + 8);
+      }
+      for (int q = 0; q < pairs; ++q) {
+        const uint16_t* pair = block + q * line;
+        _mm_prefetch(reinterpret_cast<const char*>(pair + Kp * line), _MM_HINT_T0);  // the next panel
+        const __m256i lo = load_pairs(pair), hi = load_pairs(pair + kPanelRows);
+        const __m256 e_lo = widen_even(lo), e_hi = widen_even(hi), o_lo = widen_odd(lo), o_hi = widen_odd(hi);
+        for (int i = 0; i < MR; ++i) {
+          float* s = sums[i][q];
+          _mm256_store_ps(s, _mm256_fmadd_ps(g_hi[i], e_hi, _mm256_fmadd_ps(g_lo[i], e_lo, _mm256_load_ps(s))));
+          _mm256_store_ps(s + 8, _mm256_fmadd_ps(g_hi[i], o_hi, _mm256_fmadd_ps(g_lo[i], o_lo, _mm256_load_ps(s + 8))));
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < cols; ++j)
+        c[static_cast<int64_t>(i) * ldc + j0 + j] = hsum(_mm256_load_ps(sums[i][j / 2] + 8 * (j % 2)));
+  }
+}
+
 void gemm_nn_avx2(const float* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0, int kc,
                   float* c, int ldc) {
+  using FewFn = void (*)(const float* const*, int, const uint16_t*, int, int, int, float*, int);
+  static constexpr FewFn kFew[kNnRows + 1] = {nullptr, nn_few<1>, nn_few<2>, nn_few<3>, nn_few<4>};
+  if (m >= 1 && m <= kNnRows) {
+    kFew[m](a_rows, n_padded / kPanelRows, w, K, k0, kc, c, ldc);
+    return;
+  }
   using RowsFn = void (*)(const float* const*, int, int, const uint16_t*, int, int, int, float*, int);
   static constexpr RowsFn kRows[kNnRows + 1] = {nullptr, nn_rows<1>, nn_rows<2>, nn_rows<3>, nn_rows<4>};
   for (int i = 0; i < m; ++i)
