@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 import torch
 
 from . import _C
-from .ops import GROUPED_FORMATS, PackedExperts, pack_experts, unpack_experts
+from .ops import GROUPED_FORMATS, PackedExperts, lora_inputs, pack_experts, unpack_experts
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -286,21 +286,15 @@ class BaseMoEWrapper(_MoEBase):
                            "mode='sft' to use SFT features.")
 
 
-def no_lora(num_experts: int, hidden_size: int, split: Sequence[Tuple[int, int]], like: torch.Tensor):
-    """Rank-0 LoRA placeholders for each part."""
-    E, H = num_experts, hidden_size
-    dtype = torch.float32 if like.dtype == torch.bfloat16 else like.dtype
-    return [tuple(like.new_zeros(shape, dtype=dtype) for shape in
-                  ((E, 0, H), (E, hi - lo, 0), (E, 0, H), (E, hi - lo, 0), (E, 0, hi - lo), (E, H, 0)))
-            for lo, hi in split]
-
-
 def forward_parts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, parts: Sequence[PackedExperts],
-                  lora_parts: Sequence[tuple], lora_scaling: float, save_for_backward: bool):
-    """Run kt::moe_sft_forward once per intermediate part and sum the outputs. Several parts mean
-    several roundings of a sum, so bf16 inputs then run in fp32 (the caller rounds once)."""
+                  lora_parts: Optional[Sequence[tuple]], lora_scaling: float, save_for_backward: bool):
+    """Run kt::moe_sft_forward once per intermediate part and sum the outputs; `lora_parts` None
+    means no LoRA. Several parts mean several roundings of a sum, so bf16 inputs then run in fp32
+    (the caller rounds once)."""
     if len(parts) > 1 and x.dtype == torch.bfloat16:
         x = x.float()
+    if lora_parts is None:
+        lora_parts = [lora_inputs(experts, None, x) for experts in parts]
     output, activations = None, []
     with torch.no_grad():
         for experts, loras in zip(parts, lora_parts):

@@ -9,7 +9,7 @@ from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .experts_base import _check_int, _MoEBase, forward_parts, no_lora
+from .experts_base import _check_int, _MoEBase, forward_parts
 from .ops import PackedExperts
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
@@ -201,7 +201,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
 
     # ---- compute -----------------------------------------------------------------------------------
 
-    def _staged(self, tensor: torch.Tensor, name: str, buffer_name: str, qlen: int, dtype: torch.dtype):
+    def _staged(self, tensor: torch.Tensor, buffer_name: str, qlen: int, dtype: torch.dtype):
         """`tensor` on the CPU; device tensors go through the (pinned) staging buffer."""
         if tensor.device.type == "cpu":
             return tensor
@@ -243,19 +243,18 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                 raise RuntimeError(f"Forward cache full (depth={len(self._cache)}, max={self.max_cache_depth}). "
                                    "Call backward() to free cache slots, or raise max_cache_depth.")
             qlen, device, dtype = hidden_states.shape[0], hidden_states.device, hidden_states.dtype
-            x = self._staged(hidden_states, "hidden_states", "input_cpu", qlen, dtype)
-            ids = self._staged(expert_ids, "expert_ids", "expert_ids_cpu", qlen, dtype)
-            w = self._staged(weights, "weights", "weights_cpu", qlen, dtype)
+            x = self._staged(hidden_states, "input_cpu", qlen, dtype)
+            ids = self._staged(expert_ids, "expert_ids_cpu", qlen, dtype)
+            w = self._staged(weights, "weights_cpu", qlen, dtype)
             if self.num_gpu_experts:
                 # Slots below num_gpu_experts are computed (and trained) on the GPU by the caller.
                 ids = torch.where(ids < self.num_gpu_experts, -1, ids)
             if save_for_backward and x is not hidden_states:
                 x, ids, w = x.clone(), ids.clone(), w.clone()  # staging is reused by the next call
+            lora_parts = None
             if self._lora_initialized:
                 self._sync_lora(force=False)
                 lora_parts = self._lora_parts
-            else:
-                lora_parts = no_lora(self.num_experts, self.hidden_size, self.split, x)
             x, output, activations = forward_parts(x, ids, w, self.experts_parts, lora_parts, self.lora_scaling,
                                                    save_for_backward)
             if save_for_backward:
@@ -285,7 +284,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                 raise ValueError(f"grad_output must have shape {(qlen, self.hidden_size)} to match the cached forward, "
                                  f"got {tuple(grad_output.shape)}")
             del self._cache[cache_idx]
-            grad = self._staged(grad_output, "grad_output", "grad_output_cpu", qlen, grad_output.dtype)
+            grad = self._staged(grad_output, "grad_output_cpu", qlen, grad_output.dtype)
             grad = grad.to(saved.hidden_states.dtype)
             self._sync_lora(force=False)
             parts = []

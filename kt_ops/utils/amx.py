@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..experts_base import (BaseMoEWrapper, _check_expert_map, _permute_packed, forward_parts,
-                            intermediate_split, no_lora, pack_split, resplit_packed)
+                            intermediate_split, pack_split, resplit_packed)
 from ..ops import PackedExperts
 
 INFERENCE_FORMATS = {"AMXINT4": "int4", "AMXINT8": "int8", "MOE_INT4": "int4", "MOE_INT8": "int8"}
@@ -180,9 +180,7 @@ class AMXMoEWrapper(BaseMoEWrapper):
         chunks = []
         for start in range(0, max(x.shape[0], 1), self.chunked_prefill_size):
             end = start + self.chunked_prefill_size
-            xc = x[start:end]
-            _, out, _ = forward_parts(xc, ids[start:end], w[start:end], self.experts_parts,
-                                      no_lora(self.num_experts, self.hidden_size, self.split, xc), 0.0, False)
+            _, out, _ = forward_parts(x[start:end], ids[start:end], w[start:end], self.experts_parts, None, 0.0, False)
             chunks.append(out)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
