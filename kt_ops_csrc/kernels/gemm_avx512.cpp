@@ -77,6 +77,22 @@ void* scratch_bytes(size_t bytes) {
 // Accumulators are named variables rather than arrays (GCC keeps arrays of vectors in memory).
 #define KT_ROWS8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define KT_ROWS4(X) X(0) X(1) X(2) X(3)
+// The write-back of the fp32 (FMA) and bf16 (vdpbf16ps) blocks, which share their accumulator names:
+// nt blocks store MR rows x NR 16-column vectors; nn blocks add the reduced lanes of KR columns.
+#define KT_NT_STORE(i)                                                \
+  if (i < MR) {                                                       \
+    _mm512_storeu_ps(c + i * ldc, acc##i##0);                         \
+    if (NR > 1) _mm512_storeu_ps(c + i * ldc + kPanelRows, acc##i##1); \
+  }
+#define KT_NN_STORE(i)                                                \
+  if (i < MR) {                                                       \
+    c[i * ldc] += _mm512_reduce_add_ps(acc##i##0);                    \
+    if (KR >= 2) c[i * ldc + 1] += _mm512_reduce_add_ps(acc##i##1);   \
+    if (KR == 4) {                                                    \
+      c[i * ldc + 2] += _mm512_reduce_add_ps(acc##i##2);              \
+      c[i * ldc + 3] += _mm512_reduce_add_ps(acc##i##3);              \
+    }                                                                 \
+  }
 
 // ---------------------------------------------------------------------------------------------
 // fp32 gemm_nt: a register block of MR rows x NR panels (8 x 2: 16 accumulators of 16 columns),
@@ -125,13 +141,7 @@ void nt_block(const float* const* a, int k_begin, int k_end, const uint16_t* pan
 #undef KT_FMA_ODD
 #undef KT_FMA_EVEN
 #undef KT_FMA
-#define KT_STORE(i)                                                   \
-  if (i < MR) {                                                       \
-    _mm512_storeu_ps(c + i * ldc, acc##i##0);                         \
-    if (NR > 1) _mm512_storeu_ps(c + i * ldc + kPanelRows, acc##i##1); \
-  }
-  KT_ROWS8(KT_STORE)
-#undef KT_STORE
+  KT_ROWS8(KT_NT_STORE)
 }
 
 using NtBlockFn = void (*)(const float* const*, int, int, const uint16_t*, const uint16_t*, float*, int, bool);
@@ -202,17 +212,7 @@ void nn_block(const float* const* a, int p_begin, int p_end, const uint16_t* w, 
     KT_ROWS4(KT_FMA)
 #undef KT_FMA
   }
-#define KT_STORE(i)                                        \
-  if (i < MR) {                                            \
-    c[i * ldc] += _mm512_reduce_add_ps(acc##i##0);         \
-    if (KR >= 2) c[i * ldc + 1] += _mm512_reduce_add_ps(acc##i##1); \
-    if (KR == 4) {                                         \
-      c[i * ldc + 2] += _mm512_reduce_add_ps(acc##i##2);   \
-      c[i * ldc + 3] += _mm512_reduce_add_ps(acc##i##3);   \
-    }                                                      \
-  }
-  KT_ROWS4(KT_STORE)
-#undef KT_STORE
+  KT_ROWS4(KT_NN_STORE)
 }
 
 template <int MR>
@@ -330,13 +330,7 @@ void nt_bf16_block(const uint32_t* a, int lda, int kp_begin, int kp_end, const u
     KT_ROWS8(KT_DP)
 #undef KT_DP
   }
-#define KT_STORE(i)                                                   \
-  if (i < MR) {                                                       \
-    _mm512_storeu_ps(c + i * ldc, acc##i##0);                         \
-    if (NR > 1) _mm512_storeu_ps(c + i * ldc + kPanelRows, acc##i##1); \
-  }
-  KT_ROWS8(KT_STORE)
-#undef KT_STORE
+  KT_ROWS8(KT_NT_STORE)
 }
 
 using NtBf16BlockFn = void (*)(const uint32_t*, int, int, int, const uint16_t*, const uint16_t*, float*, int, bool);
@@ -418,17 +412,7 @@ void nn_bf16_block(const uint16_t* a, int lda, int q_begin, int q_end, int panel
     KT_ROWS4(KT_DP)
 #undef KT_DP
   }
-#define KT_STORE(i)                                        \
-  if (i < MR) {                                            \
-    c[i * ldc] += _mm512_reduce_add_ps(acc##i##0);         \
-    if (KR >= 2) c[i * ldc + 1] += _mm512_reduce_add_ps(acc##i##1); \
-    if (KR == 4) {                                         \
-      c[i * ldc + 2] += _mm512_reduce_add_ps(acc##i##2);   \
-      c[i * ldc + 3] += _mm512_reduce_add_ps(acc##i##3);   \
-    }                                                      \
-  }
-  KT_ROWS4(KT_STORE)
-#undef KT_STORE
+  KT_ROWS4(KT_NN_STORE)
 }
 
 template <int MR>
@@ -466,6 +450,8 @@ void gemm_nn_avx512bf16(const float* const* a_rows, int m, int n_padded, const u
 
 #undef KT_ROWS8
 #undef KT_ROWS4
+#undef KT_NT_STORE
+#undef KT_NN_STORE
 
 }  // namespace
 }  // namespace kt
