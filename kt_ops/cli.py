@@ -448,6 +448,27 @@ def generate(config, prompt: str, max_new_tokens: int = 32, adapter_dir: Optiona
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def export(config, output: Optional[str] = None, adapter_dir: Optional[str] = None) -> list[str]:
+    """Write the trained model with its LoRA merged (experts: W + scaling·B·A in bf16) as a plain
+    transformers checkpoint in `output` (default: <output_dir>/merged). Returns the files written."""
+    from .integration import export_merged
+
+    config = load_config(config)
+    adapter_dir = adapter_dir or config["output_dir"]
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError(f"no adapter directory {adapter_dir}: run `kt-sft train` first or pass --adapter")
+    if not config["use_kt"]:
+        raise ConfigError("kt-sft export merges a kt model (use_kt: true); peft's merge_and_unload covers the rest")
+    model, tokenizer = build_model(config)
+    from .integration import load_kt_adapter
+
+    load_kt_adapter(model, adapter_dir)
+    output = output or os.path.join(config["output_dir"], "merged")
+    files = export_merged(model, output)
+    tokenizer.save_pretrained(output)
+    return files
+
+
 def _describe_keys() -> str:
     return "\n".join(f"  {k:28s} {h} (default: {d!r})" for k, (d, _, h) in CONFIG_KEYS.items())
 
@@ -464,8 +485,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen_parser.add_argument("--prompt", required=True)
     gen_parser.add_argument("--max-new-tokens", type=int, default=32)
     gen_parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
+    export_parser = sub.add_parser("export", help="write a plain transformers checkpoint with the LoRA merged")
+    export_parser.add_argument("config", help="the YAML config the adapter was trained with")
+    export_parser.add_argument("--output", help="checkpoint directory (default: <output_dir>/merged)")
+    export_parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            files = export(args.config, args.output, args.adapter)
+            print(f"kt-sft: wrote {os.path.dirname(files[0])}")
+            return 0
         if args.command == "generate":
             print(generate(args.config, args.prompt, args.max_new_tokens, args.adapter))
             return 0
