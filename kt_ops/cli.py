@@ -324,8 +324,8 @@ def _no_accelerator() -> bool:
 
 
 def _adapter_saver(config: dict):
-    from transformers import TrainerCallback
-
+    # Trainer's checkpoints hold the expert LoRA (a peft adapter); the final adapter is written in the
+    # per-expert layout that convert_moe_lora reads.
     from .integration import save_kt_adapter
 
     def save(model, directory):
@@ -334,13 +334,7 @@ def _adapter_saver(config: dict):
         else:
             model.save_pretrained(directory)
 
-    class SaveAdapter(TrainerCallback):
-        # Trainer's checkpoint holds the optimizer, scheduler and peft's adapter but not the expert LoRA:
-        # it is written into the same checkpoint directory, which then resumes completely.
-        def on_save(self, args, state, control, model=None, **kwargs):
-            save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-    return save, SaveAdapter()
+    return save
 
 
 def write_loss_curve(log_history: list[dict], output_dir: str) -> list[str]:
@@ -383,23 +377,20 @@ def train(config) -> dict:
     records = read_records(config["dataset"])
     fmt = config["dataset_format"] if config["dataset_format"] != "auto" else _detect_format(records)
     model, tokenizer = build_model(config)
-    save, save_callback = _adapter_saver(config)
+    save = _adapter_saver(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     if config["stage"] == "sft":
         trainer = Trainer(model=model, args=TrainingArguments(**_training_kwargs(config)),
                           train_dataset=sft_examples(records, fmt, tokenizer, config["cutoff_len"]),
-                          data_collator=_PadCollator(tokenizer.pad_token_id), callbacks=[save_callback])
+                          data_collator=_PadCollator(tokenizer.pad_token_id))
     else:
         import datasets
         import trl
 
         if fmt != "preference":
             raise ConfigError(f"stage dpo needs preference records (chosen / rejected), the dataset is {fmt}")
-        # Reference log-probs come from the model before training: trl's reference adapter copy would
-        # not include the kt expert LoRA.
-        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"],
-                             precompute_ref_log_probs=True)
-        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[save_callback],
+        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"])
+        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=datasets.Dataset.from_list(preference_records(records)))
     from transformers.trainer_callback import PrinterCallback
 
@@ -409,10 +400,6 @@ def train(config) -> dict:
     if resume is not None:
         if not os.path.isdir(resume):
             raise ConfigError(f"resume_from_checkpoint {resume!r} is not a directory")
-        if config["use_kt"]:
-            from .integration import load_kt_adapter
-
-            load_kt_adapter(model, resume)  # the expert LoRA; Trainer restores the rest
     trainer.train(resume_from_checkpoint=resume)
     save(model, config["output_dir"])
     with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
