@@ -7,6 +7,7 @@ apply_kt refuses them (test_integration.py)."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -352,3 +353,42 @@ def test_merge_and_unload_points_to_export():
     model(input_ids=_ids())  # the first forward routes peft's wrappers through kt
     with pytest.raises(NotImplementedError, match="export_merged"):
         model.merge_and_unload()
+
+
+def test_load_kt_adapter_wraps_a_model_without_peft(tmp_path):
+    # The per-expert layout with attention LoRA loads into apply_kt(base) alone: load_kt_adapter
+    # wraps it with peft for the attention modules (the issue's "needs a pre-wrapped model" trap).
+    ids = _ids()
+    model = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)
+    with pytest.warns(UserWarning, match="peft_config"):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    _randomize_lora_b(model)
+    tuned = _logits(model.eval(), ids)
+    save_kt_adapter(model, tmp_path)
+    fresh = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)
+    loaded = load_kt_adapter(fresh, tmp_path)
+    assert isinstance(loaded, peft.PeftModel)
+    assert torch.equal(_logits(loaded.eval(), ids), tuned)
+
+
+def test_kt_sft_export_command(tmp_path):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from kt_ops import cli
+
+    config = {"model_name_or_path": "tiny-qwen3-moe", "dataset": os.path.join(
+        os.path.dirname(__file__), "..", "examples", "data", "alpaca_tiny.jsonl"), "output_dir": str(tmp_path / "run"),
+        "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48, "max_steps": 2, "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2, "logging_steps": 1, "bf16": True}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["train", str(path)]) == 0
+    assert cli.main(["export", str(path)]) == 0
+    merged = tmp_path / "run" / "merged"
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
+    model, _ = cli.build_model(cli.load_config(str(path)))
+    load_kt_adapter(model, str(tmp_path / "run"))
+    ids = _ids()
+    assert _rel(_logits(plain, ids), _logits(model.eval(), ids)) < 0.03
+    assert (merged / "tokenizer_config.json").is_file()

@@ -1,6 +1,8 @@
 """The per-expert adapter layout, for tools that read adapters of the original (unfused) checkpoint
 layout such as `kt_ops.convert_moe_lora`. A peft model's own `save_pretrained` writes peft's fused
-`target_parameters` layout instead; stock peft reads both (it converts this one for transformers v5).
+`target_parameters` layout instead, which is the one to share: stock peft 0.21 reads this per-expert
+layout only into per-expert modules (its conversion onto transformers v5's fused experts does not
+reproduce the adapter), `load_kt_adapter` reads it into a kt model exactly.
 
 The expert LoRA is written per expert under the keys a peft LoRA on the unfused (checkpoint-layout)
 experts would have, e.g. `base_model.model.model.layers.3.mlp.experts.5.gate_proj.lora_A.weight`
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -214,6 +217,35 @@ def _adapter_config(model: nn.Module, adapter: Optional[str]) -> dict:
     return data
 
 
+def _is_per_expert_key(key: str) -> bool:
+    return bool(re.search(r"\.experts\.\d+\.", key))
+
+
+def _wrap_for(model: nn.Module, directory: str, state: dict) -> nn.Module:
+    """`peft.get_peft_model(model, saved config)` for the adapter's non-expert LoRA modules (the experts
+    join through apply_kt's config store)."""
+    import peft
+
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} to wrap the model with")
+    with open(config_path) as f:
+        data = json.load(f)
+    modules = sorted({re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0])
+                      for k in state if not _is_per_expert_key(k) and ".lora_" in k})
+    if not modules:
+        raise ValueError(f"{directory}: {len(state)} tensors are neither per-expert LoRA nor peft LoRA keys")
+    data["target_modules"] = modules
+    experts = [k for k in data.get("rank_pattern") or {} if "experts" in k]
+    for key in ("rank_pattern", "alpha_pattern"):
+        data[key] = {k: v for k, v in (data.get(key) or {}).items() if k not in experts}
+    data["inference_mode"] = False
+    config = peft.LoraConfig.from_peft_type(**data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        return peft.get_peft_model(model, config)
+
+
 def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
     """Write `adapter_model.safetensors` + `adapter_config.json` to `save_directory` in the per-expert
     layout: the expert LoRA (the kt layers' own, or the active peft adapter's) per expert in the
@@ -245,14 +277,18 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     `save_kt_adapter` writes) go into the expert LoRA (the kt layers' own, or peft adapter
     `adapter_name`, default the active one); the rest (peft's keys, including its fused expert layout)
     through `peft.set_peft_model_state_dict`. Every expert LoRA tensor the model has must be present
-    with its exact shape; values are copied exactly. Optional: `peft.PeftModel.from_pretrained` loads
-    either layout into `apply_kt(base_model)`."""
+    with its exact shape; values are copied exactly. A model without peft whose adapter also holds
+    other LoRA (attention) is first wrapped by `peft.get_peft_model` with the saved config for those
+    modules; the wrapped model is returned (else `model` itself). For peft's own layout
+    `peft.PeftModel.from_pretrained(apply_kt(base_model), directory)` is the stock call."""
     from safetensors.torch import load_file
 
     path = os.path.join(os.fspath(adapter_directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_directory}")
     state = load_file(path)
+    if not _is_peft_model(model) and any(not _is_per_expert_key(k) for k in state):
+        model = _wrap_for(model, os.fspath(adapter_directory), state)
     adapter = (adapter_name or model.active_adapter) if _is_peft_model(model) else None
     expected = _expert_keys(model, adapter)
     per_expert = [k for k in expected if k in state]
