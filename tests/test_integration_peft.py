@@ -392,3 +392,12 @@ def test_kt_sft_export_command(tmp_path):
     ids = _ids()
     assert _rel(_logits(plain, ids), _logits(model.eval(), ids)) < 0.03
     assert (merged / "tokenizer_config.json").is_file()
+
+
+def test_moving_the_model_keeps_placeholders_small():
+    model = apply_kt(tiny_model("tiny-mixtral"), lora_rank=0)
+    model.to(torch.bfloat16)
+    for _, module, _ in kt_experts_modules(model):
+        assert module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.untyped_storage().nbytes() == 2
+        assert module.down_proj.shape == (module.num_experts, module.hidden_dim, module.intermediate_dim)
+    assert model(input_ids=_ids()).logits.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import functools
 import glob
 import os
 import re
+import types
 import warnings
 from typing import Optional
 
@@ -343,6 +344,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
             module.register_load_state_dict_post_hook(_placeholders_not_missing)
             module._kt_state_dict_hooks = True
         module.kt_peft_lora = {}
+        module._apply = types.MethodType(_apply_keeping_placeholders, module)
         module.kt_experts = kt
         module.config._experts_implementation = KT_IMPLEMENTATION
 
@@ -373,6 +375,19 @@ def _placeholder(original: torch.Tensor) -> nn.Parameter:
     # original shape, dtype and device to size and place the LoRA. Stride 0: one element of storage.
     return nn.Parameter(torch.zeros((), dtype=original.dtype, device=original.device).expand(original.shape),
                         requires_grad=False)
+
+
+def _apply_keeping_placeholders(self, fn, recurse=True):
+    # model.to(dtype / device) would turn a stride-0 placeholder into a full-size tensor; give it the new
+    # dtype and device at one element instead.
+    placeholders = {n: self._parameters.pop(n) for n in EXPERT_PARAMS if n in self._parameters}
+    try:
+        result = type(self)._apply(self, fn, recurse)
+    finally:
+        for n, p in placeholders.items():
+            probe = fn(torch.zeros((), dtype=p.dtype, device=p.device))
+            self._parameters[n] = _placeholder(probe.expand(p.shape))
+    return result
 
 
 def _drop_placeholders_from_state_dict(module, state_dict, prefix, local_metadata):
