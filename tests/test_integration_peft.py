@@ -401,3 +401,13 @@ def test_moving_the_model_keeps_placeholders_small():
         assert module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.untyped_storage().nbytes() == 2
         assert module.down_proj.shape == (module.num_experts, module.hidden_dim, module.intermediate_dim)
     assert model(input_ids=_ids()).logits.dtype == torch.bfloat16
+
+
+def test_ddp_skips_placeholders_of_a_peft_model():
+    # DistributedDataParallel reads _ddp_params_and_buffers_to_ignore from the module it wraps (peft
+    # forwards the attribute) and must not broadcast into the stride-0 placeholders.
+    model = _kt_peft_model()
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    placeholders = {n for n, p in model.named_parameters() if n.rpartition(".")[2] in ("gate_up_proj", "down_proj")}
+    assert placeholders and placeholders <= ignored
+    assert not any("lora_" in n for n in ignored)

@@ -188,8 +188,12 @@ def _check_convertible(name: str, module: nn.Module) -> None:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
     if not getattr(module, "is_concatenated", True):
         problems.append("interleaved gate/up rows")
-    if not _is_silu(module.act_fn):
-        problems.append(f"activation {type(module.act_fn).__name__} (kt_ops computes SiLU-gated experts)")
+    act = getattr(module, "act_fn", None)
+    if act is None:
+        # e.g. gpt-oss: a clamped SwiGLU with its own alpha/limit inside _apply_gate, no act_fn module
+        problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts)")
+    elif not _is_silu(act):
+        problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
@@ -356,6 +360,9 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
             kt_targets.add(f"{holder_name.rpartition('.')[2]}.{child}.{pname}")
 
     kt_targets = tuple(sorted(kt_targets))
+    # DistributedDataParallel broadcasts every parameter at start; a stride-0 placeholder cannot be
+    # written, so it skips them (DDP reads this attribute of the module it wraps; peft forwards it).
+    model._ddp_params_and_buffers_to_ignore = _PlaceholderNames(model)
     if tuner is not None:
         # get_peft_model came first: its adapters gain the expert LoRA now.
         add_expert_lora_to_peft_model(tuner, kt_targets, lora_rank, float(lora_alpha))
@@ -368,6 +375,21 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         model.peft_config = KTPeftConfigs(kt_targets=kt_targets, kt_rank=lora_rank, kt_alpha=float(lora_alpha),
                                           on_lora=functools.partial(_drop_own_lora, model))
     return model
+
+
+class _PlaceholderNames:
+    """The qualified names of the expert placeholders of `model`, computed when iterated (after any
+    peft wrapping), also as seen from a PeftModel around it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __iter__(self):
+        for name, module in self.model.named_modules():
+            if isinstance(getattr(module, "kt_experts", None), KTExperts):
+                for pname in EXPERT_PARAMS:
+                    yield f"{name}.{pname}" if name else pname
+                    yield f"base_model.model.{name}.{pname}" if name else f"base_model.model.{pname}"
 
 
 def _placeholder(original: torch.Tensor) -> nn.Parameter:
