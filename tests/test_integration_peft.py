@@ -411,3 +411,19 @@ def test_ddp_skips_placeholders_of_a_peft_model():
     placeholders = {n for n, p in model.named_parameters() if n.rpartition(".")[2] in ("gate_up_proj", "down_proj")}
     assert placeholders and placeholders <= ignored
     assert not any("lora_" in n for n in ignored)
+
+
+def test_expert_lora_of_a_bf16_model_trains_in_fp32_in_either_order():
+    for order in ("apply_kt_first", "peft_first"):
+        model = tiny_model("tiny-qwen3-moe", dtype=torch.bfloat16)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+        if order == "apply_kt_first":
+            with pytest.warns(UserWarning, match="peft_config"):
+                model = peft.get_peft_model(apply_kt(model, lora_rank=4), config)
+        else:
+            model = peft.get_peft_model(model, config)
+            apply_kt(model, lora_rank=4)
+        expert = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]
+        assert expert and all(p.dtype == torch.float32 for p in expert), order
+        model(input_ids=_ids(), labels=_ids()).loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in expert), order

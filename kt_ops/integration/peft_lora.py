@@ -136,14 +136,15 @@ def combined_lora(module: nn.Module, kt) -> Optional[tuple[tuple[torch.Tensor, .
 # The config side: configs stored in the model's peft_config gain the expert targets.
 
 
-def _targets_experts(config, names: tuple[str, ...]) -> bool:
+def _targets_experts(config) -> bool:
+    """Whether a LoraConfig already says what LoRA the experts get (then it is used as it is)."""
     params = getattr(config, "target_parameters", None) or []
     if any(p.rpartition(".")[2] in EXPERT_PARAMS for p in params):
         return True
     modules = getattr(config, "target_modules", None)
-    # A per-expert adapter (experts.{e}.gate_proj ...) names the experts already; peft converts it.
+    # e.g. a per-expert adapter's regex over experts.{e}.gate_proj
     text = modules if isinstance(modules, str) else " ".join(modules or [])
-    return any(f"{n}.".replace(".", r"\.") in text or f"{n}." in text for n in names)
+    return "experts" in text
 
 
 class KTPeftConfigs(dict):
@@ -189,8 +190,7 @@ class KTPeftConfigs(dict):
             return
         if self.on_lora is not None:
             self.on_lora()
-        holders = tuple(sorted({t.rpartition(".")[0] for t in self.kt_targets}))
-        if not self.kt_rank or _targets_experts(config, holders):
+        if not self.kt_rank or _targets_experts(config):
             return
         if config.lora_dropout:
             raise ValueError(f"LoraConfig.lora_dropout={config.lora_dropout}: the expert LoRA that apply_kt(lora_rank="
@@ -233,9 +233,8 @@ def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: flo
     from peft import LoraConfig
 
     configs = KTPeftConfigs(tuner.peft_config, kt_targets=kt_targets, kt_rank=kt_rank, kt_alpha=kt_alpha)
-    holders = tuple(sorted({t.rpartition(".")[0] for t in kt_targets}))
     for name, config in configs.items():
-        if not isinstance(config, LoraConfig) or _targets_experts(config, holders) or not kt_rank:
+        if not isinstance(config, LoraConfig) or _targets_experts(config) or not kt_rank:
             continue
         configs._add_experts(config)
         expert_only = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=[],
@@ -244,6 +243,8 @@ def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: flo
                                  init_lora_weights=config.init_lora_weights, inference_mode=config.inference_mode)
         tuner._inject_parameters(peft_config=expert_only, model=tuner.model, adapter_name=name,
                                  low_cpu_mem_usage=False)
+        # as get_peft_model does by default: bf16 / fp16 adapter weights train in fp32
+        tuner._cast_adapter_dtype(adapter_name=name, autocast_adapter_dtype=True)
     tuner.peft_config = configs
     tuner.model.peft_config = configs
     # New wrappers start with their own adapter active and trainable; follow the model's state.
