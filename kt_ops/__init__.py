@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-_INTEGRATION = ("apply_kt", "save_kt_adapter", "load_kt_adapter")
+_INTEGRATION = ("apply_kt", "export_merged", "save_kt_adapter", "load_kt_adapter")
 
 
 def __getattr__(name: str):

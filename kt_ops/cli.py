@@ -324,8 +324,8 @@ def _no_accelerator() -> bool:
 
 
 def _adapter_saver(config: dict):
-    from transformers import TrainerCallback
-
+    # Trainer's checkpoints hold the expert LoRA (a peft adapter); the final adapter is written in the
+    # per-expert layout that convert_moe_lora reads.
     from .integration import save_kt_adapter
 
     def save(model, directory):
@@ -334,13 +334,7 @@ def _adapter_saver(config: dict):
         else:
             model.save_pretrained(directory)
 
-    class SaveAdapter(TrainerCallback):
-        # Trainer's checkpoint holds the optimizer, scheduler and peft's adapter but not the expert LoRA:
-        # it is written into the same checkpoint directory, which then resumes completely.
-        def on_save(self, args, state, control, model=None, **kwargs):
-            save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-    return save, SaveAdapter()
+    return save
 
 
 def write_loss_curve(log_history: list[dict], output_dir: str) -> list[str]:
@@ -383,23 +377,20 @@ def train(config) -> dict:
     records = read_records(config["dataset"])
     fmt = config["dataset_format"] if config["dataset_format"] != "auto" else _detect_format(records)
     model, tokenizer = build_model(config)
-    save, save_callback = _adapter_saver(config)
+    save = _adapter_saver(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     if config["stage"] == "sft":
         trainer = Trainer(model=model, args=TrainingArguments(**_training_kwargs(config)),
                           train_dataset=sft_examples(records, fmt, tokenizer, config["cutoff_len"]),
-                          data_collator=_PadCollator(tokenizer.pad_token_id), callbacks=[save_callback])
+                          data_collator=_PadCollator(tokenizer.pad_token_id))
     else:
         import datasets
         import trl
 
         if fmt != "preference":
             raise ConfigError(f"stage dpo needs preference records (chosen / rejected), the dataset is {fmt}")
-        # Reference log-probs come from the model before training: trl's reference adapter copy would
-        # not include the kt expert LoRA.
-        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"],
-                             precompute_ref_log_probs=True)
-        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[save_callback],
+        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"])
+        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=datasets.Dataset.from_list(preference_records(records)))
     from transformers.trainer_callback import PrinterCallback
 
@@ -409,10 +400,6 @@ def train(config) -> dict:
     if resume is not None:
         if not os.path.isdir(resume):
             raise ConfigError(f"resume_from_checkpoint {resume!r} is not a directory")
-        if config["use_kt"]:
-            from .integration import load_kt_adapter
-
-            load_kt_adapter(model, resume)  # the expert LoRA; Trainer restores the rest
     trainer.train(resume_from_checkpoint=resume)
     save(model, config["output_dir"])
     with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
@@ -448,6 +435,27 @@ def generate(config, prompt: str, max_new_tokens: int = 32, adapter_dir: Optiona
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def export(config, output: Optional[str] = None, adapter_dir: Optional[str] = None) -> list[str]:
+    """Write the trained model with its LoRA merged (experts: W + scaling·B·A in bf16) as a plain
+    transformers checkpoint in `output` (default: <output_dir>/merged). Returns the files written."""
+    from .integration import export_merged
+
+    config = load_config(config)
+    adapter_dir = adapter_dir or config["output_dir"]
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError(f"no adapter directory {adapter_dir}: run `kt-sft train` first or pass --adapter")
+    if not config["use_kt"]:
+        raise ConfigError("kt-sft export merges a kt model (use_kt: true); peft's merge_and_unload covers the rest")
+    model, tokenizer = build_model(config)
+    from .integration import load_kt_adapter
+
+    load_kt_adapter(model, adapter_dir)
+    output = output or os.path.join(config["output_dir"], "merged")
+    files = export_merged(model, output)
+    tokenizer.save_pretrained(output)
+    return files
+
+
 def _describe_keys() -> str:
     return "\n".join(f"  {k:28s} {h} (default: {d!r})" for k, (d, _, h) in CONFIG_KEYS.items())
 
@@ -464,8 +472,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen_parser.add_argument("--prompt", required=True)
     gen_parser.add_argument("--max-new-tokens", type=int, default=32)
     gen_parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
+    export_parser = sub.add_parser("export", help="write a plain transformers checkpoint with the LoRA merged")
+    export_parser.add_argument("config", help="the YAML config the adapter was trained with")
+    export_parser.add_argument("--output", help="checkpoint directory (default: <output_dir>/merged)")
+    export_parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            files = export(args.config, args.output, args.adapter)
+            print(f"kt-sft: wrote {os.path.dirname(files[0])}")
+            return 0
         if args.command == "generate":
             print(generate(args.config, args.prompt, args.max_new_tokens, args.adapter))
             return 0

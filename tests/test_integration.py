@@ -10,9 +10,25 @@ pytest.importorskip("peft")
 import kt_ops  # noqa: E402
 from kt_ops.integration import (  # noqa: E402
     KTExperts, apply_kt, find_moe_experts, get_peft_model, kt_experts_modules, kt_lora_parameters)
+from kt_ops.integration.peft_lora import adapter_factors  # noqa: E402
 from kt_ops.integration.tiny import TINY_MODELS, tiny_model  # noqa: E402
 
 VOCAB = 128
+
+
+def _expert_wrappers_of(model, layer_idx):
+    from kt_ops.integration.hf import _holder_of
+    from kt_ops.integration.peft_lora import wrapper_chain
+
+    for name, _, kt in kt_experts_modules(model):
+        if kt.layer_idx == layer_idx:
+            holder, child = _holder_of(name)
+            return wrapper_chain(getattr(model.get_submodule(holder), child))[1]
+    raise KeyError(layer_idx)
+
+
+def _expert_wrapper(model, param):
+    return _expert_wrappers_of(model, kt_experts_modules(model)[0][2].layer_idx)[param]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,8 +69,10 @@ def test_no_lora_matches_transformers_eager_fp32(name):
 
     assert model.config._experts_implementation == "kt"
     for module in experts_modules:
-        # The fused weights now live only in kt_ops' packed form.
-        assert "gate_up_proj" not in module._parameters and "down_proj" not in module._parameters
+        # The fused weights now live only in kt_ops' packed form; what peft sees is a one-element placeholder.
+        for placeholder in (module.gate_up_proj, module.down_proj):
+            assert placeholder.untyped_storage().nbytes() <= 8 and not placeholder.requires_grad
+        assert "gate_up_proj" not in module.state_dict()
         assert isinstance(module.kt_experts, KTExperts) and module.kt_experts.experts is not None
     assert len(experts) == len(ref_experts) > 0
     for out, ref in zip(experts, ref_experts):
@@ -135,7 +153,7 @@ def test_gpu_experts_give_same_logits(name):
     logits_split, _ = _run(split, ids)  # LoRA B is zero: same function as no LoRA
     for _, module, kt in kt_experts_modules(split):
         assert kt.first_expert == 2 and kt.num_experts == module.num_experts - 2
-        assert module.gate_up_proj.shape[0] == 2 and module.down_proj.shape[0] == 2
+        assert module.kt_gpu_gate_up_proj.shape[0] == 2 and module.kt_gpu_down_proj.shape[0] == 2
         assert kt.gate_lora_a.shape[0] == module.num_experts - 2
     # The two kept experts compute in fp32 in transformers, the rest in bf16 on kt.
     assert _rel(logits_split, logits_all) < 2e-3
@@ -220,9 +238,9 @@ def test_peft_attention_lora_with_expert_lora(name, order):
         model = peft.get_peft_model(model, config)
         apply_kt(model, lora_rank=4, lora_alpha=8.0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expert_lora = {n for n in trainable if ".kt_experts." in n}
+    expert_lora = {n for n in trainable if ".experts." in n and ".lora_" in n}
     attention_lora = {n for n in trainable if ".self_attn." in n and ".lora_" in n}
-    assert len(expert_lora) == 6 * len(kt_experts_modules(model))
+    assert len(expert_lora) == 4 * len(kt_experts_modules(model))  # A and B on gate_up_proj and down_proj
     assert attention_lora and trainable == expert_lora | attention_lora
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -235,30 +253,28 @@ def test_peft_attention_lora_with_expert_lora(name, order):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
-    for _, _, kt in kt_experts_modules(model):
-        assert kt.gate_lora_b.abs().sum() > 0 and kt.down_lora_b.abs().sum() > 0
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n)
 
 
-def test_plain_peft_freezes_expert_lora_and_helper_restores_it():
-    # Documents why kt_ops.integration.get_peft_model exists: peft freezes parameters it did not create.
-    import peft
-
-    model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    assert not any(p.requires_grad for p in kt_lora_parameters(wrapped))
-    ids = _ids()
-    with pytest.warns(UserWarning, match="expert LoRA is frozen"):
-        wrapped(input_ids=ids, labels=ids).loss.backward()
+def test_frozen_own_expert_lora_warns_unless_intended():
+    # A model trained without peft: its kt experts hold their own LoRA, which the optional helper
+    # (un)freezes; training it frozen by accident warns once.
     from kt_ops.integration import set_kt_lora_trainable
 
-    set_kt_lora_trainable(wrapped)
-    assert all(p.requires_grad for p in kt_lora_parameters(wrapped))
+    model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2)
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    ids = _ids()
+    with pytest.warns(UserWarning, match="expert LoRA is frozen"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    set_kt_lora_trainable(model)
+    assert all(p.requires_grad for p in kt_lora_parameters(model))
     with pytest.raises(TypeError, match="trainable"):
-        set_kt_lora_trainable(wrapped, "yes")
+        set_kt_lora_trainable(model, "yes")
 
-    # Frozen on purpose (attention-only training): no warning.
-    quiet = peft.get_peft_model(apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2),
-                                peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    quiet = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2)
+    quiet.requires_grad_(False)
+    quiet.lm_head.requires_grad_(True)
     set_kt_lora_trainable(quiet, False)
     import warnings
 
@@ -314,14 +330,15 @@ def test_adapter_round_trip(tmp_path, name):
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         prefix = f"base_model.model.model.layers.{layer}.{block}.experts"
-        # Expert 0 stays in transformers (kt_num_gpu_experts=1): its LoRA is not kt's to save.
-        assert f"{prefix}.0.{gate}.lora_A.weight" not in keys
+        # Expert 0 stays in transformers (kt_num_gpu_experts=1); peft's adapter covers it too.
+        assert f"{prefix}.0.{gate}.lora_A.weight" in keys
         assert tuple(f.get_tensor(f"{prefix}.1.{gate}.lora_A.weight").shape) == (4, H)
         assert tuple(f.get_tensor(f"{prefix}.1.{gate}.lora_B.weight").shape) == (I, 4)
         assert tuple(f.get_tensor(f"{prefix}.1.{up}.lora_B.weight").shape) == (I, 4)
         assert tuple(f.get_tensor(f"{prefix}.1.{down}.lora_A.weight").shape) == (4, I)
         assert tuple(f.get_tensor(f"{prefix}.1.{down}.lora_B.weight").shape) == (H, 4)
-        assert torch.equal(f.get_tensor(f"{prefix}.2.{down}.lora_B.weight"), kt.down_lora_b[1].detach())
+        _, down_b, _ = adapter_factors(_expert_wrapper(model, "down_proj"), "default")
+        assert torch.equal(f.get_tensor(f"{prefix}.2.{down}.lora_B.weight"), down_b[2].detach())
         assert any(".self_attn.o_proj.lora_A.weight" in k for k in keys)
     config = peft.LoraConfig.from_pretrained(str(tmp_path))
     assert config.r == 2 and config.lora_alpha == 4
@@ -400,8 +417,7 @@ def test_trl_dpo(tmp_path):
     model = apply_kt(tiny_model("tiny-deepseek-v3"), lora_rank=4, lora_alpha=8.0)
     model = get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "o_proj"]))
     rows = [{"prompt": f"Q{i}: 2+{i}=", "chosen": str(2 + i), "rejected": "no"} for i in range(8)]
-    # Reference log-probs precomputed from the untouched model: the expert LoRA is not part of
-    # trl's "ref" adapter copy, so a live reference pass would include the trained expert LoRA.
+    # Precomputed reference log-probs still work (a live reference pass: test_integration_peft.py).
     args = trl.DPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2,
         lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
@@ -412,7 +428,7 @@ def test_trl_dpo(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all(p.abs().sum() > 0 for _, _, kt in kt_experts_modules(model) for p in (kt.gate_lora_b, kt.down_lora_b))
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".experts." in n and ".lora_B.default." in n)
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
@@ -460,13 +476,16 @@ def test_adapter_loads_with_stock_peft_in_checkpoint_layout(tmp_path, name):
     for _, module, kt in kt_experts_modules(model):
         layer_idx = kt.layer_idx
         experts = getattr(loaded.base_model.model.model.layers[layer_idx], block).experts
+        wrappers = _expert_wrappers_of(model, layer_idx)
+        gate_up_a, gate_up_b, scaling = adapter_factors(wrappers["gate_up_proj"], "default")
+        down_a, down_b, _ = adapter_factors(wrappers["down_proj"], "default")
         for e in range(E):
-            for proj, (a_name, b_name) in zip(projections, (("gate_lora_a", "gate_lora_b"),
-                                                            ("up_lora_a", "up_lora_b"),
-                                                            ("down_lora_a", "down_lora_b"))):
+            # gate and up share the fused A; B splits at the intermediate size.
+            expected = ((gate_up_a[e], gate_up_b[e, :I]), (gate_up_a[e], gate_up_b[e, I:]), (down_a[e], down_b[e]))
+            for proj, (a, b) in zip(projections, expected):
                 lin = getattr(experts[e], proj)
-                assert lin.r["default"] == 4 and lin.scaling["default"] == pytest.approx(kt.lora_scaling)
-                assert torch.equal(lin.lora_A["default"].weight, getattr(kt, a_name)[e].detach())
-                assert torch.equal(lin.lora_B["default"].weight, getattr(kt, b_name)[e].detach())
+                assert lin.r["default"] == 4 and lin.scaling["default"] == pytest.approx(scaling)
+                assert torch.equal(lin.lora_A["default"].weight, a.detach())
+                assert torch.equal(lin.lora_B["default"].weight, b.detach())
     o_proj = loaded.base_model.model.model.layers[0].self_attn.o_proj
     assert o_proj.r["default"] == 2 and o_proj.scaling["default"] == pytest.approx(2.0)

@@ -1,4 +1,8 @@
-"""One standard PEFT LoRA adapter directory for a model whose routed experts run on kt_ops.
+"""The per-expert adapter layout, for tools that read adapters of the original (unfused) checkpoint
+layout such as `kt_ops.convert_moe_lora`. A peft model's own `save_pretrained` writes peft's fused
+`target_parameters` layout instead, which is the one to share: stock peft 0.21 reads this per-expert
+layout only into per-expert modules (its conversion onto transformers v5's fused experts does not
+reproduce the adapter), `load_kt_adapter` reads it into a kt model exactly.
 
 The expert LoRA is written per expert under the keys a peft LoRA on the unfused (checkpoint-layout)
 experts would have, e.g. `base_model.model.model.layers.3.mlp.experts.5.gate_proj.lora_A.weight`
@@ -11,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .hf import KTExperts, kt_experts_modules
+from .hf import _holder_of, kt_experts_modules
+from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,6 +33,7 @@ _CHECKPOINT_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
 _DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # KTExperts parameter (A, B) per projection; A is [E, r, in], B is [E, out, r] as in peft's Linear.
 _KT_PARAMS = (("gate_lora_a", "gate_lora_b"), ("up_lora_a", "up_lora_b"), ("down_lora_a", "down_lora_b"))
+_GATE, _UP, _DOWN = 0, 1, 2
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -56,29 +63,102 @@ def _expert_prefix(model: nn.Module, name: str, experts_module: nn.Module) -> st
     return f"{holder}.{block}.{leaf}" if holder else f"{block}.{leaf}"
 
 
-def _expert_tensors(model: nn.Module) -> dict[str, tuple[KTExperts, str, int]]:
-    """Adapter key -> (KTExperts, parameter name, local expert index) for every expert LoRA tensor."""
-    keys = {}
+class _ExpertLoRA:
+    """Per-expert gate / up / down LoRA of one experts module, wherever it lives: the kt layer's own
+    parameters, or one peft adapter on the fused parameters (gate and up share the fused A)."""
+
+    def __init__(self, model: nn.Module, name: str, module: nn.Module, kt, adapter: Optional[str]):
+        self.kt, self.module = kt, module
+        holder_name, child = _holder_of(name)
+        _, wrappers = wrapper_chain(getattr(model.get_submodule(holder_name), child))
+        self.wrappers = {p: w for p, w in wrappers.items() if adapter in w.lora_A}
+        self.adapter = adapter
+        if self.wrappers:
+            settings = {(w.r[adapter], w.lora_alpha[adapter]) for w in self.wrappers.values()}
+            if len(settings) > 1:
+                raise ValueError(f"{name}: adapter {adapter!r} uses different (r, lora_alpha) {sorted(settings)} on "
+                                 "gate_up_proj and down_proj; the per-expert layout describes one; save with "
+                                 "model.save_pretrained instead")
+            self.rank, self.alpha = settings.pop()
+            self.experts = range(kt.first_expert + kt.num_experts)
+        else:
+            self.rank, self.alpha = kt.lora_rank, kt.lora_alpha
+            self.experts = range(kt.first_expert, kt.first_expert + kt.num_experts) if kt.lora_rank else range(0)
+        self.projections = [i for i, p in ((_GATE, "gate_up_proj"), (_UP, "gate_up_proj"), (_DOWN, "down_proj"))
+                            if not self.wrappers or p in self.wrappers]
+
+    def read(self, expert: int, proj: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of one expert's projection."""
+        if not self.wrappers:
+            a_name, b_name = _KT_PARAMS[proj]
+            local = expert - self.kt.first_expert
+            return getattr(self.kt, a_name)[local], getattr(self.kt, b_name)[local]
+        A, B, _ = adapter_factors(self.wrappers["down_proj" if proj == _DOWN else "gate_up_proj"], self.adapter)
+        I = self.kt.intermediate_size
+        b = B[expert] if proj == _DOWN else B[expert, :I] if proj == _GATE else B[expert, I:]
+        return A[expert], b
+
+    @torch.no_grad()
+    def write(self, expert: int, values: dict[int, tuple[torch.Tensor, torch.Tensor]], where: str) -> None:
+        """Set one expert's LoRA from {projection: (A, B)} exactly (gate and up of one fused adapter must
+        share A, or use a fused rank twice theirs: then they are stacked block-diagonally, as peft does)."""
+        if not self.wrappers:
+            for proj, (a, b) in values.items():
+                self._copy(getattr(self.kt, _KT_PARAMS[proj][0])[expert - self.kt.first_expert], a, where)
+                self._copy(getattr(self.kt, _KT_PARAMS[proj][1])[expert - self.kt.first_expert], b, where)
+            return
+        if _DOWN in values:
+            self._write_fused("down_proj", expert, *values[_DOWN], where)
+        if _GATE in values or _UP in values:
+            if _GATE not in values or _UP not in values:
+                raise ValueError(f"{where}: gate and up LoRA must both be present for the fused gate_up_proj")
+            (ga, gb), (ua, ub) = values[_GATE], values[_UP]
+            if torch.equal(ga, ua):
+                a, b = ga, torch.cat([gb, ub], dim=0)
+            else:
+                a, b = torch.cat([ga, ua], dim=0), torch.block_diag(gb, ub)
+            self._write_fused("gate_up_proj", expert, a, b, where)
+
+    def _write_fused(self, param: str, expert: int, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+        wrapper = self.wrappers[param]
+        A, B, _ = adapter_factors(wrapper, self.adapter)
+        self._copy(A[expert], a, where)
+        self._copy(B[expert], b, where)
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, where: str) -> None:
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"{where}: shape {tuple(src.shape)} in the adapter, the model needs {tuple(dst.shape)} "
+                             "(LoRA rank / model size differ)")
+        dst.copy_(src.to(dst.dtype))
+
+
+def _expert_loras(model: nn.Module, adapter: Optional[str]) -> list[tuple[str, nn.Module, _ExpertLoRA]]:
     modules = kt_experts_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no kt experts; call kt_ops.integration.apply_kt(model) first")
-    for name, module, kt in modules:
-        if not kt.lora_rank:
-            continue
-        prefix = _expert_prefix(model, name, module)
-        _, projections = _checkpoint_names(name, module)
-        for local in range(kt.num_experts):
-            expert = kt.first_expert + local
-            for proj, (a_name, b_name) in zip(projections, _KT_PARAMS):
-                keys[f"{prefix}.{expert}.{proj}.lora_A.weight"] = (kt, a_name, local)
-                keys[f"{prefix}.{expert}.{proj}.lora_B.weight"] = (kt, b_name, local)
+    return [(name, module, _ExpertLoRA(model, name, module, kt, adapter)) for name, module, kt in modules]
+
+
+def _expert_keys(model: nn.Module, adapter: Optional[str]) -> dict[str, tuple[_ExpertLoRA, int, int, str]]:
+    """Adapter key -> (expert LoRA, expert, projection, "A" or "B") for every per-expert LoRA tensor."""
+    keys = {}
+    for name, module, lora in _expert_loras(model, adapter):
+        plain = name.replace(".base_layer", "")  # peft's wrappers are not part of the checkpoint naming
+        prefix = _expert_prefix(model, plain, module)
+        _, projections = _checkpoint_names(plain, module)
+        for expert in lora.experts:
+            for proj in lora.projections:
+                for part in ("A", "B"):
+                    keys[f"{prefix}.{expert}.{projections[proj]}.lora_{part}.weight"] = (lora, expert, proj, part)
     return keys
 
 
-def _kt_lora_settings(model: nn.Module) -> tuple[int, float]:
-    settings = {(kt.lora_rank, kt.lora_alpha) for _, _, kt in kt_experts_modules(model) if kt.lora_rank}
+def _lora_settings(model: nn.Module, adapter: Optional[str]) -> tuple[int, float]:
+    settings = {(lora.rank, lora.alpha) for _, _, lora in _expert_loras(model, adapter) if lora.experts}
     if not settings:
-        raise ValueError("the model's kt experts have no LoRA (apply_kt was called with lora_rank=0)")
+        raise ValueError("the model's kt experts have no LoRA (apply_kt was called with lora_rank=0 and no peft "
+                         "adapter targets the experts)")
     if len(settings) > 1:
         raise ValueError(f"kt experts use several (lora_rank, lora_alpha) settings {sorted(settings)}; "
                          "one adapter config cannot describe them")
@@ -88,21 +168,32 @@ def _kt_lora_settings(model: nn.Module) -> tuple[int, float]:
 def _expert_target_regex(model: nn.Module) -> str:
     parts = set()
     for name, module, _ in kt_experts_modules(model):
-        block, projections = _checkpoint_names(name, module)
+        block, projections = _checkpoint_names(name.replace(".base_layer", ""), module)
         parts.add(rf".*\.{re.escape(block)}\.experts\.\d+\.(?:{'|'.join(projections)})")
     return "|".join(sorted(parts))
 
 
-def _adapter_config(model: nn.Module) -> dict:
+def _is_fused_expert_key(key: str) -> bool:
+    # peft's keys of a ParamWrapper on the experts: "...experts.lora_A.weight", "...experts.base_layer.lora_B.weight"
+    return bool(re.search(r"\.experts\.(?:base_layer\.)*lora_[AB]\.", key))
+
+
+def _adapter_config(model: nn.Module, adapter: Optional[str]) -> dict:
     from peft import LoraConfig
 
-    rank, alpha = _kt_lora_settings(model)
+    rank, alpha = _lora_settings(model, adapter)
     experts_regex = _expert_target_regex(model)
     if _is_peft_model(model):
-        config = model.peft_config[model.active_adapter]
+        config = model.peft_config[adapter]
         if not isinstance(config, LoraConfig):
             raise TypeError(f"save_kt_adapter supports LoRA adapters, the model has a {type(config).__name__}")
         data = config.to_dict()
+        # The experts are described per expert here, not through peft's fused target_parameters.
+        data["target_parameters"] = [t for t in (config.target_parameters or [])
+                                     if t.rpartition(".")[2] not in EXPERT_PARAMS] or None
+        expert_keys = [k for k in (config.rank_pattern or {}) if any(p in k for p in EXPERT_PARAMS)]
+        rank_pattern = {k: v for k, v in (config.rank_pattern or {}).items() if k not in expert_keys}
+        alpha_pattern = {k: v for k, v in (config.alpha_pattern or {}).items() if k not in expert_keys}
         targets = config.target_modules
         if isinstance(targets, str):
             other = targets
@@ -111,8 +202,9 @@ def _adapter_config(model: nn.Module) -> dict:
         data["target_modules"] = f"(?:{other})|(?:{experts_regex})" if other else experts_regex
         if (rank, alpha) != (config.r, config.lora_alpha):
             # peft resolves per-module r / alpha through these patterns (matched at the end of a module name).
-            data["rank_pattern"] = {**(config.rank_pattern or {}), experts_regex: rank}
-            data["alpha_pattern"] = {**(config.alpha_pattern or {}), experts_regex: alpha}
+            rank_pattern[experts_regex] = rank
+            alpha_pattern[experts_regex] = alpha
+        data["rank_pattern"], data["alpha_pattern"] = rank_pattern, alpha_pattern
     else:
         data = LoraConfig(r=rank, lora_alpha=alpha, target_modules=experts_regex, task_type="CAUSAL_LM").to_dict()
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -125,21 +217,55 @@ def _adapter_config(model: nn.Module) -> dict:
     return data
 
 
+def _is_per_expert_key(key: str) -> bool:
+    return bool(re.search(r"\.experts\.\d+\.", key))
+
+
+def _wrap_for(model: nn.Module, directory: str, state: dict) -> nn.Module:
+    """`peft.get_peft_model(model, saved config)` for the adapter's non-expert LoRA modules (the experts
+    join through apply_kt's config store)."""
+    import peft
+
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} to wrap the model with")
+    with open(config_path) as f:
+        data = json.load(f)
+    modules = sorted({re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0])
+                      for k in state if not _is_per_expert_key(k) and ".lora_" in k})
+    if not modules:
+        raise ValueError(f"{directory}: {len(state)} tensors are neither per-expert LoRA nor peft LoRA keys")
+    data["target_modules"] = modules
+    experts = [k for k in data.get("rank_pattern") or {} if "experts" in k]
+    for key in ("rank_pattern", "alpha_pattern"):
+        data[key] = {k: v for k, v in (data.get(key) or {}).items() if k not in experts}
+    data["inference_mode"] = False
+    config = peft.LoraConfig.from_peft_type(**data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        return peft.get_peft_model(model, config)
+
+
 def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
-    """Write `adapter_model.safetensors` + `adapter_config.json` to `save_directory`: the kt expert LoRA
-    per expert in the model's checkpoint naming, plus the peft LoRA of a `PeftModel` (e.g. attention)."""
+    """Write `adapter_model.safetensors` + `adapter_config.json` to `save_directory` in the per-expert
+    layout: the expert LoRA (the kt layers' own, or the active peft adapter's) per expert in the
+    model's checkpoint naming, plus the rest of a `PeftModel`'s LoRA (e.g. attention). Optional:
+    `model.save_pretrained` writes peft's fused layout, which needs nothing from kt_ops to load."""
     from safetensors.torch import save_file
 
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     tensors = {}
-    if _is_peft_model(model):
+    adapter = model.active_adapter if _is_peft_model(model) else None
+    if adapter is not None:
         from peft import get_peft_model_state_dict
 
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()})
-    for key, (kt, param_name, local) in _expert_tensors(model).items():
-        tensors[key] = getattr(kt, param_name).detach()[local].cpu().contiguous()
-    config = _adapter_config(model)
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+                        if not _is_fused_expert_key(k)})
+    for key, (lora, expert, proj, part) in _expert_keys(model, adapter).items():
+        # clone: gate and up share the fused A, and safetensors refuses tensors sharing memory
+        tensors[key] = lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone()
+    config = _adapter_config(model, adapter)
     os.makedirs(save_directory, exist_ok=True)
     save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(save_directory, ADAPTER_CONFIG), "w") as f:
@@ -147,34 +273,41 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
 
 
 def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Optional[str] = None) -> nn.Module:
-    """Load what `save_kt_adapter` wrote into a model converted with the same `apply_kt` settings (and,
-    when the adapter holds non-expert LoRA, wrapped by `get_peft_model` with the same LoRA config).
-    Every expert LoRA tensor must be present with its exact shape; values are copied exactly."""
+    """Load an adapter into a model converted with `apply_kt`, in place: per-expert keys (what
+    `save_kt_adapter` writes) go into the expert LoRA (the kt layers' own, or peft adapter
+    `adapter_name`, default the active one); the rest (peft's keys, including its fused expert layout)
+    through `peft.set_peft_model_state_dict`. Every expert LoRA tensor the model has must be present
+    with its exact shape; values are copied exactly. A model without peft whose adapter also holds
+    other LoRA (attention) is first wrapped by `peft.get_peft_model` with the saved config for those
+    modules; the wrapped model is returned (else `model` itself). For peft's own layout
+    `peft.PeftModel.from_pretrained(apply_kt(base_model), directory)` is the stock call."""
     from safetensors.torch import load_file
 
     path = os.path.join(os.fspath(adapter_directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_directory}")
     state = load_file(path)
-    expected = _expert_tensors(model)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
-    for key, (kt, param_name, local) in expected.items():
-        param = getattr(kt, param_name)
-        value = state.pop(key)
-        if tuple(value.shape) != tuple(param.shape[1:]):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} in the adapter, the model needs "
-                             f"{tuple(param.shape[1:])} (lora_rank / model size differ)")
-        with torch.no_grad():
-            param[local].copy_(value.to(param.dtype))
+    if not _is_peft_model(model) and any(not _is_per_expert_key(k) for k in state):
+        model = _wrap_for(model, os.fspath(adapter_directory), state)
+    adapter = (adapter_name or model.active_adapter) if _is_peft_model(model) else None
+    expected = _expert_keys(model, adapter)
+    per_expert = [k for k in expected if k in state]
+    if per_expert or not _is_peft_model(model):
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
+        grouped: dict = {}
+        for key, (lora, expert, proj, part) in expected.items():
+            grouped.setdefault((id(lora), expert), (lora, {}))[1].setdefault(proj, {})[part] = state.pop(key)
+        for (_, expert), (lora, projs) in grouped.items():
+            lora.write(expert, {p: (v["A"], v["B"]) for p, v in projs.items()}, path)
     if state:
         if not _is_peft_model(model):
             raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
-                             "wrap the model with peft.get_peft_model using the saved adapter_config.json first")
+                             "load it with peft.PeftModel.from_pretrained(model, directory)")
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name or model.active_adapter)
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
             raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "

@@ -9,18 +9,22 @@ module with the ids and weights it chose.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
+import types
 import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..layer import SFT_METHOD_FORMATS, KTMoELayer
+from ..layer import _LORA_NAMES, SFT_METHOD_FORMATS, KTMoELayer
 from ..ops import moe_sft
 from ..packed_io import load_packed_experts, packed_layers
+from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, combined_lora,
+                        install_kt_wrappers, peft_tuner, register_holder_hook)
 
 KT_IMPLEMENTATION = "kt"
 
@@ -40,7 +44,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class KTExperts(KTMoELayer):
-    """The routed experts of one MoE layer on kt_ops: packed frozen weights plus LoRA on gate/up/down.
+    """The routed experts of one MoE layer on kt_ops: packed frozen weights, plus LoRA on gate/up/down
+    either of its own (`lora_rank` > 0: a model used without peft) or handed in by peft per call.
     Expert `j` here is expert `first_expert + j` of the model (the first ones may stay in transformers).
     `lora_enabled = False` computes the base experts only (e.g. for a DPO reference pass)."""
 
@@ -53,16 +58,30 @@ class KTExperts(KTMoELayer):
         self.lora_frozen_on_purpose = False
         self._frozen_warned = False
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.lora_enabled:
+    def drop_lora(self) -> None:
+        """Remove this layer's own LoRA (peft's adapters take over the expert LoRA)."""
+        for name in _LORA_NAMES:
+            if name in self._parameters:
+                del self._parameters[name]
+        self.lora_rank = 0
+        self.lora_scaling = 0.0
+        self.lora_enabled = False
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                lora: Optional[tuple] = None) -> torch.Tensor:
+        """`lora`: six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's experts,
+        scaling already in B, used instead of the layer's own LoRA."""
+        if lora is None and self.lora_enabled:
             if self.training and torch.is_grad_enabled() and not self.lora_frozen_on_purpose:
                 _warn_if_frozen(self)
             return KTMoELayer.forward(self, hidden_states, topk_ids, topk_weights)
         if self.experts is None:
             raise RuntimeError("KTExperts: base weights are not loaded")
         cpu = torch.device("cpu")
-        out = moe_sft(hidden_states.to(cpu), topk_ids.to(cpu), topk_weights.to(cpu), self.experts, None, 0.0)
+        if lora is not None:
+            lora = tuple(t.to(cpu) for t in lora)
+        out = moe_sft(hidden_states.to(cpu), topk_ids.to(cpu), topk_weights.to(cpu), self.experts, lora,
+                      1.0 if lora is not None else 0.0)
         return out.to(hidden_states.device)
 
     def extra_repr(self) -> str:
@@ -73,28 +92,34 @@ def _warn_if_frozen(kt: KTExperts) -> None:
     if kt._frozen_warned or any(p.requires_grad for p in kt.lora_parameters()):
         return
     kt._frozen_warned = True
-    # The usual cause: peft.get_peft_model called after apply_kt freezes every parameter it did not create.
-    warnings.warn("kt expert LoRA is frozen (requires_grad=False) while training. If peft.get_peft_model ran "
-                  "after apply_kt, use kt_ops.integration.get_peft_model or call "
-                  "kt_ops.integration.set_kt_lora_trainable(model); call set_kt_lora_trainable(model, False) if "
-                  "freezing it is intended", stacklevel=3)
+    warnings.warn("kt expert LoRA is frozen (requires_grad=False) while training; call "
+                  "kt_ops.integration.set_kt_lora_trainable(model) to train it, or "
+                  "set_kt_lora_trainable(model, False) if freezing it is intended", stacklevel=3)
 
 
 def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor, num_gpu_experts: int) -> torch.Tensor:
-    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate."""
+                         top_k_weights: torch.Tensor, num_gpu_experts: int,
+                         lora: Optional[tuple] = None) -> torch.Tensor:
+    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate;
+    `lora` as for KTExperts.forward over these experts."""
     out = torch.zeros_like(hidden_states)
+    gate_up_w, down_w = module.kt_gpu_gate_up_proj, module.kt_gpu_down_proj
     for expert in range(num_gpu_experts):
         token_idx, slot = torch.where(top_k_index == expert)
         if token_idx.numel() == 0:
             continue
         x = hidden_states[token_idx]
         if module.is_transposed:
-            gate_up = x @ module.gate_up_proj[expert]
-            y = module._apply_gate(gate_up) @ module.down_proj[expert]
+            gate_up = x @ gate_up_w[expert]
         else:
-            gate_up = nn.functional.linear(x, module.gate_up_proj[expert])
-            y = nn.functional.linear(module._apply_gate(gate_up), module.down_proj[expert])
+            gate_up = nn.functional.linear(x, gate_up_w[expert])
+        if lora is not None:
+            ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
+            gate_up = gate_up + torch.cat([(x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T], dim=-1)
+        h = module._apply_gate(gate_up)
+        y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
+        if lora is not None:
+            y = y + (h @ da.T) @ db.T
         y = y * top_k_weights[token_idx, slot, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out
@@ -108,13 +133,19 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         raise RuntimeError(f"{type(self).__name__} runs with experts_implementation='kt' but holds no kt experts; "
                            "convert the model with kt_ops.integration.apply_kt(model)")
     num_gpu = kt.first_expert
+    peft_lora = combined_lora(self, kt)
+    lora = kt_lora = None
+    if peft_lora is not None:
+        lora = peft_lora[0]
+        kt_lora = tuple(t[num_gpu:] for t in lora)
     if num_gpu == 0:
-        out = kt(hidden_states, top_k_index, top_k_weights)
+        out = kt(hidden_states, top_k_index, top_k_weights, lora=kt_lora)
     else:
         # -1 tells kt_ops to skip the slot; those slots are the GPU experts' share.
         kt_ids = torch.where(top_k_index >= num_gpu, top_k_index - num_gpu, torch.full_like(top_k_index, -1))
-        out = kt(hidden_states, kt_ids, top_k_weights)
-        out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu)
+        out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
+        gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
+        out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
     return out.to(hidden_states.dtype)
 
 
@@ -157,8 +188,12 @@ def _check_convertible(name: str, module: nn.Module) -> None:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
     if not getattr(module, "is_concatenated", True):
         problems.append("interleaved gate/up rows")
-    if not _is_silu(module.act_fn):
-        problems.append(f"activation {type(module.act_fn).__name__} (kt_ops computes SiLU-gated experts)")
+    act = getattr(module, "act_fn", None)
+    if act is None:
+        # e.g. gpt-oss: a clamped SwiGLU with its own alpha/limit inside _apply_gate, no act_fn module
+        problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts)")
+    elif not _is_silu(act):
+        problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
@@ -213,8 +248,14 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     at a time and the originals are released, so the model never holds a layer's experts twice. The
     first `kt_num_gpu_experts` experts of every layer stay in the module (on its device) and the rest
     go to kt; their outputs are summed. `kt_weight_path` (a packed-experts safetensors file, or a
-    directory of `blk.{L}.safetensors`) supplies pre-quantized experts instead of packing. Works on a
-    plain model or on a peft `PeftModel` (expert LoRA stays trainable either way). Returns `model`."""
+    directory of `blk.{L}.safetensors`) supplies pre-quantized experts instead of packing.
+
+    Expert LoRA (`lora_rank` > 0) is a peft LoRA adapter on the experts' `gate_up_proj` / `down_proj`
+    (peft's `target_parameters` format), computed inside the kt kernels. On a `PeftModel` every LoRA
+    adapter gains it now; on a plain model the experts carry their own LoRA until stock
+    `peft.get_peft_model` / `PeftModel.from_pretrained` wraps the model, whose LoRA configs then gain
+    the experts (peft warns once that the model already has a `peft_config`: it is kt's). A config
+    that already targets the experts is used as it is. Returns `model`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(kt_backend, str) or kt_backend not in KT_BACKENDS:
@@ -260,6 +301,8 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         set_num_threads(kt_num_threads)
     method = KT_BACKENDS[kt_backend]
 
+    tuner = peft_tuner(model)
+    kt_targets = set()
     for name, module in found:
         E, N = module.num_experts, kt_num_gpu_experts
         H, I = module.hidden_dim, module.intermediate_dim
@@ -279,8 +322,8 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
                 raise ValueError(f"kt_weight_path {file}: layer {layer_idx} is {packed.weight_format!r} but "
                                  f"kt_backend {kt_backend!r} means {SFT_METHOD_FORMATS[method]!r}; pass "
                                  "kt_backend='auto' to use the file's format")
-        kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
-                       lora_dtype=lora_dtype, first_expert=N, layer_idx=layer_idx)
+        kt = KTExperts(E - N, H, I, lora_rank=0 if tuner is not None else lora_rank, lora_alpha=lora_alpha,
+                       method=method, lora_dtype=lora_dtype, first_expert=N, layer_idx=layer_idx)
         if packed is not None:
             kt.experts = packed
         else:
@@ -290,20 +333,121 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         kt.to(module.gate_up_proj.device)
 
         # Release the originals now (before the next layer) so a layer's experts exist once.
-        keep_gate_up = module.gate_up_proj[:N].detach().clone() if N else None
-        keep_down = module.down_proj[:N].detach().clone() if N else None
-        requires_grad = module.gate_up_proj.requires_grad
+        gate_up_proj, down_proj = module.gate_up_proj, module.down_proj
+        keep_gate_up = gate_up_proj[:N].detach().clone() if N else gate_up_proj.new_empty((0,) + gate_up_proj.shape[1:])
+        keep_down = down_proj[:N].detach().clone() if N else down_proj.new_empty((0,) + down_proj.shape[1:])
         del module.gate_up_proj
         del module.down_proj
-        if N:
-            module.gate_up_proj = nn.Parameter(keep_gate_up, requires_grad=requires_grad)
-            module.down_proj = nn.Parameter(keep_down, requires_grad=requires_grad)
+        module.register_buffer("kt_gpu_gate_up_proj", keep_gate_up, persistent=False)
+        module.register_buffer("kt_gpu_down_proj", keep_down, persistent=False)
+        for pname, original in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            module.register_parameter(pname, _placeholder(original))
+        del gate_up_proj, down_proj
+        if not getattr(module, "_kt_state_dict_hooks", False):
+            module._register_state_dict_hook(_drop_placeholders_from_state_dict)
+            module.register_load_state_dict_post_hook(_placeholders_not_missing)
+            module._kt_state_dict_hooks = True
+        module.kt_peft_lora = {}
+        module._apply = types.MethodType(_apply_keeping_placeholders, module)
         module.kt_experts = kt
         module.config._experts_implementation = KT_IMPLEMENTATION
+
+        holder_name, child = _holder_of(name)
+        holder = model.get_submodule(holder_name)
+        register_holder_hook(holder, child)
+        install_kt_wrappers(holder, child)
+        for pname in EXPERT_PARAMS:
+            kt_targets.add(f"{holder_name.rpartition('.')[2]}.{child}.{pname}")
+
+    kt_targets = tuple(sorted(kt_targets))
+    # DistributedDataParallel broadcasts every parameter at start; a stride-0 placeholder cannot be
+    # written, so it skips them (DDP reads this attribute of the module it wraps; peft forwards it).
+    model._ddp_params_and_buffers_to_ignore = _PlaceholderNames(model)
+    if tuner is not None:
+        # get_peft_model came first: its adapters gain the expert LoRA now.
+        add_expert_lora_to_peft_model(tuner, kt_targets, lora_rank, float(lora_alpha))
+        for name, _ in found:
+            holder_name, child = _holder_of(name)
+            install_kt_wrappers(model.get_submodule(holder_name), child)
+    elif lora_rank:
+        # A later peft.get_peft_model stores its LoraConfig here: it gains the experts and the
+        # adapters replace the kt layers' own LoRA.
+        model.peft_config = KTPeftConfigs(kt_targets=kt_targets, kt_rank=lora_rank, kt_alpha=float(lora_alpha),
+                                          on_lora=functools.partial(_drop_own_lora, model))
     return model
+
+
+class _PlaceholderNames:
+    """The qualified names of the expert placeholders of `model`, computed when iterated (after any
+    peft wrapping), also as seen from a PeftModel around it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __iter__(self):
+        for name, module in self.model.named_modules():
+            if isinstance(getattr(module, "kt_experts", None), KTExperts):
+                for pname in EXPERT_PARAMS:
+                    yield f"{name}.{pname}" if name else pname
+                    yield f"base_model.model.{name}.{pname}" if name else f"base_model.model.{pname}"
+
+
+def _placeholder(original: torch.Tensor) -> nn.Parameter:
+    # The base weights now live packed in kt; peft's target_parameters still needs a parameter with the
+    # original shape, dtype and device to size and place the LoRA. Stride 0: one element of storage.
+    return nn.Parameter(torch.zeros((), dtype=original.dtype, device=original.device).expand(original.shape),
+                        requires_grad=False)
+
+
+def _apply_keeping_placeholders(self, fn, recurse=True):
+    # model.to(dtype / device) would turn a stride-0 placeholder into a full-size tensor; give it the new
+    # dtype and device at one element instead.
+    placeholders = {n: self._parameters.pop(n) for n in EXPERT_PARAMS if n in self._parameters}
+    try:
+        result = type(self)._apply(self, fn, recurse)
+    finally:
+        for n, p in placeholders.items():
+            probe = fn(torch.zeros((), dtype=p.dtype, device=p.device))
+            self._parameters[n] = _placeholder(probe.expand(p.shape))
+    return result
+
+
+def _drop_placeholders_from_state_dict(module, state_dict, prefix, local_metadata):
+    for pname in EXPERT_PARAMS:
+        state_dict.pop(prefix + pname, None)
+
+
+def _placeholders_not_missing(module, incompatible_keys):
+    # Placeholders are never saved, so a state dict without them is complete.
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.rpartition(".")[2] in EXPERT_PARAMS]:
+        missing.remove(key)
+
+
+def _holder_of(name: str) -> tuple[str, str]:
+    """(name of the module holding the experts module, attribute name) with peft's `.base_layer` removed."""
+    plain = name.replace(".base_layer", "")
+    holder, _, child = plain.rpartition(".")
+    return holder, child
+
+
+def _drop_own_lora(model: nn.Module) -> None:
+    for _, _, kt in kt_experts_modules(model):
+        kt.drop_lora()
 
 
 def kt_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, KTExperts]]:
     """(name of the transformers experts module, that module, its KTExperts) for a converted model."""
     return [(name, m, m.kt_experts) for name, m in find_moe_experts(model)
             if isinstance(getattr(m, "kt_experts", None), KTExperts)]
+
+
+def kt_expert_wrappers(model: nn.Module) -> list[nn.Module]:
+    """The peft ParamWrappers (expert LoRA) around the kt experts of `model`."""
+    from .peft_lora import wrapper_chain
+
+    wrappers = []
+    for name, _, _ in kt_experts_modules(model):
+        holder_name, child = _holder_of(name)
+        wrappers.extend(wrapper_chain(getattr(model.get_submodule(holder_name), child))[1].values())
+    return wrappers

@@ -1,8 +1,7 @@
-"""Expert LoRA alongside peft: trainability and switching it off.
-
-peft (>= 0.18) decides what `get_peft_model` leaves trainable by visiting its own tuner layers, so
-it freezes the kt expert LoRA of a model converted by `apply_kt` beforehand. `get_peft_model` here is
-peft's, followed by re-enabling the expert LoRA; converting after wrapping needs nothing extra.
+"""Optional helpers for the expert LoRA. With stock peft they are not needed: the expert LoRA is a
+peft adapter (see `peft_lora`), so `peft.get_peft_model`, `disable_adapter()` and
+`print_trainable_parameters()` cover it. They remain for models used without peft, whose kt
+experts carry their own LoRA, and for code written against the earlier API.
 """
 from __future__ import annotations
 
@@ -11,48 +10,58 @@ from typing import Iterator
 
 from torch import nn
 
-from .hf import kt_experts_modules
+from .hf import kt_expert_wrappers, kt_experts_modules
 
 
 def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The expert LoRA parameters of every kt experts layer in `model` (empty when lora_rank=0)."""
+    """The expert LoRA parameters of `model`: the kt layers' own, or every peft adapter's on the experts."""
     params = []
     for _, _, kt in kt_experts_modules(model):
         params.extend(kt.lora_parameters() or ())
+    for wrapper in kt_expert_wrappers(model):
+        params.extend(p for n, p in wrapper.named_parameters() if "lora_" in n and "base_layer" not in n)
     return params
 
 
 def set_kt_lora_trainable(model: nn.Module, trainable: bool = True) -> None:
-    """Make the expert LoRA of every kt layer trainable or frozen (frozen on purpose: no warning)."""
+    """Make the expert LoRA trainable or frozen (frozen on purpose: no warning). On a peft model this
+    covers the active adapters, as peft's own set_adapter does."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be a bool, got {trainable!r}")
     for _, _, kt in kt_experts_modules(model):
         kt.lora_frozen_on_purpose = not trainable
         for param in kt.lora_parameters() or ():
             param.requires_grad_(trainable)
+    for wrapper in kt_expert_wrappers(model):
+        for adapter in wrapper.active_adapters:
+            for layers in (wrapper.lora_A, wrapper.lora_B):
+                if adapter in layers:
+                    layers[adapter].requires_grad_(trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config, *args, **kwargs):
-    """`peft.get_peft_model(model, peft_config, ...)` keeping the kt expert LoRA trainable (unless the
-    config is in inference mode)."""
+    """Same as `peft.get_peft_model` (kept for earlier code: stock peft now keeps the expert LoRA)."""
     import peft
 
-    wrapped = peft.get_peft_model(model, peft_config, *args, **kwargs)
-    if not getattr(peft_config, "inference_mode", False):
-        set_kt_lora_trainable(wrapped, True)
-    return wrapped
+    return peft.get_peft_model(model, peft_config, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def disable_kt_lora(model: nn.Module) -> Iterator[None]:
-    """Within the block the kt experts compute without their LoRA (the base model's experts). Pair it
-    with peft's `model.disable_adapter()` for a reference pass of the whole base model."""
+    """Within the block the kt experts compute without LoRA (the base model's experts); the rest of
+    the model is untouched. peft's `model.disable_adapter()` switches off every adapter, experts included."""
     layers = [kt for _, _, kt in kt_experts_modules(model)]
+    wrappers = kt_expert_wrappers(model)
     previous = [kt.lora_enabled for kt in layers]
+    previous_wrappers = [w._disable_adapters for w in wrappers]
     try:
         for kt in layers:
             kt.lora_enabled = False
+        for w in wrappers:
+            w._disable_adapters = True
         yield
     finally:
         for kt, state in zip(layers, previous):
             kt.lora_enabled = state
+        for w, state in zip(wrappers, previous_wrappers):
+            w._disable_adapters = state

@@ -1,0 +1,129 @@
+"""Which transformers MoE architectures run on kt_ops: one row per model type whose experts use
+`@use_experts_implementation`, built tiny from its config class (sizes shrunk, random weights,
+nothing downloaded).
+
+    python benchmarks/arch_table.py [model_type ...]
+
+Columns: logits of `apply_kt(model, lora_rank=0)` vs transformers' eager experts (fp32, relative L2;
+the AMXBF16 backend packs to bf16), the same with AMXINT8 and AMXINT4 packing, and a 4-step AdamW
+run through stock peft (expert LoRA via apply_kt's lora_rank + attention-free config) whose loss
+must fall. An architecture apply_kt refuses shows the first line of its error. "not built" means
+this generic shrinking did not produce a working causal LM for that config (not a kt_ops verdict).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+# Shrunk sizes, applied to every config field of that name that exists.
+SMALL = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32, "shared_expert_intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8, "n_routed_experts": 8,
+    "num_local_experts": 8, "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2,
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "max_position_embeddings": 128,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "num_shared_experts": 1, "n_shared_experts": 1, "moe_layer_start_index": 0, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "tie_word_embeddings": False, "sliding_window": 64,
+}
+
+
+def _shrink(config):
+    for key, value in SMALL.items():
+        if hasattr(config, key):
+            try:
+                setattr(config, key, value)
+            except Exception:  # noqa: BLE001 - some configs validate fields; keep their value
+                pass
+    if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    for sub in ("text_config",):
+        if getattr(config, sub, None) is not None:
+            _shrink(getattr(config, sub))
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def _build(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kt_ops.integration.tiny import TINY_MODELS, tiny_config
+
+    tiny = "tiny-" + model_type.replace("_", "-")
+    # the test suite's hand-made tiny configs where the generic shrinking does not fit (MLA attention)
+    config = tiny_config(tiny) if tiny in TINY_MODELS else _shrink(AutoConfig.for_model(model_type))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _row(model_type: str) -> str:
+    import peft
+
+    from kt_ops.integration import apply_kt
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    try:
+        model = _build(model_type)
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+    except Exception as e:  # noqa: BLE001
+        return f"| {model_type} | not built ({type(e).__name__}) | | | |"
+    cells = []
+    for backend in ("AMXBF16", "AMXINT8", "AMXINT4"):
+        try:
+            kt = apply_kt(_build(model_type), kt_backend=backend, lora_rank=0)
+            with torch.no_grad():
+                cells.append(f"{_rel(kt(input_ids=ids).logits, ref):.1e}")
+        except Exception as e:  # noqa: BLE001
+            return f"| {model_type} | refused: {str(e).splitlines()[0][:300]} | | | |"
+    try:
+        model = apply_kt(_build(model_type).train(), lora_rank=4, lora_alpha=8.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[]))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        losses = []
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        train = f"{losses[0]:.3f} -> {losses[-1]:.3f}" + ("" if losses[-1] < losses[0] else " (no fall)")
+    except Exception as e:  # noqa: BLE001
+        train = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return f"| {model_type} | {cells[0]} | {cells[1]} | {cells[2]} | {train} |"
+
+
+def model_types() -> list[str]:
+    import pathlib
+
+    import transformers
+
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    return sorted(p.parent.name for p in root.glob("*/modeling_*.py")
+                  if "modular" not in p.name and "use_experts_implementation" in p.read_text())
+
+
+def main(argv: list[str]) -> None:
+    import kt_ops
+
+    torch.set_num_threads(1)
+    types = argv or model_types()
+    print(f"# transformers MoE architectures on kt_ops, {kt_ops.cpu_info()['model']}, isa={kt_ops.get_isa()}")
+    print("| model_type | logits rel. err. AMXBF16 | AMXINT8 | AMXINT4 | expert-LoRA training loss (4 steps) |")
+    print("|---|---:|---:|---:|---|")
+    for t in types:
+        print(_row(t), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

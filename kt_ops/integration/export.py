@@ -1,0 +1,193 @@
+"""Merged export: a plain transformers checkpoint of a kt model with all its LoRA folded in, for
+engines that serve without LoRA.
+
+The experts are unpacked one layer at a time (the weights the kernels compute with, dequantized for
+quantized formats), W + scaling·B·A is added per expert in fp32 and the result stored in bf16 under
+transformers' own names (`...experts.gate_up_proj` / `down_proj`); other LoRA layers of a peft model
+add their delta to the base weight. Tensors are written in shards of at most `max_shard_size` bytes
+as soon as a shard fills, so memory holds one shard plus one layer's experts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..ops import unpack_experts
+from .hf import _holder_of, kt_experts_modules
+from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
+
+
+def _base_and_adapters(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The transformers model inside `model` and the peft adapters whose LoRA is to be merged."""
+    from .adapter import _is_peft_model
+
+    if not _is_peft_model(model):
+        return model, []
+    base = model.get_base_model()
+    return base, list(model.active_adapters)
+
+
+def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
+                   ) -> Iterator[tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """(expert, gate_up delta [2I, H], down delta [H, I]) in fp32 for every expert with LoRA."""
+    factors = {p: [adapter_factors(w, a) for a in adapters if a in w.lora_A and not w.disable_adapters]
+               for p, w in wrappers.items()}
+    own = kt.lora_rank and kt.lora_enabled
+    for expert in range(kt.first_expert + kt.num_experts):
+        gate_up = down = None
+        for A, B, s in factors.get("gate_up_proj", []):
+            d = s * (B[expert].float() @ A[expert].float())
+            gate_up = d if gate_up is None else gate_up + d
+        for A, B, s in factors.get("down_proj", []):
+            d = s * (B[expert].float() @ A[expert].float())
+            down = d if down is None else down + d
+        if own and expert >= kt.first_expert:
+            j, s = expert - kt.first_expert, kt.lora_scaling
+            d = s * torch.cat([kt.gate_lora_b[j].float() @ kt.gate_lora_a[j].float(),
+                               kt.up_lora_b[j].float() @ kt.up_lora_a[j].float()])
+            gate_up = d if gate_up is None else gate_up + d
+            d = s * (kt.down_lora_b[j].float() @ kt.down_lora_a[j].float())
+            down = d if down is None else down + d
+        yield expert, gate_up, down
+
+
+def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up_proj and down_proj of one experts module in the module's own layout, LoRA merged."""
+    gate, up, down = unpack_experts(kt.experts)                 # [E', I, H], [E', I, H], [E', H, I]
+    gate_up = torch.cat([gate, up], dim=1)
+    del gate, up
+    N = kt.first_expert
+    if N:
+        kept_gate_up, kept_down = module.kt_gpu_gate_up_proj.cpu(), module.kt_gpu_down_proj.cpu()
+        if module.is_transposed:
+            kept_gate_up, kept_down = kept_gate_up.transpose(1, 2), kept_down.transpose(1, 2)
+        gate_up = torch.cat([kept_gate_up.to(gate_up.dtype), gate_up])
+        down = torch.cat([kept_down.to(down.dtype), down])
+    gate_up_out = torch.empty(gate_up.shape, dtype=dtype)
+    down_out = torch.empty(down.shape, dtype=dtype)
+    for expert, d_gate_up, d_down in _expert_deltas(module, kt, wrappers, adapters):
+        w = gate_up[expert].float()
+        gate_up_out[expert] = (w if d_gate_up is None else w + d_gate_up.cpu()).to(dtype)
+        w = down[expert].float()
+        down_out[expert] = (w if d_down is None else w + d_down.cpu()).to(dtype)
+    if module.is_transposed:
+        gate_up_out, down_out = gate_up_out.transpose(1, 2).contiguous(), down_out.transpose(1, 2).contiguous()
+    return gate_up_out, down_out
+
+
+def _lora_delta(wrapper: nn.Module, adapters: list[str]) -> Optional[torch.Tensor]:
+    if wrapper.disable_adapters or wrapper.merged:
+        return None
+    deltas = [wrapper.get_delta_weight(a).float() for a in adapters if a in wrapper.lora_A]
+    return sum(deltas) if deltas else None
+
+
+def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, merged tensor) of every weight of the model, in module order."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base, adapters = _base_and_adapters(model)
+    kt_modules = {}
+    for name, module, kt in kt_experts_modules(base):
+        holder_name, child = _holder_of(name)
+        _, wrappers = wrapper_chain(getattr(base.get_submodule(holder_name), child))
+        kt_modules[id(module)] = (kt, wrappers)
+    for name, module in base.named_modules():
+        parts = name.split(".") if name else []
+        if any(p.startswith("lora_") or p == "kt_experts" for p in parts) or isinstance(module, BaseTunerLayer):
+            continue  # LoRA containers and the kt layer are merged below; wrappers hold only those
+        plain = name.replace(".base_layer", "")
+        prefix = plain + "." if plain else ""
+        wrapper = None
+        if name.endswith(".base_layer"):
+            wrapper = base.get_submodule(name[: -len(".base_layer")])
+        if id(module) in kt_modules:
+            kt, wrappers = kt_modules[id(module)]
+            gate_up, down = _merged_experts(module, kt, wrappers, adapters, dtype)
+            yield prefix + "gate_up_proj", gate_up
+            yield prefix + "down_proj", down
+            del gate_up, down
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False)
+                    if n not in module._non_persistent_buffers_set]
+        for pname, tensor in tensors:
+            if id(module) in kt_modules and pname in EXPERT_PARAMS:
+                continue
+            value = tensor.detach()
+            if pname == "weight" and isinstance(wrapper, LoraLayer):
+                delta = _lora_delta(wrapper, adapters)
+                if delta is not None:
+                    value = (value.float() + delta.to(value.device)).to(value.dtype)
+            yield prefix + pname, value.to("cpu", dtype if value.is_floating_point() else value.dtype)
+
+
+def export_merged(model: nn.Module, save_directory: str, dtype: torch.dtype = torch.bfloat16,
+                  max_shard_size: int = 2 * 1024 ** 3) -> list[str]:
+    """Write `model` (converted with `apply_kt`, optionally a peft model) with every active LoRA merged
+    as a plain transformers checkpoint in `save_directory`: config.json, generation_config.json when the
+    model has one, and safetensors shards (with model.safetensors.index.json when there are several).
+    It loads with `AutoModelForCausalLM.from_pretrained` and no kt_ops. Returns the files written."""
+    from safetensors.torch import save_file
+
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be an int >= 1 (bytes), got {max_shard_size!r}")
+    base, _ = _base_and_adapters(model)
+    if not kt_experts_modules(base):
+        raise ValueError(f"{type(base).__name__} has no kt experts; export_merged is for models converted by "
+                         "kt_ops.integration.apply_kt (a plain model saves with save_pretrained)")
+    save_directory = os.fspath(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+
+    shards, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            path = os.path.join(save_directory, f".shard-{len(shards):05d}.tmp")
+            save_file(shard, path, metadata={"format": "pt"})
+            shards.append((path, list(shard)))
+        shard, size = {}, 0
+
+    with torch.no_grad():
+        for key, tensor in _merged_tensors(model, dtype):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > max_shard_size:
+                flush()
+            shard[key] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+        flush()
+
+    written, weight_map = [], {}
+    for i, (path, keys) in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(path, os.path.join(save_directory, name))
+        written.append(os.path.join(save_directory, name))
+        weight_map.update({k: name for k in keys})
+    if len(shards) > 1:
+        index = os.path.join(save_directory, "model.safetensors.index.json")
+        with open(index, "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        written.append(index)
+
+    config = base.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("_experts_implementation", None)
+    with open(os.path.join(save_directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    written.append(os.path.join(save_directory, "config.json"))
+    generation = getattr(base, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(save_directory)
+        written.append(os.path.join(save_directory, "generation_config.json"))
+    return written
