@@ -4,7 +4,7 @@ the same weights and inputs, with the ratio to BF16. Default: DeepSeek-V2-Lite l
 H=2048, I=1408, k=6, LoRA r=16), qlen 1 (decode) and 512 (prefill), 2 threads.
 
   .venv/bin/python benchmarks/bench_formats.py [--qlens 1,512] [--threads 2] [--quick]
-      [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR]
+      [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
 
 --baseline DIR times the same methods, weights and inputs with another build of kt_ops (DIR is a
 checkout with its extension built in place, e.g. the commit before a kernel change) in a child
@@ -99,15 +99,16 @@ class Baseline:
         self.proc.wait()
 
 
-def medians(fns, repeats, min_time=1.0):
-    """Median seconds of each fn, called in turn (one warm-up each), so that all see the same load."""
+def timings(fns, repeats, stat, min_time=1.0):
+    """Median (or minimum) seconds of each fn, called in turn (one warm-up each), so that all see
+    the same load. The minimum estimates the unloaded time on a machine shared with other work."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     while len(times[0]) < repeats or (sum(times[0]) < min_time and len(times[0]) < 50):
         for fn, ts in zip(fns, times):
             ts.append(fn())
-    return [statistics.median(ts) for ts in times]
+    return [(min if stat == "min" else statistics.median)(ts) for ts in times]
 
 
 def main() -> None:
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated; the first is the ratios' base")
     ap.add_argument("--baseline", metavar="DIR", help="also time the kt_ops built in checkout DIR, alternating")
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="statistic over the repeats")
     ap.add_argument("--quick", action="store_true", help="E=8 H=512 I=256 k=2, qlens 1,64")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -131,7 +133,8 @@ def main() -> None:
     methods = list(layers)
     info = kt_ops.cpu_info()
     print(f"# kt_ops weight formats, {datetime.datetime.now():%Y-%m-%d %H:%M}, {info['model']}, isa={info['isa']}, "
-          f"threads={args.threads}, E={E} H={H} I={I} k={k} r={r} group_size={args.group_size}")
+          f"threads={args.threads}, E={E} H={H} I={I} k={k} r={r} group_size={args.group_size}, "
+          f"{args.stat} of >= {args.repeats} calls, load average before the run {os.getloadavg()[0]:.1f}")
     print(f"# this build: {kt_ops.__file__}" + (f"; baseline: {baseline.path} (alternating call by call)"
                                                  if baseline else ""))
     builds = ["", " base"] if baseline else [""]
@@ -150,7 +153,7 @@ def main() -> None:
                 if baseline:
                     fns.append(lambda: baseline.call(method, q, backward))
                 repeats = max(3, args.repeats // 2) if backward else args.repeats
-                for b, t in zip(builds, medians(fns, repeats)):
+                for b, t in zip(builds, timings(fns, repeats, args.stat)):
                     base.setdefault((backward, q, b), t)
                     cells.append(f"{t * 1e3:.2f} ({base[(backward, q, b)] / t:.2f}x)")
         print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
