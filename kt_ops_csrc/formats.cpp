@@ -164,8 +164,10 @@ bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, in
                                   float* c) const {
   if (format_ == WeightFormat::Bf16 || m > kDirectQuantRows) return false;
   const DequantKernels& kernels = dequant_kernels();
-  if (kernels.gemm_nt_codes == nullptr) return false;
-  kernels.gemm_nt_codes(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
+  // int8 codes: integer dot products on quantized activations where the ISA has them.
+  const auto direct = is_int8(format_) && kernels.gemm_nt_int8 ? kernels.gemm_nt_int8 : kernels.gemm_nt_codes;
+  if (direct == nullptr) return false;
+  direct(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
   return true;
 }
 

@@ -403,9 +403,11 @@ def test_deferred_contribution_arrives_with_the_next_call():
     assert torch.equal(out2, plain.forward(x2, imm2, w2) + deferred1)
     assert torch.equal(owed2, plain.forward(x2, def2, w2))
     # what a call returns plus what the next one brings = the full MoE output of its tokens (up to the
-    # kernel's choice of int8-direct or bf16-panel path, which depends on how many rows an expert gets)
-    assert_tight("call 1", out1 + deferred1, plain.forward(x1, ids1, w1), rtol=5e-3)
-    assert_tight("call 2", out2 - deferred1 + owed2, plain.forward(x2, ids2, w2), rtol=5e-3)
+    # kernel's choice of int8-direct or bf16-panel path, which depends on how many rows an expert gets:
+    # the direct path quantizes activations to int8, each off by up to max|x| / 254 (kernels/quant.h),
+    # about 1% of these 32-wide projections, against 2^-9 per weight on the panel path)
+    assert_tight("call 1", out1 + deferred1, plain.forward(x1, ids1, w1), rtol=2e-2)
+    assert_tight("call 2", out2 - deferred1 + owed2, plain.forward(x2, ids2, w2), rtol=2e-2)
 
 
 def test_deferred_submit_sync_and_qlen_change():

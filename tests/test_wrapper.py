@@ -338,9 +338,11 @@ def test_inference_chunks_and_gpu_experts():
     whole.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
     chunked = inference_wrapper(case, chunked_prefill_size=4)
     chunked.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
-    # few-row chunks take the direct int8-code kernel, whole prefill the bf16-dequantized panels
+    # few-row chunks take the direct int8-code kernel, whole prefill the bf16-dequantized panels; the
+    # direct kernel quantizes activations to int8, each off by up to max|x| / 254 (kernels/quant.h),
+    # about 1% of these 32-wide projections, against 2^-9 per weight on the panel path
     assert_tight("chunked", chunked.forward(case.hidden, case.ids, case.weights),
-                 whole.forward(case.hidden, case.ids, case.weights), rtol=5e-3)
+                 whole.forward(case.hidden, case.ids, case.weights), rtol=2e-2)
     gpu = inference_wrapper(case, num_gpu_experts=2)
     gpu.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
     skipped = torch.where(case.ids < 2, -1, case.ids)

@@ -35,9 +35,23 @@ struct DequantKernels {
   // sum x * code and applies w = code * scale + offset as scale * acc + offset * sum x. It rounds
   // differently from the dequantized bf16 path (no bf16 rounding of w). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
+  // The same product for the int8 formats with integer dot products (decode: rows up to
+  // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice). Each row's activations are
+  // quantized per K group of the weights (the whole row for int8):
+  //   step = max|x over the group| / 127,  q[k] = round_to_nearest_even(x[k] * (127 / max|x|))
+  // so q lies in [-127, 127] and |x[k] - step * q[k]| <= step / 2 (up to fp32 rounding of the
+  // reciprocal). Per group sum code * q is exact in int32 (chunks of at most kMaxPairsPerInt32 k
+  // pairs: 2 * 128 * 127 * 65536 < 2^31), and c += (float(acc) * weight_scale) * step, in group
+  // order, with no FMA: every ISA gives the same bits. Error against the fp32 product of the exact
+  // dequantized weights: |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w[n, k]| (+ fp32
+  // rounding). Rows holding NaN or Inf (or a group so tiny that 127 / max|x| overflows) are
+  // multiplied in fp32 instead (the call falls back to fp32 on the codes), so NaN and Inf
+  // propagate as on the other paths. nullptr: not provided.
+  void (*gemm_nt_int8)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
 };
 
-constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes is used
+constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
+constexpr int64_t kMaxPairsPerInt32 = 65536;
 
 const DequantKernels& ref_dequant();
 // The exact fp32 values of rows [0, rows) as [rows, K]: the weights the quantized formats stand for.

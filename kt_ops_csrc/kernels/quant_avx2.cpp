@@ -3,6 +3,11 @@
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
 #include "gemm.h"
 #include "quant.h"
 
@@ -221,10 +226,135 @@ void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m,
     }
 }
 
+// ---- int8 formats: integer dot products on quantized activations (quant.h, gemm_nt_int8) --------
+//
+// vpmaddwd on the codes sign-extended to 16 bits: one k pair of a panel is 16 rows x (even k, odd k)
+// bytes, and vpmaddwd against the broadcast activation pair (q[k], q[k+1]) sums exactly each row's
+// pair into one int32 lane, so the accumulators hold rows 0-7 and 8-15 with no lane folding. The
+// 8-bit vpmaddubsw would need the pair sums widened per k pair anyway (its int16 sums of two
+// k pairs overflow), an unpack and a vpmaddwd each: no fewer instructions than this. Activations
+// are stored as int16 values in [-127, 127] so that one 32-bit broadcast carries a pair.
+
+// Quantizes each row per K group (quant.h); q is [m][2 Kp], step [m][groups]. False if a row holds
+// NaN or Inf or a group's reciprocal overflows (the caller then multiplies in fp32).
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
+  const int64_t Kp = k_pairs(K), group_k = 2 * (Kp / groups);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+  for (int r = 0; r < m; ++r) {
+    const float* x = a[r];
+    int16_t* qr = q + r * 2 * Kp;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group_k, k1 = std::min(K, k0 + group_k);
+      __m256 vmax = _mm256_setzero_ps();
+      __m256i special = _mm256_setzero_si256();  // all-ones exponent: NaN or Inf
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+        vmax = _mm256_max_ps(vmax, v);
+        special = _mm256_or_si256(special, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      float absmax = _mm_cvtss_f32(h);
+      bool finite = _mm256_testz_si256(special, special);
+      for (; k < k1; ++k) {
+        finite = finite && std::isfinite(x[k]);
+        absmax = std::max(absmax, std::fabs(x[k]));
+      }
+      const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+      if (!finite || std::isinf(inv)) return false;
+      step[r * groups + g] = absmax / 127.0f;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (k = k0; k + 16 <= k1; k += 16) {
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+      }
+      for (; k < k1; ++k) qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
+    }
+    if (K % 2) qr[K] = 0;
+  }
+  return true;
+}
+
+inline __m256i load_codes16(const int8_t* codes) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+}
+
+inline __m256i broadcast_pair(const int16_t* q) {
+  int32_t pair;
+  std::memcpy(&pair, q, sizeof(pair));
+  return _mm256_set1_epi32(pair);
+}
+
+// One panel, all K, MR rows (1..4) sharing each widened load of the codes.
+template <int MR>
+void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t panel,
+                float* c, int ldc) {
+  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
+  const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + panel * Kp * kPanelRows * 2;
+  __m256 t[MR][2];
+  for (int r = 0; r < MR; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    alignas(32) float scale[kPanelRows];
+    for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + g];
+    const __m256 s0 = _mm256_load_ps(scale), s1 = _mm256_load_ps(scale + 8);
+    const int64_t g_end = (g + 1) * pairs_per_group;
+    for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32) {
+      const int64_t c1 = std::min(g_end, c0 + kMaxPairsPerInt32);
+      __m256i acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      for (int64_t kp = c0; kp < c1; ++kp) {
+        const __m256i w0 = load_codes16(codes + kp * kPanelRows * 2);
+        const __m256i w1 = load_codes16(codes + kp * kPanelRows * 2 + 16);
+        for (int r = 0; r < MR; ++r) {
+          const __m256i x = broadcast_pair(q + r * q_stride + 2 * kp);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, x));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, x));
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 st = _mm256_set1_ps(step[r * w.groups + g]);
+        t[r][0] = _mm256_add_ps(t[r][0], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), st));
+        t[r][1] = _mm256_add_ps(t[r][1], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), st));
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, t[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, t[r][1]);
+  }
+}
+
+void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+  const int64_t Kp = k_pairs(w.K);
+  thread_local std::vector<int16_t> q_buf;
+  thread_local std::vector<float> step_buf;
+  if (q_buf.size() < size_t(m) * 2 * Kp) q_buf.resize(size_t(m) * 2 * Kp);
+  if (step_buf.size() < size_t(m) * w.groups) step_buf.resize(size_t(m) * w.groups);
+  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, q_buf.data(), step_buf.data()))
+    return gemm_nt_codes_avx2(w, a_rows, m, p0, np, c);
+  const int ldc = np * kPanelRows;
+  for (int p = 0; p < np; ++p)
+    for (int i = 0; i < m; i += 4) {
+      const int16_t* q = q_buf.data() + i * 2 * Kp;
+      const float* step = step_buf.data() + i * w.groups;
+      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
+      switch (std::min(4, m - i)) {
+        case 4: int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
+        case 3: int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
+        case 2: int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
+        default: int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
+      }
+    }
+}
+
 }  // namespace
 
 const DequantKernels* avx2_dequant() {
-  static const DequantKernels kernels{dequant_avx2, gemm_nt_codes_avx2};
+  static const DequantKernels kernels{dequant_avx2, gemm_nt_codes_avx2, gemm_nt_int8_avx2};
   return &kernels;
 }
 

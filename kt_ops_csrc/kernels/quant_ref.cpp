@@ -1,4 +1,7 @@
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "gemm.h"
 #include "quant.h"
@@ -39,6 +42,69 @@ void dequant_ref(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int6
     }
 }
 
+// fp32 on the exact code values: the int8 path's fallback for rows holding NaN or Inf.
+void gemm_nt_f32_ref(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+  const int ldc = np * kPanelRows;
+  for (int r = 0; r < m; ++r)
+    for (int j = 0; j < ldc; ++j) {
+      const int64_t n = int64_t(p0) * kPanelRows + j;
+      float sum = 0.0f;
+      for (int64_t k = 0; k < w.K; ++k) sum += a_rows[r][k] * dequant_value(w, n, k / 2, k % 2);
+      c[int64_t(r) * ldc + j] = sum;
+    }
+}
+
+// The activation quantization of quant.h for one row: codes [2 Kp] (odd K: the padding k is 0) and
+// one step per group. False if the row holds NaN or Inf (or a group's 127 / max|x| overflows).
+bool quantize_row_ref(const float* x, int64_t K, int64_t groups, int16_t* q, float* step) {
+  const int64_t Kp = k_pairs(K), group_k = 2 * (Kp / groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * group_k, k1 = std::min(K, k0 + group_k);
+    float absmax = 0.0f;
+    for (int64_t k = k0; k < k1; ++k) {
+      if (!std::isfinite(x[k])) return false;
+      absmax = std::max(absmax, std::fabs(x[k]));
+    }
+    step[g] = absmax / 127.0f;
+    const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    if (std::isinf(inv)) return false;  // a group of tiny subnormals: no finite step reaches 127
+    for (int64_t k = k0; k < k1; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+  }
+  if (K % 2) q[K] = 0;
+  return true;
+}
+
+void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
+  thread_local std::vector<int16_t> q_buf;
+  thread_local std::vector<float> step_buf;
+  q_buf.resize(std::max<size_t>(q_buf.size(), m * 2 * Kp));
+  step_buf.resize(std::max<size_t>(step_buf.size(), m * w.groups));
+  for (int r = 0; r < m; ++r)
+    if (!quantize_row_ref(a_rows[r], K, w.groups, q_buf.data() + r * 2 * Kp, step_buf.data() + r * w.groups))
+      return gemm_nt_f32_ref(w, a_rows, m, p0, np, c);
+  const int8_t* data = reinterpret_cast<const int8_t*>(w.data);
+  const int ldc = np * kPanelRows;
+  for (int r = 0; r < m; ++r) {
+    const int16_t* q = q_buf.data() + r * 2 * Kp;
+    for (int j = 0; j < ldc; ++j) {
+      const int64_t n = int64_t(p0) * kPanelRows + j, panel = n / kPanelRows, i = n % kPanelRows;
+      float total = 0.0f;
+      for (int64_t g = 0; g < w.groups; ++g)
+        for (int64_t c0 = g * pairs_per_group; c0 < (g + 1) * pairs_per_group; c0 += kMaxPairsPerInt32) {
+          const int64_t c1 = std::min((g + 1) * pairs_per_group, c0 + kMaxPairsPerInt32);
+          int32_t acc = 0;
+          for (int64_t kp = c0; kp < c1; ++kp) {
+            const int8_t* code = data + ((panel * Kp + kp) * kPanelRows + i) * 2;
+            acc += code[0] * q[2 * kp] + code[1] * q[2 * kp + 1];
+          }
+          total = total + (static_cast<float>(acc) * w.scales[n * w.groups + g]) * step_buf[r * w.groups + g];
+        }
+      c[int64_t(r) * ldc + j] = total;
+    }
+  }
+}
+
 }  // namespace
 
 void dequant_f32(const QuantMatrix& w, int64_t rows, float* out) {
@@ -47,7 +113,7 @@ void dequant_f32(const QuantMatrix& w, int64_t rows, float* out) {
 }
 
 const DequantKernels& ref_dequant() {
-  static const DequantKernels kernels{dequant_ref, nullptr};
+  static const DequantKernels kernels{dequant_ref, nullptr, gemm_nt_int8_ref};
   return kernels;
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Kernel-level checks of the GEMM tables, outside Python, under AddressSanitizer + UBSan:
+#   quant:  the int8 integer-dot decode tables (quant_harness.cpp);
 #   native: ref, amx-emu, and the real avx512 / avx512-bf16 / amx kernels where this CPU runs them;
 #   simde:  if SIMDe is installed (Debian/Ubuntu: libsimde-dev), the avx512, avx512-bf16 and amx
 #           sources again with the AVX-512 intrinsics on SIMDe (portable C) and the AMX tiles on
@@ -18,6 +19,10 @@ g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$
   -o "$out/native"
 echo "== native"
 "$out/native" "$iters"
+
+g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" -o "$out/quant"
+echo "== quant: int8 integer-dot decode (ref, and avx2 where this CPU runs it)"
+"$out/quant" "$iters"
 
 if [ -f /usr/include/simde/x86/avx512.h ]; then
   # The same sources with the target pragma dropped and immintrin.h replaced by SIMDe (+ tile emulation).
