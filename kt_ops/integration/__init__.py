@@ -2,8 +2,9 @@
 fine-tuning with peft, the transformers Trainer and trl."""
 from .adapter import load_kt_adapter, save_kt_adapter
 from .hf import KT_BACKENDS, KTExperts, apply_kt, find_moe_experts, kt_experts_forward, kt_experts_modules
+from .loading import from_pretrained, share_kt_experts
 from .lora import disable_kt_lora, get_peft_model, kt_lora_parameters, set_kt_lora_trainable
 
-__all__ = ["KT_BACKENDS", "KTExperts", "apply_kt", "disable_kt_lora", "find_moe_experts", "get_peft_model",
+__all__ = ["KT_BACKENDS", "KTExperts", "apply_kt", "disable_kt_lora", "find_moe_experts", "from_pretrained", "get_peft_model",
            "kt_experts_forward", "kt_experts_modules", "kt_lora_parameters", "load_kt_adapter", "save_kt_adapter",
-           "set_kt_lora_trainable"]
+           "set_kt_lora_trainable", "share_kt_experts"]
