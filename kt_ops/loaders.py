@@ -382,6 +382,36 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
+    def load_projection(self, base_key: str, projection: str, device="cpu") -> torch.Tensor:
+        """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
+        in the stored dtype. Reading a layer a projection at a time keeps a third of it in memory."""
+        if projection not in _PROJECTIONS:
+            raise ValueError(f"projection must be one of {_PROJECTIONS}, got {projection!r}")
+        layout = self._resolve(base_key)
+        if layout.fmt == "fused":
+            gate_up_key, down_key = layout.keys
+            key = down_key if projection == "down" else gate_up_key
+            (_, t), = self._iter_tensors([key], device)
+            t = self._checked(key, t)
+            if projection == "down":
+                return t.contiguous()
+            if t.dim() != 3 or t.shape[1] % 2:
+                raise ValueError(f"layer {base_key!r}: {key!r} must be [E, 2*I, H], got {tuple(t.shape)}")
+            half = t.shape[1] // 2
+            return (t[:, :half] if projection == "gate" else t[:, half:]).contiguous()
+        index = _PROJECTIONS.index(projection)
+        slot = {triple[index]: e for e, triple in enumerate(layout.keys)}
+        out, first = None, None
+        for key, t in self._iter_tensors(slot, device):
+            self._checked(key, t)
+            if out is None:
+                out, first = torch.empty((len(slot), *t.shape), dtype=t.dtype, device=t.device), t
+            elif t.shape != first.shape or t.dtype != first.dtype:
+                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
+                                 f"experts are {tuple(first.shape)} {first.dtype}")
+            out[slot[key]].copy_(t)
+        return out
+
     def load_stacked(self, base_key: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]), contiguous, in the stored dtype."""
         layout = self._resolve(base_key)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import kt_ops
 from kt_ops.ops import unpack_experts
+from kt_ops.utils.loader import BF16SafeTensorLoader, SafeTensorLoader
 from kt_ops.utils import ktransformers as ktw
 
 E, H, I, K = 4, 256, 256, 2
@@ -113,14 +114,14 @@ def test_quantize_then_dequantize_is_kt_kernels_rule(method):
 @pytest.mark.parametrize("parts", [1, 2])
 def test_directory_reads_as_packed_experts_equal_to_dequantized_reference(tmp_path, method, parts):
     truth = write_kt_dir(tmp_path, method, parts)
-    loader = kt_ops.utils.loader.SafeTensorLoader(str(tmp_path))
+    loader = SafeTensorLoader(str(tmp_path))
     assert loader.layers() == [0, 1]
     for layer in (0, 1):
         packed = loader.load_packed(layer)
         assert packed.weight_format == {("INT8", 1): "int8", ("INT4", 1): "int4", ("INT8", 2): "int8_kgroup",
                                         ("INT4", 2): "int4_kgroup"}[(method, parts)]
         for got, want in zip(unpack_experts(packed), truth[layer]):
-            assert torch.equal(got, want.bfloat16())
+            assert torch.equal(got, want)
     # kt-kernel's load_experts shape: [numa part][expert]
     experts = loader.load_experts("blk.1")
     assert len(experts["gate"]) == parts and len(experts["down_scale"][0]) == E
@@ -132,6 +133,7 @@ def sft_wrapper(method, **kw):
                 num_gpu_experts=0, cpuinfer_threads=1, threadpool_count=1, weight_path=None,
                 chunked_prefill_size=64, mode="sft", method=method, lora_rank=4, lora_alpha=8.0)
     args.update(kw)
+    args["cpuinfer_threads"] = args["threadpool_count"]
     return kt_ops.KTMoEWrapper(**args)
 
 
@@ -195,12 +197,12 @@ def test_wrong_method_for_kt_directory_is_named(tmp_path):
 def test_inference_wrapper_reads_kt_directory(tmp_path):
     truth = write_kt_dir(tmp_path, "INT4", 2, layers=(0, 1))
     w = kt_ops.KTMoEWrapper(layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H,
-                            moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=1, threadpool_count=2,
+                            moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=2,
                             weight_path=str(tmp_path), chunked_prefill_size=64, method="AMXINT4")
     w.load_weights()  # no map: identity, as kt-kernel
     x, ids, weights_ = routing()
     ref = kt_ops.KTMoEWrapper(layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H,
-                              moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=1, threadpool_count=2,
+                              moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=2,
                               weight_path=None, chunked_prefill_size=64, mode="sft", method="AMXBF16_SFT",
                               lora_rank=1)
     ref.load_weights_from_tensors(*(t.bfloat16() for t in truth[1]), torch.arange(E))
@@ -226,7 +228,7 @@ def test_unmerged_kt_folders_are_read(tmp_path):
     want = reference_values(gate, up, down, "INT8", 2)
     got = [torch.cat([unpack_experts(p)[i] for p in w.experts_parts], 1 if i < 2 else 2) for i in range(3)]
     for g_, w_ in zip(got, want):
-        assert torch.equal(g_, w_.bfloat16())
+        assert torch.equal(g_, w_)
 
 
 def test_awq_directory_is_refused(tmp_path):
@@ -234,7 +236,7 @@ def test_awq_directory_is_refused(tmp_path):
                "blk.0.ffn_gate_exps.0.numa.0.qzeros": torch.zeros(8, dtype=torch.int32)},
               str(tmp_path / "a.safetensors"))
     with pytest.raises(ValueError, match="AWQ"):
-        kt_ops.utils.loader.SafeTensorLoader(str(tmp_path)).layers()
+        SafeTensorLoader(str(tmp_path)).layers()
 
 
 def test_mistral_expert_keys_are_read(tmp_path):
@@ -244,7 +246,7 @@ def test_mistral_expert_keys_are_read(tmp_path):
         tensors.update({f"model.layers.0.experts.{e}.w1.weight": gate[e], f"model.layers.0.experts.{e}.w3.weight": up[e],
                         f"model.layers.0.experts.{e}.w2.weight": down[e]})
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    loader = kt_ops.utils.loader.BF16SafeTensorLoader(str(tmp_path))
+    loader = BF16SafeTensorLoader(str(tmp_path))
     assert loader.layers() == [0]
     for got, want in zip(loader.load_stacked("model.layers.0"), (gate, up, down)):
         assert torch.equal(got, want)

@@ -133,14 +133,15 @@ def test_mapped_experts_are_read_only_views(tmp_path):
     path = str(tmp_path / "p.safetensors")
     save_packed_experts(path, {5: experts})
     mapped = load_packed_experts(path, 5, mmap=True)
+    (lo, hi, _, _), = mappings_of(path)
+    assert lo <= mapped.gate.data_ptr() < hi and lo <= mapped.down_scale.data_ptr() < hi
+    load_packed_experts(path, 5, mmap=True)  # a second load reuses the one mapping of the file
+    assert len(mappings_of(path)) == 1
     copied = load_packed_experts(path, 5)
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
         assert torch.equal(getattr(mapped, name), getattr(copied, name))
-    (lo, hi, _, _), = mappings_of(path)
-    assert lo <= mapped.gate.data_ptr() < hi
-    # a second load reuses the one mapping of the file
-    load_packed_experts(path, 5, mmap=True)
-    assert len(mappings_of(path)) == 1
+    from kt_ops.packed_io import _mapped_file
+    assert not _mapped_file(path)[0].flags.writeable  # mapped PROT_READ: a stray write faults
 
 
 def test_share_kt_experts_on_an_apply_kt_model(tmp_path):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..layer import SFT_METHOD_FORMATS
+from ..ops import GROUPED_FORMATS, PackedExperts
 from .hf import (KT_BACKENDS, KT_IMPLEMENTATION, KTExperts, _check_convertible, _LAYER_INDEX,
                  _register_kt_implementation, find_moe_experts)
 
@@ -43,7 +44,7 @@ def _config_of(path, trust_remote_code: bool):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def _devices(device_map, names):
+def _devices(device_map):
     """{module or tensor name prefix: device} resolver. device_map: None (CPU), 'auto' (the first
     GPU when present), a device, or a dict of module-name prefixes to devices ('' for the rest)."""
     if device_map is None:
@@ -66,17 +67,40 @@ def _devices(device_map, names):
                     f"got {type(device_map).__name__}")
 
 
-def _model_key(key: str, wanted: set) -> Optional[str]:
-    """The model's name for checkpoint tensor `key`: as is, with or without a `language_model.`
-    level, or from KTransformers' renamed form (`blk.{L}.` for `model.layers.{L}.`, top-level
-    tensors without `model.`)."""
-    candidates = [key, key.replace("model.language_model.", "model."), key.replace("language_model.", ""),
+def _key_renamer(model: nn.Module):
+    """checkpoint key -> the model's name, by transformers' own loading renames (e.g. Mixtral's
+    `block_sparse_moe.` -> `mlp.`); keys that only a weight converter consumes (the fused experts)
+    map to None."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # other transformers versions: names are used as they are
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+
+    def rename(key):
+        renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        return None if converted_by is not None else renamed
+    return rename
+
+
+def _model_key(key: str, wanted: set, rename) -> Optional[str]:
+    """The model's name for checkpoint tensor `key`: transformers' renaming of it, with or without a
+    `language_model.` level, or from KTransformers' renamed form (`blk.{L}.` for
+    `model.layers.{L}.`, top-level tensors without `model.`)."""
+    renamed = rename(key)
+    if renamed is None:
+        return None
+    candidates = [renamed, key, key.replace("model.language_model.", "model."), key.replace("language_model.", ""),
                   key.replace("model.", "model.language_model.", 1)]
     m = _BLK.fullmatch(key)
     if m:
-        candidates.append(f"model.layers.{m.group(1)}.{m.group(2)}")
+        candidates.append(rename(f"model.layers.{m.group(1)}.{m.group(2)}"))
     elif not key.startswith(("model.", "lm_head.")):
-        candidates.append("model." + key)
+        candidates.append(rename("model." + key))
     return next((c for c in candidates if c in wanted), None)
 
 
@@ -97,9 +121,10 @@ def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     wanted = {n for n in names if not n.startswith(skip_prefixes)}
     loader = SafeTensorLoader(path)
+    rename = _key_renamer(model)
     by_file: dict = {}
     for key in loader.keys():
-        target = _model_key(key, wanted)
+        target = _model_key(key, wanted, rename)
         if target is not None:
             by_file.setdefault(loader._key_to_file[key], []).append((key, target))
     for file_keys in by_file.values():
@@ -187,9 +212,19 @@ class _ExpertSource:
                              f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}")
         return full
 
-    def float_layer(self, layer: int):
-        """(gate [E, I, H], up, down [E, H, I]) of a float checkpoint."""
-        return self.hf.load_stacked(f"model.layers.{layer}")
+    def float_projection(self, layer: int, projection: str) -> torch.Tensor:
+        """One projection of a float checkpoint's layer: gate/up [E, I, H], down [E, H, I]."""
+        return self.hf.load_projection(f"model.layers.{layer}", projection)
+
+
+def _pack_projection(weight: torch.Tensor, weight_format: str, group_size: int):
+    """(blob, scales or None) of one projection [E, N, K]: what pack_experts does per projection."""
+    if weight_format in GROUPED_FORMATS and (weight.shape[1] % group_size or weight.shape[2] % group_size):
+        raise ValueError(f"group_size {group_size} must divide the experts' sizes {tuple(weight.shape[1:])} for "
+                         f"weight format {weight_format!r}")
+    with torch.no_grad():
+        blob, scales = torch.ops.kt.pack_weights(weight, weight_format, int(group_size))
+    return blob, (scales if weight_format != "bf16" else None)
 
 
 def _method_for(kt_backend: str, weight_format: str, where: str) -> str:
@@ -249,7 +284,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of experts "
                              f"of {name} ({module.num_experts})")
 
-    device_of = _devices(device_map, None)
+    device_of = _devices(device_map)
     expert_params = tuple(f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj"))
     _load_non_experts(model, path, expert_params, device_of, dtype)
 
@@ -280,16 +315,26 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                            lora_dtype=lora_dtype, layer_idx=layer)
             kt.experts = packed
             return kt, None
-        gate, up, down = source.float_layer(layer)
-        if tuple(gate.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
-            raise ValueError(f"{source.path}: layer {layer} experts are gate {tuple(gate.shape)}, down "
-                             f"{tuple(down.shape)}; {name} needs {(E, I, H)} and {(E, H, I)}")
         kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
                        lora_dtype=lora_dtype, first_expert=N, layer_idx=layer)
-        kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
+        kept, packed = {}, {}
+        # A projection at a time: read, pack, drop, so a third of the layer's source is held at once.
+        for proj in ("gate", "up", "down"):
+            weight = source.float_projection(layer, proj)
+            want = (E, H, I) if proj == "down" else (E, I, H)
+            if tuple(weight.shape) != want:
+                raise ValueError(f"{source.path}: layer {layer} {proj} experts are {tuple(weight.shape)}; {name} needs "
+                                 f"{want}")
+            if N:
+                kept[proj] = weight[:N].clone()
+                weight = weight[N:]
+            packed[proj], packed[proj + "_scale"] = _pack_projection(weight, kt.weight_format, kt.group_size)
+            del weight
+        kt.experts = PackedExperts(**packed, weight_format=kt.weight_format, num_experts=E - N, hidden_size=H,
+                                   intermediate_size=I)
         keep = None
         if N:
-            gate_up, down_n = torch.cat((gate[:N], up[:N]), 1), down[:N]
+            gate_up, down_n = torch.cat((kept["gate"], kept["up"]), 1), kept["down"]
             if module.is_transposed:
                 gate_up, down_n = gate_up.transpose(1, 2), down_n.transpose(1, 2)
             device = device_of(name)
