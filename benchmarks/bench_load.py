@@ -9,6 +9,11 @@ fresh subprocess; its peak RSS is `ru_maxrss` after loading and one forward. The
 
     python benchmarks/bench_load.py                  # ~2.5 GB checkpoint, AMXBF16 and AMXINT8
     python benchmarks/bench_load.py --layers 4       # smaller
+    python benchmarks/bench_load.py --shared-experts # 2 gloo processes: own experts vs one shared file
+
+`--shared-experts` loads the checkpoint in two DDP-style processes (gloo), first each with its own
+packed experts, then with `kt_shared_experts` (one read-only file mapped by both), and reports each
+process's RSS and PSS from /proc/self/smaps_rollup after a forward with every expert page touched.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ import tempfile
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's kt_ops, for this process and (via PYTHONPATH) the children
 
 
 def config(args):
@@ -105,9 +113,59 @@ def child(mode: str, path: str, backend: str) -> None:
     print(json.dumps({"peak_kB": peak_kB, "seconds": seconds, "packed": packed}))
 
 
+def rollup() -> dict:
+    with open("/proc/self/smaps_rollup") as f:
+        return {line.split()[0].rstrip(":"): int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+
+
+def shared_worker(rank, world, init_file, path, backend, shared, out_dir):
+    import kt_ops
+    from kt_ops.integration import from_pretrained, kt_experts_modules
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kt_ops.set_num_threads(1)
+        model = from_pretrained(path, kt_backend=backend, lora_rank=8, dtype=torch.bfloat16,
+                                kt_shared_experts=shared)
+        with torch.no_grad():
+            model(input_ids=torch.arange(16)[None])
+            for _, _, kt in kt_experts_modules(model):  # every page resident, whatever the routing
+                for t in (kt.experts.gate, kt.experts.up, kt.experts.down):
+                    t.sum()
+        torch.distributed.barrier()
+        r = rollup()
+        torch.distributed.barrier()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(r, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def shared_experts(root, backend):
+    print(f"\n2 processes (gloo), {backend}: RSS / PSS per process from /proc/self/smaps_rollup (GiB)")
+    print("| experts | rank | Rss | Pss | Pss_Anon | Pss_File | sum of Pss over ranks |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, shared in (("own copy per process", None),
+                          ("one shared file (kt_shared_experts)", os.path.join(root, "experts.safetensors"))):
+        out = tempfile.mkdtemp(dir=root)
+        torch.multiprocessing.spawn(shared_worker, args=(2, os.path.join(out, "init"), root, backend, shared, out),
+                                    nprocs=2, join=True)
+        stats = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
+        total = sum(s["Pss"] for s in stats) / 2**20
+        for r, s in enumerate(stats):
+            g = {k: s.get(k, 0) / 2**20 for k in ("Rss", "Pss", "Pss_Anon", "Pss_File")}
+            print(f"| {label} | {r} | {g['Rss']:.2f} | {g['Pss']:.2f} | {g['Pss_Anon']:.2f} | {g['Pss_File']:.2f} | "
+                  f"{total:.2f} |", flush=True)
+        if shared:
+            print(f"shared experts file: {os.path.getsize(shared) / 2**30:.2f} GiB")
+
+
 def run_child(mode, path, backend):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--path", path, "--backend", backend],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{mode} loader failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -122,6 +180,7 @@ def main():
     parser.add_argument("--child", default=None)
     parser.add_argument("--path", default=None)
     parser.add_argument("--backend", default="AMXBF16")
+    parser.add_argument("--shared-experts", action="store_true")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.path, args.backend)
@@ -135,6 +194,9 @@ def main():
               f"{sizes['layer_source'] / 2**20:.0f} MiB), written in {time.perf_counter() - t0:.0f} s; "
               f"{args.layers} layers x {args.experts} experts, hidden {args.hidden}, moe_intermediate "
               f"{args.moe_intermediate}")
+        if args.shared_experts:
+            shared_experts(root, args.backends.split(",")[-1])
+            return
         base = run_child("imports", root, "AMXBF16")["peak_kB"] / 2**20
         print(f"imports only (python + torch + transformers + kt_ops): peak RSS {base:.2f} GiB")
         print("| backend | loader | peak RSS (GiB) | above imports (GiB) | bound: packed + other + 1 layer + 10% (GiB) "
