@@ -218,13 +218,26 @@ class _ExpertSource:
 
 
 def _pack_projection(weight: torch.Tensor, weight_format: str, group_size: int):
-    """(blob, scales or None) of one projection [E, N, K]: what pack_experts does per projection."""
+    """(blob, scales or None) of one projection [E, N, K]: what pack_experts does per projection,
+    a few experts at a time into preallocated outputs, so quantization's fp32 temporaries cover an
+    eighth of the projection (packed blobs and scales are rows per expert)."""
     if weight_format in GROUPED_FORMATS and (weight.shape[1] % group_size or weight.shape[2] % group_size):
         raise ValueError(f"group_size {group_size} must divide the experts' sizes {tuple(weight.shape[1:])} for "
                          f"weight format {weight_format!r}")
+    E = weight.shape[0]
+    step = max(1, E // 8)
+    blob = scales = None
     with torch.no_grad():
-        blob, scales = torch.ops.kt.pack_weights(weight, weight_format, int(group_size))
-    return blob, (scales if weight_format != "bf16" else None)
+        for lo in range(0, E, step):
+            b, s = torch.ops.kt.pack_weights(weight[lo:lo + step], weight_format, int(group_size))
+            if blob is None:
+                blob = torch.empty((E, *b.shape[1:]), dtype=b.dtype)
+                if weight_format != "bf16":
+                    scales = torch.empty((E, *s.shape[1:]), dtype=s.dtype)
+            blob[lo:lo + step].copy_(b)
+            if scales is not None:
+                scales[lo:lo + step].copy_(s)
+    return blob, scales
 
 
 def _method_for(kt_backend: str, weight_format: str, where: str) -> str:
