@@ -382,9 +382,11 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
-    def load_projection(self, base_key: str, projection: str, device="cpu") -> torch.Tensor:
+    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None
+                        ) -> torch.Tensor:
         """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
-        in the stored dtype. Reading a layer a projection at a time keeps a third of it in memory."""
+        in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
+        projection (and a few experts) at a time keeps a fraction of it in memory."""
         if projection not in _PROJECTIONS:
             raise ValueError(f"projection must be one of {_PROJECTIONS}, got {projection!r}")
         layout = self._resolve(base_key)
@@ -393,14 +395,14 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             key = down_key if projection == "down" else gate_up_key
             (_, t), = self._iter_tensors([key], device)
             t = self._checked(key, t)
-            if projection == "down":
-                return t.contiguous()
-            if t.dim() != 3 or t.shape[1] % 2:
+            if projection != "down" and (t.dim() != 3 or t.shape[1] % 2):
                 raise ValueError(f"layer {base_key!r}: {key!r} must be [E, 2*I, H], got {tuple(t.shape)}")
             half = t.shape[1] // 2
-            return (t[:, :half] if projection == "gate" else t[:, half:]).contiguous()
+            t = t if projection == "down" else (t[:, :half] if projection == "gate" else t[:, half:])
+            return (t if experts is None else t[experts.start:experts.stop]).contiguous()
         index = _PROJECTIONS.index(projection)
-        slot = {triple[index]: e for e, triple in enumerate(layout.keys)}
+        chosen = range(len(layout.keys)) if experts is None else experts
+        slot = {layout.keys[e][index]: e - chosen.start for e in chosen}
         out, first = None, None
         for key, t in self._iter_tensors(slot, device):
             self._checked(key, t)

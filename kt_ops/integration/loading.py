@@ -212,31 +212,38 @@ class _ExpertSource:
                              f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}")
         return full
 
-    def float_projection(self, layer: int, projection: str) -> torch.Tensor:
-        """One projection of a float checkpoint's layer: gate/up [E, I, H], down [E, H, I]."""
-        return self.hf.load_projection(f"model.layers.{layer}", projection)
+    def projection_reader(self, layer: int, projection: str):
+        """read(lo, hi): experts [lo, hi) of one projection of a float checkpoint's layer (gate/up
+        [n, I, H], down [n, H, I]). Per-expert keys are read a chunk at a time; a fused tensor is
+        one tensor, read once."""
+        base = f"model.layers.{layer}"
+        if self.hf._resolve(base).fmt == "fused":
+            whole = self.hf.load_projection(base, projection)
+            return lambda lo, hi: whole[lo:hi]
+        return lambda lo, hi: self.hf.load_projection(base, projection, experts=range(lo, hi))
 
 
-def _pack_projection(weight: torch.Tensor, weight_format: str, group_size: int):
-    """(blob, scales or None) of one projection [E, N, K]: what pack_experts does per projection,
-    a few experts at a time into preallocated outputs, so quantization's fp32 temporaries cover an
-    eighth of the projection (packed blobs and scales are rows per expert)."""
-    if weight_format in GROUPED_FORMATS and (weight.shape[1] % group_size or weight.shape[2] % group_size):
-        raise ValueError(f"group_size {group_size} must divide the experts' sizes {tuple(weight.shape[1:])} for "
+def _pack_projection(read, E: int, weight_format: str, group_size: int, shape):
+    """(blob, scales or None) of one projection of E experts of `shape` [N, K], `read(lo, hi)` giving
+    experts [lo, hi): what pack_experts does per projection, an eighth of the experts at a time into
+    preallocated outputs (packed blobs and scales are rows per expert), so neither the source nor
+    quantization's fp32 temporaries ever cover the whole projection."""
+    if weight_format in GROUPED_FORMATS and (shape[0] % group_size or shape[1] % group_size):
+        raise ValueError(f"group_size {group_size} must divide the experts' sizes {tuple(shape)} for "
                          f"weight format {weight_format!r}")
-    E = weight.shape[0]
     step = max(1, E // 8)
     blob = scales = None
     with torch.no_grad():
         for lo in range(0, E, step):
-            b, s = torch.ops.kt.pack_weights(weight[lo:lo + step], weight_format, int(group_size))
+            hi = min(E, lo + step)
+            b, s = torch.ops.kt.pack_weights(read(lo, hi), weight_format, int(group_size))
             if blob is None:
                 blob = torch.empty((E, *b.shape[1:]), dtype=b.dtype)
                 if weight_format != "bf16":
                     scales = torch.empty((E, *s.shape[1:]), dtype=s.dtype)
-            blob[lo:lo + step].copy_(b)
+            blob[lo:hi].copy_(b)
             if scales is not None:
-                scales[lo:lo + step].copy_(s)
+                scales[lo:hi].copy_(s)
     return blob, scales
 
 
@@ -331,18 +338,21 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
                        lora_dtype=lora_dtype, first_expert=N, layer_idx=layer)
         kept, packed = {}, {}
-        # A projection at a time: read, pack, drop, so a third of the layer's source is held at once.
+        # A projection and a few experts at a time: read, pack, drop.
         for proj in ("gate", "up", "down"):
-            weight = source.float_projection(layer, proj)
-            want = (E, H, I) if proj == "down" else (E, I, H)
-            if tuple(weight.shape) != want:
-                raise ValueError(f"{source.path}: layer {layer} {proj} experts are {tuple(weight.shape)}; {name} needs "
-                                 f"{want}")
+            read = source.projection_reader(layer, proj)
+            want = (H, I) if proj == "down" else (I, H)
+
+            def checked(lo, hi, read=read, want=want, proj=proj):
+                weight = read(lo, hi)
+                if tuple(weight.shape) != (hi - lo, *want):
+                    raise ValueError(f"{source.path}: layer {layer} {proj} experts {lo}..{hi - 1} are "
+                                     f"{tuple(weight.shape)}; {name} needs {(hi - lo, *want)}")
+                return weight
             if N:
-                kept[proj] = weight[:N].clone()
-                weight = weight[N:]
-            packed[proj], packed[proj + "_scale"] = _pack_projection(weight, kt.weight_format, kt.group_size)
-            del weight
+                kept[proj] = checked(0, N).clone()
+            packed[proj], packed[proj + "_scale"] = _pack_projection(
+                lambda lo, hi: checked(N + lo, N + hi), E - N, kt.weight_format, kt.group_size, want)
         kt.experts = PackedExperts(**packed, weight_format=kt.weight_format, num_experts=E - N, hidden_size=H,
                                    intermediate_size=I)
         keep = None
