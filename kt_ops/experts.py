@@ -11,13 +11,15 @@
 Inference wrappers accept max_deferred_experts_per_token (see kt_ops.utils.amx for deferred experts)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 
 class KTMoEWrapper:
     INFERENCE_METHODS = frozenset({"AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"})
     SFT_METHODS = frozenset({"AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
                              "AMXINT4_1KGroup_SFT"})
+    # SkipLoRA: the frozen base's forward/backward without LoRA terms (kt-kernel's names)
+    SFT_METHODS = SFT_METHODS | {m + "_SkipLoRA" for m in SFT_METHODS}
 
     def __new__(cls, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
@@ -48,3 +50,32 @@ class KTMoEWrapper:
             from .utils.amx import AMXMoEWrapper as wrapper_cls
         return wrapper_cls(method=method, cpu_save=cpu_save,
                            max_deferred_experts_per_token=max_deferred_experts_per_token, **base)
+
+    # kt-kernel's buffer-cache controls. kt_ops caches host staging buffers only in SFT mode
+    # (KExpertsSFTBuffer, keyed by qlen and sizes); inference stages through torch's pinned-memory
+    # caching allocator, which needs no per-size registration.
+    @staticmethod
+    def set_capture_batch_sizes(capture_bs: List[int]) -> None:
+        """Batch sizes (qlen) whose staging buffers stay cached; buffers of other sizes are kept
+        only until a buffer of another uncaptured size is needed. An empty list keeps every size."""
+        from .experts_sft import KExpertsSFTBuffer
+
+        sizes = list(capture_bs)
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+            raise ValueError(f"capture_bs must be a list of positive ints, got {capture_bs!r}")
+        KExpertsSFTBuffer.capture_bs = sizes
+
+    @staticmethod
+    def get_capture_batch_sizes() -> List[int]:
+        from .experts_sft import KExpertsSFTBuffer
+
+        return list(KExpertsSFTBuffer.capture_bs)
+
+    @staticmethod
+    def clear_buffer_cache() -> None:
+        """Drop every cached staging buffer."""
+        from .experts_sft import KExpertsSFTBuffer
+
+        KExpertsSFTBuffer.clear_cache()
+
+    clear_sft_buffer_cache = clear_buffer_cache

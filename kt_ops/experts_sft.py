@@ -10,7 +10,7 @@ from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .experts_base import _check_int, _MoEBase, forward_parts
-from .ops import PackedExperts
+from .ops import PackedExperts, lora_inputs
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 # Which dimension of each LoRA tensor runs along the intermediate size (None: it does not): the
@@ -27,6 +27,9 @@ class KExpertsSFTBuffer:
 
     _buffer_lock: ClassVar[threading.Lock] = threading.Lock()
     capture_buffers: ClassVar[Dict[tuple, "KExpertsSFTBuffer"]] = {}
+    # kt-kernel's capture batch sizes: when set, buffers of other sizes are not kept beyond the most
+    # recent one, so varying sequence lengths do not pile up staging memory. Empty: every size is kept.
+    capture_bs: ClassVar[List[int]] = []
     _STAGING = ("input_cpu", "expert_ids_cpu", "weights_cpu", "output_cpu", "grad_output_cpu", "grad_input_cpu")
 
     def __init__(self, qlen: int, hidden_size: int, moe_intermediate_size: int, num_experts: int,
@@ -55,6 +58,9 @@ class KExpertsSFTBuffer:
         with cls._buffer_lock:
             buffer = cls.capture_buffers.get(key)
             if buffer is None:
+                if cls.capture_bs and qlen not in cls.capture_bs:
+                    for old in [k for k in cls.capture_buffers if k[0] not in cls.capture_bs]:
+                        del cls.capture_buffers[old]
                 buffer = cls.capture_buffers[key] = cls(*key)
             return buffer
 
@@ -115,6 +121,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         self._lora_parts: List[Tuple[torch.Tensor, ...]] = []
         self._cache: List[_SavedForward] = []
         self._state_lock = threading.Lock()
+        # SkipLoRA methods: the frozen base only (no LoRA terms, no LoRA gradients, no init_lora_weights).
+        self.skip_lora = False
 
     @staticmethod
     def _validate_sft_config(lora_rank: int, lora_alpha: float, max_cache_depth: int) -> None:
@@ -234,7 +242,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         are pushed on the cache stack that backward() pops."""
         if not self._weights_loaded:
             raise RuntimeError("Weights not loaded. Call load_weights() first.")
-        if save_for_backward and not self._lora_initialized:
+        if save_for_backward and not self._lora_initialized and not self.skip_lora:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, "
                                "or set save_for_backward=False.")
         self._check_tokens(hidden_states, expert_ids, weights)
@@ -252,7 +260,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             if save_for_backward and x is not hidden_states:
                 x, ids, w = x.clone(), ids.clone(), w.clone()  # staging is reused by the next call
             lora_parts = None
-            if self._lora_initialized:
+            if self._lora_initialized and not self.skip_lora:
                 self._sync_lora(force=False)
                 lora_parts = self._lora_parts
             x, output, activations = forward_parts(x, ids, w, self.experts_parts, lora_parts, self.lora_scaling,
@@ -265,8 +273,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Gradients of the saved forward `cache_idx` (default: the most recent), which is consumed.
         Returns (grad_input, grads): grads holds grad_{gate,up,down}_lora_{a,b} and `grad_weights`,
-        the gradient of the routing weights [qlen, num_experts_per_tok] (float32)."""
-        if not self._lora_initialized:
+        the gradient of the routing weights [qlen, num_experts_per_tok] (float32). SkipLoRA methods
+        return only `grad_weights` in grads."""
+        if not self._lora_initialized and not self.skip_lora:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first.")
         if not isinstance(grad_output, torch.Tensor):
             raise TypeError(f"grad_output must be a torch.Tensor, got {type(grad_output).__name__}")
@@ -286,10 +295,14 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             del self._cache[cache_idx]
             grad = self._staged(grad_output, "grad_output_cpu", qlen, grad_output.dtype)
             grad = grad.to(saved.hidden_states.dtype)
-            self._sync_lora(force=False)
+            if self.skip_lora:
+                lora_parts = [lora_inputs(experts, None, saved.hidden_states) for experts in self.experts_parts]
+            else:
+                self._sync_lora(force=False)
+                lora_parts = self._lora_parts
             parts = []
             with torch.no_grad():
-                for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, self._lora_parts,
+                for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, lora_parts,
                                                                     saved.activations):
                     parts.append(torch.ops.kt.moe_sft_backward(
                         grad, saved.hidden_states, saved.expert_ids, saved.weights, experts.gate, experts.up,
@@ -297,6 +310,11 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                         experts.weight_format, experts.intermediate_size, *loras, self.lora_scaling,
                         gate_up_pre, lora_mid))
             grad_input, grad_weights = parts[0][0], parts[0][1]
+            if self.skip_lora:
+                for part in parts[1:]:
+                    grad_input = grad_input + part[0]
+                    grad_weights = grad_weights + part[1]
+                return grad_input.to(device=saved.device, dtype=saved.dtype), {"grad_weights": grad_weights.float()}
             lora_grads = list(parts[0][2:])
             for part in parts[1:]:
                 grad_input = grad_input + part[0]

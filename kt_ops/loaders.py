@@ -3,7 +3,10 @@
 * `SafeTensorLoader` reads the pre-quantized form written by `packed_io.save_packed_experts`
   (`blk.{L}.ffn_{gate,up,down}_exps.*`), from one file or a directory of them.
 * `BF16SafeTensorLoader` reads the float expert weights of a HuggingFace checkpoint (deepseek/qwen,
-  mixtral or transformers-v5 fused key layouts, with or without a `language_model.` prefix).
+  mixtral, mistral or transformers-v5 fused key layouts, with or without a `language_model.` prefix).
+* KTransformers' converted CPU weights (`blk.{L}.ffn_*_exps.{E}.numa.{N}.weight/.scale`, or its
+  `_layer_{L}/_numa_{N}/*.kt` folders) are read by `SafeTensorLoader` too (`kt_ops.utils.ktransformers`
+  documents the layout); `load_layer_parts` gives any of these forms as packed experts.
 
 Only a key -> file index is built up front (from `model.safetensors.index.json` or the files'
 headers); tensors are read one layer at a time, and every file is opened inside a `with` block, so
@@ -169,9 +172,22 @@ class SafeTensorLoader:
             self._layer_files = layer_files
         return self._layer_files
 
+    def _kt_directory(self):
+        """The KTransformers view of these files, or None when they hold no KTransformers experts."""
+        if not hasattr(self, "_kt"):
+            from .utils.ktransformers import WEIGHT_KEY, KTWeightDirectory
+
+            has_kt = any(WEIGHT_KEY.fullmatch(k) for k in self._key_to_file)
+            self._kt = KTWeightDirectory(self.path, loader=self) if has_kt else None
+        return self._kt
+
     def layers(self) -> list[int]:
-        """Layer indices described by kt_ops metadata in the file(s)."""
-        return sorted(self._packed_layer_files())
+        """Layer indices described by kt_ops metadata in the file(s), else those of KTransformers'
+        converted experts."""
+        layers = sorted(self._packed_layer_files())
+        if not layers and self._kt_directory() is not None:
+            return self._kt_directory().layers()
+        return layers
 
     def load_experts(self, base_key: str, device="cpu") -> dict:
         """The packed blobs and scales of `base_key` ("blk.{L}") as stored; a scale is None where
@@ -180,6 +196,8 @@ class SafeTensorLoader:
         if m is None:
             raise ValueError(f"base_key must look like 'blk.<layer>' for the pre-quantized form, got {base_key!r}")
         layer = int(m.group(1))
+        if layer not in self._packed_layer_files() and self._kt_directory() is not None:
+            return self._kt_directory().load_experts(layer)
         wanted = {}
         for proj in _PROJECTIONS:
             weight_key, scale_key = _packed_key(layer, proj, "weight"), _packed_key(layer, proj, "scale")
@@ -199,6 +217,8 @@ class SafeTensorLoader:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
         files = self._packed_layer_files()
+        if layer_idx not in files and self._kt_directory() is not None:
+            return self._kt_directory().layer(layer_idx).packed()
         if layer_idx not in files:
             raise KeyError(f"layer {layer_idx} (key {_packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
                            f"{self.path}; available layers: {sorted(files) or 'none'}")
@@ -209,6 +229,7 @@ class SafeTensorLoader:
 _PER_EXPERT_FORMATS = {
     "deepseek": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
     "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2")),
+    "mistral": ("experts", ("w1", "w3", "w2")),
 }
 _FUSED_SUFFIXES = ("", ".weight")
 _EXPERT_KEY = re.compile(r"(.+)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
@@ -216,6 +237,7 @@ _FUSED_KEY = re.compile(r"(.+)\.mlp\.experts\.gate_up_proj(?:\.weight)?")
 _LAYER_BASE = re.compile(r"(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)")
 _FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
                   "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
+                  "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
                   "transformers-v5 fused: {b}.mlp.experts.gate_up_proj / down_proj")
 
 
@@ -289,8 +311,8 @@ class BF16SafeTensorLoader(SafeTensorLoader):
 
     def moe_layers(self) -> list[int]:
         """Indices L of `model.layers.{L}` (or its language_model variants) that have experts."""
-        bases = {prefix.rsplit(".", 2)[0] for prefix in self._expert_table()
-                 if prefix.endswith(tuple("." + module for module, _ in _PER_EXPERT_FORMATS.values()))}
+        bases = {prefix[:-len(module) - 1] for prefix in self._expert_table()
+                 for module, _ in _PER_EXPERT_FORMATS.values() if prefix.endswith("." + module)}
         bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self._key_to_file) if m)
         return sorted({int(m.group(1)) for m in map(_LAYER_BASE.fullmatch, bases) if m})
 
@@ -360,6 +382,38 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
+    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None
+                        ) -> torch.Tensor:
+        """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
+        in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
+        projection (and a few experts) at a time keeps a fraction of it in memory."""
+        if projection not in _PROJECTIONS:
+            raise ValueError(f"projection must be one of {_PROJECTIONS}, got {projection!r}")
+        layout = self._resolve(base_key)
+        if layout.fmt == "fused":
+            gate_up_key, down_key = layout.keys
+            key = down_key if projection == "down" else gate_up_key
+            (_, t), = self._iter_tensors([key], device)
+            t = self._checked(key, t)
+            if projection != "down" and (t.dim() != 3 or t.shape[1] % 2):
+                raise ValueError(f"layer {base_key!r}: {key!r} must be [E, 2*I, H], got {tuple(t.shape)}")
+            half = t.shape[1] // 2
+            t = t if projection == "down" else (t[:, :half] if projection == "gate" else t[:, half:])
+            return (t if experts is None else t[experts.start:experts.stop]).contiguous()
+        index = _PROJECTIONS.index(projection)
+        chosen = range(len(layout.keys)) if experts is None else experts
+        slot = {layout.keys[e][index]: e - chosen.start for e in chosen}
+        out, first = None, None
+        for key, t in self._iter_tensors(slot, device):
+            self._checked(key, t)
+            if out is None:
+                out, first = torch.empty((len(slot), *t.shape), dtype=t.dtype, device=t.device), t
+            elif t.shape != first.shape or t.dtype != first.dtype:
+                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
+                                 f"experts are {tuple(first.shape)} {first.dtype}")
+            out[slot[key]].copy_(t)
+        return out
+
     def load_stacked(self, base_key: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]), contiguous, in the stored dtype."""
         layout = self._resolve(base_key)
@@ -369,3 +423,14 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             return gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), down.contiguous()
         out = self._load_per_expert(base_key, layout, device, stacked=True)
         return out["gate"], out["up"], out["down"]
+
+
+def load_kt_layer_parts(path, layer_idx: int, weight_format: str, split, group_size: int, shape):
+    """Layer `layer_idx` of a KTransformers converted directory at `path` as packed experts per
+    intermediate range of `split` (see kt_ops.utils.ktransformers.layer_parts), or None when `path`
+    is not such a directory."""
+    from .utils.ktransformers import KTWeightDirectory, is_kt_directory, layer_parts
+
+    if path is None or not is_kt_directory(path):
+        return None
+    return layer_parts(KTWeightDirectory(path).layer(layer_idx), weight_format, split, group_size, shape)

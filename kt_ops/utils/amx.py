@@ -87,14 +87,23 @@ class AMXMoEWrapper(BaseMoEWrapper):
         self.experts_parts = [_permute_packed(part, mapping) for part in parts]
         self.weight_format = parts[0].weight_format
 
-    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
-        """Load layer `layer_idx` of the pre-quantized form at `weight_path`."""
-        from ..loaders import SafeTensorLoader
+    def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
+        """Load layer `layer_idx` of the pre-quantized form at `weight_path` (kt_ops' own, or a
+        KTransformers INT8/INT4 conversion); no map means identity."""
+        from ..loaders import SafeTensorLoader, load_kt_layer_parts
 
+        if physical_to_logical_map_cpu is None:
+            physical_to_logical_map_cpu = torch.arange(self.num_experts)
         mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: call load_weights_from_tensors() instead, or create the "
                                "wrapper with weight_path")
+        kt_parts = load_kt_layer_parts(self.weight_path, self.layer_idx, self.weight_format, self.split,
+                                       self.group_size, (self.num_experts, self.hidden_size,
+                                                         self.moe_intermediate_size))
+        if kt_parts is not None:
+            self._set_parts(kt_parts, mapping)
+            return
         experts = SafeTensorLoader(self.weight_path).load_packed(self.layer_idx)
         if experts.weight_format != self.weight_format:
             raise ValueError(f"{self.weight_path} holds layer {self.layer_idx} as {experts.weight_format}; method "

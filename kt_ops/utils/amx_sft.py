@@ -14,10 +14,14 @@ from ..layer import SFT_METHOD_FORMATS
 
 SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
                "AMXINT4_1KGroup_SFT")
+# kt-kernel's SkipLoRA variants: the frozen base's forward and backward (grad_input and the routing
+# weights' gradient) without any LoRA term; init_lora_weights is not needed.
+SKIP_LORA_SUFFIX = "_SkipLoRA"
+SKIP_LORA_METHODS = tuple(m + SKIP_LORA_SUFFIX for m in SFT_METHODS)
 
 
 class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
-    SUPPORTED_METHODS = frozenset(SFT_METHODS)
+    SUPPORTED_METHODS = frozenset(SFT_METHODS + SKIP_LORA_METHODS)
 
     def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                  moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
@@ -30,7 +34,8 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
                          num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size,
                          lora_rank, lora_alpha, max_cache_depth)
         self.method = method
-        self.weight_format = SFT_METHOD_FORMATS[method]
+        self.skip_lora = method.endswith(SKIP_LORA_SUFFIX)
+        self.weight_format = SFT_METHOD_FORMATS[method.removesuffix(SKIP_LORA_SUFFIX)]
         # zero_point is spec 000 §3.2's switch for the K-group family; the method name already says
         # which variant (AMXINT4_KGroup_SFT symmetric, AMXINT4_1KGroup_SFT with zero point), so it
         # is recorded, not second-guessed.
@@ -42,8 +47,8 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
     def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
                                   physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Base weights [E, I, H], [E, I, H], [E, H, I] indexed by logical expert (bf16, fp16 or fp32;
-        quantized online). With a map the weights are packed now; without one, load_weights(map)
-        packs them (spec 000 §10.2's tensor mode)."""
+        quantized online). With a map the weights are packed now and a later load_weights(map) does
+        nothing; without one, load_weights(map) packs them (the specification's tensor mode)."""
         E, H, I = self.num_experts, self.hidden_size, self.moe_intermediate_size
         for name, t, shape in (("gate_proj", gate_proj, (E, I, H)), ("up_proj", up_proj, (E, I, H)),
                                ("down_proj", down_proj, (E, H, I))):
@@ -55,11 +60,18 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         if physical_to_logical_map_cpu is not None:
             self.load_weights(physical_to_logical_map_cpu)
 
-    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
+    def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Pack the tensors given to load_weights_from_tensors, or load layer `layer_idx` from
         `weight_path`: a HuggingFace bf16 checkpoint for AMXBF16_SFT (base key model.layers.{L}), the
-        pre-quantized form written by `python -m kt_ops.convert_weights` otherwise (blk.{L})."""
+        pre-quantized form written by `python -m kt_ops.convert_weights` or a KTransformers INT8/INT4
+        conversion (blk.{L}) otherwise. No map means identity. Once weights are loaded (tensors packed
+        or a file read) this does nothing, as in kt-kernel: load_weights_from_tensors(..., map)
+        followed by load_weights(map) loads once."""
+        if physical_to_logical_map_cpu is None:
+            physical_to_logical_map_cpu = torch.arange(self.num_experts)
         mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        if self._weights_loaded and self.gate_proj is None:
+            return
         if self.gate_proj is not None:
             parts = pack_split(self.gate_proj, self.up_proj, self.down_proj, self.weight_format, self.group_size,
                                self.split)
@@ -76,9 +88,14 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
             self._sync_lora(force=True)
 
     def _load_base_weights_from_file(self):
-        from ..loaders import BF16SafeTensorLoader, SafeTensorLoader
+        from ..loaders import BF16SafeTensorLoader, SafeTensorLoader, load_kt_layer_parts
 
-        if self.method == "AMXBF16_SFT":
+        kt_parts = load_kt_layer_parts(self.weight_path, self.layer_idx, self.weight_format, self.split,
+                                       self.group_size, (self.num_experts, self.hidden_size,
+                                                         self.moe_intermediate_size))
+        if kt_parts is not None:
+            return kt_parts
+        if self.weight_format == "bf16":
             loader = BF16SafeTensorLoader(self.weight_path)
             gate, up, down = loader.load_stacked(f"model.layers.{self.layer_idx}")
             self._check_loaded_shapes(gate, up, down)

@@ -4,6 +4,8 @@ K-quants requantized, float types as bf16); forward, submit_forward/sync_forward
 GPU experts and deferred experts are AMXMoEWrapper's."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..experts_base import _check_expert_map
@@ -23,11 +25,13 @@ class LlamafileMoEWrapper(AMXMoEWrapper):
                              "it is never overwritten: pass cpu_save=False")
         super().__init__(*args, method=method, **kwargs)
 
-    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
+    def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Read blk.{layer_idx}.ffn_{gate,up,down}_exps.weight from the .gguf file or directory of
-        .gguf files at `weight_path`."""
+        .gguf files at `weight_path`; no map means identity (as kt-kernel)."""
         from ..gguf_loader import GGUFLoader
 
+        if physical_to_logical_map_cpu is None:
+            physical_to_logical_map_cpu = torch.arange(self.num_experts)
         mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: create the wrapper with weight_path naming a .gguf file or "
