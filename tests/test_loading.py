@@ -37,8 +37,13 @@ def test_equals_from_pretrained_then_apply_kt(tmp_path, name):
     assert not any(t.is_meta for t in list(ours.parameters()) + list(ours.buffers()))
     ref = stock(tmp_path, kt_backend="AMXBF16", lora_rank=4)
     torch.testing.assert_close(logits(ours), logits(ref), rtol=0, atol=0)
-    # the experts exist only packed: no float expert parameter is left in the model
-    assert all(not hasattr(m, "gate_up_proj") for _, m in find_moe_experts(ours))
+    # the experts exist only packed: the float expert parameters are one-element placeholders that
+    # peft's target_parameters sizes its LoRA from, as apply_kt leaves them
+    for (_, mine), (_, theirs) in zip(find_moe_experts(ours), find_moe_experts(ref), strict=True):
+        for pname in ("gate_up_proj", "down_proj"):
+            placeholder = getattr(mine, pname)
+            assert placeholder.untyped_storage().nbytes() == placeholder.element_size()
+            assert placeholder.shape == getattr(theirs, pname).shape
 
 
 def test_gpu_experts_stay_in_the_module(tmp_path):
@@ -109,3 +114,22 @@ def test_device_map_dict_and_bad_values(tmp_path):
         from_pretrained(tmp_path, device_map=3.5)
     with pytest.raises(ValueError, match="device_map has no entry"):
         from_pretrained(tmp_path, device_map={"lm_head": "cpu"})
+
+
+def test_stock_peft_on_a_loaded_model(tmp_path):
+    """from_pretrained leaves the model as apply_kt does, so stock peft gives the experts LoRA."""
+    peft = pytest.importorskip("peft")
+    save_sharded(tiny_model("tiny-qwen3-moe"), tmp_path)
+    model = from_pretrained(tmp_path, kt_backend="AMXBF16", lora_rank=4, lora_alpha=8.0, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="peft_config"):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    config = model.peft_config["default"]
+    assert sorted(config.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    expert_lora = {n: p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
+    assert expert_lora and all(p.requires_grad for p in expert_lora.values())
+    model.train()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    # B starts at zero, so the first gradient reaches B (through the kt kernels) and not yet A
+    grads_b = [p.grad for n, p in expert_lora.items() if "lora_B" in n]
+    assert grads_b and all(g is not None and g.abs().sum() > 0 for g in grads_b)

@@ -330,39 +330,59 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
             gate, up, down = _expert_weights(module)
             kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
         # LoRA lives where the layer's activations do, so the optimizer steps it with the rest.
-        kt.to(module.gate_up_proj.device)
-
-        # Release the originals now (before the next layer) so a layer's experts exist once.
+        device = module.gate_up_proj.device
+        kt.to(device)
         gate_up_proj, down_proj = module.gate_up_proj, module.down_proj
-        keep_gate_up = gate_up_proj[:N].detach().clone() if N else gate_up_proj.new_empty((0,) + gate_up_proj.shape[1:])
-        keep_down = down_proj[:N].detach().clone() if N else down_proj.new_empty((0,) + down_proj.shape[1:])
-        del module.gate_up_proj
-        del module.down_proj
-        module.register_buffer("kt_gpu_gate_up_proj", keep_gate_up, persistent=False)
-        module.register_buffer("kt_gpu_down_proj", keep_down, persistent=False)
-        for pname, original in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-            module.register_parameter(pname, _placeholder(original))
+        keep_gate_up = gate_up_proj[:N].detach().clone() if N else None
+        keep_down = down_proj[:N].detach().clone() if N else None
+        # Release the originals now (before the next layer) so a layer's experts exist once.
         del gate_up_proj, down_proj
-        if not getattr(module, "_kt_state_dict_hooks", False):
-            module._register_state_dict_hook(_drop_placeholders_from_state_dict)
-            module.register_load_state_dict_post_hook(_placeholders_not_missing)
-            module._kt_state_dict_hooks = True
-        module.kt_peft_lora = {}
-        module._apply = types.MethodType(_apply_keeping_placeholders, module)
-        module.kt_experts = kt
-        module.config._experts_implementation = KT_IMPLEMENTATION
+        kt_targets.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+    finish_kt_conversion(model, found, tuple(sorted(kt_targets)), lora_rank, lora_alpha)
+    return model
 
-        holder_name, child = _holder_of(name)
-        holder = model.get_submodule(holder_name)
-        register_holder_hook(holder, child)
-        install_kt_wrappers(holder, child)
-        for pname in EXPERT_PARAMS:
-            kt_targets.add(f"{holder_name.rpartition('.')[2]}.{child}.{pname}")
 
-    kt_targets = tuple(sorted(kt_targets))
+def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExperts,
+                       keep_gate_up: Optional[torch.Tensor], keep_down: Optional[torch.Tensor],
+                       device: torch.device) -> str:
+    """Make the transformers experts module `name` of `model` run on `kt`: its expert weights become
+    one-element placeholders (peft's target_parameters sizes and places LoRA from them), the first
+    experts kept on `device` (`keep_*`, None for none) become buffers, and the holder's forward is
+    wrapped. Returns the peft target prefix of the module ("mlp.experts")."""
+    shapes = {p: (getattr(module, p).shape, getattr(module, p).dtype) for p in EXPERT_PARAMS}
+    for pname in EXPERT_PARAMS:
+        delattr(module, pname)
+    for pname, keep in (("gate_up_proj", keep_gate_up), ("down_proj", keep_down)):
+        shape, dtype = shapes[pname]
+        if keep is None:
+            keep = torch.empty((0,) + tuple(shape[1:]), dtype=dtype, device=device)
+        module.register_buffer("kt_gpu_" + pname, keep.to(device), persistent=False)
+        module.register_parameter(pname, _placeholder(shape, dtype, device))
+    if not getattr(module, "_kt_state_dict_hooks", False):
+        module._register_state_dict_hook(_drop_placeholders_from_state_dict)
+        module.register_load_state_dict_post_hook(_placeholders_not_missing)
+        module._kt_state_dict_hooks = True
+    module.kt_peft_lora = {}
+    module._apply = types.MethodType(_apply_keeping_placeholders, module)
+    module.kt_experts = kt
+    module.config._experts_implementation = KT_IMPLEMENTATION
+
+    holder_name, child = _holder_of(name)
+    holder = model.get_submodule(holder_name)
+    register_holder_hook(holder, child)
+    install_kt_wrappers(holder, child)
+    return f"{holder_name.rpartition('.')[2]}.{child}"
+
+
+def finish_kt_conversion(model: nn.Module, found: list[tuple[str, nn.Module]], kt_prefixes: tuple[str, ...],
+                         lora_rank: int, lora_alpha: float) -> None:
+    """After every experts module of `model` is installed: hook the expert LoRA into peft (an existing
+    PeftModel's adapters gain it now; a later peft.get_peft_model's LoraConfig gains it then)."""
+    kt_targets = tuple(sorted(f"{prefix}.{pname}" for prefix in kt_prefixes for pname in EXPERT_PARAMS))
     # DistributedDataParallel broadcasts every parameter at start; a stride-0 placeholder cannot be
     # written, so it skips them (DDP reads this attribute of the module it wraps; peft forwards it).
     model._ddp_params_and_buffers_to_ignore = _PlaceholderNames(model)
+    tuner = peft_tuner(model)
     if tuner is not None:
         # get_peft_model came first: its adapters gain the expert LoRA now.
         add_expert_lora_to_peft_model(tuner, kt_targets, lora_rank, float(lora_alpha))
@@ -374,7 +394,6 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         # adapters replace the kt layers' own LoRA.
         model.peft_config = KTPeftConfigs(kt_targets=kt_targets, kt_rank=lora_rank, kt_alpha=float(lora_alpha),
                                           on_lora=functools.partial(_drop_own_lora, model))
-    return model
 
 
 class _PlaceholderNames:
@@ -392,11 +411,10 @@ class _PlaceholderNames:
                     yield f"base_model.model.{name}.{pname}" if name else f"base_model.model.{pname}"
 
 
-def _placeholder(original: torch.Tensor) -> nn.Parameter:
+def _placeholder(shape, dtype: torch.dtype, device) -> nn.Parameter:
     # The base weights now live packed in kt; peft's target_parameters still needs a parameter with the
     # original shape, dtype and device to size and place the LoRA. Stride 0: one element of storage.
-    return nn.Parameter(torch.zeros((), dtype=original.dtype, device=original.device).expand(original.shape),
-                        requires_grad=False)
+    return nn.Parameter(torch.zeros((), dtype=dtype, device=device).expand(shape), requires_grad=False)
 
 
 def _apply_keeping_placeholders(self, fn, recurse=True):
@@ -408,7 +426,7 @@ def _apply_keeping_placeholders(self, fn, recurse=True):
     finally:
         for n, p in placeholders.items():
             probe = fn(torch.zeros((), dtype=p.dtype, device=p.device))
-            self._parameters[n] = _placeholder(probe.expand(p.shape))
+            self._parameters[n] = _placeholder(p.shape, probe.dtype, probe.device)
     return result
 
 

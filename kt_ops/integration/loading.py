@@ -30,8 +30,8 @@ from torch import nn
 
 from ..layer import SFT_METHOD_FORMATS
 from ..ops import GROUPED_FORMATS, PackedExperts
-from .hf import (KT_BACKENDS, KT_IMPLEMENTATION, KTExperts, _check_convertible, _LAYER_INDEX,
-                 _register_kt_implementation, find_moe_experts)
+from .hf import (KT_BACKENDS, KTExperts, _check_convertible, _LAYER_INDEX, _register_kt_implementation,
+                 find_moe_experts, finish_kt_conversion, install_kt_experts)
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -378,6 +378,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             raise FileNotFoundError(f"kt_shared_experts {shared!r} does not exist: local rank 0 writes it; initialise "
                                     "torch.distributed first so the other processes wait for it")
 
+    prefixes = set()
     for name, module, layer in layers:
         E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
         if shared is not None:
@@ -385,15 +386,11 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             keep = None
         else:
             kt, keep = build(name, module, layer)
-        kt.to(device_of(name))
-        requires_grad = module.gate_up_proj.requires_grad
-        del module.gate_up_proj
-        del module.down_proj
-        if keep is not None:
-            module.gate_up_proj = nn.Parameter(keep[0], requires_grad=requires_grad)
-            module.down_proj = nn.Parameter(keep[1], requires_grad=requires_grad)
-        module.kt_experts = kt
-        module.config._experts_implementation = KT_IMPLEMENTATION
+        device = torch.device(device_of(name))
+        kt.to(device)
+        keep_gate_up, keep_down = keep if keep is not None else (None, None)
+        prefixes.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+    finish_kt_conversion(model, found, tuple(sorted(prefixes)), lora_rank, lora_alpha)
     model.eval()
     return model
 
