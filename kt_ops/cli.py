@@ -480,7 +480,6 @@ def _training_kwargs(config: dict) -> dict:
         warmup_steps=config["warmup_steps"] or config["warmup_ratio"],
         logging_steps=config["logging_steps"], gradient_checkpointing=config["gradient_checkpointing"],
         bf16=config["bf16"], seed=config["seed"], report_to=config["report_to"], use_cpu=_no_accelerator(),
-        logging_dir=os.path.join(config["output_dir"], "runs"),
         save_strategy="steps" if config["save_steps"] else "no", save_steps=config["save_steps"] or 500,
         save_only_model=config["save_only_model"],
         remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="all")
@@ -647,14 +646,23 @@ def _trained_model(config: dict, adapter_dir: Optional[str]):
     return model, tokenizer, chat_template(config, tokenizer)
 
 
-def _greedy_answer(model, tokenizer, text: str, max_new_tokens: int) -> str:
+def _greedy_answers(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of `texts` (batched, left-padded), each up to its first eos."""
     import torch
 
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers, side = [], tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
 
 
 def generate(config, prompt: str, max_new_tokens: int = 32, adapter_dir: Optional[str] = None) -> str:
@@ -666,7 +674,7 @@ def generate(config, prompt: str, max_new_tokens: int = 32, adapter_dir: Optiona
     config = load_config(config, quiet=True)
     model, tokenizer, template = _trained_model(config, adapter_dir)
     text = lf.prompt_text(template, [{"role": "user", "content": prompt}], None, tokenizer)
-    return _greedy_answer(model, tokenizer, text, max_new_tokens)
+    return _greedy_answers(model, tokenizer, [text], max_new_tokens)[0]
 
 
 def score(config, adapter_dir: Optional[str] = None, show: int = 3) -> dict:
@@ -680,15 +688,11 @@ def score(config, adapter_dir: Optional[str] = None, show: int = 3) -> dict:
     if not rows:
         raise ConfigError("score needs single-turn question/answer records in the dataset")
     model, tokenizer, template = _trained_model(config, adapter_dir)
-    results = []
-    for row in rows:
-        question, expected = row["messages"][0]["content"], row["messages"][1]["content"]
-        text = lf.prompt_text(template, row["messages"][:1], row["system"], tokenizer)
-        budget = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 8
-        answer = _greedy_answer(model, tokenizer, text, budget)
-        if template is not None and template.empty_thought and answer.startswith(template.empty_thought.strip()):
-            answer = answer[len(template.empty_thought.strip()):]
-        results.append((question, expected, answer.strip()))
+    texts = [lf.prompt_text(template, row["messages"][:1], row["system"], tokenizer) for row in rows]
+    budget = max(len(tokenizer(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) for r in rows)
+    answers = _greedy_answers(model, tokenizer, texts, budget + 8)
+    results = [(row["messages"][0]["content"], row["messages"][1]["content"], answer.strip())
+               for row, answer in zip(rows, answers)]
     exact = sum(expected.strip() == answer for _, expected, answer in results)
     for question, expected, answer in results[:show]:
         print(f"  Q: {question!r}\n     expected {expected!r}\n     model    {answer!r}")

@@ -15,10 +15,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.kt_ops_requirements
+rebuild=0
 if [ "$(cat "$stamp" 2>/dev/null)" != "$REQUIREMENTS" ]; then
   # shellcheck disable=SC2086
   .venv/bin/pip install -q $REQUIREMENTS
   echo "$REQUIREMENTS" > "$stamp"
+  rebuild=1  # torch may have changed: the extension must be rebuilt against it
 fi
 # The editable install only registers the package and the kt-sft script; KT_OPS_NO_EXT keeps pip from
 # compiling the extension in a throwaway directory (the in-place build below does it, incrementally).
@@ -28,4 +30,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   KT_OPS_NO_EXT=1 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
   echo "$digest" > "$stamp"
 fi
-MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace
+# Skip even starting Python when the library is newer than every C++ source, header and setup.py.
+so=$(ls kt_ops/_C*.so 2>/dev/null | head -n 1)
+if [ "$rebuild" = 1 ] || [ -z "$so" ] || [ -n "$(find kt_ops_csrc setup.py -newer "$so" -print -quit)" ]; then
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace
+fi
