@@ -616,14 +616,15 @@ def train(config) -> dict:
             from .integration import load_kt_adapter
 
             load_kt_adapter(model, resume)  # the expert LoRA; Trainer restores the rest
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     save(model, config["output_dir"])
     tokenizer.save_pretrained(config["output_dir"])  # with the template's tokens, for generate
     with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=True)
     files = write_loss_curve(trainer.state.log_history, config["output_dir"], config["plot_loss"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "files": files, "output_dir": config["output_dir"]}
+    return {"losses": losses, "files": files, "output_dir": config["output_dir"], "steps": trainer.state.global_step,
+            "train_loss": result.training_loss}
 
 
 def _trained_model(config: dict, adapter_dir: Optional[str]):

@@ -56,23 +56,27 @@ def test_llamafactory_example_runs_unmodified(example, tmp_path, monkeypatch, ca
     if "kt_weight_path" in config:  # pre-converted routed experts of the model, in the format the config names
         from kt_ops.convert_weights import convert_checkpoint
 
-        convert_checkpoint(config["model_name_or_path"], str(tmp_path / "experts"), "AMXINT8")
+        convert_checkpoint(config["model_name_or_path"], str(tmp_path / "experts"), "AMXINT8_SFT")
         config["kt_weight_path"] = str(tmp_path / "experts")
     path = tmp_path / example
     path.write_text(yaml.safe_dump(config))
     monkeypatch.chdir(EXAMPLES)  # LLaMA-Factory resolves dataset_dir (default data/) from the working directory
-    with pytest.warns(UserWarning, match="kt_num_threads=96 exceeds"):
+    threads = config.get("kt_config", {}).get("kt_num_threads")
+    if threads is not None and threads > len(os.sched_getaffinity(0)):
+        with pytest.warns(UserWarning, match=f"kt_num_threads={threads} exceeds"):
+            summary = cli.train(str(path))
+    else:
         summary = cli.train(str(path))
     out = capsys.readouterr().out
     for key in ("ddp_timeout", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers"):
         assert f"kt-sft: {key} has no effect" in out, key
-    losses = summary["losses"]
-    assert len(losses) >= 2 and all(math.isfinite(x) for x in losses), losses
+    assert summary["steps"] >= 2 and math.isfinite(summary["train_loss"]), summary
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "loss.png").is_file()  # plot_loss: true
     resolved = yaml.safe_load((tmp_path / "out" / "kt_sft_config.yaml").read_text())
     assert resolved["lora_alpha"] == config.get("lora_alpha", 2 * config["lora_rank"])
-    assert resolved["kt_num_threads"] == len(os.sched_getaffinity(0))
+    if threads is not None:
+        assert resolved["kt_num_threads"] == min(threads, len(os.sched_getaffinity(0)))
     assert resolved["kt_backend"] == ("AMXINT8" if "int8" in example else "AMXBF16")
 
 
