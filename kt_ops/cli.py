@@ -327,6 +327,17 @@ def sft_examples(rows: list[dict], template, tokenizer, cutoff_len: int) -> list
     return examples
 
 
+def unigram_entropy(examples: list[dict]) -> float:
+    """Entropy (nats) of the learned tokens' frequencies: the loss of a model that predicts every answer
+    token from those frequencies alone, i.e. learned nothing about which answer goes with which prompt."""
+    import math
+    from collections import Counter
+
+    counts = Counter(t for e in examples for t, label in zip(e["input_ids"], e["labels"]) if label != -100)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
 def preference_records(rows: list[dict], template, tokenizer) -> list[dict]:
     from .integration import llamafactory as lf
 
@@ -589,9 +600,13 @@ def train(config) -> dict:
     template = chat_template(config, tokenizer)
     save, save_callback = _adapter_saver(config)
     os.makedirs(config["output_dir"], exist_ok=True)
+    floor = None
     if config["stage"] == "sft":
-        trainer = Trainer(model=model, args=TrainingArguments(**_training_kwargs(config)),
-                          train_dataset=sft_examples(rows, template, tokenizer, config["cutoff_len"]),
+        examples = sft_examples(rows, template, tokenizer, config["cutoff_len"])
+        floor = unigram_entropy(examples)
+        print(f"kt-sft: {len(examples)} examples; a model that knew only how often each answer token occurs "
+              f"would reach loss {floor:.2f}")
+        trainer = Trainer(model=model, args=TrainingArguments(**_training_kwargs(config)), train_dataset=examples,
                           data_collator=_PadCollator(tokenizer.pad_token_id), callbacks=[save_callback])
     else:
         import datasets
@@ -624,7 +639,7 @@ def train(config) -> dict:
     files = write_loss_curve(trainer.state.log_history, config["output_dir"], config["plot_loss"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"losses": losses, "files": files, "output_dir": config["output_dir"], "steps": trainer.state.global_step,
-            "train_loss": result.training_loss}
+            "train_loss": result.training_loss, "unigram_entropy": floor}
 
 
 def _trained_model(config: dict, adapter_dir: Optional[str]):

@@ -189,3 +189,29 @@ def test_kt_cpu_activation_recompute_runs_the_experts_again_in_backward(tmp_path
         grads = [p.grad for _, _, kt in kt_experts_modules(model) for p in kt.lora_parameters()]
         assert all(g is not None for g in grads)
     assert calls[1] == 2 * calls[0], calls
+
+
+def test_main_example_scores_its_training_answers(tmp_path, capsys):
+    """The main job's pieces on a two-step run: the entropy floor is reported and score compares the
+    greedy answer to each of the 16 shipped questions with the data (memorising them takes the full
+    run of scripts/main.sh)."""
+    with open(os.path.join(EXAMPLES, "tiny_qwen3_moe_sft.yaml")) as f:
+        config = yaml.safe_load(f)
+    config.update(max_steps=2, output_dir=str(tmp_path / "out"), dataset_dir=os.path.join(EXAMPLES, "data"))
+    summary = cli.train(config)
+    assert 2.0 < summary["unigram_entropy"] < 4.5
+    result = cli.score(config, show=1)
+    assert result["total"] == 16 and 0 <= result["exact"] <= 16
+    assert result["rows"][0][:2] == ("hi", "Hello! I am Kiwi. How can I help?")
+    assert "training answers reproduced exactly" in capsys.readouterr().out
+
+
+def test_report_to_tensorboard_needs_its_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    config = cli.load_config({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity",
+                              "output_dir": str(tmp_path), "report_to": ["tensorboard"]})
+    assert config["report_to"] == ["tensorboard"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cli.ConfigError, match="report_to tensorboard needs the tensorboard package"):
+        cli._check_report_to(config)
