@@ -489,7 +489,7 @@ def _training_kwargs(config: dict) -> dict:
         lr_scheduler_type=config["lr_scheduler_type"],
         # transformers reads a float below 1 as a fraction of all steps (LLaMA-Factory's warmup_ratio).
         warmup_steps=config["warmup_steps"] or config["warmup_ratio"],
-        logging_steps=config["logging_steps"], gradient_checkpointing=config["gradient_checkpointing"],
+        logging_steps=config["logging_steps"], activation_checkpointing=config["gradient_checkpointing"],
         bf16=config["bf16"], seed=config["seed"], report_to=config["report_to"], use_cpu=_no_accelerator(),
         save_strategy="steps" if config["save_steps"] else "no", save_steps=config["save_steps"] or 500,
         save_only_model=config["save_only_model"],
