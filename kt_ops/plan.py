@@ -34,6 +34,10 @@ def _fmt(nbytes: float) -> str:
     return f"{nbytes / 1024 ** 2:,.1f} MiB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.3f} M"
+
+
 def _host_memory() -> tuple[int, int]:
     """(total, available) host RAM in bytes, from /proc/meminfo (sysconf where that is missing)."""
     info = {}
@@ -110,8 +114,7 @@ class MemoryPlan:
             f"model: {self.model} ({self.architecture}; config.json only, no weights read)",
             f"  {self.num_layers} layers, {self.moe_layers} with {self.experts} routed experts "
             f"(top-{self.experts_per_token}, hidden {self.hidden_size}, expert intermediate {self.expert_intermediate})",
-            f"  routed expert parameters {self.expert_params / 1e9:,.2f} B, other parameters "
-            f"{self.other_params / 1e9:,.2f} B",
+            f"  routed expert parameters {_count(self.expert_params)}, other parameters {_count(self.other_params)}",
             "host RAM for the packed routed experts (kt_ops):",
         ]
         for fmt, nbytes in self.packed_bytes.items():
@@ -119,7 +122,7 @@ class MemoryPlan:
             lines.append(f"  {fmt:12s} {_fmt(nbytes)}{mark}")
         lines += [
             f"non-expert weights ({self.dtype_bytes * 8}-bit) on {where}: {_fmt(self.other_bytes)}",
-            f"LoRA ({self.lora_params / 1e6:,.2f} M parameters; weights, grads, Adam): {_fmt(self.lora_bytes)}",
+            f"LoRA ({_count(self.lora_params)} parameters; weights, grads, Adam): {_fmt(self.lora_bytes)}",
             f"activations for a batch of {self.tokens} tokens (estimates):",
             f"  decoder layers ({self.activations['layers_how']}): {_fmt(self.activations['layers'])}",
             f"  kt_ops experts on the host ({self.activations['experts_how']}): {_fmt(self.activations['experts'])}",
