@@ -1,11 +1,13 @@
 """kt-sft: LoRA fine-tuning of MoE models with the routed experts on kt_ops, from a YAML config.
 
     kt-sft train config.yaml        (or: python -m kt_ops.cli train config.yaml)
+    kt-sft generate config.yaml --prompt "..."     kt-sft score config.yaml     kt-sft plan config.yaml
 
-Keys follow LLaMA-Factory's names where they overlap (see CONFIG_KEYS). Writes to `output_dir`: the
-adapter (`adapter_model.safetensors` + `adapter_config.json`, expert LoRA included), the resolved
-config (`kt_sft_config.yaml`), the loss per logged step (`loss.csv`) and, when matplotlib is
-installed, `loss.png`.
+Keys are LLaMA-Factory's, with its meanings and defaults (CONFIG_KEYS; NO_EFFECT_KEYS are accepted
+and say why they change nothing here). Writes to `output_dir`: the adapter
+(`adapter_model.safetensors` + `adapter_config.json`, expert LoRA included), the tokenizer, the
+resolved config (`kt_sft_config.yaml`), the loss per logged step (`loss.csv`) and, with
+`plot_loss`, `loss.png`.
 """
 from __future__ import annotations
 
@@ -373,15 +375,15 @@ class _PadCollator:
 def load_model_and_tokenizer(config: dict):
     import torch
 
-    from .integration.tiny import TINY_MODELS, tiny_model, tiny_tokenizer
+    from .integration.tiny import ALL_TINY_MODELS, tiny_model, tiny_tokenizer
 
     dtype = torch.bfloat16 if config["bf16"] else torch.float32
     name = config["model_name_or_path"]
-    if name in TINY_MODELS:
+    if name in ALL_TINY_MODELS:
         model, tokenizer = tiny_model(name, dtype=dtype, seed=config["seed"]), tiny_tokenizer()
     elif not os.path.isdir(name):
         raise ConfigError(f"model_name_or_path {name!r} is neither a local model directory nor one of "
-                          f"{list(TINY_MODELS)}")
+                          f"{list(ALL_TINY_MODELS)}")
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 

@@ -138,9 +138,9 @@ class MemoryPlan:
 
 def _load_model_config(name: str):
     """A transformers config from a model directory's config.json, or a built-in tiny model's."""
-    from .integration.tiny import TINY_MODELS, tiny_config
+    from .integration.tiny import ALL_TINY_MODELS, tiny_config
 
-    if name in TINY_MODELS:
+    if name in ALL_TINY_MODELS:
         return tiny_config(name)
     path = os.path.join(name, "config.json") if os.path.isdir(name) else name
     if not os.path.isfile(path):
