@@ -215,3 +215,20 @@ def test_report_to_tensorboard_needs_its_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(cli.ConfigError, match="report_to tensorboard needs the tensorboard package"):
         cli._check_report_to(config)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3_5-moe", "tiny-qwen3-vl-moe"])
+def test_vision_language_moe_experts_on_kt_match_transformers(name):
+    """Qwen3.5-MoE and Qwen3-VL-MoE: kt_ops's experts (bf16-packed, no LoRA) give transformers' eager logits
+    to bf16 rounding of the expert weights."""
+    from kt_ops.integration import apply_kt, kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model
+
+    model = tiny_model(name).eval()
+    ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        apply_kt(model, lora_rank=0)
+        logits = model(input_ids=ids).logits
+    assert len(kt_experts_modules(model)) == (4 if "3_5" in name else 2)
+    assert ((logits - reference).norm() / reference.norm()).item() < 1e-2
