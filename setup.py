@@ -1,3 +1,6 @@
+import glob
+import os
+
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -15,17 +18,25 @@ SOURCES = [
     "kt_ops_csrc/kernels/quant_ref.cpp",
     "kt_ops_csrc/kernels/quant_avx2.cpp",
 ]
+# setuptools skips the build when the library is newer than `sources + depends`; listing the headers
+# makes a header-only change reach ninja, whose depfiles then recompile just the files including it.
+HEADERS = sorted(glob.glob("kt_ops_csrc/**/*.h", recursive=True))
+
+# scripts/setup.sh sets KT_OPS_NO_EXT=1 for the editable install (package + console script only) and
+# builds the extension in place with `setup.py build_ext --inplace`, keeping ninja's state in build/.
+ext_modules = [] if os.environ.get("KT_OPS_NO_EXT") == "1" else [
+    CppExtension(
+        "kt_ops._C",
+        SOURCES,
+        depends=HEADERS,
+        # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
+        # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
+        # reductions give the same bits on every ISA.
+        extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
+    )
+]
 
 setup(
-    ext_modules=[
-        CppExtension(
-            "kt_ops._C",
-            SOURCES,
-            # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
-            # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
-            # reductions give the same bits on every ISA.
-            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
-        )
-    ],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

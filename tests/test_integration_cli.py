@@ -50,7 +50,7 @@ def test_shipped_example_configs_are_valid():
     for name in sorted(os.listdir(EXAMPLES)):
         if name.endswith(".yaml"):
             config = cli.load_config(os.path.join(EXAMPLES, name))
-            assert os.path.isfile(config["dataset"]), name
+            assert cli.load_rows(config), name
             assert config["use_kt"] is True
 
 

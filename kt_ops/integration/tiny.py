@@ -12,10 +12,16 @@ _MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_
             first_k_dense_replace=1, n_shared_experts=1)
 
 TINY_MODELS = ("tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v2", "tiny-deepseek-v3")
+# Vision-language MoE models (a tiny vision tower is built too; kt-sft trains their language model).
+# Kept apart from TINY_MODELS, whose tests compare text-only models parameter by parameter.
+TINY_MULTIMODAL_MODELS = ("tiny-qwen3_5-moe", "tiny-qwen3-vl-moe")
+ALL_TINY_MODELS = TINY_MODELS + TINY_MULTIMODAL_MODELS
+_TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
 
 
 def tiny_config(name: str, **overrides):
-    """The transformers config of tiny model `name` (one of TINY_MODELS); `overrides` replace fields."""
+    """The transformers config of tiny model `name` (one of ALL_TINY_MODELS); `overrides` replace fields."""
     import transformers
 
     if name == "tiny-qwen3-moe":
@@ -40,12 +46,28 @@ def tiny_config(name: str, **overrides):
             _COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
             num_experts_per_tok=2, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
             norm_topk_prob=True)
+    elif name == "tiny-qwen3_5-moe":
+        # Qwen3.5-MoE: gated-delta-net linear attention in three of four layers, a gated shared expert,
+        # and a vision tower (built, unused by text training).
+        cls, fields = transformers.Qwen3_5MoeConfig, dict(text_config=dict(
+            _COMMON, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"], head_dim=16,
+            linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+            linear_num_value_heads=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2), vision_config=_TINY_VISION)
+    elif name == "tiny-qwen3-vl-moe":
+        cls, fields = transformers.Qwen3VLMoeConfig, dict(text_config=dict(
+            _COMMON, intermediate_size=48, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+            head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
+            vision_config=dict(_TINY_VISION, deepstack_visual_indexes=[0]))
     else:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {ALL_TINY_MODELS}")
     fields.update(overrides)
     config = cls(**fields)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None:
+            c._attn_implementation = "eager"
+            c._experts_implementation = "eager"
     return config
 
 
@@ -55,7 +77,12 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: Optional[int
 
     if seed is not None:
         torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(name, **overrides), dtype=dtype)
+    config = tiny_config(name, **overrides)
+    if getattr(config, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -71,7 +98,8 @@ def tiny_tokenizer():
     for code in list(range(32, 127)) + [ord("\n")]:
         vocab.setdefault(chr(code), len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # One piece per character, newlines included ("." alone would leave "\n\n" as one unknown piece).
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", unk_token="<unk>")
