@@ -257,12 +257,12 @@ class ReusedBuffer {
 };
 
 // A tensor on a ReusedBuffer that goes back to the free list when the tensor's storage dies: for the
-// large tensors forward saves for backward, which the autograd graph frees after backward, so the next
-// step reuses their pages instead of faulting in fresh ones. Contents are uninitialized.
-template <typename T>
+// large tensors a step hands out and drops again (the saved pre-activations, freed after backward;
+// the LoRA gradients, freed by zero_grad), so the next step reuses their pages instead of faulting in
+// fresh ones. Contents are uninitialized.
 Tensor reused_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t numel = c10::multiply_integers(sizes);
-  auto* buffer = new ReusedBuffer<T>(std::max<int64_t>(numel, 1));
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  auto* buffer = new ReusedBuffer<double>(std::max<size_t>((bytes + sizeof(double) - 1) / sizeof(double), 1));
   return at::from_blob(buffer->data(), sizes, [buffer](void*) { delete buffer; }, options);
 }
 
@@ -428,7 +428,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
 
   Tensor x = hidden.to(dtype).contiguous();
   Tensor w = weights.to(dtype).contiguous();
-  Tensor gate_up_pre = save ? reused_tensor<T>({2, P, I}, opts) : at::empty({0}, opts);
+  Tensor gate_up_pre = save ? reused_tensor({2, P, I}, opts) : at::empty({0}, opts);
   if (save) zero_skipped_pairs(routing, gate_up_pre.data_ptr<T>(), 2, P, I);
   Tensor lora_mid = save ? at::zeros({3, P, r}, opts) : at::empty({0}, opts);
   // Per-pair intermediates, reused across calls; only rows of routed pairs are written and read.
@@ -690,7 +690,7 @@ class Backward {
     std::vector<Tensor> grads;
     const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
                                &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
-    for (const Tensor* t : inputs) grads.push_back(at::zeros(t->sizes(), t->options()));
+    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()).zero_());
     if (r_ == 0) return grads;
     const T* xp = x_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();

@@ -18,6 +18,9 @@
 #endif
 
 #ifdef KT_HAVE_AVX512_EMU_BUILD
+// SIMDe passes its 512-bit structs by value between internal functions; GCC notes that their ABI
+// would differ from AVX-512 code, which never calls them.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "gemm_simde.h"
 
 #define KT_AVX512_PART 1
