@@ -15,6 +15,7 @@ SOURCES = [
     "kt_ops_csrc/kernels/gemm_avx512.cpp",
     "kt_ops_csrc/kernels/gemm_amx.cpp",
     "kt_ops_csrc/kernels/gemm_amx_emu.cpp",
+    "kt_ops_csrc/kernels/gemm_avx512_emu.cpp",  # empty unless the SIMDe headers are installed
     "kt_ops_csrc/kernels/quant_ref.cpp",
     "kt_ops_csrc/kernels/quant_avx2.cpp",
 ]

@@ -8,11 +8,14 @@ One run measures, for every qlen, on the SAME random inputs:
   * kt_ops forward (no grad), LoRA r=16 (nonzero B), BF16 base weights, bf16 hidden
   * kt_ops forward with lora_rank=0            -> LoRA overhead %
   * kt_ops forward+backward, LoRA r=16         -> backward/forward ratio
-  * PyTorch eager fp32 MoE+LoRA loop (see /work/shared/anchors/torch_eager_lora_moe.py),
+  * PyTorch eager fp32 and bf16 MoE+LoRA loop (see /work/shared/anchors/torch_eager_lora_moe.py),
+    forward and forward+backward
+  * transformers' Qwen3MoeExperts bf16 (eager and grouped_mm experts implementations, no LoRA),
     forward and forward+backward
   * kt-kernel 0.7.2 AVX2BF16_MOE forward (inference, no LoRA), only if kt_kernel is installed
-plus the machine's measured fp32 GEMM peak (torch.mm) and DRAM read bandwidth (torch.sum
-over a large tensor), and prints ONE table (metrics as rows, qlens as columns).
+plus the machine's measured fp32 and bf16 GEMM peaks (torch.mm) and DRAM read bandwidth (torch.sum
+over a large tensor), and prints ONE table (metrics as rows, qlens as columns) under a header with
+the CPU model, its ISA flags and the kt_ops ISA in use.
 
 FLOP accounting (base weights only, LoRA FLOPs are not counted):
   forward          3 * 2 * H * I * qlen * k
@@ -225,10 +228,10 @@ def set_threads(n: int, kt_ops_mod=None):
 # ----------------------------------------------------------------------------------------
 # machine ceilings
 # ----------------------------------------------------------------------------------------
-def measure_gemm_peak(n: int, repeats: int = 10):
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    c = torch.empty(n, n)
+def measure_gemm_peak(n: int, repeats: int = 10, dtype=torch.float32):
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=c)
     ts = []
@@ -294,11 +297,12 @@ class Problem:
 # torch eager fp32 baseline (same loop as /work/shared/anchors/torch_eager_lora_moe.py)
 # ----------------------------------------------------------------------------------------
 class EagerMoE:
-    def __init__(self, prob: Problem):
+    def __init__(self, prob: Problem, dtype=torch.float32):
         self.p = prob
-        self.W = {k: v.float() for k, v in prob.w.items()}
-        self.A = {k: v.float().requires_grad_() for k, v in prob.lora_a.items()}
-        self.B = {k: v.float().requires_grad_() for k, v in prob.lora_b.items()}
+        self.dtype = dtype
+        self.W = {k: v.to(dtype) for k, v in prob.w.items()}
+        self.A = {k: v.to(dtype).requires_grad_() for k, v in prob.lora_a.items()}
+        self.B = {k: v.to(dtype).requires_grad_() for k, v in prob.lora_b.items()}
 
     def layer(self, x, ids, w, lora=True):
         s = self.p.scale
@@ -324,6 +328,25 @@ class EagerMoE:
 
     def params(self):
         return list(self.A.values()) + list(self.B.values())
+
+
+# ----------------------------------------------------------------------------------------
+# transformers' own experts block (same as /work/shared/anchors/hf_experts_bench.py): fused 3D
+# weights, frozen, no LoRA; gradients flow to the input and routing weights only.
+# ----------------------------------------------------------------------------------------
+def make_hf_experts(prob: Problem, impl: str, dtype=torch.bfloat16):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = Qwen3MoeConfig(hidden_size=prob.H, moe_intermediate_size=prob.I, num_experts=prob.E,
+                         num_experts_per_tok=prob.K)
+    cfg._experts_implementation = impl
+    ex = Qwen3MoeExperts(cfg).to(dtype)
+    with torch.no_grad():  # the benchmark's own weights: gate_up_proj is [E, 2I, H], down_proj [E, H, I]
+        ex.gate_up_proj.copy_(torch.cat([prob.w["gate"], prob.w["up"]], 1).to(dtype))
+        ex.down_proj.copy_(prob.w["down"].to(dtype))
+    ex.requires_grad_(False)
+    return ex
 
 
 # ----------------------------------------------------------------------------------------
@@ -552,6 +575,14 @@ def run_main(args, kt_ops, kt_ops_err, prob, peaks):
 
     # --- references and eager baseline objects
     eager = EagerMoE(prob)  # also the fp32 reference for the accuracy rows
+    eager16 = EagerMoE(prob, torch.bfloat16)
+    hf = {}
+    if not args.skip_hf:
+        for impl in ("eager", "grouped_mm"):
+            try:
+                hf[impl] = make_hf_experts(prob, impl)
+            except Exception as exc:
+                notes.append(f"transformers Qwen3MoeExperts[{impl}]: {type(exc).__name__}: {exc}")
 
     # --- kt_ops layers
     kt16 = kt0 = None
@@ -712,10 +743,50 @@ def run_main(args, kt_ops, kt_ops_err, prob, peaks):
 
             res[q]["eager_fwd"] = safe(q, "eager fwd", lambda: bench(eager_fwd, **bopts))
             res[q]["eager_step"] = safe(q, "eager fwd+bwd", lambda: bench(eager_step, pre=ezero, **bopts))
+
+            # ---- torch eager bf16 (LoRA): the same loop on bf16 tensors (oneDNN bf16 GEMMs)
+            xb = inp["x"].clone().requires_grad_()
+            wb = inp["w"].to(torch.bfloat16).requires_grad_()
+            gob = inp["go"]
+
+            def eager16_fwd():
+                with torch.no_grad():
+                    return eager16.layer(inp["x"], inp["ids"], wb.detach(), lora=True)
+
+            def e16zero():
+                xb.grad = None
+                wb.grad = None
+                for t in eager16.params():
+                    t.grad = None
+
+            def eager16_step():
+                eager16.layer(xb, inp["ids"], wb, lora=True).backward(gob)
+
+            res[q]["eager16_fwd"] = safe(q, "eager bf16 fwd", lambda: bench(eager16_fwd, **bopts))
+            res[q]["eager16_step"] = safe(q, "eager bf16 fwd+bwd", lambda: bench(eager16_step, pre=e16zero, **bopts))
+
+        # ---- transformers' experts bf16 (no LoRA)
+        for impl, ex in hf.items():
+            xh = inp["x"].clone().requires_grad_()
+            wh = inp["w"].to(torch.bfloat16).requires_grad_()
+
+            def hf_fwd(ex=ex):
+                with torch.no_grad():
+                    return ex(inp["x"], inp["ids"], wh.detach())
+
+            def hf_zero():
+                xh.grad = None
+                wh.grad = None
+
+            def hf_step(ex=ex):
+                ex(xh, inp["ids"], wh).backward(inp["go"])
+
+            res[q][f"hf_{impl}_fwd"] = safe(q, f"hf {impl} fwd", lambda: bench(hf_fwd, **bopts))
+            res[q][f"hf_{impl}_step"] = safe(q, f"hf {impl} fwd+bwd", lambda: bench(hf_step, pre=hf_zero, **bopts))
         gc.collect()
 
     # free big objects before returning
-    del kt16, kt0, ktks, eager
+    del kt16, kt0, ktks, eager, eager16, hf
     gc.collect()
     return res, errs, notes, res_notes
 
@@ -787,6 +858,7 @@ def print_table(title, col_names, rows, label_w=None):
 def build_main_rows(args, prob, res, errs, peaks, ktk_note, kt_ops_status):
     qs = args.qlens
     peak = peaks.get("gemm", {}).get("best_gflops")
+    peak16 = peaks.get("gemm_bf16", {}).get("best_gflops")
     bw = peaks.get("dram", {}).get("best_gbs")
     H, I, K = prob.H, prob.I, prob.K
 
@@ -825,6 +897,7 @@ def build_main_rows(args, prob, res, errs, peaks, ktk_note, kt_ops_status):
     rows.append((f"kt_ops fwd r={R}  ms", [fmt(ms(q, "kt_fwd"), ms_spec) for q in qs]))
     rows.append(("  GFLOP/s", [fmt(gf(q, "kt_fwd"), "{:.1f}") for q in qs]))
     rows.append(("  % fp32 GEMM peak", [fmt(pct(gf(q, "kt_fwd"), peak), "{:.1f}%") for q in qs]))
+    rows.append(("  % bf16 GEMM peak", [fmt(pct(gf(q, "kt_fwd"), peak16), "{:.1f}%") for q in qs]))
     rows.append(("  weight GB/s (bf16 bytes hit)", [fmt(wgbs(q, "kt_fwd"), "{:.1f}") for q in qs]))
     rows.append(("  % DRAM read BW", [fmt(pct(wgbs(q, "kt_fwd"), bw), "{:.1f}%") for q in qs]))
     rows.append(("kt_ops fwd r=0  ms", [fmt(ms(q, "kt0_fwd"), ms_spec) for q in qs]))
@@ -845,6 +918,13 @@ def build_main_rows(args, prob, res, errs, peaks, ktk_note, kt_ops_status):
     rows.append(("  weight GB/s (fp32 bytes hit)", [fmt(wgbs(q, "eager_fwd", 4), "{:.1f}") for q in qs]))
     rows.append(("eager fwd+bwd  ms", [fmt(ms(q, "eager_step"), ms_spec) for q in qs]))
     rows.append(("  GFLOP/s", [fmt(gf(q, "eager_step", True), "{:.1f}") for q in qs]))
+    rows.append(f"-- torch eager bf16 + LoRA r={R} (same loop, bf16 tensors)")
+    rows.append(("eager bf16 fwd  ms", [fmt(ms(q, "eager16_fwd"), ms_spec) for q in qs]))
+    rows.append(("eager bf16 fwd+bwd  ms", [fmt(ms(q, "eager16_step"), ms_spec) for q in qs]))
+    rows.append(f"-- transformers Qwen3MoeExperts bf16, no LoRA (frozen experts; grads to x and topk_w)")
+    for impl in ("eager", "grouped_mm"):
+        rows.append((f"hf {impl} fwd  ms", [fmt(ms(q, f"hf_{impl}_fwd"), ms_spec) for q in qs]))
+        rows.append((f"hf {impl} fwd+bwd  ms", [fmt(ms(q, f"hf_{impl}_step"), ms_spec) for q in qs]))
     rows.append(f"-- kt-kernel AVX2BF16_MOE fwd, no LoRA ({ktk_note})")
     kt_ts = args.kt_kernel_threads
     main_key = f"ktk_fwd_{kt_ts[0]}"
@@ -861,6 +941,14 @@ def build_main_rows(args, prob, res, errs, peaks, ktk_note, kt_ops_status):
     rows.append(("kt_ops fwd r=0 vs kt-kernel fwd", [fmt(ratio(t(q, main_key), t(q, "kt0_fwd")), "{:.2f}x") for q in qs]))
     rows.append((f"kt_ops fwd vs eager fwd", [fmt(ratio(t(q, "eager_fwd"), t(q, "kt_fwd")), "{:.2f}x") for q in qs]))
     rows.append((f"kt_ops f+b vs eager f+b", [fmt(ratio(t(q, "eager_step"), t(q, "kt_step")), "{:.2f}x") for q in qs]))
+    peer_keys = ("eager_step", "eager16_step", "hf_eager_step", "hf_grouped_mm_step")
+
+    def best_peer(q):
+        ts = [t(q, key) for key in peer_keys if t(q, key)]
+        return min(ts) if ts else None
+
+    rows.append(("kt_ops f+b vs best torch/transformers f+b", [fmt(ratio(best_peer(q), t(q, "kt_step")), "{:.2f}x")
+                                                             for q in qs]))
     rows.append("-- accuracy (mean|diff| / mean|ref|, ref = fp32 eager on the same bf16-rounded data)")
     rows.append((f"kt_ops r={R} fwd y", [fmt(errs[q].get("kt_fwd_y"), "{:.2e}") for q in qs]))
     rows.append((f"kt_ops r={R} f+b dX", [fmt(errs[q].get("kt_dx"), "{:.2e}") for q in qs]))
@@ -872,7 +960,10 @@ def build_main_rows(args, prob, res, errs, peaks, ktk_note, kt_ops_status):
                 "meanwhile ('!' if > 10%)")
     for key, lab in (("kt_fwd", "kt_ops fwd"), ("kt_step", "kt_ops f+b"), ("kt0_fwd", "kt_ops fwd r=0"),
                      *[(f"ktk_fwd_{kt_t}", f"kt-kernel fwd {kt_t}thr") for kt_t in kt_ts],
-                     ("eager_fwd", "eager fwd"), ("eager_step", "eager f+b")):
+                     ("eager_fwd", "eager fwd"), ("eager_step", "eager f+b"),
+                     ("eager16_fwd", "eager bf16 fwd"), ("eager16_step", "eager bf16 f+b"),
+                     ("hf_eager_fwd", "hf eager fwd"), ("hf_eager_step", "hf eager f+b"),
+                     ("hf_grouped_mm_fwd", "hf grouped_mm fwd"), ("hf_grouped_mm_step", "hf grouped_mm f+b")):
         cells = []
         for q in qs:
             r = res[q].get(key)
@@ -935,6 +1026,10 @@ def print_header(args, prob, kt_ops, kt_ops_err, peaks):
     if g:
         print(f"machine fp32 GEMM peak (torch.mm {g['n']}^3, {args.threads} thr): best {g['best_gflops']:.1f} "
               f"GFLOP/s, median {g['median_gflops']:.1f}  -> '% peak' uses best")
+    g16 = peaks.get("gemm_bf16")
+    if g16:
+        print(f"machine bf16 GEMM peak (torch.mm {g16['n']}^3, {args.threads} thr): best {g16['best_gflops']:.1f} "
+              f"GFLOP/s, median {g16['median_gflops']:.1f}")
     if d:
         print(f"machine DRAM read BW (torch.sum over {d['bytes'] / 2**30:.2f} GiB fp32, {args.threads} thr): "
               f"best {d['best_gbs']:.1f} GB/s, median {d['median_gbs']:.1f}  -> '% DRAM' uses best")
@@ -971,6 +1066,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-eager", action="store_true", help="skip the torch eager timings")
     ap.add_argument("--eager-max-qlen", type=int, default=1 << 30, help="only time torch eager up to this qlen")
     ap.add_argument("--skip-kt-kernel", action="store_true", help="skip kt-kernel even if installed")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers' Qwen3MoeExperts (eager, grouped_mm)")
     ap.add_argument("--kt-kernel-threads", type=str, default=None,
                     help="comma-separated kt-kernel worker-pool sizes to measure (default: --threads); "
                          "the first one is used for the speedup row")
@@ -1036,8 +1132,9 @@ def main(argv=None):
         peaks["busy_after"] = cpu_busy_fraction(1.0)
 
     if not args.no_peak:
-        print("# measuring fp32 GEMM peak and DRAM bandwidth ...", file=sys.stderr, flush=True)
+        print("# measuring fp32 and bf16 GEMM peaks and DRAM bandwidth ...", file=sys.stderr, flush=True)
         peaks["gemm"] = measure_gemm_peak(args.gemm_n)
+        peaks["gemm_bf16"] = measure_gemm_peak(args.gemm_n, dtype=torch.bfloat16)
         peaks["dram"] = measure_dram_bw(int(args.bw_gib * 2 ** 30))
 
     print("# generating random problem ...", file=sys.stderr, flush=True)

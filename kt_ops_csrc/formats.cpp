@@ -23,11 +23,7 @@ constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
                                    {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"},
                                    {WeightFormat::Int8KGroup, "int8_kgroup"}};
 
-const DequantKernels& dequant_kernels() {
-  // The AVX2 dequantizer serves every ISA above ref (amx-emu included) on CPUs that have AVX2.
-  const CpuFeatures& f = cpu_features();
-  return current_isa() != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
-}
+const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
 template <typename T>
 T* thread_scratch(size_t size) {

@@ -201,25 +201,38 @@ std::vector<T>& scratch(int slot, size_t size) {
 
 // A large per-call buffer whose pages survive the call: a fresh multi-megabyte allocation costs
 // page faults and zero-filling every time, which at decode is as much as the LoRA math itself.
-// Released buffers wait in a small process-wide free list (concurrent calls each get their own).
+// Released buffers wait in a small process-wide free list (concurrent calls each get their own); a
+// request takes the smallest free buffer that fits. When the list is full, a released buffer
+// replaces the smallest one kept if it is larger, so the list settles on the sizes a step needs.
 template <typename T>
 class ReusedBuffer {
  public:
   explicit ReusedBuffer(size_t size) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    size_t best = free_.size();
-    for (size_t i = 0; i < free_.size(); ++i)
-      if (free_[i].capacity >= size && (best == free_.size() || free_[i].capacity < free_[best].capacity)) best = i;
-    if (best < free_.size()) {
-      block_ = std::move(free_[best]);
-      free_.erase(free_.begin() + best);
+    FreeList& list = free_list();
+    std::lock_guard<std::mutex> lock(list.mutex);
+    auto& blocks = list.blocks;
+    size_t best = blocks.size();
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i].capacity >= size && (best == blocks.size() || blocks[i].capacity < blocks[best].capacity)) best = i;
+    if (best < blocks.size()) {
+      block_ = std::move(blocks[best]);
+      blocks.erase(blocks.begin() + best);
     } else {
       block_ = {std::unique_ptr<T[]>(new T[size]), size};  // default-initialized: no zero fill
     }
   }
   ~ReusedBuffer() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (free_.size() < kKept) free_.push_back(std::move(block_));
+    FreeList& list = free_list();
+    std::lock_guard<std::mutex> lock(list.mutex);
+    auto& blocks = list.blocks;
+    if (blocks.size() < kKept) {
+      blocks.push_back(std::move(block_));
+      return;
+    }
+    size_t smallest = 0;
+    for (size_t i = 1; i < blocks.size(); ++i)
+      if (blocks[i].capacity < blocks[smallest].capacity) smallest = i;
+    if (blocks[smallest].capacity < block_.capacity) blocks[smallest] = std::move(block_);
   }
   ReusedBuffer(const ReusedBuffer&) = delete;
   ReusedBuffer& operator=(const ReusedBuffer&) = delete;
@@ -230,11 +243,38 @@ class ReusedBuffer {
     std::unique_ptr<T[]> data;
     size_t capacity = 0;
   };
-  static constexpr size_t kKept = 4;
-  static inline std::mutex mutex_;
-  static inline std::vector<Block> free_;
+  struct FreeList {
+    std::mutex mutex;
+    std::vector<Block> blocks;
+  };
+  // Never destroyed: a tensor on a buffer (reused_tensor) may die after static destructors ran.
+  static FreeList& free_list() {
+    static FreeList* list = new FreeList;
+    return *list;
+  }
+  static constexpr size_t kKept = 12;  // >= the buffers one forward and one backward hold at once
   Block block_;
 };
+
+// A tensor on a ReusedBuffer that goes back to the free list when the tensor's storage dies: for the
+// large tensors a step hands out and drops again (the saved pre-activations, freed after backward;
+// the LoRA gradients, freed by zero_grad), so the next step reuses their pages instead of faulting in
+// fresh ones. Contents are uninitialized.
+Tensor reused_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  auto* buffer = new ReusedBuffer<double>(std::max<size_t>((bytes + sizeof(double) - 1) / sizeof(double), 1));
+  return at::from_blob(buffer->data(), sizes, [buffer](void*) { delete buffer; }, options);
+}
+
+// Zeroes the rows of skipped (-1) slots of a [rows_of(pair) x width] per-pair tensor that only routed
+// pairs write.
+template <typename T>
+void zero_skipped_pairs(const Routing& routing, T* data, int64_t planes, int64_t pairs, int64_t width) {
+  for (int64_t p = 0; p < pairs; ++p)
+    if (routing.expert_of_pair[p] < 0)
+      for (int64_t plane = 0; plane < planes; ++plane)
+        std::fill(data + (plane * pairs + p) * width, data + (plane * pairs + p + 1) * width, T(0));
+}
 
 // Torch ops are not called from pool tasks (they would start their own threads inside ours).
 // Writes a [rows, cols] block into dst (contiguous) at offset; with src_transposed, src holds it as
@@ -323,19 +363,7 @@ const Kernels<T>& kernels();
 
 template <>
 const Kernels<float>& kernels<float>() {
-  // set_isa only selects an ISA whose table exists and whose CPU features are present.
-  switch (current_isa()) {
-    case Isa::Avx2: return *avx2_kernels_f32();
-    case Isa::Avx512: {
-      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
-      const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
-      return bf16 ? *bf16 : *avx512_kernels_f32();
-    }
-    case Isa::Amx: return *amx_kernels_f32();
-    case Isa::AmxEmu: return *amx_emu_kernels_f32();
-    case Isa::Ref: break;
-  }
-  return ref_kernels_f32();
+  return active_gemm_kernels();
 }
 
 template <>
@@ -400,15 +428,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
 
   Tensor x = hidden.to(dtype).contiguous();
   Tensor w = weights.to(dtype).contiguous();
-  Tensor gate_up_pre = save ? at::zeros({2, P, I}, opts) : at::empty({0}, opts);
+  Tensor gate_up_pre = save ? reused_tensor({2, P, I}, opts) : at::empty({0}, opts);
+  if (save) zero_skipped_pairs(routing, gate_up_pre.data_ptr<T>(), 2, P, I);
   Tensor lora_mid = save ? at::zeros({3, P, r}, opts) : at::empty({0}, opts);
-  Tensor mid = save ? lora_mid : at::zeros({3, P, r}, opts);  // xa_gate, xa_up, ha_down per pair
-  Tensor h = at::empty({P, I}, opts);
-  Tensor y = at::empty({P, H}, opts);
+  // Per-pair intermediates, reused across calls; only rows of routed pairs are written and read.
+  const ReusedBuffer<T> mid_buffer(save ? 1 : std::max<int64_t>(3 * P * r, 1));  // xa_gate, xa_up, ha_down
+  const ReusedBuffer<T> h(std::max<int64_t>(P * I, 1)), y(std::max<int64_t>(P * H, 1));
   const T* xp = x.data_ptr<T>();
-  T* midp = mid.data_ptr<T>();
-  T* hp = h.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  T* midp = save ? lora_mid.data_ptr<T>() : mid_buffer.data();
+  T* hp = h.data();
+  T* yp = y.data();
   T* prep = save ? gate_up_pre.data_ptr<T>() : nullptr;
   const int64_t* order = routing.order.data();
 
@@ -498,184 +527,239 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (base weights frozen: gradients for hidden states, routing weights and LoRA only)
+// Backward (base weights frozen: gradients for hidden states, routing weights and LoRA only), in
+// named phases that share one set of per-pair buffers:
+//   1. down_rank_grads:      dYB = dY . Bd (rank r), shared by dh_raw and the down-A gradient
+//   2. grad_h:               dh_raw = dY . Wd + s dYB . Ad   (gemm_nn; unweighted by the routing weight)
+//   3. through_activation:   routing-weight gradient; dg, du through SiLU(g) * u; rank-r dg.Bg, du.Bu
+//   4. grad_hidden_pairs:    dX per pair = dg . Wg + du . Wu + s [(dg.Bg) . Ag + (du.Bu) . Au]   (gemm_nn)
+//   5. lora_grads:           outer products summed over each expert's pairs
+// then the per-pair dX rows are summed per token. Only rows of routed pairs are written or read, so
+// the buffers need no zero fill beyond the padding columns gemm_nn reads.
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
-    const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
-    const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
-    T scaling,
-    const Tensor& gate_up_pre_in, const Tensor& lora_mid_in) {
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  const auto opts = hidden.options().dtype(dtype);
-  const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
-  const Routing routing = route(ids, s.E);
-  const Lora<T> lora(lora_args, routing);
-  const Kernels<T>& k = kernels<T>();
-  const int64_t* order = routing.order.data();
-  const int64_t routed = routing.order.size();
-
-  Tensor x = hidden.to(dtype).contiguous();
-  Tensor w = weights.to(dtype).contiguous();
-  Tensor pre = gate_up_pre_in.to(dtype).contiguous();
-  Tensor mid = lora_mid_in.to(dtype).contiguous();
-  // Rows that feed gemm_nn must be zero beyond N up to the padded N.
-  Tensor dy = at::zeros({s.T, Hp}, opts);
-  dy.narrow(1, 0, H).copy_(grad_output);
-  Tensor dg = at::zeros({P, Ip}, opts);  // first dh_raw, then the gate pre-activation gradient
-  Tensor du = at::zeros({P, Ip}, opts);
-  Tensor h = at::empty({P, I}, opts);
-  Tensor rank_grads = at::zeros({3, P, r}, opts);  // dY.Bd, dg.Bg, du.Bu per pair
-  Tensor dw = at::zeros({P}, opts);
-  Tensor dx_pairs = at::empty({P, H}, opts);
-  const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>(), *prep = pre.data_ptr<T>(), *midp = mid.data_ptr<T>();
-  T *dyp = dy.data_ptr<T>(), *dgp = dg.data_ptr<T>(), *dup = du.data_ptr<T>(), *hp = h.data_ptr<T>();
-  T *rgp = rank_grads.data_ptr<T>(), *dwp = dw.data_ptr<T>(), *dxp = dx_pairs.data_ptr<T>();
-  auto dy_row = [&](int64_t p) { return dyp + (p / s.k) * Hp; };
-
-  // dYB = dY . Bd (rank r), shared by dh_raw and the down-A gradient.
-  if (r > 0) {
-    parallel_over<T>(routed, kPairsPerTask, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = order[i];
-        const T* bd = lora.get(Lora<T>::DownB, routing.expert_of_pair[p]);
-        for (int64_t q = 0; q < r; ++q) rgp[p * r + q] = k.dot(dy_row(p), bd + q * H, H);
+class Backward {
+ public:
+  Backward(const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
+           const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w,
+           const LoraArgs& lora_args, T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid)
+      : s_(s), H_(s.H), I_(s.I), r_(s.r), P_(s.pairs()), Hp_(padded_rows(s.H)), Ip_(padded_rows(s.I)),
+        gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), scaling_(scaling),
+        routing_(route(ids, s.E)), lora_(lora_args, routing_), k_(kernels<T>()), order_(routing_.order.data()),
+        routed_(routing_.order.size()), x_(hidden.to(dtype()).contiguous()), w_(weights.to(dtype()).contiguous()),
+        pre_(gate_up_pre.to(dtype()).contiguous()), mid_(lora_mid.to(dtype()).contiguous()),
+        dy_(std::max<int64_t>(s.T * Hp_, 1)), dg_(std::max<int64_t>(P_ * Ip_, 1)), du_(std::max<int64_t>(P_ * Ip_, 1)),
+        h_(std::max<int64_t>(P_ * I_, 1)), rank_grads_(std::max<int64_t>(3 * P_ * r_, 1)),
+        dx_pairs_(std::max<int64_t>(P_ * H_, 1)), dw_(at::zeros({P_}, hidden.options().dtype(dtype()))) {
+    // Rows that feed gemm_nn must be zero beyond N up to the padded N.
+    Tensor g = grad_output.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "kt_grad_output", [&] {
+      const scalar_t* src = g.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < s.T; ++t) {
+        T* row = dy_.data() + t * Hp_;
+        for (int64_t n = 0; n < H_; ++n) row[n] = static_cast<T>(src[t * H_ + n]);
+        std::fill(row + H_, row + Hp_, T(0));
       }
     });
   }
 
-  // dh_raw = dY . Wd + s (dY . Bd) . Ad   (unweighted by the routing weight)
-  {
-    const auto tasks = gemm_tasks(routing, I, kColsPerNnTask);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run(const Tensor& hidden,
+                                                                                   const Tensor& weights) {
+    if (r_ > 0) down_rank_grads();
+    grad_h();
+    through_activation();
+    grad_hidden_pairs();
+    std::vector<Tensor> lora = lora_grads();
+    const auto opts = hidden.options().dtype(dtype());
+    Tensor grad_hidden = at::empty({s_.T, H_}, opts);
+    combine_rows<T>(s_, routing_, dx_pairs_.data(), H_, nullptr, grad_hidden);
+    // Skipped (-1) slots keep a zero routing-weight gradient: dw starts at zero and they are never routed.
+    Tensor grad_weights = dw_.view({s_.T, s_.k}).to(weights.scalar_type());
+    return {grad_hidden.to(hidden.scalar_type()), grad_weights, lora[0], lora[1], lora[2], lora[3], lora[4], lora[5]};
+  }
+
+ private:
+  static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
+  const T* dy_row(int64_t p) const { return dy_.data() + (p / s_.k) * Hp_; }
+  T* rank_grad(int which, int64_t p) const { return rank_grads_.data() + (which * P_ + p) * r_; }
+
+  void down_rank_grads() {
+    parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = order_[i];
+        const T* bd = lora_.get(Lora<T>::DownB, routing_.expert_of_pair[p]);
+        T* out = rank_grad(0, p);
+        for (int64_t q = 0; q < r_; ++q) out[q] = k_.dot(dy_row(p), bd + q * H_, H_);
+      }
+    });
+  }
+
+  void grad_h() {
+    const auto tasks = gemm_tasks(routing_, I_, kColsPerNnTask);
     ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
       const GemmTask& task = tasks[ti];
       const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
       std::vector<const T*> rows(m);
-      for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order[task.row_begin + i]);
+      for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order_[task.row_begin + i]);
       T* tile = scratch<T>(0, m * kc).data();
       int64_t k_total, k_first;
-      const uint16_t* wd = down_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k.gemm_nn(rows.data(), m, Hp, wd, k_total, k_first, kc, tile, kc);
-      const T* ad = r ? lora.get(Lora<T>::DownA, task.expert) : nullptr;
+      const uint16_t* wd = down_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k_.gemm_nn(rows.data(), m, Hp_, wd, k_total, k_first, kc, tile, kc);
+      const T* ad = r_ ? lora_.get(Lora<T>::DownA, task.expert) : nullptr;
+      const bool last = task.col_end == I_;
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order[task.row_begin + i];
-        T* dst = dgp + p * Ip + task.col_begin;
+        const int64_t p = order_[task.row_begin + i];
+        T* dst = dg_.data() + p * Ip_ + task.col_begin;
         std::copy(tile + i * kc, tile + (i + 1) * kc, dst);
-        for (int64_t q = 0; q < r; ++q) k.axpy(scaling * rgp[p * r + q], ad + q * I + task.col_begin, dst, kc);
+        for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * rank_grad(0, p)[q], ad + q * I_ + task.col_begin, dst, kc);
+        if (last) {  // the padding columns that grad_hidden_pairs' gemm_nn reads
+          std::fill(dst + kc, dst + kc + (Ip_ - I_), T(0));
+          std::fill(du_.data() + p * Ip_ + I_, du_.data() + (p + 1) * Ip_, T(0));
+        }
       }
     });
   }
 
-  // Per pair: routing-weight gradient, then through SiLU(g) * u to dg and du; rank-r dg.Bg, du.Bu.
-  parallel_over<T>(routed, kPairsPerTask, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t p = order[i], e = routing.expert_of_pair[p];
-      const T* g = prep + p * I;
-      const T* u = prep + (P + p) * I;
-      T* dgr = dgp + p * Ip;
-      T* dur = dup + p * Ip;
-      T* hr = hp + p * I;
-      T dweight = 0;
-      for (int64_t n = 0; n < I; ++n) {
-        const T sig = sigmoid(g[n]), silu = g[n] * sig;
-        hr[n] = silu * u[n];
-        dweight += hr[n] * dgr[n];
-        const T dh = wp[p] * dgr[n];
-        dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
-        dur[n] = dh * silu;
-      }
-      dwp[p] = dweight;
-      if (r > 0) {
-        const T* bg = lora.get(Lora<T>::GateB, e);
-        const T* bu = lora.get(Lora<T>::UpB, e);
-        for (int64_t q = 0; q < r; ++q) {
-          rgp[(P + p) * r + q] = k.dot(dgr, bg + q * I, I);
-          rgp[(2 * P + p) * r + q] = k.dot(dur, bu + q * I, I);
+  void through_activation() {
+    const T* wp = w_.data_ptr<T>();
+    const T* prep = pre_.data_ptr<T>();
+    T* dwp = dw_.data_ptr<T>();
+    parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = order_[i], e = routing_.expert_of_pair[p];
+        const T* g = prep + p * I_;
+        const T* u = prep + (P_ + p) * I_;
+        T* dgr = dg_.data() + p * Ip_;
+        T* dur = du_.data() + p * Ip_;
+        T* hr = h_.data() + p * I_;
+        T dweight = 0;
+        for (int64_t n = 0; n < I_; ++n) {
+          const T sig = sigmoid(g[n]), silu = g[n] * sig;
+          hr[n] = silu * u[n];
+          dweight += hr[n] * dgr[n];
+          const T dh = wp[p] * dgr[n];
+          dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
+          dur[n] = dh * silu;
+        }
+        dwp[p] = dweight;
+        if (r_ > 0) {
+          const T* bg = lora_.get(Lora<T>::GateB, e);
+          const T* bu = lora_.get(Lora<T>::UpB, e);
+          for (int64_t q = 0; q < r_; ++q) {
+            rank_grad(1, p)[q] = k_.dot(dgr, bg + q * I_, I_);
+            rank_grad(2, p)[q] = k_.dot(dur, bu + q * I_, I_);
+          }
         }
       }
-    }
-  });
+    });
+  }
 
-  // dX per pair = dg . Wg + du . Wu + s [(dg.Bg) . Ag + (du.Bu) . Au]
-  {
-    const auto tasks = gemm_tasks(routing, H, kColsPerNnTask);
+  void grad_hidden_pairs() {
+    const auto tasks = gemm_tasks(routing_, H_, kColsPerNnTask);
     ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
       const GemmTask& task = tasks[ti];
       const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
       std::vector<const T*> rows_g(m), rows_u(m);
       for (int64_t i = 0; i < m; ++i) {
-        rows_g[i] = dgp + order[task.row_begin + i] * Ip;
-        rows_u[i] = dup + order[task.row_begin + i] * Ip;
+        rows_g[i] = dg_.data() + order_[task.row_begin + i] * Ip_;
+        rows_u[i] = du_.data() + order_[task.row_begin + i] * Ip_;
       }
       T* tile_g = scratch<T>(0, m * kc).data();
       T* tile_u = scratch<T>(1, m * kc).data();
       int64_t k_total, k_first;
-      const uint16_t* wg = gate_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k.gemm_nn(rows_g.data(), m, Ip, wg, k_total, k_first, kc, tile_g, kc);
-      const uint16_t* wu = up_w.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k.gemm_nn(rows_u.data(), m, Ip, wu, k_total, k_first, kc, tile_u, kc);
-      const T* ag = r ? lora.get(Lora<T>::GateA, task.expert) : nullptr;
-      const T* au = r ? lora.get(Lora<T>::UpA, task.expert) : nullptr;
+      const uint16_t* wg = gate_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k_.gemm_nn(rows_g.data(), m, Ip_, wg, k_total, k_first, kc, tile_g, kc);
+      const uint16_t* wu = up_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
+      k_.gemm_nn(rows_u.data(), m, Ip_, wu, k_total, k_first, kc, tile_u, kc);
+      const T* ag = r_ ? lora_.get(Lora<T>::GateA, task.expert) : nullptr;
+      const T* au = r_ ? lora_.get(Lora<T>::UpA, task.expert) : nullptr;
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order[task.row_begin + i];
-        T* dst = dxp + p * H + task.col_begin;
+        const int64_t p = order_[task.row_begin + i];
+        T* dst = dx_pairs_.data() + p * H_ + task.col_begin;
         for (int64_t c = 0; c < kc; ++c) dst[c] = tile_g[i * kc + c] + tile_u[i * kc + c];
-        for (int64_t q = 0; q < r; ++q) {
-          k.axpy(scaling * rgp[(P + p) * r + q], ag + q * H + task.col_begin, dst, kc);
-          k.axpy(scaling * rgp[(2 * P + p) * r + q], au + q * H + task.col_begin, dst, kc);
+        for (int64_t q = 0; q < r_; ++q) {
+          k_.axpy(scaling_ * rank_grad(1, p)[q], ag + q * H_ + task.col_begin, dst, kc);
+          k_.axpy(scaling_ * rank_grad(2, p)[q], au + q * H_ + task.col_begin, dst, kc);
         }
       }
     });
   }
 
-  // LoRA gradients: outer products summed over each expert's pairs; one task per (expert, matrix).
-  std::vector<Tensor> lora_grads;
-  const Tensor* lora_inputs[6] = {&lora_args.gate_a, &lora_args.gate_b, &lora_args.up_a,
-                                  &lora_args.up_b,   &lora_args.down_a, &lora_args.down_b};
-  for (const Tensor* t : lora_inputs) lora_grads.push_back(at::zeros(t->sizes(), t->options()));
-  if (r > 0) {
-    const int64_t hits = routing.hit_experts.size();
+  // One task per (expert, matrix); B gradients are accumulated transposed ([r, out]).
+  std::vector<Tensor> lora_grads() {
+    std::vector<Tensor> grads;
+    const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
+                               &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
+    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()).zero_());
+    if (r_ == 0) return grads;
+    const T* xp = x_.data_ptr<T>();
+    const T* wp = w_.data_ptr<T>();
+    const T* midp = mid_.data_ptr<T>();
+    const int64_t hits = routing_.hit_experts.size();
     ThreadPool::instance().parallel_for(hits * 6, [&](int64_t ti) {
-      const int64_t e = routing.hit_experts[ti / 6], which = ti % 6;
-      const int64_t rows = lora_inputs[which]->size(1), cols = lora_inputs[which]->size(2);
+      const int64_t e = routing_.hit_experts[ti / 6], which = ti % 6;
+      const int64_t rows = inputs[which]->size(1), cols = inputs[which]->size(2);
       std::vector<T>& acc = scratch<T>(2, rows * cols);
       std::fill(acc.begin(), acc.begin() + rows * cols, T(0));
-      for (int64_t i = routing.offsets[e]; i < routing.offsets[e + 1]; ++i) {
-        const int64_t p = order[i], t = p / s.k;
+      for (int64_t i = routing_.offsets[e]; i < routing_.offsets[e + 1]; ++i) {
+        const int64_t p = order_[i], t = p / s_.k;
         switch (which) {
           case 0:  // dAg[q, :] += s (dg.Bg)[q] x
           case 2:
-            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * rgp[((which == 0 ? 1 : 2) * P + p) * r + q], xp + t * H, acc.data() + q * H, H);
+            for (int64_t q = 0; q < r_; ++q)
+              k_.axpy(scaling_ * rank_grad(which == 0 ? 1 : 2, p)[q], xp + t * H_, acc.data() + q * H_, H_);
             break;
           case 1:  // dBg^T[q, :] += s xa[q] dg
           case 3: {
-            const T* d = which == 1 ? dgp + p * Ip : dup + p * Ip;
-            const T* xa = midp + ((which == 1 ? 0 : 1) * P + p) * r;
-            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * xa[q], d, acc.data() + q * I, I);
+            const T* d = which == 1 ? dg_.data() + p * Ip_ : du_.data() + p * Ip_;
+            const T* xa = midp + ((which == 1 ? 0 : 1) * P_ + p) * r_;
+            for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * xa[q], d, acc.data() + q * I_, I_);
             break;
           }
           case 4:  // dAd[q, :] += s w (dY.Bd)[q] h
-            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * wp[p] * rgp[p * r + q], hp + p * I, acc.data() + q * I, I);
+            for (int64_t q = 0; q < r_; ++q)
+              k_.axpy(scaling_ * wp[p] * rank_grad(0, p)[q], h_.data() + p * I_, acc.data() + q * I_, I_);
             break;
           case 5: {  // dBd^T[q, :] += s w ha[q] dY
-            const T* ha = midp + (2 * P + p) * r;
-            for (int64_t q = 0; q < r; ++q) k.axpy(scaling * wp[p] * ha[q], dy_row(p), acc.data() + q * H, H);
+            const T* ha = midp + (2 * P_ + p) * r_;
+            for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * wp[p] * ha[q], dy_row(p), acc.data() + q * H_, H_);
             break;
           }
         }
       }
-      // B gradients were accumulated transposed ([r, out]); store_rows puts them back as [out, r].
+      // store_rows puts the transposed B gradients back as [out, r].
       const bool transposed = which == 1 || which == 3 || which == 5;
-      store_rows(acc.data(), rows, cols, transposed, lora_grads[which], e * rows * cols);
+      store_rows(acc.data(), rows, cols, transposed, grads[which], e * rows * cols);
     });
+    return grads;
   }
 
-  Tensor grad_hidden = at::empty({s.T, H}, opts);
-  combine_rows<T>(s, routing, dxp, H, nullptr, grad_hidden);
-  // Skipped (-1) slots keep a zero routing-weight gradient: dw starts at zero and they are never routed.
-  Tensor grad_weights = dw.view({s.T, s.k}).to(weights.scalar_type());
-  return {grad_hidden.to(hidden.scalar_type()), grad_weights, lora_grads[0], lora_grads[1],
-          lora_grads[2], lora_grads[3], lora_grads[4], lora_grads[5]};
+  const Shapes& s_;
+  const int64_t H_, I_, r_, P_, Hp_, Ip_;
+  const ExpertWeights &gate_w_, &up_w_, &down_w_;
+  const LoraArgs& lora_args_;
+  const T scaling_;
+  const Routing routing_;
+  const Lora<T> lora_;
+  const Kernels<T>& k_;
+  const int64_t* order_;
+  const int64_t routed_;
+  const Tensor x_, w_, pre_, mid_;
+  // Per-pair intermediates, reused across calls (ReusedBuffer): dY padded to Hp; dg (first dh_raw,
+  // then the gate pre-activation gradient) and du padded to Ip; h; the rank-r products dY.Bd,
+  // dg.Bg, du.Bu; dX per pair.
+  const ReusedBuffer<T> dy_, dg_, du_, h_, rank_grads_, dx_pairs_;
+  Tensor dw_;
+};
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
+    const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
+    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid) {
+  Backward<T> backward(s, grad_output, hidden, ids, weights, gate_w, up_w, down_w, lora_args, scaling, gate_up_pre,
+                       lora_mid);
+  return backward.run(hidden, weights);
 }
 
 // The few torch ops used inside the kernels (conversions, zero fills) must run inline: waking

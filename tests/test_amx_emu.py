@@ -1,11 +1,17 @@
-"""The AMX kernels through their software-tile build ("amx-emu"), end to end via the public ops.
+"""The bf16 kernels of CPUs this one may lack, through their emulated builds, end to end via the
+public ops:
 
-amx-emu compiles the same kernel source as the real AMX build (kernels/gemm_amx.inc) against the
-tile emulation of kernels/amx_emu.h, so these tests exercise the AMX tiling on any CPU: A row blocks
-of 16 (m not a multiple of 16, more than 64 routed rows per expert so several row tasks), reduction
-chunks of 32 (K not a multiple of 32, odd K), 16-column B tiles (N not a multiple of 16), the
-zero-padded last chunk, and the gemm_nn repacking of the backward pass. Activations are rounded to
-bf16 before the tile products, so the bf16 bars apply (rel_mae <= 0.01 forward, <= 0.02 gradients).
+* "amx-emu" compiles the same kernel source as the real AMX build (kernels/gemm_amx.inc) against the
+  tile emulation of kernels/amx_emu.h: A row blocks of 16 (m not a multiple of 16, more than 64
+  routed rows per expert so several row tasks), reduction chunks of 32 (K not a multiple of 32, odd
+  K), 16-column B tiles (N not a multiple of 16), the zero-padded last chunk, and the gemm_nn
+  repacking of the backward pass.
+* "avx512-bf16-emu" compiles the AVX512_BF16 source (kernels/gemm_avx512.inc) against SIMDe (only
+  where SIMDe was installed at build time; skipped otherwise): the 8 x 32 vdpbf16ps blocks, the
+  few-row dot-product gemm_nn (up to 4 rows) and the repacked-panel gemm_nn (more rows, ragged
+  last panel).
+Activations are rounded to bf16 before the products, so the bf16 bars apply (rel_mae <= 0.01
+forward, <= 0.02 gradients).
 """
 
 from __future__ import annotations
@@ -17,6 +23,16 @@ import torch
 
 import kt_ops
 from kt_testing import compare_with_reference, make_case, rel_mae, run_ops, run_reference
+
+EMULATIONS = ("amx-emu", "avx512-bf16-emu")
+
+
+@pytest.fixture(params=EMULATIONS)
+def emu(request):
+    if request.param not in kt_ops.cpu_info()["available_isas"]:
+        pytest.skip(f"{request.param} is not part of this build")
+    return request.param
+
 
 SHAPES = {
     # name: make_case arguments. Rows per expert = T * k / E on average.
@@ -32,8 +48,8 @@ SHAPES = {
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_amx_emu_matches_reference(shape, dtype):
-    kt_ops.set_isa("amx-emu")
+def test_emulation_matches_reference(emu, shape, dtype):
+    kt_ops.set_isa(emu)
     # fp32 inputs here are arbitrary fp32 numbers (not bf16-valued, unlike make_case's default on a
     # rounding ISA), so the kernel's own rounding of them is checked too; "tiny" is too small for
     # rel_mae to absorb that rounding and keeps the default.
@@ -45,24 +61,24 @@ def test_amx_emu_matches_reference(shape, dtype):
     compare_with_reference(case, out, grads, "bf16")
 
 
-def test_amx_emu_close_to_fp32_kernels_beyond_bf16_rounding():
-    """amx-emu differs from the fp32 ISAs only by the bf16 rounding of the GEMM inputs: with inputs
+def test_emulation_close_to_fp32_kernels_beyond_bf16_rounding(emu):
+    """The emulations differ from the fp32 ISAs only by the bf16 rounding of the GEMM inputs: with inputs
     that are already bf16 numbers and no LoRA, the gate/up GEMM inputs are exact, so the output is
     much closer to the fp32 kernel's than the generic bar."""
     case = make_case(seed=5, T=75, E=2, k=2, H=50, I=70, r=0, ids_mode="random", bf16_activations=True)
     experts = kt_ops.pack_experts(case.gate, case.up, case.down)
     kt_ops.set_isa("ref")
     ref_out, _ = run_ops(case, experts, with_grads=False)
-    kt_ops.set_isa("amx-emu")
+    kt_ops.set_isa(emu)
     emu_out, _ = run_ops(case, experts, with_grads=False)
     err = rel_mae(emu_out, ref_out)
     assert 0 < err < 3e-3, err  # only the down projection's input h is rounded (2^-9 relative at most)
 
 
-def test_amx_emu_deterministic_and_thread_count_independent():
+def test_emulation_deterministic_and_thread_count_independent(emu):
     case = make_case(seed=6, T=70, E=2, k=2, H=40, I=36, r=3, ids_mode="hot")
     experts = kt_ops.pack_experts(case.gate, case.up, case.down)
-    kt_ops.set_isa("amx-emu")
+    kt_ops.set_isa(emu)
     kt_ops.set_num_threads(1)
     out1, g1 = run_ops(case, experts)
     kt_ops.set_num_threads(2)
@@ -72,12 +88,12 @@ def test_amx_emu_deterministic_and_thread_count_independent():
         assert torch.equal(a, b)
 
 
-def test_amx_emu_env_var_selects_it():
+def test_emulation_env_var_selects_it(emu):
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, KT_OPS_ISA="amx-emu")
+    env = dict(os.environ, KT_OPS_ISA=emu)
     code = "import kt_ops; print(kt_ops.get_isa())"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert res.stdout.strip().splitlines()[-1] == "amx-emu"
+    assert res.stdout.strip().splitlines()[-1] == emu

@@ -20,7 +20,7 @@ from kt_testing import (
     run_ops,
 )
 
-ALL_ISAS = ("ref", "avx2", "avx512", "amx", "amx-emu")
+ALL_ISAS = ("ref", "avx2", "avx512", "amx", "amx-emu", "avx512-bf16-emu")
 
 
 def _cpu_flags():

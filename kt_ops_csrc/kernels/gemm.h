@@ -51,5 +51,7 @@ const Kernels<float>* avx512bf16_kernels_f32();  // nullptr when not compiled in
 const Kernels<float>* amx_kernels_f32();         // nullptr when not compiled in
 // The AMX kernel source on software tiles (kernels/amx_emu.h): any CPU, for testing. Never nullptr.
 const Kernels<float>* amx_emu_kernels_f32();
+// The AVX512_BF16 kernel source on SIMDe: any CPU, for testing. nullptr when built without SIMDe.
+const Kernels<float>* avx512bf16_emu_kernels_f32();
 
 }  // namespace kt

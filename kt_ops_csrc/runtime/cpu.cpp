@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "../kernels/gemm.h"
+#include "../kernels/quant.h"
 
 namespace kt {
 namespace {
@@ -77,11 +78,12 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512: return has_avx512(f) && avx512_kernels_f32() != nullptr;
     case Isa::Amx: return has_amx(f) && amx_kernels_f32() != nullptr && amx_permission();
     case Isa::AmxEmu: return amx_emu_kernels_f32() != nullptr;
+    case Isa::Avx512Bf16Emu: return avx512bf16_emu_kernels_f32() != nullptr;
   }
   return false;
 }
 
-// "auto": the fastest the CPU runs; amx-emu is a test vehicle and never chosen.
+// "auto": the fastest the CPU runs; the emulations are test vehicles and never chosen.
 Isa best_isa() {
   for (Isa isa : {Isa::Amx, Isa::Avx512, Isa::Avx2})
     if (isa_supported(isa)) return isa;
@@ -117,11 +119,13 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
           {"amx_tile", f.amx_tile}, {"amx_bf16", f.amx_bf16}, {"amx_int8", f.amx_int8}};
 }
 
-std::vector<std::string> known_isa_names() { return {"auto", "ref", "avx2", "avx512", "amx", "amx-emu"}; }
+std::vector<std::string> known_isa_names() {
+  return {"auto", "ref", "avx2", "avx512", "amx", "amx-emu", "avx512-bf16-emu"};
+}
 
 std::vector<std::string> available_isa_names() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::Ref, Isa::Avx2, Isa::Avx512, Isa::Amx, Isa::AmxEmu})
+  for (Isa isa : {Isa::Ref, Isa::Avx2, Isa::Avx512, Isa::Amx, Isa::AmxEmu, Isa::Avx512Bf16Emu})
     if (isa_supported(isa)) names.push_back(isa_name(isa));
   return names;
 }
@@ -133,6 +137,7 @@ std::string isa_name(Isa isa) {
     case Isa::Avx512: return "avx512";
     case Isa::Amx: return "amx";
     case Isa::AmxEmu: return "amx-emu";
+    case Isa::Avx512Bf16Emu: return "avx512-bf16-emu";
   }
   return "ref";
 }
@@ -187,11 +192,39 @@ void set_isa(const std::string& name) {
                       "' kernels are not part of this build (compiler too old?). Available: ", available_list());
   } else if (name == "amx-emu") {
     isa = Isa::AmxEmu;
+  } else if (name == "avx512-bf16-emu") {
+    isa = Isa::Avx512Bf16Emu;
+    TORCH_CHECK_VALUE(isa_supported(isa), "KT_OPS_ISA/set_isa: 'avx512-bf16-emu' is not part of this build (it is "
+                      "built only where the SIMDe headers were installed, e.g. Debian's libsimde-dev). Available: ",
+                      available_list());
   } else {
     TORCH_CHECK_VALUE(false, "KT_OPS_ISA/set_isa: unknown ISA '", name,
-                      "'; expected one of auto, ref, avx2, avx512, amx, amx-emu");
+                      "'; expected one of auto, ref, avx2, avx512, amx, amx-emu, avx512-bf16-emu");
   }
   g_isa = static_cast<int>(isa);
+}
+
+const Kernels<float>& active_gemm_kernels() {
+  // set_isa only selects an ISA whose table exists and whose CPU features are present.
+  switch (current_isa()) {
+    case Isa::Avx2: return *avx2_kernels_f32();
+    case Isa::Avx512: {
+      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
+      const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
+      return bf16 ? *bf16 : *avx512_kernels_f32();
+    }
+    case Isa::Amx: return *amx_kernels_f32();
+    case Isa::AmxEmu: return *amx_emu_kernels_f32();
+    case Isa::Avx512Bf16Emu: return *avx512bf16_emu_kernels_f32();
+    case Isa::Ref: break;
+  }
+  return ref_kernels_f32();
+}
+
+const DequantKernels& active_dequant_kernels() {
+  // The AVX2 dequantizer serves every ISA above ref (the emulations included) on CPUs with AVX2.
+  const CpuFeatures& f = cpu_features();
+  return current_isa() != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
 }
 
 Isa current_isa() {

@@ -18,8 +18,9 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list();
 
 // Ref: portable loops. Avx2: AVX2 + FMA. Avx512: AVX-512 F/BW/VL (vdpbf16ps, with bf16-rounded
 // activations, where the CPU has AVX512_BF16). Amx: AMX-BF16 tiles. AmxEmu: the AMX kernel source on
-// software tiles (any CPU; for testing, never chosen by "auto").
-enum class Isa { Ref, Avx2, Avx512, Amx, AmxEmu };
+// software tiles. Avx512Bf16Emu: the AVX512_BF16 kernel source on SIMDe (builds with SIMDe only).
+// The two emulations run on any CPU, for testing; "auto" never chooses them.
+enum class Isa { Ref, Avx2, Avx512, Amx, AmxEmu, Avx512Bf16Emu };
 
 // Names accepted by set_isa; "auto" picks the best the CPU and this build support.
 std::vector<std::string> known_isa_names();
@@ -27,5 +28,14 @@ std::vector<std::string> available_isa_names();
 void set_isa(const std::string& name);  // throws c10::ValueError with the reason when unusable
 Isa current_isa();
 std::string isa_name(Isa isa);
+
+template <typename T>
+struct Kernels;
+struct DequantKernels;
+
+// The one place where the ISA in use becomes kernels: the GEMM table (for "avx512", vdpbf16ps where
+// the CPU has AVX512_BF16) and the dequantizer of the quantized formats.
+const Kernels<float>& active_gemm_kernels();
+const DequantKernels& active_dequant_kernels();
 
 }  // namespace kt

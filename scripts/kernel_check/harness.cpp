@@ -119,6 +119,7 @@ static void test_vec(const Table& t, int n) {
 
 int main(int argc, char** argv) {
   std::vector<Table> tables{{"ref", &ref_kernels_f32(), false}, {"amx-emu", amx_emu_kernels_f32(), true}};
+  if (avx512bf16_emu_kernels_f32() != nullptr) tables.push_back({"avx512-bf16-emu", avx512bf16_emu_kernels_f32(), true});
 #ifdef KT_SIMDE
   // AVX-512 intrinsics on SIMDe, AMX tiles on amx_emu.h: runs on any CPU.
   tables.push_back({"avx512 (simde)", avx512_kernels_f32(), false});

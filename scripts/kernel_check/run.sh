@@ -2,9 +2,10 @@
 # Kernel-level checks of the GEMM tables, outside Python, under AddressSanitizer + UBSan:
 #   quant:  the int8 integer-dot decode tables (quant_harness.cpp);
 #   native: ref, amx-emu, and the real avx512 / avx512-bf16 / amx kernels where this CPU runs them;
+#           and avx512-bf16-emu (the AVX512_BF16 source on SIMDe) where SIMDe is installed;
 #   simde:  if SIMDe is installed (Debian/Ubuntu: libsimde-dev), the avx512, avx512-bf16 and amx
-#           sources again with the AVX-512 intrinsics on SIMDe (portable C) and the AMX tiles on
-#           kernels/amx_emu.h, so their logic is checked on a CPU without AVX-512 or AMX.
+#           sources again with the AVX-512 intrinsics on SIMDe (portable C, kernels/gemm_simde.h) and
+#           the AMX tiles on kernels/amx_emu.h, so their logic is checked on a CPU without AVX-512 or AMX.
 # Usage: scripts/kernel_check/run.sh [random iterations per table, default 200]  (several minutes: the
 # SIMDe build under the sanitizers is slow to compile)
 set -euo pipefail
@@ -16,7 +17,7 @@ flags=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -W
 iters="${1:-200}"
 
 g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_avx512.cpp" "$k/gemm_amx.cpp" \
-  -o "$out/native"
+  "$k/gemm_avx512_emu.cpp" -o "$out/native"
 echo "== native"
 "$out/native" "$iters"
 
@@ -28,11 +29,11 @@ if [ -f /usr/include/simde/x86/avx512.h ]; then
   # The same sources with the target pragma dropped and immintrin.h replaced by SIMDe (+ tile emulation).
   mkdir -p "$out/src"
   sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
-      -e 's|^#include <immintrin.h>|#include "simde_shim.h"|' "$k/gemm_avx512.cpp" >"$out/src/gemm_avx512.cpp"
+      -e 's|^#include <immintrin.h>|#include "gemm_simde.h"|' "$k/gemm_avx512.cpp" >"$out/src/gemm_avx512.cpp"
   sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
-      -e 's|^#include <immintrin.h>|#include "simde_shim.h"\n#include "amx_emu.h"|' "$k/gemm_amx.cpp" >"$out/src/gemm_amx.cpp"
-  g++ "${flags[@]}" -DKT_SIMDE -I"$here" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" \
-    "$out/src/gemm_avx512.cpp" "$out/src/gemm_amx.cpp" -o "$out/simde" 2> >(grep -v "variable tracking\|^ *[0-9]* |\|^ *|\|In function" >&2)
+      -e 's|^#include <immintrin.h>|#include "gemm_simde.h"\n#include "amx_emu.h"|' "$k/gemm_amx.cpp" >"$out/src/gemm_amx.cpp"
+  g++ "${flags[@]}" -DKT_SIMDE "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" \
+    "$out/src/gemm_avx512.cpp" "$out/src/gemm_amx.cpp" "$k/gemm_avx512_emu.cpp" -o "$out/simde" 2> >(grep -v "variable tracking\|^ *[0-9]* |\|^ *|\|In function" >&2)
   echo "== simde"
   "$out/simde" "$iters"
 else

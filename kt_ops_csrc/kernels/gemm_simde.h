@@ -1,5 +1,5 @@
-// For run.sh only: the AVX-512 intrinsics the kernels use, on SIMDe (portable C), plus the few that
-// SIMDe 0.7.4 lacks (written here from the Intel definitions).
+// The AVX-512 intrinsics the kernels use, on SIMDe (portable C), plus the few that SIMDe 0.7.4 lacks
+// (written here from the Intel definitions). Used by gemm_avx512_emu.cpp and scripts/kernel_check.
 #pragma once
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
