@@ -2,6 +2,8 @@
 
 #include <c10/util/ParallelGuard.h>
 
+#include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -98,13 +100,17 @@ bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == W
 bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
-  const int64_t pair_rows = padded_rows(rows) * k_pairs(cols);  // (row, k pair) slots
-  switch (format) {
-    case WeightFormat::Bf16: return pair_rows * 4;
-    case WeightFormat::Int8:
-    case WeightFormat::Int8KGroup: return pair_rows * 2;
-    default: return pair_rows;  // two 4-bit codes per byte
-  }
+  // Sizes come from callers (intermediate_size is an op argument): a product that wraps around
+  // int64 could match a small blob and send the kernels 2^62 rows deep, so every step is checked.
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "kt_ops: matrix sizes must be >= 0, got ", rows, " x ", cols);
+  const int64_t per_slot = format == WeightFormat::Bf16 ? 4 : is_int8(format) ? 2 : 1;  // 4-bit: two codes a byte
+  int64_t pair_rows = 0, bytes = 0;  // (row, k pair) slots
+  const bool overflow = rows > INT64_MAX - kPanelRows || cols == INT64_MAX ||
+                        __builtin_mul_overflow(padded_rows(rows), k_pairs(cols), &pair_rows) ||
+                        __builtin_mul_overflow(pair_rows, per_slot, &bytes);
+  TORCH_CHECK_VALUE(!overflow, "kt_ops: a ", weight_format_name(format), " matrix of ", rows, " x ", cols,
+                    " is too large (its packed size overflows int64); check hidden_size / intermediate_size");
+  return bytes;
 }
 
 int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..convert_moe_lora import NUM_EXPERTS_METADATA
 from .hf import KTExperts, kt_experts_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,8 +141,13 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
     for key, (kt, param_name, local) in _expert_tensors(model).items():
         tensors[key] = getattr(kt, param_name).detach()[local].cpu().contiguous()
     config = _adapter_config(model)
+    # The expert count lets convert_moe_lora tell an expert without LoRA from one that does not exist.
+    counts = {kt.first_expert + kt.num_experts for _, _, kt in kt_experts_modules(model) if kt.lora_rank}
+    metadata = {"format": "pt"}
+    if len(counts) == 1:
+        metadata[NUM_EXPERTS_METADATA] = str(counts.pop())
     os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata=metadata)
     with open(os.path.join(save_directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -155,28 +161,43 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     path = os.path.join(os.fspath(adapter_directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_directory}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors' own error type for a truncated or corrupt file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     expected = _expert_tensors(model)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
+    # Every check runs before the first parameter changes, and a failure in peft's own load puts the
+    # expert LoRA back: a failed load leaves the model as it was.
     for key, (kt, param_name, local) in expected.items():
-        param = getattr(kt, param_name)
-        value = state.pop(key)
+        param, value = getattr(kt, param_name), state[key]
         if tuple(value.shape) != tuple(param.shape[1:]):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} in the adapter, the model needs "
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} in the adapter, the model needs "
                              f"{tuple(param.shape[1:])} (lora_rank / model size differ)")
+        if not value.is_floating_point():
+            raise ValueError(f"{path}: {key} is {value.dtype}; LoRA weights must be floating point")
+    rest = {key: value for key, value in state.items() if key not in expected}
+    if rest and not _is_peft_model(model):
+        raise ValueError(f"{path} also holds {len(rest)} non-expert LoRA tensors (e.g. {next(iter(rest))}); "
+                         "wrap the model with peft.get_peft_model using the saved adapter_config.json first")
+    backup = [(param, param.detach().clone()) for name, param in model.named_parameters() if "lora" in name]
+    try:
         with torch.no_grad():
-            param[local].copy_(value.to(param.dtype))
-    if state:
-        if not _is_peft_model(model):
-            raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
-                             "wrap the model with peft.get_peft_model using the saved adapter_config.json first")
-        from peft import set_peft_model_state_dict
+            for key, (kt, param_name, local) in expected.items():
+                getattr(kt, param_name)[local].copy_(state[key])
+        if rest:
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name or model.active_adapter)
-        unexpected = getattr(result, "unexpected_keys", None) or []
-        if unexpected:
-            raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "
-                             f"e.g. {unexpected[:3]}")
+            result = set_peft_model_state_dict(model, rest, adapter_name=adapter_name or model.active_adapter)
+            unexpected = getattr(result, "unexpected_keys", None) or []
+            if unexpected:
+                raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "
+                                 f"e.g. {unexpected[:3]}")
+    except BaseException:
+        with torch.no_grad():
+            for param, saved in backup:
+                param.copy_(saved)
+        raise
     return model
