@@ -116,6 +116,7 @@ void ThreadPool::run_tasks(bool on_caller) {
 }
 
 void ThreadPool::worker_loop(uint64_t seen) {
+  pthread_setname_np(pthread_self(), "kt_ops-worker");  // shown by gdb/top; tests pick the workers by it
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(state_mutex_);
