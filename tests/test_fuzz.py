@@ -3,8 +3,9 @@
 Each example is a valid call with at most one thing made wrong (a shape, a dtype, an id, a size
 argument, a truncated blob, a missing or extra scale, a meta tensor, ...). The call must either
 raise ValueError / TypeError, or succeed with the reference's result: never crash, hang, raise
-something else or return a wrong answer. Examples are derandomized (fixed seed). The count per ISA
-is KT_OPS_FUZZ_EXAMPLES (default 60 in the suite; CI runs more, see .ci/run)."""
+something else or return a wrong answer. Examples are derandomized (fixed seed). The forward fuzz
+runs KT_OPS_FUZZ_EXAMPLES examples per ISA (default 60 in the suite; .ci/run asks for 700, i.e.
+2,100 with the three ISAs of an AVX2 machine), the other three tests a quarter of that each."""
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ from kt_ops.reference import moe_sft_reference
 EXAMPLES = int(os.environ.get("KT_OPS_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
+FUZZ_QUARTER = settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
 ACCEPTED = (ValueError, TypeError)
 
 FORWARD_MUTATIONS = ("none", "noncontiguous", "nan", "id_high", "id_negative", "id_float", "id_int16",
@@ -177,7 +179,7 @@ def test_forward_bad_inputs(fuzz_isa):
 
 
 def test_backward_bad_inputs(fuzz_isa):
-    @FUZZ
+    @FUZZ_QUARTER
     @given(cases(BACKWARD_MUTATIONS))
     def check(case):
         experts, a = _make(case)
@@ -202,7 +204,7 @@ def test_backward_bad_inputs(fuzz_isa):
             assert m != "none", case
             return
         assert grads[0].shape == a["x"].shape and grads[1].shape == a["w"].shape
-        if m == "none":
+        if m == "none" and grads[0].numel():
             # The input gradient against autograd through the fp64 reference.
             x = a["x"].double().requires_grad_(True)
             gate, up, down = unpack_experts(experts)
@@ -232,7 +234,7 @@ def code_cases(draw):
 
 
 def test_pack_codes_bad_inputs(fuzz_isa):
-    @FUZZ
+    @FUZZ_QUARTER
     @given(code_cases())
     def check(case):
         fmt, shape, codes_dtype, scale_shape, lo, hi, seed = case
@@ -253,7 +255,7 @@ def test_pack_codes_bad_inputs(fuzz_isa):
 
 
 def test_pack_experts_and_layer_bad_inputs(fuzz_isa):
-    @FUZZ
+    @FUZZ_QUARTER
     @given(cases(("none", "hidden_wrong_width", "id_high", "weights_shape", "meta_ids", "noncontiguous")),
            st.sampled_from(("ok", "gate_shape", "down_shape", "int_weights", "group_odd")))
     def check(case, pack_mutation):

@@ -76,14 +76,17 @@ def assert_ok(result: subprocess.CompletedProcess, expect: str = "OK") -> None:
 def test_task_exception_becomes_python_error_and_pool_stays_usable(on_caller):
     result = run_python(LAYER_SETUP.format(method="AMXBF16_SFT") + f"""
 good = step()
-for attempt in range(3):
+for failure in range(3):
     _C._inject_task_fault({on_caller})
-    try:
-        step()
-    except MemoryError:
-        pass
+    # The fault fires in the next task that kind of thread runs; on a busy machine one thread may
+    # take all the tasks of a call, so a few calls may pass before it does.
+    for attempt in range(100):
+        try:
+            step()
+        except MemoryError:
+            break
     else:
-        raise SystemExit("no MemoryError from the injected std::bad_alloc")
+        raise SystemExit("no MemoryError from the injected std::bad_alloc in 100 calls")
     assert same(step(), good), "the call after a failed one differs"
 print("OK")
 """)
@@ -313,21 +316,21 @@ def test_cpu_save_keeps_other_layers_and_refuses_foreign_files(tmp_path):
 def test_exit_with_deferred_experts_in_flight_is_clean():
     code = """
 import torch, kt_ops
-E, H, I, K = 8, 512, 1024, 4
+E, H, I, K = 8, 256, 512, 4
 w = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
                         num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
                         chunked_prefill_size=4096, method="AMXINT8", mode="inference",
                         max_deferred_experts_per_token=2)
 w.load_weights_from_tensors(torch.randn(E, I, H), torch.randn(E, I, H), torch.randn(E, H, I), torch.arange(E))
-x = torch.randn(512, H)
-ids = torch.stack([torch.randperm(E)[:K] for _ in range(512)])
-w.forward(x, ids, torch.rand(512, K))
-w.submit_forward(x, ids, torch.rand(512, K))   # and one more whose results nobody collects
+x = torch.randn(256, H)
+ids = torch.stack([torch.randperm(E)[:K] for _ in range(256)])
+w.forward(x, ids, torch.rand(256, K))          # leaves its deferred experts running
+w.submit_forward(x, ids, torch.rand(256, K))   # and one more call whose results nobody collects
 print("OK")
 """
-    # Five exits at once (the failure showed in 4 of 5 before the CPUInfer thread was drained at exit).
+    # Two exits at once (the failure showed in 4 of 5 before the CPUInfer thread was drained at exit).
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(5)]
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0 and "OK" in out, f"rc={p.returncode}\n{err[-2000:]}"
