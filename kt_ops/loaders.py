@@ -110,6 +110,9 @@ class SafeTensorLoader:
                         raise ValueError(f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
                                          f"remove one or add a {INDEX_NAME} that picks one")
                     key_to_file[key] = file
+            if not key_to_file and self._unreadable:
+                file, error = next(iter(self._unreadable.items()))
+                raise ValueError(f"{file} is not a readable safetensors file: {error}; no file of {path} is")
             return key_to_file
         if os.path.isfile(path):
             if path.endswith(".json"):
