@@ -275,8 +275,8 @@ std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales,
                     "kt_ops: scales must have shape [", E, ", ", N, ", groups", zero_point ? ", 2]" : "]",
                     " for weight_format '", weight_format_name(format), "', got ", scales.sizes());
   const int64_t groups = scales.size(2);
-  TORCH_CHECK_VALUE(groups >= 1 && K % groups == 0 && (groups == 1 || (K / groups) % 2 == 0) &&
-                        (is_grouped(format) || groups == 1),
+  // A K-group format needs an even group size even with one group: that is what the ops accept.
+  TORCH_CHECK_VALUE(groups >= 1 && K % groups == 0 && (is_grouped(format) ? (K / groups) % 2 == 0 : groups == 1),
                     "kt_ops: scales has ", groups, " groups per row; weight_format '", weight_format_name(format),
                     "' needs ", is_grouped(format) ? "an even group size dividing in_features " : "1 (per row), not ",
                     is_grouped(format) ? std::to_string(K) : std::to_string(groups));
