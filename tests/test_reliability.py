@@ -539,3 +539,63 @@ def test_set_num_threads_rejects_bad_counts():
     with pytest.raises(ValueError, match="num_threads must be"):
         _C.set_num_threads(0)
     assert kt_ops.get_num_threads() == before
+
+
+def _tiny_kt_model(seed):
+    from kt_ops.integration import apply_kt
+    from kt_ops.integration.tiny import tiny_model
+
+    model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2, lora_alpha=4.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_load_kt_adapter_is_all_or_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kt_ops.integration import load_kt_adapter, save_kt_adapter
+
+    save_kt_adapter(_tiny_kt_model(0), str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(path))
+    last = sorted(state)[-1]   # checked last: every earlier tensor would already have been copied
+    model = _tiny_kt_model(1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
+
+    def unchanged():
+        return all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora" in n)
+
+    for bad in (torch.zeros(*state[last].shape[:-1], state[last].shape[-1] + 1),   # wrong shape
+                state[last].to(torch.int32)):                                        # integer LoRA
+        save_file({**state, last: bad}, str(path))
+        with pytest.raises(ValueError, match=last.replace(".", r"\.")):
+            load_kt_adapter(model, str(tmp_path))
+        assert unchanged()
+    save_file(state, str(path))
+    load_kt_adapter(model, str(tmp_path))
+    assert not unchanged()
+
+
+def test_saved_adapter_records_the_expert_count_for_the_converter(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kt_ops.convert_moe_lora import convert_moe_lora
+    from kt_ops.integration import save_kt_adapter
+
+    save_kt_adapter(_tiny_kt_model(0), str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(path))
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["kt_ops.num_experts"] == "8"
+    # The highest expert missing in every layer: the recorded count tells it apart from 7 experts.
+    save_file({k: v for k, v in state.items() if ".experts.7." not in k}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"expert\(s\) \[7\] have no LoRA"):
+        convert_moe_lora(str(path), str(tmp_path / "moe.pt"))
+    stats = convert_moe_lora(str(path), str(tmp_path / "moe.pt"), fill_missing_experts=True)
+    assert stats["num_experts"] == 8
