@@ -25,7 +25,7 @@ step() {  # step NAME TIMEOUT_S "COMMAND" (run by bash -c, with this script's ex
   fi
 }
 
-step kernel_check 900 "bash scripts/kernel_check/run.sh ${KT_KERNEL_CHECK_ITERS:-60}"
+step kernel_check 1200 "bash scripts/kernel_check/run.sh ${KT_KERNEL_CHECK_ITERS:-60}"
 
 # The sanitized extension: a copy of the sources in build/asan, built there.
 asan="$root/build/asan"
@@ -35,11 +35,11 @@ cp -r kt_ops kt_ops_csrc tests setup.py "$asan/"
 rm -f "$asan"/kt_ops/_C*.so
 export PY asan
 export san="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
-step asan_build 1800 'cd "$asan" && CFLAGS="$san" LDFLAGS="$san" MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py build_ext --inplace -q'
+step asan_build 1500 'cd "$asan" && CFLAGS="$san" LDFLAGS="$san" MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py build_ext --inplace -q'
 
 # Python is not sanitized, so the runtime comes first; leaks of the interpreter are not ours.
 export KT_OPS_FUZZ_EXAMPLES="${KT_OPS_ASAN_FUZZ_EXAMPLES:-40}"
-step asan_tests 1500 'cd "$asan" && env LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+step asan_tests 900 'cd "$asan" && env LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     "$PY" -m pytest -q -p no:cacheprovider -x tests/test_errors.py tests/test_fuzz.py \
     tests/test_reliability.py::test_task_exception_becomes_python_error_and_pool_stays_usable \
