@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LORA_ALPHA = 32.0
 FORMAT = "kt_ops.moe_lora"
 FORMAT_VERSION = 1
+NUM_EXPERTS_METADATA = "kt_ops.num_experts"  # safetensors metadata save_kt_adapter writes
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 PROJECTIONS = ("gate", "up", "down")
 
@@ -181,6 +182,9 @@ def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor
     expected = {("gate", "a"): (rank, hidden), ("gate", "b"): (inter, rank), ("up", "a"): (rank, hidden),
                 ("up", "b"): (inter, rank), ("down", "a"): (rank, inter), ("down", "b"): (hidden, rank)}
     dtype = first["gate"]["a"].dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"layer {layer}, expert {ids[0]}: gate lora_A is {dtype}; LoRA weights must be floating "
+                         "point (an integer adapter is not a LoRA the kernels can apply, and is not cast silently)")
     for e in ids:
         for (proj, ab), shape in expected.items():
             t = experts[e][proj][ab]
@@ -200,14 +204,57 @@ def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor
     return stacked, missing
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output(output_path: str, inputs: Dict[str, Optional[str]]) -> None:
+    """The output may replace an earlier output of this converter, never anything else: an input, or
+    a file of another kind the user keeps there."""
+    for flag, path in inputs.items():
+        if path is not None and _same_file(output_path, path):
+            raise ValueError(f"--output {output_path} is the {flag} file; write the converted adapter to another "
+                             "path (the input would be destroyed)")
+    if os.path.isdir(output_path):
+        raise ValueError(f"--output {output_path} is a directory; name the output .pt file")
+    if os.path.exists(output_path):
+        try:
+            existing = torch.load(output_path, map_location="cpu", weights_only=True, mmap=True)
+            ours = isinstance(existing, dict) and existing.get("metadata", {}).get("format") == FORMAT
+        except Exception:
+            ours = False
+        if not ours:
+            raise ValueError(f"--output {output_path} exists and is not a converted MoE-LoRA file ({FORMAT}); it is "
+                             "left untouched: remove it or choose another output path")
+
+
+def _recorded_num_experts(f, input_path: str) -> Optional[int]:
+    """Experts per layer as save_kt_adapter records it (adapter metadata `kt_ops.num_experts`)."""
+    value = (f.metadata() or {}).get(NUM_EXPERTS_METADATA)
+    if value is None:
+        return None
+    try:
+        count = int(value)
+        if count < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{input_path}: metadata {NUM_EXPERTS_METADATA}={value!r} must be a positive int") from None
+    return count
+
+
 def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[str] = None,
                      lora_alpha: Optional[float] = None, verbose: bool = False,
-                     fill_missing_experts: bool = False) -> dict:
+                     fill_missing_experts: bool = False, num_experts: Optional[int] = None) -> dict:
     """Convert `input_path` (PEFT adapter_model.safetensors) into `output_path` (torch.save'd dict).
 
-    Experts 0..max id must all have LoRA, unless `fill_missing_experts`: then experts with no LoRA
-    key at all get a zero LoRA (recorded in metadata["filled_experts"]); an expert with only some
-    of its six tensors is an error either way.
+    Experts 0..num_experts-1 must all have LoRA, unless `fill_missing_experts`: then experts with no
+    LoRA key at all get a zero LoRA (recorded in metadata["filled_experts"]); an expert with only
+    some of its six tensors is an error either way. The expert count is `num_experts`, else the one
+    save_kt_adapter records in the adapter, else (older adapters) the highest id + 1, with a warning:
+    an expert missing from every layer cannot be told from one that does not exist.
 
     Returns statistics: {"status": "success", "num_layers", "num_experts", "lora_rank", "lora_alpha",
     "total_keys", "ignored_keys"}. Raises NothingToConvert (writing nothing) when the adapter has no
@@ -221,6 +268,11 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
+    if num_experts is not None and (isinstance(num_experts, bool) or not isinstance(num_experts, int)
+                                    or num_experts < 1):
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    _check_output(os.fspath(output_path), {"--input": os.fspath(input_path),
+                                           "--config": None if config_path is None else os.fspath(config_path)})
     if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
                                    or not math.isfinite(lora_alpha) or lora_alpha <= 0):
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
@@ -243,7 +295,18 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
             raise NothingToConvert(f"{input_path} has no routed-expert LoRA keys (layers.L.mlp.experts.E.*_proj or "
                                    "layers.L.block_sparse_moe.experts.E.w1/w2/w3); nothing to convert")
         config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
-        num_experts = max(max(experts) for experts in weights.values()) + 1
+        highest = max(max(experts) for experts in weights.values())
+        recorded = _recorded_num_experts(f, str(input_path))
+        if num_experts is not None and recorded is not None and num_experts != recorded:
+            raise ValueError(f"num_experts={num_experts} was given, but {input_path} records {recorded} experts per layer")
+        num_experts = num_experts or recorded
+        if num_experts is None:
+            num_experts = highest + 1
+            logger.warning("%s does not record the number of experts: assuming %d (highest expert id + 1); pass "
+                           "--num-experts if the model has more", input_path, num_experts)
+        elif highest >= num_experts:
+            raise ValueError(f"{input_path} has LoRA for expert {highest}, but the layers have {num_experts} experts "
+                             f"(ids 0..{num_experts - 1})")
         for layer in sorted(weights):
             tensors = {e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
                        for e, projs in weights[layer].items()}
@@ -330,6 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"LoRA alpha (default: the config's, else {DEFAULT_LORA_ALPHA})")
     parser.add_argument("--fill-missing-experts", action="store_true",
                         help="give experts that have no LoRA keys at all a zero LoRA instead of failing")
+    parser.add_argument("--num-experts", type=int, default=None,
+                        help="experts per layer (default: what the adapter records, else the highest id + 1)")
     parser.add_argument("--verbose", action="store_true", help="per-layer shapes and the ignored keys")
     args = parser.parse_args(argv)
 
@@ -343,7 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.propagate = False
     try:
         convert_moe_lora(args.input, args.output, config_path=args.config, lora_alpha=args.lora_alpha,
-                         verbose=args.verbose, fill_missing_experts=args.fill_missing_experts)
+                         verbose=args.verbose, fill_missing_experts=args.fill_missing_experts,
+                         num_experts=args.num_experts)
     except NothingToConvert as e:
         print(f"{e}; no output written", file=sys.stderr)
         return 0

@@ -3,6 +3,7 @@ CPUInfer per process, base-config validation and the intermediate-dimension spli
 sub-pools (`threadpool_count`)."""
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -60,10 +61,19 @@ class CPUInfer:
         self._worker: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._pending: List[_Pending] = []
+        self._closed = False
+        # The worker is a daemon thread (it must not keep the interpreter alive), so work still queued
+        # at exit (deferred experts nobody flushed) would be running in C++ while the process tears
+        # itself down. Draining it at exit lets the process end normally.
+        atexit.register(self.shutdown)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def submit(self, fn: Callable, *args) -> "_Pending":
         """Queue `fn(*args)` on the background thread; returns at once."""
         with self._start_lock:
+            if self._closed:
+                raise RuntimeError("kt_ops CPUInfer is shut down (the interpreter is exiting); no new work runs")
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="kt_ops-cpuinfer", daemon=True)
                 self._worker.start()
@@ -79,9 +89,31 @@ class CPUInfer:
         for p in pending:
             p.result()
 
+    def shutdown(self) -> None:
+        """Finish the queued work (errors are dropped: nobody waits for them) and stop the thread.
+        Runs at interpreter exit; later submits raise."""
+        with self._start_lock:
+            self._closed = True
+            worker = self._worker
+        if worker is None:
+            return
+        self._tasks.put(None)
+        worker.join()
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread exists in the child: the worker (and whatever it was running)
+        # is gone, so the child starts with an empty queue and a worker of its own on first submit.
+        self._tasks = queue.Queue()
+        self._worker = None
+        self._start_lock = threading.Lock()
+        self._pending = []
+
     def _run(self) -> None:
         while True:
-            fn, args, pending = self._tasks.get()
+            item = self._tasks.get()
+            if item is None:
+                return
+            fn, args, pending = item
             try:
                 pending.value = fn(*args)
             except BaseException as error:  # handed to whoever waits on it

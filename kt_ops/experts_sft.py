@@ -10,7 +10,7 @@ from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .experts_base import _check_int, _MoEBase, forward_parts
-from .ops import PackedExperts, lora_inputs
+from .ops import PackedExperts, check_has_data, lora_inputs
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 # Which dimension of each LoRA tensor runs along the intermediate size (None: it does not): the
@@ -86,6 +86,7 @@ class _SavedForward(NamedTuple):
     activations: List[Tuple[torch.Tensor, torch.Tensor]]  # (gate_up_pre, lora_mid) per sub-pool part
     device: torch.device
     dtype: torch.dtype
+    thread: int                   # threading.get_ident() of the forward's caller
 
 
 class BaseSFTMoEWrapper(_MoEBase, ABC):
@@ -224,9 +225,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         return staging
 
     def _check_tokens(self, hidden_states, expert_ids, weights) -> None:
-        for name, t in (("hidden_states", hidden_states), ("expert_ids", expert_ids), ("weights", weights)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_has_data(hidden_states=hidden_states, expert_ids=expert_ids, weights=weights)
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must have shape [qlen, hidden_size={self.hidden_size}], "
                              f"got {tuple(hidden_states.shape)}")
@@ -266,12 +265,13 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             x, output, activations = forward_parts(x, ids, w, self.experts_parts, lora_parts, self.lora_scaling,
                                                    save_for_backward)
             if save_for_backward:
-                self._cache.append(_SavedForward(x, ids, w, activations, device, dtype))
+                self._cache.append(_SavedForward(x, ids, w, activations, device, dtype, threading.get_ident()))
         return output.to(device=device, dtype=dtype)
 
     def backward(self, grad_output: torch.Tensor, cache_idx: Optional[int] = None
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Gradients of the saved forward `cache_idx` (default: the most recent), which is consumed.
+        """Gradients of the saved forward `cache_idx` (default: the most recent; with forwards cached
+        from several threads, the most recent of the calling thread), which is consumed.
         Returns (grad_input, grads): grads holds grad_{gate,up,down}_lora_{a,b} and `grad_weights`,
         the gradient of the routing weights [qlen, num_experts_per_tok] (float32). SkipLoRA methods
         return only `grad_weights` in grads."""
@@ -283,7 +283,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             if not self._cache:
                 raise RuntimeError("No forward cache available. Call forward_sft() with save_for_backward=True first.")
             if cache_idx is None:
-                cache_idx = len(self._cache) - 1
+                cache_idx = self._latest_forward_index()
             if isinstance(cache_idx, bool) or not isinstance(cache_idx, int) or not 0 <= cache_idx < len(self._cache):
                 raise RuntimeError(f"Invalid cache index {cache_idx!r}: {len(self._cache)} forward(s) are cached "
                                    f"(valid: 0..{len(self._cache) - 1})")
@@ -328,6 +328,20 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                                          self.num_experts_per_tok, self.lora_rank, saved.dtype).set_lora_grads(dict(grads))
             grads["grad_weights"] = grad_weights.float()
         return grad_input.to(device=saved.device, dtype=saved.dtype), grads
+
+    def _latest_forward_index(self) -> int:
+        """The saved forward a backward without cache_idx consumes: the most recent one, or, when
+        several threads have forwards cached (one wrapper shared by threads), the most recent one
+        this thread saved; another thread's activations would give it wrong gradients silently."""
+        if len({saved.thread for saved in self._cache}) == 1:
+            return len(self._cache) - 1
+        me = threading.get_ident()
+        mine = [i for i, saved in enumerate(self._cache) if saved.thread == me]
+        if not mine:
+            raise RuntimeError(f"backward() without cache_idx is ambiguous: the {len(self._cache)} cached forwards come "
+                               "from several other threads and none from this one; pass cache_idx to say which "
+                               "forward this gradient belongs to")
+        return mine[-1]
 
     def clear_cache(self) -> None:
         """Drop every saved forward (e.g. after an aborted step)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _C
-from .ops import WEIGHT_FORMATS, PackedExperts, moe_sft, pack_experts
+from .ops import WEIGHT_FORMATS, PackedExperts, check_has_data, moe_sft, pack_experts
 
 # The specification's SFT method names name the weight format; every one runs on every CPU (the
 # kernel ISA is chosen at run time). The format names themselves are accepted too.
@@ -96,6 +96,7 @@ class KTMoELayer(nn.Module):
                 topk_weights: torch.Tensor) -> torch.Tensor:
         if self.experts is None:
             raise RuntimeError("KTMoELayer: base weights are not loaded; call load_weights_from_tensors() first")
+        check_has_data(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights)
         device = hidden_states.device
         cpu = torch.device("cpu")
         lora = self.lora_parameters()

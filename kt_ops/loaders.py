@@ -82,25 +82,40 @@ class SafeTensorLoader:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path = os.fspath(path)
+        # Files of a directory whose header cannot be read: skipped, so that one damaged file does
+        # not stop the layers the other files hold from loading; named in every "not found" error.
+        self._unreadable: dict[str, str] = {}
         self._key_to_file = self._build_index(self.path)
         self._layer_files: Optional[dict[int, str]] = None
 
-    @staticmethod
-    def _build_index(path: str) -> dict[str, str]:
+    def _not_found_hint(self) -> str:
+        if not self._unreadable:
+            return ""
+        return " (unreadable, so not searched: " + "; ".join(f"{f}: {e}" for f, e in self._unreadable.items()) + ")"
+
+    def _build_index(self, path: str) -> dict[str, str]:
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, INDEX_NAME)):
                 return _read_index(os.path.join(path, INDEX_NAME))
             names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
             if not names:
                 raise FileNotFoundError(f"path {path!r} is a directory without *.safetensors files")
-            key_to_file: dict[str, str] = {}
+            key_to_file = {}
             for name in names:
                 file = os.path.join(path, name)
-                for key in _file_keys(file):
+                try:
+                    keys = _file_keys(file)
+                except ValueError as e:
+                    self._unreadable[file] = str(e.__cause__ or e)
+                    continue
+                for key in keys:
                     if key in key_to_file:
                         raise ValueError(f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
                                          f"remove one or add a {INDEX_NAME} that picks one")
                     key_to_file[key] = file
+            if not key_to_file and self._unreadable:
+                file, error = next(iter(self._unreadable.items()))
+                raise ValueError(f"{file} is not a readable safetensors file: {error}; no file of {path} is")
             return key_to_file
         if os.path.isfile(path):
             if path.endswith(".json"):
@@ -133,17 +148,25 @@ class SafeTensorLoader:
         by_file: dict[str, list[str]] = {}
         for key in keys:
             if key not in self._key_to_file:
-                raise KeyError(f"tensor {key!r} is not in {self.path}")
+                raise KeyError(f"tensor {key!r} is not in {self.path}{self._not_found_hint()}")
             by_file.setdefault(self._key_to_file[key], []).append(key)
         for file, file_keys in by_file.items():
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"file {file} (holding tensor {file_keys[0]!r}) does not exist")
-            with _safe_open(file) as f:
+            try:
+                handle = _safe_open(file)
+            except Exception as e:  # safetensors' own error type for a bad header
+                raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+            with handle as f:
                 present = set(f.keys())
                 for key in file_keys:
                     if key not in present:
                         raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
-                    yield key, f.get_tensor(key).to(device)
+                    try:
+                        tensor = f.get_tensor(key)
+                    except Exception as e:  # e.g. a truncated file
+                        raise ValueError(f"{file}: cannot read tensor {key!r}: {e}") from None
+                    yield key, tensor.to(device)
 
     def load_tensor(self, key: str, device="cpu") -> torch.Tensor:
         return next(self._iter_tensors([key], device))[1]
@@ -152,7 +175,11 @@ class SafeTensorLoader:
         file = self._key_to_file[key]
         if not os.path.isfile(file):
             raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
-        with _safe_open(file) as f:
+        try:
+            handle = _safe_open(file)
+        except Exception as e:  # safetensors' own error type for a bad header
+            raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+        with handle as f:
             if key not in set(f.keys()):
                 raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
             return list(f.get_slice(key).get_shape())
@@ -203,7 +230,7 @@ class SafeTensorLoader:
             weight_key, scale_key = _packed_key(layer, proj, "weight"), _packed_key(layer, proj, "scale")
             if weight_key not in self._key_to_file:
                 raise KeyError(f"tensor {weight_key!r} is not in {self.path}; available layers: "
-                               f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}")
+                               f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}")
             wanted[weight_key] = proj
             if scale_key in self._key_to_file:
                 wanted[scale_key] = proj + "_scale"
@@ -221,7 +248,7 @@ class SafeTensorLoader:
             return self._kt_directory().layer(layer_idx).packed()
         if layer_idx not in files:
             raise KeyError(f"layer {layer_idx} (key {_packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
-                           f"{self.path}; available layers: {sorted(files) or 'none'}")
+                           f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}")
         return load_packed_experts(files[layer_idx], layer_idx)
 
 
@@ -294,7 +321,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                         raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
                     return _Layout("fused", prefix, (gate_up, down))
         raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
-                         f"{_candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}")
+                         f"{_candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
 
     @staticmethod
     def _complete_layout(base_key, fmt, prefix, experts, names) -> _Layout:

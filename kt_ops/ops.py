@@ -204,6 +204,17 @@ def _autograd_backward(ctx, grad_output, _grad_gate_up_pre, _grad_lora_mid):
 torch.library.register_autograd("kt::moe_sft_forward", _autograd_backward, setup_context=_setup_context)
 
 
+def check_has_data(**tensors) -> None:
+    """Inputs are copied to the CPU before the kernels run; a meta tensor has no data to copy, so it
+    is refused here by name instead of failing inside the copy ('Cannot copy out of meta tensor')."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (shape only, no data); kt_ops computes on real tensors: "
+                             "pass a CPU (or accelerator) tensor")
+
+
 def _check_cpu_inputs(tensors: dict) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -229,6 +240,7 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
             experts: PackedExperts, lora: Optional[Sequence[torch.Tensor]], lora_scaling: float) -> torch.Tensor:
     """Differentiable MoE experts with LoRA: [T, H] -> [T, H]. `lora` = (gate_a, gate_b, up_a, up_b,
     down_a, down_b) or None for no LoRA. Activations are saved only when a gradient is needed."""
+    check_has_data(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights)
     loras = lora_inputs(experts, lora, hidden_states)
     _check_cpu_inputs({"hidden_states": hidden_states, "topk_ids": topk_ids, "topk_weights": topk_weights,
                        **dict(zip(("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",

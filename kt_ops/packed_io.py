@@ -11,16 +11,25 @@ so N training processes hold the experts once (their PSS splits the pages betwee
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import threading
 from typing import Mapping
 
 import torch
 
+from . import _C
 from .ops import WEIGHT_FORMATS, PackedExperts
 
 _PROJECTIONS = ("gate", "up", "down")
 _METADATA_KEY = "kt_ops.layers"
+
+
+_META_FIELDS = ("weight_format", "num_experts", "hidden_size", "intermediate_size")
+_PANEL_ROWS = 16  # rows are packed in panels of 16; a matrix's last panel is zero-padded
+_save_lock = threading.Lock()
 
 
 def _key(layer_idx: int, projection: str, kind: str) -> str:
@@ -55,6 +64,44 @@ def save_packed_experts(path: str, layers: Mapping[int, PackedExperts], overwrit
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Serialises read-modify-write of one file across threads and processes (two wrappers whose
+    weight_path is the same file must both end up in it)."""
+    # The lock is taken on the directory, so no lock file is left beside the user's files.
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        with _save_lock:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(directory, fcntl.LOCK_UN)
+    finally:
+        os.close(directory)
+
+
+def save_packed_layer(path: str, layer_idx: int, experts: PackedExperts) -> None:
+    """Add or replace layer `layer_idx` in the packed-experts file `path`, keeping its other layers
+    (what `cpu_save` writes). A directory gets its own file `blk.{L}.safetensors` for the layer. An
+    existing file that is not a kt_ops packed-experts file (a HuggingFace checkpoint, anything
+    else) is the user's and is never replaced: FileExistsError."""
+    if os.path.isdir(path):
+        path = os.path.join(path, f"blk.{layer_idx}.safetensors")
+    with _exclusive(path):
+        layers = {}
+        if os.path.exists(path):
+            try:
+                kept = [layer for layer in packed_layers(path) if layer != layer_idx]
+            except ValueError as e:
+                raise FileExistsError(f"{path} exists and is not a kt_ops packed-experts file ({e}); it is left as "
+                                      "it is: point weight_path at a new file or a directory for the quantized "
+                                      "experts") from None
+            layers = {layer: load_packed_experts(path, layer) for layer in kept}
+        layers[layer_idx] = experts
+        save_packed_experts(path, layers, overwrite=True)
+
+
 def packed_layers(path: str) -> list[int]:
     """Layer indices stored in a file written by save_packed_experts."""
     return sorted(int(k) for k in _read_metadata(path))
@@ -65,11 +112,63 @@ def _read_metadata(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no packed-experts file at {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = (f.metadata() or {}).get(_METADATA_KEY)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = (f.metadata() or {}).get(_METADATA_KEY)
+    except Exception as e:  # safetensors' own error type for a bad or truncated header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if meta is None:
         raise ValueError(f"{path} is not a kt_ops packed-experts file (no '{_METADATA_KEY}' metadata)")
-    return json.loads(meta)
+    try:
+        layers = json.loads(meta)
+        if not isinstance(layers, dict):
+            raise ValueError("not an object")
+        return {str(int(layer)): value for layer, value in layers.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: the '{_METADATA_KEY}' metadata must be a JSON object keyed by layer index "
+                         f"({e})") from None
+
+
+def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
+    """The metadata must describe the stored tensors: sizes that disagree would make the kernels read
+    the blobs with the wrong geometry (wrong results, not an error)."""
+    where = f"{path}: layer {layer_idx}"
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_FIELDS):
+        missing = [k for k in _META_FIELDS if not isinstance(meta, dict) or k not in meta]
+        raise ValueError(f"{where}: metadata lacks {missing}; a packed-experts layer records {list(_META_FIELDS)}")
+    fmt = meta["weight_format"]
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"{where} has unknown weight_format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+    for name in _META_FIELDS[1:]:
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: metadata {name} must be a positive int, got {value!r}")
+    E, H, I = meta["num_experts"], meta["hidden_size"], meta["intermediate_size"]
+    sizes = f"(num_experts={E}, hidden_size={H}, intermediate_size={I}, {fmt})"
+    for projection, rows, cols in (("gate", I, H), ("up", I, H), ("down", H, I)):
+        blob = fields[projection]
+        expected = (E, _C.packed_bytes(fmt, rows, cols))
+        if blob.dtype != torch.uint8 or tuple(blob.shape) != expected:
+            raise ValueError(f"{where}: {_key(layer_idx, projection, 'weight')} is {tuple(blob.shape)} {blob.dtype}, "
+                             f"but the metadata {sizes} needs uint8 {expected}")
+        scale = fields[projection + "_scale"]
+        if scale is not None and (scale.dim() < 3 or tuple(scale.shape[:2]) != (E, -(-rows // _PANEL_ROWS) * _PANEL_ROWS)):
+            raise ValueError(f"{where}: {_key(layer_idx, projection, 'scale')} is {tuple(scale.shape)}, but the "
+                             f"metadata {sizes} needs [{E}, {-(-rows // _PANEL_ROWS) * _PANEL_ROWS}, ...]")
+    # Sizes alone cannot tell I from the panel-padded I (63 and 64 pack to the same bytes), but the
+    # padding rows are stored as zeros: non-zero values there mean the metadata is smaller than the
+    # matrices really are. One expert suffices, the metadata is per layer.
+    for projection, rows, cols in (("gate", I, H), ("down", H, I)):
+        padded = -(-rows // _PANEL_ROWS) * _PANEL_ROWS
+        if padded == rows:
+            continue
+        scale = fields[projection + "_scale"]
+        full = torch.ops.kt.unpack_weights(fields[projection][:1].contiguous(),
+                                           None if scale is None else scale[:1].contiguous(), fmt, padded, cols)
+        if full[0, rows:].any():
+            raise ValueError(f"{where}: {_key(layer_idx, projection, 'weight')} holds non-zero rows beyond the "
+                             f"metadata's {rows} ({'intermediate_size' if projection == 'gate' else 'hidden_size'}); "
+                             f"the metadata {sizes} does not describe these tensors")
 
 
 _MAPPED: dict = {}  # (real path, size, mtime) -> (read-only np.memmap of the file, its header)
@@ -123,20 +222,24 @@ def load_packed_experts(path: str, layer_idx: int, mmap: bool = False) -> Packed
     meta = _read_metadata(path).get(str(layer_idx))
     if meta is None:
         raise KeyError(f"layer {layer_idx} is not in {path}; it holds layers {packed_layers(path)}")
-    if meta["weight_format"] not in WEIGHT_FORMATS:
-        raise ValueError(f"{path}: layer {layer_idx} has unknown weight_format {meta['weight_format']!r}")
+    quantized = isinstance(meta, dict) and meta.get("weight_format") != "bf16"
     fields = {}
-    with safe_open(path, framework="pt") as f:
-        names = set(f.keys())
-        for projection in _PROJECTIONS:
-            weight_key, scale_key = _key(layer_idx, projection, "weight"), _key(layer_idx, projection, "scale")
-            if weight_key not in names:
-                raise KeyError(f"{path}: missing tensor {weight_key}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
             read = (lambda key: _mapped_tensor(path, key)) if mmap else f.get_tensor
-            fields[projection] = read(weight_key)
-            quantized = meta["weight_format"] != "bf16"
-            if quantized and scale_key not in names:
-                raise KeyError(f"{path}: missing tensor {scale_key}")
-            fields[projection + "_scale"] = read(scale_key) if quantized else None
+            for projection in _PROJECTIONS:
+                weight_key, scale_key = _key(layer_idx, projection, "weight"), _key(layer_idx, projection, "scale")
+                if weight_key not in names:
+                    raise KeyError(f"{path}: missing tensor {weight_key}")
+                fields[projection] = read(weight_key)
+                if quantized and scale_key not in names:
+                    raise KeyError(f"{path}: missing tensor {scale_key}")
+                fields[projection + "_scale"] = read(scale_key) if quantized else None
+    except KeyError:
+        raise
+    except Exception as e:  # safetensors' own error type for truncated data
+        raise ValueError(f"{path}: cannot read layer {layer_idx}: {e}") from None
+    _check_layer(path, layer_idx, meta, fields)
     return PackedExperts(**fields, weight_format=meta["weight_format"], num_experts=meta["num_experts"],
                          hidden_size=meta["hidden_size"], intermediate_size=meta["intermediate_size"])

@@ -2,6 +2,8 @@
 
 #include <c10/util/ParallelGuard.h>
 
+#include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -94,13 +96,17 @@ bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == W
 bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
-  const int64_t pair_rows = padded_rows(rows) * k_pairs(cols);  // (row, k pair) slots
-  switch (format) {
-    case WeightFormat::Bf16: return pair_rows * 4;
-    case WeightFormat::Int8:
-    case WeightFormat::Int8KGroup: return pair_rows * 2;
-    default: return pair_rows;  // two 4-bit codes per byte
-  }
+  // Sizes come from callers (intermediate_size is an op argument): a product that wraps around
+  // int64 could match a small blob and send the kernels 2^62 rows deep, so every step is checked.
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "kt_ops: matrix sizes must be >= 0, got ", rows, " x ", cols);
+  const int64_t per_slot = format == WeightFormat::Bf16 ? 4 : is_int8(format) ? 2 : 1;  // 4-bit: two codes a byte
+  int64_t pair_rows = 0, bytes = 0;  // (row, k pair) slots
+  const bool overflow = rows > INT64_MAX - kPanelRows || cols == INT64_MAX ||
+                        __builtin_mul_overflow(padded_rows(rows), k_pairs(cols), &pair_rows) ||
+                        __builtin_mul_overflow(pair_rows, per_slot, &bytes);
+  TORCH_CHECK_VALUE(!overflow, "kt_ops: a ", weight_format_name(format), " matrix of ", rows, " x ", cols,
+                    " is too large (its packed size overflows int64); check hidden_size / intermediate_size");
+  return bytes;
 }
 
 int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,
@@ -267,8 +273,8 @@ std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales,
                     "kt_ops: scales must have shape [", E, ", ", N, ", groups", zero_point ? ", 2]" : "]",
                     " for weight_format '", weight_format_name(format), "', got ", scales.sizes());
   const int64_t groups = scales.size(2);
-  TORCH_CHECK_VALUE(groups >= 1 && K % groups == 0 && (groups == 1 || (K / groups) % 2 == 0) &&
-                        (is_grouped(format) || groups == 1),
+  // A K-group format needs an even group size even with one group: that is what the ops accept.
+  TORCH_CHECK_VALUE(groups >= 1 && K % groups == 0 && (is_grouped(format) ? (K / groups) % 2 == 0 : groups == 1),
                     "kt_ops: scales has ", groups, " groups per row; weight_format '", weight_format_name(format),
                     "' needs ", is_grouped(format) ? "an even group size dividing in_features " : "1 (per row), not ",
                     is_grouped(format) ? std::to_string(K) : std::to_string(groups));

@@ -44,4 +44,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("physical_cores", &kt::physical_core_count);
   module.def("set_num_threads", [](int n) { kt::ThreadPool::instance().set_num_threads(n); });
   module.def("get_num_threads", [] { return kt::ThreadPool::instance().num_threads(); });
+  module.def("packed_bytes", [](const std::string& format, int64_t rows, int64_t cols) {
+    return kt::packed_bytes(kt::parse_weight_format(format), rows, cols);
+  }, "Bytes per expert of a rows x cols matrix packed in `format` (overflow-checked)");
+  module.def("_inject_task_fault", [](bool on_caller) { kt::ThreadPool::instance().inject_task_fault(on_caller); },
+             "Test hook: the next pool task on a worker (or the calling) thread throws std::bad_alloc");
 }

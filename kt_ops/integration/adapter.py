@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..convert_moe_lora import NUM_EXPERTS_METADATA
 from .hf import _holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
@@ -266,8 +267,13 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
         # clone: gate and up share the fused A, and safetensors refuses tensors sharing memory
         tensors[key] = lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone()
     config = _adapter_config(model, adapter)
+    # The expert count lets convert_moe_lora tell an expert without LoRA from one that does not exist.
+    counts = {kt.first_expert + kt.num_experts for _, _, kt in kt_experts_modules(model)}
+    metadata = {"format": "pt"}
+    if len(counts) == 1:
+        metadata[NUM_EXPERTS_METADATA] = str(counts.pop())
     os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata=metadata)
     with open(os.path.join(save_directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -286,30 +292,45 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     path = os.path.join(os.fspath(adapter_directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_directory}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors' own error type for a truncated or corrupt file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{path}: {key} is {value.dtype}; LoRA weights must be floating point")
     if not _is_peft_model(model) and any(not _is_per_expert_key(k) for k in state):
         model = _wrap_for(model, os.fspath(adapter_directory), state)
     adapter = (adapter_name or model.active_adapter) if _is_peft_model(model) else None
     expected = _expert_keys(model, adapter)
     per_expert = [k for k in expected if k in state]
+    grouped: dict = {}
     if per_expert or not _is_peft_model(model):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
-        grouped: dict = {}
         for key, (lora, expert, proj, part) in expected.items():
             grouped.setdefault((id(lora), expert), (lora, {}))[1].setdefault(proj, {})[part] = state.pop(key)
+    if state and not _is_peft_model(model):
+        raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
+                         "load it with peft.PeftModel.from_pretrained(model, directory)")
+    # A shape error can surface in the middle of the copies (or in peft's own load): every LoRA
+    # tensor is put back then, so a failed load leaves the model as it was.
+    backup = [(param, param.detach().clone()) for name, param in model.named_parameters() if "lora" in name]
+    try:
         for (_, expert), (lora, projs) in grouped.items():
             lora.write(expert, {p: (v["A"], v["B"]) for p, v in projs.items()}, path)
-    if state:
-        if not _is_peft_model(model):
-            raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
-                             "load it with peft.PeftModel.from_pretrained(model, directory)")
-        from peft import set_peft_model_state_dict
+        if state:
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter)
-        unexpected = getattr(result, "unexpected_keys", None) or []
-        if unexpected:
-            raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "
-                             f"e.g. {unexpected[:3]}")
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+            unexpected = getattr(result, "unexpected_keys", None) or []
+            if unexpected:
+                raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "
+                                 f"e.g. {unexpected[:3]}")
+    except BaseException:
+        with torch.no_grad():
+            for param, saved in backup:
+                param.copy_(saved)
+        raise
     return model

@@ -19,7 +19,7 @@ import torch
 
 from ..experts_base import (BaseMoEWrapper, _check_expert_map, _permute_packed, forward_parts,
                             intermediate_split, pack_split, resplit_packed)
-from ..ops import PackedExperts
+from ..ops import PackedExperts, check_has_data
 
 INFERENCE_FORMATS = {"AMXINT4": "int4", "AMXINT8": "int8", "MOE_INT4": "int4", "MOE_INT8": "int8"}
 
@@ -73,14 +73,14 @@ class AMXMoEWrapper(BaseMoEWrapper):
         mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         parts = pack_split(gate_proj, up_proj, down_proj, self.weight_format, self.group_size, self.split)
         if self.cpu_save:
-            from ..packed_io import save_packed_experts
+            from ..packed_io import save_packed_layer
             if not self.weight_path:
                 raise ValueError("cpu_save=True needs weight_path: the quantized experts are written there")
             full = parts[0] if len(parts) == 1 else None
             if full is None:
                 from ..ops import pack_experts
                 full = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
-            save_packed_experts(self.weight_path, {self.layer_idx: full}, overwrite=True)
+            save_packed_layer(self.weight_path, self.layer_idx, full)
         self._set_parts(parts, mapping)
 
     def _set_parts(self, parts: Sequence[PackedExperts], mapping: torch.Tensor) -> None:
@@ -121,6 +121,7 @@ class AMXMoEWrapper(BaseMoEWrapper):
         `protected_k` (deferral only) overrides how many top-scoring experts per token stay immediate."""
         if not self.experts_parts:
             raise RuntimeError("Weights not loaded. Call load_weights() first.")
+        check_has_data(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights)
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 \
                 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must be a [qlen, {self.hidden_size}] tensor")
