@@ -531,13 +531,18 @@ def _no_accelerator() -> bool:
 
 def _adapter_saver(config: dict):
     # Trainer's checkpoints hold the expert LoRA (a peft adapter); the final adapter is written in the
-    # per-expert layout that convert_moe_lora reads.
+    # per-expert layout that convert_moe_lora reads, where that layout can describe it.
     from .integration import save_kt_adapter
+    from .integration.adapter import per_expert_layout_fits
 
     def save(model, directory):
-        if config["use_kt"]:
+        if config["use_kt"] and per_expert_layout_fits(model):
             save_kt_adapter(model, directory)
         else:
+            if config["use_kt"]:
+                print("kt-sft: the expert LoRA has a larger rank on gate_up_proj than on down_proj (peft maps the "
+                      "lora_target names gate_proj/up_proj/down_proj onto the experts so); the adapter is saved "
+                      "in peft's own layout, which convert_moe_lora does not read")
             model.save_pretrained(directory)
 
     return save

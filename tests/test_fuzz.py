@@ -147,6 +147,12 @@ def _close(got, want, dtype, fmt):
     # unpack_experts gives quantized weights as bf16 while the kernels dequantize in fp32/fp64, so
     # only bf16 weights make the fp64 comparison exact; the bars catch wrong results, not rounding.
     tol = {torch.float64: 1e-9 if fmt == "bf16" else 1e-2, torch.float32: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    if fmt.startswith("int8") and dtype != torch.float64:
+        # Few-row int8 calls quantize the activations per K group (kernels/quant.h): each product is
+        # off by up to step/2 * sum|W|, a bound on the inputs' scale that cancellation in the output
+        # (tiny H or I) can turn into a few percent of max|output|. tests/test_formats.py holds them
+        # to the elementwise error model; here the bar only has to catch wrong results.
+        tol = max(tol, 6e-2)
     finite = torch.isfinite(want)
     ok_nan = torch.equal(torch.isnan(got.double()), torch.isnan(want))
     scale = want[finite].abs().max().item() if finite.any() else 1.0

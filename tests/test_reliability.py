@@ -398,14 +398,28 @@ def test_shared_wrapper_interleaved_threads_get_their_own_gradients():
 
 def test_shared_wrapper_backward_from_a_third_thread_is_refused():
     wrapper = _sft_wrapper()
-    for seed in (1, 2):
+    # The forward threads stay alive until the check is done: an exited thread's id may be reused by
+    # the next thread, which would make the two forwards look like one thread's.
+    saved, done = threading.Barrier(3), threading.Event()
+
+    def forward(seed):
         x, ids, w, _ = _tokens(seed)
-        t = threading.Thread(target=wrapper.forward_sft, args=(x, ids, w))
+        wrapper.forward_sft(x, ids, w)
+        saved.wait()
+        done.wait()
+
+    threads = [threading.Thread(target=forward, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
         t.start()
-        t.join()
-    with pytest.raises(RuntimeError, match="ambiguous.*pass cache_idx"):
-        wrapper.backward(_tokens(1)[3])
-    wrapper.backward(_tokens(1)[3], cache_idx=0)  # explicit: fine
+    try:
+        saved.wait()
+        with pytest.raises(RuntimeError, match="ambiguous.*pass cache_idx"):
+            wrapper.backward(_tokens(1)[3])
+        wrapper.backward(_tokens(1)[3], cache_idx=0)  # explicit: fine
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
 
 
 # ---- 6. loads: all-or-nothing, metadata checked, sizes overflow-checked ---------------------------

@@ -75,7 +75,7 @@ class _ExpertLoRA:
         self.wrappers = {p: w for p, w in wrappers.items() if adapter in w.lora_A}
         self.adapter = adapter
         if self.wrappers:
-            settings = {(w.r[adapter], w.lora_alpha[adapter]) for w in self.wrappers.values()}
+            settings = _wrapper_settings(self.wrappers, adapter)
             if len(settings) > 1:
                 raise ValueError(f"{name}: adapter {adapter!r} uses different (r, lora_alpha) {sorted(settings)} on "
                                  "gate_up_proj and down_proj; the per-expert layout describes one; save with "
@@ -132,6 +132,24 @@ class _ExpertLoRA:
             raise ValueError(f"{where}: shape {tuple(src.shape)} in the adapter, the model needs {tuple(dst.shape)} "
                              "(LoRA rank / model size differ)")
         dst.copy_(src.to(dst.dtype))
+
+
+def _wrapper_settings(wrappers: dict, adapter: Optional[str]) -> set:
+    return {(w.r[adapter], w.lora_alpha[adapter]) for w in wrappers.values() if adapter in w.lora_A}
+
+
+def per_expert_layout_fits(model: nn.Module) -> bool:
+    """Whether save_kt_adapter's per-expert layout can describe the model's expert LoRA: one (r,
+    lora_alpha) on gate_up_proj and down_proj. Not so when a LoraConfig names the v4 expert projections
+    (gate_proj / up_proj / down_proj, e.g. LLaMA-Factory's lora_target all): peft then gives the fused
+    gate_up_proj twice the rank; model.save_pretrained (peft's own layout) holds that."""
+    adapter = model.active_adapter if _is_peft_model(model) else None
+    for name, _, _ in kt_experts_modules(model):
+        holder_name, child = _holder_of(name)
+        _, wrappers = wrapper_chain(getattr(model.get_submodule(holder_name), child))
+        if len(_wrapper_settings(wrappers, adapter)) > 1:
+            return False
+    return True
 
 
 def _expert_loras(model: nn.Module, adapter: Optional[str]) -> list[tuple[str, nn.Module, _ExpertLoRA]]:
@@ -310,7 +328,9 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
         if missing:
             raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
         for key, (lora, expert, proj, part) in expected.items():
-            grouped.setdefault((id(lora), expert), (lora, {}))[1].setdefault(proj, {})[part] = state.pop(key)
+            entry = grouped.setdefault((id(lora), expert), (lora, {}, []))
+            entry[1].setdefault(proj, {})[part] = state.pop(key)
+            entry[2].append(key)
     if state and not _is_peft_model(model):
         raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
                          "load it with peft.PeftModel.from_pretrained(model, directory)")
@@ -318,8 +338,8 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     # tensor is put back then, so a failed load leaves the model as it was.
     backup = [(param, param.detach().clone()) for name, param in model.named_parameters() if "lora" in name]
     try:
-        for (_, expert), (lora, projs) in grouped.items():
-            lora.write(expert, {p: (v["A"], v["B"]) for p, v in projs.items()}, path)
+        for (_, expert), (lora, projs, keys) in grouped.items():
+            lora.write(expert, {p: (v["A"], v["B"]) for p, v in projs.items()}, f"{path} ({', '.join(keys)})")
         if state:
             from peft import set_peft_model_state_dict
 
