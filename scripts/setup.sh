@@ -31,7 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "$digest" > "$stamp"
 fi
 # Skip even starting Python when the library is newer than every C++ source, header and setup.py.
-so=$(ls kt_ops/_C*.so 2>/dev/null | head -n 1)
+so=$(ls kt_ops/_C*.so 2>/dev/null | head -n 1 || true)  # none yet on a fresh clone (pipefail)
 if [ "$rebuild" = 1 ] || [ -z "$so" ] || [ -n "$(find kt_ops_csrc setup.py -newer "$so" -print -quit)" ]; then
   MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace
 fi
