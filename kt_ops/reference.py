@@ -30,12 +30,33 @@ respect to ``hidden_states``, ``topk_weights`` and the six LoRA tensors.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_sft_reference", "expert_mlp_reference"]
+__all__ = ["moe_sft_reference", "expert_mlp_reference", "moe_loop", "routed_experts"]
+
+
+def routed_experts(topk_ids: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, token indices, slot indices) for every expert that some token is routed to, in
+    increasing expert order; -1 slots (experts computed elsewhere) are skipped. A token that picks the
+    same expert twice appears twice."""
+    for expert in torch.unique(topk_ids[topk_ids >= 0]).tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        yield expert, tokens, slots
+
+
+def moe_loop(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+             expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Y[t] = sum_j w[t, j] * expert_fn(ids[t, j], x[t]): the per-expert loop every plain-PyTorch MoE
+    here runs (the oracle, the benchmarks' eager baselines, experts kept on the GPU). `expert_fn(e,
+    rows)` maps the rows routed to expert e, [n, H], to [n, H_out]; the result has hidden_states' dtype."""
+    out = hidden_states.new_zeros(hidden_states.shape[0], hidden_states.shape[1])
+    for expert, tokens, slots in routed_experts(topk_ids):
+        y = expert_fn(expert, hidden_states[tokens])
+        out = out.index_add(0, tokens, (y * topk_weights[tokens, slots, None].to(y.dtype)).to(out.dtype))
+    return out
 
 
 def expert_mlp_reference(
@@ -134,23 +155,11 @@ def moe_sft_reference(
             f"topk_ids must lie in [0, {E}) or be -1, got {int(ids[bad][0])}"
         )
 
-    k = topk_ids.shape[1]
     x = hidden_states.to(cdt)
-    weights = topk_weights.reshape(-1).to(cdt)          # [T*k]
-    token_of_slot = torch.arange(T, device=x.device).repeat_interleave(k)  # [T*k]
-
     base = [gate_proj.to(cdt), up_proj.to(cdt), down_proj.to(cdt)]
     lora = [t.to(cdt) for t in (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)]
 
-    out = torch.zeros(T, H, dtype=cdt, device=x.device)
-    for e in torch.unique(ids[ids >= 0]).tolist():
-        slots = torch.nonzero(ids == e).flatten()
-        tokens = token_of_slot[slots]
-        y = expert_mlp_reference(
-            x[tokens],
-            base[0][e], base[1][e], base[2][e],
-            lora[0][e], lora[1][e], lora[2][e], lora[3][e], lora[4][e], lora[5][e],
-            lora_scaling,
-        )
-        out = out.index_add(0, tokens, weights[slots].unsqueeze(1) * y)
-    return out.to(out_dtype)
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        return expert_mlp_reference(rows, base[0][e], base[1][e], base[2][e], *(t[e] for t in lora), lora_scaling)
+
+    return moe_loop(x, topk_ids.to(torch.int64), topk_weights.to(cdt), expert).to(out_dtype)

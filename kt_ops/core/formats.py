@@ -1,0 +1,40 @@
+"""Names shared by every layer: weight formats, the methods that select them, LoRA tensors."""
+from __future__ import annotations
+
+from typing import Tuple
+
+# bf16; int8 symmetric per row; int4 symmetric per row; int4_1 per row with zero point (scale, min);
+# int4_kgroup / int4_1_kgroup / int8_kgroup: the same per group of `group_size` along K
+# (kt_ops_csrc/kernels/quant.h holds the bit layouts).
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
+GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup")
+
+# SFT method names (kt-kernel's) name the weight format; every one runs on every CPU (the kernel ISA
+# is chosen at run time).
+SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
+               "AMXINT4_1KGroup_SFT")
+# kt-kernel's SkipLoRA variants: the frozen base's forward and backward (grad_input and the routing
+# weights' gradient) without any LoRA term; init_lora_weights is not needed.
+SKIP_LORA_SUFFIX = "_SkipLoRA"
+SKIP_LORA_METHODS = tuple(m + SKIP_LORA_SUFFIX for m in SFT_METHODS)
+# Method (or plain format name) -> weight format, for everything that trains.
+SFT_METHOD_FORMATS = {
+    **dict(zip(SFT_METHODS, ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup"))),
+    **{fmt: fmt for fmt in WEIGHT_FORMATS},
+}
+
+# Inference methods quantized online (or read from kt_ops' own converted files); FP8 and RAWINT4 read
+# native Hugging Face checkpoints, LLAMAFILE reads GGUF.
+INFERENCE_FORMATS = {"AMXINT4": "int4", "AMXINT8": "int8", "MOE_INT4": "int4", "MOE_INT8": "int8"}
+INFERENCE_METHODS = (*INFERENCE_FORMATS, "RAWINT4", "FP8", "LLAMAFILE")
+
+PROJECTIONS = ("gate", "up", "down")
+
+# The six LoRA tensors of an expert layer, in the order the op takes them.
+LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
+
+
+def lora_shapes(num_experts: int, hidden_size: int, intermediate_size: int, rank: int) -> Tuple[Tuple[int, ...], ...]:
+    """Shapes of the LORA_NAMES tensors: A maps the projection's input to the rank, B the rank to its output."""
+    E, H, I, r = num_experts, hidden_size, intermediate_size, rank
+    return (E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r)
