@@ -36,7 +36,7 @@ import torch
 
 import kt_ops
 from kt_ops import KTMoEWrapper
-from kt_ops.utils.amx import pack_codes_split
+from kt_ops.core.packed import pack_codes_split
 
 # label -> (inference method, kernel format, group size, SFT method holding that format)
 CASES = {

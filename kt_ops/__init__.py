@@ -10,10 +10,13 @@ from .experts import KTMoEWrapper
 from .experts_base import BaseMoEWrapper, CPUInfer, WorkerPoolConfig
 from .experts_sft import BaseSFTMoEWrapper, KExpertsSFTBuffer
 from .function import KTMoEFunction
-from .layer import SFT_METHOD_FORMATS, KTMoELayer
-from .loaders import BF16SafeTensorLoader, SafeTensorLoader
-from .ops import WEIGHT_FORMATS, PackedExperts, moe_sft, pack_experts, unpack_experts
-from .packed_io import load_packed_experts, packed_layers, save_packed_experts
+from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
+from .core.packed import PackedExperts, pack_experts, unpack_experts
+from .core.runtime import cpu_info, get_isa, get_num_threads, set_isa, set_num_threads
+from .layer import KTMoELayer
+from .ops import moe_sft
+from .weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
+from .weights.packed_io import load_packed_experts, packed_layers, save_packed_experts
 from .utils.amx import AMXMoEWrapper
 from .utils.llamafile import LlamafileMoEWrapper
 from .utils.native import NativeMoEWrapper
@@ -22,7 +25,7 @@ from .utils.amx_sft import AMXSFTMoEWrapper
 __all__ = [
     "AMXMoEWrapper", "AMXSFTMoEWrapper", "BF16SafeTensorLoader", "BaseMoEWrapper", "BaseSFTMoEWrapper",
     "SafeTensorLoader", "CPUInfer", "KExpertsSFTBuffer",
-    "KTMoEWrapper", "LlamafileMoEWrapper", "NativeMoEWrapper", "WorkerPoolConfig", "KTMoEFunction", "KTMoELayer", "PackedExperts", "SFT_METHOD_FORMATS", "WEIGHT_FORMATS", "cpu_info", "get_isa",
+    "KTMoEWrapper", "LlamafileMoEWrapper", "NativeMoEWrapper", "WorkerPoolConfig", "KTMoEFunction", "KTMoELayer", "PackedExperts", "LORA_NAMES", "SFT_METHOD_FORMATS", "SFT_METHODS", "WEIGHT_FORMATS", "cpu_info", "get_isa",
     "get_num_threads", "load_packed_experts", "moe_sft", "pack_experts", "packed_layers", "save_packed_experts",
     "set_isa", "set_num_threads", "unpack_experts",
 ]
@@ -37,41 +40,6 @@ def __getattr__(name: str):
         from . import integration
         return getattr(integration, name)
     raise AttributeError(f"module 'kt_ops' has no attribute {name!r}")
-
-
-def set_isa(name: str) -> None:
-    """Choose the kernel ISA: 'auto' (best for this CPU), 'ref', 'avx2', 'avx512', 'amx' or 'amx-emu'.
-    Raises ValueError for an unknown name or one this CPU or build cannot run."""
-    if not isinstance(name, str):
-        raise TypeError(f"isa name must be a str, got {type(name).__name__}")
-    _C.set_isa(name)
-
-
-def get_isa() -> str:
-    return _C.get_isa()
-
-
-def set_num_threads(num_threads: int) -> None:
-    """Size of the kt_ops worker pool (default: the number of physical cores)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
-    _C.set_num_threads(num_threads)
-
-
-def get_num_threads() -> int:
-    return _C.get_num_threads()
-
-
-def cpu_info() -> dict:
-    """CPU features found, the kernel ISA in use and the ones this CPU and build can run."""
-    return {
-        "model": _C.cpu_model_name(),
-        "features": dict(_C.cpu_features()),
-        "physical_cores": _C.physical_cores(),
-        "isa": _C.get_isa(),
-        "available_isas": list(_C.available_isas()),
-        "num_threads": _C.get_num_threads(),
-    }
 
 
 if os.environ.get("KT_OPS_ISA"):

@@ -262,7 +262,7 @@ def _resolve_kt_backend(config: dict) -> None:
     """kt_backend 'auto' takes the format from kt_expert_weight_format (or, with kt_weight_path, from the
     file); an explicit backend must agree with an explicit format."""
     from .integration import KT_BACKENDS
-    from .layer import SFT_METHOD_FORMATS
+    from .core.formats import SFT_METHOD_FORMATS
 
     backend, fmt = config["kt_backend"], config["kt_expert_weight_format"]
     if backend not in KT_BACKENDS:

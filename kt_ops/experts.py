@@ -1,4 +1,4 @@
-"""KTMoEWrapper: the one entry point of spec 000 §3 / spec 003 §5. `mode` picks inference or SFT, and
+"""KTMoEWrapper: the one entry point for every CPU-expert wrapper. `mode` picks inference or SFT, and
 `method` the weight format; the object returned is the concrete wrapper:
 
     inference  AMXINT4, AMXINT8, MOE_INT4, MOE_INT8  -> AMXMoEWrapper (online quantization or kt_ops' own
@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from .core.formats import INFERENCE_METHODS, SFT_METHODS, SKIP_LORA_METHODS
+from .experts_sft import KExpertsSFTBuffer
+from .utils.amx import AMXMoEWrapper
+from .utils.amx_sft import AMXSFTMoEWrapper
+from .utils.llamafile import LlamafileMoEWrapper
+from .utils.native import NativeMoEWrapper
+
 
 class KTMoEWrapper:
-    INFERENCE_METHODS = frozenset({"AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"})
-    SFT_METHODS = frozenset({"AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-                             "AMXINT4_1KGroup_SFT"})
-    # SkipLoRA: the frozen base's forward/backward without LoRA terms (kt-kernel's names)
-    SFT_METHODS = SFT_METHODS | {m + "_SkipLoRA" for m in SFT_METHODS}
+    INFERENCE_METHODS = frozenset(INFERENCE_METHODS)
+    SFT_METHODS = frozenset(SFT_METHODS + SKIP_LORA_METHODS)
 
     def __new__(cls, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
@@ -38,16 +42,15 @@ class KTMoEWrapper:
                     threadpool_count=threadpool_count, weight_path=weight_path,
                     chunked_prefill_size=chunked_prefill_size)
         if mode == "sft":
-            from .utils.amx_sft import AMXSFTMoEWrapper
             return AMXSFTMoEWrapper(method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_cache_depth=max_cache_depth, group_size=group_size, zero_point=zero_point,
                                     **base)
         if method == "LLAMAFILE":
-            from .utils.llamafile import LlamafileMoEWrapper as wrapper_cls
+            wrapper_cls = LlamafileMoEWrapper
         elif method in ("FP8", "RAWINT4"):
-            from .utils.native import NativeMoEWrapper as wrapper_cls
+            wrapper_cls = NativeMoEWrapper
         else:
-            from .utils.amx import AMXMoEWrapper as wrapper_cls
+            wrapper_cls = AMXMoEWrapper
         return wrapper_cls(method=method, cpu_save=cpu_save,
                            max_deferred_experts_per_token=max_deferred_experts_per_token, **base)
 
@@ -58,8 +61,6 @@ class KTMoEWrapper:
     def set_capture_batch_sizes(capture_bs: List[int]) -> None:
         """Batch sizes (qlen) whose staging buffers stay cached; buffers of other sizes are kept
         only until a buffer of another uncaptured size is needed. An empty list keeps every size."""
-        from .experts_sft import KExpertsSFTBuffer
-
         sizes = list(capture_bs)
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
             raise ValueError(f"capture_bs must be a list of positive ints, got {capture_bs!r}")
@@ -67,15 +68,11 @@ class KTMoEWrapper:
 
     @staticmethod
     def get_capture_batch_sizes() -> List[int]:
-        from .experts_sft import KExpertsSFTBuffer
-
         return list(KExpertsSFTBuffer.capture_bs)
 
     @staticmethod
     def clear_buffer_cache() -> None:
         """Drop every cached staging buffer."""
-        from .experts_sft import KExpertsSFTBuffer
-
         KExpertsSFTBuffer.clear_cache()
 
     clear_sft_buffer_cache = clear_buffer_cache

@@ -1,4 +1,4 @@
-"""What the inference and SFT wrappers share (spec 003 §2): the worker-pool configuration, the one
+"""What the inference and SFT wrappers share: the worker-pool configuration, the one
 CPUInfer per process, base-config validation and the intermediate-dimension split across NUMA
 sub-pools (`threadpool_count`)."""
 from __future__ import annotations
@@ -14,15 +14,9 @@ from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 import torch
 
 from . import _C
-from .ops import GROUPED_FORMATS, PackedExperts, lora_inputs, pack_experts, unpack_experts
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
-    return value
+from .core.checks import check_int
+from .core.packed import PackedExperts
+from .ops import forward_op, lora_inputs
 
 
 @dataclass
@@ -34,8 +28,8 @@ class WorkerPoolConfig:
     max_threads_per_subpool: int = 1
 
     def __post_init__(self):
-        _check_int(self.subpool_count, "subpool_count", 1)
-        _check_int(self.max_threads_per_subpool, "max_threads_per_subpool", 1)
+        check_int(self.subpool_count, "subpool_count", 1)
+        check_int(self.max_threads_per_subpool, "max_threads_per_subpool", 1)
 
     @property
     def total_threads(self) -> int:
@@ -144,8 +138,8 @@ class _MoEBase:
     def _get_cpu_infer(cls, cpuinfer_threads: int, threadpool_count: int) -> CPUInfer:
         """`cpuinfer_threads` is the total, split evenly over the `threadpool_count` sub-pools. The
         first wrapper's configuration wins; a later different one is reported, not applied."""
-        _check_int(cpuinfer_threads, "cpuinfer_threads", 1)
-        _check_int(threadpool_count, "threadpool_count", 1)
+        check_int(cpuinfer_threads, "cpuinfer_threads", 1)
+        check_int(threadpool_count, "threadpool_count", 1)
         if cpuinfer_threads < threadpool_count:
             raise ValueError(f"cpuinfer_threads ({cpuinfer_threads}) must be at least threadpool_count "
                              f"({threadpool_count}): every sub-pool needs a thread")
@@ -165,7 +159,7 @@ class _MoEBase:
         for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
                             ("moe_intermediate_size", moe_intermediate_size),
                             ("num_experts_per_tok", num_experts_per_tok)):
-            _check_int(value, name, 1)
+            check_int(value, name, 1)
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
 
@@ -175,11 +169,11 @@ class _MoEBase:
         """Validate and store the arguments both modes share, and attach the process's CPUInfer."""
         self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
                                    moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
-        _check_int(layer_idx, "layer_idx", 0)
-        _check_int(num_gpu_experts, "num_gpu_experts", 0)
+        check_int(layer_idx, "layer_idx", 0)
+        check_int(num_gpu_experts, "num_gpu_experts", 0)
         if num_gpu_experts > num_experts:
             raise ValueError(f"num_gpu_experts ({num_gpu_experts}) cannot exceed num_experts ({num_experts})")
-        _check_int(chunked_prefill_size, "chunked_prefill_size", 1)
+        check_int(chunked_prefill_size, "chunked_prefill_size", 1)
         if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
             raise TypeError(f"weight_path must be a path or None, got {type(weight_path).__name__}")
         self.layer_idx = layer_idx
@@ -195,70 +189,8 @@ class _MoEBase:
         self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
 
 
-def _check_expert_map(physical_to_logical_map, num_experts: int) -> torch.Tensor:
-    """A permutation of range(num_experts) as a CPU int64 tensor."""
-    if not isinstance(physical_to_logical_map, torch.Tensor):
-        physical_to_logical_map = torch.as_tensor(physical_to_logical_map)
-    if physical_to_logical_map.dtype.is_floating_point or physical_to_logical_map.dtype == torch.bool:
-        raise TypeError(f"physical_to_logical_map must be an integer tensor, got {physical_to_logical_map.dtype}")
-    mapping = physical_to_logical_map.detach().to("cpu", torch.int64).reshape(-1)
-    if mapping.numel() != num_experts:
-        raise ValueError(f"physical_to_logical_map must have num_experts={num_experts} entries, got {mapping.numel()}")
-    if not torch.equal(torch.sort(mapping).values, torch.arange(num_experts)):
-        raise ValueError(f"physical_to_logical_map must be a permutation of 0..{num_experts - 1} "
-                         "(entry p names the logical expert stored in physical slot p)")
-    return mapping
-
-
-def _permute_packed(experts: PackedExperts, mapping: torch.Tensor) -> PackedExperts:
-    """Physical slot p gets logical expert mapping[p]; packed blobs are rows per expert, so this moves
-    bytes, it does not repack."""
-    if torch.equal(mapping, torch.arange(experts.num_experts)):
-        return experts
-    pick = lambda t: None if t is None else t.index_select(0, mapping)  # noqa: E731
-    return PackedExperts(pick(experts.gate), pick(experts.up), pick(experts.down), pick(experts.gate_scale),
-                         pick(experts.up_scale), pick(experts.down_scale), experts.weight_format,
-                         experts.num_experts, experts.hidden_size, experts.intermediate_size)
-
-
-def intermediate_split(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> List[Tuple[int, int]]:
-    """[lo, hi) ranges of the intermediate dimension, one per sub-pool. Boundaries fall on
-    `group_size` for the K-group formats (down's K is the intermediate dimension) and on 32 rows
-    otherwise, so every part keeps the kernels' fast panel layout."""
-    unit = group_size if weight_format in GROUPED_FORMATS else 32
-    if parts == 1:
-        return [(0, intermediate_size)]
-    if intermediate_size % unit or intermediate_size // unit < parts:
-        raise ValueError(f"threadpool_count={parts} cannot split moe_intermediate_size={intermediate_size} into "
-                         f"parts that are multiples of {unit} (weight format {weight_format}); use a smaller "
-                         "threadpool_count")
-    units = intermediate_size // unit
-    bounds = [unit * (units * p // parts) for p in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def pack_split(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weight_format: str, group_size: int,
-               split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
-    """Pack each intermediate range separately: gate/up rows lo:hi, down columns lo:hi."""
-    return [pack_experts(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], weight_format, group_size)
-            for lo, hi in split]
-
-
-def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
-    """Split already packed (e.g. pre-quantized) experts by repacking their exact dequantized values
-    per part. bf16 comes back bit-identical; quantized formats are requantized per part, which can
-    move a few codes (down's per-row scales now cover only the part's columns)."""
-    if len(split) == 1:
-        return [experts]
-    if experts.weight_format != "bf16":
-        warnings.warn(f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
-                      "requantizes each part from the stored values", RuntimeWarning, stacklevel=3)
-    gate, up, down = unpack_experts(experts)
-    return pack_split(gate, up, down, experts.weight_format, group_size, split)
-
-
 class BaseMoEWrapper(_MoEBase):
-    """Inference-mode base (spec 003 §2.2): the SFT methods are refused with a pointer to mode='sft'."""
+    """Inference-mode base: the SFT methods are refused with a pointer to mode='sft'."""
 
     def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
                  moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
@@ -267,7 +199,7 @@ class BaseMoEWrapper(_MoEBase):
         self._init_common(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
                           num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size)
         if max_deferred_experts_per_token is not None:
-            _check_int(max_deferred_experts_per_token, "max_deferred_experts_per_token", 0)
+            check_int(max_deferred_experts_per_token, "max_deferred_experts_per_token", 0)
             if max_deferred_experts_per_token >= num_experts_per_tok:
                 raise ValueError(f"max_deferred_experts_per_token ({max_deferred_experts_per_token}) must be below "
                                  f"num_experts_per_tok ({num_experts_per_tok}): every token keeps an immediate expert")
@@ -288,7 +220,7 @@ class BaseMoEWrapper(_MoEBase):
             raise ValueError(f"scores must be a tensor shaped like expert_ids {tuple(expert_ids.shape)}, got "
                              f"{None if not isinstance(scores, torch.Tensor) else tuple(scores.shape)}")
         k = expert_ids.shape[1]
-        _check_int(protected_k, "protected_k", 0)
+        check_int(protected_k, "protected_k", 0)
         if protected_k > k:
             raise ValueError(f"protected_k ({protected_k}) cannot exceed num_experts_per_tok ({k})")
         n_defer = min(limit, k - protected_k)
@@ -330,10 +262,7 @@ def forward_parts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, par
     output, activations = None, []
     with torch.no_grad():
         for experts, loras in zip(parts, lora_parts):
-            out, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(
-                x, ids, weights, experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale,
-                experts.down_scale, experts.weight_format, experts.intermediate_size, *loras, float(lora_scaling),
-                bool(save_for_backward))
+            out, gate_up_pre, lora_mid = forward_op(x, ids, weights, experts, loras, lora_scaling, save_for_backward)
             output = out if output is None else output.add_(out)
             activations.append((gate_up_pre, lora_mid))
     return x, output, activations

@@ -1,4 +1,4 @@
-"""The SFT-mode wrapper base (spec 000 §4, spec 003 §3): forward_sft / backward / LoRA weights over
+"""The SFT-mode wrapper base: forward_sft / backward / LoRA weights over
 the kt::moe_sft_forward / kt::moe_sft_backward ops, with a stack of saved forwards
 (`max_cache_depth`) and the intermediate dimension split over `threadpool_count` sub-pools."""
 from __future__ import annotations
@@ -9,10 +9,11 @@ from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .experts_base import _check_int, _MoEBase, forward_parts
-from .ops import PackedExperts, check_has_data, lora_inputs
-
-LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
+from .core.checks import check_has_data, check_int
+from .core.formats import LORA_NAMES, lora_shapes
+from .core.packed import PackedExperts
+from .experts_base import _MoEBase, forward_parts
+from .ops import backward_op, lora_inputs
 # Which dimension of each LoRA tensor runs along the intermediate size (None: it does not): the
 # sub-pool split slices those and sums the gradients of the others.
 _LORA_INTERMEDIATE_DIM = (None, 1, None, 1, 2, None)
@@ -127,12 +128,12 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
 
     @staticmethod
     def _validate_sft_config(lora_rank: int, lora_alpha: float, max_cache_depth: int) -> None:
-        _check_int(lora_rank, "lora_rank", 1)
+        check_int(lora_rank, "lora_rank", 1)
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be positive, got {lora_alpha}")
-        _check_int(max_cache_depth, "max_cache_depth", 1)
+        check_int(max_cache_depth, "max_cache_depth", 1)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -155,12 +156,11 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
     # ---- LoRA --------------------------------------------------------------------------------------
 
     def _lora_shapes(self) -> Tuple[Tuple[int, ...], ...]:
-        E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
-        return (E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r)
+        return lora_shapes(self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank)
 
     def init_lora_weights(self, gate_lora_a: torch.Tensor, gate_lora_b: torch.Tensor, up_lora_a: torch.Tensor,
                           up_lora_b: torch.Tensor, down_lora_a: torch.Tensor, down_lora_b: torch.Tensor) -> None:
-        """Keep references to the six LoRA tensors (shapes of spec 000 §8)."""
+        """Keep references to the six LoRA tensors (shapes: kt_ops.core.formats.lora_shapes)."""
         sources = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
         for name, tensor, shape in zip(LORA_NAMES, sources, self._lora_shapes()):
             if not isinstance(tensor, torch.Tensor):
@@ -224,7 +224,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             torch.cuda.current_stream(tensor.device).synchronize()
         return staging
 
-    def _check_tokens(self, hidden_states, expert_ids, weights) -> None:
+    def check_tokens(self, hidden_states, expert_ids, weights) -> None:
         check_has_data(hidden_states=hidden_states, expert_ids=expert_ids, weights=weights)
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must have shape [qlen, hidden_size={self.hidden_size}], "
@@ -244,7 +244,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         if save_for_backward and not self._lora_initialized and not self.skip_lora:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, "
                                "or set save_for_backward=False.")
-        self._check_tokens(hidden_states, expert_ids, weights)
+        self.check_tokens(hidden_states, expert_ids, weights)
         with self._state_lock:
             if save_for_backward and len(self._cache) >= self.max_cache_depth:
                 raise RuntimeError(f"Forward cache full (depth={len(self._cache)}, max={self.max_cache_depth}). "
@@ -304,11 +304,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             with torch.no_grad():
                 for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, lora_parts,
                                                                     saved.activations):
-                    parts.append(torch.ops.kt.moe_sft_backward(
-                        grad, saved.hidden_states, saved.expert_ids, saved.weights, experts.gate, experts.up,
-                        experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
-                        experts.weight_format, experts.intermediate_size, *loras, self.lora_scaling,
-                        gate_up_pre, lora_mid))
+                    parts.append(backward_op(grad, saved.hidden_states, saved.expert_ids, saved.weights, experts,
+                                             loras, self.lora_scaling, gate_up_pre, lora_mid,
+                                             lora_grads=not self.skip_lora))
             grad_input, grad_weights = parts[0][0], parts[0][1]
             if self.skip_lora:
                 for part in parts[1:]:

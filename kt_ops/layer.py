@@ -8,22 +8,10 @@ import torch
 from torch import nn
 
 from . import _C
-from .ops import WEIGHT_FORMATS, PackedExperts, check_has_data, moe_sft, pack_experts
-
-# The specification's SFT method names name the weight format; every one runs on every CPU (the
-# kernel ISA is chosen at run time). The format names themselves are accepted too.
-SFT_METHOD_FORMATS = {
-    "AMXBF16_SFT": "bf16",
-    "AMXINT8_SFT": "int8",
-    "AMXINT4_SFT": "int4",
-    "AMXINT4_1_SFT": "int4_1",
-    "AMXINT4_KGroup_SFT": "int4_kgroup",
-    "AMXINT4_1KGroup_SFT": "int4_1_kgroup",
-    **{fmt: fmt for fmt in WEIGHT_FORMATS},
-}
-
-_LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
-
+from .core.checks import check_has_data
+from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, lora_shapes
+from .core.packed import PackedExperts, pack_experts
+from .ops import moe_sft
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -60,17 +48,16 @@ class KTMoELayer(nn.Module):
             _C.set_num_threads(_positive_int(num_threads, "num_threads"))
         self.experts: Optional[PackedExperts] = None
 
-        E, H, I, r = self.num_experts, self.hidden_size, self.intermediate_size, self.lora_rank
-        if r:
-            shapes = ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))
-            for name, shape in zip(_LORA_NAMES, shapes):
+        if self.lora_rank:
+            shapes = lora_shapes(self.num_experts, self.hidden_size, self.intermediate_size, self.lora_rank)
+            for name, shape in zip(LORA_NAMES, shapes):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=lora_dtype)))
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """A like peft's kaiming-uniform(a=sqrt(5)) per expert (bound 1/sqrt(in_features)), B zero."""
         with torch.no_grad():
-            for name in _LORA_NAMES:
+            for name in LORA_NAMES:
                 param = getattr(self, name)
                 if name.endswith("_a"):
                     bound = 1.0 / math.sqrt(param.shape[2])
@@ -90,7 +77,7 @@ class KTMoELayer(nn.Module):
         self.experts = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
 
     def lora_parameters(self) -> Optional[tuple]:
-        return tuple(getattr(self, name) for name in _LORA_NAMES) if self.lora_rank else None
+        return tuple(getattr(self, name) for name in LORA_NAMES) if self.lora_rank else None
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:

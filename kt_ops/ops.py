@@ -7,105 +7,14 @@ activation checkpointing see every piece of state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library that defines torch.ops.kt)
-
-# bf16; int8 symmetric per row; int4 symmetric per row; int4_1 per row with zero point (scale, min);
-# int4_kgroup / int4_1_kgroup: the same per group of `group_size` along K (kt_ops_csrc/kernels/quant.h).
-WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
-GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup")
-
-
-@dataclass(frozen=True)
-class PackedExperts:
-    """Frozen base weights of E experts in a kernel layout (uint8 blobs, one row per expert)."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_scale: Optional[torch.Tensor]
-    up_scale: Optional[torch.Tensor]
-    down_scale: Optional[torch.Tensor]
-    weight_format: str
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
-
-    def nbytes(self) -> int:
-        tensors = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _check_expert_tensor(t: torch.Tensor, name: str, shape: Sequence[int], layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                 weight_format: str = "bf16", group_size: int = 128) -> PackedExperts:
-    """Pack (quantize) [E, I, H], [E, I, H], [E, H, I] expert weights of any float dtype into
-    `weight_format`; `group_size` applies to the K-group formats and must divide H and I."""
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-    if weight_format in GROUPED_FORMATS and (isinstance(group_size, bool) or not isinstance(group_size, int)):
-        raise TypeError(f"group_size must be an int, got {group_size!r}")
-    if not isinstance(gate_proj, torch.Tensor) or gate_proj.dim() != 3:
-        raise ValueError("gate_proj must be a 3-D tensor [num_experts, intermediate_size, hidden_size]")
-    E, I, H = gate_proj.shape
-    _check_expert_tensor(gate_proj, "gate_proj", (E, I, H), "[num_experts, intermediate_size, hidden_size]")
-    _check_expert_tensor(up_proj, "up_proj", (E, I, H), "[num_experts, intermediate_size, hidden_size]")
-    _check_expert_tensor(down_proj, "down_proj", (E, H, I), "[num_experts, hidden_size, intermediate_size]")
-    if weight_format in GROUPED_FORMATS:
-        for name, size in (("hidden_size", H), ("intermediate_size", I)):
-            if group_size < 2 or group_size % 2 or size % group_size:
-                raise ValueError(f"group_size {group_size} must be even and divide {name} ({size}) for "
-                                 f"weight_format {weight_format!r}; e.g. 32, 64 or 128")
-    packed = {}
-    with torch.no_grad():
-        for name, t in (("gate", gate_proj), ("up", up_proj), ("down", down_proj)):
-            blob, scales = torch.ops.kt.pack_weights(t.detach().cpu(), weight_format, int(group_size))
-            packed[name], packed[name + "_scale"] = blob, (scales if weight_format != "bf16" else None)
-    return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
-
-
-def pack_experts_from_codes(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
-                            down: Tuple[torch.Tensor, torch.Tensor], weight_format: str) -> PackedExperts:
-    """Experts that are already quantized (e.g. GGUF Q8_0 / Q4_0 / Q4_1 blocks), packed exactly:
-    each argument is (codes, scales) for [E, N, K] weights. Codes are integers: int8 formats hold
-    w = code * scale with code in [-128, 127]; 4-bit formats hold u in [0, 15] with
-    w = (u - 8) * scale (symmetric) or w = u * scale + min (zero point). Scales are [E, N, groups] or,
-    with a zero point, [E, N, groups, 2] = (scale, min); groups is 1 for the per-row formats and K /
-    group_size (even group size) for the K-group ones. Scales may be negative."""
-    if weight_format not in WEIGHT_FORMATS or weight_format == "bf16":
-        raise ValueError(f"weight_format must be a quantized format {WEIGHT_FORMATS[1:]}, got {weight_format!r}")
-    packed = {}
-    for name, pair in (("gate", gate), ("up", up), ("down", down)):
-        if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise TypeError(f"{name} must be a (codes, scales) tuple")
-        packed[name], packed[name + "_scale"] = torch.ops.kt.pack_codes(pair[0], pair[1], weight_format)
-    E, I, H = gate[0].shape
-    if tuple(up[0].shape) != (E, I, H) or tuple(down[0].shape) != (E, H, I):
-        raise ValueError(f"codes must be gate [E, I, H], up [E, I, H], down [E, H, I]; got {tuple(gate[0].shape)}, "
-                         f"{tuple(up[0].shape)}, {tuple(down[0].shape)}")
-    return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
-
-
-def unpack_experts(experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bf16 weights the kernels actually compute with (dequantized for quantized formats), as
-    [E, I, H], [E, I, H], [E, H, I]."""
-    unpack = torch.ops.kt.unpack_weights
-    H, I, fmt = experts.hidden_size, experts.intermediate_size, experts.weight_format
-    return (unpack(experts.gate, experts.gate_scale, fmt, I, H), unpack(experts.up, experts.up_scale, fmt, I, H),
-            unpack(experts.down, experts.down_scale, fmt, H, I))
-
+from .core.checks import check_has_data
+from .core.formats import LORA_NAMES, lora_shapes
+from .core.packed import PackedExperts
 
 def _accumulation_dtype(hidden_states: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
@@ -144,7 +53,7 @@ def _moe_sft_forward_fake(hidden_states, topk_ids, topk_weights, gate_weight, up
 def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
                            down_weight, gate_scale, up_scale, down_scale, weight_format, intermediate_size,
                            gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
-                           lora_scaling, gate_up_pre, lora_mid):
+                           lora_scaling, gate_up_pre, lora_mid, lora_grads=True):
     _check_same_device(hidden_states, grad_output=grad_output, topk_ids=topk_ids, topk_weights=topk_weights,
                        gate_weight=gate_weight, up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale,
                        up_scale=up_scale, down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
@@ -158,33 +67,52 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
 
 
 
-# Positions in the moe_sft_forward schema; the autograd formula returns one gradient per input.
-_NUM_FORWARD_INPUTS = 19
-_LORA_SLICE = slice(11, 17)
+# The op-call adapter: the only code that knows the order of the op schemas' arguments. Everything
+# else passes PackedExperts and the six LoRA tensors (LORA_NAMES order) to these two functions.
+def _expert_args(experts: PackedExperts) -> tuple:
+    return (experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
+            experts.weight_format, experts.intermediate_size)
 
 
-def _backward_from_saved(grad_output, saved, weight_format, intermediate_size, lora_scaling):
-    """moe_sft_backward on what forward saved; returns grads for hidden, topk_weights and 6 LoRA."""
-    (hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, gate_scale, up_scale,
-     down_scale, *rest) = saved
-    loras, (gate_up_pre, lora_mid) = rest[:6], rest[6:]
+def _experts_from_args(hidden_size: int, gate, up, down, gate_scale, up_scale, down_scale, weight_format,
+                       intermediate_size) -> PackedExperts:
+    return PackedExperts(gate, up, down, gate_scale, up_scale, down_scale, weight_format, gate.shape[0],
+                         hidden_size, intermediate_size)
+
+
+_NUM_EXPERT_ARGS = 8
+_FORWARD_LORA_POSITIONS = slice(3 + _NUM_EXPERT_ARGS, 3 + _NUM_EXPERT_ARGS + 6)
+_NUM_FORWARD_ARGS = 3 + _NUM_EXPERT_ARGS + 6 + 2
+
+
+def forward_op(hidden_states, topk_ids, topk_weights, experts: PackedExperts, loras: Sequence[torch.Tensor],
+               lora_scaling: float, save_for_backward: bool):
+    """kt::moe_sft_forward: (output, gate_up_pre, lora_mid); the last two are empty unless
+    save_for_backward, and are what backward_op needs besides the forward's inputs."""
+    return torch.ops.kt.moe_sft_forward(hidden_states, topk_ids, topk_weights, *_expert_args(experts), *loras,
+                                        float(lora_scaling), bool(save_for_backward))
+
+
+def backward_op(grad_output, hidden_states, topk_ids, topk_weights, experts: PackedExperts,
+                loras: Sequence[torch.Tensor], lora_scaling: float, gate_up_pre, lora_mid, lora_grads: bool = True):
+    """kt::moe_sft_backward: (grad hidden_states, grad topk_weights, six LoRA grads). With
+    lora_grads=False the LoRA gradients are not computed (zeros are returned in their place)."""
     if grad_output is None:
         grad_output = torch.zeros_like(hidden_states)
-    return torch.ops.kt.moe_sft_backward(
-        grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
-        gate_scale, up_scale, down_scale, weight_format, intermediate_size, *loras, lora_scaling,
-        gate_up_pre, lora_mid)
+    return torch.ops.kt.moe_sft_backward(grad_output, hidden_states, topk_ids, topk_weights, *_expert_args(experts),
+                                         *loras, float(lora_scaling), gate_up_pre, lora_mid, bool(lora_grads))
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, gate_scale, up_scale,
-     down_scale, weight_format, intermediate_size, *rest) = inputs
-    loras, lora_scaling, save_for_backward = rest[:6], rest[6], rest[7]
+    hidden_states, topk_ids, topk_weights = inputs[:3]
+    tensors, (weight_format, intermediate_size) = inputs[3:9], inputs[9:11]
+    lora_scaling, save_for_backward = inputs[_FORWARD_LORA_POSITIONS.stop:]
     _, gate_up_pre, lora_mid = output
-    ctx.save_for_backward(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
-                          gate_scale, up_scale, down_scale, *loras, gate_up_pre, lora_mid)
-    ctx.weight_format = weight_format
-    ctx.intermediate_size = intermediate_size
+    # The base weights go through save_for_backward too, so saved-tensor hooks (offloading,
+    # checkpointing) and torch.compile see every tensor backward reads.
+    ctx.save_for_backward(hidden_states, topk_ids, topk_weights, *tensors, *inputs[_FORWARD_LORA_POSITIONS],
+                          gate_up_pre, lora_mid)
+    ctx.weight_format, ctx.intermediate_size = weight_format, intermediate_size
     ctx.lora_scaling = lora_scaling
     ctx.saved_activations = save_for_backward
 
@@ -193,26 +121,20 @@ def _autograd_backward(ctx, grad_output, _grad_gate_up_pre, _grad_lora_mid):
     if not ctx.saved_activations:
         raise RuntimeError("kt::moe_sft_forward was called with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True (kt_ops.ops.moe_sft does)")
-    grads = _backward_from_saved(grad_output, ctx.saved_tensors, ctx.weight_format, ctx.intermediate_size,
-                                 ctx.lora_scaling)
-    result = [None] * _NUM_FORWARD_INPUTS
-    result[0], result[2] = grads[0], grads[1]
-    result[_LORA_SLICE] = grads[2:]
+    hidden_states, topk_ids, topk_weights, *rest = ctx.saved_tensors
+    experts = _experts_from_args(hidden_states.shape[1], *rest[:6], ctx.weight_format, ctx.intermediate_size)
+    loras, (gate_up_pre, lora_mid) = rest[6:12], rest[12:]
+    needs = ctx.needs_input_grad
+    grads = backward_op(grad_output, hidden_states, topk_ids, topk_weights, experts, loras, ctx.lora_scaling,
+                        gate_up_pre, lora_mid, lora_grads=any(needs[_FORWARD_LORA_POSITIONS]))
+    result = [None] * _NUM_FORWARD_ARGS
+    result[0] = grads[0] if needs[0] else None
+    result[2] = grads[1] if needs[2] else None
+    result[_FORWARD_LORA_POSITIONS] = [g if need else None for g, need in zip(grads[2:], needs[_FORWARD_LORA_POSITIONS])]
     return tuple(result)
 
 
 torch.library.register_autograd("kt::moe_sft_forward", _autograd_backward, setup_context=_setup_context)
-
-
-def check_has_data(**tensors) -> None:
-    """Inputs are copied to the CPU before the kernels run; a meta tensor has no data to copy, so it
-    is refused here by name instead of failing inside the copy ('Cannot copy out of meta tensor')."""
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor (shape only, no data); kt_ops computes on real tensors: "
-                             "pass a CPU (or accelerator) tensor")
 
 
 def _check_cpu_inputs(tensors: dict) -> None:
@@ -230,9 +152,8 @@ def lora_inputs(experts: PackedExperts, lora: Optional[Sequence[torch.Tensor]], 
         if len(lora) != 6:
             raise ValueError(f"lora must hold 6 tensors (gate_a, gate_b, up_a, up_b, down_a, down_b), got {len(lora)}")
         return tuple(lora)
-    E, H, I = experts.num_experts, experts.hidden_size, experts.intermediate_size
     dtype = torch.float32 if like.dtype == torch.bfloat16 else like.dtype
-    shapes = ((E, 0, H), (E, I, 0), (E, 0, H), (E, I, 0), (E, 0, I), (E, H, 0))
+    shapes = lora_shapes(experts.num_experts, experts.hidden_size, experts.intermediate_size, 0)
     return tuple(like.new_zeros(shape, dtype=dtype) for shape in shapes)
 
 
@@ -243,15 +164,11 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     check_has_data(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights)
     loras = lora_inputs(experts, lora, hidden_states)
     _check_cpu_inputs({"hidden_states": hidden_states, "topk_ids": topk_ids, "topk_weights": topk_weights,
-                       **dict(zip(("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
-                                   "down_lora_b"), loras))})
+                       **dict(zip(LORA_NAMES, loras))})
     if hidden_states.dim() != 2 or hidden_states.shape[1] != experts.hidden_size:
         raise ValueError(f"hidden_states must have shape [num_tokens, {experts.hidden_size}] to match the experts' "
                          f"hidden_size, got {tuple(hidden_states.shape)}")
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, topk_weights, *loras))
-    output, _, _ = torch.ops.kt.moe_sft_forward(
-        hidden_states, topk_ids, topk_weights, experts.gate, experts.up, experts.down, experts.gate_scale,
-        experts.up_scale, experts.down_scale, experts.weight_format, experts.intermediate_size, *loras,
-        float(lora_scaling), needs_grad)
+    output, _, _ = forward_op(hidden_states, topk_ids, topk_weights, experts, loras, lora_scaling, needs_grad)
     return output

@@ -171,7 +171,7 @@ def _packed_expert_bytes(hidden: int, intermediate: int, formats) -> dict:
     """Bytes of one expert packed in each format, measured by packing zeros of the real shape."""
     import torch
 
-    from .ops import pack_experts
+    from .core.packed import pack_experts
 
     sizes = {}
     gate = torch.zeros(1, intermediate, hidden, dtype=torch.bfloat16)
@@ -192,7 +192,7 @@ def plan_from_config(config: dict) -> MemoryPlan:
     """The memory plan for a validated kt-sft config (kt_ops.cli.load_config)."""
     from .integration import find_moe_experts
     from .integration.hf import KT_BACKENDS
-    from .layer import SFT_METHOD_FORMATS
+    from .core.formats import SFT_METHOD_FORMATS
 
     model_config = _load_model_config(config["model_name_or_path"])
     model = _meta_model(model_config)

@@ -1,5 +1,5 @@
 """Serving one MoE layer's CPU experts for an inference engine, with or without a fine-tuned MoE
-LoRA (spec 004 §2, §6; spec 000 §10.3-§10.4).
+LoRA.
 
     config = KTConfig(layer_idx=3, num_gpu_experts=0, cpuinfer_threads=32, threadpool_count=2,
                       weight_path="/kt/int8", chunked_prefill_size=8192,
@@ -15,7 +15,7 @@ LoRA (spec 004 §2, §6; spec 000 §10.3-§10.4).
 
 Without a MoE LoRA the layer runs an inference-mode wrapper (`method`, submit_forward/sync_forward).
 With one it runs an SFT-mode wrapper (`sft_method`) through forward_sft(save_for_backward=False).
-Unlike spec 004 §2.4, where LoRA mode computes inside sync(), submit() queues forward_sft on the
+LoRA mode does not compute inside sync(): submit() queues forward_sft on the
 process's CPUInfer thread, the one inference mode uses, so the CPU experts overlap the engine's GPU
 work in both modes and calls complete in submission order.
 """
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .convert_moe_lora import LORA_NAMES
+from .core.formats import LORA_NAMES
 from .experts import KTMoEWrapper
 
 __all__ = ["KTConfig", "KTEPWrapperMethod", "clear_moe_lora_cache", "get_sft_weight_path", "load_moe_lora_layer"]
@@ -52,7 +52,7 @@ def _path_field(value, name: str) -> None:
 
 @dataclass
 class KTConfig:
-    """The CPU-expert settings of one MoE layer (spec 004 §2.1 / §6.2).
+    """The CPU-expert settings of one MoE layer.
 
     lora_rank / lora_alpha default to None here (the spec has 16 / 32.0): None takes the values the
     converted MoE LoRA file records, which are the adapter's own. An explicit value must agree with
@@ -122,7 +122,7 @@ def _sft_weight_path_or_none(kt_config: KTConfig) -> Optional[str]:
 
 
 def get_sft_weight_path(kt_config: KTConfig) -> str:
-    """Where SFT mode reads base weights (spec 000 §10.4): the HuggingFace bf16 checkpoint
+    """Where SFT mode reads base weights: the HuggingFace bf16 checkpoint
     (`model_path`) for AMXBF16_SFT, the pre-quantized `weight_path` for the other SFT methods."""
     if not isinstance(kt_config, KTConfig):
         raise TypeError(f"kt_config must be a KTConfig, got {type(kt_config).__name__}")
@@ -195,10 +195,10 @@ def load_moe_lora_layer(path: str, layer_idx: int) -> Tuple[Dict[str, torch.Tens
 # ---- the engine-facing method ---------------------------------------------------------------------
 
 class KTEPWrapperMethod:
-    """One MoE layer's CPU experts, with the lifecycle an engine drives (spec 004 §2.2-§2.4):
+    """One MoE layer's CPU experts, with the lifecycle an engine drives:
     create_weights -> process_weights_after_loading -> (submit -> sync)*.
 
-    Only tensor-parallel rank 0 computes (as in spec 004): other ranks build nothing and sync()
+    Only tensor-parallel rank 0 computes: other ranks build nothing and sync()
     returns zeros, so summing over ranks counts the CPU experts once. Expert ids below
     `num_gpu_experts` are the engine's GPU experts and are skipped on the CPU in both modes; in LoRA
     mode that means the adapter's LoRA for those experts is the GPU side's business."""
@@ -221,7 +221,6 @@ class KTEPWrapperMethod:
         self.num_experts: Optional[int] = None
         self._weights_ready = False
         self._pending: List = []
-        self._gpu_mask: Optional[torch.Tensor] = None
 
     @property
     def lora_mode(self) -> bool:
@@ -286,7 +285,6 @@ class KTEPWrapperMethod:
             self.wrapper = KTMoEWrapper(**common, weight_path=_sft_weight_path_or_none(cfg), mode="sft",
                                         method=cfg.sft_method, lora_rank=rank, lora_alpha=alpha,
                                         max_cache_depth=1)  # serving never keeps a forward for backward
-            self._gpu_mask = torch.arange(num_experts) < cfg.num_gpu_experts
         else:
             weight_path = os.fspath(cfg.weight_path) if cfg.weight_path else None
             self.wrapper = KTMoEWrapper(**common, weight_path=weight_path, mode="inference", method=cfg.method,
@@ -357,13 +355,11 @@ class KTEPWrapperMethod:
         if not self.lora_mode:
             self.wrapper.submit_forward(hidden_states, topk_ids, topk_weights, cuda_stream)
             return
-        self.wrapper._check_tokens(hidden_states, topk_ids, topk_weights)
+        self.wrapper.check_tokens(hidden_states, topk_ids, topk_weights)
         # Copies, not views: the engine may reuse its input buffers before sync().
         x = hidden_states.detach().to("cpu", copy=True)
         ids = topk_ids.detach().to("cpu", copy=True)
         w = topk_weights.detach().to("cpu", copy=True)
-        if self._gpu_mask.any():
-            ids = torch.where(self._gpu_mask[ids.clamp(0, self.num_experts - 1).long()], torch.full_like(ids, -1), ids)
         self._pending.append(self.wrapper.cpu_infer.submit(self.wrapper.forward_sft, x, ids, w, False))
 
     def sync(self, x: torch.Tensor, cuda_stream=None) -> torch.Tensor:

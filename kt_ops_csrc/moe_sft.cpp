@@ -564,12 +564,13 @@ class Backward {
   }
 
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run(const Tensor& hidden,
-                                                                                   const Tensor& weights) {
+                                                                                   const Tensor& weights,
+                                                                                   bool compute_lora_grads) {
     if (r_ > 0) down_rank_grads();
     grad_h();
     through_activation();
     grad_hidden_pairs();
-    std::vector<Tensor> lora = lora_grads();
+    std::vector<Tensor> lora = lora_grads(compute_lora_grads);
     const auto opts = hidden.options().dtype(dtype());
     Tensor grad_hidden = at::empty({s_.T, H_}, opts);
     combine_rows<T>(s_, routing_, dx_pairs_.data(), H_, nullptr, grad_hidden);
@@ -685,13 +686,14 @@ class Backward {
     });
   }
 
-  // One task per (expert, matrix); B gradients are accumulated transposed ([r, out]).
-  std::vector<Tensor> lora_grads() {
+  // One task per (expert, matrix); B gradients are accumulated transposed ([r, out]). Zeros when the
+  // caller does not need them (a frozen adapter): autograd drops them anyway.
+  std::vector<Tensor> lora_grads(bool compute) {
     std::vector<Tensor> grads;
     const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
                                &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
     for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()).zero_());
-    if (r_ == 0) return grads;
+    if (r_ == 0 || !compute) return grads;
     const T* xp = x_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();
     const T* midp = mid_.data_ptr<T>();
@@ -756,10 +758,10 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
     const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
-    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid) {
+    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid, bool compute_lora_grads) {
   Backward<T> backward(s, grad_output, hidden, ids, weights, gate_w, up_w, down_w, lora_args, scaling, gate_up_pre,
                        lora_mid);
-  return backward.run(hidden, weights);
+  return backward.run(hidden, weights, compute_lora_grads);
 }
 
 // The few torch ops used inside the kernels (conversions, zero fills) must run inline: waking
@@ -822,7 +824,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const std::optional<Tensor>& down_scale, c10::string_view weight_format, int64_t intermediate_size,
     const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
-    const Tensor& lora_mid) {
+    const Tensor& lora_mid, bool lora_grads) {
   const InlineTorchOps inline_torch_ops;
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
@@ -844,9 +846,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   if (hidden_states.scalar_type() == at::kDouble)
     return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                                 lora_scaling, gate_up_pre, lora_mid);
+                                 lora_scaling, gate_up_pre, lora_mid, lora_grads);
   return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid);
+                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid, lora_grads);
 }
 
 }  // namespace kt

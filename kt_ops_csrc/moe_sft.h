@@ -24,6 +24,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const std::optional<Tensor>& down_scale, c10::string_view weight_format, int64_t intermediate_size,
     const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
-    const Tensor& lora_mid);
+    const Tensor& lora_mid, bool lora_grads);
 
 }  // namespace kt

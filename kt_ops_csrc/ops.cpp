@@ -18,7 +18,7 @@ TORCH_LIBRARY(kt, m) {
       "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor? gate_scale, Tensor? up_scale, "
       "Tensor? down_scale, str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, "
       "Tensor up_lora_a, Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, "
-      "Tensor gate_up_pre, Tensor lora_mid) -> (Tensor grad_hidden_states, Tensor grad_topk_weights, "
+      "Tensor gate_up_pre, Tensor lora_mid, bool lora_grads=True) -> (Tensor grad_hidden_states, Tensor grad_topk_weights, "
       "Tensor grad_gate_lora_a, Tensor grad_gate_lora_b, Tensor grad_up_lora_a, Tensor grad_up_lora_b, "
       "Tensor grad_down_lora_a, Tensor grad_down_lora_b)");
   m.def("pack_weights(Tensor weight, str weight_format, int group_size) -> (Tensor packed, Tensor scales)");

@@ -362,7 +362,7 @@ def test_packed_codes_run_through_the_op(isa):
     case = make_case(seed=5, T=6, E=3, k=2, H=64, I=64, r=2)
     pairs = [_random_codes("int8_kgroup", 3, n, k, k // 32, seed=i) for i, (n, k) in enumerate(((64, 64),) * 3)]
     pairs = [(c, s.abs() * 0.01) for c, s in pairs]
-    experts = kt_ops.ops.pack_experts_from_codes(*pairs, "int8_kgroup")
+    experts = kt_ops.core.packed.pack_experts_from_codes(*pairs, "int8_kgroup")
     out, grads = run_ops(case, experts)
     _compare_quantized(_dequantized_case(case, experts), out, grads, experts)
 

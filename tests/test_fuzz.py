@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kt_ops
-from kt_ops.ops import GROUPED_FORMATS, WEIGHT_FORMATS, unpack_experts
+from kt_ops.core.formats import GROUPED_FORMATS, WEIGHT_FORMATS
+from kt_ops.core.packed import unpack_experts
 from kt_ops.reference import moe_sft_reference
 
 EXAMPLES = int(os.environ.get("KT_OPS_FUZZ_EXAMPLES", "60"))

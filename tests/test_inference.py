@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kt_ops import KTMoEWrapper
-from kt_ops.ops import unpack_experts
+from kt_ops.core.packed import unpack_experts
 from kt_ops.reference import moe_sft_reference
 from kt_testing import assert_tight, rel_mae
 
@@ -137,7 +137,7 @@ def test_gguf_types_with_exact_codes(tmp_path, qtype, fmt):
 
 def test_gguf_block_decoding_matches_gguf_dequantize():
     """Our Q8_0 / Q4_0 / Q4_1 block readers against gguf's, on values with awkward signs and scales."""
-    from kt_ops.gguf_loader import _decode
+    from kt_ops.weights.gguf import _decode
     x = random_weights(3, (2, 3, 64), scale=3.0)
     x[0, 0, :32] = 0.0          # an all-zero block (d = 0)
     x[1, 2, 32:] = -np.abs(x[1, 2, 32:])
@@ -462,7 +462,7 @@ def test_checkpoint_methods_also_quantize_online(method, fmt):
 
 
 def test_gguf_decoding_in_expert_chunks_changes_nothing(tmp_path):
-    from kt_ops.gguf_loader import GGUFLoader
+    from kt_ops.weights.gguf import GGUFLoader
     write_gguf(tmp_path / "m.gguf", {"gate": T.Q4_K, "up": T.Q4_0, "down": T.Q6_K}, seed=8)
     loader = GGUFLoader(str(tmp_path / "m.gguf"))
     whole = loader.load_layer(0, E, H, I)[0]

@@ -17,12 +17,12 @@ VOCAB = 128
 
 
 def _expert_wrappers_of(model, layer_idx):
-    from kt_ops.integration.hf import _holder_of
+    from kt_ops.integration.hf import holder_of
     from kt_ops.integration.peft_lora import wrapper_chain
 
     for name, _, kt in kt_experts_modules(model):
         if kt.layer_idx == layer_idx:
-            holder, child = _holder_of(name)
+            holder, child = holder_of(name)
             return wrapper_chain(getattr(model.get_submodule(holder), child))[1]
     raise KeyError(layer_idx)
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import kt_ops
-from kt_ops.ops import unpack_experts
+from kt_ops.core.packed import unpack_experts
 from kt_ops.utils.loader import BF16SafeTensorLoader, SafeTensorLoader
-from kt_ops.utils import ktransformers as ktw
+from kt_ops.weights import ktransformers as ktw
 
 E, H, I, K = 4, 256, 256, 2
 

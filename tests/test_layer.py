@@ -338,3 +338,35 @@ def test_num_threads_one_vs_two_identical(isa):
     out2, grads2 = run_ops(case, experts)
     assert_same("output", out2, out1)
     assert_all_same(["hidden", "weights", *LORA_NAMES], grads2, grads1)
+
+
+def test_frozen_lora_gets_no_gradient_and_the_rest_is_unchanged():
+    """Autograd asks the backward op for LoRA gradients only when a LoRA tensor needs one: a frozen
+    adapter (training something else through the experts) skips that work, and the input and
+    routing-weight gradients stay bit-identical."""
+    layer, case = make_layer()
+    _, trained = layer_fwd_bwd(layer, case.hidden, case.ids, case.weights, case.grad_out)
+    for name in LORA_NAMES:
+        getattr(layer, name).requires_grad_(False)
+    hidden = case.hidden.detach().clone().requires_grad_(True)
+    weights = case.weights.detach().clone().requires_grad_(True)
+    out = layer(hidden, case.ids, weights)
+    out.backward(case.grad_out)
+    assert_all_same(["hidden", "weights"], [hidden.grad, weights.grad], trained[:2])
+    assert all(getattr(layer, name).grad is None for name in LORA_NAMES)
+
+
+def test_backward_op_skips_lora_gradients_on_request():
+    layer, case = make_layer()
+    loras = tuple(getattr(layer, name).detach() for name in LORA_NAMES)
+    out, gate_up_pre, lora_mid = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, layer.experts, loras,
+                                                       layer.lora_scaling, True)
+    args = (case.grad_out, case.hidden, case.ids, case.weights, layer.experts, loras, layer.lora_scaling,
+            gate_up_pre, lora_mid)
+    full = kt_ops.ops.backward_op(*args)
+    skipped = kt_ops.ops.backward_op(*args, lora_grads=False)
+    assert_all_same(["hidden", "weights"], skipped[:2], full[:2])
+    for name, grad, reference in zip(LORA_NAMES, skipped[2:], full[2:]):
+        assert grad.shape == reference.shape, name
+        assert not grad.any(), f"{name}: computed although lora_grads=False"
+        assert reference.any(), f"{name}: the full backward should have a nonzero gradient here"

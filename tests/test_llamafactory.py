@@ -54,7 +54,7 @@ def test_llamafactory_example_runs_unmodified(example, tmp_path, monkeypatch, ca
     config["model_name_or_path"] = _tiny_model_dir(ARCHITECTURES[example], tmp_path)
     config["output_dir"] = str(tmp_path / "out")
     if "kt_weight_path" in config:  # pre-converted routed experts of the model, in the format the config names
-        from kt_ops.convert_weights import convert_checkpoint
+        from kt_ops.weights.convert import convert_checkpoint
 
         convert_checkpoint(config["model_name_or_path"], str(tmp_path / "experts"), "AMXINT8_SFT")
         config["kt_weight_path"] = str(tmp_path / "experts")

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import kt_ops
-from kt_ops import convert_weights
-from kt_ops.convert_weights import MANIFEST_NAME, main
-from kt_ops.loaders import INDEX_NAME, BF16SafeTensorLoader, SafeTensorLoader
+from kt_ops.weights import convert as convert_weights
+from kt_ops.weights.convert import MANIFEST_NAME, main
+from kt_ops.weights.loaders import INDEX_NAME, BF16SafeTensorLoader, SafeTensorLoader
 
 E, H, I = 4, 64, 32
 MOE_LAYERS = (0, 2)  # layer 1 is dense, so moe_layers() must skip it

@@ -8,8 +8,8 @@ import torch
 
 from kt_ops.integration import apply_kt, find_moe_experts, from_pretrained
 from kt_ops.integration.tiny import tiny_model
-from kt_ops.ops import unpack_experts
-from kt_ops.utils import ktransformers as ktw
+from kt_ops.core.packed import unpack_experts
+from kt_ops.weights import ktransformers as ktw
 
 
 def save_sharded(model, path):

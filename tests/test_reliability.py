@@ -281,7 +281,7 @@ def _weights(seed, E=4, H=32, I=32):
 def test_cpu_save_keeps_other_layers_and_refuses_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
-    from kt_ops.packed_io import packed_layers
+    from kt_ops.weights.packed_io import packed_layers
 
     packed = tmp_path / "experts.safetensors"
     for layer in range(3):
@@ -425,7 +425,7 @@ def test_shared_wrapper_backward_from_a_third_thread_is_refused():
 # ---- 6. loads: all-or-nothing, metadata checked, sizes overflow-checked ---------------------------
 
 def _packed_file(tmp_path, I=64, fmt="bf16", layers=(0,)):
-    from kt_ops.packed_io import save_packed_experts
+    from kt_ops.weights.packed_io import save_packed_experts
 
     g = torch.Generator().manual_seed(0)
     E, H = 4, 32
@@ -453,7 +453,7 @@ def _rewrite_metadata(path, layer, **changes):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_kgroup"])
 def test_packed_metadata_smaller_than_the_tensors_is_refused(tmp_path, fmt):
-    from kt_ops.packed_io import load_packed_experts
+    from kt_ops.weights.packed_io import load_packed_experts
 
     path = _packed_file(tmp_path, I=64, fmt=fmt)
     _rewrite_metadata(path, 0, intermediate_size=63)   # packs to the same bytes as 64
@@ -462,7 +462,7 @@ def test_packed_metadata_smaller_than_the_tensors_is_refused(tmp_path, fmt):
 
 
 def test_packed_metadata_wrong_sizes_name_the_file_and_field(tmp_path):
-    from kt_ops.packed_io import load_packed_experts
+    from kt_ops.weights.packed_io import load_packed_experts
 
     path = _packed_file(tmp_path)
     _rewrite_metadata(path, 0, hidden_size=48)
@@ -477,7 +477,7 @@ def test_packed_metadata_wrong_sizes_name_the_file_and_field(tmp_path):
 
 
 def test_convert_needs_every_expert_when_the_count_is_known(tmp_path):
-    from kt_ops.convert_moe_lora import convert_moe_lora
+    from kt_ops.weights.moe_lora import convert_moe_lora
 
     adapter = _peft_adapter(tmp_path / "a.safetensors", E=8, skip=(7,))
     with pytest.raises(ValueError, match=r"expert\(s\) \[7\] have no LoRA"):
@@ -488,7 +488,7 @@ def test_convert_needs_every_expert_when_the_count_is_known(tmp_path):
 
 
 def test_convert_refuses_integer_lora(tmp_path):
-    from kt_ops.convert_moe_lora import convert_moe_lora
+    from kt_ops.weights.moe_lora import convert_moe_lora
 
     adapter = _peft_adapter(tmp_path / "a.safetensors", dtype=torch.int32)
     with pytest.raises(ValueError, match="must be floating point"):
@@ -526,8 +526,8 @@ def test_meta_inputs_are_named():
 
 
 def test_damaged_files_are_named_and_do_not_stop_other_layers(tmp_path):
-    from kt_ops.loaders import SafeTensorLoader
-    from kt_ops.packed_io import load_packed_experts, save_packed_experts
+    from kt_ops.weights.loaders import SafeTensorLoader
+    from kt_ops.weights.packed_io import load_packed_experts, save_packed_experts
 
     good = kt_ops.pack_experts(*_weights(0), "int8")
     folder = tmp_path / "converted"
@@ -597,7 +597,7 @@ def test_load_kt_adapter_is_all_or_nothing(tmp_path):
 def test_saved_adapter_records_the_expert_count_for_the_converter(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from kt_ops.convert_moe_lora import convert_moe_lora
+    from kt_ops.weights.moe_lora import convert_moe_lora
     from kt_ops.integration import save_kt_adapter
 
     save_kt_adapter(_tiny_kt_model(0), str(tmp_path))

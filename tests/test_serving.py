@@ -1,4 +1,4 @@
-"""Serving a fine-tuned MoE LoRA (spec 004): the PEFT -> kt conversion script and the engine-facing
+"""Serving a fine-tuned MoE LoRA: the PEFT -> kt conversion script and the engine-facing
 KTConfig / KTEPWrapperMethod lifecycle, on tiny adapters written into tmp_path."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from kt_ops import KTMoEWrapper
-from kt_ops.convert_moe_lora import convert_moe_lora, convert_peft_to_kt_format, main, parse_moe_key
+from kt_ops.weights.moe_lora import convert_moe_lora, convert_peft_to_kt_format, main, parse_moe_key
 from kt_ops.serving import (KTConfig, KTEPWrapperMethod, clear_moe_lora_cache, get_sft_weight_path,
                             load_moe_lora_layer)
 from kt_testing import LORA_NAMES, compare_with_reference, make_case, run_reference
@@ -84,7 +84,7 @@ def test_convert_stacks_each_expert_in_kt_orientation(tmp_path, naming, capsys):
                 assert stacked.dtype == torch.float32
                 for e in range(E):
                     assert torch.equal(stacked[e], written[(layer, e, proj, ab.upper())]), (layer, e, proj, ab)
-        # spec 000 §8 shapes
+        # A: [E, r, in], B: [E, out, r]
         assert tuple(got["gate_lora_a"].shape) == (E, R, H) and tuple(got["gate_lora_b"].shape) == (E, I, R)
         assert tuple(got["down_lora_a"].shape) == (E, R, I) and tuple(got["down_lora_b"].shape) == (E, H, R)
     meta = data["metadata"]
@@ -113,7 +113,7 @@ def test_alpha_sources_and_bf16_kept(tmp_path):
                                                                  "alpha_pattern": {r"experts\.\d+\.\w+_proj": 2}})
     stats = convert_moe_lora(weights, str(tmp_path / "p.pt"), config_path=config)
     assert stats["lora_alpha"] == 2.0 and stats["total_keys"] == 2 * E * 6
-    # no config: spec 004 §1's default
+    # no config: alpha defaults to 32
     assert convert_moe_lora(weights, str(tmp_path / "d.pt"))["lora_alpha"] == 32.0
 
 

@@ -124,8 +124,8 @@ def test_two_processes_share_one_copy_and_train_like_one(tmp_path):
 
 
 def test_mapped_experts_are_read_only_views(tmp_path):
-    from kt_ops.ops import pack_experts
-    from kt_ops.packed_io import load_packed_experts, save_packed_experts
+    from kt_ops.core.packed import pack_experts
+    from kt_ops.weights.packed_io import load_packed_experts, save_packed_experts
 
     g = torch.Generator().manual_seed(0)
     experts = pack_experts(torch.randn(2, 64, 64, generator=g), torch.randn(2, 64, 64, generator=g),
@@ -140,7 +140,7 @@ def test_mapped_experts_are_read_only_views(tmp_path):
     copied = load_packed_experts(path, 5)
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
         assert torch.equal(getattr(mapped, name), getattr(copied, name))
-    from kt_ops.packed_io import _mapped_file
+    from kt_ops.weights.packed_io import _mapped_file
     assert not _mapped_file(path)[0].flags.writeable  # mapped PROT_READ: a stray write faults
 
 

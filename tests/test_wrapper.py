@@ -1,4 +1,4 @@
-"""The specification's Python API (spec 000 §2–§8, spec 001 §2–§7, spec 003): KTMoEWrapper, the SFT
+"""The wrapper Python API: KTMoEWrapper, the SFT
 and inference wrappers, buffers, cache depth, the sub-pool split and the error table."""
 import threading
 import warnings
@@ -8,7 +8,8 @@ import torch
 
 import kt_ops
 from kt_ops import KExpertsSFTBuffer, KTMoEWrapper
-from kt_ops.experts_base import _MoEBase, intermediate_split
+from kt_ops.core.packed import intermediate_split
+from kt_ops.experts_base import _MoEBase
 from kt_testing import GRAD_NAMES, LORA_NAMES, assert_tight, make_case, run_ops, run_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:the process's CPUInfer already exists")
@@ -40,7 +41,7 @@ def wrapper_grads(wrapper, case):
 
 
 def test_spec_training_example_equals_the_ops_bit_for_bit():
-    """spec 001 §7.2 on small sizes: the wrapper is a thin layer, so its results are the ops' own."""
+    """On small sizes the wrapper is a thin layer, so its results are the ops' own."""
     case = make_case(seed=1, T=9, E=6, k=2, H=32, I=64, r=4)
     wrapper = loaded(case)
     out, grads = wrapper_grads(wrapper, case)
@@ -52,7 +53,7 @@ def test_spec_training_example_equals_the_ops_bit_for_bit():
 
 
 def test_spec_inference_example_with_bf16_lora():
-    """spec 000 §7.1: forward_sft(save_for_backward=False) with bf16 inputs and LoRA."""
+    """forward_sft(save_for_backward=False) with bf16 inputs and LoRA."""
     case = make_case(seed=2, T=5, E=4, k=2, H=32, I=32, r=4, hidden_dtype=torch.bfloat16)
     wrapper = loaded(case)
     out = wrapper.forward_sft(case.hidden, case.ids, case.weights, save_for_backward=False)
@@ -214,7 +215,7 @@ def test_cpu_infer_is_one_per_process():
     assert any("already exists" in str(w.message) for w in caught)
 
 
-# ---- spec 001 §6 error table -------------------------------------------------------------------
+# ---- misuse: each raises with a message that says what to do -------------------------------------------------------------------
 
 BASE = dict(layer_idx=0, num_experts=4, num_experts_per_tok=2, hidden_size=32, moe_intermediate_size=32,
             num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None, chunked_prefill_size=64)
@@ -371,7 +372,7 @@ def test_factory_routes_every_inference_method(method, cls):
         wrapper.forward(torch.zeros(1, 128), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
 
 
-# ---- file mode (spec 000 §10, spec 004 §6) ------------------------------------------------------
+# ---- file mode: base weights read from weight_path ------------------------------------------------------
 
 def file_case(layers, layer_idx, T=6, k=2, r=4, seed=20):
     from test_loaders import E, H, I

@@ -98,6 +98,17 @@ def unpack_experts(experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, 
             unpack(experts.down, experts.down_scale, fmt, H, I))
 
 
+def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and fp32 scales of [..., K] values per `group_size` columns (scale =
+    max |w| / 127, round to nearest even), the int8_kgroup rule, for pack_codes."""
+    *lead, K = values.shape
+    groups = values.float().reshape(*lead, K // group_size, group_size)
+    scales = groups.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.round(groups / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(*lead, K), scales
+
+
 def pack_codes_split(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
                      down: Tuple[torch.Tensor, torch.Tensor], weight_format: str, group_size: int,
                      split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..convert_moe_lora import NUM_EXPERTS_METADATA
-from .hf import _holder_of, kt_experts_modules
+from ..weights.moe_lora import NUM_EXPERTS_METADATA
+from .hf import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,7 +37,7 @@ _KT_PARAMS = (("gate_lora_a", "gate_lora_b"), ("up_lora_a", "up_lora_b"), ("down
 _GATE, _UP, _DOWN = 0, 1, 2
 
 
-def _is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
     except ImportError:
@@ -57,7 +57,7 @@ def _checkpoint_names(name: str, experts_module: nn.Module) -> tuple[str, tuple[
 def _expert_prefix(model: nn.Module, name: str, experts_module: nn.Module) -> str:
     """Key prefix of the unfused experts (`...layers.L.mlp.experts`) in peft's saved-adapter naming."""
     block, _ = _checkpoint_names(name, experts_module)
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         name = "base_model.model." + name
     parent, _, leaf = name.rpartition(".")
     holder = parent.rpartition(".")[0]
@@ -70,7 +70,7 @@ class _ExpertLoRA:
 
     def __init__(self, model: nn.Module, name: str, module: nn.Module, kt, adapter: Optional[str]):
         self.kt, self.module = kt, module
-        holder_name, child = _holder_of(name)
+        holder_name, child = holder_of(name)
         _, wrappers = wrapper_chain(getattr(model.get_submodule(holder_name), child))
         self.wrappers = {p: w for p, w in wrappers.items() if adapter in w.lora_A}
         self.adapter = adapter
@@ -143,9 +143,9 @@ def per_expert_layout_fits(model: nn.Module) -> bool:
     lora_alpha) on gate_up_proj and down_proj. Not so when a LoraConfig names the v4 expert projections
     (gate_proj / up_proj / down_proj, e.g. LLaMA-Factory's lora_target all): peft then gives the fused
     gate_up_proj twice the rank; model.save_pretrained (peft's own layout) holds that."""
-    adapter = model.active_adapter if _is_peft_model(model) else None
+    adapter = model.active_adapter if is_peft_model(model) else None
     for name, _, _ in kt_experts_modules(model):
-        holder_name, child = _holder_of(name)
+        holder_name, child = holder_of(name)
         _, wrappers = wrapper_chain(getattr(model.get_submodule(holder_name), child))
         if len(_wrapper_settings(wrappers, adapter)) > 1:
             return False
@@ -202,7 +202,7 @@ def _adapter_config(model: nn.Module, adapter: Optional[str]) -> dict:
 
     rank, alpha = _lora_settings(model, adapter)
     experts_regex = _expert_target_regex(model)
-    if _is_peft_model(model):
+    if is_peft_model(model):
         config = model.peft_config[adapter]
         if not isinstance(config, LoraConfig):
             raise TypeError(f"save_kt_adapter supports LoRA adapters, the model has a {type(config).__name__}")
@@ -275,7 +275,7 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     tensors = {}
-    adapter = model.active_adapter if _is_peft_model(model) else None
+    adapter = model.active_adapter if is_peft_model(model) else None
     if adapter is not None:
         from peft import get_peft_model_state_dict
 
@@ -317,13 +317,13 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     for key, value in state.items():
         if not value.is_floating_point():
             raise ValueError(f"{path}: {key} is {value.dtype}; LoRA weights must be floating point")
-    if not _is_peft_model(model) and any(not _is_per_expert_key(k) for k in state):
+    if not is_peft_model(model) and any(not _is_per_expert_key(k) for k in state):
         model = _wrap_for(model, os.fspath(adapter_directory), state)
-    adapter = (adapter_name or model.active_adapter) if _is_peft_model(model) else None
+    adapter = (adapter_name or model.active_adapter) if is_peft_model(model) else None
     expected = _expert_keys(model, adapter)
     per_expert = [k for k in expected if k in state]
     grouped: dict = {}
-    if per_expert or not _is_peft_model(model):
+    if per_expert or not is_peft_model(model):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise KeyError(f"{path} lacks {len(missing)} expert LoRA tensors the model needs, e.g. {missing[:3]}")
@@ -331,7 +331,7 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
             entry = grouped.setdefault((id(lora), expert), (lora, {}, []))
             entry[1].setdefault(proj, {})[part] = state.pop(key)
             entry[2].append(key)
-    if state and not _is_peft_model(model):
+    if state and not is_peft_model(model):
         raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
                          "load it with peft.PeftModel.from_pretrained(model, directory)")
     # A shape error can surface in the middle of the copies (or in peft's own load): every LoRA

@@ -16,16 +16,16 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..ops import unpack_experts
-from .hf import _holder_of, kt_experts_modules
+from ..core.packed import unpack_experts
+from .hf import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 
 def _base_and_adapters(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The transformers model inside `model` and the peft adapters whose LoRA is to be merged."""
-    from .adapter import _is_peft_model
+    from .adapter import is_peft_model
 
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         return model, []
     base = model.get_base_model()
     return base, list(model.active_adapters)
@@ -95,7 +95,7 @@ def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
     base, adapters = _base_and_adapters(model)
     kt_modules = {}
     for name, module, kt in kt_experts_modules(base):
-        holder_name, child = _holder_of(name)
+        holder_name, child = holder_of(name)
         _, wrappers = wrapper_chain(getattr(base.get_submodule(holder_name), child))
         kt_modules[id(module)] = (kt, wrappers)
     for name, module in base.named_modules():

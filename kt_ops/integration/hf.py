@@ -20,9 +20,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layer import _LORA_NAMES, SFT_METHOD_FORMATS, KTMoELayer
+from ..core.formats import LORA_NAMES, SFT_METHOD_FORMATS
+from ..core.runtime import set_num_threads
+from ..layer import KTMoELayer
 from ..ops import moe_sft
-from ..packed_io import load_packed_experts, packed_layers
+from ..reference import moe_loop
+from ..weights.packed_io import load_packed_experts, packed_layers
 from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, combined_lora,
                         install_kt_wrappers, peft_tuner, register_holder_hook)
 
@@ -40,7 +43,7 @@ KT_BACKENDS = {
     **{name: name for name in SFT_METHOD_FORMATS if name.endswith("_SFT")},
 }
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class KTExperts(KTMoELayer):
@@ -60,7 +63,7 @@ class KTExperts(KTMoELayer):
 
     def drop_lora(self) -> None:
         """Remove this layer's own LoRA (peft's adapters take over the expert LoRA)."""
-        for name in _LORA_NAMES:
+        for name in LORA_NAMES:
             if name in self._parameters:
                 del self._parameters[name]
         self.lora_rank = 0
@@ -102,27 +105,19 @@ def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
                          lora: Optional[tuple] = None) -> torch.Tensor:
     """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate;
     `lora` as for KTExperts.forward over these experts."""
-    out = torch.zeros_like(hidden_states)
     gate_up_w, down_w = module.kt_gpu_gate_up_proj, module.kt_gpu_down_proj
-    for expert in range(num_gpu_experts):
-        token_idx, slot = torch.where(top_k_index == expert)
-        if token_idx.numel() == 0:
-            continue
-        x = hidden_states[token_idx]
-        if module.is_transposed:
-            gate_up = x @ gate_up_w[expert]
-        else:
-            gate_up = nn.functional.linear(x, gate_up_w[expert])
+
+    def expert_fn(expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = x @ gate_up_w[expert] if module.is_transposed else nn.functional.linear(x, gate_up_w[expert])
         if lora is not None:
             ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
             gate_up = gate_up + torch.cat([(x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T], dim=-1)
         h = module._apply_gate(gate_up)
         y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
-        if lora is not None:
-            y = y + (h @ da.T) @ db.T
-        y = y * top_k_weights[token_idx, slot, None]
-        out = out.index_add(0, token_idx, y.to(out.dtype))
-    return out
+        return y + (h @ da.T) @ db.T if lora is not None else y
+
+    gpu_ids = torch.where(top_k_index < num_gpu_experts, top_k_index, -1)
+    return moe_loop(hidden_states, gpu_ids, top_k_weights, expert_fn)
 
 
 def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -149,7 +144,7 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     return out.to(hidden_states.dtype)
 
 
-def _register_kt_implementation() -> None:
+def register_kt_implementation() -> None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
     if ALL_EXPERTS_FUNCTIONS.get(KT_IMPLEMENTATION) is not kt_experts_forward:
@@ -174,7 +169,7 @@ def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _is_hf_experts(m)]
 
 
-def _check_convertible(name: str, module: nn.Module) -> None:
+def check_convertible(name: str, module: nn.Module) -> None:
     from transformers.integrations.moe import _default_apply_gate
 
     problems = []
@@ -285,18 +280,17 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         raise ValueError(f"apply_kt: the model is already converted (e.g. {already[0]}.kt_experts exists)")
     layer_of = {}
     for name, module in found:
-        _check_convertible(name, module)
+        check_convertible(name, module)
         if kt_num_gpu_experts >= module.num_experts:
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
                              f"experts of {name} ({module.num_experts})")
-        match = _LAYER_INDEX.search(name + ".")
+        match = LAYER_INDEX.search(name + ".")
         layer_of[name] = int(match.group(1)) if match else None
         if kt_weight_path is not None and layer_of[name] is None:
             raise ValueError(f"apply_kt: cannot tell the layer index of {name} to look it up in kt_weight_path")
 
-    _register_kt_implementation()
+    register_kt_implementation()
     if kt_num_threads is not None:
-        from .. import set_num_threads
 
         set_num_threads(kt_num_threads)
     method = KT_BACKENDS[kt_backend]
@@ -367,7 +361,7 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     module.kt_experts = kt
     module.config._experts_implementation = KT_IMPLEMENTATION
 
-    holder_name, child = _holder_of(name)
+    holder_name, child = holder_of(name)
     holder = model.get_submodule(holder_name)
     register_holder_hook(holder, child)
     install_kt_wrappers(holder, child)
@@ -387,7 +381,7 @@ def finish_kt_conversion(model: nn.Module, found: list[tuple[str, nn.Module]], k
         # get_peft_model came first: its adapters gain the expert LoRA now.
         add_expert_lora_to_peft_model(tuner, kt_targets, lora_rank, float(lora_alpha))
         for name, _ in found:
-            holder_name, child = _holder_of(name)
+            holder_name, child = holder_of(name)
             install_kt_wrappers(model.get_submodule(holder_name), child)
     elif lora_rank:
         # A later peft.get_peft_model stores its LoraConfig here: it gains the experts and the
@@ -442,7 +436,7 @@ def _placeholders_not_missing(module, incompatible_keys):
         missing.remove(key)
 
 
-def _holder_of(name: str) -> tuple[str, str]:
+def holder_of(name: str) -> tuple[str, str]:
     """(name of the module holding the experts module, attribute name) with peft's `.base_layer` removed."""
     plain = name.replace(".base_layer", "")
     holder, _, child = plain.rpartition(".")
@@ -466,6 +460,6 @@ def kt_expert_wrappers(model: nn.Module) -> list[nn.Module]:
 
     wrappers = []
     for name, _, _ in kt_experts_modules(model):
-        holder_name, child = _holder_of(name)
+        holder_name, child = holder_of(name)
         wrappers.extend(wrapper_chain(getattr(model.get_submodule(holder_name), child))[1].values())
     return wrappers

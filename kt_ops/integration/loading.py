@@ -28,9 +28,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..layer import SFT_METHOD_FORMATS
-from ..ops import GROUPED_FORMATS, PackedExperts
-from .hf import (KT_BACKENDS, KTExperts, _check_convertible, _LAYER_INDEX, _register_kt_implementation,
+from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
+from ..core.packed import PackedExperts
+from ..core.runtime import set_num_threads
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -116,7 +117,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_of, dtype: torch.dtype) -> None:
     """Read every non-expert tensor of `path`'s shards into the meta model, one file at a time."""
-    from ..loaders import SafeTensorLoader
+    from ..weights.loaders import SafeTensorLoader
 
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     wanted = {n for n in names if not n.startswith(skip_prefixes)}
@@ -126,10 +127,10 @@ def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_
     for key in loader.keys():
         target = _model_key(key, wanted, rename)
         if target is not None:
-            by_file.setdefault(loader._key_to_file[key], []).append((key, target))
+            by_file.setdefault(loader.key_to_file[key], []).append((key, target))
     for file_keys in by_file.values():
         targets = dict(file_keys)
-        for key, tensor in loader._iter_tensors(targets, "cpu"):
+        for key, tensor in loader.iter_tensors(targets, "cpu"):
             current = model.get_parameter_or_buffer(targets[key]) if hasattr(model, "get_parameter_or_buffer") \
                 else None
             if current is not None and tuple(current.shape) != tuple(tensor.shape):
@@ -170,8 +171,8 @@ class _ExpertSource:
     """Where a layer's routed experts come from, decided once per checkpoint."""
 
     def __init__(self, path: str):
-        from ..loaders import BF16SafeTensorLoader, SafeTensorLoader
-        from ..utils.ktransformers import KTWeightDirectory, is_kt_directory
+        from ..weights.ktransformers import KTWeightDirectory, is_kt_directory
+        from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
 
         self.path = path
         self.kt = KTWeightDirectory(path) if is_kt_directory(path) else None
@@ -185,15 +186,15 @@ class _ExpertSource:
                 self.hf = BF16SafeTensorLoader(path)
                 first = self.hf.moe_layers()[:1]
                 if first and self._is_fp8(first[0]):
-                    from ..native_loaders import NativeCheckpoint
+                    from ..weights.native import NativeCheckpoint
                     self.fp8 = NativeCheckpoint(path, "FP8")
 
     def _is_fp8(self, layer: int) -> bool:
-        layout = self.hf._resolve(f"model.layers.{layer}")
+        layout = self.hf.resolve_layout(f"model.layers.{layer}")
         key = layout.keys[0] if layout.fmt == "fused" else layout.keys[0][0]
-        file = self.hf._key_to_file[key]
-        from ..loaders import _safe_open
-        with _safe_open(file) as f:
+        file = self.hf.key_to_file[key]
+        from ..weights.loaders import safe_open
+        with safe_open(file) as f:
             return f.get_slice(key).get_dtype() in ("F8_E4M3", "F8_E5M2")
 
     def is_quantized_source(self) -> bool:
@@ -217,7 +218,7 @@ class _ExpertSource:
         [n, I, H], down [n, H, I]). Per-expert keys are read a chunk at a time; a fused tensor is
         one tensor, read once."""
         base = f"model.layers.{layer}"
-        if self.hf._resolve(base).fmt == "fused":
+        if self.hf.resolve_layout(base).fmt == "fused":
             whole = self.hf.load_projection(base, projection)
             return lambda lo, hi: whole[lo:hi]
         return lambda lo, hi: self.hf.load_projection(base, projection, experts=range(lo, hi))
@@ -296,7 +297,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:
         try:
-            _check_convertible(name, module)
+            check_convertible(name, module)
         except ValueError as e:
             if "meta device" not in str(e):  # the experts are meta on purpose: they are streamed below
                 raise
@@ -308,9 +309,8 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     expert_params = tuple(f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj"))
     _load_non_experts(model, path, expert_params, device_of, dtype)
 
-    _register_kt_implementation()
+    register_kt_implementation()
     if kt_num_threads is not None:
-        from .. import set_num_threads
         set_num_threads(kt_num_threads)
     source = _ExpertSource(os.fspath(kt_weight_path) if kt_weight_path is not None else path)
     if kt_num_gpu_experts and source.is_quantized_source():
@@ -320,7 +320,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     N = kt_num_gpu_experts
     layers = []
     for name, module in found:
-        match = _LAYER_INDEX.search(name + ".")
+        match = LAYER_INDEX.search(name + ".")
         if match is None:
             raise ValueError(f"from_pretrained: cannot tell the layer index of {name}")
         layers.append((name, module, int(match.group(1))))
@@ -370,7 +370,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             raise ValueError("kt_shared_experts shares the CPU experts; it cannot be combined with kt_num_gpu_experts")
         if not os.path.exists(shared) and _local_rank() == 0:
             # The node's writer packs once and writes the file; every process then maps it.
-            from ..packed_io import save_packed_experts
+            from ..weights.packed_io import save_packed_experts
             save_packed_experts(shared, {layer: build(name, module, layer)[0].experts
                                          for name, module, layer in layers})
         _barrier()
@@ -410,7 +410,7 @@ def _barrier() -> None:
 
 def _mapped_kt_experts(path: str, layer: int, shape, kt_backend: str, lora_rank: int, lora_alpha: float,
                        lora_dtype: torch.dtype) -> KTExperts:
-    from ..packed_io import load_packed_experts
+    from ..weights.packed_io import load_packed_experts
 
     packed = load_packed_experts(path, layer, mmap=True)
     got = (packed.num_experts, packed.hidden_size, packed.intermediate_size)
@@ -428,7 +428,7 @@ def share_kt_experts(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modu
     converted by apply_kt or from_pretrained): local rank 0 writes them to `path` (unless it exists),
     then every process maps the file shared and drops its own copy. With torch.distributed
     initialised the other processes wait for the file. LoRA parameters are untouched."""
-    from ..packed_io import load_packed_experts, save_packed_experts
+    from ..weights.packed_io import load_packed_experts, save_packed_experts
     from .hf import kt_experts_modules
 
     path = os.fspath(path)

@@ -17,27 +17,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..experts_base import (BaseMoEWrapper, _check_expert_map, _permute_packed, forward_parts,
-                            intermediate_split, pack_split, resplit_packed)
-from ..ops import PackedExperts, check_has_data
-
-INFERENCE_FORMATS = {"AMXINT4": "int4", "AMXINT8": "int8", "MOE_INT4": "int4", "MOE_INT8": "int8"}
-
-
-def pack_codes_split(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
-                     down: Tuple[torch.Tensor, torch.Tensor], weight_format: str, group_size: int,
-                     split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
-    """pack_experts_from_codes per intermediate range: gate/up rows lo:hi, down columns lo:hi (and
-    its scale groups lo/g:hi/g), so every part stays exact."""
-    from ..ops import pack_experts_from_codes
-    if len(split) == 1:
-        return [pack_experts_from_codes(gate, up, down, weight_format)]
-    parts = []
-    for lo, hi in split:
-        rows = lambda pair: (pair[0][:, lo:hi], pair[1][:, lo:hi])  # noqa: E731
-        cols = (down[0][:, :, lo:hi], down[1][:, :, lo // group_size:hi // group_size])
-        parts.append(pack_experts_from_codes(rows(gate), rows(up), cols, weight_format))
-    return parts
+from ..core.checks import check_has_data
+from ..core.formats import INFERENCE_FORMATS
+from ..core.packed import (PackedExperts, check_expert_map, intermediate_split, pack_experts, pack_split,
+                           permute_packed, resplit_packed)
+from ..experts_base import BaseMoEWrapper, forward_parts
+from ..weights.loaders import SafeTensorLoader, load_kt_layer_parts
 
 
 class AMXMoEWrapper(BaseMoEWrapper):
@@ -70,31 +55,29 @@ class AMXMoEWrapper(BaseMoEWrapper):
                                   physical_to_logical_map_cpu: torch.Tensor) -> None:
         """Quantize [E, I, H], [E, I, H], [E, H, I] logical-expert weights online. With cpu_save the
         quantized form is also written to `weight_path`, so the next start loads it."""
-        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         parts = pack_split(gate_proj, up_proj, down_proj, self.weight_format, self.group_size, self.split)
         if self.cpu_save:
-            from ..packed_io import save_packed_layer
+            from ..weights.packed_io import save_packed_layer
             if not self.weight_path:
                 raise ValueError("cpu_save=True needs weight_path: the quantized experts are written there")
             full = parts[0] if len(parts) == 1 else None
             if full is None:
-                from ..ops import pack_experts
                 full = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
             save_packed_layer(self.weight_path, self.layer_idx, full)
         self._set_parts(parts, mapping)
 
     def _set_parts(self, parts: Sequence[PackedExperts], mapping: torch.Tensor) -> None:
-        self.experts_parts = [_permute_packed(part, mapping) for part in parts]
+        self.experts_parts = [permute_packed(part, mapping) for part in parts]
         self.weight_format = parts[0].weight_format
 
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Load layer `layer_idx` of the pre-quantized form at `weight_path` (kt_ops' own, or a
         KTransformers INT8/INT4 conversion); no map means identity."""
-        from ..loaders import SafeTensorLoader, load_kt_layer_parts
 
         if physical_to_logical_map_cpu is None:
             physical_to_logical_map_cpu = torch.arange(self.num_experts)
-        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: call load_weights_from_tensors() instead, or create the "
                                "wrapper with weight_path")

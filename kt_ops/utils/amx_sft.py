@@ -1,4 +1,4 @@
-"""AMXSFTMoEWrapper: every SFT method of spec 000 §3.3 on the kt_ops kernels. The name is kept for
+"""AMXSFTMoEWrapper: every SFT method (kt_ops.core.formats.SFT_METHODS) on the kt_ops kernels. The name is kept for
 compatibility; the kernels run on any x86 CPU (AMX, AVX-512, AVX2 or the reference), chosen at run
 time."""
 from __future__ import annotations
@@ -7,17 +7,10 @@ from typing import Optional
 
 import torch
 
-from ..experts_base import (_check_expert_map, _permute_packed, intermediate_split, pack_split,
-                            resplit_packed)
+from ..core.formats import SFT_METHOD_FORMATS, SFT_METHODS, SKIP_LORA_METHODS, SKIP_LORA_SUFFIX
+from ..core.packed import check_expert_map, intermediate_split, pack_split, permute_packed, resplit_packed
 from ..experts_sft import BaseSFTMoEWrapper
-from ..layer import SFT_METHOD_FORMATS
-
-SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-               "AMXINT4_1KGroup_SFT")
-# kt-kernel's SkipLoRA variants: the frozen base's forward and backward (grad_input and the routing
-# weights' gradient) without any LoRA term; init_lora_weights is not needed.
-SKIP_LORA_SUFFIX = "_SkipLoRA"
-SKIP_LORA_METHODS = tuple(m + SKIP_LORA_SUFFIX for m in SFT_METHODS)
+from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader, load_kt_layer_parts
 
 
 class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
@@ -36,7 +29,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         self.method = method
         self.skip_lora = method.endswith(SKIP_LORA_SUFFIX)
         self.weight_format = SFT_METHOD_FORMATS[method.removesuffix(SKIP_LORA_SUFFIX)]
-        # zero_point is spec 000 §3.2's switch for the K-group family; the method name already says
+        # zero_point is kt-kernel's switch for the K-group family; the method name already says
         # which variant (AMXINT4_KGroup_SFT symmetric, AMXINT4_1KGroup_SFT with zero point), so it
         # is recorded, not second-guessed.
         self.group_size = group_size
@@ -69,7 +62,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         followed by load_weights(map) loads once."""
         if physical_to_logical_map_cpu is None:
             physical_to_logical_map_cpu = torch.arange(self.num_experts)
-        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if self._weights_loaded and self.gate_proj is None:
             return
         if self.gate_proj is not None:
@@ -82,13 +75,12 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         else:
             raise RuntimeError("weight_path is not set and no tensors were given: call load_weights_from_tensors() "
                                "first, or create the wrapper with weight_path")
-        self.experts_parts = [_permute_packed(part, mapping) for part in parts]
+        self.experts_parts = [permute_packed(part, mapping) for part in parts]
         self.physical_to_logical_map = mapping
         if self._lora_initialized:
             self._sync_lora(force=True)
 
     def _load_base_weights_from_file(self):
-        from ..loaders import BF16SafeTensorLoader, SafeTensorLoader, load_kt_layer_parts
 
         kt_parts = load_kt_layer_parts(self.weight_path, self.layer_idx, self.weight_format, self.split,
                                        self.group_size, (self.num_experts, self.hidden_size,

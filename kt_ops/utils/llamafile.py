@@ -1,5 +1,5 @@
 """LlamafileMoEWrapper (method LLAMAFILE): inference on experts read from GGUF files. The GGUF types
-map to kernel formats as kt_ops.gguf_loader documents (Q8_0 / Q4_0 / Q4_1 / Q8_K exactly, the other
+map to kernel formats as kt_ops.weights.gguf documents (Q8_0 / Q4_0 / Q4_1 / Q8_K exactly, the other
 K-quants requantized, float types as bf16); forward, submit_forward/sync_forward, chunked prefill,
 GPU experts and deferred experts are AMXMoEWrapper's."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from ..experts_base import _check_expert_map
+from ..core.packed import check_expert_map
+from ..weights.gguf import GGUFLoader
 from .amx import AMXMoEWrapper
 
 
@@ -28,11 +29,10 @@ class LlamafileMoEWrapper(AMXMoEWrapper):
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
         """Read blk.{layer_idx}.ffn_{gate,up,down}_exps.weight from the .gguf file or directory of
         .gguf files at `weight_path`; no map means identity (as kt-kernel)."""
-        from ..gguf_loader import GGUFLoader
 
         if physical_to_logical_map_cpu is None:
             physical_to_logical_map_cpu = torch.arange(self.num_experts)
-        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: create the wrapper with weight_path naming a .gguf file or "
                                "a directory of them, or call load_weights_from_tensors()")

@@ -1,12 +1,13 @@
 """NativeMoEWrapper (methods FP8 and RAWINT4): inference on the pre-quantized experts of a
-HuggingFace safetensors checkpoint at `weight_path` (kt_ops.native_loaders documents the layouts and
+HuggingFace safetensors checkpoint at `weight_path` (kt_ops.weights.native documents the layouts and
 how each becomes a kernel format). Forward, submit_forward/sync_forward, chunked prefill, GPU experts
 and deferred experts are AMXMoEWrapper's."""
 from __future__ import annotations
 
 import torch
 
-from ..experts_base import _check_expert_map
+from ..core.packed import check_expert_map
+from ..weights.native import NativeCheckpoint
 from .amx import AMXMoEWrapper
 
 
@@ -26,9 +27,8 @@ class NativeMoEWrapper(AMXMoEWrapper):
     def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
         """Read layer `layer_idx`'s experts from the checkpoint (file, directory or index.json) at
         `weight_path`."""
-        from ..native_loaders import NativeCheckpoint
 
-        mapping = _check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: create the wrapper with weight_path naming the checkpoint, "
                                "or call load_weights_from_tensors()")

@@ -35,12 +35,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.formats import PROJECTIONS
+from ..core.packed import pack_experts_from_codes, pack_split, unpack_experts
+
 N_STEP = 32
 K_BLOCK = 3584
 TILE_BYTES = 64  # bytes of one k step in the byte matrix
 N_BLOCK = {"INT8": 64, "INT4": 128}
 KT_METHODS = ("INT8", "INT4")
-PROJECTIONS = ("gate", "up", "down")
 
 WEIGHT_KEY = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d+)\.(weight|scale|qzeros)")
 KT_FILE = re.compile(r"(INT8|INT4|BF16|[A-Z0-9_]+?)_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt")
@@ -217,7 +219,6 @@ class KTLayer:
     def packed_parts(self, experts: Optional[Sequence[int]] = None):
         """One PackedExperts per NUMA part (kt_ops `int8` / `int4`, code for code), experts in
         the order given (default: all, logical order)."""
-        from ..ops import pack_experts_from_codes
 
         experts = list(range(self.num_experts)) if experts is None else list(experts)
         fmt = "int8" if self.method == "INT8" else "int4"
@@ -228,7 +229,6 @@ class KTLayer:
         """One PackedExperts for the whole layer. One part: `int8` / `int4`. Several: down's scales
         differ per part, so the layer is stored as `int8_kgroup` / `int4_kgroup` with one group per
         row for gate/up and one per part for down: still code for code."""
-        from ..ops import pack_experts_from_codes
 
         experts = list(range(self.num_experts)) if experts is None else list(experts)
         if self.num_parts == 1:
@@ -248,7 +248,7 @@ def is_kt_directory(path) -> bool:
         return False
     if glob.glob(os.path.join(path, "_layer_*", "_numa_*", "*.kt")):
         return True
-    from ..loaders import SafeTensorLoader
+    from .loaders import SafeTensorLoader
 
     try:
         keys = SafeTensorLoader(path).keys()
@@ -261,7 +261,7 @@ class KTWeightDirectory:
     """Reads layers of a KTransformers converted directory, one layer at a time."""
 
     def __init__(self, path, loader=None):
-        from ..loaders import SafeTensorLoader
+        from .loaders import SafeTensorLoader
 
         self.path = os.fspath(path)
         self._kt_folders = sorted(glob.glob(os.path.join(self.path, "_layer_*")))
@@ -295,7 +295,7 @@ class KTWeightDirectory:
         if keys is None:
             raise KeyError(f"layer {layer_idx} (blk.{layer_idx}.ffn_*_exps.*) is not in {self.path}; "
                            f"available layers: {self.layers()}")
-        loaded = dict(self.loader._iter_tensors(keys.values(), "cpu"))
+        loaded = dict(self.loader.iter_tensors(keys.values(), "cpu"))
         tensors: Dict[Tuple[str, int, int], list] = {}
         for (proj, e, part, kind), key in keys.items():
             tensors.setdefault((proj, e, part), [None, None])[kind == "scale"] = loaded[key]
@@ -347,8 +347,6 @@ def layer_parts(layer: KTLayer, weight_format: str, split: Sequence[Tuple[int, i
     is requantized (with a warning) from the stored values."""
     import warnings
 
-    from ..experts_base import pack_split
-    from ..ops import unpack_experts
 
     got = (layer.num_experts, layer.hidden_size, layer.intermediate_size)
     if got != tuple(shape):

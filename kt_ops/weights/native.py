@@ -19,22 +19,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .loaders import SafeTensorLoader, _candidate_bases
-from .ops import PackedExperts
+from ..core.formats import PROJECTIONS
+from ..core.packed import PackedExperts, pack_codes_split, quantize_int8_groups
+from .loaders import SafeTensorLoader, candidate_bases
 
 FP8_BLOCK = 128
-_PROJ = ("gate", "up", "down")
-
-
-def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and fp32 scales of [..., K] values per `group_size` columns (scale =
-    max |w| / 127, round to nearest even), the int8_kgroup rule, for pack_codes."""
-    *lead, K = values.shape
-    groups = values.float().reshape(*lead, K // group_size, group_size)
-    scales = groups.abs().amax(dim=-1) / 127.0
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    codes = torch.round(groups / safe[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes.reshape(*lead, K), scales
 
 
 class NativeCheckpoint:
@@ -49,7 +38,7 @@ class NativeCheckpoint:
         self._suffixes = ("weight", "weight_scale_inv") if method == "FP8" else ("weight_packed", "weight_scale")
 
     def _base(self, layer_idx: int) -> str:
-        for base in _candidate_bases(f"model.layers.{layer_idx}"):
+        for base in candidate_bases(f"model.layers.{layer_idx}"):
             if self.loader.has_tensor(f"{base}.mlp.experts.0.gate_proj.{self._suffixes[0]}"):
                 return base
         raise ValueError(f"{self.path} has no {self.method} experts for layer {layer_idx}: expected "
@@ -57,7 +46,7 @@ class NativeCheckpoint:
                          f"{{{','.join(self._suffixes)}}}")
 
     def _expert(self, base: str, expert: int) -> Dict[str, Dict[str, torch.Tensor]]:
-        keys = {f"{base}.mlp.experts.{expert}.{p}_proj.{s}": (p, s) for p in _PROJ for s in self._suffixes}
+        keys = {f"{base}.mlp.experts.{expert}.{p}_proj.{s}": (p, s) for p in PROJECTIONS for s in self._suffixes}
         missing = [k for k in keys if not self.loader.has_tensor(k)]
         if missing:
             raise ValueError(f"{self.path} lacks {missing[0]!r} (layer {base}, expert {expert}); was the wrapper "
@@ -68,10 +57,10 @@ class NativeCheckpoint:
                 raise ValueError(f"{self.path} has {asymmetric!r}: asymmetric int4 is not supported by RAWINT4, "
                                  "which reads symmetric pack-quantized int4 (no zero point)")
             # optional: checked against the wrapper's shape when present
-            keys.update({f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape") for p in _PROJ
+            keys.update({f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape") for p in PROJECTIONS
                          if self.loader.has_tensor(f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape")})
-        out: Dict[str, Dict[str, torch.Tensor]] = {p: {} for p in _PROJ}
-        for key, tensor in self.loader._iter_tensors(keys, "cpu"):
+        out: Dict[str, Dict[str, torch.Tensor]] = {p: {} for p in PROJECTIONS}
+        for key, tensor in self.loader.iter_tensors(keys, "cpu"):
             p, s = keys[key]
             out[p][s] = tensor
         return out
@@ -111,11 +100,11 @@ class NativeCheckpoint:
         base = self._base(layer_idx)
         fmt = "int8_kgroup" if self.method == "FP8" else "int4_kgroup"
         shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
-        codes = {p: [] for p in _PROJ}
-        scales = {p: [] for p in _PROJ}
+        codes = {p: [] for p in PROJECTIONS}
+        scales = {p: [] for p in PROJECTIONS}
         for e in range(E):
             tensors = self._expert(base, e)
-            for p in _PROJ:
+            for p in PROJECTIONS:
                 key = f"{base}.mlp.experts.{e}.{p}_proj"
                 t = tensors[p]
                 if self.method == "FP8":
@@ -128,6 +117,5 @@ class NativeCheckpoint:
                     c, s = self._int4_codes(key, t["weight_packed"], t["weight_scale"], shapes[p], group_size)
                 codes[p].append(c)
                 scales[p].append(s)
-        from .utils.amx import pack_codes_split
-        stacked = {p: (torch.stack(codes[p]), torch.stack(scales[p])) for p in _PROJ}
+        stacked = {p: (torch.stack(codes[p]), torch.stack(scales[p])) for p in PROJECTIONS}
         return pack_codes_split(stacked["gate"], stacked["up"], stacked["down"], fmt, group_size, split)

@@ -20,10 +20,10 @@ from typing import Mapping
 
 import torch
 
-from . import _C
-from .ops import WEIGHT_FORMATS, PackedExperts
+from .. import _C
+from ..core.formats import PROJECTIONS, WEIGHT_FORMATS
+from ..core.packed import PackedExperts
 
-_PROJECTIONS = ("gate", "up", "down")
 _METADATA_KEY = "kt_ops.layers"
 
 
@@ -32,7 +32,7 @@ _PANEL_ROWS = 16  # rows are packed in panels of 16; a matrix's last panel is ze
 _save_lock = threading.Lock()
 
 
-def _key(layer_idx: int, projection: str, kind: str) -> str:
+def packed_key(layer_idx: int, projection: str, kind: str) -> str:
     return f"blk.{layer_idx}.ffn_{projection}_exps.{kind}"
 
 
@@ -48,11 +48,11 @@ def save_packed_experts(path: str, layers: Mapping[int, PackedExperts], overwrit
     for layer_idx, experts in layers.items():
         if not isinstance(experts, PackedExperts):
             raise TypeError(f"layers[{layer_idx}] must be a PackedExperts, got {type(experts).__name__}")
-        for projection in _PROJECTIONS:
-            tensors[_key(layer_idx, projection, "weight")] = getattr(experts, projection).contiguous()
+        for projection in PROJECTIONS:
+            tensors[packed_key(layer_idx, projection, "weight")] = getattr(experts, projection).contiguous()
             scale = getattr(experts, projection + "_scale")
             if scale is not None:
-                tensors[_key(layer_idx, projection, "scale")] = scale.contiguous()
+                tensors[packed_key(layer_idx, projection, "scale")] = scale.contiguous()
         meta[str(layer_idx)] = {"weight_format": experts.weight_format, "num_experts": experts.num_experts,
                                 "hidden_size": experts.hidden_size, "intermediate_size": experts.intermediate_size}
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -149,11 +149,11 @@ def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
         blob = fields[projection]
         expected = (E, _C.packed_bytes(fmt, rows, cols))
         if blob.dtype != torch.uint8 or tuple(blob.shape) != expected:
-            raise ValueError(f"{where}: {_key(layer_idx, projection, 'weight')} is {tuple(blob.shape)} {blob.dtype}, "
+            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'weight')} is {tuple(blob.shape)} {blob.dtype}, "
                              f"but the metadata {sizes} needs uint8 {expected}")
         scale = fields[projection + "_scale"]
         if scale is not None and (scale.dim() < 3 or tuple(scale.shape[:2]) != (E, -(-rows // _PANEL_ROWS) * _PANEL_ROWS)):
-            raise ValueError(f"{where}: {_key(layer_idx, projection, 'scale')} is {tuple(scale.shape)}, but the "
+            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'scale')} is {tuple(scale.shape)}, but the "
                              f"metadata {sizes} needs [{E}, {-(-rows // _PANEL_ROWS) * _PANEL_ROWS}, ...]")
     # Sizes alone cannot tell I from the panel-padded I (63 and 64 pack to the same bytes), but the
     # padding rows are stored as zeros: non-zero values there mean the metadata is smaller than the
@@ -166,7 +166,7 @@ def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
         full = torch.ops.kt.unpack_weights(fields[projection][:1].contiguous(),
                                            None if scale is None else scale[:1].contiguous(), fmt, padded, cols)
         if full[0, rows:].any():
-            raise ValueError(f"{where}: {_key(layer_idx, projection, 'weight')} holds non-zero rows beyond the "
+            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'weight')} holds non-zero rows beyond the "
                              f"metadata's {rows} ({'intermediate_size' if projection == 'gate' else 'hidden_size'}); "
                              f"the metadata {sizes} does not describe these tensors")
 
@@ -228,8 +228,8 @@ def load_packed_experts(path: str, layer_idx: int, mmap: bool = False) -> Packed
         with safe_open(path, framework="pt") as f:
             names = set(f.keys())
             read = (lambda key: _mapped_tensor(path, key)) if mmap else f.get_tensor
-            for projection in _PROJECTIONS:
-                weight_key, scale_key = _key(layer_idx, projection, "weight"), _key(layer_idx, projection, "scale")
+            for projection in PROJECTIONS:
+                weight_key, scale_key = packed_key(layer_idx, projection, "weight"), packed_key(layer_idx, projection, "scale")
                 if weight_key not in names:
                     raise KeyError(f"{path}: missing tensor {weight_key}")
                 fields[projection] = read(weight_key)

@@ -5,7 +5,7 @@
 * `BF16SafeTensorLoader` reads the float expert weights of a HuggingFace checkpoint (deepseek/qwen,
   mixtral, mistral or transformers-v5 fused key layouts, with or without a `language_model.` prefix).
 * KTransformers' converted CPU weights (`blk.{L}.ffn_*_exps.{E}.numa.{N}.weight/.scale`, or its
-  `_layer_{L}/_numa_{N}/*.kt` folders) are read by `SafeTensorLoader` too (`kt_ops.utils.ktransformers`
+  `_layer_{L}/_numa_{N}/*.kt` folders) are read by `SafeTensorLoader` too (`kt_ops.weights.ktransformers`
   documents the layout); `load_layer_parts` gives any of these forms as packed experts.
 
 Only a key -> file index is built up front (from `model.safetensors.index.json` or the files'
@@ -22,16 +22,15 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from .ops import PackedExperts
-from .packed_io import _key as _packed_key
-from .packed_io import load_packed_experts, packed_layers
+from ..core.formats import PROJECTIONS
+from ..core.packed import PackedExperts
+from .packed_io import load_packed_experts, packed_key, packed_layers
 
 INDEX_NAME = "model.safetensors.index.json"
-_PROJECTIONS = ("gate", "up", "down")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _safe_open(path: str):
+def safe_open(path: str):
     from safetensors import safe_open
 
     return safe_open(path, framework="pt")
@@ -39,7 +38,7 @@ def _safe_open(path: str):
 
 def _file_keys(path: str) -> list[str]:
     try:
-        with _safe_open(path) as f:
+        with safe_open(path) as f:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error type for a bad header
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
@@ -85,7 +84,7 @@ class SafeTensorLoader:
         # Files of a directory whose header cannot be read: skipped, so that one damaged file does
         # not stop the layers the other files hold from loading; named in every "not found" error.
         self._unreadable: dict[str, str] = {}
-        self._key_to_file = self._build_index(self.path)
+        self.key_to_file = self._build_index(self.path)
         self._layer_files: Optional[dict[int, str]] = None
 
     def _not_found_hint(self) -> str:
@@ -137,24 +136,24 @@ class SafeTensorLoader:
         self.close()
 
     def keys(self) -> list[str]:
-        return list(self._key_to_file)
+        return list(self.key_to_file)
 
     def has_tensor(self, key: str) -> bool:
-        return key in self._key_to_file
+        return key in self.key_to_file
 
-    def _iter_tensors(self, keys: Iterable[str], device) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, keys: Iterable[str], device) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) for `keys`, opening each file once; order follows the files."""
         device = _check_device(device)
         by_file: dict[str, list[str]] = {}
         for key in keys:
-            if key not in self._key_to_file:
+            if key not in self.key_to_file:
                 raise KeyError(f"tensor {key!r} is not in {self.path}{self._not_found_hint()}")
-            by_file.setdefault(self._key_to_file[key], []).append(key)
+            by_file.setdefault(self.key_to_file[key], []).append(key)
         for file, file_keys in by_file.items():
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"file {file} (holding tensor {file_keys[0]!r}) does not exist")
             try:
-                handle = _safe_open(file)
+                handle = safe_open(file)
             except Exception as e:  # safetensors' own error type for a bad header
                 raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
             with handle as f:
@@ -169,14 +168,14 @@ class SafeTensorLoader:
                     yield key, tensor.to(device)
 
     def load_tensor(self, key: str, device="cpu") -> torch.Tensor:
-        return next(self._iter_tensors([key], device))[1]
+        return next(self.iter_tensors([key], device))[1]
 
     def _shape(self, key: str) -> list[int]:
-        file = self._key_to_file[key]
+        file = self.key_to_file[key]
         if not os.path.isfile(file):
             raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
         try:
-            handle = _safe_open(file)
+            handle = safe_open(file)
         except Exception as e:  # safetensors' own error type for a bad header
             raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
         with handle as f:
@@ -187,7 +186,7 @@ class SafeTensorLoader:
     def _packed_layer_files(self) -> dict[int, str]:
         if self._layer_files is None:
             layer_files: dict[int, str] = {}
-            for file in sorted(set(self._key_to_file.values())):
+            for file in sorted(set(self.key_to_file.values())):
                 try:
                     file_layers = packed_layers(file)
                 except (ValueError, FileNotFoundError):
@@ -202,9 +201,9 @@ class SafeTensorLoader:
     def _kt_directory(self):
         """The KTransformers view of these files, or None when they hold no KTransformers experts."""
         if not hasattr(self, "_kt"):
-            from .utils.ktransformers import WEIGHT_KEY, KTWeightDirectory
+            from .ktransformers import WEIGHT_KEY, KTWeightDirectory
 
-            has_kt = any(WEIGHT_KEY.fullmatch(k) for k in self._key_to_file)
+            has_kt = any(WEIGHT_KEY.fullmatch(k) for k in self.key_to_file)
             self._kt = KTWeightDirectory(self.path, loader=self) if has_kt else None
         return self._kt
 
@@ -226,16 +225,16 @@ class SafeTensorLoader:
         if layer not in self._packed_layer_files() and self._kt_directory() is not None:
             return self._kt_directory().load_experts(layer)
         wanted = {}
-        for proj in _PROJECTIONS:
-            weight_key, scale_key = _packed_key(layer, proj, "weight"), _packed_key(layer, proj, "scale")
-            if weight_key not in self._key_to_file:
+        for proj in PROJECTIONS:
+            weight_key, scale_key = packed_key(layer, proj, "weight"), packed_key(layer, proj, "scale")
+            if weight_key not in self.key_to_file:
                 raise KeyError(f"tensor {weight_key!r} is not in {self.path}; available layers: "
                                f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}")
             wanted[weight_key] = proj
-            if scale_key in self._key_to_file:
+            if scale_key in self.key_to_file:
                 wanted[scale_key] = proj + "_scale"
-        out = dict.fromkeys((*_PROJECTIONS, *(p + "_scale" for p in _PROJECTIONS)))
-        for key, t in self._iter_tensors(wanted, device):
+        out = dict.fromkeys((*PROJECTIONS, *(p + "_scale" for p in PROJECTIONS)))
+        for key, t in self.iter_tensors(wanted, device):
             out[wanted[key]] = t
         return out
 
@@ -247,7 +246,7 @@ class SafeTensorLoader:
         if layer_idx not in files and self._kt_directory() is not None:
             return self._kt_directory().layer(layer_idx).packed()
         if layer_idx not in files:
-            raise KeyError(f"layer {layer_idx} (key {_packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
+            raise KeyError(f"layer {layer_idx} (key {packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
                            f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}")
         return load_packed_experts(files[layer_idx], layer_idx)
 
@@ -268,7 +267,7 @@ _FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
                   "transformers-v5 fused: {b}.mlp.experts.gate_up_proj / down_proj")
 
 
-def _candidate_bases(base_key: str) -> list[str]:
+def candidate_bases(base_key: str) -> list[str]:
     """The base key itself, then where multimodal checkpoints put the text model's layers."""
     bases = [base_key]
     if base_key.startswith("model."):
@@ -278,7 +277,7 @@ def _candidate_bases(base_key: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     fmt: str
     prefix: str
     keys: tuple  # per-expert: ((gate, up, down) key per expert, ...); fused: (gate_up_key, down_key)
@@ -298,16 +297,16 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         """{expert-module prefix: {expert id: projection names present}}, from one pass over the keys."""
         if self._experts_by_prefix is None:
             table: dict[str, dict[int, set[str]]] = {}
-            for key in self._key_to_file:
+            for key in self.key_to_file:
                 m = _EXPERT_KEY.fullmatch(key)
                 if m:
                     table.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
             self._experts_by_prefix = table
         return self._experts_by_prefix
 
-    def _resolve(self, base_key: str) -> _Layout:
+    def resolve_layout(self, base_key: str) -> "Layout":
         table = self._expert_table()
-        for base in _candidate_bases(_check_base_key(base_key)):
+        for base in candidate_bases(_check_base_key(base_key)):
             for fmt, (module, names) in _PER_EXPERT_FORMATS.items():
                 prefix = f"{base}.{module}"
                 experts = table.get(prefix, {})
@@ -316,15 +315,15 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             prefix = f"{base}.mlp.experts"
             for suffix in _FUSED_SUFFIXES:
                 gate_up, down = f"{prefix}.gate_up_proj{suffix}", f"{prefix}.down_proj{suffix}"
-                if gate_up in self._key_to_file:
-                    if down not in self._key_to_file:
+                if gate_up in self.key_to_file:
+                    if down not in self.key_to_file:
                         raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
-                    return _Layout("fused", prefix, (gate_up, down))
+                    return Layout("fused", prefix, (gate_up, down))
         raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
-                         f"{_candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
+                         f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
 
     @staticmethod
-    def _complete_layout(base_key, fmt, prefix, experts, names) -> _Layout:
+    def _complete_layout(base_key, fmt, prefix, experts, names) -> Layout:
         num = max(experts) + 1
         gaps = [e for e in range(num) if e not in experts]
         partial = {e: [n for n in names if n not in experts[e]] for e in sorted(experts)
@@ -334,20 +333,20 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                                              f"experts missing projections {partial}" if partial else "")))
             raise ValueError(f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
                              f"0..{num - 1} contiguously, each with {list(names)}; {detail}")
-        return _Layout(fmt, prefix, tuple(tuple(f"{prefix}.{e}.{n}.weight" for n in names) for e in range(num)))
+        return Layout(fmt, prefix, tuple(tuple(f"{prefix}.{e}.{n}.weight" for n in names) for e in range(num)))
 
     def moe_layers(self) -> list[int]:
         """Indices L of `model.layers.{L}` (or its language_model variants) that have experts."""
         bases = {prefix[:-len(module) - 1] for prefix in self._expert_table()
                  for module, _ in _PER_EXPERT_FORMATS.values() if prefix.endswith("." + module)}
-        bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self._key_to_file) if m)
+        bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self.key_to_file) if m)
         return sorted({int(m.group(1)) for m in map(_LAYER_BASE.fullmatch, bases) if m})
 
     def layers(self) -> list[int]:
         return self.moe_layers()
 
     def num_experts(self, base_key: str) -> int:
-        layout = self._resolve(base_key)
+        layout = self.resolve_layout(base_key)
         return len(layout.keys) if layout.fmt != "fused" else self._shape(layout.keys[0])[0]
 
     def _checked(self, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -356,9 +355,9 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                             f"(dequantize fp8/int checkpoints first)")
         return t
 
-    def _load_fused(self, base_key: str, layout: _Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_fused(self, base_key: str, layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up_key, down_key = layout.keys
-        loaded = dict(self._iter_tensors(layout.keys, device))
+        loaded = dict(self.iter_tensors(layout.keys, device))
         gate_up, down = self._checked(gate_up_key, loaded[gate_up_key]), self._checked(down_key, loaded[down_key])
         if gate_up.dim() != 3 or gate_up.shape[1] % 2:
             raise ValueError(f"layer {base_key!r}: {gate_up_key!r} must be [E, 2*I, H], got {tuple(gate_up.shape)}")
@@ -368,14 +367,14 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                              f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}")
         return gate_up, down
 
-    def _load_per_expert(self, base_key: str, layout: _Layout, device, stacked: bool) -> dict:
+    def _load_per_expert(self, base_key: str, layout: Layout, device, stacked: bool) -> dict:
         """Per-expert tensors as lists, or (stacked=True) copied straight into [E, ...] tensors so a
         layer never sits in memory twice."""
-        slot = {key: (proj, e) for e, triple in enumerate(layout.keys) for proj, key in zip(_PROJECTIONS, triple)}
+        slot = {key: (proj, e) for e, triple in enumerate(layout.keys) for proj, key in zip(PROJECTIONS, triple)}
         num = len(layout.keys)
-        out: dict = {proj: (None if stacked else [None] * num) for proj in _PROJECTIONS}
+        out: dict = {proj: (None if stacked else [None] * num) for proj in PROJECTIONS}
         first: dict[str, torch.Tensor] = {}
-        for key, t in self._iter_tensors(slot, device):
+        for key, t in self.iter_tensors(slot, device):
             proj, e = slot[key]
             self._checked(key, t)
             ref = first.setdefault(proj, t)
@@ -399,7 +398,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
     def load_experts(self, base_key: str, device="cpu") -> dict:
         """{"gate": [[I, H] per expert], "up": [[I, H] ...], "down": [[H, I] ...], "*_scale": None} for
         `base_key` like "model.layers.0", in the stored dtype, on `device`."""
-        layout = self._resolve(base_key)
+        layout = self.resolve_layout(base_key)
         if layout.fmt == "fused":
             gate_up, down = self._load_fused(base_key, layout, device)
             I = gate_up.shape[1] // 2
@@ -414,24 +413,24 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
         in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
         projection (and a few experts) at a time keeps a fraction of it in memory."""
-        if projection not in _PROJECTIONS:
-            raise ValueError(f"projection must be one of {_PROJECTIONS}, got {projection!r}")
-        layout = self._resolve(base_key)
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        layout = self.resolve_layout(base_key)
         if layout.fmt == "fused":
             gate_up_key, down_key = layout.keys
             key = down_key if projection == "down" else gate_up_key
-            (_, t), = self._iter_tensors([key], device)
+            (_, t), = self.iter_tensors([key], device)
             t = self._checked(key, t)
             if projection != "down" and (t.dim() != 3 or t.shape[1] % 2):
                 raise ValueError(f"layer {base_key!r}: {key!r} must be [E, 2*I, H], got {tuple(t.shape)}")
             half = t.shape[1] // 2
             t = t if projection == "down" else (t[:, :half] if projection == "gate" else t[:, half:])
             return (t if experts is None else t[experts.start:experts.stop]).contiguous()
-        index = _PROJECTIONS.index(projection)
+        index = PROJECTIONS.index(projection)
         chosen = range(len(layout.keys)) if experts is None else experts
         slot = {layout.keys[e][index]: e - chosen.start for e in chosen}
         out, first = None, None
-        for key, t in self._iter_tensors(slot, device):
+        for key, t in self.iter_tensors(slot, device):
             self._checked(key, t)
             if out is None:
                 out, first = torch.empty((len(slot), *t.shape), dtype=t.dtype, device=t.device), t
@@ -443,7 +442,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
 
     def load_stacked(self, base_key: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]), contiguous, in the stored dtype."""
-        layout = self._resolve(base_key)
+        layout = self.resolve_layout(base_key)
         if layout.fmt == "fused":
             gate_up, down = self._load_fused(base_key, layout, device)
             I = gate_up.shape[1] // 2
@@ -454,9 +453,9 @@ class BF16SafeTensorLoader(SafeTensorLoader):
 
 def load_kt_layer_parts(path, layer_idx: int, weight_format: str, split, group_size: int, shape):
     """Layer `layer_idx` of a KTransformers converted directory at `path` as packed experts per
-    intermediate range of `split` (see kt_ops.utils.ktransformers.layer_parts), or None when `path`
+    intermediate range of `split` (see kt_ops.weights.ktransformers.layer_parts), or None when `path`
     is not such a directory."""
-    from .utils.ktransformers import KTWeightDirectory, is_kt_directory, layer_parts
+    from .ktransformers import KTWeightDirectory, is_kt_directory, layer_parts
 
     if path is None or not is_kt_directory(path):
         return None

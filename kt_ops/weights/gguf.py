@@ -28,10 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .ops import PackedExperts
+from ..core.formats import PROJECTIONS
+from ..core.packed import PackedExperts, quantize_int8_groups
 
 GROUP_SIZE = 32
-_PROJECTIONS = ("gate", "up", "down")
 
 
 def _gguf():
@@ -104,7 +104,6 @@ class _Decoded:
             return torch.ops.kt.pack_codes((self.codes.to(torch.int16) - 8).contiguous(), self.scales.contiguous(),
                                            target)
         if target == "int8_kgroup":  # the kernel's rule, vectorized here (much faster than pack_weights)
-            from .native_loaders import quantize_int8_groups
             return torch.ops.kt.pack_codes(*quantize_int8_groups(self.dequantized(), GROUP_SIZE), target)
         return torch.ops.kt.pack_weights(self.dequantized().contiguous(), target, GROUP_SIZE)
 
@@ -232,7 +231,7 @@ class GGUFLoader:
         chunks of about `chunk_elements` weights (256 MiB as fp32), at least one expert each."""
         E, H, I = num_experts, hidden_size, intermediate_size
         split = list(split) if split is not None else [(0, I)]
-        tensors = {p: self.expert_tensor(layer_idx, p) for p in _PROJECTIONS}
+        tensors = {p: self.expert_tensor(layer_idx, p) for p in PROJECTIONS}
         table = _types()
         for p, tensor in tensors.items():
             if tensor.tensor_type not in table:
@@ -246,10 +245,10 @@ class GGUFLoader:
         if H % GROUP_SIZE or I % GROUP_SIZE:
             raise ValueError(f"hidden_size ({H}) and moe_intermediate_size ({I}) must be multiples of {GROUP_SIZE} "
                              "for GGUF experts")
-        target = layer_format([tensors[p].tensor_type for p in _PROJECTIONS])
-        packed = {p: [[] for _ in split] for p in _PROJECTIONS}
-        scales = {p: [[] for _ in split] for p in _PROJECTIONS}
-        for p in _PROJECTIONS:
+        target = layer_format([tensors[p].tensor_type for p in PROJECTIONS])
+        packed = {p: [[] for _ in split] for p in PROJECTIONS}
+        scales = {p: [[] for _ in split] for p in PROJECTIONS}
+        for p in PROJECTIONS:
             tensor = tensors[p]
             shape = self.torch_shape(tensor)
             expert_chunk = max(1, chunk_elements // (shape[1] * shape[2]))
