@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-import torch
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from . import _C
+from . import _C  # noqa: F401
 from .experts import KTMoEWrapper
 from .experts_base import BaseMoEWrapper, CPUInfer, WorkerPoolConfig
 from .experts_sft import BaseSFTMoEWrapper, KExpertsSFTBuffer

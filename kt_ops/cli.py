@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 from typing import Any, Optional
@@ -390,8 +389,15 @@ def load_model_and_tokenizer(config: dict):
         # Vision-language MoE checkpoints (Qwen3-VL-MoE, Qwen3.5-MoE) load whole, so the weights' names
         # match; kt-sft trains their language model on text.
         multimodal = hasattr(AutoConfig.from_pretrained(name, local_files_only=True), "vision_config")
-        auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-        model = auto.from_pretrained(name, dtype=dtype, local_files_only=True)
+        if config["use_kt"] and not multimodal:
+            # Bounded host memory: the float experts are never held whole; each layer's are streamed
+            # from the shards (or kt_weight_path) straight into their packed form.
+            from .integration import from_pretrained
+
+            model = from_pretrained(name, dtype=dtype, **_kt_arguments(config))
+        else:
+            auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+            model = auto.from_pretrained(name, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     from .integration import llamafactory as lf
 
@@ -456,18 +462,24 @@ def _recompute_experts_in_backward(model) -> None:
         kt.forward = recomputed
 
 
+def _kt_arguments(config: dict) -> dict:
+    """The kt settings of a validated config, as apply_kt and from_pretrained take them."""
+    return dict(kt_backend=config["kt_backend"], kt_num_threads=config["kt_num_threads"],
+                kt_tp_enabled=config["kt_tp_enabled"], kt_num_gpu_experts=config["kt_num_gpu_experts"],
+                kt_weight_path=config["kt_weight_path"], lora_rank=config["lora_rank"],
+                lora_alpha=config["lora_alpha"])
+
+
 def build_model(config: dict):
     """The model with kt experts (when use_kt) wrapped by peft, and its tokenizer."""
     import peft
 
-    from .integration import apply_kt, get_peft_model, set_kt_lora_trainable
+    from .integration import apply_kt, get_peft_model, kt_experts_modules, set_kt_lora_trainable
 
     model, tokenizer = load_model_and_tokenizer(config)
     if config["use_kt"]:
-        apply_kt(model, kt_backend=config["kt_backend"], kt_num_threads=config["kt_num_threads"],
-                 kt_tp_enabled=config["kt_tp_enabled"], kt_num_gpu_experts=config["kt_num_gpu_experts"],
-                 kt_weight_path=config["kt_weight_path"], lora_rank=config["lora_rank"],
-                 lora_alpha=config["lora_alpha"])
+        if not kt_experts_modules(model):  # loaded whole (tiny or multimodal models): convert now
+            apply_kt(model, **_kt_arguments(config))
         _check_expert_format(model, config)
         if config["kt_cpu_activation"] == "recompute" and not config["gradient_checkpointing"]:
             _recompute_experts_in_backward(model)

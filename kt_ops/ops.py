@@ -7,7 +7,7 @@ activation checkpointing see every piece of state.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import kt_ops
-from kt_testing import compare_with_reference, make_case, rel_mae, run_ops, run_reference
+from kt_testing import compare_with_reference, make_case, rel_mae, run_ops
 
 EMULATIONS = ("amx-emu", "avx512-bf16-emu")
 

@@ -1,7 +1,6 @@
 """Inference loaders and deferred experts: GGUF files (LlamafileMoEWrapper), FP8 and compressed-tensors
 int4 safetensors checkpoints (NativeMoEWrapper), select_deferred_experts and the deferred forward.
 Every file is written here into tmp_path: GGUF with gguf's GGUFWriter, checkpoints with safetensors."""
-import warnings
 
 import numpy as np
 import pytest

@@ -103,9 +103,17 @@ def test_stage_and_dataset_mismatch(tmp_path):
         cli.train(_config(tmp_path, dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl")))
 
 
-def test_sft_from_a_local_model_directory(tmp_path):
+def test_sft_from_a_local_model_directory(tmp_path, monkeypatch):
+    import kt_ops.integration
     from kt_ops.integration import kt_experts_modules
     from kt_ops.integration.tiny import tiny_model, tiny_tokenizer
+
+    # A local checkpoint loads with bounded memory (from_pretrained), never whole and then converted.
+    loads = []
+    real_from_pretrained = kt_ops.integration.from_pretrained
+    monkeypatch.setattr(kt_ops.integration, "from_pretrained",
+                        lambda *a, **kw: loads.append(kw["kt_backend"]) or real_from_pretrained(*a, **kw))
+    monkeypatch.setattr(kt_ops.integration, "apply_kt", lambda *a, **kw: pytest.fail("apply_kt on a whole model"))
 
     model_dir = tmp_path / "tiny-mixtral"
     tiny_model("tiny-mixtral").save_pretrained(str(model_dir))
@@ -115,6 +123,7 @@ def test_sft_from_a_local_model_directory(tmp_path):
     model, _ = cli.build_model(cli.load_config(config))
     layers = kt_experts_modules(model)
     assert len(layers) == 2 and all(kt.weight_format == "int8" for _, _, kt in layers)
+    assert loads == ["AMXINT8"]
     summary = cli.train(config)
     assert summary["losses"][-1] < summary["losses"][0]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

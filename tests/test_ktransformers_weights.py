@@ -2,9 +2,7 @@
 or not) read by kt_ops, and the kt-kernel API names kt_ops provides for code written for kt-kernel."""
 import json
 import os
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -93,6 +93,11 @@ def test_ktransformers_int8_numa_split_experts(tmp_path):
     assert torch.isfinite(logits(ours)).all()
     with pytest.raises(ValueError, match="kt_backend 'AMXINT4'"):
         from_pretrained(tmp_path / "hf", kt_backend="AMXINT4", kt_weight_path=tmp_path / "kt", dtype=torch.float32)
+    # apply_kt on the whole model reads the same directory the same way
+    applied = stock(tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=str(tmp_path / "kt"), lora_rank=2)
+    torch.testing.assert_close(logits(applied), logits(ours), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="float experts"):
+        stock(tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=str(tmp_path / "hf"), lora_rank=0)
 
 
 def test_missing_non_expert_tensor_is_named(tmp_path):

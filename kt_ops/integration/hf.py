@@ -10,7 +10,6 @@ module with the ids and weights it chose.
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import re
 import types
@@ -25,7 +24,7 @@ from ..core.runtime import set_num_threads
 from ..layer import KTMoELayer
 from ..ops import moe_sft
 from ..reference import moe_loop
-from ..weights.packed_io import load_packed_experts, packed_layers
+from ..weights.sources import ExpertSource
 from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, combined_lora,
                         install_kt_wrappers, peft_tuner, register_holder_hook)
 
@@ -210,22 +209,26 @@ def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return gate, up, down
 
 
-def _packed_file_for_layer(path: str, layer_idx: int) -> str:
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"kt_weight_path {path!r} is neither a file nor a directory")
-    candidate = os.path.join(path, f"blk.{layer_idx}.safetensors")
-    if os.path.isfile(candidate):
-        return candidate
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        try:
-            if layer_idx in packed_layers(file):
-                return file
-        except ValueError:  # not a packed-experts file (e.g. the model's own shards)
-            continue
-    raise FileNotFoundError(f"kt_weight_path {path!r} has no packed experts for layer {layer_idx} "
-                            f"(looked for blk.{layer_idx}.safetensors and inside every *.safetensors)")
+def method_for_packed(kt_backend: str, weight_format: str, where: str) -> str:
+    """The KTExperts method for pre-quantized experts of `weight_format` under `kt_backend`: the
+    backend's own, or its K-group variant (a NUMA-split KTransformers layer keeps down's per-part
+    scales as groups)."""
+    if kt_backend == "auto":
+        return weight_format
+    wanted = SFT_METHOD_FORMATS[KT_BACKENDS[kt_backend]]
+    if weight_format in (wanted, wanted + "_kgroup"):
+        return weight_format
+    raise ValueError(f"{where} holds {weight_format!r} experts but kt_backend {kt_backend!r} means {wanted!r}; "
+                     "pass kt_backend='auto' to use the stored format")
+
+
+def check_tp_enabled(kt_tp_enabled) -> None:
+    if not isinstance(kt_tp_enabled, bool):
+        raise TypeError(f"kt_tp_enabled must be a bool, got {kt_tp_enabled!r}")
+    if kt_tp_enabled:
+        # kt-kernel splits experts over NUMA nodes; kt_ops has one worker pool over all cores.
+        warnings.warn("kt_tp_enabled=True has no effect: kt_ops runs each layer on one worker pool spanning "
+                      "all cores", stacklevel=3)
 
 
 def _positive_or_none(value, name: str) -> None:
@@ -242,8 +245,9 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
     first `kt_num_gpu_experts` experts of every layer stay in the module (on its device) and the rest
-    go to kt; their outputs are summed. `kt_weight_path` (a packed-experts safetensors file, or a
-    directory of `blk.{L}.safetensors`) supplies pre-quantized experts instead of packing.
+    go to kt; their outputs are summed. `kt_weight_path` supplies pre-quantized experts instead of
+    packing (kt_ops.weights.sources.ExpertSource: a kt_ops converted file or directory, a KTransformers
+    converted directory, or a block-FP8 checkpoint, requantized to int8_kgroup).
 
     Expert LoRA (`lora_rank` > 0) is a peft LoRA adapter on the experts' `gate_up_proj` / `down_proj`
     (peft's `target_parameters` format), computed inside the kt kernels. On a `PeftModel` every LoRA
@@ -256,8 +260,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     if not isinstance(kt_backend, str) or kt_backend not in KT_BACKENDS:
         raise ValueError(f"kt_backend must be one of {sorted(KT_BACKENDS)}, got {kt_backend!r}")
     _positive_or_none(kt_num_threads, "kt_num_threads")
-    if not isinstance(kt_tp_enabled, bool):
-        raise TypeError(f"kt_tp_enabled must be a bool, got {kt_tp_enabled!r}")
+    check_tp_enabled(kt_tp_enabled)
     if isinstance(kt_num_gpu_experts, bool) or not isinstance(kt_num_gpu_experts, int) or kt_num_gpu_experts < 0:
         raise ValueError(f"kt_num_gpu_experts must be an int >= 0, got {kt_num_gpu_experts!r}")
     if kt_weight_path is not None and not isinstance(kt_weight_path, (str, os.PathLike)):
@@ -266,10 +269,6 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
         raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
-    if kt_tp_enabled:
-        # kt-kernel splits experts over NUMA nodes; kt_ops has one worker pool over all cores.
-        warnings.warn("apply_kt: kt_tp_enabled=True has no effect: kt_ops runs each layer on one worker pool "
-                      "spanning all cores", stacklevel=2)
 
     found = find_moe_experts(model)
     if not found:
@@ -291,10 +290,15 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
 
     register_kt_implementation()
     if kt_num_threads is not None:
-
         set_num_threads(kt_num_threads)
     method = KT_BACKENDS[kt_backend]
 
+    # Pre-quantized experts hold the CPU experts only: the first kt_num_gpu_experts stay in the model.
+    source = ExpertSource(os.fspath(kt_weight_path)) if kt_weight_path is not None else None
+    if source is not None and not source.is_quantized_source():
+        raise ValueError(f"kt_weight_path {source.path} holds float experts (a Hugging Face checkpoint); apply_kt "
+                         "packs the model's own experts, so pass kt_weight_path only for converted experts "
+                         "(kt_ops.convert_weights, KTransformers) or a block-FP8 checkpoint")
     tuner = peft_tuner(model)
     kt_targets = set()
     for name, module in found:
@@ -302,20 +306,9 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         H, I = module.hidden_dim, module.intermediate_dim
         layer_idx = layer_of[name]
         packed = None
-        if kt_weight_path is not None:
-            file = _packed_file_for_layer(os.fspath(kt_weight_path), layer_idx)
-            packed = load_packed_experts(file, layer_idx)
-            if (packed.num_experts, packed.hidden_size, packed.intermediate_size) != (E - N, H, I):
-                raise ValueError(
-                    f"kt_weight_path {file}: layer {layer_idx} holds {packed.num_experts} experts of hidden "
-                    f"{packed.hidden_size} / intermediate {packed.intermediate_size}; {name} needs {E - N} "
-                    f"(num_experts {E} - kt_num_gpu_experts {N}) of {H} / {I}")
-            if kt_backend == "auto":
-                method = next(m for m in KT_BACKENDS.values() if SFT_METHOD_FORMATS[m] == packed.weight_format)
-            elif SFT_METHOD_FORMATS[method] != packed.weight_format:
-                raise ValueError(f"kt_weight_path {file}: layer {layer_idx} is {packed.weight_format!r} but "
-                                 f"kt_backend {kt_backend!r} means {SFT_METHOD_FORMATS[method]!r}; pass "
-                                 "kt_backend='auto' to use the file's format")
+        if source is not None:
+            packed = source.packed_layer(layer_idx, E - N, H, I)
+            method = method_for_packed(kt_backend, packed.weight_format, source.path)
         kt = KTExperts(E - N, H, I, lora_rank=0 if tuner is not None else lora_rank, lora_alpha=lora_alpha,
                        method=method, lora_dtype=lora_dtype, first_expert=N, layer_idx=layer_idx)
         if packed is not None:

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
+from ..core.formats import GROUPED_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, register_kt_implementation,
+from ..weights.sources import ExpertSource
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, method_for_packed,
+                 register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -167,63 +168,6 @@ def _materialize_rest(model: nn.Module, missing: set, device_of) -> None:
         model._init_weights(module)
 
 
-class _ExpertSource:
-    """Where a layer's routed experts come from, decided once per checkpoint."""
-
-    def __init__(self, path: str):
-        from ..weights.ktransformers import KTWeightDirectory, is_kt_directory
-        from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
-
-        self.path = path
-        self.kt = KTWeightDirectory(path) if is_kt_directory(path) else None
-        self.packed = None
-        self.hf = None
-        self.fp8 = None
-        if self.kt is None:
-            if os.path.isfile(path) or SafeTensorLoader(path).layers():
-                self.packed = SafeTensorLoader(path)
-            else:
-                self.hf = BF16SafeTensorLoader(path)
-                first = self.hf.moe_layers()[:1]
-                if first and self._is_fp8(first[0]):
-                    from ..weights.native import NativeCheckpoint
-                    self.fp8 = NativeCheckpoint(path, "FP8")
-
-    def _is_fp8(self, layer: int) -> bool:
-        layout = self.hf.resolve_layout(f"model.layers.{layer}")
-        key = layout.keys[0] if layout.fmt == "fused" else layout.keys[0][0]
-        file = self.hf.key_to_file[key]
-        from ..weights.loaders import safe_open
-        with safe_open(file) as f:
-            return f.get_slice(key).get_dtype() in ("F8_E4M3", "F8_E5M2")
-
-    def is_quantized_source(self) -> bool:
-        return self.hf is None or self.fp8 is not None
-
-    def packed_layer(self, layer: int, E: int, H: int, I: int):
-        """PackedExperts of `layer`, for pre-quantized sources."""
-        if self.kt is not None:
-            full = self.kt.layer(layer).packed()
-        elif self.fp8 is not None:
-            full = self.fp8.load_layer(layer, E, H, I, [(0, I)], 128)[0]
-        else:
-            full = self.packed.load_packed(layer)
-        if full.num_experts != E or (full.hidden_size, full.intermediate_size) != (H, I):
-            raise ValueError(f"{self.path}: layer {layer} holds {full.num_experts} experts of hidden {full.hidden_size} "
-                             f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}")
-        return full
-
-    def projection_reader(self, layer: int, projection: str):
-        """read(lo, hi): experts [lo, hi) of one projection of a float checkpoint's layer (gate/up
-        [n, I, H], down [n, H, I]). Per-expert keys are read a chunk at a time; a fused tensor is
-        one tensor, read once."""
-        base = f"model.layers.{layer}"
-        if self.hf.resolve_layout(base).fmt == "fused":
-            whole = self.hf.load_projection(base, projection)
-            return lambda lo, hi: whole[lo:hi]
-        return lambda lo, hi: self.hf.load_projection(base, projection, experts=range(lo, hi))
-
-
 def _pack_projection(read, E: int, weight_format: str, group_size: int, shape):
     """(blob, scales or None) of one projection of E experts of `shape` [N, K], `read(lo, hi)` giving
     experts [lo, hi): what pack_experts does per projection, an eighth of the experts at a time into
@@ -248,25 +192,12 @@ def _pack_projection(read, E: int, weight_format: str, group_size: int, shape):
     return blob, scales
 
 
-def _method_for(kt_backend: str, weight_format: str, where: str) -> str:
-    """The KTExperts method for pre-quantized experts of `weight_format` under `kt_backend`: the
-    backend's own, or its K-group variant (a NUMA-split KTransformers layer keeps down's per-part
-    scales as groups)."""
-    if kt_backend == "auto":
-        return weight_format
-    wanted = SFT_METHOD_FORMATS[KT_BACKENDS[kt_backend]]
-    if weight_format in (wanted, wanted + "_kgroup"):
-        return weight_format
-    raise ValueError(f"{where} holds {weight_format!r} experts but kt_backend {kt_backend!r} means {wanted!r}; "
-                     "pass kt_backend='auto' to use the stored format")
-
-
 def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", lora_rank: int = 16,
                     lora_alpha: float = 32.0, device_map=None, kt_weight_path: Optional[Union[str, os.PathLike]] = None,
                     kt_num_threads: Optional[int] = None, kt_num_gpu_experts: int = 0,
                     dtype: Optional[torch.dtype] = None, lora_dtype: torch.dtype = torch.float32,
                     kt_shared_experts: Optional[Union[str, os.PathLike]] = None,
-                    trust_remote_code: bool = False) -> nn.Module:
+                    trust_remote_code: bool = False, kt_tp_enabled: bool = False) -> nn.Module:
     """A transformers v5 MoE causal LM from the local checkpoint `path` with its routed experts on
     kt_ops (as `apply_kt` leaves it), loaded with bounded host memory (see the module docstring).
 
@@ -285,6 +216,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         raise ValueError(f"kt_num_gpu_experts must be an int >= 0, got {kt_num_gpu_experts!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+    check_tp_enabled(kt_tp_enabled)
     config = _config_of(path, trust_remote_code)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.bfloat16
@@ -312,7 +244,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     register_kt_implementation()
     if kt_num_threads is not None:
         set_num_threads(kt_num_threads)
-    source = _ExpertSource(os.fspath(kt_weight_path) if kt_weight_path is not None else path)
+    source = ExpertSource(os.fspath(kt_weight_path) if kt_weight_path is not None else path)
     if kt_num_gpu_experts and source.is_quantized_source():
         raise ValueError("kt_num_gpu_experts > 0 needs float experts (a bf16 checkpoint) to keep on the GPU; "
                          f"{source.path} holds pre-quantized experts")
@@ -331,7 +263,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         if source.is_quantized_source():
             packed = source.packed_layer(layer, E, H, I)
             kt = KTExperts(E, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                           method=_method_for(kt_backend, packed.weight_format, source.path),
+                           method=method_for_packed(kt_backend, packed.weight_format, source.path),
                            lora_dtype=lora_dtype, layer_idx=layer)
             kt.experts = packed
             return kt, None
@@ -418,7 +350,7 @@ def _mapped_kt_experts(path: str, layer: int, shape, kt_backend: str, lora_rank:
         raise ValueError(f"shared experts file {path}: layer {layer} has (num_experts, hidden_size, "
                          f"intermediate_size) = {got}; the model needs {tuple(shape)}")
     kt = KTExperts(shape[0], shape[1], shape[2], lora_rank=lora_rank, lora_alpha=lora_alpha,
-                   method=_method_for(kt_backend, packed.weight_format, path), lora_dtype=lora_dtype, layer_idx=layer)
+                   method=method_for_packed(kt_backend, packed.weight_format, path), lora_dtype=lora_dtype, layer_idx=layer)
     kt.experts = packed
     return kt
 

@@ -13,7 +13,7 @@ So for one call: output_now + contribution_delivered_later == the full MoE outpu
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.formats import LORA_NAMES, PROJECTIONS
+from ..core.formats import PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
