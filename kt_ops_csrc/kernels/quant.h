@@ -23,7 +23,9 @@ enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, In
 static constexpr bool is_grouped(WeightFormat f) {
   return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup;
 }
-static constexpr bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
+static constexpr bool has_zero_point(WeightFormat f) {
+  return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup;
+}
 static constexpr bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 
 struct QuantMatrix {  // one expert's W [N, K]
