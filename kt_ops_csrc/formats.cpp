@@ -89,12 +89,6 @@ const char* weight_format_name(WeightFormat format) {
   return "?";
 }
 
-bool is_grouped(WeightFormat f) {
-  return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup;
-}
-bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
-bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
-
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
   // Sizes come from callers (intermediate_size is an op argument): a product that wraps around
   // int64 could match a small blob and send the kernels 2^62 rows deep, so every step is checked.

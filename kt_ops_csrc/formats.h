@@ -14,9 +14,6 @@ using at::Tensor;
 
 WeightFormat parse_weight_format(c10::string_view name);  // ValueError listing the formats
 const char* weight_format_name(WeightFormat format);
-bool is_grouped(WeightFormat format);
-bool has_zero_point(WeightFormat format);
-bool is_int8(WeightFormat format);
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols);
 
 // Validates `blob` ([E, bytes] uint8) and `scales` for an [E, rows, cols] matrix in `format`;

@@ -35,20 +35,20 @@ struct Kernels {
   const char* name;
 };
 
+// One table per ISA. The getters are baseline code, safe to call on any CPU; cpu.cpp uses a table
+// only after cpuid reported its features. A pointer getter returns nullptr when its kernels are not
+// compiled into this build.
+// Portable loops; the only kernels in float64 (gradcheck).
 const Kernels<float>& ref_kernels_f32();
 const Kernels<double>& ref_kernels_f64();
-const Kernels<float>* avx2_kernels_f32();  // nullptr when not compiled in
-
-}  // namespace kt
-
-namespace kt {
-
+// AVX2 + FMA: fp32 FMA on widened bf16 weights (exact fp32 activations).
+const Kernels<float>* avx2_kernels_f32();
 // AVX-512 F/BW/VL: fp32 FMA on widened bf16 weights (exact fp32 activations).
-const Kernels<float>* avx512_kernels_f32();      // nullptr when not compiled in
+const Kernels<float>* avx512_kernels_f32();
 // AVX-512 F/BW/VL + AVX512_BF16: vdpbf16ps, activations rounded to bf16 (fp32 accumulation).
-const Kernels<float>* avx512bf16_kernels_f32();  // nullptr when not compiled in
+const Kernels<float>* avx512bf16_kernels_f32();
 // AMX-BF16 tiles (+ AVX-512), activations rounded to bf16. Needs the XTILEDATA permission first.
-const Kernels<float>* amx_kernels_f32();         // nullptr when not compiled in
+const Kernels<float>* amx_kernels_f32();
 // The AMX kernel source on software tiles (kernels/amx_emu.h): any CPU, for testing. Never nullptr.
 const Kernels<float>* amx_emu_kernels_f32();
 // The AVX512_BF16 kernel source on SIMDe: any CPU, for testing. nullptr when built without SIMDe.

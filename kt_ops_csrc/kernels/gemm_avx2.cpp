@@ -2,15 +2,19 @@
 // extension runnable on any x86-64 CPU. Everything here has internal linkage and no standard-library
 // template is instantiated, so the linker cannot hand AVX2 code to a baseline caller; only
 // avx2_kernels_f32() is exported, and it is called only after cpuid reported AVX2 and FMA.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
 #include "gemm.h"
+#include "kernel_local.h"
 
 namespace kt {
 namespace {
-
-inline int min_int(int a, int b) { return a < b ? a : b; }
 
 // Rows of A per register block (6 rows x 16 columns = 12 accumulators) and the K slice whose
 // 16-column weight panel (8 KiB of bf16) stays in L1 while all row blocks pass over it.
@@ -55,28 +59,25 @@ inline void nt_block(const float* const* a, int k_begin, int k_end, const uint16
     // One k pair of a panel is one 64-byte line; fetching 16 lines ahead keeps the weight stream
     // (the bound at decode, where each line feeds only a few FMAs) ahead of the loads.
     _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchPairs * 2 * kPanelRows), _MM_HINT_T0);
-    {
-      const __m256 w_lo = widen_even(load_pairs(pair)), w_hi = widen_even(load_pairs(pair + kPanelRows));
-#define KT_FMA(i)                                          \
+#define KT_FMA(i, kk)                                      \
   if (i < MR) {                                            \
-    const __m256 x = _mm256_broadcast_ss(a##i + k);        \
+    const __m256 x = _mm256_broadcast_ss(a##i + (kk));     \
     lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
     hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
   }
-      KT_ROWS6(KT_FMA)
-#undef KT_FMA
+#define KT_FMA_EVEN(i) KT_FMA(i, k)
+#define KT_FMA_ODD(i) KT_FMA(i, k + 1)
+    {
+      const __m256 w_lo = widen_even(load_pairs(pair)), w_hi = widen_even(load_pairs(pair + kPanelRows));
+      KT_ROWS6(KT_FMA_EVEN)
     }
     if (k + 1 < k_end) {
       const __m256 w_lo = widen_odd(load_pairs(pair)), w_hi = widen_odd(load_pairs(pair + kPanelRows));
-#define KT_FMA(i)                                          \
-  if (i < MR) {                                            \
-    const __m256 x = _mm256_broadcast_ss(a##i + k + 1);    \
-    lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
-    hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
-  }
-      KT_ROWS6(KT_FMA)
-#undef KT_FMA
+      KT_ROWS6(KT_FMA_ODD)
     }
+#undef KT_FMA_ODD
+#undef KT_FMA_EVEN
+#undef KT_FMA
   }
 #define KT_STORE(i)                             \
   if (i < MR) {                                 \

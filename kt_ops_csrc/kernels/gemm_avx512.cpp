@@ -46,22 +46,19 @@
 
 namespace kt {
 
-const Kernels<float>* avx512_kernels_f32() {
 #ifdef KT_HAVE_AVX512_BUILD
+const Kernels<float>* avx512_kernels_f32() {
   static const Kernels<float> kernels{gemm_nt_avx512, gemm_nn_avx512, dot_avx512, axpy_avx512, "avx512"};
   return &kernels;
-#else
-  return nullptr;
-#endif
 }
 
 const Kernels<float>* avx512bf16_kernels_f32() {
-#ifdef KT_HAVE_AVX512_BUILD
   static const Kernels<float> kernels{gemm_nt_avx512bf16, gemm_nn_avx512bf16, dot_avx512, axpy_avx512, "avx512-bf16"};
   return &kernels;
-#else
-  return nullptr;
-#endif
 }
+#else
+const Kernels<float>* avx512_kernels_f32() { return nullptr; }
+const Kernels<float>* avx512bf16_kernels_f32() { return nullptr; }
+#endif
 
 }  // namespace kt

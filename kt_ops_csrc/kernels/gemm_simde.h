@@ -3,8 +3,12 @@
 #pragma once
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
-#include <cstring>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "kernel_local.h"
 
 static inline float kt_shim_reduce_add_ps(simde__m512 v) {
   float f[16]; std::memcpy(f, &v, 64);
@@ -49,14 +53,9 @@ static inline void kt_shim_mask_storeu_epi16_512(void* p, uint32_t m, simde__m51
 #define _mm512_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu_epi16_512((p), (m), (v))
 
 // vcvtne2ps2bf16: round to nearest even, NaN -> quiet NaN (denormals: hardware flushes; ignored here).
-static inline uint16_t kt_shim_bf16(float x) {
-  uint32_t b; std::memcpy(&b, &x, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
-  b += 0x7FFFu + ((b >> 16) & 1u); return static_cast<uint16_t>(b >> 16);
-}
 static inline simde__m512bh kt_shim_cvtne2ps_pbh(simde__m512 a, simde__m512 b) {
   float fa[16], fb[16]; std::memcpy(fa, &a, 64); std::memcpy(fb, &b, 64); uint16_t r[32];
-  for (int i = 0; i < 16; ++i) { r[i] = kt_shim_bf16(fb[i]); r[i + 16] = kt_shim_bf16(fa[i]); }
+  for (int i = 0; i < 16; ++i) { r[i] = kt::float_to_bf16(fb[i]); r[i + 16] = kt::float_to_bf16(fa[i]); }
   simde__m512bh out; std::memcpy(&out, r, 64); return out;
 }
 #define _mm512_cvtne2ps_pbh(a, b) kt_shim_cvtne2ps_pbh((a), (b))

@@ -19,6 +19,15 @@ namespace kt {
 
 enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, Int8KGroup };
 
+// `static`: this header is included by units compiled for different target ISAs (see gemm.h).
+static constexpr bool is_grouped(WeightFormat f) {
+  return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup;
+}
+static constexpr bool has_zero_point(WeightFormat f) {
+  return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup;
+}
+static constexpr bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
+
 struct QuantMatrix {  // one expert's W [N, K]
   WeightFormat format;
   const uint8_t* data;

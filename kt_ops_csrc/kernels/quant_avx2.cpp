@@ -14,9 +14,6 @@
 namespace kt {
 namespace {
 
-inline bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
-inline bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
-
 // Round two fp32 vectors to bf16 (nearest even) and store them as 16 consecutive values.
 inline void store_bf16(__m256 a, __m256 b, uint16_t* dst) {
   const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);

@@ -16,9 +16,6 @@ inline uint16_t round_to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-inline bool has_zero_point(WeightFormat f) { return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup; }
-inline bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
-
 // w[n, 2kp + h] in fp32 (the exact value of the code).
 inline float dequant_value(const QuantMatrix& w, int64_t n, int64_t kp, int h) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups, group = kp / pairs_per_group;

@@ -48,9 +48,6 @@ CpuFeatures detect() {
   return f;
 }
 
-bool has_avx512(const CpuFeatures& f) { return f.avx512f && f.avx512bw && f.avx512vl; }
-bool has_amx(const CpuFeatures& f) { return f.amx_tile && f.amx_bf16 && has_avx512(f); }
-
 // Linux (>= 5.16) hands out the AMX tile-data state only on request: until a process asks with
 // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), its first tile instruction raises SIGILL. The
 // permission is process-wide. Asked once, and only on a CPU that reported AMX.
@@ -70,17 +67,73 @@ bool amx_permission() {
   return granted;
 }
 
-bool isa_supported(Isa isa) {
+// Every ISA once, in enum order: its name, the CPU features it needs, why its kernels can be absent
+// from a build, and its GEMM table. The name list, the name lookup of set_isa, the feature checks and
+// the table choice all read this.
+struct Feature {
+  const char* name;
+  bool CpuFeatures::*present;
+};
+
+struct IsaInfo {
+  Isa isa;
+  const char* name;
+  const char* needs;      // the features in words, for the error message ("" for none)
+  Feature features[5];    // what cpuid must report; ends at the first empty name
+  const char* not_built;  // the error message's reason when kernels() is nullptr
+  const Kernels<float>* (*kernels)();
+};
+
+constexpr const char* kNotBuilt = "kernels are not part of this build (compiler too old?).";
+
+constexpr IsaInfo kIsas[] = {
+    {Isa::Ref, "ref", "", {}, kNotBuilt, [] { return &ref_kernels_f32(); }},
+    {Isa::Avx2, "avx2", "AVX2 and FMA", {{"AVX2", &CpuFeatures::avx2}, {"FMA", &CpuFeatures::fma}}, kNotBuilt,
+     avx2_kernels_f32},
+    {Isa::Avx512, "avx512", "AVX-512 F/BW/VL",
+     {{"AVX512F", &CpuFeatures::avx512f}, {"AVX512BW", &CpuFeatures::avx512bw}, {"AVX512VL", &CpuFeatures::avx512vl}},
+     kNotBuilt,
+     // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
+     [] {
+       const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
+       return bf16 ? bf16 : avx512_kernels_f32();
+     }},
+    {Isa::Amx, "amx", "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL",
+     {{"AMX-TILE", &CpuFeatures::amx_tile},
+      {"AMX-BF16", &CpuFeatures::amx_bf16},
+      {"AVX512F", &CpuFeatures::avx512f},
+      {"AVX512BW", &CpuFeatures::avx512bw},
+      {"AVX512VL", &CpuFeatures::avx512vl}},
+     kNotBuilt, amx_kernels_f32},
+    {Isa::AmxEmu, "amx-emu", "", {}, kNotBuilt, amx_emu_kernels_f32},
+    {Isa::Avx512Bf16Emu, "avx512-bf16-emu", "", {},
+     "is not part of this build (it is built only where the SIMDe headers were installed, e.g. Debian's "
+     "libsimde-dev).",
+     avx512bf16_emu_kernels_f32},
+};
+
+constexpr bool in_enum_order() {
+  for (int i = 0; i < static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0])); ++i)
+    if (kIsas[i].isa != static_cast<Isa>(i)) return false;
+  return sizeof(kIsas) / sizeof(kIsas[0]) == static_cast<size_t>(Isa::Avx512Bf16Emu) + 1;
+}
+static_assert(in_enum_order(), "kIsas lists every Isa once, in enum order");
+
+const IsaInfo& info(Isa isa) { return kIsas[static_cast<int>(isa)]; }
+
+// The needed features this CPU lacks, comma-separated; empty when it has them all.
+std::string missing_features(const IsaInfo& isa) {
   const CpuFeatures& f = cpu_features();
-  switch (isa) {
-    case Isa::Ref: return true;
-    case Isa::Avx2: return f.avx2 && f.fma && avx2_kernels_f32() != nullptr;
-    case Isa::Avx512: return has_avx512(f) && avx512_kernels_f32() != nullptr;
-    case Isa::Amx: return has_amx(f) && amx_kernels_f32() != nullptr && amx_permission();
-    case Isa::AmxEmu: return amx_emu_kernels_f32() != nullptr;
-    case Isa::Avx512Bf16Emu: return avx512bf16_emu_kernels_f32() != nullptr;
-  }
-  return false;
+  std::string missing;
+  for (const Feature& feature : isa.features)
+    if (feature.name != nullptr && !(f.*feature.present))
+      missing += (missing.empty() ? "" : ", ") + std::string(feature.name);
+  return missing;
+}
+
+bool isa_supported(Isa isa) {
+  return missing_features(info(isa)).empty() && info(isa).kernels() != nullptr &&
+         (isa != Isa::Amx || amx_permission());
 }
 
 // "auto": the fastest the CPU runs; the emulations are test vehicles and never chosen.
@@ -120,106 +173,57 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
 }
 
 std::vector<std::string> known_isa_names() {
-  return {"auto", "ref", "avx2", "avx512", "amx", "amx-emu", "avx512-bf16-emu"};
+  std::vector<std::string> names{"auto"};
+  for (const IsaInfo& isa : kIsas) names.push_back(isa.name);
+  return names;
 }
 
 std::vector<std::string> available_isa_names() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::Ref, Isa::Avx2, Isa::Avx512, Isa::Amx, Isa::AmxEmu, Isa::Avx512Bf16Emu})
-    if (isa_supported(isa)) names.push_back(isa_name(isa));
+  for (const IsaInfo& isa : kIsas)
+    if (isa_supported(isa.isa)) names.push_back(isa.name);
   return names;
 }
 
-std::string isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Ref: return "ref";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
-    case Isa::Amx: return "amx";
-    case Isa::AmxEmu: return "amx-emu";
-    case Isa::Avx512Bf16Emu: return "avx512-bf16-emu";
-  }
-  return "ref";
-}
+std::string isa_name(Isa isa) { return info(isa).name; }
 
 namespace {
 
-std::string available_list() {
+std::string joined(const std::vector<std::string>& names) {
   std::string list;
-  for (const std::string& name : available_isa_names()) list += (list.empty() ? "" : ", ") + name;
+  for (const std::string& name : names) list += (list.empty() ? "" : ", ") + name;
   return list;
-}
-
-std::string missing_features(const CpuFeatures& f, Isa isa) {
-  std::vector<std::pair<const char*, bool>> needed;
-  if (isa == Isa::Avx2) needed = {{"AVX2", f.avx2}, {"FMA", f.fma}};
-  if (isa == Isa::Avx512 || isa == Isa::Amx)
-    needed = {{"AVX512F", f.avx512f}, {"AVX512BW", f.avx512bw}, {"AVX512VL", f.avx512vl}};
-  if (isa == Isa::Amx) {
-    needed.insert(needed.begin(), {"AMX-BF16", f.amx_bf16});
-    needed.insert(needed.begin(), {"AMX-TILE", f.amx_tile});
-  }
-  std::string missing;
-  for (const auto& [feature, present] : needed)
-    if (!present) missing += (missing.empty() ? "" : ", ") + std::string(feature);
-  return missing;
 }
 
 }  // namespace
 
 void set_isa(const std::string& name) {
-  const CpuFeatures& f = cpu_features();
-  Isa isa;
   if (name == "auto") {
-    isa = best_isa();
-  } else if (name == "ref") {
-    isa = Isa::Ref;
-  } else if (name == "avx2" || name == "avx512" || name == "amx") {
-    isa = name == "avx2" ? Isa::Avx2 : name == "avx512" ? Isa::Avx512 : Isa::Amx;
-    const char* needs = isa == Isa::Avx2     ? "AVX2 and FMA"
-                        : isa == Isa::Avx512 ? "AVX-512 F/BW/VL"
-                                             : "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL";
-    const std::string missing = missing_features(f, isa);
-    TORCH_CHECK_VALUE(missing.empty(), "KT_OPS_ISA/set_isa: '", name, "' needs a CPU with ", needs, "; this CPU (",
-                      cpu_model_name(), ") lacks ", missing, " (or the OS does not enable them). Available: ",
-                      available_list());
-    TORCH_CHECK_VALUE(isa != Isa::Amx || amx_permission(),
-                      "KT_OPS_ISA/set_isa: 'amx': the CPU has AMX but the OS refused this process the tile-data "
-                      "state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) failed; Linux >= 5.16 is "
-                      "needed). Available: ",
-                      available_list());
-    TORCH_CHECK_VALUE(isa_supported(isa), "KT_OPS_ISA/set_isa: '", name,
-                      "' kernels are not part of this build (compiler too old?). Available: ", available_list());
-  } else if (name == "amx-emu") {
-    isa = Isa::AmxEmu;
-  } else if (name == "avx512-bf16-emu") {
-    isa = Isa::Avx512Bf16Emu;
-    TORCH_CHECK_VALUE(isa_supported(isa), "KT_OPS_ISA/set_isa: 'avx512-bf16-emu' is not part of this build (it is "
-                      "built only where the SIMDe headers were installed, e.g. Debian's libsimde-dev). Available: ",
-                      available_list());
-  } else {
-    TORCH_CHECK_VALUE(false, "KT_OPS_ISA/set_isa: unknown ISA '", name,
-                      "'; expected one of auto, ref, avx2, avx512, amx, amx-emu, avx512-bf16-emu");
+    g_isa = static_cast<int>(best_isa());
+    return;
   }
-  g_isa = static_cast<int>(isa);
+  const IsaInfo* found = nullptr;
+  for (const IsaInfo& isa : kIsas)
+    if (name == isa.name) found = &isa;
+  TORCH_CHECK_VALUE(found != nullptr, "KT_OPS_ISA/set_isa: unknown ISA '", name, "'; expected one of ",
+                    joined(known_isa_names()));
+  const IsaInfo& isa = *found;
+  const std::string missing = missing_features(isa);
+  TORCH_CHECK_VALUE(missing.empty(), "KT_OPS_ISA/set_isa: '", name, "' needs a CPU with ", isa.needs, "; this CPU (",
+                    cpu_model_name(), ") lacks ", missing, " (or the OS does not enable them). Available: ",
+                    joined(available_isa_names()));
+  TORCH_CHECK_VALUE(isa.isa != Isa::Amx || amx_permission(),
+                    "KT_OPS_ISA/set_isa: 'amx': the CPU has AMX but the OS refused this process the tile-data "
+                    "state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) failed; Linux >= 5.16 is "
+                    "needed). Available: ",
+                    joined(available_isa_names()));
+  TORCH_CHECK_VALUE(isa.kernels() != nullptr, "KT_OPS_ISA/set_isa: '", name, "' ", isa.not_built,
+                    " Available: ", joined(available_isa_names()));
+  g_isa = static_cast<int>(isa.isa);
 }
 
-const Kernels<float>& active_gemm_kernels() {
-  // set_isa only selects an ISA whose table exists and whose CPU features are present.
-  switch (current_isa()) {
-    case Isa::Avx2: return *avx2_kernels_f32();
-    case Isa::Avx512: {
-      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
-      const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
-      return bf16 ? *bf16 : *avx512_kernels_f32();
-    }
-    case Isa::Amx: return *amx_kernels_f32();
-    case Isa::AmxEmu: return *amx_emu_kernels_f32();
-    case Isa::Avx512Bf16Emu: return *avx512bf16_emu_kernels_f32();
-    case Isa::Ref: break;
-  }
-  return ref_kernels_f32();
-}
+// set_isa only selects an ISA whose table exists and whose CPU features are present.
+const Kernels<float>& active_gemm_kernels() { return *info(current_isa()).kernels(); }
 
 const DequantKernels& active_dequant_kernels() {
   // The AVX2 dequantizer serves every ISA above ref (the emulations included) on CPUs with AVX2.
