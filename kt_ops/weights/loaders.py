@@ -36,6 +36,16 @@ def safe_open(path: str):
     return safe_open(path, framework="pt")
 
 
+def _open_shard(file: str, key: str):
+    """The safetensors handle of the shard the index says holds `key`, with errors naming both."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
+    try:
+        return safe_open(file)
+    except Exception as e:  # safetensors' own error type for a bad header
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+
+
 def _file_keys(path: str) -> list[str]:
     try:
         with safe_open(path) as f:
@@ -150,13 +160,7 @@ class SafeTensorLoader:
                 raise KeyError(f"tensor {key!r} is not in {self.path}{self._not_found_hint()}")
             by_file.setdefault(self.key_to_file[key], []).append(key)
         for file, file_keys in by_file.items():
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"file {file} (holding tensor {file_keys[0]!r}) does not exist")
-            try:
-                handle = safe_open(file)
-            except Exception as e:  # safetensors' own error type for a bad header
-                raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-            with handle as f:
+            with _open_shard(file, file_keys[0]) as f:
                 present = set(f.keys())
                 for key in file_keys:
                     if key not in present:
@@ -172,13 +176,7 @@ class SafeTensorLoader:
 
     def _shape(self, key: str) -> list[int]:
         file = self.key_to_file[key]
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
-        try:
-            handle = safe_open(file)
-        except Exception as e:  # safetensors' own error type for a bad header
-            raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-        with handle as f:
+        with _open_shard(file, key) as f:
             if key not in set(f.keys()):
                 raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
             return list(f.get_slice(key).get_shape())
