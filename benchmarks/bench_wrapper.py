@@ -39,7 +39,7 @@ def main():
     wrapper.init_lora_weights(*lora)
     experts = wrapper.experts_parts[0]
     scaling = wrapper.lora_scaling
-    prob.gate = prob.up = prob.down = None  # packed into the wrapper
+    prob.release_weights()
 
     def op_forward(x, ids, w):
         return torch.ops.kt.moe_sft_forward(x, ids, w, experts.gate, experts.up, experts.down, None, None, None,

@@ -329,6 +329,10 @@ class Problem:
     def weights(self):
         return self.gate, self.up, self.down
 
+    def release_weights(self) -> None:
+        """Frees the bf16 base weights once they are packed where they are needed."""
+        self.gate = self.up = self.down = None
+
     def layer(self, method: str = "AMXBF16_SFT", rank: Optional[int] = None, **kwargs):
         """A kt_ops.KTMoELayer holding these weights and LoRA (rank 0: none)."""
         import kt_ops
