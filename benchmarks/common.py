@@ -301,29 +301,34 @@ class Routed:
     hit: int  # distinct experts routed to
 
 
+def random_lora(shape: Shape, gen: torch.Generator, dtype=torch.bfloat16):
+    """LoRA factors in LORA_NAMES order, bf16-valued: A ~ N(0, 1/in), B ~ N(0, 0.02^2), nonzero so that
+    LoRA's work and gradients are real."""
+    return tuple((torch.randn(*s, generator=gen) * (s[2] ** -0.5 if name.endswith("_a") else 0.02)).to(
+        torch.bfloat16).to(dtype) for name, s in zip(LORA_NAMES, lora_shapes(shape.E, shape.H, shape.I, shape.r)))
+
+
+def random_routed(shape: Shape, q: int, gen: torch.Generator) -> Routed:
+    """q tokens, each routed to k distinct experts."""
+    x = torch.randn(q, shape.H, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(shape.E, generator=gen)[:shape.k] for _ in range(q)]).to(torch.int64)
+    w = torch.softmax(torch.randn(q, shape.k, generator=gen), -1).float()
+    go = torch.randn(q, shape.H, generator=gen).to(torch.bfloat16)
+    return Routed(x, ids.contiguous(), w.contiguous(), go, int(ids.unique().numel()))
+
+
 class Problem:
-    """bf16 base weights (gate, up, down), LoRA factors in LORA_NAMES order (bf16-valued; A ~ 1/sqrt(in),
-    B nonzero so that LoRA's work and gradients are real) and routed inputs per qlen. The same shape,
-    qlens and seed give the same tensors in every process."""
+    """bf16 base weights (gate, up, down) ~ N(0, 0.02^2), random_lora and random_routed inputs per qlen.
+    The same shape, qlens and seed give the same tensors in every process."""
 
     def __init__(self, shape: Shape, qlens: Sequence[int] = (), seed: int = 0):
         self.shape = shape
-        E, H, I, k = shape.E, shape.H, shape.I, shape.k
-        self.gen = g = torch.Generator().manual_seed(seed)
-
-        def rnd(*size, std=0.02):
-            return (torch.randn(*size, generator=g) * std).to(torch.bfloat16)
-
-        self.gate, self.up, self.down = rnd(E, I, H), rnd(E, I, H), rnd(E, H, I)
-        self.lora = tuple(rnd(*s, std=s[2] ** -0.5 if name.endswith("_a") else 0.02)
-                          for name, s in zip(LORA_NAMES, lora_shapes(E, H, I, shape.r)))
-        self.inputs: Dict[int, Routed] = {}
-        for q in qlens:
-            x = torch.randn(q, H, generator=g).to(torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(q)]).to(torch.int64)
-            w = torch.softmax(torch.randn(q, k, generator=g), -1).float()
-            go = torch.randn(q, H, generator=g).to(torch.bfloat16)
-            self.inputs[q] = Routed(x, ids.contiguous(), w.contiguous(), go, int(ids.unique().numel()))
+        E, H, I = shape.E, shape.H, shape.I
+        g = torch.Generator().manual_seed(seed)
+        self.gate, self.up, self.down = ((torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+                                         for s in ((E, I, H), (E, I, H), (E, H, I)))
+        self.lora = random_lora(shape, g)
+        self.inputs: Dict[int, Routed] = {q: random_routed(shape, q, g) for q in qlens}
 
     @property
     def weights(self):
