@@ -29,9 +29,8 @@ import time
 
 import torch
 
-from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, MarkdownTable, kt_kernel_forward, kt_kernel_moe,
-                    load_kt_kernel, machine_line, measure, measure_alternating, random_lora, random_routed,
-                    run_child)
+from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, MarkdownTable, load_kt_kernel, machine_line,
+                    measure, measure_alternating, random_lora, random_routed, run_child, time_kt_kernel)
 from kt_ops import KTMoEWrapper
 from kt_ops.core.formats import PROJECTIONS
 from kt_ops.core.packed import pack_codes_split
@@ -161,6 +160,11 @@ KT_KERNEL_CASES = {  # kt-kernel class -> (kt_ops inference method, kernel forma
 }
 
 
+def kt_kernel_repeats(repeats: int) -> dict:
+    """Both sides: `repeats` calls, up to 4x as many for fast calls (decode)."""
+    return dict(repeats=repeats, max_repeats=4 * repeats, min_time=1.0)
+
+
 def kt_kernel_child(cls_name: str, shape, qlens, threads: int, repeats: int) -> dict:
     """Median ms per qlen of kt-kernel's `cls_name` on random weights in its own layout: FP8 bytes
     [N, K] with fp32 block scales [N/128, K/128]; GPTQ qweight int32 [K/8, N] with scales [K/128, N]."""
@@ -178,16 +182,11 @@ def kt_kernel_child(cls_name: str, shape, qlens, threads: int, repeats: int) -> 
 
     pairs = {p: [weight(*((shape.I, shape.H) if p != "down" else (shape.H, shape.I))) for _ in range(shape.E)]
              for p in PROJECTIONS}
-    cpu, moe, keep = kt_kernel_moe(ext, threads, cls_name, shape, max(qlens),
-                                   {p: [w for w, _ in pairs[p]] for p in PROJECTIONS},
-                                   {p: [s for _, s in pairs[p]] for p in PROJECTIONS},
-                                   bits=8 if cls_name == "AVX2FP8_MOE" else 4, group_size=128)
-    result = {}
-    for qlen in qlens:
-        inp = random_routed(shape, qlen, gen)
-        run = kt_kernel_forward(cpu, moe, inp.x, inp.ids, inp.w)
-        result[qlen] = measure(run, repeats=repeats if qlen > 1 else 4 * repeats).med * 1e3
-    return result
+    inputs = {q: random_routed(shape, q, gen) for q in qlens}
+    got = time_kt_kernel(ext, threads, cls_name, shape, inputs, {p: [w for w, _ in pairs[p]] for p in PROJECTIONS},
+                         {p: [s for _, s in pairs[p]] for p in PROJECTIONS}, bits=8 if cls_name == "AVX2FP8_MOE" else 4,
+                         **kt_kernel_repeats(repeats))
+    return {q: tm.med * 1e3 for q, (tm, _) in got.items()}
 
 
 def kt_kernel_table(args, shape, qlens, base) -> None:
@@ -209,8 +208,7 @@ def kt_kernel_table(args, shape, qlens, base) -> None:
         wrapper, _ = inference_wrapper(base, shape, method, fmt, group, gen)
         for qlen in qlens:
             inp = random_routed(shape, qlen, gen)
-            ours = measure(lambda: wrapper.forward(inp.x, inp.ids, inp.w),
-                           repeats=repeats if qlen > 1 else 4 * repeats).med * 1e3
+            ours = measure(lambda: wrapper.forward(inp.x, inp.ids, inp.w), **kt_kernel_repeats(repeats)).med * 1e3
             table.row(cls_name, f"{method} ({fmt} g{group})", qlen, f"{theirs[str(qlen)]:.2f}", f"{ours:.2f}",
                       f"{theirs[str(qlen)] / ours:.2f}x")
 

@@ -1,38 +1,23 @@
 #!/usr/bin/env python3
-"""Side-by-side CPU benchmark of the kt_ops MoE+LoRA layer against its baselines.
-
-Default shape is the DeepSeek-V2-Lite MoE layer: E=64 experts, hidden H=2048,
-intermediate I=1408, top-k=6, LoRA rank 16 (alpha 32), qlen 1, 32, 128, 512.
-
-One run measures, for every qlen, on the SAME random inputs:
-  * kt_ops forward (no grad), LoRA r=16 (nonzero B), BF16 base weights, bf16 hidden
-  * kt_ops forward with lora_rank=0            -> LoRA overhead %
-  * kt_ops forward+backward, LoRA r=16         -> backward/forward ratio
-  * PyTorch eager fp32 and bf16 MoE+LoRA loop (see /work/shared/anchors/torch_eager_lora_moe.py),
-    forward and forward+backward
+"""Side-by-side CPU benchmark of the kt_ops MoE+LoRA layer against its baselines, in one run on the same
+random inputs; default shape the DeepSeek-V2-Lite MoE layer (E=64 H=2048 I=1408 k=6, LoRA r=16 alpha 32),
+qlen 1, 32, 128, 512:
+  * kt_ops forward (no grad) with LoRA (nonzero B) and with lora_rank=0 (-> LoRA overhead), and
+    forward+backward (-> backward/forward ratio); bf16 base weights and hidden states
+  * the plain-PyTorch MoE+LoRA loop (/work/shared/anchors/torch_eager_lora_moe.py) in fp32 and bf16,
+    forward and forward+backward; fp32 is also the reference of the accuracy rows
   * transformers' Qwen3MoeExperts bf16 (eager and grouped_mm experts implementations, no LoRA),
     forward and forward+backward
-  * kt-kernel 0.7.2 AVX2BF16_MOE forward (inference, no LoRA), only if kt_kernel is installed
-plus the machine's measured fp32 and bf16 GEMM peaks (torch.mm) and DRAM read bandwidth (torch.sum
-over a large tensor), and prints ONE table (metrics as rows, qlens as columns) under a header with
-the CPU model, its ISA flags and the kt_ops ISA in use.
+  * kt-kernel 0.7.2 AVX2BF16_MOE forward (no LoRA), when kt_kernel is installed, in a child process
+    per worker-pool size (its pool keeps spinning after each call and would slow every other column)
+plus the machine's fp32 / bf16 GEMM peaks (torch.mm) and DRAM read bandwidth (torch.sum over a large
+tensor). ONE table: metrics as rows, qlens as columns, under a header with the CPU, its ISA flags, the
+kt_ops ISA and other processes' load. FLOPs count the base weights only: forward 3*2*H*I*qlen*k,
+forward+backward twice that (frozen base weights: backward only needs dX).
 
-FLOP accounting (base weights only, LoRA FLOPs are not counted):
-  forward          3 * 2 * H * I * qlen * k
-  forward+backward 2 * forward   (base weights are frozen: backward only needs dX)
-Effective weight bandwidth of a forward:
-  distinct experts hit * 3 * H * I * bytes_per_weight / time   (bf16: 2 bytes, fp32: 4)
-
-Timing: warm-up calls, then the median of several repeats (more repeats for fast calls);
-all kt_ops / torch work runs with the requested thread count. kt-kernel is timed in a child
-process (its worker pool keeps spinning after each call and would slow every other column);
-the child rebuilds the identical random problem from the same seed.
-
-Usage (from the repository root):
-  .venv/bin/python benchmarks/bench_moe.py                 # full DeepSeek-V2-Lite table
-  .venv/bin/python benchmarks/bench_moe.py --quick         # small smoke test (< 1 min)
-  .venv/bin/python benchmarks/bench_moe.py --scaling       # kt_ops 1 vs 2 threads
-  .venv/bin/python benchmarks/bench_moe.py --help
+  .venv/bin/python benchmarks/bench_moe.py              # the full DeepSeek-V2-Lite table
+  .venv/bin/python benchmarks/bench_moe.py --quick      # small smoke test (< 1 min)
+  .venv/bin/python benchmarks/bench_moe.py --scaling    # kt_ops 1 vs 2 threads
 """
 from __future__ import annotations
 
@@ -50,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 import kt_ops
-from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, Problem, Shape, Timing, dram_read_bw, fmt, gemm_peak,
-                    kt_kernel_forward, kt_kernel_moe, load_kt_kernel, machine_line, measure, parse_ints, print_table,
-                    quiet_stdout, rel_err, run_child, set_threads)
-from kt_ops.core.formats import LORA_NAMES
+from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, Problem, Shape, Timing, ceiling_lines, ceilings, fmt,
+                    load_kt_kernel, machine_line, measure, parse_ints, print_table, rel_err, run_child, set_threads,
+                    time_kt_kernel)
+from kt_ops.core.formats import LORA_NAMES, PROJECTIONS
 from kt_ops.reference import moe_loop
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -65,7 +50,7 @@ class EagerMoE:
     In fp32 it is also the accuracy rows' reference."""
 
     def __init__(self, prob: Problem, dtype=FP32):
-        self.s = prob.shape.scaling
+        self.s, self.dtype = prob.shape.scaling, dtype
         self.W = [t.to(dtype) for t in prob.weights]
         self.lora = [t.to(dtype).requires_grad_() for t in prob.lora]
 
@@ -110,25 +95,16 @@ def kt_kernel_child(args) -> None:
     ext, result["note"] = load_kt_kernel()
     if ext is not None:
         prob = Problem(shape_of(args), args.qlens, args.seed)
-        outs = {}
         try:
-            with quiet_stdout():
-                split = {p: list(t.contiguous()) for p, t in zip(("gate", "up", "down"), prob.weights)}
-                cpu, moe, keep = kt_kernel_moe(ext, args._kt_kernel_worker, "AVX2BF16_MOE", prob.shape,
-                                               max(args.qlens), split)
-            for q, inp in prob.inputs.items():
-                print(f"# kt-kernel ({args._kt_kernel_worker} pool threads) qlen={q} ...", file=sys.stderr, flush=True)
-                run = kt_kernel_forward(cpu, moe, inp.x, inp.ids, inp.w)
-                outs[q] = run().clone()
-                tm = measure(run, **bench_opts(args))
-                result["times"][q], result["others"][q] = tm.times, tm.others
-            with quiet_stdout():
-                del cpu, moe, keep
-                gc.collect()
+            split = {p: list(t) for p, t in zip(PROJECTIONS, prob.weights)}
+            got = time_kt_kernel(ext, args._kt_kernel_worker, "AVX2BF16_MOE", prob.shape, prob.inputs, split,
+                                 **bench_opts(args))
             eager = EagerMoE(prob)
             with torch.no_grad():
                 for q, inp in prob.inputs.items():
-                    result["err"][q] = rel_err(outs[q], eager(inp.x.float(), inp.ids, inp.w, lora=False))
+                    tm, out = got[q]
+                    result["times"][q], result["others"][q] = tm.times, tm.others
+                    result["err"][q] = rel_err(out, eager(inp.x.float(), inp.ids, inp.w, lora=False))
         except Exception as exc:  # noqa: BLE001 - reported in the parent's notes
             result["error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(result))
@@ -140,11 +116,7 @@ def run_kt_kernel(args, notes: List[str]):
         return {}, "skipped (--skip-kt-kernel)"
     got, note = {}, "not installed"
     for threads in args.kt_kernel_threads:
-        argv = [os.path.abspath(__file__), "--_kt-kernel-worker", str(threads)]
-        for flag in ("qlens", "experts", "hidden", "intermediate", "topk", "rank", "alpha", "threads", "warmup",
-                     "repeats", "max_repeats", "min_time", "seed", "settle"):
-            value = getattr(args, flag)
-            argv += [f"--{flag.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        argv = [os.path.abspath(__file__), *args.argv, "--_kt-kernel-worker", str(threads)]
         try:
             r = run_child(argv)
         except ChildFailed as exc:
@@ -175,6 +147,10 @@ def kt_column(args, prob: Problem, rank=None) -> Column:
     if rank == 0:
         return Column("kt0", layer, BF16, step=False)
     return Column("kt", layer, BF16, params=[getattr(layer, name) for name in LORA_NAMES])
+
+
+def eager_column(key: str, m: EagerMoE) -> Column:
+    return Column(key, m, m.dtype, m.dtype, m.lora)
 
 
 def bench_opts(args) -> dict:
@@ -236,8 +212,8 @@ def run_main(args, prob: Problem):
     eager = EagerMoE(prob)
     makers = [("kt", lambda: kt_column(args, prob)), ("kt0", lambda: kt_column(args, prob, rank=0))]
     if not args.skip_eager:
-        makers += [("eager", lambda: Column("eager", eager, FP32, FP32, eager.lora))]
-        makers += [("eager16", lambda: (lambda m: Column("eager16", m, BF16, BF16, m.lora))(EagerMoE(prob, BF16)))]
+        makers += [("eager", lambda: eager_column("eager", eager)),
+                   ("eager16", lambda: eager_column("eager16", EagerMoE(prob, BF16)))]
     if not args.skip_hf:
         makers += [(f"hf_{impl}", lambda impl=impl: Column(f"hf_{impl}", hf_experts(prob, impl), BF16, BF16))
                    for impl in ("eager", "grouped_mm")]
@@ -402,15 +378,7 @@ def print_header(args, prob: Problem, watch: LoadWatch, peaks):
           f"hidden bf16; qlens={args.qlens}")
     print(f"threads={args.threads}  warmup={args.warmup}  repeats>={args.repeats} (up to {args.max_repeats} for calls "
           f"shorter than {args.min_time:g}s/repeats), median reported")
-    for key, what in (("gemm", "fp32 GEMM peak"), ("gemm_bf16", "bf16 GEMM peak")):
-        if key in peaks:
-            g = peaks[key]
-            print(f"machine {what} (torch.mm {g['n']}^3, {args.threads} thr): best {g['best_gflops']:.1f} GFLOP/s, "
-                  f"median {g['median_gflops']:.1f}" + ("  -> '% peak' uses best" if key == "gemm" else ""))
-    if "dram" in peaks:
-        d = peaks["dram"]
-        print(f"machine DRAM read BW (torch.sum over {d['bytes'] / 2**30:.2f} GiB fp32, {args.threads} thr): "
-              f"best {d['best_gbs']:.1f} GB/s, median {d['median_gbs']:.1f}  -> '% DRAM' uses best")
+    print("\n".join(ceiling_lines(peaks)))
     print("FLOPs: base only; fwd = 3*2*H*I*qlen*k, fwd+bwd = 2*fwd (frozen base weights); "
           "weight GB/s = distinct experts hit * 3*H*I*bytes / time\n")
 
@@ -458,6 +426,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=str, default=None, help="also write all raw timings to this JSON file")
     ap.add_argument("--verbose", "-v", action="store_true")
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # for kt-kernel's child
     shape = QUICK if a.quick else DSV2_LITE
     defaults = dict(experts=shape.E, hidden=shape.H, intermediate=shape.I, topk=shape.k, rank=shape.r, alpha=shape.alpha)
     if a.quick:
@@ -485,11 +454,7 @@ def main(argv=None):
     set_threads(args.threads)
 
     watch = LoadWatch(args.wait_idle)
-    peaks = {}
-    if not args.no_peak:
-        print("# measuring fp32 and bf16 GEMM peaks and DRAM bandwidth ...", file=sys.stderr, flush=True)
-        peaks = {"gemm": gemm_peak(args.gemm_n), "gemm_bf16": gemm_peak(args.gemm_n, BF16),
-                 "dram": dram_read_bw(int(args.bw_gib * 2 ** 30))}
+    peaks = {} if args.no_peak else ceilings(args.gemm_n, int(args.bw_gib * 2 ** 30))
     print("# generating random problem ...", file=sys.stderr, flush=True)
     prob = Problem(shape_of(args), args.qlens, seed=args.seed)
     t_start = time.time()

@@ -290,6 +290,27 @@ def dram_read_bw(nbytes: int, repeats: int = 7) -> dict:
     return {"bytes": x.numel() * 4, "best_gbs": x.numel() * 4 / t.min / 1e9, "median_gbs": x.numel() * 4 / t.med / 1e9}
 
 
+def ceilings(gemm_n: int, dram_bytes: int) -> dict:
+    """fp32 and bf16 GEMM peaks and DRAM read bandwidth with the current torch threads."""
+    print("# measuring fp32 and bf16 GEMM peaks and DRAM bandwidth ...", file=sys.stderr, flush=True)
+    return {"gemm": gemm_peak(gemm_n), "gemm_bf16": gemm_peak(gemm_n, torch.bfloat16), "dram": dram_read_bw(dram_bytes)}
+
+
+def ceiling_lines(peaks: dict) -> List[str]:
+    out = []
+    for key, what in (("gemm", "fp32 GEMM peak"), ("gemm_bf16", "bf16 GEMM peak")):
+        if key in peaks:
+            g = peaks[key]
+            out.append(f"machine {what} (torch.mm {g['n']}^3, {torch.get_num_threads()} thr): best "
+                       f"{g['best_gflops']:.1f} GFLOP/s, median {g['median_gflops']:.1f}"
+                       + ("  -> '% peak' uses best" if key == "gemm" else ""))
+    if "dram" in peaks:
+        d = peaks["dram"]
+        out.append(f"machine DRAM read BW (torch.sum over {d['bytes'] / 2**30:.2f} GiB fp32, {torch.get_num_threads()} "
+                   f"thr): best {d['best_gbs']:.1f} GB/s, median {d['median_gbs']:.1f}  -> '% DRAM' uses best")
+    return out
+
+
 # ---- the random problem ------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -433,6 +454,23 @@ def kt_kernel_moe(ext, threads: int, cls_name: str, shape: Shape, max_len: int, 
     cpu.submit(moe.load_weights_task(order.data_ptr()))
     cpu.sync()
     return cpu, moe, (mask, config, order, weights, scales)
+
+
+def time_kt_kernel(ext, threads: int, cls_name: str, shape: Shape, inputs: Dict[int, "Routed"], weights: dict,
+                   scales: Optional[dict] = None, bits: Optional[int] = None, **measure_kwargs) -> Dict[int, tuple]:
+    """{qlen: (Timing, output)} of kt-kernel's forward (kt_kernel_moe's arguments) on every input; run it in
+    a child process: kt-kernel's worker pool keeps spinning after each call and would slow other work."""
+    with quiet_stdout():
+        cpu, moe, keep = kt_kernel_moe(ext, threads, cls_name, shape, max(inputs), weights, scales, bits)
+    got = {}
+    for q, inp in inputs.items():
+        print(f"# kt-kernel {cls_name} ({threads} pool threads) qlen={q} ...", file=sys.stderr, flush=True)
+        run = kt_kernel_forward(cpu, moe, inp.x, inp.ids, inp.w)
+        out = run().clone()
+        got[q] = measure(run, **measure_kwargs), out
+    with quiet_stdout():
+        del cpu, moe, keep
+    return got
 
 
 def kt_kernel_forward(cpu, moe, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:
