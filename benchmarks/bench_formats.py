@@ -7,9 +7,10 @@ H=2048, I=1408, k=6, LoRA r=16), qlen 1 (decode) and 512 (prefill), 2 threads.
       [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
 
 --baseline DIR times the same methods, weights and inputs with another build of kt_ops (DIR is a
-checkout with its extension built in place, e.g. the commit before a kernel change) in a child
-process, call by call alternating with this one, so both columns see the same machine load. The
-child only runs while this process waits: the two never compete for the cores.
+checkout with its extension built in place, e.g. the commit before a kernel change; it needs
+kt_ops/core/formats.py, which this checkout's common.py imports) in a child process, call by call
+alternating with this one, so both columns see the same machine load. The child only runs while this
+process waits: the two never compete for the cores.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ step as zero_grad(set_to_none=True) does).
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/bench_page_faults.py [--qlens 1,512] [--root DIR] [--quick]
---root imports kt_ops from another checkout (e.g. an older build) for a before/after comparison.
+--root imports kt_ops from another checkout (e.g. an older build, one with kt_ops/core/formats.py) for a
+before/after comparison.
 --quick: the small shape (E=8 H=512 I=256 k=2 r=8).
 """
 from __future__ import annotations
