@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Inference-mode timings per method (spec 001 §2.1): decode (qlen 1) and prefill (qlen 512) on a
-DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6).
+"""Inference-mode timings of every inference method of the wrapper API: decode (qlen 1) and prefill
+(qlen 512) on a DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6).
 
 * `forward` of each inference wrapper (AMXINT8, AMXINT4, FP8, RAWINT4, LLAMAFILE as Q8_0 and as Q4_K)
   against `forward_sft(save_for_backward=False)` of an SFT wrapper holding the same packed experts

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Wrapper overhead (spec 001 §4.2: forward_sft/backward within 5% of calling the ops directly).
+"""Wrapper overhead: forward_sft / backward should stay within 5% of calling the ops directly.
 
 Same packed experts, LoRA and inputs for both columns; the two are timed alternately, call by call,
 so background load hits both alike. Shape: DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6),
