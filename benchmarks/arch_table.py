@@ -12,6 +12,7 @@ this generic shrinking did not produce a working causal LM for that config (not 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 
@@ -116,8 +117,10 @@ def model_types() -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_type", nargs="*", help="transformers model types (default: every MoE one)")
     torch.set_num_threads(1)
-    types = argv or model_types()
+    types = parser.parse_args(argv).model_type or model_types()
     print(f"# transformers MoE architectures on kt_ops; {machine_line()}")
     table = MarkdownTable("model_type", "logits rel. err. AMXBF16", "AMXINT8", "AMXINT4",
                           "expert-LoRA training loss (4 steps)", align="lrrrl")
