@@ -12,10 +12,13 @@ this generic shrinking did not produce a working causal LM for that config (not 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 
 import torch
+
+from common import MarkdownTable, machine_line
 
 # Shrunk sizes, applied to every config field of that name that exists.
 SMALL = {
@@ -64,7 +67,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _row(model_type: str) -> str:
+def _row(model_type: str) -> tuple:
     import peft
 
     from kt_ops.integration import apply_kt
@@ -75,7 +78,7 @@ def _row(model_type: str) -> str:
         with torch.no_grad():
             ref = model(input_ids=ids).logits
     except Exception as e:  # noqa: BLE001
-        return f"| {model_type} | not built ({type(e).__name__}) | | | |"
+        return model_type, f"not built ({type(e).__name__})", "", "", ""
     cells = []
     for backend in ("AMXBF16", "AMXINT8", "AMXINT4"):
         try:
@@ -83,7 +86,7 @@ def _row(model_type: str) -> str:
             with torch.no_grad():
                 cells.append(f"{_rel(kt(input_ids=ids).logits, ref):.1e}")
         except Exception as e:  # noqa: BLE001
-            return f"| {model_type} | refused: {str(e).splitlines()[0][:300]} | | | |"
+            return model_type, f"refused: {str(e).splitlines()[0][:300]}", "", "", ""
     try:
         model = apply_kt(_build(model_type).train(), lora_rank=4, lora_alpha=8.0)
         with warnings.catch_warnings():
@@ -100,7 +103,7 @@ def _row(model_type: str) -> str:
         train = f"{losses[0]:.3f} -> {losses[-1]:.3f}" + ("" if losses[-1] < losses[0] else " (no fall)")
     except Exception as e:  # noqa: BLE001
         train = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-    return f"| {model_type} | {cells[0]} | {cells[1]} | {cells[2]} | {train} |"
+    return (model_type, *cells, train)
 
 
 def model_types() -> list[str]:
@@ -114,15 +117,15 @@ def model_types() -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    import kt_ops
-
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_type", nargs="*", help="transformers model types (default: every MoE one)")
     torch.set_num_threads(1)
-    types = argv or model_types()
-    print(f"# transformers MoE architectures on kt_ops, {kt_ops.cpu_info()['model']}, isa={kt_ops.get_isa()}")
-    print("| model_type | logits rel. err. AMXBF16 | AMXINT8 | AMXINT4 | expert-LoRA training loss (4 steps) |")
-    print("|---|---:|---:|---:|---|")
+    types = parser.parse_args(argv).model_type or model_types()
+    print(f"# transformers MoE architectures on kt_ops; {machine_line()}")
+    table = MarkdownTable("model_type", "logits rel. err. AMXBF16", "AMXINT8", "AMXINT4",
+                          "expert-LoRA training loss (4 steps)", align="lrrrl")
     for t in types:
-        print(_row(t), flush=True)
+        table.row(*_row(t))
 
 
 if __name__ == "__main__":

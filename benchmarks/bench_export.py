@@ -15,13 +15,7 @@ import tempfile
 import time
 import warnings
 
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from common import MarkdownTable, machine_line, proc_status_kib
 
 
 def main() -> None:
@@ -37,7 +31,6 @@ def main() -> None:
     import torch
     import transformers
 
-    import kt_ops
     from kt_ops.integration import apply_kt, export_merged
 
     config = transformers.Qwen3MoeConfig(
@@ -52,21 +45,20 @@ def main() -> None:
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     layer_experts_mib = 3 * args.experts * args.hidden * args.inter * 2 / 2 ** 20
     with tempfile.TemporaryDirectory() as out:
-        baseline = _rss_mib("VmRSS")
+        baseline = proc_status_kib("VmRSS") / 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
         files = export_merged(model, out, max_shard_size=args.shard_mib * 2 ** 20)
         seconds = time.perf_counter() - start
-        peak = _rss_mib("VmHWM")
+        peak = proc_status_kib("VmHWM") / 1024
         written = sum(os.path.getsize(f) for f in files) / 2 ** 20
     print(f"# export_merged, Qwen3-MoE bf16 layers={args.layers} E={args.experts} H={args.hidden} "
-          f"I={args.inter}, shard limit {args.shard_mib} MiB, {kt_ops.cpu_info()['model']}, isa={kt_ops.get_isa()}")
-    print("| checkpoint MiB | one layer's experts MiB | RSS before MiB | peak RSS MiB | growth MiB | seconds |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {written:.0f} | {layer_experts_mib:.0f} | {baseline:.0f} | {peak:.0f} | {peak - baseline:.0f} | "
-          f"{seconds:.1f} |")
-
+          f"I={args.inter}, shard limit {args.shard_mib} MiB; {machine_line()}")
+    table = MarkdownTable("checkpoint MiB", "one layer's experts MiB", "RSS before MiB", "peak RSS MiB", "growth MiB",
+                          "seconds", align="rrrrrr")
+    table.row(f"{written:.0f}", f"{layer_experts_mib:.0f}", f"{baseline:.0f}", f"{peak:.0f}", f"{peak - baseline:.0f}",
+              f"{seconds:.1f}")
 
 if __name__ == "__main__":
     main()

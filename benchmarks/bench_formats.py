@@ -7,65 +7,49 @@ H=2048, I=1408, k=6, LoRA r=16), qlen 1 (decode) and 512 (prefill), 2 threads.
       [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
 
 --baseline DIR times the same methods, weights and inputs with another build of kt_ops (DIR is a
-checkout with its extension built in place, e.g. the commit before a kernel change) in a child
-process, call by call alternating with this one, so both columns see the same machine load. The
-child only runs while this process waits: the two never compete for the cores.
+checkout with its extension built in place, e.g. the commit before a kernel change; it needs
+kt_ops/core/formats.py, which this checkout's common.py imports) in a child process, call by call
+alternating with this one, so both columns see the same machine load. The child only runs while this
+process waits: the two never compete for the cores.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "int8_kgroup", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-           "AMXINT4_1KGroup_SFT")
+from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, machine_line, measure_alternating, parse_ints, \
+    set_threads
+from kt_ops.core.formats import SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
+
+# every SFT method, then the formats that no method name selects (by their format name)
+METHODS = SFT_METHODS + tuple(f for f in WEIGHT_FORMATS if f not in (SFT_METHOD_FORMATS[m] for m in SFT_METHODS))
 
 
 def build(args):
     """Layers and inputs, identical in every process that calls this with the same arguments."""
-    import kt_ops
-
-    E, H, I, k, r = (8, 512, 256, 2, 8) if args.quick else (64, 2048, 1408, 6, 16)
-    qlens = [1, 64] if args.quick else [int(q) for q in args.qlens.split(",")]
-    kt_ops.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(*s, generator=gen) * 0.02).to(torch.bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I))]
-    layers = {}
-    for method in args.methods.split(","):
-        layer = kt_ops.KTMoELayer(E, H, I, lora_rank=r, method=method, group_size=args.group_size)
-        layer.load_weights_from_tensors(*weights)
-        with torch.no_grad():
-            for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
-                getattr(layer, name).normal_(0, 0.02, generator=gen)
-        layers[method] = layer
-    del weights
-    inputs = {}
-    for q in qlens:
-        x = torch.randn(q, H, generator=gen).to(torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(q)])
-        inputs[q] = (x, ids, torch.softmax(torch.randn(q, k, generator=gen), -1))
-    return (E, H, I, k, r), qlens, layers, inputs
+    shape = QUICK if args.quick else DSV2_LITE
+    set_threads(args.threads)
+    prob = Problem(shape, [1, 64] if args.quick else parse_ints(args.qlens))
+    layers = {method: prob.layer(method, group_size=args.group_size) for method in args.methods.split(",")}
+    prob.release_weights()
+    return shape, list(prob.inputs), layers, prob.inputs
 
 
 def timed_call(layers, inputs, method, q, backward):
     """Seconds for one forward (no grad) or forward+backward of `method` at qlen q."""
-    layer = layers[method]
-    x, ids, w = inputs[q]
+    layer, inp = layers[method], inputs[q]
     t0 = time.perf_counter()
     if backward:
-        xg = x.clone().requires_grad_()
-        layer(xg, ids, w).sum().backward()
+        layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).sum().backward()
     else:
         with torch.no_grad():
-            layer(x, ids, w)
+            layer(inp.x, inp.ids, inp.w)
     return time.perf_counter() - t0
 
 
@@ -99,18 +83,6 @@ class Baseline:
         self.proc.wait()
 
 
-def timings(fns, repeats, stat, min_time=1.0):
-    """Median (or minimum) seconds of each fn, called in turn (one warm-up each), so that all see
-    the same load. The minimum estimates the unloaded time on a machine shared with other work."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    while len(times[0]) < repeats or (sum(times[0]) < min_time and len(times[0]) < 50):
-        for fn, ts in zip(fns, times):
-            ts.append(fn())
-    return [(min if stat == "min" else statistics.median)(ts) for ts in times]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--qlens", default="1,512")
@@ -120,7 +92,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated; the first is the ratios' base")
     ap.add_argument("--baseline", metavar="DIR", help="also time the kt_ops built in checkout DIR, alternating")
     ap.add_argument("--stat", choices=("median", "min"), default="median", help="statistic over the repeats")
-    ap.add_argument("--quick", action="store_true", help="E=8 H=512 I=256 k=2, qlens 1,64")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK}, qlens 1,64")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -129,20 +101,18 @@ def main() -> None:
 
     child_argv = [a for a in sys.argv[1:] if a != "--baseline" and a != args.baseline]
     baseline = Baseline(args.baseline, child_argv) if args.baseline else None
-    (E, H, I, k, r), qlens, layers, inputs = build(args)
+    shape, qlens, layers, inputs = build(args)
     methods = list(layers)
-    info = kt_ops.cpu_info()
-    print(f"# kt_ops weight formats, {datetime.datetime.now():%Y-%m-%d %H:%M}, {info['model']}, isa={info['isa']}, "
-          f"threads={args.threads}, E={E} H={H} I={I} k={k} r={r} group_size={args.group_size}, "
-          f"{args.stat} of >= {args.repeats} calls, load average before the run {os.getloadavg()[0]:.1f}")
+    watch = LoadWatch()
+    print(f"# kt_ops weight formats, {shape} group_size={args.group_size}, {args.stat} of >= {args.repeats} calls; "
+          f"{machine_line()}")
     print(f"# this build: {kt_ops.__file__}" + (f"; baseline: {baseline.path} (alternating call by call)"
                                                  if baseline else ""))
     builds = ["", " base"] if baseline else [""]
     heads = [f"fwd q={q}{b} ms (x {methods[0]})" for q in qlens for b in builds]
     heads += [f"fwd+bwd q={q}{b} ms (x {methods[0]})" for q in qlens if q > 1 for b in builds]
-    print("| method | resident MB | " + " | ".join(heads) + " |")
-    print("|---" * (2 + len(heads)) + "|")
-    base = {}
+    table = MarkdownTable("method", "resident MB", *heads)
+    base, timings = {}, []
     for method in methods:
         cells = [f"{layers[method].experts.nbytes() / 2**20:.0f}"]
         for backward in (False, True):
@@ -153,14 +123,18 @@ def main() -> None:
                 if baseline:
                     fns.append(lambda: baseline.call(method, q, backward))
                 repeats = max(3, args.repeats // 2) if backward else args.repeats
-                for b, t in zip(builds, timings(fns, repeats, args.stat)):
+                # the minimum estimates the unloaded time on a machine shared with other work
+                got = measure_alternating(fns, repeats=repeats, min_time=1.0, max_repeats=50, returns_seconds=True)
+                timings += got
+                for b, t in zip(builds, got):
+                    t = t.min if args.stat == "min" else t.med
                     base.setdefault((backward, q, b), t)
                     cells.append(f"{t * 1e3:.2f} ({base[(backward, q, b)] / t:.2f}x)")
-        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+        table.row(method, *cells)
     print(f"(x {methods[0]} > 1: faster than {methods[0]} of the same build, measured in the same run)")
+    print("\n".join(watch.finish(timings).lines()))
     if baseline:
         baseline.close()
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Inference-mode timings per method (spec 001 §2.1): decode (qlen 1) and prefill (qlen 512) on a
-DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6).
+"""Inference-mode timings of every inference method of the wrapper API: decode (qlen 1) and prefill
+(qlen 512) on a DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6).
 
 * `forward` of each inference wrapper (AMXINT8, AMXINT4, FP8, RAWINT4, LLAMAFILE as Q8_0 and as Q4_K)
   against `forward_sft(save_for_backward=False)` of an SFT wrapper holding the same packed experts
@@ -14,7 +14,8 @@ is timed is the forward path; loading (GGUF, checkpoints) is not. Each column is
 with the one it is compared with, so background load hits both alike.
 
   .venv/bin/python benchmarks/bench_inference.py [--threads 2] [--repeats N] [--quick]
-  --quick: E=16, H=512, I=384, prefill qlen 64, 3 repeats (a smoke run, not numbers to quote)
+  --quick: the small shape (E=8 H=512 I=256 k=2 r=8), prefill qlen 64, 3 repeats (a smoke run, not numbers
+  to quote)
   --kt-kernel: instead, kt-kernel 0.7.2's AVX2 quantized classes against kt_ops on the same format and
   size: AVX2FP8_MOE (E4M3, 128x128 block scales) vs FP8 (int8_kgroup, group 128), and
   AVX2GPTQInt4_MOE (symmetric int4, group 128) vs int4_kgroup group 128. kt-kernel runs in a child
@@ -23,19 +24,15 @@ with the one it is compared with, so background load hits both alike.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import json
-import os
-import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-import kt_ops
+from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, MarkdownTable, load_kt_kernel, machine_line,
+                    measure, measure_alternating, random_lora, random_routed, run_child, time_kt_kernel)
 from kt_ops import KTMoEWrapper
+from kt_ops.core.formats import PROJECTIONS
 from kt_ops.core.packed import pack_codes_split
 
 # label -> (inference method, kernel format, group size, SFT method holding that format)
@@ -61,6 +58,16 @@ def random_codes(E, N, K, fmt, group, gen):
     return codes, scale
 
 
+def inference_wrapper(base, shape, method, fmt, group, gen):
+    """An inference wrapper holding random codes of `fmt` packed exactly, and the parts it holds."""
+    E, H, I = shape.E, shape.H, shape.I
+    parts = pack_codes_split(*(random_codes(E, N, K, fmt, group, gen) for N, K in ((I, H), (I, H), (H, I))),
+                             fmt, group, [(0, I)])
+    wrapper = KTMoEWrapper(**base, mode="inference", method=method)
+    wrapper._set_parts(parts, torch.arange(E))  # no public call installs packed parts yet
+    return wrapper, parts
+
+
 _MATMUL = torch.randn(256, 256)
 
 
@@ -72,24 +79,6 @@ def caller_work(kind: str, seconds: float) -> None:
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         torch.mm(_MATMUL, _MATMUL)
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns, repeats):
-    """Median seconds of each fn, called in alternating order after one warm-up round."""
-    times = [[] for _ in fns]
-    for rep in range(repeats + 1):
-        order = list(range(len(fns))) if rep % 2 else list(range(len(fns)))[::-1]
-        for i in order:
-            t = timed(fns[i])
-            if rep:
-                times[i].append(t)
-    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -105,48 +94,44 @@ def main():
     parser.add_argument("--kt-kernel", action="store_true", help="compare with kt-kernel's AVX2 quantized classes")
     parser.add_argument("--kt-kernel-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    E, H, I, k, r = (16, 512, 384, 6, 16) if args.quick else (64, 2048, 1408, 6, 16)
+    shape = QUICK if args.quick else DSV2_LITE
     qlens = (1, 64) if args.quick else (1, 512)
     if args.kt_kernel_child:
-        print(json.dumps(kt_kernel_child(args.kt_kernel_child, (E, H, I, k), qlens, args.threads, args.repeats or 4)))
+        print(json.dumps(kt_kernel_child(args.kt_kernel_child, shape, qlens, args.threads, args.repeats or 4)))
         return
     gen = torch.Generator().manual_seed(0)
-    base = dict(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H, moe_intermediate_size=I,
-                num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1, weight_path=None,
-                chunked_prefill_size=4096)
+    base = dict(layer_idx=0, num_experts=shape.E, num_experts_per_tok=shape.k, hidden_size=shape.H,
+                moe_intermediate_size=shape.I, num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1,
+                weight_path=None, chunked_prefill_size=4096)
     if args.kt_kernel:
-        kt_kernel_table(args, (E, H, I, k), qlens, base)
+        kt_kernel_table(args, shape, qlens, base)
         return
-    print(f"# inference, E={E} H={H} I={I} k={k}, {kt_ops.get_num_threads()} threads, isa={kt_ops.get_isa()}")
-    print("| method | qlen | forward ms | SFT forward_sft ms (r=16) | ratio | overlap: serial ms | submit/work/sync ms "
-          "| hidden |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    watch = LoadWatch()
+    print(f"# inference, {shape}; {machine_line()}")
+    table = MarkdownTable("method", "qlen", "forward ms", f"SFT forward_sft ms (r={shape.r})", "ratio",
+                          "overlap: serial ms", "submit/work/sync ms", "hidden")
+    timings = []
     for label in args.methods.split(","):
         method, fmt, group, sft_method = CASES[label]
-        codes = [random_codes(E, N, K, fmt, group, gen) for N, K in ((I, H), (I, H), (H, I))]
-        parts = pack_codes_split(*codes, fmt, group, [(0, I)])
-        del codes
-        wrapper = KTMoEWrapper(**base, mode="inference", method=method)
-        wrapper._set_parts(parts, torch.arange(E))
+        wrapper, parts = inference_wrapper(base, shape, method, fmt, group, gen)
         sft = None
         if sft_method:
-            sft = KTMoEWrapper(**base, mode="sft", method=sft_method, lora_rank=r, lora_alpha=32.0, group_size=group)
+            sft = KTMoEWrapper(**base, mode="sft", method=sft_method, lora_rank=shape.r, lora_alpha=shape.alpha,
+                               group_size=group)
             sft.experts_parts = list(parts)
-            sft.physical_to_logical_map = torch.arange(E)
-            sft.init_lora_weights(*(torch.randn(s, generator=gen, dtype=torch.bfloat16) * 0.02 for s in
-                                    ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))))
+            sft.physical_to_logical_map = torch.arange(shape.E)
+            sft.init_lora_weights(*random_lora(shape, gen))
         for qlen in qlens:
             repeats = args.repeats or (20 if qlen == 1 else (3 if args.quick else 4))
-            x = torch.randn(qlen, H, generator=gen, dtype=torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(qlen)])
-            w = torch.rand(qlen, k, generator=gen)
+            inp = random_routed(shape, qlen, gen)
+            x, ids, w = inp.x, inp.ids, inp.w
             fns = [lambda: wrapper.forward(x, ids, w)]
             if sft is not None:
                 fns.append(lambda: sft.forward_sft(x, ids, w, save_for_backward=False))
-            got = alternate(fns, repeats)
-            inf_ms = got[0] * 1e3
-            sft_cell = f"{got[1] * 1e3:.2f} | {got[1] / got[0]:.2f}" if sft is not None else "- | -"
-            work_s = (args.work_ms / 1e3) or got[0]
+            got = measure_alternating(fns, repeats=repeats)
+            fwd = got[0].med
+            sft_cell = ["-", "-"] if sft is None else [f"{got[1].med * 1e3:.2f}", f"{got[1].med / fwd:.2f}"]
+            work_s = (args.work_ms / 1e3) or fwd
 
             def serial():
                 wrapper.forward(x, ids, w)
@@ -157,12 +142,14 @@ def main():
                 caller_work(args.work, work_s)
                 wrapper.sync_forward(x)
 
-            ser, ovl = alternate([serial, overlapped], max(repeats // 2, 2))
-            hidden = (ser - ovl) / min(got[0], work_s)
-            print(f"| {label} | {qlen} | {inf_ms:.2f} | {sft_cell} | {ser * 1e3:.2f} | {ovl * 1e3:.2f} | "
-                  f"{100 * hidden:.0f}% |", flush=True)
+            ser, ovl = measure_alternating([serial, overlapped], repeats=max(repeats // 2, 2))
+            timings += got + [ser, ovl]
+            hidden = (ser.med - ovl.med) / min(fwd, work_s)
+            table.row(label, qlen, f"{fwd * 1e3:.2f}", *sft_cell, f"{ser.med * 1e3:.2f}", f"{ovl.med * 1e3:.2f}",
+                      f"{100 * hidden:.0f}%")
     print("\nhidden: the share of the shorter of (MoE, caller work) that submit_forward hid behind the other; "
           f"the caller work ({args.work}) lasts as long as the serial forward unless --work-ms.")
+    print("\n".join(watch.finish(timings).lines()))
 
 
 # ---- kt-kernel 0.7.2's AVX2 quantized classes, same formats and sizes --------------------------------
@@ -173,28 +160,18 @@ KT_KERNEL_CASES = {  # kt-kernel class -> (kt_ops inference method, kernel forma
 }
 
 
-def _load_kt_kernel_avx2():
-    spec = importlib.util.find_spec("kt_kernel")
-    if spec is None:
-        return None
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "_kt_kernel_ext_avx2.*.so")))
-    if not paths:
-        return None
-    ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", paths[0])
-    ext = importlib.util.module_from_spec(ext_spec)
-    ext_spec.loader.exec_module(ext)
-    return ext
+def kt_kernel_repeats(repeats: int) -> dict:
+    """Both sides: `repeats` calls, up to 4x as many for fast calls (decode)."""
+    return dict(repeats=repeats, max_repeats=4 * repeats, min_time=1.0)
 
 
 def kt_kernel_child(cls_name: str, shape, qlens, threads: int, repeats: int) -> dict:
     """Median ms per qlen of kt-kernel's `cls_name` on random weights in its own layout: FP8 bytes
     [N, K] with fp32 block scales [N/128, K/128]; GPTQ qweight int32 [K/8, N] with scales [K/128, N]."""
-    ext = _load_kt_kernel_avx2()
-    E, H, I, k = shape
+    ext, note = load_kt_kernel()
+    if ext is None:
+        raise SystemExit(note)
     gen = torch.Generator().manual_seed(0)
-    pool = ext.WorkerPoolConfig()
-    pool.subpool_count, pool.subpool_numa_map, pool.subpool_thread_count = 1, [0], [threads]
-    cpu = ext.CPUInfer(pool)
 
     def weight(n, kk):
         if cls_name == "AVX2FP8_MOE":
@@ -203,68 +180,37 @@ def kt_kernel_child(cls_name: str, shape, qlens, threads: int, repeats: int) -> 
         q = torch.randint(-2 ** 31, 2 ** 31 - 1, (kk // 8, n), generator=gen, dtype=torch.int32)
         return q, (torch.rand(kk // 128, n, generator=gen) * 0.01).contiguous()
 
-    weights = {p: [weight(*((I, H) if p != "down" else (H, I))) for _ in range(E)] for p in ("gate", "up", "down")}
-    mask = torch.zeros(E, dtype=torch.bool)
-    config = ext.moe.MOEConfig(E, k, H, I, mask.data_ptr())
-    config.layer_idx, config.pool, config.max_len = 0, cpu.backend_, max(qlens)
-    for p in ("gate", "up", "down"):
-        setattr(config, p + "_projs", [[w.data_ptr() for w, _ in weights[p]]])
-        setattr(config, p + "_scales", [[s.data_ptr() for _, s in weights[p]]])
-    config.quant_config.bits = 8 if cls_name == "AVX2FP8_MOE" else 4
-    config.quant_config.group_size = 128
-    config.quant_config.zero_point = False
-    moe = getattr(ext.moe, cls_name)(config)
-    order = torch.arange(E, dtype=torch.int64)
-    cpu.submit(moe.load_weights_task(order.data_ptr()))
-    cpu.sync()
-    result = {}
-    for qlen in qlens:
-        x = torch.randn(qlen, H, generator=gen, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(qlen)]).contiguous()
-        w = torch.rand(qlen, k, generator=gen).contiguous()
-        out = torch.empty(qlen, H, dtype=torch.bfloat16)
-        size = torch.tensor([qlen], dtype=torch.int32)
-
-        def run():
-            cpu.submit(moe.forward_task(size.data_ptr(), k, ids.data_ptr(), w.data_ptr(), x.data_ptr(),
-                                        out.data_ptr(), False))
-            cpu.sync()
-
-        result[qlen] = alternate([run], repeats if qlen > 1 else 4 * repeats)[0] * 1e3
-    return result
+    pairs = {p: [weight(*((shape.I, shape.H) if p != "down" else (shape.H, shape.I))) for _ in range(shape.E)]
+             for p in PROJECTIONS}
+    inputs = {q: random_routed(shape, q, gen) for q in qlens}
+    got = time_kt_kernel(ext, threads, cls_name, shape, inputs, {p: [w for w, _ in pairs[p]] for p in PROJECTIONS},
+                         {p: [s for _, s in pairs[p]] for p in PROJECTIONS}, bits=8 if cls_name == "AVX2FP8_MOE" else 4,
+                         **kt_kernel_repeats(repeats))
+    return {q: tm.med * 1e3 for q, (tm, _) in got.items()}
 
 
 def kt_kernel_table(args, shape, qlens, base) -> None:
-    if _load_kt_kernel_avx2() is None:
+    if load_kt_kernel()[0] is None:
         print("kt-kernel is not installed (pip install --no-deps kt-kernel==0.7.2): no comparison")
         return
-    E, H, I, k = shape
     gen = torch.Generator().manual_seed(0)
     repeats = args.repeats or 4
-    print(f"# kt-kernel 0.7.2 AVX2 quantized classes vs kt_ops, E={E} H={H} I={I} k={k}, {args.threads} threads, "
-          f"isa={kt_ops.get_isa()}; median ms")
-    print("| kt-kernel class | kt_ops method (format) | qlen | kt-kernel ms | kt_ops ms | kt_ops speed-up |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"# kt-kernel 0.7.2 AVX2 quantized classes vs kt_ops, {shape}; median ms; {machine_line()}")
+    table = MarkdownTable("kt-kernel class", "kt_ops method (format)", "qlen", "kt-kernel ms", "kt_ops ms",
+                          "kt_ops speed-up", align="llrrrr")
     for cls_name, (method, fmt, group) in KT_KERNEL_CASES.items():
-        child = subprocess.run([sys.executable, __file__, "--kt-kernel-child", cls_name, "--threads", str(args.threads),
-                                "--repeats", str(repeats)] + (["--quick"] if args.quick else []),
-                               capture_output=True, text=True)
-        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-        if child.returncode != 0 or not lines:
-            print(f"| {cls_name} | failed: {(child.stderr.strip().splitlines() or ['?'])[-1]} |")
+        try:
+            theirs = run_child([__file__, "--kt-kernel-child", cls_name, "--threads", str(args.threads), "--repeats",
+                                str(repeats)] + (["--quick"] if args.quick else []))
+        except ChildFailed as exc:
+            table.row(cls_name, f"failed: {exc}")
             continue
-        theirs = {int(q): ms for q, ms in json.loads(lines[-1]).items()}
-        codes = [random_codes(E, N, K, fmt, group, gen) for N, K in ((I, H), (I, H), (H, I))]
-        wrapper = KTMoEWrapper(**base, mode="inference", method=method)
-        wrapper._set_parts(pack_codes_split(*codes, fmt, group, [(0, I)]), torch.arange(E))
-        del codes
+        wrapper, _ = inference_wrapper(base, shape, method, fmt, group, gen)
         for qlen in qlens:
-            x = torch.randn(qlen, H, generator=gen, dtype=torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(qlen)])
-            w = torch.rand(qlen, k, generator=gen)
-            ours = alternate([lambda: wrapper.forward(x, ids, w)], repeats if qlen > 1 else 4 * repeats)[0] * 1e3
-            print(f"| {cls_name} | {method} ({fmt} g{group}) | {qlen} | {theirs[qlen]:.2f} | {ours:.2f} | "
-                  f"{theirs[qlen] / ours:.2f}x |", flush=True)
+            inp = random_routed(shape, qlen, gen)
+            ours = measure(lambda: wrapper.forward(inp.x, inp.ids, inp.w), **kt_kernel_repeats(repeats)).med * 1e3
+            table.row(cls_name, f"{method} ({fmt} g{group})", qlen, f"{theirs[str(qlen)]:.2f}", f"{ours:.2f}",
+                      f"{theirs[str(qlen)] / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's kt_ops, for this process and (via PYTHONPATH) the children
+from common import ChildFailed, MarkdownTable, machine_line, proc_status_kib, run_child  # noqa: E402
 
 
 def config(args):
@@ -111,8 +111,7 @@ def child(mode: str, path: str, backend: str) -> None:
             model(input_ids=torch.arange(16)[None])
     # VmHWM is this process's own high-water mark; ru_maxrss also keeps the parent's RSS at fork
     # (Linux carries it across execve), which only matters when the child stays below it.
-    with open("/proc/self/status") as f:
-        hwm_kB = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    hwm_kB = proc_status_kib("VmHWM")
     peak_kB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_kB": peak_kB, "hwm_kB": hwm_kB, "seconds": seconds, "packed": packed}))
 
@@ -147,8 +146,8 @@ def shared_worker(rank, world, init_file, path, backend, shared, out_dir):
 
 def shared_experts(root, backend):
     print(f"\n2 processes (gloo), {backend}: RSS / PSS per process from /proc/self/smaps_rollup (GiB)")
-    print("| experts | rank | Rss | Pss | Pss_Anon | Pss_File | sum of Pss over ranks |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    table = MarkdownTable("experts", "rank", "Rss", "Pss", "Pss_Anon", "Pss_File", "sum of Pss over ranks",
+                          align="llrrrrr")
     for label, shared in (("own copy per process", None),
                           ("one shared file (kt_shared_experts)", os.path.join(root, "experts.safetensors"))):
         out = tempfile.mkdtemp(dir=root)
@@ -158,19 +157,17 @@ def shared_experts(root, backend):
         total = sum(s["Pss"] for s in stats) / 2**20
         for r, s in enumerate(stats):
             g = {k: s.get(k, 0) / 2**20 for k in ("Rss", "Pss", "Pss_Anon", "Pss_File")}
-            print(f"| {label} | {r} | {g['Rss']:.2f} | {g['Pss']:.2f} | {g['Pss_Anon']:.2f} | {g['Pss_File']:.2f} | "
-                  f"{total:.2f} |", flush=True)
+            table.row(label, r, *(f"{g[k]:.2f}" for k in ("Rss", "Pss", "Pss_Anon", "Pss_File")), f"{total:.2f}")
         if shared:
             print(f"shared experts file: {os.path.getsize(shared) / 2**30:.2f} GiB")
 
 
-def run_child(mode, path, backend):
+def run_loader(mode, path, backend):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--path", path, "--backend", backend],
-                         capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"{mode} loader failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_child([__file__, "--child", mode, "--path", path, "--backend", backend], env=env)
+    except ChildFailed as exc:
+        raise RuntimeError(f"{mode} loader failed:\n{exc.stderr[-3000:]}") from None
 
 
 def main():
@@ -194,6 +191,7 @@ def main():
     try:
         t0 = time.perf_counter()
         sizes = write_checkpoint(root, args)
+        print(f"# {machine_line()}")
         print(f"checkpoint: {(sizes['experts'] + sizes['other']) / 2**30:.2f} GiB ({sizes['experts'] / 2**30:.2f} GiB "
               f"experts, {sizes['other'] / 2**20:.0f} MiB other, one layer's experts "
               f"{sizes['layer_source'] / 2**20:.0f} MiB), written in {time.perf_counter() - t0:.0f} s; "
@@ -202,21 +200,20 @@ def main():
         if args.shared_experts:
             shared_experts(root, args.backends.split(",")[-1])
             return
-        base = run_child("imports", root, "AMXBF16")["hwm_kB"] / 2**20
+        base = run_loader("imports", root, "AMXBF16")["hwm_kB"] / 2**20
         print(f"imports only (python + torch + transformers + kt_ops): VmHWM {base:.2f} GiB")
-        print("| backend | loader | peak RSS: VmHWM (GiB) | ru_maxrss (GiB) | above imports (GiB) | bound: packed + "
-              "other + 1 layer + 10% (GiB) | load time (s) |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        table = MarkdownTable("backend", "loader", "peak RSS: VmHWM (GiB)", "ru_maxrss (GiB)", "above imports (GiB)",
+                              "bound: packed + other + 1 layer + 10% (GiB)", "load time (s)", align="llrrrrr")
         for backend in args.backends.split(","):
             for mode, label in (("stock", "transformers from_pretrained + apply_kt"),
                                 ("ours", "kt_ops.integration.from_pretrained")):
                 if mode not in args.loaders.split(","):
                     continue
-                r = run_child(mode, root, backend)
+                r = run_loader(mode, root, backend)
                 peak = r["hwm_kB"] / 2**20
                 bound = 1.1 * (r["packed"] + sizes["other"] + sizes["layer_source"]) / 2**30
-                print(f"| {backend} | {label} | {peak:.2f} | {r['peak_kB'] / 2**20:.2f} | {peak - base:.2f} | "
-                      f"{bound:.2f} | {r['seconds']:.1f} |", flush=True)
+                table.row(backend, label, f"{peak:.2f}", f"{r['peak_kB'] / 2**20:.2f}", f"{peak - base:.2f}",
+                          f"{bound:.2f}", f"{r['seconds']:.1f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Minor page faults per kt_ops call in steady state: getrusage(RUSAGE_SELF).ru_minflt before and
-after 5 calls, after 3 warm-up calls. A fault means memory the call took fresh from the OS (or pages
+after 5 timed calls, after 3 warm-up calls. A fault means memory the call took fresh from the OS (or pages
 of a buffer it had not touched before); a steady state that reuses its buffers has none.
 
 Measured on the DeepSeek-V2-Lite layer (E=64 H=2048 I=1408 k=6, LoRA r=16), bf16 weights and
@@ -9,15 +9,15 @@ tensors, and a training step through autograd (forward + backward, LoRA grads dr
 step as zero_grad(set_to_none=True) does).
 
 Usage (from the repository root):
-  .venv/bin/python benchmarks/bench_page_faults.py [--qlens 1,512] [--root DIR]
---root imports kt_ops from another checkout (e.g. an older build) for a before/after comparison.
+  .venv/bin/python benchmarks/bench_page_faults.py [--qlens 1,512] [--root DIR] [--quick]
+--root imports kt_ops from another checkout (e.g. an older build, one with kt_ops/core/formats.py) for a
+before/after comparison.
+--quick: the small shape (E=8 H=512 I=256 k=2 r=8).
 """
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-import time
 
 
 def main():
@@ -25,57 +25,43 @@ def main():
     ap.add_argument("--qlens", default="1,512")
     ap.add_argument("--root", default=None, help="directory to import kt_ops from (default: installed / cwd)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.root:
         sys.path.insert(0, args.root)
     import torch
+
     import kt_ops
+    from common import DSV2_LITE, QUICK, MarkdownTable, Problem, machine_line, measure, parse_ints, set_threads
 
-    torch.set_num_threads(args.threads)
-    kt_ops.set_num_threads(args.threads)
-    info = kt_ops.cpu_info()
-    print(f"kt_ops from {kt_ops.__file__}; CPU {info['model']}; isa {info['isa']}; {args.threads} threads")
-    E, H, I, k, r = 64, 2048, 1408, 6, 16
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    experts = kt_ops.pack_experts(rnd(E, I, H), rnd(E, I, H), rnd(E, H, I))
-    lora = [rnd(E, r, H, std=H ** -0.5).float(), rnd(E, I, r).float(), rnd(E, r, H, std=H ** -0.5).float(),
-            rnd(E, I, r).float(), rnd(E, r, I, std=I ** -0.5).float(), rnd(E, H, r).float()]
+    set_threads(args.threads)
+    print(f"kt_ops from {kt_ops.__file__}; {machine_line()}")
+    shape = QUICK if args.quick else DSV2_LITE
+    prob = Problem(shape, parse_ints(args.qlens))
+    experts = kt_ops.pack_experts(*prob.weights)
+    lora = [t.float() for t in prob.lora]
     leaves = [t.clone().requires_grad_() for t in lora]
+    s = shape.scaling
     op_fwd, op_bwd = torch.ops.kt.moe_sft_forward, torch.ops.kt.moe_sft_backward
     packed = (experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
-              experts.weight_format, I)
-    print("| qlen | call | minor faults / call | ms / call |\n|---:|---|---:|---:|")
-    for q in [int(s) for s in args.qlens.split(",")]:
-        x = torch.randn(q, H, generator=g).to(torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(q)])
-        w = torch.softmax(torch.randn(q, k, generator=g), -1)
-        go = torch.randn(q, H, generator=g).to(torch.bfloat16)
-        saved = op_fwd(x, ids, w, *packed, *lora, 2.0, True)
+              experts.weight_format, shape.I)
+    table = MarkdownTable("qlen", "call", "minor faults / call", "ms / call (median)", align="rlrr")
+    for q, inp in prob.inputs.items():
+        x, ids, w, go = inp.x, inp.ids, inp.w, inp.go
+        saved = op_fwd(x, ids, w, *packed, *lora, s, True)
 
         def step():
             for t in leaves:
                 t.grad = None
-            kt_ops.ops.moe_sft(x, ids, w, experts, tuple(leaves), 2.0).backward(go)
+            kt_ops.moe_sft(x, ids, w, experts, tuple(leaves), s).backward(go)
 
-        calls = (("forward", lambda: op_fwd(x, ids, w, *packed, *lora, 2.0, False)),
-                 ("forward, save_for_backward", lambda: op_fwd(x, ids, w, *packed, *lora, 2.0, True)),
-                 ("backward", lambda: op_bwd(go, x, ids, w, *packed, *lora, 2.0, saved[1], saved[2])),
+        calls = (("forward", lambda: op_fwd(x, ids, w, *packed, *lora, s, False)),
+                 ("forward, save_for_backward", lambda: op_fwd(x, ids, w, *packed, *lora, s, True)),
+                 ("backward", lambda: op_bwd(go, x, ids, w, *packed, *lora, s, saved[1], saved[2])),
                  ("training step (autograd)", step))
         for name, fn in calls:
-            for _ in range(3):
-                fn()
-            n = 5
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            seconds = (time.perf_counter() - t0) / n
-            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
-            print(f"| {q} | {name} | {faults:.0f} | {seconds * 1e3:.1f} |", flush=True)
+            t = measure(fn, warmup=3, repeats=5)
+            table.row(q, name, f"{t.minor_faults / len(t.times):.0f}", f"{t.med * 1e3:.1f}")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from common import ChildFailed, MarkdownTable, machine_line, measure, run_child
 
 
 def build(args, dtype):
@@ -63,19 +63,17 @@ def run_one(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        batch = batches[step % len(batches)]
-        start = time.perf_counter()
+    losses = []
+
+    def step():
+        batch = batches[len(losses) % len(batches)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
         losses.append(loss.item())
-        if step >= args.warmup:
-            times.append(elapsed)
-    step_s = statistics.median(times)
+
+    step_s = measure(step, warmup=args.warmup, repeats=args.steps).med
     return {"setup": args.setup, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "trainable_params": sum(p.numel() for p in params), "first_loss": losses[0], "last_loss": losses[-1]}
@@ -110,31 +108,23 @@ def main():
     del model
     print(f"# Qwen3-MoE {total / 1e6:.0f}M params: layers={args.layers} hidden={args.hidden} experts={args.experts} "
           f"top-k={args.topk} moe_intermediate={args.moe_intermediate} vocab={args.vocab}; LoRA r={args.rank} on "
-          f"attention and experts; batch={args.batch} x seq={args.seq}; {args.threads} threads; median of "
-          f"{args.steps} steps after {args.warmup} warm-up")
-    print("| setup | step s | tokens/s | x eager-fp32 | peak RSS GiB | trainable params | loss first -> last |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+          f"attention and experts; batch={args.batch} x seq={args.seq}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up; {machine_line()}")
+    table = MarkdownTable("setup", "step s", "tokens/s", "x eager-fp32", "peak RSS GiB", "trainable params",
+                          "loss first -> last", align="lrrrrrl")
     results = []
-    forwarded = [a for a in sys.argv[1:] if a != "--quick"]
     for setup in args.setups.split(","):
-        cmd = [sys.executable, __file__, *forwarded, "--setup", setup]
-        if args.quick:
-            cmd.append("--quick")
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            results.append(run_child([__file__, *sys.argv[1:], "--setup", setup], timeout=args.timeout))
         except subprocess.TimeoutExpired:
-            print(f"| {setup} | over {args.timeout} s, stopped |", flush=True)
-            continue
-        if out.returncode != 0:
-            print(f"| {setup} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
-            continue
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            table.row(setup, f"over {args.timeout} s, stopped")
+        except ChildFailed as exc:
+            table.row(setup, f"failed: {exc}")
     base = next((r["tokens_per_s"] for r in results if r["setup"] == "eager-fp32"), None)
     for r in results:
-        ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-        print(f"| {r['setup']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} | "
-              f"{r['trainable_params'] / 1e6:.1f}M | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |", flush=True)
-
+        table.row(r["setup"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                  f"{r['tokens_per_s'] / base:.2f}" if base else "-", f"{r['peak_rss_gib']:.2f}",
+                  f"{r['trainable_params'] / 1e6:.1f}M", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,27 +1,20 @@
 #!/usr/bin/env python3
-"""Wrapper overhead (spec 001 §4.2: forward_sft/backward within 5% of calling the ops directly).
+"""Wrapper overhead: forward_sft / backward should stay within 5% of calling the ops directly.
 
 Same packed experts, LoRA and inputs for both columns; the two are timed alternately, call by call,
 so background load hits both alike. Shape: DeepSeek-V2-Lite layer (E=64, H=2048, I=1408, k=6),
 LoRA r=16, bf16 weights and hidden states.
 
-  .venv/bin/python benchmarks/bench_wrapper.py [--threads 2] [--qlens 1,512] [--repeats N]
+  .venv/bin/python benchmarks/bench_wrapper.py [--threads 2] [--qlens 1,512] [--repeats N] [--shape E,H,I,k,r] [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import kt_ops
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, Shape, machine_line, measure_alternating, parse_ints
 
 
 def main():
@@ -29,23 +22,24 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qlens", default="1,512")
     parser.add_argument("--repeats", type=int, default=0, help="0: 40 at qlen<=32, else 6")
-    parser.add_argument("--shape", default="64,2048,1408,6,16", help="E,H,I,k,r")
+    parser.add_argument("--shape", default="{0.E},{0.H},{0.I},{0.k},{0.r}".format(DSV2_LITE), help="E,H,I,k,r")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK}, qlens 1,32, 5 repeats: a smoke run")
     args = parser.parse_args()
-    E, H, I, k, r = (int(v) for v in args.shape.split(","))
-    torch.manual_seed(0)
-    gate, up = (torch.randn(E, I, H, dtype=torch.bfloat16) * H ** -0.5 for _ in range(2))
-    down = torch.randn(E, H, I, dtype=torch.bfloat16) * I ** -0.5
-    lora = [torch.randn(s, dtype=torch.bfloat16) * 0.02 for s in
-            ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))]
+    if args.quick:
+        args.qlens, args.repeats = "1,32", 5
+    shape = QUICK if args.quick else Shape(*parse_ints(args.shape))
+    E, H, I, k, r = shape.E, shape.H, shape.I, shape.k, shape.r
+    prob = Problem(shape, parse_ints(args.qlens))
+    lora = list(prob.lora)
     wrapper = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
                                   moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=args.threads,
                                   threadpool_count=1, weight_path=None, chunked_prefill_size=4096, mode="sft",
-                                  method="AMXBF16_SFT", lora_rank=r, lora_alpha=32.0)
-    wrapper.load_weights_from_tensors(gate, up, down, torch.arange(E))
+                                  method="AMXBF16_SFT", lora_rank=r, lora_alpha=shape.alpha)
+    wrapper.load_weights_from_tensors(*prob.weights, torch.arange(E))
     wrapper.init_lora_weights(*lora)
     experts = wrapper.experts_parts[0]
     scaling = wrapper.lora_scaling
-    del gate, up, down
+    prob.release_weights()
 
     def op_forward(x, ids, w):
         return torch.ops.kt.moe_sft_forward(x, ids, w, experts.gate, experts.up, experts.down, None, None, None,
@@ -55,37 +49,31 @@ def main():
         return torch.ops.kt.moe_sft_backward(g, x, ids, w, experts.gate, experts.up, experts.down, None, None, None,
                                              "bf16", I, *lora, scaling, saved[1], saved[2])
 
-    print(f"# wrapper overhead, E={E} H={H} I={I} k={k} r={r}, bf16, {kt_ops.get_num_threads()} threads, "
-          f"isa={kt_ops.get_isa()}")
-    print("| qlen | op forward ms | wrapper forward_sft ms | ratio | op backward ms | wrapper backward ms | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for qlen in (int(q) for q in args.qlens.split(",")):
-        x = torch.randn(qlen, H, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(E)[:k] for _ in range(qlen)])
-        w = torch.rand(qlen, k)
-        g = torch.randn(qlen, H, dtype=torch.bfloat16)
+    watch = LoadWatch()
+    print(f"# wrapper overhead, {shape}, bf16; {machine_line()}")
+    table = MarkdownTable("qlen", "op forward ms", "wrapper forward_sft ms", "ratio", "op backward ms",
+                          "wrapper backward ms", "ratio")
+    timings = []
+    for qlen, inp in prob.inputs.items():
+        x, ids, w, g = inp.x, inp.ids, inp.w, inp.go
         repeats = args.repeats or (40 if qlen <= 32 else 6)
-        times = {"op_f": [], "wr_f": [], "op_b": [], "wr_b": []}
         # Both columns keep their latest results alive until the next call, as a training step
         # keeps its gradients until the optimizer has used them (the wrapper's buffer holds them).
         kept = {}
-        for rep in range(repeats + 1):
-            saved = []
-            pairs = [("op_f", lambda: saved.append(op_forward(x, ids, w))),
-                     ("wr_f", lambda: wrapper.forward_sft(x, ids, w, save_for_backward=True))]
-            for name, fn in (pairs if rep % 2 else pairs[::-1]):
-                t = timed(fn)
-                if rep:  # the first round warms up
-                    times[name].append(t)
-            pairs = [("op_b", lambda: kept.__setitem__("op", op_backward(g, x, ids, w, saved[0]))),
-                     ("wr_b", lambda: kept.__setitem__("wrapper", wrapper.backward(g)))]
-            for name, fn in (pairs if rep % 2 else pairs[::-1]):
-                t = timed(fn)
-                if rep:
-                    times[name].append(t)
-        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-        print(f"| {qlen} | {med['op_f']:.2f} | {med['wr_f']:.2f} | {med['wr_f'] / med['op_f']:.3f} | "
-              f"{med['op_b']:.2f} | {med['wr_b']:.2f} | {med['wr_b'] / med['op_b']:.3f} |", flush=True)
+        fwd = measure_alternating([lambda: kept.__setitem__("op_f", op_forward(x, ids, w)),
+                                   lambda: kept.__setitem__("wr_f", wrapper.forward_sft(x, ids, w))],
+                                  repeats=repeats, pres=[None, wrapper.clear_cache])
+        wrapper.clear_cache()
+        # each backward consumes a forward saved right before it, untimed
+        bwd = measure_alternating([lambda: kept.__setitem__("op_b", op_backward(g, x, ids, w, kept["saved"])),
+                                   lambda: kept.__setitem__("wr_b", wrapper.backward(g))], repeats=repeats,
+                                  pres=[lambda: kept.__setitem__("saved", op_forward(x, ids, w)),
+                                        lambda: wrapper.forward_sft(x, ids, w, save_for_backward=True)])
+        timings += fwd + bwd
+        (op_f, wr_f), (op_b, wr_b) = ((t.med * 1e3 for t in pair) for pair in (fwd, bwd))
+        table.row(qlen, f"{op_f:.2f}", f"{wr_f:.2f}", f"{wr_f / op_f:.3f}", f"{op_b:.2f}", f"{wr_b:.2f}",
+                  f"{wr_b / op_b:.3f}")
+    print("\n".join(watch.finish(timings).lines()))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 settings.register_profile(
     "default",
     max_examples=50,

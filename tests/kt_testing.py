@@ -18,30 +18,31 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_PATH = REPO_ROOT / "kt_ops" / "reference.py"
 
-LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
-GRAD_NAMES = ("hidden_states", "topk_weights") + LORA_NAMES
 
-
-def load_reference_module():
-    """Load kt_ops/reference.py by file path (does not execute kt_ops/__init__.py)."""
-    spec = importlib.util.spec_from_file_location("kt_ops_reference_standalone", REFERENCE_PATH)
+def _load_standalone(path: pathlib.Path, name: str):
+    """Load one kt_ops module that imports nothing of kt_ops by file path, without executing
+    kt_ops/__init__.py (which needs the C++ extension)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def load_reference_module():
+    """kt_ops/reference.py, loaded standalone."""
+    return _load_standalone(REFERENCE_PATH, "kt_ops_reference_standalone")
+
+
 reference = load_reference_module()
+formats = _load_standalone(REPO_ROOT / "kt_ops" / "core" / "formats.py", "kt_ops_formats_standalone")
+
+LORA_NAMES = formats.LORA_NAMES
+GRAD_NAMES = ("hidden_states", "topk_weights") + LORA_NAMES
 
 
 def lora_shapes(E: int, H: int, I: int, r: int):
-    return {
-        "gate_lora_a": (E, r, H),
-        "gate_lora_b": (E, I, r),
-        "up_lora_a": (E, r, H),
-        "up_lora_b": (E, I, r),
-        "down_lora_a": (E, r, I),
-        "down_lora_b": (E, H, r),
-    }
+    """{LoRA tensor name: shape}."""
+    return dict(zip(LORA_NAMES, formats.lora_shapes(E, H, I, r)))
 
 
 # The error model of the kernel ISAs, the one place the suite's fp32 bars come from.
@@ -223,10 +224,8 @@ def make_case(
     gate = randn(E, I, H, std=H ** -0.5).to(torch.bfloat16)
     up = randn(E, I, H, std=H ** -0.5).to(torch.bfloat16)
     down = randn(E, H, I, std=I ** -0.5).to(torch.bfloat16)
-    shapes = lora_shapes(E, H, I, r)
     lora = []
-    for name in LORA_NAMES:
-        shape = shapes[name]
+    for name, shape in zip(LORA_NAMES, formats.lora_shapes(E, H, I, r)):
         if name.endswith("_a"):
             t = randn(*shape, std=shape[2] ** -0.5)
         elif zero_lora_b:
@@ -378,17 +377,14 @@ def bf16_gemm_input_bounds(case: Case):
         return None
     with single_torch_thread():
         cd = torch.float64
-        x, dy, w = case.hidden.to(cd), case.grad_out.to(cd), case.weights.to(cd).reshape(-1)
+        x, dy, w = case.hidden.to(cd), case.grad_out.to(cd), case.weights.to(cd)
         gate, up, down = (t.to(cd) for t in case.base())
         ag, bg, au, bu, ad, bd = (t.to(cd) for t in case.lora)
         s = case.scaling
-        ids = case.ids.to(torch.int64).reshape(-1)
         out_bound = torch.zeros(case.T, case.H, dtype=cd)
         dx_bound = torch.zeros(case.T, case.H, dtype=cd)
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            slots = torch.nonzero(ids == e).flatten()
-            tokens = slots // case.k
-            xe, dye, we = x[tokens], dy[tokens], w[slots].unsqueeze(1)
+        for e, tokens, slots in reference.routed_experts(case.ids):
+            xe, dye, we = x[tokens], dy[tokens], w[tokens, slots].unsqueeze(1)
             g = xe @ gate[e].T + s * ((xe @ ag[e].T) @ bg[e].T)
             u = xe @ up[e].T + s * ((xe @ au[e].T) @ bu[e].T)
             sig = torch.sigmoid(g)
