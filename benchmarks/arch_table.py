@@ -71,6 +71,7 @@ def _row(model_type: str) -> tuple:
     import peft
 
     from kt_ops.integration import apply_kt
+    from kt_ops.integration.tiny import train_steps
 
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     try:
@@ -92,14 +93,7 @@ def _row(model_type: str) -> tuple:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[]))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-        losses = []
-        for _ in range(4):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = train_steps(model, ids, steps=4, lr=2e-2)
         train = f"{losses[0]:.3f} -> {losses[-1]:.3f}" + ("" if losses[-1] < losses[0] else " (no fall)")
     except Exception as e:  # noqa: BLE001
         train = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"

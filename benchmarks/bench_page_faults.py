@@ -29,9 +29,9 @@ def main():
     args = ap.parse_args()
     if args.root:
         sys.path.insert(0, args.root)
-    import torch
 
     import kt_ops
+    from kt_ops.ops import backward_op, forward_op
     from common import DSV2_LITE, QUICK, MarkdownTable, Problem, machine_line, measure, parse_ints, set_threads
 
     set_threads(args.threads)
@@ -42,22 +42,19 @@ def main():
     lora = [t.float() for t in prob.lora]
     leaves = [t.clone().requires_grad_() for t in lora]
     s = shape.scaling
-    op_fwd, op_bwd = torch.ops.kt.moe_sft_forward, torch.ops.kt.moe_sft_backward
-    packed = (experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
-              experts.weight_format, shape.I)
     table = MarkdownTable("qlen", "call", "minor faults / call", "ms / call (median)", align="rlrr")
     for q, inp in prob.inputs.items():
         x, ids, w, go = inp.x, inp.ids, inp.w, inp.go
-        saved = op_fwd(x, ids, w, *packed, *lora, s, True)
+        saved = forward_op(x, ids, w, experts, lora, s, True)
 
         def step():
             for t in leaves:
                 t.grad = None
             kt_ops.moe_sft(x, ids, w, experts, tuple(leaves), s).backward(go)
 
-        calls = (("forward", lambda: op_fwd(x, ids, w, *packed, *lora, s, False)),
-                 ("forward, save_for_backward", lambda: op_fwd(x, ids, w, *packed, *lora, s, True)),
-                 ("backward", lambda: op_bwd(go, x, ids, w, *packed, *lora, s, saved[1], saved[2])),
+        calls = (("forward", lambda: forward_op(x, ids, w, experts, lora, s, False)),
+                 ("forward, save_for_backward", lambda: forward_op(x, ids, w, experts, lora, s, True)),
+                 ("backward", lambda: backward_op(go, x, ids, w, experts, lora, s, saved[1], saved[2])),
                  ("training step (autograd)", step))
         for name, fn in calls:
             t = measure(fn, warmup=3, repeats=5)

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import kt_ops
+from kt_ops.ops import backward_op, forward_op
 from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, Shape, machine_line, measure_alternating, parse_ints
 
 
@@ -42,12 +43,10 @@ def main():
     prob.release_weights()
 
     def op_forward(x, ids, w):
-        return torch.ops.kt.moe_sft_forward(x, ids, w, experts.gate, experts.up, experts.down, None, None, None,
-                                            "bf16", I, *lora, scaling, True)
+        return forward_op(x, ids, w, experts, lora, scaling, True)
 
     def op_backward(g, x, ids, w, saved):
-        return torch.ops.kt.moe_sft_backward(g, x, ids, w, experts.gate, experts.up, experts.down, None, None, None,
-                                             "bf16", I, *lora, scaling, saved[1], saved[2])
+        return backward_op(g, x, ids, w, experts, lora, scaling, saved[1], saved[2])
 
     watch = LoadWatch()
     print(f"# wrapper overhead, {shape}, bf16; {machine_line()}")

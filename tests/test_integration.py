@@ -11,7 +11,7 @@ import kt_ops  # noqa: E402
 from kt_ops.integration import (  # noqa: E402
     KTExperts, apply_kt, find_moe_experts, get_peft_model, kt_experts_modules, kt_lora_parameters)
 from kt_ops.integration.peft_lora import adapter_factors  # noqa: E402
-from kt_ops.integration.tiny import TINY_MODELS, tiny_model  # noqa: E402
+from kt_ops.integration.tiny import TINY_MODELS, tiny_model, train_steps  # noqa: E402
 
 VOCAB = 128
 
@@ -243,15 +243,7 @@ def test_peft_attention_lora_with_expert_lora(name, order):
     assert len(expert_lora) == 4 * len(kt_experts_modules(model))  # A and B on gate_up_proj and down_proj
     assert attention_lora and trainable == expert_lora | attention_lora
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = _ids(seq=16)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, _ids(seq=16), steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n)
 

@@ -107,3 +107,17 @@ def tiny_tokenizer():
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] != 'assistant' %}"
                                "{{ '\\n' }}{% endif %}{% endfor %}")
     return tokenizer
+
+
+def train_steps(model: torch.nn.Module, input_ids: torch.Tensor, steps: int = 4, lr: float = 1e-2) -> list:
+    """The losses of `steps` AdamW steps of causal-LM training on `input_ids` over the model's trainable
+    parameters: the smallest check that gradients reach and move what should train."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
