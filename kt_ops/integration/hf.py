@@ -294,6 +294,8 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     method = KT_BACKENDS[kt_backend]
 
     # Pre-quantized experts hold the CPU experts only: the first kt_num_gpu_experts stay in the model.
+    if kt_weight_path is not None and not os.path.exists(kt_weight_path):
+        raise FileNotFoundError(f"kt_weight_path {os.fspath(kt_weight_path)!r} does not exist")
     source = ExpertSource(os.fspath(kt_weight_path)) if kt_weight_path is not None else None
     if source is not None and not source.is_quantized_source():
         raise ValueError(f"kt_weight_path {source.path} holds float experts (a Hugging Face checkpoint); apply_kt "
