@@ -61,7 +61,7 @@ inline void nt_block(const float* const* a, int k_begin, int k_end, const uint16
     _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchPairs * 2 * kPanelRows), _MM_HINT_T0);
 #define KT_FMA(i, kk)                                      \
   if (i < MR) {                                            \
-    const __m256 x = _mm256_broadcast_ss(a##i + (kk));     \
+    const __m256 x = _mm256_broadcast_ss(a##i + kk);       \
     lo##i = _mm256_fmadd_ps(x, w_lo, lo##i);               \
     hi##i = _mm256_fmadd_ps(x, w_hi, hi##i);               \
   }

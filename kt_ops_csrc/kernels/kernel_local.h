@@ -32,13 +32,15 @@ inline uint16_t float_to_bf16(float x) {
 
 // Grow-only per-thread scratch, 64-byte aligned (pool threads live as long as the process). One
 // buffer per thread and unit: a kernel asks once per call and calls no other kernel that asks.
+struct ThreadScratch {
+  void* data = nullptr;
+  size_t bytes = 0;
+  ~ThreadScratch() { std::free(data); }
+};
+thread_local ThreadScratch t_scratch;
+
 inline void* scratch_bytes(size_t bytes) {
-  struct ThreadScratch {
-    void* data = nullptr;
-    size_t bytes = 0;
-    ~ThreadScratch() { std::free(data); }
-  };
-  thread_local ThreadScratch s;
+  ThreadScratch& s = t_scratch;
   if (s.bytes < bytes) {
     std::free(s.data);
     s.bytes = 0;
