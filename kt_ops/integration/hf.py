@@ -156,7 +156,27 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
+def is_gpt_oss_experts(module: nn.Module) -> bool:
+    """gpt-oss' experts: their own forward (not @use_experts_implementation), gate/up interleaved in the
+    last dimension of gate_up_proj [E, H, 2I] (gate = [..., ::2], up = [..., 1::2]), biases, and a
+    clamped SwiGLU with the module's alpha / limit."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return False
+    return isinstance(module, GptOssExperts)
+
+
+def expert_dims(module: nn.Module) -> tuple[int, int]:
+    """(hidden size, intermediate size) of a transformers experts module."""
+    if is_gpt_oss_experts(module):
+        return module.hidden_size, module.intermediate_size
+    return module.hidden_dim, module.intermediate_dim
+
+
 def _is_hf_experts(module: nn.Module) -> bool:
+    if is_gpt_oss_experts(module):
+        return True
     # Modules decorated with transformers' @use_experts_implementation get `has_gate` etc. in __init__.
     return (hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
             and (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
@@ -171,6 +191,9 @@ def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_convertible(name: str, module: nn.Module) -> None:
     from transformers.integrations.moe import _default_apply_gate
 
+    if is_gpt_oss_experts(module):
+        _check_expert_tensors(name, module)
+        return
     problems = []
     if not module.has_gate:
         problems.append("experts without a gate projection")
@@ -191,6 +214,10 @@ def check_convertible(name: str, module: nn.Module) -> None:
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
+    _check_expert_tensors(name, module)
+
+
+def _check_expert_tensors(name: str, module: nn.Module) -> None:
     gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"apply_kt: {name}: expected 3-D gate_up_proj/down_proj, got {tuple(gate_up.shape)} "
@@ -203,10 +230,24 @@ def check_convertible(name: str, module: nn.Module) -> None:
 def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
     gate_up, down = module.gate_up_proj, module.down_proj
-    if module.is_transposed:  # [E, H, 2I] and [E, I, H]
+    gpt_oss = is_gpt_oss_experts(module)
+    if gpt_oss or module.is_transposed:  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if gpt_oss:
+        return gate_up[:, 0::2], gate_up[:, 1::2], down
     gate, up = gate_up.chunk(2, dim=1)
     return gate, up, down
+
+
+def _expert_variant(module: nn.Module, first: int) -> dict:
+    """PackedExperts.with_variant fields of experts first.. of the module: gpt-oss' biases and clamped
+    SwiGLU; nothing for SiLU-gated experts without biases."""
+    if not is_gpt_oss_experts(module):
+        return {}
+    gate_up_bias = module.gate_up_proj_bias[first:]
+    return dict(gate_bias=gate_up_bias[:, 0::2], up_bias=gate_up_bias[:, 1::2],
+                down_bias=module.down_proj_bias[first:], activation="clamped_swiglu",
+                swiglu_alpha=float(module.alpha), swiglu_limit=float(module.limit))
 
 
 def method_for_packed(kt_backend: str, weight_format: str, where: str) -> str:
@@ -280,6 +321,10 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     layer_of = {}
     for name, module in found:
         check_convertible(name, module)
+        if kt_num_gpu_experts and is_gpt_oss_experts(module):
+            raise ValueError(f"apply_kt: kt_num_gpu_experts={kt_num_gpu_experts} is not supported for {name} "
+                             f"({type(module).__name__}: biases and a clamped SwiGLU); keep every expert on kt_ops "
+                             "(kt_num_gpu_experts=0)")
         if kt_num_gpu_experts >= module.num_experts:
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
                              f"experts of {name} ({module.num_experts})")
@@ -303,7 +348,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     kt_targets = set()
     for name, module in found:
         E, N = module.num_experts, kt_num_gpu_experts
-        H, I = module.hidden_dim, module.intermediate_dim
+        H, I = expert_dims(module)
         layer_idx = layer_of[name]
         packed = None
         if source is not None:
@@ -316,6 +361,9 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         else:
             gate, up, down = _expert_weights(module)
             kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
+        variant = _expert_variant(module, N)
+        if variant:
+            kt.experts = kt.experts.with_variant(**variant)
         # LoRA lives where the layer's activations do, so the optimizer steps it with the rest.
         device = module.gate_up_proj.device
         kt.to(device)
@@ -352,7 +400,17 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     module.kt_peft_lora = {}
     module._apply = types.MethodType(_apply_keeping_placeholders, module)
     module.kt_experts = kt
-    module.config._experts_implementation = KT_IMPLEMENTATION
+    if is_gpt_oss_experts(module):
+        # Its own forward, not transformers' ExpertsInterface: the instance's forward becomes kt's. The
+        # biases now live in kt (kt.experts) like the weights; peft's LoRA factors are read knowing the
+        # layout: x @ gate_up_proj (transposed) with gate/up interleaved.
+        for pname in ("gate_up_proj_bias", "down_proj_bias"):
+            delattr(module, pname)
+        module.forward = types.MethodType(kt_experts_forward, module)
+        module.kt_params_transposed = True
+        module.kt_gate_up_interleaved = True
+    else:
+        module.config._experts_implementation = KT_IMPLEMENTATION
 
     holder_name, child = holder_of(name)
     holder = model.get_submodule(holder_name)
