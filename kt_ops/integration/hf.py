@@ -157,9 +157,9 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def is_gpt_oss_experts(module: nn.Module) -> bool:
-    """gpt-oss' experts: their own forward (not @use_experts_implementation), gate/up interleaved in the
-    last dimension of gate_up_proj [E, H, 2I] (gate = [..., ::2], up = [..., 1::2]), biases, and a
-    clamped SwiGLU with the module's alpha / limit."""
+    """gpt-oss' experts: gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I] (gate =
+    [..., ::2], up = [..., 1::2]), biases, and a clamped SwiGLU with the module's alpha / limit (its
+    _apply_gate, which kt computes as the kernels' "clamped_swiglu")."""
     try:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     except ImportError:
@@ -168,15 +168,13 @@ def is_gpt_oss_experts(module: nn.Module) -> bool:
 
 
 def expert_dims(module: nn.Module) -> tuple[int, int]:
-    """(hidden size, intermediate size) of a transformers experts module."""
-    if is_gpt_oss_experts(module):
-        return module.hidden_size, module.intermediate_size
-    return module.hidden_dim, module.intermediate_dim
+    """(hidden size, intermediate size) of a transformers experts module (gpt-oss names them *_size)."""
+    if hasattr(module, "hidden_dim"):
+        return module.hidden_dim, module.intermediate_dim
+    return module.hidden_size, module.intermediate_size
 
 
 def _is_hf_experts(module: nn.Module) -> bool:
-    if is_gpt_oss_experts(module):
-        return True
     # Modules decorated with transformers' @use_experts_implementation get `has_gate` etc. in __init__.
     return (hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
             and (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
@@ -191,26 +189,24 @@ def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_convertible(name: str, module: nn.Module) -> None:
     from transformers.integrations.moe import _default_apply_gate
 
-    if is_gpt_oss_experts(module):
-        _check_expert_tensors(name, module)
-        return
+    # Biases and interleaved gate/up are converted; the activation must be one the kernels compute.
     problems = []
     if not module.has_gate:
         problems.append("experts without a gate projection")
-    if getattr(module, "has_bias", False):
-        problems.append("expert biases")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("a post-expert norm")
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    if is_gpt_oss_experts(module):
+        pass  # its _apply_gate is the kernels' clamped_swiglu
+    elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
-    if not getattr(module, "is_concatenated", True):
-        problems.append("interleaved gate/up rows")
-    act = getattr(module, "act_fn", None)
-    if act is None:
-        # e.g. gpt-oss: a clamped SwiGLU with its own alpha/limit inside _apply_gate, no act_fn module
-        problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts)")
-    elif not _is_silu(act):
-        problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts)")
+    else:
+        act = getattr(module, "act_fn", None)
+        if act is None:
+            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts "
+                            "and gpt-oss' clamped SwiGLU)")
+        elif not _is_silu(act):
+            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts and gpt-oss' "
+                            "clamped SwiGLU)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
@@ -230,24 +226,30 @@ def _check_expert_tensors(name: str, module: nn.Module) -> None:
 def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
     gate_up, down = module.gate_up_proj, module.down_proj
-    gpt_oss = is_gpt_oss_experts(module)
-    if gpt_oss or module.is_transposed:  # [E, H, 2I] and [E, I, H]
+    if module.is_transposed:  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    if gpt_oss:
-        return gate_up[:, 0::2], gate_up[:, 1::2], down
-    gate, up = gate_up.chunk(2, dim=1)
+    gate, up = _split_gate_up(module, gate_up)
     return gate, up, down
 
 
+def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up halves of [E, 2I, ...]: [gate; up] or, not is_concatenated, alternating rows."""
+    if getattr(module, "is_concatenated", True):
+        return gate_up.chunk(2, dim=1)
+    return gate_up[:, 0::2], gate_up[:, 1::2]
+
+
 def _expert_variant(module: nn.Module, first: int) -> dict:
-    """PackedExperts.with_variant fields of experts first.. of the module: gpt-oss' biases and clamped
-    SwiGLU; nothing for SiLU-gated experts without biases."""
-    if not is_gpt_oss_experts(module):
-        return {}
-    gate_up_bias = module.gate_up_proj_bias[first:]
-    return dict(gate_bias=gate_up_bias[:, 0::2], up_bias=gate_up_bias[:, 1::2],
-                down_bias=module.down_proj_bias[first:], activation="clamped_swiglu",
-                swiglu_alpha=float(module.alpha), swiglu_limit=float(module.limit))
+    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and
+    gpt-oss' clamped SwiGLU; nothing for SiLU-gated experts without biases."""
+    variant = {}
+    if getattr(module, "has_bias", False):
+        gate_bias, up_bias = _split_gate_up(module, module.gate_up_proj_bias[first:])
+        variant.update(gate_bias=gate_bias, up_bias=up_bias, down_bias=module.down_proj_bias[first:])
+    if is_gpt_oss_experts(module):
+        variant.update(activation="clamped_swiglu", swiglu_alpha=float(module.alpha),
+                       swiglu_limit=float(module.limit))
+    return variant
 
 
 def method_for_packed(kt_backend: str, weight_format: str, where: str) -> str:
@@ -280,8 +282,9 @@ def _positive_or_none(value, name: str) -> None:
 def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Optional[int] = None,
              kt_tp_enabled: bool = False, kt_num_gpu_experts: int = 0, kt_weight_path: Optional[str] = None,
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, and
-    other models whose experts use `@use_experts_implementation` with SiLU gating) on kt_ops, in place.
+    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
+    and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
+    clamped SwiGLU, with or without expert biases) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
@@ -321,10 +324,11 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     layer_of = {}
     for name, module in found:
         check_convertible(name, module)
-        if kt_num_gpu_experts and is_gpt_oss_experts(module):
+        if kt_num_gpu_experts and (getattr(module, "has_bias", False) or is_gpt_oss_experts(module)):
+            # The GPU-kept experts' path computes bias-free SiLU experts only.
             raise ValueError(f"apply_kt: kt_num_gpu_experts={kt_num_gpu_experts} is not supported for {name} "
-                             f"({type(module).__name__}: biases and a clamped SwiGLU); keep every expert on kt_ops "
-                             "(kt_num_gpu_experts=0)")
+                             f"({type(module).__name__}: expert biases / a clamped SwiGLU); keep every expert on "
+                             "kt_ops (kt_num_gpu_experts=0)")
         if kt_num_gpu_experts >= module.num_experts:
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
                              f"experts of {name} ({module.num_experts})")
@@ -400,17 +404,11 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     module.kt_peft_lora = {}
     module._apply = types.MethodType(_apply_keeping_placeholders, module)
     module.kt_experts = kt
-    if is_gpt_oss_experts(module):
-        # Its own forward, not transformers' ExpertsInterface: the instance's forward becomes kt's. The
-        # biases now live in kt (kt.experts) like the weights; peft's LoRA factors are read knowing the
-        # layout: x @ gate_up_proj (transposed) with gate/up interleaved.
+    module.config._experts_implementation = KT_IMPLEMENTATION
+    if getattr(module, "has_bias", False):
+        # The biases now live in kt (kt.experts), frozen like the weights.
         for pname in ("gate_up_proj_bias", "down_proj_bias"):
             delattr(module, pname)
-        module.forward = types.MethodType(kt_experts_forward, module)
-        module.kt_params_transposed = True
-        module.kt_gate_up_interleaved = True
-    else:
-        module.config._experts_implementation = KT_IMPLEMENTATION
 
     holder_name, child = holder_of(name)
     holder = model.get_submodule(holder_name)

@@ -31,7 +31,7 @@ from ..core.formats import GROUPED_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, is_gpt_oss_experts, LAYER_INDEX, check_tp_enabled, method_for_packed,
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, method_for_packed,
                  register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 
@@ -228,8 +228,8 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     if not found:
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:
-        if is_gpt_oss_experts(module):
-            # Streaming reads fused gate/up halves and no biases; gpt-oss interleaves them and has biases.
+        if getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True):
+            # Streaming reads [gate; up] halves and no biases.
             raise ValueError(f"from_pretrained: {name} ({type(module).__name__}) is not streamed by kt_ops; load the "
                              "model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
         try:

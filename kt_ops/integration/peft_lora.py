@@ -55,15 +55,7 @@ def adapter_factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, tor
     E = wrapper.num_experts
     a = wrapper.lora_A[adapter].weight
     b = wrapper.lora_B[adapter].weight
-    a, b = a.reshape(E, -1, a.shape[-1]), b.reshape(b.shape[0], -1, E).permute(2, 0, 1)
-    # peft reads a 3-D parameter as [E, out, in] unless its module says is_transposed ([E, in, out]). A
-    # module computing x @ param without saying so (gpt-oss) gets peft's "in" on the output side: its
-    # update B·A is the transpose of the [out, in] one, so the roles of A and B swap.
-    base = wrapper.get_base_layer()
-    transposed = getattr(base, "kt_params_transposed", getattr(base, "is_transposed", False))
-    if wrapper._did_swap_in_out_features == bool(transposed):
-        a, b = b.transpose(1, 2), a.transpose(1, 2)
-    return a, b, wrapper.scaling[adapter]
+    return a.reshape(E, -1, a.shape[-1]), b.reshape(b.shape[0], -1, E).permute(2, 0, 1), wrapper.scaling[adapter]
 
 
 @contextlib.contextmanager
@@ -137,7 +129,7 @@ def combined_lora(module: nn.Module, kt) -> Optional[tuple[tuple[torch.Tensor, .
 
     gu_a, gu_b = padded(gate_up, H, 2 * I)
     d_a, d_b = padded(down, I, H)
-    if getattr(module, "kt_gate_up_interleaved", False):  # gpt-oss: gate, up alternate along 2I
+    if not getattr(module, "is_concatenated", True):  # e.g. gpt-oss: gate and up alternate along 2I
         return (gu_a, gu_b[:, 0::2], gu_a, gu_b[:, 1::2], d_a, d_b), rank
     return (gu_a, gu_b[:, :I], gu_a, gu_b[:, I:], d_a, d_b), rank
 
