@@ -275,3 +275,52 @@ def test_training_steps_and_adapter_round_trips(tmp_path):
 def test_gpu_kept_experts_are_refused():
     with pytest.raises(ValueError, match="kt_num_gpu_experts=1 is not supported.*GptOssExperts"):
         apply_kt(tiny_gpt_oss(), kt_num_gpu_experts=1, lora_rank=0)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_merged_export_loads_in_plain_transformers(tmp_path):
+    from kt_ops.integration import export_merged
+
+    ids = _ids()
+    model = apply_kt(tiny_gpt_oss(torch.bfloat16), lora_rank=4, lora_alpha=8.0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    _randomize_lora_b(model)
+    model.eval()
+    kt_logits = _logits(model, ids)
+    export_merged(model, tmp_path)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    merged_logits = _logits(plain, ids)
+    with model.disable_adapter():
+        base_logits = _logits(model, ids)
+    assert _rel(merged_logits, kt_logits) < 0.03 < _rel(base_logits, kt_logits)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_per_expert_layout_round_trip(tmp_path):
+    # save_kt_adapter's per-expert layout splits the interleaved fused LoRA into gate and up and back.
+    from kt_ops.integration import load_kt_adapter, save_kt_adapter
+
+    ids = _ids()
+    model = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
+    with pytest.warns(UserWarning, match="peft_config"):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    _randomize_lora_b(model)
+    tuned = _logits(model.eval(), ids)
+    save_kt_adapter(model, tmp_path)
+    fresh = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
+    with pytest.warns(UserWarning, match="peft_config"):
+        fresh = peft.get_peft_model(fresh, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    load_kt_adapter(fresh, tmp_path)
+    assert torch.equal(_logits(fresh.eval(), ids), tuned)
+    # The per-expert gate / up B are the even / odd rows of peft's fused gate_up B (its output order).
+    from safetensors.torch import load_file
+
+    from kt_ops.integration.hf import kt_expert_wrappers
+    from kt_ops.integration.peft_lora import adapter_factors
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    wrapper = next(w for w in kt_expert_wrappers(model) if w.parameter_name == "gate_up_proj")
+    _, fused_b, _ = adapter_factors(wrapper, "default")
+    for proj, rows in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+        key = next(k for k in saved if ".layers.0." in k and f".experts.1.{proj}.lora_B" in k)
+        torch.testing.assert_close(saved[key].float(), fused_b[1, rows].float(), rtol=0, atol=0)
