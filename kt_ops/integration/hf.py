@@ -324,11 +324,12 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     layer_of = {}
     for name, module in found:
         check_convertible(name, module)
-        if kt_num_gpu_experts and (getattr(module, "has_bias", False) or is_gpt_oss_experts(module)):
-            # The GPU-kept experts' path computes bias-free SiLU experts only.
+        if kt_num_gpu_experts and (getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True)
+                                   or is_gpt_oss_experts(module)):
+            # The GPU-kept experts' path computes bias-free SiLU experts with [gate; up] LoRA only.
             raise ValueError(f"apply_kt: kt_num_gpu_experts={kt_num_gpu_experts} is not supported for {name} "
-                             f"({type(module).__name__}: expert biases / a clamped SwiGLU); keep every expert on "
-                             "kt_ops (kt_num_gpu_experts=0)")
+                             f"({type(module).__name__}: expert biases / interleaved gate/up / a clamped SwiGLU); "
+                             "keep every expert on kt_ops (kt_num_gpu_experts=0)")
         if kt_num_gpu_experts >= module.num_experts:
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
                              f"experts of {name} ({module.num_experts})")
