@@ -348,3 +348,39 @@ def test_torch_compile_fullgraph_with_variant():
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
     assert eager[1].norm() > 0 and eager[2].norm() > 0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("order", ["apply_kt_first", "peft_first"])
+def test_stock_peft_in_either_order(tmp_path, order):
+    ids = _ids()
+    base_logits = _logits(apply_kt(tiny_gpt_oss(), lora_rank=0), ids)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = tiny_gpt_oss()
+    if order == "apply_kt_first":
+        apply_kt(model, lora_rank=4, lora_alpha=8.0)
+        with pytest.warns(UserWarning, match="peft_config"):
+            model = peft.get_peft_model(model, config)
+    else:
+        model = peft.get_peft_model(model, config)
+        apply_kt(model, lora_rank=4, lora_alpha=8.0)
+    assert sorted(model.peft_config["default"].target_parameters) == sorted(EXPERT_TARGETS)
+    expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]
+    assert len(expert_lora) == 8 and all(p.requires_grad for p in expert_lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = [p.detach().clone() for p in expert_lora]
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(b, p) for b, p in zip(before, expert_lora))
+    _randomize_lora_b(model)
+    model.eval()
+    tuned = _logits(model, ids)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, ids), base_logits)
+    assert _rel(tuned, base_logits) > 1e-2
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="peft_config"):
+        loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0), tmp_path)
+    assert torch.equal(_logits(loaded, ids), tuned)
