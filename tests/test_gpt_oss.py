@@ -272,9 +272,34 @@ def test_training_steps_and_adapter_round_trips(tmp_path):
     assert _rel(_logits(plain, ids), tuned) < 5e-3
 
 
-def test_gpu_kept_experts_are_refused():
-    with pytest.raises(ValueError, match="kt_num_gpu_experts=1 is not supported.*GptOssExperts"):
-        apply_kt(tiny_gpt_oss(), kt_num_gpu_experts=1, lora_rank=0)
+@pytest.mark.usefixtures("one_torch_thread")
+def test_gpu_kept_experts(tmp_path):
+    # The first experts stay in the module (its own biases and clamped SwiGLU), the rest run on kt:
+    # logits and every LoRA gradient as plain transformers + peft, and the merged export.
+    from kt_ops.integration import export_merged
+
+    ids = _ids()
+    results = []
+    for convert in (False, True):
+        model = tiny_gpt_oss()
+        if convert:
+            apply_kt(model, lora_rank=0, kt_num_gpu_experts=1)
+        torch.manual_seed(7)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                           target_parameters=EXPERT_TARGETS))
+        _randomize_lora_b(model)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.requires_grad}))
+    (plain_logits, plain_grads), (kt_logits, kt_grads) = results
+    assert _rel(kt_logits, plain_logits) < 5e-3
+    for n in plain_grads:
+        assert _rel(kt_grads[n], plain_grads[n]) < 2e-2, n
+    model.eval()
+    export_merged(model, tmp_path, dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert _rel(_logits(plain, ids), _logits(model, ids)) < 5e-3
 
 
 @pytest.mark.usefixtures("one_torch_thread")

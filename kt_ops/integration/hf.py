@@ -102,17 +102,23 @@ def _warn_if_frozen(kt: KTExperts) -> None:
 def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor, num_gpu_experts: int,
                          lora: Optional[tuple] = None) -> torch.Tensor:
-    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate;
-    `lora` as for KTExperts.forward over these experts."""
+    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights, biases and
+    gate; `lora` as for KTExperts.forward over these experts."""
     gate_up_w, down_w = module.kt_gpu_gate_up_proj, module.kt_gpu_down_proj
+    gate_up_b = getattr(module, "kt_gpu_gate_up_proj_bias", None)
+    down_b = getattr(module, "kt_gpu_down_proj_bias", None)
 
     def expert_fn(expert: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = x @ gate_up_w[expert] if module.is_transposed else nn.functional.linear(x, gate_up_w[expert])
+        if gate_up_b is not None:
+            gate_up = gate_up + gate_up_b[expert]
         if lora is not None:
             ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
-            gate_up = gate_up + torch.cat([(x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T], dim=-1)
+            gate_up = gate_up + fuse_gate_up(module, (x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T, dim=-1)
         h = module._apply_gate(gate_up)
         y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
+        if down_b is not None:
+            y = y + down_b[expert]
         return y + (h @ da.T) @ db.T if lora is not None else y
 
     gpu_ids = torch.where(top_k_index < num_gpu_experts, top_k_index, -1)
@@ -232,6 +238,15 @@ def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return gate, up, down
 
 
+def fuse_gate_up(module: nn.Module, gate: torch.Tensor, up: torch.Tensor, dim: int) -> torch.Tensor:
+    """gate and up fused along `dim` in the module's layout: [gate; up], or alternating entries when the
+    module is not is_concatenated (gpt-oss)."""
+    if getattr(module, "is_concatenated", True):
+        return torch.cat([gate, up], dim=dim)
+    dim = dim % gate.dim()
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+
+
 def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate and up halves of [E, 2I, ...]: [gate; up] or, not is_concatenated, alternating rows."""
     if getattr(module, "is_concatenated", True):
@@ -324,12 +339,6 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     layer_of = {}
     for name, module in found:
         check_convertible(name, module)
-        if kt_num_gpu_experts and (getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True)
-                                   or is_gpt_oss_experts(module)):
-            # The GPU-kept experts' path computes bias-free SiLU experts with [gate; up] LoRA only.
-            raise ValueError(f"apply_kt: kt_num_gpu_experts={kt_num_gpu_experts} is not supported for {name} "
-                             f"({type(module).__name__}: expert biases / interleaved gate/up / a clamped SwiGLU); "
-                             "keep every expert on kt_ops (kt_num_gpu_experts=0)")
         if kt_num_gpu_experts >= module.num_experts:
             raise ValueError(f"kt_num_gpu_experts ({kt_num_gpu_experts}) must be smaller than the number of "
                              f"experts of {name} ({module.num_experts})")
@@ -407,9 +416,11 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     module.kt_experts = kt
     module.config._experts_implementation = KT_IMPLEMENTATION
     if getattr(module, "has_bias", False):
-        # The biases now live in kt (kt.experts), frozen like the weights.
+        # The biases now live in kt (kt.experts), frozen like the weights; the kept experts' stay here.
         for pname in ("gate_up_proj_bias", "down_proj_bias"):
+            kept = getattr(module, pname)[:kt.first_expert].detach().clone()
             delattr(module, pname)
+            module.register_buffer("kt_gpu_" + pname, kept.to(device), persistent=False)
 
     holder_name, child = holder_of(name)
     holder = model.get_submodule(holder_name)
