@@ -35,7 +35,8 @@ def _moe_sft_forward_fake(hidden_states, topk_ids, topk_weights, gate_weight, up
                           gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
                           lora_scaling, save_for_backward, gate_bias=None, up_bias=None, down_bias=None,
                           activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
-    _check_same_device(hidden_states, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias, topk_ids=topk_ids, topk_weights=topk_weights, gate_weight=gate_weight,
+    _check_same_device(hidden_states, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias, topk_ids=topk_ids,
+                       topk_weights=topk_weights, gate_weight=gate_weight,
                        up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale, up_scale=up_scale,
                        down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
                        up_lora_a=up_lora_a, up_lora_b=up_lora_b, down_lora_a=down_lora_a, down_lora_b=down_lora_b)
@@ -94,7 +95,8 @@ def _experts_from_args(hidden_size: int, gate, up, down, gate_scale, up_scale, d
 _NUM_EXPERT_ARGS = 8
 _FORWARD_LORA_POSITIONS = slice(3 + _NUM_EXPERT_ARGS, 3 + _NUM_EXPERT_ARGS + 6)
 _NUM_VARIANT_ARGS = 6
-_FORWARD_VARIANT_POSITIONS = slice(_FORWARD_LORA_POSITIONS.stop + 2, _FORWARD_LORA_POSITIONS.stop + 2 + _NUM_VARIANT_ARGS)
+_FORWARD_VARIANT_POSITIONS = slice(_FORWARD_LORA_POSITIONS.stop + 2,  # after lora_scaling, save_for_backward
+                                   _FORWARD_LORA_POSITIONS.stop + 2 + _NUM_VARIANT_ARGS)
 _NUM_FORWARD_ARGS = _FORWARD_VARIANT_POSITIONS.stop
 
 

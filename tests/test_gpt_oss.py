@@ -3,8 +3,6 @@ gradient against the reference, opcheck), and apply_kt on a tiny transformers gp
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
