@@ -407,3 +407,12 @@ def test_stock_peft_in_either_order(tmp_path, order):
     with pytest.warns(UserWarning, match="peft_config"):
         loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0), tmp_path)
     assert torch.equal(_logits(loaded, ids), tuned)
+
+
+def test_splitting_experts_with_a_variant_is_refused():
+    from kt_ops.core.packed import resplit_packed
+
+    case = make_case(seed=81, **CASES["basic"])
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down).with_variant(**_variant(case, 82))
+    with pytest.raises(ValueError, match="cannot be split over sub-pools"):
+        resplit_packed(experts, 128, [(0, 12), (12, 24)])

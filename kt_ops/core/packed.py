@@ -243,6 +243,11 @@ def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tupl
     move a few codes (down's per-row scales now cover only the part's columns)."""
     if len(split) == 1:
         return [experts]
+    if experts.activation != "silu" or any(b is not None for b in (experts.gate_bias, experts.up_bias,
+                                                                      experts.down_bias)):
+        # Each part would add the whole down bias; the parts' activation would be lost.
+        raise ValueError("experts with biases or a non-SiLU activation cannot be split over sub-pools; "
+                         "use threadpool_count=1")
     if experts.weight_format != "bf16":
         warnings.warn(f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
                       "requantizes each part from the stored values", RuntimeWarning, stacklevel=3)
