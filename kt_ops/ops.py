@@ -33,8 +33,10 @@ def _check_same_device(hidden_states: torch.Tensor, **tensors) -> None:
 def _moe_sft_forward_fake(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                           gate_scale, up_scale, down_scale, weight_format, intermediate_size,
                           gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
-                          lora_scaling, save_for_backward):
-    _check_same_device(hidden_states, topk_ids=topk_ids, topk_weights=topk_weights, gate_weight=gate_weight,
+                          lora_scaling, save_for_backward, gate_bias=None, up_bias=None, down_bias=None,
+                          activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
+    _check_same_device(hidden_states, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias, topk_ids=topk_ids,
+                       topk_weights=topk_weights, gate_weight=gate_weight,
                        up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale, up_scale=up_scale,
                        down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
                        up_lora_a=up_lora_a, up_lora_b=up_lora_b, down_lora_a=down_lora_a, down_lora_b=down_lora_b)
@@ -53,8 +55,10 @@ def _moe_sft_forward_fake(hidden_states, topk_ids, topk_weights, gate_weight, up
 def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, gate_weight, up_weight,
                            down_weight, gate_scale, up_scale, down_scale, weight_format, intermediate_size,
                            gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
-                           lora_scaling, gate_up_pre, lora_mid, lora_grads=True):
-    _check_same_device(hidden_states, grad_output=grad_output, topk_ids=topk_ids, topk_weights=topk_weights,
+                           lora_scaling, gate_up_pre, lora_mid, lora_grads=True, gate_bias=None, up_bias=None,
+                           down_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
+    _check_same_device(hidden_states, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias,
+                       grad_output=grad_output, topk_ids=topk_ids, topk_weights=topk_weights,
                        gate_weight=gate_weight, up_weight=up_weight, down_weight=down_weight, gate_scale=gate_scale,
                        up_scale=up_scale, down_scale=down_scale, gate_lora_a=gate_lora_a, gate_lora_b=gate_lora_b,
                        up_lora_a=up_lora_a, up_lora_b=up_lora_b, down_lora_a=down_lora_a, down_lora_b=down_lora_b,
@@ -69,20 +73,31 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
 
 # The op-call adapter: the only code that knows the order of the op schemas' arguments. Everything
 # else passes PackedExperts and the six LoRA tensors (LORA_NAMES order) to these two functions.
+# Both schemas: (..., the 8 expert arguments, the 6 LoRA tensors, ..., then the 6 variant arguments).
 def _expert_args(experts: PackedExperts) -> tuple:
     return (experts.gate, experts.up, experts.down, experts.gate_scale, experts.up_scale, experts.down_scale,
             experts.weight_format, experts.intermediate_size)
 
 
+def _variant_args(experts: PackedExperts) -> tuple:
+    return (experts.gate_bias, experts.up_bias, experts.down_bias, experts.activation,
+            float(experts.swiglu_alpha), float(experts.swiglu_limit))
+
+
 def _experts_from_args(hidden_size: int, gate, up, down, gate_scale, up_scale, down_scale, weight_format,
-                       intermediate_size) -> PackedExperts:
+                       intermediate_size, gate_bias, up_bias, down_bias, activation, swiglu_alpha,
+                       swiglu_limit) -> PackedExperts:
     return PackedExperts(gate, up, down, gate_scale, up_scale, down_scale, weight_format, gate.shape[0],
-                         hidden_size, intermediate_size)
+                         hidden_size, intermediate_size, gate_bias, up_bias, down_bias, activation, swiglu_alpha,
+                         swiglu_limit)
 
 
 _NUM_EXPERT_ARGS = 8
 _FORWARD_LORA_POSITIONS = slice(3 + _NUM_EXPERT_ARGS, 3 + _NUM_EXPERT_ARGS + 6)
-_NUM_FORWARD_ARGS = 3 + _NUM_EXPERT_ARGS + 6 + 2
+_NUM_VARIANT_ARGS = 6
+_FORWARD_VARIANT_POSITIONS = slice(_FORWARD_LORA_POSITIONS.stop + 2,  # after lora_scaling, save_for_backward
+                                   _FORWARD_LORA_POSITIONS.stop + 2 + _NUM_VARIANT_ARGS)
+_NUM_FORWARD_ARGS = _FORWARD_VARIANT_POSITIONS.stop
 
 
 def forward_op(hidden_states, topk_ids, topk_weights, experts: PackedExperts, loras: Sequence[torch.Tensor],
@@ -90,7 +105,7 @@ def forward_op(hidden_states, topk_ids, topk_weights, experts: PackedExperts, lo
     """kt::moe_sft_forward: (output, gate_up_pre, lora_mid); the last two are empty unless
     save_for_backward, and are what backward_op needs besides the forward's inputs."""
     return torch.ops.kt.moe_sft_forward(hidden_states, topk_ids, topk_weights, *_expert_args(experts), *loras,
-                                        float(lora_scaling), bool(save_for_backward))
+                                        float(lora_scaling), bool(save_for_backward), *_variant_args(experts))
 
 
 def backward_op(grad_output, hidden_states, topk_ids, topk_weights, experts: PackedExperts,
@@ -100,19 +115,22 @@ def backward_op(grad_output, hidden_states, topk_ids, topk_weights, experts: Pac
     if grad_output is None:
         grad_output = torch.zeros_like(hidden_states)
     return torch.ops.kt.moe_sft_backward(grad_output, hidden_states, topk_ids, topk_weights, *_expert_args(experts),
-                                         *loras, float(lora_scaling), gate_up_pre, lora_mid, bool(lora_grads))
+                                         *loras, float(lora_scaling), gate_up_pre, lora_mid, bool(lora_grads),
+                                         *_variant_args(experts))
 
 
 def _setup_context(ctx, inputs, output):
     hidden_states, topk_ids, topk_weights = inputs[:3]
     tensors, (weight_format, intermediate_size) = inputs[3:9], inputs[9:11]
-    lora_scaling, save_for_backward = inputs[_FORWARD_LORA_POSITIONS.stop:]
+    lora_scaling, save_for_backward = inputs[_FORWARD_LORA_POSITIONS.stop:_FORWARD_VARIANT_POSITIONS.start]
+    gate_bias, up_bias, down_bias, *activation = inputs[_FORWARD_VARIANT_POSITIONS]
     _, gate_up_pre, lora_mid = output
     # The base weights go through save_for_backward too, so saved-tensor hooks (offloading,
     # checkpointing) and torch.compile see every tensor backward reads.
     ctx.save_for_backward(hidden_states, topk_ids, topk_weights, *tensors, *inputs[_FORWARD_LORA_POSITIONS],
-                          gate_up_pre, lora_mid)
+                          gate_up_pre, lora_mid, gate_bias, up_bias, down_bias)
     ctx.weight_format, ctx.intermediate_size = weight_format, intermediate_size
+    ctx.activation = tuple(activation)
     ctx.lora_scaling = lora_scaling
     ctx.saved_activations = save_for_backward
 
@@ -122,8 +140,9 @@ def _autograd_backward(ctx, grad_output, _grad_gate_up_pre, _grad_lora_mid):
         raise RuntimeError("kt::moe_sft_forward was called with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True (kt_ops.ops.moe_sft does)")
     hidden_states, topk_ids, topk_weights, *rest = ctx.saved_tensors
-    experts = _experts_from_args(hidden_states.shape[1], *rest[:6], ctx.weight_format, ctx.intermediate_size)
-    loras, (gate_up_pre, lora_mid) = rest[6:12], rest[12:]
+    loras, (gate_up_pre, lora_mid), biases = rest[6:12], rest[12:14], rest[14:]
+    experts = _experts_from_args(hidden_states.shape[1], *rest[:6], ctx.weight_format, ctx.intermediate_size,
+                                 *biases, *ctx.activation)
     needs = ctx.needs_input_grad
     grads = backward_op(grad_output, hidden_states, topk_ids, topk_weights, experts, loras, ctx.lora_scaling,
                         gate_up_pre, lora_mid, lora_grads=any(needs[_FORWARD_LORA_POSITIONS]))

@@ -7,8 +7,16 @@ import the C++ extension), so it can be loaded on its own.
 Math, per expert ``e`` with routed rows ``X`` and ``s = lora_scaling =
 lora_alpha / lora_rank``::
 
-    g = X·Wgᵀ + s·(X·Agᵀ)·Bgᵀ        u = X·Wuᵀ + s·(X·Auᵀ)·Buᵀ        h = silu(g) ⊙ u
-    y = h·Wdᵀ + s·(h·Adᵀ)·Bdᵀ         Y[t] = Σ_j w[t,j] · y[t,j]
+    g = X·Wgᵀ + s·(X·Agᵀ)·Bgᵀ + bg    u = X·Wuᵀ + s·(X·Auᵀ)·Buᵀ + bu    h = act(g, u)
+    y = h·Wdᵀ + s·(h·Adᵀ)·Bdᵀ + bd    Y[t] = Σ_j w[t,j] · y[t,j]
+
+The biases ``bg``, ``bu`` [E, I] and ``bd`` [E, H] are optional (zero when absent). ``act`` is
+``silu(g) ⊙ u`` (activation "silu", the default) or gpt-oss' clamped SwiGLU (activation
+"clamped_swiglu", with ``swiglu_alpha`` α and ``swiglu_limit`` L)::
+
+    g' = min(g, L)    u' = clamp(u, -L, L)    h = (u' + 1) ⊙ g' ⊙ sigmoid(α·g')
+
+where a clamped element passes no gradient.
 
 Shapes::
 
@@ -35,7 +43,19 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_sft_reference", "expert_mlp_reference", "moe_loop", "routed_experts"]
+__all__ = ["moe_sft_reference", "expert_mlp_reference", "gate_activation", "moe_loop", "routed_experts"]
+
+
+def gate_activation(g: torch.Tensor, u: torch.Tensor, activation: str = "silu", swiglu_alpha: float = 1.702,
+                    swiglu_limit: float = 7.0) -> torch.Tensor:
+    """h from the gate and up pre-activations (see the module docstring)."""
+    if activation == "silu":
+        return F.silu(g) * u
+    if activation == "clamped_swiglu":
+        g = g.clamp(max=swiglu_limit)
+        u = u.clamp(-swiglu_limit, swiglu_limit)
+        return (u + 1) * (g * torch.sigmoid(swiglu_alpha * g))
+    raise ValueError(f"activation must be 'silu' or 'clamped_swiglu', got {activation!r}")
 
 
 def routed_experts(topk_ids: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
@@ -71,18 +91,30 @@ def expert_mlp_reference(
     a_down: torch.Tensor,
     b_down: torch.Tensor,
     lora_scaling: float,
+    gate_bias: Optional[torch.Tensor] = None,
+    up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
     """One expert applied to rows ``x`` [n, H]; all tensors of one dtype.
 
     ``w_gate``/``w_up`` [I, H], ``w_down`` [H, I], ``a_gate``/``a_up`` [r, H],
-    ``b_gate``/``b_up`` [I, r], ``a_down`` [r, I], ``b_down`` [H, r].
+    ``b_gate``/``b_up`` [I, r], ``a_down`` [r, I], ``b_down`` [H, r]; the
+    optional biases ``gate_bias``/``up_bias`` [I] and ``down_bias`` [H].
     Returns ``y`` [n, H].
     """
     s = lora_scaling
     g = x @ w_gate.T + s * ((x @ a_gate.T) @ b_gate.T)
     u = x @ w_up.T + s * ((x @ a_up.T) @ b_up.T)
-    h = F.silu(g) * u
-    return h @ w_down.T + s * ((h @ a_down.T) @ b_down.T)
+    if gate_bias is not None:
+        g = g + gate_bias
+    if up_bias is not None:
+        u = u + up_bias
+    h = gate_activation(g, u, activation, swiglu_alpha, swiglu_limit)
+    y = h @ w_down.T + s * ((h @ a_down.T) @ b_down.T)
+    return y + down_bias if down_bias is not None else y
 
 
 def _default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,6 +137,12 @@ def moe_sft_reference(
     down_lora_b: torch.Tensor,
     lora_scaling: float,
     compute_dtype: Optional[torch.dtype] = None,
+    gate_bias: Optional[torch.Tensor] = None,
+    up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
     """Reference MoE forward (see the module docstring for the math).
 
@@ -144,6 +182,10 @@ def moe_sft_reference(
         "down_lora_a": (down_lora_a, (E, r, I)),
         "down_lora_b": (down_lora_b, (E, H, r)),
     }
+    for name, t, shape in (("gate_bias", gate_bias, (E, I)), ("up_bias", up_bias, (E, I)),
+                           ("down_bias", down_bias, (E, H))):
+        if t is not None:
+            expected[name] = (t, shape)
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -159,7 +201,11 @@ def moe_sft_reference(
     base = [gate_proj.to(cdt), up_proj.to(cdt), down_proj.to(cdt)]
     lora = [t.to(cdt) for t in (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)]
 
+    biases = [None if t is None else t.to(cdt) for t in (gate_bias, up_bias, down_bias)]
+
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-        return expert_mlp_reference(rows, base[0][e], base[1][e], base[2][e], *(t[e] for t in lora), lora_scaling)
+        return expert_mlp_reference(rows, base[0][e], base[1][e], base[2][e], *(t[e] for t in lora), lora_scaling,
+                                    *(None if b is None else b[e] for b in biases), activation, swiglu_alpha,
+                                    swiglu_limit)
 
     return moe_loop(x, topk_ids.to(torch.int64), topk_weights.to(cdt), expert).to(out_dtype)

@@ -68,6 +68,39 @@ struct LoraArgs {
   const Tensor& down_b;
 };
 
+// The expert MLP's variant: the gate activation and optional per-expert biases (frozen, like the
+// base weights). SiLU: h = silu(g) * u. Clamped SwiGLU (gpt-oss): g' = min(g, limit),
+// u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g'). Gate/up biases are added to
+// the pre-activations, the down bias to each expert's output before the routing weight.
+enum class Activation { Silu, ClampedSwiglu };
+
+struct VariantArgs {
+  const std::optional<Tensor>& gate_bias;
+  const std::optional<Tensor>& up_bias;
+  const std::optional<Tensor>& down_bias;
+  c10::string_view activation;
+  double alpha, limit;
+};
+
+Activation check_variant(const VariantArgs& v, int64_t E, int64_t H, int64_t I) {
+  const std::tuple<const std::optional<Tensor>*, const char*, std::vector<int64_t>, const char*> biases[] = {
+      {&v.gate_bias, "gate_bias", {E, I}, "[num_experts, intermediate_size]"},
+      {&v.up_bias, "up_bias", {E, I}, "[num_experts, intermediate_size]"},
+      {&v.down_bias, "down_bias", {E, H}, "[num_experts, hidden_size]"}};
+  for (auto& [t, name, shape, layout] : biases) {
+    if (!t->has_value()) continue;
+    check_cpu(**t, name);
+    check_float_dtype(**t, name);
+    check_shape(**t, name, shape, layout);
+  }
+  if (v.activation == "silu") return Activation::Silu;
+  TORCH_CHECK_VALUE(v.activation == "clamped_swiglu", "kt_ops: activation must be 'silu' or 'clamped_swiglu', got '",
+                    std::string(v.activation), "'");
+  TORCH_CHECK_VALUE(std::isfinite(v.alpha), "kt_ops: swiglu_alpha must be finite, got ", v.alpha);
+  TORCH_CHECK_VALUE(v.limit > 0, "kt_ops: swiglu_limit must be > 0, got ", v.limit);
+  return Activation::ClampedSwiglu;
+}
+
 Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& gate_w,
                     const Tensor& up_w, const Tensor& down_w, const std::optional<Tensor>& gate_scale,
                     const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale,
@@ -294,6 +327,30 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// VariantArgs checked and converted to T (biases are [E, I] / [E, H]: small, converted whole).
+template <typename T>
+class Variant {
+ public:
+  Variant(const VariantArgs& v, const Shapes& s)
+      : kind(check_variant(v, s.E, s.H, s.I)), alpha(static_cast<T>(v.alpha)), limit(static_cast<T>(v.limit)),
+        gate_(convert(v.gate_bias)), up_(convert(v.up_bias)), down_(convert(v.down_bias)), I_(s.I), H_(s.H) {}
+
+  // The expert's bias row, or nullptr without that bias.
+  const T* gate_bias(int64_t e) const { return gate_.defined() ? gate_.data_ptr<T>() + e * I_ : nullptr; }
+  const T* up_bias(int64_t e) const { return up_.defined() ? up_.data_ptr<T>() + e * I_ : nullptr; }
+  const T* down_bias(int64_t e) const { return down_.defined() ? down_.data_ptr<T>() + e * H_ : nullptr; }
+
+  const Activation kind;
+  const T alpha, limit;
+
+ private:
+  static Tensor convert(const std::optional<Tensor>& t) {
+    return t.has_value() ? t->to(c10::CppTypeToScalarType<T>::value).contiguous() : Tensor();
+  }
+  const Tensor gate_, up_, down_;
+  const int64_t I_, H_;
+};
+
 // The LoRA matrices of the experts that are hit, converted to T, with every B transposed to
 // [r, out] so that all rank-r work is a dot or an axpy over contiguous rows. Only hit experts are
 // converted, so a decode step does not touch all E experts' adapters; A matrices already in T are
@@ -418,7 +475,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
                                                 const Tensor& weights, const ExpertWeights& gate_w,
                                                 const ExpertWeights& up_w, const ExpertWeights& down_w,
                                                 const LoraArgs& lora_args, T scaling,
-                                                bool save) {
+                                                bool save, const Variant<T>& variant) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   const auto opts = hidden.options().dtype(dtype);
   const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
@@ -470,6 +527,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
       const T* bg = r ? lora.get(Lora<T>::GateB, task.expert) : nullptr;
       const T* bu = r ? lora.get(Lora<T>::UpB, task.expert) : nullptr;
+      // The variant is chosen once per task: the SiLU loop below stays the plain one.
+      const T* gate_bias = variant.gate_bias(task.expert);
+      const T* up_bias = variant.up_bias(task.expert);
+      const bool swiglu = variant.kind == Activation::ClampedSwiglu;
+      const T alpha = variant.alpha, limit = variant.limit;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
         T* gi = tile_g + i * cols;
@@ -477,6 +539,20 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
         for (int64_t q = 0; q < r; ++q) {
           k.axpy(scaling * midp[p * r + q], bg + q * I + n0, gi, n1 - n0);
           k.axpy(scaling * midp[(P + p) * r + q], bu + q * I + n0, ui, n1 - n0);
+        }
+        if (gate_bias) k.axpy(T(1), gate_bias + n0, gi, n1 - n0);
+        if (up_bias) k.axpy(T(1), up_bias + n0, ui, n1 - n0);
+        if (swiglu) {
+          for (int64_t n = n0; n < n1; ++n) {
+            const T g = gi[n - n0], u = ui[n - n0];
+            if (prep) {
+              prep[p * I + n] = g;
+              prep[(P + p) * I + n] = u;
+            }
+            const T gc = std::min(g, limit), uc = std::min(std::max(u, -limit), limit);
+            hp[p * I + n] = (uc + T(1)) * gc * sigmoid(alpha * gc);
+          }
+          continue;
         }
         for (int64_t n = n0; n < n1; ++n) {
           const T g = gi[n - n0], u = ui[n - n0];
@@ -512,10 +588,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       project_nt(k, down_w, task.expert, rows.data(), m, I, task.col_begin, np, tile);
       const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
       const T* bd = r ? lora.get(Lora<T>::DownB, task.expert) : nullptr;
+      const T* down_bias = variant.down_bias(task.expert);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
         T* yi = tile + i * cols;
         for (int64_t q = 0; q < r; ++q) k.axpy(scaling * midp[(2 * P + p) * r + q], bd + q * H + n0, yi, n1 - n0);
+        if (down_bias) k.axpy(T(1), down_bias + n0, yi, n1 - n0);
         std::copy(yi, yi + (n1 - n0), yp + p * H + n0);
       }
     });
@@ -531,7 +609,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
 // named phases that share one set of per-pair buffers:
 //   1. down_rank_grads:      dYB = dY . Bd (rank r), shared by dh_raw and the down-A gradient
 //   2. grad_h:               dh_raw = dY . Wd + s dYB . Ad   (gemm_nn; unweighted by the routing weight)
-//   3. through_activation:   routing-weight gradient; dg, du through SiLU(g) * u; rank-r dg.Bg, du.Bu
+//   3. through_activation:   routing-weight gradient (plus dY . down bias); dg, du through the
+//                            activation (zero where a clamp is active); rank-r dg.Bg, du.Bu
 //   4. grad_hidden_pairs:    dX per pair = dg . Wg + du . Wu + s [(dg.Bg) . Ag + (du.Bu) . Au]   (gemm_nn)
 //   5. lora_grads:           outer products summed over each expert's pairs
 // then the per-pair dX rows are summed per token. Only rows of routed pairs are written or read, so
@@ -542,9 +621,10 @@ class Backward {
  public:
   Backward(const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
            const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w,
-           const LoraArgs& lora_args, T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid)
+           const LoraArgs& lora_args, T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid,
+           const Variant<T>& variant)
       : s_(s), H_(s.H), I_(s.I), r_(s.r), P_(s.pairs()), Hp_(padded_rows(s.H)), Ip_(padded_rows(s.I)),
-        gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), scaling_(scaling),
+        gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), variant_(variant), scaling_(scaling),
         routing_(route(ids, s.E)), lora_(lora_args, routing_), k_(kernels<T>()), order_(routing_.order.data()),
         routed_(routing_.order.size()), x_(hidden.to(dtype()).contiguous()), w_(weights.to(dtype()).contiguous()),
         pre_(gate_up_pre.to(dtype()).contiguous()), mid_(lora_mid.to(dtype()).contiguous()),
@@ -625,6 +705,8 @@ class Backward {
     const T* wp = w_.data_ptr<T>();
     const T* prep = pre_.data_ptr<T>();
     T* dwp = dw_.data_ptr<T>();
+    const bool swiglu = variant_.kind == Activation::ClampedSwiglu;
+    const T alpha = variant_.alpha, limit = variant_.limit;
     parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p = order_[i], e = routing_.expert_of_pair[p];
@@ -634,15 +716,30 @@ class Backward {
         T* dur = du_.data() + p * Ip_;
         T* hr = h_.data() + p * I_;
         T dweight = 0;
-        for (int64_t n = 0; n < I_; ++n) {
-          const T sig = sigmoid(g[n]), silu = g[n] * sig;
-          hr[n] = silu * u[n];
-          dweight += hr[n] * dgr[n];
-          const T dh = wp[p] * dgr[n];
-          dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
-          dur[n] = dh * silu;
+        if (swiglu) {
+          for (int64_t n = 0; n < I_; ++n) {
+            const T gc = std::min(g[n], limit), uc = std::min(std::max(u[n], -limit), limit);
+            const T sig = sigmoid(alpha * gc), glu = gc * sig;
+            hr[n] = (uc + T(1)) * glu;
+            dweight += hr[n] * dgr[n];
+            const T dh = wp[p] * dgr[n];
+            // A clamped value passes no gradient (torch.clamp's rule: the bounds themselves pass it).
+            dgr[n] = g[n] <= limit ? dh * (uc + T(1)) * sig * (T(1) + alpha * gc * (T(1) - sig)) : T(0);
+            dur[n] = (u[n] >= -limit && u[n] <= limit) ? dh * glu : T(0);
+          }
+        } else {
+          for (int64_t n = 0; n < I_; ++n) {
+            const T sig = sigmoid(g[n]), silu = g[n] * sig;
+            hr[n] = silu * u[n];
+            dweight += hr[n] * dgr[n];
+            const T dh = wp[p] * dgr[n];
+            dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
+            dur[n] = dh * silu;
+          }
         }
-        dwp[p] = dweight;
+        // The down bias is part of the expert output the routing weight scales.
+        const T* down_bias = variant_.down_bias(e);
+        dwp[p] = down_bias ? dweight + k_.dot(dy_row(p), down_bias, H_) : dweight;
         if (r_ > 0) {
           const T* bg = lora_.get(Lora<T>::GateB, e);
           const T* bu = lora_.get(Lora<T>::UpB, e);
@@ -740,6 +837,7 @@ class Backward {
   const int64_t H_, I_, r_, P_, Hp_, Ip_;
   const ExpertWeights &gate_w_, &up_w_, &down_w_;
   const LoraArgs& lora_args_;
+  const Variant<T>& variant_;
   const T scaling_;
   const Routing routing_;
   const Lora<T> lora_;
@@ -758,9 +856,10 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
     const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
-    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid, bool compute_lora_grads) {
+    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid, bool compute_lora_grads, const VariantArgs& v) {
+  const Variant<T> variant(v, s);
   Backward<T> backward(s, grad_output, hidden, ids, weights, gate_w, up_w, down_w, lora_args, scaling, gate_up_pre,
-                       lora_mid);
+                       lora_mid, variant);
   return backward.run(hidden, weights, compute_lora_grads);
 }
 
@@ -802,8 +901,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale, c10::string_view weight_format,
     int64_t intermediate_size, const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a,
     const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
-    bool save_for_backward) {
+    bool save_for_backward, const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& up_bias,
+    const std::optional<Tensor>& down_bias, c10::string_view activation, double swiglu_alpha, double swiglu_limit) {
   const InlineTorchOps inline_torch_ops;
+  const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
@@ -812,9 +913,9 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   if (hidden_states.scalar_type() == at::kDouble)
     return forward_impl<double>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora, lora_scaling,
-                                save_for_backward);
+                                save_for_backward, Variant<double>(variant, s));
   return forward_impl<float>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                             static_cast<float>(lora_scaling), save_for_backward);
+                             static_cast<float>(lora_scaling), save_for_backward, Variant<float>(variant, s));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_sft_backward(
@@ -824,8 +925,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const std::optional<Tensor>& down_scale, c10::string_view weight_format, int64_t intermediate_size,
     const Tensor& gate_lora_a, const Tensor& gate_lora_b, const Tensor& up_lora_a, const Tensor& up_lora_b,
     const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling, const Tensor& gate_up_pre,
-    const Tensor& lora_mid, bool lora_grads) {
+    const Tensor& lora_mid, bool lora_grads, const std::optional<Tensor>& gate_bias,
+    const std::optional<Tensor>& up_bias, const std::optional<Tensor>& down_bias, c10::string_view activation,
+    double swiglu_alpha, double swiglu_limit) {
   const InlineTorchOps inline_torch_ops;
+  const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
                                 gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
@@ -846,9 +950,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   if (hidden_states.scalar_type() == at::kDouble)
     return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                                 lora_scaling, gate_up_pre, lora_mid, lora_grads);
+                                 lora_scaling, gate_up_pre, lora_mid, lora_grads, variant);
   return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid, lora_grads);
+                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid, lora_grads, variant);
 }
 
 }  // namespace kt

@@ -11,14 +11,18 @@ TORCH_LIBRARY(kt, m) {
       "moe_sft_forward(Tensor hidden_states, Tensor topk_ids, Tensor topk_weights, Tensor gate_weight, "
       "Tensor up_weight, Tensor down_weight, Tensor? gate_scale, Tensor? up_scale, Tensor? down_scale, "
       "str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, Tensor up_lora_a, "
-      "Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, bool save_for_backward) "
+      "Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, bool save_for_backward, "
+      "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation=\"silu\", "
+      "float swiglu_alpha=1.702, float swiglu_limit=7.0) "
       "-> (Tensor output, Tensor gate_up_pre, Tensor lora_mid)");
   m.def(
       "moe_sft_backward(Tensor grad_output, Tensor hidden_states, Tensor topk_ids, Tensor topk_weights, "
       "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor? gate_scale, Tensor? up_scale, "
       "Tensor? down_scale, str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, "
       "Tensor up_lora_a, Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, "
-      "Tensor gate_up_pre, Tensor lora_mid, bool lora_grads=True) -> (Tensor grad_hidden_states, Tensor grad_topk_weights, "
+      "Tensor gate_up_pre, Tensor lora_mid, bool lora_grads=True, "
+      "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation=\"silu\", "
+      "float swiglu_alpha=1.702, float swiglu_limit=7.0) -> (Tensor grad_hidden_states, Tensor grad_topk_weights, "
       "Tensor grad_gate_lora_a, Tensor grad_gate_lora_b, Tensor grad_up_lora_a, Tensor grad_up_lora_b, "
       "Tensor grad_down_lora_a, Tensor grad_down_lora_b)");
   m.def("pack_weights(Tensor weight, str weight_format, int group_size) -> (Tensor packed, Tensor scales)");

@@ -1,9 +1,6 @@
 """Expert LoRA as a stock peft adapter: either order of apply_kt / peft.get_peft_model, peft's own
 target_parameters format read and written both ways against plain transformers + peft, Trainer
-checkpoints, trl DPO, and the merged export. Tiny models, CPU.
-
-gpt-oss is not covered: its experts (biases, clamped SwiGLU) do not run on the kt kernels yet and
-apply_kt refuses them (test_integration.py)."""
+checkpoints, trl DPO, and the merged export. Tiny models, CPU. gpt-oss: tests/test_gpt_oss.py."""
 from __future__ import annotations
 
 import json

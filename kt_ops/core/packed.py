@@ -1,6 +1,8 @@
 """PackedExperts, the frozen expert weights in the kernels' layout, and the pure functions on it."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -25,10 +27,70 @@ class PackedExperts:
     num_experts: int
     hidden_size: int
     intermediate_size: int
+    # The expert MLP's variant (see with_variant): optional per-expert biases, frozen like the weights
+    # (gate/up [E, I] added to the pre-activations, down [E, H] to each expert's output), and the gate
+    # activation: "silu" (h = silu(g) * u) or "clamped_swiglu" (gpt-oss: g' = min(g, limit),
+    # u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g')).
+    gate_bias: Optional[torch.Tensor] = None
+    up_bias: Optional[torch.Tensor] = None
+    down_bias: Optional[torch.Tensor] = None
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def __post_init__(self):
+        check_variant(self.num_experts, self.hidden_size, self.intermediate_size, self.gate_bias, self.up_bias,
+                      self.down_bias, self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     def nbytes(self) -> int:
-        tensors = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)
+        tensors = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale,
+                   self.gate_bias, self.up_bias, self.down_bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def variant(self) -> dict:
+        """The variant fields, as with_variant takes them."""
+        return {name: getattr(self, name) for name in VARIANT_FIELDS}
+
+    def with_variant(self, **variant) -> "PackedExperts":
+        """These weights with other variant fields (gate_bias, up_bias, down_bias, activation,
+        swiglu_alpha, swiglu_limit); biases are stored as contiguous CPU float32 copies."""
+        unknown = set(variant) - set(VARIANT_FIELDS)
+        if unknown:
+            raise TypeError(f"with_variant: unknown fields {sorted(unknown)}; expected some of {VARIANT_FIELDS}")
+        merged = {**self.variant(), **variant}
+        check_variant(self.num_experts, self.hidden_size, self.intermediate_size, *(merged[f] for f in VARIANT_FIELDS))
+        for name in ("gate_bias", "up_bias", "down_bias"):
+            t = variant.get(name)
+            if isinstance(t, torch.Tensor):
+                variant[name] = t.detach().to("cpu", torch.float32).contiguous()
+        return dataclasses.replace(self, **variant)
+
+
+ACTIVATIONS = ("silu", "clamped_swiglu")
+VARIANT_FIELDS = ("gate_bias", "up_bias", "down_bias", "activation", "swiglu_alpha", "swiglu_limit")
+
+
+def check_variant(E: int, H: int, I: int, gate_bias, up_bias, down_bias, activation, swiglu_alpha,
+                  swiglu_limit) -> None:
+    """Clear errors for a bad expert-MLP variant (the kernels check it again)."""
+    for name, t, shape, layout in (("gate_bias", gate_bias, (E, I), "[num_experts, intermediate_size]"),
+                                   ("up_bias", up_bias, (E, I), "[num_experts, intermediate_size]"),
+                                   ("down_bias", down_bias, (E, H), "[num_experts, hidden_size]")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name} must be float32, bfloat16 or float64, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(t.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if swiglu_limit <= 0:
+        raise ValueError(f"swiglu_limit must be > 0, got {swiglu_limit!r}")
 
 
 def _check_expert_tensor(t: torch.Tensor, name: str, shape: Sequence[int], layout: str) -> None:
@@ -147,7 +209,9 @@ def permute_packed(experts: PackedExperts, mapping: torch.Tensor) -> PackedExper
     pick = lambda t: None if t is None else t.index_select(0, mapping)  # noqa: E731
     return PackedExperts(pick(experts.gate), pick(experts.up), pick(experts.down), pick(experts.gate_scale),
                          pick(experts.up_scale), pick(experts.down_scale), experts.weight_format,
-                         experts.num_experts, experts.hidden_size, experts.intermediate_size)
+                         experts.num_experts, experts.hidden_size, experts.intermediate_size,
+                         pick(experts.gate_bias), pick(experts.up_bias), pick(experts.down_bias), experts.activation,
+                         experts.swiglu_alpha, experts.swiglu_limit)
 
 
 def intermediate_split(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> List[Tuple[int, int]]:
@@ -179,6 +243,11 @@ def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tupl
     move a few codes (down's per-row scales now cover only the part's columns)."""
     if len(split) == 1:
         return [experts]
+    if experts.activation != "silu" or any(b is not None for b in (experts.gate_bias, experts.up_bias,
+                                                                      experts.down_bias)):
+        # Each part would add the whole down bias; the parts' activation would be lost.
+        raise ValueError("experts with biases or a non-SiLU activation cannot be split over sub-pools; "
+                         "use threadpool_count=1")
     if experts.weight_format != "bf16":
         warnings.warn(f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
                       "requantizes each part from the stored values", RuntimeWarning, stacklevel=3)

@@ -70,6 +70,7 @@ class _ExpertLoRA:
 
     def __init__(self, model: nn.Module, name: str, module: nn.Module, kt, adapter: Optional[str]):
         self.kt, self.module = kt, module
+        self.interleaved = not getattr(module, "is_concatenated", True)
         holder_name, child = holder_of(name)
         _, wrappers = wrapper_chain(getattr(model.get_submodule(holder_name), child))
         self.wrappers = {p: w for p, w in wrappers.items() if adapter in w.lora_A}
@@ -95,9 +96,12 @@ class _ExpertLoRA:
             local = expert - self.kt.first_expert
             return getattr(self.kt, a_name)[local], getattr(self.kt, b_name)[local]
         A, B, _ = adapter_factors(self.wrappers["down_proj" if proj == _DOWN else "gate_up_proj"], self.adapter)
+        if proj == _DOWN:
+            return A[expert], B[expert]
         I = self.kt.intermediate_size
-        b = B[expert] if proj == _DOWN else B[expert, :I] if proj == _GATE else B[expert, I:]
-        return A[expert], b
+        if self.interleaved:  # gate and up rows alternate (gpt-oss)
+            return A[expert], B[expert, 0::2] if proj == _GATE else B[expert, 1::2]
+        return A[expert], B[expert, :I] if proj == _GATE else B[expert, I:]
 
     @torch.no_grad()
     def write(self, expert: int, values: dict[int, tuple[torch.Tensor, torch.Tensor]], where: str) -> None:
@@ -115,9 +119,14 @@ class _ExpertLoRA:
                 raise ValueError(f"{where}: gate and up LoRA must both be present for the fused gate_up_proj")
             (ga, gb), (ua, ub) = values[_GATE], values[_UP]
             if torch.equal(ga, ua):
-                a, b = ga, torch.cat([gb, ub], dim=0)
+                a, gate_rows, up_rows = ga, gb, ub
             else:
-                a, b = torch.cat([ga, ua], dim=0), torch.block_diag(gb, ub)
+                a = torch.cat([ga, ua], dim=0)
+                gate_rows, up_rows = torch.block_diag(gb, ub).chunk(2, dim=0)
+            if self.interleaved:  # gate and up rows alternate (gpt-oss)
+                b = torch.stack([gate_rows, up_rows], dim=1).flatten(0, 1)
+            else:
+                b = torch.cat([gate_rows, up_rows], dim=0)
             self._write_fused("gate_up_proj", expert, a, b, where)
 
     def _write_fused(self, param: str, expert: int, a: torch.Tensor, b: torch.Tensor, where: str) -> None:

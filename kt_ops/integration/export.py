@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.packed import unpack_experts
-from .hf import holder_of, kt_experts_modules
+from .hf import fuse_gate_up, holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 
@@ -47,19 +47,31 @@ def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
             down = d if down is None else down + d
         if own and expert >= kt.first_expert:
             j, s = expert - kt.first_expert, kt.lora_scaling
-            d = s * torch.cat([kt.gate_lora_b[j].float() @ kt.gate_lora_a[j].float(),
-                               kt.up_lora_b[j].float() @ kt.up_lora_a[j].float()])
+            d = s * fuse_gate_up(module, kt.gate_lora_b[j].float() @ kt.gate_lora_a[j].float(),
+                                  kt.up_lora_b[j].float() @ kt.up_lora_a[j].float(), dim=0)
             gate_up = d if gate_up is None else gate_up + d
             d = s * (kt.down_lora_b[j].float() @ kt.down_lora_a[j].float())
             down = d if down is None else down + d
         yield expert, gate_up, down
 
 
+def _expert_biases(module: nn.Module, kt, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """gate_up_proj_bias and down_proj_bias in the module's layout (the kept experts' biases live in the
+    module, the others in kt.experts)."""
+    experts = kt.experts
+    if experts.down_bias is None:
+        return
+    kept_gate_up, kept_down = module.kt_gpu_gate_up_proj_bias.cpu(), module.kt_gpu_down_proj_bias.cpu()
+    gate_up = fuse_gate_up(module, experts.gate_bias, experts.up_bias, dim=1)
+    yield "gate_up_proj_bias", torch.cat([kept_gate_up.to(dtype), gate_up.to(dtype)])
+    yield "down_proj_bias", torch.cat([kept_down.to(dtype), experts.down_bias.to(dtype)])
+
+
 def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up_proj and down_proj of one experts module in the module's own layout, LoRA merged."""
     gate, up, down = unpack_experts(kt.experts)                 # [E', I, H], [E', I, H], [E', H, I]
-    gate_up = torch.cat([gate, up], dim=1)
+    gate_up = fuse_gate_up(module, gate, up, dim=1)
     del gate, up
     N = kt.first_expert
     if N:
@@ -113,6 +125,8 @@ def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
             yield prefix + "gate_up_proj", gate_up
             yield prefix + "down_proj", down
             del gate_up, down
+            for bname, bias in _expert_biases(module, kt, dtype):
+                yield prefix + bname, bias
         tensors = list(module.named_parameters(recurse=False))
         tensors += [(n, b) for n, b in module.named_buffers(recurse=False)
                     if n not in module._non_persistent_buffers_set]

@@ -102,17 +102,23 @@ def _warn_if_frozen(kt: KTExperts) -> None:
 def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor, num_gpu_experts: int,
                          lora: Optional[tuple] = None) -> torch.Tensor:
-    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights and gate;
-    `lora` as for KTExperts.forward over these experts."""
+    """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights, biases and
+    gate; `lora` as for KTExperts.forward over these experts."""
     gate_up_w, down_w = module.kt_gpu_gate_up_proj, module.kt_gpu_down_proj
+    gate_up_b = getattr(module, "kt_gpu_gate_up_proj_bias", None)
+    down_b = getattr(module, "kt_gpu_down_proj_bias", None)
 
     def expert_fn(expert: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = x @ gate_up_w[expert] if module.is_transposed else nn.functional.linear(x, gate_up_w[expert])
+        if gate_up_b is not None:
+            gate_up = gate_up + gate_up_b[expert]
         if lora is not None:
             ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
-            gate_up = gate_up + torch.cat([(x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T], dim=-1)
+            gate_up = gate_up + fuse_gate_up(module, (x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T, dim=-1)
         h = module._apply_gate(gate_up)
         y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
+        if down_b is not None:
+            y = y + down_b[expert]
         return y + (h @ da.T) @ db.T if lora is not None else y
 
     gpu_ids = torch.where(top_k_index < num_gpu_experts, top_k_index, -1)
@@ -156,6 +162,24 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
+def is_gpt_oss_experts(module: nn.Module) -> bool:
+    """gpt-oss' experts: gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I] (gate =
+    [..., ::2], up = [..., 1::2]), biases, and a clamped SwiGLU with the module's alpha / limit (its
+    _apply_gate, which kt computes as the kernels' "clamped_swiglu")."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return False
+    return isinstance(module, GptOssExperts)
+
+
+def expert_dims(module: nn.Module) -> tuple[int, int]:
+    """(hidden size, intermediate size) of a transformers experts module (gpt-oss names them *_size)."""
+    if hasattr(module, "hidden_dim"):
+        return module.hidden_dim, module.intermediate_dim
+    return module.hidden_size, module.intermediate_size
+
+
 def _is_hf_experts(module: nn.Module) -> bool:
     # Modules decorated with transformers' @use_experts_implementation get `has_gate` etc. in __init__.
     return (hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
@@ -171,26 +195,31 @@ def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_convertible(name: str, module: nn.Module) -> None:
     from transformers.integrations.moe import _default_apply_gate
 
+    # Biases and interleaved gate/up are converted; the activation must be one the kernels compute.
     problems = []
     if not module.has_gate:
         problems.append("experts without a gate projection")
-    if getattr(module, "has_bias", False):
-        problems.append("expert biases")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("a post-expert norm")
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    if is_gpt_oss_experts(module):
+        pass  # its _apply_gate is the kernels' clamped_swiglu
+    elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
-    if not getattr(module, "is_concatenated", True):
-        problems.append("interleaved gate/up rows")
-    act = getattr(module, "act_fn", None)
-    if act is None:
-        # e.g. gpt-oss: a clamped SwiGLU with its own alpha/limit inside _apply_gate, no act_fn module
-        problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts)")
-    elif not _is_silu(act):
-        problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts)")
+    else:
+        act = getattr(module, "act_fn", None)
+        if act is None:
+            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts "
+                            "and gpt-oss' clamped SwiGLU)")
+        elif not _is_silu(act):
+            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts and gpt-oss' "
+                            "clamped SwiGLU)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
+    _check_expert_tensors(name, module)
+
+
+def _check_expert_tensors(name: str, module: nn.Module) -> None:
     gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"apply_kt: {name}: expected 3-D gate_up_proj/down_proj, got {tuple(gate_up.shape)} "
@@ -205,8 +234,37 @@ def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     gate_up, down = module.gate_up_proj, module.down_proj
     if module.is_transposed:  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    gate, up = gate_up.chunk(2, dim=1)
+    gate, up = _split_gate_up(module, gate_up)
     return gate, up, down
+
+
+def fuse_gate_up(module: nn.Module, gate: torch.Tensor, up: torch.Tensor, dim: int) -> torch.Tensor:
+    """gate and up fused along `dim` in the module's layout: [gate; up], or alternating entries when the
+    module is not is_concatenated (gpt-oss)."""
+    if getattr(module, "is_concatenated", True):
+        return torch.cat([gate, up], dim=dim)
+    dim = dim % gate.dim()
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up halves of [E, 2I, ...]: [gate; up] or, not is_concatenated, alternating rows."""
+    if getattr(module, "is_concatenated", True):
+        return gate_up.chunk(2, dim=1)
+    return gate_up[:, 0::2], gate_up[:, 1::2]
+
+
+def _expert_variant(module: nn.Module, first: int) -> dict:
+    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and
+    gpt-oss' clamped SwiGLU; nothing for SiLU-gated experts without biases."""
+    variant = {}
+    if getattr(module, "has_bias", False):
+        gate_bias, up_bias = _split_gate_up(module, module.gate_up_proj_bias[first:])
+        variant.update(gate_bias=gate_bias, up_bias=up_bias, down_bias=module.down_proj_bias[first:])
+    if is_gpt_oss_experts(module):
+        variant.update(activation="clamped_swiglu", swiglu_alpha=float(module.alpha),
+                       swiglu_limit=float(module.limit))
+    return variant
 
 
 def method_for_packed(kt_backend: str, weight_format: str, where: str) -> str:
@@ -239,8 +297,9 @@ def _positive_or_none(value, name: str) -> None:
 def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Optional[int] = None,
              kt_tp_enabled: bool = False, kt_num_gpu_experts: int = 0, kt_weight_path: Optional[str] = None,
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, and
-    other models whose experts use `@use_experts_implementation` with SiLU gating) on kt_ops, in place.
+    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
+    and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
+    clamped SwiGLU, with or without expert biases) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
@@ -305,7 +364,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     kt_targets = set()
     for name, module in found:
         E, N = module.num_experts, kt_num_gpu_experts
-        H, I = module.hidden_dim, module.intermediate_dim
+        H, I = expert_dims(module)
         layer_idx = layer_of[name]
         packed = None
         if source is not None:
@@ -318,6 +377,9 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         else:
             gate, up, down = _expert_weights(module)
             kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
+        variant = _expert_variant(module, N)
+        if variant:
+            kt.experts = kt.experts.with_variant(**variant)
         # LoRA lives where the layer's activations do, so the optimizer steps it with the rest.
         device = module.gate_up_proj.device
         kt.to(device)
@@ -355,6 +417,12 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     module._apply = types.MethodType(_apply_keeping_placeholders, module)
     module.kt_experts = kt
     module.config._experts_implementation = KT_IMPLEMENTATION
+    if getattr(module, "has_bias", False):
+        # The biases now live in kt (kt.experts), frozen like the weights; the kept experts' stay here.
+        for pname in ("gate_up_proj_bias", "down_proj_bias"):
+            kept = getattr(module, pname)[:kt.first_expert].detach().clone()
+            delattr(module, pname)
+            module.register_buffer("kt_gpu_" + pname, kept.to(device), persistent=False)
 
     holder_name, child = holder_of(name)
     holder = model.get_submodule(holder_name)

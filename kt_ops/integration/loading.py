@@ -228,6 +228,10 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     if not found:
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:
+        if getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True):
+            # Streaming reads [gate; up] halves and no biases.
+            raise ValueError(f"from_pretrained: {name} ({type(module).__name__}) is not streamed by kt_ops; load the "
+                             "model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
         try:
             check_convertible(name, module)
         except ValueError as e:

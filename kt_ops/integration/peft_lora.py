@@ -129,6 +129,8 @@ def combined_lora(module: nn.Module, kt) -> Optional[tuple[tuple[torch.Tensor, .
 
     gu_a, gu_b = padded(gate_up, H, 2 * I)
     d_a, d_b = padded(down, I, H)
+    if not getattr(module, "is_concatenated", True):  # e.g. gpt-oss: gate and up alternate along 2I
+        return (gu_a, gu_b[:, 0::2], gu_a, gu_b[:, 1::2], d_a, d_b), rank
     return (gu_a, gu_b[:, :I], gu_a, gu_b[:, I:], d_a, d_b), rank
 
 
