@@ -45,6 +45,22 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
   return out;
 }
 
+// Eight E4M3 codes (one per int32 lane) as their exact fp32 values, as e4m3_value in quant.h does it,
+// by bit manipulation: a normal code's exponent and mantissa bits shifted into fp32's place with the
+// exponent bias moved from 7 to 127; subnormals (exponent 0) are mantissa * 2^-9; 0x7F is NaN.
+inline __m256 e4m3_to_f32(__m256i code) {
+  const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7F));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32((127 - 7) << 23)));
+  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(0x1p-9f));
+  __m256 value = _mm256_blendv_ps(normal, subnormal,
+                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude)));
+  value = _mm256_blendv_ps(value, _mm256_set1_ps(__builtin_nanf("")),
+                           _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F))));
+  return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
+}
+
 void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format);
@@ -67,6 +83,12 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
         for (int j = 0; j < 4; ++j) {
           const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
           v[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s.scale[j]);
+        }
+      } else if (w.format == WeightFormat::Fp8) {
+        const uint8_t* codes = w.data + pair_row * kPanelRows * 2;
+        for (int j = 0; j < 4; ++j) {
+          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
+          v[j] = _mm256_mul_ps(e4m3_to_f32(_mm256_cvtepu8_epi32(raw)), s.scale[j]);
         }
       } else {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + pair_row * kPanelRows));
