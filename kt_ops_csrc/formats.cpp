@@ -168,8 +168,7 @@ const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t n
 
 bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np,
                                   float* c) const {
-  // fp8 has no direct path: its codes are not integers, and the dequantized panels serve it.
-  if (format_ == WeightFormat::Bf16 || format_ == WeightFormat::Fp8 || m > kDirectQuantRows) return false;
+  if (format_ == WeightFormat::Bf16 || m > kDirectQuantRows) return false;
   const DequantKernels& kernels = dequant_kernels();
   // int8 codes: integer dot products on quantized activations where the ISA has them.
   const auto direct = is_int8(format_) && kernels.gemm_nt_int8 ? kernels.gemm_nt_int8 : kernels.gemm_nt_codes;

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kt_ops
-from kt_testing import (assert_rel_mae, compare_with_reference, isa_rounds_activations, make_case, rel_mae, run_ops,
+from kt_testing import (assert_rel_mae, assert_tight, compare_with_reference, isa_rounds_activations, make_case, rel_mae, run_ops,
                         run_reference)
 
 from kt_ops.core.packed import pack_experts_from_codes, unpack_experts
@@ -158,6 +158,21 @@ def test_op_matches_reference_on_dequantized_weights(isa, shape):
     for name, g, rg in zip(("hidden_states", "topk_weights", *kt_ops.LORA_NAMES), grads, ref_grads):
         if rg is not None:
             assert_rel_mae(f"grad {name}", g, rg, bwd_bar)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_few_row_path_on_codes(isa, T):
+    """Up to 4 rows per expert (decode) the AVX2 table multiplies the exact E4M3 values and applies
+    the scales once per group in fp32 (no bf16 rounding of the weights): the reference on the exact
+    dequantized weights to fp32 rounding there; bf16-rounded weights (2^-9 relative) on ref."""
+    case = make_case(seed=T, T=T, E=3, k=1, H=64, I=64, r=2)
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down, "fp8", group_size=32)
+    out, _ = run_ops(case, experts, with_grads=False)
+    ref_out, _ = run_reference(_dequantized_case(case, experts), with_grads=False)
+    if kt_ops.get_isa() == "avx2":
+        assert_tight("output", out, ref_out, rtol=1e-4)
+    else:
+        assert_rel_mae("output", out, ref_out, 5e-3)
 
 
 def test_bf16_inputs(isa):

@@ -62,8 +62,8 @@ struct DequantKernels {
   // gemm_nt of gemm.h straight on the codes, for a few rows (decode), where dequantizing a panel
   // into a buffer would cost more than the bandwidth it saves. Per group it accumulates
   // sum x * code and applies w = code * scale + offset as scale * acc + offset * sum x. It rounds
-  // differently from the dequantized bf16 path (no bf16 rounding of w). Integer codes only (fp8
-  // always takes the dequantized path). nullptr: not provided.
+  // differently from the dequantized bf16 path (no bf16 rounding of w); an fp8 code is its exact
+  // E4M3 value (offset 0). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
   // The same product for the int8 formats with integer dot products (decode: rows up to
   // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice). Each row's activations are
