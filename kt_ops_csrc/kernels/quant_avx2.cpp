@@ -1,6 +1,6 @@
 // AVX2 dequantization into bf16 panels; bit-identical to quant_ref.cpp (same fp32 operations, no
 // FMA contraction: the extension is built with -ffp-contract=off). Same ODR rules as gemm_avx2.cpp.
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
 #include <algorithm>
@@ -47,8 +47,10 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
 
 // Eight E4M3 codes (one per int32 lane) as their exact fp32 values, as e4m3_value in quant.h does it,
 // by bit manipulation: a normal code's exponent and mantissa bits shifted into fp32's place with the
-// exponent bias moved from 7 to 127; subnormals (exponent 0) are mantissa * 2^-9; 0x7F is NaN. The
-// slow path of e4m3_quads, for the (in checkpoints absent) NaN codes.
+// exponent bias moved from 7 to 127; subnormals (exponent 0) are mantissa * 2^-9; 0x7F is NaN.
+// Compared (benchmarks/bench_fp8.py --decode, Zen 3 under load; benchmarks/RESULTS.md) with a
+// vgatherdps from a 256-entry table (never faster) and with the code's bits taken as an fp16 widened
+// by F16C (faster in some runs, slower in others): no clear win, so this one path stays.
 inline __m256 e4m3_to_f32(__m256i code) {
   const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7F));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
@@ -62,27 +64,10 @@ inline __m256 e4m3_to_f32(__m256i code) {
   return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
 }
 
-// 32 E4M3 codes (one k pair of a panel) as exact fp32 values, 8 consecutive codes per vector. An E4M3
-// code's exponent and mantissa bits, shifted left by 7 with its sign moved to bit 15, are the fp16
-// value code * 2^-8 exactly (subnormals included: both formats' exponent field 0 means subnormal),
-// which F16C widens to fp32; * 256 restores the value exactly. fp16 has no NaN there, so codes
-// 0x7F / 0xFF take e4m3_to_f32.
+// 32 E4M3 codes (one k pair of a panel: 16 rows x 2) as exact fp32 values, 8 consecutive per vector.
 inline void e4m3_quads(const uint8_t* codes, __m256 out[4]) {
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-  const __m256i low7 = _mm256_set1_epi8(0x7F);
-  if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, low7), low7)) != 0) {
-    for (int j = 0; j < 4; ++j)
-      out[j] = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j))));
-    return;
-  }
-  const __m256 scale = _mm256_set1_ps(256.0f);
-  for (int h = 0; h < 2; ++h) {
-    const __m256i c = _mm256_cvtepu8_epi16(h ? _mm256_extracti128_si256(bytes, 1) : _mm256_castsi256_si128(bytes));
-    const __m256i half = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
-                                         _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7));
-    out[2 * h] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), scale);
-    out[2 * h + 1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), scale);
-  }
+  for (int j = 0; j < 4; ++j)
+    out[j] = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j))));
 }
 
 void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {

@@ -226,10 +226,9 @@ void set_isa(const std::string& name) {
 const Kernels<float>& active_gemm_kernels() { return *info(current_isa()).kernels(); }
 
 const DequantKernels& active_dequant_kernels() {
-  // The AVX2 dequantizer (AVX2, FMA, F16C) serves every ISA above ref (the emulations included) on
-  // CPUs with AVX2.
+  // The AVX2 dequantizer serves every ISA above ref (the emulations included) on CPUs with AVX2.
   const CpuFeatures& f = cpu_features();
-  return current_isa() != Isa::Ref && f.avx2 && f.fma && f.f16c ? *avx2_dequant() : ref_dequant();
+  return current_isa() != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
 }
 
 Isa current_isa() {
