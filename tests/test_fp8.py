@@ -182,7 +182,7 @@ def test_bf16_inputs(isa):
     compare_with_reference(_dequantized_case(case, experts), out, grads, "bf16")
 
 
-def test_isas_agree_bit_for_bit_on_the_weights():
+def test_ref_and_avx2_agree():
     """ref and AVX2 dequantize to the same bf16 panels: the ISAs' outputs differ only by their GEMMs,
     so ref and avx2 (both fp32 GEMMs) agree to fp32 summation order."""
     case = make_case(seed=4, T=24, E=3, k=2, H=64, I=64, r=2)
@@ -333,3 +333,13 @@ def test_other_backends_still_requantize_to_int8(tmp_path):
     assert a.kt_experts.experts.weight_format == "int8_kgroup" and b.kt_experts.experts.weight_format == "fp8"
     for x, y in zip(unpack_experts(a.kt_experts.experts), unpack_experts(b.kt_experts.experts)):
         assert rel_mae(x, y) < 0.01
+    # apply_kt's kt_weight_path reads the checkpoint the same way
+    from kt_ops.integration import apply_kt
+    from kt_ops.integration.tiny import tiny_model
+
+    applied = apply_kt(tiny_model("tiny-deepseek-v3", hidden_size=128, moe_intermediate_size=128),
+                       kt_backend="AMXFP8", kt_weight_path=str(tmp_path), lora_rank=0)
+    c = find_moe_experts(applied)[0][1].kt_experts.experts
+    assert c.weight_format == "fp8"
+    for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
+        assert torch.equal(getattr(c, name), getattr(b.kt_experts.experts, name)), name
