@@ -343,3 +343,26 @@ def test_other_backends_still_requantize_to_int8(tmp_path):
     assert c.weight_format == "fp8"
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
         assert torch.equal(getattr(c, name), getattr(b.kt_experts.experts, name)), name
+
+
+def test_kt_sft_config_and_plan(tmp_path):
+    """`kt_expert_weight_format: fp8` selects AMXFP8; `kt-sft plan` sizes DeepSeek-V3's experts at
+    1.03 bytes per weight (half of bf16 plus the scales)."""
+    import shutil
+
+    from kt_ops import cli
+    from kt_ops.plan import plan_from_config
+
+    model_dir = tmp_path / "DeepSeek-V3"
+    model_dir.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "deepseek_v3_671b_config.json"),
+                model_dir / "config.json")
+    config = cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
+                              "kt_expert_weight_format": "fp8", "bf16": True}, quiet=True)
+    assert config["kt_backend"] == "AMXFP8"
+    plan = plan_from_config(config)
+    assert plan.weight_format == "fp8"
+    assert plan.packed_bytes["fp8"] == pytest.approx(plan.expert_params * (1 + 4 / 128), rel=1e-6)
+    with pytest.raises(cli.ConfigError, match="computes 'bf16' experts but kt_expert_weight_format is 'fp8'"):
+        cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
+                         "kt_expert_weight_format": "fp8", "kt_backend": "AMXBF16"}, quiet=True)
