@@ -35,7 +35,7 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "use_kt": (True, bool, "run the routed experts on kt_ops (with expert LoRA)"),
     "kt_config": (None, dict, "LLaMA-Factory's nested block of kt_* settings (each may also be given at the top "
                               "level)"),
-    "kt_backend": ("auto", str, "kt_ops expert backend: AMXBF16, AMXINT8, AMXINT4, ..., or auto (from "
+    "kt_backend": ("auto", str, "kt_ops expert backend: AMXBF16, AMXINT8, AMXINT4, AMXFP8, ..., or auto (from "
                                 "kt_expert_weight_format, or the format of kt_weight_path)"),
     "kt_expert_weight_format": (None, ("bf16", "int8", "int4", "fp8"), "routed expert weight format (default "
                                                                         "bf16, or kt_weight_path's)"),
@@ -100,7 +100,7 @@ NO_EFFECT_KEYS: dict[str, str] = {
 KT_CONFIG_BLOCK_KEYS = ("kt_expert_weight_format", "kt_backend", "kt_weight_lifecycle", "kt_num_threads",
                         "kt_tp_enabled", "kt_threadpool_count", "kt_max_cache_depth", "kt_share_backward_bb",
                         "kt_model_max_length")
-_FORMAT_BACKENDS = {"bf16": "AMXBF16", "int8": "AMXINT8", "int4": "AMXINT4"}
+_FORMAT_BACKENDS = {"bf16": "AMXBF16", "int8": "AMXINT8", "int4": "AMXINT4", "fp8": "AMXFP8"}
 
 
 class ConfigError(ValueError):
@@ -266,9 +266,6 @@ def _resolve_kt_backend(config: dict) -> None:
     backend, fmt = config["kt_backend"], config["kt_expert_weight_format"]
     if backend not in KT_BACKENDS:
         raise ConfigError(f"kt_backend must be one of {sorted(KT_BACKENDS)}, got {backend!r}")
-    if fmt == "fp8":
-        raise ConfigError("kt_expert_weight_format fp8: kt_ops has no FP8 expert base for training; FP8 "
-                          "checkpoints are requantized to int8 (kt_ops.convert_weights), use int8 with that file")
     if backend == "auto":
         if fmt is not None:
             config["kt_backend"] = _FORMAT_BACKENDS[fmt]

@@ -23,7 +23,8 @@ constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
                                    {WeightFormat::Int4Zp, "int4_1"},
                                    {WeightFormat::Int4KGroup, "int4_kgroup"},
                                    {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"},
-                                   {WeightFormat::Int8KGroup, "int8_kgroup"}};
+                                   {WeightFormat::Int8KGroup, "int8_kgroup"},
+                                   {WeightFormat::Fp8, "fp8"}};
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
@@ -74,13 +75,22 @@ std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat fo
   return {best_codes, best_scale.squeeze(-1)};                                   // [rows, groups]
 }
 
+// fp8: scale = max|w| / 448 per row and group (448 is E4M3's largest finite value), codes = w / scale
+// rounded to the nearest E4M3 value (ties to even, torch's float8_e4m3fn conversion), as bytes.
+std::pair<Tensor, Tensor> quantize_groups_fp8(const Tensor& grouped) {
+  Tensor scale = grouped.abs().amax(-1, true) / 448.0;
+  Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+  Tensor codes = (grouped / safe).clamp(-448.0, 448.0).to(at::kFloat8_e4m3fn).view(at::kByte);
+  return {codes, scale.squeeze(-1)};
+}
+
 }  // namespace
 
 WeightFormat parse_weight_format(c10::string_view name) {
   for (const auto& info : kFormats)
     if (name == info.name) return info.format;
   TORCH_CHECK_VALUE(false, "kt_ops: unknown weight_format '", std::string(name),
-                    "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup, int8_kgroup");
+                    "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup, int8_kgroup, fp8");
 }
 
 const char* weight_format_name(WeightFormat format) {
@@ -93,7 +103,7 @@ int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
   // Sizes come from callers (intermediate_size is an op argument): a product that wraps around
   // int64 could match a small blob and send the kernels 2^62 rows deep, so every step is checked.
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "kt_ops: matrix sizes must be >= 0, got ", rows, " x ", cols);
-  const int64_t per_slot = format == WeightFormat::Bf16 ? 4 : is_int8(format) ? 2 : 1;  // 4-bit: two codes a byte
+  const int64_t per_slot = format == WeightFormat::Bf16 ? 4 : is_byte_coded(format) ? 2 : 1;  // 4-bit: two codes a byte
   int64_t pair_rows = 0, bytes = 0;  // (row, k pair) slots
   const bool overflow = rows > INT64_MAX - kPanelRows || cols == INT64_MAX ||
                         __builtin_mul_overflow(padded_rows(rows), k_pairs(cols), &pair_rows) ||
@@ -205,6 +215,8 @@ Tensor codes_to_blob(const Tensor& codes, WeightFormat format, int64_t E, int64_
   Tensor packed;
   if (is_int8(format)) {
     packed = panels.to(at::kChar).view(at::kByte);
+  } else if (format == WeightFormat::Fp8) {
+    packed = panels.to(at::kByte);
   } else {
     Tensor nibbles = panels.to(at::kByte);  // [..., 16, 2]: even k in the low nibble
     packed = nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)).contiguous();
@@ -242,17 +254,23 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
   for (int64_t e = 0; e < E; ++e) {
     Tensor w = weight.select(0, e).to(at::kFloat);
     if (Np != N) w = at::constant_pad_nd(w, {0, 0, 0, Np - N});
-    auto [codes, scales] = quantize_groups(w.view({Np, groups, K / groups}), format);
+    auto [codes, scales] = format == WeightFormat::Fp8 ? quantize_groups_fp8(w.view({Np, groups, K / groups}))
+                                                       : quantize_groups(w.view({Np, groups, K / groups}), format);
     expert_codes.push_back(codes.view({Np, K}));
     expert_scales.push_back(scales);
   }
   return {codes_to_blob(at::stack(expert_codes), format, E, N, K), at::stack(expert_scales).contiguous()};
 }
 
-std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales, c10::string_view weight_format) {
+std::tuple<Tensor, Tensor> pack_codes(const Tensor& raw_codes, const Tensor& scales, c10::string_view weight_format) {
   const WeightFormat format = parse_weight_format(weight_format);
   TORCH_CHECK_VALUE(format != WeightFormat::Bf16, "kt_ops: pack_codes takes a quantized weight_format, got 'bf16'");
-  TORCH_CHECK_VALUE(codes.device().is_cpu() && scales.device().is_cpu(), "kt_ops: codes and scales must be CPU tensors");
+  TORCH_CHECK_VALUE(raw_codes.device().is_cpu() && scales.device().is_cpu(), "kt_ops: codes and scales must be CPU tensors");
+  const bool fp8 = format == WeightFormat::Fp8;
+  TORCH_CHECK_TYPE(raw_codes.scalar_type() != at::kFloat8_e4m3fn || fp8, "kt_ops: float8_e4m3fn codes need "
+                   "weight_format 'fp8', got '", weight_format_name(format), "'");
+  // fp8 codes are the E4M3 bytes: a float8_e4m3fn tensor is taken bit for bit.
+  const Tensor codes = raw_codes.scalar_type() == at::kFloat8_e4m3fn ? raw_codes.view(at::kByte) : raw_codes;
   TORCH_CHECK_VALUE(codes.dim() == 3, "kt_ops: codes must be 3-D [num_experts, out_features, in_features], got shape ",
                     codes.sizes());
   TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false), "kt_ops: codes must be an integer "
@@ -272,11 +290,12 @@ std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales,
                     "kt_ops: scales has ", groups, " groups per row; weight_format '", weight_format_name(format),
                     "' needs ", is_grouped(format) ? "an even group size dividing in_features " : "1 (per row), not ",
                     is_grouped(format) ? std::to_string(K) : std::to_string(groups));
-  const int64_t lo = is_int8(format) ? -128 : 0, hi = is_int8(format) ? 127 : 15;
+  const int64_t lo = is_int8(format) ? -128 : 0, hi = is_int8(format) ? 127 : fp8 ? 255 : 15;
   TORCH_CHECK_VALUE(codes.min().item<int64_t>() >= lo && codes.max().item<int64_t>() <= hi, "kt_ops: codes of '",
                     weight_format_name(format), "' must lie in [", lo, ", ", hi, "]");
   const int64_t Np = padded_rows(N);
-  Tensor padded_codes = at::constant_pad_nd(codes.to(at::kFloat), {0, 0, 0, Np - N});
+  // fp8 codes stay bytes (a checkpoint's layer is large); the others go through float once.
+  Tensor padded_codes = at::constant_pad_nd(codes.to(fp8 ? at::kByte : at::kFloat), {0, 0, 0, Np - N});
   std::vector<int64_t> pad(2 * (scales.dim() - 2), 0);  // trailing dims unpadded
   pad.push_back(0);
   pad.push_back(Np - N);  // rows; padded rows get zero scales and dequantize to zero

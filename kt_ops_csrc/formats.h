@@ -48,7 +48,8 @@ class ExpertWeights {
 };
 
 std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view weight_format, int64_t group_size);
-// Already quantized codes (e.g. from a GGUF file) and their scales, in the format's layout, exactly.
+// Already quantized codes (e.g. from a GGUF file, or float8_e4m3fn bytes of an FP8 checkpoint for
+// `fp8`) and their scales, in the format's layout, exactly.
 std::tuple<Tensor, Tensor> pack_codes(const Tensor& codes, const Tensor& scales, c10::string_view weight_format);
 Tensor unpack_weights(const Tensor& packed, const std::optional<Tensor>& scales, c10::string_view weight_format,
                       int64_t rows, int64_t cols);

@@ -193,7 +193,7 @@ def test_backends_and_prepacked_weights(tmp_path):
 def test_bad_arguments():
     model = tiny_model("tiny-mixtral")
     with pytest.raises(ValueError, match="kt_backend"):
-        apply_kt(model, kt_backend="AMXFP8")
+        apply_kt(model, kt_backend="AMXFP4")
     with pytest.raises(ValueError, match="kt_num_gpu_experts"):
         apply_kt(model, kt_num_gpu_experts=-1)
     with pytest.raises(ValueError, match="kt_num_gpu_experts"):

@@ -91,8 +91,7 @@ def test_kt_config_block_and_top_level_spelling_agree(tmp_path):
         cli.load_config({**base, "kt_config": {"kt_lora_rank": 8}})
     with pytest.raises(cli.ConfigError, match="computes 'bf16' experts but kt_expert_weight_format is 'int4'"):
         cli.load_config({**base, "kt_backend": "AMXBF16", "kt_expert_weight_format": "int4"})
-    with pytest.raises(cli.ConfigError, match="no FP8 expert base"):
-        cli.load_config({**base, "kt_expert_weight_format": "fp8"})
+    assert cli.load_config({**base, "kt_expert_weight_format": "fp8"})["kt_backend"] == "AMXFP8"
     with pytest.raises(cli.ConfigError, match=r"unknown config keys \['kt_foo'\]; valid keys: .*kt_cpu_activation"):
         cli.load_config({**base, "kt_foo": 1})
 

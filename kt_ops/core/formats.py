@@ -4,22 +4,23 @@ from __future__ import annotations
 from typing import Tuple
 
 # bf16; int8 symmetric per row; int4 symmetric per row; int4_1 per row with zero point (scale, min);
-# int4_kgroup / int4_1_kgroup / int8_kgroup: the same per group of `group_size` along K
+# int4_kgroup / int4_1_kgroup / int8_kgroup: the same per group of `group_size` along K; fp8: float8
+# E4M3 codes with one fp32 scale per row and group (DeepSeek-V3's block-FP8 experts kept as they are)
 # (kt_ops_csrc/kernels/quant.h holds the bit layouts).
-WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
-GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup")
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup", "fp8")
+GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup", "fp8")
 
 # SFT method names (kt-kernel's) name the weight format; every one runs on every CPU (the kernel ISA
 # is chosen at run time).
 SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-               "AMXINT4_1KGroup_SFT")
+               "AMXINT4_1KGroup_SFT", "AMXFP8_SFT")
 # kt-kernel's SkipLoRA variants: the frozen base's forward and backward (grad_input and the routing
 # weights' gradient) without any LoRA term; init_lora_weights is not needed.
 SKIP_LORA_SUFFIX = "_SkipLoRA"
 SKIP_LORA_METHODS = tuple(m + SKIP_LORA_SUFFIX for m in SFT_METHODS)
 # Method (or plain format name) -> weight format, for everything that trains.
 SFT_METHOD_FORMATS = {
-    **dict(zip(SFT_METHODS, ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup"))),
+    **dict(zip(SFT_METHODS, ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "fp8"))),
     **{fmt: fmt for fmt in WEIGHT_FORMATS},
 }
 

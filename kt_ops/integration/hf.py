@@ -39,6 +39,7 @@ KT_BACKENDS = {
     "AMXINT4_1": "AMXINT4_1_SFT",
     "AMXINT4_KGroup": "AMXINT4_KGroup_SFT",
     "AMXINT4_1KGroup": "AMXINT4_1KGroup_SFT",
+    "AMXFP8": "AMXFP8_SFT",
     **{name: name for name in SFT_METHOD_FORMATS if name.endswith("_SFT")},
 }
 
@@ -368,7 +369,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         layer_idx = layer_of[name]
         packed = None
         if source is not None:
-            packed = source.packed_layer(layer_idx, E - N, H, I)
+            packed = source.packed_layer(layer_idx, E - N, H, I, SFT_METHOD_FORMATS[KT_BACKENDS[kt_backend]])
             method = method_for_packed(kt_backend, packed.weight_format, source.path)
         kt = KTExperts(E - N, H, I, lora_rank=0 if tuner is not None else lora_rank, lora_alpha=lora_alpha,
                        method=method, lora_dtype=lora_dtype, first_expert=N, layer_idx=layer_idx)

@@ -8,7 +8,8 @@ one layer at a time, from (in this order of preference) `kt_weight_path` or `pat
 * a KTransformers converted directory (INT8 / INT4, NUMA-split or not): packed code for code;
 * kt_ops' own pre-quantized form (`python -m kt_ops.convert_weights`): packed as stored;
 * a HuggingFace checkpoint: bf16/fp16/fp32 experts are read one layer at a time and packed into
-  `kt_backend`'s format; DeepSeek-style block-FP8 experts are requantized to int8_kgroup (group 128).
+  `kt_backend`'s format; DeepSeek-style block-FP8 experts are kept as they are (codes and block
+  scales) with an fp8 backend (AMXFP8), and requantized to int8_kgroup (group 128) otherwise.
 
 With `kt_shared_experts=<file>` the packed experts live in one file that every process of a node
 maps read-only and shared (`share_kt_experts` does the same for a model already converted): N
@@ -27,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..core.formats import GROUPED_FORMATS
+from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
@@ -265,7 +266,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         """(KTExperts, experts kept in the module or None) of one layer, from the source."""
         E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
         if source.is_quantized_source():
-            packed = source.packed_layer(layer, E, H, I)
+            packed = source.packed_layer(layer, E, H, I, SFT_METHOD_FORMATS[method])
             kt = KTExperts(E, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha,
                            method=method_for_packed(kt_backend, packed.weight_format, source.path),
                            lora_dtype=lora_dtype, layer_idx=layer)

@@ -2,9 +2,11 @@
 
 FP8 (DeepSeek-V3 style): per expert `{base}.mlp.experts.{e}.{gate,up,down}_proj.weight` in
 float8_e4m3fn [N, K] with `weight_scale_inv` fp32 [ceil(N/128), ceil(K/128)], one scale per 128x128
-block (w = fp8 * scale_inv). Each expert is dequantized in fp32 on its own and requantized to
-int8_kgroup with groups of 128 along K: one byte per weight like fp8, plus one fp32 scale per row
-and group instead of per block.
+block (w = fp8 * scale_inv). Read as kt_ops' `fp8` format the codes are kept byte for byte and each
+block's scale becomes the scale of its rows' 128-wide K group (gcd(128, K) wide when 128 does not
+divide K): exact, ~1.03 bytes per weight. Read as `int8_kgroup` (the inference wrapper, and SFT
+backends other than fp8) each expert is dequantized in fp32 on its own and requantized with groups of
+128 along K: one byte per weight like fp8, plus one fp32 scale per row and group.
 
 RAWINT4 (compressed-tensors "pack-quantized", symmetric int4): `weight_packed` int32 [N, K/8]
 holding 8 signed 4-bit values per int32, lowest nibble first; `weight_scale` [N, K/group] (bf16,
@@ -15,6 +17,7 @@ w = (u - 8) * scale with u = q + 8: packed exactly, codes as they are.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -65,7 +68,9 @@ class NativeCheckpoint:
             out[p][s] = tensor
         return out
 
-    def _fp8_values(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape) -> torch.Tensor:
+    def _fp8_row_scales(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape,
+                        group: int) -> torch.Tensor:
+        """The block scales as fp32 [N, K / group]: each row's scale per `group` columns (group divides 128)."""
         if weight.dtype != torch.float8_e4m3fn:
             raise ValueError(f"{key}.weight must be float8_e4m3fn for method FP8, got {weight.dtype}")
         if tuple(weight.shape) != tuple(shape):
@@ -75,8 +80,20 @@ class NativeCheckpoint:
         if tuple(scale_inv.shape) != blocks:
             raise ValueError(f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
                              f"got {list(scale_inv.shape)}")
-        scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
+        rows = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N]
+        return rows.repeat_interleave(FP8_BLOCK // group, 1)[:, :K // group].contiguous()
+
+    def _fp8_values(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape) -> torch.Tensor:
+        scale = self._fp8_row_scales(key, weight, scale_inv, shape, 1)
         return weight.float() * scale
+
+    def _fp8_codes(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape):
+        """(E4M3 bytes [N, K], scales [N, K / g]) with g = gcd(128, K): kt_ops' fp8 format, exactly."""
+        group = math.gcd(FP8_BLOCK, shape[1])
+        if group % 2:
+            raise ValueError(f"{key}: in_features {shape[1]} is odd; the fp8 format needs an even K group "
+                             "(load this checkpoint with an int8 backend instead)")
+        return weight.view(torch.uint8), self._fp8_row_scales(key, weight, scale_inv, shape, group)
 
     def _int4_codes(self, key: str, packed: torch.Tensor, scale: torch.Tensor, shape, group_size: int):
         N, K = shape
@@ -93,12 +110,18 @@ class NativeCheckpoint:
         return (signed + 8).to(torch.uint8).reshape(N, K), scale.float()
 
     def load_layer(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   split: Sequence[Tuple[int, int]], group_size: int) -> List[PackedExperts]:
-        """PackedExperts per intermediate range of `split` (int8_kgroup for FP8, int4_kgroup for
-        RAWINT4), experts in the checkpoint's (logical) order."""
+                   split: Sequence[Tuple[int, int]], group_size: int,
+                   weight_format: str = "int8_kgroup") -> List[PackedExperts]:
+        """PackedExperts per intermediate range of `split` (for FP8: `weight_format` int8_kgroup,
+        requantized per `group_size`, or fp8, the codes as they are with down's K group gcd(128, I);
+        int4_kgroup for RAWINT4), experts in the checkpoint's (logical) order."""
         E, H, I = num_experts, hidden_size, intermediate_size
         base = self._base(layer_idx)
-        fmt = "int8_kgroup" if self.method == "FP8" else "int4_kgroup"
+        if self.method == "FP8" and weight_format not in ("int8_kgroup", "fp8"):
+            raise ValueError(f"weight_format must be 'int8_kgroup' or 'fp8' for FP8 checkpoints, got {weight_format!r}")
+        fmt = weight_format if self.method == "FP8" else "int4_kgroup"
+        if fmt == "fp8":
+            group_size = math.gcd(FP8_BLOCK, I)  # down's K group: where pack_codes_split cuts its scales
         shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
         codes = {p: [] for p in PROJECTIONS}
         scales = {p: [] for p in PROJECTIONS}
@@ -107,7 +130,9 @@ class NativeCheckpoint:
             for p in PROJECTIONS:
                 key = f"{base}.mlp.experts.{e}.{p}_proj"
                 t = tensors[p]
-                if self.method == "FP8":
+                if fmt == "fp8":
+                    c, s = self._fp8_codes(key, t["weight"], t["weight_scale_inv"], shapes[p])
+                elif self.method == "FP8":
                     c, s = quantize_int8_groups(self._fp8_values(key, t["weight"], t["weight_scale_inv"],
                                                                  shapes[p]), group_size)
                 else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from .ktransformers import KTWeightDirectory, is_kt_directory
 from .loaders import BF16SafeTensorLoader, SafeTensorLoader, safe_open
@@ -10,8 +11,9 @@ from .native import NativeCheckpoint
 
 class ExpertSource:
     """Where a layer's routed experts come from, decided once per checkpoint: a KTransformers converted
-    directory, kt_ops' packed files, a block-FP8 Hugging Face checkpoint (requantized to int8_kgroup)
-    or a float one (read a projection and a few experts at a time)."""
+    directory, kt_ops' packed files, a block-FP8 Hugging Face checkpoint (kept as fp8 codes for an fp8
+    backend, else requantized to int8_kgroup) or a float one (read a projection and a few experts at
+    a time)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -38,12 +40,14 @@ class ExpertSource:
     def is_quantized_source(self) -> bool:
         return self.hf is None or self.fp8 is not None
 
-    def packed_layer(self, layer: int, E: int, H: int, I: int):
-        """PackedExperts of `layer`, for pre-quantized sources."""
+    def packed_layer(self, layer: int, E: int, H: int, I: int, weight_format: Optional[str] = None):
+        """PackedExperts of `layer`, for pre-quantized sources. `weight_format` is the backend's: with
+        'fp8' a block-FP8 checkpoint's codes are kept exactly; otherwise they become int8_kgroup."""
         if self.kt is not None:
             full = self.kt.layer(layer).packed()
         elif self.fp8 is not None:
-            full = self.fp8.load_layer(layer, E, H, I, [(0, I)], 128)[0]
+            fmt = "fp8" if weight_format == "fp8" else "int8_kgroup"
+            full = self.fp8.load_layer(layer, E, H, I, [(0, I)], 128, weight_format=fmt)[0]
         else:
             full = self.packed.load_packed(layer)
         if full.num_experts != E or (full.hidden_size, full.intermediate_size) != (H, I):

@@ -9,24 +9,44 @@
 //   int4_kgroup     like int4 with one scale per row and group of `group_size` k
 //   int4_1_kgroup   like int4_1 with one (scale, min) per row and group
 //   int8_kgroup     like int8 with one scale per row and group (GGUF Q8_0 is group 32)
+//   fp8             float8 E4M3 codes (the OCP "e4m3fn" encoding: bias 7, no infinities, 0x7F / 0xFF
+//                   NaN), 2 bytes per pair-row like int8; w = e4m3(code) * scale[n, group]. A
+//                   DeepSeek-V3 128x128 block scale is its row range's scale for the 128-wide group.
 // Scales are fp32 [Np, groups] (symmetric) or [Np, groups, 2] = (scale, min); padded rows have
-// zero scales, so they dequantize to zero. Dequantization is w = code * scale (+ min) in fp32 with
+// zero scales, so they dequantize to zero (the byte 0 is +0 in every format's codes too). Dequantization is w = code * scale (+ min) in fp32 with
 // no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
 #pragma once
 #include <cstdint>
 
 namespace kt {
 
-enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, Int8KGroup };
+enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, Int8KGroup, Fp8 };
 
 // `static`: this header is included by units compiled for different target ISAs (see gemm.h).
 static constexpr bool is_grouped(WeightFormat f) {
-  return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup;
+  return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup ||
+         f == WeightFormat::Fp8;
 }
 static constexpr bool has_zero_point(WeightFormat f) {
   return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup;
 }
 static constexpr bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
+// One byte per weight (int8 codes or fp8 codes): 2 bytes per (row, k pair) slot.
+static constexpr bool is_byte_coded(WeightFormat f) { return is_int8(f) || f == WeightFormat::Fp8; }
+
+// The exact fp32 value of an E4M3 code (every one is exact in fp32; NaN for 0x7F and 0xFF).
+static inline float e4m3_value(uint8_t code) {
+  const int exponent = (code >> 3) & 15, mantissa = code & 7;
+  float magnitude;
+  if (exponent == 15 && mantissa == 7) {
+    magnitude = __builtin_nanf("");
+  } else if (exponent == 0) {
+    magnitude = static_cast<float>(mantissa) * 0x1p-9f;  // subnormal: mantissa / 8 * 2^-6
+  } else {
+    magnitude = __builtin_ldexpf(static_cast<float>(8 + mantissa), exponent - 10);  // (1 + m/8) 2^(e-7)
+  }
+  return code & 0x80 ? -magnitude : magnitude;
+}
 
 struct QuantMatrix {  // one expert's W [N, K]
   WeightFormat format;
@@ -42,7 +62,8 @@ struct DequantKernels {
   // gemm_nt of gemm.h straight on the codes, for a few rows (decode), where dequantizing a panel
   // into a buffer would cost more than the bandwidth it saves. Per group it accumulates
   // sum x * code and applies w = code * scale + offset as scale * acc + offset * sum x. It rounds
-  // differently from the dequantized bf16 path (no bf16 rounding of w). nullptr: not provided.
+  // differently from the dequantized bf16 path (no bf16 rounding of w); an fp8 code is its exact
+  // E4M3 value (offset 0). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
   // The same product for the int8 formats with integer dot products (decode: rows up to
   // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice). Each row's activations are

@@ -45,6 +45,31 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
   return out;
 }
 
+// Eight E4M3 codes (one per int32 lane) as their exact fp32 values, as e4m3_value in quant.h does it,
+// by bit manipulation: a normal code's exponent and mantissa bits shifted into fp32's place with the
+// exponent bias moved from 7 to 127; subnormals (exponent 0) are mantissa * 2^-9; 0x7F is NaN.
+// Compared (benchmarks/bench_fp8.py --decode, Zen 3 under load; benchmarks/RESULTS.md) with a
+// vgatherdps from a 256-entry table (never faster) and with the code's bits taken as an fp16 widened
+// by F16C (faster in some runs, slower in others): no clear win, so this one path stays.
+inline __m256 e4m3_to_f32(__m256i code) {
+  const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7F));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32((127 - 7) << 23)));
+  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(0x1p-9f));
+  __m256 value = _mm256_blendv_ps(normal, subnormal,
+                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude)));
+  value = _mm256_blendv_ps(value, _mm256_set1_ps(__builtin_nanf("")),
+                           _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F))));
+  return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
+}
+
+// 32 E4M3 codes (one k pair of a panel: 16 rows x 2) as exact fp32 values, 8 consecutive per vector.
+inline void e4m3_quads(const uint8_t* codes, __m256 out[4]) {
+  for (int j = 0; j < 4; ++j)
+    out[j] = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j))));
+}
+
 void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format);
@@ -68,6 +93,9 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
           const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
           v[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s.scale[j]);
         }
+      } else if (w.format == WeightFormat::Fp8) {
+        e4m3_quads(w.data + pair_row * kPanelRows * 2, v);
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(v[j], s.scale[j]);
       } else {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + pair_row * kPanelRows));
         const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
@@ -98,6 +126,11 @@ inline __m256 int8_quad(const int8_t* codes) {
 inline __m256 uint8_quad(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 inline PairCodes pair_codes(const QuantMatrix& w, int64_t pair_row, bool int8) {
+  if (w.format == WeightFormat::Fp8) {  // the exact E4M3 values, 2 bytes per row like int8
+    __m256 v[4];
+    e4m3_quads(w.data + pair_row * kPanelRows * 2, v);
+    return {v[0], v[1], v[2], v[3]};
+  }
   if (int8) {
     const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2;
     return {int8_quad(codes), int8_quad(codes + 8), int8_quad(codes + 16), int8_quad(codes + 24)};
@@ -140,13 +173,14 @@ inline __m256 fold_pairs(__m256 rows_0_3, __m256 rows_4_7) {
 
 // One panel, all K, MR (1 or 2) rows. Per group each row-interleaved accumulator collects
 // x * code; it is then scaled (scale per row, duplicated over the lane pair) into the totals, and
-// offset * sum(x over the group) is added, with offset = 0 (int8), -8 scale (int4) or min (zero
+// offset * sum(x over the group) is added, with offset = 0 (int8, fp8), -8 scale (int4) or min (zero
 // point). Four independent accumulators per row keep the FMA latency off the critical path; the
 // lane pairs are folded once per panel.
 template <int MR>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool int8 = is_int8(w.format), zero_point = has_zero_point(w.format);
+  const bool offset = !int8 && w.format != WeightFormat::Fp8;  // the 4-bit formats
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
   __m256 t00 = _mm256_setzero_ps(), t01 = _mm256_setzero_ps(), t02 = _mm256_setzero_ps(), t03 = _mm256_setzero_ps();
@@ -181,7 +215,7 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, flo
       t12 = _mm256_fmadd_ps(c12, s.scale[2], t12);
       t13 = _mm256_fmadd_ps(c13, s.scale[3], t13);
     }
-    if (!int8) {
+    if (offset) {
       // Each lane pair gets half the group sum in each lane, so folding the pair restores it.
       const int64_t k_begin = 2 * kp_begin, k_end = 2 * kp_end < K ? 2 * kp_end : K;
       const __m256 half = _mm256_set1_ps(0.5f);

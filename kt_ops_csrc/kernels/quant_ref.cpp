@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -16,11 +17,18 @@ inline uint16_t round_to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+const std::array<float, 256> kE4m3 = [] {
+  std::array<float, 256> table{};
+  for (int code = 0; code < 256; ++code) table[code] = e4m3_value(static_cast<uint8_t>(code));
+  return table;
+}();
+
 // w[n, 2kp + h] in fp32 (the exact value of the code).
 inline float dequant_value(const QuantMatrix& w, int64_t n, int64_t kp, int h) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups, group = kp / pairs_per_group;
   const int64_t panel = n / kPanelRows, i = n % kPanelRows, pair_row = panel * Kp + kp;
   const float* s = w.scales + (n * w.groups + group) * (has_zero_point(w.format) ? 2 : 1);
+  if (w.format == WeightFormat::Fp8) return kE4m3[w.data[(pair_row * kPanelRows + i) * 2 + h]] * s[0];
   if (is_int8(w.format))
     return static_cast<float>(reinterpret_cast<const int8_t*>(w.data)[(pair_row * kPanelRows + i) * 2 + h]) * s[0];
   const uint8_t byte = w.data[pair_row * kPanelRows + i];

@@ -4,6 +4,9 @@
 //   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|.
 // Random and edge shapes (odd K, K groups, 1-4 rows, panel subsets, codes -128 and 127, negative
 // and zero scales), a K long enough to need two int32 chunks, NaN / Inf / tiny rows (fp32 fallback).
+// Also the fp8 dequantization (DequantKernels::dequant): every table must give the reference's bf16
+// bits for random panels / k-pair ranges of all 256 E4M3 codes (NaN codes included) and random
+// scales, and the reference must equal the E4M3 value times the scale rounded to bf16.
 // Buffers have their exact sizes, so AddressSanitizer sees any out-of-bounds access. Built by run.sh.
 #include <cmath>
 #include <cstdio>
@@ -107,6 +110,56 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
   for (auto r : rows) std::free(r);
 }
 
+static uint16_t bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int64_t groups) {
+  const int64_t Kp = k_pairs(K), bytes = padded_rows(N) * Kp * 2;
+  std::vector<uint8_t> codes(bytes, 0);  // padding k and padded rows hold code 0 (+0.0)
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) codes[((n / 16 * Kp + k / 2) * 16 + n % 16) * 2 + k % 2] = uint8_t(rint_(0, 255));
+  std::vector<float> scales(padded_rows(N) * groups, 0.0f);
+  for (int n = 0; n < N; ++n)
+    for (int64_t g = 0; g < groups; ++g) scales[n * groups + g] = rint_(0, 9) == 0 ? 0.0f : randn() * std::exp(randn() * 4.0f);
+  const QuantMatrix w{WeightFormat::Fp8, codes.data(), scales.data(), K, groups};
+  const int np_all = padded_rows(N) / 16;
+  const int p0 = rint_(0, np_all - 1), np = rint_(1, np_all - p0);
+  const int64_t kp0 = rint_(0, int(Kp) - 1), nkp = rint_(1, int(Kp - kp0));
+  const size_t out_size = size_t(np) * nkp * 32;
+  std::vector<uint16_t> ref(out_size);
+  char ctx[120];
+  std::snprintf(ctx, sizeof ctx, "fp8 N=%d K=%d groups=%ld p0=%d np=%d kp0=%ld nkp=%ld", N, K, long(groups), p0, np,
+                long(kp0), long(nkp));
+  for (size_t t = 0; t < tables.size(); ++t) {
+    uint16_t* out = static_cast<uint16_t*>(std::malloc(out_size * 2));  // exact size
+    tables[t].k->dequant(w, p0, np, kp0, nkp, out);
+    if (t == 0) {
+      std::memcpy(ref.data(), out, out_size * 2);
+      const int64_t group_k = 2 * (Kp / groups);
+      for (int p = 0; p < np; ++p)
+        for (int64_t q = 0; q < nkp; ++q)
+          for (int i = 0; i < 16; ++i)
+            for (int h = 0; h < 2; ++h) {
+              const int n = (p0 + p) * 16 + i;
+              const int64_t k = 2 * (kp0 + q) + h;
+              const uint8_t code = codes[(((p0 + p) * Kp + kp0 + q) * 16 + i) * 2 + h];
+              const uint16_t want = bf16_bits(e4m3_value(code) * scales[n * groups + k / group_k]);
+              const uint16_t got = out[((p * nkp + q) * 16 + i) * 2 + h];
+              const bool both_nan = (want & 0x7FFF) > 0x7F80 && (got & 0x7FFF) > 0x7F80;
+              if (got != want && !both_nan && failures++ < 20)
+                std::printf("FAIL ref fp8 code 0x%02x at n=%d k=%ld: 0x%04x vs 0x%04x %s\n", code, n, long(k), got, want, ctx);
+            }
+    } else if (std::memcmp(out, ref.data(), out_size * 2) != 0 && failures++ < 20) {
+      std::printf("FAIL %s fp8 dequant differs from ref %s\n", tables[t].name.c_str(), ctx);
+    }
+    std::free(out);
+  }
+}
+
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 200;
   std::vector<Table> tables{{"ref", &ref_dequant()}};
@@ -118,6 +171,10 @@ int main(int argc, char** argv) {
     const int group = 2 * rint_(1, 24), K = grouped ? group * rint_(1, 5) : rint_(1, 300);
     const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
     test(tables, m, N, K, grouped ? K / group : 1, p0, np, it % 10 == 0 ? Rows::Specials : Rows::Normal);
+  }
+  for (int it = 0; it < iters; ++it) {
+    const int N = rint_(1, 70), group = 2 * rint_(1, 64), K = group * rint_(1, 4);
+    test_fp8_dequant(tables, N, K, K / group);
   }
   test(tables, 1, 16, 2 * kMaxPairsPerInt32 + 6, 1, 0, 1, Rows::Extreme);  // two int32 chunks at the edge
   test(tables, 3, 20, 2 * kMaxPairsPerInt32 + 3, 1, 1, 1, Rows::Normal);

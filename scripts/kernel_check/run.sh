@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel-level checks of the GEMM tables, outside Python, under AddressSanitizer + UBSan:
-#   quant:  the int8 integer-dot decode tables (quant_harness.cpp);
+#   quant:  the int8 integer-dot decode tables and the fp8 dequantization (quant_harness.cpp);
 #   native: ref, amx-emu, and the real avx512 / avx512-bf16 / amx kernels where this CPU runs them;
 #           and avx512-bf16-emu (the AVX512_BF16 source on SIMDe) where SIMDe is installed;
 #   simde:  if SIMDe is installed (Debian/Ubuntu: libsimde-dev), the avx512, avx512-bf16 and amx
@@ -22,7 +22,7 @@ echo "== native"
 "$out/native" "$iters"
 
 g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" -o "$out/quant"
-echo "== quant: int8 integer-dot decode (ref, and avx2 where this CPU runs it)"
+echo "== quant: int8 integer-dot decode and fp8 dequantization (ref, and avx2 where this CPU runs it)"
 "$out/quant" "$iters"
 
 if [ -f /usr/include/simde/x86/avx512.h ]; then
