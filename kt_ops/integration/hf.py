@@ -307,7 +307,8 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     first `kt_num_gpu_experts` experts of every layer stay in the module (on its device) and the rest
     go to kt; their outputs are summed. `kt_weight_path` supplies pre-quantized experts instead of
     packing (kt_ops.weights.sources.ExpertSource: a kt_ops converted file or directory, a KTransformers
-    converted directory, or a block-FP8 checkpoint, requantized to int8_kgroup).
+    converted directory, or a block-FP8 checkpoint: kept as fp8 codes with an fp8 backend,
+    requantized to int8_kgroup otherwise).
 
     Expert LoRA (`lora_rank` > 0) is a peft LoRA adapter on the experts' `gate_up_proj` / `down_proj`
     (peft's `target_parameters` format), computed inside the kt kernels. On a `PeftModel` every LoRA

@@ -1,12 +1,14 @@
 // AVX2 dequantization into bf16 panels; bit-identical to quant_ref.cpp (same fp32 operations, no
 // FMA contraction: the extension is built with -ffp-contract=off). Same ODR rules as gemm_avx2.cpp.
-#pragma GCC target("avx2,fma")
-#include <immintrin.h>
-
+// The standard headers come before the target pragma: their inline templates are shared with units
+// built for plain x86-64, so they must not be compiled for AVX2 here.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
 
 #include "gemm.h"
 #include "quant.h"
