@@ -237,9 +237,11 @@ def test_layer_method_and_save_load(tmp_path):
 _EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
 
 
-def fp8_expert_checkpoint(path, **model_kwargs):
-    """A tiny DeepSeek-V3 saved with its routed experts as float8_e4m3fn + weight_scale_inv (128x128
-    blocks), the rest in fp32. Returns {expert weight key: the fp32 weight the codes stand for}."""
+def fp8_expert_checkpoint(path, pattern=None, **model_kwargs):
+    """A tiny DeepSeek-V3 saved with its routed experts (or the weights `pattern` matches) as
+    float8_e4m3fn + weight_scale_inv (128x128 blocks), the rest in fp32. Returns {fp8 weight key: the
+    fp32 weight the codes stand for}."""
+    pattern = pattern or _EXPERT_KEY
     from safetensors.torch import load_file, save_file
 
     from kt_ops.integration.tiny import tiny_model
@@ -251,7 +253,7 @@ def fp8_expert_checkpoint(path, **model_kwargs):
         if not name.endswith(".safetensors"):
             continue
         tensors = load_file(os.path.join(path, name))
-        for key in [k for k in tensors if _EXPERT_KEY.fullmatch(k)]:
+        for key in [k for k in tensors if pattern.fullmatch(k)]:
             codes, scale_inv = _block_fp8(tensors[key])
             tensors[key] = codes
             tensors[key + "_scale_inv"] = scale_inv
@@ -265,11 +267,11 @@ def fp8_expert_checkpoint(path, **model_kwargs):
         with open(index) as f:
             data = json.load(f)
         for key in list(data["weight_map"]):
-            if _EXPERT_KEY.fullmatch(key):
+            if pattern.fullmatch(key):
                 data["weight_map"][key + "_scale_inv"] = data["weight_map"][key]
         with open(index, "w") as f:
             json.dump(data, f)
-    assert truth, "the tiny model saved no per-expert weights"
+    assert truth, "the tiny model saved no weights to store as FP8"
     return truth
 
 
@@ -366,3 +368,37 @@ def test_kt_sft_config_and_plan(tmp_path):
     with pytest.raises(cli.ConfigError, match="computes 'bf16' experts but kt_expert_weight_format is 'fp8'"):
         cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
                          "kt_expert_weight_format": "fp8", "kt_backend": "AMXBF16"}, quiet=True)
+
+
+def test_from_pretrained_dequantizes_fp8_non_expert_weights(tmp_path):
+    """A real DeepSeek-V3/R1 checkpoint is block-FP8 in its attention and dense layers too: those load
+    as the values their codes and block scales stand for."""
+    from safetensors.torch import load_file
+
+    from kt_ops.integration import from_pretrained
+
+    linear = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.(?!experts\.|gate\.|[a-z_]*norm)[a-z_]+\.weight")
+    truth = fp8_expert_checkpoint(tmp_path, pattern=linear, hidden_size=256, moe_intermediate_size=128)
+    assert any(".self_attn." in k for k in truth) and any(".mlp." in k for k in truth)
+    model = from_pretrained(tmp_path, kt_backend="AMXBF16", lora_rank=0, dtype=torch.float32)
+    weights = dict(model.named_parameters())
+    for key, want in truth.items():
+        assert torch.equal(weights[key].detach(), want), key
+    # A float8 tensor without its block scale is refused by name.
+    shard = next(p for p in sorted(os.listdir(tmp_path)) if p.endswith(".safetensors"))
+    tensors = load_file(os.path.join(tmp_path, shard))
+    scale_key = next(k for k in tensors if k.endswith("_scale_inv"))
+    from safetensors.torch import save_file
+    del tensors[scale_key]
+    save_file(tensors, os.path.join(tmp_path, shard), metadata={"format": "pt"})
+    index = os.path.join(tmp_path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        import json
+
+        with open(index) as f:
+            data = json.load(f)
+        del data["weight_map"][scale_key]
+        with open(index, "w") as f:
+            json.dump(data, f)
+    with pytest.raises(ValueError, match="without a block scale"):
+        from_pretrained(tmp_path, kt_backend="AMXBF16", lora_rank=0, dtype=torch.float32)

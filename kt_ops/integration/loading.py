@@ -133,6 +133,8 @@ def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_
     for file_keys in by_file.values():
         targets = dict(file_keys)
         for key, tensor in loader.iter_tensors(targets, "cpu"):
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                tensor = _dequantized_fp8(loader, key, tensor, path)
             current = model.get_parameter_or_buffer(targets[key]) if hasattr(model, "get_parameter_or_buffer") \
                 else None
             if current is not None and tuple(current.shape) != tuple(tensor.shape):
@@ -142,6 +144,18 @@ def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_
             _set_tensor(model, targets[key], tensor.to(device_of(targets[key]), target_dtype))
             wanted.discard(targets[key])
     _materialize_rest(model, wanted, device_of)
+
+
+def _dequantized_fp8(loader, key: str, tensor: torch.Tensor, path: str) -> torch.Tensor:
+    """A block-FP8 checkpoint (DeepSeek-V3/R1) stores its linear layers as float8 codes with a
+    `weight_scale_inv` per 128x128 block beside them; the model gets the values they stand for."""
+    from ..weights.native import dequantize_fp8
+
+    scale_key = key + "_scale_inv"
+    if not loader.has_tensor(scale_key):
+        raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype} without a block scale {scale_key!r}; only "
+                         "block-FP8 checkpoints (DeepSeek-V3 style) are read")
+    return dequantize_fp8(key, tensor, loader.load_tensor(scale_key))
 
 
 def _materialize_rest(model: nn.Module, missing: set, device_of) -> None:

@@ -29,6 +29,27 @@ from .loaders import SafeTensorLoader, candidate_bases
 FP8_BLOCK = 128
 
 
+def fp8_row_scales(key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape, group: int) -> torch.Tensor:
+    """The block scales of a block-FP8 [N, K] `weight` as fp32 [N, K / group]: each row's scale per
+    `group` columns (group divides 128)."""
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{key}.weight must be float8_e4m3fn for method FP8, got {weight.dtype}")
+    if tuple(weight.shape) != tuple(shape):
+        raise ValueError(f"{key}.weight has shape {list(weight.shape)}; the wrapper was built for {list(shape)}")
+    N, K = shape
+    blocks = (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+    if tuple(scale_inv.shape) != blocks:
+        raise ValueError(f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
+                         f"got {list(scale_inv.shape)}")
+    rows = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N]
+    return rows.repeat_interleave(FP8_BLOCK // group, 1)[:, :K // group].contiguous()
+
+
+def dequantize_fp8(key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape=None) -> torch.Tensor:
+    """w = fp8 * scale_inv per 128x128 block, in fp32 (DeepSeek-V3's block-FP8 rule)."""
+    return weight.float() * fp8_row_scales(key, weight, scale_inv, weight.shape if shape is None else shape, 1)
+
+
 class NativeCheckpoint:
     """The pre-quantized experts of one layer, read one expert at a time."""
 
@@ -68,32 +89,13 @@ class NativeCheckpoint:
             out[p][s] = tensor
         return out
 
-    def _fp8_row_scales(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape,
-                        group: int) -> torch.Tensor:
-        """The block scales as fp32 [N, K / group]: each row's scale per `group` columns (group divides 128)."""
-        if weight.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"{key}.weight must be float8_e4m3fn for method FP8, got {weight.dtype}")
-        if tuple(weight.shape) != tuple(shape):
-            raise ValueError(f"{key}.weight has shape {list(weight.shape)}; the wrapper was built for {list(shape)}")
-        N, K = shape
-        blocks = (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
-        if tuple(scale_inv.shape) != blocks:
-            raise ValueError(f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
-                             f"got {list(scale_inv.shape)}")
-        rows = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N]
-        return rows.repeat_interleave(FP8_BLOCK // group, 1)[:, :K // group].contiguous()
-
-    def _fp8_values(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape) -> torch.Tensor:
-        scale = self._fp8_row_scales(key, weight, scale_inv, shape, 1)
-        return weight.float() * scale
-
     def _fp8_codes(self, key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape):
         """(E4M3 bytes [N, K], scales [N, K / g]) with g = gcd(128, K): kt_ops' fp8 format, exactly."""
         group = math.gcd(FP8_BLOCK, shape[1])
         if group % 2:
             raise ValueError(f"{key}: in_features {shape[1]} is odd; the fp8 format needs an even K group "
                              "(load this checkpoint with an int8 backend instead)")
-        return weight.view(torch.uint8), self._fp8_row_scales(key, weight, scale_inv, shape, group)
+        return weight.view(torch.uint8), fp8_row_scales(key, weight, scale_inv, shape, group)
 
     def _int4_codes(self, key: str, packed: torch.Tensor, scale: torch.Tensor, shape, group_size: int):
         N, K = shape
@@ -133,7 +135,7 @@ class NativeCheckpoint:
                 if fmt == "fp8":
                     c, s = self._fp8_codes(key, t["weight"], t["weight_scale_inv"], shapes[p])
                 elif self.method == "FP8":
-                    c, s = quantize_int8_groups(self._fp8_values(key, t["weight"], t["weight_scale_inv"],
+                    c, s = quantize_int8_groups(dequantize_fp8(key, t["weight"], t["weight_scale_inv"],
                                                                  shapes[p]), group_size)
                 else:
                     if "weight_shape" in t and [int(v) for v in t["weight_shape"].tolist()] != list(shapes[p]):
