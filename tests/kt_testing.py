@@ -314,6 +314,22 @@ def run_ops(case: Case, experts=None, with_grads=True):
     return out.detach(), grads
 
 
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| over the whole tensor (L2), in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def token_ids(batch=2, seq=12, seed=1, vocab=128) -> torch.Tensor:
+    """Fixed random input ids for the tiny models (vocabulary 128)."""
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def rel_mae(a: torch.Tensor, b: torch.Tensor) -> float:
     """mean|a-b| / mean|b| in float64 (0 when both are empty or identical zero)."""
     a = a.detach().to(torch.float64)

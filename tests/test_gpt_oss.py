@@ -9,7 +9,8 @@ import torch
 import kt_ops
 import kt_ops.ops
 from kt_ops import reference
-from kt_testing import compare_with_reference, grads_of, make_case, single_torch_thread
+from kt_testing import (compare_with_reference, grads_of, logits_of, make_case, rel_l2, single_torch_thread,
+                        token_ids)
 
 # A small limit so that the clamps are active for a good share of the O(1) pre-activations.
 LIMIT, ALPHA = 0.6, 1.702
@@ -149,6 +150,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, kt_experts_modules  # noqa: E402
+from kt_ops.integration.tiny import train_steps  # noqa: E402
 
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -173,20 +175,6 @@ def tiny_gpt_oss(dtype=torch.float32, seed=0, swiglu_limit=1.0):
     return model.to(dtype).eval()
 
 
-def _ids(batch=2, seq=12, seed=1):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def _randomize_lora_b(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -195,36 +183,14 @@ def _randomize_lora_b(model, seed=3):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
-def test_apply_kt_logits_match_eager(dtype, tol):
-    ids = _ids()
-    model = tiny_gpt_oss(dtype)
-    eager = _logits(model, ids)
-    apply_kt(model, lora_rank=0)
-    converted = kt_experts_modules(model)
-    assert len(converted) == 2
-    for _, module, kt in converted:
-        assert kt.experts.activation == "clamped_swiglu" and kt.experts.swiglu_limit == 1.0
-        assert not hasattr(module, "gate_up_proj_bias")  # the biases moved into kt with the weights
-    got = _logits(model, ids)
-    assert _rel(got, eager) < tol
-    # The biases matter at this tolerance: without them the logits are far off.
-    for _, _, kt in converted:
-        kt.experts = kt.experts.with_variant(gate_bias=None, up_bias=None, down_bias=None)
-    assert _rel(_logits(model, ids), eager) > 10 * tol
-
-
-@pytest.mark.usefixtures("one_torch_thread")
-def test_target_parameters_gradients_match_plain_peft():
-    # The same peft adapter on plain transformers and on the kt model: same logits and gradients
-    # (peft's LoRA on the interleaved, transposed gate_up_proj mapped onto gate and up correctly).
-    ids = _ids()
+def _plain_and_kt_step(ids, **apply_kt_kwargs):
+    """(logits, LoRA grads) of one step of the same stock-peft LoRA on plain transformers and on the
+    kt-converted model, and the kt model."""
     results = []
     for convert in (False, True):
         model = tiny_gpt_oss()
         if convert:
-            apply_kt(model, lora_rank=0)
+            apply_kt(model, lora_rank=0, **apply_kt_kwargs)
         torch.manual_seed(7)
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                            target_parameters=EXPERT_TARGETS))
@@ -233,41 +199,62 @@ def test_target_parameters_gradients_match_plain_peft():
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                               if p.requires_grad}))
-    (plain_logits, plain_grads), (kt_logits, kt_grads) = results
-    assert _rel(kt_logits, plain_logits) < 5e-3
+    return results[0], results[1], model
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
+def test_apply_kt_logits_match_eager(dtype, tol):
+    ids = token_ids()
+    model = tiny_gpt_oss(dtype)
+    eager = logits_of(model, ids)
+    apply_kt(model, lora_rank=0)
+    converted = kt_experts_modules(model)
+    assert len(converted) == 2
+    for _, module, kt in converted:
+        assert kt.experts.activation == "clamped_swiglu" and kt.experts.swiglu_limit == 1.0
+        assert not hasattr(module, "gate_up_proj_bias")  # the biases moved into kt with the weights
+    got = logits_of(model, ids)
+    assert rel_l2(got, eager) < tol
+    # The biases matter at this tolerance: without them the logits are far off.
+    for _, _, kt in converted:
+        kt.experts = kt.experts.with_variant(gate_bias=None, up_bias=None, down_bias=None)
+    assert rel_l2(logits_of(model, ids), eager) > 10 * tol
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_target_parameters_gradients_match_plain_peft():
+    # The same peft adapter on plain transformers and on the kt model: same logits and gradients
+    # (peft's LoRA on the interleaved, transposed gate_up_proj mapped onto gate and up correctly).
+    ids = token_ids()
+    (plain_logits, plain_grads), (kt_logits, kt_grads), _ = _plain_and_kt_step(ids)
+    assert rel_l2(kt_logits, plain_logits) < 5e-3
     assert plain_grads.keys() == kt_grads.keys()
     assert len([n for n in plain_grads if ".experts." in n]) == 8
     for n in plain_grads:
         assert plain_grads[n].norm() > 0, n
-        assert _rel(kt_grads[n], plain_grads[n]) < 2e-2, n
+        assert rel_l2(kt_grads[n], plain_grads[n]) < 2e-2, n
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_steps_and_adapter_round_trips(tmp_path):
-    ids = _ids()
+    ids = token_ids()
     model = apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n]
     assert len(expert_lora) == 8 and all(p.requires_grad for p in expert_lora)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, steps=4, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
-    tuned = _logits(model, ids)
+    tuned = logits_of(model, ids)
     model.save_pretrained(tmp_path)
     # back into a fresh kt model: bit-exact
     loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0), tmp_path)
-    assert torch.equal(_logits(loaded, ids), tuned)
+    assert torch.equal(logits_of(loaded, ids), tuned)
     # into plain transformers + peft (no kt_ops): the same model up to bf16 packing
     plain = peft.PeftModel.from_pretrained(tiny_gpt_oss(), tmp_path)
-    assert _rel(_logits(plain, ids), tuned) < 5e-3
+    assert rel_l2(logits_of(plain, ids), tuned) < 5e-3
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -276,46 +263,33 @@ def test_gpu_kept_experts(tmp_path):
     # logits and every LoRA gradient as plain transformers + peft, and the merged export.
     from kt_ops.integration import export_merged
 
-    ids = _ids()
-    results = []
-    for convert in (False, True):
-        model = tiny_gpt_oss()
-        if convert:
-            apply_kt(model, lora_rank=0, kt_num_gpu_experts=1)
-        torch.manual_seed(7)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                           target_parameters=EXPERT_TARGETS))
-        _randomize_lora_b(model)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.requires_grad}))
-    (plain_logits, plain_grads), (kt_logits, kt_grads) = results
-    assert _rel(kt_logits, plain_logits) < 5e-3
+    ids = token_ids()
+    (plain_logits, plain_grads), (kt_logits, kt_grads), model = _plain_and_kt_step(ids, kt_num_gpu_experts=1)
+    assert rel_l2(kt_logits, plain_logits) < 5e-3
     for n in plain_grads:
-        assert _rel(kt_grads[n], plain_grads[n]) < 2e-2, n
+        assert rel_l2(kt_grads[n], plain_grads[n]) < 2e-2, n
     model.eval()
     export_merged(model, tmp_path, dtype=torch.float32)
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert _rel(_logits(plain, ids), _logits(model, ids)) < 5e-3
+    assert rel_l2(logits_of(plain, ids), logits_of(model, ids)) < 5e-3
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_merged_export_loads_in_plain_transformers(tmp_path):
     from kt_ops.integration import export_merged
 
-    ids = _ids()
+    ids = token_ids()
     model = apply_kt(tiny_gpt_oss(torch.bfloat16), lora_rank=4, lora_alpha=8.0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     _randomize_lora_b(model)
     model.eval()
-    kt_logits = _logits(model, ids)
+    kt_logits = logits_of(model, ids)
     export_merged(model, tmp_path)
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    merged_logits = _logits(plain, ids)
+    merged_logits = logits_of(plain, ids)
     with model.disable_adapter():
-        base_logits = _logits(model, ids)
-    assert _rel(merged_logits, kt_logits) < 0.03 < _rel(base_logits, kt_logits)
+        base_logits = logits_of(model, ids)
+    assert rel_l2(merged_logits, kt_logits) < 0.03 < rel_l2(base_logits, kt_logits)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -323,18 +297,18 @@ def test_per_expert_layout_round_trip(tmp_path):
     # save_kt_adapter's per-expert layout splits the interleaved fused LoRA into gate and up and back.
     from kt_ops.integration import load_kt_adapter, save_kt_adapter
 
-    ids = _ids()
+    ids = token_ids()
     model = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     _randomize_lora_b(model)
-    tuned = _logits(model.eval(), ids)
+    tuned = logits_of(model.eval(), ids)
     save_kt_adapter(model, tmp_path)
     fresh = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
     with pytest.warns(UserWarning, match="peft_config"):
         fresh = peft.get_peft_model(fresh, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     load_kt_adapter(fresh, tmp_path)
-    assert torch.equal(_logits(fresh.eval(), ids), tuned)
+    assert torch.equal(logits_of(fresh.eval(), ids), tuned)
     # The per-expert gate / up B are the even / odd rows of peft's fused gate_up B (its output order).
     from safetensors.torch import load_file
 
@@ -376,8 +350,8 @@ def test_torch_compile_fullgraph_with_variant():
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("order", ["apply_kt_first", "peft_first"])
 def test_stock_peft_in_either_order(tmp_path, order):
-    ids = _ids()
-    base_logits = _logits(apply_kt(tiny_gpt_oss(), lora_rank=0), ids)
+    ids = token_ids()
+    base_logits = logits_of(apply_kt(tiny_gpt_oss(), lora_rank=0), ids)
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     model = tiny_gpt_oss()
     if order == "apply_kt_first":
@@ -399,14 +373,14 @@ def test_stock_peft_in_either_order(tmp_path, order):
     assert all(not torch.equal(b, p) for b, p in zip(before, expert_lora))
     _randomize_lora_b(model)
     model.eval()
-    tuned = _logits(model, ids)
+    tuned = logits_of(model, ids)
     with model.disable_adapter():
-        assert torch.equal(_logits(model, ids), base_logits)
-    assert _rel(tuned, base_logits) > 1e-2
+        assert torch.equal(logits_of(model, ids), base_logits)
+    assert rel_l2(tuned, base_logits) > 1e-2
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="peft_config"):
         loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0), tmp_path)
-    assert torch.equal(_logits(loaded, ids), tuned)
+    assert torch.equal(logits_of(loaded, ids), tuned)
 
 
 def test_splitting_experts_with_a_variant_is_refused():

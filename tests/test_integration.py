@@ -12,8 +12,7 @@ from kt_ops.integration import (  # noqa: E402
     KTExperts, apply_kt, find_moe_experts, get_peft_model, kt_experts_modules, kt_lora_parameters)
 from kt_ops.integration.peft_lora import adapter_factors  # noqa: E402
 from kt_ops.integration.tiny import TINY_MODELS, tiny_model, train_steps  # noqa: E402
-
-VOCAB = 128
+from kt_testing import rel_l2, token_ids  # noqa: E402
 
 
 def _expert_wrappers_of(model, layer_idx):
@@ -34,16 +33,6 @@ def _expert_wrapper(model, param):
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _ids(batch=2, seq=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, seq), generator=g)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def _run(model, ids):
     """Logits and the output of every routed-experts module (captured by forward hooks)."""
     outputs, handles = [], []
@@ -61,7 +50,7 @@ def _run(model, ids):
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_no_lora_matches_transformers_eager_fp32(name):
     model = tiny_model(name).eval()
-    ids = _ids()
+    ids = token_ids()
     ref_logits, ref_experts = _run(model, ids)
     experts_modules = [m for _, m in find_moe_experts(model)]
     apply_kt(model, lora_rank=0)
@@ -78,29 +67,29 @@ def test_no_lora_matches_transformers_eager_fp32(name):
     for out, ref in zip(experts, ref_experts):
         assert ref.abs().max() > 0
         # The AMXBF16 backend packs the fp32 weights to bf16: bf16-level agreement per MoE layer.
-        assert _rel(out, ref) < 1e-2
-    assert _rel(logits, ref_logits) < 2e-3
+        assert rel_l2(out, ref) < 1e-2
+    assert rel_l2(logits, ref_logits) < 2e-3
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_no_lora_matches_transformers_eager_bf16(name):
     model = tiny_model(name, dtype=torch.bfloat16).eval()
-    ids = _ids()
+    ids = token_ids()
     ref_logits, ref_experts = _run(model, ids)
     apply_kt(model, lora_rank=0)
     logits, experts = _run(model, ids)
     assert logits.dtype == torch.bfloat16
-    assert _rel(logits, ref_logits) < 0.02
+    assert rel_l2(logits, ref_logits) < 0.02
     # Only the first MoE layer sees identical inputs: in bf16 a later router may flip a near-tied choice.
     assert experts[0].dtype == torch.bfloat16
-    assert _rel(experts[0], ref_experts[0]) < 0.02
+    assert rel_l2(experts[0], ref_experts[0]) < 0.02
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_backward_matches_transformers_eager(name):
     # Gradients of everything outside the experts (routers included: they get theirs through the
     # routing weights kt_ops differentiates) agree with transformers' eager experts.
-    ids = _ids()
+    ids = token_ids()
     grads = []
     for convert in (False, True):
         model = tiny_model(name)
@@ -115,7 +104,7 @@ def test_backward_matches_transformers_eager(name):
     for n in eager:
         assert kt[n] is not None, n
         if eager[n].norm() > 0:
-            assert _rel(kt[n], eager[n]) < 1e-2, n
+            assert rel_l2(kt[n], eager[n]) < 1e-2, n
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -128,7 +117,7 @@ def test_expert_lora_trains(name):
     for p in lora:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(lora, lr=1e-2)
-    ids = _ids(seq=16)
+    ids = token_ids(seq=16)
     losses = []
     for step in range(5):
         loss = model(input_ids=ids, labels=ids).loss
@@ -146,7 +135,7 @@ def test_expert_lora_trains(name):
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_gpu_experts_give_same_logits(name):
-    ids = _ids()
+    ids = token_ids()
     all_kt = apply_kt(tiny_model(name).eval(), lora_rank=0)
     split = apply_kt(tiny_model(name).eval(), lora_rank=2, kt_num_gpu_experts=2)
     logits_all, _ = _run(all_kt, ids)
@@ -156,12 +145,12 @@ def test_gpu_experts_give_same_logits(name):
         assert module.kt_gpu_gate_up_proj.shape[0] == 2 and module.kt_gpu_down_proj.shape[0] == 2
         assert kt.gate_lora_a.shape[0] == module.num_experts - 2
     # The two kept experts compute in fp32 in transformers, the rest in bf16 on kt.
-    assert _rel(logits_split, logits_all) < 2e-3
+    assert rel_l2(logits_split, logits_all) < 2e-3
 
 
 def test_backends_and_prepacked_weights(tmp_path):
     name = "tiny-qwen3-moe"
-    ids = _ids()
+    ids = token_ids()
     model = tiny_model(name).eval()
     ref_logits, ref_experts = _run(model, ids)
 
@@ -180,14 +169,14 @@ def test_backends_and_prepacked_weights(tmp_path):
     assert torch.equal(_run(from_files, ids)[0], logits_int8)
     assert torch.equal(_run(auto, ids)[0], logits_int8)
     for out, ref in zip(experts_int8, ref_experts):
-        assert _rel(out, ref) < 0.03
+        assert rel_l2(out, ref) < 0.03
     with pytest.raises(ValueError, match="kt_backend"):
         apply_kt(tiny_model(name), kt_backend="AMXBF16", kt_weight_path=str(tmp_path))
 
     int4 = apply_kt(tiny_model(name).eval(), kt_backend="AMXINT4", lora_rank=0)
     _, experts_int4 = _run(int4, ids)
     for out, ref in zip(experts_int4, ref_experts):
-        assert _rel(out, ref) < 0.25  # 4-bit per-row weights on 64-wide rows
+        assert rel_l2(out, ref) < 0.25  # 4-bit per-row weights on 64-wide rows
 
 
 def test_bad_arguments():
@@ -243,7 +232,7 @@ def test_peft_attention_lora_with_expert_lora(name, order):
     assert len(expert_lora) == 4 * len(kt_experts_modules(model))  # A and B on gate_up_proj and down_proj
     assert attention_lora and trainable == expert_lora | attention_lora
 
-    losses = train_steps(model, _ids(seq=16), steps=4, lr=1e-2)
+    losses = train_steps(model, token_ids(seq=16), steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n)
 
@@ -256,7 +245,7 @@ def test_frozen_own_expert_lora_warns_unless_intended():
     model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=2)
     model.requires_grad_(False)
     model.lm_head.requires_grad_(True)
-    ids = _ids()
+    ids = token_ids()
     with pytest.warns(UserWarning, match="expert LoRA is frozen"):
         model(input_ids=ids, labels=ids).loss.backward()
     set_kt_lora_trainable(model)
@@ -278,7 +267,7 @@ def test_frozen_own_expert_lora_warns_unless_intended():
 def test_disable_kt_lora_gives_base_experts():
     from kt_ops.integration import disable_kt_lora
 
-    ids = _ids()
+    ids = token_ids()
     base = apply_kt(tiny_model("tiny-mixtral").eval(), lora_rank=0)
     tuned = apply_kt(tiny_model("tiny-mixtral").eval(), lora_rank=2)
     with torch.no_grad():
@@ -306,7 +295,7 @@ def test_adapter_round_trip(tmp_path, name):
 
     model = build()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = _ids(seq=16)
+    ids = token_ids(seq=16)
     for _ in range(2):  # B leaves zero, so the round trip carries real values
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
@@ -383,7 +372,7 @@ def test_hf_trainer_with_accumulation_and_checkpointing(tmp_path):
 
     model = apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=4, lora_alpha=8.0)
     model = get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    rows = _ids(batch=4, seq=16, seed=3)
+    rows = token_ids(batch=4, seq=16, seed=3)
     data = [{"input_ids": rows[i % 4], "labels": rows[i % 4]} for i in range(16)]
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,

@@ -17,25 +17,12 @@ from kt_ops.integration import (  # noqa: E402
     apply_kt, export_merged, kt_experts_modules, kt_lora_parameters, load_kt_adapter, save_kt_adapter)
 from kt_ops.integration.hf import kt_expert_wrappers  # noqa: E402
 from kt_ops.integration.tiny import tiny_model  # noqa: E402
+from kt_testing import logits_of, rel_l2, token_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCHS = ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral"]
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def _ids(batch=2, seq=12, seed=1):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def _attention(name):
@@ -67,8 +54,8 @@ def _expert_lora_numel(base_config, r, num_moe_layers):
 @pytest.mark.parametrize("order", ["apply_kt_first", "peft_first"])
 @pytest.mark.parametrize("name", ARCHS)
 def test_stock_peft_in_either_order(tmp_path, name, order):
-    ids = _ids()
-    base_logits = _logits(apply_kt(tiny_model(name).eval(), lora_rank=0), ids)
+    ids = token_ids()
+    base_logits = logits_of(apply_kt(tiny_model(name).eval(), lora_rank=0), ids)
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=_attention(name))
     model = tiny_model(name)
     if order == "apply_kt_first":
@@ -104,12 +91,12 @@ def test_stock_peft_in_either_order(tmp_path, name, order):
     assert all(not torch.equal(before[n], params[n]) for n in expert_lora if "lora_B" in n)
     _randomize_lora_b(model)
     model.eval()
-    tuned = _logits(model, ids)
+    tuned = logits_of(model, ids)
 
     # disable_adapter switches the expert LoRA off with the rest: the base model exactly.
     with model.disable_adapter():
-        assert torch.equal(_logits(model, ids), base_logits)
-    assert _rel(tuned, base_logits) > 1e-2
+        assert torch.equal(logits_of(model, ids), base_logits)
+    assert rel_l2(tuned, base_logits) > 1e-2
 
     # save_pretrained + PeftModel.from_pretrained(apply_kt(base)) restore it bit-exactly.
     model.save_pretrained(tmp_path)
@@ -118,14 +105,14 @@ def test_stock_peft_in_either_order(tmp_path, name, order):
     fresh = apply_kt(tiny_model(name).eval(), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
         loaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
-    assert torch.equal(_logits(loaded, ids), tuned)
+    assert torch.equal(logits_of(loaded, ids), tuned)
     ours, theirs = peft.get_peft_model_state_dict(model), peft.get_peft_model_state_dict(loaded)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_add_set_delete_adapter_switch_expert_lora():
     name = "tiny-qwen3-moe"
-    ids = _ids()
+    ids = token_ids()
     model = apply_kt(tiny_model(name).eval(), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -135,22 +122,22 @@ def test_add_set_delete_adapter_switch_expert_lora():
     # the second adapter's experts use apply_kt's rank too
     assert all(w.r["second"] == 4 for w in wrappers)
     _randomize_lora_b(model)
-    first = _logits(model, ids)
+    first = logits_of(model, ids)
     model.set_adapter("second")
-    second = _logits(model, ids)
+    second = logits_of(model, ids)
     # Only the experts' share of "second" differs from "default" in structure; compare with the
     # experts of "second" off: switching must have changed the experts too.
     assert not torch.equal(first, second)
     with torch.no_grad():
         for w in wrappers:
             w.lora_B["second"].weight.zero_()
-    no_expert_second = _logits(model, ids)
+    no_expert_second = logits_of(model, ids)
     assert not torch.equal(second, no_expert_second)
     model.set_adapter("default")
-    assert torch.equal(_logits(model, ids), first)
+    assert torch.equal(logits_of(model, ids), first)
     model.delete_adapter("second")
     assert all(set(w.lora_A) == {"default"} for w in kt_expert_wrappers(model))
-    assert torch.equal(_logits(model, ids), first)
+    assert torch.equal(logits_of(model, ids), first)
 
 
 def _target_parameters_config():
@@ -161,7 +148,7 @@ def _target_parameters_config():
 def test_target_parameters_gradients_match_plain_peft(name):
     # The same peft adapter on the plain model and on the kt model: same logits (bf16-packed base
     # weights: bf16-level agreement) and the same gradients for every LoRA parameter.
-    ids = _ids()
+    ids = token_ids()
     results = []
     for convert in (False, True):
         model = tiny_model(name)
@@ -175,17 +162,17 @@ def test_target_parameters_gradients_match_plain_peft(name):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((out.logits.detach(), grads))
     (plain_logits, plain_grads), (kt_logits, kt_grads) = results
-    assert _rel(kt_logits, plain_logits) < 5e-3
+    assert rel_l2(kt_logits, plain_logits) < 5e-3
     assert plain_grads.keys() == kt_grads.keys()
     assert len([n for n in plain_grads if ".experts." in n]) >= 4
     for n in plain_grads:
         assert plain_grads[n].norm() > 0, n
-        assert _rel(kt_grads[n], plain_grads[n]) < 2e-2, n
+        assert rel_l2(kt_grads[n], plain_grads[n]) < 2e-2, n
 
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
-    ids = _ids()
+    ids = token_ids()
     # kt -> plain transformers + peft
     kt_model = peft.get_peft_model(apply_kt(tiny_model(name), lora_rank=0), _target_parameters_config())
     opt = torch.optim.AdamW([p for p in kt_model.parameters() if p.requires_grad], lr=1e-2)
@@ -197,7 +184,7 @@ def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
     kt_model.eval()
     kt_model.save_pretrained(tmp_path / "from_kt")
     plain = peft.PeftModel.from_pretrained(tiny_model(name).eval(), tmp_path / "from_kt")
-    assert _rel(_logits(plain, ids), _logits(kt_model, ids)) < 5e-3
+    assert rel_l2(logits_of(plain, ids), logits_of(kt_model, ids)) < 5e-3
 
     # plain transformers + peft -> kt
     torch.manual_seed(11)
@@ -206,7 +193,7 @@ def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
     plain.eval()
     plain.save_pretrained(tmp_path / "from_plain")
     loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_model(name).eval(), lora_rank=0), tmp_path / "from_plain")
-    assert _rel(_logits(loaded, ids), _logits(plain, ids)) < 5e-3
+    assert rel_l2(logits_of(loaded, ids), logits_of(plain, ids)) < 5e-3
     # nothing was materialised: the experts' weights stay placeholders of one element
     for _, module, _ in kt_experts_modules(loaded):
         assert module.gate_up_proj.untyped_storage().nbytes() <= 8
@@ -215,13 +202,13 @@ def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
 @pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-mixtral"])
 def test_per_expert_layout_round_trip(tmp_path, name):
     # save_kt_adapter's per-expert layout (read by convert_moe_lora) restores peft's fused adapter exactly.
-    ids = _ids()
+    ids = token_ids()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
     model = apply_kt(tiny_model(name).eval(), lora_rank=2, lora_alpha=4.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, config)
     _randomize_lora_b(model)
-    tuned = _logits(model, ids)
+    tuned = logits_of(model, ids)
     save_kt_adapter(model, tmp_path)
     from safetensors.torch import load_file
 
@@ -232,13 +219,13 @@ def test_per_expert_layout_round_trip(tmp_path, name):
     with pytest.warns(UserWarning, match="peft_config"):
         fresh = peft.get_peft_model(fresh, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     load_kt_adapter(fresh, tmp_path)
-    assert torch.equal(_logits(fresh.eval(), ids), tuned)
+    assert torch.equal(logits_of(fresh.eval(), ids), tuned)
 
 
 def _sft_dataset(n=8, seq=16):
     import datasets
 
-    rows = [{"input_ids": _ids(1, seq, seed=i)[0].tolist()} for i in range(n)]
+    rows = [{"input_ids": token_ids(1, seq, seed=i)[0].tolist()} for i in range(n)]
     for r in rows:
         r["labels"] = list(r["input_ids"])
     return datasets.Dataset.from_list(rows)
@@ -315,24 +302,24 @@ def test_trl_dpo_without_precomputed_reference(tmp_path, wrap):
 def test_merged_export_loads_in_plain_transformers(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
-    ids = _ids()
+    ids = token_ids()
     model = tiny_model(name, dtype=torch.bfloat16)
     apply_kt(model, lora_rank=4, lora_alpha=8.0, kt_num_gpu_experts=1)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=_attention(name)))
     _randomize_lora_b(model)
     model.eval()
-    kt_logits = _logits(model, ids)
+    kt_logits = logits_of(model, ids)
     files = export_merged(model, tmp_path, max_shard_size=64 * 1024)
     assert (tmp_path / "model.safetensors.index.json").exists() and len(files) > 4
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert plain.config._experts_implementation != "kt"
     with pytest.raises(AttributeError):
         plain.model.layers[1].mlp.experts.kt_experts
-    merged_logits = _logits(plain, ids)
+    merged_logits = logits_of(plain, ids)
     with model.disable_adapter():
-        base_logits = _logits(model, ids)
-    assert _rel(merged_logits, kt_logits) < 0.03 < _rel(base_logits, kt_logits)
+        base_logits = logits_of(model, ids)
+    assert rel_l2(merged_logits, kt_logits) < 0.03 < rel_l2(base_logits, kt_logits)
 
 
 def test_export_rejects_bad_input(tmp_path):
@@ -347,7 +334,7 @@ def test_export_rejects_bad_input(tmp_path):
 
 def test_merge_and_unload_points_to_export():
     model = peft.get_peft_model(apply_kt(tiny_model("tiny-qwen3-moe"), lora_rank=0), _target_parameters_config())
-    model(input_ids=_ids())  # the first forward routes peft's wrappers through kt
+    model(input_ids=token_ids())  # the first forward routes peft's wrappers through kt
     with pytest.raises(NotImplementedError, match="export_merged"):
         model.merge_and_unload()
 
@@ -355,17 +342,17 @@ def test_merge_and_unload_points_to_export():
 def test_load_kt_adapter_wraps_a_model_without_peft(tmp_path):
     # The per-expert layout with attention LoRA loads into apply_kt(base) alone: load_kt_adapter
     # wraps it with peft for the attention modules (the issue's "needs a pre-wrapped model" trap).
-    ids = _ids()
+    ids = token_ids()
     model = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
     _randomize_lora_b(model)
-    tuned = _logits(model.eval(), ids)
+    tuned = logits_of(model.eval(), ids)
     save_kt_adapter(model, tmp_path)
     fresh = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)
     loaded = load_kt_adapter(fresh, tmp_path)
     assert isinstance(loaded, peft.PeftModel)
-    assert torch.equal(_logits(loaded.eval(), ids), tuned)
+    assert torch.equal(logits_of(loaded.eval(), ids), tuned)
 
 
 def test_kt_sft_export_command(tmp_path):
@@ -386,8 +373,8 @@ def test_kt_sft_export_command(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
     model, _ = cli.build_model(cli.load_config(str(path)))
     load_kt_adapter(model, str(tmp_path / "run"))
-    ids = _ids()
-    assert _rel(_logits(plain, ids), _logits(model.eval(), ids)) < 0.03
+    ids = token_ids()
+    assert rel_l2(logits_of(plain, ids), logits_of(model.eval(), ids)) < 0.03
     assert (merged / "tokenizer_config.json").is_file()
 
 
@@ -397,7 +384,7 @@ def test_moving_the_model_keeps_placeholders_small():
     for _, module, _ in kt_experts_modules(model):
         assert module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.untyped_storage().nbytes() == 2
         assert module.down_proj.shape == (module.num_experts, module.hidden_dim, module.intermediate_dim)
-    assert model(input_ids=_ids()).logits.dtype == torch.bfloat16
+    assert model(input_ids=token_ids()).logits.dtype == torch.bfloat16
 
 
 def test_ddp_skips_placeholders_of_a_peft_model():
@@ -422,5 +409,5 @@ def test_expert_lora_of_a_bf16_model_trains_in_fp32_in_either_order():
             apply_kt(model, lora_rank=4)
         expert = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]
         assert expert and all(p.dtype == torch.float32 for p in expert), order
-        model(input_ids=_ids(), labels=_ids()).loss.backward()
+        model(input_ids=token_ids(), labels=token_ids()).loss.backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in expert), order
