@@ -69,8 +69,6 @@ def _moe_sft_backward_fake(grad_output, hidden_states, topk_ids, topk_weights, g
             *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in loras))
 
 
-
-
 # The op-call adapter: the only code that knows the order of the op schemas' arguments. Everything
 # else passes PackedExperts and the six LoRA tensors (LORA_NAMES order) to these two functions.
 # Both schemas: (..., the 8 expert arguments, the 6 LoRA tensors, ..., then the 6 variant arguments).
