@@ -131,12 +131,19 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = tuple(activation)
     ctx.lora_scaling = lora_scaling
     ctx.saved_activations = save_for_backward
+    # The saved activations are outputs only so that save_for_backward sees them; without this,
+    # autograd hands backward a zero-filled gradient as large as gate_up_pre (tens of MB of fresh
+    # pages every training step).
+    ctx.mark_non_differentiable(gate_up_pre, lora_mid)
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad_output, _grad_gate_up_pre, _grad_lora_mid):
     if not ctx.saved_activations:
         raise RuntimeError("kt::moe_sft_forward was called with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True (kt_ops.ops.moe_sft does)")
+    if grad_output is None:  # the layer's output did not reach the loss
+        return (None,) * _NUM_FORWARD_ARGS
     hidden_states, topk_ids, topk_weights, *rest = ctx.saved_tensors
     loras, (gate_up_pre, lora_mid), biases = rest[6:12], rest[12:14], rest[14:]
     experts = _experts_from_args(hidden_states.shape[1], *rest[:6], ctx.weight_format, ctx.intermediate_size,

@@ -285,7 +285,8 @@ class ReusedBuffer {
     static FreeList* list = new FreeList;
     return *list;
   }
-  static constexpr size_t kKept = 12;  // >= the buffers one forward and one backward hold at once
+  // >= the buffers one training step holds at once (forward ~9, backward ~16 with the LoRA gradients).
+  static constexpr size_t kKept = 32;
   Block block_;
 };
 
@@ -297,6 +298,13 @@ Tensor reused_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   auto* buffer = new ReusedBuffer<double>(std::max<size_t>((bytes + sizeof(double) - 1) / sizeof(double), 1));
   return at::from_blob(buffer->data(), sizes, [buffer](void*) { delete buffer; }, options);
+}
+
+// `t` as a contiguous tensor of `dtype`: `t` itself when it already is one, else a copy on a reused
+// buffer (a fresh conversion of a multi-megabyte activation faults in new pages on every call).
+Tensor as_reused(const Tensor& t, c10::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return reused_tensor(t.sizes(), t.options().dtype(dtype)).copy_(t);
 }
 
 // Zeroes the rows of skipped (-1) slots of a [rows_of(pair) x width] per-pair tensor that only routed
@@ -483,11 +491,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
   const Lora<T> lora(lora_args, routing);
   const Kernels<T>& k = kernels<T>();
 
-  Tensor x = hidden.to(dtype).contiguous();
-  Tensor w = weights.to(dtype).contiguous();
+  Tensor x = as_reused(hidden, dtype);
+  Tensor w = as_reused(weights, dtype);
   Tensor gate_up_pre = save ? reused_tensor({2, P, I}, opts) : at::empty({0}, opts);
   if (save) zero_skipped_pairs(routing, gate_up_pre.data_ptr<T>(), 2, P, I);
-  Tensor lora_mid = save ? at::zeros({3, P, r}, opts) : at::empty({0}, opts);
+  Tensor lora_mid = save ? reused_tensor({3, P, r}, opts).zero_() : at::empty({0}, opts);
   // Per-pair intermediates, reused across calls; only rows of routed pairs are written and read.
   const ReusedBuffer<T> mid_buffer(save ? 1 : std::max<int64_t>(3 * P * r, 1));  // xa_gate, xa_up, ha_down
   const ReusedBuffer<T> h(std::max<int64_t>(P * I, 1)), y(std::max<int64_t>(P * H, 1));
@@ -599,9 +607,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
     });
   }
 
-  Tensor out = at::empty({s.T, H}, opts);
+  Tensor out = reused_tensor({s.T, H}, opts);
   combine_rows<T>(s, routing, yp, H, w.data_ptr<T>(), out);
-  return {out.to(hidden.scalar_type()), gate_up_pre, lora_mid};
+  return {as_reused(out, hidden.scalar_type()), gate_up_pre, lora_mid};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,8 +634,8 @@ class Backward {
       : s_(s), H_(s.H), I_(s.I), r_(s.r), P_(s.pairs()), Hp_(padded_rows(s.H)), Ip_(padded_rows(s.I)),
         gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), variant_(variant), scaling_(scaling),
         routing_(route(ids, s.E)), lora_(lora_args, routing_), k_(kernels<T>()), order_(routing_.order.data()),
-        routed_(routing_.order.size()), x_(hidden.to(dtype()).contiguous()), w_(weights.to(dtype()).contiguous()),
-        pre_(gate_up_pre.to(dtype()).contiguous()), mid_(lora_mid.to(dtype()).contiguous()),
+        routed_(routing_.order.size()), x_(as_reused(hidden, dtype())), w_(as_reused(weights, dtype())),
+        pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())),
         dy_(std::max<int64_t>(s.T * Hp_, 1)), dg_(std::max<int64_t>(P_ * Ip_, 1)), du_(std::max<int64_t>(P_ * Ip_, 1)),
         h_(std::max<int64_t>(P_ * I_, 1)), rank_grads_(std::max<int64_t>(3 * P_ * r_, 1)),
         dx_pairs_(std::max<int64_t>(P_ * H_, 1)), dw_(at::zeros({P_}, hidden.options().dtype(dtype()))) {
@@ -652,11 +660,11 @@ class Backward {
     grad_hidden_pairs();
     std::vector<Tensor> lora = lora_grads(compute_lora_grads);
     const auto opts = hidden.options().dtype(dtype());
-    Tensor grad_hidden = at::empty({s_.T, H_}, opts);
+    Tensor grad_hidden = reused_tensor({s_.T, H_}, opts);
     combine_rows<T>(s_, routing_, dx_pairs_.data(), H_, nullptr, grad_hidden);
     // Skipped (-1) slots keep a zero routing-weight gradient: dw starts at zero and they are never routed.
     Tensor grad_weights = dw_.view({s_.T, s_.k}).to(weights.scalar_type());
-    return {grad_hidden.to(hidden.scalar_type()), grad_weights, lora[0], lora[1], lora[2], lora[3], lora[4], lora[5]};
+    return {as_reused(grad_hidden, hidden.scalar_type()), grad_weights, lora[0], lora[1], lora[2], lora[3], lora[4], lora[5]};
   }
 
  private:

@@ -62,3 +62,19 @@ def test_gradcheck_raw_op_fp64():
         )[0]
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_saved_activations_are_not_differentiable_outputs():
+    """gate_up_pre / lora_mid are outputs only so that backward can read them: autograd must not
+    track them, or every training step would allocate and zero a gradient as large as gate_up_pre."""
+    case = make_case(seed=24, hidden_dtype=torch.float32, T=4, E=3, k=2, H=6, I=5, r=2)
+    p = kt_ops.pack_experts(case.gate, case.up, case.down)
+    hidden = case.hidden.clone().requires_grad_(True)
+    lora = [t.clone().requires_grad_(True) for t in case.lora]
+    output, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(
+        hidden, case.ids, case.weights, p.gate, p.up, p.down, p.gate_scale, p.up_scale, p.down_scale,
+        p.weight_format, p.intermediate_size, *lora, case.scaling, True)
+    assert output.requires_grad
+    assert not gate_up_pre.requires_grad and not lora_mid.requires_grad
+    output.sum().backward()
+    assert hidden.grad is not None and all(t.grad is not None for t in lora)
