@@ -8,8 +8,10 @@ qlen 1, 32, 128, 512:
     forward and forward+backward; fp32 is also the reference of the accuracy rows
   * transformers' Qwen3MoeExperts bf16 (eager and grouped_mm experts implementations, no LoRA),
     forward and forward+backward
-  * kt-kernel 0.7.2 AVX2BF16_MOE forward (no LoRA), when kt_kernel is installed, in a child process
-    per worker-pool size (its pool keeps spinning after each call and would slow every other column)
+  * kt-kernel 0.7.2, when kt_kernel is installed, in a child process per worker-pool size (its pool keeps
+    spinning after each call and would slow every other column): its own SFT class (AMXSFTMoEWrapper,
+    AMXBF16_SFT: forward and forward+backward with the same LoRA) where the wheel's build for this CPU
+    has it (AMX, or AVX512_BF16 on AMD Zen 4/5), else its AVX2BF16_MOE inference forward (no LoRA)
 plus the machine's fp32 / bf16 GEMM peaks (torch.mm) and DRAM read bandwidth (torch.sum over a large
 tensor). ONE table: metrics as rows, qlens as columns, under a header with the CPU, its ISA flags, the
 kt_ops ISA and other processes' load. FLOPs count the base weights only: forward 3*2*H*I*qlen*k,
@@ -36,8 +38,8 @@ import torch.nn.functional as F
 
 import kt_ops
 from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, Problem, Shape, Timing, ceiling_lines, ceilings, fmt,
-                    load_kt_kernel, machine_line, measure, parse_ints, print_table, rel_err, run_child, set_threads,
-                    time_kt_kernel)
+                    load_kt_kernel, machine_line, measure, parse_ints, print_table, quiet_stdout, rel_err, run_child,
+                    set_threads, time_kt_kernel)
 from kt_ops.core.formats import LORA_NAMES, PROJECTIONS
 from kt_ops.reference import moe_loop
 
@@ -88,23 +90,61 @@ def shape_of(args) -> Shape:
 
 # ---- kt-kernel, in a child process per worker-pool size ----------------------------------------------
 
+def kt_kernel_sft(prob: Problem, threads: int):
+    """kt-kernel's own SFT wrapper (AMXBF16_SFT) on the problem's weights and LoRA, or raises where the
+    installed wheel's build for this CPU lacks it. Returns (wrapper, what it points into)."""
+    from kt_kernel.sft import AMXSFTMoEWrapper
+
+    s = prob.shape
+    with quiet_stdout():
+        sft = AMXSFTMoEWrapper(layer_idx=0, num_experts=s.E, num_experts_per_tok=s.k, hidden_size=s.H,
+                               moe_intermediate_size=s.I, num_gpu_experts=0, cpuinfer_threads=threads,
+                               threadpool_count=1, weight_path="", chunked_prefill_size=max(prob.inputs),
+                               lora_rank=s.r, lora_alpha=s.alpha, max_cache_depth=1, method="AMXBF16_SFT")
+        sft.load_weights_from_tensors(*prob.weights, torch.arange(s.E))
+        lora = [t.contiguous() for t in prob.lora]
+        grads = [torch.zeros_like(t) for t in lora]
+        sft.init_lora_weights(*lora, *grads)
+    return sft, (lora, grads)
+
+
 def kt_kernel_child(args) -> None:
-    """Times kt-kernel's forward at every qlen and prints the times and its error against the fp32
-    no-LoRA reference as one JSON line."""
-    result = {"times": {}, "others": {}, "err": {}}
+    """Times the best kt-kernel class this CPU's wheel build has (AMXBF16_SFT forward and forward+backward
+    with LoRA, else AVX2BF16_MOE forward without) at every qlen and prints the times and its forward
+    error against the fp32 reference (with or without LoRA, as it computes) as one JSON line."""
+    result = {"cls": "AVX2BF16_MOE", "times": {}, "step_times": {}, "others": {}, "err": {}}
     ext, result["note"] = load_kt_kernel()
     if ext is not None:
         prob = Problem(shape_of(args), args.qlens, args.seed)
+        threads, opts = args._kt_kernel_worker, bench_opts(args)
+        eager = EagerMoE(prob)
         try:
-            split = {p: list(t) for p, t in zip(PROJECTIONS, prob.weights)}
-            got = time_kt_kernel(ext, args._kt_kernel_worker, "AVX2BF16_MOE", prob.shape, prob.inputs, split,
-                                 **bench_opts(args))
-            eager = EagerMoE(prob)
-            with torch.no_grad():
+            try:
+                sft, keep = kt_kernel_sft(prob, threads)
+            except Exception as exc:  # noqa: BLE001 - no SFT class in this build: the inference class instead
+                result["note"] += f"; no AMXBF16_SFT here ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+                sft = None
+            if sft is not None:
+                result["cls"] = "AMXBF16_SFT"
                 for q, inp in prob.inputs.items():
-                    tm, out = got[q]
-                    result["times"][q], result["others"][q] = tm.times, tm.others
-                    result["err"][q] = rel_err(out, eager(inp.x.float(), inp.ids, inp.w, lora=False))
+                    print(f"# kt-kernel AMXBF16_SFT ({threads} pool threads) qlen={q} ...", file=sys.stderr, flush=True)
+                    x, ids, w = inp.x.contiguous(), inp.ids.contiguous(), inp.w.contiguous()
+                    fwd = measure(lambda: sft.forward(x, ids, w, save_for_backward=False), **opts)
+                    step = measure(lambda: (sft.forward(x, ids, w, save_for_backward=True), sft.backward(inp.go)),
+                                   **opts)
+                    result["times"][q], result["others"][q] = fwd.times, fwd.others
+                    result["step_times"][q] = step.times
+                    with torch.no_grad():
+                        out = sft.forward(x, ids, w, save_for_backward=False).float()
+                        result["err"][q] = rel_err(out, eager(inp.x.float(), inp.ids, inp.w))
+            else:
+                split = {p: list(t) for p, t in zip(PROJECTIONS, prob.weights)}
+                got = time_kt_kernel(ext, threads, "AVX2BF16_MOE", prob.shape, prob.inputs, split, **opts)
+                with torch.no_grad():
+                    for q, inp in prob.inputs.items():
+                        tm, out = got[q]
+                        result["times"][q], result["others"][q] = tm.times, tm.others
+                        result["err"][q] = rel_err(out, eager(inp.x.float(), inp.ids, inp.w, lora=False))
         except Exception as exc:  # noqa: BLE001 - reported in the parent's notes
             result["error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(result))
@@ -126,7 +166,8 @@ def run_kt_kernel(args, notes: List[str]):
         if r.get("error"):
             notes.append(f"kt-kernel ({threads} pool threads): {r['error']}")
         if r["times"]:
-            got[threads] = {k: {int(q): v for q, v in r[k].items()} for k in ("times", "others", "err")}
+            got[threads] = {k: {int(q): v for q, v in r[k].items()} for k in ("times", "step_times", "others", "err")}
+            got[threads]["cls"] = r["cls"]
     return got, note
 
 
@@ -251,9 +292,12 @@ def run_main(args, prob: Problem):
         for threads, r in ktk.items():
             if q in r["times"]:
                 res[q][f"ktk_fwd_{threads}"] = Timing(r["times"][q], r["others"].get(q))
+                if q in r["step_times"]:
+                    res[q][f"ktk_step_{threads}"] = Timing(r["step_times"][q], None)
                 errs[q][f"ktk_y_{threads}"] = r["err"].get(q)
         gc.collect()
-    return res, errs, notes, ktk_note
+    ktk_cls = next((r["cls"] for r in ktk.values()), None)
+    return res, errs, notes, (ktk_cls, ktk_note)
 
 
 def run_scaling(args, prob: Problem):
@@ -270,7 +314,7 @@ def run_scaling(args, prob: Problem):
 
 # ---- printing ----------------------------------------------------------------------------------------
 
-def main_rows(args, prob: Problem, res, errs, peaks, ktk_note):
+def main_rows(args, prob: Problem, res, errs, peaks, ktk):
     s, qs, R = prob.shape, args.qlens, prob.shape.r
     peak32 = peaks.get("gemm", {}).get("best_gflops")
     peak16 = peaks.get("gemm_bf16", {}).get("best_gflops")
@@ -303,7 +347,7 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk_note):
         return label, [fmt(f(q), spec) for q in qs]
 
     kt_ts = args.kt_kernel_threads
-    ktk = f"ktk_fwd_{kt_ts[0]}"
+    ktk_fwd, ktk_step = f"ktk_fwd_{kt_ts[0]}", f"ktk_step_{kt_ts[0]}"
     rows = [("experts hit (distinct)", [str(prob.inputs[q].hit) for q in qs]),
             f"-- kt_ops (isa={kt_ops.get_isa()})",
             *timed(f"kt_ops fwd r={R}", "kt_fwd", "gflops", "peak32", "peak16", "wgbs", "dram"),
@@ -319,16 +363,21 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk_note):
             "-- transformers Qwen3MoeExperts bf16, no LoRA (frozen experts; grads to x and topk_w)"]
     for impl in ("eager", "grouped_mm"):
         rows += [*timed(f"hf {impl} fwd", f"hf_{impl}_fwd"), *timed(f"hf {impl} fwd+bwd", f"hf_{impl}_step")]
-    rows.append(f"-- kt-kernel AVX2BF16_MOE fwd, no LoRA ({ktk_note})")
-    if any(res[q].get(ktk) for q in qs):
+    ktk_cls, ktk_note = ktk
+    sft = ktk_cls == "AMXBF16_SFT"
+    rows.append(f"-- kt-kernel {ktk_cls or ''} {f'r={R}' if sft else 'fwd, no LoRA'} ({ktk_note})")
+    if any(res[q].get(ktk_fwd) for q in qs):
         for n in kt_ts:
             rows += timed(f"kt-kernel fwd ({n} pool thr)", f"ktk_fwd_{n}", "gflops", "wgbs")
+            if sft:
+                rows += timed(f"kt-kernel fwd+bwd ({n} pool thr)", f"ktk_step_{n}", "gflops")
     else:
         rows.append(("kt-kernel fwd  ms", ["not installed" if ktk_note == "not installed" else "n/a" for _ in qs]))
     peers = ("eager_step", "eager16_step", "hf_eager_step", "hf_grouped_mm_step")
     rows += [f"-- speedups (>1 means kt_ops faster; kt-kernel with {kt_ts[0]} pool threads)",
-             row(f"kt_ops fwd r={R} vs kt-kernel fwd", lambda q: div(t(q, ktk), t(q, "kt_fwd")), "{:.2f}x"),
-             row("kt_ops fwd r=0 vs kt-kernel fwd", lambda q: div(t(q, ktk), t(q, "kt0_fwd")), "{:.2f}x"),
+             row(f"kt_ops fwd r={R} vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt_fwd")), "{:.2f}x"),
+             row("kt_ops fwd r=0 vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt0_fwd")), "{:.2f}x"),
+             row(f"kt_ops f+b vs kt-kernel {ktk_cls} f+b", lambda q: div(t(q, ktk_step), t(q, "kt_step")), "{:.2f}x"),
              row("kt_ops fwd vs eager fwd", lambda q: div(t(q, "eager_fwd"), t(q, "kt_fwd")), "{:.2f}x"),
              row("kt_ops f+b vs eager f+b", lambda q: div(t(q, "eager_step"), t(q, "kt_step")), "{:.2f}x"),
              row("kt_ops f+b vs best torch/transformers f+b",
@@ -336,12 +385,12 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk_note):
              "-- accuracy (mean|diff| / mean|ref|, ref = fp32 eager on the same bf16-rounded data)"]
     for label, key in ((f"kt_ops r={R} fwd y", "kt_fwd_y"), (f"kt_ops r={R} f+b dX", "kt_dx"),
                        (f"kt_ops r={R} f+b d(topk_w)", "kt_dw"), (f"kt_ops r={R} f+b dLoRA (all 6)", "kt_dlora"),
-                       ("kt_ops r=0 fwd y (ref no LoRA)", "kt0_y"), ("kt-kernel fwd y (ref no LoRA)", f"ktk_y_{kt_ts[0]}")):
+                       ("kt_ops r=0 fwd y (ref no LoRA)", "kt0_y"), (f"kt-kernel fwd y (ref {'with' if sft else 'no'} LoRA)", f"ktk_y_{kt_ts[0]}")):
         rows.append(row(label, lambda q: errs[q].get(key), "{:.2e}"))
     rows.append("-- timing noise: max/min over repeats, n = repeats, o = % of CPUs used by other processes "
                 "meanwhile ('!' if > 10%)")
     for key, label in (("kt_fwd", "kt_ops fwd"), ("kt_step", "kt_ops f+b"), ("kt0_fwd", "kt_ops fwd r=0"),
-                       *[(f"ktk_fwd_{n}", f"kt-kernel fwd {n}thr") for n in kt_ts],
+                       *[(f"ktk_{kind}_{n}", f"kt-kernel {kind} {n}thr") for n in kt_ts for kind in ("fwd", "step")],
                        ("eager_fwd", "eager fwd"), ("eager_step", "eager f+b"),
                        ("eager16_fwd", "eager bf16 fwd"), ("eager16_step", "eager bf16 f+b"),
                        ("hf_eager_fwd", "hf eager fwd"), ("hf_eager_step", "hf eager f+b"),
@@ -468,15 +517,15 @@ def main(argv=None):
         print_table("kt_ops thread scaling (median ms)", cols, scaling_rows(args, prob, res))
         out_json["scaling"] = {f"{t}thr_q{q}": {k: v.as_dict() for k, v in d.items()} for (t, q), d in res.items()}
     else:
-        res, errs, notes, ktk_note = run_main(args, prob)
+        res, errs, notes, ktk = run_main(args, prob)
         watch.finish([tm for q in args.qlens for tm in res[q].values()])
         print_header(args, prob, watch, peaks)
         print_table(f"MoE layer {prob.shape}, {args.threads} threads, median ms", cols,
-                    main_rows(args, prob, res, errs, peaks, ktk_note))
+                    main_rows(args, prob, res, errs, peaks, ktk))
         for n in notes:
             print(f"note: {n}")
         out_json.update(results={str(q): {k: v.as_dict() for k, v in res[q].items() if v is not None} for q in res},
-                        rel_err={str(q): errs[q] for q in errs}, notes=notes + [f"kt_kernel: {ktk_note}"])
+                        rel_err={str(q): errs[q] for q in errs}, notes=notes + [f"kt_kernel: {ktk[0]}: {ktk[1]}"])
     out_json["load"] = watch.as_dict()
     print(f"(benchmark body took {time.time() - t_start:.0f} s)")
     if args.json:
