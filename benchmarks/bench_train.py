@@ -4,8 +4,10 @@
 Three set-ups train the same model (same seed, same batches), each in its own process so that peak
 memory (max RSS) is its own:
   kt_ops      experts on kt_ops (apply_kt: bf16 packed experts, fp32 expert LoRA in the kt layer),
-              the rest of the model in fp32 (on a CPU-only machine; bf16 matmuls on a CPU without
-              AVX512-BF16/AMX take torch's slow path), attention LoRA through peft
+              the rest of the model in fp32 (bf16 matmuls on a CPU without AVX512-BF16/AMX take
+              torch's slow path), attention LoRA through stock peft
+  kt_ops-bf16 the same with the rest of the model in bf16 (peft keeps its LoRA weights in fp32):
+              the set-up for CPUs with native bf16 (AVX512_BF16, AMX)
   eager-bf16  transformers' eager experts in bf16, LoRA on attention (target_modules) and on the
               experts' fused parameters (peft target_parameters)
   eager-fp32  the same in fp32
@@ -45,14 +47,15 @@ def run_one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    if args.setup == "kt_ops":
+    if args.setup.startswith("kt_ops"):
         import kt_ops
-        from kt_ops.integration import apply_kt, get_peft_model
+        from kt_ops.integration import apply_kt
 
         kt_ops.set_num_threads(args.threads)
-        model = build(args, torch.float32)
+        model = build(args, torch.bfloat16 if args.setup == "kt_ops-bf16" else torch.float32)
         apply_kt(model, kt_backend="AMXBF16", lora_rank=args.rank, lora_alpha=2.0 * args.rank)
-        model = get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                           target_modules=attention))
     else:
         dtype = torch.bfloat16 if args.setup == "eager-bf16" else torch.float32
         model = build(args, dtype)
@@ -94,7 +97,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per set-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--setups", default="kt_ops,eager-fp32,eager-bf16")
+    parser.add_argument("--setups", default="kt_ops,kt_ops-bf16,eager-fp32,eager-bf16")
     parser.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 8 experts, seq 64")
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,8 +113,8 @@ def main():
           f"top-k={args.topk} moe_intermediate={args.moe_intermediate} vocab={args.vocab}; LoRA r={args.rank} on "
           f"attention and experts; batch={args.batch} x seq={args.seq}; median of {args.steps} steps after "
           f"{args.warmup} warm-up; {machine_line()}")
-    table = MarkdownTable("setup", "step s", "tokens/s", "x eager-fp32", "peak RSS GiB", "trainable params",
-                          "loss first -> last", align="lrrrrrl")
+    table = MarkdownTable("setup", "step s", "tokens/s", "x eager-fp32", "x eager-bf16", "peak RSS GiB",
+                          "trainable params", "loss first -> last", align="lrrrrrrl")
     results = []
     for setup in args.setups.split(","):
         try:
@@ -120,10 +123,11 @@ def main():
             table.row(setup, f"over {args.timeout} s, stopped")
         except ChildFailed as exc:
             table.row(setup, f"failed: {exc}")
-    base = next((r["tokens_per_s"] for r in results if r["setup"] == "eager-fp32"), None)
+    bases = [next((r["tokens_per_s"] for r in results if r["setup"] == name), None)
+             for name in ("eager-fp32", "eager-bf16")]
     for r in results:
         table.row(r["setup"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-                  f"{r['tokens_per_s'] / base:.2f}" if base else "-", f"{r['peak_rss_gib']:.2f}",
+                  *(f"{r['tokens_per_s'] / base:.2f}" if base else "-" for base in bases), f"{r['peak_rss_gib']:.2f}",
                   f"{r['trainable_params'] / 1e6:.1f}M", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 
 if __name__ == "__main__":
