@@ -25,8 +25,9 @@ from ..layer import KTMoELayer
 from ..ops import moe_sft
 from ..reference import moe_loop
 from ..weights.sources import ExpertSource
+from .custom_experts import adopt_custom_experts, install_custom_forward
 from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, combined_lora,
-                        install_kt_wrappers, peft_tuner, register_holder_hook)
+                        install_kt_wrappers, peft_tuner, register_holder_hook, weights_transposed)
 
 KT_IMPLEMENTATION = "kt"
 
@@ -109,15 +110,17 @@ def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
     gate_up_b = getattr(module, "kt_gpu_gate_up_proj_bias", None)
     down_b = getattr(module, "kt_gpu_down_proj_bias", None)
 
+    transposed = weights_transposed(module)
+
     def expert_fn(expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = x @ gate_up_w[expert] if module.is_transposed else nn.functional.linear(x, gate_up_w[expert])
+        gate_up = x @ gate_up_w[expert] if transposed else nn.functional.linear(x, gate_up_w[expert])
         if gate_up_b is not None:
             gate_up = gate_up + gate_up_b[expert]
         if lora is not None:
             ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
             gate_up = gate_up + fuse_gate_up(module, (x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T, dim=-1)
         h = module._apply_gate(gate_up)
-        y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
+        y = h @ down_w[expert] if transposed else nn.functional.linear(h, down_w[expert])
         if down_b is not None:
             y = y + down_b[expert]
         return y + (h @ da.T) @ db.T if lora is not None else y
@@ -232,8 +235,9 @@ def _check_expert_tensors(name: str, module: nn.Module) -> None:
 
 def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
-    gate_up, down = module.gate_up_proj, module.down_proj
-    if module.is_transposed:  # [E, H, 2I] and [E, I, H]
+    # [:E]: LongCat-Flash's gate_up_proj also has rows for its identity experts, which have no weights.
+    gate_up, down = module.gate_up_proj[:module.num_experts], module.down_proj
+    if weights_transposed(module):  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     gate, up = _split_gate_up(module, gate_up)
     return gate, up, down
@@ -331,6 +335,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
         raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
 
+    adopt_custom_experts(model)  # Llama-4, LongCat-Flash: experts transformers does not dispatch
     found = find_moe_experts(model)
     if not found:
         raise ValueError(f"apply_kt: {type(model).__name__} has no transformers experts module "
@@ -391,6 +396,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         # Release the originals now (before the next layer) so a layer's experts exist once.
         del gate_up_proj, down_proj
         kt_targets.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+        install_custom_forward(model, name, module)
     finish_kt_conversion(model, found, tuple(sorted(kt_targets)), lora_rank, lora_alpha)
     return model
 
