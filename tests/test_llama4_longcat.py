@@ -198,6 +198,15 @@ def test_training_steps_and_adapter_round_trips(arch, tmp_path):
     # into plain transformers + peft (no kt_ops): the same model up to summation order
     plain = peft.PeftModel.from_pretrained(tiny(arch), tmp_path)
     assert rel_l2(logits_of(plain, ids), tuned) < _expert_bar()
+    # the per-expert layout (Llama-4: peft's factors transposed into per-expert A / B) and back
+    from kt_ops.integration import load_kt_adapter, save_kt_adapter
+
+    save_kt_adapter(model, tmp_path / "per_expert")
+    fresh = apply_kt(tiny(arch), lora_rank=4, lora_alpha=8.0)
+    with pytest.warns(UserWarning, match="peft_config"):
+        fresh = peft.get_peft_model(fresh, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    fresh = load_kt_adapter(fresh, tmp_path / "per_expert")
+    assert torch.equal(logits_of(fresh.eval(), ids), tuned)
 
 
 @pytest.mark.parametrize("arch", ["llama4", "longcat"])
@@ -292,3 +301,32 @@ def test_unsupported_activation_is_refused():
     model = tiny("longcat", hidden_act="relu")
     with pytest.raises(ValueError, match="LongcatFlashExperts.*activation"):
         apply_kt(model, lora_rank=0)
+
+
+def test_streaming_from_pretrained_refuses_them(tmp_path):
+    from kt_ops.integration import from_pretrained
+
+    tiny("longcat").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="LongcatFlashExperts.*not streamed.*apply_kt"):
+        from_pretrained(tmp_path)
+
+
+def test_kt_sft_trains_a_local_llama4_checkpoint(tmp_path):
+    # kt-sft loads these checkpoints whole (not streamed), then converts them.
+    import os
+
+    pytest.importorskip("yaml")
+    from kt_ops import cli
+    from kt_ops.integration.tiny import tiny_tokenizer
+
+    model_dir = tmp_path / "llama4"
+    tiny("llama4").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    config = {"model_name_or_path": str(model_dir), "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
+              "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.01,
+              "lr_scheduler_type": "constant", "max_steps": 3, "torch_num_threads": 1, "lora_target": "all"}
+    summary = cli.train(config)
+    assert summary["losses"][-1] < summary["losses"][0]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

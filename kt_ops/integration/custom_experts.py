@@ -26,6 +26,9 @@ import types
 import torch
 from torch import nn
 
+# The text model types whose experts these are (benchmarks/arch_table.py lists them).
+CUSTOM_EXPERTS_MODEL_TYPES = ("llama4_text", "longcat_flash")
+
 
 def is_llama4_experts(module: nn.Module) -> bool:
     try:
