@@ -5,7 +5,8 @@ transformers v5 keeps each layer's routed experts in one module (fused `gate_up_
 `config._experts_implementation`. `apply_kt` registers a "kt" implementation there and moves each
 experts module's weights into a `KTExperts` (a `KTMoELayer` with per-expert LoRA). Routers, shared
 experts, top-k normalisation and scaling are left to the model's own code, which calls the experts
-module with the ids and weights it chose.
+module with the ids and weights it chose. Llama-4's and LongCat-Flash's experts, which transformers
+calls directly, are adopted first (custom_experts.py).
 """
 from __future__ import annotations
 
@@ -304,7 +305,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
     and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
-    clamped SwiGLU, with or without expert biases) on kt_ops, in place.
+    clamped SwiGLU, with or without expert biases; Llama-4 and LongCat-Flash) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
