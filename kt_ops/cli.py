@@ -426,7 +426,8 @@ def _lora_targets(model, target: str):
             if not isinstance(module, torch.nn.Linear) or any(name.startswith(e + ".") for e in expert_names):
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("lm_head", "gate", "router", "shared_expert_gate"):
+            # LongCat-Flash's router is a module holding a `classifier` Linear.
+            if leaf in ("lm_head", "gate", "router", "shared_expert_gate") or ".router." in name:
                 continue
             names.add(leaf)
         return sorted(names) or None

@@ -311,16 +311,19 @@ def test_streaming_from_pretrained_refuses_them(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_kt_sft_trains_a_local_llama4_checkpoint(tmp_path):
-    # kt-sft loads these checkpoints whole (not streamed), then converts them.
+@pytest.mark.parametrize("arch", ["llama4", "longcat"])
+def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path):
+    # kt-sft loads these checkpoints whole (not streamed), then converts them; lora_target "all" leaves
+    # the routers (Llama-4's `router` Linear, LongCat's `router.classifier`) alone.
     import os
 
     pytest.importorskip("yaml")
     from kt_ops import cli
     from kt_ops.integration.tiny import tiny_tokenizer
 
-    model_dir = tmp_path / "llama4"
-    tiny("llama4").save_pretrained(model_dir)
+    assert not {"router", "classifier"} & set(cli._lora_targets(tiny(arch), "all"))
+    model_dir = tmp_path / arch
+    tiny(arch).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
     config = {"model_name_or_path": str(model_dir), "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
