@@ -272,8 +272,9 @@ def test_quantized_backends(arch):
         assert 0 < rel_l2(logits_of(kt, ids), eager) < bar, backend
 
 
-def test_llama4_multimodal_language_model():
-    # Llama4ForConditionalGeneration: the language model's MoE layers convert; text-only logits match.
+def test_llama4_multimodal_language_model(tmp_path):
+    # Llama4ForConditionalGeneration: the language model's MoE layers convert; text-only logits match,
+    # and the merged export (with the experts' own LoRA) loads as the multimodal model again.
     config = transformers.Llama4Config(
         text_config=_llama4_config(num_hidden_layers=2, interleave_moe_layer_step=1).to_dict(),
         vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -292,6 +293,15 @@ def test_llama4_multimodal_language_model():
     assert [n for n, _, _ in kt_experts_modules(model)] == [
         f"language_model.model.layers.{i}.feed_forward.experts" for i in (0, 1)]
     assert rel_l2(logits_of(model, ids), eager) < _expert_bar()
+    model = transformers.Llama4ForConditionalGeneration(config).eval()
+    apply_kt(model, lora_rank=2)
+    with torch.no_grad():
+        for _, _, kt in kt_experts_modules(model):
+            for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
+                getattr(kt, name).normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    export_merged(model, tmp_path, dtype=torch.float32)
+    plain = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert rel_l2(logits_of(plain, ids), logits_of(model, ids)) < _expert_bar()
 
 
 def test_unsupported_activation_is_refused():
