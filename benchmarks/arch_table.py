@@ -1,6 +1,6 @@
 """Which transformers MoE architectures run on kt_ops: one row per model type whose experts use
-`@use_experts_implementation`, built tiny from its config class (sizes shrunk, random weights,
-nothing downloaded).
+`@use_experts_implementation` or that apply_kt adopts (Llama-4, LongCat-Flash), built tiny from its
+config class (sizes shrunk, random weights, nothing downloaded).
 
     python benchmarks/arch_table.py [model_type ...]
 
@@ -32,10 +32,14 @@ SMALL = {
     "num_shared_experts": 1, "n_shared_experts": 1, "moe_layer_start_index": 0, "decoder_sparse_step": 1,
     "mlp_only_layers": [], "tie_word_embeddings": False, "sliding_window": 64,
 }
+# Per model type, after SMALL: LongCat-Flash's MLA has as many key/value heads as query heads and
+# rotates head_dim = qk_rope_head_dim wide, and its 256 identity experts by default would leave the 8
+# real ones almost never chosen.
+SMALL_BY_TYPE = {"longcat_flash": {"num_key_value_heads": 4, "head_dim": 8, "zero_expert_num": 4}}
 
 
 def _shrink(config):
-    for key, value in SMALL.items():
+    for key, value in {**SMALL, **SMALL_BY_TYPE.get(config.model_type, {})}.items():
         if hasattr(config, key):
             try:
                 setattr(config, key, value)
@@ -105,9 +109,12 @@ def model_types() -> list[str]:
 
     import transformers
 
+    from kt_ops.integration.custom_experts import CUSTOM_EXPERTS_MODEL_TYPES
+
     root = pathlib.Path(transformers.__file__).parent / "models"
-    return sorted(p.parent.name for p in root.glob("*/modeling_*.py")
-                  if "modular" not in p.name and "use_experts_implementation" in p.read_text())
+    decorated = {p.parent.name for p in root.glob("*/modeling_*.py")
+                 if "modular" not in p.name and "use_experts_implementation" in p.read_text()}
+    return sorted(decorated | set(CUSTOM_EXPERTS_MODEL_TYPES))
 
 
 def main(argv: list[str]) -> None:

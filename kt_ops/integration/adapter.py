@@ -291,8 +291,10 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
         tensors.update({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
                         if not _is_fused_expert_key(k)})
     for key, (lora, expert, proj, part) in _expert_keys(model, adapter).items():
-        # clone: gate and up share the fused A, and safetensors refuses tensors sharing memory
-        tensors[key] = lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone()
+        # clone: gate and up share the fused A, and safetensors refuses tensors sharing memory (or
+        # strided views: Llama-4's factors are transposes of peft's)
+        tensors[key] = lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone(
+            memory_format=torch.contiguous_format)
     config = _adapter_config(model, adapter)
     # The expert count lets convert_moe_lora tell an expert without LoRA from one that does not exist.
     counts = {kt.first_expert + kt.num_experts for _, _, kt in kt_experts_modules(model)}

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.packed import unpack_experts
 from .hf import fuse_gate_up, holder_of, kt_experts_modules
-from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
+from .peft_lora import EXPERT_PARAMS, adapter_factors, weights_transposed, wrapper_chain
 
 
 def _base_and_adapters(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -76,7 +76,7 @@ def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], 
     N = kt.first_expert
     if N:
         kept_gate_up, kept_down = module.kt_gpu_gate_up_proj.cpu(), module.kt_gpu_down_proj.cpu()
-        if module.is_transposed:
+        if weights_transposed(module):
             kept_gate_up, kept_down = kept_gate_up.transpose(1, 2), kept_down.transpose(1, 2)
         gate_up = torch.cat([kept_gate_up.to(gate_up.dtype), gate_up])
         down = torch.cat([kept_down.to(down.dtype), down])
@@ -87,7 +87,12 @@ def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], 
         gate_up_out[expert] = (w if d_gate_up is None else w + d_gate_up.cpu()).to(dtype)
         w = down[expert].float()
         down_out[expert] = (w if d_down is None else w + d_down.cpu()).to(dtype)
-    if module.is_transposed:
+    rows = module.gate_up_proj.shape[0]  # the placeholder keeps the original shape
+    if rows > gate_up_out.shape[0]:
+        # LongCat-Flash's identity experts have gate_up_proj rows that are never read: zeros.
+        gate_up_out = torch.cat([gate_up_out, gate_up_out.new_zeros(rows - gate_up_out.shape[0],
+                                                                    *gate_up_out.shape[1:])])
+    if weights_transposed(module):
         gate_up_out, down_out = gate_up_out.transpose(1, 2).contiguous(), down_out.transpose(1, 2).contiguous()
     return gate_up_out, down_out
 

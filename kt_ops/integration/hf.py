@@ -5,7 +5,8 @@ transformers v5 keeps each layer's routed experts in one module (fused `gate_up_
 `config._experts_implementation`. `apply_kt` registers a "kt" implementation there and moves each
 experts module's weights into a `KTExperts` (a `KTMoELayer` with per-expert LoRA). Routers, shared
 experts, top-k normalisation and scaling are left to the model's own code, which calls the experts
-module with the ids and weights it chose.
+module with the ids and weights it chose. Llama-4's and LongCat-Flash's experts, which transformers
+calls directly, are adopted first (custom_experts.py).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from ..layer import KTMoELayer
 from ..ops import moe_sft
 from ..reference import moe_loop
 from ..weights.sources import ExpertSource
+from .custom_experts import adopt_custom_experts, install_custom_forward
 from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, combined_lora,
-                        install_kt_wrappers, peft_tuner, register_holder_hook)
+                        install_kt_wrappers, peft_tuner, register_holder_hook, weights_transposed)
 
 KT_IMPLEMENTATION = "kt"
 
@@ -109,15 +111,17 @@ def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
     gate_up_b = getattr(module, "kt_gpu_gate_up_proj_bias", None)
     down_b = getattr(module, "kt_gpu_down_proj_bias", None)
 
+    transposed = weights_transposed(module)
+
     def expert_fn(expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = x @ gate_up_w[expert] if module.is_transposed else nn.functional.linear(x, gate_up_w[expert])
+        gate_up = x @ gate_up_w[expert] if transposed else nn.functional.linear(x, gate_up_w[expert])
         if gate_up_b is not None:
             gate_up = gate_up + gate_up_b[expert]
         if lora is not None:
             ga, gb, ua, ub, da, db = (t[expert].to(x.dtype) for t in lora)
             gate_up = gate_up + fuse_gate_up(module, (x @ ga.T) @ gb.T, (x @ ua.T) @ ub.T, dim=-1)
         h = module._apply_gate(gate_up)
-        y = h @ down_w[expert] if module.is_transposed else nn.functional.linear(h, down_w[expert])
+        y = h @ down_w[expert] if transposed else nn.functional.linear(h, down_w[expert])
         if down_b is not None:
             y = y + down_b[expert]
         return y + (h @ da.T) @ db.T if lora is not None else y
@@ -232,8 +236,9 @@ def _check_expert_tensors(name: str, module: nn.Module) -> None:
 
 def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
-    gate_up, down = module.gate_up_proj, module.down_proj
-    if module.is_transposed:  # [E, H, 2I] and [E, I, H]
+    # [:E]: LongCat-Flash's gate_up_proj also has rows for its identity experts, which have no weights.
+    gate_up, down = module.gate_up_proj[:module.num_experts], module.down_proj
+    if weights_transposed(module):  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     gate, up = _split_gate_up(module, gate_up)
     return gate, up, down
@@ -300,7 +305,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
     and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
-    clamped SwiGLU, with or without expert biases) on kt_ops, in place.
+    clamped SwiGLU, with or without expert biases; Llama-4 and LongCat-Flash) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
@@ -331,6 +336,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
         raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
 
+    adopt_custom_experts(model)  # Llama-4, LongCat-Flash: experts transformers does not dispatch
     found = find_moe_experts(model)
     if not found:
         raise ValueError(f"apply_kt: {type(model).__name__} has no transformers experts module "
@@ -391,6 +397,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         # Release the originals now (before the next layer) so a layer's experts exist once.
         del gate_up_proj, down_proj
         kt_targets.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+        install_custom_forward(model, name, module)
     finish_kt_conversion(model, found, tuple(sorted(kt_targets)), lora_rank, lora_alpha)
     return model
 

@@ -32,6 +32,7 @@ from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
+from .custom_experts import is_custom_experts
 from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, method_for_packed,
                  register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
@@ -240,6 +241,11 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     found = find_moe_experts(model)
+    custom = next((type(m).__name__ for m in model.modules() if is_custom_experts(m)), None)
+    if custom is not None:
+        # Their checkpoints' fused expert layouts are not read by the streaming source readers.
+        raise ValueError(f"from_pretrained: {type(model).__name__}'s experts ({custom}) are not streamed by kt_ops; "
+                         "load the model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
     if not found:
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:

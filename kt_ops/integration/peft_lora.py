@@ -48,6 +48,12 @@ def wrapper_chain(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     return module, wrappers
 
 
+def weights_transposed(module: nn.Module) -> bool:
+    """Whether an experts module stores each expert's weights as [in, out] (computes x @ W): transformers'
+    `is_transposed`, or `kt_hidden_major` (Llama-4's experts, which do so without telling peft)."""
+    return bool(getattr(module, "is_transposed", False) or getattr(module, "kt_hidden_major", False))
+
+
 def adapter_factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A [E, r, in], B [E, out, r], scaling) of one adapter of a ParamWrapper, as views of peft's
     lora_A [r·E, in] and lora_B [out, r·E] weights: the expert update is scaling·B[e]·A[e] on the
@@ -55,7 +61,12 @@ def adapter_factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, tor
     E = wrapper.num_experts
     a = wrapper.lora_A[adapter].weight
     b = wrapper.lora_B[adapter].weight
-    return a.reshape(E, -1, a.shape[-1]), b.reshape(b.shape[0], -1, E).permute(2, 0, 1), wrapper.scaling[adapter]
+    a, b = a.reshape(E, -1, a.shape[-1]), b.reshape(b.shape[0], -1, E).permute(2, 0, 1)
+    if getattr(wrapper.get_base_layer(), "kt_hidden_major", False):
+        # peft takes the [E, in, out] parameter for [E, out, in] (no is_transposed), so its B·A is the
+        # update of the stored [in, out] matrix: the [out, in] weight's update is Aᵀ·Bᵀ.
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
+    return a, b, wrapper.scaling[adapter]
 
 
 @contextlib.contextmanager
@@ -109,8 +120,9 @@ def combined_lora(module: nn.Module, kt) -> Optional[tuple[tuple[torch.Tensor, .
         items = entries.get(name) or []
         if not items:
             return None
-        a = torch.cat([f[0] for f in items], dim=1)
-        b = torch.cat([f[1] * f[2] for f in items], dim=2)
+        # [:E]: LongCat-Flash's gate_up_proj also has rows for its identity experts, which have no weights.
+        a = torch.cat([f[0][:E] for f in items], dim=1)
+        b = torch.cat([f[1][:E] * f[2] for f in items], dim=2)
         return a, b
 
     gate_up, down = stack("gate_up_proj"), stack("down_proj")
