@@ -797,15 +797,24 @@ class Backward {
     std::vector<Tensor> grads;
     const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
                                &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
-    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()).zero_());
-    if (r_ == 0 || !compute) return grads;
+    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()));
+    if (r_ == 0 || !compute) {
+      for (Tensor& g : grads) g.zero_();
+      return grads;
+    }
     const T* xp = x_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();
     const T* midp = mid_.data_ptr<T>();
-    const int64_t hits = routing_.hit_experts.size();
-    ThreadPool::instance().parallel_for(hits * 6, [&](int64_t ti) {
-      const int64_t e = routing_.hit_experts[ti / 6], which = ti % 6;
+    // Every expert's slice is written once: zeros for the experts no token reached, the sums for the
+    // others (so a prefill step, where all experts are hit, writes no zero fill at all).
+    ThreadPool::instance().parallel_for(s_.E * 6, [&](int64_t ti) {
+      const int64_t e = ti / 6, which = ti % 6;
       const int64_t rows = inputs[which]->size(1), cols = inputs[which]->size(2);
+      if (routing_.offsets[e] == routing_.offsets[e + 1]) {
+        const int64_t bytes = rows * cols * grads[which].element_size();
+        std::memset(static_cast<char*>(grads[which].data_ptr()) + e * bytes, 0, bytes);
+        return;
+      }
       std::vector<T>& acc = scratch<T>(2, rows * cols);
       std::fill(acc.begin(), acc.begin() + rows * cols, T(0));
       for (int64_t i = routing_.offsets[e]; i < routing_.offsets[e + 1]; ++i) {
