@@ -85,7 +85,12 @@ def main():
         f = [t.med * 1e3 for t in fwd]
         b = [t.med * 1e3 for t in both]
         table.row(qlen, *(f"{v:.2f}" for v in f), *(f"{v:.2f}" for v in b), f"{f[2] / f[0]:.3f}", f"{b[2] / b[0]:.3f}")
-    print("\n".join(watch.finish(timings).lines()))
+    # what running the parts at once costs by itself: handing two calls to the dispatchers and back
+    hand_off = measure_alternating([lambda: at_once.cpu_infer.subpools.run([(lambda: None, ())] * 2)], warmup=20,
+                                   repeats=500)[0]
+    print(f"hand-off of two no-op calls to the sub-pools' dispatchers and back: median {hand_off.med * 1e6:.0f} us, "
+          f"min {hand_off.min * 1e6:.0f} us")
+    print("\n".join(watch.finish(timings + [hand_off]).lines()))
 
 
 if __name__ == "__main__":
