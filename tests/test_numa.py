@@ -20,9 +20,10 @@ from test_wrapper import loaded, wrapper_grads
 pytestmark = pytest.mark.filterwarnings("ignore:the process's CPUInfer already exists")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_subpools():
-    """The process's CPUInfer as a threadpool_count=2 wrapper makes it (first config wins), restored after."""
+    """The process's CPUInfer as a threadpool_count=2 wrapper makes it (first config wins), restored after.
+    One for the module: each CPUInfer's sub-pools start dispatcher threads that live as long as the process."""
     previous = _MoEBase._cpu_infer_instance
     infer = CPUInfer(WorkerPoolConfig(subpool_count=2, max_threads_per_subpool=1))
     _MoEBase._cpu_infer_instance = infer
