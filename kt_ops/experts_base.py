@@ -1,6 +1,6 @@
 """What the inference and SFT wrappers share: the worker-pool configuration, the one
 CPUInfer per process, base-config validation and the intermediate-dimension split across NUMA
-sub-pools (`threadpool_count`)."""
+sub-pools (`threadpool_count`; the parts run at once, see kt_ops/core/subpools.py)."""
 from __future__ import annotations
 
 import atexit
@@ -16,6 +16,7 @@ import torch
 from . import _C
 from .core.checks import check_int
 from .core.packed import PackedExperts
+from .core.subpools import Subpools, place_parts, run_parts
 from .ops import forward_op, lora_inputs
 
 
@@ -51,6 +52,11 @@ class CPUInfer:
             warnings.warn(f"cpuinfer_threads asks for {config.total_threads} threads but this process may use "
                           f"{available} CPUs; using {self.num_threads}", RuntimeWarning, stacklevel=3)
         _C.set_num_threads(self.num_threads)
+        # threadpool_count > 1: the parts of a layer run at once, each on a sub-pool of its own
+        # (pinned to its NUMA node's CPUs when the machine has several nodes).
+        self.subpools: Optional[Subpools] = None
+        if config.subpool_count > 1:
+            self.subpools = Subpools(config.subpool_count, max(1, self.num_threads // config.subpool_count))
         self._tasks: "queue.Queue[Optional[Tuple[Callable, tuple, _Pending]]]" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -188,6 +194,10 @@ class _MoEBase:
         self.chunked_prefill_size = chunked_prefill_size
         self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
 
+    def _place_parts(self, parts: Sequence[PackedExperts]) -> List[PackedExperts]:
+        """The loaded parts, part p's weights first touched by sub-pool p's threads (its NUMA node)."""
+        return place_parts(self.cpu_infer.subpools, parts)
+
 
 class BaseMoEWrapper(_MoEBase):
     """Inference-mode base: the SFT methods are refused with a pointer to mode='sft'."""
@@ -251,18 +261,19 @@ class BaseMoEWrapper(_MoEBase):
 
 
 def forward_parts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, parts: Sequence[PackedExperts],
-                  lora_parts: Optional[Sequence[tuple]], lora_scaling: float, save_for_backward: bool):
-    """Run kt::moe_sft_forward once per intermediate part and sum the outputs; `lora_parts` None
-    means no LoRA. Several parts mean several roundings of a sum, so bf16 inputs then run in fp32
-    (the caller rounds once)."""
+                  lora_parts: Optional[Sequence[tuple]], lora_scaling: float, save_for_backward: bool,
+                  subpools: Optional[Subpools] = None):
+    """Run kt::moe_sft_forward once per intermediate part (at once on `subpools` when it has one
+    sub-pool per part) and sum the outputs in part order; `lora_parts` None means no LoRA. Several
+    parts mean several roundings of a sum, so bf16 inputs then run in fp32 (the caller rounds once)."""
     if len(parts) > 1 and x.dtype == torch.bfloat16:
         x = x.float()
     if lora_parts is None:
         lora_parts = [lora_inputs(experts, None, x) for experts in parts]
-    output, activations = None, []
     with torch.no_grad():
-        for experts, loras in zip(parts, lora_parts):
-            out, gate_up_pre, lora_mid = forward_op(x, ids, weights, experts, loras, lora_scaling, save_for_backward)
-            output = out if output is None else output.add_(out)
-            activations.append((gate_up_pre, lora_mid))
-    return x, output, activations
+        results = run_parts(subpools, forward_op, [(x, ids, weights, experts, loras, lora_scaling, save_for_backward)
+                                                   for experts, loras in zip(parts, lora_parts)])
+    output = results[0][0]
+    for out, _, _ in results[1:]:
+        output = output.add_(out)
+    return x, output, [(gate_up_pre, lora_mid) for _, gate_up_pre, lora_mid in results]

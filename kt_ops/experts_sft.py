@@ -1,8 +1,10 @@
 """The SFT-mode wrapper base: forward_sft / backward / LoRA weights over
 the kt::moe_sft_forward / kt::moe_sft_backward ops, with a stack of saved forwards
-(`max_cache_depth`) and the intermediate dimension split over `threadpool_count` sub-pools."""
+(`max_cache_depth`) and the intermediate dimension split over `threadpool_count` sub-pools (whose
+parts run at once, see kt_ops/core/subpools.py)."""
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
 from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
@@ -12,6 +14,7 @@ import torch
 from .core.checks import check_has_data, check_int
 from .core.formats import LORA_NAMES, lora_shapes
 from .core.packed import PackedExperts
+from .core.subpools import run_parts
 from .experts_base import _MoEBase, forward_parts
 from .ops import backward_op, lora_inputs
 # Which dimension of each LoRA tensor runs along the intermediate size (None: it does not): the
@@ -263,7 +266,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                 self._sync_lora(force=False)
                 lora_parts = self._lora_parts
             x, output, activations = forward_parts(x, ids, w, self.experts_parts, lora_parts, self.lora_scaling,
-                                                   save_for_backward)
+                                                   save_for_backward, self.cpu_infer.subpools)
             if save_for_backward:
                 self._cache.append(_SavedForward(x, ids, w, activations, device, dtype, threading.get_ident()))
         return output.to(device=device, dtype=dtype)
@@ -300,13 +303,12 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             else:
                 self._sync_lora(force=False)
                 lora_parts = self._lora_parts
-            parts = []
             with torch.no_grad():
-                for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, lora_parts,
-                                                                    saved.activations):
-                    parts.append(backward_op(grad, saved.hidden_states, saved.expert_ids, saved.weights, experts,
-                                             loras, self.lora_scaling, gate_up_pre, lora_mid,
-                                             lora_grads=not self.skip_lora))
+                parts = run_parts(self.cpu_infer.subpools, backward_op,
+                                  [(grad, saved.hidden_states, saved.expert_ids, saved.weights, experts, loras,
+                                    self.lora_scaling, gate_up_pre, lora_mid, not self.skip_lora)
+                                   for experts, loras, (gate_up_pre, lora_mid) in zip(self.experts_parts, lora_parts,
+                                                                                       saved.activations)])
             grad_input, grad_weights = parts[0][0], parts[0][1]
             if self.skip_lora:
                 for part in parts[1:]:
@@ -320,7 +322,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             if len(parts) > 1:
                 for i, dim in enumerate(_LORA_INTERMEDIATE_DIM):
                     pieces = [part[2 + i] for part in parts]
-                    lora_grads[i] = torch.cat(pieces, dim) if dim is not None else torch.stack(pieces).sum(0)
+                    # adds, not stack().sum(0): torch's reduction over the new dim took ~15 ms for 32K
+                    # elements here (torch 2.13, 2-core Zen 3), more than the whole backward
+                    lora_grads[i] = torch.cat(pieces, dim) if dim is not None else functools.reduce(torch.add, pieces)
             grads = {f"grad_{name}": g.to(getattr(self, name).dtype) for name, g in zip(LORA_NAMES, lora_grads)}
             KExpertsSFTBuffer.get_buffer(qlen, self.hidden_size, self.moe_intermediate_size, self.num_experts,
                                          self.num_experts_per_tok, self.lora_rank, saved.dtype).set_lora_grads(dict(grads))

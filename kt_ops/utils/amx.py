@@ -68,7 +68,7 @@ class AMXMoEWrapper(BaseMoEWrapper):
         self._set_parts(parts, mapping)
 
     def _set_parts(self, parts: Sequence[PackedExperts], mapping: torch.Tensor) -> None:
-        self.experts_parts = [permute_packed(part, mapping) for part in parts]
+        self.experts_parts = self._place_parts([permute_packed(part, mapping) for part in parts])
         self.weight_format = parts[0].weight_format
 
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
@@ -173,7 +173,8 @@ class AMXMoEWrapper(BaseMoEWrapper):
         chunks = []
         for start in range(0, max(x.shape[0], 1), self.chunked_prefill_size):
             end = start + self.chunked_prefill_size
-            _, out, _ = forward_parts(x[start:end], ids[start:end], w[start:end], self.experts_parts, None, 0.0, False)
+            _, out, _ = forward_parts(x[start:end], ids[start:end], w[start:end], self.experts_parts, None, 0.0, False,
+                                      self.cpu_infer.subpools)
             chunks.append(out)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 

@@ -75,7 +75,7 @@ class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
         else:
             raise RuntimeError("weight_path is not set and no tensors were given: call load_weights_from_tensors() "
                                "first, or create the wrapper with weight_path")
-        self.experts_parts = [permute_packed(part, mapping) for part in parts]
+        self.experts_parts = self._place_parts([permute_packed(part, mapping) for part in parts])
         self.physical_to_logical_map = mapping
         if self._lora_initialized:
             self._sync_lora(force=True)

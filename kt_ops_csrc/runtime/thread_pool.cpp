@@ -1,8 +1,14 @@
 #include "thread_pool.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <system_error>
@@ -33,26 +39,142 @@ int physical_core_count() {
   return std::max(1, std::min(physical, static_cast<int>(logical)));
 }
 
-namespace {
-ThreadPool* the_pool = nullptr;
+void pin_current_thread(const std::vector<int>& cpus) {
+  if (cpus.empty()) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int cpu : cpus) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE) throw std::invalid_argument("kt_ops: CPU number " + std::to_string(cpu) + " out of range");
+    CPU_SET(cpu, &set);
+  }
+  const int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+  if (rc != 0) throw std::runtime_error(std::string("kt_ops: could not pin a sub-pool thread to its CPUs: ") + std::strerror(rc));
 }
 
-ThreadPool& ThreadPool::instance() {
+namespace {
+
+// Every pool, for the fork handlers and for sub-pool lookup. Lock order: registry, then a pool's
+// job mutex, then its state mutex.
+struct Registry {
+  std::mutex mutex;
+  ThreadPool* main = nullptr;
+  std::vector<ThreadPool*> subpools;  // all ever built; the first `active` are in use
+  int active = 0;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry;  // never destroyed, like the pools
+  return *r;
+}
+
+thread_local ThreadPool* current_pool = nullptr;
+thread_local int current_index = -1;
+
+struct Rendezvous {
+  std::mutex mutex;
+  std::condition_variable arrived_cv;
+  int expected = 0;
+  std::chrono::duration<double> timeout{0};
+  std::set<int> arrived;
+  std::vector<std::tuple<int, int64_t, bool>> log;
+};
+std::atomic<bool> rendezvous_armed{false};
+
+Rendezvous& rendezvous_state() {
+  static Rendezvous* r = new Rendezvous;
+  return *r;
+}
+
+void rendezvous(int pool) {
+  Rendezvous& r = rendezvous_state();
+  std::unique_lock<std::mutex> lock(r.mutex);
+  if (r.expected == 0 || r.arrived.count(pool)) return;
+  r.arrived.insert(pool);
+  const size_t slot = r.log.size();
+  r.log.emplace_back(pool, static_cast<int64_t>(syscall(SYS_gettid)), false);
+  r.arrived_cv.notify_all();
+  const bool met = r.arrived_cv.wait_for(lock, r.timeout, [&] { return static_cast<int>(r.arrived.size()) >= r.expected; });
+  std::get<2>(r.log[slot]) = met;
+}
+
+}  // namespace
+
+ThreadPool& ThreadPool::main_pool() {
   static ThreadPool* pool = [] {
-    the_pool = new ThreadPool();
+    Registry& r = registry();
+    r.main = new ThreadPool(-1, physical_core_count() - 1);
     pthread_atfork(&ThreadPool::before_fork, &ThreadPool::after_fork_parent, &ThreadPool::after_fork_child);
-    return the_pool;
+    return r.main;
   }();
   return *pool;
 }
 
-ThreadPool::ThreadPool() {
-  wanted_workers_ = physical_core_count() - 1;
+ThreadPool& ThreadPool::instance() { return current_pool != nullptr ? *current_pool : main_pool(); }
+
+ThreadPool::ThreadPool(int index, int workers) : index_(index) {
+  wanted_workers_ = workers;
   try {
     start_workers(wanted_workers_);
   } catch (const std::exception&) {
     // Fewer threads than cores is still a working pool; set_num_threads reports the failure.
   }
+}
+
+void ThreadPool::configure_subpools(int count, int threads, const std::vector<std::vector<int>>& cpu_sets) {
+  if (count < 0) throw std::invalid_argument("subpool count must be >= 0, got " + std::to_string(count));
+  if (threads < 1) throw std::invalid_argument("threads per sub-pool must be >= 1, got " + std::to_string(threads));
+  if (static_cast<int>(cpu_sets.size()) != count)
+    throw std::invalid_argument("need one CPU set per sub-pool: " + std::to_string(count) + " sub-pools, " +
+                                std::to_string(cpu_sets.size()) + " sets");
+  main_pool();  // registers the fork handlers
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  while (static_cast<int>(r.subpools.size()) < count)
+    r.subpools.push_back(new ThreadPool(static_cast<int>(r.subpools.size()), 0));
+  r.active = 0;  // a failure below leaves no half-built pool in use
+  for (size_t i = count; i < r.subpools.size(); ++i) r.subpools[i]->reconfigure(1, {});
+  for (int i = 0; i < count; ++i) r.subpools[i]->reconfigure(threads, cpu_sets[i]);
+  r.active = count;
+}
+
+int ThreadPool::subpool_count() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  return r.active;
+}
+
+ThreadPool& ThreadPool::subpool(int index) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  if (index < 0 || index >= r.active)
+    throw std::out_of_range("sub-pool " + std::to_string(index) + " does not exist (" + std::to_string(r.active) +
+                            " configured)");
+  return *r.subpools[index];
+}
+
+void ThreadPool::enter_subpool(int index) {
+  ThreadPool& pool = subpool(index);
+  std::vector<int> cpus;
+  {
+    std::lock_guard<std::mutex> job(pool.job_mutex_);
+    cpus = pool.cpus_;
+  }
+  pin_current_thread(cpus);
+  const std::string name = "kt_ops-sub" + std::to_string(index);
+  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  current_pool = &pool;
+  current_index = index;
+}
+
+int ThreadPool::current_subpool() { return current_index; }
+
+void ThreadPool::reconfigure(int num_threads, std::vector<int> cpus) {
+  std::lock_guard<std::mutex> job(job_mutex_);
+  if (cpus == cpus_ && num_threads - 1 == wanted_workers_ && static_cast<int>(workers_.size()) == wanted_workers_) return;
+  stop_workers();
+  cpus_ = std::move(cpus);
+  wanted_workers_ = num_threads - 1;
+  start_workers(wanted_workers_);
 }
 
 void ThreadPool::start_workers(int count) {
@@ -64,7 +186,7 @@ void ThreadPool::start_workers(int count) {
   }
   const size_t before = workers_.size();
   try {
-    for (int i = 0; i < count; ++i) workers_.emplace_back([this, seen] { worker_loop(seen); });
+    for (int i = 0; i < count; ++i) workers_.emplace_back([this, seen, cpus = cpus_] { worker_loop(seen, cpus); });
   } catch (const std::system_error& error) {
     wanted_workers_ = static_cast<int>(workers_.size());
     throw std::runtime_error("kt_ops: could not start " + std::to_string(count) + " worker threads (" +
@@ -99,12 +221,34 @@ int ThreadPool::num_threads() {
 
 void ThreadPool::inject_task_fault(bool on_caller) { fault_ = on_caller ? 2 : 1; }
 
+bool ThreadPool::take_fault(bool on_caller) {
+  int armed = on_caller ? 2 : 1;
+  return fault_.load(std::memory_order_relaxed) == armed && fault_.compare_exchange_strong(armed, 0);
+}
+
+void ThreadPool::arm_rendezvous(int pools, double timeout_s) {
+  Rendezvous& r = rendezvous_state();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.expected = pools;
+  r.timeout = std::chrono::duration<double>(timeout_s);
+  r.arrived.clear();
+  r.log.clear();
+  rendezvous_armed = pools > 0;
+}
+
+std::vector<std::tuple<int, int64_t, bool>> ThreadPool::take_rendezvous_log() {
+  Rendezvous& r = rendezvous_state();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  rendezvous_armed = false;
+  r.expected = 0;
+  r.arrived.clear();
+  return std::exchange(r.log, {});
+}
+
 void ThreadPool::run_tasks(bool on_caller) {
   for (int64_t i = next_task_.fetch_add(1); i < num_tasks_; i = next_task_.fetch_add(1)) {
     try {
-      int armed = on_caller ? 2 : 1;
-      if (fault_.load(std::memory_order_relaxed) == armed && fault_.compare_exchange_strong(armed, 0))
-        throw std::bad_alloc();
+      if (take_fault(on_caller)) throw std::bad_alloc();
       (*task_)(i);
     } catch (...) {
       std::lock_guard<std::mutex> lock(state_mutex_);
@@ -115,8 +259,15 @@ void ThreadPool::run_tasks(bool on_caller) {
   }
 }
 
-void ThreadPool::worker_loop(uint64_t seen) {
-  pthread_setname_np(pthread_self(), "kt_ops-worker");  // shown by gdb/top; tests pick the workers by it
+void ThreadPool::worker_loop(uint64_t seen, std::vector<int> cpus) {
+  // The name is shown by gdb/top; tests pick the workers by it.
+  const std::string name = index_ < 0 ? "kt_ops-worker" : "kt_ops-sub" + std::to_string(index_);
+  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  try {
+    pin_current_thread(cpus);
+  } catch (const std::exception&) {
+    // The CPU sets come from the process's own affinity; a worker that cannot be pinned still works.
+  }
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(state_mutex_);
@@ -141,9 +292,13 @@ void ThreadPool::ensure_workers() {
 void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) {
   if (num_tasks <= 0) return;
   std::lock_guard<std::mutex> job(job_mutex_);
+  if (index_ >= 0 && rendezvous_armed.load(std::memory_order_relaxed)) rendezvous(index_);
   ensure_workers();
   if (workers_.empty() || num_tasks == 1) {
-    for (int64_t i = 0; i < num_tasks; ++i) task(i);
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      if (take_fault(true)) throw std::bad_alloc();
+      task(i);
+    }
     return;
   }
   {
@@ -168,34 +323,73 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   if (error) std::rethrow_exception(error);
 }
 
-// fork() copies only the calling thread. Holding both locks across it means no job is half done and
-// no lock is held by a thread that does not exist in the child.
+void* first_touch_copy(const void* src, size_t bytes) {
+  if (bytes == 0) throw std::invalid_argument("first_touch_copy: nothing to copy");
+  void* dst = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (dst == MAP_FAILED) throw std::bad_alloc();
+  constexpr size_t kChunk = size_t{2} << 20;  // a huge page per task
+  const int64_t tasks = static_cast<int64_t>((bytes + kChunk - 1) / kChunk);
+  try {
+    ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+      const size_t offset = static_cast<size_t>(t) * kChunk;
+      std::memcpy(static_cast<char*>(dst) + offset, static_cast<const char*>(src) + offset,
+                  std::min(kChunk, bytes - offset));
+    });
+  } catch (...) {
+    munmap(dst, bytes);
+    throw;
+  }
+  return dst;
+}
+
+// fork() copies only the calling thread. Holding every pool's locks across it means no job is half
+// done and no lock is held by a thread that does not exist in the child.
+void ThreadPool::lock_for_fork() {
+  job_mutex_.lock();
+  state_mutex_.lock();
+}
+
+void ThreadPool::unlock_after_fork() {
+  state_mutex_.unlock();
+  job_mutex_.unlock();
+}
+
 void ThreadPool::before_fork() {
-  the_pool->job_mutex_.lock();
-  the_pool->state_mutex_.lock();
+  Registry& r = registry();
+  r.mutex.lock();
+  r.main->lock_for_fork();
+  for (ThreadPool* pool : r.subpools) pool->lock_for_fork();
 }
 
 void ThreadPool::after_fork_parent() {
-  the_pool->state_mutex_.unlock();
-  the_pool->job_mutex_.unlock();
+  Registry& r = registry();
+  for (auto it = r.subpools.rbegin(); it != r.subpools.rend(); ++it) (*it)->unlock_after_fork();
+  r.main->unlock_after_fork();
+  r.mutex.unlock();
 }
 
-void ThreadPool::after_fork_child() {
-  ThreadPool* pool = the_pool;
+void ThreadPool::reset_after_fork() {
   // The condition variables may record the parent's waiting workers, which do not exist here, and
   // the parent's std::thread handles cannot be joined: both are replaced, the handles leaked
   // (destroying a joinable std::thread would terminate). Workers start on the first parallel_for,
   // since creating threads inside an atfork handler is not allowed.
-  new (&pool->job_mutex_) std::mutex();
-  new (&pool->state_mutex_) std::mutex();
-  new (&pool->work_ready_) std::condition_variable();
-  new (&pool->work_done_) std::condition_variable();
-  new std::vector<std::thread>(std::move(pool->workers_));
-  pool->workers_ = std::vector<std::thread>();
-  pool->task_ = nullptr;
-  pool->busy_workers_ = 0;
-  pool->stopping_ = false;
-  pool->error_ = nullptr;
+  new (&job_mutex_) std::mutex();
+  new (&state_mutex_) std::mutex();
+  new (&work_ready_) std::condition_variable();
+  new (&work_done_) std::condition_variable();
+  new std::vector<std::thread>(std::move(workers_));
+  workers_ = std::vector<std::thread>();
+  task_ = nullptr;
+  busy_workers_ = 0;
+  stopping_ = false;
+  error_ = nullptr;
+}
+
+void ThreadPool::after_fork_child() {
+  Registry& r = registry();
+  new (&r.mutex) std::mutex();
+  r.main->reset_after_fork();
+  for (ThreadPool* pool : r.subpools) pool->reset_after_fork();
 }
 
 }  // namespace kt
