@@ -139,7 +139,7 @@ def test_bad_variant_errors_name_the_argument():
     with pytest.raises(ValueError, match="gate_bias must have shape"):
         torch.ops.kt.moe_sft_forward(*args)
     args[-6], args[-3] = None, "relu"
-    with pytest.raises(ValueError, match="activation must be 'silu' or 'clamped_swiglu'"):
+    with pytest.raises(ValueError, match="activation must be 'silu', 'clamped_swiglu' or 'clamped_silu'"):
         torch.ops.kt.moe_sft_forward(*args)
 
 

@@ -139,11 +139,14 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     if peft_lora is not None:
         lora = peft_lora[0]
         kt_lora = tuple(t[num_gpu:] for t in lora)
+    # -1 tells kt_ops to skip the slot: the GPU experts' share, and id num_experts, which transformers'
+    # experts read as "no expert" (e.g. DeepSeek-V4's hash routing, expert parallelism).
+    skip = top_k_index == self.num_experts
     if num_gpu == 0:
-        out = kt(hidden_states, top_k_index, top_k_weights, lora=kt_lora)
+        kt_ids = torch.where(skip, -1, top_k_index)
+        out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
     else:
-        # -1 tells kt_ops to skip the slot; those slots are the GPU experts' share.
-        kt_ids = torch.where(top_k_index >= num_gpu, top_k_index - num_gpu, torch.full_like(top_k_index, -1))
+        kt_ids = torch.where((top_k_index >= num_gpu) & ~skip, top_k_index - num_gpu, -1)
         out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
         gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
         out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
@@ -163,15 +166,27 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
-def is_gpt_oss_experts(module: nn.Module) -> bool:
-    """gpt-oss' experts: gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I] (gate =
-    [..., ::2], up = [..., 1::2]), biases, and a clamped SwiGLU with the module's alpha / limit (its
-    _apply_gate, which kt computes as the kernels' "clamped_swiglu")."""
+def _is_experts_class(module: nn.Module, model_type: str, class_name: str) -> bool:
+    import importlib
+
     try:
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    except ImportError:
+        cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), class_name)
+    except (ImportError, AttributeError):
         return False
-    return isinstance(module, GptOssExperts)
+    return isinstance(module, cls)
+
+
+def clamped_activation(module: nn.Module) -> Optional[dict]:
+    """The kernels' activation fields (PackedExperts.with_variant) for experts whose _apply_gate is one
+    of the clamped activations the kernels compute, None for other experts:
+    gpt-oss (gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I], biases, and
+    `(up' + 1) * gate' * sigmoid(alpha * gate')` with the module's alpha / limit: "clamped_swiglu"), and
+    DeepSeek-V4 (`act_fn(gate') * up'` with the module's limit: "clamped_silu", if act_fn is SiLU)."""
+    if _is_experts_class(module, "gpt_oss", "GptOssExperts"):
+        return dict(activation="clamped_swiglu", swiglu_alpha=float(module.alpha), swiglu_limit=float(module.limit))
+    if _is_experts_class(module, "deepseek_v4", "DeepseekV4Experts"):
+        return dict(activation="clamped_silu", swiglu_limit=float(module.limit))
+    return None
 
 
 def expert_dims(module: nn.Module) -> tuple[int, int]:
@@ -202,18 +217,21 @@ def check_convertible(name: str, module: nn.Module) -> None:
         problems.append("experts without a gate projection")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("a post-expert norm")
-    if is_gpt_oss_experts(module):
-        pass  # its _apply_gate is the kernels' clamped_swiglu
+    clamped = clamped_activation(module)
+    if clamped is not None and clamped["activation"] == "clamped_silu" and not _is_silu(module.act_fn):
+        problems.append(f"activation {type(module.act_fn).__name__} under its clamps (kt_ops computes SiLU there)")
+    elif clamped is not None:
+        pass  # its _apply_gate is one of the kernels' clamped activations
     elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
     else:
         act = getattr(module, "act_fn", None)
         if act is None:
-            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts "
-                            "and gpt-oss' clamped SwiGLU)")
+            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts, "
+                            "gpt-oss' clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
         elif not _is_silu(act):
-            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts and gpt-oss' "
-                            "clamped SwiGLU)")
+            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts, gpt-oss' "
+                            "clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
@@ -256,15 +274,13 @@ def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tens
 
 
 def _expert_variant(module: nn.Module, first: int) -> dict:
-    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and
-    gpt-oss' clamped SwiGLU; nothing for SiLU-gated experts without biases."""
+    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and a
+    clamped activation (clamped_activation); nothing for SiLU-gated experts without biases."""
     variant = {}
     if getattr(module, "has_bias", False):
         gate_bias, up_bias = _split_gate_up(module, module.gate_up_proj_bias[first:])
         variant.update(gate_bias=gate_bias, up_bias=up_bias, down_bias=module.down_proj_bias[first:])
-    if is_gpt_oss_experts(module):
-        variant.update(activation="clamped_swiglu", swiglu_alpha=float(module.alpha),
-                       swiglu_limit=float(module.limit))
+    variant.update(clamped_activation(module) or {})
     return variant
 
 
@@ -298,9 +314,9 @@ def _positive_or_none(value, name: str) -> None:
 def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Optional[int] = None,
              kt_tp_enabled: bool = False, kt_num_gpu_experts: int = 0, kt_weight_path: Optional[str] = None,
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
-    and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
-    clamped SwiGLU, with or without expert biases) on kt_ops, in place.
+    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3/V4, Qwen2/3-MoE, Mixtral,
+    gpt-oss, and other models whose experts use `@use_experts_implementation` with SiLU gating, gpt-oss'
+    clamped SwiGLU or DeepSeek-V4's clamped SiLU, with or without expert biases) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The
