@@ -323,12 +323,13 @@ def test_per_expert_layout_round_trip(tmp_path):
         torch.testing.assert_close(saved[key].float(), fused_b[1, rows].float(), rtol=0, atol=0)
 
 
-def test_torch_compile_fullgraph_with_variant():
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "clamped_silu"])
+def test_torch_compile_fullgraph_with_variant(activation):
     torch._dynamo.reset()
     case = make_case(seed=79, **CASES["basic"])
     layer = kt_ops.KTMoELayer(case.E, case.H, case.I, lora_rank=case.r, lora_alpha=2.0 * case.r, method="AMXBF16_SFT")
     layer.load_weights_from_tensors(case.gate, case.up, case.down)
-    layer.experts = layer.experts.with_variant(**_variant(case, 80))
+    layer.experts = layer.experts.with_variant(**_variant(case, 80, activation))
     with torch.no_grad():
         for name, t in zip(("gate_lora_b", "up_lora_b", "down_lora_b"), case.lora[1::2]):
             getattr(layer, name).copy_(t)
