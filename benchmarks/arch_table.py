@@ -42,6 +42,7 @@ TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 def _shrink(config):
     layers = getattr(config, "num_hidden_layers", None)
+    head, rope, nope = (getattr(config, k, None) for k in ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim"))
     for key, value in SMALL.items():
         if hasattr(config, key):
             try:
@@ -58,10 +59,13 @@ def _shrink(config):
         if key in TOKEN_IDS and isinstance(value, int) and value >= SMALL["vocab_size"]:
             setattr(config, key, 0)
     if hasattr(config, "kv_lora_rank"):
-        # MLA: one key/value head per query head; the rotary embedding sizes itself by head_dim
+        # MLA: one key/value head per query head; head_dim keeps its meaning (the rotary slice, or
+        # the whole query/key head with a partial rotary factor)
         config.num_key_value_heads = config.num_attention_heads
-        if hasattr(config, "head_dim"):
+        if head is not None and head == rope:
             config.head_dim = config.qk_rope_head_dim
+        elif head is not None and nope is not None and head == rope + nope:
+            config.head_dim = config.qk_rope_head_dim + config.qk_nope_head_dim
     rope = getattr(config, "rope_parameters", None)
     if isinstance(rope, dict) and "mrope_section" in (*rope, *getattr(config, "ignore_keys_at_rope_validation", ())):
         # multimodal RoPE: the sections split the rotary half of a (shrunk) head

@@ -1,7 +1,8 @@
 """DeepSeek-V4 experts: the kernels' clamped-SiLU activation (h = silu(min(g, L)) * clamp(u, -L, L);
 forward, every gradient and opcheck against the reference, with the clamps active), and apply_kt on a
 tiny transformers DeepSeek-V4 model (logits vs eager on every backend, id num_experts = "no expert",
-stock peft, save/load, merged export, a shared experts file)."""
+stock peft, save/load, merged export, a shared experts file); every custom gate apply_kt knows
+(KNOWN_GATES: DeepSeek-V4, GLM-5-Next, HY-V4, MiniMax-M3-VL, gpt-oss, Beam) against its module."""
 
 from __future__ import annotations
 
@@ -246,3 +247,27 @@ def test_shared_experts_file_keeps_the_clamps(tmp_path):
     assert all(kt.experts.activation == "clamped_silu" and kt.experts.swiglu_limit == 1.0
                for _, _, kt in kt_experts_modules(model))
     assert torch.equal(logits_of(model, ids), before)
+
+
+@pytest.mark.parametrize("key", sorted(__import__("kt_ops.integration.hf", fromlist=["KNOWN_GATES"]).KNOWN_GATES))
+def test_known_gates_are_their_modules_apply_gate(key):
+    # Each known custom gate equals what the kernels compute for its variant fields (the reference's
+    # gate_activation), with the clamps active.
+    import importlib
+
+    from kt_ops.integration.hf import fuse_gate_up, known_gate
+
+    model_type, class_name = key
+    cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), class_name)
+    module = cls.__new__(cls)
+    torch.nn.Module.__init__(module)
+    module.act_fn = torch.nn.SiLU()
+    module.is_concatenated = model_type != "gpt_oss"
+    module.alpha = module.swiglu_alpha = 1.702
+    module.limit = module.swiglu_limit = LIMIT
+    gen = torch.Generator().manual_seed(97)
+    g, u = torch.randn(40, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    assert 0 < (g > LIMIT).float().mean() < 0.9
+    fields = known_gate(module)
+    expected = module._apply_gate(fuse_gate_up(module, g, u, dim=-1))
+    torch.testing.assert_close(kt_ops.reference.gate_activation(g, u, **fields), expected)

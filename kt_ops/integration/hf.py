@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import types
 import warnings
 from typing import Optional
@@ -166,26 +167,40 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
-def _is_experts_class(module: nn.Module, model_type: str, class_name: str) -> bool:
-    import importlib
-
-    try:
-        cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), class_name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(module, cls)
+def _clamped_swiglu(alpha: str, limit: str):
+    return lambda m: dict(activation="clamped_swiglu", swiglu_alpha=float(getattr(m, alpha)),
+                          swiglu_limit=float(getattr(m, limit)))
 
 
-def clamped_activation(module: nn.Module) -> Optional[dict]:
-    """The kernels' activation fields (PackedExperts.with_variant) for experts whose _apply_gate is one
-    of the clamped activations the kernels compute, None for other experts:
-    gpt-oss (gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I], biases, and
-    `(up' + 1) * gate' * sigmoid(alpha * gate')` with the module's alpha / limit: "clamped_swiglu"), and
-    DeepSeek-V4 (`act_fn(gate') * up'` with the module's limit: "clamped_silu", if act_fn is SiLU)."""
-    if _is_experts_class(module, "gpt_oss", "GptOssExperts"):
-        return dict(activation="clamped_swiglu", swiglu_alpha=float(module.alpha), swiglu_limit=float(module.limit))
-    if _is_experts_class(module, "deepseek_v4", "DeepseekV4Experts"):
-        return dict(activation="clamped_silu", swiglu_limit=float(module.limit))
+def _clamped_silu(limit: str):
+    return lambda m: dict(activation="clamped_silu", swiglu_limit=float(getattr(m, limit)))
+
+
+# Experts whose own _apply_gate (transformers calls it in every experts implementation) is one the
+# kernels compute: (model type, class) -> the PackedExperts.with_variant fields, from the module.
+#   gpt-oss, MiniMax-M3-VL: g' = min(g, L), u' = clamp(u, -L, L), (u' + 1) * g' * sigmoid(alpha * g')
+#     (gpt-oss' gate/up alternate in gate_up_proj [E, H, 2I]; it has biases)
+#   DeepSeek-V4 (act_fn), GLM-5-Next, HY-V4 (F.silu): silu(g') * u' with the same clamps
+#   Beam: silu(g) * u computed in fp32, as the kernels do (act_fn)
+KNOWN_GATES = {
+    ("gpt_oss", "GptOssExperts"): _clamped_swiglu("alpha", "limit"),
+    ("minimax_m3_vl", "MiniMaxM3VLExperts"): _clamped_swiglu("swiglu_alpha", "swiglu_limit"),
+    ("deepseek_v4", "DeepseekV4Experts"): _clamped_silu("limit"),
+    ("glm5_next", "Glm5NextTextExperts"): _clamped_silu("swiglu_limit"),
+    ("hy_v4", "HYV4Experts"): _clamped_silu("swiglu_limit"),
+    ("beam", "BeamExperts"): lambda m: {},
+}
+_GATES_THROUGH_ACT_FN = ("DeepseekV4Experts", "BeamExperts")  # SiLU only if their act_fn is
+
+
+def known_gate(module: nn.Module) -> Optional[dict]:
+    """The variant fields of experts whose custom _apply_gate the kernels compute (KNOWN_GATES); None
+    for other experts."""
+    for (model_type, class_name), fields in KNOWN_GATES.items():
+        module_name = f"transformers.models.{model_type}.modeling_{model_type}"
+        cls = getattr(sys.modules.get(module_name), class_name, None)  # a module of a class never imported isn't one
+        if cls is not None and isinstance(module, cls):
+            return fields(module)
     return None
 
 
@@ -217,11 +232,12 @@ def check_convertible(name: str, module: nn.Module) -> None:
         problems.append("experts without a gate projection")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("a post-expert norm")
-    clamped = clamped_activation(module)
-    if clamped is not None and clamped["activation"] == "clamped_silu" and not _is_silu(module.act_fn):
-        problems.append(f"activation {type(module.act_fn).__name__} under its clamps (kt_ops computes SiLU there)")
-    elif clamped is not None:
-        pass  # its _apply_gate is one of the kernels' clamped activations
+    gate = known_gate(module)
+    if gate is not None and type(module).__name__ in _GATES_THROUGH_ACT_FN and not _is_silu(module.act_fn):
+        problems.append(f"activation {type(module.act_fn).__name__} in {type(module).__name__}._apply_gate "
+                        "(kt_ops computes SiLU there)")
+    elif gate is not None:
+        pass  # its _apply_gate is one the kernels compute
     elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
     else:
@@ -275,12 +291,12 @@ def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tens
 
 def _expert_variant(module: nn.Module, first: int) -> dict:
     """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and a
-    clamped activation (clamped_activation); nothing for SiLU-gated experts without biases."""
+    custom gate's activation (known_gate); nothing for SiLU-gated experts without biases."""
     variant = {}
     if getattr(module, "has_bias", False):
         gate_bias, up_bias = _split_gate_up(module, module.gate_up_proj_bias[first:])
         variant.update(gate_bias=gate_bias, up_bias=up_bias, down_bias=module.down_proj_bias[first:])
-    variant.update(clamped_activation(module) or {})
+    variant.update(known_gate(module) or {})
     return variant
 
 

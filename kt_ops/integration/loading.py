@@ -32,7 +32,7 @@ from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, clamped_activation, LAYER_INDEX, check_tp_enabled,
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, known_gate, LAYER_INDEX, check_tp_enabled,
                  method_for_packed, register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 
@@ -337,9 +337,9 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             keep = None
         else:
             kt, keep = build(name, module, layer)
-        # Files hold weights only; a clamped activation (DeepSeek-V4) is the module's.
-        activation = clamped_activation(module)
-        if activation is not None:
+        # Files hold weights only; a custom gate's activation (DeepSeek-V4's clamps) is the module's.
+        activation = known_gate(module)
+        if activation:
             kt.experts = kt.experts.with_variant(**activation)
         device = torch.device(device_of(name))
         kt.to(device)
