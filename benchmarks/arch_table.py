@@ -36,6 +36,8 @@ SMALL = {
     "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "output_dim": 64,
     # Jamba: layer 1 has attention and experts
     "attn_layer_period": 2, "attn_layer_offset": 1,
+    # Mamba mixers: heads x head size = expand x hidden_size
+    "mamba_n_heads": 4, "mamba_d_head": 32,
 }
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -78,6 +80,7 @@ def _shrink(config):
             _shrink(getattr(config, sub))
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
+    config.use_cache = False  # one forward per batch, no generation (a mamba-only model has no cache length)
     return config
 
 
