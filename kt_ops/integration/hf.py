@@ -198,7 +198,8 @@ def known_gate(module: nn.Module) -> Optional[dict]:
     for other experts."""
     for (model_type, class_name), fields in KNOWN_GATES.items():
         module_name = f"transformers.models.{model_type}.modeling_{model_type}"
-        cls = getattr(sys.modules.get(module_name), class_name, None)  # a module of a class never imported isn't one
+        # A modeling file not imported yet has built no module: nothing to import here.
+        cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is not None and isinstance(module, cls):
             return fields(module)
     return None
