@@ -16,7 +16,8 @@ The biases ``bg``, ``bu`` [E, I] and ``bd`` [E, H] are optional (zero when absen
 
     g' = min(g, L)    u' = clamp(u, -L, L)    h = (u' + 1) ⊙ g' ⊙ sigmoid(α·g')
 
-where a clamped element passes no gradient.
+or DeepSeek-V4's clamped SiLU (activation "clamped_silu": the same clamps, ``h = silu(g') ⊙ u'``,
+``swiglu_alpha`` unused), where a clamped element passes no gradient.
 
 Shapes::
 
@@ -51,11 +52,13 @@ def gate_activation(g: torch.Tensor, u: torch.Tensor, activation: str = "silu", 
     """h from the gate and up pre-activations (see the module docstring)."""
     if activation == "silu":
         return F.silu(g) * u
-    if activation == "clamped_swiglu":
+    if activation in ("clamped_swiglu", "clamped_silu"):
         g = g.clamp(max=swiglu_limit)
         u = u.clamp(-swiglu_limit, swiglu_limit)
+        if activation == "clamped_silu":
+            return F.silu(g) * u
         return (u + 1) * (g * torch.sigmoid(swiglu_alpha * g))
-    raise ValueError(f"activation must be 'silu' or 'clamped_swiglu', got {activation!r}")
+    raise ValueError(f"activation must be 'silu', 'clamped_swiglu' or 'clamped_silu', got {activation!r}")
 
 
 def routed_experts(topk_ids: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:

@@ -70,9 +70,11 @@ struct LoraArgs {
 
 // The expert MLP's variant: the gate activation and optional per-expert biases (frozen, like the
 // base weights). SiLU: h = silu(g) * u. Clamped SwiGLU (gpt-oss): g' = min(g, limit),
-// u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g'). Gate/up biases are added to
-// the pre-activations, the down bias to each expert's output before the routing weight.
-enum class Activation { Silu, ClampedSwiglu };
+// u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g'). Clamped SiLU (DeepSeek-V4):
+// the same clamps, h = u' * silu(g'), i.e. clamped SwiGLU with alpha = 1 and no +1 on up (alpha is
+// ignored). Gate/up biases are added to the pre-activations, the down bias to each expert's output
+// before the routing weight.
+enum class Activation { Silu, ClampedSwiglu, ClampedSilu };
 
 struct VariantArgs {
   const std::optional<Tensor>& gate_bias;
@@ -94,11 +96,12 @@ Activation check_variant(const VariantArgs& v, int64_t E, int64_t H, int64_t I) 
     check_shape(**t, name, shape, layout);
   }
   if (v.activation == "silu") return Activation::Silu;
-  TORCH_CHECK_VALUE(v.activation == "clamped_swiglu", "kt_ops: activation must be 'silu' or 'clamped_swiglu', got '",
+  TORCH_CHECK_VALUE(v.activation == "clamped_swiglu" || v.activation == "clamped_silu",
+                    "kt_ops: activation must be 'silu', 'clamped_swiglu' or 'clamped_silu', got '",
                     std::string(v.activation), "'");
   TORCH_CHECK_VALUE(std::isfinite(v.alpha), "kt_ops: swiglu_alpha must be finite, got ", v.alpha);
   TORCH_CHECK_VALUE(v.limit > 0, "kt_ops: swiglu_limit must be > 0, got ", v.limit);
-  return Activation::ClampedSwiglu;
+  return v.activation == "clamped_swiglu" ? Activation::ClampedSwiglu : Activation::ClampedSilu;
 }
 
 Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weights, const Tensor& gate_w,
@@ -340,7 +343,10 @@ template <typename T>
 class Variant {
  public:
   Variant(const VariantArgs& v, const Shapes& s)
-      : kind(check_variant(v, s.E, s.H, s.I)), alpha(static_cast<T>(v.alpha)), limit(static_cast<T>(v.limit)),
+      : kind(check_variant(v, s.E, s.H, s.I)),
+        alpha(kind == Activation::ClampedSilu ? T(1) : static_cast<T>(v.alpha)),
+        up_offset(kind == Activation::ClampedSilu ? T(0) : T(1)),
+        limit(static_cast<T>(v.limit)),
         gate_(convert(v.gate_bias)), up_(convert(v.up_bias)), down_(convert(v.down_bias)), I_(s.I), H_(s.H) {}
 
   // The expert's bias row, or nullptr without that bias.
@@ -349,7 +355,8 @@ class Variant {
   const T* down_bias(int64_t e) const { return down_.defined() ? down_.data_ptr<T>() + e * H_ : nullptr; }
 
   const Activation kind;
-  const T alpha, limit;
+  // Both clamped activations: h = (u' + up_offset) * g' * sigmoid(alpha * g').
+  const T alpha, up_offset, limit;
 
  private:
   static Tensor convert(const std::optional<Tensor>& t) {
@@ -538,8 +545,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
       // The variant is chosen once per task: the SiLU loop below stays the plain one.
       const T* gate_bias = variant.gate_bias(task.expert);
       const T* up_bias = variant.up_bias(task.expert);
-      const bool swiglu = variant.kind == Activation::ClampedSwiglu;
-      const T alpha = variant.alpha, limit = variant.limit;
+      const bool clamped = variant.kind != Activation::Silu;
+      const T alpha = variant.alpha, up_offset = variant.up_offset, limit = variant.limit;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = order[task.row_begin + i];
         T* gi = tile_g + i * cols;
@@ -550,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
         }
         if (gate_bias) k.axpy(T(1), gate_bias + n0, gi, n1 - n0);
         if (up_bias) k.axpy(T(1), up_bias + n0, ui, n1 - n0);
-        if (swiglu) {
+        if (clamped) {
           for (int64_t n = n0; n < n1; ++n) {
             const T g = gi[n - n0], u = ui[n - n0];
             if (prep) {
@@ -558,7 +565,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& h
               prep[(P + p) * I + n] = u;
             }
             const T gc = std::min(g, limit), uc = std::min(std::max(u, -limit), limit);
-            hp[p * I + n] = (uc + T(1)) * gc * sigmoid(alpha * gc);
+            hp[p * I + n] = (uc + up_offset) * gc * sigmoid(alpha * gc);
           }
           continue;
         }
@@ -713,8 +720,8 @@ class Backward {
     const T* wp = w_.data_ptr<T>();
     const T* prep = pre_.data_ptr<T>();
     T* dwp = dw_.data_ptr<T>();
-    const bool swiglu = variant_.kind == Activation::ClampedSwiglu;
-    const T alpha = variant_.alpha, limit = variant_.limit;
+    const bool clamped = variant_.kind != Activation::Silu;
+    const T alpha = variant_.alpha, up_offset = variant_.up_offset, limit = variant_.limit;
     parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p = order_[i], e = routing_.expert_of_pair[p];
@@ -724,15 +731,15 @@ class Backward {
         T* dur = du_.data() + p * Ip_;
         T* hr = h_.data() + p * I_;
         T dweight = 0;
-        if (swiglu) {
+        if (clamped) {
           for (int64_t n = 0; n < I_; ++n) {
             const T gc = std::min(g[n], limit), uc = std::min(std::max(u[n], -limit), limit);
             const T sig = sigmoid(alpha * gc), glu = gc * sig;
-            hr[n] = (uc + T(1)) * glu;
+            hr[n] = (uc + up_offset) * glu;
             dweight += hr[n] * dgr[n];
             const T dh = wp[p] * dgr[n];
             // A clamped value passes no gradient (torch.clamp's rule: the bounds themselves pass it).
-            dgr[n] = g[n] <= limit ? dh * (uc + T(1)) * sig * (T(1) + alpha * gc * (T(1) - sig)) : T(0);
+            dgr[n] = g[n] <= limit ? dh * (uc + up_offset) * sig * (T(1) + alpha * gc * (T(1) - sig)) : T(0);
             dur[n] = (u[n] >= -limit && u[n] <= limit) ? dh * glu : T(0);
           }
         } else {

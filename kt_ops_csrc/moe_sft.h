@@ -8,7 +8,8 @@
 namespace kt {
 
 // Both ops end with the expert MLP's variant (see ops.cpp): optional per-expert biases and the
-// activation ("silu" or "clamped_swiglu" with swiglu_alpha / swiglu_limit).
+// activation ("silu", "clamped_swiglu" with swiglu_alpha / swiglu_limit, or "clamped_silu" with
+// swiglu_limit).
 
 using at::Tensor;
 

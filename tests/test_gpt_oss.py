@@ -139,7 +139,7 @@ def test_bad_variant_errors_name_the_argument():
     with pytest.raises(ValueError, match="gate_bias must have shape"):
         torch.ops.kt.moe_sft_forward(*args)
     args[-6], args[-3] = None, "relu"
-    with pytest.raises(ValueError, match="activation must be 'silu' or 'clamped_swiglu'"):
+    with pytest.raises(ValueError, match="activation must be 'silu', 'clamped_swiglu' or 'clamped_silu'"):
         torch.ops.kt.moe_sft_forward(*args)
 
 
@@ -323,12 +323,13 @@ def test_per_expert_layout_round_trip(tmp_path):
         torch.testing.assert_close(saved[key].float(), fused_b[1, rows].float(), rtol=0, atol=0)
 
 
-def test_torch_compile_fullgraph_with_variant():
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "clamped_silu"])
+def test_torch_compile_fullgraph_with_variant(activation):
     torch._dynamo.reset()
     case = make_case(seed=79, **CASES["basic"])
     layer = kt_ops.KTMoELayer(case.E, case.H, case.I, lora_rank=case.r, lora_alpha=2.0 * case.r, method="AMXBF16_SFT")
     layer.load_weights_from_tensors(case.gate, case.up, case.down)
-    layer.experts = layer.experts.with_variant(**_variant(case, 80))
+    layer.experts = layer.experts.with_variant(**_variant(case, 80, activation))
     with torch.no_grad():
         for name, t in zip(("gate_lora_b", "up_lora_b", "down_lora_b"), case.lora[1::2]):
             getattr(layer, name).copy_(t)

@@ -29,8 +29,9 @@ class PackedExperts:
     intermediate_size: int
     # The expert MLP's variant (see with_variant): optional per-expert biases, frozen like the weights
     # (gate/up [E, I] added to the pre-activations, down [E, H] to each expert's output), and the gate
-    # activation: "silu" (h = silu(g) * u) or "clamped_swiglu" (gpt-oss: g' = min(g, limit),
-    # u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g')).
+    # activation: "silu" (h = silu(g) * u), "clamped_swiglu" (gpt-oss: g' = min(g, limit),
+    # u' = clamp(u, -limit, limit), h = (u' + 1) * g' * sigmoid(alpha * g')) or "clamped_silu"
+    # (DeepSeek-V4: the same clamps, h = silu(g') * u'; swiglu_alpha unused).
     gate_bias: Optional[torch.Tensor] = None
     up_bias: Optional[torch.Tensor] = None
     down_bias: Optional[torch.Tensor] = None
@@ -66,7 +67,7 @@ class PackedExperts:
         return dataclasses.replace(self, **variant)
 
 
-ACTIVATIONS = ("silu", "clamped_swiglu")
+ACTIVATIONS = ("silu", "clamped_swiglu", "clamped_silu")
 VARIANT_FIELDS = ("gate_bias", "up_bias", "down_bias", "activation", "swiglu_alpha", "swiglu_limit")
 
 

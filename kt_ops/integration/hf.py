@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import types
 import warnings
 from typing import Optional
@@ -143,11 +144,14 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     if peft_lora is not None:
         lora = peft_lora[0]
         kt_lora = tuple(t[num_gpu:] for t in lora)
+    # -1 tells kt_ops to skip the slot: the GPU experts' share, and id num_experts, which transformers'
+    # experts read as "no expert" (e.g. DeepSeek-V4's hash routing, expert parallelism).
+    skip = top_k_index == self.num_experts
     if num_gpu == 0:
-        out = kt(hidden_states, top_k_index, top_k_weights, lora=kt_lora)
+        kt_ids = torch.where(skip, -1, top_k_index)
+        out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
     else:
-        # -1 tells kt_ops to skip the slot; those slots are the GPU experts' share.
-        kt_ids = torch.where(top_k_index >= num_gpu, top_k_index - num_gpu, torch.full_like(top_k_index, -1))
+        kt_ids = torch.where((top_k_index >= num_gpu) & ~skip, top_k_index - num_gpu, -1)
         out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
         gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
         out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
@@ -167,15 +171,42 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
-def is_gpt_oss_experts(module: nn.Module) -> bool:
-    """gpt-oss' experts: gate/up interleaved in the last dimension of gate_up_proj [E, H, 2I] (gate =
-    [..., ::2], up = [..., 1::2]), biases, and a clamped SwiGLU with the module's alpha / limit (its
-    _apply_gate, which kt computes as the kernels' "clamped_swiglu")."""
-    try:
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    except ImportError:
-        return False
-    return isinstance(module, GptOssExperts)
+def _clamped_swiglu(alpha: str, limit: str):
+    return lambda m: dict(activation="clamped_swiglu", swiglu_alpha=float(getattr(m, alpha)),
+                          swiglu_limit=float(getattr(m, limit)))
+
+
+def _clamped_silu(limit: str):
+    return lambda m: dict(activation="clamped_silu", swiglu_limit=float(getattr(m, limit)))
+
+
+# Experts whose own _apply_gate (transformers calls it in every experts implementation) is one the
+# kernels compute: (model type, class) -> the PackedExperts.with_variant fields, from the module.
+#   gpt-oss, MiniMax-M3-VL: g' = min(g, L), u' = clamp(u, -L, L), (u' + 1) * g' * sigmoid(alpha * g')
+#     (gpt-oss' gate/up alternate in gate_up_proj [E, H, 2I]; it has biases)
+#   DeepSeek-V4 (act_fn), GLM-5-Next, HY-V4 (F.silu): silu(g') * u' with the same clamps
+#   Beam: silu(g) * u computed in fp32, as the kernels do (act_fn)
+KNOWN_GATES = {
+    ("gpt_oss", "GptOssExperts"): _clamped_swiglu("alpha", "limit"),
+    ("minimax_m3_vl", "MiniMaxM3VLExperts"): _clamped_swiglu("swiglu_alpha", "swiglu_limit"),
+    ("deepseek_v4", "DeepseekV4Experts"): _clamped_silu("limit"),
+    ("glm5_next", "Glm5NextTextExperts"): _clamped_silu("swiglu_limit"),
+    ("hy_v4", "HYV4Experts"): _clamped_silu("swiglu_limit"),
+    ("beam", "BeamExperts"): lambda m: {},
+}
+_GATES_THROUGH_ACT_FN = ("DeepseekV4Experts", "BeamExperts")  # SiLU only if their act_fn is
+
+
+def known_gate(module: nn.Module) -> Optional[dict]:
+    """The variant fields of experts whose custom _apply_gate the kernels compute (KNOWN_GATES); None
+    for other experts."""
+    for (model_type, class_name), fields in KNOWN_GATES.items():
+        module_name = f"transformers.models.{model_type}.modeling_{model_type}"
+        # A modeling file not imported yet has built no module: nothing to import here.
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(module, cls):
+            return fields(module)
+    return None
 
 
 def expert_dims(module: nn.Module) -> tuple[int, int]:
@@ -206,18 +237,22 @@ def check_convertible(name: str, module: nn.Module) -> None:
         problems.append("experts without a gate projection")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("a post-expert norm")
-    if is_gpt_oss_experts(module):
-        pass  # its _apply_gate is the kernels' clamped_swiglu
+    gate = known_gate(module)
+    if gate is not None and type(module).__name__ in _GATES_THROUGH_ACT_FN and not _is_silu(module.act_fn):
+        problems.append(f"activation {type(module.act_fn).__name__} in {type(module).__name__}._apply_gate "
+                        "(kt_ops computes SiLU there)")
+    elif gate is not None:
+        pass  # its _apply_gate is one the kernels compute
     elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         problems.append(f"a custom gate function ({type(module).__name__}._apply_gate)")
     else:
         act = getattr(module, "act_fn", None)
         if act is None:
-            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts "
-                            "and gpt-oss' clamped SwiGLU)")
+            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts, "
+                            "gpt-oss' clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
         elif not _is_silu(act):
-            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts and gpt-oss' "
-                            "clamped SwiGLU)")
+            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts, gpt-oss' "
+                            "clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
     if problems:
         raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
                          + ", ".join(problems))
@@ -261,15 +296,13 @@ def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tens
 
 
 def _expert_variant(module: nn.Module, first: int) -> dict:
-    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and
-    gpt-oss' clamped SwiGLU; nothing for SiLU-gated experts without biases."""
+    """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and a
+    custom gate's activation (known_gate); nothing for SiLU-gated experts without biases."""
     variant = {}
     if getattr(module, "has_bias", False):
         gate_bias, up_bias = _split_gate_up(module, module.gate_up_proj_bias[first:])
         variant.update(gate_bias=gate_bias, up_bias=up_bias, down_bias=module.down_proj_bias[first:])
-    if is_gpt_oss_experts(module):
-        variant.update(activation="clamped_swiglu", swiglu_alpha=float(module.alpha),
-                       swiglu_limit=float(module.limit))
+    variant.update(known_gate(module) or {})
     return variant
 
 
@@ -303,9 +336,10 @@ def _positive_or_none(value, name: str) -> None:
 def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Optional[int] = None,
              kt_tp_enabled: bool = False, kt_num_gpu_experts: int = 0, kt_weight_path: Optional[str] = None,
              lora_rank: int = 16, lora_alpha: float = 32.0, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, gpt-oss,
-    and other models whose experts use `@use_experts_implementation` with SiLU gating or gpt-oss'
-    clamped SwiGLU, with or without expert biases; Llama-4 and LongCat-Flash) on kt_ops, in place.
+    """Run the routed experts of a transformers v5 MoE model (DeepSeek-V2/V3/V4, Qwen2/3-MoE, Mixtral,
+    gpt-oss, and other models whose experts use `@use_experts_implementation` with SiLU gating, gpt-oss'
+    clamped SwiGLU or DeepSeek-V4's clamped SiLU, with or without expert biases; Llama-4 and
+    LongCat-Flash) on kt_ops, in place.
 
     Each experts module's weights are packed into a `KTExperts` child (`<experts>.kt_experts`) one layer
     at a time and the originals are released, so the model never holds a layer's experts twice. The

@@ -33,8 +33,8 @@ from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
 from .custom_experts import is_custom_experts
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, method_for_packed,
-                 register_kt_implementation,
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, known_gate, LAYER_INDEX, check_tp_enabled,
+                 method_for_packed, register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -343,6 +343,10 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             keep = None
         else:
             kt, keep = build(name, module, layer)
+        # Files hold weights only; a custom gate's activation (DeepSeek-V4's clamps) is the module's.
+        activation = known_gate(module)
+        if activation:
+            kt.experts = kt.experts.with_variant(**activation)
         device = torch.device(device_of(name))
         kt.to(device)
         keep_gate_up, keep_down = keep if keep is not None else (None, None)
@@ -409,5 +413,5 @@ def share_kt_experts(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modu
             raise ValueError(f"{path}: layer {kt.layer_idx} holds {mapped.weight_format} experts "
                              f"{(mapped.num_experts, mapped.hidden_size, mapped.intermediate_size)}, but {name} has "
                              f"{mine.weight_format} {(mine.num_experts, mine.hidden_size, mine.intermediate_size)}")
-        kt.experts = mapped
+        kt.experts = mapped.with_variant(**mine.variant())  # the file holds the weights, not biases/activation
     return model
