@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <type_traits>
 
 #include "formats.h"
@@ -254,7 +255,9 @@ class ReusedBuffer {
       block_ = std::move(blocks[best]);
       blocks.erase(blocks.begin() + best);
     } else {
-      block_ = {std::unique_ptr<T[]>(new T[size]), size};  // default-initialized: no zero fill
+      // Uninitialized (no zero fill) and cache-line aligned: the kernels' 32- and 64-byte row loads
+      // would otherwise straddle two lines every other load (operator new aligns to 16 bytes only).
+      block_ = {Storage(static_cast<T*>(::operator new[](size * sizeof(T), std::align_val_t{kAlignment}))), size};
     }
   }
   ~ReusedBuffer() {
@@ -275,8 +278,13 @@ class ReusedBuffer {
   T* data() const { return block_.data.get(); }
 
  private:
+  static constexpr size_t kAlignment = 64;
+  struct AlignedDelete {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlignment}); }
+  };
+  using Storage = std::unique_ptr<T[], AlignedDelete>;
   struct Block {
-    std::unique_ptr<T[]> data;
+    Storage data;
     size_t capacity = 0;
   };
   struct FreeList {
