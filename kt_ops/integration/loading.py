@@ -32,10 +32,11 @@ from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
-from .custom_experts import is_custom_experts
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, known_gate, LAYER_INDEX, check_tp_enabled,
-                 method_for_packed, register_kt_implementation,
+from .custom_experts import adopt_custom_experts, install_custom_forward
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, expert_dims,
+                 fuse_gate_up, method_for_packed, register_kt_implementation, _expert_variant,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
+from .peft_lora import weights_transposed
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -118,12 +119,13 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_of, dtype: torch.dtype) -> None:
-    """Read every non-expert tensor of `path`'s shards into the meta model, one file at a time."""
+def _load_non_experts(model: nn.Module, path: str, skip: set, device_of, dtype: torch.dtype) -> None:
+    """Read every tensor of `path`'s shards but the expert weights `skip` (names in the model) into
+    the meta model, one file at a time; expert biases (gpt-oss) are small and read here too."""
     from ..weights.loaders import SafeTensorLoader
 
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    wanted = {n for n in names if not n.startswith(skip_prefixes)}
+    wanted = names - set(skip)
     loader = SafeTensorLoader(path)
     rename = _key_renamer(model)
     by_file: dict = {}
@@ -240,19 +242,11 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    adopt_custom_experts(model)  # Llama-4, LongCat-Flash: experts transformers does not dispatch
     found = find_moe_experts(model)
-    custom = next((type(m).__name__ for m in model.modules() if is_custom_experts(m)), None)
-    if custom is not None:
-        # Their checkpoints' fused expert layouts are not read by the streaming source readers.
-        raise ValueError(f"from_pretrained: {type(model).__name__}'s experts ({custom}) are not streamed by kt_ops; "
-                         "load the model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
     if not found:
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:
-        if getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True):
-            # Streaming reads [gate; up] halves and no biases.
-            raise ValueError(f"from_pretrained: {name} ({type(module).__name__}) is not streamed by kt_ops; load the "
-                             "model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
         try:
             check_convertible(name, module)
         except ValueError as e:
@@ -263,7 +257,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                              f"of {name} ({module.num_experts})")
 
     device_of = _devices(device_map)
-    expert_params = tuple(f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj"))
+    expert_params = {f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj")}
     _load_non_experts(model, path, expert_params, device_of, dtype)
 
     register_kt_implementation()
@@ -284,7 +278,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
 
     def build(name, module, layer):
         """(KTExperts, experts kept in the module or None) of one layer, from the source."""
-        E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
+        E, (H, I) = module.num_experts, expert_dims(module)
         if source.is_quantized_source():
             packed = source.packed_layer(layer, E, H, I, SFT_METHOD_FORMATS[method])
             kt = KTExperts(E, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -296,8 +290,11 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                        lora_dtype=lora_dtype, first_expert=N, layer_idx=layer)
         kept, packed = {}, {}
         # A projection and a few experts at a time: read, pack, drop.
+        # A fused checkpoint tensor is laid out as the module holds it (transformers saves it so).
+        layout = dict(num_experts=E, hidden_major=weights_transposed(module),
+                      interleaved=not getattr(module, "is_concatenated", True))
         for proj in ("gate", "up", "down"):
-            read = source.projection_reader(layer, proj)
+            read = source.projection_reader(layer, proj, **layout)
             want = (H, I) if proj == "down" else (I, H)
 
             def checked(lo, hi, read=read, want=want, proj=proj):
@@ -314,8 +311,8 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                                    intermediate_size=I)
         keep = None
         if N:
-            gate_up, down_n = torch.cat((kept["gate"], kept["up"]), 1), kept["down"]
-            if module.is_transposed:
+            gate_up, down_n = fuse_gate_up(module, kept["gate"], kept["up"], dim=1), kept["down"]
+            if weights_transposed(module):
                 gate_up, down_n = gate_up.transpose(1, 2), down_n.transpose(1, 2)
             device = device_of(name)
             keep = (gate_up.to(device, dtype).contiguous(), down_n.to(device, dtype).contiguous())
@@ -337,20 +334,22 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
 
     prefixes = set()
     for name, module, layer in layers:
-        E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
+        E, (H, I) = module.num_experts, expert_dims(module)
         if shared is not None:
             kt = _mapped_kt_experts(shared, layer, (E, H, I), kt_backend, lora_rank, lora_alpha, lora_dtype)
             keep = None
         else:
             kt, keep = build(name, module, layer)
-        # Files hold weights only; a custom gate's activation (DeepSeek-V4's clamps) is the module's.
-        activation = known_gate(module)
-        if activation:
-            kt.experts = kt.experts.with_variant(**activation)
+        # Files hold weights only; the biases (read with the non-expert tensors) and a custom gate's
+        # activation (gpt-oss', DeepSeek-V4's clamps) are the module's, as apply_kt takes them.
+        variant = _expert_variant(module, kt.first_expert)
+        if variant:
+            kt.experts = kt.experts.with_variant(**variant)
         device = torch.device(device_of(name))
         kt.to(device)
         keep_gate_up, keep_down = keep if keep is not None else (None, None)
         prefixes.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+        install_custom_forward(model, name, module)
     finish_kt_conversion(model, found, tuple(sorted(prefixes)), lora_rank, lora_alpha)
     model.eval()
     return model
