@@ -8,7 +8,9 @@ one layer at a time, from (in this order of preference) `kt_weight_path` or `pat
 * a KTransformers converted directory (INT8 / INT4, NUMA-split or not): packed code for code;
 * kt_ops' own pre-quantized form (`python -m kt_ops.convert_weights`): packed as stored;
 * a HuggingFace checkpoint: bf16/fp16/fp32 experts are read one layer at a time and packed into
-  `kt_backend`'s format; DeepSeek-style block-FP8 experts are kept as they are (codes and block
+  `kt_backend`'s format (fused tensors are read in the experts module's own layout: gpt-oss' and
+  Llama-4's [E, H, 2I], gpt-oss' interleaved gate/up; expert biases are small and read with the
+  non-expert tensors); DeepSeek-style block-FP8 experts are kept as they are (codes and block
   scales) with an fp8 backend (AMXFP8), and requantized to int8_kgroup (group 128) otherwise.
 
 With `kt_shared_experts=<file>` the packed experts live in one file that every process of a node
