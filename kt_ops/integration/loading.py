@@ -36,7 +36,7 @@ from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
 from .custom_experts import adopt_custom_experts, install_custom_forward
 from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, expert_dims,
-                 fuse_gate_up, method_for_packed, register_kt_implementation, _expert_variant,
+                 expert_variant, fuse_gate_up, method_for_packed, register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
 from .peft_lora import weights_transposed
 
@@ -344,7 +344,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             kt, keep = build(name, module, layer)
         # Files hold weights only; the biases (read with the non-expert tensors) and a custom gate's
         # activation (gpt-oss', DeepSeek-V4's clamps) are the module's, as apply_kt takes them.
-        variant = _expert_variant(module, kt.first_expert)
+        variant = expert_variant(module, kt.first_expert)
         if variant:
             kt.experts = kt.experts.with_variant(**variant)
         device = torch.device(device_of(name))
