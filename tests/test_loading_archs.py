@@ -49,15 +49,22 @@ def _same_lora(ours, ref):
 
 
 @pytest.mark.parametrize("arch", list(BUILDERS))
-@pytest.mark.parametrize("kt_backend, gpu_experts", [("AMXBF16", 0), ("AMXINT8", 1)])
-def test_streamed_equals_from_pretrained_then_apply_kt(arch, kt_backend, gpu_experts, tmp_path):
-    # Small shards: a layer's experts (and a fused tensor's neighbours) land in different files.
+@pytest.mark.parametrize("kt_backend, gpu_experts, dtype", [("AMXBF16", 0, torch.float32),
+                                                             ("AMXINT8", 1, torch.float32),
+                                                             ("AMXINT4", 0, torch.bfloat16)])
+def test_streamed_equals_from_pretrained_then_apply_kt(arch, kt_backend, gpu_experts, dtype, tmp_path):
+    # Small shards: a layer's experts (and a fused tensor's neighbours) land in different files. The
+    # checkpoint is fp32; loaded as bf16, transformers rounds the experts first and keeps its
+    # _keep_in_fp32_modules (DeepSeek-V4's norms, hyper-connections) in fp32: so must the loader.
     BUILDERS[arch]().save_pretrained(tmp_path, max_shard_size="40KB")
-    ours = from_pretrained(tmp_path, kt_backend=kt_backend, lora_rank=4, kt_num_gpu_experts=gpu_experts)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, kt_backend=kt_backend, lora_rank=4, kt_num_gpu_experts=gpu_experts, dtype=dtype)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     apply_kt(ref, kt_backend=kt_backend, lora_rank=4, kt_num_gpu_experts=gpu_experts)
     ref.eval()
     assert not any(t.is_meta for t in list(ours.parameters()) + list(ours.buffers()))
+    theirs = dict(ref.state_dict())
+    assert {n: t.dtype for n, t in ours.state_dict().items() if "lora" not in n} == \
+        {n: t.dtype for n, t in theirs.items() if "lora" not in n}
     pairs = list(zip(kt_experts_modules(ours), kt_experts_modules(ref), strict=True))
     assert pairs
     for (name, module, mine), (ref_name, ref_module, theirs) in pairs:

@@ -94,6 +94,25 @@ def _key_renamer(model: nn.Module):
     return rename
 
 
+def _dtype_of(model: nn.Module, dtype: torch.dtype):
+    """name -> the dtype transformers' from_pretrained(dtype=...) gives a floating tensor of `model`:
+    fp32 for its `_keep_in_fp32_modules(_strict)` (DeepSeek-V4's norms and hyper-connections in bf16),
+    the model's own dtype where it builds a tensor in another one, else `dtype`."""
+    try:
+        from transformers.core_model_loading import build_glob_alternation
+        plan = model._get_dtype_plan(dtype)
+    except (ImportError, AttributeError):  # other transformers versions: everything in `dtype`
+        plan = {}
+    pattern, groups, _ = build_glob_alternation(list(plan)) if plan else (None, None, None)
+
+    def of(name: str, current: Optional[torch.Tensor]) -> torch.dtype:
+        match = pattern.search(name) if pattern is not None else None
+        if match is not None:
+            return plan[groups[match.lastgroup]]
+        return current.dtype if current is not None and current.is_floating_point() else dtype
+    return of
+
+
 def _model_key(key: str, wanted: set, rename) -> Optional[str]:
     """The model's name for checkpoint tensor `key`: transformers' renaming of it, with or without a
     `language_model.` level, or from KTransformers' renamed form (`blk.{L}.` for
@@ -130,6 +149,7 @@ def _load_non_experts(model: nn.Module, path: str, skip: set, device_of, dtype: 
     wanted = names - set(skip)
     loader = SafeTensorLoader(path)
     rename = _key_renamer(model)
+    dtype_of = _dtype_of(model, dtype)
     by_file: dict = {}
     for key in loader.keys():
         target = _model_key(key, wanted, rename)
@@ -145,7 +165,7 @@ def _load_non_experts(model: nn.Module, path: str, skip: set, device_of, dtype: 
             if current is not None and tuple(current.shape) != tuple(tensor.shape):
                 raise ValueError(f"{path}: tensor {key!r} is {tuple(tensor.shape)}, but the model's {targets[key]} is "
                                  f"{tuple(current.shape)}")
-            target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+            target_dtype = dtype_of(targets[key], current) if tensor.is_floating_point() else tensor.dtype
             _set_tensor(model, targets[key], tensor.to(device_of(targets[key]), target_dtype))
             wanted.discard(targets[key])
     _materialize_rest(model, wanted, device_of)
@@ -291,6 +311,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
                        lora_dtype=lora_dtype, first_expert=N, layer_idx=layer)
         kept, packed = {}, {}
+        expert_dtype = module.gate_up_proj.dtype
         # A projection and a few experts at a time: read, pack, drop.
         # A fused checkpoint tensor is laid out as the module holds it (transformers saves it so).
         layout = dict(num_experts=E, hidden_major=weights_transposed(module),
@@ -304,7 +325,9 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                 if tuple(weight.shape) != (hi - lo, *want):
                     raise ValueError(f"{source.path}: layer {layer} {proj} experts {lo}..{hi - 1} are "
                                      f"{tuple(weight.shape)}; {name} needs {(hi - lo, *want)}")
-                return weight
+                # Packed from the values transformers would hold (an fp32 checkpoint loaded as bf16
+                # is rounded first), so the packed experts equal apply_kt's.
+                return weight.to(expert_dtype)
             if N:
                 kept[proj] = checked(0, N).clone()
             packed[proj], packed[proj + "_scale"] = _pack_projection(
