@@ -383,14 +383,11 @@ def load_model_and_tokenizer(config: dict):
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-        from .integration.custom_experts import CUSTOM_EXPERTS_MODEL_TYPES
-
         # Vision-language MoE checkpoints (Qwen3-VL-MoE, Qwen3.5-MoE) load whole, so the weights' names
-        # match; kt-sft trains their language model on text. Llama-4 / LongCat-Flash experts are not
-        # streamed either: they load whole, then apply_kt.
+        # match; kt-sft trains their language model on text.
         model_config = AutoConfig.from_pretrained(name, local_files_only=True)
         multimodal = hasattr(model_config, "vision_config")
-        if config["use_kt"] and not multimodal and model_config.model_type not in CUSTOM_EXPERTS_MODEL_TYPES:
+        if config["use_kt"] and not multimodal:
             # Bounded host memory: the float experts are never held whole; each layer's are streamed
             # from the shards (or kt_weight_path) straight into their packed form.
             from .integration import from_pretrained

@@ -480,3 +480,17 @@ def assert_same(name, a, b):
 def assert_all_same(names: Sequence[str], xs, ys):
     for n, a, b in zip(names, xs, ys):
         assert_same(n, a, b)
+
+
+def spy_on_from_pretrained(monkeypatch) -> list:
+    """The paths kt_ops.integration.from_pretrained (the streaming loader) is called with from now on
+    (e.g. by kt-sft), recorded while it runs as usual."""
+    import kt_ops.integration as integration
+
+    calls, real = [], integration.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(integration, "from_pretrained", spy)
+    return calls

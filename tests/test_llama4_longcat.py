@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
-from kt_testing import fp32_rtol, logits_of, rel_l2, token_ids  # noqa: E402
+from kt_testing import fp32_rtol, logits_of, rel_l2, spy_on_from_pretrained, token_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -313,18 +313,11 @@ def test_unsupported_activation_is_refused():
         apply_kt(model, lora_rank=0)
 
 
-def test_streaming_from_pretrained_refuses_them(tmp_path):
-    from kt_ops.integration import from_pretrained
-
-    tiny("longcat").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="LongcatFlashExperts.*not streamed.*apply_kt"):
-        from_pretrained(tmp_path)
-
-
 @pytest.mark.parametrize("arch", ["llama4", "longcat"])
-def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path):
-    # kt-sft loads these checkpoints whole (not streamed), then converts them; lora_target "all" leaves
-    # the routers (Llama-4's `router` Linear, LongCat's `router.classifier`) alone.
+def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path, monkeypatch):
+    # kt-sft streams these checkpoints (kt_ops.integration.from_pretrained, which
+    # tests/test_loading_archs.py checks against apply_kt); lora_target "all" leaves the routers
+    # (Llama-4's `router` Linear, LongCat's `router.classifier`) alone.
     import os
 
     pytest.importorskip("yaml")
@@ -340,6 +333,8 @@ def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path):
               "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
               "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.01,
               "lr_scheduler_type": "constant", "max_steps": 3, "torch_num_threads": 1, "lora_target": "all"}
+    calls = spy_on_from_pretrained(monkeypatch)
     summary = cli.train(config)
+    assert calls == [str(model_dir)]
     assert summary["losses"][-1] < summary["losses"][0]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

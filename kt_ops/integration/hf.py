@@ -295,7 +295,7 @@ def _split_gate_up(module: nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tens
     return gate_up[:, 0::2], gate_up[:, 1::2]
 
 
-def _expert_variant(module: nn.Module, first: int) -> dict:
+def expert_variant(module: nn.Module, first: int) -> dict:
     """PackedExperts.with_variant fields of experts first.. of the module: biases (has_bias) and a
     custom gate's activation (known_gate); nothing for SiLU-gated experts without biases."""
     variant = {}
@@ -419,7 +419,7 @@ def apply_kt(model: nn.Module, kt_backend: str = "AMXBF16", kt_num_threads: Opti
         else:
             gate, up, down = _expert_weights(module)
             kt.load_weights_from_tensors(gate[N:], up[N:], down[N:])
-        variant = _expert_variant(module, N)
+        variant = expert_variant(module, N)
         if variant:
             kt.experts = kt.experts.with_variant(**variant)
         # LoRA lives where the layer's activations do, so the optimizer steps it with the rest.

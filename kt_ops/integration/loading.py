@@ -8,7 +8,9 @@ one layer at a time, from (in this order of preference) `kt_weight_path` or `pat
 * a KTransformers converted directory (INT8 / INT4, NUMA-split or not): packed code for code;
 * kt_ops' own pre-quantized form (`python -m kt_ops.convert_weights`): packed as stored;
 * a HuggingFace checkpoint: bf16/fp16/fp32 experts are read one layer at a time and packed into
-  `kt_backend`'s format; DeepSeek-style block-FP8 experts are kept as they are (codes and block
+  `kt_backend`'s format (fused tensors are read in the experts module's own layout: gpt-oss' and
+  Llama-4's [E, H, 2I], gpt-oss' interleaved gate/up; expert biases are small and read with the
+  non-expert tensors); DeepSeek-style block-FP8 experts are kept as they are (codes and block
   scales) with an fp8 backend (AMXFP8), and requantized to int8_kgroup (group 128) otherwise.
 
 With `kt_shared_experts=<file>` the packed experts live in one file that every process of a node
@@ -32,10 +34,11 @@ from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import PackedExperts
 from ..core.runtime import set_num_threads
 from ..weights.sources import ExpertSource
-from .custom_experts import is_custom_experts
-from .hf import (KT_BACKENDS, KTExperts, check_convertible, known_gate, LAYER_INDEX, check_tp_enabled,
-                 method_for_packed, register_kt_implementation,
+from .custom_experts import adopt_custom_experts, install_custom_forward
+from .hf import (KT_BACKENDS, KTExperts, check_convertible, LAYER_INDEX, check_tp_enabled, expert_dims,
+                 expert_variant, fuse_gate_up, method_for_packed, register_kt_implementation,
                  find_moe_experts, finish_kt_conversion, install_kt_experts)
+from .peft_lora import weights_transposed
 
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -91,6 +94,25 @@ def _key_renamer(model: nn.Module):
     return rename
 
 
+def _dtype_of(model: nn.Module, dtype: torch.dtype):
+    """name -> the dtype transformers' from_pretrained(dtype=...) gives a floating tensor of `model`:
+    fp32 for its `_keep_in_fp32_modules(_strict)` (DeepSeek-V4's norms and hyper-connections in bf16),
+    the model's own dtype where it builds a tensor in another one, else `dtype`."""
+    try:
+        from transformers.core_model_loading import build_glob_alternation
+        plan = model._get_dtype_plan(dtype)
+    except (ImportError, AttributeError):  # other transformers versions: everything in `dtype`
+        plan = {}
+    pattern, groups, _ = build_glob_alternation(list(plan)) if plan else (None, None, None)
+
+    def of(name: str, current: Optional[torch.Tensor]) -> torch.dtype:
+        match = pattern.search(name) if pattern is not None else None
+        if match is not None:
+            return plan[groups[match.lastgroup]]
+        return current.dtype if current is not None and current.is_floating_point() else dtype
+    return of
+
+
 def _model_key(key: str, wanted: set, rename) -> Optional[str]:
     """The model's name for checkpoint tensor `key`: transformers' renaming of it, with or without a
     `language_model.` level, or from KTransformers' renamed form (`blk.{L}.` for
@@ -118,14 +140,16 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_of, dtype: torch.dtype) -> None:
-    """Read every non-expert tensor of `path`'s shards into the meta model, one file at a time."""
+def _load_non_experts(model: nn.Module, path: str, skip: set, device_of, dtype: torch.dtype) -> None:
+    """Read every tensor of `path`'s shards but the expert weights `skip` (names in the model) into
+    the meta model, one file at a time; expert biases (gpt-oss) are small and read here too."""
     from ..weights.loaders import SafeTensorLoader
 
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    wanted = {n for n in names if not n.startswith(skip_prefixes)}
+    wanted = names - set(skip)
     loader = SafeTensorLoader(path)
     rename = _key_renamer(model)
+    dtype_of = _dtype_of(model, dtype)
     by_file: dict = {}
     for key in loader.keys():
         target = _model_key(key, wanted, rename)
@@ -141,7 +165,7 @@ def _load_non_experts(model: nn.Module, path: str, skip_prefixes: tuple, device_
             if current is not None and tuple(current.shape) != tuple(tensor.shape):
                 raise ValueError(f"{path}: tensor {key!r} is {tuple(tensor.shape)}, but the model's {targets[key]} is "
                                  f"{tuple(current.shape)}")
-            target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+            target_dtype = dtype_of(targets[key], current) if tensor.is_floating_point() else tensor.dtype
             _set_tensor(model, targets[key], tensor.to(device_of(targets[key]), target_dtype))
             wanted.discard(targets[key])
     _materialize_rest(model, wanted, device_of)
@@ -240,19 +264,11 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
             dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    adopt_custom_experts(model)  # Llama-4, LongCat-Flash: experts transformers does not dispatch
     found = find_moe_experts(model)
-    custom = next((type(m).__name__ for m in model.modules() if is_custom_experts(m)), None)
-    if custom is not None:
-        # Their checkpoints' fused expert layouts are not read by the streaming source readers.
-        raise ValueError(f"from_pretrained: {type(model).__name__}'s experts ({custom}) are not streamed by kt_ops; "
-                         "load the model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
     if not found:
         raise ValueError(f"from_pretrained: {type(model).__name__} has no transformers experts module to put on kt_ops")
     for name, module in found:
-        if getattr(module, "has_bias", False) or not getattr(module, "is_concatenated", True):
-            # Streaming reads [gate; up] halves and no biases.
-            raise ValueError(f"from_pretrained: {name} ({type(module).__name__}) is not streamed by kt_ops; load the "
-                             "model with transformers' from_pretrained and call kt_ops.integration.apply_kt(model)")
         try:
             check_convertible(name, module)
         except ValueError as e:
@@ -263,7 +279,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                              f"of {name} ({module.num_experts})")
 
     device_of = _devices(device_map)
-    expert_params = tuple(f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj"))
+    expert_params = {f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj")}
     _load_non_experts(model, path, expert_params, device_of, dtype)
 
     register_kt_implementation()
@@ -284,7 +300,7 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
 
     def build(name, module, layer):
         """(KTExperts, experts kept in the module or None) of one layer, from the source."""
-        E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
+        E, (H, I) = module.num_experts, expert_dims(module)
         if source.is_quantized_source():
             packed = source.packed_layer(layer, E, H, I, SFT_METHOD_FORMATS[method])
             kt = KTExperts(E, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -295,9 +311,13 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
         kt = KTExperts(E - N, H, I, lora_rank=lora_rank, lora_alpha=lora_alpha, method=method,
                        lora_dtype=lora_dtype, first_expert=N, layer_idx=layer)
         kept, packed = {}, {}
+        expert_dtype = module.gate_up_proj.dtype
         # A projection and a few experts at a time: read, pack, drop.
+        # A fused checkpoint tensor is laid out as the module holds it (transformers saves it so).
+        layout = dict(num_experts=E, hidden_major=weights_transposed(module),
+                      interleaved=not getattr(module, "is_concatenated", True))
         for proj in ("gate", "up", "down"):
-            read = source.projection_reader(layer, proj)
+            read = source.projection_reader(layer, proj, **layout)
             want = (H, I) if proj == "down" else (I, H)
 
             def checked(lo, hi, read=read, want=want, proj=proj):
@@ -305,7 +325,9 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                 if tuple(weight.shape) != (hi - lo, *want):
                     raise ValueError(f"{source.path}: layer {layer} {proj} experts {lo}..{hi - 1} are "
                                      f"{tuple(weight.shape)}; {name} needs {(hi - lo, *want)}")
-                return weight
+                # Packed from the values transformers would hold (an fp32 checkpoint loaded as bf16
+                # is rounded first), so the packed experts equal apply_kt's.
+                return weight.to(expert_dtype)
             if N:
                 kept[proj] = checked(0, N).clone()
             packed[proj], packed[proj + "_scale"] = _pack_projection(
@@ -314,8 +336,8 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
                                    intermediate_size=I)
         keep = None
         if N:
-            gate_up, down_n = torch.cat((kept["gate"], kept["up"]), 1), kept["down"]
-            if module.is_transposed:
+            gate_up, down_n = fuse_gate_up(module, kept["gate"], kept["up"], dim=1), kept["down"]
+            if weights_transposed(module):
                 gate_up, down_n = gate_up.transpose(1, 2), down_n.transpose(1, 2)
             device = device_of(name)
             keep = (gate_up.to(device, dtype).contiguous(), down_n.to(device, dtype).contiguous())
@@ -337,20 +359,22 @@ def from_pretrained(path: Union[str, os.PathLike], kt_backend: str = "AMXBF16", 
 
     prefixes = set()
     for name, module, layer in layers:
-        E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
+        E, (H, I) = module.num_experts, expert_dims(module)
         if shared is not None:
             kt = _mapped_kt_experts(shared, layer, (E, H, I), kt_backend, lora_rank, lora_alpha, lora_dtype)
             keep = None
         else:
             kt, keep = build(name, module, layer)
-        # Files hold weights only; a custom gate's activation (DeepSeek-V4's clamps) is the module's.
-        activation = known_gate(module)
-        if activation:
-            kt.experts = kt.experts.with_variant(**activation)
+        # Files hold weights only; the biases (read with the non-expert tensors) and a custom gate's
+        # activation (gpt-oss', DeepSeek-V4's clamps) are the module's, as apply_kt takes them.
+        variant = expert_variant(module, kt.first_expert)
+        if variant:
+            kt.experts = kt.experts.with_variant(**variant)
         device = torch.device(device_of(name))
         kt.to(device)
         keep_gate_up, keep_down = keep if keep is not None else (None, None)
         prefixes.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
+        install_custom_forward(model, name, module)
     finish_kt_conversion(model, found, tuple(sorted(prefixes)), lora_rank, lora_alpha)
     model.eval()
     return model

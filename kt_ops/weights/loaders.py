@@ -254,15 +254,19 @@ _PER_EXPERT_FORMATS = {
     "deepseek": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
     "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2")),
     "mistral": ("experts", ("w1", "w3", "w2")),
+    "deepseek_v4": ("ffn.experts", ("w1", "w3", "w2")),
 }
+# Fused layouts: the experts module under the layer (Llama-4's is feed_forward.experts).
+_FUSED_MODULES = ("mlp.experts", "feed_forward.experts")
 _FUSED_SUFFIXES = ("", ".weight")
 _EXPERT_KEY = re.compile(r"(.+)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
-_FUSED_KEY = re.compile(r"(.+)\.mlp\.experts\.gate_up_proj(?:\.weight)?")
+_FUSED_KEY = re.compile(r"(.+)\.(?:mlp|feed_forward)\.experts\.gate_up_proj(?:\.weight)?")
 _LAYER_BASE = re.compile(r"(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)")
 _FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
                   "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
                   "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
-                  "transformers-v5 fused: {b}.mlp.experts.gate_up_proj / down_proj")
+                  "deepseek_v4: {b}.ffn.experts.{E}.{w1,w3,w2}.weight; "
+                  "transformers-v5 fused: {b}.{mlp,feed_forward}.experts.gate_up_proj / down_proj")
 
 
 def candidate_bases(base_key: str) -> list[str]:
@@ -302,21 +306,26 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             self._experts_by_prefix = table
         return self._experts_by_prefix
 
-    def resolve_layout(self, base_key: str) -> "Layout":
+    def resolve_layout(self, base_key: str, num_experts: Optional[int] = None) -> "Layout":
+        """The layer's key layout. `num_experts`: per-expert keys of higher ids are not the layer's
+        experts and are ignored (LongCat-Flash saves gate/up rows, without down, for its identity
+        experts)."""
         table = self._expert_table()
         for base in candidate_bases(_check_base_key(base_key)):
             for fmt, (module, names) in _PER_EXPERT_FORMATS.items():
                 prefix = f"{base}.{module}"
                 experts = table.get(prefix, {})
+                if num_experts is not None:
+                    experts = {e: found for e, found in experts.items() if e < num_experts}
                 if any(found & set(names) for found in experts.values()):
                     return self._complete_layout(base_key, fmt, prefix, experts, names)
-            prefix = f"{base}.mlp.experts"
-            for suffix in _FUSED_SUFFIXES:
-                gate_up, down = f"{prefix}.gate_up_proj{suffix}", f"{prefix}.down_proj{suffix}"
-                if gate_up in self.key_to_file:
-                    if down not in self.key_to_file:
-                        raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
-                    return Layout("fused", prefix, (gate_up, down))
+            for prefix in (f"{base}.{module}" for module in _FUSED_MODULES):
+                for suffix in _FUSED_SUFFIXES:
+                    gate_up, down = f"{prefix}.gate_up_proj{suffix}", f"{prefix}.down_proj{suffix}"
+                    if gate_up in self.key_to_file:
+                        if down not in self.key_to_file:
+                            raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
+                        return Layout("fused", prefix, (gate_up, down))
         raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
                          f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
 
@@ -406,23 +415,32 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
-    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None
-                        ) -> torch.Tensor:
+    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None,
+                        num_experts: Optional[int] = None, hidden_major: bool = False,
+                        interleaved: bool = False) -> torch.Tensor:
         """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
         in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
-        projection (and a few experts) at a time keeps a fraction of it in memory."""
+        projection (and a few experts) at a time keeps a fraction of it in memory. `num_experts`:
+        see resolve_layout. A fused layout is stored as the model's experts module holds it, which its
+        shapes do not always tell (H may equal 2I): `hidden_major` means gate_up [E, H, 2I] and
+        down [E, I, H] (gpt-oss, Llama-4), `interleaved` gate and up alternating along 2I (gpt-oss)
+        instead of [gate; up]."""
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-        layout = self.resolve_layout(base_key)
+        layout = self.resolve_layout(base_key, num_experts)
         if layout.fmt == "fused":
             gate_up_key, down_key = layout.keys
             key = down_key if projection == "down" else gate_up_key
             (_, t), = self.iter_tensors([key], device)
             t = self._checked(key, t)
+            if t.dim() == 3 and hidden_major:
+                t = t.transpose(1, 2)
             if projection != "down" and (t.dim() != 3 or t.shape[1] % 2):
-                raise ValueError(f"layer {base_key!r}: {key!r} must be [E, 2*I, H], got {tuple(t.shape)}")
-            half = t.shape[1] // 2
-            t = t if projection == "down" else (t[:, :half] if projection == "gate" else t[:, half:])
+                layout_name = "[E, H, 2*I]" if hidden_major else "[E, 2*I, H]"
+                raise ValueError(f"layer {base_key!r}: {key!r} must be {layout_name}, got {tuple(t.shape)}")
+            if projection != "down":
+                which = PROJECTIONS.index(projection)
+                t = t[:, which::2] if interleaved else t.chunk(2, dim=1)[which]
             return (t if experts is None else t[experts.start:experts.stop]).contiguous()
         index = PROJECTIONS.index(projection)
         chosen = range(len(layout.keys)) if experts is None else experts

@@ -31,7 +31,7 @@ class ExpertSource:
                     self.fp8 = NativeCheckpoint(path, "FP8")
 
     def _is_fp8(self, layer: int) -> bool:
-        layout = self.hf.resolve_layout(f"model.layers.{layer}")
+        layout = self.hf.resolve_layout(f"model.layers.{layer}", num_experts=1)  # expert 0 tells
         key = layout.keys[0] if layout.fmt == "fused" else layout.keys[0][0]
         file = self.hf.key_to_file[key]
         with safe_open(file) as f:
@@ -55,12 +55,15 @@ class ExpertSource:
                              f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}")
         return full
 
-    def projection_reader(self, layer: int, projection: str):
+    def projection_reader(self, layer: int, projection: str, num_experts: Optional[int] = None,
+                          hidden_major: bool = False, interleaved: bool = False):
         """read(lo, hi): experts [lo, hi) of one projection of a float checkpoint's layer (gate/up
         [n, I, H], down [n, H, I]). Per-expert keys are read a chunk at a time; a fused tensor is
-        one tensor, read once."""
+        one tensor, read once. The keywords describe the layer as BF16SafeTensorLoader.load_projection
+        says."""
         base = f"model.layers.{layer}"
-        if self.hf.resolve_layout(base).fmt == "fused":
-            whole = self.hf.load_projection(base, projection)
+        layout = dict(num_experts=num_experts, hidden_major=hidden_major, interleaved=interleaved)
+        if self.hf.resolve_layout(base, num_experts).fmt == "fused":
+            whole = self.hf.load_projection(base, projection, **layout)
             return lambda lo, hi: whole[lo:hi]
-        return lambda lo, hi: self.hf.load_projection(base, projection, experts=range(lo, hi))
+        return lambda lo, hi: self.hf.load_projection(base, projection, experts=range(lo, hi), **layout)
