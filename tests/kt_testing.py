@@ -330,6 +330,25 @@ def logits_of(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def expert_lora_params(model, count: int = 8) -> list:
+    """The expert LoRA parameters of a tiny peft-wrapped kt model (`count` of them), checked trainable."""
+    params = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]
+    assert len(params) == count and all(p.requires_grad for p in params)
+    return params
+
+
+def assert_same_step(plain: tuple, kt: tuple, logits_tol: float, grads_tol: float, expert_params: int = 8) -> None:
+    """(logits, {name: grad}) of one step on plain transformers + peft and on the kt model: the same
+    trainable parameters (`expert_params` of them on the experts), every gradient nonzero and close."""
+    (plain_logits, plain_grads), (kt_logits, kt_grads) = plain, kt
+    assert rel_l2(kt_logits, plain_logits) < logits_tol
+    assert plain_grads.keys() == kt_grads.keys()
+    assert len([n for n in plain_grads if ".experts." in n]) == expert_params
+    for n in plain_grads:
+        assert plain_grads[n].norm() > 0, n
+        assert rel_l2(kt_grads[n], plain_grads[n]) < grads_tol, n
+
+
 def rel_mae(a: torch.Tensor, b: torch.Tensor) -> float:
     """mean|a-b| / mean|b| in float64 (0 when both are empty or identical zero)."""
     a = a.detach().to(torch.float64)

@@ -9,8 +9,8 @@ import torch
 import kt_ops
 import kt_ops.ops
 from kt_ops import reference
-from kt_testing import (compare_with_reference, grads_of, logits_of, make_case, rel_l2, single_torch_thread,
-                        token_ids)
+from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, grads_of, logits_of, make_case,
+                        rel_l2, single_torch_thread, token_ids)
 
 # A small limit so that the clamps are active for a good share of the O(1) pre-activations.
 LIMIT, ALPHA = 0.6, 1.702
@@ -227,13 +227,8 @@ def test_target_parameters_gradients_match_plain_peft():
     # The same peft adapter on plain transformers and on the kt model: same logits and gradients
     # (peft's LoRA on the interleaved, transposed gate_up_proj mapped onto gate and up correctly).
     ids = token_ids()
-    (plain_logits, plain_grads), (kt_logits, kt_grads), _ = _plain_and_kt_step(ids)
-    assert rel_l2(kt_logits, plain_logits) < 5e-3
-    assert plain_grads.keys() == kt_grads.keys()
-    assert len([n for n in plain_grads if ".experts." in n]) == 8
-    for n in plain_grads:
-        assert plain_grads[n].norm() > 0, n
-        assert rel_l2(kt_grads[n], plain_grads[n]) < 2e-2, n
+    plain, kt, _ = _plain_and_kt_step(ids)
+    assert_same_step(plain, kt, logits_tol=5e-3, grads_tol=2e-2)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -241,8 +236,7 @@ def test_training_steps_and_adapter_round_trips(tmp_path):
     ids = token_ids()
     model = apply_kt(tiny_gpt_oss(), lora_rank=4, lora_alpha=8.0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n]
-    assert len(expert_lora) == 8 and all(p.requires_grad for p in expert_lora)
+    expert_lora_params(model)
     model.train()
     losses = train_steps(model, ids, steps=4, lr=1e-2)
     assert losses[-1] < losses[0]
@@ -363,8 +357,7 @@ def test_stock_peft_in_either_order(tmp_path, order):
         model = peft.get_peft_model(model, config)
         apply_kt(model, lora_rank=4, lora_alpha=8.0)
     assert sorted(model.peft_config["default"].target_parameters) == sorted(EXPERT_TARGETS)
-    expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]
-    assert len(expert_lora) == 8 and all(p.requires_grad for p in expert_lora)
+    expert_lora = expert_lora_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     before = [p.detach().clone() for p in expert_lora]
     for _ in range(2):

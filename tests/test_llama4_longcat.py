@@ -13,7 +13,8 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
-from kt_testing import fp32_rtol, logits_of, rel_l2, spy_on_from_pretrained, token_ids  # noqa: E402
+from kt_testing import (assert_same_step, expert_lora_params, fp32_rtol, logits_of, rel_l2,  # noqa: E402
+                        spy_on_from_pretrained, token_ids)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -161,15 +162,9 @@ def test_target_parameters_match_plain_peft_and_export(arch, gpu_experts, tmp_pa
     # transformers + peft; the first expert kept in transformers or not; the merged export loads in
     # plain transformers.
     ids = token_ids()
-    (plain_logits, plain_grads), (kt_logits, kt_grads), model = _plain_and_kt_step(
-        arch, ids, kt_num_gpu_experts=gpu_experts)
+    plain, kt, model = _plain_and_kt_step(arch, ids, kt_num_gpu_experts=gpu_experts)
     bar = _expert_bar()
-    assert rel_l2(kt_logits, plain_logits) < bar
-    assert plain_grads.keys() == kt_grads.keys()
-    assert len([n for n in plain_grads if ".experts." in n]) == 8
-    for n in plain_grads:
-        assert plain_grads[n].norm() > 0, n
-        assert rel_l2(kt_grads[n], plain_grads[n]) < max(bar, 1e-3), n
+    assert_same_step(plain, kt, logits_tol=bar, grads_tol=max(bar, 1e-3))
     model.eval()
     export_merged(model, tmp_path, dtype=torch.float32)
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -182,8 +177,7 @@ def test_training_steps_and_adapter_round_trips(arch, tmp_path):
     model = apply_kt(tiny(arch), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
-    expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n]
-    assert len(expert_lora) == 8 and all(p.requires_grad for p in expert_lora)
+    expert_lora = expert_lora_params(model)
     before = [p.detach().clone() for p in expert_lora]
     model.train()
     losses = train_steps(model, ids, steps=4, lr=1e-2)
