@@ -22,22 +22,16 @@ import torch
 
 import kt_ops
 from kt_ops.core.subpools import node_cpus
-from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, Shape, machine_line, measure_alternating, parse_ints
+from common import LoadWatch, MarkdownTable, add_layer_args, layer_problem, machine_line, measure_alternating
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="total threads (even)")
-    parser.add_argument("--qlens", default="1,128")
-    parser.add_argument("--repeats", type=int, default=0, help="0: 30 at qlen<=32, else 6")
-    parser.add_argument("--shape", default="{0.E},{0.H},{0.I},{0.k},{0.r}".format(DSV2_LITE), help="E,H,I,k,r")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK}, qlens 1,32, 5 repeats: a smoke run")
+    add_layer_args(parser, qlens="1,128", repeats_help="0: 30 at qlen<=32, else 6")
     args = parser.parse_args()
-    if args.quick:
-        args.qlens, args.repeats = "1,32", 5
-    shape = QUICK if args.quick else Shape(*parse_ints(args.shape))
+    prob = layer_problem(args)
+    shape = prob.shape
     E, H, I, k, r = shape.E, shape.H, shape.I, shape.k, shape.r
-    prob = Problem(shape, parse_ints(args.qlens))
     lora = list(prob.lora)
 
     def wrapper(threadpool_count):

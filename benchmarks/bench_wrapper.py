@@ -15,22 +15,16 @@ import torch
 
 import kt_ops
 from kt_ops.ops import backward_op, forward_op
-from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, Shape, machine_line, measure_alternating, parse_ints
+from common import LoadWatch, MarkdownTable, add_layer_args, layer_problem, machine_line, measure_alternating
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--qlens", default="1,512")
-    parser.add_argument("--repeats", type=int, default=0, help="0: 40 at qlen<=32, else 6")
-    parser.add_argument("--shape", default="{0.E},{0.H},{0.I},{0.k},{0.r}".format(DSV2_LITE), help="E,H,I,k,r")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK}, qlens 1,32, 5 repeats: a smoke run")
+    add_layer_args(parser, qlens="1,512", repeats_help="0: 40 at qlen<=32, else 6")
     args = parser.parse_args()
-    if args.quick:
-        args.qlens, args.repeats = "1,32", 5
-    shape = QUICK if args.quick else Shape(*parse_ints(args.shape))
+    prob = layer_problem(args)
+    shape = prob.shape
     E, H, I, k, r = shape.E, shape.H, shape.I, shape.k, shape.r
-    prob = Problem(shape, parse_ints(args.qlens))
     lora = list(prob.lora)
     wrapper = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
                                   moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=args.threads,

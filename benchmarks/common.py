@@ -374,6 +374,22 @@ class Problem:
         return layer
 
 
+def add_layer_args(parser, qlens: str, repeats_help: str) -> None:
+    """The command line of the single-layer scripts: threads, qlens, repeats, shape, --quick."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qlens", default=qlens)
+    parser.add_argument("--repeats", type=int, default=0, help=repeats_help)
+    parser.add_argument("--shape", default="{0.E},{0.H},{0.I},{0.k},{0.r}".format(DSV2_LITE), help="E,H,I,k,r")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK}, qlens 1,32, 5 repeats: a smoke run")
+
+
+def layer_problem(args) -> "Problem":
+    """The Problem add_layer_args' arguments describe (--quick also sets qlens 1,32 and 5 repeats)."""
+    if args.quick:
+        args.qlens, args.repeats = "1,32", 5
+    return Problem(QUICK if args.quick else Shape(*parse_ints(args.shape)), parse_ints(args.qlens))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """mean|out - ref| / mean|ref|."""
     out, ref = out.detach().float(), ref.detach().float()
