@@ -330,6 +330,39 @@ def logits_of(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def randomize_lora_b(model, seed=3):
+    """peft starts B at zero; a nonzero B makes every LoRA visible in the logits and gradients."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def plain_and_kt_step(build, ids, target_modules, target_parameters, **apply_kt_kwargs):
+    """(logits, {name: grad}) of one step of the same stock-peft LoRA (r=4; attention `target_modules`,
+    experts via `target_parameters`) on the plain transformers model `build()` and on the kt-converted
+    one, and the kt model."""
+    import peft
+
+    from kt_ops.integration import apply_kt
+
+    results = []
+    for convert in (False, True):
+        model = build()
+        if convert:
+            apply_kt(model, lora_rank=0, **apply_kt_kwargs)
+        torch.manual_seed(7)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                                           target_parameters=target_parameters))
+        randomize_lora_b(model)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.requires_grad}))
+    return results[0], results[1], model
+
+
 def expert_lora_params(model, count: int = 8) -> list:
     """The expert LoRA parameters of a tiny peft-wrapped kt model (`count` of them), checked trainable."""
     params = [p for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n]

@@ -12,8 +12,8 @@ import torch
 import kt_ops
 import kt_ops.ops
 import test_gpt_oss as variant_tests  # the variant helpers (reference / kernel / op arguments)
-from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, logits_of, make_case, rel_l2,
-                        token_ids)
+from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, logits_of, make_case,
+                        plain_and_kt_step, rel_l2, token_ids)
 
 LIMIT = variant_tests.LIMIT
 
@@ -167,33 +167,13 @@ def test_id_num_experts_means_no_expert(num_gpu_experts):
     assert rel_l2(got, eager) < 1e-5
 
 
-def _randomize_lora_b(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 def test_peft_gradients_match_plain_peft():
     # The same stock-peft LoRA (attention and target_parameters on the experts) on plain transformers
     # and on the kt model: same logits and every LoRA gradient.
     ids = token_ids()
-    results = []
-    for convert in (False, True):
-        model = tiny_deepseek_v4()
-        if convert:
-            apply_kt(model, lora_rank=0)
-        torch.manual_seed(7)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["self_attn.q_b_proj"],
-                                                           target_parameters=EXPERT_TARGETS))
-        _randomize_lora_b(model)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.requires_grad}))
-    assert_same_step(*results, logits_tol=1e-4, grads_tol=1e-3)
+    plain, kt, _ = plain_and_kt_step(tiny_deepseek_v4, ids, ["self_attn.q_b_proj"], EXPERT_TARGETS)
+    assert_same_step(plain, kt, logits_tol=1e-4, grads_tol=1e-3)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

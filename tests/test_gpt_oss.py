@@ -10,7 +10,7 @@ import kt_ops
 import kt_ops.ops
 from kt_ops import reference
 from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, grads_of, logits_of, make_case,
-                        rel_l2, single_torch_thread, token_ids)
+                        plain_and_kt_step, randomize_lora_b, rel_l2, single_torch_thread, token_ids)
 
 # A small limit so that the clamps are active for a good share of the O(1) pre-activations.
 LIMIT, ALPHA = 0.6, 1.702
@@ -175,33 +175,6 @@ def tiny_gpt_oss(dtype=torch.float32, seed=0, swiglu_limit=1.0):
     return model.to(dtype).eval()
 
 
-def _randomize_lora_b(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def _plain_and_kt_step(ids, **apply_kt_kwargs):
-    """(logits, LoRA grads) of one step of the same stock-peft LoRA on plain transformers and on the
-    kt-converted model, and the kt model."""
-    results = []
-    for convert in (False, True):
-        model = tiny_gpt_oss()
-        if convert:
-            apply_kt(model, lora_rank=0, **apply_kt_kwargs)
-        torch.manual_seed(7)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                           target_parameters=EXPERT_TARGETS))
-        _randomize_lora_b(model)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.requires_grad}))
-    return results[0], results[1], model
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
 def test_apply_kt_logits_match_eager(dtype, tol):
@@ -227,7 +200,7 @@ def test_target_parameters_gradients_match_plain_peft():
     # The same peft adapter on plain transformers and on the kt model: same logits and gradients
     # (peft's LoRA on the interleaved, transposed gate_up_proj mapped onto gate and up correctly).
     ids = token_ids()
-    plain, kt, _ = _plain_and_kt_step(ids)
+    plain, kt, _ = plain_and_kt_step(tiny_gpt_oss, ids, ["q_proj"], EXPERT_TARGETS)
     assert_same_step(plain, kt, logits_tol=5e-3, grads_tol=2e-2)
 
 
@@ -258,7 +231,8 @@ def test_gpu_kept_experts(tmp_path):
     from kt_ops.integration import export_merged
 
     ids = token_ids()
-    (plain_logits, plain_grads), (kt_logits, kt_grads), model = _plain_and_kt_step(ids, kt_num_gpu_experts=1)
+    (plain_logits, plain_grads), (kt_logits, kt_grads), model = plain_and_kt_step(tiny_gpt_oss, ids, ["q_proj"], EXPERT_TARGETS,
+                                                                                  kt_num_gpu_experts=1)
     assert rel_l2(kt_logits, plain_logits) < 5e-3
     for n in plain_grads:
         assert rel_l2(kt_grads[n], plain_grads[n]) < 2e-2, n
@@ -275,7 +249,7 @@ def test_merged_export_loads_in_plain_transformers(tmp_path):
     ids = token_ids()
     model = apply_kt(tiny_gpt_oss(torch.bfloat16), lora_rank=4, lora_alpha=8.0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     model.eval()
     kt_logits = logits_of(model, ids)
     export_merged(model, tmp_path)
@@ -295,7 +269,7 @@ def test_per_expert_layout_round_trip(tmp_path):
     model = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     tuned = logits_of(model.eval(), ids)
     save_kt_adapter(model, tmp_path)
     fresh = apply_kt(tiny_gpt_oss(), lora_rank=2, lora_alpha=4.0)
@@ -365,7 +339,7 @@ def test_stock_peft_in_either_order(tmp_path, order):
         opt.step()
         opt.zero_grad()
     assert all(not torch.equal(b, p) for b, p in zip(before, expert_lora))
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     model.eval()
     tuned = logits_of(model, ids)
     with model.disable_adapter():

@@ -17,7 +17,7 @@ from kt_ops.integration import (  # noqa: E402
     apply_kt, export_merged, kt_experts_modules, kt_lora_parameters, load_kt_adapter, save_kt_adapter)
 from kt_ops.integration.hf import kt_expert_wrappers  # noqa: E402
 from kt_ops.integration.tiny import tiny_model  # noqa: E402
-from kt_testing import logits_of, rel_l2, token_ids  # noqa: E402
+from kt_testing import logits_of, randomize_lora_b, rel_l2, token_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,15 +27,6 @@ EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def _attention(name):
     return ["q_a_proj", "o_proj"] if "deepseek" in name else ["q_proj", "v_proj"]
-
-
-def _randomize_lora_b(model, seed=3):
-    # peft starts B at zero; a nonzero B makes every LoRA visible in the logits.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _expert_lora_names(model):
@@ -89,7 +80,7 @@ def test_stock_peft_in_either_order(tmp_path, name, order):
         opt.step()
         opt.zero_grad()
     assert all(not torch.equal(before[n], params[n]) for n in expert_lora if "lora_B" in n)
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     model.eval()
     tuned = logits_of(model, ids)
 
@@ -121,7 +112,7 @@ def test_add_set_delete_adapter_switch_expert_lora():
     assert wrappers and all(set(w.lora_A) == {"default", "second"} for w in wrappers)
     # the second adapter's experts use apply_kt's rank too
     assert all(w.r["second"] == 4 for w in wrappers)
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     first = logits_of(model, ids)
     model.set_adapter("second")
     second = logits_of(model, ids)
@@ -156,7 +147,7 @@ def test_target_parameters_gradients_match_plain_peft(name):
             apply_kt(model, lora_rank=0)
         torch.manual_seed(7)
         model = peft.get_peft_model(model, _target_parameters_config())
-        _randomize_lora_b(model)
+        randomize_lora_b(model)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -180,7 +171,7 @@ def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
         kt_model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    _randomize_lora_b(kt_model)
+    randomize_lora_b(kt_model)
     kt_model.eval()
     kt_model.save_pretrained(tmp_path / "from_kt")
     plain = peft.PeftModel.from_pretrained(tiny_model(name).eval(), tmp_path / "from_kt")
@@ -189,7 +180,7 @@ def test_target_parameters_adapter_loads_both_ways(tmp_path, name):
     # plain transformers + peft -> kt
     torch.manual_seed(11)
     plain = peft.get_peft_model(tiny_model(name), _target_parameters_config())
-    _randomize_lora_b(plain, seed=5)
+    randomize_lora_b(plain, seed=5)
     plain.eval()
     plain.save_pretrained(tmp_path / "from_plain")
     loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_model(name).eval(), lora_rank=0), tmp_path / "from_plain")
@@ -207,7 +198,7 @@ def test_per_expert_layout_round_trip(tmp_path, name):
     model = apply_kt(tiny_model(name).eval(), lora_rank=2, lora_alpha=4.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, config)
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     tuned = logits_of(model, ids)
     save_kt_adapter(model, tmp_path)
     from safetensors.torch import load_file
@@ -307,7 +298,7 @@ def test_merged_export_loads_in_plain_transformers(tmp_path, name):
     apply_kt(model, lora_rank=4, lora_alpha=8.0, kt_num_gpu_experts=1)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=_attention(name)))
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     model.eval()
     kt_logits = logits_of(model, ids)
     files = export_merged(model, tmp_path, max_shard_size=64 * 1024)
@@ -346,7 +337,7 @@ def test_load_kt_adapter_wraps_a_model_without_peft(tmp_path):
     model = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     tuned = logits_of(model.eval(), ids)
     save_kt_adapter(model, tmp_path)
     fresh = apply_kt(tiny_model("tiny-deepseek-v3").eval(), lora_rank=4, lora_alpha=8.0)

@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
 from kt_testing import (assert_same_step, expert_lora_params, fp32_rtol, logits_of, rel_l2,  # noqa: E402
-                        spy_on_from_pretrained, token_ids)
+                        plain_and_kt_step, randomize_lora_b, spy_on_from_pretrained, token_ids)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,14 +59,6 @@ def tiny(arch, dtype=torch.float32, seed=0, bf16_experts=True, **overrides):
                 if bf16_experts and ".experts." in name:
                     p.copy_(p.to(torch.bfloat16))
     return model.to(dtype).eval()
-
-
-def _randomize_lora_b(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _expert_bar(dtype=torch.float32):
@@ -134,26 +126,6 @@ def test_llama4_gradients_match_eager_autograd():
     assert rel_l2(ds_k, ds_e) < bar
 
 
-def _plain_and_kt_step(arch, ids, **apply_kt_kwargs):
-    """(logits, LoRA grads) of one step of the same stock-peft LoRA (experts via target_parameters,
-    q_proj / q_b_proj too) on plain transformers and on the kt model, and the kt model."""
-    results = []
-    modules = ["q_proj"] if arch == "llama4" else ["q_b_proj"]
-    for convert in (False, True):
-        model = tiny(arch)
-        if convert:
-            apply_kt(model, lora_rank=0, **apply_kt_kwargs)
-        torch.manual_seed(7)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules,
-                                                           target_parameters=TARGETS[arch]))
-        _randomize_lora_b(model)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.requires_grad}))
-    return results[0], results[1], model
-
-
 @pytest.mark.parametrize("arch", ["llama4", "longcat"])
 @pytest.mark.parametrize("gpu_experts", [0, 1])
 def test_target_parameters_match_plain_peft_and_export(arch, gpu_experts, tmp_path):
@@ -162,7 +134,8 @@ def test_target_parameters_match_plain_peft_and_export(arch, gpu_experts, tmp_pa
     # transformers + peft; the first expert kept in transformers or not; the merged export loads in
     # plain transformers.
     ids = token_ids()
-    plain, kt, model = _plain_and_kt_step(arch, ids, kt_num_gpu_experts=gpu_experts)
+    plain, kt, model = plain_and_kt_step(lambda: tiny(arch), ids, ["q_proj"] if arch == "llama4" else ["q_b_proj"],
+                                          TARGETS[arch], kt_num_gpu_experts=gpu_experts)
     bar = _expert_bar()
     assert_same_step(plain, kt, logits_tol=bar, grads_tol=max(bar, 1e-3))
     model.eval()
@@ -218,7 +191,7 @@ def test_stock_peft_in_either_order(arch, order, tmp_path):
         model = peft.get_peft_model(model, config)
         apply_kt(model, lora_rank=4, lora_alpha=8.0)
     assert sorted(model.peft_config["default"].target_parameters) == sorted(TARGETS[arch])
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     model.eval()
     tuned = logits_of(model, ids)
     with model.disable_adapter():
@@ -238,7 +211,7 @@ def test_own_lora_per_expert_layout_and_bf16_export(arch, tmp_path):
 
     ids = token_ids()
     model = apply_kt(tiny(arch), lora_rank=2, lora_alpha=4.0)
-    _randomize_lora_b(model)
+    randomize_lora_b(model)
     with torch.no_grad():
         for _, _, kt in kt_experts_modules(model):
             for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
