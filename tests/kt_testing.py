@@ -99,6 +99,15 @@ def fp32_rtol(rtol: float = 3e-5, dtype: torch.dtype = torch.float32) -> float:
     return rtol
 
 
+def model_rtol(rtol: float, layers: int = 2) -> float:
+    """The bar for a LoRA gradient taken through a whole tiny model of `layers` MoE layers: ``rtol`` on
+    fp32 ISAs; on ISAs that round activations to bf16, each layer adds about BF16_ROUNDED_RTOL for each
+    GEMM input it rounds: x and h in the forward, dY and (dg, du) in the backward."""
+    if _active_isa_rounds_activations():
+        return max(rtol, 4 * layers * BF16_ROUNDED_RTOL)
+    return rtol
+
+
 def comparison_mode(case: "Case", mode: str) -> str:
     """The bar a kernel result is held to: ``mode``, except that "tight" becomes "bf16" for an fp32
     computation on an ISA that rounds activations to bf16 (see BF16_ROUNDING_ISAS)."""

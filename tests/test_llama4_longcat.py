@@ -13,7 +13,8 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
-from kt_testing import (assert_same_step, expert_lora_params, fp32_rtol, logits_of, rel_l2,  # noqa: E402
+from kt_testing import (assert_same_step, expert_lora_params, fp32_rtol, isa_rounds_activations, logits_of,  # noqa: E402
+                        model_rtol, rel_l2,
                         plain_and_kt_step, randomize_lora_b, spy_on_from_pretrained, token_ids)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,11 +134,16 @@ def test_target_parameters_match_plain_peft_and_export(arch, gpu_experts, tmp_pa
     # LongCat: gate_up_proj rows for the identity experts too) gives the logits and gradients of plain
     # transformers + peft; the first expert kept in transformers or not; the merged export loads in
     # plain transformers.
+    if arch == "longcat" and isa_rounds_activations():
+        # With activations rounded to bf16, one of the 24 tokens picks other experts in LongCat's second
+        # MoE block than plain transformers does (checked by recording the router's top-k under amx-emu;
+        # none differ under avx2), which moves the logits by ~8%: no bar a kernel can be held to here.
+        pytest.skip("LongCat on an ISA that rounds activations to bf16: one token's top-k flips")
     ids = token_ids()
     plain, kt, model = plain_and_kt_step(lambda: tiny(arch), ids, ["q_proj"] if arch == "llama4" else ["q_b_proj"],
                                           TARGETS[arch], kt_num_gpu_experts=gpu_experts)
     bar = _expert_bar()
-    assert_same_step(plain, kt, logits_tol=bar, grads_tol=max(bar, 1e-3))
+    assert_same_step(plain, kt, logits_tol=model_rtol(bar), grads_tol=model_rtol(max(bar, 1e-3)))
     model.eval()
     export_merged(model, tmp_path, dtype=torch.float32)
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
