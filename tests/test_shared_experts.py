@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from kt_testing import isa_rounds_activations
+
 pytest.importorskip("transformers")
 
 STEPS = 2
@@ -117,9 +119,13 @@ def test_two_processes_share_one_copy_and_train_like_one(tmp_path):
     expert_lora = [n for n in rank0 if "kt_experts" in n and "lora" in n]
     assert expert_lora
     fresh = dict(_model(str(tmp_path / "ckpt")).named_parameters())
+    # With activations rounded to bf16, the ranks' halves of the batch and the single process's whole
+    # batch give gradients that differ in their last bits (summation order), and SGD at lr 0.5 makes
+    # that a few 1e-6 absolute on the parameters.
+    atol = 1e-5 if isa_rounds_activations() else 1e-6
     for name, p in single.named_parameters():
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the ranks"
-        torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
     assert all(not torch.equal(rank0[n], fresh[n].detach()) for n in expert_lora)
 
 
