@@ -172,10 +172,8 @@ def place_parts(subpools: Optional[Subpools], parts: Sequence[PackedExperts]) ->
     return list(parts)
 
 
-_TENSOR_FIELDS = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale", "gate_bias", "up_bias", "down_bias")
-
-
 def _placed(experts: PackedExperts) -> PackedExperts:
-    def copy(t):
-        return None if t is None else _C._first_touch_copy(t.contiguous())
-    return dataclasses.replace(experts, **{name: copy(getattr(experts, name)) for name in _TENSOR_FIELDS})
+    # every tensor field (weights, scales, biases), whichever PackedExperts has
+    tensors = {f.name: getattr(experts, f.name) for f in dataclasses.fields(experts)}
+    return dataclasses.replace(experts, **{name: _C._first_touch_copy(t.contiguous())
+                                           for name, t in tensors.items() if isinstance(t, torch.Tensor)})
