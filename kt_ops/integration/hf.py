@@ -146,13 +146,9 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         kt_lora = tuple(t[num_gpu:] for t in lora)
     # -1 tells kt_ops to skip the slot: the GPU experts' share, and id num_experts, which transformers'
     # experts read as "no expert" (e.g. DeepSeek-V4's hash routing, expert parallelism).
-    skip = top_k_index == self.num_experts
-    if num_gpu == 0:
-        kt_ids = torch.where(skip, -1, top_k_index)
-        out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
-    else:
-        kt_ids = torch.where((top_k_index >= num_gpu) & ~skip, top_k_index - num_gpu, -1)
-        out = kt(hidden_states, kt_ids, top_k_weights, lora=kt_lora)
+    on_kt = (top_k_index >= num_gpu) & (top_k_index != self.num_experts)
+    out = kt(hidden_states, torch.where(on_kt, top_k_index - num_gpu, -1), top_k_weights, lora=kt_lora)
+    if num_gpu > 0:
         gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
         out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
     return out.to(hidden_states.dtype)
