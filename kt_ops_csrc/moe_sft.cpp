@@ -17,6 +17,10 @@
 #include <new>
 #include <type_traits>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "formats.h"
 #include "kernels/gemm.h"
 #include "runtime/cpu.h"
@@ -374,6 +378,46 @@ class Variant {
   const int64_t I_, H_;
 };
 
+// dst [cols, rows] = src [rows, cols] transposed and converted to T (a LoRA B matrix [out, r] to
+// [r, out]). In 4 x 4 tiles, so that every store is a 16-byte run and only 4 output rows are written
+// at once: writing one element to each of the r rows per step put r stores rows * sizeof(T) bytes
+// apart, a multiple of 4 KiB for the usual sizes, into one L1 set, and the conversion took 15% of a
+// decode call. The tiles use SSE2, the x86-64 baseline this file is compiled for.
+template <typename T, typename S>
+void transpose_to(const S* src, int64_t rows, int64_t cols, T* dst) {
+  int64_t i0 = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float> && (std::is_same_v<S, float> || std::is_same_v<S, c10::BFloat16>)) {
+    const auto load4 = [](const S* p) {
+      if constexpr (std::is_same_v<S, float>) {
+        return _mm_loadu_ps(p);
+      } else {  // bf16 is the high half of an fp32
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), raw));
+      }
+    };
+    if (cols % 4 == 0) {
+      for (; i0 + 4 <= rows; i0 += 4) {
+        for (int64_t j = 0; j < cols; j += 4) {
+          __m128 r0 = load4(src + i0 * cols + j), r1 = load4(src + (i0 + 1) * cols + j);
+          __m128 r2 = load4(src + (i0 + 2) * cols + j), r3 = load4(src + (i0 + 3) * cols + j);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(dst + j * rows + i0, r0);
+          _mm_storeu_ps(dst + (j + 1) * rows + i0, r1);
+          _mm_storeu_ps(dst + (j + 2) * rows + i0, r2);
+          _mm_storeu_ps(dst + (j + 3) * rows + i0, r3);
+        }
+      }
+    }
+  }
+#endif
+  for (; i0 < rows; i0 += 4) {
+    const int64_t end = std::min(i0 + 4, rows);
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = i0; i < end; ++i) dst[j * rows + i] = static_cast<T>(src[i * cols + j]);
+  }
+}
+
 // The LoRA matrices of the experts that are hit, converted to T, with every B transposed to
 // [r, out] so that all rank-r work is a dot or an axpy over contiguous rows. Only hit experts are
 // converted, so a decode step does not touch all E experts' adapters; A matrices already in T are
@@ -407,12 +451,10 @@ class Lora {
       T* dst = storage_->data() + slot_of_expert_[e] * per_expert_ + offset_[m];
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "kt_lora_convert", [&] {
         const scalar_t* from = src.data_ptr<scalar_t>() + e * rows * cols;
-        // Separate loops so the straight copy vectorizes; the transpose writes r sequential streams.
         if (!is_b(m)) {
           for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<T>(from[i]);
         } else {
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = static_cast<T>(from[i * cols + j]);
+          transpose_to(from, rows, cols, dst);
         }
       });
     });
