@@ -115,6 +115,16 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
   }
 }
 
+// The direct decode kernels stream a panel's codes once, with few instructions per byte: the core's
+// out-of-order window then covers too few cache lines to keep the memory system busy. Fetching
+// 1 KiB ahead (as the bf16 kernel does) made the int8 kernel ~10% faster, one row from RAM.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Called once per k pair of `pair_bytes` code bytes; touches each line once.
+inline void prefetch_codes(const uint8_t* pair, int64_t kp, int64_t pair_bytes) {
+  if ((kp * pair_bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T0);
+}
+
 // One k pair of a panel's codes as fp32, in the stored row-interleaved order: vector j holds rows
 // 4j..4j+3 as (even k, odd k) lane pairs. Both int8 (2 bytes per row) and int4 (a byte per row, low
 // nibble even) unpack to that order, so one broadcast of (x[k], x[k+1]) multiplies all of them.
@@ -183,6 +193,7 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, flo
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool int8 = is_int8(w.format), zero_point = has_zero_point(w.format);
   const bool offset = !int8 && w.format != WeightFormat::Fp8;  // the 4-bit formats
+  const int64_t pair_bytes = is_byte_coded(w.format) ? 2 * kPanelRows : kPanelRows;
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
   __m256 t00 = _mm256_setzero_ps(), t01 = _mm256_setzero_ps(), t02 = _mm256_setzero_ps(), t03 = _mm256_setzero_ps();
@@ -192,6 +203,7 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, flo
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(), c03 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(), c12 = _mm256_setzero_ps(), c13 = _mm256_setzero_ps();
     for (int64_t kp = kp_begin; kp < kp_end; ++kp) {
+      prefetch_codes(w.data + (panel * Kp + kp) * pair_bytes, kp, pair_bytes);
       const PairCodes q = pair_codes(w, panel * Kp + kp, int8);
       const __m256 x0 = x_pair(a0, 2 * kp, K);
       c00 = _mm256_fmadd_ps(x0, q.v0, c00);
@@ -340,6 +352,7 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
       __m256i acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int64_t kp = c0; kp < c1; ++kp) {
+        prefetch_codes(reinterpret_cast<const uint8_t*>(codes + kp * kPanelRows * 2), kp, 2 * kPanelRows);
         const __m256i w0 = load_codes16(codes + kp * kPanelRows * 2);
         const __m256i w1 = load_codes16(codes + kp * kPanelRows * 2 + 16);
         for (int r = 0; r < MR; ++r) {
