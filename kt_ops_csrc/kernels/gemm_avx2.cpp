@@ -12,6 +12,9 @@
 
 #include "gemm.h"
 #include "kernel_local.h"
+#define KT_REPACK_AVX2
+#include "gemm_repack.inc"
+#undef KT_REPACK_AVX2
 
 namespace kt {
 namespace {
@@ -94,75 +97,28 @@ void nt_rows(const float* const* a, int k_begin, int k_end, const uint16_t* pane
   nt_block<MR>(a, k_begin, k_end, panel, c, ldc, accumulate);
 }
 
-void gemm_nt_avx2(const float* const* a_rows, int m, int K, const uint16_t* w, int p0, int np, float* c) {
+// C[i, 0..16) = A[i] . panel^T for rows i < m, the reduction [0, K) in slices whose part of the
+// panel stays in L1 while every row block passes over it. A rows have K elements.
+void nt_panel(const float* const* a_rows, int m, int K, const uint16_t* panel, float* c, int ldc) {
   using RowsFn = void (*)(const float* const*, int, int, const uint16_t*, float*, int, bool);
   static constexpr RowsFn kTail[kNtRows] = {nullptr, nt_rows<1>, nt_rows<2>, nt_rows<3>, nt_rows<4>, nt_rows<5>};
+  for (int k0 = 0; k0 < K; k0 += kNtDepth) {
+    const int k1 = min_int(K, k0 + kNtDepth);
+    const bool accumulate = k0 > 0;
+    int i = 0;
+    for (; i + kNtRows <= m; i += kNtRows)
+      nt_block<kNtRows>(a_rows + i, k0, k1, panel, c + static_cast<int64_t>(i) * ldc, ldc, accumulate);
+    if (i < m) kTail[m - i](a_rows + i, k0, k1, panel, c + static_cast<int64_t>(i) * ldc, ldc, accumulate);
+  }
+}
+
+void gemm_nt_avx2(const float* const* a_rows, int m, int K, const uint16_t* w, int p0, int np, float* c) {
   const int ldc = np * kPanelRows;
-  for (int p = 0; p < np; ++p) {
-    const uint16_t* panel = w + static_cast<int64_t>(p0 + p) * k_pairs(K) * 2 * kPanelRows;
-    for (int k0 = 0; k0 < K; k0 += kNtDepth) {
-      const int k1 = min_int(K, k0 + kNtDepth);
-      const bool accumulate = k0 > 0;
-      int i = 0;
-      for (; i + kNtRows <= m; i += kNtRows)
-        nt_block<kNtRows>(a_rows + i, k0, k1, panel, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc, accumulate);
-      if (i < m) kTail[m - i](a_rows + i, k0, k1, panel, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc, accumulate);
-    }
-  }
+  for (int p = 0; p < np; ++p)
+    nt_panel(a_rows, m, K, w + static_cast<int64_t>(p0 + p) * k_pairs(K) * 2 * kPanelRows, c + p * kPanelRows, ldc);
 }
 
-
-// Dot-product form: for output column k the 16 weights of a panel are contiguous in n, so each
-// accumulator holds 8 partial sums over n, reduced once per reduction chunk. A block of 4 rows x
-// 2 columns (8 accumulators) reuses each A vector twice and each widened weight vector 4 times.
-constexpr int kNnRows = 4;
-constexpr int kNnCols = 2;
-constexpr int kNnChunkPanels = 64;  // 1024 n: 4 rows of A (16 KiB fp32) stay in L1 across columns
-
-#define KT_ROWS4(X) X(0) X(1) X(2) X(3)
-
-template <int MR, int KR>
-inline void nn_block(const float* const* a, int p_begin, int p_end, const uint16_t* w, int K, int k,
-                     float* c, int ldc) {
-  static_assert(KR == 1 || KR == 2, "nn_block computes one or two output columns");
-#define KT_DECLARE(i)                                                   \
-  __m256 acc##i##0 = _mm256_setzero_ps(), acc##i##1 = _mm256_setzero_ps(); \
-  const float* a##i = a[i < MR ? i : 0];
-  KT_ROWS4(KT_DECLARE)
-#undef KT_DECLARE
-  for (int p = p_begin; p < p_end; ++p) {
-    // Column k (even) and k + 1 come from the same pair loads.
-    const uint16_t* src = w + (static_cast<int64_t>(p) * k_pairs(K) + k / 2) * 2 * kPanelRows;
-    const __m256i pairs_lo = load_pairs(src), pairs_hi = load_pairs(src + kPanelRows);
-    const __m256 w0_lo = widen_even(pairs_lo), w0_hi = widen_even(pairs_hi);
-    const __m256 w1_lo = KR == 2 ? widen_odd(pairs_lo) : _mm256_setzero_ps();
-    const __m256 w1_hi = KR == 2 ? widen_odd(pairs_hi) : _mm256_setzero_ps();
-#define KT_FMA(i)                                                            \
-  if (i < MR) {                                                              \
-    const __m256 x_lo = _mm256_loadu_ps(a##i + p * kPanelRows);              \
-    const __m256 x_hi = _mm256_loadu_ps(a##i + p * kPanelRows + 8);          \
-    acc##i##0 = _mm256_fmadd_ps(x_hi, w0_hi, _mm256_fmadd_ps(x_lo, w0_lo, acc##i##0)); \
-    if (KR == 2) acc##i##1 = _mm256_fmadd_ps(x_hi, w1_hi, _mm256_fmadd_ps(x_lo, w1_lo, acc##i##1)); \
-  }
-    KT_ROWS4(KT_FMA)
-#undef KT_FMA
-  }
-#define KT_STORE(i)                                    \
-  if (i < MR) {                                        \
-    c[i * ldc] += hsum(acc##i##0);                     \
-    if (KR == 2) c[i * ldc + 1] += hsum(acc##i##1);    \
-  }
-  KT_ROWS4(KT_STORE)
-#undef KT_STORE
-}
-
-template <int MR>
-void nn_rows(const float* const* a, int p_begin, int p_end, const uint16_t* w, int K, int k0, int kc,
-             float* c, int ldc) {
-  int j = 0;
-  for (; j + kNnCols <= kc; j += kNnCols) nn_block<MR, kNnCols>(a, p_begin, p_end, w, K, k0 + j, c + j, ldc);
-  for (; j < kc; ++j) nn_block<MR, 1>(a, p_begin, p_end, w, K, k0 + j, c + j, ldc);
-}
+constexpr int kNnRows = 4;  // up to this many rows gemm_nn streams W once (nn_few)
 
 // Few rows (the backward of a decode step): the dot-product form above walks each column pair down
 // all panels, a stride of a whole panel (tens of KiB) per load, which the prefetchers do not follow;
@@ -205,26 +161,43 @@ void nn_few(const float* const* a, int panels, const uint16_t* w, int K, int k0,
   }
 }
 
+// More rows: the wanted columns are repacked into transposed panels (gemm_repack.inc: n_padded x 16
+// bf16 per 16 columns, 64 KiB at n = 2048, so a 64-column task's block stays in L2) and the nt
+// micro-kernel runs on them: 12 FMAs per two widened weight loads, where the dot-product form
+// (4 rows x 2 columns per pass over n) needed 8 activation loads per 16 FMAs plus a horizontal sum
+// per output. The repack is one pass over the block; all m rows reuse it.
+void nn_repacked(const float* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0, int kc,
+                 float* c, int ldc) {
+  const int kp = n_padded / 2;  // n_padded is a multiple of 16
+  const int np = (kc + kPanelRows - 1) / kPanelRows;
+  const int64_t panel_elems = static_cast<int64_t>(kp) * kRepackPairElems;
+  const size_t b_bytes = sizeof(uint16_t) * static_cast<size_t>(np) * panel_elems;  // a multiple of 64
+  char* buffer = static_cast<char*>(scratch_bytes(b_bytes + sizeof(float) * kPanelRows * static_cast<size_t>(m)));
+  uint16_t* panels = reinterpret_cast<uint16_t*>(buffer);
+  float* last = reinterpret_cast<float*>(buffer + b_bytes);  // a partial last panel's 16 columns
+  for (int p = 0; p < np; ++p)
+    repack_nn_panel(w, k_pairs(K), n_padded, kp, k0 + p * kPanelRows, min_int(kPanelRows, kc - p * kPanelRows),
+                    panels + p * panel_elems);
+  for (int p = 0; p < np; ++p) {
+    const int cols = min_int(kPanelRows, kc - p * kPanelRows);
+    if (cols == kPanelRows) {
+      nt_panel(a_rows, m, n_padded, panels + p * panel_elems, c + p * kPanelRows, ldc);
+      continue;
+    }
+    nt_panel(a_rows, m, n_padded, panels + p * panel_elems, last, kPanelRows);
+    for (int i = 0; i < m; ++i)
+      std::memcpy(c + static_cast<int64_t>(i) * ldc + p * kPanelRows, last + i * kPanelRows, sizeof(float) * cols);
+  }
+}
+
 void gemm_nn_avx2(const float* const* a_rows, int m, int n_padded, const uint16_t* w, int K, int k0, int kc,
                   float* c, int ldc) {
   using FewFn = void (*)(const float* const*, int, const uint16_t*, int, int, int, float*, int);
   static constexpr FewFn kFew[kNnRows + 1] = {nullptr, nn_few<1>, nn_few<2>, nn_few<3>, nn_few<4>};
-  if (m >= 1 && m <= kNnRows) {
-    kFew[m](a_rows, n_padded / kPanelRows, w, K, k0, kc, c, ldc);
-    return;
-  }
-  using RowsFn = void (*)(const float* const*, int, int, const uint16_t*, int, int, int, float*, int);
-  static constexpr RowsFn kRows[kNnRows + 1] = {nullptr, nn_rows<1>, nn_rows<2>, nn_rows<3>, nn_rows<4>};
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < kc; ++j) c[static_cast<int64_t>(i) * ldc + j] = 0.0f;
-  const int panels = n_padded / kPanelRows;
-  for (int pc = 0; pc < panels; pc += kNnChunkPanels) {
-    const int pe = min_int(panels, pc + kNnChunkPanels);
-    for (int i = 0; i < m; i += kNnRows) {
-      const int rows = min_int(kNnRows, m - i);
-      kRows[rows](a_rows + i, pc, pe, w, K, k0, kc, c + static_cast<int64_t>(i) * ldc, ldc);
-    }
-  }
+  if (m <= 0 || kc <= 0) return;
+  if (n_padded <= 0) return zero_rows(c, m, kc, ldc);
+  if (m <= kNnRows) return kFew[m](a_rows, n_padded / kPanelRows, w, K, k0, kc, c, ldc);
+  nn_repacked(a_rows, m, n_padded, w, K, k0, kc, c, ldc);
 }
 
 // Four independent accumulators hide the FMA latency of the reduction.

@@ -127,6 +127,10 @@ int main(int argc, char** argv) {
   tables.push_back({"amx (simde, emulated tiles)", amx_kernels_f32(), true});
 #else
   // The real kernels, where this CPU runs them.
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    tables.push_back({"avx2", avx2_kernels_f32(), false});
+  else
+    std::printf("avx2: not run (no AVX2 + FMA here)\n");
   unsigned a, b, c, d;
   __cpuid_count(7, 0, a, b, c, d);
   const bool amx = (d & (1u << 22)) && (d & (1u << 24));

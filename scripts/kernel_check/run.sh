@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kernel-level checks of the GEMM tables, outside Python, under AddressSanitizer + UBSan:
 #   quant:  the int8 integer-dot decode tables and the fp8 dequantization (quant_harness.cpp);
-#   native: ref, amx-emu, and the real avx512 / avx512-bf16 / amx kernels where this CPU runs them;
+#   native: ref, amx-emu, and the real avx2 / avx512 / avx512-bf16 / amx kernels where this CPU runs them;
 #           and avx512-bf16-emu (the AVX512_BF16 source on SIMDe) where SIMDe is installed;
 #   simde:  if SIMDe is installed (Debian/Ubuntu: libsimde-dev), the avx512, avx512-bf16 and amx
 #           sources again with the AVX-512 intrinsics on SIMDe (portable C, kernels/gemm_simde.h) and
@@ -17,7 +17,7 @@ flags=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -W
 iters="${1:-200}"
 
 g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_avx512.cpp" "$k/gemm_amx.cpp" \
-  "$k/gemm_avx512_emu.cpp" -o "$out/native"
+  "$k/gemm_avx512_emu.cpp" "$k/gemm_avx2.cpp" -o "$out/native"
 echo "== native"
 "$out/native" "$iters"
 
