@@ -120,8 +120,8 @@ void gemm_nt_avx2(const float* const* a_rows, int m, int K, const uint16_t* w, i
 
 constexpr int kNnRows = 4;  // up to this many rows gemm_nn streams W once (nn_few)
 
-// Few rows (the backward of a decode step): the dot-product form above walks each column pair down
-// all panels, a stride of a whole panel (tens of KiB) per load, which the prefetchers do not follow;
+// Few rows (the backward of a decode step): a dot-product form that walks each column pair down all
+// panels loads with a stride of a whole panel (tens of KiB), which the prefetchers do not follow;
 // with one row per expert nothing amortizes it. Here the weights are read in memory order: per panel
 // the block's k pairs are consecutive 64-byte lines, and each line's widened halves are multiplied by
 // the panel's 16 activations into per-(row, k pair) lane sums kept in L1, folded once at the end.
@@ -175,9 +175,7 @@ void nn_repacked(const float* const* a_rows, int m, int n_padded, const uint16_t
   char* buffer = static_cast<char*>(scratch_bytes(b_bytes + sizeof(float) * kPanelRows * static_cast<size_t>(m)));
   uint16_t* panels = reinterpret_cast<uint16_t*>(buffer);
   float* last = reinterpret_cast<float*>(buffer + b_bytes);  // a partial last panel's 16 columns
-  for (int p = 0; p < np; ++p)
-    repack_nn_panel(w, k_pairs(K), n_padded, kp, k0 + p * kPanelRows, min_int(kPanelRows, kc - p * kPanelRows),
-                    panels + p * panel_elems);
+  repack_nn_columns(w, K, n_padded, k0, kc, panels);
   for (int p = 0; p < np; ++p) {
     const int cols = min_int(kPanelRows, kc - p * kPanelRows);
     if (cols == kPanelRows) {
