@@ -28,12 +28,6 @@ constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
-template <typename T>
-T* thread_scratch(size_t size) {
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer.data();
-}
 
 // Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
@@ -160,8 +154,8 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
   return {format_, data_ + expert * expert_bytes_, scales_ + expert * expert_scales_, cols_, groups_};
 }
 
-const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp) const {
-  uint16_t* out = thread_scratch<uint16_t>(np * nkp * kPanelRows * 2);
+const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp,
+                                           uint16_t* out) const {
   dequant_kernels().dequant(matrix(expert), p0, np, kp0, nkp, out);
   return out;
 }
@@ -177,17 +171,16 @@ bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, in
   return true;
 }
 
-const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const {
-  if (format_ == WeightFormat::Bf16) {
-    first_panel = p0;
-    return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_);
-  }
-  first_panel = 0;
-  return dequantized(expert, p0, np, 0, k_pairs(cols_));
+const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& panel_stride,
+                                         uint16_t* buffer) const {
+  panel_stride = k_pairs(cols_) * 2 * kPanelRows;
+  if (format_ == WeightFormat::Bf16)
+    return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_) + p0 * panel_stride;
+  return dequantized(expert, p0, np, 0, k_pairs(cols_), buffer);
 }
 
 const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total,
-                                         int64_t& k_first) const {
+                                         int64_t& k_first, uint16_t* buffer) const {
   if (format_ == WeightFormat::Bf16) {
     k_total = cols_;
     k_first = k0;
@@ -196,7 +189,7 @@ const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc,
   const int64_t kp0 = k0 / 2, nkp = k_pairs(k0 + kc) - kp0;
   k_total = 2 * nkp;
   k_first = 0;
-  return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp);
+  return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp, buffer);
 }
 
 namespace {

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "kernels/gemm.h"
 #include "kernels/quant.h"
 
 namespace kt {
@@ -30,14 +31,24 @@ class ExpertWeights {
 
   // gemm_nt straight on quantized codes for a few rows (see quant.h); false when not applicable.
   bool gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np, float* c) const;
-  // Panels [p0, p0 + np) over all K, for gemm_nt. Sets first_panel to the panel index to pass.
-  const uint16_t* nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& first_panel) const;
-  // All panels, columns [k0, k0 + kc) (k0 even), for gemm_nn. Sets k_total / k_first to pass.
-  const uint16_t* nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first) const;
+  // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the
+  // packed weights themselves, or (quantized formats) dequantized into `buffer`, which has room for
+  // nt_buffer_elems(np) values.
+  const uint16_t* nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& panel_stride, uint16_t* buffer) const;
+  int64_t nt_buffer_elems(int64_t np) const { return np * k_pairs(cols_) * 2 * kPanelRows; }
+  // All panels, columns [k0, k0 + kc) (k0 even), for repack_nn: W[n, k0 + c] is column k_first + c
+  // of the returned panels, which hold k_pairs(k_total) pairs each; quantized formats are dequantized
+  // into `buffer` (room for nn_buffer_elems(kc) values).
+  const uint16_t* nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first,
+                            uint16_t* buffer) const;
+  int64_t nn_buffer_elems(int64_t kc) const { return padded_rows(rows_) * (k_pairs(kc) + 1) * 2; }
+  bool is_bf16() const { return format_ == WeightFormat::Bf16; }
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
 
  private:
   QuantMatrix matrix(int64_t expert) const;
-  const uint16_t* dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp) const;
+  const uint16_t* dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) const;
 
   WeightFormat format_;
   const uint8_t* data_;

@@ -1,25 +1,23 @@
 // MoE expert computation with LoRA on gate/up/down: forward and backward (see kt_ops/reference.py for
-// the math). The ISA-specific part is only the two GEMM shapes of kernels/gemm.h; this file does the
-// routing (counting sort of (token, slot) pairs by expert), the LoRA rank-r products, the
-// activation, and the reductions, with fp32 accumulation (fp64 for verification runs).
+// the math). The ISA-specific part is the kernel table of kernels/gemm.h (one GEMM shape on panels,
+// the activation, conversions); this file does the routing (counting sort of (token, slot) pairs by
+// expert), the gathering of activations into per-expert rows, the task structure and the reductions,
+// with fp32 accumulation (fp64 for verification runs).
 //
-// Every per-pair intermediate is stored in pair order p = t * k + j, so backward can be fed the
+// Every per-pair tensor the op returns is in pair order p = t * k + j, so backward can be fed the
 // tensors forward returned without any hidden state, and their sizes follow from input shapes.
 #include "moe_sft.h"
 
-#include <c10/util/ParallelGuard.h>
-
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <type_traits>
-
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
 
 #include "formats.h"
 #include "kernels/gemm.h"
@@ -28,12 +26,6 @@
 
 namespace kt {
 namespace {
-
-constexpr int64_t kRowsPerTask = 64;       // rows of one expert handled by one GEMM task
-constexpr int64_t kPanelsPerTask = 4;      // 64 output columns per gate/up/down forward task
-constexpr int64_t kColsPerNnTask = 64;     // output columns per backward GEMM task
-constexpr int64_t kPairsPerTask = 8;       // per-pair elementwise / rank-r work
-constexpr int64_t kTokensPerTask = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Input validation: every check names the argument and the expectation.
@@ -216,30 +208,6 @@ Routing route(const Tensor& ids, int64_t E) {
   return routing;
 }
 
-// A GEMM task: rows [row_begin, row_end) of one expert's routed pairs, one block of output columns.
-struct GemmTask {
-  int64_t expert, row_begin, row_end, col_begin, col_end;
-};
-
-std::vector<GemmTask> gemm_tasks(const Routing& routing, int64_t cols, int64_t cols_per_task) {
-  std::vector<GemmTask> tasks;
-  for (int64_t e : routing.hit_experts) {
-    for (int64_t r0 = routing.offsets[e]; r0 < routing.offsets[e + 1]; r0 += kRowsPerTask) {
-      const int64_t r1 = std::min(routing.offsets[e + 1], r0 + kRowsPerTask);
-      for (int64_t c0 = 0; c0 < cols; c0 += cols_per_task) tasks.push_back({e, r0, r1, c0, std::min(cols, c0 + cols_per_task)});
-    }
-  }
-  return tasks;
-}
-
-template <typename T>
-std::vector<T>& scratch(int slot, size_t size) {
-  thread_local std::vector<T> buffers[4];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer;
-}
-
 // A large per-call buffer whose pages survive the call: a fresh multi-megabyte allocation costs
 // page faults and zero-filling every time, which at decode is as much as the LoRA math itself.
 // Released buffers wait in a small process-wide free list (concurrent calls each get their own); a
@@ -332,23 +300,317 @@ void zero_skipped_pairs(const Routing& routing, T* data, int64_t planes, int64_t
         std::fill(data + (plane * pairs + p) * width, data + (plane * pairs + p + 1) * width, T(0));
 }
 
-// Torch ops are not called from pool tasks (they would start their own threads inside ours).
-// Writes a [rows, cols] block into dst (contiguous) at offset; with src_transposed, src holds it as
-// [cols, rows].
-template <typename T>
-void store_rows(const T* src, int64_t rows, int64_t cols, bool src_transposed, const Tensor& dst, int64_t offset) {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "kt_store_rows", [&] {
-    scalar_t* out = dst.data_ptr<scalar_t>() + offset;
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        out[i * cols + j] = static_cast<scalar_t>(src_transposed ? src[j * rows + i] : src[i * cols + j]);
-  });
+// ---------------------------------------------------------------------------------------------
+// Work layout. Row i of an expert's work is the i-th routed pair of route()'s order, so each expert
+// owns a contiguous range of rows. The GEMM inputs are gathered once per call into row buffers in
+// that order, in the activation type of the ISA (kernels/gemm.h: bf16 bits on rounding ISAs, exact
+// T elsewhere), padded as gemm.h requires; every product then runs on them in place. The rank-r
+// LoRA products and the LoRA gradients are GEMMs too: their matrices are packed into activation
+// panels once per call (LoraPanels), and the row-reduced LoRA gradients take their B operand as
+// panels built from these rows (pack_cols) inside the task that needs them.
+//
+// Tasks: one per (expert, block of kColsPerTask output columns), all of the expert's rows inside, in
+// chunks of kChunkRows, so the block's weight panels are read from RAM once per call and stay in L2
+// across the chunks. Every output element is written by one task in a fixed order: results do not
+// depend on the thread count.
+
+constexpr int64_t kColsPerTask = 64;
+constexpr int64_t kPanelsPerTask = kColsPerTask / kPanelRows;
+constexpr int64_t kChunkRows = 256;
+constexpr int64_t kRowsPerTask = 32;   // gathers and other per-row passes
+constexpr int64_t kTokensPerTask = 16;
+constexpr int64_t kMaxStackRank = 256;  // rank-r rows up to this rank live on the stack
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows of a row buffer holding R rows: a GEMM on rows [c0, c0 + m) may read up to row
+// c0 + row_capacity(m) (gemm.h), whatever c0.
+int64_t row_buffer(int64_t R) { return R + kRowAlign; }
+
+// Per-thread grow-only buffers, 64-byte aligned (pool threads live as long as the process). A task
+// uses each slot for one purpose at a time.
+enum Slot { kStageA, kStageB, kWeightsA, kWeightsB, kPanels, kConvert, kSlots };
+
+template <typename U>
+U* task_buffer(Slot slot, size_t count) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[kSlots];
+  Buffer& b = buffers[slot];
+  const size_t bytes = std::max<size_t>((count * sizeof(U) + 63) / 64 * 64, 64);
+  if (b.bytes < bytes) {
+    std::free(b.data);
+    b.data = nullptr;
+    b.bytes = 0;
+    b.data = std::aligned_alloc(64, bytes);
+    if (b.data == nullptr) throw std::bad_alloc();
+    b.bytes = bytes;
+  }
+  return static_cast<U*>(b.data);
 }
 
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+void parallel_for(int64_t count, const std::function<void(int64_t)>& task) {
+  ThreadPool::instance().parallel_for(count, task);
 }
+
+// (expert, column block) tasks over `cols` output columns.
+struct BlockTask {
+  int64_t expert, block;
+};
+
+std::vector<BlockTask> block_tasks(const Routing& routing, int64_t cols) {
+  std::vector<BlockTask> tasks;
+  for (int64_t e : routing.hit_experts)
+    for (int64_t b = 0; b * kColsPerTask < cols; ++b) tasks.push_back({e, b});
+  return tasks;
+}
+
+// Rows of a [rows, n] tensor of T, bf16 or another float type (converted to T once), as activations
+// or as exact T values.
+template <typename T, typename Act>
+class RowSource {
+  static constexpr bool kSplitAct = sizeof(Act) == 2;
+
+ public:
+  RowSource(const Tensor& t, int64_t n) : n_(n) {
+    const auto dtype = c10::CppTypeToScalarType<T>::value;
+    tensor_ = t.scalar_type() == at::kBFloat16 || t.scalar_type() == dtype ? t.contiguous() : as_reused(t, dtype);
+    if (tensor_.scalar_type() == dtype)
+      values_ = tensor_.data_ptr<T>();
+    else
+      bf16_ = static_cast<const uint16_t*>(tensor_.data_ptr());
+  }
+  void to_act(const Kernels<T, Act>& k, int64_t row, Act* dst, int64_t n_padded) const {
+    if (bf16_)
+      k.bf16_to_act(bf16_ + row * n_, n_, dst, n_padded);
+    else
+      k.to_act(values_ + row * n_, n_, dst, n_padded);
+  }
+  // Whether to_act is exact (bf16 rows into bf16 activations, or exact activation types).
+  bool exact_in(const Kernels<T, Act>&) const { return bf16_ != nullptr || !kSplitAct; }
+  // What to_act left out of row `row` (see to_act_residual); only needed where exact_in is false.
+  void residual(const Kernels<T, Act>& k, int64_t row, Act* dst, int64_t n_padded) const {
+    k.to_act_residual(values_ + row * n_, n_, dst, n_padded);
+  }
+  // Columns [c0, c0 + count) of row `row` in T: in place, or widened from bf16 into `scratch`.
+  const T* segment(int64_t row, int64_t c0, int64_t count, T* scratch) const {
+    if (values_) return values_ + row * n_ + c0;
+    const uint16_t* src = bf16_ + row * n_ + c0;
+    for (int64_t c = 0; c < count; ++c) scratch[c] = widen(src[c]);
+    return scratch;
+  }
+  const T* row_values(int64_t row, T* scratch) const { return segment(row, 0, n_, scratch); }
+  T value(int64_t row, int64_t col) const { return values_ ? values_[row * n_ + col] : widen(bf16_[row * n_ + col]); }
+
+ private:
+  static T widen(uint16_t bits) {
+    const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &widened, sizeof(f));
+    return static_cast<T>(f);
+  }
+  Tensor tensor_;
+  const T* values_ = nullptr;
+  const uint16_t* bf16_ = nullptr;
+  int64_t n_;
+};
+
+// Split bf16 (rounding ISAs): a value v is the sum hi + lo of two bf16 numbers (hi = bf16(v), lo =
+// bf16(v - hi)), exact to about 2^-17 relative. The LoRA products use it for the LoRA matrices and
+// the rank-r intermediates, so that on these ISAs only the activations (the base GEMMs' inputs) are
+// rounded, at the cost of two or three bf16 products per LoRA product, which the GEMMs absorb:
+//   expansion   V . B^T  ~ [Vhi, Vlo, Vhi] . [Bhi, Bhi, Blo]^T   (3 r along the reduction)
+//   contraction X . A^T  ~ X . [Ahi; Alo]^T, the two halves of the result summed   (2 r outputs)
+// (the dropped Vlo . Blo is below 2^-16 relative). Exact ISAs (Act = T) use v itself.
+inline uint16_t round_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+inline float bf16_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &widened, sizeof(f));
+  return f;
+}
+inline uint16_t bf16_lo(float x, uint16_t hi) {
+  const float rest = x - bf16_float(hi);
+  return std::isfinite(rest) ? round_bf16(rest) : uint16_t(0);
+}
+
+template <typename Act>
+constexpr bool kSplit = sizeof(Act) == 2;
+// The reduction width of an expansion over rank n, and the outputs of a contraction to rank n.
+template <typename Act>
+constexpr int64_t expansion_width(int64_t n) { return kSplit<Act> ? 3 * n : n; }
+template <typename Act>
+constexpr int64_t contraction_width(int64_t n) { return kSplit<Act> ? 2 * n : n; }
+
+// An expansion's A row: [hi, lo, hi] of v (split) or v itself, zero from expansion_width(n) to
+// n_padded.
+template <typename T, typename Act>
+void expansion_row(const Kernels<T, Act>& k, const T* v, int64_t n, Act* dst, int64_t n_padded) {
+  if constexpr (kSplit<Act>) {
+    for (int64_t q = 0; q < n; ++q) {
+      const uint16_t hi = round_bf16(static_cast<float>(v[q]));
+      dst[q] = dst[2 * n + q] = hi;
+      dst[n + q] = bf16_lo(static_cast<float>(v[q]), hi);
+    }
+    std::fill(dst + 3 * n, dst + n_padded, Act(0));
+  } else {
+    k.to_act(v, n, dst, n_padded);
+  }
+}
+
+// The rank-r matrices of the hit experts in the forms the products read, built once per call. A job
+// takes, for every hit expert, one LoRA matrix or two stacked ([Ag; Au]) as M [rows, cols] and makes
+//   Rows:        activation panels (gemm.h) of B = M [N = rows, K = cols], for C = A . B^T;
+//   Cols:        activation panels of B with M = B^T [K = rows, N = cols];
+//   Values:      M itself in T, row-major (the stored layout: read in place when already T);
+//   Transposed:  M^T in T, row-major.
+// A panel job's Role says how its B takes part in the split bf16 products (above): as the B of an
+// expansion (K tripled: [Bhi, Bhi, Blo]) or of a contraction (N doubled: [Bhi; Blo]).
+// The T forms are the `m` of the kernels' contract (rank-r products of h, dg and du, kept exact).
+template <typename T, typename Act>
+class LoraPanels {
+ public:
+  enum Kind { Rows, Cols, Values, Transposed };
+  enum Role { Expansion, Contraction, Plain };
+  struct Job {
+    std::vector<int> sources;  // indices into the six LoRA tensors (Which)
+    Kind kind;
+    Role role = Plain;
+  };
+  enum Which { GateA, GateB, UpA, UpB, DownA, DownB };
+
+  LoraPanels(const Kernels<T, Act>& k, const LoraArgs& args, const Routing& routing, std::vector<Job> jobs)
+      : jobs_(std::move(jobs)) {
+    const Tensor* all[6] = {&args.gate_a, &args.gate_b, &args.up_a, &args.up_b, &args.down_a, &args.down_b};
+    slot_of_expert_.assign(args.gate_a.size(0), -1);
+    const int64_t hits = routing.hit_experts.size();
+    for (int64_t i = 0; i < hits; ++i) slot_of_expert_[routing.hit_experts[i]] = i;
+    int64_t act_total = 0, value_total = 0;
+    for (size_t j = 0; j < jobs_.size(); ++j) {
+      Layout& l = layouts_[j];
+      for (int m : jobs_[j].sources) {
+        if (!sources_[m]) sources_[m].emplace(*all[m], all[m]->size(2));
+        l.rows += all[m]->size(1);
+        l.cols = all[m]->size(2);
+      }
+      const Kind kind = jobs_[j].kind;
+      if (kind == Values && jobs_[j].sources.size() == 1 && all[jobs_[j].sources[0]]->scalar_type() == dtype() &&
+          all[jobs_[j].sources[0]]->is_contiguous()) {
+        l.in_place = all[jobs_[j].sources[0]]->template data_ptr<T>();  // no copy: the parameter is the matrix
+        l.per_expert = l.rows * l.cols;
+        continue;
+      }
+      if (kind == Values || kind == Transposed) {
+        l.per_expert = l.rows * l.cols;
+        l.offset = value_total;
+        value_total += hits * l.per_expert;
+        continue;
+      }
+      int64_t N = kind == Rows ? l.rows : l.cols, K = kind == Rows ? l.cols : l.rows;
+      if (jobs_[j].role == Expansion) K = expansion_width<Act>(K);
+      if (jobs_[j].role == Contraction) N = contraction_width<Act>(N);
+      l.stride = act_panel_elems(K);
+      l.per_expert = ceil_div(N, kPanelRows) * l.stride;
+      l.offset = act_total;
+      act_total += hits * l.per_expert;
+    }
+    panels_ = std::make_unique<ReusedBuffer<Act>>(std::max<int64_t>(act_total, 1));
+    values_ = std::make_unique<ReusedBuffer<T>>(std::max<int64_t>(value_total, 1));
+    const int64_t njobs = jobs_.size();
+    parallel_for(hits * njobs, [&](int64_t task) {
+      const int64_t slot = task / njobs, j = task % njobs, e = routing.hit_experts[slot];
+      if (!layouts_[j].in_place) build(k, j, e, slot, all);
+    });
+  }
+  // Expert e's panels of a Rows / Cols job, panel_stride(j) elements apart.
+  const Act* get(int j, int64_t expert) const {
+    return panels_->data() + layouts_[j].offset + slot_of_expert_[expert] * layouts_[j].per_expert;
+  }
+  int64_t panel_stride(int j) const { return layouts_[j].stride; }
+  // Expert e's matrix of a Values / Transposed job.
+  const T* values(int j, int64_t expert) const {
+    const Layout& l = layouts_[j];
+    if (l.in_place) return l.in_place + expert * l.per_expert;
+    return values_->data() + l.offset + slot_of_expert_[expert] * l.per_expert;
+  }
+
+ private:
+  static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
+  struct Layout {
+    int64_t rows = 0, cols = 0, stride = 0, per_expert = 0, offset = 0;
+    const T* in_place = nullptr;
+  };
+
+  void build(const Kernels<T, Act>& k, int64_t j, int64_t e, int64_t slot, const Tensor* const* all) {
+    const Layout& l = layouts_[j];
+    const Job& job = jobs_[j];
+    const int64_t rows = l.rows, cols = l.cols;
+    // M in T, row-major.
+    T* m = task_buffer<T>(kConvert, rows * cols);
+    int64_t row = 0;
+    for (int source : job.sources) {
+      const int64_t n = all[source]->size(1);
+      for (int64_t i = 0; i < n; ++i, ++row) {
+        const T* values = sources_[source]->row_values(e * n + i, m + row * cols);
+        if (values != m + row * cols) std::copy_n(values, cols, m + row * cols);
+      }
+    }
+    if (job.kind == Values || job.kind == Transposed) {
+      T* dst = values_->data() + l.offset + slot * l.per_expert;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) (job.kind == Values ? dst[r * cols + c] : dst[c * rows + r]) = m[r * cols + c];
+      return;
+    }
+    // M' in Act: M split for its role (see above), then packed.
+    const bool split = kSplit<Act> && job.role != Plain;
+    const int64_t copies = !split ? 1 : job.role == Expansion ? 3 : 2;
+    // The split copies go along K for an expansion and along N for a contraction; for Rows, K is a
+    // row of M (copies side by side), for Cols it is a column of M (copies stacked).
+    const bool side_by_side = (job.kind == Rows) == (job.role == Expansion);
+    const int64_t out_rows = side_by_side ? rows : copies * rows, out_cols = side_by_side ? copies * cols : cols;
+    Act* mp = task_buffer<Act>(kStageA, out_rows * out_cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const T v = m[r * cols + c];
+        for (int64_t copy = 0; copy < copies; ++copy) {
+          Act part;
+          if constexpr (kSplit<Act>) {
+            const uint16_t hi = round_bf16(static_cast<float>(v));
+            // Expansion copies: hi, hi, lo; contraction copies: hi, lo.
+            const bool lo = split && (job.role == Expansion ? copy == 2 : copy == 1);
+            part = lo ? bf16_lo(static_cast<float>(v), hi) : hi;
+          } else {
+            part = static_cast<Act>(v);
+          }
+          if (side_by_side)
+            mp[r * out_cols + copy * cols + c] = part;
+          else
+            mp[(copy * rows + r) * out_cols + c] = part;
+        }
+      }
+    Act* dst = panels_->data() + l.offset + slot * l.per_expert;
+    if (job.kind == Rows)
+      k.pack_rows(mp, out_cols, out_rows, out_cols, dst, l.stride);
+    else
+      k.pack_cols(mp, out_cols, out_rows, out_cols, dst, l.stride);
+  }
+
+  std::vector<Job> jobs_;
+  Layout layouts_[6];
+  std::optional<RowSource<T, Act>> sources_[6];  // one per LoRA tensor a job reads
+  std::vector<int64_t> slot_of_expert_;
+  std::unique_ptr<ReusedBuffer<Act>> panels_;
+  std::unique_ptr<ReusedBuffer<T>> values_;
+};
 
 // VariantArgs checked and converted to T (biases are [E, I] / [E, H]: small, converted whole).
 template <typename T>
@@ -356,9 +618,8 @@ class Variant {
  public:
   Variant(const VariantArgs& v, const Shapes& s)
       : kind(check_variant(v, s.E, s.H, s.I)),
-        alpha(kind == Activation::ClampedSilu ? T(1) : static_cast<T>(v.alpha)),
-        up_offset(kind == Activation::ClampedSilu ? T(0) : T(1)),
-        limit(static_cast<T>(v.limit)),
+        glu{kind != Activation::Silu, kind == Activation::ClampedSilu ? T(1) : static_cast<T>(v.alpha),
+            kind == Activation::ClampedSilu ? T(0) : T(1), static_cast<T>(v.limit)},
         gate_(convert(v.gate_bias)), up_(convert(v.up_bias)), down_(convert(v.down_bias)), I_(s.I), H_(s.H) {}
 
   // The expert's bias row, or nullptr without that bias.
@@ -367,8 +628,7 @@ class Variant {
   const T* down_bias(int64_t e) const { return down_.defined() ? down_.data_ptr<T>() + e * H_ : nullptr; }
 
   const Activation kind;
-  // Both clamped activations: h = (u' + up_offset) * g' * sigmoid(alpha * g').
-  const T alpha, up_offset, limit;
+  const Glu<T> glu;
 
  private:
   static Tensor convert(const std::optional<Tensor>& t) {
@@ -378,593 +638,663 @@ class Variant {
   const int64_t I_, H_;
 };
 
-// dst [cols, rows] = src [rows, cols] transposed and converted to T (a LoRA B matrix [out, r] to
-// [r, out]). In 4 x 4 tiles, so that every store is a 16-byte run and only 4 output rows are written
-// at once: writing one element to each of the r rows per step put r stores rows * sizeof(T) bytes
-// apart, a multiple of 4 KiB for the usual sizes, into one L1 set, and the conversion took 15% of a
-// decode call. The tiles use SSE2, the x86-64 baseline this file is compiled for.
-template <typename T, typename S>
-void transpose_to(const S* src, int64_t rows, int64_t cols, T* dst) {
-  int64_t i0 = 0;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float> && (std::is_same_v<S, float> || std::is_same_v<S, c10::BFloat16>)) {
-    const auto load4 = [](const S* p) {
-      if constexpr (std::is_same_v<S, float>) {
-        return _mm_loadu_ps(p);
-      } else {  // bf16 is the high half of an fp32
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-        return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), raw));
-      }
-    };
-    if (cols % 4 == 0) {
-      for (; i0 + 4 <= rows; i0 += 4) {
-        for (int64_t j = 0; j < cols; j += 4) {
-          __m128 r0 = load4(src + i0 * cols + j), r1 = load4(src + (i0 + 1) * cols + j);
-          __m128 r2 = load4(src + (i0 + 2) * cols + j), r3 = load4(src + (i0 + 3) * cols + j);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-          _mm_storeu_ps(dst + j * rows + i0, r0);
-          _mm_storeu_ps(dst + (j + 1) * rows + i0, r1);
-          _mm_storeu_ps(dst + (j + 2) * rows + i0, r2);
-          _mm_storeu_ps(dst + (j + 3) * rows + i0, r3);
-        }
-      }
-    }
-  }
-#endif
-  for (; i0 < rows; i0 += 4) {
-    const int64_t end = std::min(i0 + 4, rows);
-    for (int64_t j = 0; j < cols; ++j)
-      for (int64_t i = i0; i < end; ++i) dst[j * rows + i] = static_cast<T>(src[i * cols + j]);
-  }
-}
-
-// The LoRA matrices of the experts that are hit, converted to T, with every B transposed to
-// [r, out] so that all rank-r work is a dot or an axpy over contiguous rows. Only hit experts are
-// converted, so a decode step does not touch all E experts' adapters; A matrices already in T are
-// not copied at all.
+// out[t] = sum over the token's valid slots j of rows[t * k + j], in slot order so the result does
+// not depend on scheduling.
 template <typename T>
-class Lora {
- public:
-  enum Which { GateA, GateB, UpA, UpB, DownA, DownB };
-
-  Lora(const LoraArgs& args, const Routing& routing) : sources_{&args.gate_a, &args.gate_b, &args.up_a,
-                                                                &args.up_b,   &args.down_a, &args.down_b} {
-    slot_of_expert_.assign(args.gate_a.size(0), -1);
-    for (size_t i = 0; i < routing.hit_experts.size(); ++i) slot_of_expert_[routing.hit_experts[i]] = i;
-    int64_t total = 0;
-    for (int m = 0; m < 6; ++m) {
-      contiguous_[m] = sources_[m]->contiguous();
-      // An A matrix already in T is read in place: only B (transposed) and other dtypes are copied.
-      in_place_[m] = !is_b(m) && contiguous_[m].scalar_type() == c10::CppTypeToScalarType<T>::value;
-      offset_[m] = total;
-      if (!in_place_[m]) total += sources_[m]->size(1) * sources_[m]->size(2);
-    }
-    per_expert_ = total;
-    const int64_t hits = routing.hit_experts.size();
-    storage_ = std::make_unique<ReusedBuffer<T>>(std::max<int64_t>(hits * per_expert_, 1));
-    ThreadPool::instance().parallel_for(hits * 6, [&](int64_t task) {
-      const int64_t e = routing.hit_experts[task / 6];
-      const int m = task % 6;
-      if (in_place_[m]) return;
-      const Tensor& src = contiguous_[m];
-      const int64_t rows = src.size(1), cols = src.size(2);
-      T* dst = storage_->data() + slot_of_expert_[e] * per_expert_ + offset_[m];
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "kt_lora_convert", [&] {
-        const scalar_t* from = src.data_ptr<scalar_t>() + e * rows * cols;
-        if (!is_b(m)) {
-          for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<T>(from[i]);
-        } else {
-          transpose_to(from, rows, cols, dst);
-        }
-      });
-    });
-  }
-  // A as [r, in]; B transposed as [r, out].
-  const T* get(Which which, int64_t expert) const {
-    if (in_place_[which]) {
-      const Tensor& src = contiguous_[which];
-      return src.data_ptr<T>() + expert * src.size(1) * src.size(2);
-    }
-    return storage_->data() + slot_of_expert_[expert] * per_expert_ + offset_[which];
-  }
-
- private:
-  static bool is_b(int m) { return m == GateB || m == UpB || m == DownB; }
-
-  const Tensor* sources_[6];
-  Tensor contiguous_[6];
-  bool in_place_[6] = {};
-  int64_t offset_[6] = {};
-  int64_t per_expert_ = 0;
-  std::vector<int64_t> slot_of_expert_;
-  std::unique_ptr<ReusedBuffer<T>> storage_;
-};
-
-template <typename T>
-const Kernels<T>& kernels();
-
-template <>
-const Kernels<float>& kernels<float>() {
-  return active_gemm_kernels();
-}
-
-template <>
-const Kernels<double>& kernels<double>() {
-  return ref_kernels_f64();  // float64 exists for verification; only the reference kernel has it
-}
-
-// C = A . W^T for panels [p0, p0 + np) of one expert's weight, whatever its format.
-template <typename T>
-void project_nt(const Kernels<T>& k, const ExpertWeights& w, int64_t expert, const T* const* rows, int64_t m,
-                int64_t K, int64_t p0, int64_t np, T* tile) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (w.gemm_nt_codes(expert, rows, m, p0, np, tile)) return;
-  }
-  int64_t first_panel;
-  const uint16_t* panels = w.nt_panels(expert, p0, np, first_panel);
-  k.gemm_nt(rows, m, K, panels, first_panel, np, tile);
-}
-
-template <typename T>
-void parallel_over(int64_t count, int64_t per_task, const std::function<void(int64_t, int64_t)>& body) {
-  const int64_t tasks = (count + per_task - 1) / per_task;
-  ThreadPool::instance().parallel_for(tasks, [&](int64_t task) {
-    body(task * per_task, std::min(count, (task + 1) * per_task));
-  });
-}
-
-// out[t] = sum over the token's valid slots j of scale(t, j) * rows[t * k + j], in slot order so the
-// result does not depend on scheduling.
-template <typename T>
-void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_t width, const T* scale,
-                  Tensor& out) {
-  const Kernels<T>& k = kernels<T>();
-  T* dst = out.data_ptr<T>();
-  parallel_over<T>(s.T, kTokensPerTask, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      T* o = dst + t * width;
+void combine_rows(const Shapes& s, const Routing& routing, const T* rows, int64_t width, T* out) {
+  parallel_for(ceil_div(s.T, kTokensPerTask), [&](int64_t task) {
+    for (int64_t t = task * kTokensPerTask; t < std::min(s.T, (task + 1) * kTokensPerTask); ++t) {
+      T* o = out + t * width;
       std::fill(o, o + width, T(0));
       for (int64_t j = 0; j < s.k; ++j) {
         const int64_t p = t * s.k + j;
-        if (routing.expert_of_pair[p] >= 0) k.axpy(scale ? scale[p] : T(1), rows + p * width, o, width);
+        if (routing.expert_of_pair[p] < 0) continue;
+        const T* row = rows + p * width;
+        for (int64_t n = 0; n < width; ++n) o[n] += row[n];
       }
     }
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward
+// Weight panels [p0, p0 + np) of `w` for expert e, in `buffer` when they must be dequantized.
+inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t p0, int64_t np, int64_t& stride,
+                                     Slot slot) {
+  uint16_t* buffer = w.is_bf16() ? nullptr : task_buffer<uint16_t>(slot, w.nt_buffer_elems(np));
+  return w.nt_panels(e, p0, np, stride, buffer);
+}
 
-template <typename T>
-std::tuple<Tensor, Tensor, Tensor> forward_impl(const Shapes& s, const Tensor& hidden, const Tensor& ids,
-                                                const Tensor& weights, const ExpertWeights& gate_w,
-                                                const ExpertWeights& up_w, const ExpertWeights& down_w,
-                                                const LoraArgs& lora_args, T scaling,
-                                                bool save, const Variant<T>& variant) {
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  const auto opts = hidden.options().dtype(dtype);
-  const int64_t P = s.pairs(), H = s.H, I = s.I, r = s.r, Hp = padded_rows(H), Ip = padded_rows(I);
-  const Routing routing = route(ids, s.E);
-  const Lora<T> lora(lora_args, routing);
-  const Kernels<T>& k = kernels<T>();
-
-  Tensor x = as_reused(hidden, dtype);
-  Tensor w = as_reused(weights, dtype);
-  Tensor gate_up_pre = save ? reused_tensor({2, P, I}, opts) : at::empty({0}, opts);
-  if (save) zero_skipped_pairs(routing, gate_up_pre.data_ptr<T>(), 2, P, I);
-  Tensor lora_mid = save ? reused_tensor({3, P, r}, opts).zero_() : at::empty({0}, opts);
-  // Per-pair intermediates, reused across calls; only rows of routed pairs are written and read.
-  const ReusedBuffer<T> mid_buffer(save ? 1 : std::max<int64_t>(3 * P * r, 1));  // xa_gate, xa_up, ha_down
-  const ReusedBuffer<T> h(std::max<int64_t>(P * I, 1)), y(std::max<int64_t>(P * H, 1));
-  const T* xp = x.data_ptr<T>();
-  T* midp = save ? lora_mid.data_ptr<T>() : mid_buffer.data();
-  T* hp = h.data();
-  T* yp = y.data();
-  T* prep = save ? gate_up_pre.data_ptr<T>() : nullptr;
-  const int64_t* order = routing.order.data();
-
-  // Rank-r inputs of the gate/up LoRA: xa = x . A^T.
-  if (r > 0) {
-    parallel_over<T>(routing.order.size(), kPairsPerTask, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = order[i], e = routing.expert_of_pair[p];
-        const T* xr = xp + (p / s.k) * H;
-        for (int64_t q = 0; q < r; ++q) {
-          midp[p * r + q] = k.dot(xr, lora.get(Lora<T>::GateA, e) + q * H, H);
-          midp[(P + p) * r + q] = k.dot(xr, lora.get(Lora<T>::UpA, e) + q * H, H);
-        }
-      }
-    });
+// Few rows of a quantized format (decode): the product straight on the codes (quant.h), where
+// dequantizing whole panels would cost more than the bandwidth it saves. C is dense [m, 16 np].
+template <typename T, typename RowFn>
+bool direct_on_codes(const ExpertWeights& w, int64_t e, int64_t m, int64_t p0, int64_t np, const RowFn& row, T* c) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.is_bf16() || m > kDirectQuantRows) return false;
+    const float* rows[kDirectQuantRows];
+    for (int64_t i = 0; i < m; ++i) rows[i] = row(i);
+    return w.gemm_nt_codes(e, rows, static_cast<int>(m), p0, np, c);
   }
+  return false;
+}
 
-  // Gate and up as one job: both tiles of a block, then LoRA, SiLU(g) * u in the epilogue.
-  {
-    const auto tasks = gemm_tasks(routing, Ip / kPanelRows, kPanelsPerTask);
-    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
-      const GemmTask& task = tasks[ti];
-      const int64_t m = task.row_end - task.row_begin, np = task.col_end - task.col_begin, cols = np * kPanelRows;
-      std::vector<const T*> rows(m);
-      for (int64_t i = 0; i < m; ++i) rows[i] = xp + (order[task.row_begin + i] / s.k) * H;
-      T* tile_g = scratch<T>(0, m * cols).data();
-      T* tile_u = scratch<T>(1, m * cols).data();
-      project_nt(k, gate_w, task.expert, rows.data(), m, H, task.col_begin, np, tile_g);
-      project_nt(k, up_w, task.expert, rows.data(), m, H, task.col_begin, np, tile_u);
-      const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(I, n0 + cols);
-      const T* bg = r ? lora.get(Lora<T>::GateB, task.expert) : nullptr;
-      const T* bu = r ? lora.get(Lora<T>::UpB, task.expert) : nullptr;
-      // The variant is chosen once per task: the SiLU loop below stays the plain one.
-      const T* gate_bias = variant.gate_bias(task.expert);
-      const T* up_bias = variant.up_bias(task.expert);
-      const bool clamped = variant.kind != Activation::Silu;
-      const T alpha = variant.alpha, up_offset = variant.up_offset, limit = variant.limit;
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order[task.row_begin + i];
-        T* gi = tile_g + i * cols;
-        T* ui = tile_u + i * cols;
-        for (int64_t q = 0; q < r; ++q) {
-          k.axpy(scaling * midp[p * r + q], bg + q * I + n0, gi, n1 - n0);
-          k.axpy(scaling * midp[(P + p) * r + q], bu + q * I + n0, ui, n1 - n0);
-        }
-        if (gate_bias) k.axpy(T(1), gate_bias + n0, gi, n1 - n0);
-        if (up_bias) k.axpy(T(1), up_bias + n0, ui, n1 - n0);
-        if (clamped) {
-          for (int64_t n = n0; n < n1; ++n) {
-            const T g = gi[n - n0], u = ui[n - n0];
-            if (prep) {
-              prep[p * I + n] = g;
-              prep[(P + p) * I + n] = u;
-            }
-            const T gc = std::min(g, limit), uc = std::min(std::max(u, -limit), limit);
-            hp[p * I + n] = (uc + up_offset) * gc * sigmoid(alpha * gc);
-          }
-          continue;
-        }
-        for (int64_t n = n0; n < n1; ++n) {
-          const T g = gi[n - n0], u = ui[n - n0];
-          if (prep) {
-            prep[p * I + n] = g;
-            prep[(P + p) * I + n] = u;
-          }
-          hp[p * I + n] = g * sigmoid(g) * u;
-        }
-      }
-    });
+// An activation row as fp32 values: itself (fp32 ISAs) or widened from bf16 into `scratch`.
+template <typename T, typename Act>
+const float* act_row_f32(const Kernels<T, Act>& k, const Act* row, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<Act, float>) {
+    return row;
+  } else {
+    (void)k;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(row[i]) << 16;
+      std::memcpy(scratch + i, &bits, sizeof(float));
+    }
+    return scratch;
   }
+}
 
-  // Rank-r input of the down LoRA: ha = h . Ad^T.
-  if (r > 0) {
-    parallel_over<T>(routing.order.size(), kPairsPerTask, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = order[i], e = routing.expert_of_pair[p];
-        for (int64_t q = 0; q < r; ++q) midp[(2 * P + p) * r + q] = k.dot(hp + p * I, lora.get(Lora<T>::DownA, e) + q * I, I);
-      }
-    });
-  }
-
-  // Down projection per pair (unweighted), then the weighted sum over each token's slots.
-  {
-    const auto tasks = gemm_tasks(routing, Hp / kPanelRows, kPanelsPerTask);
-    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
-      const GemmTask& task = tasks[ti];
-      const int64_t m = task.row_end - task.row_begin, np = task.col_end - task.col_begin, cols = np * kPanelRows;
-      std::vector<const T*> rows(m);
-      for (int64_t i = 0; i < m; ++i) rows[i] = hp + order[task.row_begin + i] * I;
-      T* tile = scratch<T>(0, m * cols).data();
-      project_nt(k, down_w, task.expert, rows.data(), m, I, task.col_begin, np, tile);
-      const int64_t n0 = task.col_begin * kPanelRows, n1 = std::min(H, n0 + cols);
-      const T* bd = r ? lora.get(Lora<T>::DownB, task.expert) : nullptr;
-      const T* down_bias = variant.down_bias(task.expert);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order[task.row_begin + i];
-        T* yi = tile + i * cols;
-        for (int64_t q = 0; q < r; ++q) k.axpy(scaling * midp[(2 * P + p) * r + q], bd + q * H + n0, yi, n1 - n0);
-        if (down_bias) k.axpy(T(1), down_bias + n0, yi, n1 - n0);
-        std::copy(yi, yi + (n1 - n0), yp + p * H + n0);
-      }
-    });
-  }
-
-  Tensor out = reused_tensor({s.T, H}, opts);
-  combine_rows<T>(s, routing, yp, H, w.data_ptr<T>(), out);
-  return {as_reused(out, hidden.scalar_type()), gate_up_pre, lora_mid};
+// Weight panels of W^T for W's columns [k0, k0 + kc) (gemm.h's repack_nn), in `slot`; returns the
+// panel stride. n_padded: W's padded rows, the reduction of the products that read them.
+template <typename T, typename Act>
+int64_t repacked_columns(const Kernels<T, Act>& k, const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc,
+                         Slot slot, uint16_t*& panels) {
+  const int64_t n_padded = padded_rows(w.rows()), stride = n_padded * kPanelRows;
+  uint16_t* source_buffer = w.is_bf16() ? nullptr : task_buffer<uint16_t>(kConvert, w.nn_buffer_elems(kc));
+  int64_t k_total, k_first;
+  const uint16_t* source = w.nn_panels(e, k0, kc, k_total, k_first, source_buffer);
+  panels = task_buffer<uint16_t>(slot, ceil_div(kc, kPanelRows) * stride);
+  k.repack_nn(source, k_pairs(k_total), static_cast<int>(n_padded), static_cast<int>(n_padded / 2),
+              static_cast<int>(k_first), static_cast<int>(kc), panels, stride);
+  return stride;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (base weights frozen: gradients for hidden states, routing weights and LoRA only), in
-// named phases that share one set of per-pair buffers:
-//   1. down_rank_grads:      dYB = dY . Bd (rank r), shared by dh_raw and the down-A gradient
-//   2. grad_h:               dh_raw = dY . Wd + s dYB . Ad   (gemm_nn; unweighted by the routing weight)
-//   3. through_activation:   routing-weight gradient (plus dY . down bias); dg, du through the
-//                            activation (zero where a clamp is active); rank-r dg.Bg, du.Bu
-//   4. grad_hidden_pairs:    dX per pair = dg . Wg + du . Wu + s [(dg.Bg) . Ag + (du.Bu) . Au]   (gemm_nn)
-//   5. lora_grads:           outer products summed over each expert's pairs
-// then the per-pair dX rows are summed per token. Only rows of routed pairs are written or read, so
-// the buffers need no zero fill beyond the padding columns gemm_nn reads.
+// Forward:
+//   1. gather x into rows (activations);
+//   2. (LoRA) xa = x . [Ag; Au]^T per expert; saved, and s xa as activations;
+//   3. gate and up per (expert, column block): x . W^T + (s xa) . B^T, the activation in the
+//      epilogue: h as activation rows, g and u saved for backward;
+//   4. (LoRA) ha = h . Ad^T per expert;
+//   5. down per (expert, column block): h . Wd^T + (s ha) . Bd^T (+ bias), times the routing
+//      weight, into per-pair rows; 6. summed per token.
 
-template <typename T>
-class Backward {
+template <typename T, typename Act>
+class Forward {
  public:
-  Backward(const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
-           const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w,
-           const LoraArgs& lora_args, T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid,
-           const Variant<T>& variant)
-      : s_(s), H_(s.H), I_(s.I), r_(s.r), P_(s.pairs()), Hp_(padded_rows(s.H)), Ip_(padded_rows(s.I)),
-        gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), variant_(variant), scaling_(scaling),
-        routing_(route(ids, s.E)), lora_(lora_args, routing_), k_(kernels<T>()), order_(routing_.order.data()),
-        routed_(routing_.order.size()), x_(as_reused(hidden, dtype())), w_(as_reused(weights, dtype())),
-        pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())),
-        dy_(std::max<int64_t>(s.T * Hp_, 1)), dg_(std::max<int64_t>(P_ * Ip_, 1)), du_(std::max<int64_t>(P_ * Ip_, 1)),
-        h_(std::max<int64_t>(P_ * I_, 1)), rank_grads_(std::max<int64_t>(3 * P_ * r_, 1)),
-        dx_pairs_(std::max<int64_t>(P_ * H_, 1)), dw_(at::zeros({P_}, hidden.options().dtype(dtype()))) {
-    // Rows that feed gemm_nn must be zero beyond N up to the padded N.
-    Tensor g = grad_output.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "kt_grad_output", [&] {
-      const scalar_t* src = g.data_ptr<scalar_t>();
-      for (int64_t t = 0; t < s.T; ++t) {
-        T* row = dy_.data() + t * Hp_;
-        for (int64_t n = 0; n < H_; ++n) row[n] = static_cast<T>(src[t * H_ + n]);
-        std::fill(row + H_, row + Hp_, T(0));
-      }
-    });
-  }
+  Forward(const Shapes& s, const Kernels<T, Act>& k, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
+          const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w,
+          const LoraArgs& lora_args, T scaling, bool save, const Variant<T>& variant)
+      : s_(s), k_(k), hidden_(hidden), gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args),
+        scaling_(scaling), save_(save), variant_(variant), routing_(route(ids, s.E)),
+        R_(routing_.order.size()), order_(routing_.order.data()), w_(as_reused(weights, dtype())),
+        ldx_(act_stride(s.H)), ldh_(act_stride(s.I)), ldr_(act_stride(expansion_width<Act>(s.r))),
+        xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)),
+        lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
+        ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
+        y_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
 
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run(const Tensor& hidden,
-                                                                                   const Tensor& weights,
-                                                                                   bool compute_lora_grads) {
-    if (r_ > 0) down_rank_grads();
-    grad_h();
-    through_activation();
-    grad_hidden_pairs();
-    std::vector<Tensor> lora = lora_grads(compute_lora_grads);
-    const auto opts = hidden.options().dtype(dtype());
-    Tensor grad_hidden = reused_tensor({s_.T, H_}, opts);
-    combine_rows<T>(s_, routing_, dx_pairs_.data(), H_, nullptr, grad_hidden);
-    // Skipped (-1) slots keep a zero routing-weight gradient: dw starts at zero and they are never routed.
-    Tensor grad_weights = dw_.view({s_.T, s_.k}).to(weights.scalar_type());
-    return {as_reused(grad_hidden, hidden.scalar_type()), grad_weights, lora[0], lora[1], lora[2], lora[3], lora[4], lora[5]};
+  std::tuple<Tensor, Tensor, Tensor> run() {
+    const auto opts = hidden_.options().dtype(dtype());
+    const int64_t P = s_.pairs();
+    gate_up_pre_ = save_ ? reused_tensor({2, P, s_.I}, opts) : at::empty({0}, opts);
+    if (save_) zero_skipped_pairs(routing_, gate_up_pre_.data_ptr<T>(), 2, P, s_.I);
+    lora_mid_ = save_ ? reused_tensor({3, P, s_.r}, opts).zero_() : at::empty({0}, opts);
+    lora_mid_data_ = save_ ? lora_mid_.data_ptr<T>() : nullptr;
+    Tensor out = reused_tensor({s_.T, s_.H}, opts);
+    if (R_ == 0) {
+      out.zero_();
+      return {as_reused(out, hidden_.scalar_type()), gate_up_pre_, lora_mid_};
+    }
+    gather_x();
+    std::optional<LoraPanels<T, Act>> lora;
+    if (s_.r > 0) {
+      using L = LoraPanels<T, Act>;
+      lora.emplace(k_, lora_args_, routing_,
+                   std::vector<typename L::Job>{{{L::GateA, L::UpA}, L::Rows, L::Contraction},
+                                                {{L::GateB}, L::Rows, L::Expansion},
+                                                {{L::UpB}, L::Rows, L::Expansion},
+                                                {{L::DownA}, L::Transposed},
+                                                {{L::DownB}, L::Rows, L::Expansion}});
+      input_rank_products(*lora);
+    }
+    gate_up(lora ? &*lora : nullptr);
+    if (s_.r > 0) down_rank_products();
+    down(lora ? &*lora : nullptr);
+    combine_rows<T>(s_, routing_, y_.data(), s_.H, out.data_ptr<T>());
+    return {as_reused(out, hidden_.scalar_type()), gate_up_pre_, lora_mid_};
   }
 
  private:
   static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
-  const T* dy_row(int64_t p) const { return dy_.data() + (p / s_.k) * Hp_; }
-  T* rank_grad(int which, int64_t p) const { return rank_grads_.data() + (which * P_ + p) * r_; }
+  // s * (rank-r product) rows as activations: [which][row capacity][ldr].
+  Act* lora_act(int which) const { return lora_act_.data() + which * row_buffer(R_) * ldr_; }
 
-  void down_rank_grads() {
-    parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = order_[i];
-        const T* bd = lora_.get(Lora<T>::DownB, routing_.expert_of_pair[p]);
-        T* out = rank_grad(0, p);
-        for (int64_t q = 0; q < r_; ++q) out[q] = k_.dot(dy_row(p), bd + q * H_, H_);
+  // x as activation rows; with LoRA, when rounding them loses something (fp32 hidden states on a
+  // rounding ISA), also what it lost, for the exact contraction x . A^T (split bf16, see above).
+  void gather_x() {
+    const RowSource<T, Act> source(hidden_, s_.H);
+    if (s_.r > 0 && !source.exact_in(k_))
+      xs_lo_ = std::make_unique<ReusedBuffer<Act>>(std::max<int64_t>(row_buffer(R_) * ldx_, 1));
+    parallel_for(ceil_div(R_, kRowsPerTask), [&](int64_t task) {
+      for (int64_t i = task * kRowsPerTask; i < std::min(R_, (task + 1) * kRowsPerTask); ++i) {
+        source.to_act(k_, order_[i] / s_.k, xs_.data() + i * ldx_, ldx_);
+        if (xs_lo_) source.residual(k_, order_[i] / s_.k, xs_lo_->data() + i * ldx_, ldx_);
       }
     });
   }
 
-  void grad_h() {
-    const auto tasks = gemm_tasks(routing_, I_, kColsPerNnTask);
-    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
-      const GemmTask& task = tasks[ti];
-      const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
-      std::vector<const T*> rows(m);
-      for (int64_t i = 0; i < m; ++i) rows[i] = dy_row(order_[task.row_begin + i]);
-      T* tile = scratch<T>(0, m * kc).data();
-      int64_t k_total, k_first;
-      const uint16_t* wd = down_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k_.gemm_nn(rows.data(), m, Hp_, wd, k_total, k_first, kc, tile, kc);
-      const T* ad = r_ ? lora_.get(Lora<T>::DownA, task.expert) : nullptr;
-      const bool last = task.col_end == I_;
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order_[task.row_begin + i];
-        T* dst = dg_.data() + p * Ip_ + task.col_begin;
-        std::copy(tile + i * kc, tile + (i + 1) * kc, dst);
-        for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * rank_grad(0, p)[q], ad + q * I_ + task.col_begin, dst, kc);
-        if (last) {  // the padding columns that grad_hidden_pairs' gemm_nn reads
-          std::fill(dst + kc, dst + kc + (Ip_ - I_), T(0));
-          std::fill(du_.data() + p * Ip_ + I_, du_.data() + (p + 1) * Ip_, T(0));
+  // xa = x . [Ag; Au]^T per expert: saved (lora_mid planes 0, 1; pair order) and kept as s xa
+  // activations for the gate / up expansions.
+  void input_rank_products(const LoraPanels<T, Act>& lora) {
+    const int64_t r = s_.r, np = ceil_div(contraction_width<Act>(2 * r), kPanelRows), ldc = np * kPanelRows;
+    parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
+      const int64_t e = routing_.hit_experts[slot];
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
+        k_.gemm_a(xs_.data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, false);
+        if (xs_lo_)
+          k_.gemm_a(xs_lo_->data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, true);
+        T* xa = task_buffer<T>(kStageB, 2 * r);
+        for (int64_t i = 0; i < m; ++i) {
+          const T* ci = c + i * ldc;
+          for (int64_t q = 0; q < 2 * r; ++q) xa[q] = kSplit<Act> ? ci[q] + ci[2 * r + q] : ci[q];
+          for (int plane = 0; plane < 2; ++plane) keep_rank_product(plane, c0 + i, xa + plane * r);
         }
       }
     });
   }
 
-  void through_activation() {
-    const T* wp = w_.data_ptr<T>();
-    const T* prep = pre_.data_ptr<T>();
-    T* dwp = dw_.data_ptr<T>();
-    const bool clamped = variant_.kind != Activation::Silu;
-    const T alpha = variant_.alpha, up_offset = variant_.up_offset, limit = variant_.limit;
-    parallel_over<T>(routed_, kPairsPerTask, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = order_[i], e = routing_.expert_of_pair[p];
-        const T* g = prep + p * I_;
-        const T* u = prep + (P_ + p) * I_;
-        T* dgr = dg_.data() + p * Ip_;
-        T* dur = du_.data() + p * Ip_;
-        T* hr = h_.data() + p * I_;
-        T dweight = 0;
-        if (clamped) {
-          for (int64_t n = 0; n < I_; ++n) {
-            const T gc = std::min(g[n], limit), uc = std::min(std::max(u[n], -limit), limit);
-            const T sig = sigmoid(alpha * gc), glu = gc * sig;
-            hr[n] = (uc + up_offset) * glu;
-            dweight += hr[n] * dgr[n];
-            const T dh = wp[p] * dgr[n];
-            // A clamped value passes no gradient (torch.clamp's rule: the bounds themselves pass it).
-            dgr[n] = g[n] <= limit ? dh * (uc + up_offset) * sig * (T(1) + alpha * gc * (T(1) - sig)) : T(0);
-            dur[n] = (u[n] >= -limit && u[n] <= limit) ? dh * glu : T(0);
-          }
+  // ha = h . Ad^T: the sum of the gate / up tasks' exact partial contractions, per row.
+  void down_rank_products() {
+    const int64_t r = s_.r, blocks = blocks_i();
+    parallel_for(ceil_div(R_, kRowsPerTask), [&](int64_t task) {
+      T* ha = task_buffer<T>(kStageA, r);
+      for (int64_t row = task * kRowsPerTask; row < std::min(R_, (task + 1) * kRowsPerTask); ++row) {
+        const T* partial = ha_partial_.data() + row * blocks * r;
+        std::copy(partial, partial + r, ha);
+        for (int64_t b = 1; b < blocks; ++b)
+          for (int64_t q = 0; q < r; ++q) ha[q] += partial[b * r + q];
+        keep_rank_product(2, row, ha);
+      }
+    });
+  }
+
+  // Rank-r product `plane` (0 xa_g, 1 xa_u, 2 ha) of a row: into lora_mid when saving, and s times it
+  // as activations for the expansion.
+  void keep_rank_product(int plane, int64_t row, const T* values) {
+    const int64_t r = s_.r;
+    if (save_) std::copy(values, values + r, lora_mid_data_ + (plane * s_.pairs() + order_[row]) * r);
+    T scaled[kMaxStackRank];
+    T* s_values = r <= kMaxStackRank ? scaled : task_buffer<T>(kConvert, r);
+    for (int64_t q = 0; q < r; ++q) s_values[q] = scaling_ * values[q];
+    expansion_row(k_, s_values, r, lora_act(plane) + row * ldr_, ldr_);
+  }
+
+  int64_t blocks_i() const { return ceil_div(padded_rows(s_.I), kColsPerTask); }
+
+  void gate_up(const LoraPanels<T, Act>* lora) {
+    const int64_t I = s_.I, Ip = padded_rows(I), P = s_.pairs();
+    const auto tasks = block_tasks(routing_, Ip);
+    T* prep = save_ ? gate_up_pre_.data_ptr<T>() : nullptr;
+    const RowSource<T, Act> x_source(hidden_, s_.H);
+    parallel_for(tasks.size(), [&](int64_t ti) {
+      const int64_t e = tasks[ti].expert, p0 = tasks[ti].block * kPanelsPerTask;
+      const int64_t np = std::min(kPanelsPerTask, Ip / kPanelRows - p0), n0 = p0 * kPanelRows, ldc = np * kPanelRows;
+      const int64_t cols = std::min(kColsPerTask, I - n0);
+      const bool last_block = p0 + np == Ip / kPanelRows;
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      const uint16_t *wg = nullptr, *wu = nullptr;
+      int64_t stride_g = 0, stride_u = 0;
+      const T* gate_bias = variant_.gate_bias(e);
+      const T* up_bias = variant_.up_bias(e);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* cg = task_buffer<T>(kStageA, row_capacity(m) * ldc);
+        T* cu = task_buffer<T>(kStageB, row_capacity(m) * ldc);
+        // The exact input rows (the hidden states as given) for the products on codes.
+        T* x_scratch = nullptr;
+        const auto x_row = [&](int64_t i) {
+          if (x_scratch == nullptr) x_scratch = task_buffer<T>(kConvert, m * s_.H);
+          return x_source.row_values(order_[c0 + i] / s_.k, x_scratch + i * s_.H);
+        };
+        const bool direct = direct_on_codes(gate_w_, e, m, p0, np, x_row, cg);
+        if (direct) {
+          direct_on_codes(up_w_, e, m, p0, np, x_row, cu);
         } else {
-          for (int64_t n = 0; n < I_; ++n) {
-            const T sig = sigmoid(g[n]), silu = g[n] * sig;
-            hr[n] = silu * u[n];
-            dweight += hr[n] * dgr[n];
-            const T dh = wp[p] * dgr[n];
-            dgr[n] = dh * u[n] * sig * (T(1) + g[n] * (T(1) - sig));
-            dur[n] = dh * silu;
+          if (wg == nullptr) {
+            wg = weight_panels(gate_w_, e, p0, np, stride_g, kWeightsA);
+            wu = weight_panels(up_w_, e, p0, np, stride_u, kWeightsB);
           }
+          const Act* x = xs_.data() + c0 * ldx_;
+          k_.gemm_w(x, ldx_, m, s_.H, wg, stride_g, np, cg, ldc, false);
+          k_.gemm_w(x, ldx_, m, s_.H, wu, stride_u, np, cu, ldc, false);
         }
-        // The down bias is part of the expert output the routing weight scales.
-        const T* down_bias = variant_.down_bias(e);
-        dwp[p] = down_bias ? dweight + k_.dot(dy_row(p), down_bias, H_) : dweight;
-        if (r_ > 0) {
-          const T* bg = lora_.get(Lora<T>::GateB, e);
-          const T* bu = lora_.get(Lora<T>::UpB, e);
-          for (int64_t q = 0; q < r_; ++q) {
-            rank_grad(1, p)[q] = k_.dot(dgr, bg + q * I_, I_);
-            rank_grad(2, p)[q] = k_.dot(dur, bu + q * I_, I_);
+        if (lora) {
+          const int64_t bstride_g = lora->panel_stride(1), bstride_u = lora->panel_stride(2);
+          const int64_t K = expansion_width<Act>(s_.r);
+          k_.gemm_a(lora_act(0) + c0 * ldr_, ldr_, m, K, lora->get(1, e) + p0 * bstride_g, bstride_g, np, cg, ldc, true);
+          k_.gemm_a(lora_act(1) + c0 * ldr_, ldr_, m, K, lora->get(2, e) + p0 * bstride_u, bstride_u, np, cu, ldc, true);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = order_[c0 + i];
+          T* g = cg + i * ldc;
+          T* u = cu + i * ldc;
+          if (gate_bias)
+            for (int64_t n = 0; n < cols; ++n) g[n] += gate_bias[n0 + n];
+          if (up_bias)
+            for (int64_t n = 0; n < cols; ++n) u[n] += up_bias[n0 + n];
+          if (prep) {
+            std::copy(g, g + cols, prep + p * I + n0);
+            std::copy(u, u + cols, prep + (P + p) * I + n0);
           }
+          T* h = g;  // g is not needed once h is computed
+          k_.glu_forward(g, u, cols, variant_.glu, h);
+          if (lora)
+            k_.contract(h, cols, lora->values(3, e) + n0 * s_.r, s_.r,
+                        ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r);
+          Act* h_row = hs_.data() + (c0 + i) * ldh_;
+          k_.to_act(h, cols, h_row + n0, last_block ? ldh_ - n0 : cols);
         }
       }
     });
   }
 
-  void grad_hidden_pairs() {
-    const auto tasks = gemm_tasks(routing_, H_, kColsPerNnTask);
-    ThreadPool::instance().parallel_for(tasks.size(), [&](int64_t ti) {
-      const GemmTask& task = tasks[ti];
-      const int64_t m = task.row_end - task.row_begin, kc = task.col_end - task.col_begin;
-      std::vector<const T*> rows_g(m), rows_u(m);
-      for (int64_t i = 0; i < m; ++i) {
-        rows_g[i] = dg_.data() + order_[task.row_begin + i] * Ip_;
-        rows_u[i] = du_.data() + order_[task.row_begin + i] * Ip_;
-      }
-      T* tile_g = scratch<T>(0, m * kc).data();
-      T* tile_u = scratch<T>(1, m * kc).data();
-      int64_t k_total, k_first;
-      const uint16_t* wg = gate_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k_.gemm_nn(rows_g.data(), m, Ip_, wg, k_total, k_first, kc, tile_g, kc);
-      const uint16_t* wu = up_w_.nn_panels(task.expert, task.col_begin, kc, k_total, k_first);
-      k_.gemm_nn(rows_u.data(), m, Ip_, wu, k_total, k_first, kc, tile_u, kc);
-      const T* ag = r_ ? lora_.get(Lora<T>::GateA, task.expert) : nullptr;
-      const T* au = r_ ? lora_.get(Lora<T>::UpA, task.expert) : nullptr;
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = order_[task.row_begin + i];
-        T* dst = dx_pairs_.data() + p * H_ + task.col_begin;
-        for (int64_t c = 0; c < kc; ++c) dst[c] = tile_g[i * kc + c] + tile_u[i * kc + c];
-        for (int64_t q = 0; q < r_; ++q) {
-          k_.axpy(scaling_ * rank_grad(1, p)[q], ag + q * H_ + task.col_begin, dst, kc);
-          k_.axpy(scaling_ * rank_grad(2, p)[q], au + q * H_ + task.col_begin, dst, kc);
-        }
-      }
-    });
-  }
-
-  // One task per (expert, matrix); B gradients are accumulated transposed ([r, out]). Zeros when the
-  // caller does not need them (a frozen adapter): autograd drops them anyway.
-  std::vector<Tensor> lora_grads(bool compute) {
-    std::vector<Tensor> grads;
-    const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
-                               &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
-    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()));
-    if (r_ == 0 || !compute) {
-      for (Tensor& g : grads) g.zero_();
-      return grads;
-    }
-    const T* xp = x_.data_ptr<T>();
+  void down(const LoraPanels<T, Act>* lora) {
+    const int64_t H = s_.H, Hp = padded_rows(H);
+    const auto tasks = block_tasks(routing_, Hp);
     const T* wp = w_.data_ptr<T>();
-    const T* midp = mid_.data_ptr<T>();
-    // Every expert's slice is written once: zeros for the experts no token reached, the sums for the
-    // others (so a prefill step, where all experts are hit, writes no zero fill at all).
-    ThreadPool::instance().parallel_for(s_.E * 6, [&](int64_t ti) {
-      const int64_t e = ti / 6, which = ti % 6;
-      const int64_t rows = inputs[which]->size(1), cols = inputs[which]->size(2);
-      if (routing_.offsets[e] == routing_.offsets[e + 1]) {
-        const int64_t bytes = rows * cols * grads[which].element_size();
-        std::memset(static_cast<char*>(grads[which].data_ptr()) + e * bytes, 0, bytes);
-        return;
-      }
-      std::vector<T>& acc = scratch<T>(2, rows * cols);
-      std::fill(acc.begin(), acc.begin() + rows * cols, T(0));
-      for (int64_t i = routing_.offsets[e]; i < routing_.offsets[e + 1]; ++i) {
-        const int64_t p = order_[i], t = p / s_.k;
-        switch (which) {
-          case 0:  // dAg[q, :] += s (dg.Bg)[q] x
-          case 2:
-            for (int64_t q = 0; q < r_; ++q)
-              k_.axpy(scaling_ * rank_grad(which == 0 ? 1 : 2, p)[q], xp + t * H_, acc.data() + q * H_, H_);
-            break;
-          case 1:  // dBg^T[q, :] += s xa[q] dg
-          case 3: {
-            const T* d = which == 1 ? dg_.data() + p * Ip_ : du_.data() + p * Ip_;
-            const T* xa = midp + ((which == 1 ? 0 : 1) * P_ + p) * r_;
-            for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * xa[q], d, acc.data() + q * I_, I_);
-            break;
-          }
-          case 4:  // dAd[q, :] += s w (dY.Bd)[q] h
-            for (int64_t q = 0; q < r_; ++q)
-              k_.axpy(scaling_ * wp[p] * rank_grad(0, p)[q], h_.data() + p * I_, acc.data() + q * I_, I_);
-            break;
-          case 5: {  // dBd^T[q, :] += s w ha[q] dY
-            const T* ha = midp + (2 * P_ + p) * r_;
-            for (int64_t q = 0; q < r_; ++q) k_.axpy(scaling_ * wp[p] * ha[q], dy_row(p), acc.data() + q * H_, H_);
-            break;
+    parallel_for(tasks.size(), [&](int64_t ti) {
+      const int64_t e = tasks[ti].expert, p0 = tasks[ti].block * kPanelsPerTask;
+      const int64_t np = std::min(kPanelsPerTask, Hp / kPanelRows - p0), n0 = p0 * kPanelRows, ldc = np * kPanelRows;
+      const int64_t cols = std::min(kColsPerTask, H - n0);
+      const uint16_t* wd = nullptr;
+      int64_t stride = 0;
+      const T* bias = variant_.down_bias(e);
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
+        float* h_scratch = nullptr;
+        const auto h_row = [&](int64_t i) {
+          if (h_scratch == nullptr) h_scratch = task_buffer<float>(kConvert, m * s_.I);
+          return act_row_f32(k_, hs_.data() + (c0 + i) * ldh_, s_.I, h_scratch + i * s_.I);
+        };
+        if (!direct_on_codes(down_w_, e, m, p0, np, h_row, c)) {
+          if (wd == nullptr) wd = weight_panels(down_w_, e, p0, np, stride, kWeightsA);
+          k_.gemm_w(hs_.data() + c0 * ldh_, ldh_, m, s_.I, wd, stride, np, c, ldc, false);
+        }
+        if (lora) {
+          const int64_t bstride = lora->panel_stride(4);
+          k_.gemm_a(lora_act(2) + c0 * ldr_, ldr_, m, expansion_width<Act>(s_.r), lora->get(4, e) + p0 * bstride, bstride,
+                    np, c, ldc, true);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = order_[c0 + i];
+          const T* ci = c + i * ldc;
+          T* y = y_.data() + p * H + n0;
+          const T scale = wp[p];
+          if (bias) {
+            for (int64_t n = 0; n < cols; ++n) y[n] = scale * (ci[n] + bias[n0 + n]);
+          } else {
+            for (int64_t n = 0; n < cols; ++n) y[n] = scale * ci[n];
           }
         }
       }
-      // store_rows puts the transposed B gradients back as [out, r].
-      const bool transposed = which == 1 || which == 3 || which == 5;
-      store_rows(acc.data(), rows, cols, transposed, grads[which], e * rows * cols);
     });
-    return grads;
   }
 
   const Shapes& s_;
-  const int64_t H_, I_, r_, P_, Hp_, Ip_;
+  const Kernels<T, Act>& k_;
+  const Tensor& hidden_;
   const ExpertWeights &gate_w_, &up_w_, &down_w_;
   const LoraArgs& lora_args_;
-  const Variant<T>& variant_;
   const T scaling_;
+  const bool save_;
+  const Variant<T>& variant_;
   const Routing routing_;
-  const Lora<T> lora_;
-  const Kernels<T>& k_;
+  const int64_t R_;
   const int64_t* order_;
-  const int64_t routed_;
-  const Tensor x_, w_, pre_, mid_;
-  // Per-pair intermediates, reused across calls (ReusedBuffer): dY padded to Hp; dg (first dh_raw,
-  // then the gate pre-activation gradient) and du padded to Ip; h; the rank-r products dY.Bd,
-  // dg.Bg, du.Bu; dX per pair.
-  const ReusedBuffer<T> dy_, dg_, du_, h_, rank_grads_, dx_pairs_;
-  Tensor dw_;
+  const Tensor w_;
+  const int64_t ldx_, ldh_, ldr_;
+  // Rows (expert order): x and h as activations; s xa_g, s xa_u, s ha as activations; per-pair
+  // weighted expert outputs y (pair order).
+  const ReusedBuffer<Act> xs_, hs_, lora_act_;
+  // Partial ha = h . Ad^T per row and block of I (exact, summed by down_rank_products).
+  const ReusedBuffer<T> ha_partial_, y_;
+  std::unique_ptr<ReusedBuffer<Act>> xs_lo_;
+  Tensor gate_up_pre_, lora_mid_;
+  T* lora_mid_data_ = nullptr;
 };
 
-template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
-    const Shapes& s, const Tensor& grad_output, const Tensor& hidden, const Tensor& ids, const Tensor& weights,
-    const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w, const LoraArgs& lora_args,
-    T scaling, const Tensor& gate_up_pre, const Tensor& lora_mid, bool compute_lora_grads, const VariantArgs& v) {
-  const Variant<T> variant(v, s);
-  Backward<T> backward(s, grad_output, hidden, ids, weights, gate_w, up_w, down_w, lora_args, scaling, gate_up_pre,
-                       lora_mid, variant);
-  return backward.run(hidden, weights, compute_lora_grads);
-}
+// ---------------------------------------------------------------------------------------------
+// Backward (base weights frozen: gradients for hidden states, routing weights and LoRA only):
+//   1. gather dY into rows (activations);
+//   2. (LoRA) dYB = dY . Bd per expert, s dYB as activations;
+//   3. per (expert, block of I): dh_raw = dY . Wd + s dYB . Ad (repacked Wd), and in the epilogue,
+//      in T: through the activation (h, dg = w dh_raw dh/dg, du; partial routing-weight gradient),
+//      the partial contractions dg . Bg, du . Bu, and the block's LoRA gradients dBg = s dg^T xa_g,
+//      dBu = s du^T xa_u, dAd = s (w dYB)^T h, summed over the expert's rows; h, dg, du are kept
+//      as activation rows;
+//   4. per row: the routing-weight gradient, dgB and duB (sums of the partials), s [dgB, duB] as
+//      activations;
+//   5. per (expert, block of H): dX per pair = dg . Wg + du . Wu + s [dgB, duB] . [Ag; Au]
+//      (repacked Wg, Wu), and in the epilogue the block's dAg = s dgB^T x, dAu = s duB^T x,
+//      dBd = s dY^T (w ha);  6. dX summed per token.
+// The LoRA gradients and rank-r contractions are accumulated in T from exact values (the hidden
+// states and output gradients as given, the T results of the epilogues), so only the GEMM inputs
+// are rounded on the rounding ISAs.
 
-// The few torch ops used inside the kernels (conversions, zero fills) must run inline: waking
-// torch's OpenMP team would leave it spinning on the cores the kt_ops pool is about to use.
-// c10::ParallelGuard covers torch's native thread pool, but OpenMP builds decide by
-// omp_in_parallel() and this thread's omp_get_max_threads(), so the calling thread's OpenMP thread
-// count is lowered to 1 for the duration (an OpenMP ICV: other threads are unaffected). The symbols
-// are weak so that a torch without OpenMP still loads.
-extern "C" {
-int omp_get_max_threads(void) __attribute__((weak));
-void omp_set_num_threads(int) __attribute__((weak));
-}
-
-class InlineTorchOps {
+template <typename T, typename Act>
+class Backward {
  public:
-  InlineTorchOps() : guard_(true) {
-    if (omp_get_max_threads != nullptr && omp_set_num_threads != nullptr) {
-      saved_ = omp_get_max_threads();
-      if (saved_ > 1) omp_set_num_threads(1);
+  Backward(const Shapes& s, const Kernels<T, Act>& k, const Tensor& grad_output, const Tensor& hidden,
+           const Tensor& ids, const Tensor& weights, const ExpertWeights& gate_w, const ExpertWeights& up_w,
+           const ExpertWeights& down_w, const LoraArgs& lora_args, T scaling, const Tensor& gate_up_pre,
+           const Tensor& lora_mid, const Variant<T>& variant)
+      : s_(s), k_(k), gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args), scaling_(scaling),
+        variant_(variant), routing_(route(ids, s.E)), R_(routing_.order.size()), order_(routing_.order.data()),
+        weights_dtype_(weights.scalar_type()), hidden_dtype_(hidden.scalar_type()), options_(hidden.options()),
+        dy_source_(grad_output, s.H), x_source_(hidden, s.H), w_(as_reused(weights, dtype())),
+        pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())), mid_data_(mid_.data_ptr<T>()),
+        ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(act_stride(expansion_width<Act>(s.r))),
+        ld2r_(act_stride(expansion_width<Act>(2 * s.r))),
+        blocks_i_(ceil_div(padded_rows(s.I), kColsPerTask)), dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
+        dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
+        rank_(std::max<int64_t>(3 * R_ * s.r, 1)), rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
+        rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)), dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)),
+        dx_pairs_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
+
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run(bool compute_lora_grads) {
+    const auto opts = options_.dtype(dtype());
+    Tensor grad_hidden = reused_tensor({s_.T, s_.H}, opts);
+    Tensor dw = at::zeros({s_.pairs()}, opts);
+    lora_grads_ = compute_lora_grads && s_.r > 0;
+    grads_ = lora_grad_tensors();
+    if (R_ == 0) {
+      grad_hidden.zero_();
+      for (Tensor& g : grads_) g.zero_();
+    } else {
+      gather_dy();
+      std::optional<LoraPanels<T, Act>> lora;
+      if (s_.r > 0) {
+        using L = LoraPanels<T, Act>;
+        lora.emplace(k_, lora_args_, routing_,
+                     std::vector<typename L::Job>{{{L::DownB}, L::Cols, L::Contraction},
+                                                  {{L::DownA}, L::Cols, L::Expansion},
+                                                  {{L::GateB}, L::Values},
+                                                  {{L::UpB}, L::Values},
+                                                  {{L::GateA, L::UpA}, L::Cols, L::Expansion}});
+        down_rank_products(*lora);
+      }
+      if (lora_grads_) zero_unrouted_experts();
+      else for (Tensor& g : grads_) g.zero_();
+      grad_h(lora ? &*lora : nullptr);
+      per_row(dw.data_ptr<T>());
+      grad_hidden_pairs(lora ? &*lora : nullptr);
+      combine_rows<T>(s_, routing_, dx_pairs_.data(), s_.H, grad_hidden.data_ptr<T>());
     }
+    // Skipped (-1) slots keep a zero routing-weight gradient: they are never routed.
+    Tensor grad_weights = dw.view({s_.T, s_.k}).to(weights_dtype_);
+    return {as_reused(grad_hidden, hidden_dtype_), grad_weights, grads_[0], grads_[1], grads_[2], grads_[3],
+            grads_[4], grads_[5]};
   }
-  ~InlineTorchOps() {
-    if (saved_ > 1) omp_set_num_threads(saved_);
-  }
-  InlineTorchOps(const InlineTorchOps&) = delete;
-  InlineTorchOps& operator=(const InlineTorchOps&) = delete;
 
  private:
-  c10::ParallelGuard guard_;
-  int saved_ = 0;
+  static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
+  // Rank-r rows (expert order, T): 0 dYB, 1 dgB, 2 duB.
+  T* rank(int which, int64_t row) const { return rank_.data() + (which * R_ + row) * s_.r; }
+  // s dYB (ldr) and s [dgB, duB] (ld2r) as activations.
+  Act* dyb_act(int64_t row) const { return rank_act_.data() + row * ldr_; }
+  Act* dgub_act(int64_t row) const { return rank_act_.data() + row_buffer(R_) * ldr_ + row * ld2r_; }
+  // lora_mid's plane (0 xa_g, 1 xa_u, 2 ha) for pair p.
+  const T* mid(int plane, int64_t p) const { return mid_data_ + (plane * s_.pairs() + p) * s_.r; }
+
+  std::vector<Tensor> lora_grad_tensors() const {
+    const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
+                               &lora_args_.up_b,   &lora_args_.down_a, &lora_args_.down_b};
+    std::vector<Tensor> grads;
+    for (const Tensor* t : inputs) grads.push_back(reused_tensor(t->sizes(), t->options()));
+    return grads;
+  }
+
+  // dY as activation rows (and what rounding lost, for the exact contraction dY . Bd; see gather_x).
+  void gather_dy() {
+    if (s_.r > 0 && !dy_source_.exact_in(k_))
+      dys_lo_ = std::make_unique<ReusedBuffer<Act>>(std::max<int64_t>(row_buffer(R_) * ldx_, 1));
+    parallel_for(ceil_div(R_, kRowsPerTask), [&](int64_t task) {
+      for (int64_t i = task * kRowsPerTask; i < std::min(R_, (task + 1) * kRowsPerTask); ++i) {
+        dy_source_.to_act(k_, order_[i] / s_.k, dys_.data() + i * ldx_, ldx_);
+        if (dys_lo_) dy_source_.residual(k_, order_[i] / s_.k, dys_lo_->data() + i * ldx_, ldx_);
+      }
+    });
+  }
+
+  // dYB = dY . Bd per expert (rank(0)), s dYB as activations.
+  void down_rank_products(const LoraPanels<T, Act>& lora) {
+    const int64_t r = s_.r, np = ceil_div(contraction_width<Act>(r), kPanelRows), ldc = np * kPanelRows;
+    parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
+      const int64_t e = routing_.hit_experts[slot];
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      T* scaled = task_buffer<T>(kStageB, r);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
+        k_.gemm_a(dys_.data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, false);
+        if (dys_lo_)
+          k_.gemm_a(dys_lo_->data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, true);
+        for (int64_t i = 0; i < m; ++i) {
+          const T* ci = c + i * ldc;
+          T* dyb = rank(0, c0 + i);
+          for (int64_t q = 0; q < r; ++q) {
+            dyb[q] = kSplit<Act> ? ci[q] + ci[r + q] : ci[q];
+            scaled[q] = scaling_ * dyb[q];
+          }
+          expansion_row(k_, scaled, r, dyb_act(c0 + i), ldr_);
+        }
+      }
+    });
+  }
+
+  // The LoRA gradients of experts no token reached are zero; the others are written block by block.
+  void zero_unrouted_experts() {
+    std::vector<int64_t> idle;
+    for (int64_t e = 0; e < s_.E; ++e)
+      if (routing_.offsets[e] == routing_.offsets[e + 1]) idle.push_back(e);
+    parallel_for(idle.size(), [&](int64_t i) {
+      for (Tensor& g : grads_) {
+        const int64_t bytes = g.size(1) * g.size(2) * g.element_size();
+        std::memset(static_cast<char*>(g.data_ptr()) + idle[i] * bytes, 0, bytes);
+      }
+    });
+  }
+
+  void grad_h(const LoraPanels<T, Act>* lora) {
+    const int64_t I = s_.I, P = s_.pairs(), r = s_.r;
+    const auto tasks = block_tasks(routing_, padded_rows(I));
+    const T* prep = pre_.data_ptr<T>();
+    const T* wp = w_.data_ptr<T>();
+    parallel_for(tasks.size(), [&](int64_t ti) {
+      const int64_t e = tasks[ti].expert, block = tasks[ti].block, k0 = block * kColsPerTask;
+      const int64_t kc = std::min(kColsPerTask, I - k0), np = ceil_div(kc, kPanelRows);
+      const bool last_block = k0 + kc == I;
+      uint16_t* panels;
+      const int64_t stride = repacked_columns(k_, down_w_, e, k0, kc, kWeightsA, panels);
+      // T scratch: h, dg, du of a row; s xa_g, s xa_u, s w dYB of a row; the block's dBg [kc][r],
+      // dBu [kc][r] and dAd [r][kc] accumulators.
+      const int64_t grads = lora_grads_ ? 3 * kColsPerTask * r : 0;
+      T* h = task_buffer<T>(kPanels, 3 * kColsPerTask + 3 * r + grads);
+      T *dg = h + kColsPerTask, *du = dg + kColsPerTask, *row_rank = du + kColsPerTask;
+      T* acc = row_rank + 3 * r;
+      std::fill(acc, acc + grads, T(0));
+      const int64_t n_padded = last_block ? ldi_ - k0 : kc;
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
+        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kColsPerTask, false);
+        if (lora) {
+          const int64_t astride = lora->panel_stride(1);
+          k_.gemm_a(dyb_act(c0), ldr_, m, expansion_width<Act>(r), lora->get(1, e) + (k0 / kPanelRows) * astride, astride,
+                    np, c, kColsPerTask, true);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t row = c0 + i, p = order_[row];
+          dw_partial_.data()[row * blocks_i_ + block] = k_.glu_backward(
+              prep + p * I + k0, prep + (P + p) * I + k0, c + i * kColsPerTask, wp[p], kc, variant_.glu, h, dg, du);
+          if (lora) {
+            T* partial = rank_partial_.data() + (row * blocks_i_ + block) * 2 * r;
+            k_.contract(dg, kc, lora->values(2, e) + k0 * r, r, partial);
+            k_.contract(du, kc, lora->values(3, e) + k0 * r, r, partial + r);
+          }
+          if (lora_grads_) {
+            for (int64_t q = 0; q < r; ++q) {
+              row_rank[q] = scaling_ * mid(0, p)[q];
+              row_rank[r + q] = scaling_ * mid(1, p)[q];
+              row_rank[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
+            }
+            k_.rank1(dg, kc, row_rank, r, acc);                             // dBg
+            k_.rank1(du, kc, row_rank + r, r, acc + kColsPerTask * r);      // dBu
+            k_.rank1(row_rank + 2 * r, r, h, kc, acc + 2 * kColsPerTask * r);  // dAd ([r][kc])
+          }
+          k_.to_act(dg, kc, dgs_.data() + row * ldi_ + k0, n_padded);
+          k_.to_act(du, kc, dus_.data() + row * ldi_ + k0, n_padded);
+        }
+      }
+      if (lora_grads_) {
+        store_rows_of(grads_[1], e, k0, acc, kc, r);                     // dBg [E, I, r]
+        store_rows_of(grads_[3], e, k0, acc + kColsPerTask * r, kc, r);  // dBu
+        store_columns_of(grads_[4], e, k0, acc + 2 * kColsPerTask * r, r, kc);  // dAd [E, r, I]
+      }
+    });
+  }
+
+  // The routing-weight gradient; with LoRA, dgB and duB (sums of grad_h's partial contractions) and
+  // s [dgB, duB] as activations.
+  void per_row(T* dw) {
+    const int64_t r = s_.r;
+    parallel_for(ceil_div(R_, kRowsPerTask), [&](int64_t task) {
+      T* scaled = task_buffer<T>(kStageB, 2 * r);
+      for (int64_t row = task * kRowsPerTask; row < std::min(R_, (task + 1) * kRowsPerTask); ++row) {
+        const int64_t p = order_[row];
+        T sum = 0;
+        for (int64_t b = 0; b < blocks_i_; ++b) sum += dw_partial_.data()[row * blocks_i_ + b];
+        // The down bias is part of the expert output the routing weight scales.
+        if (const T* bias = variant_.down_bias(routing_.expert_of_pair[p]))
+          for (int64_t n = 0; n < s_.H; ++n) sum += dy_source_.value(p / s_.k, n) * bias[n];
+        dw[p] = sum;
+        if (r == 0) continue;
+        const T* partial = rank_partial_.data() + row * blocks_i_ * 2 * r;
+        T* dgb = rank(1, row);
+        T* dub = rank(2, row);
+        std::copy(partial, partial + r, dgb);
+        std::copy(partial + r, partial + 2 * r, dub);
+        for (int64_t b = 1; b < blocks_i_; ++b)
+          for (int64_t q = 0; q < r; ++q) {
+            dgb[q] += partial[b * 2 * r + q];
+            dub[q] += partial[b * 2 * r + r + q];
+          }
+        for (int64_t q = 0; q < r; ++q) {
+          scaled[q] = scaling_ * dgb[q];
+          scaled[r + q] = scaling_ * dub[q];
+        }
+        expansion_row(k_, scaled, 2 * r, dgub_act(row), ld2r_);
+      }
+    });
+  }
+
+  void grad_hidden_pairs(const LoraPanels<T, Act>* lora) {
+    const int64_t H = s_.H, Ip = padded_rows(s_.I), r = s_.r;
+    const auto tasks = block_tasks(routing_, H);
+    const T* wp = w_.data_ptr<T>();
+    parallel_for(tasks.size(), [&](int64_t ti) {
+      const int64_t e = tasks[ti].expert, h0 = tasks[ti].block * kColsPerTask;
+      const int64_t kc = std::min(kColsPerTask, H - h0), np = ceil_div(kc, kPanelRows);
+      uint16_t *panels_g, *panels_u;
+      const int64_t stride_g = repacked_columns(k_, gate_w_, e, h0, kc, kWeightsA, panels_g);
+      const int64_t stride_u = repacked_columns(k_, up_w_, e, h0, kc, kWeightsB, panels_u);
+      // T scratch: x and dY segments of a row; s dgB, s duB, s w ha of a row; the block's dAg, dAu
+      // [r][kc] and dBd [kc][r] accumulators.
+      const int64_t grads = lora_grads_ ? 3 * kColsPerTask * r : 0;
+      T* x = task_buffer<T>(kPanels, 2 * kColsPerTask + 3 * r + grads);
+      T *dy = x + kColsPerTask, *row_rank = dy + kColsPerTask, *acc = row_rank + 3 * r;
+      std::fill(acc, acc + grads, T(0));
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+        const int64_t m = std::min(kChunkRows, end - c0);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
+        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kColsPerTask, false);
+        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kColsPerTask, true);
+        if (lora) {
+          const int64_t astride = lora->panel_stride(4);
+          k_.gemm_a(dgub_act(c0), ld2r_, m, expansion_width<Act>(2 * r), lora->get(4, e) + (h0 / kPanelRows) * astride,
+                    astride, np, c, kColsPerTask, true);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
+          std::copy(c + i * kColsPerTask, c + i * kColsPerTask + kc, dx_pairs_.data() + p * H + h0);
+          if (!lora_grads_) continue;
+          for (int64_t q = 0; q < r; ++q) {
+            row_rank[q] = scaling_ * rank(1, row)[q];
+            row_rank[r + q] = scaling_ * rank(2, row)[q];
+            row_rank[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
+          }
+          const T* xs = x_source_.segment(t, h0, kc, x);
+          const T* dys = dy_source_.segment(t, h0, kc, dy);
+          k_.rank1(row_rank, r, xs, kc, acc);                              // dAg [r][kc]
+          k_.rank1(row_rank + r, r, xs, kc, acc + kColsPerTask * r);       // dAu
+          k_.rank1(dys, kc, row_rank + 2 * r, r, acc + 2 * kColsPerTask * r);  // dBd [kc][r]
+        }
+      }
+      if (lora_grads_) {
+        store_columns_of(grads_[0], e, h0, acc, r, kc);                      // dAg [E, r, H]
+        store_columns_of(grads_[2], e, h0, acc + kColsPerTask * r, r, kc);   // dAu
+        store_rows_of(grads_[5], e, h0, acc + 2 * kColsPerTask * r, kc, r);  // dBd [E, H, r]
+      }
+    });
+  }
+
+  // grad[e, n0 + i, q] = acc[i * r + q] for i < rows (a B gradient [E, n, r]: rows of r).
+  static void store_rows_of(const Tensor& grad, int64_t e, int64_t n0, const T* acc, int64_t rows, int64_t r) {
+    const int64_t n = grad.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "kt_store_lora_grad", [&] {
+      scalar_t* out = grad.data_ptr<scalar_t>() + (e * n + n0) * r;
+      for (int64_t i = 0; i < rows * r; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+    });
+  }
+  // grad[e, q, n0 + j] = acc[q * cols + j] for q < r, j < cols (an A gradient [E, r, n]).
+  static void store_columns_of(const Tensor& grad, int64_t e, int64_t n0, const T* acc, int64_t r, int64_t cols) {
+    const int64_t n = grad.size(2);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "kt_store_lora_grad", [&] {
+      scalar_t* out = grad.data_ptr<scalar_t>() + e * r * n + n0;
+      for (int64_t q = 0; q < r; ++q)
+        for (int64_t j = 0; j < cols; ++j) out[q * n + j] = static_cast<scalar_t>(acc[q * cols + j]);
+    });
+  }
+
+  const Shapes& s_;
+  const Kernels<T, Act>& k_;
+  const ExpertWeights &gate_w_, &up_w_, &down_w_;
+  const LoraArgs& lora_args_;
+  const T scaling_;
+  const Variant<T>& variant_;
+  const Routing routing_;
+  const int64_t R_;
+  const int64_t* order_;
+  const c10::ScalarType weights_dtype_, hidden_dtype_;
+  const at::TensorOptions options_;
+  const RowSource<T, Act> dy_source_, x_source_;
+  const Tensor w_, pre_, mid_;
+  const T* mid_data_;
+  const int64_t ldx_, ldi_, ldr_, ld2r_, blocks_i_;
+  // Rows (expert order): dY, dg, du as activations; dYB, dgB, duB; their scaled activations; partial
+  // [dgB, duB] and routing-weight gradients per block of I (summed by per_row); dX per pair (pair order).
+  const ReusedBuffer<Act> dys_, dgs_, dus_;
+  const ReusedBuffer<T> rank_;
+  const ReusedBuffer<Act> rank_act_;
+  const ReusedBuffer<T> rank_partial_, dw_partial_, dx_pairs_;
+  std::unique_ptr<ReusedBuffer<Act>> dys_lo_;
+  bool lora_grads_ = false;
+  std::vector<Tensor> grads_;
 };
 
 }  // namespace
@@ -977,7 +1307,6 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     const Tensor& up_lora_b, const Tensor& down_lora_a, const Tensor& down_lora_b, double lora_scaling,
     bool save_for_backward, const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& up_bias,
     const std::optional<Tensor>& down_bias, c10::string_view activation, double swiglu_alpha, double swiglu_limit) {
-  const InlineTorchOps inline_torch_ops;
   const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
@@ -985,11 +1314,17 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
   const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
-  if (hidden_states.scalar_type() == at::kDouble)
-    return forward_impl<double>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora, lora_scaling,
-                                save_for_backward, Variant<double>(variant, s));
-  return forward_impl<float>(s, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                             static_cast<float>(lora_scaling), save_for_backward, Variant<float>(variant, s));
+  const auto run = [&](const auto& kernels, auto scaling) {
+    using T = decltype(scaling);
+    const Variant<T> v(variant, s);
+    Forward<T, typename std::decay_t<decltype(kernels)>::act_type> forward(s, kernels, hidden_states, topk_ids, topk_weights,
+                                                                      gate, up, down, lora, scaling, save_for_backward, v);
+    return forward.run();
+  };
+  if (hidden_states.scalar_type() == at::kDouble) return run(ref_kernels_f64(), lora_scaling);
+  const IsaKernels isa = active_gemm_kernels();
+  const float scaling = static_cast<float>(lora_scaling);
+  return isa.bf16 ? run(*isa.bf16, scaling) : run(*isa.f32, scaling);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_sft_backward(
@@ -1002,7 +1337,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const Tensor& lora_mid, bool lora_grads, const std::optional<Tensor>& gate_bias,
     const std::optional<Tensor>& up_bias, const std::optional<Tensor>& down_bias, c10::string_view activation,
     double swiglu_alpha, double swiglu_limit) {
-  const InlineTorchOps inline_torch_ops;
   const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
   const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
@@ -1022,11 +1356,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
   const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
-  if (hidden_states.scalar_type() == at::kDouble)
-    return backward_impl<double>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                                 lora_scaling, gate_up_pre, lora_mid, lora_grads, variant);
-  return backward_impl<float>(s, grad_output, hidden_states, topk_ids, topk_weights, gate, up, down, lora,
-                              static_cast<float>(lora_scaling), gate_up_pre, lora_mid, lora_grads, variant);
+  const auto run = [&](const auto& kernels, auto scaling) {
+    using T = decltype(scaling);
+    const Variant<T> v(variant, s);
+    Backward<T, typename std::decay_t<decltype(kernels)>::act_type> backward(s, kernels, grad_output, hidden_states,
+                                                                        topk_ids, topk_weights, gate, up, down, lora,
+                                                                        scaling, gate_up_pre, lora_mid, v);
+    return backward.run(lora_grads);
+  };
+  if (hidden_states.scalar_type() == at::kDouble) return run(ref_kernels_f64(), lora_scaling);
+  const IsaKernels isa = active_gemm_kernels();
+  const float scaling = static_cast<float>(lora_scaling);
+  return isa.bf16 ? run(*isa.bf16, scaling) : run(*isa.f32, scaling);
 }
 
 }  // namespace kt

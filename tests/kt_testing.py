@@ -51,11 +51,13 @@ def lora_shapes(E: int, H: int, I: int, r: int):
 # bf16 weights with fp32 accumulation: a result meets the fp32 "tight" bar, max|got - ref| <= rtol *
 # max|ref| with rtol = 3e-5 (assert_tight; measured <= 1e-6 for H, I <= 96).
 #
-# Rounding ISAs round the activations (the GEMM inputs: hidden states, output gradients and the
-# intermediate h, dg, du) to bf16 before multiplying, with fp32 accumulation: the AMX tiles ("amx",
+# Rounding ISAs round every GEMM input to bf16 before multiplying, with fp32 accumulation: the
+# activations (hidden states, output gradients and the intermediate h, dg, du), the LoRA matrices and
+# the scaled rank-r products that the LoRA expansions multiply (s x.A^T and the like); the rank-r
+# contractions of h, dg and du (h.Ad^T, dg.Bg, du.Bu) stay exact. These are the AMX tiles ("amx",
 # and "amx-emu" on software tiles), "avx512" on a CPU with AVX512_BF16 (vdpbf16ps), and
 # "avx512-bf16-emu" (that kernel source on SIMDe). Each rounding is at most 2^-9 relative, and a
-# result passes through at most two rounded GEMM inputs (x then h forward; dY then dg, du backward):
+# result passes through at most two rounded activations (x then h forward; dY then dg, du backward):
 #  * assert_tight's bar becomes fp32_rtol(rtol) = max(rtol, BF16_ROUNDED_RTOL), with
 #    BF16_ROUNDED_RTOL = 2^-6: two roundings of 2^-9, times 4 for the growth of a sum of rounded
 #    terms relative to its largest result in these well-scaled random cases (O(1) activations,
@@ -64,13 +66,13 @@ def lora_shapes(E: int, H: int, I: int, r: int):
 #  * comparison_mode() turns "tight" into the bf16 bars (rel_mae <= 0.01 forward, <= 0.02
 #    gradients), as for bf16 inputs, with the elementwise bf16_gemm_input_bounds as the fallback for
 #    tiny cancelling cases.
-#  * make_case() draws fp32 hidden states and output gradients as bf16 numbers (stored as fp32).
-#    The kernels round the GEMM inputs but the LoRA dot products use the fp32 values, and when a
-#    tiny case (T = 1, r = 1) reduces a whole gradient to one cancelling scalar, the rounding of
-#    non-bf16 inputs alone exceeds the bars (~1% of random property cases did). With bf16-valued
-#    inputs the bars measure what they measure for bf16 inputs. The rounding of arbitrary fp32
-#    inputs is tested on its own (test_amx_emu.py, test_isa.py::test_all_isas_agree_closely) on
-#    fixed cases large enough for rel_mae to be meaningful.
+#  * make_case() draws fp32 hidden states, output gradients and LoRA matrices as bf16 numbers
+#    (stored as fp32): when a tiny case (T = 1, r = 1) reduces a whole gradient to one cancelling
+#    scalar, the rounding of non-bf16 inputs alone exceeds the bars (~1% of random property cases
+#    did). With bf16-valued inputs the bars measure what they measure for bf16 inputs. The rounding
+#    of arbitrary fp32 inputs is tested on its own (test_amx_emu.py,
+#    test_isa.py::test_all_isas_agree_closely) on fixed cases large enough for rel_mae to be
+#    meaningful.
 # float64 inputs always run the reference kernel and stay tight.
 BF16_ROUNDING_ISAS = ("amx", "amx-emu", "avx512-bf16-emu")  # and "avx512" where the CPU has AVX512_BF16
 BF16_ROUNDED_RTOL = 2.0 ** -6
@@ -213,7 +215,7 @@ def make_case(
 ) -> Case:
     """Random inputs with O(1) activations; LoRA B nonzero unless zero_lora_b.
 
-    bf16_activations: draw fp32 hidden states and output gradients as bf16 numbers. Default: when
+    bf16_activations: draw fp32 hidden states, output gradients and LoRA matrices as bf16 numbers. Default: when
     hidden_dtype is fp32 and the ISA in use rounds activations to bf16 (see BF16_ROUNDING_ISAS)."""
     if bf16_activations is None:
         bf16_activations = hidden_dtype == torch.float32 and _active_isa_rounds_activations()
@@ -241,6 +243,8 @@ def make_case(
             t = torch.zeros(shape, dtype=torch.float64)
         else:
             t = randn(*shape, std=0.5 * max(r, 1) ** -0.5)
+        if bf16_activations:
+            t = t.to(torch.bfloat16)
         lora.append(t.to(lora_dtype))
     grad_out = randn(T, H)
     if bf16_activations:

@@ -95,22 +95,33 @@ print("OK")
 
 SHIM = r"""
 #define _GNU_SOURCE
+#include <errno.h>
 #include <stddef.h>
 #include <string.h>
-#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 extern void* __libc_malloc(size_t);
+extern void* __libc_memalign(size_t, size_t);
 static volatile size_t shim_threshold = 0;   /* 0: disarmed */
 static volatile int shim_count = 0;
 void shim_arm(size_t threshold) { shim_threshold = threshold; }
 int shim_failures(void) { return shim_count; }
-void* malloc(size_t n) {
-  /* Only on kt_ops' pool workers (torch's own threads are not prepared for malloc failing). */
-  char name[16] = {0};
-  if (shim_threshold && n >= shim_threshold && prctl(PR_GET_NAME, name) == 0 && strcmp(name, "kt_ops-worker") == 0) {
+/* Only off the main thread: kt_ops' tasks run on torch's OpenMP threads (or kt_ops' own workers),
+   and in the armed step torch's code on those threads (elementwise parallel regions) does not
+   allocate this much; the main thread's allocations (Python, autograd) are not prepared for it. */
+static int shim_fails(size_t n) {
+  if (shim_threshold && n >= shim_threshold && getpid() != (pid_t)syscall(SYS_gettid)) {
     __sync_fetch_and_add(&shim_count, 1);
-    return NULL;
+    return 1;
   }
-  return __libc_malloc(n);
+  return 0;
+}
+void* malloc(size_t n) { return shim_fails(n) ? NULL : __libc_malloc(n); }
+void* aligned_alloc(size_t alignment, size_t n) { return shim_fails(n) ? NULL : __libc_memalign(alignment, n); }
+int posix_memalign(void** out, size_t alignment, size_t n) {
+  if (shim_fails(n)) return ENOMEM;
+  *out = __libc_memalign(alignment, n);
+  return *out ? 0 : ENOMEM;
 }
 """
 
@@ -127,16 +138,19 @@ def malloc_shim(tmp_path_factory):
 
 
 def test_worker_allocation_failure_raises_memory_error(malloc_shim):
-    # int8 prefill: the workers dequantize weight panels into per-thread scratch (128 * H bytes),
-    # which is the allocation that fails here, on worker threads only.
+    # int8 prefill: the tasks dequantize weight panels into per-thread buffers, grown here for a batch
+    # larger than any before; those allocations fail, on threads other than the caller only.
     result = run_python(LAYER_SETUP.format(method="AMXINT8_SFT") + """
 import ctypes
 shim = ctypes.CDLL(None)
 good = step()
-_C.set_num_threads(1); _C.set_num_threads(4)   # fresh workers: their scratch is not grown yet
+# A batch larger than any before: the tasks' per-thread buffers must grow for it, off the caller.
+big_x = torch.randn(1024, H)
+big_ids = torch.stack([torch.randperm(E)[:K] for _ in range(1024)])
+big_w = torch.rand(1024, K)
 shim.shim_arm(ctypes.c_size_t(16 << 10))
 try:
-    step()
+    layer(big_x.requires_grad_(True), big_ids, big_w).sum().backward()
 except MemoryError:
     pass
 else:

@@ -1,15 +1,18 @@
-// AMX-BF16 kernels (Sapphire Rapids and later): gemm_nt and gemm_nn on tiles (gemm_amx.inc), dot and
-// axpy from the AVX-512 kernels. Only amx_kernels_f32() is exported; cpu.cpp calls it, and selects
-// the table, only after cpuid reported AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL and the kernel granted
-// this process the tile-data state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+// AMX-BF16 kernels (Sapphire Rapids and later): the tile GEMM (gemm_amx.inc) for both gemm_w and
+// gemm_a, the AVX-512 repack, and the common conversions and activation at AVX-512 width. Only
+// amx_kernels() is exported; cpu.cpp calls it, and selects the table, only after cpuid reported
+// AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL and the kernel granted this process the tile-data state
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
 //
 // Standard headers come before the target pragma, so none of their inline code is compiled for
 // AVX-512/AMX (the linker could otherwise hand such a copy to a baseline caller). Everything inside
 // the pragma has internal linkage and instantiates no standard-library template.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -26,6 +29,10 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include "kernel_local.h"
+#define KT_VEC_BYTES 64
+#include "kernel_common.inc"
+#include "gemm_repack.inc"
 #include "gemm_amx.inc"
 // The exported function below is baseline code: it may be called on any CPU.
 #pragma GCC pop_options
@@ -33,11 +40,9 @@
 
 namespace kt {
 
-const Kernels<float>* amx_kernels_f32() {
+const KernelsBf16* amx_kernels() {
 #ifdef KT_HAVE_AMX_BUILD
-  const Kernels<float>* avx512 = avx512_kernels_f32();
-  if (avx512 == nullptr) return nullptr;
-  static const Kernels<float> kernels{gemm_nt_amx, gemm_nn_amx, avx512->dot, avx512->axpy, "amx"};
+  static const KernelsBf16 kernels = amx_table("amx");
   return &kernels;
 #else
   return nullptr;

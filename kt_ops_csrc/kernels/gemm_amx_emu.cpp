@@ -1,16 +1,22 @@
 // "amx-emu": the AMX kernel source (gemm_amx.inc) compiled a second time, for baseline x86-64,
 // against the software tiles of amx_emu.h instead of the AMX instructions. It runs on any CPU and
-// exists to test the AMX code paths (tile shapes, blocking, padding, the bf16 rounding of the
-// activations, the gemm_nn repacking) where no AMX hardware is at hand; it is slow and never chosen
-// by "auto". The only differences from the real build are the #ifndef KT_AMX_EMULATE blocks of
-// gemm_amx.inc: AVX-512 versions of the fp32 -> bf16 conversion and of the 16-column repack, with
-// scalar code computing the same bits here. dot and axpy are the portable reference ones.
+// exists to test the AMX code paths (tile shapes, blocking, padding, accumulation into C, the tail
+// chunk) where no AMX hardware is at hand; it is slow and never chosen by "auto". Besides the tiles,
+// its table has the common conversions and activation at baseline width and the portable repack,
+// which compute the same bits as the AVX-512 ones of the real table.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "gemm.h"
+#include "kernel_local.h"
+#define KT_VEC_BYTES 16
+#include "kernel_common.inc"
+#define KT_REPACK_SCALAR 1
+#include "gemm_repack.inc"
 
 #define KT_AMX_EMULATE 1
 #include "amx_emu.h"
@@ -18,9 +24,8 @@
 
 namespace kt {
 
-const Kernels<float>* amx_emu_kernels_f32() {
-  static const Kernels<float> kernels{gemm_nt_amx, gemm_nn_amx, ref_kernels_f32().dot, ref_kernels_f32().axpy,
-                                      "amx-emu"};
+const KernelsBf16* amx_emu_kernels() {
+  static const KernelsBf16 kernels = amx_table("amx-emu");
   return &kernels;
 }
 

@@ -10,10 +10,12 @@
 // AVX-512; everything inside the pragmas has internal linkage and instantiates no standard-library
 // template, so the linker cannot hand AVX-512 code to a baseline caller. The exported functions at
 // the end are baseline code.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -30,6 +32,10 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include "kernel_local.h"
+#define KT_VEC_BYTES 64
+#include "kernel_common.inc"
+#include "gemm_repack.inc"
 #define KT_AVX512_PART 1
 #include "gemm_avx512.inc"
 #undef KT_AVX512_PART
@@ -47,18 +53,18 @@
 namespace kt {
 
 #ifdef KT_HAVE_AVX512_BUILD
-const Kernels<float>* avx512_kernels_f32() {
-  static const Kernels<float> kernels{gemm_nt_avx512, gemm_nn_avx512, dot_avx512, axpy_avx512, "avx512"};
+const KernelsF32* avx512_kernels_f32() {
+  static const KernelsF32 kernels = avx512_table("avx512");
   return &kernels;
 }
 
-const Kernels<float>* avx512bf16_kernels_f32() {
-  static const Kernels<float> kernels{gemm_nt_avx512bf16, gemm_nn_avx512bf16, dot_avx512, axpy_avx512, "avx512-bf16"};
+const KernelsBf16* avx512bf16_kernels() {
+  static const KernelsBf16 kernels = avx512bf16_table("avx512-bf16");
   return &kernels;
 }
 #else
-const Kernels<float>* avx512_kernels_f32() { return nullptr; }
-const Kernels<float>* avx512bf16_kernels_f32() { return nullptr; }
+const KernelsF32* avx512_kernels_f32() { return nullptr; }
+const KernelsBf16* avx512bf16_kernels() { return nullptr; }
 #endif
 
 }  // namespace kt

@@ -4,10 +4,12 @@
 // paths (bf16 rounding of the activations, the nn repack, tails) where no AVX-512 hardware is at hand;
 // it is slow and never chosen by "auto". Built only where the SIMDe headers are installed (Debian /
 // Ubuntu: libsimde-dev); otherwise the table is absent and the ISA unavailable.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -23,6 +25,10 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "gemm_simde.h"
 
+#include "kernel_local.h"
+#define KT_VEC_BYTES 16
+#include "kernel_common.inc"
+#include "gemm_repack.inc"
 #define KT_AVX512_PART 1
 #include "gemm_avx512.inc"
 #undef KT_AVX512_PART
@@ -33,10 +39,9 @@
 
 namespace kt {
 
-const Kernels<float>* avx512bf16_emu_kernels_f32() {
+const KernelsBf16* avx512bf16_emu_kernels() {
 #ifdef KT_HAVE_AVX512_EMU_BUILD
-  static const Kernels<float> kernels{gemm_nt_avx512bf16, gemm_nn_avx512bf16, dot_avx512, axpy_avx512,
-                                      "avx512-bf16-emu"};
+  static const KernelsBf16 kernels = avx512bf16_table("avx512-bf16-emu");
   return &kernels;
 #else
   return nullptr;

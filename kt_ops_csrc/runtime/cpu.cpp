@@ -80,23 +80,23 @@ struct IsaInfo {
   const char* name;
   const char* needs;      // the features in words, for the error message ("" for none)
   Feature features[5];    // what cpuid must report; ends at the first empty name
-  const char* not_built;  // the error message's reason when kernels() is nullptr
-  const Kernels<float>* (*kernels)();
+  const char* not_built;  // the error message's reason when kernels() has no table
+  IsaKernels (*kernels)();
 };
 
 constexpr const char* kNotBuilt = "kernels are not part of this build (compiler too old?).";
 
 constexpr IsaInfo kIsas[] = {
-    {Isa::Ref, "ref", "", {}, kNotBuilt, [] { return &ref_kernels_f32(); }},
+    {Isa::Ref, "ref", "", {}, kNotBuilt, [] { return IsaKernels{&ref_kernels_f32(), nullptr}; }},
     {Isa::Avx2, "avx2", "AVX2 and FMA", {{"AVX2", &CpuFeatures::avx2}, {"FMA", &CpuFeatures::fma}}, kNotBuilt,
-     avx2_kernels_f32},
+     [] { return IsaKernels{avx2_kernels_f32(), nullptr}; }},
     {Isa::Avx512, "avx512", "AVX-512 F/BW/VL",
      {{"AVX512F", &CpuFeatures::avx512f}, {"AVX512BW", &CpuFeatures::avx512bw}, {"AVX512VL", &CpuFeatures::avx512vl}},
      kNotBuilt,
      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
      [] {
-       const Kernels<float>* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels_f32() : nullptr;
-       return bf16 ? bf16 : avx512_kernels_f32();
+       const KernelsBf16* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels() : nullptr;
+       return bf16 ? IsaKernels{nullptr, bf16} : IsaKernels{avx512_kernels_f32(), nullptr};
      }},
     {Isa::Amx, "amx", "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL",
      {{"AMX-TILE", &CpuFeatures::amx_tile},
@@ -104,12 +104,12 @@ constexpr IsaInfo kIsas[] = {
       {"AVX512F", &CpuFeatures::avx512f},
       {"AVX512BW", &CpuFeatures::avx512bw},
       {"AVX512VL", &CpuFeatures::avx512vl}},
-     kNotBuilt, amx_kernels_f32},
-    {Isa::AmxEmu, "amx-emu", "", {}, kNotBuilt, amx_emu_kernels_f32},
+     kNotBuilt, [] { return IsaKernels{nullptr, amx_kernels()}; }},
+    {Isa::AmxEmu, "amx-emu", "", {}, kNotBuilt, [] { return IsaKernels{nullptr, amx_emu_kernels()}; }},
     {Isa::Avx512Bf16Emu, "avx512-bf16-emu", "", {},
      "is not part of this build (it is built only where the SIMDe headers were installed, e.g. Debian's "
      "libsimde-dev).",
-     avx512bf16_emu_kernels_f32},
+     [] { return IsaKernels{nullptr, avx512bf16_emu_kernels()}; }},
 };
 
 constexpr bool in_enum_order() {
@@ -132,7 +132,7 @@ std::string missing_features(const IsaInfo& isa) {
 }
 
 bool isa_supported(Isa isa) {
-  return missing_features(info(isa)).empty() && info(isa).kernels() != nullptr &&
+  return missing_features(info(isa)).empty() && info(isa).kernels().built() &&
          (isa != Isa::Amx || amx_permission());
 }
 
@@ -217,13 +217,13 @@ void set_isa(const std::string& name) {
                     "state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) failed; Linux >= 5.16 is "
                     "needed). Available: ",
                     joined(available_isa_names()));
-  TORCH_CHECK_VALUE(isa.kernels() != nullptr, "KT_OPS_ISA/set_isa: '", name, "' ", isa.not_built,
+  TORCH_CHECK_VALUE(isa.kernels().built(), "KT_OPS_ISA/set_isa: '", name, "' ", isa.not_built,
                     " Available: ", joined(available_isa_names()));
   g_isa = static_cast<int>(isa.isa);
 }
 
 // set_isa only selects an ISA whose table exists and whose CPU features are present.
-const Kernels<float>& active_gemm_kernels() { return *info(current_isa()).kernels(); }
+IsaKernels active_gemm_kernels() { return info(current_isa()).kernels(); }
 
 const DequantKernels& active_dequant_kernels() {
   // The AVX2 dequantizer serves every ISA above ref (the emulations included) on CPUs with AVX2.

@@ -1,5 +1,6 @@
 // CPU feature detection and the run-time choice of kernel ISA.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,13 +30,21 @@ void set_isa(const std::string& name);  // throws c10::ValueError with the reaso
 Isa current_isa();
 std::string isa_name(Isa isa);
 
-template <typename T>
+template <typename T, typename Act>
 struct Kernels;
 struct DequantKernels;
 
-// The one place where the ISA in use becomes kernels: the GEMM table (for "avx512", vdpbf16ps where
+// An ISA's kernel table for fp32 computations: exactly one of the two is set, by the activation type
+// the ISA multiplies (gemm.h): exact fp32, or bf16-rounded.
+struct IsaKernels {
+  const Kernels<float, float>* f32 = nullptr;
+  const Kernels<float, uint16_t>* bf16 = nullptr;
+  bool built() const { return f32 != nullptr || bf16 != nullptr; }
+};
+
+// The one place where the ISA in use becomes kernels: the kernel table (for "avx512", vdpbf16ps where
 // the CPU has AVX512_BF16) and the dequantizer of the quantized formats.
-const Kernels<float>& active_gemm_kernels();
+IsaKernels active_gemm_kernels();
 const DequantKernels& active_dequant_kernels();
 
 }  // namespace kt

@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <ATen/Parallel.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -70,6 +71,27 @@ Registry& registry() {
 thread_local ThreadPool* current_pool = nullptr;
 thread_local int current_index = -1;
 
+// Set in a child of fork(): OpenMP's thread team did not survive it.
+std::atomic<bool> forked_child{false};
+
+}  // namespace
+}  // namespace kt
+
+// The OpenMP runtime torch links (libgomp, or one with its ABI), called directly: GOMP_parallel is
+// what a compiler makes of "#pragma omp parallel", and at::parallel_for's OpenMP body is a header
+// template that this extension (built without -fopenmp) would compile to a serial loop. Weak, so
+// that a torch without OpenMP still loads (they are then null).
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+int omp_get_thread_num(void) __attribute__((weak));
+int omp_in_parallel(void) __attribute__((weak));
+}
+
+namespace kt {
+namespace {
+
+bool have_openmp() { return GOMP_parallel != nullptr && omp_get_thread_num != nullptr && omp_in_parallel != nullptr; }
+
 struct Rendezvous {
   std::mutex mutex;
   std::condition_variable arrived_cv;
@@ -111,14 +133,8 @@ ThreadPool& ThreadPool::main_pool() {
 
 ThreadPool& ThreadPool::instance() { return current_pool != nullptr ? *current_pool : main_pool(); }
 
-ThreadPool::ThreadPool(int index, int workers) : index_(index) {
-  wanted_workers_ = workers;
-  try {
-    start_workers(wanted_workers_);
-  } catch (const std::exception&) {
-    // Fewer threads than cores is still a working pool; set_num_threads reports the failure.
-  }
-}
+// Workers start on the first job that needs them (the main pool's usually run on torch's threads).
+ThreadPool::ThreadPool(int index, int workers) : index_(index) { wanted_workers_ = workers; }
 
 void ThreadPool::configure_subpools(int count, int threads, const std::vector<std::vector<int>>& cpu_sets) {
   if (count < 0) throw std::invalid_argument("subpool count must be >= 0, got " + std::to_string(count));
@@ -208,6 +224,7 @@ void ThreadPool::stop_workers() {
 void ThreadPool::set_num_threads(int num_threads) {
   if (num_threads < 1) throw std::invalid_argument("num_threads must be at least 1, got " + std::to_string(num_threads));
   std::lock_guard<std::mutex> job(job_mutex_);
+  explicit_threads_ = true;
   if (num_threads - 1 == wanted_workers_ && static_cast<int>(workers_.size()) == wanted_workers_) return;
   stop_workers();
   wanted_workers_ = num_threads - 1;
@@ -216,6 +233,7 @@ void ThreadPool::set_num_threads(int num_threads) {
 
 int ThreadPool::num_threads() {
   std::lock_guard<std::mutex> job(job_mutex_);
+  if (index_ < 0 && !explicit_threads_ && have_openmp() && !forked_child.load()) return at::get_num_threads();
   return wanted_workers_ + 1;
 }
 
@@ -286,12 +304,50 @@ void ThreadPool::worker_loop(uint64_t seen, std::vector<int> cpus) {
 
 void ThreadPool::ensure_workers() {
   const int missing = wanted_workers_ - static_cast<int>(workers_.size());
-  if (missing > 0) start_workers(missing);
+  if (missing <= 0) return;
+  try {
+    start_workers(missing);
+  } catch (const std::exception&) {
+    // Fewer threads than wanted is still a working pool (set_num_threads reports such a failure).
+  }
+}
+
+// The job on torch's intra-op threads; false when they cannot take it (see thread_pool.h).
+bool ThreadPool::run_on_torch_threads(int64_t num_tasks, const std::function<void(int64_t)>& task) {
+  if (index_ >= 0 || !have_openmp() || forked_child.load() || omp_in_parallel() || at::in_parallel_region())
+    return false;
+  const int team = explicit_threads_ ? wanted_workers_ + 1 : at::get_num_threads();
+  if (team <= 1 || num_tasks == 1) {
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      if (take_fault(true)) throw std::bad_alloc();
+      task(i);
+    }
+    return true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    task_ = &task;
+    num_tasks_ = num_tasks;
+    next_task_ = 0;
+    error_ = nullptr;
+  }
+  // Thread 0 of the team is the calling thread. run_tasks keeps every exception inside the region.
+  GOMP_parallel([](void* pool) { static_cast<ThreadPool*>(pool)->run_tasks(omp_get_thread_num() == 0); }, this,
+                static_cast<unsigned>(team), 0);
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    task_ = nullptr;
+    error = std::exchange(error_, nullptr);
+  }
+  if (error) std::rethrow_exception(error);
+  return true;
 }
 
 void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) {
   if (num_tasks <= 0) return;
   std::lock_guard<std::mutex> job(job_mutex_);
+  if (run_on_torch_threads(num_tasks, task)) return;
   if (index_ >= 0 && rendezvous_armed.load(std::memory_order_relaxed)) rendezvous(index_);
   ensure_workers();
   if (workers_.empty() || num_tasks == 1) {
@@ -386,6 +442,7 @@ void ThreadPool::reset_after_fork() {
 }
 
 void ThreadPool::after_fork_child() {
+  forked_child = true;
   Registry& r = registry();
   new (&r.mutex) std::mutex();
   r.main->reset_after_fork();

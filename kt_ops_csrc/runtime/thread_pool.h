@@ -2,6 +2,14 @@
 // calling thread claim from one atomic counter (tasks of uneven size balance themselves).
 // One parallel_for runs at a time per pool; a second caller (another Python thread) waits for the first.
 //
+// The main pool runs its jobs on torch's intra-op threads (at::parallel_for: OpenMP in torch's CPU
+// builds), so that the two never compete for the cores: after every parallel torch op, OpenMP's
+// workers spin for milliseconds before they sleep, and a second set of threads started meanwhile
+// (ours) ran on cores they were spinning on. Its thread count is torch's (torch.set_num_threads)
+// unless set_num_threads chose one. Where OpenMP cannot serve a job, the pool's own threads run it:
+// in a process forked after OpenMP started its threads (libgomp's team does not survive fork(); the
+// child would hang), inside another parallel region, and in builds of torch without OpenMP.
+//
 // Pools: the main pool (set_num_threads; what every op uses by default) and, for threadpool_count > 1,
 // sub-pools built by configure_subpools, each with threads of its own, optionally pinned to a CPU set
 // (its NUMA node's CPUs). A thread that calls enter_subpool(i) (the wrappers' per-part dispatcher
@@ -50,7 +58,8 @@ class ThreadPool {
   static ThreadPool& subpool(int index);
 
   // Throws std::runtime_error when the threads cannot be created (e.g. EAGAIN); the pool then keeps
-  // the threads it has, and num_threads() reports that count.
+  // the threads it has, and num_threads() reports that count. For the main pool this also fixes its
+  // thread count (from then on it no longer follows torch's).
   void set_num_threads(int num_threads);
   int num_threads();
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task);
@@ -74,6 +83,7 @@ class ThreadPool {
   void stop_workers();
   void worker_loop(uint64_t seen, std::vector<int> cpus);
   void run_tasks(bool on_caller);
+  bool run_on_torch_threads(int64_t num_tasks, const std::function<void(int64_t)>& task);
   bool take_fault(bool on_caller);
   void ensure_workers();
   void lock_for_fork();
@@ -97,6 +107,7 @@ class ThreadPool {
   int busy_workers_ = 0;
   bool stopping_ = false;
   int wanted_workers_ = 0;  // workers the pool should have (started lazily after fork)
+  bool explicit_threads_ = false;  // main pool: set_num_threads was called
   std::exception_ptr error_;
   std::atomic<int> fault_{0};  // 0 none, 1 next worker task, 2 next caller task
 };
