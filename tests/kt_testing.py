@@ -323,6 +323,26 @@ def run_ops(case: Case, experts=None, with_grads=True):
     return out.detach(), grads
 
 
+def op_call(case: Case, experts, save: bool, requires_grad: bool):
+    """(args, kwargs) of a kt::moe_sft_forward call on the case (fresh leaves for hidden, weights and
+    LoRA), by name through kt_ops.ops.forward_call."""
+    import kt_ops.ops
+
+    hidden = case.hidden.detach().clone().requires_grad_(requires_grad)
+    weights = case.weights.detach().clone().requires_grad_(requires_grad)
+    lora = [t.detach().clone().requires_grad_(requires_grad) for t in case.lora]
+    return kt_ops.ops.forward_call(hidden, case.ids, weights, experts, lora, case.scaling, save)
+
+
+def backward_op_call(grad_output, forward_call, gate_up_pre, lora_mid, lora_grads: bool = True):
+    """(args, kwargs) of the kt::moe_sft_backward call that goes with a forward call's (args, kwargs)."""
+    (hidden, ids, weights), kwargs = forward_call
+    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    kwargs.pop("save_for_backward")
+    return ((grad_output, hidden.detach(), ids, weights.detach()),
+            dict(kwargs, gate_up_pre=gate_up_pre, lora_mid=lora_mid, lora_grads=lora_grads))
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| over the whole tensor (L2), in fp32."""
     a, b = a.float(), b.float()

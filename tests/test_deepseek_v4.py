@@ -12,8 +12,8 @@ import torch
 import kt_ops
 import kt_ops.ops
 import test_gpt_oss as variant_tests  # the variant helpers (reference / kernel / op arguments)
-from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, fp32_rtol, logits_of, make_case,
-                        model_rtol, plain_and_kt_step, rel_l2, token_ids)
+from kt_testing import (assert_same_step, backward_op_call, compare_with_reference, expert_lora_params, fp32_rtol,
+                        logits_of, make_case, model_rtol, plain_and_kt_step, rel_l2, token_ids)
 
 LIMIT = variant_tests.LIMIT
 
@@ -57,11 +57,10 @@ def test_opcheck_clamped_silu(dtype):
     case = make_case(seed=95, hidden_dtype=dtype, lora_dtype=dtype, **variant_tests.CASES["dupes_minus_one_odd"])
     experts = kt_ops.pack_experts(case.gate, case.up, case.down).with_variant(**_variant(case, 96))
     op_args = variant_tests._op_args
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, op_args(case, experts, True, True))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *op_args(case, experts, True, True))
     fwd = op_args(case, experts, True, False)
-    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd)
-    bwd = (case.grad_out,) + fwd[:18] + (pre, mid, True) + fwd[19:]
-    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, bwd)
+    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd[0], **fwd[1])
+    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, *backward_op_call(case.grad_out, fwd, pre, mid))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,13 +40,8 @@ def call_ops(args, packed):
 
 
 def call_raw(args, packed=None):
-    return torch.ops.kt.moe_sft_forward(
-        args["hidden_states"], args["topk_ids"], args["topk_weights"],
-        args["gate_weight"], args["up_weight"], args["down_weight"],
-        args["gate_scale"], args["up_scale"], args["down_scale"],
-        args["weight_format"], args["intermediate_size"],
-        *(args[n] for n in LORA_NAMES), args["lora_scaling"], False,
-    )
+    # by name: the schema's tail after topk_weights as the test's dict holds it
+    return torch.ops.kt.moe_sft_forward(**args, save_for_backward=False)
 
 
 def call_layer(args, packed):
@@ -210,19 +205,17 @@ def test_layer_meta_input_fails():
 
 def test_bad_backward_grad_output_shape():
     args, packed, case = valid_args()
-    ret = torch.ops.kt.moe_sft_forward(
-        *(args[k] for k in ("hidden_states", "topk_ids", "topk_weights", "gate_weight", "up_weight", "down_weight",
-                            "gate_scale", "up_scale", "down_scale", "weight_format", "intermediate_size")),
-        *(args[n] for n in LORA_NAMES), args["lora_scaling"], True,
-    )
-    rest = (args["hidden_states"], args["topk_ids"], args["topk_weights"], args["gate_weight"], args["up_weight"],
-            args["down_weight"], None, None, None, "bf16", I, *(args[n] for n in LORA_NAMES), args["lora_scaling"])
+    _, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(**args, save_for_backward=True)
+
+    def backward(grad_output, gate_up_pre, lora_mid):
+        return torch.ops.kt.moe_sft_backward(grad_output, **args, gate_up_pre=gate_up_pre, lora_mid=lora_mid)
+
     with pytest.raises(ValueError, match="grad_output"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H + 1), *rest, ret[1], ret[2])
+        backward(torch.randn(T, H + 1), gate_up_pre, lora_mid)
     with pytest.raises(ValueError, match="gate_up_pre"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H), *rest, ret[1][:, :-1], ret[2])
+        backward(torch.randn(T, H), gate_up_pre[:, :-1], lora_mid)
     with pytest.raises(ValueError, match="lora_mid"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H), *rest, ret[1], ret[2][:, :, :-1])
+        backward(torch.randn(T, H), gate_up_pre, lora_mid[:, :, :-1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

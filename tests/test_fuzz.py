@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kt_ops
-from kt_ops.core.formats import GROUPED_FORMATS, WEIGHT_FORMATS
+from kt_ops.core.formats import GROUPED_FORMATS, LORA_NAMES, WEIGHT_FORMATS
 from kt_ops.core.packed import unpack_experts
 from kt_ops.reference import moe_sft_reference
 
@@ -130,10 +130,15 @@ def _mutate(case, a, g):
         a["up"] = torch.cat([a["up"], a["up"][:1]])
 
 
+def _named(a) -> dict:
+    """The op's arguments after topk_weights, by name."""
+    return dict(gate_weight=a["gate"], up_weight=a["up"], down_weight=a["down"], gate_scale=a["gate_scale"],
+                up_scale=a["up_scale"], down_scale=a["down_scale"], weight_format=a["fmt"], intermediate_size=a["I"],
+                **dict(zip(LORA_NAMES, a["loras"])), lora_scaling=a["scaling"])
+
+
 def _forward(a, save):
-    return torch.ops.kt.moe_sft_forward(a["x"], a["ids"], a["w"], a["gate"], a["up"], a["down"], a["gate_scale"],
-                                        a["up_scale"], a["down_scale"], a["fmt"], a["I"], *a["loras"], a["scaling"],
-                                        save)
+    return torch.ops.kt.moe_sft_forward(a["x"], a["ids"], a["w"], **_named(a), save_for_backward=save)
 
 
 def _expected(experts, a):
@@ -207,9 +212,8 @@ def test_backward_bad_inputs(fuzz_isa):
         elif m == "weights_shape":
             a["w"] = torch.rand(case["T"], case["k"] + 1)
         try:
-            grads = torch.ops.kt.moe_sft_backward(grad, a["x"], a["ids"], a["w"], a["gate"], a["up"], a["down"],
-                                                  a["gate_scale"], a["up_scale"], a["down_scale"], a["fmt"],
-                                                  a["I"], *a["loras"], a["scaling"], gate_up_pre, lora_mid)
+            grads = torch.ops.kt.moe_sft_backward(grad, a["x"], a["ids"], a["w"], **_named(a), gate_up_pre=gate_up_pre,
+                                                  lora_mid=lora_mid)
         except ACCEPTED:
             assert m != "none", case
             return

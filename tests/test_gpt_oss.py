@@ -9,9 +9,9 @@ import torch
 import kt_ops
 import kt_ops.ops
 from kt_ops import reference
-from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, grads_of, isa_rounds_activations,
-                        logits_of, make_case, model_rtol, plain_and_kt_step, randomize_lora_b, rel_l2,
-                        single_torch_thread, token_ids)
+from kt_testing import (assert_same_step, backward_op_call, compare_with_reference, expert_lora_params, grads_of,
+                        isa_rounds_activations, logits_of, make_case, model_rtol, op_call, plain_and_kt_step,
+                        randomize_lora_b, rel_l2, single_torch_thread, token_ids)
 
 # A small limit so that the clamps are active for a good share of the O(1) pre-activations.
 LIMIT, ALPHA = 0.6, 1.702
@@ -89,25 +89,19 @@ def test_no_variant_is_bit_identical_to_default_silu():
 
 
 def _op_args(case, experts, save, requires_grad):
-    hidden = case.hidden.detach().clone().requires_grad_(requires_grad)
-    weights = case.weights.detach().clone().requires_grad_(requires_grad)
-    lora = [t.detach().clone().requires_grad_(requires_grad) for t in case.lora]
-    e = experts
-    return (hidden, case.ids, weights, e.gate, e.up, e.down, e.gate_scale, e.up_scale, e.down_scale, e.weight_format,
-            e.intermediate_size, *lora, case.scaling, save, e.gate_bias, e.up_bias, e.down_bias, e.activation,
-            e.swiglu_alpha, e.swiglu_limit)
+    """(args, kwargs) of the forward op on the case, by name."""
+    return op_call(case, experts, save, requires_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_variant(dtype):
     case = make_case(seed=74, hidden_dtype=dtype, lora_dtype=dtype, **CASES["dupes_minus_one_odd"])
     experts = kt_ops.pack_experts(case.gate, case.up, case.down).with_variant(**_variant(case, 75))
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _op_args(case, experts, True, True))
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _op_args(case, experts, False, False))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *_op_args(case, experts, True, True))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *_op_args(case, experts, False, False))
     fwd = _op_args(case, experts, True, False)
-    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd)
-    bwd = (case.grad_out,) + fwd[:18] + (pre, mid, True) + fwd[19:]
-    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, bwd)
+    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd[0], **fwd[1])
+    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, *backward_op_call(case.grad_out, fwd, pre, mid))
 
 
 def test_gate_up_pre_holds_biased_pre_activations():
@@ -135,13 +129,11 @@ def test_bad_variant_errors_name_the_argument():
     with pytest.raises(TypeError, match="gate_bias must be float32"):
         experts.with_variant(gate_bias=torch.zeros(case.E, case.I, dtype=torch.int32))
     # The op checks too, for callers that bypass PackedExperts.
-    args = list(_op_args(case, experts, False, False))
-    args[-6] = torch.zeros(case.E, case.I + 1)
+    args, kwargs = _op_args(case, experts, False, False)
     with pytest.raises(ValueError, match="gate_bias must have shape"):
-        torch.ops.kt.moe_sft_forward(*args)
-    args[-6], args[-3] = None, "relu"
+        torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, gate_bias=torch.zeros(case.E, case.I + 1)))
     with pytest.raises(ValueError, match="activation must be 'silu', 'clamped_swiglu' or 'clamped_silu'"):
-        torch.ops.kt.moe_sft_forward(*args)
+        torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, gate_bias=None, activation="relu"))
 
 
 # ------------------------------------------------------------------------------------------------
