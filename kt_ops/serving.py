@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .core.formats import LORA_NAMES
-from .experts import KTMoEWrapper
+from .wrappers import KTMoEWrapper
 
 __all__ = ["KTConfig", "KTEPWrapperMethod", "clear_moe_lora_cache", "get_sft_weight_path", "load_moe_lora_layer"]
 

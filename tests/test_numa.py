@@ -217,7 +217,7 @@ def test_subpool_threads_are_pinned_and_survive_fork(tmp_path):
 import os, torch
 from kt_ops import _C
 from kt_ops.core.subpools import Subpools
-from kt_ops.experts_base import forward_parts
+from kt_ops.ops import forward_parts
 from kt_ops.core.packed import pack_split
 pools = Subpools(2, 2, root={root!r})
 assert pools.nodes == [0, 1] and pools.cpu_sets == [[{cpus[0]}], [{cpus[1]}]], (pools.nodes, pools.cpu_sets)

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import queue
 import threading
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,6 +90,7 @@ class Subpools:
     def __init__(self, count: int, threads: int, root: str = NODE_ROOT):
         check_int(count, "count", 2)
         check_int(threads, "threads", 1)
+        self.requested_threads = threads
         layout = subpool_layout(count, root)
         self.nodes: List[Optional[int]] = [node for node, _ in layout]
         self.cpu_sets: List[List[int]] = [cpus for _, cpus in layout]
@@ -154,6 +156,30 @@ class Subpools:
                     future.set_result(fn(*args))
             except BaseException as error:  # handed to the caller, who waits for it
                 future.set_exception(error)
+
+
+_process_subpools: Optional[Subpools] = None
+_process_lock = threading.Lock()
+
+
+def process_subpools(count: int, threads: int) -> Optional[Subpools]:
+    """The process's sub-pools (None for count 1): `count` of `threads` threads each, made on first
+    use. There is one set per process (the C++ pools are global); a later call asking for another
+    shape gets the existing ones, with a warning, and its parts then run one after another on the
+    calling thread's pool (run_parts)."""
+    global _process_subpools
+    check_int(count, "threadpool_count", 1)
+    check_int(threads, "threads", 1)
+    if count == 1:
+        return None
+    with _process_lock:
+        if _process_subpools is None:
+            _process_subpools = Subpools(count, threads)
+        elif (_process_subpools.count, _process_subpools.requested_threads) != (count, threads):
+            warnings.warn(f"the process's sub-pools exist already ({_process_subpools.count} of "
+                          f"{_process_subpools.requested_threads} threads); ignoring {count} of {threads}",
+                          RuntimeWarning, stacklevel=3)
+        return _process_subpools
 
 
 def run_parts(subpools: Optional[Subpools], fn: Callable, per_part_args: Sequence[tuple]) -> list:

@@ -24,7 +24,6 @@ from torch import nn
 from ..core.formats import LORA_NAMES, SFT_METHOD_FORMATS
 from ..core.runtime import set_num_threads
 from ..layer import KTMoELayer
-from ..ops import moe_sft
 from ..reference import moe_loop
 from ..weights.sources import ExpertSource
 from .custom_experts import adopt_custom_experts, install_custom_forward
@@ -50,16 +49,15 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class KTExperts(KTMoELayer):
-    """The routed experts of one MoE layer on kt_ops: packed frozen weights, plus LoRA on gate/up/down
-    either of its own (`lora_rank` > 0: a model used without peft) or handed in by peft per call.
-    Expert `j` here is expert `first_expert + j` of the model (the first ones may stay in transformers).
-    `lora_enabled = False` computes the base experts only (e.g. for a DPO reference pass)."""
+    """The routed experts of one MoE layer on kt_ops: a KTMoELayer whose LoRA on gate/up/down is
+    either its own (`lora_rank` > 0: a model used without peft) or handed in by peft per call, with
+    the model's layer index. Expert `j` here is expert `first_expert + j` of the model (the first ones
+    may stay in transformers). `lora_enabled = False` computes the base experts only (e.g. for a DPO
+    reference pass)."""
 
-    def __init__(self, *args, first_expert: int = 0, layer_idx: Optional[int] = None, **kwargs):
+    def __init__(self, *args, layer_idx: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.first_expert = first_expert
         self.layer_idx = layer_idx
-        self.lora_enabled = bool(self.lora_rank)
         # Set by set_kt_lora_trainable(model, False): frozen expert LoRA is then intended, not an accident.
         self.lora_frozen_on_purpose = False
         self._frozen_warned = False
@@ -75,23 +73,16 @@ class KTExperts(KTMoELayer):
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 lora: Optional[tuple] = None) -> torch.Tensor:
-        """`lora`: six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's experts,
-        scaling already in B, used instead of the layer's own LoRA."""
-        if lora is None and self.lora_enabled:
-            if self.training and torch.is_grad_enabled() and not self.lora_frozen_on_purpose:
-                _warn_if_frozen(self)
-            return KTMoELayer.forward(self, hidden_states, topk_ids, topk_weights)
-        if self.experts is None:
-            raise RuntimeError("KTExperts: base weights are not loaded")
-        cpu = torch.device("cpu")
-        if lora is not None:
-            lora = tuple(t.to(cpu) for t in lora)
-        out = moe_sft(hidden_states.to(cpu), topk_ids.to(cpu), topk_weights.to(cpu), self.experts, lora,
-                      1.0 if lora is not None else 0.0)
-        return out.to(hidden_states.device)
+        """`lora`: peft's six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's
+        experts, scaling already in B, used instead of the layer's own LoRA."""
+        if lora is None and self.lora_enabled and self.training and torch.is_grad_enabled() \
+                and not self.lora_frozen_on_purpose:
+            _warn_if_frozen(self)
+        return super().forward(hidden_states, topk_ids, topk_weights, lora=lora,
+                               lora_scaling=None if lora is None else 1.0)
 
     def extra_repr(self) -> str:
-        return f"{KTMoELayer.extra_repr(self)}, first_expert={self.first_expert}, layer_idx={self.layer_idx}"
+        return f"{KTMoELayer.extra_repr(self)}, layer_idx={self.layer_idx}"
 
 
 def _warn_if_frozen(kt: KTExperts) -> None:
@@ -144,10 +135,10 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     if peft_lora is not None:
         lora = peft_lora[0]
         kt_lora = tuple(t[num_gpu:] for t in lora)
-    # -1 tells kt_ops to skip the slot: the GPU experts' share, and id num_experts, which transformers'
-    # experts read as "no expert" (e.g. DeepSeek-V4's hash routing, expert parallelism).
-    on_kt = (top_k_index >= num_gpu) & (top_k_index != self.num_experts)
-    out = kt(hidden_states, torch.where(on_kt, top_k_index - num_gpu, -1), top_k_weights, lora=kt_lora)
+    # -1 tells kt_ops to skip the slot: id num_experts, which transformers' experts read as "no expert"
+    # (e.g. DeepSeek-V4's hash routing, expert parallelism); kt skips the GPU experts' share itself.
+    out = kt(hidden_states, top_k_index.masked_fill(top_k_index == self.num_experts, -1), top_k_weights,
+             lora=kt_lora)
     if num_gpu > 0:
         gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
         out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
