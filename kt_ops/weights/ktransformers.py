@@ -37,6 +37,7 @@ import torch
 
 from ..core.formats import PROJECTIONS
 from ..core.packed import pack_experts_from_codes, pack_split, unpack_experts
+from .shards import SafeTensorFiles
 
 N_STEP = 32
 K_BLOCK = 3584
@@ -248,10 +249,8 @@ def is_kt_directory(path) -> bool:
         return False
     if glob.glob(os.path.join(path, "_layer_*", "_numa_*", "*.kt")):
         return True
-    from .loaders import SafeTensorLoader
-
     try:
-        keys = SafeTensorLoader(path).keys()
+        keys = SafeTensorFiles(path).keys()
     except (FileNotFoundError, ValueError):
         return False
     return any(WEIGHT_KEY.fullmatch(k) for k in keys)
@@ -261,15 +260,13 @@ class KTWeightDirectory:
     """Reads layers of a KTransformers converted directory, one layer at a time."""
 
     def __init__(self, path, loader=None):
-        from .loaders import SafeTensorLoader
-
         self.path = os.fspath(path)
         self._kt_folders = sorted(glob.glob(os.path.join(self.path, "_layer_*")))
         self._by_layer: Dict[int, Dict[Tuple[str, int, int, str], str]] = {}
         self.loader = None
         if any(glob.glob(os.path.join(d, "_numa_*", "*.kt")) for d in self._kt_folders):
             return
-        self.loader = loader if loader is not None else SafeTensorLoader(self.path)
+        self.loader = loader if loader is not None else SafeTensorFiles(self.path)
         for key in self.loader.keys():
             m = WEIGHT_KEY.fullmatch(key)
             if m:
@@ -365,3 +362,12 @@ def layer_parts(layer: KTLayer, weight_format: str, split: Sequence[Tuple[int, i
                   f"repacking for {len(split)} requantizes from the stored values", RuntimeWarning, stacklevel=3)
     gate, up, down = unpack_experts(layer.packed())
     return pack_split(gate, up, down, weight_format, group_size, split)
+
+
+def load_kt_layer_parts(path, layer_idx: int, weight_format: str, split, group_size: int, shape):
+    """Layer `layer_idx` of a KTransformers converted directory at `path` as packed experts per
+    intermediate range of `split` (see kt_ops.weights.ktransformers.layer_parts), or None when `path`
+    is not such a directory."""
+    if path is None or not is_kt_directory(path):
+        return None
+    return layer_parts(KTWeightDirectory(path).layer(layer_idx), weight_format, split, group_size, shape)

@@ -5,8 +5,9 @@ import os
 from typing import Optional
 
 from .ktransformers import KTWeightDirectory, is_kt_directory
-from .loaders import BF16SafeTensorLoader, SafeTensorLoader, safe_open
+from .loaders import BF16SafeTensorLoader, SafeTensorLoader
 from .native import NativeCheckpoint
+from .shards import safe_open
 
 
 class ExpertSource:

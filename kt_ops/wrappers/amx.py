@@ -22,7 +22,8 @@ from ..core.formats import INFERENCE_FORMATS
 from ..core.host import to_device, to_host_async
 from ..core.packed import PackedExperts, check_expert_map, pack_experts, pack_split, resplit_packed
 from ..ops import forward_parts
-from ..weights.loaders import SafeTensorLoader, load_kt_layer_parts
+from ..weights.ktransformers import load_kt_layer_parts
+from ..weights.loaders import SafeTensorLoader
 from .base import BaseMoEWrapper
 
 

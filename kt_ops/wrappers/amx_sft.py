@@ -10,7 +10,8 @@ import torch
 from ..core.formats import SFT_METHOD_FORMATS, SFT_METHODS, SKIP_LORA_METHODS, SKIP_LORA_SUFFIX
 from ..core.packed import check_expert_map, pack_split, resplit_packed
 from .sft import BaseSFTMoEWrapper
-from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader, load_kt_layer_parts
+from ..weights.ktransformers import load_kt_layer_parts
+from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
 
 
 class AMXSFTMoEWrapper(BaseSFTMoEWrapper):
