@@ -21,7 +21,6 @@ work in both modes and calls complete in submission order.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings
@@ -30,24 +29,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .core.checks import check_bool, check_int, check_number, check_path
 from .core.formats import LORA_NAMES
 from .wrappers import KTMoEWrapper
 
 __all__ = ["KTConfig", "KTEPWrapperMethod", "clear_moe_lora_cache", "get_sft_weight_path", "load_moe_lora_layer"]
-
-
-def _int_field(value, name: str, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"KTConfig.{name} must be an int{' or None' if optional else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"KTConfig.{name} must be >= {minimum}, got {value}")
-
-
-def _path_field(value, name: str) -> None:
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"KTConfig.{name} must be a path (str) or None, got {type(value).__name__}")
 
 
 @dataclass
@@ -78,30 +64,26 @@ class KTConfig:
     model_path: Optional[str] = None
 
     def __post_init__(self):
-        _int_field(self.layer_idx, "layer_idx", 0)
-        _int_field(self.num_gpu_experts, "num_gpu_experts", 0)
-        _int_field(self.cpuinfer_threads, "cpuinfer_threads", 1)
-        _int_field(self.threadpool_count, "threadpool_count", 1)
-        _int_field(self.chunked_prefill_size, "chunked_prefill_size", 1)
-        _int_field(self.max_deferred_experts_per_token, "max_deferred_experts_per_token", 0, optional=True)
-        _int_field(self.num_layers, "num_layers", 1, optional=True)
-        _int_field(self.gpu_prefill_token_threshold, "gpu_prefill_token_threshold", 0, optional=True)
-        _int_field(self.lora_rank, "lora_rank", 1, optional=True)
+        for name, minimum, optional in (("layer_idx", 0, False), ("num_gpu_experts", 0, False),
+                                        ("cpuinfer_threads", 1, False), ("threadpool_count", 1, False),
+                                        ("chunked_prefill_size", 1, False), ("max_deferred_experts_per_token", 0, True),
+                                        ("num_layers", 1, True), ("gpu_prefill_token_threshold", 0, True),
+                                        ("lora_rank", 1, True)):
+            check_int(getattr(self, name), f"KTConfig.{name}", minimum, optional)
         if self.cpuinfer_threads < self.threadpool_count:
             raise ValueError(f"KTConfig.cpuinfer_threads ({self.cpuinfer_threads}) must be at least threadpool_count "
                              f"({self.threadpool_count}): every sub-pool needs a thread")
         if self.num_layers is not None and self.layer_idx >= self.num_layers:
             raise ValueError(f"KTConfig.layer_idx ({self.layer_idx}) must be below num_layers ({self.num_layers})")
         for name in ("weight_path", "moe_lora_path", "model_path"):
-            _path_field(getattr(self, name), name)
+            check_path(getattr(self, name), f"KTConfig.{name}")
         if not isinstance(self.method, str) or self.method not in KTMoEWrapper.INFERENCE_METHODS:
             raise ValueError(f"KTConfig.method must be one of {sorted(KTMoEWrapper.INFERENCE_METHODS)}, "
                              f"got {self.method!r}")
         if not isinstance(self.sft_method, str) or self.sft_method not in KTMoEWrapper.SFT_METHODS:
             raise ValueError(f"KTConfig.sft_method must be one of {sorted(KTMoEWrapper.SFT_METHODS)}, "
                              f"got {self.sft_method!r}")
-        if not isinstance(self.moe_lora_enabled, bool):
-            raise TypeError(f"KTConfig.moe_lora_enabled must be a bool, got {self.moe_lora_enabled!r}")
+        check_bool(self.moe_lora_enabled, "KTConfig.moe_lora_enabled")
         if self.moe_lora_enabled and not self.moe_lora_path:
             raise ValueError("KTConfig.moe_lora_enabled=True needs moe_lora_path (the file written by "
                              "python -m kt_ops.convert_moe_lora)")
@@ -110,10 +92,7 @@ class KTConfig:
             # outcome worse than refusing to start.
             raise ValueError(f"KTConfig.moe_lora_path is set ({self.moe_lora_path}) but moe_lora_enabled is False; "
                              "set moe_lora_enabled=True to serve it, or drop the path")
-        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
-                                            or not isinstance(self.lora_alpha, (int, float))
-                                            or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
-            raise ValueError(f"KTConfig.lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
+        check_number(self.lora_alpha, "KTConfig.lora_alpha", positive=True, optional=True)
 
 
 def _sft_weight_path_or_none(kt_config: KTConfig) -> Optional[str]:

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.checks import check_int, check_number
 from ..core.formats import PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,85 @@ def _recorded_num_experts(f, input_path: str) -> Optional[int]:
     return count
 
 
+def _checked_arguments(input_path, output_path, config_path, lora_alpha, num_experts) -> Optional[dict]:
+    """convert_moe_lora's arguments checked; the adapter config (None without config_path)."""
+    for name, path in (("input_path", input_path), ("output_path", output_path)):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path, got {type(path).__name__}")
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"input adapter not found: {input_path}")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
+    check_int(num_experts, "num_experts", 1, optional=True)
+    _check_output(os.fspath(output_path), {"--input": os.fspath(input_path),
+                                           "--config": None if config_path is None else os.fspath(config_path)})
+    check_number(lora_alpha, "lora_alpha", positive=True, optional=True)
+    config = None
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"adapter config not found: {config_path}")
+        config = load_adapter_config(config_path)
+
+    return config
+
+
+def _read_layers(f, input_path: str, weights: dict, num_experts: Optional[int], fill_missing_experts: bool,
+                 verbose: bool) -> Tuple[dict, Dict[int, List[int]], int]:
+    """({"layer_L": the layer's six stacked LoRA tensors}, {layer: experts filled with zeros}, the
+    number of experts) of the adapter open as `f`."""
+    result: dict = {}
+    filled: Dict[int, List[int]] = {}
+    highest = max(max(experts) for experts in weights.values())
+    recorded = _recorded_num_experts(f, str(input_path))
+    if num_experts is not None and recorded is not None and num_experts != recorded:
+        raise ValueError(f"num_experts={num_experts} was given, but {input_path} records {recorded} experts per layer")
+    num_experts = num_experts or recorded
+    if num_experts is None:
+        num_experts = highest + 1
+        logger.warning("%s does not record the number of experts: assuming %d (highest expert id + 1); pass "
+                       "--num-experts if the model has more", input_path, num_experts)
+    elif highest >= num_experts:
+        raise ValueError(f"{input_path} has LoRA for expert {highest}, but the layers have {num_experts} experts "
+                         f"(ids 0..{num_experts - 1})")
+    for layer in sorted(weights):
+        tensors = {e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
+                   for e, projs in weights[layer].items()}
+        result[f"layer_{layer}"], missing = _stack_layer(layer, tensors, num_experts, fill_missing_experts)
+        del tensors
+        if missing:
+            filled[layer] = missing
+            logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
+        if verbose:
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
+            logger.info("layer %d: %s", layer, shapes)
+    return result, filled, num_experts
+
+
+def _layer_sizes(result: dict, weights: dict) -> Tuple[dict, int, int, int]:
+    """(the first layer's tensors, rank, hidden, intermediate), the same in every layer."""
+    first = result[f"layer_{min(weights)}"]
+    rank, hidden = first["gate_lora_a"].shape[1:]
+    inter = first["gate_lora_b"].shape[1]
+    for key, layer_weights in result.items():
+        got = (layer_weights["gate_lora_a"].shape[1], layer_weights["gate_lora_a"].shape[2],
+               layer_weights["gate_lora_b"].shape[1])
+        if got != (rank, hidden, inter):
+            raise ValueError(f"{key} has (rank, hidden, intermediate) = {got}, layer {min(weights)} has "
+                             f"{(rank, hidden, inter)}; every layer of one file must agree")
+    return first, rank, hidden, inter
+
+
+def _alpha(lora_alpha: Optional[float], config_alpha: Optional[float]) -> float:
+    """The alpha to record: the argument's, else the adapter config's, else the default."""
+    if lora_alpha is not None:
+        return float(lora_alpha)
+    if config_alpha is not None:
+        return config_alpha
+    logger.warning("no --lora-alpha and no lora_alpha in an adapter config: using %s", DEFAULT_LORA_ALPHA)
+    return DEFAULT_LORA_ALPHA
+
+
 def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[str] = None,
                      lora_alpha: Optional[float] = None, verbose: bool = False,
                      fill_missing_experts: bool = False, num_experts: Optional[int] = None) -> dict:
@@ -259,30 +339,8 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
     "total_keys", "ignored_keys"}. Raises NothingToConvert (writing nothing) when the adapter has no
     routed-expert LoRA, ValueError for an incomplete or inconsistent one, FileNotFoundError for a
     missing input or config."""
-    for name, path in (("input_path", input_path), ("output_path", output_path)):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"{name} must be a path, got {type(path).__name__}")
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"input adapter not found: {input_path}")
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
-    if num_experts is not None and (isinstance(num_experts, bool) or not isinstance(num_experts, int)
-                                    or num_experts < 1):
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    _check_output(os.fspath(output_path), {"--input": os.fspath(input_path),
-                                           "--config": None if config_path is None else os.fspath(config_path)})
-    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
-                                   or not math.isfinite(lora_alpha) or lora_alpha <= 0):
-        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-    config = None
-    if config_path is not None:
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"adapter config not found: {config_path}")
-        config = load_adapter_config(config_path)
+    config = _checked_arguments(input_path, output_path, config_path, lora_alpha, num_experts)
 
-    result: dict = {}
-    filled: Dict[int, List[int]] = {}
     with _open_adapter(str(input_path)) as f:
         weights, modules, ignored = _index(f, str(input_path))
         if verbose:
@@ -294,49 +352,14 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
             raise NothingToConvert(f"{input_path} has no routed-expert LoRA keys (layers.L.mlp.experts.E.*_proj or "
                                    "layers.L.block_sparse_moe.experts.E.w1/w2/w3); nothing to convert")
         config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
-        highest = max(max(experts) for experts in weights.values())
-        recorded = _recorded_num_experts(f, str(input_path))
-        if num_experts is not None and recorded is not None and num_experts != recorded:
-            raise ValueError(f"num_experts={num_experts} was given, but {input_path} records {recorded} experts per layer")
-        num_experts = num_experts or recorded
-        if num_experts is None:
-            num_experts = highest + 1
-            logger.warning("%s does not record the number of experts: assuming %d (highest expert id + 1); pass "
-                           "--num-experts if the model has more", input_path, num_experts)
-        elif highest >= num_experts:
-            raise ValueError(f"{input_path} has LoRA for expert {highest}, but the layers have {num_experts} experts "
-                             f"(ids 0..{num_experts - 1})")
-        for layer in sorted(weights):
-            tensors = {e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
-                       for e, projs in weights[layer].items()}
-            result[f"layer_{layer}"], missing = _stack_layer(layer, tensors, num_experts, fill_missing_experts)
-            del tensors
-            if missing:
-                filled[layer] = missing
-                logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
-            if verbose:
-                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
-                logger.info("layer %d: %s", layer, shapes)
+        result, filled, num_experts = _read_layers(f, str(input_path), weights, num_experts, fill_missing_experts,
+                                                   verbose)
 
-    first = result[f"layer_{min(weights)}"]
-    rank, hidden = first["gate_lora_a"].shape[1:]
-    inter = first["gate_lora_b"].shape[1]
-    for key, layer_weights in result.items():
-        got = (layer_weights["gate_lora_a"].shape[1], layer_weights["gate_lora_a"].shape[2],
-               layer_weights["gate_lora_b"].shape[1])
-        if got != (rank, hidden, inter):
-            raise ValueError(f"{key} has (rank, hidden, intermediate) = {got}, layer {min(weights)} has "
-                             f"{(rank, hidden, inter)}; every layer of one file must agree")
+    first, rank, hidden, inter = _layer_sizes(result, weights)
     if config_rank is not None and config_rank != rank:
         raise ValueError(f"adapter config says rank r={config_rank} for the experts, but the expert LoRA tensors "
                          f"have rank {rank}")
-    if lora_alpha is not None:
-        alpha = float(lora_alpha)
-    elif config_alpha is not None:
-        alpha = config_alpha
-    else:
-        alpha = DEFAULT_LORA_ALPHA
-        logger.warning("no --lora-alpha and no lora_alpha in an adapter config: using %s", alpha)
+    alpha = _alpha(lora_alpha, config_alpha)
 
     total_keys = sum(len(proj) for experts in weights.values() for expert in experts.values()
                      for proj in expert.values())
