@@ -99,6 +99,14 @@ class KTMoELayer(nn.Module):
         NUMA node."""
         self.experts_parts = place_parts(self.subpools, parts)
 
+    def set_variant(self, **variant) -> None:
+        """The expert MLP's variant (PackedExperts.with_variant: biases, activation) on the loaded
+        experts, which must be in one part: each part would add the whole down bias."""
+        if len(self.experts_parts) != 1:
+            raise ValueError(f"set_variant needs the experts loaded in one part, not {len(self.experts_parts)}: experts "
+                             "with biases or another activation cannot be split over sub-pools; use threadpool_count=1")
+        self.experts_parts = [self.experts_parts[0].with_variant(**variant)]
+
     def reset_lora_parameters(self) -> None:
         """A like peft's kaiming-uniform(a=sqrt(5)) per expert (bound 1/sqrt(in_features)), B zero."""
         with torch.no_grad():

@@ -190,9 +190,8 @@ def _group_size(hidden: int, intermediate: int) -> int:
 
 def plan_from_config(config: dict) -> MemoryPlan:
     """The memory plan for a validated kt-sft config (kt_ops.cli.load_config)."""
+    from .core.formats import KT_BACKENDS
     from .integration import find_moe_experts
-    from .integration.hf import KT_BACKENDS
-    from .core.formats import SFT_METHOD_FORMATS
 
     model_config = _load_model_config(config["model_name_or_path"])
     model = _meta_model(model_config)
@@ -210,8 +209,7 @@ def plan_from_config(config: dict) -> MemoryPlan:
     r = config["lora_rank"]
 
     backend = config["kt_backend"]
-    fmt = config["kt_expert_weight_format"] or (SFT_METHOD_FORMATS[KT_BACKENDS[backend]]
-                                                if backend != "auto" else "bf16")
+    fmt = config["kt_expert_weight_format"] or (KT_BACKENDS[backend] if backend != "auto" else "bf16")
     formats = PLAN_FORMATS + ((fmt,) if fmt not in PLAN_FORMATS else ())
     packed = {f: b * E * len(experts) for f, b in _packed_expert_bytes(H, I, formats).items()}
 

@@ -278,7 +278,7 @@ def test_per_expert_layout_round_trip(tmp_path):
     # The per-expert gate / up B are the even / odd rows of peft's fused gate_up B (its output order).
     from safetensors.torch import load_file
 
-    from kt_ops.integration.hf import kt_expert_wrappers
+    from kt_ops.integration.install import kt_expert_wrappers
     from kt_ops.integration.peft_lora import adapter_factors
 
     saved = load_file(tmp_path / "adapter_model.safetensors")

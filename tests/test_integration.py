@@ -16,7 +16,7 @@ from kt_testing import rel_l2, token_ids  # noqa: E402
 
 
 def _expert_wrappers_of(model, layer_idx):
-    from kt_ops.integration.hf import holder_of
+    from kt_ops.integration.install import holder_of
     from kt_ops.integration.peft_lora import wrapper_chain
 
     for name, _, kt in kt_experts_modules(model):

@@ -112,7 +112,7 @@ def test_sft_from_a_local_model_directory(tmp_path, monkeypatch):
     loads = []
     real_from_pretrained = kt_ops.integration.from_pretrained
     monkeypatch.setattr(kt_ops.integration, "from_pretrained",
-                        lambda *a, **kw: loads.append(kw["kt_backend"]) or real_from_pretrained(*a, **kw))
+                        lambda *a, **kw: loads.append(a[1].kt_backend) or real_from_pretrained(*a, **kw))
     monkeypatch.setattr(kt_ops.integration, "apply_kt", lambda *a, **kw: pytest.fail("apply_kt on a whole model"))
 
     model_dir = tmp_path / "tiny-mixtral"

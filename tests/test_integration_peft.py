@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import (  # noqa: E402
     apply_kt, export_merged, kt_experts_modules, kt_lora_parameters, load_kt_adapter, save_kt_adapter)
-from kt_ops.integration.hf import kt_expert_wrappers  # noqa: E402
+from kt_ops.integration.install import kt_expert_wrappers  # noqa: E402
 from kt_ops.integration.tiny import tiny_model  # noqa: E402
 from kt_testing import logits_of, randomize_lora_b, rel_l2, token_ids  # noqa: E402
 

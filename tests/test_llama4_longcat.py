@@ -297,7 +297,7 @@ def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path, monkeypatch):
     from kt_ops import cli
     from kt_ops.integration.tiny import tiny_tokenizer
 
-    assert not {"router", "classifier"} & set(cli._lora_targets(tiny(arch), "all"))
+    assert not {"router", "classifier"} & set(cli.lora_targets(tiny(arch), "all"))
     model_dir = tmp_path / arch
     tiny(arch).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)

@@ -213,7 +213,7 @@ def test_report_to_tensorboard_needs_its_package(tmp_path, monkeypatch):
     assert config["report_to"] == ["tensorboard"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(cli.ConfigError, match="report_to tensorboard needs the tensorboard package"):
-        cli._check_report_to(config)
+        cli.check_report_to(config)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3_5-moe", "tiny-qwen3-vl-moe"])

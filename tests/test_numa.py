@@ -84,6 +84,53 @@ def test_inference_parts_run_at_once(two_subpools):
     assert (out2 - out1).abs().mean() <= 0.05 * out1.abs().mean()
 
 
+@pytest.mark.parametrize("kt_backend", ["AMXBF16", "AMXINT8"])
+def test_apply_kt_runs_each_layer_in_parts_on_the_subpools(two_subpools, kt_backend):
+    """kt_threadpool_count reaches the layers apply_kt makes: each runs in parts at once on the
+    process's sub-pools, forward and backward, and agrees with one pool."""
+    pytest.importorskip("transformers")
+    from kt_ops.integration import apply_kt, kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model
+    from kt_testing import token_ids
+
+    def run(count):
+        torch.manual_seed(0)
+        model = apply_kt(tiny_model("tiny-qwen3-moe", moe_intermediate_size=64), kt_backend=kt_backend,
+                         kt_threadpool_count=count, lora_rank=4, lora_alpha=8.0)
+        for _, _, kt in kt_experts_modules(model):
+            assert len(kt.experts_parts) == count and kt.subpools is (two_subpools if count > 1 else None)
+            with torch.no_grad():
+                kt.gate_lora_b.normal_(0, 0.1)  # B starts at zero: give the LoRA terms values
+        ids = token_ids()
+        _C._arm_rendezvous(2, 60.0)
+        loss = model(input_ids=ids, labels=ids).loss
+        if count > 1:
+            assert_ran_at_once(take_log()[:2])
+        loss.backward()
+        return loss.detach(), [p.grad for _, _, kt in kt_experts_modules(model) for p in kt.lora_parameters()]
+
+    (loss1, grads1), (loss2, grads2) = run(1), run(2)
+    tol = 1e-5 if kt_backend == "AMXBF16" else 0.05  # int8: down's scales cover each part's columns
+    assert abs(loss2 - loss1) <= tol * abs(loss1)
+    for a, b in zip(grads2, grads1):
+        assert (a - b).abs().mean() <= tol * b.abs().mean() + 1e-12
+
+
+def test_kt_sft_config_splits_layers_over_kt_threadpool_count(two_subpools, tmp_path):
+    pytest.importorskip("transformers")
+    from kt_ops import cli
+    from kt_ops.integration import kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("tiny-qwen3-moe", moe_intermediate_size=64).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    config = cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
+                              "kt_config": {"kt_threadpool_count": 2, "kt_tp_enabled": True}}, quiet=True)
+    model, _ = cli.build_model(config)
+    assert all(len(kt.experts_parts) == 2 for _, _, kt in kt_experts_modules(model))
+
+
 def test_rendezvous_fails_for_parts_run_one_after_another(two_subpools):
     """The concurrency check is not vacuous: jobs of the two sub-pools one after another meet no one."""
     job = (_C._first_touch_copy, (torch.zeros(1 << 20),))

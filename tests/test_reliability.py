@@ -49,10 +49,10 @@ def raw_step():
     # The ops alone, without autograd: after fork() torch's own thread pools (autograd, BLAS) can
     # hang in the child whatever kt_ops does, so the fork tests call the kernels directly.
     ex, lora = layer.experts, [p.detach() for p in layer.lora_parameters()]
-    packed = (ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, ex.weight_format,
-              ex.intermediate_size)
-    y, pre, mid = torch.ops.kt.moe_sft_forward(x, ids, w, *packed, *lora, layer.lora_scaling, True)
-    return [y, *torch.ops.kt.moe_sft_backward(y, x, ids, w, *packed, *lora, layer.lora_scaling, pre, mid)]
+    args, kwargs = kt_ops.ops.forward_call(x, ids, w, ex, lora, layer.lora_scaling, True)
+    y, pre, mid = torch.ops.kt.moe_sft_forward(*args, **kwargs)
+    args, kwargs = kt_ops.ops.backward_call(y, x, ids, w, ex, lora, layer.lora_scaling, pre, mid)
+    return [y, *torch.ops.kt.moe_sft_backward(*args, **kwargs)]
 
 def same(a, b):
     return all(torch.equal(u, v) for u, v in zip(a, b))
@@ -503,9 +503,9 @@ def test_intermediate_size_overflow_is_refused():
              torch.zeros(E, 0, huge), torch.zeros(E, H, 0))
     for T in (0, 1):
         with pytest.raises(ValueError, match="too large"):
-            torch.ops.kt.moe_sft_forward(torch.zeros(T, H), torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1),
-                                         experts.gate, experts.up, experts.down, None, None, None, "bf16", huge,
-                                         *loras, 1.0, False)
+            args, kwargs = kt_ops.ops.forward_call(torch.zeros(T, H), torch.zeros(T, 1, dtype=torch.long),
+                                                   torch.ones(T, 1), experts, loras, 1.0, False)
+            torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, intermediate_size=huge))
     with pytest.raises(ValueError, match="too large"):
         _C.packed_bytes("int8", huge, huge)
 

@@ -161,6 +161,14 @@ def unpack_experts(experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, 
             unpack(experts.down, experts.down_scale, fmt, H, I))
 
 
+def unpack_parts(parts: Sequence[PackedExperts]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """unpack_experts of a layer split along the intermediate dimension (pack_split's parts), joined."""
+    if len(parts) == 1:
+        return unpack_experts(parts[0])
+    pieces = [unpack_experts(part) for part in parts]
+    return tuple(torch.cat([piece[i] for piece in pieces], dim=2 if i == 2 else 1) for i in range(3))
+
+
 def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes and fp32 scales of [..., K] values per `group_size` columns (scale =
     max |w| / 127, round to nearest even), the int8_kgroup rule, for pack_codes."""
@@ -215,11 +223,23 @@ def permute_packed(experts: PackedExperts, mapping: torch.Tensor) -> PackedExper
                          experts.swiglu_alpha, experts.swiglu_limit)
 
 
+def split_unit(weight_format: str, group_size: int) -> int:
+    """The intermediate rows a part boundary falls on: `group_size` for the K-group formats (down's K
+    is the intermediate dimension), 32 otherwise, so every part keeps the kernels' fast panel layout."""
+    return group_size if weight_format in GROUPED_FORMATS else 32
+
+
+def most_parts(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> int:
+    """The most parts, up to `parts`, intermediate_split can cut `intermediate_size` into."""
+    unit = split_unit(weight_format, group_size)
+    return max(1, min(parts, intermediate_size // unit if intermediate_size % unit == 0 else 1))
+
+
 def intermediate_split(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> List[Tuple[int, int]]:
     """[lo, hi) ranges of the intermediate dimension, one per sub-pool. Boundaries fall on
     `group_size` for the K-group formats (down's K is the intermediate dimension) and on 32 rows
     otherwise, so every part keeps the kernels' fast panel layout."""
-    unit = group_size if weight_format in GROUPED_FORMATS else 32
+    unit = split_unit(weight_format, group_size)
     if parts == 1:
         return [(0, intermediate_size)]
     if intermediate_size % unit or intermediate_size // unit < parts:

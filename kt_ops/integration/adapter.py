@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..weights.moe_lora import NUM_EXPERTS_METADATA
-from .hf import holder_of, kt_experts_modules
+from .install import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -16,8 +16,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.packed import unpack_experts
-from .hf import fuse_gate_up, holder_of, kt_experts_modules
+from ..core.packed import unpack_parts
+from .hf import fuse_gate_up
+from .install import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, weights_transposed, wrapper_chain
 
 
@@ -58,7 +59,7 @@ def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
 def _expert_biases(module: nn.Module, kt, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """gate_up_proj_bias and down_proj_bias in the module's layout (the kept experts' biases live in the
     module, the others in kt.experts)."""
-    experts = kt.experts
+    experts = kt.experts_parts[0]  # experts with biases are in one part
     if experts.down_bias is None:
         return
     kept_gate_up, kept_down = module.kt_gpu_gate_up_proj_bias.cpu(), module.kt_gpu_down_proj_bias.cpu()
@@ -70,7 +71,7 @@ def _expert_biases(module: nn.Module, kt, dtype: torch.dtype) -> Iterator[tuple[
 def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up_proj and down_proj of one experts module in the module's own layout, LoRA merged."""
-    gate, up, down = unpack_experts(kt.experts)                 # [E', I, H], [E', I, H], [E', H, I]
+    gate, up, down = unpack_parts(kt.experts_parts)             # [E', I, H], [E', I, H], [E', H, I]
     gate_up = fuse_gate_up(module, gate, up, dim=1)
     del gate, up
     N = kt.first_expert

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .hf import kt_expert_wrappers, kt_experts_modules
+from .install import kt_expert_wrappers, kt_experts_modules
 
 
 def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
