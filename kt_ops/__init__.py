@@ -9,6 +9,7 @@ from . import _C  # noqa: F401
 from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
 from .core.packed import PackedExperts, pack_experts, unpack_experts
 from .core.runtime import cpu_info, get_isa, get_num_threads, set_isa, set_num_threads
+from .core.settings import KTSettings
 from .function import KTMoEFunction
 from .layer import KTMoELayer
 from .ops import moe_sft
@@ -19,7 +20,7 @@ from .wrappers import (AMXMoEWrapper, AMXSFTMoEWrapper, BaseMoEWrapper, BaseSFTM
 
 __all__ = [
     "AMXMoEWrapper", "AMXSFTMoEWrapper", "BF16SafeTensorLoader", "BaseMoEWrapper", "BaseSFTMoEWrapper", "CPUInfer",
-    "KExpertsSFTBuffer", "KTMoEFunction", "KTMoELayer", "KTMoEWrapper", "LORA_NAMES",
+    "KExpertsSFTBuffer", "KTMoEFunction", "KTMoELayer", "KTMoEWrapper", "KTSettings", "LORA_NAMES",
     "LlamafileMoEWrapper", "NativeMoEWrapper", "PackedExperts", "SFT_METHODS", "SFT_METHOD_FORMATS", "SafeTensorLoader",
     "WEIGHT_FORMATS", "WorkerPoolConfig", "cpu_info", "get_isa", "get_num_threads", "load_packed_experts", "moe_sft",
     "pack_experts", "packed_layers", "save_packed_experts", "set_isa", "set_num_threads", "unpack_experts",
