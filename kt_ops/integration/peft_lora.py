@@ -173,7 +173,7 @@ class KTPeftConfigs(dict):
         self.on_lora = on_lora                # called once a LoRA config arrives (drops kt's own expert LoRA)
 
     def __setitem__(self, name, config) -> None:
-        self._add_experts(config)
+        self.add_experts(config)
         super().__setitem__(name, config)
 
     def update(self, *args, **kwargs) -> None:
@@ -197,7 +197,9 @@ class KTPeftConfigs(dict):
     def __reduce__(self):
         return (dict, (dict(self),))
 
-    def _add_experts(self, config) -> None:
+    def add_experts(self, config) -> None:
+        """Make a LoraConfig target the experts too (with apply_kt's rank and alpha), once; the first
+        one also drops the kt layers' own LoRA (on_lora)."""
         from peft import LoraConfig
 
         if not isinstance(config, LoraConfig) or not self.kt_targets:
@@ -241,6 +243,14 @@ def peft_tuner(model: nn.Module):
     return model if isinstance(model, BaseTuner) else None
 
 
+def keep_adding_experts(tuner, hook: KTPeftConfigs) -> None:
+    """Let the config store of a peft model made without apply_kt's `hook` on the model (whose
+    configs already target the experts) add the experts to its later adapters, as the hook does."""
+    configs = KTPeftConfigs(tuner.peft_config, kt_targets=hook.kt_targets, kt_rank=hook.kt_rank, kt_alpha=hook.kt_alpha)
+    tuner.peft_config = configs
+    tuner.model.peft_config = configs
+
+
 def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: float) -> None:
     """Give every LoRA adapter of an existing peft model the expert LoRA (apply_kt after get_peft_model),
     and make its config store add them to later adapters."""
@@ -250,7 +260,7 @@ def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: flo
     for name, config in configs.items():
         if not isinstance(config, LoraConfig) or _targets_experts(config) or not kt_rank:
             continue
-        configs._add_experts(config)
+        configs.add_experts(config)
         expert_only = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=[],
                                  target_parameters=list(kt_targets), rank_pattern=dict(config.rank_pattern or {}),
                                  alpha_pattern=dict(config.alpha_pattern or {}), use_rslora=config.use_rslora,
