@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.packed import most_parts
+from ..core.packed import most_parts, split_unit
 from ..core.runtime import set_num_threads
 from ..core.settings import KTSettings
 from ..weights.sources import ExpertSource
@@ -31,8 +31,9 @@ def new_kt_experts(settings: KTSettings, num_experts: int, hidden_size: int, int
     small to split kt_threadpool_count ways runs in fewer parts."""
     parts = most_parts(intermediate_size, settings.kt_threadpool_count, weight_format, GROUP_SIZE)
     if parts < settings.kt_threadpool_count:
-        warnings.warn(f"kt_threadpool_count={settings.kt_threadpool_count}: layer {layer_idx}'s intermediate size "
-                      f"{intermediate_size} splits into {parts} part(s) of whole {weight_format} panels; it runs so")
+        warnings.warn(f"kt_threadpool_count={settings.kt_threadpool_count}, but layer {layer_idx}'s intermediate size "
+                      f"{intermediate_size} splits into at most {parts} part(s) in {weight_format} (whole kernel "
+                      f"panels of {split_unit(weight_format, GROUP_SIZE)} rows); it runs in {parts}")
     return KTExperts(num_experts, hidden_size, intermediate_size,
                      lora_rank=settings.lora_rank if lora_rank is None else lora_rank, lora_alpha=settings.alpha,
                      method=weight_format, lora_dtype=lora_dtype, group_size=GROUP_SIZE, first_expert=first_expert,
