@@ -41,8 +41,9 @@ def _run_ninja_one_line_per_file(build_directory: str, verbose: bool, error_pref
     workers = os.environ.get("MAX_JOBS")
     if workers:
         command += ["-j", workers]
-    with subprocess.Popen(command, cwd=build_directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace") as ninja:
+    with subprocess.Popen(
+        command, cwd=build_directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as ninja:
         output = []
         for line in ninja.stdout:
             output.append(line)
@@ -59,17 +60,21 @@ cpp_extension._run_ninja_build = _run_ninja_one_line_per_file
 
 # scripts/setup.sh sets KT_OPS_NO_EXT=1 for the editable install (package + console script only) and
 # builds the extension in place with `setup.py build_ext --inplace`, keeping ninja's state in build/.
-ext_modules = [] if os.environ.get("KT_OPS_NO_EXT") == "1" else [
-    CppExtension(
-        "kt_ops._C",
-        SOURCES,
-        depends=DEPENDS,
-        # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
-        # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
-        # reductions give the same bits on every ISA.
-        extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
-    )
-]
+ext_modules = (
+    []
+    if os.environ.get("KT_OPS_NO_EXT") == "1"
+    else [
+        CppExtension(
+            "kt_ops._C",
+            SOURCES,
+            depends=DEPENDS,
+            # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
+            # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
+            # reductions give the same bits on every ISA.
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
+        )
+    ]
+)
 
 setup(
     ext_modules=ext_modules,

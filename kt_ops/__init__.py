@@ -1,4 +1,5 @@
 """kt_ops: CPU Mixture-of-Experts operators with fused LoRA, registered as torch.ops.kt.*."""
+
 from __future__ import annotations
 
 import os
@@ -15,15 +16,51 @@ from .layer import KTMoELayer
 from .ops import moe_sft
 from .weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
 from .weights.packed_io import load_packed_experts, packed_layers, save_packed_experts
-from .wrappers import (AMXMoEWrapper, AMXSFTMoEWrapper, BaseMoEWrapper, BaseSFTMoEWrapper, CPUInfer, KExpertsSFTBuffer,
-                       KTMoEWrapper, LlamafileMoEWrapper, NativeMoEWrapper, WorkerPoolConfig)
+from .wrappers import (
+    AMXMoEWrapper,
+    AMXSFTMoEWrapper,
+    BaseMoEWrapper,
+    BaseSFTMoEWrapper,
+    CPUInfer,
+    KExpertsSFTBuffer,
+    KTMoEWrapper,
+    LlamafileMoEWrapper,
+    NativeMoEWrapper,
+    WorkerPoolConfig,
+)
 
 __all__ = [
-    "AMXMoEWrapper", "AMXSFTMoEWrapper", "BF16SafeTensorLoader", "BaseMoEWrapper", "BaseSFTMoEWrapper", "CPUInfer",
-    "KExpertsSFTBuffer", "KTMoEFunction", "KTMoELayer", "KTMoEWrapper", "KTSettings", "LORA_NAMES",
-    "LlamafileMoEWrapper", "NativeMoEWrapper", "PackedExperts", "SFT_METHODS", "SFT_METHOD_FORMATS", "SafeTensorLoader",
-    "WEIGHT_FORMATS", "WorkerPoolConfig", "cpu_info", "get_isa", "get_num_threads", "load_packed_experts", "moe_sft",
-    "pack_experts", "packed_layers", "save_packed_experts", "set_isa", "set_num_threads", "unpack_experts",
+    "AMXMoEWrapper",
+    "AMXSFTMoEWrapper",
+    "BF16SafeTensorLoader",
+    "BaseMoEWrapper",
+    "BaseSFTMoEWrapper",
+    "CPUInfer",
+    "KExpertsSFTBuffer",
+    "KTMoEFunction",
+    "KTMoELayer",
+    "KTMoEWrapper",
+    "KTSettings",
+    "LORA_NAMES",
+    "LlamafileMoEWrapper",
+    "NativeMoEWrapper",
+    "PackedExperts",
+    "SFT_METHODS",
+    "SFT_METHOD_FORMATS",
+    "SafeTensorLoader",
+    "WEIGHT_FORMATS",
+    "WorkerPoolConfig",
+    "cpu_info",
+    "get_isa",
+    "get_num_threads",
+    "load_packed_experts",
+    "moe_sft",
+    "pack_experts",
+    "packed_layers",
+    "save_packed_experts",
+    "set_isa",
+    "set_num_threads",
+    "unpack_experts",
 ]
 
 
@@ -34,6 +71,7 @@ def __getattr__(name: str):
     # The Hugging Face integration imports transformers and peft, so it loads on first use only.
     if name in _INTEGRATION:
         from . import integration
+
         return getattr(integration, name)
     raise AttributeError(f"module 'kt_ops' has no attribute {name!r}")
 

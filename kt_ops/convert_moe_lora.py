@@ -1,4 +1,5 @@
 """`python -m kt_ops.convert_moe_lora`: the command's documented name. The code is kt_ops.weights.moe_lora."""
+
 import sys
 
 from .weights.moe_lora import main

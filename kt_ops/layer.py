@@ -38,10 +38,21 @@ class KTMoELayer(nn.Module):
     them one after another on the calling thread's pool. `lora_enabled = False` computes the frozen
     experts only."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, lora_rank: int = 16,
-                 lora_alpha: float = 32.0, method: str = "AMXBF16_SFT", num_threads: Optional[int] = None,
-                 lora_dtype: torch.dtype = torch.bfloat16, group_size: int = 128, threadpool_count: int = 1,
-                 first_expert: int = 0, subpools: Union[Subpools, None, str] = "process"):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        method: str = "AMXBF16_SFT",
+        num_threads: Optional[int] = None,
+        lora_dtype: torch.dtype = torch.bfloat16,
+        group_size: int = 128,
+        threadpool_count: int = 1,
+        first_expert: int = 0,
+        subpools: Union[Subpools, None, str] = "process",
+    ):
         super().__init__()
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.hidden_size = check_int(hidden_size, "hidden_size", 1)
@@ -61,8 +72,9 @@ class KTMoELayer(nn.Module):
         self.gpu_experts_mask: Optional[torch.Tensor] = None
         if num_threads is not None:
             set_num_threads(num_threads)
-        self.split = intermediate_split(intermediate_size, check_int(threadpool_count, "threadpool_count", 1),
-                                        self.weight_format, group_size)
+        self.split = intermediate_split(
+            intermediate_size, check_int(threadpool_count, "threadpool_count", 1), self.weight_format, group_size
+        )
         if subpools == "process":
             subpools = process_subpools(threadpool_count, max(1, get_num_threads() // threadpool_count))
         self.subpools: Optional[Subpools] = subpools
@@ -79,8 +91,10 @@ class KTMoELayer(nn.Module):
     def experts(self) -> Optional[PackedExperts]:
         """The packed experts (None before loading) of a layer in one part."""
         if len(self.experts_parts) > 1:
-            raise RuntimeError(f"the experts of this layer are split into {len(self.experts_parts)} parts over "
-                               "sub-pools (threadpool_count); see experts_parts")
+            raise RuntimeError(
+                f"the experts of this layer are split into {len(self.experts_parts)} parts over "
+                "sub-pools (threadpool_count); see experts_parts"
+            )
         return self.experts_parts[0] if self.experts_parts else None
 
     @experts.setter
@@ -91,7 +105,9 @@ class KTMoELayer(nn.Module):
         got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
         want = (self.num_experts, self.hidden_size, self.intermediate_size)
         if got != want:
-            raise ValueError(f"experts have (num_experts, hidden_size, intermediate_size) = {got}; this layer is {want}")
+            raise ValueError(
+                f"experts have (num_experts, hidden_size, intermediate_size) = {got}; this layer is {want}"
+            )
         self.set_parts(resplit_packed(experts, self.group_size, self.split))
 
     def set_parts(self, parts: Sequence[PackedExperts]) -> None:
@@ -103,8 +119,10 @@ class KTMoELayer(nn.Module):
         """The expert MLP's variant (PackedExperts.with_variant: biases, activation) on the loaded
         experts, which must be in one part: each part would add the whole down bias."""
         if len(self.experts_parts) != 1:
-            raise ValueError(f"set_variant needs the experts loaded in one part, not {len(self.experts_parts)}: experts "
-                             "with biases or another activation cannot be split over sub-pools; use threadpool_count=1")
+            raise ValueError(
+                f"set_variant needs the experts loaded in one part, not {len(self.experts_parts)}: experts "
+                "with biases or another activation cannot be split over sub-pools; use threadpool_count=1"
+            )
         self.experts_parts = [self.experts_parts[0].with_variant(**variant)]
 
     def reset_lora_parameters(self) -> None:
@@ -118,8 +136,9 @@ class KTMoELayer(nn.Module):
                 else:
                     param.zero_()
 
-    def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor,
-                                  down_proj: torch.Tensor) -> None:
+    def load_weights_from_tensors(
+        self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor
+    ) -> None:
         """Pack [E, I, H], [E, I, H], [E, H, I] base weights; the caller may free its copies afterwards."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         expected = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
@@ -143,8 +162,14 @@ class KTMoELayer(nn.Module):
             topk_ids = torch.where(mask[topk_ids.clamp(0, mask.numel() - 1).long()], -1, topk_ids)
         return topk_ids
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                lora: Optional[Sequence[torch.Tensor]] = None, lora_scaling: Optional[float] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        lora: Optional[Sequence[torch.Tensor]] = None,
+        lora_scaling: Optional[float] = None,
+    ) -> torch.Tensor:
         """`lora`: six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's experts,
         used instead of its own LoRA, with `lora_scaling` (default the layer's)."""
         if not self.experts_parts:
@@ -160,13 +185,22 @@ class KTMoELayer(nn.Module):
         if lora is not None:
             lora = tuple(t.to(cpu) for t in lora)
         parts = self.experts_parts[0] if len(self.experts_parts) == 1 else self.experts_parts
-        output = moe_sft(hidden_states.to(cpu), self.held_ids(topk_ids.to(cpu)), topk_weights.to(cpu), parts, lora,
-                         scaling, self.subpools)
+        output = moe_sft(
+            hidden_states.to(cpu),
+            self.held_ids(topk_ids.to(cpu)),
+            topk_weights.to(cpu),
+            parts,
+            lora,
+            scaling,
+            self.subpools,
+        )
         return output.to(device)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
-                f"lora_alpha={self.lora_alpha}, method={self.method}, loaded={bool(self.experts_parts)}"
-                + (f", first_expert={self.first_expert}" if self.first_expert else "")
-                + (f", parts={len(self.split)}" if len(self.split) > 1 else ""))
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
+            f"lora_alpha={self.lora_alpha}, method={self.method}, loaded={bool(self.experts_parts)}"
+            + (f", first_expert={self.first_expert}" if self.first_expert else "")
+            + (f", parts={len(self.split)}" if len(self.split) > 1 else "")
+        )

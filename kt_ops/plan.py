@@ -16,6 +16,7 @@ estimates, stated with their formula in the report:
 - LoRA: parameter, gradient and two Adam moments in fp32 (16 bytes per parameter).
 T = per_device_train_batch_size * cutoff_len tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-GiB = 1024 ** 3
+GiB = 1024**3
 PLAN_FORMATS = ("bf16", "int8", "int4", "int4_kgroup")
 _FORMAT_OF_BACKEND_PREFIX = {"AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "int4"}
 
@@ -31,7 +32,7 @@ _FORMAT_OF_BACKEND_PREFIX = {"AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "i
 def _fmt(nbytes: float) -> str:
     if nbytes >= GiB:
         return f"{nbytes / GiB:,.1f} GiB"
-    return f"{nbytes / 1024 ** 2:,.1f} MiB"
+    return f"{nbytes / 1024**2:,.1f} MiB"
 
 
 def _count(n: int) -> str:
@@ -225,7 +226,8 @@ def plan_from_config(config: dict) -> MemoryPlan:
                 continue
             leaf = name.rsplit(".", 1)[-1]
             if (wanted is None and leaf not in ("lm_head", "gate", "router", "shared_expert_gate")) or (
-                    wanted is not None and leaf in wanted):
+                wanted is not None and leaf in wanted
+            ):
                 lora += r * (module.in_features + module.out_features)
     if config["use_kt"]:
         lora += len(experts) * E * r * (2 * (H + I) + (I + H))
@@ -245,16 +247,40 @@ def plan_from_config(config: dict) -> MemoryPlan:
     else:
         kt_act = len(experts) * (T * H * dtype_bytes + 4 * T * k * (2 * I + 3 * r))
         kt_how = "retain: input + fp32 gate/up + LoRA intermediates"
-    activations = {"layers": layers, "layers_how": layers_how, "experts": kt_act, "experts_how": kt_how,
-                   "logits": 2 * T * V * 4}
+    activations = {
+        "layers": layers,
+        "layers_how": layers_how,
+        "experts": kt_act,
+        "experts_how": kt_how,
+        "logits": 2 * T * V * 4,
+    }
     host_total, host_available = _host_memory()
     notes = []
     if fmt != "bf16" and config["kt_weight_path"] is None:
-        notes.append(f"packing {fmt} from a bf16 checkpoint also holds one layer's bf16 experts "
-                     f"({_fmt(E * 3 * H * I * 2)}) while converting")
+        notes.append(
+            f"packing {fmt} from a bf16 checkpoint also holds one layer's bf16 experts "
+            f"({_fmt(E * 3 * H * I * 2)}) while converting"
+        )
     return MemoryPlan(
-        model=config["model_name_or_path"], architecture=type(model).__name__, num_layers=L,
-        moe_layers=len(experts), experts=E, experts_per_token=k, hidden_size=H, expert_intermediate=I,
-        vocab_size=V, expert_params=expert_params, other_params=total_params - expert_params, packed_bytes=packed,
-        weight_format=fmt, dtype_bytes=dtype_bytes, lora_params=lora, tokens=T, activations=activations,
-        host_total=host_total, host_available=host_available, gpu=_gpu_memory(), notes=notes)
+        model=config["model_name_or_path"],
+        architecture=type(model).__name__,
+        num_layers=L,
+        moe_layers=len(experts),
+        experts=E,
+        experts_per_token=k,
+        hidden_size=H,
+        expert_intermediate=I,
+        vocab_size=V,
+        expert_params=expert_params,
+        other_params=total_params - expert_params,
+        packed_bytes=packed,
+        weight_format=fmt,
+        dtype_bytes=dtype_bytes,
+        lora_params=lora,
+        tokens=T,
+        activations=activations,
+        host_total=host_total,
+        host_available=host_available,
+        gpu=_gpu_memory(),
+        notes=notes,
+    )

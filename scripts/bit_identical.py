@@ -10,6 +10,7 @@ A refactoring of the Python front-end must leave every number the kernels produc
 (`--threadpool 2` in a second process: the process's worker pool is configured once.) Only public
 names that exist on both sides are used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,29 +20,50 @@ import torch
 
 import kt_ops
 
-SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-               "AMXINT4_1KGroup_SFT", "AMXFP8_SFT")
+SFT_METHODS = (
+    "AMXBF16_SFT",
+    "AMXINT8_SFT",
+    "AMXINT4_SFT",
+    "AMXINT4_1_SFT",
+    "AMXINT4_KGroup_SFT",
+    "AMXINT4_1KGroup_SFT",
+    "AMXFP8_SFT",
+)
 BACKENDS = ("AMXBF16", "AMXINT8", "AMXINT4", "AMXINT4_1", "AMXINT4_KGroup", "AMXINT4_1KGroup", "AMXFP8")
 E, K, H, I, R, T = 6, 2, 128, 256, 4, 9
 
 
 def case(seed: int, dtype=torch.float32, lora_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    w = lambda *s: (torch.randn(*s, generator=g) * 0.1)  # noqa: E731
+    w = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     ids[1, 0] = -1
-    return dict(hidden=w(T, H).mul(10).to(dtype), ids=ids, weights=torch.rand(T, K, generator=g),
-                gate=w(E, I, H), up=w(E, I, H), down=w(E, H, I), grad=w(T, H).mul(10).to(dtype),
-                lora=[w(E, R, H).to(lora_dtype), w(E, I, R).to(lora_dtype), w(E, R, H).to(lora_dtype),
-                      w(E, I, R).to(lora_dtype), w(E, R, I).to(lora_dtype), w(E, H, R).to(lora_dtype)])
+    return dict(
+        hidden=w(T, H).mul(10).to(dtype),
+        ids=ids,
+        weights=torch.rand(T, K, generator=g),
+        gate=w(E, I, H),
+        up=w(E, I, H),
+        down=w(E, H, I),
+        grad=w(T, H).mul(10).to(dtype),
+        lora=[
+            w(E, R, H).to(lora_dtype),
+            w(E, I, R).to(lora_dtype),
+            w(E, R, H).to(lora_dtype),
+            w(E, I, R).to(lora_dtype),
+            w(E, R, I).to(lora_dtype),
+            w(E, H, R).to(lora_dtype),
+        ],
+    )
 
 
 def layer_results(out: dict) -> None:
     for method in SFT_METHODS:
         for dtype, lora_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
             c = case(1, dtype, lora_dtype)
-            layer = kt_ops.KTMoELayer(E, H, I, lora_rank=R, lora_alpha=8.0, method=method, lora_dtype=lora_dtype,
-                                      group_size=32)
+            layer = kt_ops.KTMoELayer(
+                E, H, I, lora_rank=R, lora_alpha=8.0, method=method, lora_dtype=lora_dtype, group_size=32
+            )
             layer.load_weights_from_tensors(c["gate"], c["up"], c["down"])
             with torch.no_grad():
                 for p, t in zip(layer.lora_parameters(), c["lora"]):
@@ -79,10 +101,23 @@ def sft_wrapper_results(out: dict, threadpool: int) -> None:
         for gpu_experts, dtype in ((0, torch.float32), (1, torch.bfloat16)):
             c = case(3, dtype)
             wrapper = kt_ops.KTMoEWrapper(
-                layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-                num_gpu_experts=gpu_experts, cpuinfer_threads=2, threadpool_count=threadpool, weight_path=None,
-                chunked_prefill_size=512, mode="sft", method=method, lora_rank=R, lora_alpha=8.0, max_cache_depth=2,
-                group_size=32)
+                layer_idx=0,
+                num_experts=E,
+                num_experts_per_tok=K,
+                hidden_size=H,
+                moe_intermediate_size=I,
+                num_gpu_experts=gpu_experts,
+                cpuinfer_threads=2,
+                threadpool_count=threadpool,
+                weight_path=None,
+                chunked_prefill_size=512,
+                mode="sft",
+                method=method,
+                lora_rank=R,
+                lora_alpha=8.0,
+                max_cache_depth=2,
+                group_size=32,
+            )
             wrapper.load_weights_from_tensors(c["gate"], c["up"], c["down"], torch.arange(E))
             if not method.endswith("_SkipLoRA"):
                 wrapper.init_lora_weights(*c["lora"])
@@ -102,9 +137,20 @@ def inference_wrapper_results(out: dict, threadpool: int) -> None:
         for deferred in (None, 1):
             c = case(4, torch.bfloat16)
             wrapper = kt_ops.KTMoEWrapper(
-                layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-                num_gpu_experts=1, cpuinfer_threads=2, threadpool_count=threadpool, weight_path=None,
-                chunked_prefill_size=4, mode="inference", method=method, max_deferred_experts_per_token=deferred)
+                layer_idx=0,
+                num_experts=E,
+                num_experts_per_tok=K,
+                hidden_size=H,
+                moe_intermediate_size=I,
+                num_gpu_experts=1,
+                cpuinfer_threads=2,
+                threadpool_count=threadpool,
+                weight_path=None,
+                chunked_prefill_size=4,
+                mode="inference",
+                method=method,
+                max_deferred_experts_per_token=deferred,
+            )
             wrapper.load_weights_from_tensors(c["gate"], c["up"], c["down"], torch.arange(E))
             key = f"inference{threadpool}/{method}/{deferred}"
             out[key + "/y0"] = wrapper.forward(c["hidden"], c["ids"], c["weights"])
@@ -123,8 +169,13 @@ def hf_results(out: dict, tmp: str) -> None:
     for backend in BACKENDS:
         for gpu_experts, with_peft in ((0, True), (2, True), (0, False)):
             torch.manual_seed(0)
-            model = apply_kt(tiny_model("tiny-qwen3-moe", hidden_size=128, moe_intermediate_size=128), kt_backend=backend, lora_rank=4, lora_alpha=8.0,
-                             kt_num_gpu_experts=gpu_experts)
+            model = apply_kt(
+                tiny_model("tiny-qwen3-moe", hidden_size=128, moe_intermediate_size=128),
+                kt_backend=backend,
+                lora_rank=4,
+                lora_alpha=8.0,
+                kt_num_gpu_experts=gpu_experts,
+            )
             if with_peft:
                 torch.manual_seed(1)
                 model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
@@ -173,8 +224,10 @@ def main() -> int:
     want = torch.load(args.file)
     missing = sorted(set(want) ^ set(got))
     differ = [k for k in sorted(set(want) & set(got)) if not torch.equal(want[k], got[k])]
-    print(f"{len(got)} tensors ({kt_ops.get_isa()}) from {kt_ops.__file__}: {len(differ)} differ, "
-          f"{len(missing)} present on one side only")
+    print(
+        f"{len(got)} tensors ({kt_ops.get_isa()}) from {kt_ops.__file__}: {len(differ)} differ, "
+        f"{len(missing)} present on one side only"
+    )
     for k in (differ + missing)[:20]:
         print("  ", k)
     return 1 if differ or missing else 0

@@ -1,6 +1,7 @@
 """The package's layer rule (ARCHITECTURE.md), checked on the source: imports inside kt_ops only point
 down or sideways, no private name is imported across a module boundary, no modules import each other
 (lazy imports included), no module is over 500 lines and no function over 80."""
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,14 @@ LAYERS = (
     ("kt_ops.weights",),
     # the kt-kernel-compatible wrappers, and kt-kernel's import paths re-exporting them
     ("kt_ops.wrappers", "kt_ops.experts", "kt_ops.experts_base", "kt_ops.experts_sft", "kt_ops.utils"),
-    ("kt_ops.serving", "kt_ops.integration", "kt_ops.plan", "kt_ops.cli", "kt_ops.convert_weights",
-     "kt_ops.convert_moe_lora"),
+    (
+        "kt_ops.serving",
+        "kt_ops.integration",
+        "kt_ops.plan",
+        "kt_ops.cli",
+        "kt_ops.convert_weights",
+        "kt_ops.convert_moe_lora",
+    ),
     ("kt_ops",),
 )
 # kt-kernel's (and the specification's) name for the wrappers' shared base class.
@@ -35,7 +42,9 @@ def layer_of(module: str) -> int:
             if module == prefix or module.startswith(prefix + "."):
                 if best is None or len(prefix) > len(best[1]):
                     best = (level, prefix)
-    assert best is not None, f"{module} is in no layer of tests/test_architecture.py: add it there and to ARCHITECTURE.md"
+    assert best is not None, (
+        f"{module} is in no layer of tests/test_architecture.py: add it there and to ARCHITECTURE.md"
+    )
     return best[0]
 
 
@@ -64,7 +73,7 @@ def imports(path: pathlib.Path):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
@@ -92,7 +101,8 @@ def test_imports_point_down_and_names_stay_public(path):
         if not (target == "kt_ops" or target.startswith("kt_ops.")) or target == source:
             continue
         assert layer_of(target) <= layer_of(source), (
-            f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)}): an upward import")
+            f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)}): an upward import"
+        )
         private = [n for n in names if n.startswith("_") and n not in PRIVATE_NAMES_BY_CONTRACT]
         assert not private, f"{source} imports private names {private} from {target}"
 
@@ -108,7 +118,7 @@ def test_no_import_cycles():
 
     def visit(module, trail):
         if state.get(module) == "visiting":
-            raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(module):] + [module]))
+            raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(module) :] + [module]))
         if state.get(module) == "done":
             return
         state[module] = "visiting"

@@ -22,10 +22,17 @@ def valid_args():
     case = make_case(seed=41, T=T, E=E, k=K, H=H, I=I, r=R)
     p = kt_ops.pack_experts(case.gate, case.up, case.down)
     args = dict(
-        hidden_states=case.hidden, topk_ids=case.ids, topk_weights=case.weights,
-        gate_weight=p.gate, up_weight=p.up, down_weight=p.down,
-        gate_scale=p.gate_scale, up_scale=p.up_scale, down_scale=p.down_scale,
-        weight_format=p.weight_format, intermediate_size=p.intermediate_size,
+        hidden_states=case.hidden,
+        topk_ids=case.ids,
+        topk_weights=case.weights,
+        gate_weight=p.gate,
+        up_weight=p.up,
+        down_weight=p.down,
+        gate_scale=p.gate_scale,
+        up_scale=p.up_scale,
+        down_scale=p.down_scale,
+        weight_format=p.weight_format,
+        intermediate_size=p.intermediate_size,
         lora_scaling=case.scaling,
     )
     args.update(zip(LORA_NAMES, case.lora))
@@ -34,8 +41,12 @@ def valid_args():
 
 def call_ops(args, packed):
     return kt_ops.ops.moe_sft(
-        args["hidden_states"], args["topk_ids"], args["topk_weights"], packed,
-        tuple(args[n] for n in LORA_NAMES), args["lora_scaling"],
+        args["hidden_states"],
+        args["topk_ids"],
+        args["topk_weights"],
+        packed,
+        tuple(args[n] for n in LORA_NAMES),
+        args["lora_scaling"],
     )
 
 
@@ -111,8 +122,7 @@ for _name in LORA_NAMES:
     _outer_dim = 2 if _name.endswith("_a") else 1
     INPUT_CASES += [
         (f"{_name}_wrong_E", _set(_name, lambda t, s=_bump(_shape, 0): torch.randn(s)), ValueError, _name),
-        (f"{_name}_wrong_outer", _set(_name, lambda t, s=_bump(_shape, _outer_dim): torch.randn(s)), ValueError,
-         _name),
+        (f"{_name}_wrong_outer", _set(_name, lambda t, s=_bump(_shape, _outer_dim): torch.randn(s)), ValueError, _name),
         (f"{_name}_2d", _set(_name, lambda t: t[0]), ValueError, _name),
         (f"{_name}_4d", _set(_name, lambda t: t[None]), ValueError, _name),
         (f"{_name}_int", _set(_name, lambda t: t.to(torch.int32)), TypeError, _name),
@@ -121,8 +131,12 @@ for _name in LORA_NAMES:
     ]
     if _name != "gate_lora_a":  # the rank is read from gate_lora_a; a mismatch elsewhere names that tensor
         INPUT_CASES.append(
-            (f"{_name}_rank_mismatch", _set(_name, lambda t, s=_bump(_shape, _rank_dim): torch.randn(s)),
-             ValueError, _name)
+            (
+                f"{_name}_rank_mismatch",
+                _set(_name, lambda t, s=_bump(_shape, _rank_dim): torch.randn(s)),
+                ValueError,
+                _name,
+            )
         )
 
 RAW_ONLY_CASES = [
@@ -187,8 +201,9 @@ def test_gate_lora_a_rank_mismatch_is_reported():
 
 
 # KTMoELayer moves inputs from any device to the CPU, so meta inputs are tested separately.
-LAYER_CASES = [c for c in INPUT_CASES
-               if c[3] in ("hidden_states", "topk_ids", "topk_weights") and not c[0].endswith("_meta")]
+LAYER_CASES = [
+    c for c in INPUT_CASES if c[3] in ("hidden_states", "topk_ids", "topk_weights") and not c[0].endswith("_meta")
+]
 
 
 @pytest.mark.parametrize("case_id,mutate,exc,name", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])

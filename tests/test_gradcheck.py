@@ -15,8 +15,7 @@ from kt_testing import make_case
 
 CASES = {
     "basic": dict(T=4, E=3, k=2, H=8, I=6, r=2),
-    "minus_one_dup_int32": dict(T=5, E=3, k=3, H=7, I=5, r=2, ids_mode="random", neg_frac=0.3,
-                                ids_dtype=torch.int32),
+    "minus_one_dup_int32": dict(T=5, E=3, k=3, H=7, I=5, r=2, ids_mode="random", neg_frac=0.3, ids_dtype=torch.int32),
     "r1_odd": dict(T=3, E=2, k=2, H=5, I=3, r=1),
     "r0": dict(T=4, E=3, k=2, H=6, I=4, r=0),
     "same_expert": dict(T=5, E=3, k=1, H=6, I=4, r=2, ids_mode="same"),

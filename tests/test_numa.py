@@ -1,6 +1,7 @@
 """threadpool_count > 1 for real: the parts of a layer run at once on sub-pools of their own, with
 their weights first touched by their pool's threads. On a one-node machine this is a logical test
 (the multi-node placement itself is unverified on hardware here)."""
+
 import ctypes
 import os
 import platform
@@ -45,6 +46,7 @@ def assert_ran_at_once(log):
 
 # ---- the parts run at once and give the single pool's results ------------------------------------
 
+
 @pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128)])
 def test_parts_run_at_once_and_equal_one_pool(two_subpools, method, group_size):
     case = make_case(seed=6, T=12, E=4, k=2, H=64, I=64, r=4)
@@ -69,11 +71,22 @@ def test_parts_run_at_once_and_equal_one_pool(two_subpools, method, group_size):
 
 def test_inference_parts_run_at_once(two_subpools):
     from kt_ops import KTMoEWrapper
+
     case = make_case(seed=3, T=6, E=4, k=2, H=64, I=256, r=4)
     make = lambda count: KTMoEWrapper(  # noqa: E731
-        layer_idx=0, num_experts=4, num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=256,
-        num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=count, weight_path=None, chunked_prefill_size=512,
-        mode="inference", method="AMXINT8")
+        layer_idx=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        hidden_size=64,
+        moe_intermediate_size=256,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=count,
+        weight_path=None,
+        chunked_prefill_size=512,
+        mode="inference",
+        method="AMXINT8",
+    )
     one, two = make(1), make(2)
     for w in (one, two):
         w.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
@@ -95,8 +108,13 @@ def test_apply_kt_runs_each_layer_in_parts_on_the_subpools(two_subpools, kt_back
 
     def run(count):
         torch.manual_seed(0)
-        model = apply_kt(tiny_model("tiny-qwen3-moe", moe_intermediate_size=64), kt_backend=kt_backend,
-                         kt_threadpool_count=count, lora_rank=4, lora_alpha=8.0)
+        model = apply_kt(
+            tiny_model("tiny-qwen3-moe", moe_intermediate_size=64),
+            kt_backend=kt_backend,
+            kt_threadpool_count=count,
+            lora_rank=4,
+            lora_alpha=8.0,
+        )
         for _, _, kt in kt_experts_modules(model):
             assert len(kt.experts_parts) == count and kt.subpools is (two_subpools if count > 1 else None)
             with torch.no_grad():
@@ -125,8 +143,15 @@ def test_kt_sft_config_splits_layers_over_kt_threadpool_count(two_subpools, tmp_
     model_dir = tmp_path / "model"
     tiny_model("tiny-qwen3-moe", moe_intermediate_size=64).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    config = cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
-                              "kt_config": {"kt_threadpool_count": 2, "kt_tp_enabled": True}}, quiet=True)
+    config = cli.load_config(
+        {
+            "model_name_or_path": str(model_dir),
+            "dataset": "identity",
+            "output_dir": str(tmp_path),
+            "kt_config": {"kt_threadpool_count": 2, "kt_tp_enabled": True},
+        },
+        quiet=True,
+    )
     model, _ = cli.build_model(config)
     assert all(len(kt.experts_parts) == 2 for _, _, kt in kt_experts_modules(model))
 
@@ -177,6 +202,7 @@ def test_python_error_in_a_part_waits_for_the_others(two_subpools):
 
 # ---- first touch ---------------------------------------------------------------------------------
 
+
 def page_nodes(t: torch.Tensor):
     """NUMA node of every page of `t` (move_pages(2) with no target: query only); negative = errno,
     e.g. -ENOENT for a page not present."""
@@ -194,8 +220,10 @@ def page_nodes(t: torch.Tensor):
     return list(status)
 
 
-needs_move_pages = pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.isdir("/sys/devices/system/node"),
-                                      reason="move_pages syscall number and NUMA sysfs: x86-64 Linux")
+needs_move_pages = pytest.mark.skipif(
+    platform.machine() != "x86_64" or not os.path.isdir("/sys/devices/system/node"),
+    reason="move_pages syscall number and NUMA sysfs: x86-64 Linux",
+)
 
 
 @needs_move_pages
@@ -228,6 +256,7 @@ def test_first_touch_copy_writes_fresh_pages(two_subpools):
 
 # ---- CPU sets ------------------------------------------------------------------------------------
 
+
 def fake_nodes(root, cpulists):
     for node, text in cpulists.items():
         (root / f"node{node}").mkdir(parents=True)
@@ -251,7 +280,9 @@ def test_cpu_sets_of_a_fake_sysfs(tmp_path):
     # one node, or no NUMA information: nothing pinned
     one = fake_nodes(tmp_path / "one", {0: "0-7"})
     assert subpool_layout(2, one, everything) == [(None, []), (None, [])]
-    assert node_cpus(str(tmp_path / "missing")) == {} and subpool_layout(2, str(tmp_path / "missing")) == [(None, [])] * 2
+    assert (
+        node_cpus(str(tmp_path / "missing")) == {} and subpool_layout(2, str(tmp_path / "missing")) == [(None, [])] * 2
+    )
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two sub-pools apart")

@@ -14,8 +14,7 @@ BACKWARD = torch.ops.kt.moe_sft_backward
 
 CASES = {
     "basic": dict(T=6, E=3, k=2, H=16, I=8, r=2),
-    "int32_minus_one": dict(T=7, E=4, k=3, H=12, I=10, r=3, ids_mode="random", neg_frac=0.3,
-                            ids_dtype=torch.int32),
+    "int32_minus_one": dict(T=7, E=4, k=3, H=12, I=10, r=3, ids_mode="random", neg_frac=0.3, ids_dtype=torch.int32),
     "r0": dict(T=5, E=3, k=2, H=8, I=8, r=0),
     "T0": dict(T=0, E=3, k=2, H=8, I=8, r=2),
 }

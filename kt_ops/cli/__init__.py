@@ -23,9 +23,24 @@ from .infer import export, generate, score
 from .model import build_model, lora_targets
 from .train import check_report_to, train, write_loss_curve
 
-__all__ = ["CONFIG_KEYS", "NO_EFFECT_KEYS", "ConfigError", "build_model", "check_report_to", "export", "generate",
-           "kt_settings", "load_config", "load_rows", "lora_targets", "main", "score", "sft_examples", "train",
-           "write_loss_curve"]
+__all__ = [
+    "CONFIG_KEYS",
+    "NO_EFFECT_KEYS",
+    "ConfigError",
+    "build_model",
+    "check_report_to",
+    "export",
+    "generate",
+    "kt_settings",
+    "load_config",
+    "load_rows",
+    "lora_targets",
+    "main",
+    "score",
+    "sft_examples",
+    "train",
+    "write_loss_curve",
+]
 
 
 def _describe_keys() -> str:
@@ -35,9 +50,12 @@ def _describe_keys() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="kt-sft", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="config keys:\n" + _describe_keys())
+    parser = argparse.ArgumentParser(
+        prog="kt-sft",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys:\n" + _describe_keys(),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = sub.add_parser("train", help="fine-tune from a YAML config")
     train_parser.add_argument("config", help="YAML config file")
@@ -82,4 +100,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"kt-sft: {len(losses)} logged steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"kt-sft: wrote {summary['output_dir']}")
     return 0
-

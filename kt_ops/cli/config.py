@@ -11,37 +11,59 @@ from typing import Any
 from ..core.settings import KTSettings, setting_fields
 
 # The kt keys a config gives KTSettings (kt_max_cache_depth is a wrapper's: see NO_EFFECT_KEYS).
-KT_SETTINGS = {key: field for key, field in setting_fields().items()
-               if key.startswith("kt_") and key != "kt_max_cache_depth"}
+KT_SETTINGS = {
+    key: field for key, field in setting_fields().items() if key.startswith("kt_") and key != "kt_max_cache_depth"
+}
 
 # key -> (default, type or tuple of allowed values, help). Names, meanings and defaults follow
 # LLaMA-Factory (and transformers' TrainingArguments) wherever they overlap.
 CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "model_name_or_path": (None, str, "local model directory, or a built-in tiny model (tiny-qwen3-moe, ...)"),
-    "dataset": (None, str, "comma-separated dataset names from dataset_dir/dataset_info.json, or .json/.jsonl "
-                           "files (relative paths: relative to the config file)"),
-    "dataset_dir": ("data", str, "directory holding dataset_info.json (relative: to the working directory, else "
-                                 "to the config file's directory)"),
-    "template": (None, str, "LLaMA-Factory chat template (qwen3, qwen3_5, qwen3_vl, deepseek, deepseek3, ...); "
-                            "unset: the tokenizer's chat template, else 'empty'"),
+    "dataset": (
+        None,
+        str,
+        "comma-separated dataset names from dataset_dir/dataset_info.json, or .json/.jsonl "
+        "files (relative paths: relative to the config file)",
+    ),
+    "dataset_dir": (
+        "data",
+        str,
+        "directory holding dataset_info.json (relative: to the working directory, else to the config file's directory)",
+    ),
+    "template": (
+        None,
+        str,
+        "LLaMA-Factory chat template (qwen3, qwen3_5, qwen3_vl, deepseek, deepseek3, ...); "
+        "unset: the tokenizer's chat template, else 'empty'",
+    ),
     "max_samples": (None, int, "use at most this many records of each dataset"),
     "identity_name": (None, str, "fills {{name}} in the data (LLaMA-Factory's identity.json)"),
     "identity_author": (None, str, "fills {{author}} in the data"),
     "stage": ("sft", ("sft", "dpo"), "training stage"),
     "finetuning_type": ("lora", ("lora",), "only LoRA is supported"),
     "use_kt": (True, bool, "run the routed experts on kt_ops (with expert LoRA)"),
-    "kt_config": (None, dict, "LLaMA-Factory's nested block of kt_* settings (each may also be given at the top "
-                              "level)"),
+    "kt_config": (
+        None,
+        dict,
+        "LLaMA-Factory's nested block of kt_* settings (each may also be given at the top level)",
+    ),
     **{key: (field.default, KTSettings, field.metadata["help"]) for key, field in KT_SETTINGS.items()},
-    "kt_cpu_activation": (None, ("retain", "recompute"), "recompute: keep no expert activations, recompute the "
-                                                         "expert layer in backward (default: recompute with "
-                                                         "gradient checkpointing, else retain)"),
+    "kt_cpu_activation": (
+        None,
+        ("retain", "recompute"),
+        "recompute: keep no expert activations, recompute the "
+        "expert layer in backward (default: recompute with "
+        "gradient checkpointing, else retain)",
+    ),
     "torch_num_threads": (None, int, "threads for torch's own ops (default: torch's choice)"),
     "lora_rank": (8, int, "LoRA rank (attention and experts)"),
     "lora_alpha": (None, float, "LoRA alpha (default: 2 x lora_rank)"),
     "lora_dropout": (0.0, float, "dropout on the attention LoRA input"),
-    "lora_target": ("all", str, "comma-separated module names for peft LoRA, 'all' for every linear layer "
-                                "outside the experts, or 'none'"),
+    "lora_target": (
+        "all",
+        str,
+        "comma-separated module names for peft LoRA, 'all' for every linear layer outside the experts, or 'none'",
+    ),
     "cutoff_len": (2048, int, "maximum tokens per example"),
     "per_device_train_batch_size": (8, int, "batch size"),
     "gradient_accumulation_steps": (1, int, "micro-batches per optimizer step"),
@@ -52,12 +74,19 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "warmup_steps": (0, int, "warm-up steps (overrides warmup_ratio when > 0)"),
     "warmup_ratio": (0.0, float, "warm-up as a fraction of all steps"),
     "logging_steps": (1, int, "log (and record the loss) every N steps"),
-    "save_steps": (500, int, "save a resumable checkpoint (Trainer state + adapter) every N steps (0: only the "
-                             "adapter, at the end)"),
+    "save_steps": (
+        500,
+        int,
+        "save a resumable checkpoint (Trainer state + adapter) every N steps (0: only the adapter, at the end)",
+    ),
     "save_only_model": (False, bool, "checkpoints without optimizer/scheduler state (not resumable)"),
     "resume_from_checkpoint": (None, str, "a checkpoint-N directory of an earlier run (with save_steps) to resume"),
-    "gradient_checkpointing": (None, bool, "activation checkpointing per decoder layer (default: on, as in "
-                                           "LLaMA-Factory, unless disable_gradient_checkpointing)"),
+    "gradient_checkpointing": (
+        None,
+        bool,
+        "activation checkpointing per decoder layer (default: on, as in "
+        "LLaMA-Factory, unless disable_gradient_checkpointing)",
+    ),
     "disable_gradient_checkpointing": (False, bool, "LLaMA-Factory's switch to turn gradient checkpointing off"),
     "bf16": (False, bool, "load the model in bfloat16 and train with bf16 autocast"),
     "plot_loss": (False, bool, "also draw the loss curve to loss.png (loss.csv is always written)"),
@@ -86,9 +115,17 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "kt_model_max_length": "kt_ops sizes its buffers per call, not for a maximum length",
 }
 # Keys of LLaMA-Factory's nested kt_config block; each may also be given at the top level.
-KT_CONFIG_BLOCK_KEYS = ("kt_expert_weight_format", "kt_backend", "kt_weight_lifecycle", "kt_num_threads",
-                        "kt_tp_enabled", "kt_threadpool_count", "kt_max_cache_depth", "kt_share_backward_bb",
-                        "kt_model_max_length")
+KT_CONFIG_BLOCK_KEYS = (
+    "kt_expert_weight_format",
+    "kt_backend",
+    "kt_weight_lifecycle",
+    "kt_num_threads",
+    "kt_tp_enabled",
+    "kt_threadpool_count",
+    "kt_max_cache_depth",
+    "kt_share_backward_bb",
+    "kt_model_max_length",
+)
 
 
 class ConfigError(ValueError):
@@ -171,7 +208,9 @@ def load_config(path_or_dict, quiet: bool = False) -> dict:
     raw = _flatten_kt_config(raw)
     unknown = sorted(set(raw) - set(CONFIG_KEYS) - set(NO_EFFECT_KEYS))
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(set(CONFIG_KEYS) | set(NO_EFFECT_KEYS))}")
+        raise ConfigError(
+            f"unknown config keys {unknown}; valid keys: {sorted(set(CONFIG_KEYS) | set(NO_EFFECT_KEYS))}"
+        )
     for key in sorted(set(raw) & set(NO_EFFECT_KEYS)):
         if raw[key] is not None and not quiet:
             print(f"kt-sft: {key} has no effect: {NO_EFFECT_KEYS[key]}")
@@ -235,8 +274,9 @@ def kt_settings(config: dict) -> KTSettings:
     """The kt settings of a config, as apply_kt and from_pretrained take them: its kt_* keys (checked
     there) and the LoRA rank and alpha, which LLaMA-Factory gives the experts too."""
     try:
-        return KTSettings(**{key: config[key] for key in KT_SETTINGS}, lora_rank=config["lora_rank"],
-                          lora_alpha=config["lora_alpha"])
+        return KTSettings(
+            **{key: config[key] for key in KT_SETTINGS}, lora_rank=config["lora_rank"], lora_alpha=config["lora_alpha"]
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
 

@@ -38,10 +38,12 @@ def sft_examples(rows: list[dict], template, tokenizer, cutoff_len: int) -> list
     examples = []
     for row in rows:
         if "chosen" in row:
-            raise ConfigError("stage sft needs alpaca or text records (or a sharegpt dataset); the dataset has "
-                              "preference records (chosen / rejected)")
+            raise ConfigError(
+                "stage sft needs alpaca or text records (or a sharegpt dataset); the dataset has "
+                "preference records (chosen / rejected)"
+            )
         if "text" in row:
-            ids = (tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             example = {"input_ids": ids[:cutoff_len], "labels": ids[:cutoff_len]}
         else:
             try:
@@ -73,7 +75,8 @@ def preference_records(rows: list[dict], template, tokenizer) -> list[dict]:
     for i, row in enumerate(rows):
         if "chosen" not in row or "rejected" not in row:
             raise ConfigError(f"stage dpo needs preference records (chosen / rejected); record {i} has none")
-        prompt = row["prompt"] if "prompt" in row else lf.prompt_text(template, row["messages"], row["system"],
-                                                                       tokenizer)
+        prompt = (
+            row["prompt"] if "prompt" in row else lf.prompt_text(template, row["messages"], row["system"], tokenizer)
+        )
         out.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     return out

@@ -39,12 +39,18 @@ def _greedy_answers(model, tokenizer, texts: list[str], max_new_tokens: int, bat
     tokenizer.padding_side = "left"
     try:
         for start in range(0, len(texts), batch_size):
-            inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                               add_special_tokens=False)
+            inputs = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return answers
@@ -76,8 +82,10 @@ def score(config, adapter_dir: Optional[str] = None, show: int = 3) -> dict:
     texts = [lf.prompt_text(template, row["messages"][:1], row["system"], tokenizer) for row in rows]
     budget = max(len(tokenizer(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) for r in rows)
     answers = _greedy_answers(model, tokenizer, texts, budget + 8)
-    results = [(row["messages"][0]["content"], row["messages"][1]["content"], answer.strip())
-               for row, answer in zip(rows, answers)]
+    results = [
+        (row["messages"][0]["content"], row["messages"][1]["content"], answer.strip())
+        for row, answer in zip(rows, answers)
+    ]
     exact = sum(expected.strip() == answer for _, expected, answer in results)
     for question, expected, answer in results[:show]:
         print(f"  Q: {question!r}\n     expected {expected!r}\n     model    {answer!r}")

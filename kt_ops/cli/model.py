@@ -19,8 +19,9 @@ def load_model_and_tokenizer(config: dict):
     if name in ALL_TINY_MODELS:
         model, tokenizer = tiny_model(name, dtype=dtype, seed=config["seed"]), tiny_tokenizer()
     elif not os.path.isdir(name):
-        raise ConfigError(f"model_name_or_path {name!r} is neither a local model directory nor one of "
-                          f"{list(ALL_TINY_MODELS)}")
+        raise ConfigError(
+            f"model_name_or_path {name!r} is neither a local model directory nor one of {list(ALL_TINY_MODELS)}"
+        )
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
@@ -124,7 +125,11 @@ def build_model(config: dict):
         model.requires_grad_(False)
         set_kt_lora_trainable(model, True)
         return model, tokenizer
-    lora_config = peft.LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"],
-                                  lora_dropout=config["lora_dropout"], target_modules=targets,
-                                  task_type="CAUSAL_LM")
+    lora_config = peft.LoraConfig(
+        r=config["lora_rank"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config["lora_dropout"],
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora_config), tokenizer

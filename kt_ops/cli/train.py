@@ -30,20 +30,30 @@ class _PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-
 def _training_kwargs(config: dict) -> dict:
     return dict(
-        output_dir=config["output_dir"], per_device_train_batch_size=config["per_device_train_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"], learning_rate=config["learning_rate"],
-        num_train_epochs=config["num_train_epochs"], max_steps=config["max_steps"],
+        output_dir=config["output_dir"],
+        per_device_train_batch_size=config["per_device_train_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        learning_rate=config["learning_rate"],
+        num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"],
         lr_scheduler_type=config["lr_scheduler_type"],
         # transformers reads a float below 1 as a fraction of all steps (LLaMA-Factory's warmup_ratio).
         warmup_steps=config["warmup_steps"] or config["warmup_ratio"],
-        logging_steps=config["logging_steps"], activation_checkpointing=config["gradient_checkpointing"],
-        bf16=config["bf16"], seed=config["seed"], report_to=config["report_to"], use_cpu=_no_accelerator(),
-        save_strategy="steps" if config["save_steps"] else "no", save_steps=config["save_steps"] or 500,
+        logging_steps=config["logging_steps"],
+        activation_checkpointing=config["gradient_checkpointing"],
+        bf16=config["bf16"],
+        seed=config["seed"],
+        report_to=config["report_to"],
+        use_cpu=_no_accelerator(),
+        save_strategy="steps" if config["save_steps"] else "no",
+        save_steps=config["save_steps"] or 500,
         save_only_model=config["save_only_model"],
-        remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="all")
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="all",
+    )
 
 
 def _progress_printer():
@@ -64,8 +74,11 @@ def _progress_printer():
             elapsed = time.perf_counter() - self.start
             tokens = state.num_input_tokens_seen
             rate = f"{tokens / elapsed:8.0f} tokens/s" if tokens and elapsed > 0 else ""
-            print(f"[{'#' * done}{'.' * (24 - done)}] step {state.global_step}/{total}  "
-                  f"loss {float(logs['loss']):.4f}  {rate}", flush=True)
+            print(
+                f"[{'#' * done}{'.' * (24 - done)}] step {state.global_step}/{total}  "
+                f"loss {float(logs['loss']):.4f}  {rate}",
+                flush=True,
+            )
 
     return ProgressPrinter()
 
@@ -87,9 +100,11 @@ def _adapter_saver(config: dict):
             save_kt_adapter(model, directory)
         else:
             if config["use_kt"]:
-                print("kt-sft: the expert LoRA has a larger rank on gate_up_proj than on down_proj (peft maps the "
-                      "lora_target names gate_proj/up_proj/down_proj onto the experts so); the adapter is saved "
-                      "in peft's own layout, which convert_moe_lora does not read")
+                print(
+                    "kt-sft: the expert LoRA has a larger rank on gate_up_proj than on down_proj (peft maps the "
+                    "lora_target names gate_proj/up_proj/down_proj onto the experts so); the adapter is saved "
+                    "in peft's own layout, which convert_moe_lora does not read"
+                )
             model.save_pretrained(directory)
 
     return save
@@ -153,19 +168,28 @@ def train(config) -> dict:
     if config["stage"] == "sft":
         examples = sft_examples(rows, template, tokenizer, config["cutoff_len"])
         floor = unigram_entropy(examples)
-        print(f"kt-sft: {len(examples)} examples; a model that knew only how often each answer token occurs "
-              f"would reach loss {floor:.2f}")
-        trainer = Trainer(model=model, args=TrainingArguments(**_training_kwargs(config)), train_dataset=examples,
-                          data_collator=_PadCollator(tokenizer.pad_token_id))
+        print(
+            f"kt-sft: {len(examples)} examples; a model that knew only how often each answer token occurs "
+            f"would reach loss {floor:.2f}"
+        )
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**_training_kwargs(config)),
+            train_dataset=examples,
+            data_collator=_PadCollator(tokenizer.pad_token_id),
+        )
     else:
         import datasets
         import trl
 
         # The reference pass is the model with its adapters disabled, the expert LoRA included.
         args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"])
-        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                                 train_dataset=datasets.Dataset.from_list(preference_records(rows, template,
-                                                                                             tokenizer)))
+        trainer = trl.DPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_list(preference_records(rows, template, tokenizer)),
+        )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
@@ -181,5 +205,11 @@ def train(config) -> dict:
         yaml.safe_dump(config, f, sort_keys=True)
     files = write_loss_curve(trainer.state.log_history, config["output_dir"], config["plot_loss"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "files": files, "output_dir": config["output_dir"], "steps": trainer.state.global_step,
-            "train_loss": result.training_loss, "unigram_entropy": floor}
+    return {
+        "losses": losses,
+        "files": files,
+        "output_dir": config["output_dir"],
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "unigram_entropy": floor,
+    }

@@ -66,5 +66,7 @@ def check_has_data(**tensors) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor (shape only, no data); kt_ops computes on real tensors: "
-                             "pass a CPU (or accelerator) tensor")
+            raise ValueError(
+                f"{name} is a meta tensor (shape only, no data); kt_ops computes on real tensors: "
+                "pass a CPU (or accelerator) tensor"
+            )

@@ -1,4 +1,5 @@
 """The kernels' run-time settings: which ISA runs and how many threads the kt_ops pool has."""
+
 from __future__ import annotations
 
 import os

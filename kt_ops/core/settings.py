@@ -27,29 +27,55 @@ def _help(text: str):
 
 @dataclass(frozen=True)
 class KTSettings:
-    kt_backend: str = field(default="auto", metadata=_help(
-        "expert weight format: AMXBF16, AMXINT8, AMXINT4, AMXINT4_1, AMXINT4_KGroup, AMXINT4_1KGroup, AMXFP8 "
-        "(or kt-kernel's *_SFT method names), or auto: kt_expert_weight_format's, else kt_weight_path's, else bf16"))
-    kt_expert_weight_format: Optional[str] = field(default=None, metadata=_help(
-        "LLaMA-Factory's name for the format: bf16, int8, int4 or fp8 (must agree with an explicit kt_backend)"))
-    kt_weight_path: Optional[str] = field(default=None, metadata=_help(
-        "pre-quantized experts: a kt_ops converted file or directory, a KTransformers converted directory, "
-        "or a block-FP8 checkpoint"))
-    kt_num_threads: Optional[int] = field(default=None, metadata=_help(
-        "kt_ops worker threads (default: physical cores; capped at the CPUs this process may use)"))
-    kt_threadpool_count: int = field(default=1, metadata=_help(
-        "sub-pools (one per NUMA node): each layer's intermediate dimension is split over them and the parts "
-        "run at once, kt_num_threads / kt_threadpool_count threads each"))
-    kt_tp_enabled: bool = field(default=False, metadata=_help(
-        "kt-kernel's tensor-parallel switch: the kt_threadpool_count split is kt_ops' only multi-pool mode, so "
-        "this only says so"))
-    kt_num_gpu_experts: int = field(default=0, metadata=_help(
-        "experts per layer kept in transformers (the first N), the others on kt_ops"))
-    kt_max_cache_depth: int = field(default=1, metadata=_help(
-        "forwards an SFT wrapper keeps for backward (autograd keeps those of the layer itself)"))
+    kt_backend: str = field(
+        default="auto",
+        metadata=_help(
+            "expert weight format: AMXBF16, AMXINT8, AMXINT4, AMXINT4_1, AMXINT4_KGroup, AMXINT4_1KGroup, AMXFP8 "
+            "(or kt-kernel's *_SFT method names), or auto: kt_expert_weight_format's, else kt_weight_path's, else bf16"
+        ),
+    )
+    kt_expert_weight_format: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "LLaMA-Factory's name for the format: bf16, int8, int4 or fp8 (must agree with an explicit kt_backend)"
+        ),
+    )
+    kt_weight_path: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "pre-quantized experts: a kt_ops converted file or directory, a KTransformers converted directory, "
+            "or a block-FP8 checkpoint"
+        ),
+    )
+    kt_num_threads: Optional[int] = field(
+        default=None,
+        metadata=_help("kt_ops worker threads (default: physical cores; capped at the CPUs this process may use)"),
+    )
+    kt_threadpool_count: int = field(
+        default=1,
+        metadata=_help(
+            "sub-pools (one per NUMA node): each layer's intermediate dimension is split over them and the parts "
+            "run at once, kt_num_threads / kt_threadpool_count threads each"
+        ),
+    )
+    kt_tp_enabled: bool = field(
+        default=False,
+        metadata=_help(
+            "kt-kernel's tensor-parallel switch: the kt_threadpool_count split is kt_ops' only multi-pool mode, so "
+            "this only says so"
+        ),
+    )
+    kt_num_gpu_experts: int = field(
+        default=0, metadata=_help("experts per layer kept in transformers (the first N), the others on kt_ops")
+    )
+    kt_max_cache_depth: int = field(
+        default=1,
+        metadata=_help("forwards an SFT wrapper keeps for backward (autograd keeps those of the layer itself)"),
+    )
     lora_rank: int = field(default=16, metadata=_help("expert LoRA rank (0: no expert LoRA)"))
-    lora_alpha: Optional[float] = field(default=None, metadata=_help(
-        "expert LoRA alpha, scaling = alpha / rank (default: 2 x lora_rank)"))
+    lora_alpha: Optional[float] = field(
+        default=None, metadata=_help("expert LoRA alpha, scaling = alpha / rank (default: 2 x lora_rank)")
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -67,8 +93,11 @@ class KTSettings:
         _ = self.backend  # raises when an explicit kt_backend and kt_expert_weight_format disagree
         self._check_threads(set_)
         if self.kt_tp_enabled and self.kt_threadpool_count == 1:
-            warnings.warn("kt_tp_enabled=True has no effect with kt_threadpool_count=1: set kt_threadpool_count to "
-                          "the number of sub-pools (NUMA nodes) to split each layer over", stacklevel=3)
+            warnings.warn(
+                "kt_tp_enabled=True has no effect with kt_threadpool_count=1: set kt_threadpool_count to "
+                "the number of sub-pools (NUMA nodes) to split each layer over",
+                stacklevel=3,
+            )
 
     @property
     def backend(self) -> str:
@@ -80,20 +109,25 @@ class KTSettings:
                 return FORMAT_BACKENDS[fmt]
             return "auto" if self.kt_weight_path is not None else "AMXBF16"
         if fmt is not None and KT_BACKENDS[backend] != fmt:
-            raise ValueError(f"kt_backend {backend!r} computes {KT_BACKENDS[backend]!r} experts but "
-                             f"kt_expert_weight_format is {fmt!r}")
+            raise ValueError(
+                f"kt_backend {backend!r} computes {KT_BACKENDS[backend]!r} experts but "
+                f"kt_expert_weight_format is {fmt!r}"
+            )
         return backend
 
     def _check_threads(self, set_) -> None:
         threads = self.kt_num_threads
         if threads is not None and threads < self.kt_threadpool_count:
-            raise ValueError(f"kt_num_threads ({threads}) must be at least kt_threadpool_count "
-                             f"({self.kt_threadpool_count}): every sub-pool needs a thread")
+            raise ValueError(
+                f"kt_num_threads ({threads}) must be at least kt_threadpool_count "
+                f"({self.kt_threadpool_count}): every sub-pool needs a thread"
+            )
         cpus = usable_cpus()
         if threads is not None and threads > cpus:
             # The kernels' workers spin while they wait: oversubscribed cores make every call slower.
-            warnings.warn(f"kt_num_threads={threads} exceeds the {cpus} CPUs this process may use; using {cpus}",
-                          stacklevel=4)
+            warnings.warn(
+                f"kt_num_threads={threads} exceeds the {cpus} CPUs this process may use; using {cpus}", stacklevel=4
+            )
             set_("kt_num_threads", max(cpus, self.kt_threadpool_count))
 
     @property
@@ -121,8 +155,10 @@ class KTSettings:
         wanted = self.weight_format
         if stored_format in (wanted, wanted + "_kgroup"):
             return stored_format
-        raise ValueError(f"{where} holds {stored_format!r} experts but kt_backend {self.backend!r} means "
-                         f"{wanted!r}; pass kt_backend='auto' to use the stored format")
+        raise ValueError(
+            f"{where} holds {stored_format!r} experts but kt_backend {self.backend!r} means "
+            f"{wanted!r}; pass kt_backend='auto' to use the stored format"
+        )
 
     def replace(self, **changes) -> "KTSettings":
         """These settings with `changes`, checked again."""

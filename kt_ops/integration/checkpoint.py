@@ -40,9 +40,12 @@ def device_resolver(device_map):
                 if prefix == "" or name == prefix or name.startswith(prefix + "."):
                     return torch.device(device_map[prefix])
             raise ValueError(f"device_map has no entry for {name!r}; add one for it or '' for everything else")
+
         return resolve
-    raise TypeError(f"device_map must be None, 'auto', a device or a dict of module names to devices, "
-                    f"got {type(device_map).__name__}")
+    raise TypeError(
+        f"device_map must be None, 'auto', a device or a dict of module names to devices, "
+        f"got {type(device_map).__name__}"
+    )
 
 
 def _key_renamer(model: nn.Module):
@@ -62,6 +65,7 @@ def _key_renamer(model: nn.Module):
     def rename(key):
         renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         return None if converted_by is not None else renamed
+
     return rename
 
 
@@ -71,6 +75,7 @@ def _dtype_of(model: nn.Module, dtype: torch.dtype):
     the model's own dtype where it builds a tensor in another one, else `dtype`."""
     try:
         from transformers.core_model_loading import build_glob_alternation
+
         plan = model._get_dtype_plan(dtype)
     except (ImportError, AttributeError):  # other transformers versions: everything in `dtype`
         plan = {}
@@ -81,6 +86,7 @@ def _dtype_of(model: nn.Module, dtype: torch.dtype):
         if match is not None:
             return plan[groups[match.lastgroup]]
         return current.dtype if current is not None and current.is_floating_point() else dtype
+
     return of
 
 
@@ -91,8 +97,13 @@ def _model_key(key: str, wanted: set, rename) -> Optional[str]:
     renamed = rename(key)
     if renamed is None:
         return None
-    candidates = [renamed, key, key.replace("model.language_model.", "model."), key.replace("language_model.", ""),
-                  key.replace("model.", "model.language_model.", 1)]
+    candidates = [
+        renamed,
+        key,
+        key.replace("model.language_model.", "model."),
+        key.replace("language_model.", ""),
+        key.replace("model.", "model.language_model.", 1),
+    ]
     m = _BLK.fullmatch(key)
     if m:
         candidates.append(rename(f"model.layers.{m.group(1)}.{m.group(2)}"))
@@ -131,11 +142,12 @@ def load_non_experts(model: nn.Module, path: str, skip: set, device_of, dtype: t
         for key, tensor in loader.iter_tensors(targets, "cpu"):
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 tensor = _dequantized_fp8(loader, key, tensor, path)
-            current = model.get_parameter_or_buffer(targets[key]) if hasattr(model, "get_parameter_or_buffer") \
-                else None
+            current = model.get_parameter_or_buffer(targets[key]) if hasattr(model, "get_parameter_or_buffer") else None
             if current is not None and tuple(current.shape) != tuple(tensor.shape):
-                raise ValueError(f"{path}: tensor {key!r} is {tuple(tensor.shape)}, but the model's {targets[key]} is "
-                                 f"{tuple(current.shape)}")
+                raise ValueError(
+                    f"{path}: tensor {key!r} is {tuple(tensor.shape)}, but the model's {targets[key]} is "
+                    f"{tuple(current.shape)}"
+                )
             target_dtype = dtype_of(targets[key], current) if tensor.is_floating_point() else tensor.dtype
             _set_tensor(model, targets[key], tensor.to(device_of(targets[key]), target_dtype))
             wanted.discard(targets[key])
@@ -149,8 +161,10 @@ def _dequantized_fp8(loader, key: str, tensor: torch.Tensor, path: str) -> torch
 
     scale_key = key + "_scale_inv"
     if not loader.has_tensor(scale_key):
-        raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype} without a block scale {scale_key!r}; only "
-                         "block-FP8 checkpoints (DeepSeek-V3 style) are read")
+        raise ValueError(
+            f"{path}: tensor {key!r} is {tensor.dtype} without a block scale {scale_key!r}; only "
+            "block-FP8 checkpoints (DeepSeek-V3 style) are read"
+        )
     return dequantize_fp8(key, tensor, loader.load_tensor(scale_key))
 
 
@@ -168,8 +182,9 @@ def _materialize_rest(model: nn.Module, missing: set, device_of) -> None:
             owners.setdefault(module_name, []).append(name)
     params_missing = sorted(still_meta - {n for names in owners.values() for n in names})
     if params_missing:
-        raise ValueError(f"the checkpoint lacks {len(params_missing)} non-expert tensor(s) of the model, e.g. "
-                         f"{params_missing[:5]}")
+        raise ValueError(
+            f"the checkpoint lacks {len(params_missing)} non-expert tensor(s) of the model, e.g. {params_missing[:5]}"
+        )
     for module_name, names in owners.items():
         module = model.get_submodule(module_name)
         if any(True for _ in module.parameters(recurse=False)):

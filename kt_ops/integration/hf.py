@@ -52,15 +52,26 @@ class KTExperts(KTMoELayer):
         self.lora_scaling = 0.0
         self.lora_enabled = False
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                lora: Optional[tuple] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        lora: Optional[tuple] = None,
+    ) -> torch.Tensor:
         """`lora`: peft's six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's
         experts, scaling already in B, used instead of the layer's own LoRA."""
-        if lora is None and self.lora_enabled and self.training and torch.is_grad_enabled() \
-                and not self.lora_frozen_on_purpose:
+        if (
+            lora is None
+            and self.lora_enabled
+            and self.training
+            and torch.is_grad_enabled()
+            and not self.lora_frozen_on_purpose
+        ):
             _warn_if_frozen(self)
-        return super().forward(hidden_states, topk_ids, topk_weights, lora=lora,
-                               lora_scaling=None if lora is None else 1.0)
+        return super().forward(
+            hidden_states, topk_ids, topk_weights, lora=lora, lora_scaling=None if lora is None else 1.0
+        )
 
     def extra_repr(self) -> str:
         return f"{KTMoELayer.extra_repr(self)}, layer_idx={self.layer_idx}"
@@ -70,14 +81,22 @@ def _warn_if_frozen(kt: KTExperts) -> None:
     if kt._frozen_warned or any(p.requires_grad for p in kt.lora_parameters()):
         return
     kt._frozen_warned = True
-    warnings.warn("kt expert LoRA is frozen (requires_grad=False) while training; call "
-                  "kt_ops.integration.set_kt_lora_trainable(model) to train it, or "
-                  "set_kt_lora_trainable(model, False) if freezing it is intended", stacklevel=3)
+    warnings.warn(
+        "kt expert LoRA is frozen (requires_grad=False) while training; call "
+        "kt_ops.integration.set_kt_lora_trainable(model) to train it, or "
+        "set_kt_lora_trainable(model, False) if freezing it is intended",
+        stacklevel=3,
+    )
 
 
-def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor, num_gpu_experts: int,
-                         lora: Optional[tuple] = None) -> torch.Tensor:
+def _gpu_experts_forward(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_gpu_experts: int,
+    lora: Optional[tuple] = None,
+) -> torch.Tensor:
     """The experts kept in transformers (ids < num_gpu_experts), with the module's own weights, biases and
     gate; `lora` as for KTExperts.forward over these experts."""
     gate_up_w, down_w = module.kt_gpu_gate_up_proj, module.kt_gpu_down_proj
@@ -103,13 +122,16 @@ def _gpu_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
     return moe_loop(hidden_states, gpu_ids, top_k_weights, expert_fn)
 
 
-def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                       top_k_weights: torch.Tensor) -> torch.Tensor:
+def kt_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The "kt" entry of transformers' ExpertsInterface."""
     kt = getattr(self, "kt_experts", None)
     if kt is None:
-        raise RuntimeError(f"{type(self).__name__} runs with experts_implementation='kt' but holds no kt experts; "
-                           "convert the model with kt_ops.integration.apply_kt(model)")
+        raise RuntimeError(
+            f"{type(self).__name__} runs with experts_implementation='kt' but holds no kt experts; "
+            "convert the model with kt_ops.integration.apply_kt(model)"
+        )
     num_gpu = kt.first_expert
     peft_lora = combined_lora(self, kt)
     lora = kt_lora = None
@@ -118,8 +140,7 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         kt_lora = tuple(t[num_gpu:] for t in lora)
     # -1 tells kt_ops to skip the slot: id num_experts, which transformers' experts read as "no expert"
     # (e.g. DeepSeek-V4's hash routing, expert parallelism); kt skips the GPU experts' share itself.
-    out = kt(hidden_states, top_k_index.masked_fill(top_k_index == self.num_experts, -1), top_k_weights,
-             lora=kt_lora)
+    out = kt(hidden_states, top_k_index.masked_fill(top_k_index == self.num_experts, -1), top_k_weights, lora=kt_lora)
     if num_gpu > 0:
         gpu_lora = None if lora is None else tuple(t[:num_gpu] for t in lora)
         out = out + _gpu_experts_forward(self, hidden_states, top_k_index, top_k_weights, num_gpu, gpu_lora)
@@ -140,8 +161,9 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _clamped_swiglu(alpha: str, limit: str):
-    return lambda m: dict(activation="clamped_swiglu", swiglu_alpha=float(getattr(m, alpha)),
-                          swiglu_limit=float(getattr(m, limit)))
+    return lambda m: dict(
+        activation="clamped_swiglu", swiglu_alpha=float(getattr(m, alpha)), swiglu_limit=float(getattr(m, limit))
+    )
 
 
 def _clamped_silu(limit: str):
@@ -186,9 +208,15 @@ def expert_dims(module: nn.Module) -> tuple[int, int]:
 
 def _is_hf_experts(module: nn.Module) -> bool:
     # Modules decorated with transformers' @use_experts_implementation get `has_gate` etc. in __init__.
-    return (hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
-            and (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
-                 or isinstance(getattr(module, "kt_experts", None), KTMoELayer)))
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "is_concatenated")
+        and hasattr(module, "num_experts")
+        and (
+            isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+            or isinstance(getattr(module, "kt_experts", None), KTMoELayer)
+        )
+    )
 
 
 def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -207,8 +235,10 @@ def check_convertible(name: str, module: nn.Module) -> None:
         problems.append("a post-expert norm")
     gate = known_gate(module)
     if gate is not None and type(module).__name__ in _GATES_THROUGH_ACT_FN and not _is_silu(module.act_fn):
-        problems.append(f"activation {type(module.act_fn).__name__} in {type(module).__name__}._apply_gate "
-                        "(kt_ops computes SiLU there)")
+        problems.append(
+            f"activation {type(module.act_fn).__name__} in {type(module).__name__}._apply_gate "
+            "(kt_ops computes SiLU there)"
+        )
     elif gate is not None:
         pass  # its _apply_gate is one the kernels compute
     elif getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
@@ -216,31 +246,39 @@ def check_convertible(name: str, module: nn.Module) -> None:
     else:
         act = getattr(module, "act_fn", None)
         if act is None:
-            problems.append("a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts, "
-                            "gpt-oss' clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
+            problems.append(
+                "a gate activation that is not an act_fn module (kt_ops computes SiLU-gated experts, "
+                "gpt-oss' clamped SwiGLU and DeepSeek-V4's clamped SiLU)"
+            )
         elif not _is_silu(act):
-            problems.append(f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts, gpt-oss' "
-                            "clamped SwiGLU and DeepSeek-V4's clamped SiLU)")
+            problems.append(
+                f"activation {type(act).__name__} (kt_ops computes SiLU-gated experts, gpt-oss' "
+                "clamped SwiGLU and DeepSeek-V4's clamped SiLU)"
+            )
     if problems:
-        raise ValueError(f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses "
-                         + ", ".join(problems))
+        raise ValueError(
+            f"apply_kt: {name} ({type(module).__name__}) cannot run on kt_ops: it uses " + ", ".join(problems)
+        )
     _check_expert_tensors(name, module)
 
 
 def _check_expert_tensors(name: str, module: nn.Module) -> None:
     gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dim() != 3 or down.dim() != 3:
-        raise ValueError(f"apply_kt: {name}: expected 3-D gate_up_proj/down_proj, got {tuple(gate_up.shape)} "
-                         f"and {tuple(down.shape)}")
+        raise ValueError(
+            f"apply_kt: {name}: expected 3-D gate_up_proj/down_proj, got {tuple(gate_up.shape)} and {tuple(down.shape)}"
+        )
     if gate_up.is_meta or down.is_meta:
-        raise ValueError(f"apply_kt: {name}: expert weights are on the meta device; load the model's weights "
-                         "first or pass kt_weight_path")
+        raise ValueError(
+            f"apply_kt: {name}: expert weights are on the meta device; load the model's weights "
+            "first or pass kt_weight_path"
+        )
 
 
 def expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [E, I, H], up [E, I, H], down [E, H, I] views of the module's weights."""
     # [:E]: LongCat-Flash's gate_up_proj also has rows for its identity experts, which have no weights.
-    gate_up, down = module.gate_up_proj[:module.num_experts], module.down_proj
+    gate_up, down = module.gate_up_proj[: module.num_experts], module.down_proj
     if weights_transposed(module):  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     gate, up = _split_gate_up(module, gate_up)

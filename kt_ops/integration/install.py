@@ -16,13 +16,26 @@ import torch
 from torch import nn
 
 from .hf import KT_IMPLEMENTATION, KTExperts, find_moe_experts
-from .peft_lora import (EXPERT_PARAMS, KTPeftConfigs, add_expert_lora_to_peft_model, install_kt_wrappers, peft_tuner,
-                        register_holder_hook, wrapper_chain)
+from .peft_lora import (
+    EXPERT_PARAMS,
+    KTPeftConfigs,
+    add_expert_lora_to_peft_model,
+    install_kt_wrappers,
+    peft_tuner,
+    register_holder_hook,
+    wrapper_chain,
+)
 
 
-def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExperts,
-                       keep_gate_up: Optional[torch.Tensor], keep_down: Optional[torch.Tensor],
-                       device: torch.device) -> str:
+def install_kt_experts(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    kt: KTExperts,
+    keep_gate_up: Optional[torch.Tensor],
+    keep_down: Optional[torch.Tensor],
+    device: torch.device,
+) -> str:
     """Make the transformers experts module `name` of `model` run on `kt`: its expert weights become
     one-element placeholders (peft's target_parameters sizes and places LoRA from them), the first
     experts kept on `device` (`keep_*`, None for none) become buffers, and the holder's forward is
@@ -47,7 +60,7 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     if getattr(module, "has_bias", False):
         # The biases now live in kt (kt.experts), frozen like the weights; the kept experts' stay here.
         for pname in ("gate_up_proj_bias", "down_proj_bias"):
-            kept = getattr(module, pname)[:kt.first_expert].detach().clone()
+            kept = getattr(module, pname)[: kt.first_expert].detach().clone()
             delattr(module, pname)
             module.register_buffer("kt_gpu_" + pname, kept.to(device), persistent=False)
 
@@ -58,8 +71,13 @@ def install_kt_experts(model: nn.Module, name: str, module: nn.Module, kt: KTExp
     return f"{holder_name.rpartition('.')[2]}.{child}"
 
 
-def finish_kt_conversion(model: nn.Module, found: list[tuple[str, nn.Module]], kt_prefixes: tuple[str, ...],
-                         lora_rank: int, lora_alpha: float) -> None:
+def finish_kt_conversion(
+    model: nn.Module,
+    found: list[tuple[str, nn.Module]],
+    kt_prefixes: tuple[str, ...],
+    lora_rank: int,
+    lora_alpha: float,
+) -> None:
     """After every experts module of `model` is installed: hook the expert LoRA into peft (an existing
     PeftModel's adapters gain it now; a later peft.get_peft_model's LoraConfig gains it then)."""
     kt_targets = tuple(sorted(f"{prefix}.{pname}" for prefix in kt_prefixes for pname in EXPERT_PARAMS))
@@ -76,8 +94,12 @@ def finish_kt_conversion(model: nn.Module, found: list[tuple[str, nn.Module]], k
     elif lora_rank:
         # A later peft.get_peft_model stores its LoraConfig here: it gains the experts and the
         # adapters replace the kt layers' own LoRA.
-        model.peft_config = KTPeftConfigs(kt_targets=kt_targets, kt_rank=lora_rank, kt_alpha=float(lora_alpha),
-                                          on_lora=functools.partial(_drop_own_lora, model))
+        model.peft_config = KTPeftConfigs(
+            kt_targets=kt_targets,
+            kt_rank=lora_rank,
+            kt_alpha=float(lora_alpha),
+            on_lora=functools.partial(_drop_own_lora, model),
+        )
 
 
 class _PlaceholderNames:
@@ -140,8 +162,11 @@ def _drop_own_lora(model: nn.Module) -> None:
 
 def kt_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, KTExperts]]:
     """(name of the transformers experts module, that module, its KTExperts) for a converted model."""
-    return [(name, m, m.kt_experts) for name, m in find_moe_experts(model)
-            if isinstance(getattr(m, "kt_experts", None), KTExperts)]
+    return [
+        (name, m, m.kt_experts)
+        for name, m in find_moe_experts(model)
+        if isinstance(getattr(m, "kt_experts", None), KTExperts)
+    ]
 
 
 def kt_expert_wrappers(model: nn.Module) -> list[nn.Module]:

@@ -21,6 +21,7 @@ Peak host memory is therefore the packed experts + the non-expert weights + one 
 tensors (plus the reader's page cache of that layer), instead of the whole float model
 (`benchmarks/bench_load.py` measures both).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def _pack_projection(read, E: int, weight_format: str, group_size: int, shape, s
     neither the source nor quantization's fp32 temporaries ever cover the whole projection. Part p
     holds the intermediate range split[p] (dimension `intermediate_dim` of the [n, N, K] chunks)."""
     if weight_format in GROUPED_FORMATS and (shape[0] % group_size or shape[1] % group_size):
-        raise ValueError(f"group_size {group_size} must divide the experts' sizes {tuple(shape)} for "
-                         f"weight format {weight_format!r}")
+        raise ValueError(
+            f"group_size {group_size} must divide the experts' sizes {tuple(shape)} for weight format {weight_format!r}"
+        )
     step = max(1, E // 8)
     out: List[list] = [[None, None] for _ in split]
     with torch.no_grad():
@@ -58,8 +60,9 @@ def _pack_projection(read, E: int, weight_format: str, group_size: int, shape, s
             hi = min(E, lo + step)
             chunk = read(lo, hi)
             for part, (start, stop) in zip(out, split):
-                b, s = torch.ops.kt.pack_weights(chunk.narrow(intermediate_dim, start, stop - start), weight_format,
-                                                 int(group_size))
+                b, s = torch.ops.kt.pack_weights(
+                    chunk.narrow(intermediate_dim, start, stop - start), weight_format, int(group_size)
+                )
                 if part[0] is None:
                     part[0] = torch.empty((E, *b.shape[1:]), dtype=b.dtype)
                     if weight_format != "bf16":
@@ -98,8 +101,10 @@ def _experts_to_stream(model: nn.Module, settings: KTSettings) -> list:
             if "meta device" not in str(e):  # the experts are meta on purpose: they are streamed below
                 raise
         if settings.kt_num_gpu_experts >= module.num_experts:
-            raise ValueError(f"kt_num_gpu_experts ({settings.kt_num_gpu_experts}) must be smaller than the number of "
-                             f"experts of {name} ({module.num_experts})")
+            raise ValueError(
+                f"kt_num_gpu_experts ({settings.kt_num_gpu_experts}) must be smaller than the number of "
+                f"experts of {name} ({module.num_experts})"
+            )
         layer = layer_index(name)
         if layer is None:
             raise ValueError(f"from_pretrained: cannot tell the layer index of {name}")
@@ -120,8 +125,15 @@ class _LayerReader:
         settings = self.settings
         if self.source.is_quantized_source():
             packed = self.source.packed_layer(layer, E, H, I, settings.weight_format)
-            kt = new_kt_experts(settings, E, H, I, settings.format_of_stored(packed.weight_format, self.source.path),
-                                layer, lora_dtype=self.lora_dtype)
+            kt = new_kt_experts(
+                settings,
+                E,
+                H,
+                I,
+                settings.format_of_stored(packed.weight_format, self.source.path),
+                layer,
+                lora_dtype=self.lora_dtype,
+            )
             kt.experts = packed
             return kt, None
         N = settings.kt_num_gpu_experts
@@ -132,31 +144,52 @@ class _LayerReader:
             if N:
                 kept[proj] = checked(0, N).clone()
             want = (H, I) if proj == "down" else (I, H)
-            packed = _pack_projection(lambda lo, hi: checked(N + lo, N + hi), E - N, kt.weight_format, kt.group_size,
-                                      want, kt.split, 2 if proj == "down" else 1)
+            packed = _pack_projection(
+                lambda lo, hi: checked(N + lo, N + hi),
+                E - N,
+                kt.weight_format,
+                kt.group_size,
+                want,
+                kt.split,
+                2 if proj == "down" else 1,
+            )
             for part, (blob, scales) in zip(parts, packed):
                 part[proj], part[proj + "_scale"] = blob, scales
-        kt.set_parts([PackedExperts(**part, weight_format=kt.weight_format, num_experts=E - N, hidden_size=H,
-                                    intermediate_size=hi - lo) for part, (lo, hi) in zip(parts, kt.split)])
+        kt.set_parts(
+            [
+                PackedExperts(
+                    **part, weight_format=kt.weight_format, num_experts=E - N, hidden_size=H, intermediate_size=hi - lo
+                )
+                for part, (lo, hi) in zip(parts, kt.split)
+            ]
+        )
         return kt, (self._kept(name, module, kept) if N else None)
 
     def _reader(self, name: str, module: nn.Module, layer: int, proj: str):
         """read(lo, hi): experts [lo, hi) of one projection, checked, in the model's expert dtype."""
         E, (H, I) = module.num_experts, expert_dims(module)
         # A fused checkpoint tensor is laid out as the module holds it (transformers saves it so).
-        read = self.source.projection_reader(layer, proj, num_experts=E, hidden_major=weights_transposed(module),
-                                             interleaved=not getattr(module, "is_concatenated", True))
+        read = self.source.projection_reader(
+            layer,
+            proj,
+            num_experts=E,
+            hidden_major=weights_transposed(module),
+            interleaved=not getattr(module, "is_concatenated", True),
+        )
         want = (H, I) if proj == "down" else (I, H)
         expert_dtype = module.gate_up_proj.dtype
 
         def checked(lo: int, hi: int) -> torch.Tensor:
             weight = read(lo, hi)
             if tuple(weight.shape) != (hi - lo, *want):
-                raise ValueError(f"{self.source.path}: layer {layer} {proj} experts {lo}..{hi - 1} are "
-                                 f"{tuple(weight.shape)}; {name} needs {(hi - lo, *want)}")
+                raise ValueError(
+                    f"{self.source.path}: layer {layer} {proj} experts {lo}..{hi - 1} are "
+                    f"{tuple(weight.shape)}; {name} needs {(hi - lo, *want)}"
+                )
             # Packed from the values transformers would hold (an fp32 checkpoint loaded as bf16 is
             # rounded first), so the packed experts equal apply_kt's.
             return weight.to(expert_dtype)
+
         return checked
 
     def _kept(self, name: str, module: nn.Module, kept: dict):
@@ -173,24 +206,36 @@ def _shared_file(path: str, reader: _LayerReader, layers: list, settings: KTSett
     if settings.kt_num_gpu_experts:
         raise ValueError("kt_shared_experts shares the CPU experts; it cannot be combined with kt_num_gpu_experts")
     if settings.kt_threadpool_count > 1:
-        raise ValueError("kt_shared_experts maps the experts of each layer whole; it cannot be combined with "
-                         "kt_threadpool_count > 1")
+        raise ValueError(
+            "kt_shared_experts maps the experts of each layer whole; it cannot be combined with kt_threadpool_count > 1"
+        )
     if not os.path.exists(path) and _local_rank() == 0:
         # The node's writer packs once and writes the file; every process then maps it.
         from ..weights.packed_io import save_packed_experts
-        save_packed_experts(path, {layer: reader.build(name, module, layer)[0].experts
-                                   for name, module, layer in layers})
+
+        save_packed_experts(
+            path, {layer: reader.build(name, module, layer)[0].experts for name, module, layer in layers}
+        )
     _barrier()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"kt_shared_experts {path!r} does not exist: local rank 0 writes it; initialise "
-                                "torch.distributed first so the other processes wait for it")
+        raise FileNotFoundError(
+            f"kt_shared_experts {path!r} does not exist: local rank 0 writes it; initialise "
+            "torch.distributed first so the other processes wait for it"
+        )
     return path
 
 
-def from_pretrained(path: Union[str, os.PathLike], settings: Optional[KTSettings] = None, *, device_map=None,
-                    dtype: Optional[torch.dtype] = None, lora_dtype: torch.dtype = torch.float32,
-                    kt_shared_experts: Optional[Union[str, os.PathLike]] = None, trust_remote_code: bool = False,
-                    **kt_settings) -> nn.Module:
+def from_pretrained(
+    path: Union[str, os.PathLike],
+    settings: Optional[KTSettings] = None,
+    *,
+    device_map=None,
+    dtype: Optional[torch.dtype] = None,
+    lora_dtype: torch.dtype = torch.float32,
+    kt_shared_experts: Optional[Union[str, os.PathLike]] = None,
+    trust_remote_code: bool = False,
+    **kt_settings,
+) -> nn.Module:
     """A transformers v5 MoE causal LM from the local checkpoint `path` with its routed experts on
     kt_ops (as `apply_kt` leaves it), loaded with bounded host memory (see the module docstring).
 
@@ -214,8 +259,10 @@ def from_pretrained(path: Union[str, os.PathLike], settings: Optional[KTSettings
         set_num_threads(settings.kt_num_threads)
     source = ExpertSource(settings.kt_weight_path or path)
     if settings.kt_num_gpu_experts and source.is_quantized_source():
-        raise ValueError("kt_num_gpu_experts > 0 needs float experts (a bf16 checkpoint) to keep on the GPU; "
-                         f"{source.path} holds pre-quantized experts")
+        raise ValueError(
+            "kt_num_gpu_experts > 0 needs float experts (a bf16 checkpoint) to keep on the GPU; "
+            f"{source.path} holds pre-quantized experts"
+        )
     reader = _LayerReader(source, settings, lora_dtype, device_of)
     shared = None
     if kt_shared_experts is not None:
@@ -234,8 +281,13 @@ def from_pretrained(path: Union[str, os.PathLike], settings: Optional[KTSettings
         keep_gate_up, keep_down = keep if keep is not None else (None, None)
         prefixes.add(install_kt_experts(model, name, module, kt, keep_gate_up, keep_down, device))
         install_custom_forward(model, name, module)
-    finish_kt_conversion(model, [(name, module) for name, module, _ in layers], tuple(sorted(prefixes)),
-                         settings.lora_rank, settings.alpha)
+    finish_kt_conversion(
+        model,
+        [(name, module) for name, module, _ in layers],
+        tuple(sorted(prefixes)),
+        settings.lora_rank,
+        settings.alpha,
+    )
     model.eval()
     return model
 
@@ -253,18 +305,22 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _mapped_kt_experts(path: str, layer: int, module: nn.Module, settings: KTSettings,
-                       lora_dtype: torch.dtype) -> KTExperts:
+def _mapped_kt_experts(
+    path: str, layer: int, module: nn.Module, settings: KTSettings, lora_dtype: torch.dtype
+) -> KTExperts:
     from ..weights.packed_io import load_packed_experts
 
     packed = load_packed_experts(path, layer, mmap=True)
     got = (packed.num_experts, packed.hidden_size, packed.intermediate_size)
     shape = (module.num_experts, *expert_dims(module))
     if got != shape:
-        raise ValueError(f"shared experts file {path}: layer {layer} has (num_experts, hidden_size, "
-                         f"intermediate_size) = {got}; the model needs {shape}")
-    kt = new_kt_experts(settings, *shape, settings.format_of_stored(packed.weight_format, path), layer,
-                        lora_dtype=lora_dtype)
+        raise ValueError(
+            f"shared experts file {path}: layer {layer} has (num_experts, hidden_size, "
+            f"intermediate_size) = {got}; the model needs {shape}"
+        )
+    kt = new_kt_experts(
+        settings, *shape, settings.format_of_stored(packed.weight_format, path), layer, lora_dtype=lora_dtype
+    )
     kt.experts = packed
     return kt
 
@@ -282,8 +338,10 @@ def share_kt_experts(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modu
         raise ValueError("share_kt_experts: the model has no kt experts; convert it with apply_kt first")
     split = [name for name, _, kt in modules if len(kt.experts_parts) > 1]
     if split:
-        raise ValueError(f"share_kt_experts: {split[0]} is split over sub-pools (kt_threadpool_count > 1); the "
-                         "shared file holds each layer whole: convert with kt_threadpool_count=1")
+        raise ValueError(
+            f"share_kt_experts: {split[0]} is split over sub-pools (kt_threadpool_count > 1); the "
+            "shared file holds each layer whole: convert with kt_threadpool_count=1"
+        )
     unknown = [name for name, _, kt in modules if kt.layer_idx is None]
     if unknown:
         raise ValueError(f"share_kt_experts: cannot tell the layer index of {unknown[0]}")
@@ -291,15 +349,23 @@ def share_kt_experts(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modu
         save_packed_experts(path, {kt.layer_idx: kt.experts for _, _, kt in modules})
     _barrier()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist: local rank 0 writes it; initialise torch.distributed "
-                                "first so the other processes wait for it")
+        raise FileNotFoundError(
+            f"{path!r} does not exist: local rank 0 writes it; initialise torch.distributed "
+            "first so the other processes wait for it"
+        )
     for name, _, kt in modules:
         mapped = load_packed_experts(path, kt.layer_idx, mmap=True)
         mine = kt.experts
         if (mapped.weight_format, mapped.num_experts, mapped.hidden_size, mapped.intermediate_size) != (
-                mine.weight_format, mine.num_experts, mine.hidden_size, mine.intermediate_size):
-            raise ValueError(f"{path}: layer {kt.layer_idx} holds {mapped.weight_format} experts "
-                             f"{(mapped.num_experts, mapped.hidden_size, mapped.intermediate_size)}, but {name} has "
-                             f"{mine.weight_format} {(mine.num_experts, mine.hidden_size, mine.intermediate_size)}")
+            mine.weight_format,
+            mine.num_experts,
+            mine.hidden_size,
+            mine.intermediate_size,
+        ):
+            raise ValueError(
+                f"{path}: layer {kt.layer_idx} holds {mapped.weight_format} experts "
+                f"{(mapped.num_experts, mapped.hidden_size, mapped.intermediate_size)}, but {name} has "
+                f"{mine.weight_format} {(mine.num_experts, mine.hidden_size, mine.intermediate_size)}"
+            )
         kt.experts = mapped.with_variant(**mine.variant())  # the file holds the weights, not biases/activation
     return model

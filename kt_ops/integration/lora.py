@@ -3,6 +3,7 @@ peft adapter (see `peft_lora`), so `peft.get_peft_model`, `disable_adapter()` an
 `print_trainable_parameters()` cover it. They remain for models used without peft, whose kt
 experts carry their own LoRA, and for code written against the earlier API.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -14,6 +14,7 @@ itself reads and writes) adds `target_parameters` for the experts, with `apply_k
 `lora_alpha` as rank/alpha patterns, whenever peft stores a config in it (get_peft_model,
 add_adapter, PeftModel.from_pretrained of an adapter saved without them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,7 +85,8 @@ def _kt_activate_lora(self, active_adapters):
 def _kt_merge(self, *args, **kwargs):
     raise NotImplementedError(
         "peft cannot merge LoRA into kt experts (their weights are packed for the kernels); "
-        "kt_ops.integration.export_merged(model, directory) writes a merged transformers checkpoint instead")
+        "kt_ops.integration.export_merged(model, directory) writes a merged transformers checkpoint instead"
+    )
 
 
 def install_kt_wrappers(holder: nn.Module, child: str) -> None:
@@ -167,10 +169,10 @@ class KTPeftConfigs(dict):
 
     def __init__(self, *args, kt_targets=(), kt_rank: int = 0, kt_alpha: float = 0.0, on_lora=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kt_targets = tuple(kt_targets)   # e.g. ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        self.kt_targets = tuple(kt_targets)  # e.g. ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
         self.kt_rank = kt_rank
         self.kt_alpha = kt_alpha
-        self.on_lora = on_lora                # called once a LoRA config arrives (drops kt's own expert LoRA)
+        self.on_lora = on_lora  # called once a LoRA config arrives (drops kt's own expert LoRA)
 
     def __setitem__(self, name, config) -> None:
         self.add_experts(config)
@@ -209,9 +211,11 @@ class KTPeftConfigs(dict):
         if not self.kt_rank or _targets_experts(config):
             return
         if config.lora_dropout:
-            raise ValueError(f"LoraConfig.lora_dropout={config.lora_dropout}: the expert LoRA that apply_kt(lora_rank="
-                             f"{self.kt_rank}) adds is peft's target_parameters LoRA, which has no dropout; use "
-                             "lora_dropout=0, or apply_kt(..., lora_rank=0) for LoRA outside the experts only")
+            raise ValueError(
+                f"LoraConfig.lora_dropout={config.lora_dropout}: the expert LoRA that apply_kt(lora_rank="
+                f"{self.kt_rank}) adds is peft's target_parameters LoRA, which has no dropout; use "
+                "lora_dropout=0, or apply_kt(..., lora_rank=0) for LoRA outside the experts only"
+            )
         config.target_parameters = list(config.target_parameters or []) + list(self.kt_targets)
         if (self.kt_rank, self.kt_alpha) != (config.r, config.lora_alpha):
             pattern = expert_pattern(self.kt_targets)
@@ -220,8 +224,13 @@ class KTPeftConfigs(dict):
             # peft 0.21 checks these patterns against targeted modules only, not target_parameters, and
             # warns that they were ignored although it applies them; silence exactly that message.
             for attr in ("rank_pattern", "alpha_pattern"):
-                warnings.filterwarnings("ignore", category=RuntimeWarning, message=re.escape(
-                    f"The following {attr} keys did not match any targeted module and were ignored: {[pattern]}."))
+                warnings.filterwarnings(
+                    "ignore",
+                    category=RuntimeWarning,
+                    message=re.escape(
+                        f"The following {attr} keys did not match any targeted module and were ignored: {[pattern]}."
+                    ),
+                )
 
 
 def expert_pattern(targets) -> str:
@@ -261,12 +270,18 @@ def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: flo
         if not isinstance(config, LoraConfig) or _targets_experts(config) or not kt_rank:
             continue
         configs.add_experts(config)
-        expert_only = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=[],
-                                 target_parameters=list(kt_targets), rank_pattern=dict(config.rank_pattern or {}),
-                                 alpha_pattern=dict(config.alpha_pattern or {}), use_rslora=config.use_rslora,
-                                 init_lora_weights=config.init_lora_weights, inference_mode=config.inference_mode)
-        tuner._inject_parameters(peft_config=expert_only, model=tuner.model, adapter_name=name,
-                                 low_cpu_mem_usage=False)
+        expert_only = LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=[],
+            target_parameters=list(kt_targets),
+            rank_pattern=dict(config.rank_pattern or {}),
+            alpha_pattern=dict(config.alpha_pattern or {}),
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        tuner._inject_parameters(peft_config=expert_only, model=tuner.model, adapter_name=name, low_cpu_mem_usage=False)
         # as get_peft_model does by default: bf16 / fp16 adapter weights train in fp32
         tuner._cast_adapter_dtype(adapter_name=name, autocast_adapter_dtype=True)
     tuner.peft_config = configs

@@ -12,6 +12,7 @@ Only a key -> file index is built up front (from `model.safetensors.index.json` 
 headers); tensors are read one layer at a time, and every file is opened inside a `with` block, so
 no handle outlives a call and a checkpoint far larger than memory can be walked layer by layer.
 """
+
 from __future__ import annotations
 
 import re
@@ -83,8 +84,10 @@ class SafeTensorLoader(SafeTensorFiles):
         for proj in PROJECTIONS:
             weight_key, scale_key = packed_key(layer, proj, "weight"), packed_key(layer, proj, "scale")
             if weight_key not in self.key_to_file:
-                raise KeyError(f"tensor {weight_key!r} is not in {self.path}; available layers: "
-                               f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}")
+                raise KeyError(
+                    f"tensor {weight_key!r} is not in {self.path}; available layers: "
+                    f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}"
+                )
             wanted[weight_key] = proj
             if scale_key in self.key_to_file:
                 wanted[scale_key] = proj + "_scale"
@@ -101,8 +104,10 @@ class SafeTensorLoader(SafeTensorFiles):
         if layer_idx not in files and self._kt_directory() is not None:
             return self._kt_directory().layer(layer_idx).packed()
         if layer_idx not in files:
-            raise KeyError(f"layer {layer_idx} (key {packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
-                           f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}")
+            raise KeyError(
+                f"layer {layer_idx} (key {packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
+                f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}"
+            )
         return load_packed_experts(files[layer_idx], layer_idx)
 
 
@@ -119,18 +124,20 @@ _FUSED_SUFFIXES = ("", ".weight")
 _EXPERT_KEY = re.compile(r"(.+)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
 _FUSED_KEY = re.compile(r"(.+)\.(?:mlp|feed_forward)\.experts\.gate_up_proj(?:\.weight)?")
 _LAYER_BASE = re.compile(r"(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)")
-_FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
-                  "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
-                  "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
-                  "deepseek_v4: {b}.ffn.experts.{E}.{w1,w3,w2}.weight; "
-                  "transformers-v5 fused: {b}.{mlp,feed_forward}.experts.gate_up_proj / down_proj")
+_FORMATS_TRIED = (
+    "deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
+    "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
+    "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
+    "deepseek_v4: {b}.ffn.experts.{E}.{w1,w3,w2}.weight; "
+    "transformers-v5 fused: {b}.{mlp,feed_forward}.experts.gate_up_proj / down_proj"
+)
 
 
 def candidate_bases(base_key: str) -> list[str]:
     """The base key itself, then where multimodal checkpoints put the text model's layers."""
     bases = [base_key]
     if base_key.startswith("model."):
-        bases.append("model.language_model." + base_key[len("model."):])
+        bases.append("model.language_model." + base_key[len("model.") :])
     bases.append("language_model." + base_key)
     return list(dict.fromkeys(bases))
 
@@ -183,26 +190,42 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                         if down not in self.key_to_file:
                             raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
                         return Layout("fused", prefix, (gate_up, down))
-        raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
-                         f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
+        raise ValueError(
+            f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
+            f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}"
+        )
 
     @staticmethod
     def _complete_layout(base_key, fmt, prefix, experts, names) -> Layout:
         num = max(experts) + 1
         gaps = [e for e in range(num) if e not in experts]
-        partial = {e: [n for n in names if n not in experts[e]] for e in sorted(experts)
-                   if not set(names) <= experts[e]}
+        partial = {
+            e: [n for n in names if n not in experts[e]] for e in sorted(experts) if not set(names) <= experts[e]
+        }
         if gaps or partial:
-            detail = "; ".join(filter(None, (f"missing expert ids {gaps}" if gaps else "",
-                                             f"experts missing projections {partial}" if partial else "")))
-            raise ValueError(f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
-                             f"0..{num - 1} contiguously, each with {list(names)}; {detail}")
+            detail = "; ".join(
+                filter(
+                    None,
+                    (
+                        f"missing expert ids {gaps}" if gaps else "",
+                        f"experts missing projections {partial}" if partial else "",
+                    ),
+                )
+            )
+            raise ValueError(
+                f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
+                f"0..{num - 1} contiguously, each with {list(names)}; {detail}"
+            )
         return Layout(fmt, prefix, tuple(tuple(f"{prefix}.{e}.{n}.weight" for n in names) for e in range(num)))
 
     def moe_layers(self) -> list[int]:
         """Indices L of `model.layers.{L}` (or its language_model variants) that have experts."""
-        bases = {prefix[:-len(module) - 1] for prefix in self._expert_table()
-                 for module, _ in _PER_EXPERT_FORMATS.values() if prefix.endswith("." + module)}
+        bases = {
+            prefix[: -len(module) - 1]
+            for prefix in self._expert_table()
+            for module, _ in _PER_EXPERT_FORMATS.values()
+            if prefix.endswith("." + module)
+        }
         bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self.key_to_file) if m)
         return sorted({int(m.group(1)) for m in map(_LAYER_BASE.fullmatch, bases) if m})
 
@@ -215,8 +238,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
 
     def _checked(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"tensor {key!r} has dtype {t.dtype}; expert weights must be bf16, fp16 or fp32 "
-                            f"(dequantize fp8/int checkpoints first)")
+            raise TypeError(
+                f"tensor {key!r} has dtype {t.dtype}; expert weights must be bf16, fp16 or fp32 "
+                f"(dequantize fp8/int checkpoints first)"
+            )
         return t
 
     def _load_fused(self, base_key: str, layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +252,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             raise ValueError(f"layer {base_key!r}: {gate_up_key!r} must be [E, 2*I, H], got {tuple(gate_up.shape)}")
         E, two_i, H = gate_up.shape
         if tuple(down.shape) != (E, H, two_i // 2):
-            raise ValueError(f"layer {base_key!r}: {down_key!r} must be [E, H, I] = {(E, H, two_i // 2)} to match "
-                             f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}")
+            raise ValueError(
+                f"layer {base_key!r}: {down_key!r} must be [E, H, I] = {(E, H, two_i // 2)} to match "
+                f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}"
+            )
         return gate_up, down
 
     def _load_per_expert(self, base_key: str, layout: Layout, device, stacked: bool) -> dict:
@@ -243,8 +270,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             self._checked(key, t)
             ref = first.setdefault(proj, t)
             if t.shape != ref.shape or t.dtype != ref.dtype:
-                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {proj} "
-                                 f"experts are {tuple(ref.shape)} {ref.dtype}")
+                raise ValueError(
+                    f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {proj} "
+                    f"experts are {tuple(ref.shape)} {ref.dtype}"
+                )
             if stacked:
                 if out[proj] is None:
                     out[proj] = torch.empty((num, *t.shape), dtype=t.dtype, device=t.device)
@@ -254,9 +283,11 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         gate, up, down = first["gate"], first["up"], first["down"]
         I, H = gate.shape
         if tuple(up.shape) != (I, H) or tuple(down.shape) != (H, I) or not gate.dtype == up.dtype == down.dtype:
-            raise ValueError(f"layer {base_key!r}: expert weights must be gate [I, H], up [I, H], down [H, I] "
-                             f"of one dtype; got gate {tuple(gate.shape)} {gate.dtype}, "
-                             f"up {tuple(up.shape)} {up.dtype}, down {tuple(down.shape)} {down.dtype}")
+            raise ValueError(
+                f"layer {base_key!r}: expert weights must be gate [I, H], up [I, H], down [H, I] "
+                f"of one dtype; got gate {tuple(gate.shape)} {gate.dtype}, "
+                f"up {tuple(up.shape)} {up.dtype}, down {tuple(down.shape)} {down.dtype}"
+            )
         return out
 
     def load_experts(self, base_key: str, device="cpu") -> dict:
@@ -266,15 +297,25 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         if layout.fmt == "fused":
             gate_up, down = self._load_fused(base_key, layout, device)
             I = gate_up.shape[1] // 2
-            out = {"gate": list(gate_up[:, :I].unbind(0)), "up": list(gate_up[:, I:].unbind(0)),
-                   "down": list(down.unbind(0))}
+            out = {
+                "gate": list(gate_up[:, :I].unbind(0)),
+                "up": list(gate_up[:, I:].unbind(0)),
+                "down": list(down.unbind(0)),
+            }
         else:
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
-    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None,
-                        num_experts: Optional[int] = None, hidden_major: bool = False,
-                        interleaved: bool = False) -> torch.Tensor:
+    def load_projection(
+        self,
+        base_key: str,
+        projection: str,
+        device="cpu",
+        experts: Optional[range] = None,
+        num_experts: Optional[int] = None,
+        hidden_major: bool = False,
+        interleaved: bool = False,
+    ) -> torch.Tensor:
         """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
         in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
         projection (and a few experts) at a time keeps a fraction of it in memory. `num_experts`:
@@ -288,7 +329,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         if layout.fmt == "fused":
             gate_up_key, down_key = layout.keys
             key = down_key if projection == "down" else gate_up_key
-            (_, t), = self.iter_tensors([key], device)
+            ((_, t),) = self.iter_tensors([key], device)
             t = self._checked(key, t)
             if t.dim() == 3 and hidden_major:
                 t = t.transpose(1, 2)
@@ -298,7 +339,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             if projection != "down":
                 which = PROJECTIONS.index(projection)
                 t = t[:, which::2] if interleaved else t.chunk(2, dim=1)[which]
-            return (t if experts is None else t[experts.start:experts.stop]).contiguous()
+            return (t if experts is None else t[experts.start : experts.stop]).contiguous()
         index = PROJECTIONS.index(projection)
         chosen = range(len(layout.keys)) if experts is None else experts
         slot = {layout.keys[e][index]: e - chosen.start for e in chosen}
@@ -308,8 +349,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             if out is None:
                 out, first = torch.empty((len(slot), *t.shape), dtype=t.dtype, device=t.device), t
             elif t.shape != first.shape or t.dtype != first.dtype:
-                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
-                                 f"experts are {tuple(first.shape)} {first.dtype}")
+                raise ValueError(
+                    f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
+                    f"experts are {tuple(first.shape)} {first.dtype}"
+                )
             out[slot[key]].copy_(t)
         return out
 

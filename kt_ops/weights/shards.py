@@ -11,6 +11,8 @@ from typing import Iterable, Iterator
 import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
 def safe_open(path: str):
     from safetensors import safe_open
 
@@ -99,8 +101,10 @@ class SafeTensorFiles:
                     continue
                 for key in keys:
                     if key in key_to_file:
-                        raise ValueError(f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
-                                         f"remove one or add a {INDEX_NAME} that picks one")
+                        raise ValueError(
+                            f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
+                            f"remove one or add a {INDEX_NAME} that picks one"
+                        )
                     key_to_file[key] = file
             if not key_to_file and self._unreadable:
                 file, error = next(iter(self._unreadable.items()))

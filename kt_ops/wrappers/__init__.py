@@ -13,5 +13,15 @@ from .llamafile import LlamafileMoEWrapper
 from .native import NativeMoEWrapper
 from .sft import BaseSFTMoEWrapper, KExpertsSFTBuffer
 
-__all__ = ["AMXMoEWrapper", "AMXSFTMoEWrapper", "BaseMoEWrapper", "BaseSFTMoEWrapper", "CPUInfer", "KExpertsSFTBuffer",
-           "KTMoEWrapper", "LlamafileMoEWrapper", "NativeMoEWrapper", "WorkerPoolConfig"]
+__all__ = [
+    "AMXMoEWrapper",
+    "AMXSFTMoEWrapper",
+    "BaseMoEWrapper",
+    "BaseSFTMoEWrapper",
+    "CPUInfer",
+    "KExpertsSFTBuffer",
+    "KTMoEWrapper",
+    "LlamafileMoEWrapper",
+    "NativeMoEWrapper",
+    "WorkerPoolConfig",
+]

@@ -1,6 +1,7 @@
 """What the inference and SFT wrappers share: the worker-pool configuration, the one CPUInfer per
 process (which sizes the pool and owns the process's NUMA sub-pools, `threadpool_count`) and the
 validation of the arguments both modes take."""
+
 from __future__ import annotations
 
 import atexit
@@ -50,13 +51,18 @@ class CPUInfer:
         available = usable_cpus()
         self.num_threads = min(config.total_threads, available)
         if self.num_threads < config.total_threads:
-            warnings.warn(f"cpuinfer_threads asks for {config.total_threads} threads but this process may use "
-                          f"{available} CPUs; using {self.num_threads}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"cpuinfer_threads asks for {config.total_threads} threads but this process may use "
+                f"{available} CPUs; using {self.num_threads}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _C.set_num_threads(self.num_threads)
         # threadpool_count > 1: the parts of a layer run at once, each on a sub-pool of its own
         # (pinned to its NUMA node's CPUs when the machine has several nodes).
-        self.subpools: Optional[Subpools] = process_subpools(config.subpool_count,
-                                                             max(1, self.num_threads // config.subpool_count))
+        self.subpools: Optional[Subpools] = process_subpools(
+            config.subpool_count, max(1, self.num_threads // config.subpool_count)
+        )
         self._tasks: "queue.Queue[Optional[Tuple[Callable, tuple, _Pending]]]" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -147,34 +153,59 @@ class _MoEBase:
         check_int(cpuinfer_threads, "cpuinfer_threads", 1)
         check_int(threadpool_count, "threadpool_count", 1)
         if cpuinfer_threads < threadpool_count:
-            raise ValueError(f"cpuinfer_threads ({cpuinfer_threads}) must be at least threadpool_count "
-                             f"({threadpool_count}): every sub-pool needs a thread")
-        config = WorkerPoolConfig(subpool_count=threadpool_count,
-                                  max_threads_per_subpool=cpuinfer_threads // threadpool_count)
+            raise ValueError(
+                f"cpuinfer_threads ({cpuinfer_threads}) must be at least threadpool_count "
+                f"({threadpool_count}): every sub-pool needs a thread"
+            )
+        config = WorkerPoolConfig(
+            subpool_count=threadpool_count, max_threads_per_subpool=cpuinfer_threads // threadpool_count
+        )
         with _MoEBase._cpu_infer_lock:
             if _MoEBase._cpu_infer_instance is None:
                 _MoEBase._cpu_infer_instance = CPUInfer(config)
             elif _MoEBase._cpu_infer_instance.config != config:
-                warnings.warn(f"the process's CPUInfer already exists with {_MoEBase._cpu_infer_instance.config}; "
-                              f"ignoring {config}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"the process's CPUInfer already exists with {_MoEBase._cpu_infer_instance.config}; "
+                    f"ignoring {config}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return _MoEBase._cpu_infer_instance
 
     @classmethod
-    def _validate_base_config(cls, num_experts: int, hidden_size: int, moe_intermediate_size: int,
-                              num_experts_per_tok: int) -> None:
-        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
-                            ("moe_intermediate_size", moe_intermediate_size),
-                            ("num_experts_per_tok", num_experts_per_tok)):
+    def _validate_base_config(
+        cls, num_experts: int, hidden_size: int, moe_intermediate_size: int, num_experts_per_tok: int
+    ) -> None:
+        for name, value in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("moe_intermediate_size", moe_intermediate_size),
+            ("num_experts_per_tok", num_experts_per_tok),
+        ):
             check_int(value, name, 1)
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
 
-    def _init_common(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
-                     moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
-                     weight_path, chunked_prefill_size: int) -> None:
+    def _init_common(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_gpu_experts: int,
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path,
+        chunked_prefill_size: int,
+    ) -> None:
         """Validate and store the arguments both modes share, and attach the process's CPUInfer."""
-        self._validate_base_config(num_experts=num_experts, hidden_size=hidden_size,
-                                   moe_intermediate_size=moe_intermediate_size, num_experts_per_tok=num_experts_per_tok)
+        self._validate_base_config(
+            num_experts=num_experts,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts_per_tok=num_experts_per_tok,
+        )
         check_int(layer_idx, "layer_idx", 0)
         check_int(num_gpu_experts, "num_gpu_experts", 0)
         if num_gpu_experts > num_experts:
@@ -192,15 +223,21 @@ class _MoEBase:
         self.chunked_prefill_size = chunked_prefill_size
         self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
 
-
     # ---- the layer the wrapper computes with ------------------------------------------------------
 
     def _make_layer(self, weight_format: str, group_size: int) -> None:
         """The KTMoELayer holding the packed experts: split over `threadpool_count` sub-pools, the
         ids of the GPU experts (below num_gpu_experts, or kt-kernel's gpu_experts_mask) skipped."""
-        self.layer = KTMoELayer(self.num_experts, self.hidden_size, self.moe_intermediate_size, lora_rank=0,
-                                method=weight_format, group_size=group_size, threadpool_count=self.threadpool_count,
-                                subpools=self.cpu_infer.subpools)
+        self.layer = KTMoELayer(
+            self.num_experts,
+            self.hidden_size,
+            self.moe_intermediate_size,
+            lora_rank=0,
+            method=weight_format,
+            group_size=group_size,
+            threadpool_count=self.threadpool_count,
+            subpools=self.cpu_infer.subpools,
+        )
         self.layer.gpu_experts_mask = torch.arange(self.num_experts) < self.num_gpu_experts
         self.split = self.layer.split
 
@@ -226,22 +263,46 @@ class _MoEBase:
 class BaseMoEWrapper(_MoEBase):
     """Inference-mode base: the SFT methods are refused with a pointer to mode='sft'."""
 
-    def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
-                 moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
-                 weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
-                 max_deferred_experts_per_token: Optional[int] = None):
-        self._init_common(layer_idx, num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size,
-                          num_gpu_experts, cpuinfer_threads, threadpool_count, weight_path, chunked_prefill_size)
+    def __init__(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_gpu_experts: int,
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path: Optional[str],
+        chunked_prefill_size: int,
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+    ):
+        self._init_common(
+            layer_idx,
+            num_experts,
+            num_experts_per_tok,
+            hidden_size,
+            moe_intermediate_size,
+            num_gpu_experts,
+            cpuinfer_threads,
+            threadpool_count,
+            weight_path,
+            chunked_prefill_size,
+        )
         if max_deferred_experts_per_token is not None:
             check_int(max_deferred_experts_per_token, "max_deferred_experts_per_token", 0)
             if max_deferred_experts_per_token >= num_experts_per_tok:
-                raise ValueError(f"max_deferred_experts_per_token ({max_deferred_experts_per_token}) must be below "
-                                 f"num_experts_per_tok ({num_experts_per_tok}): every token keeps an immediate expert")
+                raise ValueError(
+                    f"max_deferred_experts_per_token ({max_deferred_experts_per_token}) must be below "
+                    f"num_experts_per_tok ({num_experts_per_tok}): every token keeps an immediate expert"
+                )
         self.cpu_save = bool(cpu_save)
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
 
-    def select_deferred_experts(self, expert_ids: torch.Tensor, scores: torch.Tensor,
-                                protected_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def select_deferred_experts(
+        self, expert_ids: torch.Tensor, scores: torch.Tensor, protected_k: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Split each token's routed experts into (immediate_ids, deferred_ids), both shaped like
         `expert_ids` with -1 in the slots the other one holds. Per token the `protected_k`
         highest-scoring slots stay immediate; of the others, the lowest-scoring ones, at most
@@ -251,8 +312,10 @@ class BaseMoEWrapper(_MoEBase):
         if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2:
             raise ValueError("expert_ids must be a [qlen, num_experts_per_tok] tensor")
         if not isinstance(scores, torch.Tensor) or scores.shape != expert_ids.shape:
-            raise ValueError(f"scores must be a tensor shaped like expert_ids {tuple(expert_ids.shape)}, got "
-                             f"{None if not isinstance(scores, torch.Tensor) else tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must be a tensor shaped like expert_ids {tuple(expert_ids.shape)}, got "
+                f"{None if not isinstance(scores, torch.Tensor) else tuple(scores.shape)}"
+            )
         k = expert_ids.shape[1]
         check_int(protected_k, "protected_k", 0)
         if protected_k > k:
@@ -262,23 +325,30 @@ class BaseMoEWrapper(_MoEBase):
         if n_defer:
             # stable descending order: rank r holds the r-th best slot; the last n_defer ranks defer
             order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
-            deferred_mask.scatter_(1, order[:, k - n_defer:], True)
+            deferred_mask.scatter_(1, order[:, k - n_defer :], True)
         deferred_mask &= expert_ids >= 0
         none = torch.full_like(expert_ids, -1)
         return torch.where(deferred_mask, none, expert_ids), torch.where(deferred_mask, expert_ids, none)
 
     def forward_sft(self, *args, **kwargs):
-        raise RuntimeError("forward_sft() is not available in inference mode. Use forward() instead, or create "
-                           "wrapper with mode='sft'.")
+        raise RuntimeError(
+            "forward_sft() is not available in inference mode. Use forward() instead, or create "
+            "wrapper with mode='sft'."
+        )
 
     def backward(self, *args, **kwargs):
-        raise RuntimeError("backward() is not available in inference mode. Create wrapper with mode='sft' to use "
-                           "SFT features.")
+        raise RuntimeError(
+            "backward() is not available in inference mode. Create wrapper with mode='sft' to use SFT features."
+        )
 
     def init_lora_weights(self, *args, **kwargs):
-        raise RuntimeError("init_lora_weights() is not available in inference mode. Create wrapper with mode='sft' "
-                           "to use SFT features.")
+        raise RuntimeError(
+            "init_lora_weights() is not available in inference mode. Create wrapper with mode='sft' "
+            "to use SFT features."
+        )
 
     def update_lora_weights(self, *args, **kwargs):
-        raise RuntimeError("update_lora_weights() is not available in inference mode. Create wrapper with "
-                           "mode='sft' to use SFT features.")
+        raise RuntimeError(
+            "update_lora_weights() is not available in inference mode. Create wrapper with "
+            "mode='sft' to use SFT features."
+        )

@@ -9,6 +9,7 @@
     sft        *_SFT                                 -> AMXSFTMoEWrapper
 
 Inference wrappers accept max_deferred_experts_per_token (see kt_ops.wrappers.amx for deferred experts)."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -26,34 +27,64 @@ class KTMoEWrapper:
     INFERENCE_METHODS = frozenset(INFERENCE_METHODS)
     SFT_METHODS = frozenset(SFT_METHODS + SKIP_LORA_METHODS)
 
-    def __new__(cls, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
-                moe_intermediate_size: int, num_gpu_experts: int, cpuinfer_threads: int, threadpool_count: int,
-                weight_path: Optional[str], chunked_prefill_size: int, cpu_save: bool = False,
-                max_deferred_experts_per_token: Optional[int] = None, method: str = "AMXINT4",
-                mode: str = "inference", lora_rank: int = 16, lora_alpha: float = 32.0, max_cache_depth: int = 1,
-                group_size: int = 128, zero_point: bool = True):
+    def __new__(
+        cls,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_gpu_experts: int,
+        cpuinfer_threads: int,
+        threadpool_count: int,
+        weight_path: Optional[str],
+        chunked_prefill_size: int,
+        cpu_save: bool = False,
+        max_deferred_experts_per_token: Optional[int] = None,
+        method: str = "AMXINT4",
+        mode: str = "inference",
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        max_cache_depth: int = 1,
+        group_size: int = 128,
+        zero_point: bool = True,
+    ):
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: {mode!r}. Must be 'inference' or 'sft'.")
         supported = cls.INFERENCE_METHODS if mode == "inference" else cls.SFT_METHODS
         if method not in supported:
             raise ValueError(f"Method {method!r} not supported in {mode} mode. Supported methods: {sorted(supported)}")
-        base = dict(layer_idx=layer_idx, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-                    hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
-                    num_gpu_experts=num_gpu_experts, cpuinfer_threads=cpuinfer_threads,
-                    threadpool_count=threadpool_count, weight_path=weight_path,
-                    chunked_prefill_size=chunked_prefill_size)
+        base = dict(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_gpu_experts=num_gpu_experts,
+            cpuinfer_threads=cpuinfer_threads,
+            threadpool_count=threadpool_count,
+            weight_path=weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+        )
         if mode == "sft":
-            return AMXSFTMoEWrapper(method=method, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                    max_cache_depth=max_cache_depth, group_size=group_size, zero_point=zero_point,
-                                    **base)
+            return AMXSFTMoEWrapper(
+                method=method,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                max_cache_depth=max_cache_depth,
+                group_size=group_size,
+                zero_point=zero_point,
+                **base,
+            )
         if method == "LLAMAFILE":
             wrapper_cls = LlamafileMoEWrapper
         elif method in ("FP8", "RAWINT4"):
             wrapper_cls = NativeMoEWrapper
         else:
             wrapper_cls = AMXMoEWrapper
-        return wrapper_cls(method=method, cpu_save=cpu_save,
-                           max_deferred_experts_per_token=max_deferred_experts_per_token, **base)
+        return wrapper_cls(
+            method=method, cpu_save=cpu_save, max_deferred_experts_per_token=max_deferred_experts_per_token, **base
+        )
 
     # kt-kernel's buffer-cache controls. kt_ops caches host staging buffers only in SFT mode
     # (KExpertsSFTBuffer, keyed by qlen and sizes); inference stages through torch's pinned-memory

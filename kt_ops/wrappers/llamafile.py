@@ -2,6 +2,7 @@
 map to kernel formats as kt_ops.weights.gguf documents (Q8_0 / Q4_0 / Q4_1 / Q8_K exactly, the other
 K-quants requantized, float types as bf16); forward, submit_forward/sync_forward, chunked prefill,
 GPU experts and deferred experts are AMXMoEWrapper's."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +23,10 @@ class LlamafileMoEWrapper(AMXMoEWrapper):
     def __init__(self, *args, method: str = "LLAMAFILE", **kwargs):
         if kwargs.get("cpu_save"):
             # load_weights_from_tensors would write kt_ops' packed form over the checkpoint at weight_path
-            raise ValueError("cpu_save=True is for the AMX methods' online quantization; LLAMAFILE reads weight_path as GGUF, so "
-                             "it is never overwritten: pass cpu_save=False")
+            raise ValueError(
+                "cpu_save=True is for the AMX methods' online quantization; LLAMAFILE reads weight_path as GGUF, so "
+                "it is never overwritten: pass cpu_save=False"
+            )
         super().__init__(*args, method=method, **kwargs)
 
     def load_weights(self, physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
@@ -34,8 +37,11 @@ class LlamafileMoEWrapper(AMXMoEWrapper):
             physical_to_logical_map_cpu = torch.arange(self.num_experts)
         mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
         if not self.weight_path:
-            raise RuntimeError("weight_path is not set: create the wrapper with weight_path naming a .gguf file or "
-                               "a directory of them, or call load_weights_from_tensors()")
-        parts = GGUFLoader(self.weight_path).load_layer(self.layer_idx, self.num_experts, self.hidden_size,
-                                                        self.moe_intermediate_size, self.split)
+            raise RuntimeError(
+                "weight_path is not set: create the wrapper with weight_path naming a .gguf file or "
+                "a directory of them, or call load_weights_from_tensors()"
+            )
+        parts = GGUFLoader(self.weight_path).load_layer(
+            self.layer_idx, self.num_experts, self.hidden_size, self.moe_intermediate_size, self.split
+        )
         self._set_parts(parts, mapping)
