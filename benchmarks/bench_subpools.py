@@ -10,7 +10,8 @@ Columns: forward_sft(save_for_backward=False), and forward_sft(save) + backward.
 hidden states; LoRA r. Default shape: DeepSeek-V2-Lite's layer (E=64, H=2048, I=1408, k=6), r=16.
 On a machine with one NUMA node nothing is pinned, so this measures the concurrency alone.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/bench_subpools.py [--threads 2] [--qlens 1,128] [--repeats N] [--shape E,H,I,k,r] [--quick]
+  PYTHONPATH=. .venv/bin/python benchmarks/bench_subpools.py [--threads 2] [--qlens 1,128] [--repeats N]
+      [--shape E,H,I,k,r] [--quick]
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
-from kt_testing import (
+from kt_testing import (  # noqa: E402
     assert_same_step,
     expert_lora_params,
     fp32_rtol,
     isa_rounds_activations,
-    logits_of,  # noqa: E402
+    logits_of,
     model_rtol,
     rel_l2,
     plain_and_kt_step,

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from kt_ops import KTMoEWrapper
-from kt_ops.weights.moe_lora import convert_moe_lora, convert_peft_to_kt_format, main, parse_moe_key
+from kt_ops.convert_moe_lora import main
+from kt_ops.weights.moe_lora import convert_moe_lora, convert_peft_to_kt_format, parse_moe_key
 from kt_ops.serving import KTConfig, KTEPWrapperMethod, clear_moe_lora_cache, get_sft_weight_path, load_moe_lora_layer
 from kt_testing import LORA_NAMES, compare_with_reference, make_case, run_reference
 

@@ -231,7 +231,7 @@ def test_cpu_infer_is_one_per_process():
     assert any("already exists" in str(w.message) for w in caught)
 
 
-# ---- misuse: each raises with a message that says what to do -------------------------------------------------------------------
+# ---- misuse: each raises with a message that says what to do ----------------------------------------------
 
 BASE = dict(
     layer_idx=0,

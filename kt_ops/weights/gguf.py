@@ -265,8 +265,9 @@ class GGUFLoader:
             got = self.torch_shape(tensor)
             if got != want:
                 raise ValueError(
-                    f"GGUF tensor {tensor.name!r} has shape {list(got)} (torch order); the wrapper was "
-                    f"built for {list(want)} (num_experts, {'hidden, intermediate' if p == 'down' else 'intermediate, hidden'})"
+                    f"GGUF tensor {tensor.name!r} has shape {list(got)} (torch order); the wrapper was built for "
+                    f"{list(want)} (num_experts, "
+                    f"{'hidden, intermediate' if p == 'down' else 'intermediate, hidden'})"
                 )
         if H % GROUP_SIZE or I % GROUP_SIZE:
             raise ValueError(

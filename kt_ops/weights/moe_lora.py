@@ -22,13 +22,11 @@ a flag that is silently ignored whenever a config is passed would be of no use.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -373,6 +371,25 @@ def _alpha(lora_alpha: Optional[float], config_alpha: Optional[float]) -> float:
     return DEFAULT_LORA_ALPHA
 
 
+def _metadata(rank, alpha, layers, num_experts, hidden, inter, first, input_path, filled) -> dict:
+    """The metadata the serving side reads from a converted file."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_rank": int(rank),
+        "lora_alpha": alpha,
+        "lora_scaling": alpha / int(rank),
+        "num_layers": len(layers),
+        "layers": layers,
+        "num_experts": num_experts,
+        "hidden_size": int(hidden),
+        "intermediate_size": int(inter),
+        "dtype": str(first["gate_lora_a"].dtype).replace("torch.", ""),
+        "source": os.path.basename(str(input_path)),
+        "filled_experts": filled,
+    }
+
+
 def convert_moe_lora(
     input_path: str,
     output_path: str,
@@ -423,21 +440,7 @@ def convert_moe_lora(
     total_keys = sum(
         len(proj) for experts in weights.values() for expert in experts.values() for proj in expert.values()
     )
-    result["metadata"] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lora_rank": int(rank),
-        "lora_alpha": alpha,
-        "lora_scaling": alpha / int(rank),
-        "num_layers": len(weights),
-        "layers": sorted(weights),
-        "num_experts": num_experts,
-        "hidden_size": int(hidden),
-        "intermediate_size": int(inter),
-        "dtype": str(first["gate_lora_a"].dtype).replace("torch.", ""),
-        "source": os.path.basename(str(input_path)),
-        "filled_experts": filled,
-    }
+    result["metadata"] = _metadata(rank, alpha, sorted(weights), num_experts, hidden, inter, first, input_path, filled)
     # Written beside the target and renamed, so an interrupted run never leaves a truncated file
     # where the server would look for the adapter.
     tmp = f"{output_path}.tmp-{os.getpid()}"
@@ -470,60 +473,3 @@ def convert_peft_to_kt_format(
     except NothingToConvert as e:
         logger.warning("%s", e)
         return {"status": "skipped", "reason": "no_moe_keys"}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """0: converted, or nothing to convert (no file written); 2: bad input (message on stderr)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kt_ops.convert_moe_lora",
-        description="Convert a PEFT MoE LoRA adapter into the kt_ops serving format.",
-    )
-    parser.add_argument("--input", required=True, help="adapter_model.safetensors")
-    parser.add_argument("--config", default=None, help="adapter_config.json (for lora_alpha and the rank check)")
-    parser.add_argument("--output", required=True, help="output .pt file")
-    parser.add_argument(
-        "--lora-alpha", type=float, default=None, help=f"LoRA alpha (default: the config's, else {DEFAULT_LORA_ALPHA})"
-    )
-    parser.add_argument(
-        "--fill-missing-experts",
-        action="store_true",
-        help="give experts that have no LoRA keys at all a zero LoRA instead of failing",
-    )
-    parser.add_argument(
-        "--num-experts",
-        type=int,
-        default=None,
-        help="experts per layer (default: what the adapter records, else the highest id + 1)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="per-layer shapes and the ignored keys")
-    args = parser.parse_args(argv)
-
-    # A handler of our own, bound to the stderr of this call: the library logger stays silent for
-    # importers, and the CLI prints whatever the root logging setup is.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    previous_level, previous_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logger.propagate = False
-    try:
-        convert_moe_lora(
-            args.input,
-            args.output,
-            config_path=args.config,
-            lora_alpha=args.lora_alpha,
-            verbose=args.verbose,
-            fill_missing_experts=args.fill_missing_experts,
-            num_experts=args.num_experts,
-        )
-    except NothingToConvert as e:
-        print(f"{e}; no output written", file=sys.stderr)
-        return 0
-    except (ValueError, TypeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
-        logger.propagate = previous_propagate
-    return 0

@@ -22,8 +22,8 @@ class NativeMoEWrapper(AMXMoEWrapper):
         if kwargs.get("cpu_save"):
             # load_weights_from_tensors would write kt_ops' packed form over the checkpoint at weight_path
             raise ValueError(
-                "cpu_save=True is for the AMX methods' online quantization; FP8 and RAWINT4 read weight_path as a HuggingFace checkpoint, so "
-                "it is never overwritten: pass cpu_save=False"
+                "cpu_save=True is for the AMX methods' online quantization; FP8 and RAWINT4 read weight_path as a "
+                "HuggingFace checkpoint, so it is never overwritten: pass cpu_save=False"
             )
         super().__init__(*args, method=method, **kwargs)
 
