@@ -353,7 +353,7 @@ def test_convert_resume_overwrite_and_refusals(tmp_path, capsys, monkeypatch):
     [
         (("--method", "AMXFP4_SFT"), "unknown --method 'AMXFP4_SFT'; supported: AMXBF16_SFT, AMXINT8_SFT"),
         (("--method", "int4_kgroup", "--group-size", "48"), "group_size 48"),
-        (("--method", "int8", "--group-size", "0"), "--group-size must be a positive int"),
+        (("--method", "int8", "--group-size", "0"), "--group-size must be positive"),
         (("--method", "int8", "--layers", "1"), "--layers [1] have no experts"),
         (("--method", "int8", "--layers", "a,b"), "--layers must be comma-separated"),
     ],

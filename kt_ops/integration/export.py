@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..core.checks import check_int
 from ..core.packed import unpack_parts
 from .hf import fuse_gate_up
 from .install import holder_of, kt_experts_modules
@@ -171,8 +172,7 @@ def export_merged(
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
-        raise ValueError(f"max_shard_size must be an int >= 1 (bytes), got {max_shard_size!r}")
+    check_int(max_shard_size, "max_shard_size (bytes)", 1)
     base, _ = _base_and_adapters(model)
     if not kt_experts_modules(base):
         raise ValueError(

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
+from ..core.checks import check_bool
 from .install import kt_expert_wrappers, kt_experts_modules
 from .peft_lora import KTPeftConfigs, keep_adding_experts
 
@@ -28,8 +29,7 @@ def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def set_kt_lora_trainable(model: nn.Module, trainable: bool = True) -> None:
     """Make the expert LoRA trainable or frozen (frozen on purpose: no warning). On a peft model this
     covers the active adapters, as peft's own set_adapter does."""
-    if not isinstance(trainable, bool):
-        raise TypeError(f"trainable must be a bool, got {trainable!r}")
+    check_bool(trainable, "trainable")
     for _, _, kt in kt_experts_modules(model):
         kt.lora_frozen_on_purpose = not trainable
         for param in kt.lora_parameters() or ():

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ..core.checks import check_int
 from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import pack_experts
 from .loaders import BF16SafeTensorLoader
@@ -130,8 +131,7 @@ def convert_checkpoint(
     stream for the progress bar, or None."""
     if method not in SFT_METHOD_FORMATS:
         raise ValueError(f"unknown --method {method!r}; supported: {', '.join(SFT_METHOD_FORMATS)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"--group-size must be a positive int, got {group_size!r}")
+    check_int(group_size, "--group-size", 1)
     weight_format = SFT_METHOD_FORMATS[method]
     loader = BF16SafeTensorLoader(input_path)
     available = loader.moe_layers()

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.formats import PROJECTIONS
 from ..core.packed import PackedExperts
 from .packed_io import load_packed_experts, packed_key, packed_layers
@@ -98,8 +99,7 @@ class SafeTensorLoader(SafeTensorFiles):
 
     def load_packed(self, layer_idx: int) -> PackedExperts:
         """The PackedExperts of layer `layer_idx`, described by the file's metadata."""
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-            raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
+        check_int(layer_idx, "layer_idx", 0)
         files = self._packed_layer_files()
         if layer_idx not in files and self._kt_directory() is not None:
             return self._kt_directory().layer(layer_idx).packed()
