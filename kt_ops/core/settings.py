@@ -1,9 +1,10 @@
 """KTSettings: the kt settings of a fine-tuning run, parsed, defaulted and checked in one place.
 
 `kt-sft` builds one from its config, `apply_kt` and `from_pretrained` from their keyword arguments,
-and the kt-kernel-compatible wrappers from theirs (cpuinfer_threads is kt_num_threads,
-threadpool_count kt_threadpool_count, ...). The field names are kt-kernel's `KTConfig` fields and
-LLaMA-Factory's config keys (kt-kernel's kt_lora_rank / kt_lora_alpha are lora_rank / lora_alpha).
+and `KTMoEWrapper.from_settings` makes the SFT wrapper one describes (the wrappers' own arguments
+keep kt-kernel's names: cpuinfer_threads is kt_num_threads, threadpool_count kt_threadpool_count,
+...). The field names are kt-kernel's `KTConfig` fields and LLaMA-Factory's config keys (kt-kernel's
+kt_lora_rank / kt_lora_alpha are lora_rank / lora_alpha).
 A value of the wrong type raises TypeError, one outside what is allowed ValueError. The fields hold
 what was given; `backend`, `weight_format`, `alpha` and `lora_scaling` resolve the defaults that
 depend on other fields (so `replace` resolves them again).

@@ -15,12 +15,18 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..core.checks import check_int
-from ..core.formats import INFERENCE_METHODS, SFT_METHODS, SKIP_LORA_METHODS
+from ..core.formats import INFERENCE_METHODS, SFT_METHOD_FORMATS, SFT_METHODS, SKIP_LORA_METHODS
+from ..core.runtime import usable_cpus
+from ..core.settings import KTSettings
 from .amx import AMXMoEWrapper
 from .amx_sft import AMXSFTMoEWrapper
 from .llamafile import LlamafileMoEWrapper
 from .native import NativeMoEWrapper
 from .sft import KExpertsSFTBuffer
+
+
+# weight format -> the SFT method computing it
+FORMAT_SFT_METHODS = {SFT_METHOD_FORMATS[method]: method for method in SFT_METHODS}
 
 
 class KTMoEWrapper:
@@ -84,6 +90,44 @@ class KTMoEWrapper:
             wrapper_cls = AMXMoEWrapper
         return wrapper_cls(
             method=method, cpu_save=cpu_save, max_deferred_experts_per_token=max_deferred_experts_per_token, **base
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: KTSettings,
+        layer_idx: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        chunked_prefill_size: int = 512,
+        group_size: int = 128,
+    ) -> AMXSFTMoEWrapper:
+        """The SFT wrapper of one layer that `settings` describe (kt-kernel's KTConfig fields): its
+        kt_backend's SFT method (for 'auto' with kt_weight_path, the file's format decides when the
+        weights are loaded: the method is bf16's), kt_num_threads as cpuinfer_threads (default: the
+        CPUs this process may use), kt_threadpool_count, kt_num_gpu_experts, kt_weight_path,
+        kt_max_cache_depth, lora_rank and lora_alpha."""
+        if not isinstance(settings, KTSettings):
+            raise TypeError(f"settings must be a KTSettings, got {type(settings).__name__}")
+        return cls(
+            layer_idx=layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_gpu_experts=settings.kt_num_gpu_experts,
+            cpuinfer_threads=settings.kt_num_threads or usable_cpus(),
+            threadpool_count=settings.kt_threadpool_count,
+            weight_path=settings.kt_weight_path,
+            chunked_prefill_size=chunked_prefill_size,
+            method=FORMAT_SFT_METHODS[settings.weight_format],
+            mode="sft",
+            lora_rank=settings.lora_rank,
+            lora_alpha=settings.alpha,
+            max_cache_depth=settings.kt_max_cache_depth,
+            group_size=group_size,
         )
 
     # kt-kernel's buffer-cache controls. kt_ops caches host staging buffers only in SFT mode
