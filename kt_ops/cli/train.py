@@ -93,7 +93,7 @@ def _adapter_saver(config: dict):
     # Trainer's checkpoints hold the expert LoRA (a peft adapter); the final adapter is written in the
     # per-expert layout that convert_moe_lora reads, where that layout can describe it.
     from ..integration import save_kt_adapter
-    from ..integration.adapter import per_expert_layout_fits
+    from ..integration.adapter import embedding_layers_to_save, per_expert_layout_fits
 
     def save(model, directory):
         if config["use_kt"] and per_expert_layout_fits(model):
@@ -105,7 +105,7 @@ def _adapter_saver(config: dict):
                     "lora_target names gate_proj/up_proj/down_proj onto the experts so); the adapter is saved "
                     "in peft's own layout, which convert_moe_lora does not read"
                 )
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, save_embedding_layers=embedding_layers_to_save(model))
 
     return save
 

@@ -46,6 +46,21 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+# peft's names of the layers it saves whole when LoRA targets them (peft.utils.other.EMBEDDING_LAYER_NAMES)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_layers_to_save(model: nn.Module):
+    """What to pass as peft's `save_embedding_layers`: True when the active LoRA config names an
+    embedding layer in target_modules (peft's "auto" does the same, with a warning that it did),
+    else "auto" (peft then saves them when the vocabulary was resized)."""
+    config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (list, set, tuple)) and any(name in targets for name in EMBEDDING_LAYER_NAMES):
+        return True
+    return "auto"
+
+
 def _checkpoint_names(name: str, experts_module: nn.Module) -> tuple[str, tuple[str, str, str]]:
     """(block, projections) of the unfused experts for the experts module called `name`."""
     model_type = getattr(getattr(experts_module, "config", None), "model_type", None)
@@ -309,7 +324,9 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
         tensors.update(
             {
                 k: v.detach().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(model).items()
+                for k, v in get_peft_model_state_dict(
+                    model, save_embedding_layers=embedding_layers_to_save(model)
+                ).items()
                 if not _is_fused_expert_key(k)
             }
         )
