@@ -17,6 +17,7 @@ from torch import nn
 
 from .core.checks import check_has_data, check_int, check_number
 from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, lora_shapes
+from .core.host import to_host
 from .core.packed import PackedExperts, intermediate_split, pack_split, resplit_packed
 from .core.runtime import get_num_threads, set_num_threads
 from .core.subpools import Subpools, place_parts, process_subpools
@@ -180,21 +181,20 @@ class KTMoELayer(nn.Module):
         scaling = self.lora_scaling if lora_scaling is None else lora_scaling
         if lora is None:
             scaling = 0.0
-        device = hidden_states.device
-        cpu = torch.device("cpu")
         if lora is not None:
-            lora = tuple(t.to(cpu) for t in lora)
+            lora = tuple(to_host(t) for t in lora)
         parts = self.experts_parts[0] if len(self.experts_parts) == 1 else self.experts_parts
         output = moe_sft(
-            hidden_states.to(cpu),
-            self.held_ids(topk_ids.to(cpu)),
-            topk_weights.to(cpu),
+            to_host(hidden_states),
+            self.held_ids(to_host(topk_ids)),
+            to_host(topk_weights),
             parts,
             lora,
             scaling,
             self.subpools,
         )
-        return output.to(device)
+        # Tensor.to, which autograd follows back, returns the output to the inputs' device.
+        return output.to(hidden_states.device)
 
     def extra_repr(self) -> str:
         return (
