@@ -1,6 +1,10 @@
 import glob
 import os
+import re
+import subprocess
+import sys
 
+import torch.utils.cpp_extension as cpp_extension
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -20,22 +24,57 @@ SOURCES = [
     "kt_ops_csrc/kernels/quant_avx2.cpp",
 ]
 # setuptools skips the build when the library is newer than `sources + depends`; listing the headers
-# makes a header-only change reach ninja, whose depfiles then recompile just the files including it.
-HEADERS = sorted(glob.glob("kt_ops_csrc/**/*.h", recursive=True))
+# and the kernel sources included by several units (*.inc) makes a change to one of them reach ninja,
+# whose depfiles then recompile just the files including it.
+DEPENDS = sorted(glob.glob("kt_ops_csrc/**/*.h", recursive=True) + glob.glob("kt_ops_csrc/**/*.inc", recursive=True))
+
+# The compile command in torch's build.ninja names the file after a `-c`.
+_SOURCE = re.compile(r"\s-c\s+(\S+\.(?:cpp|cc|c))\s")
+_STATUS = re.compile(r"^\[(\d+)/(\d+)\]\s")
+
+
+def _run_ninja_one_line_per_file(build_directory: str, verbose: bool, error_prefix: str) -> None:
+    """torch's ninja runner, printing `[i/n] <source>` per compiled file instead of `ninja -v`'s
+    full command lines (several hundred characters each); what the compiler itself prints
+    (warnings, errors) is passed through unchanged."""
+    command = ["ninja", "-v"]
+    workers = os.environ.get("MAX_JOBS")
+    if workers:
+        command += ["-j", workers]
+    with subprocess.Popen(
+        command, cwd=build_directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as ninja:
+        output = []
+        for line in ninja.stdout:
+            output.append(line)
+            status, source = _STATUS.match(line), _SOURCE.search(line)
+            if status and source:
+                print(f"[{status[1]}/{status[2]}] {os.path.relpath(source[1].strip(chr(39)))}", flush=True)
+            elif not status:
+                sys.stdout.write(line)
+    if ninja.returncode:
+        raise RuntimeError(f"{error_prefix}: ninja exited with {ninja.returncode}; its output:\n{''.join(output)}")
+
+
+cpp_extension._run_ninja_build = _run_ninja_one_line_per_file
 
 # scripts/setup.sh sets KT_OPS_NO_EXT=1 for the editable install (package + console script only) and
 # builds the extension in place with `setup.py build_ext --inplace`, keeping ninja's state in build/.
-ext_modules = [] if os.environ.get("KT_OPS_NO_EXT") == "1" else [
-    CppExtension(
-        "kt_ops._C",
-        SOURCES,
-        depends=HEADERS,
-        # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
-        # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
-        # reductions give the same bits on every ISA.
-        extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
-    )
-]
+ext_modules = (
+    []
+    if os.environ.get("KT_OPS_NO_EXT") == "1"
+    else [
+        CppExtension(
+            "kt_ops._C",
+            SOURCES,
+            depends=DEPENDS,
+            # Baseline x86-64 flags for everything; ISA kernels raise their own target per file.
+            # No FMA contraction: explicit intrinsics decide where FMAs go, so dequantization and
+            # reductions give the same bits on every ISA.
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"]},
+        )
+    ]
+)
 
 setup(
     ext_modules=ext_modules,

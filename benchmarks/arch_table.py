@@ -10,6 +10,7 @@ run through stock peft (expert LoRA via apply_kt's lora_rank + attention-free co
 must fall. An architecture apply_kt refuses shows the first line of its error. "not built" means
 this generic shrinking did not produce a working causal LM for that config (not a kt_ops verdict).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,22 +23,59 @@ from common import MarkdownTable, machine_line
 
 # Shrunk sizes, applied to every config field of that name that exists.
 SMALL = {
-    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32,
-    "expert_ffn_hidden_size": 32, "shared_expert_intermediate_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8, "n_routed_experts": 8,
-    "num_local_experts": 8, "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2,
-    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 16, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "max_position_embeddings": 128,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "num_shared_experts": 1, "n_shared_experts": 1, "moe_layer_start_index": 0, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "tie_word_embeddings": False, "sliding_window": 64,
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 8,
+    "n_routed_experts": 8,
+    "num_local_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_k": 2,
+    "top_k": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "qk_head_dim": 16,
+    "first_k_dense_replace": 1,
+    "n_group": 2,
+    "topk_group": 1,
+    "max_position_embeddings": 128,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "num_shared_experts": 1,
+    "n_shared_experts": 1,
+    "moe_layer_start_index": 0,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "tie_word_embeddings": False,
+    "sliding_window": 64,
     # vision / audio towers of multimodal models (built, unused by text-only input)
-    "depth": 1, "num_heads": 4, "out_hidden_size": 64, "encoder_layers": 1, "d_model": 64,
-    "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "output_dim": 64,
+    "depth": 1,
+    "num_heads": 4,
+    "out_hidden_size": 64,
+    "encoder_layers": 1,
+    "d_model": 64,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "output_dim": 64,
     # Jamba: layer 1 has attention and experts
-    "attn_layer_period": 2, "attn_layer_offset": 1,
+    "attn_layer_period": 2,
+    "attn_layer_offset": 1,
     # Mamba mixers: heads x head size = expand x hidden_size
-    "mamba_n_heads": 4, "mamba_d_head": 32,
+    "mamba_n_heads": 4,
+    "mamba_d_head": 32,
 }
 # Per model type, after SMALL: LongCat-Flash's 256 identity experts by default would leave the 8 real
 # ones almost never chosen.
@@ -100,7 +138,9 @@ def _build(model_type: str):
     config = getattr(config, "thinker_config", None) or config
     torch.manual_seed(0)
     # vision-language models run text-only input through the whole conditional-generation model
-    auto = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+    auto = (
+        AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+    )
     return auto.from_config(config, dtype=torch.float32).eval()
 
 
@@ -120,7 +160,13 @@ def _row(model_type: str) -> tuple:
         with torch.no_grad():
             ref = model(input_ids=ids).logits
     except Exception as e:  # noqa: BLE001
-        return model_type, f"not built ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})", "", "", ""
+        return (
+            model_type,
+            f"not built ({type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''})",
+            "",
+            "",
+            "",
+        )
     cells = []
     for backend in ("AMXBF16", "AMXINT8", "AMXINT4"):
         try:
@@ -149,8 +195,11 @@ def model_types() -> list[str]:
     from kt_ops.integration.custom_experts import CUSTOM_EXPERTS_MODEL_TYPES
 
     root = pathlib.Path(transformers.__file__).parent / "models"
-    decorated = {p.parent.name for p in root.glob("*/modeling_*.py")
-                 if "modular" not in p.name and "use_experts_implementation" in p.read_text()}
+    decorated = {
+        p.parent.name
+        for p in root.glob("*/modeling_*.py")
+        if "modular" not in p.name and "use_experts_implementation" in p.read_text()
+    }
     return sorted(decorated | set(CUSTOM_EXPERTS_MODEL_TYPES))
 
 
@@ -160,8 +209,14 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     types = parser.parse_args(argv).model_type or model_types()
     print(f"# transformers MoE architectures on kt_ops; {machine_line()}")
-    table = MarkdownTable("model_type", "logits rel. err. AMXBF16", "AMXINT8", "AMXINT4",
-                          "expert-LoRA training loss (4 steps)", align="lrrrl")
+    table = MarkdownTable(
+        "model_type",
+        "logits rel. err. AMXBF16",
+        "AMXINT8",
+        "AMXINT4",
+        "expert-LoRA training loss (4 steps)",
+        align="lrrrl",
+    )
     for t in types:
         table.row(*_row(t))
 

@@ -7,6 +7,7 @@ Builds a Qwen3-MoE of that size from a config (bf16, random weights, nothing dow
 with apply_kt and wraps it with peft (expert LoRA r=16 + attention LoRA), then resets the peak RSS
 (/proc/self/clear_refs) and exports with a 256 MiB shard limit. Linux only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,31 +35,56 @@ def main() -> None:
     from kt_ops.integration import apply_kt, export_merged
 
     config = transformers.Qwen3MoeConfig(
-        vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.inter, moe_intermediate_size=args.inter,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8,
-        num_experts=args.experts, num_experts_per_tok=4, tie_word_embeddings=False)
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.inter,
+        moe_intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        num_experts=args.experts,
+        num_experts_per_tok=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     apply_kt(model, lora_rank=16, lora_alpha=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-    layer_experts_mib = 3 * args.experts * args.hidden * args.inter * 2 / 2 ** 20
+    layer_experts_mib = 3 * args.experts * args.hidden * args.inter * 2 / 2**20
     with tempfile.TemporaryDirectory() as out:
         baseline = proc_status_kib("VmRSS") / 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
-        files = export_merged(model, out, max_shard_size=args.shard_mib * 2 ** 20)
+        files = export_merged(model, out, max_shard_size=args.shard_mib * 2**20)
         seconds = time.perf_counter() - start
         peak = proc_status_kib("VmHWM") / 1024
-        written = sum(os.path.getsize(f) for f in files) / 2 ** 20
-    print(f"# export_merged, Qwen3-MoE bf16 layers={args.layers} E={args.experts} H={args.hidden} "
-          f"I={args.inter}, shard limit {args.shard_mib} MiB; {machine_line()}")
-    table = MarkdownTable("checkpoint MiB", "one layer's experts MiB", "RSS before MiB", "peak RSS MiB", "growth MiB",
-                          "seconds", align="rrrrrr")
-    table.row(f"{written:.0f}", f"{layer_experts_mib:.0f}", f"{baseline:.0f}", f"{peak:.0f}", f"{peak - baseline:.0f}",
-              f"{seconds:.1f}")
+        written = sum(os.path.getsize(f) for f in files) / 2**20
+    print(
+        f"# export_merged, Qwen3-MoE bf16 layers={args.layers} E={args.experts} H={args.hidden} "
+        f"I={args.inter}, shard limit {args.shard_mib} MiB; {machine_line()}"
+    )
+    table = MarkdownTable(
+        "checkpoint MiB",
+        "one layer's experts MiB",
+        "RSS before MiB",
+        "peak RSS MiB",
+        "growth MiB",
+        "seconds",
+        align="rrrrrr",
+    )
+    table.row(
+        f"{written:.0f}",
+        f"{layer_experts_mib:.0f}",
+        f"{baseline:.0f}",
+        f"{peak:.0f}",
+        f"{peak - baseline:.0f}",
+        f"{seconds:.1f}",
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ kt_ops/core/formats.py, which this checkout's common.py imports) in a child proc
 alternating with this one, so both columns see the same machine load. The child only runs while this
 process waits: the two never compete for the cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,17 @@ import time
 
 import torch
 
-from common import DSV2_LITE, QUICK, LoadWatch, MarkdownTable, Problem, machine_line, measure_alternating, parse_ints, \
-    set_threads
+from common import (
+    DSV2_LITE,
+    QUICK,
+    LoadWatch,
+    MarkdownTable,
+    Problem,
+    machine_line,
+    measure_alternating,
+    parse_ints,
+    set_threads,
+)
 from kt_ops.core.formats import SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
 
 # every SFT method, then the formats that no method name selects (by their format name)
@@ -67,8 +77,14 @@ def serve(args):
 class Baseline:
     def __init__(self, directory, argv):
         env = dict(os.environ, PYTHONPATH=os.path.abspath(directory))
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--serve"], cwd=directory,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *argv, "--serve"],
+            cwd=directory,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.path = json.loads(self.proc.stdout.readline())["ready"]
         if not os.path.abspath(self.path).startswith(os.path.abspath(directory)):
             raise RuntimeError(f"--baseline {directory}: the child imported kt_ops from {self.path}")
@@ -104,10 +120,14 @@ def main() -> None:
     shape, qlens, layers, inputs = build(args)
     methods = list(layers)
     watch = LoadWatch()
-    print(f"# kt_ops weight formats, {shape} group_size={args.group_size}, {args.stat} of >= {args.repeats} calls; "
-          f"{machine_line()}")
-    print(f"# this build: {kt_ops.__file__}" + (f"; baseline: {baseline.path} (alternating call by call)"
-                                                 if baseline else ""))
+    print(
+        f"# kt_ops weight formats, {shape} group_size={args.group_size}, {args.stat} of >= {args.repeats} calls; "
+        f"{machine_line()}"
+    )
+    print(
+        f"# this build: {kt_ops.__file__}"
+        + (f"; baseline: {baseline.path} (alternating call by call)" if baseline else "")
+    )
     builds = ["", " base"] if baseline else [""]
     heads = [f"fwd q={q}{b} ms (x {methods[0]})" for q in qlens for b in builds]
     heads += [f"fwd+bwd q={q}{b} ms (x {methods[0]})" for q in qlens if q > 1 for b in builds]
@@ -135,6 +155,7 @@ def main() -> None:
     print("\n".join(watch.finish(timings).lines()))
     if baseline:
         baseline.close()
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ of the whole layer are bench_formats.py's (`--methods AMXBF16_SFT,AMXFP8_SFT,AMX
   taken as an fp16 (code * 2^-8 exactly) widened by F16C and multiplied by 256 (finite codes only, as
   the test data has). Needs g++ and an AVX2 CPU with F16C.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -133,8 +134,10 @@ def header():
     import kt_ops
 
     info = kt_ops.cpu_info()
-    return (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {info['model']}, isa={info['isa']}, "
-            f"load average before {os.getloadavg()[0]:.1f}")
+    return (
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {info['model']}, isa={info['isa']}, "
+        f"load average before {os.getloadavg()[0]:.1f}"
+    )
 
 
 def decode():
@@ -142,9 +145,22 @@ def decode():
         src, exe = os.path.join(tmp, "decode.cpp"), os.path.join(tmp, "decode")
         with open(src, "w") as f:
             f.write(DECODE_SOURCE)
-        subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-I", KERNELS, src,
-                        os.path.join(KERNELS, "quant_avx2.cpp"), os.path.join(KERNELS, "quant_ref.cpp"), "-o", exe],
-                       check=True)
+        subprocess.run(
+            [
+                "g++",
+                "-std=c++17",
+                "-O2",
+                "-ffp-contract=off",
+                "-I",
+                KERNELS,
+                src,
+                os.path.join(KERNELS, "quant_avx2.cpp"),
+                os.path.join(KERNELS, "quant_ref.cpp"),
+                "-o",
+                exe,
+            ],
+            check=True,
+        )
         result = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     print(f"# E4M3 decode into bf16 panels, one [1408, 2048] matrix, 1 thread, best of 7 x 5: {header()}")
     print("| dequantizer | ns per weight |\n|---|---:|")
@@ -173,8 +189,15 @@ def accuracy(threads):
     def grads(run, *base):
         leaves = [t.clone().double().requires_grad_() for t in (x, w, *lora)]
         if run is None:
-            out = moe_sft_reference(leaves[0], ids, leaves[1], *(b.double() for b in base), *leaves[2:], scaling,
-                                    compute_dtype=torch.float64)
+            out = moe_sft_reference(
+                leaves[0],
+                ids,
+                leaves[1],
+                *(b.double() for b in base),
+                *leaves[2:],
+                scaling,
+                compute_dtype=torch.float64,
+            )
         else:
             leaves = [t.float().detach().requires_grad_() for t in leaves]
             out = kt_ops.moe_sft(leaves[0], ids, leaves[1], run, leaves[2:], scaling)
@@ -187,16 +210,22 @@ def accuracy(threads):
     names = ["output", "grad x", "grad topk_weights", *(f"grad {n}" for n in kt_ops.LORA_NAMES)]
     ref = grads(None, *weights)
     rows = {}
-    for method, fmt in (("AMXBF16_SFT", "bf16"), ("AMXFP8_SFT", "fp8"), ("AMXINT8_SFT", "int8"),
-                        ("int8_kgroup", "int8_kgroup")):
+    for method, fmt in (
+        ("AMXBF16_SFT", "bf16"),
+        ("AMXFP8_SFT", "fp8"),
+        ("AMXINT8_SFT", "int8"),
+        ("int8_kgroup", "int8_kgroup"),
+    ):
         experts = kt_ops.pack_experts(*weights, fmt, group_size=128)
         got = grads(experts)
         rows[method] = [rel(g, rr) for g, rr in zip(got, ref)]
         if fmt == "fp8":
             own = grads(None, *unpack_experts(experts))
             rows["AMXFP8_SFT vs its dequantized weights"] = [rel(g, o) for g, o in zip(got, own)]
-    print(f"# rel. mean-abs error vs the float64 reference on the bf16 weights, E={E} H={H} I={I} k={k} r={r} "
-          f"T={T}, threads={threads}: {header()}")
+    print(
+        f"# rel. mean-abs error vs the float64 reference on the bf16 weights, E={E} H={H} I={I} k={k} r={r} "
+        f"T={T}, threads={threads}: {header()}"
+    )
     print("| method | " + " | ".join(names) + " |")
     print("|---" * (1 + len(names)) + "|")
     for method, errs in rows.items():

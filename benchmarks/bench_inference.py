@@ -21,6 +21,7 @@ with the one it is compared with, so background load hits both alike.
   AVX2GPTQInt4_MOE (symmetric int4, group 128) vs int4_kgroup group 128. kt-kernel runs in a child
   process (its worker pool keeps spinning after each call and would slow the kt_ops column).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,21 @@ import time
 
 import torch
 
-from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, MarkdownTable, load_kt_kernel, machine_line,
-                    measure, measure_alternating, random_lora, random_routed, run_child, time_kt_kernel)
+from common import (
+    DSV2_LITE,
+    QUICK,
+    ChildFailed,
+    LoadWatch,
+    MarkdownTable,
+    load_kt_kernel,
+    machine_line,
+    measure,
+    measure_alternating,
+    random_lora,
+    random_routed,
+    run_child,
+    time_kt_kernel,
+)
 from kt_ops import KTMoEWrapper
 from kt_ops.core.formats import PROJECTIONS
 from kt_ops.core.packed import pack_codes_split
@@ -52,7 +66,7 @@ def random_codes(E, N, K, fmt, group, gen):
         codes = torch.randint(-127, 128, (E, N, K), generator=gen, dtype=torch.int16)
     else:
         codes = torch.randint(0, 16, (E, N, K), generator=gen, dtype=torch.int16)
-    scale = torch.rand(E, N, groups, generator=gen) * (K ** -0.5) / (127 if fmt.startswith("int8") else 8)
+    scale = torch.rand(E, N, groups, generator=gen) * (K**-0.5) / (127 if fmt.startswith("int8") else 8)
     if fmt in ("int4_1", "int4_1_kgroup"):
         scale = torch.stack((scale, -8 * scale), dim=-1)
     return codes, scale
@@ -61,8 +75,9 @@ def random_codes(E, N, K, fmt, group, gen):
 def inference_wrapper(base, shape, method, fmt, group, gen):
     """An inference wrapper holding random codes of `fmt` packed exactly, and the parts it holds."""
     E, H, I = shape.E, shape.H, shape.I
-    parts = pack_codes_split(*(random_codes(E, N, K, fmt, group, gen) for N, K in ((I, H), (I, H), (H, I))),
-                             fmt, group, [(0, I)])
+    parts = pack_codes_split(
+        *(random_codes(E, N, K, fmt, group, gen) for N, K in ((I, H), (I, H), (H, I))), fmt, group, [(0, I)]
+    )
     wrapper = KTMoEWrapper(**base, mode="inference", method=method)
     wrapper._set_parts(parts, torch.arange(E))  # no public call installs packed parts yet
     return wrapper, parts
@@ -87,10 +102,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=0, help="0: 20 at decode, 4 at prefill (3 with --quick)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", default=",".join(CASES), help="comma-separated labels of " + ", ".join(CASES))
-    parser.add_argument("--work", choices=("sleep", "matmul"), default="sleep",
-                        help="caller work for the overlap rows: a sleep (GPU work) or torch matmuls on the CPU")
-    parser.add_argument("--work-ms", type=float, default=0.0, help="caller work for the overlap rows; 0: as long "
-                        "as the serial forward")
+    parser.add_argument(
+        "--work",
+        choices=("sleep", "matmul"),
+        default="sleep",
+        help="caller work for the overlap rows: a sleep (GPU work) or torch matmuls on the CPU",
+    )
+    parser.add_argument(
+        "--work-ms", type=float, default=0.0, help="caller work for the overlap rows; 0: as long as the serial forward"
+    )
     parser.add_argument("--kt-kernel", action="store_true", help="compare with kt-kernel's AVX2 quantized classes")
     parser.add_argument("--kt-kernel-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,24 +120,42 @@ def main():
         print(json.dumps(kt_kernel_child(args.kt_kernel_child, shape, qlens, args.threads, args.repeats or 4)))
         return
     gen = torch.Generator().manual_seed(0)
-    base = dict(layer_idx=0, num_experts=shape.E, num_experts_per_tok=shape.k, hidden_size=shape.H,
-                moe_intermediate_size=shape.I, num_gpu_experts=0, cpuinfer_threads=args.threads, threadpool_count=1,
-                weight_path=None, chunked_prefill_size=4096)
+    base = dict(
+        layer_idx=0,
+        num_experts=shape.E,
+        num_experts_per_tok=shape.k,
+        hidden_size=shape.H,
+        moe_intermediate_size=shape.I,
+        num_gpu_experts=0,
+        cpuinfer_threads=args.threads,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=4096,
+    )
     if args.kt_kernel:
         kt_kernel_table(args, shape, qlens, base)
         return
     watch = LoadWatch()
     print(f"# inference, {shape}; {machine_line()}")
-    table = MarkdownTable("method", "qlen", "forward ms", f"SFT forward_sft ms (r={shape.r})", "ratio",
-                          "overlap: serial ms", "submit/work/sync ms", "hidden")
+    table = MarkdownTable(
+        "method",
+        "qlen",
+        "forward ms",
+        f"SFT forward_sft ms (r={shape.r})",
+        "ratio",
+        "overlap: serial ms",
+        "submit/work/sync ms",
+        "hidden",
+    )
     timings = []
     for label in args.methods.split(","):
         method, fmt, group, sft_method = CASES[label]
         wrapper, parts = inference_wrapper(base, shape, method, fmt, group, gen)
         sft = None
         if sft_method:
-            sft = KTMoEWrapper(**base, mode="sft", method=sft_method, lora_rank=shape.r, lora_alpha=shape.alpha,
-                               group_size=group)
+            sft = KTMoEWrapper(
+                **base, mode="sft", method=sft_method, lora_rank=shape.r, lora_alpha=shape.alpha, group_size=group
+            )
             sft.experts_parts = list(parts)
             sft.physical_to_logical_map = torch.arange(shape.E)
             sft.init_lora_weights(*random_lora(shape, gen))
@@ -145,10 +183,19 @@ def main():
             ser, ovl = measure_alternating([serial, overlapped], repeats=max(repeats // 2, 2))
             timings += got + [ser, ovl]
             hidden = (ser.med - ovl.med) / min(fwd, work_s)
-            table.row(label, qlen, f"{fwd * 1e3:.2f}", *sft_cell, f"{ser.med * 1e3:.2f}", f"{ovl.med * 1e3:.2f}",
-                      f"{100 * hidden:.0f}%")
-    print("\nhidden: the share of the shorter of (MoE, caller work) that submit_forward hid behind the other; "
-          f"the caller work ({args.work}) lasts as long as the serial forward unless --work-ms.")
+            table.row(
+                label,
+                qlen,
+                f"{fwd * 1e3:.2f}",
+                *sft_cell,
+                f"{ser.med * 1e3:.2f}",
+                f"{ovl.med * 1e3:.2f}",
+                f"{100 * hidden:.0f}%",
+            )
+    print(
+        "\nhidden: the share of the shorter of (MoE, caller work) that submit_forward hid behind the other; "
+        f"the caller work ({args.work}) lasts as long as the serial forward unless --work-ms."
+    )
     print("\n".join(watch.finish(timings).lines()))
 
 
@@ -177,15 +224,25 @@ def kt_kernel_child(cls_name: str, shape, qlens, threads: int, repeats: int) -> 
         if cls_name == "AVX2FP8_MOE":
             w = (torch.randn(n, kk, generator=gen) * 0.5).to(torch.float8_e4m3fn).view(torch.uint8).contiguous()
             return w, (torch.rand((n + 127) // 128, (kk + 127) // 128, generator=gen) * 0.01).contiguous()
-        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (kk // 8, n), generator=gen, dtype=torch.int32)
+        q = torch.randint(-(2**31), 2**31 - 1, (kk // 8, n), generator=gen, dtype=torch.int32)
         return q, (torch.rand(kk // 128, n, generator=gen) * 0.01).contiguous()
 
-    pairs = {p: [weight(*((shape.I, shape.H) if p != "down" else (shape.H, shape.I))) for _ in range(shape.E)]
-             for p in PROJECTIONS}
+    pairs = {
+        p: [weight(*((shape.I, shape.H) if p != "down" else (shape.H, shape.I))) for _ in range(shape.E)]
+        for p in PROJECTIONS
+    }
     inputs = {q: random_routed(shape, q, gen) for q in qlens}
-    got = time_kt_kernel(ext, threads, cls_name, shape, inputs, {p: [w for w, _ in pairs[p]] for p in PROJECTIONS},
-                         {p: [s for _, s in pairs[p]] for p in PROJECTIONS}, bits=8 if cls_name == "AVX2FP8_MOE" else 4,
-                         **kt_kernel_repeats(repeats))
+    got = time_kt_kernel(
+        ext,
+        threads,
+        cls_name,
+        shape,
+        inputs,
+        {p: [w for w, _ in pairs[p]] for p in PROJECTIONS},
+        {p: [s for _, s in pairs[p]] for p in PROJECTIONS},
+        bits=8 if cls_name == "AVX2FP8_MOE" else 4,
+        **kt_kernel_repeats(repeats),
+    )
     return {q: tm.med * 1e3 for q, (tm, _) in got.items()}
 
 
@@ -196,12 +253,21 @@ def kt_kernel_table(args, shape, qlens, base) -> None:
     gen = torch.Generator().manual_seed(0)
     repeats = args.repeats or 4
     print(f"# kt-kernel 0.7.2 AVX2 quantized classes vs kt_ops, {shape}; median ms; {machine_line()}")
-    table = MarkdownTable("kt-kernel class", "kt_ops method (format)", "qlen", "kt-kernel ms", "kt_ops ms",
-                          "kt_ops speed-up", align="llrrrr")
+    table = MarkdownTable(
+        "kt-kernel class",
+        "kt_ops method (format)",
+        "qlen",
+        "kt-kernel ms",
+        "kt_ops ms",
+        "kt_ops speed-up",
+        align="llrrrr",
+    )
     for cls_name, (method, fmt, group) in KT_KERNEL_CASES.items():
         try:
-            theirs = run_child([__file__, "--kt-kernel-child", cls_name, "--threads", str(args.threads), "--repeats",
-                                str(repeats)] + (["--quick"] if args.quick else []))
+            theirs = run_child(
+                [__file__, "--kt-kernel-child", cls_name, "--threads", str(args.threads), "--repeats", str(repeats)]
+                + (["--quick"] if args.quick else [])
+            )
         except ChildFailed as exc:
             table.row(cls_name, f"failed: {exc}")
             continue
@@ -209,8 +275,14 @@ def kt_kernel_table(args, shape, qlens, base) -> None:
         for qlen in qlens:
             inp = random_routed(shape, qlen, gen)
             ours = measure(lambda: wrapper.forward(inp.x, inp.ids, inp.w), **kt_kernel_repeats(repeats)).med * 1e3
-            table.row(cls_name, f"{method} ({fmt} g{group})", qlen, f"{theirs[str(qlen)]:.2f}", f"{ours:.2f}",
-                      f"{theirs[str(qlen)] / ours:.2f}x")
+            table.row(
+                cls_name,
+                f"{method} ({fmt} g{group})",
+                qlen,
+                f"{theirs[str(qlen)]:.2f}",
+                f"{ours:.2f}",
+                f"{theirs[str(qlen)] / ours:.2f}x",
+            )
 
 
 if __name__ == "__main__":

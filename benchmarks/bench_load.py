@@ -15,6 +15,7 @@ fresh subprocess; its peak RSS is `ru_maxrss` after loading and one forward. The
 packed experts, then with `kt_shared_experts` (one read-only file mapped by both), and reports each
 process's RSS and PSS from /proc/self/smaps_rollup after a forward with every expert page touched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,21 @@ def config(args):
     import transformers
 
     return transformers.Qwen3MoeConfig(
-        vocab_size=8192, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        moe_intermediate_size=args.moe_intermediate, num_experts=args.experts, num_experts_per_tok=4,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8,
-        max_position_embeddings=256, tie_word_embeddings=False, norm_topk_prob=True, dtype="bfloat16")
+        vocab_size=8192,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        moe_intermediate_size=args.moe_intermediate,
+        num_experts=args.experts,
+        num_experts_per_tok=4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        norm_topk_prob=True,
+        dtype="bfloat16",
+    )
 
 
 def write_checkpoint(path, args) -> dict:
@@ -63,9 +75,11 @@ def write_checkpoint(path, args) -> dict:
     for layer in range(args.layers):
         tensors = {}
         for e in range(args.experts):
-            for proj, shape in (("gate_proj", (args.moe_intermediate, args.hidden)),
-                                ("up_proj", (args.moe_intermediate, args.hidden)),
-                                ("down_proj", (args.hidden, args.moe_intermediate))):
+            for proj, shape in (
+                ("gate_proj", (args.moe_intermediate, args.hidden)),
+                ("up_proj", (args.moe_intermediate, args.hidden)),
+                ("down_proj", (args.hidden, args.moe_intermediate)),
+            ):
                 tensors[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = rand(shape)
         sizes["experts"] += sum(t.numel() * 2 for t in tensors.values())
         for name, shape in shapes.items():
@@ -76,8 +90,11 @@ def write_checkpoint(path, args) -> dict:
         save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
-    rest = {n: (torch.ones(s, dtype=torch.bfloat16) if "norm" in n else rand(s)) for n, s in shapes.items()
-            if not n.startswith("model.layers.")}
+    rest = {
+        n: (torch.ones(s, dtype=torch.bfloat16) if "norm" in n else rand(s))
+        for n, s in shapes.items()
+        if not n.startswith("model.layers.")
+    }
     sizes["other"] += sum(t.numel() * 2 for t in rest.values())
     name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
     save_file(rest, os.path.join(path, name), metadata={"format": "pt"})
@@ -96,11 +113,14 @@ def child(mode: str, path: str, backend: str) -> None:
     t0 = time.perf_counter()
     if mode == "imports":
         import transformers  # noqa: F401
+
         model = None
     elif mode == "stock":
         from transformers import AutoModelForCausalLM
-        model = apply_kt(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), kt_backend=backend,
-                         lora_rank=8)
+
+        model = apply_kt(
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), kt_backend=backend, lora_rank=8
+        )
     else:
         model = from_pretrained(path, kt_backend=backend, lora_rank=8, dtype=torch.bfloat16)
     seconds = time.perf_counter() - t0
@@ -128,8 +148,7 @@ def shared_worker(rank, world, init_file, path, backend, shared, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         kt_ops.set_num_threads(1)
-        model = from_pretrained(path, kt_backend=backend, lora_rank=8, dtype=torch.bfloat16,
-                                kt_shared_experts=shared)
+        model = from_pretrained(path, kt_backend=backend, lora_rank=8, dtype=torch.bfloat16, kt_shared_experts=shared)
         with torch.no_grad():
             model(input_ids=torch.arange(16)[None])
             for _, _, kt in kt_experts_modules(model):  # every page resident, whatever the routing
@@ -146,13 +165,17 @@ def shared_worker(rank, world, init_file, path, backend, shared, out_dir):
 
 def shared_experts(root, backend):
     print(f"\n2 processes (gloo), {backend}: RSS / PSS per process from /proc/self/smaps_rollup (GiB)")
-    table = MarkdownTable("experts", "rank", "Rss", "Pss", "Pss_Anon", "Pss_File", "sum of Pss over ranks",
-                          align="llrrrrr")
-    for label, shared in (("own copy per process", None),
-                          ("one shared file (kt_shared_experts)", os.path.join(root, "experts.safetensors"))):
+    table = MarkdownTable(
+        "experts", "rank", "Rss", "Pss", "Pss_Anon", "Pss_File", "sum of Pss over ranks", align="llrrrrr"
+    )
+    for label, shared in (
+        ("own copy per process", None),
+        ("one shared file (kt_shared_experts)", os.path.join(root, "experts.safetensors")),
+    ):
         out = tempfile.mkdtemp(dir=root)
-        torch.multiprocessing.spawn(shared_worker, args=(2, os.path.join(out, "init"), root, backend, shared, out),
-                                    nprocs=2, join=True)
+        torch.multiprocessing.spawn(
+            shared_worker, args=(2, os.path.join(out, "init"), root, backend, shared, out), nprocs=2, join=True
+        )
         stats = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
         total = sum(s["Pss"] for s in stats) / 2**20
         for r, s in enumerate(stats):
@@ -192,28 +215,47 @@ def main():
         t0 = time.perf_counter()
         sizes = write_checkpoint(root, args)
         print(f"# {machine_line()}")
-        print(f"checkpoint: {(sizes['experts'] + sizes['other']) / 2**30:.2f} GiB ({sizes['experts'] / 2**30:.2f} GiB "
-              f"experts, {sizes['other'] / 2**20:.0f} MiB other, one layer's experts "
-              f"{sizes['layer_source'] / 2**20:.0f} MiB), written in {time.perf_counter() - t0:.0f} s; "
-              f"{args.layers} layers x {args.experts} experts, hidden {args.hidden}, moe_intermediate "
-              f"{args.moe_intermediate}")
+        print(
+            f"checkpoint: {(sizes['experts'] + sizes['other']) / 2**30:.2f} GiB ({sizes['experts'] / 2**30:.2f} GiB "
+            f"experts, {sizes['other'] / 2**20:.0f} MiB other, one layer's experts "
+            f"{sizes['layer_source'] / 2**20:.0f} MiB), written in {time.perf_counter() - t0:.0f} s; "
+            f"{args.layers} layers x {args.experts} experts, hidden {args.hidden}, moe_intermediate "
+            f"{args.moe_intermediate}"
+        )
         if args.shared_experts:
             shared_experts(root, args.backends.split(",")[-1])
             return
         base = run_loader("imports", root, "AMXBF16")["hwm_kB"] / 2**20
         print(f"imports only (python + torch + transformers + kt_ops): VmHWM {base:.2f} GiB")
-        table = MarkdownTable("backend", "loader", "peak RSS: VmHWM (GiB)", "ru_maxrss (GiB)", "above imports (GiB)",
-                              "bound: packed + other + 1 layer + 10% (GiB)", "load time (s)", align="llrrrrr")
+        table = MarkdownTable(
+            "backend",
+            "loader",
+            "peak RSS: VmHWM (GiB)",
+            "ru_maxrss (GiB)",
+            "above imports (GiB)",
+            "bound: packed + other + 1 layer + 10% (GiB)",
+            "load time (s)",
+            align="llrrrrr",
+        )
         for backend in args.backends.split(","):
-            for mode, label in (("stock", "transformers from_pretrained + apply_kt"),
-                                ("ours", "kt_ops.integration.from_pretrained")):
+            for mode, label in (
+                ("stock", "transformers from_pretrained + apply_kt"),
+                ("ours", "kt_ops.integration.from_pretrained"),
+            ):
                 if mode not in args.loaders.split(","):
                     continue
                 r = run_loader(mode, root, backend)
                 peak = r["hwm_kB"] / 2**20
                 bound = 1.1 * (r["packed"] + sizes["other"] + sizes["layer_source"]) / 2**30
-                table.row(backend, label, f"{peak:.2f}", f"{r['peak_kB'] / 2**20:.2f}", f"{peak - base:.2f}",
-                          f"{bound:.2f}", f"{r['seconds']:.1f}")
+                table.row(
+                    backend,
+                    label,
+                    f"{peak:.2f}",
+                    f"{r['peak_kB'] / 2**20:.2f}",
+                    f"{peak - base:.2f}",
+                    f"{bound:.2f}",
+                    f"{r['seconds']:.1f}",
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

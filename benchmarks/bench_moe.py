@@ -21,6 +21,7 @@ forward+backward twice that (frozen base weights: backward only needs dX).
   .venv/bin/python benchmarks/bench_moe.py --quick      # small smoke test (< 1 min)
   .venv/bin/python benchmarks/bench_moe.py --scaling    # kt_ops 1 vs 2 threads
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,28 @@ import torch
 import torch.nn.functional as F
 
 import kt_ops
-from common import (DSV2_LITE, QUICK, ChildFailed, LoadWatch, Problem, Shape, Timing, ceiling_lines, ceilings, fmt,
-                    load_kt_kernel, machine_line, measure, parse_ints, print_table, quiet_stdout, rel_err, run_child,
-                    set_threads, time_kt_kernel)
+from common import (
+    DSV2_LITE,
+    QUICK,
+    ChildFailed,
+    LoadWatch,
+    Problem,
+    Shape,
+    Timing,
+    ceiling_lines,
+    ceilings,
+    fmt,
+    load_kt_kernel,
+    machine_line,
+    measure,
+    parse_ints,
+    print_table,
+    quiet_stdout,
+    rel_err,
+    run_child,
+    set_threads,
+    time_kt_kernel,
+)
 from kt_ops.core.formats import LORA_NAMES, PROJECTIONS
 from kt_ops.reference import moe_loop
 
@@ -90,6 +110,7 @@ def shape_of(args) -> Shape:
 
 # ---- kt-kernel, in a child process per worker-pool size ----------------------------------------------
 
+
 def kt_kernel_sft(prob: Problem, threads: int):
     """kt-kernel's own SFT wrapper (AMXBF16_SFT) on the problem's weights and LoRA, or raises where the
     installed wheel's build for this CPU lacks it. Returns (wrapper, what it points into)."""
@@ -97,10 +118,22 @@ def kt_kernel_sft(prob: Problem, threads: int):
 
     s = prob.shape
     with quiet_stdout():
-        sft = AMXSFTMoEWrapper(layer_idx=0, num_experts=s.E, num_experts_per_tok=s.k, hidden_size=s.H,
-                               moe_intermediate_size=s.I, num_gpu_experts=0, cpuinfer_threads=threads,
-                               threadpool_count=1, weight_path="", chunked_prefill_size=max(prob.inputs),
-                               lora_rank=s.r, lora_alpha=s.alpha, max_cache_depth=1, method="AMXBF16_SFT")
+        sft = AMXSFTMoEWrapper(
+            layer_idx=0,
+            num_experts=s.E,
+            num_experts_per_tok=s.k,
+            hidden_size=s.H,
+            moe_intermediate_size=s.I,
+            num_gpu_experts=0,
+            cpuinfer_threads=threads,
+            threadpool_count=1,
+            weight_path="",
+            chunked_prefill_size=max(prob.inputs),
+            lora_rank=s.r,
+            lora_alpha=s.alpha,
+            max_cache_depth=1,
+            method="AMXBF16_SFT",
+        )
         sft.load_weights_from_tensors(*prob.weights, torch.arange(s.E))
         lora = [t.contiguous() for t in prob.lora]
         grads = [torch.zeros_like(t) for t in lora]
@@ -130,8 +163,9 @@ def kt_kernel_child(args) -> None:
                     print(f"# kt-kernel AMXBF16_SFT ({threads} pool threads) qlen={q} ...", file=sys.stderr, flush=True)
                     x, ids, w = inp.x.contiguous(), inp.ids.contiguous(), inp.w.contiguous()
                     fwd = measure(lambda: sft.forward(x, ids, w, save_for_backward=False), **opts)
-                    step = measure(lambda: (sft.forward(x, ids, w, save_for_backward=True), sft.backward(inp.go)),
-                                   **opts)
+                    step = measure(
+                        lambda: (sft.forward(x, ids, w, save_for_backward=True), sft.backward(inp.go)), **opts
+                    )
                     result["times"][q], result["others"][q] = fwd.times, fwd.others
                     result["step_times"][q] = step.times
                     with torch.no_grad():
@@ -173,6 +207,7 @@ def run_kt_kernel(args, notes: List[str]):
 
 # ---- measurements ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Column:
     key: str  # results are <key>_fwd and <key>_step
@@ -195,8 +230,13 @@ def eager_column(key: str, m: EagerMoE) -> Column:
 
 
 def bench_opts(args) -> dict:
-    return dict(warmup=args.warmup, repeats=args.repeats, min_time=args.min_time, max_repeats=args.max_repeats,
-                settle=args.settle)
+    return dict(
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_time=args.min_time,
+        max_repeats=args.max_repeats,
+        settle=args.settle,
+    )
 
 
 def time_column(col: Column, inp, args, safe):
@@ -253,11 +293,15 @@ def run_main(args, prob: Problem):
     eager = EagerMoE(prob)
     makers = [("kt", lambda: kt_column(args, prob)), ("kt0", lambda: kt_column(args, prob, rank=0))]
     if not args.skip_eager:
-        makers += [("eager", lambda: eager_column("eager", eager)),
-                   ("eager16", lambda: eager_column("eager16", EagerMoE(prob, BF16)))]
+        makers += [
+            ("eager", lambda: eager_column("eager", eager)),
+            ("eager16", lambda: eager_column("eager16", EagerMoE(prob, BF16))),
+        ]
     if not args.skip_hf:
-        makers += [(f"hf_{impl}", lambda impl=impl: Column(f"hf_{impl}", hf_experts(prob, impl), BF16, BF16))
-                   for impl in ("eager", "grouped_mm")]
+        makers += [
+            (f"hf_{impl}", lambda impl=impl: Column(f"hf_{impl}", hf_experts(prob, impl), BF16, BF16))
+            for impl in ("eager", "grouped_mm")
+        ]
     cols = [c for c in (safe(f"{key} construction", make) for key, make in makers) if c is not None]
 
     for q in args.qlens:
@@ -285,10 +329,15 @@ def run_main(args, prob: Problem):
                 errs[q]["kt_fwd_y"] = rel_err(outs["fwd"], ref_y)
             if outs.get("step") is not None:
                 got = outs["grads"]
-                errs[q].update(kt_step_y=rel_err(outs["step"], ref_y), kt_dx=rel_err(got[0], ref_grads[0]),
-                               kt_dw=rel_err(got[1], ref_grads[1]),
-                               kt_dlora=rel_err(torch.cat([g.float().flatten() for g in got[2:]]),
-                                                torch.cat([g.float().flatten() for g in ref_grads[2:]])))
+                errs[q].update(
+                    kt_step_y=rel_err(outs["step"], ref_y),
+                    kt_dx=rel_err(got[0], ref_grads[0]),
+                    kt_dw=rel_err(got[1], ref_grads[1]),
+                    kt_dlora=rel_err(
+                        torch.cat([g.float().flatten() for g in got[2:]]),
+                        torch.cat([g.float().flatten() for g in ref_grads[2:]]),
+                    ),
+                )
         for threads, r in ktk.items():
             if q in r["times"]:
                 res[q][f"ktk_fwd_{threads}"] = Timing(r["times"][q], r["others"].get(q))
@@ -314,6 +363,7 @@ def run_scaling(args, prob: Problem):
 
 # ---- printing ----------------------------------------------------------------------------------------
 
+
 def main_rows(args, prob: Problem, res, errs, peaks, ktk):
     s, qs, R = prob.shape, args.qlens, prob.shape.r
     peak32 = peaks.get("gemm", {}).get("best_gflops")
@@ -336,11 +386,13 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk):
         """Rows of column `key`: ms, then the `extra` metrics."""
         gf = lambda q: div(s.flops(q, key.endswith("_step")) / 1e9, t(q, key))  # noqa: E731
         wgbs = lambda q: div(s.expert_bytes(prob.inputs[q].hit, bpw) / 1e9, t(q, key))  # noqa: E731
-        metrics = {"gflops": ("  GFLOP/s", gf, "{:.1f}"),
-                   "peak32": ("  % fp32 GEMM peak", lambda q: pct(gf(q), peak32), "{:.1f}%"),
-                   "peak16": ("  % bf16 GEMM peak", lambda q: pct(gf(q), peak16), "{:.1f}%"),
-                   "wgbs": (f"  weight GB/s ({'bf16' if bpw == 2 else 'fp32'} bytes hit)", wgbs, "{:.1f}"),
-                   "dram": ("  % DRAM read BW", lambda q: pct(wgbs(q), bw), "{:.1f}%")}
+        metrics = {
+            "gflops": ("  GFLOP/s", gf, "{:.1f}"),
+            "peak32": ("  % fp32 GEMM peak", lambda q: pct(gf(q), peak32), "{:.1f}%"),
+            "peak16": ("  % bf16 GEMM peak", lambda q: pct(gf(q), peak16), "{:.1f}%"),
+            "wgbs": (f"  weight GB/s ({'bf16' if bpw == 2 else 'fp32'} bytes hit)", wgbs, "{:.1f}"),
+            "dram": ("  % DRAM read BW", lambda q: pct(wgbs(q), bw), "{:.1f}%"),
+        }
         return [row(f"{label}  ms", lambda q: div(t(q, key), 1e-3))] + [row(*metrics[m]) for m in extra]
 
     def row(label, f, spec="{:.2f}"):
@@ -348,19 +400,22 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk):
 
     kt_ts = args.kt_kernel_threads
     ktk_fwd, ktk_step = f"ktk_fwd_{kt_ts[0]}", f"ktk_step_{kt_ts[0]}"
-    rows = [("experts hit (distinct)", [str(prob.inputs[q].hit) for q in qs]),
-            f"-- kt_ops (isa={kt_ops.get_isa()})",
-            *timed(f"kt_ops fwd r={R}", "kt_fwd", "gflops", "peak32", "peak16", "wgbs", "dram"),
-            *timed("kt_ops fwd r=0", "kt0_fwd", "gflops", "wgbs"),
-            row(f"  LoRA r={R} overhead (fwd)", lambda q: less1(div(t(q, "kt_fwd"), t(q, "kt0_fwd"))), "{:+.1%}"),
-            *timed(f"kt_ops fwd+bwd r={R}", "kt_step", "gflops", "peak32"),
-            row("  bwd/fwd ratio ((f+b - f)/f)",
-                lambda q: less1(div(t(q, "kt_step"), t(q, "kt_fwd")))),
-            f"-- torch eager fp32 + LoRA r={R} (loop over hit experts, torch {torch.__version__})",
-            *timed("eager fwd", "eager_fwd", "gflops", "wgbs", bpw=4), *timed("eager fwd+bwd", "eager_step", "gflops"),
-            f"-- torch eager bf16 + LoRA r={R} (same loop, bf16 tensors)",
-            *timed("eager bf16 fwd", "eager16_fwd"), *timed("eager bf16 fwd+bwd", "eager16_step"),
-            "-- transformers Qwen3MoeExperts bf16, no LoRA (frozen experts; grads to x and topk_w)"]
+    rows = [
+        ("experts hit (distinct)", [str(prob.inputs[q].hit) for q in qs]),
+        f"-- kt_ops (isa={kt_ops.get_isa()})",
+        *timed(f"kt_ops fwd r={R}", "kt_fwd", "gflops", "peak32", "peak16", "wgbs", "dram"),
+        *timed("kt_ops fwd r=0", "kt0_fwd", "gflops", "wgbs"),
+        row(f"  LoRA r={R} overhead (fwd)", lambda q: less1(div(t(q, "kt_fwd"), t(q, "kt0_fwd"))), "{:+.1%}"),
+        *timed(f"kt_ops fwd+bwd r={R}", "kt_step", "gflops", "peak32"),
+        row("  bwd/fwd ratio ((f+b - f)/f)", lambda q: less1(div(t(q, "kt_step"), t(q, "kt_fwd")))),
+        f"-- torch eager fp32 + LoRA r={R} (loop over hit experts, torch {torch.__version__})",
+        *timed("eager fwd", "eager_fwd", "gflops", "wgbs", bpw=4),
+        *timed("eager fwd+bwd", "eager_step", "gflops"),
+        f"-- torch eager bf16 + LoRA r={R} (same loop, bf16 tensors)",
+        *timed("eager bf16 fwd", "eager16_fwd"),
+        *timed("eager bf16 fwd+bwd", "eager16_step"),
+        "-- transformers Qwen3MoeExperts bf16, no LoRA (frozen experts; grads to x and topk_w)",
+    ]
     for impl in ("eager", "grouped_mm"):
         rows += [*timed(f"hf {impl} fwd", f"hf_{impl}_fwd"), *timed(f"hf {impl} fwd+bwd", f"hf_{impl}_step")]
     ktk_cls, ktk_note = ktk
@@ -374,27 +429,47 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk):
     else:
         rows.append(("kt-kernel fwd  ms", ["not installed" if ktk_note == "not installed" else "n/a" for _ in qs]))
     peers = ("eager_step", "eager16_step", "hf_eager_step", "hf_grouped_mm_step")
-    rows += [f"-- speedups (>1 means kt_ops faster; kt-kernel with {kt_ts[0]} pool threads)",
-             row(f"kt_ops fwd r={R} vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt_fwd")), "{:.2f}x"),
-             row("kt_ops fwd r=0 vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt0_fwd")), "{:.2f}x"),
-             row(f"kt_ops f+b vs kt-kernel {ktk_cls} f+b", lambda q: div(t(q, ktk_step), t(q, "kt_step")), "{:.2f}x"),
-             row("kt_ops fwd vs eager fwd", lambda q: div(t(q, "eager_fwd"), t(q, "kt_fwd")), "{:.2f}x"),
-             row("kt_ops f+b vs eager f+b", lambda q: div(t(q, "eager_step"), t(q, "kt_step")), "{:.2f}x"),
-             row("kt_ops f+b vs best torch/transformers f+b",
-                 lambda q: div(min([t(q, k) for k in peers if t(q, k)], default=None), t(q, "kt_step")), "{:.2f}x"),
-             "-- accuracy (mean|diff| / mean|ref|, ref = fp32 eager on the same bf16-rounded data)"]
-    for label, key in ((f"kt_ops r={R} fwd y", "kt_fwd_y"), (f"kt_ops r={R} f+b dX", "kt_dx"),
-                       (f"kt_ops r={R} f+b d(topk_w)", "kt_dw"), (f"kt_ops r={R} f+b dLoRA (all 6)", "kt_dlora"),
-                       ("kt_ops r=0 fwd y (ref no LoRA)", "kt0_y"), (f"kt-kernel fwd y (ref {'with' if sft else 'no'} LoRA)", f"ktk_y_{kt_ts[0]}")):
+    rows += [
+        f"-- speedups (>1 means kt_ops faster; kt-kernel with {kt_ts[0]} pool threads)",
+        row(f"kt_ops fwd r={R} vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt_fwd")), "{:.2f}x"),
+        row("kt_ops fwd r=0 vs kt-kernel fwd", lambda q: div(t(q, ktk_fwd), t(q, "kt0_fwd")), "{:.2f}x"),
+        row(f"kt_ops f+b vs kt-kernel {ktk_cls} f+b", lambda q: div(t(q, ktk_step), t(q, "kt_step")), "{:.2f}x"),
+        row("kt_ops fwd vs eager fwd", lambda q: div(t(q, "eager_fwd"), t(q, "kt_fwd")), "{:.2f}x"),
+        row("kt_ops f+b vs eager f+b", lambda q: div(t(q, "eager_step"), t(q, "kt_step")), "{:.2f}x"),
+        row(
+            "kt_ops f+b vs best torch/transformers f+b",
+            lambda q: div(min([t(q, k) for k in peers if t(q, k)], default=None), t(q, "kt_step")),
+            "{:.2f}x",
+        ),
+        "-- accuracy (mean|diff| / mean|ref|, ref = fp32 eager on the same bf16-rounded data)",
+    ]
+    for label, key in (
+        (f"kt_ops r={R} fwd y", "kt_fwd_y"),
+        (f"kt_ops r={R} f+b dX", "kt_dx"),
+        (f"kt_ops r={R} f+b d(topk_w)", "kt_dw"),
+        (f"kt_ops r={R} f+b dLoRA (all 6)", "kt_dlora"),
+        ("kt_ops r=0 fwd y (ref no LoRA)", "kt0_y"),
+        (f"kt-kernel fwd y (ref {'with' if sft else 'no'} LoRA)", f"ktk_y_{kt_ts[0]}"),
+    ):
         rows.append(row(label, lambda q: errs[q].get(key), "{:.2e}"))
-    rows.append("-- timing noise: max/min over repeats, n = repeats, o = % of CPUs used by other processes "
-                "meanwhile ('!' if > 10%)")
-    for key, label in (("kt_fwd", "kt_ops fwd"), ("kt_step", "kt_ops f+b"), ("kt0_fwd", "kt_ops fwd r=0"),
-                       *[(f"ktk_{kind}_{n}", f"kt-kernel {kind} {n}thr") for n in kt_ts for kind in ("fwd", "step")],
-                       ("eager_fwd", "eager fwd"), ("eager_step", "eager f+b"),
-                       ("eager16_fwd", "eager bf16 fwd"), ("eager16_step", "eager bf16 f+b"),
-                       ("hf_eager_fwd", "hf eager fwd"), ("hf_eager_step", "hf eager f+b"),
-                       ("hf_grouped_mm_fwd", "hf grouped_mm fwd"), ("hf_grouped_mm_step", "hf grouped_mm f+b")):
+    rows.append(
+        "-- timing noise: max/min over repeats, n = repeats, o = % of CPUs used by other processes "
+        "meanwhile ('!' if > 10%)"
+    )
+    for key, label in (
+        ("kt_fwd", "kt_ops fwd"),
+        ("kt_step", "kt_ops f+b"),
+        ("kt0_fwd", "kt_ops fwd r=0"),
+        *[(f"ktk_{kind}_{n}", f"kt-kernel {kind} {n}thr") for n in kt_ts for kind in ("fwd", "step")],
+        ("eager_fwd", "eager fwd"),
+        ("eager_step", "eager f+b"),
+        ("eager16_fwd", "eager bf16 fwd"),
+        ("eager16_step", "eager bf16 f+b"),
+        ("hf_eager_fwd", "hf eager fwd"),
+        ("hf_eager_step", "hf eager f+b"),
+        ("hf_grouped_mm_fwd", "hf grouped_mm fwd"),
+        ("hf_grouped_mm_step", "hf grouped_mm f+b"),
+    ):
         rows.append((f"  {label}", [res[q][key].noise() if res[q].get(key) else "-" for q in qs]))
     return rows
 
@@ -407,11 +482,17 @@ def scaling_rows(args, prob: Problem, res):
         rows.append(f"-- {label}")
         for t in args.scaling_threads:
             rows.append((f"{t} thr  ms", [fmt(med[(t, q)] * 1e3) for q in qs]))
-            rows.append((f"{t} thr  GFLOP/s", [fmt(s.flops(q, kind == "step") / med[(t, q)] / 1e9, "{:.1f}") for q in qs]))
+            rows.append(
+                (f"{t} thr  GFLOP/s", [fmt(s.flops(q, kind == "step") / med[(t, q)] / 1e9, "{:.1f}") for q in qs])
+            )
         for t in args.scaling_threads[1:]:
             rows.append((f"speedup {t} vs {base} thr", [fmt(med[(base, q)] / med[(t, q)], "{:.2f}x") for q in qs]))
-            rows.append((f"parallel efficiency {t} thr",
-                         [fmt(100.0 * med[(base, q)] / med[(t, q)] * base / t, "{:.0f}%") for q in qs]))
+            rows.append(
+                (
+                    f"parallel efficiency {t} thr",
+                    [fmt(100.0 * med[(base, q)] / med[(t, q)] * base / t, "{:.0f}%") for q in qs],
+                )
+            )
         for t in args.scaling_threads:
             rows.append((f"{t} thr  noise max/min, other load", [res[(t, q)][kind].noise() for q in qs]))
     return rows
@@ -421,18 +502,27 @@ def print_header(args, prob: Problem, watch: LoadWatch, peaks):
     info = kt_ops.cpu_info()
     print(f"kt_ops MoE+LoRA benchmark\n{machine_line()}")
     print("\n".join(watch.lines()))
-    print(f"kt_ops: isa={info['isa']} available_isas={info['available_isas']} num_threads={info['num_threads']} "
-          f"physical_cores={info['physical_cores']} method={args.method}" + (f" (--isa {args.isa})" if args.isa else ""))
-    print(f"shape: {prob.shape} alpha={prob.shape.alpha} (scale {prob.shape.scaling:g}), base weights bf16, "
-          f"hidden bf16; qlens={args.qlens}")
-    print(f"threads={args.threads}  warmup={args.warmup}  repeats>={args.repeats} (up to {args.max_repeats} for calls "
-          f"shorter than {args.min_time:g}s/repeats), median reported")
+    print(
+        f"kt_ops: isa={info['isa']} available_isas={info['available_isas']} num_threads={info['num_threads']} "
+        f"physical_cores={info['physical_cores']} method={args.method}" + (f" (--isa {args.isa})" if args.isa else "")
+    )
+    print(
+        f"shape: {prob.shape} alpha={prob.shape.alpha} (scale {prob.shape.scaling:g}), base weights bf16, "
+        f"hidden bf16; qlens={args.qlens}"
+    )
+    print(
+        f"threads={args.threads}  warmup={args.warmup}  repeats>={args.repeats} (up to {args.max_repeats} for calls "
+        f"shorter than {args.min_time:g}s/repeats), median reported"
+    )
     print("\n".join(ceiling_lines(peaks)))
-    print("FLOPs: base only; fwd = 3*2*H*I*qlen*k, fwd+bwd = 2*fwd (frozen base weights); "
-          "weight GB/s = distinct experts hit * 3*H*I*bytes / time\n")
+    print(
+        "FLOPs: base only; fwd = 3*2*H*I*qlen*k, fwd+bwd = 2*fwd (frozen base weights); "
+        "weight GB/s = distinct experts hit * 3*H*I*bytes / time\n"
+    )
 
 
 # ---- main --------------------------------------------------------------------------------------------
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -449,27 +539,47 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (default 2)")
     ap.add_argument("--repeats", type=int, default=None, help="minimum timed repeats (default 5)")
     ap.add_argument("--max-repeats", type=int, default=None, help="maximum timed repeats for fast calls (default 30)")
-    ap.add_argument("--min-time", type=float, default=None,
-                    help="aim for at least this many seconds of timed calls per measurement (default 1.0)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"small smoke-test shape ({QUICK}, qlens 1,8,32), < 1 minute")
-    ap.add_argument("--scaling", action="store_true",
-                    help="thread-scaling mode: kt_ops fwd and fwd+bwd at each of --scaling-threads")
+    ap.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="aim for at least this many seconds of timed calls per measurement (default 1.0)",
+    )
+    ap.add_argument("--quick", action="store_true", help=f"small smoke-test shape ({QUICK}, qlens 1,8,32), < 1 minute")
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="thread-scaling mode: kt_ops fwd and fwd+bwd at each of --scaling-threads",
+    )
     ap.add_argument("--scaling-threads", type=str, default="1,2", help="thread counts for --scaling (default 1,2)")
     ap.add_argument("--skip-eager", action="store_true", help="skip the torch eager timings")
     ap.add_argument("--eager-max-qlen", type=int, default=1 << 30, help="only time torch eager up to this qlen")
     ap.add_argument("--skip-kt-kernel", action="store_true", help="skip kt-kernel even if installed")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers' Qwen3MoeExperts (eager, grouped_mm)")
-    ap.add_argument("--kt-kernel-threads", type=str, default=None,
-                    help="comma-separated kt-kernel worker-pool sizes to measure (default: --threads); "
-                         "the first one is used for the speedup row")
+    ap.add_argument(
+        "--kt-kernel-threads",
+        type=str,
+        default=None,
+        help="comma-separated kt-kernel worker-pool sizes to measure (default: --threads); "
+        "the first one is used for the speedup row",
+    )
     ap.add_argument("--no-peak", action="store_true", help="skip the GEMM-peak / DRAM-bandwidth measurements")
     ap.add_argument("--gemm-n", type=int, default=None, help="GEMM size for the peak measurement (default 2048)")
-    ap.add_argument("--bw-gib", type=float, default=None, help="tensor size in GiB for the DRAM BW measurement (default 1)")
-    ap.add_argument("--settle", type=float, default=0.2,
-                    help="seconds to sleep before each measurement so other worker pools go idle")
-    ap.add_argument("--wait-idle", type=float, default=0.0,
-                    help="wait up to this many seconds for other processes to leave the CPUs idle first")
+    ap.add_argument(
+        "--bw-gib", type=float, default=None, help="tensor size in GiB for the DRAM BW measurement (default 1)"
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="seconds to sleep before each measurement so other worker pools go idle",
+    )
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for other processes to leave the CPUs idle first",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--_kt-kernel-worker", dest="_kt_kernel_worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=str, default=None, help="also write all raw timings to this JSON file")
@@ -477,11 +587,15 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)  # for kt-kernel's child
     shape = QUICK if a.quick else DSV2_LITE
-    defaults = dict(experts=shape.E, hidden=shape.H, intermediate=shape.I, topk=shape.k, rank=shape.r, alpha=shape.alpha)
+    defaults = dict(
+        experts=shape.E, hidden=shape.H, intermediate=shape.I, topk=shape.k, rank=shape.r, alpha=shape.alpha
+    )
     if a.quick:
         defaults.update(qlens="1,8,32", warmup=2, repeats=3, max_repeats=10, min_time=0.1, gemm_n=1024, bw_gib=0.25)
     else:
-        defaults.update(qlens="1,32,128,512", warmup=2, repeats=5, max_repeats=30, min_time=1.0, gemm_n=2048, bw_gib=1.0)
+        defaults.update(
+            qlens="1,32,128,512", warmup=2, repeats=5, max_repeats=30, min_time=1.0, gemm_n=2048, bw_gib=1.0
+        )
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -503,12 +617,17 @@ def main(argv=None):
     set_threads(args.threads)
 
     watch = LoadWatch(args.wait_idle)
-    peaks = {} if args.no_peak else ceilings(args.gemm_n, int(args.bw_gib * 2 ** 30))
+    peaks = {} if args.no_peak else ceilings(args.gemm_n, int(args.bw_gib * 2**30))
     print("# generating random problem ...", file=sys.stderr, flush=True)
     prob = Problem(shape_of(args), args.qlens, seed=args.seed)
     t_start = time.time()
-    out_json = {"args": vars(args), "peaks": peaks, "machine": machine_line(), "torch": torch.__version__,
-                "kt_ops_cpu_info": kt_ops.cpu_info()}
+    out_json = {
+        "args": vars(args),
+        "peaks": peaks,
+        "machine": machine_line(),
+        "torch": torch.__version__,
+        "kt_ops_cpu_info": kt_ops.cpu_info(),
+    }
     cols = [f"qlen={q}" for q in args.qlens]
     if args.scaling:
         res = run_scaling(args, prob)
@@ -520,12 +639,18 @@ def main(argv=None):
         res, errs, notes, ktk = run_main(args, prob)
         watch.finish([tm for q in args.qlens for tm in res[q].values()])
         print_header(args, prob, watch, peaks)
-        print_table(f"MoE layer {prob.shape}, {args.threads} threads, median ms", cols,
-                    main_rows(args, prob, res, errs, peaks, ktk))
+        print_table(
+            f"MoE layer {prob.shape}, {args.threads} threads, median ms",
+            cols,
+            main_rows(args, prob, res, errs, peaks, ktk),
+        )
         for n in notes:
             print(f"note: {n}")
-        out_json.update(results={str(q): {k: v.as_dict() for k, v in res[q].items() if v is not None} for q in res},
-                        rel_err={str(q): errs[q] for q in errs}, notes=notes + [f"kt_kernel: {ktk[0]}: {ktk[1]}"])
+        out_json.update(
+            results={str(q): {k: v.as_dict() for k, v in res[q].items() if v is not None} for q in res},
+            rel_err={str(q): errs[q] for q in errs},
+            notes=notes + [f"kt_kernel: {ktk[0]}: {ktk[1]}"],
+        )
     out_json["load"] = watch.as_dict()
     print(f"(benchmark body took {time.time() - t_start:.0f} s)")
     if args.json:

@@ -14,6 +14,7 @@ Usage (from the repository root):
 before/after comparison.
 --quick: the small shape (E=8 H=512 I=256 k=2 r=8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,12 @@ def main():
                 t.grad = None
             kt_ops.moe_sft(x, ids, w, experts, tuple(leaves), s).backward(go)
 
-        calls = (("forward", lambda: forward_op(x, ids, w, experts, lora, s, False)),
-                 ("forward, save_for_backward", lambda: forward_op(x, ids, w, experts, lora, s, True)),
-                 ("backward", lambda: backward_op(go, x, ids, w, experts, lora, s, saved[1], saved[2])),
-                 ("training step (autograd)", step))
+        calls = (
+            ("forward", lambda: forward_op(x, ids, w, experts, lora, s, False)),
+            ("forward, save_for_backward", lambda: forward_op(x, ids, w, experts, lora, s, True)),
+            ("backward", lambda: backward_op(go, x, ids, w, experts, lora, s, saved[1], saved[2])),
+            ("training step (autograd)", step),
+        )
         for name, fn in calls:
             t = measure(fn, warmup=3, repeats=5)
             table.row(q, name, f"{t.minor_faults / len(t.times):.0f}", f"{t.med * 1e3:.1f}")

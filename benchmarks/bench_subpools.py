@@ -10,8 +10,10 @@ Columns: forward_sft(save_for_backward=False), and forward_sft(save) + backward.
 hidden states; LoRA r. Default shape: DeepSeek-V2-Lite's layer (E=64, H=2048, I=1408, k=6), r=16.
 On a machine with one NUMA node nothing is pinned, so this measures the concurrency alone.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/bench_subpools.py [--threads 2] [--qlens 1,128] [--repeats N] [--shape E,H,I,k,r] [--quick]
+  PYTHONPATH=. .venv/bin/python benchmarks/bench_subpools.py [--threads 2] [--qlens 1,128] [--repeats N]
+      [--shape E,H,I,k,r] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +37,22 @@ def main():
     lora = list(prob.lora)
 
     def wrapper(threadpool_count):
-        w = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
-                                moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=args.threads,
-                                threadpool_count=threadpool_count, weight_path=None, chunked_prefill_size=4096,
-                                mode="sft", method="AMXBF16_SFT", lora_rank=r, lora_alpha=shape.alpha)
+        w = kt_ops.KTMoEWrapper(
+            layer_idx=0,
+            num_experts=E,
+            num_experts_per_tok=k,
+            hidden_size=H,
+            moe_intermediate_size=I,
+            num_gpu_experts=0,
+            cpuinfer_threads=args.threads,
+            threadpool_count=threadpool_count,
+            weight_path=None,
+            chunked_prefill_size=4096,
+            mode="sft",
+            method="AMXBF16_SFT",
+            lora_rank=r,
+            lora_alpha=shape.alpha,
+        )
         w.init_lora_weights(*lora)
         return w
 
@@ -58,17 +72,26 @@ def main():
 
     watch = LoadWatch()
     nodes = node_cpus()
-    print(f"# threadpool_count 1 vs 2, {shape}, bf16, {args.threads} threads in all; {machine_line()}; "
-          f"NUMA nodes with CPUs: {len(nodes) or 'unknown'}; sub-pools of {at_once.cpu_infer.subpools.threads} "
-          f"thread(s), pinned: {any(at_once.cpu_infer.subpools.cpu_sets)}")
-    table = MarkdownTable("qlen", *(f"{n} fwd ms" for n in names), *(f"{n} fwd+bwd ms" for n in names),
-                          "at once / tpc=1 fwd", "at once / tpc=1 fwd+bwd")
+    print(
+        f"# threadpool_count 1 vs 2, {shape}, bf16, {args.threads} threads in all; {machine_line()}; "
+        f"NUMA nodes with CPUs: {len(nodes) or 'unknown'}; sub-pools of {at_once.cpu_infer.subpools.threads} "
+        f"thread(s), pinned: {any(at_once.cpu_infer.subpools.cpu_sets)}"
+    )
+    table = MarkdownTable(
+        "qlen",
+        *(f"{n} fwd ms" for n in names),
+        *(f"{n} fwd+bwd ms" for n in names),
+        "at once / tpc=1 fwd",
+        "at once / tpc=1 fwd+bwd",
+    )
     timings = []
     for qlen, inp in prob.inputs.items():
         x, ids, w, g = inp.x, inp.ids, inp.w, inp.go
         repeats = args.repeats or (30 if qlen <= 32 else 6)
-        fwd = measure_alternating([lambda layer=layer: layer.forward_sft(x, ids, w, save_for_backward=False)
-                                   for layer in layers], repeats=repeats)
+        fwd = measure_alternating(
+            [lambda layer=layer: layer.forward_sft(x, ids, w, save_for_backward=False) for layer in layers],
+            repeats=repeats,
+        )
 
         def step(layer):
             layer.forward_sft(x, ids, w, save_for_backward=True)
@@ -80,10 +103,13 @@ def main():
         b = [t.med * 1e3 for t in both]
         table.row(qlen, *(f"{v:.2f}" for v in f), *(f"{v:.2f}" for v in b), f"{f[2] / f[0]:.3f}", f"{b[2] / b[0]:.3f}")
     # what running the parts at once costs by itself: handing two calls to the dispatchers and back
-    hand_off = measure_alternating([lambda: at_once.cpu_infer.subpools.run([(lambda: None, ())] * 2)], warmup=20,
-                                   repeats=500)[0]
-    print(f"hand-off of two no-op calls to the sub-pools' dispatchers and back: median {hand_off.med * 1e6:.0f} us, "
-          f"min {hand_off.min * 1e6:.0f} us")
+    hand_off = measure_alternating(
+        [lambda: at_once.cpu_infer.subpools.run([(lambda: None, ())] * 2)], warmup=20, repeats=500
+    )[0]
+    print(
+        f"hand-off of two no-op calls to the sub-pools' dispatchers and back: median {hand_off.med * 1e6:.0f} us, "
+        f"min {hand_off.min * 1e6:.0f} us"
+    )
     print("\n".join(watch.finish(timings + [hand_off]).lines()))
 
 

@@ -15,6 +15,7 @@ Each runs warm-up steps, then timed steps of forward+backward+AdamW; tokens/s = 
 
   .venv/bin/python benchmarks/bench_train.py [--layers 8 --hidden 1024 --experts 32 ...] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,20 @@ def build(args, dtype):
     import transformers
 
     config = transformers.Qwen3MoeConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.hidden * 2,
-        moe_intermediate_size=args.moe_intermediate, num_experts=args.experts, num_experts_per_tok=args.topk,
-        norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False)
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.moe_intermediate,
+        num_experts=args.experts,
+        num_experts_per_tok=args.topk,
+        norm_topk_prob=True,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
     torch.manual_seed(0)
@@ -54,13 +65,18 @@ def run_one(args) -> dict:
         kt_ops.set_num_threads(args.threads)
         model = build(args, torch.bfloat16 if args.setup == "kt_ops-bf16" else torch.float32)
         apply_kt(model, kt_backend="AMXBF16", lora_rank=args.rank, lora_alpha=2.0 * args.rank)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                           target_modules=attention))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention)
+        )
     else:
         dtype = torch.bfloat16 if args.setup == "eager-bf16" else torch.float32
         model = build(args, dtype)
-        config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention,
-                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        config = peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            target_modules=attention,
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        )
         model = peft.get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -77,9 +93,15 @@ def run_one(args) -> dict:
         losses.append(loss.item())
 
     step_s = measure(step, warmup=args.warmup, repeats=args.steps).med
-    return {"setup": args.setup, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "trainable_params": sum(p.numel() for p in params), "first_loss": losses[0], "last_loss": losses[-1]}
+    return {
+        "setup": args.setup,
+        "step_s": step_s,
+        "tokens_per_s": args.batch * args.seq / step_s,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "trainable_params": sum(p.numel() for p in params),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
 def main():
@@ -109,12 +131,23 @@ def main():
     model = build(args, torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())
     del model
-    print(f"# Qwen3-MoE {total / 1e6:.0f}M params: layers={args.layers} hidden={args.hidden} experts={args.experts} "
-          f"top-k={args.topk} moe_intermediate={args.moe_intermediate} vocab={args.vocab}; LoRA r={args.rank} on "
-          f"attention and experts; batch={args.batch} x seq={args.seq}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up; {machine_line()}")
-    table = MarkdownTable("setup", "step s", "tokens/s", "x eager-fp32", "x eager-bf16", "peak RSS GiB",
-                          "trainable params", "loss first -> last", align="lrrrrrrl")
+    print(
+        f"# Qwen3-MoE {total / 1e6:.0f}M params: layers={args.layers} hidden={args.hidden} experts={args.experts} "
+        f"top-k={args.topk} moe_intermediate={args.moe_intermediate} vocab={args.vocab}; LoRA r={args.rank} on "
+        f"attention and experts; batch={args.batch} x seq={args.seq}; median of {args.steps} steps after "
+        f"{args.warmup} warm-up; {machine_line()}"
+    )
+    table = MarkdownTable(
+        "setup",
+        "step s",
+        "tokens/s",
+        "x eager-fp32",
+        "x eager-bf16",
+        "peak RSS GiB",
+        "trainable params",
+        "loss first -> last",
+        align="lrrrrrrl",
+    )
     results = []
     for setup in args.setups.split(","):
         try:
@@ -123,12 +156,20 @@ def main():
             table.row(setup, f"over {args.timeout} s, stopped")
         except ChildFailed as exc:
             table.row(setup, f"failed: {exc}")
-    bases = [next((r["tokens_per_s"] for r in results if r["setup"] == name), None)
-             for name in ("eager-fp32", "eager-bf16")]
+    bases = [
+        next((r["tokens_per_s"] for r in results if r["setup"] == name), None) for name in ("eager-fp32", "eager-bf16")
+    ]
     for r in results:
-        table.row(r["setup"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-                  *(f"{r['tokens_per_s'] / base:.2f}" if base else "-" for base in bases), f"{r['peak_rss_gib']:.2f}",
-                  f"{r['trainable_params'] / 1e6:.1f}M", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+        table.row(
+            r["setup"],
+            f"{r['step_s']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            *(f"{r['tokens_per_s'] / base:.2f}" if base else "-" for base in bases),
+            f"{r['peak_rss_gib']:.2f}",
+            f"{r['trainable_params'] / 1e6:.1f}M",
+            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ LoRA r=16, bf16 weights and hidden states.
 
   .venv/bin/python benchmarks/bench_wrapper.py [--threads 2] [--qlens 1,512] [--repeats N] [--shape E,H,I,k,r] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,22 @@ def main():
     shape = prob.shape
     E, H, I, k, r = shape.E, shape.H, shape.I, shape.k, shape.r
     lora = list(prob.lora)
-    wrapper = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
-                                  moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=args.threads,
-                                  threadpool_count=1, weight_path=None, chunked_prefill_size=4096, mode="sft",
-                                  method="AMXBF16_SFT", lora_rank=r, lora_alpha=shape.alpha)
+    wrapper = kt_ops.KTMoEWrapper(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=k,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=args.threads,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=4096,
+        mode="sft",
+        method="AMXBF16_SFT",
+        lora_rank=r,
+        lora_alpha=shape.alpha,
+    )
     wrapper.load_weights_from_tensors(*prob.weights, torch.arange(E))
     wrapper.init_lora_weights(*lora)
     experts = wrapper.experts_parts[0]
@@ -44,8 +57,9 @@ def main():
 
     watch = LoadWatch()
     print(f"# wrapper overhead, {shape}, bf16; {machine_line()}")
-    table = MarkdownTable("qlen", "op forward ms", "wrapper forward_sft ms", "ratio", "op backward ms",
-                          "wrapper backward ms", "ratio")
+    table = MarkdownTable(
+        "qlen", "op forward ms", "wrapper forward_sft ms", "ratio", "op backward ms", "wrapper backward ms", "ratio"
+    )
     timings = []
     for qlen, inp in prob.inputs.items():
         x, ids, w, g = inp.x, inp.ids, inp.w, inp.go
@@ -53,19 +67,32 @@ def main():
         # Both columns keep their latest results alive until the next call, as a training step
         # keeps its gradients until the optimizer has used them (the wrapper's buffer holds them).
         kept = {}
-        fwd = measure_alternating([lambda: kept.__setitem__("op_f", op_forward(x, ids, w)),
-                                   lambda: kept.__setitem__("wr_f", wrapper.forward_sft(x, ids, w))],
-                                  repeats=repeats, pres=[None, wrapper.clear_cache])
+        fwd = measure_alternating(
+            [
+                lambda: kept.__setitem__("op_f", op_forward(x, ids, w)),
+                lambda: kept.__setitem__("wr_f", wrapper.forward_sft(x, ids, w)),
+            ],
+            repeats=repeats,
+            pres=[None, wrapper.clear_cache],
+        )
         wrapper.clear_cache()
         # each backward consumes a forward saved right before it, untimed
-        bwd = measure_alternating([lambda: kept.__setitem__("op_b", op_backward(g, x, ids, w, kept["saved"])),
-                                   lambda: kept.__setitem__("wr_b", wrapper.backward(g))], repeats=repeats,
-                                  pres=[lambda: kept.__setitem__("saved", op_forward(x, ids, w)),
-                                        lambda: wrapper.forward_sft(x, ids, w, save_for_backward=True)])
+        bwd = measure_alternating(
+            [
+                lambda: kept.__setitem__("op_b", op_backward(g, x, ids, w, kept["saved"])),
+                lambda: kept.__setitem__("wr_b", wrapper.backward(g)),
+            ],
+            repeats=repeats,
+            pres=[
+                lambda: kept.__setitem__("saved", op_forward(x, ids, w)),
+                lambda: wrapper.forward_sft(x, ids, w, save_for_backward=True),
+            ],
+        )
         timings += fwd + bwd
         (op_f, wr_f), (op_b, wr_b) = ((t.med * 1e3 for t in pair) for pair in (fwd, bwd))
-        table.row(qlen, f"{op_f:.2f}", f"{wr_f:.2f}", f"{wr_f / op_f:.3f}", f"{op_b:.2f}", f"{wr_b:.2f}",
-                  f"{wr_b / op_b:.3f}")
+        table.row(
+            qlen, f"{op_f:.2f}", f"{wr_f:.2f}", f"{wr_f / op_f:.3f}", f"{op_b:.2f}", f"{wr_b:.2f}", f"{wr_b / op_b:.3f}"
+        )
     print("\n".join(watch.finish(timings).lines()))
 
 

@@ -5,6 +5,7 @@ processes and table printing.
 The scripts import it as `common` (python puts a script's own folder first on sys.path); run them
 from the repository root with kt_ops importable (the .venv's editable install, or PYTHONPATH=.).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ from kt_ops.core.formats import LORA_NAMES, PROJECTIONS, lora_shapes
 
 
 # ---- standard shapes ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -61,6 +63,7 @@ def parse_ints(text: str) -> List[int]:
 
 
 # ---- the machine -------------------------------------------------------------------------------------
+
 
 def _cpuinfo_field(name: str) -> Optional[str]:
     try:
@@ -99,8 +102,10 @@ def machine_line() -> str:
         kt = f"kt_ops isa={kt_ops.get_isa()} ({kt_ops.get_num_threads()} threads)"
     except Exception as exc:  # noqa: BLE001 - the header still prints when kt_ops does not import
         kt = f"kt_ops not importable ({type(exc).__name__}: {exc})"
-    return (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, CPU {cpu_model()} ({os.cpu_count()} logical "
-            f"CPUs; {isa_flags or 'no AVX2'}), {kt}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return (
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, CPU {cpu_model()} ({os.cpu_count()} logical "
+        f"CPUs; {isa_flags or 'no AVX2'}), {kt}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
 
 
 def proc_status_kib(field: str) -> int:
@@ -182,21 +187,27 @@ class LoadWatch:
         return self
 
     def lines(self) -> List[str]:
-        out = [f"load from other processes: {_pct(self.before)} of all CPUs busy just before the run, "
-               f"{_pct(self.after)} just after; loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
-               f"other processes used {_pct(self.run)} of all CPUs during the run (worst single measurement "
-               f"{_pct(self.worst)})"]
-        if ((self.before or 0) > 0.15 or (self.after or 0) > 0.15 or (self.run or 0) > 0.10
-                or (self.worst or 0) > 0.25):
+        out = [
+            f"load from other processes: {_pct(self.before)} of all CPUs busy just before the run, "
+            f"{_pct(self.after)} just after; loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+            f"other processes used {_pct(self.run)} of all CPUs during the run (worst single measurement "
+            f"{_pct(self.worst)})",
+        ]
+        if (self.before or 0) > 0.15 or (self.after or 0) > 0.15 or (self.run or 0) > 0.10 or (self.worst or 0) > 0.25:
             out.append("WARNING: other processes were using the CPU around or during this run; timings are unreliable.")
         return out
 
     def as_dict(self) -> dict:
-        return {"busy_before": self.before, "busy_after": self.after, "others_run": self.run,
-                "others_worst": self.worst}
+        return {
+            "busy_before": self.before,
+            "busy_after": self.after,
+            "others_run": self.run,
+            "others_worst": self.worst,
+        }
 
 
 # ---- timing ------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Timing:
@@ -225,13 +236,26 @@ class Timing:
         return f"{self.max / self.min:.2f} n={len(self.times)}{o}"
 
     def as_dict(self) -> dict:
-        return {"median_s": self.med, "min_s": self.min, "max_s": self.max, "n": len(self.times),
-                "others_cpu_fraction": self.others, "minor_faults": self.minor_faults}
+        return {
+            "median_s": self.med,
+            "min_s": self.min,
+            "max_s": self.max,
+            "n": len(self.times),
+            "others_cpu_fraction": self.others,
+            "minor_faults": self.minor_faults,
+        }
 
 
-def measure_alternating(fns: Sequence[Callable], warmup: int = 1, repeats: int = 5, min_time: float = 0.0,
-                        max_repeats: Optional[int] = None, pres: Optional[Sequence[Optional[Callable]]] = None,
-                        settle: float = 0.0, returns_seconds: bool = False) -> List[Timing]:
+def measure_alternating(
+    fns: Sequence[Callable],
+    warmup: int = 1,
+    repeats: int = 5,
+    min_time: float = 0.0,
+    max_repeats: Optional[int] = None,
+    pres: Optional[Sequence[Optional[Callable]]] = None,
+    settle: float = 0.0,
+    returns_seconds: bool = False,
+) -> List[Timing]:
     """Time every fn of `fns`, called in turn, the order reversed every other round, so that all see the
     same load and none always runs right after another: `warmup` untimed rounds, then `repeats` timed
     rounds, or more (up to `max_repeats`) when a round is short, so that about `min_time` seconds are
@@ -252,7 +276,7 @@ def measure_alternating(fns: Sequence[Callable], warmup: int = 1, repeats: int =
     order = list(range(len(fns)))
     best = [math.inf] * len(fns)
     for rnd in range(warmup):
-        for i in (order if rnd % 2 else order[::-1]):
+        for i in order if rnd % 2 else order[::-1]:
             best[i] = min(best[i], call(i))
     n = repeats
     if warmup and max_repeats and min_time > 0:
@@ -261,7 +285,7 @@ def measure_alternating(fns: Sequence[Callable], warmup: int = 1, repeats: int =
     snap = cpu_snapshot()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for rnd in range(n):
-        for i in (order if rnd % 2 else order[::-1]):
+        for i in order if rnd % 2 else order[::-1]:
             times[i].append(call(i))
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     others = others_fraction(snap, cpu_snapshot())
@@ -275,12 +299,13 @@ def measure(fn: Callable, pre: Optional[Callable] = None, **kwargs) -> Timing:
 
 # ---- machine ceilings --------------------------------------------------------------------------------
 
+
 def gemm_peak(n: int, dtype=torch.float32, repeats: int = 10) -> dict:
     """torch.mm n^3 (oneDNN / MKL pick the best ISA) with the current torch threads."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     c = torch.empty(n, n, dtype=dtype)
     t = measure(lambda: torch.mm(a, b, out=c), warmup=3, repeats=repeats)
-    return {"n": n, "best_gflops": 2.0 * n ** 3 / t.min / 1e9, "median_gflops": 2.0 * n ** 3 / t.med / 1e9}
+    return {"n": n, "best_gflops": 2.0 * n**3 / t.min / 1e9, "median_gflops": 2.0 * n**3 / t.med / 1e9}
 
 
 def dram_read_bw(nbytes: int, repeats: int = 7) -> dict:
@@ -301,17 +326,22 @@ def ceiling_lines(peaks: dict) -> List[str]:
     for key, what in (("gemm", "fp32 GEMM peak"), ("gemm_bf16", "bf16 GEMM peak")):
         if key in peaks:
             g = peaks[key]
-            out.append(f"machine {what} (torch.mm {g['n']}^3, {torch.get_num_threads()} thr): best "
-                       f"{g['best_gflops']:.1f} GFLOP/s, median {g['median_gflops']:.1f}"
-                       + ("  -> '% peak' uses best" if key == "gemm" else ""))
+            out.append(
+                f"machine {what} (torch.mm {g['n']}^3, {torch.get_num_threads()} thr): best "
+                f"{g['best_gflops']:.1f} GFLOP/s, median {g['median_gflops']:.1f}"
+                + ("  -> '% peak' uses best" if key == "gemm" else "")
+            )
     if "dram" in peaks:
         d = peaks["dram"]
-        out.append(f"machine DRAM read BW (torch.sum over {d['bytes'] / 2**30:.2f} GiB fp32, {torch.get_num_threads()} "
-                   f"thr): best {d['best_gbs']:.1f} GB/s, median {d['median_gbs']:.1f}  -> '% DRAM' uses best")
+        out.append(
+            f"machine DRAM read BW (torch.sum over {d['bytes'] / 2**30:.2f} GiB fp32, {torch.get_num_threads()} "
+            f"thr): best {d['best_gbs']:.1f} GB/s, median {d['median_gbs']:.1f}  -> '% DRAM' uses best"
+        )
     return out
 
 
 # ---- the random problem ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Routed:
@@ -325,14 +355,16 @@ class Routed:
 def random_lora(shape: Shape, gen: torch.Generator, dtype=torch.bfloat16):
     """LoRA factors in LORA_NAMES order, bf16-valued: A ~ N(0, 1/in), B ~ N(0, 0.02^2), nonzero so that
     LoRA's work and gradients are real."""
-    return tuple((torch.randn(*s, generator=gen) * (s[2] ** -0.5 if name.endswith("_a") else 0.02)).to(
-        torch.bfloat16).to(dtype) for name, s in zip(LORA_NAMES, lora_shapes(shape.E, shape.H, shape.I, shape.r)))
+    return tuple(
+        (torch.randn(*s, generator=gen) * (s[2] ** -0.5 if name.endswith("_a") else 0.02)).to(torch.bfloat16).to(dtype)
+        for name, s in zip(LORA_NAMES, lora_shapes(shape.E, shape.H, shape.I, shape.r))
+    )
 
 
 def random_routed(shape: Shape, q: int, gen: torch.Generator) -> Routed:
     """q tokens, each routed to k distinct experts."""
     x = torch.randn(q, shape.H, generator=gen).to(torch.bfloat16)
-    ids = torch.stack([torch.randperm(shape.E, generator=gen)[:shape.k] for _ in range(q)]).to(torch.int64)
+    ids = torch.stack([torch.randperm(shape.E, generator=gen)[: shape.k] for _ in range(q)]).to(torch.int64)
     w = torch.softmax(torch.randn(q, shape.k, generator=gen), -1).float()
     go = torch.randn(q, shape.H, generator=gen).to(torch.bfloat16)
     return Routed(x, ids.contiguous(), w.contiguous(), go, int(ids.unique().numel()))
@@ -346,8 +378,9 @@ class Problem:
         self.shape = shape
         E, H, I = shape.E, shape.H, shape.I
         g = torch.Generator().manual_seed(seed)
-        self.gate, self.up, self.down = ((torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
-                                         for s in ((E, I, H), (E, I, H), (E, H, I)))
+        self.gate, self.up, self.down = (
+            (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I))
+        )
         self.lora = random_lora(shape, g)
         self.inputs: Dict[int, Routed] = {q: random_routed(shape, q, g) for q in qlens}
 
@@ -401,6 +434,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ---- kt-kernel (optional; pip install --no-deps kt-kernel==0.7.2) ------------------------------------
 
+
 def load_kt_kernel():
     """(kt-kernel's extension module, a note saying which) or (None, why not). Installed with --no-deps,
     `import kt_kernel` fails on its missing Python extras; the AVX2 module is then loaded directly."""
@@ -426,7 +460,10 @@ def load_kt_kernel():
         ext_spec.loader.exec_module(ext)
         from importlib.metadata import version
 
-        return ext, f"kt-kernel {version('kt-kernel')} AVX2 extension loaded directly (`import kt_kernel` failed: {first})"
+        return (
+            ext,
+            f"kt-kernel {version('kt-kernel')} AVX2 extension loaded directly (`import kt_kernel` failed: {first})",
+        )
     except Exception as exc:  # noqa: BLE001
         return None, f"import failed: {first}; direct load failed: {type(exc).__name__}: {exc}"
 
@@ -448,8 +485,17 @@ class quiet_stdout:
         return False
 
 
-def kt_kernel_moe(ext, threads: int, cls_name: str, shape: Shape, max_len: int, weights: dict,
-                  scales: Optional[dict] = None, bits: Optional[int] = None, group_size: int = 128):
+def kt_kernel_moe(
+    ext,
+    threads: int,
+    cls_name: str,
+    shape: Shape,
+    max_len: int,
+    weights: dict,
+    scales: Optional[dict] = None,
+    bits: Optional[int] = None,
+    group_size: int = 128,
+):
     """kt-kernel's MoE class `cls_name` over per-expert tensors (weights[p] / scales[p]: E tensors for p in
     gate, up, down) with a `threads`-thread worker pool. Returns (cpu, moe, keep): `keep` holds what
     kt-kernel points into and must outlive moe."""
@@ -464,7 +510,11 @@ def kt_kernel_moe(ext, threads: int, cls_name: str, shape: Shape, max_len: int, 
         setattr(config, p + "_projs", [[t.data_ptr() for t in weights[p]]])
         setattr(config, p + "_scales", [[s.data_ptr() for s in scales[p]]] if scales else [[0] * E])
     if bits is not None:
-        config.quant_config.bits, config.quant_config.group_size, config.quant_config.zero_point = bits, group_size, False
+        config.quant_config.bits, config.quant_config.group_size, config.quant_config.zero_point = (
+            bits,
+            group_size,
+            False,
+        )
     moe = getattr(ext.moe, cls_name)(config)
     order = torch.arange(E, dtype=torch.int64)
     cpu.submit(moe.load_weights_task(order.data_ptr()))
@@ -472,8 +522,17 @@ def kt_kernel_moe(ext, threads: int, cls_name: str, shape: Shape, max_len: int, 
     return cpu, moe, (mask, config, order, weights, scales)
 
 
-def time_kt_kernel(ext, threads: int, cls_name: str, shape: Shape, inputs: Dict[int, "Routed"], weights: dict,
-                   scales: Optional[dict] = None, bits: Optional[int] = None, **measure_kwargs) -> Dict[int, tuple]:
+def time_kt_kernel(
+    ext,
+    threads: int,
+    cls_name: str,
+    shape: Shape,
+    inputs: Dict[int, "Routed"],
+    weights: dict,
+    scales: Optional[dict] = None,
+    bits: Optional[int] = None,
+    **measure_kwargs,
+) -> Dict[int, tuple]:
     """{qlen: (Timing, output)} of kt-kernel's forward (kt_kernel_moe's arguments) on every input; run it in
     a child process: kt-kernel's worker pool keeps spinning after each call and would slow other work."""
     with quiet_stdout():
@@ -497,8 +556,11 @@ def kt_kernel_forward(cpu, moe, x: torch.Tensor, ids: torch.Tensor, w: torch.Ten
     size = torch.tensor([x.shape[0]], dtype=torch.int32)
 
     def run():
-        cpu.submit(moe.forward_task(size.data_ptr(), ids.shape[1], ids.data_ptr(), w.data_ptr(), x.data_ptr(),
-                                    out.data_ptr(), False))
+        cpu.submit(
+            moe.forward_task(
+                size.data_ptr(), ids.shape[1], ids.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False
+            )
+        )
         cpu.sync()
         return out
 
@@ -506,6 +568,7 @@ def kt_kernel_forward(cpu, moe, x: torch.Tensor, ids: torch.Tensor, w: torch.Ten
 
 
 # ---- child processes ---------------------------------------------------------------------------------
+
 
 class ChildFailed(RuntimeError):
     def __init__(self, returncode: int, stderr: str):
@@ -527,6 +590,7 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
 
 
 # ---- printing ----------------------------------------------------------------------------------------
+
 
 def fmt(v, spec: str = "{:.2f}", none: str = "-") -> str:
     if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):

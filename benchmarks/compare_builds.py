@@ -11,6 +11,7 @@ leaves out the time other processes hold the cores, and alternating spreads what
 Only the public API (`kt_ops.pack_experts`, `kt_ops.moe_sft`) is used, so any build since that API
 exists works. Prints the best (min) ms of every round per build and qlen, and new/old of the bests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,15 +90,36 @@ def main():
             root = os.path.abspath(getattr(args, label))
             # the child imports kt_ops from `root` (PYTHONPATH comes before the installed package)
             env = {**os.environ, "PYTHONPATH": root}
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), root, root, "--child", "--qlens", args.qlens,
-                                  "--threads", str(args.threads), "--clock", args.clock],
-                                 env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    root,
+                    root,
+                    "--child",
+                    "--qlens",
+                    args.qlens,
+                    "--threads",
+                    str(args.threads),
+                    "--clock",
+                    args.clock,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"# {machine_line()}; {args.threads} thread(s), {args.clock} clock, {args.rounds} alternating rounds")
     for label in runs:
         print(f"# {label}: {runs[label][0]['kt_ops']} (isa={runs[label][0]['isa']})")
-    print("| call | " + " | ".join(f"old round {i + 1}" for i in range(args.rounds)) + " | "
-          + " | ".join(f"new round {i + 1}" for i in range(args.rounds)) + " | new/old (best) |")
+    print(
+        "| call | "
+        + " | ".join(f"old round {i + 1}" for i in range(args.rounds))
+        + " | "
+        + " | ".join(f"new round {i + 1}" for i in range(args.rounds))
+        + " | new/old (best) |"
+    )
     print("|---|" + "---:|" * (2 * args.rounds + 1))
     for key in (f"{q} {name}" for q in qlens for name in ("fwd", "f+b")):
         old, new = [r[key] for r in runs["old"]], [r[key] for r in runs["new"]]

@@ -1,4 +1,5 @@
 """`python -m kt_ops.convert_weights`: the command's documented name. The code is kt_ops.weights.convert."""
+
 import sys
 
 from .weights.convert import main

@@ -1,58 +1,130 @@
-"""KTMoELayer: routed experts with LoRA as an nn.Module (base weights frozen and packed on the CPU)."""
+"""KTMoELayer: routed experts with LoRA as an nn.Module (base weights frozen and packed on the CPU).
+
+It is the one front-end over the ops: the Hugging Face integration's KTExperts is one, and the
+kt-kernel-compatible wrappers (kt_ops.wrappers) hold one. It owns what every caller needs between
+the model and the kernels: the experts split into parts over the process's NUMA sub-pools
+(`threadpool_count`), the routed ids of the experts computed elsewhere set to -1, inputs copied to
+the CPU and the output returned to their device, and the LoRA (its own or one given per call).
+"""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import _C
-from .core.checks import check_has_data
+from .core.checks import check_has_data, check_int, check_number
 from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, lora_shapes
-from .core.packed import PackedExperts, pack_experts
+from .core.host import to_host
+from .core.packed import PackedExperts, intermediate_split, pack_split, resplit_packed
+from .core.runtime import get_num_threads, set_num_threads
+from .core.subpools import Subpools, place_parts, process_subpools
 from .ops import moe_sft
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+LORA_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 
 class KTMoELayer(nn.Module):
     """y = sum_j w[t, j] * Expert_{ids[t, j]}(x[t]), each expert a SiLU-gated MLP with LoRA on gate,
     up and down. Inputs may live on any device; the computation runs on the CPU and the output returns
     to the input's device. Base weights are not parameters: they are packed once by
-    `load_weights_from_tensors` and never trained (and not part of state_dict)."""
+    `load_weights_from_tensors` and never trained (and not part of state_dict).
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, lora_rank: int = 16,
-                 lora_alpha: float = 32.0, method: str = "AMXBF16_SFT", num_threads: Optional[int] = None,
-                 lora_dtype: torch.dtype = torch.bfloat16, group_size: int = 128):
+    Expert j here is expert `first_expert + j` of the model: routed ids below `first_expert` belong
+    to experts kept elsewhere (a GPU) and add nothing here, as do ids whose `gpu_experts_mask` entry
+    is set. `threadpool_count` > 1 splits the intermediate dimension into that many parts, run at
+    once on `subpools`: by default the process's (kt_ops.core.subpools.process_subpools); None runs
+    them one after another on the calling thread's pool. `lora_enabled = False` computes the frozen
+    experts only."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        method: str = "AMXBF16_SFT",
+        num_threads: Optional[int] = None,
+        lora_dtype: torch.dtype = torch.bfloat16,
+        group_size: int = 128,
+        threadpool_count: int = 1,
+        first_expert: int = 0,
+        subpools: Union[Subpools, None, str] = "process",
+    ):
         super().__init__()
-        self.num_experts = _positive_int(num_experts, "num_experts")
-        self.hidden_size = _positive_int(hidden_size, "hidden_size")
-        self.intermediate_size = _positive_int(intermediate_size, "intermediate_size")
-        self.lora_rank = _positive_int(lora_rank, "lora_rank", minimum=0)
+        self.num_experts = check_int(num_experts, "num_experts", 1)
+        self.hidden_size = check_int(hidden_size, "hidden_size", 1)
+        self.intermediate_size = check_int(intermediate_size, "intermediate_size", 1)
+        self.lora_rank = check_int(lora_rank, "lora_rank", 0)
+        self.lora_alpha = check_number(lora_alpha, "lora_alpha")
         if method not in SFT_METHOD_FORMATS:
             raise ValueError(f"Unknown method {method!r}; supported: {sorted(SFT_METHOD_FORMATS)}")
-        if lora_dtype not in (torch.bfloat16, torch.float32, torch.float64):
+        if lora_dtype not in LORA_DTYPES:
             raise TypeError(f"lora_dtype must be torch.bfloat16, torch.float32 or torch.float64, got {lora_dtype}")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool):
-            raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
         self.method = method
         self.weight_format = SFT_METHOD_FORMATS[method]
         self.group_size = group_size
-        self.lora_alpha = float(lora_alpha)
         self.lora_scaling = self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+        self.lora_enabled = bool(self.lora_rank)
+        self.first_expert = check_int(first_expert, "first_expert", 0)
+        self.gpu_experts_mask: Optional[torch.Tensor] = None
         if num_threads is not None:
-            _C.set_num_threads(_positive_int(num_threads, "num_threads"))
-        self.experts: Optional[PackedExperts] = None
+            set_num_threads(num_threads)
+        self.split = intermediate_split(
+            intermediate_size, check_int(threadpool_count, "threadpool_count", 1), self.weight_format, group_size
+        )
+        if subpools == "process":
+            subpools = process_subpools(threadpool_count, max(1, get_num_threads() // threadpool_count))
+        self.subpools: Optional[Subpools] = subpools
+        # One PackedExperts per part of `split` (one part: the whole layer).
+        self.experts_parts: List[PackedExperts] = []
 
         if self.lora_rank:
             shapes = lora_shapes(self.num_experts, self.hidden_size, self.intermediate_size, self.lora_rank)
             for name, shape in zip(LORA_NAMES, shapes):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=lora_dtype)))
             self.reset_lora_parameters()
+
+    @property
+    def experts(self) -> Optional[PackedExperts]:
+        """The packed experts (None before loading) of a layer in one part."""
+        if len(self.experts_parts) > 1:
+            raise RuntimeError(
+                f"the experts of this layer are split into {len(self.experts_parts)} parts over "
+                "sub-pools (threadpool_count); see experts_parts"
+            )
+        return self.experts_parts[0] if self.experts_parts else None
+
+    @experts.setter
+    def experts(self, experts: PackedExperts) -> None:
+        """Use `experts` (already packed), split into this layer's parts when threadpool_count > 1."""
+        if not isinstance(experts, PackedExperts):
+            raise TypeError(f"experts must be a PackedExperts, got {type(experts).__name__}")
+        got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
+        want = (self.num_experts, self.hidden_size, self.intermediate_size)
+        if got != want:
+            raise ValueError(
+                f"experts have (num_experts, hidden_size, intermediate_size) = {got}; this layer is {want}"
+            )
+        self.set_parts(resplit_packed(experts, self.group_size, self.split))
+
+    def set_parts(self, parts: Sequence[PackedExperts]) -> None:
+        """Use packed `parts` (one per range of `split`), each part's weights placed on its sub-pool's
+        NUMA node."""
+        self.experts_parts = place_parts(self.subpools, parts)
+
+    def set_variant(self, **variant) -> None:
+        """The expert MLP's variant (PackedExperts.with_variant: biases, activation) on the loaded
+        experts, which must be in one part: each part would add the whole down bias."""
+        if len(self.experts_parts) != 1:
+            raise ValueError(
+                f"set_variant needs the experts loaded in one part, not {len(self.experts_parts)}: experts "
+                "with biases or another activation cannot be split over sub-pools; use threadpool_count=1"
+            )
+        self.experts_parts = [self.experts_parts[0].with_variant(**variant)]
 
     def reset_lora_parameters(self) -> None:
         """A like peft's kaiming-uniform(a=sqrt(5)) per expert (bound 1/sqrt(in_features)), B zero."""
@@ -65,35 +137,70 @@ class KTMoELayer(nn.Module):
                 else:
                     param.zero_()
 
-    def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor,
-                                  down_proj: torch.Tensor) -> None:
+    def load_weights_from_tensors(
+        self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor
+    ) -> None:
         """Pack [E, I, H], [E, I, H], [E, H, I] base weights; the caller may free its copies afterwards."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         expected = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
         for name, t in zip(expected, (gate_proj, up_proj, down_proj)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape {expected[name]} for this layer, got {got}")
-        self.experts = pack_experts(gate_proj, up_proj, down_proj, self.weight_format, self.group_size)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{name} must have shape {expected[name]} for this layer, got {tuple(t.shape)}")
+        self.set_parts(pack_split(gate_proj, up_proj, down_proj, self.weight_format, self.group_size, self.split))
 
     def lora_parameters(self) -> Optional[tuple]:
         return tuple(getattr(self, name) for name in LORA_NAMES) if self.lora_rank else None
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.experts is None:
+    def held_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The routed ids as slots of this layer's experts: -1 for the experts computed elsewhere
+        (below first_expert, or set in gpu_experts_mask)."""
+        if self.first_expert:
+            topk_ids = torch.where(topk_ids >= self.first_expert, topk_ids - self.first_expert, -1)
+        mask = self.gpu_experts_mask
+        if mask is not None and mask.any():
+            topk_ids = torch.where(mask[topk_ids.clamp(0, mask.numel() - 1).long()], -1, topk_ids)
+        return topk_ids
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        lora: Optional[Sequence[torch.Tensor]] = None,
+        lora_scaling: Optional[float] = None,
+    ) -> torch.Tensor:
+        """`lora`: six tensors (gate_a, gate_b, up_a, up_b, down_a, down_b) over this layer's experts,
+        used instead of its own LoRA, with `lora_scaling` (default the layer's)."""
+        if not self.experts_parts:
             raise RuntimeError("KTMoELayer: base weights are not loaded; call load_weights_from_tensors() first")
         check_has_data(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights)
-        device = hidden_states.device
-        cpu = torch.device("cpu")
-        lora = self.lora_parameters()
+        if lora is None and self.lora_enabled:
+            lora = self.lora_parameters()
+        scaling = self.lora_scaling if lora_scaling is None else lora_scaling
+        if lora is None:
+            scaling = 0.0
         if lora is not None:
-            lora = tuple(t.to(cpu) for t in lora)
-        output = moe_sft(hidden_states.to(cpu), topk_ids.to(cpu), topk_weights.to(cpu), self.experts, lora,
-                         self.lora_scaling)
-        return output.to(device)
+            lora = tuple(to_host(t) for t in lora)
+        parts = self.experts_parts[0] if len(self.experts_parts) == 1 else self.experts_parts
+        output = moe_sft(
+            to_host(hidden_states),
+            self.held_ids(to_host(topk_ids)),
+            to_host(topk_weights),
+            parts,
+            lora,
+            scaling,
+            self.subpools,
+        )
+        # Tensor.to, which autograd follows back, returns the output to the inputs' device.
+        return output.to(hidden_states.device)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
-                f"lora_alpha={self.lora_alpha}, method={self.method}, loaded={self.experts is not None}")
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
+            f"lora_alpha={self.lora_alpha}, method={self.method}, loaded={bool(self.experts_parts)}"
+            + (f", first_expert={self.first_expert}" if self.first_expert else "")
+            + (f", parts={len(self.split)}" if len(self.split) > 1 else "")
+        )

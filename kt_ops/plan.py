@@ -16,6 +16,7 @@ estimates, stated with their formula in the report:
 - LoRA: parameter, gradient and two Adam moments in fp32 (16 bytes per parameter).
 T = per_device_train_batch_size * cutoff_len tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-GiB = 1024 ** 3
+GiB = 1024**3
 PLAN_FORMATS = ("bf16", "int8", "int4", "int4_kgroup")
 _FORMAT_OF_BACKEND_PREFIX = {"AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "int4"}
 
@@ -31,7 +32,7 @@ _FORMAT_OF_BACKEND_PREFIX = {"AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "i
 def _fmt(nbytes: float) -> str:
     if nbytes >= GiB:
         return f"{nbytes / GiB:,.1f} GiB"
-    return f"{nbytes / 1024 ** 2:,.1f} MiB"
+    return f"{nbytes / 1024**2:,.1f} MiB"
 
 
 def _count(n: int) -> str:
@@ -113,7 +114,8 @@ class MemoryPlan:
         lines = [
             f"model: {self.model} ({self.architecture}; config.json only, no weights read)",
             f"  {self.num_layers} layers, {self.moe_layers} with {self.experts} routed experts "
-            f"(top-{self.experts_per_token}, hidden {self.hidden_size}, expert intermediate {self.expert_intermediate})",
+            f"(top-{self.experts_per_token}, hidden {self.hidden_size}, "
+            f"expert intermediate {self.expert_intermediate})",
             f"  routed expert parameters {_count(self.expert_params)}, other parameters {_count(self.other_params)}",
             "host RAM for the packed routed experts (kt_ops):",
         ]
@@ -188,11 +190,60 @@ def _group_size(hidden: int, intermediate: int) -> int:
     return 2
 
 
+def _lora_params(config: dict, model, experts: list, E: int, H: int, I: int) -> int:
+    """LoRA parameters: every linear layer outside the experts that lora_target names (all: every one
+    but the routers and the head; in + out per rank) plus the experts'."""
+    import torch
+
+    r = config["lora_rank"]
+    lora = 0
+    if config["lora_target"] != "none":
+        wanted = None if config["lora_target"] == "all" else {t.strip() for t in config["lora_target"].split(",")}
+        expert_names = [n for n, _ in experts]
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or any(name.startswith(e + ".") for e in expert_names):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if (wanted is None and leaf not in ("lm_head", "gate", "router", "shared_expert_gate")) or (
+                wanted is not None and leaf in wanted
+            ):
+                lora += r * (module.in_features + module.out_features)
+    if config["use_kt"]:
+        lora += len(experts) * E * r * (2 * (H + I) + (I + H))
+    return lora
+
+
+def _activations(
+    config: dict, T: int, dtype_bytes: int, L: int, moe_layers: int, k: int, H: int, I: int, V: int
+) -> dict:
+    """Estimated activations of T tokens (formulas: the layers', the kt experts', the logits')."""
+    r = config["lora_rank"]
+    scale = dtype_bytes / 2
+    if config["gradient_checkpointing"]:
+        layers = L * T * H * dtype_bytes + 34 * T * H * scale
+        layers_how = "checkpointed: T*H per layer + one layer's 34*T*H"
+    else:
+        layers = L * 34 * T * H * scale
+        layers_how = "34*T*H per layer"
+    if config["kt_cpu_activation"] == "recompute" or config["gradient_checkpointing"]:
+        kt_act = moe_layers * T * (H * dtype_bytes + k * 12)
+        kt_how = "recompute: inputs, ids and weights"
+    else:
+        kt_act = moe_layers * (T * H * dtype_bytes + 4 * T * k * (2 * I + 3 * r))
+        kt_how = "retain: input + fp32 gate/up + LoRA intermediates"
+    return {
+        "layers": layers,
+        "layers_how": layers_how,
+        "experts": kt_act,
+        "experts_how": kt_how,
+        "logits": 2 * T * V * 4,
+    }
+
+
 def plan_from_config(config: dict) -> MemoryPlan:
     """The memory plan for a validated kt-sft config (kt_ops.cli.load_config)."""
+    from .core.formats import KT_BACKENDS
     from .integration import find_moe_experts
-    from .integration.hf import KT_BACKENDS
-    from .core.formats import SFT_METHOD_FORMATS
 
     model_config = _load_model_config(config["model_name_or_path"])
     model = _meta_model(model_config)
@@ -207,56 +258,43 @@ def plan_from_config(config: dict) -> MemoryPlan:
     k = int(getattr(text_config, "num_experts_per_tok", 1))
     V = int(text_config.vocab_size)
     L = int(text_config.num_hidden_layers)
-    r = config["lora_rank"]
 
     backend = config["kt_backend"]
-    fmt = config["kt_expert_weight_format"] or (SFT_METHOD_FORMATS[KT_BACKENDS[backend]]
-                                                if backend != "auto" else "bf16")
+    fmt = config["kt_expert_weight_format"] or (KT_BACKENDS[backend] if backend != "auto" else "bf16")
     formats = PLAN_FORMATS + ((fmt,) if fmt not in PLAN_FORMATS else ())
     packed = {f: b * E * len(experts) for f, b in _packed_expert_bytes(H, I, formats).items()}
 
-    # LoRA: every linear layer outside the experts (lora_target all: in+out per rank) plus the experts.
-    import torch
-
-    lora = 0
-    if config["lora_target"] != "none":
-        wanted = None if config["lora_target"] == "all" else {t.strip() for t in config["lora_target"].split(",")}
-        expert_names = [n for n, _ in experts]
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or any(name.startswith(e + ".") for e in expert_names):
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if (wanted is None and leaf not in ("lm_head", "gate", "router", "shared_expert_gate")) or (
-                    wanted is not None and leaf in wanted):
-                lora += r * (module.in_features + module.out_features)
-    if config["use_kt"]:
-        lora += len(experts) * E * r * (2 * (H + I) + (I + H))
-
+    lora = _lora_params(config, model, experts, E, H, I)
     T = config["per_device_train_batch_size"] * config["cutoff_len"]
     dtype_bytes = 2 if config["bf16"] else 4
-    scale = dtype_bytes / 2
-    if config["gradient_checkpointing"]:
-        layers = L * T * H * dtype_bytes + 34 * T * H * scale
-        layers_how = "checkpointed: T*H per layer + one layer's 34*T*H"
-    else:
-        layers = L * 34 * T * H * scale
-        layers_how = "34*T*H per layer"
-    if config["kt_cpu_activation"] == "recompute" or config["gradient_checkpointing"]:
-        kt_act = len(experts) * T * (H * dtype_bytes + k * 12)
-        kt_how = "recompute: inputs, ids and weights"
-    else:
-        kt_act = len(experts) * (T * H * dtype_bytes + 4 * T * k * (2 * I + 3 * r))
-        kt_how = "retain: input + fp32 gate/up + LoRA intermediates"
-    activations = {"layers": layers, "layers_how": layers_how, "experts": kt_act, "experts_how": kt_how,
-                   "logits": 2 * T * V * 4}
+    activations = _activations(config, T, dtype_bytes, L, len(experts), k, H, I, V)
     host_total, host_available = _host_memory()
     notes = []
     if fmt != "bf16" and config["kt_weight_path"] is None:
-        notes.append(f"packing {fmt} from a bf16 checkpoint also holds one layer's bf16 experts "
-                     f"({_fmt(E * 3 * H * I * 2)}) while converting")
+        notes.append(
+            f"packing {fmt} from a bf16 checkpoint also holds one layer's bf16 experts "
+            f"({_fmt(E * 3 * H * I * 2)}) while converting"
+        )
     return MemoryPlan(
-        model=config["model_name_or_path"], architecture=type(model).__name__, num_layers=L,
-        moe_layers=len(experts), experts=E, experts_per_token=k, hidden_size=H, expert_intermediate=I,
-        vocab_size=V, expert_params=expert_params, other_params=total_params - expert_params, packed_bytes=packed,
-        weight_format=fmt, dtype_bytes=dtype_bytes, lora_params=lora, tokens=T, activations=activations,
-        host_total=host_total, host_available=host_available, gpu=_gpu_memory(), notes=notes)
+        model=config["model_name_or_path"],
+        architecture=type(model).__name__,
+        num_layers=L,
+        moe_layers=len(experts),
+        experts=E,
+        experts_per_token=k,
+        hidden_size=H,
+        expert_intermediate=I,
+        vocab_size=V,
+        expert_params=expert_params,
+        other_params=total_params - expert_params,
+        packed_bytes=packed,
+        weight_format=fmt,
+        dtype_bytes=dtype_bytes,
+        lora_params=lora,
+        tokens=T,
+        activations=activations,
+        host_total=host_total,
+        host_available=host_available,
+        gpu=_gpu_memory(),
+        notes=notes,
+    )

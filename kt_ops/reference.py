@@ -47,8 +47,9 @@ import torch.nn.functional as F
 __all__ = ["moe_sft_reference", "expert_mlp_reference", "gate_activation", "moe_loop", "routed_experts"]
 
 
-def gate_activation(g: torch.Tensor, u: torch.Tensor, activation: str = "silu", swiglu_alpha: float = 1.702,
-                    swiglu_limit: float = 7.0) -> torch.Tensor:
+def gate_activation(
+    g: torch.Tensor, u: torch.Tensor, activation: str = "silu", swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0
+) -> torch.Tensor:
     """h from the gate and up pre-activations (see the module docstring)."""
     if activation == "silu":
         return F.silu(g) * u
@@ -70,8 +71,12 @@ def routed_experts(topk_ids: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, 
         yield expert, tokens, slots
 
 
-def moe_loop(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-             expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def moe_loop(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Y[t] = sum_j w[t, j] * expert_fn(ids[t, j], x[t]): the per-expert loop every plain-PyTorch MoE
     here runs (the oracle, the benchmarks' eager baselines, experts kept on the GPU). `expert_fn(e,
     rows)` maps the rows routed to expert e, [n, H], to [n, H_out]; the result has hidden_states' dtype."""
@@ -125,6 +130,51 @@ def _default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _check_shapes(hidden_states, topk_ids, topk_weights, gate_proj, up_proj, down_proj, lora, biases) -> None:
+    """moe_sft_reference's arguments fit together, and every routed id is an expert or -1."""
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(hidden_states.shape)}")
+    T, H = hidden_states.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [T={T}, k], got shape {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+        )
+    E, I, H_g = gate_proj.shape
+    if H_g != H or tuple(up_proj.shape) != (E, I, H) or tuple(down_proj.shape) != (E, H, I):
+        raise ValueError(
+            "base weights must be gate_proj/up_proj [E, I, H] and down_proj [E, H, I] "
+            f"with H={H}; got {tuple(gate_proj.shape)}, {tuple(up_proj.shape)}, {tuple(down_proj.shape)}"
+        )
+    gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b = lora
+    gate_bias, up_bias, down_bias = biases
+    r = gate_lora_a.shape[1]
+    expected = {
+        "gate_lora_a": (gate_lora_a, (E, r, H)),
+        "gate_lora_b": (gate_lora_b, (E, I, r)),
+        "up_lora_a": (up_lora_a, (E, r, H)),
+        "up_lora_b": (up_lora_b, (E, I, r)),
+        "down_lora_a": (down_lora_a, (E, r, I)),
+        "down_lora_b": (down_lora_b, (E, H, r)),
+    }
+    for name, t, shape in (
+        ("gate_bias", gate_bias, (E, I)),
+        ("up_bias", up_bias, (E, I)),
+        ("down_bias", down_bias, (E, H)),
+    ):
+        if t is not None:
+            expected[name] = (t, shape)
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    bad = (ids < -1) | (ids >= E)
+    if bool(bad.any()):
+        raise ValueError(f"topk_ids must lie in [0, {E}) or be -1, got {int(ids[bad][0])}")
+
+
 def moe_sft_reference(
     hidden_states: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -159,56 +209,29 @@ def moe_sft_reference(
     """
     out_dtype = compute_dtype if compute_dtype is not None else hidden_states.dtype
     cdt = compute_dtype if compute_dtype is not None else _default_compute_dtype(hidden_states.dtype)
-
-    if hidden_states.dim() != 2:
-        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(hidden_states.shape)}")
-    T, H = hidden_states.shape
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids must be [T={T}, k], got shape {tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
-            f"got {tuple(topk_weights.shape)}"
-        )
-    E, I, H_g = gate_proj.shape
-    if H_g != H or tuple(up_proj.shape) != (E, I, H) or tuple(down_proj.shape) != (E, H, I):
-        raise ValueError(
-            "base weights must be gate_proj/up_proj [E, I, H] and down_proj [E, H, I] "
-            f"with H={H}; got {tuple(gate_proj.shape)}, {tuple(up_proj.shape)}, {tuple(down_proj.shape)}"
-        )
-    r = gate_lora_a.shape[1]
-    expected = {
-        "gate_lora_a": (gate_lora_a, (E, r, H)),
-        "gate_lora_b": (gate_lora_b, (E, I, r)),
-        "up_lora_a": (up_lora_a, (E, r, H)),
-        "up_lora_b": (up_lora_b, (E, I, r)),
-        "down_lora_a": (down_lora_a, (E, r, I)),
-        "down_lora_b": (down_lora_b, (E, H, r)),
-    }
-    for name, t, shape in (("gate_bias", gate_bias, (E, I)), ("up_bias", up_bias, (E, I)),
-                           ("down_bias", down_bias, (E, H))):
-        if t is not None:
-            expected[name] = (t, shape)
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    bad = (ids < -1) | (ids >= E)
-    if bool(bad.any()):
-        raise ValueError(
-            f"topk_ids must lie in [0, {E}) or be -1, got {int(ids[bad][0])}"
-        )
+    lora = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+    _check_shapes(
+        hidden_states, topk_ids, topk_weights, gate_proj, up_proj, down_proj, lora, (gate_bias, up_bias, down_bias)
+    )
 
     x = hidden_states.to(cdt)
     base = [gate_proj.to(cdt), up_proj.to(cdt), down_proj.to(cdt)]
-    lora = [t.to(cdt) for t in (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)]
+    lora = [t.to(cdt) for t in lora]
 
     biases = [None if t is None else t.to(cdt) for t in (gate_bias, up_bias, down_bias)]
 
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-        return expert_mlp_reference(rows, base[0][e], base[1][e], base[2][e], *(t[e] for t in lora), lora_scaling,
-                                    *(None if b is None else b[e] for b in biases), activation, swiglu_alpha,
-                                    swiglu_limit)
+        return expert_mlp_reference(
+            rows,
+            base[0][e],
+            base[1][e],
+            base[2][e],
+            *(t[e] for t in lora),
+            lora_scaling,
+            *(None if b is None else b[e] for b in biases),
+            activation,
+            swiglu_alpha,
+            swiglu_limit,
+        )
 
     return moe_loop(x, topk_ids.to(torch.int64), topk_weights.to(cdt), expert).to(out_dtype)

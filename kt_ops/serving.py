@@ -19,9 +19,9 @@ LoRA mode does not compute inside sync(): submit() queues forward_sft on the
 process's CPUInfer thread, the one inference mode uses, so the CPU experts overlap the engine's GPU
 work in both modes and calls complete in submission order.
 """
+
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings
@@ -30,24 +30,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .core.checks import check_bool, check_int, check_number, check_path
 from .core.formats import LORA_NAMES
-from .experts import KTMoEWrapper
+from .wrappers import KTMoEWrapper
 
 __all__ = ["KTConfig", "KTEPWrapperMethod", "clear_moe_lora_cache", "get_sft_weight_path", "load_moe_lora_layer"]
-
-
-def _int_field(value, name: str, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"KTConfig.{name} must be an int{' or None' if optional else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"KTConfig.{name} must be >= {minimum}, got {value}")
-
-
-def _path_field(value, name: str) -> None:
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"KTConfig.{name} must be a path (str) or None, got {type(value).__name__}")
 
 
 @dataclass
@@ -78,42 +65,49 @@ class KTConfig:
     model_path: Optional[str] = None
 
     def __post_init__(self):
-        _int_field(self.layer_idx, "layer_idx", 0)
-        _int_field(self.num_gpu_experts, "num_gpu_experts", 0)
-        _int_field(self.cpuinfer_threads, "cpuinfer_threads", 1)
-        _int_field(self.threadpool_count, "threadpool_count", 1)
-        _int_field(self.chunked_prefill_size, "chunked_prefill_size", 1)
-        _int_field(self.max_deferred_experts_per_token, "max_deferred_experts_per_token", 0, optional=True)
-        _int_field(self.num_layers, "num_layers", 1, optional=True)
-        _int_field(self.gpu_prefill_token_threshold, "gpu_prefill_token_threshold", 0, optional=True)
-        _int_field(self.lora_rank, "lora_rank", 1, optional=True)
+        for name, minimum, optional in (
+            ("layer_idx", 0, False),
+            ("num_gpu_experts", 0, False),
+            ("cpuinfer_threads", 1, False),
+            ("threadpool_count", 1, False),
+            ("chunked_prefill_size", 1, False),
+            ("max_deferred_experts_per_token", 0, True),
+            ("num_layers", 1, True),
+            ("gpu_prefill_token_threshold", 0, True),
+            ("lora_rank", 1, True),
+        ):
+            check_int(getattr(self, name), f"KTConfig.{name}", minimum, optional)
         if self.cpuinfer_threads < self.threadpool_count:
-            raise ValueError(f"KTConfig.cpuinfer_threads ({self.cpuinfer_threads}) must be at least threadpool_count "
-                             f"({self.threadpool_count}): every sub-pool needs a thread")
+            raise ValueError(
+                f"KTConfig.cpuinfer_threads ({self.cpuinfer_threads}) must be at least threadpool_count "
+                f"({self.threadpool_count}): every sub-pool needs a thread"
+            )
         if self.num_layers is not None and self.layer_idx >= self.num_layers:
             raise ValueError(f"KTConfig.layer_idx ({self.layer_idx}) must be below num_layers ({self.num_layers})")
         for name in ("weight_path", "moe_lora_path", "model_path"):
-            _path_field(getattr(self, name), name)
+            check_path(getattr(self, name), f"KTConfig.{name}")
         if not isinstance(self.method, str) or self.method not in KTMoEWrapper.INFERENCE_METHODS:
-            raise ValueError(f"KTConfig.method must be one of {sorted(KTMoEWrapper.INFERENCE_METHODS)}, "
-                             f"got {self.method!r}")
+            raise ValueError(
+                f"KTConfig.method must be one of {sorted(KTMoEWrapper.INFERENCE_METHODS)}, got {self.method!r}"
+            )
         if not isinstance(self.sft_method, str) or self.sft_method not in KTMoEWrapper.SFT_METHODS:
-            raise ValueError(f"KTConfig.sft_method must be one of {sorted(KTMoEWrapper.SFT_METHODS)}, "
-                             f"got {self.sft_method!r}")
-        if not isinstance(self.moe_lora_enabled, bool):
-            raise TypeError(f"KTConfig.moe_lora_enabled must be a bool, got {self.moe_lora_enabled!r}")
+            raise ValueError(
+                f"KTConfig.sft_method must be one of {sorted(KTMoEWrapper.SFT_METHODS)}, got {self.sft_method!r}"
+            )
+        check_bool(self.moe_lora_enabled, "KTConfig.moe_lora_enabled")
         if self.moe_lora_enabled and not self.moe_lora_path:
-            raise ValueError("KTConfig.moe_lora_enabled=True needs moe_lora_path (the file written by "
-                             "python -m kt_ops.convert_moe_lora)")
+            raise ValueError(
+                "KTConfig.moe_lora_enabled=True needs moe_lora_path (the file written by "
+                "python -m kt_ops.convert_moe_lora)"
+            )
         if self.moe_lora_path and not self.moe_lora_enabled:
             # Serving the base model while the operator believes the adapter is active is the one
             # outcome worse than refusing to start.
-            raise ValueError(f"KTConfig.moe_lora_path is set ({self.moe_lora_path}) but moe_lora_enabled is False; "
-                             "set moe_lora_enabled=True to serve it, or drop the path")
-        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
-                                            or not isinstance(self.lora_alpha, (int, float))
-                                            or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
-            raise ValueError(f"KTConfig.lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
+            raise ValueError(
+                f"KTConfig.moe_lora_path is set ({self.moe_lora_path}) but moe_lora_enabled is False; "
+                "set moe_lora_enabled=True to serve it, or drop the path"
+            )
+        check_number(self.lora_alpha, "KTConfig.lora_alpha", positive=True, optional=True)
 
 
 def _sft_weight_path_or_none(kt_config: KTConfig) -> Optional[str]:
@@ -129,10 +123,15 @@ def get_sft_weight_path(kt_config: KTConfig) -> str:
     path = _sft_weight_path_or_none(kt_config)
     if path is None:
         field = "model_path" if kt_config.sft_method == "AMXBF16_SFT" else "weight_path"
-        what = ("the HuggingFace bf16 checkpoint" if field == "model_path"
-                else "the pre-quantized weights from python -m kt_ops.convert_weights")
-        raise ValueError(f"KTConfig.{field} is not set: sft_method {kt_config.sft_method} reads base weights from "
-                         f"{what}; set it, or pass the base weights as tensors")
+        what = (
+            "the HuggingFace bf16 checkpoint"
+            if field == "model_path"
+            else "the pre-quantized weights from python -m kt_ops.convert_weights"
+        )
+        raise ValueError(
+            f"KTConfig.{field} is not set: sft_method {kt_config.sft_method} reads base weights from "
+            f"{what}; set it, or pass the base weights as tensors"
+        )
     return path
 
 
@@ -147,8 +146,9 @@ def _load_lora_file(path: str) -> dict:
     file, and re-reading it per layer costs layers x file size. mmap keeps the unused layers on
     disk; weights_only refuses pickled code in a file that came from elsewhere."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MoE LoRA file not found: {path} (KTConfig.moe_lora_path; write it with "
-                                "python -m kt_ops.convert_moe_lora)")
+        raise FileNotFoundError(
+            f"MoE LoRA file not found: {path} (KTConfig.moe_lora_path; write it with python -m kt_ops.convert_moe_lora)"
+        )
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_mtime_ns, st.st_size)
@@ -161,8 +161,9 @@ def _load_lora_file(path: str) -> dict:
         except Exception as e:  # torch raises several unrelated types for a file it cannot read
             raise ValueError(f"MoE LoRA file {path} cannot be read as a converted MoE LoRA: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
-            raise ValueError(f"MoE LoRA file {path} has no 'metadata' dict: write it with "
-                             "python -m kt_ops.convert_moe_lora")
+            raise ValueError(
+                f"MoE LoRA file {path} has no 'metadata' dict: write it with python -m kt_ops.convert_moe_lora"
+            )
         for stale in [k for k in _lora_cache if k[0] == real]:
             del _lora_cache[stale]
         _lora_cache[key] = data
@@ -180,8 +181,9 @@ def load_moe_lora_layer(path: str, layer_idx: int) -> Tuple[Dict[str, torch.Tens
     data = _load_lora_file(os.fspath(path))
     key = f"layer_{layer_idx}"
     if key not in data:
-        available = sorted((k for k in data if k.startswith("layer_")),
-                           key=lambda k: int(k[6:]) if k[6:].isdigit() else -1)
+        available = sorted(
+            (k for k in data if k.startswith("layer_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1
+        )
         raise KeyError(f"layer {layer_idx} not found in MoE LoRA file {path}; available layers: {available}")
     layer = data[key]
     if not isinstance(layer, dict):
@@ -193,6 +195,7 @@ def load_moe_lora_layer(path: str, layer_idx: int) -> Tuple[Dict[str, torch.Tens
 
 
 # ---- the engine-facing method ---------------------------------------------------------------------
+
 
 class KTEPWrapperMethod:
     """One MoE layer's CPU experts, with the lifecycle an engine drives:
@@ -206,8 +209,11 @@ class KTEPWrapperMethod:
     def __init__(self, kt_config: KTConfig, num_experts_per_tok: int, tp_rank: int = 0, tp_size: int = 1):
         if not isinstance(kt_config, KTConfig):
             raise TypeError(f"kt_config must be a KTConfig, got {type(kt_config).__name__}")
-        for name, value, minimum in (("num_experts_per_tok", num_experts_per_tok, 1), ("tp_rank", tp_rank, 0),
-                                     ("tp_size", tp_size, 1)):
+        for name, value, minimum in (
+            ("num_experts_per_tok", num_experts_per_tok, 1),
+            ("tp_rank", tp_rank, 0),
+            ("tp_size", tp_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if tp_rank >= tp_size:
@@ -229,8 +235,11 @@ class KTEPWrapperMethod:
     def _layer_max_deferred(self) -> Optional[int]:
         cfg = self.kt_config
         # Deferred experts are folded into the next layer's output; the last layer has no next layer.
-        if cfg.max_deferred_experts_per_token is not None and cfg.num_layers is not None \
-                and cfg.layer_idx == cfg.num_layers - 1:
+        if (
+            cfg.max_deferred_experts_per_token is not None
+            and cfg.num_layers is not None
+            and cfg.layer_idx == cfg.num_layers - 1
+        ):
             return 0
         return cfg.max_deferred_experts_per_token
 
@@ -239,29 +248,50 @@ class KTEPWrapperMethod:
         cfg = self.kt_config
         _, metadata = load_moe_lora_layer(cfg.moe_lora_path, cfg.layer_idx)
         rank, alpha = metadata.get("lora_rank"), metadata.get("lora_alpha")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 \
-                or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"MoE LoRA file {cfg.moe_lora_path}: metadata lora_rank / lora_alpha must be a positive "
-                             f"int / number, got {rank!r} / {alpha!r}")
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, int)
+            or rank < 1
+            or isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not alpha > 0
+        ):
+            raise ValueError(
+                f"MoE LoRA file {cfg.moe_lora_path}: metadata lora_rank / lora_alpha must be a positive "
+                f"int / number, got {rank!r} / {alpha!r}"
+            )
         if cfg.lora_rank is not None and cfg.lora_rank != rank:
-            raise ValueError(f"KTConfig.lora_rank={cfg.lora_rank} but MoE LoRA file {cfg.moe_lora_path} has rank "
-                             f"{rank}; set lora_rank={rank} or None")
+            raise ValueError(
+                f"KTConfig.lora_rank={cfg.lora_rank} but MoE LoRA file {cfg.moe_lora_path} has rank "
+                f"{rank}; set lora_rank={rank} or None"
+            )
         if cfg.lora_alpha is not None and float(cfg.lora_alpha) != float(alpha):
-            raise ValueError(f"KTConfig.lora_alpha={cfg.lora_alpha} but MoE LoRA file {cfg.moe_lora_path} was "
-                             f"converted with lora_alpha={alpha}; set lora_alpha=None to use the file's, or "
-                             "re-convert with --lora-alpha")
+            raise ValueError(
+                f"KTConfig.lora_alpha={cfg.lora_alpha} but MoE LoRA file {cfg.moe_lora_path} was "
+                f"converted with lora_alpha={alpha}; set lora_alpha=None to use the file's, or "
+                "re-convert with --lora-alpha"
+            )
         return rank, float(alpha)
 
-    def create_weights(self, layer: Optional[torch.nn.Module], num_experts: int, hidden_size: int,
-                       intermediate_size_per_partition: int, params_dtype: torch.dtype = torch.bfloat16,
-                       **extra_weight_attrs) -> None:
+    def create_weights(
+        self,
+        layer: Optional[torch.nn.Module],
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype = torch.bfloat16,
+        **extra_weight_attrs,
+    ) -> None:
         """Build this layer's wrapper: SFT mode with `sft_method` when a MoE LoRA is configured,
         inference mode with `method` otherwise. `layer` and `params_dtype` belong to the engine's
         GPU side and are not used here."""
         if self.wrapper is not None:
             raise RuntimeError(f"create_weights() already ran for layer {self.kt_config.layer_idx}")
-        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
-                            ("intermediate_size_per_partition", intermediate_size_per_partition)):
+        for name, value in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("intermediate_size_per_partition", intermediate_size_per_partition),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         cfg = self.kt_config
@@ -272,29 +302,54 @@ class KTEPWrapperMethod:
             return
         # The CPU holds whole experts: the per-partition size is the engine's GPU sharding.
         intermediate_size = intermediate_size_per_partition * self.tp_size
-        common = dict(layer_idx=cfg.layer_idx, num_experts=num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                      hidden_size=hidden_size, moe_intermediate_size=intermediate_size,
-                      num_gpu_experts=cfg.num_gpu_experts, cpuinfer_threads=cfg.cpuinfer_threads,
-                      threadpool_count=cfg.threadpool_count, chunked_prefill_size=cfg.chunked_prefill_size)
+        common = dict(
+            layer_idx=cfg.layer_idx,
+            num_experts=num_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            hidden_size=hidden_size,
+            moe_intermediate_size=intermediate_size,
+            num_gpu_experts=cfg.num_gpu_experts,
+            cpuinfer_threads=cfg.cpuinfer_threads,
+            threadpool_count=cfg.threadpool_count,
+            chunked_prefill_size=cfg.chunked_prefill_size,
+        )
         if self.lora_mode:
             rank, alpha = self._lora_rank_alpha()
             if cfg.num_gpu_experts:
-                warnings.warn(f"layer {cfg.layer_idx}: the {cfg.num_gpu_experts} GPU experts are skipped on the CPU, "
-                              "so this MoE LoRA reaches them only if the GPU method applies it", RuntimeWarning,
-                              stacklevel=2)
-            self.wrapper = KTMoEWrapper(**common, weight_path=_sft_weight_path_or_none(cfg), mode="sft",
-                                        method=cfg.sft_method, lora_rank=rank, lora_alpha=alpha,
-                                        max_cache_depth=1)  # serving never keeps a forward for backward
+                warnings.warn(
+                    f"layer {cfg.layer_idx}: the {cfg.num_gpu_experts} GPU experts are skipped on the CPU, "
+                    "so this MoE LoRA reaches them only if the GPU method applies it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.wrapper = KTMoEWrapper(
+                **common,
+                weight_path=_sft_weight_path_or_none(cfg),
+                mode="sft",
+                method=cfg.sft_method,
+                lora_rank=rank,
+                lora_alpha=alpha,
+                max_cache_depth=1,
+            )  # serving never keeps a forward for backward
         else:
             weight_path = os.fspath(cfg.weight_path) if cfg.weight_path else None
-            self.wrapper = KTMoEWrapper(**common, weight_path=weight_path, mode="inference", method=cfg.method,
-                                        max_deferred_experts_per_token=self._layer_max_deferred())
+            self.wrapper = KTMoEWrapper(
+                **common,
+                weight_path=weight_path,
+                mode="inference",
+                method=cfg.method,
+                max_deferred_experts_per_token=self._layer_max_deferred(),
+            )
 
-    def process_weights_after_loading(self, layer: Optional[torch.nn.Module] = None,
-                                      physical_to_logical_map_cpu: Optional[torch.Tensor] = None, *,
-                                      gate_proj: Optional[torch.Tensor] = None,
-                                      up_proj: Optional[torch.Tensor] = None,
-                                      down_proj: Optional[torch.Tensor] = None) -> None:
+    def process_weights_after_loading(
+        self,
+        layer: Optional[torch.nn.Module] = None,
+        physical_to_logical_map_cpu: Optional[torch.Tensor] = None,
+        *,
+        gate_proj: Optional[torch.Tensor] = None,
+        up_proj: Optional[torch.Tensor] = None,
+        down_proj: Optional[torch.Tensor] = None,
+    ) -> None:
         """Load the base experts, then (LoRA mode) this layer's MoE LoRA.
 
         Base weights come from `gate_proj` [E, I, H], `up_proj` [E, I, H], `down_proj` [E, H, I]
@@ -319,8 +374,10 @@ class KTEPWrapperMethod:
             if self.lora_mode:
                 get_sft_weight_path(self.kt_config)  # a clear error naming the missing field
             elif not self.kt_config.weight_path:
-                raise ValueError("KTConfig.weight_path is not set: inference mode reads the pre-quantized experts "
-                                 "there; set it, or pass gate_proj/up_proj/down_proj")
+                raise ValueError(
+                    "KTConfig.weight_path is not set: inference mode reads the pre-quantized experts "
+                    "there; set it, or pass gate_proj/up_proj/down_proj"
+                )
             self.wrapper.load_weights(mapping)
         if self.lora_mode:
             self._load_moe_lora_weights(self.wrapper.physical_to_logical_map)
@@ -331,13 +388,21 @@ class KTEPWrapperMethod:
         lora, metadata = load_moe_lora_layer(cfg.moe_lora_path, cfg.layer_idx)
         w = self.wrapper
         E, H, I, r = w.num_experts, w.hidden_size, w.moe_intermediate_size, w.lora_rank
-        expected = {"gate_lora_a": (E, r, H), "gate_lora_b": (E, I, r), "up_lora_a": (E, r, H),
-                    "up_lora_b": (E, I, r), "down_lora_a": (E, r, I), "down_lora_b": (E, H, r)}
+        expected = {
+            "gate_lora_a": (E, r, H),
+            "gate_lora_b": (E, I, r),
+            "up_lora_a": (E, r, H),
+            "up_lora_b": (E, I, r),
+            "down_lora_a": (E, r, I),
+            "down_lora_b": (E, H, r),
+        }
         for name, shape in expected.items():
             if tuple(lora[name].shape) != shape:
-                raise ValueError(f"MoE LoRA file {cfg.moe_lora_path}: layer_{cfg.layer_idx}.{name} has shape "
-                                 f"{tuple(lora[name].shape)}, this layer needs {shape} (num_experts={E}, "
-                                 f"hidden_size={H}, intermediate_size={I}, lora_rank={r})")
+                raise ValueError(
+                    f"MoE LoRA file {cfg.moe_lora_path}: layer_{cfg.layer_idx}.{name} has shape "
+                    f"{tuple(lora[name].shape)}, this layer needs {shape} (num_experts={E}, "
+                    f"hidden_size={H}, intermediate_size={I}, lora_rank={r})"
+                )
         if not torch.equal(mapping, torch.arange(E)):
             lora = {name: t.index_select(0, mapping) for name, t in lora.items()}
         self.lora_weights = lora
@@ -345,8 +410,9 @@ class KTEPWrapperMethod:
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def submit(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               cuda_stream=None) -> None:
+    def submit(
+        self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, cuda_stream=None
+    ) -> None:
         """Start this layer's CPU experts and return at once; sync() collects, oldest first."""
         if self.tp_rank != 0:
             return

@@ -7,19 +7,22 @@
 #include "runtime/cpu.h"
 #include "runtime/thread_pool.h"
 
+// Arguments after `*` are keyword-only. moe_sft_forward keeps its tensors positional: torch's
+// register_autograd (kt_ops/ops.py) refuses keyword-only tensors on an op it differentiates. The order
+// of every schema is the C++ functions' parameter order; kt_ops/ops.py passes every argument by name.
 TORCH_LIBRARY(kt, m) {
   m.def(
       "moe_sft_forward(Tensor hidden_states, Tensor topk_ids, Tensor topk_weights, Tensor gate_weight, "
       "Tensor up_weight, Tensor down_weight, Tensor? gate_scale, Tensor? up_scale, Tensor? down_scale, "
       "str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, Tensor up_lora_a, "
       "Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, bool save_for_backward, "
-      "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation=\"silu\", "
+      "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, *, str activation=\"silu\", "
       "float swiglu_alpha=1.702, float swiglu_limit=7.0) "
       "-> (Tensor output, Tensor gate_up_pre, Tensor lora_mid)");
   m.def(
-      "moe_sft_backward(Tensor grad_output, Tensor hidden_states, Tensor topk_ids, Tensor topk_weights, "
-      "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor? gate_scale, Tensor? up_scale, "
-      "Tensor? down_scale, str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, "
+      "moe_sft_backward(Tensor grad_output, Tensor hidden_states, Tensor topk_ids, Tensor topk_weights, *, "
+      "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor? gate_scale=None, Tensor? up_scale=None, "
+      "Tensor? down_scale=None, str weight_format, int intermediate_size, Tensor gate_lora_a, Tensor gate_lora_b, "
       "Tensor up_lora_a, Tensor up_lora_b, Tensor down_lora_a, Tensor down_lora_b, float lora_scaling, "
       "Tensor gate_up_pre, Tensor lora_mid, bool lora_grads=True, "
       "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation=\"silu\", "

@@ -75,7 +75,7 @@ def lora_shapes(E: int, H: int, I: int, r: int):
 #    meaningful.
 # float64 inputs always run the reference kernel and stay tight.
 BF16_ROUNDING_ISAS = ("amx", "amx-emu", "avx512-bf16-emu")  # and "avx512" where the CPU has AVX512_BF16
-BF16_ROUNDED_RTOL = 2.0 ** -6
+BF16_ROUNDED_RTOL = 2.0**-6
 
 
 def isa_rounds_activations(isa: Optional[str] = None) -> bool:
@@ -232,9 +232,9 @@ def make_case(
     hidden = hidden.to(hidden_dtype)
     ids = make_ids(gen, T, E, k, ids_mode, neg_frac, ids_dtype)
     weights = (torch.rand(T, k, generator=gen, dtype=torch.float64) + 0.1).to(weights_dtype)
-    gate = randn(E, I, H, std=H ** -0.5).to(torch.bfloat16)
-    up = randn(E, I, H, std=H ** -0.5).to(torch.bfloat16)
-    down = randn(E, H, I, std=I ** -0.5).to(torch.bfloat16)
+    gate = randn(E, I, H, std=H**-0.5).to(torch.bfloat16)
+    up = randn(E, I, H, std=H**-0.5).to(torch.bfloat16)
+    down = randn(E, H, I, std=I**-0.5).to(torch.bfloat16)
     lora = []
     for name, shape in zip(LORA_NAMES, formats.lora_shapes(E, H, I, r)):
         if name.endswith("_a"):
@@ -302,7 +302,14 @@ def _run_reference(case: Case, compute_dtype, with_grads):
     cd = compute_dtype or case.hidden.dtype
     leaves = _grad_inputs(case.hidden.to(cd), case.weights.to(cd), [t.to(cd) for t in case.lora])
     out = reference.moe_sft_reference(
-        leaves[0], case.ids, leaves[1], case.gate, case.up, case.down, *leaves[2:], case.scaling,
+        leaves[0],
+        case.ids,
+        leaves[1],
+        case.gate,
+        case.up,
+        case.down,
+        *leaves[2:],
+        case.scaling,
         compute_dtype=compute_dtype,
     )
     if not with_grads:
@@ -325,6 +332,28 @@ def run_ops(case: Case, experts=None, with_grads=True):
         return out.detach(), None
     grads = grads_of(out, leaves, case.grad_out)
     return out.detach(), grads
+
+
+def op_call(case: Case, experts, save: bool, requires_grad: bool):
+    """(args, kwargs) of a kt::moe_sft_forward call on the case (fresh leaves for hidden, weights and
+    LoRA), by name through kt_ops.ops.forward_call."""
+    import kt_ops.ops
+
+    hidden = case.hidden.detach().clone().requires_grad_(requires_grad)
+    weights = case.weights.detach().clone().requires_grad_(requires_grad)
+    lora = [t.detach().clone().requires_grad_(requires_grad) for t in case.lora]
+    return kt_ops.ops.forward_call(hidden, case.ids, weights, experts, lora, case.scaling, save)
+
+
+def backward_op_call(grad_output, forward_call, gate_up_pre, lora_mid, lora_grads: bool = True):
+    """(args, kwargs) of the kt::moe_sft_backward call that goes with a forward call's (args, kwargs)."""
+    (hidden, ids, weights), kwargs = forward_call
+    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    kwargs.pop("save_for_backward")
+    return (
+        (grad_output, hidden.detach(), ids, weights.detach()),
+        dict(kwargs, gate_up_pre=gate_up_pre, lora_mid=lora_mid, lora_grads=lora_grads),
+    )
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -366,13 +395,16 @@ def plain_and_kt_step(build, ids, target_modules, target_parameters, **apply_kt_
         if convert:
             apply_kt(model, lora_rank=0, **apply_kt_kwargs)
         torch.manual_seed(7)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
-                                                           target_parameters=target_parameters))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, target_parameters=target_parameters),
+        )
         randomize_lora_b(model)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.requires_grad}))
+        results.append(
+            (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
     return results[0], results[1], model
 
 
@@ -437,7 +469,7 @@ def assert_rel_mae(name, got, ref, tol):
     assert err <= tol, f"{name}: rel_mae {err:.4e} > {tol}"
 
 
-BF16_UNIT_ROUNDOFF = 2.0 ** -8  # round to nearest bf16: |x - bf16(x)| <= 2^-8 |x|
+BF16_UNIT_ROUNDOFF = 2.0**-8  # round to nearest bf16: |x - bf16(x)| <= 2^-8 |x|
 
 
 def _is_bf16_valued(t: torch.Tensor) -> bool:
@@ -484,7 +516,7 @@ def assert_within_bound(name, got, ref, bound):
     got_d = got.detach().to(torch.float64)
     assert torch.isfinite(got_d).all(), f"{name}: non-finite values in kernel result"
     scale = max(ref.abs().max().item(), bound.max().item(), 1e-3)
-    allowed = 1.1 * bound + 2.0 ** -7 * ref.abs() + 1e-6 * scale
+    allowed = 1.1 * bound + 2.0**-7 * ref.abs() + 1e-6 * scale
     excess = ((got_d - ref).abs() - allowed).max().item()
     assert excess <= 0, f"{name}: error exceeds the bf16 input-rounding bound by {excess:.3e}"
 
@@ -557,5 +589,6 @@ def spy_on_from_pretrained(monkeypatch) -> list:
     def spy(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
+
     monkeypatch.setattr(integration, "from_pretrained", spy)
     return calls

@@ -54,8 +54,9 @@ def test_emulation_matches_reference(emu, shape, dtype):
     # rounding ISA), so the kernel's own rounding of them is checked too; "tiny" is too small for
     # rel_mae to absorb that rounding and keeps the default.
     bf16_activations = None if shape == "tiny" else False
-    case = make_case(seed=zlib.crc32(shape.encode()) % 997, hidden_dtype=dtype, bf16_activations=bf16_activations,
-                     **SHAPES[shape])
+    case = make_case(
+        seed=zlib.crc32(shape.encode()) % 997, hidden_dtype=dtype, bf16_activations=bf16_activations, **SHAPES[shape]
+    )
     experts = kt_ops.pack_experts(case.gate, case.up, case.down)
     out, grads = run_ops(case, experts)
     compare_with_reference(case, out, grads, "bf16")

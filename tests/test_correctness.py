@@ -38,8 +38,9 @@ EDGE_CASES = {
     "some_minus_one": dict(T=16, E=4, k=3, H=32, I=24, r=4, neg_frac=0.3),
     "all_minus_one": dict(T=6, E=4, k=2, H=32, I=24, r=4, neg_frac=1.0),
     "duplicates_in_row": dict(T=16, E=3, k=4, H=32, I=24, r=4, ids_mode="random"),
-    "int32_minus_one_dup": dict(T=16, E=5, k=3, H=40, I=20, r=2, ids_mode="random", neg_frac=0.2,
-                                ids_dtype=torch.int32),
+    "int32_minus_one_dup": dict(
+        T=16, E=5, k=3, H=40, I=20, r=2, ids_mode="random", neg_frac=0.2, ids_dtype=torch.int32
+    ),
     "bigger": dict(T=24, E=8, k=2, H=96, I=96, r=8),
     "negative_scaling": dict(T=8, E=3, k=2, H=32, I=24, r=4, scaling=-0.5),
     # Beyond the small sizes: > 64 rows per expert and > 64 output columns, so the kernels split
@@ -68,7 +69,9 @@ def _run_and_compare(case, mode):
 @pytest.mark.parametrize("edge", list(EDGE_CASES), ids=list(EDGE_CASES))
 def test_edge_cases(isa, edge, dtypes):
     hd, ld, wd, mode = DTYPE_MODES[dtypes]
-    case = make_case(seed=zlib.crc32(edge.encode()) % 1000, hidden_dtype=hd, lora_dtype=ld, weights_dtype=wd, **EDGE_CASES[edge])
+    case = make_case(
+        seed=zlib.crc32(edge.encode()) % 1000, hidden_dtype=hd, lora_dtype=ld, weights_dtype=wd, **EDGE_CASES[edge]
+    )
     _run_and_compare(case, mode)
 
 
@@ -165,7 +168,8 @@ def test_reference_path_uses_module_reference():
     import kt_ops.reference as pkg_ref
 
     case = make_case(seed=13, T=6, E=3, k=2, H=16, I=8, r=2, hidden_dtype=torch.float64)
-    out_pkg = pkg_ref.moe_sft_reference(case.hidden, case.ids, case.weights, case.gate, case.up, case.down,
-                                        *case.lora, case.scaling)
+    out_pkg = pkg_ref.moe_sft_reference(
+        case.hidden, case.ids, case.weights, case.gate, case.up, case.down, *case.lora, case.scaling
+    )
     out_file, _ = run_reference(case, with_grads=False)
     torch.testing.assert_close(out_pkg, out_file, rtol=0, atol=0)

@@ -12,8 +12,19 @@ import torch
 import kt_ops
 import kt_ops.ops
 import test_gpt_oss as variant_tests  # the variant helpers (reference / kernel / op arguments)
-from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, fp32_rtol, logits_of, make_case,
-                        model_rtol, plain_and_kt_step, rel_l2, token_ids)
+from kt_testing import (
+    assert_same_step,
+    backward_op_call,
+    compare_with_reference,
+    expert_lora_params,
+    fp32_rtol,
+    logits_of,
+    make_case,
+    model_rtol,
+    plain_and_kt_step,
+    rel_l2,
+    token_ids,
+)
 
 LIMIT = variant_tests.LIMIT
 
@@ -29,12 +40,20 @@ def test_clamped_silu_matches_reference(name, dtype, which):
     case = make_case(seed=91, hidden_dtype=dtype, **variant_tests.CASES[name])
     variant = _variant(case, 92, which)
     out, grads, experts = variant_tests._kernel(case, variant)
-    compare_with_reference(case, out, grads, "bf16" if dtype == torch.bfloat16 else "tight",
-                           ref=variant_tests._reference(case, variant))
+    compare_with_reference(
+        case, out, grads, "bf16" if dtype == torch.bfloat16 else "tight", ref=variant_tests._reference(case, variant)
+    )
     if case.T:
         # Both clamps bite somewhere (and not everywhere), or the test would not test them.
-        _, pre, _ = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, experts,
-                                          kt_ops.ops.lora_inputs(experts, case.lora, case.hidden), case.scaling, True)
+        _, pre, _ = kt_ops.ops.forward_op(
+            case.hidden,
+            case.ids,
+            case.weights,
+            experts,
+            kt_ops.ops.lora_inputs(experts, case.lora, case.hidden),
+            case.scaling,
+            True,
+        )
         routed = case.ids.reshape(-1) >= 0
         g, u = pre[0][routed], pre[1][routed]
         assert 0 < (g > LIMIT).float().mean() < 0.9 and 0 < (u.abs() > LIMIT).float().mean() < 0.9
@@ -57,11 +76,10 @@ def test_opcheck_clamped_silu(dtype):
     case = make_case(seed=95, hidden_dtype=dtype, lora_dtype=dtype, **variant_tests.CASES["dupes_minus_one_odd"])
     experts = kt_ops.pack_experts(case.gate, case.up, case.down).with_variant(**_variant(case, 96))
     op_args = variant_tests._op_args
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, op_args(case, experts, True, True))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *op_args(case, experts, True, True))
     fwd = op_args(case, experts, True, False)
-    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd)
-    bwd = (case.grad_out,) + fwd[:18] + (pre, mid, True) + fwd[19:]
-    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, bwd)
+    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd[0], **fwd[1])
+    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, *backward_op_call(case.grad_out, fwd, pre, mid))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,12 +104,31 @@ def tiny_deepseek_v4(dtype=torch.float32, seed=0, swiglu_limit=1.0):
     weights are bf16 numbers (what AMXBF16 packs exactly), so kt matches eager closely: this tiny model
     amplifies an error at the clamps' kinks through its layers."""
     config = transformers.DeepseekV4Config(
-        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, q_lora_rank=32, qk_rope_head_dim=8, num_experts_per_tok=2,
-        n_routed_experts=E, n_shared_experts=1, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        num_experts_per_tok=2,
+        n_routed_experts=E,
+        n_shared_experts=1,
+        max_position_embeddings=128,
         layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
-        mlp_layer_types=["hash_moe", "moe"], sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=2,
-        index_head_dim=16, index_topk=4, swiglu_limit=swiglu_limit, hc_mult=2, num_nextn_predict_layers=0)
+        mlp_layer_types=["hash_moe", "moe"],
+        sliding_window=8,
+        o_groups=2,
+        o_lora_rank=16,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+        swiglu_limit=swiglu_limit,
+        hc_mult=2,
+        num_nextn_predict_layers=0,
+    )
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
     torch.manual_seed(seed)
@@ -198,8 +235,9 @@ def test_training_save_load_and_export(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     # back into a fresh kt model: bit-exact
     with pytest.warns(UserWarning, match="peft_config"):
-        loaded = peft.PeftModel.from_pretrained(apply_kt(tiny_deepseek_v4(), lora_rank=4, lora_alpha=8.0),
-                                                tmp_path / "adapter")
+        loaded = peft.PeftModel.from_pretrained(
+            apply_kt(tiny_deepseek_v4(), lora_rank=4, lora_alpha=8.0), tmp_path / "adapter"
+        )
     assert torch.equal(logits_of(loaded, ids), tuned)
     # into plain transformers + peft (no kt_ops)
     plain = peft.PeftModel.from_pretrained(tiny_deepseek_v4(), tmp_path / "adapter")
@@ -219,8 +257,10 @@ def test_shared_experts_file_keeps_the_clamps(tmp_path):
     model = apply_kt(tiny_deepseek_v4(), lora_rank=0)
     before = logits_of(model, ids)
     share_kt_experts(model, tmp_path / "experts.safetensors")
-    assert all(kt.experts.activation == "clamped_silu" and kt.experts.swiglu_limit == 1.0
-               for _, _, kt in kt_experts_modules(model))
+    assert all(
+        kt.experts.activation == "clamped_silu" and kt.experts.swiglu_limit == 1.0
+        for _, _, kt in kt_experts_modules(model)
+    )
     assert torch.equal(logits_of(model, ids), before)
 
 

@@ -1,6 +1,7 @@
 """Data parallel training with stock DDP (gloo on CPU): each process holds its own CPU experts, and
 the expert LoRA (ordinary nn.Parameters) is all-reduced with everything else, so two processes on
 half batches end where one process on the whole batch ends."""
+
 import os
 
 import pytest
@@ -51,9 +52,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         per_rank = GLOBAL_BATCH // world
-        _train(ddp, [_data()[rank * per_rank:(rank + 1) * per_rank]])
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        _train(ddp, [_data()[rank * per_rank : (rank + 1) * per_rank]])
+        torch.save(
+            {n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt")
+        )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -22,10 +22,17 @@ def valid_args():
     case = make_case(seed=41, T=T, E=E, k=K, H=H, I=I, r=R)
     p = kt_ops.pack_experts(case.gate, case.up, case.down)
     args = dict(
-        hidden_states=case.hidden, topk_ids=case.ids, topk_weights=case.weights,
-        gate_weight=p.gate, up_weight=p.up, down_weight=p.down,
-        gate_scale=p.gate_scale, up_scale=p.up_scale, down_scale=p.down_scale,
-        weight_format=p.weight_format, intermediate_size=p.intermediate_size,
+        hidden_states=case.hidden,
+        topk_ids=case.ids,
+        topk_weights=case.weights,
+        gate_weight=p.gate,
+        up_weight=p.up,
+        down_weight=p.down,
+        gate_scale=p.gate_scale,
+        up_scale=p.up_scale,
+        down_scale=p.down_scale,
+        weight_format=p.weight_format,
+        intermediate_size=p.intermediate_size,
         lora_scaling=case.scaling,
     )
     args.update(zip(LORA_NAMES, case.lora))
@@ -34,19 +41,18 @@ def valid_args():
 
 def call_ops(args, packed):
     return kt_ops.ops.moe_sft(
-        args["hidden_states"], args["topk_ids"], args["topk_weights"], packed,
-        tuple(args[n] for n in LORA_NAMES), args["lora_scaling"],
+        args["hidden_states"],
+        args["topk_ids"],
+        args["topk_weights"],
+        packed,
+        tuple(args[n] for n in LORA_NAMES),
+        args["lora_scaling"],
     )
 
 
 def call_raw(args, packed=None):
-    return torch.ops.kt.moe_sft_forward(
-        args["hidden_states"], args["topk_ids"], args["topk_weights"],
-        args["gate_weight"], args["up_weight"], args["down_weight"],
-        args["gate_scale"], args["up_scale"], args["down_scale"],
-        args["weight_format"], args["intermediate_size"],
-        *(args[n] for n in LORA_NAMES), args["lora_scaling"], False,
-    )
+    # by name: the schema's tail after topk_weights as the test's dict holds it
+    return torch.ops.kt.moe_sft_forward(**args, save_for_backward=False)
 
 
 def call_layer(args, packed):
@@ -116,8 +122,7 @@ for _name in LORA_NAMES:
     _outer_dim = 2 if _name.endswith("_a") else 1
     INPUT_CASES += [
         (f"{_name}_wrong_E", _set(_name, lambda t, s=_bump(_shape, 0): torch.randn(s)), ValueError, _name),
-        (f"{_name}_wrong_outer", _set(_name, lambda t, s=_bump(_shape, _outer_dim): torch.randn(s)), ValueError,
-         _name),
+        (f"{_name}_wrong_outer", _set(_name, lambda t, s=_bump(_shape, _outer_dim): torch.randn(s)), ValueError, _name),
         (f"{_name}_2d", _set(_name, lambda t: t[0]), ValueError, _name),
         (f"{_name}_4d", _set(_name, lambda t: t[None]), ValueError, _name),
         (f"{_name}_int", _set(_name, lambda t: t.to(torch.int32)), TypeError, _name),
@@ -126,8 +131,12 @@ for _name in LORA_NAMES:
     ]
     if _name != "gate_lora_a":  # the rank is read from gate_lora_a; a mismatch elsewhere names that tensor
         INPUT_CASES.append(
-            (f"{_name}_rank_mismatch", _set(_name, lambda t, s=_bump(_shape, _rank_dim): torch.randn(s)),
-             ValueError, _name)
+            (
+                f"{_name}_rank_mismatch",
+                _set(_name, lambda t, s=_bump(_shape, _rank_dim): torch.randn(s)),
+                ValueError,
+                _name,
+            )
         )
 
 RAW_ONLY_CASES = [
@@ -192,8 +201,9 @@ def test_gate_lora_a_rank_mismatch_is_reported():
 
 
 # KTMoELayer moves inputs from any device to the CPU, so meta inputs are tested separately.
-LAYER_CASES = [c for c in INPUT_CASES
-               if c[3] in ("hidden_states", "topk_ids", "topk_weights") and not c[0].endswith("_meta")]
+LAYER_CASES = [
+    c for c in INPUT_CASES if c[3] in ("hidden_states", "topk_ids", "topk_weights") and not c[0].endswith("_meta")
+]
 
 
 @pytest.mark.parametrize("case_id,mutate,exc,name", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
@@ -210,19 +220,17 @@ def test_layer_meta_input_fails():
 
 def test_bad_backward_grad_output_shape():
     args, packed, case = valid_args()
-    ret = torch.ops.kt.moe_sft_forward(
-        *(args[k] for k in ("hidden_states", "topk_ids", "topk_weights", "gate_weight", "up_weight", "down_weight",
-                            "gate_scale", "up_scale", "down_scale", "weight_format", "intermediate_size")),
-        *(args[n] for n in LORA_NAMES), args["lora_scaling"], True,
-    )
-    rest = (args["hidden_states"], args["topk_ids"], args["topk_weights"], args["gate_weight"], args["up_weight"],
-            args["down_weight"], None, None, None, "bf16", I, *(args[n] for n in LORA_NAMES), args["lora_scaling"])
+    _, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(**args, save_for_backward=True)
+
+    def backward(grad_output, gate_up_pre, lora_mid):
+        return torch.ops.kt.moe_sft_backward(grad_output, **args, gate_up_pre=gate_up_pre, lora_mid=lora_mid)
+
     with pytest.raises(ValueError, match="grad_output"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H + 1), *rest, ret[1], ret[2])
+        backward(torch.randn(T, H + 1), gate_up_pre, lora_mid)
     with pytest.raises(ValueError, match="gate_up_pre"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H), *rest, ret[1][:, :-1], ret[2])
+        backward(torch.randn(T, H), gate_up_pre[:, :-1], lora_mid)
     with pytest.raises(ValueError, match="lora_mid"):
-        torch.ops.kt.moe_sft_backward(torch.randn(T, H), *rest, ret[1], ret[2][:, :, :-1])
+        backward(torch.randn(T, H), gate_up_pre, lora_mid[:, :, :-1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -2,6 +2,7 @@
 DeepSeek-V3's block-FP8 experts kept at ~1 byte per weight. Decoding, exact packing of checkpoint
 codes, the op against the reference on the dequantized weights on every ISA, loading a block-FP8
 checkpoint with from_pretrained, and a few training steps."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,16 @@ import pytest
 import torch
 
 import kt_ops
-from kt_testing import (assert_rel_mae, assert_tight, compare_with_reference, isa_rounds_activations, make_case, rel_mae, run_ops,
-                        run_reference)
+from kt_testing import (
+    assert_rel_mae,
+    assert_tight,
+    compare_with_reference,
+    isa_rounds_activations,
+    make_case,
+    rel_mae,
+    run_ops,
+    run_reference,
+)
 
 from kt_ops.core.packed import pack_experts_from_codes, unpack_experts
 
@@ -38,10 +47,11 @@ def _block_fp8(w: torch.Tensor, block: int = 128):
 
 def _expand(scale_inv, N, K, group):
     """Block scales [ceil(N/128), ceil(K/128)] as the format's per-row scales [N, K / group]."""
-    return scale_inv.repeat_interleave(128, 0)[:N].repeat_interleave(128 // group, 1)[:, :K // group]
+    return scale_inv.repeat_interleave(128, 0)[:N].repeat_interleave(128 // group, 1)[:, : K // group]
 
 
 # ---- decoding and packing ---------------------------------------------------------------------------
+
 
 def test_every_e4m3_code_decodes_exactly():
     """All 256 bytes through pack_codes / unpack_weights (the exact fp32 decode) against torch's
@@ -74,7 +84,7 @@ def test_every_code_through_the_kernels(isa):
     out = kt_ops.moe_sft(torch.eye(H), torch.zeros(H, 1, dtype=torch.int64), torch.ones(H, 1), experts, None, 1.0)
     want = torch.nn.functional.silu(got_gate.to(torch.bfloat16).float().T)
     # ISAs that round activations to bf16 round h = silu(g) once more before down.
-    rtol = 2.0 ** -8 if isa_rounds_activations() else 1e-6
+    rtol = 2.0**-8 if isa_rounds_activations() else 1e-6
     torch.testing.assert_close(out, want, rtol=rtol, atol=1e-6)
 
 
@@ -104,19 +114,23 @@ def test_pack_weights_rounds_to_nearest_e4m3():
     torch.testing.assert_close(scales, w.abs().view(2, 48, 2, 32).amax(-1) / 448, rtol=0, atol=0)
     back = torch.ops.kt.unpack_weights(packed, scales, "fp8", 48, 64)
     # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 of each weight (plus the subnormal step)
-    step = scales.repeat_interleave(32, -1) * 2.0 ** -9
-    assert ((back - w).abs() <= w.abs() * 2.0 ** -4 + step / 2 + 1e-12).all()
+    step = scales.repeat_interleave(32, -1) * 2.0**-9
+    assert ((back - w).abs() <= w.abs() * 2.0**-4 + step / 2 + 1e-12).all()
     assert rel_mae(back, w) < 0.03
     # the group max is the code 448 (to the fp32 rounding of max / 448 * 448)
-    torch.testing.assert_close(back.abs().view(2, 48, 2, 32).amax(-1), w.abs().view(2, 48, 2, 32).amax(-1),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        back.abs().view(2, 48, 2, 32).amax(-1), w.abs().view(2, 48, 2, 32).amax(-1), rtol=1e-6, atol=0
+    )
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(codes=torch.zeros(1, 16, 32, dtype=torch.float8_e4m3fn), fmt="int8_kgroup"), "float8_e4m3fn codes need"),
-    (dict(codes=torch.full((1, 16, 32), 256)), r"must lie in \[0, 255\]"),
-    (dict(scales=torch.ones(1, 16, 3)), "groups per row"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(codes=torch.zeros(1, 16, 32, dtype=torch.float8_e4m3fn), fmt="int8_kgroup"), "float8_e4m3fn codes need"),
+        (dict(codes=torch.full((1, 16, 32), 256)), r"must lie in \[0, 255\]"),
+        (dict(scales=torch.ones(1, 16, 3)), "groups per row"),
+    ],
+)
 def test_pack_codes_bad_input(bad, match):
     args = dict(codes=torch.zeros(1, 16, 32, dtype=torch.uint8), scales=torch.ones(1, 16, 1), fmt="fp8")
     args.update(bad)
@@ -339,8 +353,12 @@ def test_other_backends_still_requantize_to_int8(tmp_path):
     from kt_ops.integration import apply_kt
     from kt_ops.integration.tiny import tiny_model
 
-    applied = apply_kt(tiny_model("tiny-deepseek-v3", hidden_size=128, moe_intermediate_size=128),
-                       kt_backend="AMXFP8", kt_weight_path=str(tmp_path), lora_rank=0)
+    applied = apply_kt(
+        tiny_model("tiny-deepseek-v3", hidden_size=128, moe_intermediate_size=128),
+        kt_backend="AMXFP8",
+        kt_weight_path=str(tmp_path),
+        lora_rank=0,
+    )
     c = find_moe_experts(applied)[0][1].kt_experts.experts
     assert c.weight_format == "fp8"
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
@@ -357,17 +375,34 @@ def test_kt_sft_config_and_plan(tmp_path):
 
     model_dir = tmp_path / "DeepSeek-V3"
     model_dir.mkdir()
-    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "deepseek_v3_671b_config.json"),
-                model_dir / "config.json")
-    config = cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
-                              "kt_expert_weight_format": "fp8", "bf16": True}, quiet=True)
+    shutil.copy(
+        os.path.join(os.path.dirname(__file__), "data", "deepseek_v3_671b_config.json"), model_dir / "config.json"
+    )
+    config = cli.load_config(
+        {
+            "model_name_or_path": str(model_dir),
+            "dataset": "identity",
+            "output_dir": str(tmp_path),
+            "kt_expert_weight_format": "fp8",
+            "bf16": True,
+        },
+        quiet=True,
+    )
     assert config["kt_backend"] == "AMXFP8"
     plan = plan_from_config(config)
     assert plan.weight_format == "fp8"
     assert plan.packed_bytes["fp8"] == pytest.approx(plan.expert_params * (1 + 4 / 128), rel=1e-6)
     with pytest.raises(cli.ConfigError, match="computes 'bf16' experts but kt_expert_weight_format is 'fp8'"):
-        cli.load_config({"model_name_or_path": str(model_dir), "dataset": "identity", "output_dir": str(tmp_path),
-                         "kt_expert_weight_format": "fp8", "kt_backend": "AMXBF16"}, quiet=True)
+        cli.load_config(
+            {
+                "model_name_or_path": str(model_dir),
+                "dataset": "identity",
+                "output_dir": str(tmp_path),
+                "kt_expert_weight_format": "fp8",
+                "kt_backend": "AMXBF16",
+            },
+            quiet=True,
+        )
 
 
 def test_from_pretrained_dequantizes_fp8_non_expert_weights(tmp_path):
@@ -389,6 +424,7 @@ def test_from_pretrained_dequantizes_fp8_non_expert_weights(tmp_path):
     tensors = load_file(os.path.join(tmp_path, shard))
     scale_key = next(k for k in tensors if k.endswith("_scale_inv"))
     from safetensors.torch import save_file
+
     del tensors[scale_key]
     save_file(tensors, os.path.join(tmp_path, shard), metadata={"format": "pt"})
     index = os.path.join(tmp_path, "model.safetensors.index.json")

@@ -6,6 +6,7 @@ raise ValueError / TypeError, or succeed with the reference's result: never cras
 something else or return a wrong answer. Examples are derandomized (fixed seed). The forward fuzz
 runs KT_OPS_FUZZ_EXAMPLES examples per ISA (default 60 in the suite; .ci/run asks for 700, i.e.
 2,100 with the three ISAs of an AVX2 machine), the other three tests a quarter of that each."""
+
 from __future__ import annotations
 
 import math
@@ -17,22 +18,47 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kt_ops
-from kt_ops.core.formats import GROUPED_FORMATS, WEIGHT_FORMATS
+from kt_ops.core.formats import GROUPED_FORMATS, LORA_NAMES, WEIGHT_FORMATS
 from kt_ops.core.packed import unpack_experts
 from kt_ops.reference import moe_sft_reference
 
 EXAMPLES = int(os.environ.get("KT_OPS_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 FUZZ_QUARTER = settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
 ACCEPTED = (ValueError, TypeError)
 
-FORWARD_MUTATIONS = ("none", "noncontiguous", "nan", "id_high", "id_negative", "id_float", "id_int16",
-                     "hidden_wrong_width", "hidden_3d", "weights_shape", "weights_int", "lora_rank_mismatch",
-                     "lora_wrong_i", "lora_int", "lora_fp16", "format_unknown", "format_other",
-                     "intermediate_off", "intermediate_zero", "intermediate_huge", "blob_truncated",
-                     "blob_dtype", "scale_missing", "scale_extra", "scale_shape", "scale_dtype", "meta_ids",
-                     "experts_mismatch")
+FORWARD_MUTATIONS = (
+    "none",
+    "noncontiguous",
+    "nan",
+    "id_high",
+    "id_negative",
+    "id_float",
+    "id_int16",
+    "hidden_wrong_width",
+    "hidden_3d",
+    "weights_shape",
+    "weights_int",
+    "lora_rank_mismatch",
+    "lora_wrong_i",
+    "lora_int",
+    "lora_fp16",
+    "format_unknown",
+    "format_other",
+    "intermediate_off",
+    "intermediate_zero",
+    "intermediate_huge",
+    "blob_truncated",
+    "blob_dtype",
+    "scale_missing",
+    "scale_extra",
+    "scale_shape",
+    "scale_dtype",
+    "meta_ids",
+    "experts_mismatch",
+)
 BACKWARD_MUTATIONS = ("none", "grad_shape", "grad_int", "saved_shape", "saved_dtype", "weights_shape")
 
 
@@ -45,25 +71,54 @@ def cases(draw, mutations):
     I = unit * draw(st.integers(1, max(1, 40 // unit)))
     E = draw(st.integers(1, 5))
     k = draw(st.integers(1, E))
-    return dict(fmt=fmt, group=group, E=E, H=H, I=I, k=k, T=draw(st.integers(0, 6)), r=draw(st.integers(0, 3)),
-                dtype=draw(st.sampled_from((torch.float32, torch.bfloat16, torch.float64))),
-                seed=draw(st.integers(0, 2 ** 16)), mutation=draw(st.sampled_from(mutations)))
+    return dict(
+        fmt=fmt,
+        group=group,
+        E=E,
+        H=H,
+        I=I,
+        k=k,
+        T=draw(st.integers(0, 6)),
+        r=draw(st.integers(0, 3)),
+        dtype=draw(st.sampled_from((torch.float32, torch.bfloat16, torch.float64))),
+        seed=draw(st.integers(0, 2**16)),
+        mutation=draw(st.sampled_from(mutations)),
+    )
 
 
 def _make(case):
     g = torch.Generator().manual_seed(case["seed"])
     E, H, I, k, T, r = (case[n] for n in ("E", "H", "I", "k", "T", "r"))
-    experts = kt_ops.pack_experts(torch.randn(E, I, H, generator=g) * 0.2, torch.randn(E, I, H, generator=g) * 0.2,
-                                  torch.randn(E, H, I, generator=g) * 0.2, case["fmt"], case["group"])
+    experts = kt_ops.pack_experts(
+        torch.randn(E, I, H, generator=g) * 0.2,
+        torch.randn(E, I, H, generator=g) * 0.2,
+        torch.randn(E, H, I, generator=g) * 0.2,
+        case["fmt"],
+        case["group"],
+    )
     x = torch.randn(T, H, generator=g).to(case["dtype"])
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
     w = torch.rand(T, k, generator=g)
     lora_dtype = torch.float64 if case["dtype"] == torch.float64 else torch.float32
-    loras = [torch.randn(s, generator=g).to(lora_dtype) * 0.1
-             for s in ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))]
-    args = dict(x=x, ids=ids, w=w, gate=experts.gate, up=experts.up, down=experts.down,
-                gate_scale=experts.gate_scale, up_scale=experts.up_scale, down_scale=experts.down_scale,
-                fmt=case["fmt"], I=I, loras=loras, scaling=0.5)
+    loras = [
+        torch.randn(s, generator=g).to(lora_dtype) * 0.1
+        for s in ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))
+    ]
+    args = dict(
+        x=x,
+        ids=ids,
+        w=w,
+        gate=experts.gate,
+        up=experts.up,
+        down=experts.down,
+        gate_scale=experts.gate_scale,
+        up_scale=experts.up_scale,
+        down_scale=experts.down_scale,
+        fmt=case["fmt"],
+        I=I,
+        loras=loras,
+        scaling=0.5,
+    )
     return experts, args
 
 
@@ -110,7 +165,7 @@ def _mutate(case, a, g):
     elif m == "intermediate_zero":
         a["I"] = 0
     elif m == "intermediate_huge":
-        a["I"] = 2 ** 62
+        a["I"] = 2**62
     elif m == "blob_truncated":
         a["gate"] = a["gate"][:, :-1].contiguous()
     elif m == "blob_dtype":
@@ -130,16 +185,39 @@ def _mutate(case, a, g):
         a["up"] = torch.cat([a["up"], a["up"][:1]])
 
 
+def _named(a) -> dict:
+    """The op's arguments after topk_weights, by name."""
+    return dict(
+        gate_weight=a["gate"],
+        up_weight=a["up"],
+        down_weight=a["down"],
+        gate_scale=a["gate_scale"],
+        up_scale=a["up_scale"],
+        down_scale=a["down_scale"],
+        weight_format=a["fmt"],
+        intermediate_size=a["I"],
+        **dict(zip(LORA_NAMES, a["loras"])),
+        lora_scaling=a["scaling"],
+    )
+
+
 def _forward(a, save):
-    return torch.ops.kt.moe_sft_forward(a["x"], a["ids"], a["w"], a["gate"], a["up"], a["down"], a["gate_scale"],
-                                        a["up_scale"], a["down_scale"], a["fmt"], a["I"], *a["loras"], a["scaling"],
-                                        save)
+    return torch.ops.kt.moe_sft_forward(a["x"], a["ids"], a["w"], **_named(a), save_for_backward=save)
 
 
 def _expected(experts, a):
     gate, up, down = unpack_experts(experts)
-    return moe_sft_reference(a["x"].double(), a["ids"], a["w"].double(), gate.double(), up.double(), down.double(),
-                             *(t.double() for t in a["loras"]), a["scaling"], compute_dtype=torch.float64)
+    return moe_sft_reference(
+        a["x"].double(),
+        a["ids"],
+        a["w"].double(),
+        gate.double(),
+        up.double(),
+        down.double(),
+        *(t.double() for t in a["loras"]),
+        a["scaling"],
+        compute_dtype=torch.float64,
+    )
 
 
 def _close(got, want, dtype, fmt):
@@ -207,9 +285,9 @@ def test_backward_bad_inputs(fuzz_isa):
         elif m == "weights_shape":
             a["w"] = torch.rand(case["T"], case["k"] + 1)
         try:
-            grads = torch.ops.kt.moe_sft_backward(grad, a["x"], a["ids"], a["w"], a["gate"], a["up"], a["down"],
-                                                  a["gate_scale"], a["up_scale"], a["down_scale"], a["fmt"],
-                                                  a["I"], *a["loras"], a["scaling"], gate_up_pre, lora_mid)
+            grads = torch.ops.kt.moe_sft_backward(
+                grad, a["x"], a["ids"], a["w"], **_named(a), gate_up_pre=gate_up_pre, lora_mid=lora_mid
+            )
         except ACCEPTED:
             assert m != "none", case
             return
@@ -218,8 +296,17 @@ def test_backward_bad_inputs(fuzz_isa):
             # The input gradient against autograd through the fp64 reference.
             x = a["x"].double().requires_grad_(True)
             gate, up, down = unpack_experts(experts)
-            want = moe_sft_reference(x, a["ids"], a["w"].double(), gate.double(), up.double(), down.double(),
-                                     *(t.double() for t in a["loras"]), a["scaling"], compute_dtype=torch.float64)
+            want = moe_sft_reference(
+                x,
+                a["ids"],
+                a["w"].double(),
+                gate.double(),
+                up.double(),
+                down.double(),
+                *(t.double() for t in a["loras"]),
+                a["scaling"],
+                compute_dtype=torch.float64,
+            )
             want.backward(grad.double())
             assert _close(grads[0], x.grad, a["x"].dtype, case["fmt"]), case
 
@@ -249,8 +336,11 @@ def test_pack_codes_bad_inputs(fuzz_isa):
     def check(case):
         fmt, shape, codes_dtype, scale_shape, lo, hi, seed = case
         g = torch.Generator().manual_seed(seed)
-        codes = torch.randint(lo, hi + 1, shape, generator=g).to(codes_dtype) if math.prod(shape) else \
-            torch.zeros(shape, dtype=codes_dtype)
+        codes = (
+            torch.randint(lo, hi + 1, shape, generator=g).to(codes_dtype)
+            if math.prod(shape)
+            else torch.zeros(shape, dtype=codes_dtype)
+        )
         scales = torch.rand(scale_shape, generator=g)
         try:
             packed, packed_scales = torch.ops.kt.pack_codes(codes, scales, fmt)
@@ -266,13 +356,18 @@ def test_pack_codes_bad_inputs(fuzz_isa):
 
 def test_pack_experts_and_layer_bad_inputs(fuzz_isa):
     @FUZZ_QUARTER
-    @given(cases(("none", "hidden_wrong_width", "id_high", "weights_shape", "meta_ids", "noncontiguous")),
-           st.sampled_from(("ok", "gate_shape", "down_shape", "int_weights", "group_odd")))
+    @given(
+        cases(("none", "hidden_wrong_width", "id_high", "weights_shape", "meta_ids", "noncontiguous")),
+        st.sampled_from(("ok", "gate_shape", "down_shape", "int_weights", "group_odd")),
+    )
     def check(case, pack_mutation):
         g = torch.Generator().manual_seed(case["seed"])
         E, H, I = case["E"], case["H"], case["I"]
-        gate, up, down = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), \
-            torch.randn(E, H, I, generator=g)
+        gate, up, down = (
+            torch.randn(E, I, H, generator=g),
+            torch.randn(E, I, H, generator=g),
+            torch.randn(E, H, I, generator=g),
+        )
         group = case["group"]
         if pack_mutation == "gate_shape":
             gate = gate[:, :, :-1] if H > 1 else torch.randn(E, I, 2)

@@ -9,9 +9,23 @@ import torch
 import kt_ops
 import kt_ops.ops
 from kt_ops import reference
-from kt_testing import (assert_same_step, compare_with_reference, expert_lora_params, grads_of, isa_rounds_activations,
-                        logits_of, make_case, model_rtol, plain_and_kt_step, randomize_lora_b, rel_l2,
-                        single_torch_thread, token_ids)
+from kt_testing import (
+    assert_same_step,
+    backward_op_call,
+    compare_with_reference,
+    expert_lora_params,
+    grads_of,
+    isa_rounds_activations,
+    logits_of,
+    make_case,
+    model_rtol,
+    op_call,
+    plain_and_kt_step,
+    randomize_lora_b,
+    rel_l2,
+    single_torch_thread,
+    token_ids,
+)
 
 # A small limit so that the clamps are active for a good share of the O(1) pre-activations.
 LIMIT, ALPHA = 0.6, 1.702
@@ -21,8 +35,9 @@ def _biases(case, seed, which=("gate", "up", "down")):
     gen = torch.Generator().manual_seed(seed)
     E, H, I = case.E, case.H, case.I
     shapes = {"gate": (E, I), "up": (E, I), "down": (E, H)}
-    return {f"{name}_bias": (0.5 * torch.randn(*shapes[name], generator=gen)) if name in which else None
-            for name in shapes}
+    return {
+        f"{name}_bias": (0.5 * torch.randn(*shapes[name], generator=gen)) if name in which else None for name in shapes
+    }
 
 
 def _variant(case, seed, activation="clamped_swiglu", which=("gate", "up", "down")):
@@ -37,8 +52,18 @@ def _reference(case, variant, compute_dtype=torch.float64):
     with single_torch_thread():
         cd = compute_dtype
         leaves = _grad_inputs(case.hidden.to(cd), case.weights.to(cd), [t.to(cd) for t in case.lora])
-        out = reference.moe_sft_reference(leaves[0], case.ids, leaves[1], case.gate, case.up, case.down, *leaves[2:],
-                                          case.scaling, compute_dtype=cd, **variant)
+        out = reference.moe_sft_reference(
+            leaves[0],
+            case.ids,
+            leaves[1],
+            case.gate,
+            case.up,
+            case.down,
+            *leaves[2:],
+            case.scaling,
+            compute_dtype=cd,
+            **variant,
+        )
         grads = grads_of(out, leaves, case.grad_out.to(out.dtype))
         grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
     return out.detach(), grads
@@ -59,21 +84,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("activation,which", [("clamped_swiglu", ("gate", "up", "down")), ("clamped_swiglu", ()),
-                                              ("silu", ("gate", "up", "down"))])
+@pytest.mark.parametrize(
+    "activation,which",
+    [("clamped_swiglu", ("gate", "up", "down")), ("clamped_swiglu", ()), ("silu", ("gate", "up", "down"))],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_variant_matches_reference(name, dtype, activation, which):
     case = make_case(seed=71, hidden_dtype=dtype, **CASES[name])
     variant = _variant(case, 72, activation, which)
     out, grads, experts = _kernel(case, variant)
-    compare_with_reference(case, out, grads, "bf16" if dtype == torch.bfloat16 else "tight",
-                           ref=_reference(case, variant))
+    compare_with_reference(
+        case, out, grads, "bf16" if dtype == torch.bfloat16 else "tight", ref=_reference(case, variant)
+    )
     if activation == "clamped_swiglu" and case.T:
         # The test means something only if both clamps bite somewhere (and not everywhere).
-        _, pre, _ = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, experts,
-                                          kt_ops.ops.lora_inputs(experts, case.lora, case.hidden), case.scaling, True)
-        routed = (case.ids.reshape(-1) >= 0)
+        _, pre, _ = kt_ops.ops.forward_op(
+            case.hidden,
+            case.ids,
+            case.weights,
+            experts,
+            kt_ops.ops.lora_inputs(experts, case.lora, case.hidden),
+            case.scaling,
+            True,
+        )
+        routed = case.ids.reshape(-1) >= 0
         g, u = pre[0][routed], pre[1][routed]
         assert 0 < (g > LIMIT).float().mean() < 0.9 and 0 < (u.abs() > LIMIT).float().mean() < 0.9
 
@@ -89,25 +124,19 @@ def test_no_variant_is_bit_identical_to_default_silu():
 
 
 def _op_args(case, experts, save, requires_grad):
-    hidden = case.hidden.detach().clone().requires_grad_(requires_grad)
-    weights = case.weights.detach().clone().requires_grad_(requires_grad)
-    lora = [t.detach().clone().requires_grad_(requires_grad) for t in case.lora]
-    e = experts
-    return (hidden, case.ids, weights, e.gate, e.up, e.down, e.gate_scale, e.up_scale, e.down_scale, e.weight_format,
-            e.intermediate_size, *lora, case.scaling, save, e.gate_bias, e.up_bias, e.down_bias, e.activation,
-            e.swiglu_alpha, e.swiglu_limit)
+    """(args, kwargs) of the forward op on the case, by name."""
+    return op_call(case, experts, save, requires_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_variant(dtype):
     case = make_case(seed=74, hidden_dtype=dtype, lora_dtype=dtype, **CASES["dupes_minus_one_odd"])
     experts = kt_ops.pack_experts(case.gate, case.up, case.down).with_variant(**_variant(case, 75))
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _op_args(case, experts, True, True))
-    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _op_args(case, experts, False, False))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *_op_args(case, experts, True, True))
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, *_op_args(case, experts, False, False))
     fwd = _op_args(case, experts, True, False)
-    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd)
-    bwd = (case.grad_out,) + fwd[:18] + (pre, mid, True) + fwd[19:]
-    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, bwd)
+    _, pre, mid = torch.ops.kt.moe_sft_forward(*fwd[0], **fwd[1])
+    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, *backward_op_call(case.grad_out, fwd, pre, mid))
 
 
 def test_gate_up_pre_holds_biased_pre_activations():
@@ -116,8 +145,9 @@ def test_gate_up_pre_holds_biased_pre_activations():
     experts = kt_ops.pack_experts(case.gate, case.up, case.down)
     loras = kt_ops.ops.lora_inputs(experts, case.lora, case.hidden)
     _, pre_plain, _ = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, experts, loras, case.scaling, True)
-    _, pre, _ = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, experts.with_variant(**variant), loras,
-                                      case.scaling, True)
+    _, pre, _ = kt_ops.ops.forward_op(
+        case.hidden, case.ids, case.weights, experts.with_variant(**variant), loras, case.scaling, True
+    )
     ids = case.ids.reshape(-1)
     torch.testing.assert_close(pre[0] - pre_plain[0], variant["gate_bias"][ids], rtol=0, atol=1e-5)
     torch.testing.assert_close(pre[1] - pre_plain[1], variant["up_bias"][ids], rtol=0, atol=1e-5)
@@ -135,13 +165,11 @@ def test_bad_variant_errors_name_the_argument():
     with pytest.raises(TypeError, match="gate_bias must be float32"):
         experts.with_variant(gate_bias=torch.zeros(case.E, case.I, dtype=torch.int32))
     # The op checks too, for callers that bypass PackedExperts.
-    args = list(_op_args(case, experts, False, False))
-    args[-6] = torch.zeros(case.E, case.I + 1)
+    args, kwargs = _op_args(case, experts, False, False)
     with pytest.raises(ValueError, match="gate_bias must have shape"):
-        torch.ops.kt.moe_sft_forward(*args)
-    args[-6], args[-3] = None, "relu"
+        torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, gate_bias=torch.zeros(case.E, case.I + 1)))
     with pytest.raises(ValueError, match="activation must be 'silu', 'clamped_swiglu' or 'clamped_silu'"):
-        torch.ops.kt.moe_sft_forward(*args)
+        torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, gate_bias=None, activation="relu"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,9 +188,20 @@ def tiny_gpt_oss(dtype=torch.float32, seed=0, swiglu_limit=1.0):
     """Random tiny gpt-oss; the biases are drawn nonzero (transformers initialises them to zero) and the
     limit is small, so that biases and both clamps show in the logits."""
     config = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        sliding_window=8, swiglu_limit=swiglu_limit, tie_word_embeddings=False)
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        sliding_window=8,
+        swiglu_limit=swiglu_limit,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -237,8 +276,9 @@ def test_gpu_kept_experts(tmp_path):
     from kt_ops.integration import export_merged
 
     ids = token_ids()
-    (plain_logits, plain_grads), (kt_logits, kt_grads), model = plain_and_kt_step(tiny_gpt_oss, ids, ["q_proj"], EXPERT_TARGETS,
-                                                                                  kt_num_gpu_experts=1)
+    (plain_logits, plain_grads), (kt_logits, kt_grads), model = plain_and_kt_step(
+        tiny_gpt_oss, ids, ["q_proj"], EXPERT_TARGETS, kt_num_gpu_experts=1
+    )
     assert rel_l2(kt_logits, plain_logits) < 5e-3
     for n in plain_grads:
         assert rel_l2(kt_grads[n], plain_grads[n]) < model_rtol(2e-2), n
@@ -286,7 +326,7 @@ def test_per_expert_layout_round_trip(tmp_path):
     # The per-expert gate / up B are the even / odd rows of peft's fused gate_up B (its output order).
     from safetensors.torch import load_file
 
-    from kt_ops.integration.hf import kt_expert_wrappers
+    from kt_ops.integration.install import kt_expert_wrappers
     from kt_ops.integration.peft_lora import adapter_factors
 
     saved = load_file(tmp_path / "adapter_model.safetensors")

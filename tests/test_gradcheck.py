@@ -15,8 +15,7 @@ from kt_testing import make_case
 
 CASES = {
     "basic": dict(T=4, E=3, k=2, H=8, I=6, r=2),
-    "minus_one_dup_int32": dict(T=5, E=3, k=3, H=7, I=5, r=2, ids_mode="random", neg_frac=0.3,
-                                ids_dtype=torch.int32),
+    "minus_one_dup_int32": dict(T=5, E=3, k=3, H=7, I=5, r=2, ids_mode="random", neg_frac=0.3, ids_dtype=torch.int32),
     "r1_odd": dict(T=3, E=2, k=2, H=5, I=3, r=1),
     "r0": dict(T=4, E=3, k=2, H=6, I=4, r=0),
     "same_expert": dict(T=5, E=3, k=1, H=6, I=4, r=2, ids_mode="same"),
@@ -56,10 +55,8 @@ def test_gradcheck_raw_op_fp64():
     inputs = [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weights, *case.lora)]
 
     def f(hidden, weights, *lora):
-        return torch.ops.kt.moe_sft_forward(
-            hidden, case.ids, weights, p.gate, p.up, p.down, p.gate_scale, p.up_scale, p.down_scale,
-            p.weight_format, p.intermediate_size, *lora, case.scaling, True,
-        )[0]
+        args, kwargs = kt_ops.ops.forward_call(hidden, case.ids, weights, p, lora, case.scaling, True)
+        return torch.ops.kt.moe_sft_forward(*args, **kwargs)[0]
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -71,9 +68,8 @@ def test_saved_activations_are_not_differentiable_outputs():
     p = kt_ops.pack_experts(case.gate, case.up, case.down)
     hidden = case.hidden.clone().requires_grad_(True)
     lora = [t.clone().requires_grad_(True) for t in case.lora]
-    output, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(
-        hidden, case.ids, case.weights, p.gate, p.up, p.down, p.gate_scale, p.up_scale, p.down_scale,
-        p.weight_format, p.intermediate_size, *lora, case.scaling, True)
+    args, kwargs = kt_ops.ops.forward_call(hidden, case.ids, case.weights, p, lora, case.scaling, True)
+    output, gate_up_pre, lora_mid = torch.ops.kt.moe_sft_forward(*args, **kwargs)
     assert output.requires_grad
     assert not gate_up_pre.requires_grad and not lora_mid.requires_grad
     output.sum().backward()

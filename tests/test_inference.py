@@ -21,9 +21,18 @@ SHAPES = {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}
 
 
 def wrapper(method, weight_path=None, **overrides):
-    kwargs = dict(layer_idx=0, num_experts=E, num_experts_per_tok=K_TOP, hidden_size=H, moe_intermediate_size=I,
-                  num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=weight_path,
-                  chunked_prefill_size=512)
+    kwargs = dict(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=K_TOP,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=weight_path,
+        chunked_prefill_size=512,
+    )
     kwargs.update(overrides)
     return KTMoEWrapper(**kwargs, mode="inference", method=method)
 
@@ -38,11 +47,21 @@ def routing(seed=0, qlen=6, num_experts=E, k=K_TOP):
 
 def reference(x, ids, weights, gate, up, down):
     zeros = [torch.zeros(s) for s in ((E, 0, H), (E, I, 0), (E, 0, H), (E, I, 0), (E, 0, I), (E, H, 0))]
-    return moe_sft_reference(x.double(), ids, weights.double(), gate.double(), up.double(), down.double(), *zeros,
-                             0.0, compute_dtype=torch.float64)
+    return moe_sft_reference(
+        x.double(),
+        ids,
+        weights.double(),
+        gate.double(),
+        up.double(),
+        down.double(),
+        *zeros,
+        0.0,
+        compute_dtype=torch.float64,
+    )
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------
+
 
 def random_weights(seed, shape, scale=0.05):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
@@ -111,8 +130,11 @@ def load_gguf(path, **overrides):
 
 def packed_weights(w):
     parts = [unpack_experts(p) for p in w.experts_parts]
-    return {"gate": torch.cat([p[0] for p in parts], 1).float(), "up": torch.cat([p[1] for p in parts], 1).float(),
-            "down": torch.cat([p[2] for p in parts], 2).float()}
+    return {
+        "gate": torch.cat([p[0] for p in parts], 1).float(),
+        "up": torch.cat([p[1] for p in parts], 1).float(),
+        "down": torch.cat([p[2] for p in parts], 2).float(),
+    }
 
 
 def assert_forward_matches(w, truth, seed=1, tol=0.02):
@@ -121,9 +143,16 @@ def assert_forward_matches(w, truth, seed=1, tol=0.02):
     assert rel_mae(w.forward(x, ids, weights), ref) <= tol
 
 
-@pytest.mark.parametrize("qtype,fmt", [(T.Q8_0, "int8_kgroup"), (T.Q4_0, "int4_kgroup"),
-                                       (T.Q4_1, "int4_1_kgroup"), (T.Q8_K, "int8_kgroup"),
-                                       (T.Q4_K, "int4_1_kgroup")])
+@pytest.mark.parametrize(
+    "qtype,fmt",
+    [
+        (T.Q8_0, "int8_kgroup"),
+        (T.Q4_0, "int4_kgroup"),
+        (T.Q4_1, "int4_1_kgroup"),
+        (T.Q8_K, "int8_kgroup"),
+        (T.Q4_K, "int4_1_kgroup"),
+    ],
+)
 def test_gguf_types_with_exact_codes(tmp_path, qtype, fmt):
     truth = write_gguf(tmp_path / "m.gguf", dict.fromkeys(SHAPES, qtype))[0]
     w = load_gguf(tmp_path / "m.gguf")
@@ -137,8 +166,9 @@ def test_gguf_types_with_exact_codes(tmp_path, qtype, fmt):
 def test_gguf_block_decoding_matches_gguf_dequantize():
     """Our Q8_0 / Q4_0 / Q4_1 block readers against gguf's, on values with awkward signs and scales."""
     from kt_ops.weights.gguf import _decode
+
     x = random_weights(3, (2, 3, 64), scale=3.0)
-    x[0, 0, :32] = 0.0          # an all-zero block (d = 0)
+    x[0, 0, :32] = 0.0  # an all-zero block (d = 0)
     x[1, 2, 32:] = -np.abs(x[1, 2, 32:])
     for qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
         data = gguf.quants.quantize(x, qtype)
@@ -157,13 +187,16 @@ def test_gguf_k_quants_are_requantized(tmp_path, qtype, fmt, tol):
     assert_forward_matches(w, truth, tol=0.03)
 
 
-@pytest.mark.parametrize("types,fmt,exact", [
-    ({"gate": T.F16, "up": T.F32, "down": T.F16}, "bf16", False),
-    ({"gate": T.Q4_0, "up": T.Q4_0, "down": T.Q8_0}, "int8_kgroup", True),
-    ({"gate": T.Q4_K, "up": T.Q4_K, "down": T.Q6_K}, "int8_kgroup", False),
-    ({"gate": T.Q4_1, "up": T.Q4_1, "down": T.Q8_0}, "int8_kgroup", False),
-    ({"gate": T.Q8_0, "up": T.F16, "down": T.Q4_1}, "bf16", False),
-])
+@pytest.mark.parametrize(
+    "types,fmt,exact",
+    [
+        ({"gate": T.F16, "up": T.F32, "down": T.F16}, "bf16", False),
+        ({"gate": T.Q4_0, "up": T.Q4_0, "down": T.Q8_0}, "int8_kgroup", True),
+        ({"gate": T.Q4_K, "up": T.Q4_K, "down": T.Q6_K}, "int8_kgroup", False),
+        ({"gate": T.Q4_1, "up": T.Q4_1, "down": T.Q8_0}, "int8_kgroup", False),
+        ({"gate": T.Q8_0, "up": T.F16, "down": T.Q4_1}, "bf16", False),
+    ],
+)
 def test_gguf_mixed_types_share_one_format(tmp_path, types, fmt, exact):
     truth = write_gguf(tmp_path / "m.gguf", types, seed=5)[0]
     w = load_gguf(tmp_path / "m.gguf")
@@ -180,12 +213,17 @@ def test_gguf_mixed_types_share_one_format(tmp_path, types, fmt, exact):
 
 
 def test_gguf_bf16_tensors(tmp_path):
-    bits = {p: torch.randn(SHAPES[p], generator=torch.Generator().manual_seed(i)).mul(0.05).bfloat16()
-            for i, p in enumerate(SHAPES)}
+    bits = {
+        p: torch.randn(SHAPES[p], generator=torch.Generator().manual_seed(i)).mul(0.05).bfloat16()
+        for i, p in enumerate(SHAPES)
+    }
     writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "kt_test")
     for p, t in bits.items():
-        writer.add_tensor(f"blk.0.ffn_{p}_exps.weight", t.view(torch.int16).numpy().view(np.uint8).reshape(
-            *t.shape[:-1], 2 * t.shape[-1]), raw_dtype=T.BF16)
+        writer.add_tensor(
+            f"blk.0.ffn_{p}_exps.weight",
+            t.view(torch.int16).numpy().view(np.uint8).reshape(*t.shape[:-1], 2 * t.shape[-1]),
+            raw_dtype=T.BF16,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -200,8 +238,9 @@ def test_gguf_split_files_layers_map_and_subpools(tmp_path):
     """A directory of split files, the second layer, a permuted expert map and two sub-pools."""
     folder = tmp_path / "split"
     folder.mkdir()
-    truth = write_gguf(folder / "model.gguf", dict.fromkeys(SHAPES, T.Q4_0), layers=(0, 1), seed=6,
-                       split_max_tensors=2)[1]
+    truth = write_gguf(
+        folder / "model.gguf", dict.fromkeys(SHAPES, T.Q4_0), layers=(0, 1), seed=6, split_max_tensors=2
+    )[1]
     assert len(list(folder.glob("*.gguf"))) == 3
     mapping = torch.tensor([2, 0, 3, 1])
     two = wrapper("LLAMAFILE", weight_path=str(folder), layer_idx=1, threadpool_count=2)
@@ -239,9 +278,11 @@ def test_gguf_errors(tmp_path):
 
 # ---- FP8 and RAWINT4 safetensors checkpoints ------------------------------------------------------
 
+
 def save_experts(folder, layer, tensors_per_expert, shards=2):
     """{model.layers.L.mlp.experts.e.p_proj.suffix: tensor}, spread over `shards` files by expert."""
     from safetensors.torch import save_file
+
     folder.mkdir(exist_ok=True)
     files = [{} for _ in range(shards)]
     for e, per_proj in enumerate(tensors_per_expert):
@@ -273,7 +314,7 @@ def pack_int4(q):
     """compressed-tensors pack-quantized: 8 signed nibbles per int32, lowest first."""
     nibbles = (q.to(torch.int64) & 0xF).reshape(*q.shape[:-1], -1, 8)
     words = (nibbles << torch.arange(0, 32, 4)).sum(-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def rawint4_checkpoint(folder, layer=0, seed=0, scale_dtype=torch.bfloat16):
@@ -284,8 +325,7 @@ def rawint4_checkpoint(folder, layer=0, seed=0, scale_dtype=torch.bfloat16):
         for p, (_, N, K) in SHAPES.items():
             q = torch.randint(-8, 8, (N, K), generator=gen)
             scale = ((torch.rand(N, K // 32, generator=gen) - 0.3) * 0.02).to(scale_dtype)  # some negative
-            per_proj[p] = {"weight_packed": pack_int4(q), "weight_scale": scale,
-                           "weight_shape": torch.tensor([N, K])}
+            per_proj[p] = {"weight_packed": pack_int4(q), "weight_scale": scale, "weight_shape": torch.tensor([N, K])}
             truth[p].append(q.float() * scale.float().repeat_interleave(32, 1))
         experts.append(per_proj)
     save_experts(folder, layer, experts)
@@ -308,13 +348,11 @@ def test_fp8_checkpoint_requantized_to_int8_groups(tmp_path):
     assert_forward_matches(w, truth)
 
 
-@pytest.mark.parametrize("scale_dtype,threadpool_count", [(torch.bfloat16, 1), (torch.float16, 2),
-                                                          (torch.float32, 1)])
+@pytest.mark.parametrize("scale_dtype,threadpool_count", [(torch.bfloat16, 1), (torch.float16, 2), (torch.float32, 1)])
 def test_rawint4_checkpoint_packs_exactly(tmp_path, scale_dtype, threadpool_count):
     truth = rawint4_checkpoint(tmp_path / "int4", scale_dtype=scale_dtype)
     mapping = torch.tensor([1, 3, 0, 2])
-    w = wrapper("RAWINT4", weight_path=str(tmp_path / "int4"),
-                threadpool_count=threadpool_count)
+    w = wrapper("RAWINT4", weight_path=str(tmp_path / "int4"), threadpool_count=threadpool_count)
     w.load_weights(mapping)
     assert w.weight_format == "int4_kgroup" and len(w.experts_parts) == threadpool_count
     got = packed_weights(w)
@@ -332,25 +370,34 @@ def test_native_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"experts\.4\.gate_proj.*num_experts"):
         wrapper("RAWINT4", weight_path=str(tmp_path / "int4"), num_experts=5).load_weights(torch.arange(5))
     with pytest.raises(ValueError, match=r"weight_shape is \[256, 256\].*built for \[128, 256\]"):
-        wrapper("RAWINT4", weight_path=str(tmp_path / "int4"), moe_intermediate_size=128).load_weights(
-            torch.arange(E))
+        wrapper("RAWINT4", weight_path=str(tmp_path / "int4"), moe_intermediate_size=128).load_weights(torch.arange(E))
     with pytest.raises(ValueError, match="moe_intermediate_size \\(96\\) must be a multiple of 128"):
         wrapper("FP8", weight_path=str(tmp_path / "int4"), moe_intermediate_size=96).load_weights(torch.arange(E))
     bad = tmp_path / "bf16_as_fp8"
-    save_experts(bad, 0, [{p: {"weight": torch.zeros(SHAPES[p][1:]), "weight_scale_inv": torch.ones(2, 2)}
-                           for p in SHAPES} for _ in range(E)])
+    save_experts(
+        bad,
+        0,
+        [
+            {p: {"weight": torch.zeros(SHAPES[p][1:]), "weight_scale_inv": torch.ones(2, 2)} for p in SHAPES}
+            for _ in range(E)
+        ],
+    )
     with pytest.raises(ValueError, match="must be float8_e4m3fn"):
         wrapper("FP8", weight_path=str(bad)).load_weights(torch.arange(E))
     with pytest.raises(FileNotFoundError):
         wrapper("RAWINT4", weight_path=str(tmp_path / "nowhere")).load_weights(torch.arange(E))
     from safetensors.torch import save_file
-    save_file({"model.layers.0.mlp.experts.0.gate_proj.weight_zero_point": torch.zeros(256, 8, dtype=torch.int32)},
-              str(tmp_path / "int4" / "model-zp.safetensors"))
+
+    save_file(
+        {"model.layers.0.mlp.experts.0.gate_proj.weight_zero_point": torch.zeros(256, 8, dtype=torch.int32)},
+        str(tmp_path / "int4" / "model-zp.safetensors"),
+    )
     with pytest.raises(ValueError, match="asymmetric int4 is not supported"):
         wrapper("RAWINT4", weight_path=str(tmp_path / "int4")).load_weights(torch.arange(E))
 
 
 # ---- deferred experts -----------------------------------------------------------------------------
+
 
 def amx_pair(max_deferred, k=3, seed=30):
     """An AMXINT8 wrapper deferring up to `max_deferred` experts per token and a plain one, same weights."""
@@ -359,8 +406,13 @@ def amx_pair(max_deferred, k=3, seed=30):
     down = torch.randn(E, 32, 32, generator=gen) * 0.1
     made = []
     for deferred in (max_deferred, None):
-        w = wrapper("AMXINT8", num_experts_per_tok=k, hidden_size=32, moe_intermediate_size=32,
-                    max_deferred_experts_per_token=deferred)
+        w = wrapper(
+            "AMXINT8",
+            num_experts_per_tok=k,
+            hidden_size=32,
+            moe_intermediate_size=32,
+            max_deferred_experts_per_token=deferred,
+        )
         w.load_weights_from_tensors(gate, up, down, torch.arange(E))
         made.append(w)
     return made
@@ -442,8 +494,9 @@ def test_checkpoint_methods_refuse_cpu_save(method):
         wrapper(method, weight_path="model.gguf", cpu_save=True)
 
 
-@pytest.mark.parametrize("method,fmt", [("LLAMAFILE", "int8_kgroup"), ("FP8", "int8_kgroup"),
-                                        ("RAWINT4", "int4_kgroup")])
+@pytest.mark.parametrize(
+    "method,fmt", [("LLAMAFILE", "int8_kgroup"), ("FP8", "int8_kgroup"), ("RAWINT4", "int4_kgroup")]
+)
 def test_checkpoint_methods_also_quantize_online(method, fmt):
     gen = torch.Generator().manual_seed(50)
     weights = [torch.randn(s, generator=gen) * 0.05 for s in ((E, 128, 128),) * 3]
@@ -455,13 +508,15 @@ def test_checkpoint_methods_also_quantize_online(method, fmt):
     zeros = [torch.zeros(s) for s in ((E, 0, 128), (E, 128, 0)) * 2 + ((E, 0, 128), (E, 128, 0))]
     stored = unpack_experts(w.experts_parts[0])
     assert all(rel_mae(s, t) <= (0.01 if fmt == "int8_kgroup" else 0.12) for s, t in zip(stored, weights))
-    ref = moe_sft_reference(x.double(), ids, topk.double(), *(t.double() for t in stored), *zeros, 0.0,
-                            compute_dtype=torch.float64)
+    ref = moe_sft_reference(
+        x.double(), ids, topk.double(), *(t.double() for t in stored), *zeros, 0.0, compute_dtype=torch.float64
+    )
     assert rel_mae(w.forward(x, ids, topk), ref) <= 0.02
 
 
 def test_gguf_decoding_in_expert_chunks_changes_nothing(tmp_path):
     from kt_ops.weights.gguf import GGUFLoader
+
     write_gguf(tmp_path / "m.gguf", {"gate": T.Q4_K, "up": T.Q4_0, "down": T.Q6_K}, seed=8)
     loader = GGUFLoader(str(tmp_path / "m.gguf"))
     whole = loader.load_layer(0, E, H, I)[0]

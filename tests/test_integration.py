@@ -1,4 +1,5 @@
 """kt_ops.integration on tiny transformers v5 MoE models of each supported architecture."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,14 +10,20 @@ pytest.importorskip("peft")
 
 import kt_ops  # noqa: E402
 from kt_ops.integration import (  # noqa: E402
-    KTExperts, apply_kt, find_moe_experts, get_peft_model, kt_experts_modules, kt_lora_parameters)
+    KTExperts,
+    apply_kt,
+    find_moe_experts,
+    get_peft_model,
+    kt_experts_modules,
+    kt_lora_parameters,
+)
 from kt_ops.integration.peft_lora import adapter_factors  # noqa: E402
 from kt_ops.integration.tiny import TINY_MODELS, tiny_model, train_steps  # noqa: E402
 from kt_testing import rel_l2, token_ids  # noqa: E402
 
 
 def _expert_wrappers_of(model, layer_idx):
-    from kt_ops.integration.hf import holder_of
+    from kt_ops.integration.install import holder_of
     from kt_ops.integration.peft_lora import wrapper_chain
 
     for name, _, kt in kt_experts_modules(model):
@@ -303,8 +310,9 @@ def test_adapter_round_trip(tmp_path, name):
     save_kt_adapter(model, str(tmp_path))
 
     mixtral = name == "tiny-mixtral"
-    block, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else \
-        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    block, (gate, up, down) = (
+        ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    )
     layer = 1 if "deepseek" in name else 0  # DeepSeek's first layer is dense here
     _, module, kt = kt_experts_modules(model)[0]
     H, I = module.hidden_dim, module.intermediate_dim
@@ -324,6 +332,7 @@ def test_adapter_round_trip(tmp_path, name):
     config = peft.LoraConfig.from_pretrained(str(tmp_path))
     assert config.r == 2 and config.lora_alpha == 4
     import re
+
     expert_module = f"model.layers.{layer}.{block}.experts.3.{down}"
     assert re.fullmatch(config.target_modules, expert_module)
     assert re.fullmatch(config.target_modules, f"model.layers.{layer}.self_attn.o_proj")
@@ -342,8 +351,10 @@ def test_adapter_round_trip(tmp_path, name):
     fresh.eval()
     assert torch.equal(_run(fresh, ids)[0], _run(model, ids)[0])
 
-    other_rank = get_peft_model(apply_kt(tiny_model(name), lora_rank=8, kt_num_gpu_experts=1),
-                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    other_rank = get_peft_model(
+        apply_kt(tiny_model(name), lora_rank=8, kt_num_gpu_experts=1),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]),
+    )
     with pytest.raises(ValueError, match="shape"):
         load_kt_adapter(other_rank, str(tmp_path))
     with pytest.raises(FileNotFoundError):
@@ -375,9 +386,19 @@ def test_hf_trainer_with_accumulation_and_checkpointing(tmp_path):
     rows = token_ids(batch=4, seq=16, seed=3)
     data = [{"input_ids": rows[i % 4], "labels": rows[i % 4]} for i in range(16)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        gradient_checkpointing=True, max_steps=5, learning_rate=2e-2, lr_scheduler_type="constant",
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        max_steps=5,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in kt_lora_parameters(model))
@@ -400,11 +421,22 @@ def test_trl_dpo(tmp_path):
     rows = [{"prompt": f"Q{i}: 2+{i}=", "chosen": str(2 + i), "rejected": "no"} for i in range(8)]
     # Precomputed reference log-probs still work (a live reference pass: test_integration_peft.py).
     args = trl.DPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2,
-        lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-        precompute_ref_log_probs=True, beta=0.5, max_length=32)
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tiny_tokenizer())
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        precompute_ref_log_probs=True,
+        beta=0.5,
+        max_length=32,
+    )
+    trainer = trl.DPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny_tokenizer()
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start
@@ -421,16 +453,21 @@ def test_adapter_loads_with_stock_peft_in_checkpoint_layout(tmp_path, name):
 
     from kt_ops.integration import save_kt_adapter
 
-    model = get_peft_model(apply_kt(tiny_model(name), lora_rank=4, lora_alpha=8.0),
-                           peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    model = get_peft_model(
+        apply_kt(tiny_model(name), lora_rank=4, lora_alpha=8.0),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]),
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
     save_kt_adapter(model, str(tmp_path))
 
-    block, projections = ("block_sparse_moe", ("w1", "w3", "w2")) if name == "tiny-mixtral" else \
-        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    block, projections = (
+        ("block_sparse_moe", ("w1", "w3", "w2"))
+        if name == "tiny-mixtral"
+        else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    )
     _, module, _ = kt_experts_modules(model)[0]
     H, I, E = module.hidden_dim, module.intermediate_dim, module.num_experts
 

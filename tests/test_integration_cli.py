@@ -1,4 +1,5 @@
 """kt-sft (kt_ops.cli): config validation and short SFT / DPO runs on the shipped tiny examples."""
+
 from __future__ import annotations
 
 import csv
@@ -20,10 +21,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp_path, **overrides):
-    config = {"model_name_or_path": "tiny-qwen3-moe", "dataset": os.path.join(EXAMPLES, "data", "alpaca_tiny.jsonl"),
-              "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
-              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 0.01,
-              "lr_scheduler_type": "constant", "max_steps": 4, "torch_num_threads": 1}
+    config = {
+        "model_name_or_path": "tiny-qwen3-moe",
+        "dataset": os.path.join(EXAMPLES, "data", "alpaca_tiny.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "cutoff_len": 48,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 0.01,
+        "lr_scheduler_type": "constant",
+        "max_steps": 4,
+        "torch_num_threads": 1,
+    }
     config.update(overrides)
     return config
 
@@ -70,6 +81,7 @@ def test_sft_run_writes_adapter_config_and_loss_curve(tmp_path):
 
     # The saved adapter restores into a freshly built model of the same config.
     fresh, _ = cli.build_model(cli.load_config(config))
+
     def expert_b():
         return [p.detach().clone() for n, p in fresh.named_parameters() if ".experts." in n and "lora_B" in n]
 
@@ -85,8 +97,9 @@ def test_dpo_run_from_yaml(tmp_path):
 
     with open(os.path.join(EXAMPLES, "tiny_deepseek_v3_dpo.yaml")) as f:
         config = yaml.safe_load(f)
-    config.update(dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl"), output_dir=str(tmp_path / "dpo"),
-                  max_steps=3)
+    config.update(
+        dataset=os.path.join(EXAMPLES, "data", "dpo_tiny.jsonl"), output_dir=str(tmp_path / "dpo"), max_steps=3
+    )
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["train", str(path)]) == 0
@@ -111,15 +124,19 @@ def test_sft_from_a_local_model_directory(tmp_path, monkeypatch):
     # A local checkpoint loads with bounded memory (from_pretrained), never whole and then converted.
     loads = []
     real_from_pretrained = kt_ops.integration.from_pretrained
-    monkeypatch.setattr(kt_ops.integration, "from_pretrained",
-                        lambda *a, **kw: loads.append(kw["kt_backend"]) or real_from_pretrained(*a, **kw))
+    monkeypatch.setattr(
+        kt_ops.integration,
+        "from_pretrained",
+        lambda *a, **kw: loads.append(a[1].kt_backend) or real_from_pretrained(*a, **kw),
+    )
     monkeypatch.setattr(kt_ops.integration, "apply_kt", lambda *a, **kw: pytest.fail("apply_kt on a whole model"))
 
     model_dir = tmp_path / "tiny-mixtral"
     tiny_model("tiny-mixtral").save_pretrained(str(model_dir))
     tiny_tokenizer().save_pretrained(str(model_dir))
-    config = _config(tmp_path, model_name_or_path=str(model_dir), lora_target="q_proj,v_proj",
-                     kt_backend="AMXINT8", max_steps=3)
+    config = _config(
+        tmp_path, model_name_or_path=str(model_dir), lora_target="q_proj,v_proj", kt_backend="AMXINT8", max_steps=3
+    )
     model, _ = cli.build_model(cli.load_config(config))
     layers = kt_experts_modules(model)
     assert len(layers) == 2 and all(kt.weight_format == "int8" for _, _, kt in layers)

@@ -1,6 +1,7 @@
 """Expert LoRA as a stock peft adapter: either order of apply_kt / peft.get_peft_model, peft's own
 target_parameters format read and written both ways against plain transformers + peft, Trainer
 checkpoints, trl DPO, and the merged export. Tiny models, CPU. gpt-oss: tests/test_gpt_oss.py."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from kt_ops.integration import (  # noqa: E402
-    apply_kt, export_merged, kt_experts_modules, kt_lora_parameters, load_kt_adapter, save_kt_adapter)
-from kt_ops.integration.hf import kt_expert_wrappers  # noqa: E402
+    apply_kt,
+    export_merged,
+    kt_experts_modules,
+    kt_lora_parameters,
+    load_kt_adapter,
+    save_kt_adapter,
+)
+from kt_ops.integration.install import kt_expert_wrappers  # noqa: E402
 from kt_ops.integration.tiny import tiny_model  # noqa: E402
 from kt_testing import logits_of, randomize_lora_b, rel_l2, token_ids  # noqa: E402
 
@@ -225,10 +232,21 @@ def _sft_dataset(n=8, seq=16):
 def _trainer(model, out, max_steps, save_steps=None):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=max_steps,
-                             learning_rate=1e-2, logging_steps=1, save_strategy="steps" if save_steps else "no",
-                             save_steps=save_steps or 500, report_to=[], use_cpu=True, seed=0,
-                             lr_scheduler_type="constant", disable_tqdm=True, data_seed=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        data_seed=0,
+    )
     return Trainer(model=model, args=args, train_dataset=_sft_dataset())
 
 
@@ -270,12 +288,26 @@ def test_trl_dpo_without_precomputed_reference(tmp_path, wrap):
         peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
     tokenizer = tiny_tokenizer()
     rows = [{"prompt": f"q{i}: 1+{i}=", "chosen": f" {1 + i}", "rejected": f" {i + 7}"} for i in range(4)]
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
-                         report_to=[], use_cpu=True, logging_steps=1, max_length=32, disable_tqdm=True)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        max_length=32,
+        disable_tqdm=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's note on the config store apply_kt set up
-        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                                 train_dataset=datasets.Dataset.from_list(rows))
+        trainer = trl.DPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            train_dataset=datasets.Dataset.from_list(rows),
+        )
     model = trainer.model
     # For a peft model trl's reference is a frozen copy "ref" of the adapter: it holds the experts' LoRA too.
     expert_lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n and ".lora_" in n}
@@ -352,10 +384,19 @@ def test_kt_sft_export_command(tmp_path):
 
     from kt_ops import cli
 
-    config = {"model_name_or_path": "tiny-qwen3-moe", "dataset": os.path.join(
-        os.path.dirname(__file__), "..", "examples", "data", "alpaca_tiny.jsonl"), "output_dir": str(tmp_path / "run"),
-        "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48, "max_steps": 2, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2, "logging_steps": 1, "bf16": True}
+    config = {
+        "model_name_or_path": "tiny-qwen3-moe",
+        "dataset": os.path.join(os.path.dirname(__file__), "..", "examples", "data", "alpaca_tiny.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "cutoff_len": 48,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "bf16": True,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["train", str(path)]) == 0

@@ -1,5 +1,6 @@
 """KTransformers' converted CPU weights (kt-kernel convert_cpu_weights.py, AMX INT8 / INT4, NUMA-split
 or not) read by kt_ops, and the kt-kernel API names kt_ops provides for code written for kt-kernel."""
+
 import json
 import os
 
@@ -39,9 +40,11 @@ def reference_values(gate, up, down, method, parts):
     """Each NUMA part quantized on its own, as kt-kernel does."""
     Ip = gate.shape[1] // parts
     sl = [slice(p * Ip, (p + 1) * Ip) for p in range(parts)]
-    return (torch.cat([reference_quant(gate[:, s], method) for s in sl], 1),
-            torch.cat([reference_quant(up[:, s], method) for s in sl], 1),
-            torch.cat([reference_quant(down[:, :, s], method) for s in sl], 2))
+    return (
+        torch.cat([reference_quant(gate[:, s], method) for s in sl], 1),
+        torch.cat([reference_quant(up[:, s], method) for s in sl], 1),
+        torch.cat([reference_quant(down[:, :, s], method) for s in sl], 2),
+    )
 
 
 def write_kt_dir(path, method, parts, layers=(0, 1), seed=0):
@@ -116,8 +119,12 @@ def test_directory_reads_as_packed_experts_equal_to_dequantized_reference(tmp_pa
     assert loader.layers() == [0, 1]
     for layer in (0, 1):
         packed = loader.load_packed(layer)
-        assert packed.weight_format == {("INT8", 1): "int8", ("INT4", 1): "int4", ("INT8", 2): "int8_kgroup",
-                                        ("INT4", 2): "int4_kgroup"}[(method, parts)]
+        assert (
+            packed.weight_format
+            == {("INT8", 1): "int8", ("INT4", 1): "int4", ("INT8", 2): "int8_kgroup", ("INT4", 2): "int4_kgroup"}[
+                (method, parts)
+            ]
+        )
         for got, want in zip(unpack_experts(packed), truth[layer]):
             assert torch.equal(got, want)
     # kt-kernel's load_experts shape: [numa part][expert]
@@ -127,9 +134,22 @@ def test_directory_reads_as_packed_experts_equal_to_dequantized_reference(tmp_pa
 
 
 def sft_wrapper(method, **kw):
-    args = dict(layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-                num_gpu_experts=0, cpuinfer_threads=1, threadpool_count=1, weight_path=None,
-                chunked_prefill_size=64, mode="sft", method=method, lora_rank=4, lora_alpha=8.0)
+    args = dict(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=1,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=64,
+        mode="sft",
+        method=method,
+        lora_rank=4,
+        lora_alpha=8.0,
+    )
     args.update(kw)
     args["cpuinfer_threads"] = args["threadpool_count"]
     return kt_ops.KTMoEWrapper(**args)
@@ -157,8 +177,9 @@ def run_sft(w, loras):
     return y.float(), grad_x.float(), grads
 
 
-@pytest.mark.parametrize("method,parts,pools", [("INT8", 1, 1), ("INT8", 2, 2), ("INT8", 2, 1), ("INT4", 2, 2),
-                                                ("INT4", 1, 1)])
+@pytest.mark.parametrize(
+    "method,parts,pools", [("INT8", 1, 1), ("INT8", 2, 2), ("INT8", 2, 1), ("INT4", 2, 2), ("INT4", 1, 1)]
+)
 def test_sft_wrapper_trains_on_kt_directory(tmp_path, method, parts, pools):
     truth = write_kt_dir(tmp_path, method, parts, layers=(0,))
     perm = torch.tensor([2, 0, 3, 1])
@@ -194,19 +215,43 @@ def test_wrong_method_for_kt_directory_is_named(tmp_path):
 
 def test_inference_wrapper_reads_kt_directory(tmp_path):
     truth = write_kt_dir(tmp_path, "INT4", 2, layers=(0, 1))
-    w = kt_ops.KTMoEWrapper(layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H,
-                            moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=2,
-                            weight_path=str(tmp_path), chunked_prefill_size=64, method="AMXINT4")
+    w = kt_ops.KTMoEWrapper(
+        layer_idx=1,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=2,
+        weight_path=str(tmp_path),
+        chunked_prefill_size=64,
+        method="AMXINT4",
+    )
     w.load_weights()  # no map: identity, as kt-kernel
     x, ids, weights_ = routing()
-    ref = kt_ops.KTMoEWrapper(layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H,
-                              moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=2,
-                              weight_path=None, chunked_prefill_size=64, mode="sft", method="AMXBF16_SFT",
-                              lora_rank=1)
+    ref = kt_ops.KTMoEWrapper(
+        layer_idx=1,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=2,
+        weight_path=None,
+        chunked_prefill_size=64,
+        mode="sft",
+        method="AMXBF16_SFT",
+        lora_rank=1,
+    )
     ref.load_weights_from_tensors(*(t.bfloat16() for t in truth[1]), torch.arange(E))
-    torch.testing.assert_close(w.forward(x, ids, weights_).float(),
-                               ref.forward_sft(x, ids, weights_, save_for_backward=False).float(),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        w.forward(x, ids, weights_).float(),
+        ref.forward_sft(x, ids, weights_, save_for_backward=False).float(),
+        rtol=1e-2,
+        atol=1e-2,
+    )
 
 
 def test_unmerged_kt_folders_are_read(tmp_path):
@@ -230,9 +275,13 @@ def test_unmerged_kt_folders_are_read(tmp_path):
 
 
 def test_awq_directory_is_refused(tmp_path):
-    save_file({"blk.0.ffn_gate_exps.0.numa.0.weight": torch.zeros(8, dtype=torch.int32),
-               "blk.0.ffn_gate_exps.0.numa.0.qzeros": torch.zeros(8, dtype=torch.int32)},
-              str(tmp_path / "a.safetensors"))
+    save_file(
+        {
+            "blk.0.ffn_gate_exps.0.numa.0.weight": torch.zeros(8, dtype=torch.int32),
+            "blk.0.ffn_gate_exps.0.numa.0.qzeros": torch.zeros(8, dtype=torch.int32),
+        },
+        str(tmp_path / "a.safetensors"),
+    )
     with pytest.raises(ValueError, match="AWQ"):
         SafeTensorLoader(str(tmp_path)).layers()
 
@@ -241,8 +290,13 @@ def test_mistral_expert_keys_are_read(tmp_path):
     gate, up, down = weights(2)
     tensors = {}
     for e in range(E):
-        tensors.update({f"model.layers.0.experts.{e}.w1.weight": gate[e], f"model.layers.0.experts.{e}.w3.weight": up[e],
-                        f"model.layers.0.experts.{e}.w2.weight": down[e]})
+        tensors.update(
+            {
+                f"model.layers.0.experts.{e}.w1.weight": gate[e],
+                f"model.layers.0.experts.{e}.w3.weight": up[e],
+                f"model.layers.0.experts.{e}.w2.weight": down[e],
+            }
+        )
     save_file(tensors, str(tmp_path / "model.safetensors"))
     loader = BF16SafeTensorLoader(str(tmp_path))
     assert loader.layers() == [0]
@@ -251,6 +305,7 @@ def test_mistral_expert_keys_are_read(tmp_path):
 
 
 # ---- kt-kernel API names ----------------------------------------------------------------------------
+
 
 def test_load_weights_after_tensors_with_map_is_a_no_op():
     gate, up, down = weights(3)

@@ -29,10 +29,21 @@ E, H, I, R = 4, 32, 24, 4
 
 def make_layer(case=None, lora_rank=R, lora_dtype=torch.float32, alpha=8.0, seed=0, **kw):
     """A loaded layer with random nonzero LoRA B; returns (layer, case)."""
-    case = case or make_case(seed=seed, T=10, E=E, k=2, H=H, I=I, r=lora_rank, neg_frac=0.1,
-                             scaling=alpha / max(lora_rank, 1), lora_dtype=lora_dtype)
-    layer = kt_ops.KTMoELayer(case.E, case.H, case.I, lora_rank=lora_rank, lora_alpha=alpha,
-                              lora_dtype=lora_dtype, **kw)
+    case = case or make_case(
+        seed=seed,
+        T=10,
+        E=E,
+        k=2,
+        H=H,
+        I=I,
+        r=lora_rank,
+        neg_frac=0.1,
+        scaling=alpha / max(lora_rank, 1),
+        lora_dtype=lora_dtype,
+    )
+    layer = kt_ops.KTMoELayer(
+        case.E, case.H, case.I, lora_rank=lora_rank, lora_alpha=alpha, lora_dtype=lora_dtype, **kw
+    )
     layer.load_weights_from_tensors(case.gate, case.up, case.down)
     if lora_rank > 0:
         with torch.no_grad():
@@ -57,8 +68,12 @@ def test_layer_parameters_and_init():
     layer = kt_ops.KTMoELayer(E, H, I, lora_rank=R, lora_alpha=32.0)
     assert layer.lora_scaling == pytest.approx(32.0 / R)
     shapes = {
-        "gate_lora_a": (E, R, H), "gate_lora_b": (E, I, R), "up_lora_a": (E, R, H),
-        "up_lora_b": (E, I, R), "down_lora_a": (E, R, I), "down_lora_b": (E, H, R),
+        "gate_lora_a": (E, R, H),
+        "gate_lora_b": (E, I, R),
+        "up_lora_a": (E, R, H),
+        "up_lora_b": (E, I, R),
+        "down_lora_a": (E, R, I),
+        "down_lora_b": (E, H, R),
     }
     params = dict(layer.named_parameters())
     assert set(params) == set(shapes), sorted(params)
@@ -249,8 +264,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_torch_compile_ops_fullgraph_int32_and_minus_one():
     torch._dynamo.reset()
-    case = make_case(seed=9, T=9, E=5, k=3, H=24, I=16, r=3, ids_mode="random", neg_frac=0.2,
-                     ids_dtype=torch.int32)
+    case = make_case(seed=9, T=9, E=5, k=3, H=24, I=16, r=3, ids_mode="random", neg_frac=0.2, ids_dtype=torch.int32)
     experts = kt_ops.pack_experts(case.gate, case.up, case.down)
 
     def f(hidden, ids, weights, *lora):
@@ -308,8 +322,9 @@ def test_two_python_threads_match_serial():
             barrier.wait()
             for _ in range(3):
                 for i in indices:
-                    results[i] = layer_fwd_bwd(layer, cases[i].hidden, cases[i].ids, cases[i].weights,
-                                               cases[i].grad_out)
+                    results[i] = layer_fwd_bwd(
+                        layer, cases[i].hidden, cases[i].ids, cases[i].weights, cases[i].grad_out
+                    )
                     assert_same(f"case {i} output", results[i][0], serial[i][0])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -359,10 +374,20 @@ def test_frozen_lora_gets_no_gradient_and_the_rest_is_unchanged():
 def test_backward_op_skips_lora_gradients_on_request():
     layer, case = make_layer()
     loras = tuple(getattr(layer, name).detach() for name in LORA_NAMES)
-    out, gate_up_pre, lora_mid = kt_ops.ops.forward_op(case.hidden, case.ids, case.weights, layer.experts, loras,
-                                                       layer.lora_scaling, True)
-    args = (case.grad_out, case.hidden, case.ids, case.weights, layer.experts, loras, layer.lora_scaling,
-            gate_up_pre, lora_mid)
+    out, gate_up_pre, lora_mid = kt_ops.ops.forward_op(
+        case.hidden, case.ids, case.weights, layer.experts, loras, layer.lora_scaling, True
+    )
+    args = (
+        case.grad_out,
+        case.hidden,
+        case.ids,
+        case.weights,
+        layer.experts,
+        loras,
+        layer.lora_scaling,
+        gate_up_pre,
+        lora_mid,
+    )
     full = kt_ops.ops.backward_op(*args)
     skipped = kt_ops.ops.backward_op(*args, lora_grads=False)
     assert_all_same(["hidden", "weights"], skipped[:2], full[:2])

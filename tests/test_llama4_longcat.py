@@ -13,32 +13,72 @@ peft = pytest.importorskip("peft")
 
 from kt_ops.integration import apply_kt, export_merged, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
-from kt_testing import (assert_same_step, expert_lora_params, fp32_rtol, isa_rounds_activations, logits_of,  # noqa: E402
-                        model_rtol, rel_l2,
-                        plain_and_kt_step, randomize_lora_b, spy_on_from_pretrained, token_ids)
+from kt_testing import (  # noqa: E402
+    assert_same_step,
+    expert_lora_params,
+    fp32_rtol,
+    isa_rounds_activations,
+    logits_of,
+    model_rtol,
+    rel_l2,
+    plain_and_kt_step,
+    randomize_lora_b,
+    spy_on_from_pretrained,
+    token_ids,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TARGETS = {"llama4": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
-           "longcat": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+TARGETS = {
+    "llama4": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
+    "longcat": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+}
 
 
 def _llama4_config(**overrides):
     # Four layers, MoE every second one (interleave_moe_layer_step=2): layers 0 and 2 stay dense.
-    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                  num_experts_per_tok=2, interleave_moe_layer_step=2, max_position_embeddings=128,
-                  tie_word_embeddings=False)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     fields.update(overrides)
     return transformers.Llama4TextConfig(**fields)
 
 
 def _longcat_config(**overrides):
     # 4 real experts and 2 identity experts, top-2 of 6.
-    fields = dict(vocab_size=128, hidden_size=64, ffn_hidden_size=48, expert_ffn_hidden_size=32, num_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                  qk_rope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
-                  routed_scaling_factor=2.0, max_position_embeddings=128, tie_word_embeddings=False)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        ffn_hidden_size=48,
+        expert_ffn_hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+        n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2,
+        routed_scaling_factor=2.0,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     fields.update(overrides)
     return transformers.LongcatFlashConfig(**fields)
 
@@ -56,7 +96,7 @@ def tiny(arch, dtype=torch.float32, seed=0, bf16_experts=True, **overrides):
         for name, p in model.named_parameters():
             if ".experts." in name or "router" in name:
                 fan_in = p.shape[-2] if (arch == "llama4" and p.dim() == 3) else p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) * fan_in ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * fan_in**-0.5)
                 if bf16_experts and ".experts." in name:
                     p.copy_(p.to(torch.bfloat16))
     return model.to(dtype).eval()
@@ -75,8 +115,11 @@ def test_logits_match_eager(arch, dtype):
     eager = logits_of(model, ids)
     apply_kt(model, lora_rank=0)
     converted = kt_experts_modules(model)
-    expected = ["model.layers.1.feed_forward.experts", "model.layers.3.feed_forward.experts"] if arch == "llama4" \
+    expected = (
+        ["model.layers.1.feed_forward.experts", "model.layers.3.feed_forward.experts"]
+        if arch == "llama4"
         else ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    )
     assert [name for name, _, _ in converted] == expected  # Llama-4's dense layers stay dense
     assert all(kt.num_experts == 4 for _, _, kt in converted)
     assert rel_l2(logits_of(model, ids), eager) < _expert_bar(dtype)
@@ -140,8 +183,13 @@ def test_target_parameters_match_plain_peft_and_export(arch, gpu_experts, tmp_pa
         # none differ under avx2), which moves the logits by ~8%: no bar a kernel can be held to here.
         pytest.skip("LongCat on an ISA that rounds activations to bf16: one token's top-k flips")
     ids = token_ids()
-    plain, kt, model = plain_and_kt_step(lambda: tiny(arch), ids, ["q_proj"] if arch == "llama4" else ["q_b_proj"],
-                                          TARGETS[arch], kt_num_gpu_experts=gpu_experts)
+    plain, kt, model = plain_and_kt_step(
+        lambda: tiny(arch),
+        ids,
+        ["q_proj"] if arch == "llama4" else ["q_b_proj"],
+        TARGETS[arch],
+        kt_num_gpu_experts=gpu_experts,
+    )
     bar = _expert_bar()
     assert_same_step(plain, kt, logits_tol=model_rtol(bar), grads_tol=model_rtol(max(bar, 1e-3)))
     model.eval()
@@ -250,9 +298,18 @@ def test_llama4_multimodal_language_model(tmp_path):
     # and the merged export (with the experts' own LoRA) loads as the multimodal model again.
     config = transformers.Llama4Config(
         text_config=_llama4_config(num_hidden_layers=2, interleave_moe_layer_step=1).to_dict(),
-        vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16, vision_output_dim=32, projector_input_dim=32,
-                           projector_output_dim=64))
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=64,
+        ),
+    )
     config._attn_implementation = config.text_config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.Llama4ForConditionalGeneration(config).eval()
@@ -264,7 +321,8 @@ def test_llama4_multimodal_language_model(tmp_path):
     eager = logits_of(model, ids)
     apply_kt(model, lora_rank=0)
     assert [n for n, _, _ in kt_experts_modules(model)] == [
-        f"language_model.model.layers.{i}.feed_forward.experts" for i in (0, 1)]
+        f"language_model.model.layers.{i}.feed_forward.experts" for i in (0, 1)
+    ]
     assert rel_l2(logits_of(model, ids), eager) < _expert_bar()
     model = transformers.Llama4ForConditionalGeneration(config).eval()
     apply_kt(model, lora_rank=2)
@@ -297,15 +355,26 @@ def test_kt_sft_trains_a_local_checkpoint(arch, tmp_path, monkeypatch):
     from kt_ops import cli
     from kt_ops.integration.tiny import tiny_tokenizer
 
-    assert not {"router", "classifier"} & set(cli._lora_targets(tiny(arch), "all"))
+    assert not {"router", "classifier"} & set(cli.lora_targets(tiny(arch), "all"))
     model_dir = tmp_path / arch
     tiny(arch).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-    config = {"model_name_or_path": str(model_dir), "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
-              "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
-              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.01,
-              "lr_scheduler_type": "constant", "max_steps": 3, "torch_num_threads": 1, "lora_target": "all"}
+    config = {
+        "model_name_or_path": str(model_dir),
+        "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "cutoff_len": 48,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.01,
+        "lr_scheduler_type": "constant",
+        "max_steps": 3,
+        "torch_num_threads": 1,
+        "lora_target": "all",
+    }
     calls = spy_on_from_pretrained(monkeypatch)
     summary = cli.train(config)
     assert calls == [str(model_dir)]

@@ -1,6 +1,7 @@
 """LLaMA-Factory compatibility of kt-sft: its KT example configs run unmodified (model path, output
 dir and pre-converted expert path aside) against local tiny models of their architectures; its keys,
 defaults, dataset registry and templates keep their meaning."""
+
 from __future__ import annotations
 
 import json
@@ -97,45 +98,89 @@ def test_kt_config_block_and_top_level_spelling_agree(tmp_path):
 
 
 def test_llamafactory_defaults(tmp_path):
-    config = cli.load_config({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity",
-                              "output_dir": str(tmp_path), "lora_rank": 4})
+    config = cli.load_config(
+        {"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity", "output_dir": str(tmp_path), "lora_rank": 4}
+    )
     assert config["lora_alpha"] == 8.0 and config["lora_dropout"] == 0.0
     assert config["gradient_checkpointing"] is True and config["kt_cpu_activation"] == "recompute"
     assert (config["cutoff_len"], config["num_train_epochs"], config["lr_scheduler_type"]) == (2048, 3.0, "linear")
-    off = cli.load_config({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity",
-                           "output_dir": str(tmp_path), "disable_gradient_checkpointing": True})
+    off = cli.load_config(
+        {
+            "model_name_or_path": "tiny-qwen3-moe",
+            "dataset": "identity",
+            "output_dir": str(tmp_path),
+            "disable_gradient_checkpointing": True,
+        }
+    )
     assert off["gradient_checkpointing"] is False and off["kt_cpu_activation"] == "retain"
     with pytest.raises(cli.ConfigError, match="report_to must be none or tensorboard"):
-        cli.load_config({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity", "output_dir": str(tmp_path),
-                         "report_to": "wandb"})
+        cli.load_config(
+            {
+                "model_name_or_path": "tiny-qwen3-moe",
+                "dataset": "identity",
+                "output_dir": str(tmp_path),
+                "report_to": "wandb",
+            }
+        )
 
 
 def test_registry_alpaca_sharegpt_columns_identity_and_max_samples(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "qa.json").write_text(json.dumps([
-        {"q": "Who are you?", "ctx": "", "a": "I am {{name}} by {{author}}.", "sys": "Be brief.",
-         "hist": [["hi", "hello"]]},
-        {"q": "Second?", "ctx": "more", "a": "Yes."}]))
-    (data / "chat.jsonl").write_text(json.dumps({"msgs": [
-        {"r": "system", "c": "S"}, {"r": "u", "c": "<image>Q1"}, {"r": "b", "c": "A1"}], "pics": ["x.jpg"]}) + "\n")
-    (data / "dataset_info.json").write_text(json.dumps({
-        "qa": {"file_name": "qa.json", "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys",
-                                                   "history": "hist"}},
-        "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt",
-                 "columns": {"messages": "msgs", "images": "pics"},
-                 "tags": {"role_tag": "r", "content_tag": "c", "user_tag": "u", "assistant_tag": "b"}}}))
+    (data / "qa.json").write_text(
+        json.dumps(
+            [
+                {
+                    "q": "Who are you?",
+                    "ctx": "",
+                    "a": "I am {{name}} by {{author}}.",
+                    "sys": "Be brief.",
+                    "hist": [["hi", "hello"]],
+                },
+                {"q": "Second?", "ctx": "more", "a": "Yes."},
+            ]
+        )
+    )
+    (data / "chat.jsonl").write_text(
+        json.dumps(
+            {
+                "msgs": [{"r": "system", "c": "S"}, {"r": "u", "c": "<image>Q1"}, {"r": "b", "c": "A1"}],
+                "pics": ["x.jpg"],
+            }
+        )
+        + "\n"
+    )
+    (data / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "qa": {
+                    "file_name": "qa.json",
+                    "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys", "history": "hist"},
+                },
+                "chat": {
+                    "file_name": "chat.jsonl",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "msgs", "images": "pics"},
+                    "tags": {"role_tag": "r", "content_tag": "c", "user_tag": "u", "assistant_tag": "b"},
+                },
+            }
+        )
+    )
     specs = lf.resolve_datasets("qa, chat", str(data))
     qa = lf.load_rows(specs[0], identity={"name": "Kiwi", "author": "kt"})
     assert qa[0]["system"] == "Be brief." and qa[0]["messages"] == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Kiwi by kt."}]
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Kiwi by kt."},
+    ]
     assert qa[1]["messages"][0]["content"] == "Second?\nmore"
     assert len(lf.load_rows(specs[0], max_samples=1)) == 1
     with pytest.warns(UserWarning, match="images/videos are not used"):
         chat = lf.load_rows(specs[1])
-    assert chat == [{"system": "S", "messages": [{"role": "user", "content": "Q1"},
-                                                 {"role": "assistant", "content": "A1"}]}]
+    assert chat == [
+        {"system": "S", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]}
+    ]
     with pytest.raises(lf.DataError, match=r"dataset 'nope' is not in .*dataset_info.json \(it lists \['chat', 'qa'\]"):
         lf.resolve_datasets("nope", str(data))
 
@@ -147,8 +192,12 @@ def test_templates_mask_prompts_and_learn_every_answer():
     template = lf.get_template("qwen3", tok)
     lf.add_template_tokens(template, tok)
     assert tok.eos_token == "<|im_end|>" and len(tok) <= 128
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2?"},
+        {"role": "assistant", "content": "two"},
+    ]
     ex = lf.encode_conversation(template, messages, None, tok, 2048)
     learned = tok.decode([i for i, label in zip(ex["input_ids"], ex["labels"]) if label != -100])
     assert learned == "<think>\n\n</think>\n\nyo<|im_end|>\n<think>\n\n</think>\n\ntwo<|im_end|>\n"
@@ -176,8 +225,12 @@ def test_kt_cpu_activation_recompute_runs_the_experts_again_in_backward(tmp_path
     forward = KTMoELayer.forward
     monkeypatch.setattr(KTMoELayer, "forward", lambda self, *a, **kw: counted.append(1) or forward(self, *a, **kw))
     calls = []
-    base = {"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity", "output_dir": str(tmp_path),
-            "disable_gradient_checkpointing": True}
+    base = {
+        "model_name_or_path": "tiny-qwen3-moe",
+        "dataset": "identity",
+        "output_dir": str(tmp_path),
+        "disable_gradient_checkpointing": True,
+    }
     for policy in ("retain", "recompute"):
         model, _ = cli.build_model(cli.load_config({**base, "kt_cpu_activation": policy}))
         model.train()
@@ -208,12 +261,18 @@ def test_main_example_scores_its_training_answers(tmp_path, capsys):
 def test_report_to_tensorboard_needs_its_package(tmp_path, monkeypatch):
     import importlib.util
 
-    config = cli.load_config({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity",
-                              "output_dir": str(tmp_path), "report_to": ["tensorboard"]})
+    config = cli.load_config(
+        {
+            "model_name_or_path": "tiny-qwen3-moe",
+            "dataset": "identity",
+            "output_dir": str(tmp_path),
+            "report_to": ["tensorboard"],
+        }
+    )
     assert config["report_to"] == ["tensorboard"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(cli.ConfigError, match="report_to tensorboard needs the tensorboard package"):
-        cli._check_report_to(config)
+        cli.check_report_to(config)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3_5-moe", "tiny-qwen3-vl-moe"])

@@ -1,5 +1,6 @@
 """Safetensors loaders (pre-quantized form and HuggingFace float checkpoints) and the
 convert_weights tool, on tiny checkpoints written into tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -22,26 +23,37 @@ MOE_LAYERS = (0, 2)  # layer 1 is dense, so moe_layers() must skip it
 
 def make_layer(seed: int, dtype=torch.bfloat16, num_experts: int = E):
     g = torch.Generator().manual_seed(seed)
-    return tuple((torch.randn(shape, generator=g) / 8).to(dtype)
-                 for shape in ((num_experts, I, H), (num_experts, I, H), (num_experts, H, I)))
+    return tuple(
+        (torch.randn(shape, generator=g) / 8).to(dtype)
+        for shape in ((num_experts, I, H), (num_experts, I, H), (num_experts, H, I))
+    )
 
 
 def layer_tensors(fmt: str, base: str, gate, up, down) -> dict:
     if fmt == "fused":
-        return {f"{base}.mlp.experts.gate_up_proj": torch.cat([gate, up], dim=1).contiguous(),
-                f"{base}.mlp.experts.down_proj": down.contiguous()}
-    module, names = {"deepseek": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
-                     "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2"))}[fmt]
-    return {f"{base}.{module}.{e}.{name}.weight": t[e].clone()
-            for e in range(gate.shape[0]) for name, t in zip(names, (gate, up, down))}
+        return {
+            f"{base}.mlp.experts.gate_up_proj": torch.cat([gate, up], dim=1).contiguous(),
+            f"{base}.mlp.experts.down_proj": down.contiguous(),
+        }
+    module, names = {
+        "deepseek": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+        "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2")),
+    }[fmt]
+    return {
+        f"{base}.{module}.{e}.{name}.weight": t[e].clone()
+        for e in range(gate.shape[0])
+        for name, t in zip(names, (gate, up, down))
+    }
 
 
 def write_checkpoint(root, fmt="deepseek", prefix="model.layers", shards=1, dtype=torch.bfloat16, extra=None):
     """A HuggingFace-style checkpoint; returns {layer: (gate, up, down)} as written."""
     os.makedirs(root, exist_ok=True)
     layers = {L: make_layer(L, dtype) for L in MOE_LAYERS}
-    tensors = {"model.embed_tokens.weight": torch.randn(8, H).to(dtype),
-               f"{prefix}.1.mlp.gate_proj.weight": torch.randn(I, H).to(dtype)}  # a dense layer
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(8, H).to(dtype),
+        f"{prefix}.1.mlp.gate_proj.weight": torch.randn(I, H).to(dtype),
+    }  # a dense layer
     for L, weights in layers.items():
         tensors.update(layer_tensors(fmt, f"{prefix}.{L}", *weights))
     tensors.update(extra or {})
@@ -146,9 +158,13 @@ def test_tensor_missing_from_indexed_shard_is_key_error(tmp_path):
     with open(tmp_path / INDEX_NAME) as fh:
         index = json.load(fh)
     ghost = "model.layers.0.mlp.experts.4.gate_proj.weight"  # named by the index, in no shard
-    index["weight_map"].update({ghost: "model-00001-of-00002.safetensors",
-                                ghost.replace("gate", "up"): "model-00001-of-00002.safetensors",
-                                ghost.replace("gate", "down"): "model-00002-of-00002.safetensors"})
+    index["weight_map"].update(
+        {
+            ghost: "model-00001-of-00002.safetensors",
+            ghost.replace("gate", "up"): "model-00001-of-00002.safetensors",
+            ghost.replace("gate", "down"): "model-00002-of-00002.safetensors",
+        }
+    )
     with open(tmp_path / INDEX_NAME, "w") as fh:
         json.dump(index, fh)
     loader = BF16SafeTensorLoader(str(tmp_path))
@@ -169,8 +185,10 @@ def test_loader_bad_input(tmp_path):
     with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
         BF16SafeTensorLoader(str(tmp_path))
     os.remove(tmp_path / "junk.safetensors")
-    fp8 = {f"model.layers.0.mlp.experts.0.{p}.weight": torch.zeros(2, 2).to(torch.float8_e4m3fn)
-           for p in ("gate_proj", "up_proj", "down_proj")}
+    fp8 = {
+        f"model.layers.0.mlp.experts.0.{p}.weight": torch.zeros(2, 2).to(torch.float8_e4m3fn)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
     save_file(fp8, str(tmp_path / "model.safetensors"))
     loader = BF16SafeTensorLoader(str(tmp_path))
     with pytest.raises(TypeError, match=r"gate_proj\.weight' has dtype torch\.float8_e4m3fn"):
@@ -249,18 +267,17 @@ def _packed_equal(a, b) -> bool:
 
 # --- convert_weights ---------------------------------------------------------------------------
 
+
 def run(capsys, *args) -> tuple[int, str]:
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128),
-                                               ("AMXINT4_KGroup_SFT", 32)])
+@pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128), ("AMXINT4_KGroup_SFT", 32)])
 def test_convert_round_trip_is_bit_identical(tmp_path, capsys, method, group_size):
     layers = write_checkpoint(tmp_path / "hf", "fused" if method == "AMXINT8_SFT" else "deepseek", shards=2)
     out = tmp_path / "out"
-    code, err = run(capsys, "--input", tmp_path / "hf", "--output", out, "--method", method,
-                    "--group-size", group_size)
+    code, err = run(capsys, "--input", tmp_path / "hf", "--output", out, "--method", method, "--group-size", group_size)
     assert code == 0, err
     assert f"layer {len(MOE_LAYERS)}/{len(MOE_LAYERS)} [" in err and "s/layer" in err
     manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -331,13 +348,16 @@ def test_convert_resume_overwrite_and_refusals(tmp_path, capsys, monkeypatch):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--method", "AMXFP4_SFT"), "unknown --method 'AMXFP4_SFT'; supported: AMXBF16_SFT, AMXINT8_SFT"),
-    (("--method", "int4_kgroup", "--group-size", "48"), "group_size 48"),
-    (("--method", "int8", "--group-size", "0"), "--group-size must be a positive int"),
-    (("--method", "int8", "--layers", "1"), "--layers [1] have no experts"),
-    (("--method", "int8", "--layers", "a,b"), "--layers must be comma-separated"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--method", "AMXFP4_SFT"), "unknown --method 'AMXFP4_SFT'; supported: AMXBF16_SFT, AMXINT8_SFT"),
+        (("--method", "int4_kgroup", "--group-size", "48"), "group_size 48"),
+        (("--method", "int8", "--group-size", "0"), "--group-size must be positive"),
+        (("--method", "int8", "--layers", "1"), "--layers [1] have no experts"),
+        (("--method", "int8", "--layers", "a,b"), "--layers must be comma-separated"),
+    ],
+)
 def test_convert_bad_arguments(tmp_path, capsys, args, message):
     write_checkpoint(tmp_path / "hf")
     code, err = run(capsys, "--input", tmp_path / "hf", "--output", tmp_path / "out", "--quiet", *args)
@@ -354,9 +374,24 @@ def test_convert_failed_run_does_not_block_a_corrected_one(tmp_path, capsys):
 def test_convert_as_module(tmp_path):
     write_checkpoint(tmp_path / "hf", "fused")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "kt_ops.convert_weights", "--input", str(tmp_path / "hf"),
-                           "--output", str(out), "--method", "AMXINT8_SFT", "--layers", "0"],
-                          capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(kt_ops.__file__))))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kt_ops.convert_weights",
+            "--input",
+            str(tmp_path / "hf"),
+            "--output",
+            str(out),
+            "--method",
+            "AMXINT8_SFT",
+            "--layers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(kt_ops.__file__))),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "layer 1/1 [" in proc.stderr and SafeTensorLoader(str(out)).layers() == [0]

@@ -1,6 +1,7 @@
 """kt_ops.integration.from_pretrained: a model built on the meta device, non-expert weights read from
 the shards, experts streamed layer by layer into the packed form; it must equal transformers'
 from_pretrained followed by apply_kt."""
+
 import os
 
 import pytest
@@ -58,8 +59,9 @@ def test_kt_ops_converted_experts(tmp_path):
 
     save_sharded(tiny_model("tiny-qwen3-moe"), tmp_path / "hf")
     convert(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "q"), "--method", "AMXINT8_SFT"])
-    ours = from_pretrained(tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=tmp_path / "q", lora_rank=0,
-                           dtype=torch.float32)
+    ours = from_pretrained(
+        tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=tmp_path / "q", lora_rank=0, dtype=torch.float32
+    )
     ref = stock(tmp_path / "hf", kt_backend="AMXINT8", lora_rank=0)
     torch.testing.assert_close(logits(ours), logits(ref), rtol=0, atol=0)
 
@@ -79,14 +81,15 @@ def test_ktransformers_int8_numa_split_experts(tmp_path):
         tensors = ktw.convert_layer(gate, up, down, layer, "INT8", numa_parts=2)
         save_file(tensors, str(tmp_path / "kt" / f"model-{layer:05d}.safetensors"))
         want[layer] = tensors
-    ours = from_pretrained(tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=tmp_path / "kt", lora_rank=2,
-                           dtype=torch.float32)
+    ours = from_pretrained(
+        tmp_path / "hf", kt_backend="AMXINT8", kt_weight_path=tmp_path / "kt", lora_rank=2, dtype=torch.float32
+    )
     for name, module in find_moe_experts(ours):
         layer = module.kt_experts.layer_idx
         assert module.kt_experts.experts.weight_format == "int8_kgroup"
         gate, _, down = unpack_experts(module.kt_experts.experts)
         e, part = 3, 1
-        stored = want[layer][f"blk.{layer}.ffn_down_exps.{e}.numa.{part}"  + ".weight"]
+        stored = want[layer][f"blk.{layer}.ffn_down_exps.{e}.numa.{part}" + ".weight"]
         scale = want[layer][f"blk.{layer}.ffn_down_exps.{e}.numa.{part}" + ".scale"]
         ref = ktw.dequantize(stored, scale, 128, 64, "INT8")
         assert torch.equal(down[e, :, 64:], ref)

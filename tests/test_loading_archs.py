@@ -5,6 +5,7 @@ common layouts: DeepSeek-V4 (per-expert `ffn.experts.{E}.w1/w2/w3`, clamped SiLU
 for its identity experts that are no experts). Each is saved with save_pretrained and must load,
 streamed, into exactly what transformers' from_pretrained + apply_kt gives: the same packed experts,
 biases and activation, the same LoRA parameters, the same logits."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ from test_llama4_longcat import tiny  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BUILDERS = {"deepseek_v4": tiny_deepseek_v4, "gpt_oss": tiny_gpt_oss,
-            "llama4": lambda: tiny("llama4"), "longcat": lambda: tiny("longcat")}
+BUILDERS = {
+    "deepseek_v4": tiny_deepseek_v4,
+    "gpt_oss": tiny_gpt_oss,
+    "llama4": lambda: tiny("llama4"),
+    "longcat": lambda: tiny("longcat"),
+}
 _PACKED_FIELDS = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")
 
 
@@ -49,9 +54,10 @@ def _same_lora(ours, ref):
 
 
 @pytest.mark.parametrize("arch", list(BUILDERS))
-@pytest.mark.parametrize("kt_backend, gpu_experts, dtype", [("AMXBF16", 0, torch.float32),
-                                                             ("AMXINT8", 1, torch.float32),
-                                                             ("AMXINT4", 0, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "kt_backend, gpu_experts, dtype",
+    [("AMXBF16", 0, torch.float32), ("AMXINT8", 1, torch.float32), ("AMXINT4", 0, torch.bfloat16)],
+)
 def test_streamed_equals_from_pretrained_then_apply_kt(arch, kt_backend, gpu_experts, dtype, tmp_path):
     # Small shards: a layer's experts (and a fused tensor's neighbours) land in different files. The
     # checkpoint is fp32; loaded as bf16, transformers rounds the experts first and keeps its
@@ -63,8 +69,9 @@ def test_streamed_equals_from_pretrained_then_apply_kt(arch, kt_backend, gpu_exp
     ref.eval()
     assert not any(t.is_meta for t in list(ours.parameters()) + list(ours.buffers()))
     theirs = dict(ref.state_dict())
-    assert {n: t.dtype for n, t in ours.state_dict().items() if "lora" not in n} == \
-        {n: t.dtype for n, t in theirs.items() if "lora" not in n}
+    assert {n: t.dtype for n, t in ours.state_dict().items() if "lora" not in n} == {
+        n: t.dtype for n, t in theirs.items() if "lora" not in n
+    }
     pairs = list(zip(kt_experts_modules(ours), kt_experts_modules(ref), strict=True))
     assert pairs
     for (name, module, mine), (ref_name, ref_module, theirs) in pairs:
@@ -115,11 +122,21 @@ def test_kt_sft_streams_a_local_checkpoint(arch, tmp_path, monkeypatch):
     tiny_tokenizer().save_pretrained(model_dir)
     calls = spy_on_from_pretrained(monkeypatch)
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-    config = {"model_name_or_path": str(model_dir), "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
-              "output_dir": str(tmp_path / "run"), "lora_rank": 4, "lora_alpha": 8, "cutoff_len": 48,
-              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.01,
-              "lr_scheduler_type": "constant", "max_steps": 3, "torch_num_threads": 1, "lora_target": "q_proj" if
-              arch == "gpt_oss" else "q_b_proj"}
+    config = {
+        "model_name_or_path": str(model_dir),
+        "dataset": os.path.join(examples, "data", "alpaca_tiny.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "cutoff_len": 48,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.01,
+        "lr_scheduler_type": "constant",
+        "max_steps": 3,
+        "torch_num_threads": 1,
+        "lora_target": "q_proj" if arch == "gpt_oss" else "q_b_proj",
+    }
     summary = cli.train(config)
     assert calls == [str(model_dir)]
     assert summary["losses"][-1] < summary["losses"][0]

@@ -16,27 +16,66 @@ peft = pytest.importorskip("peft")
 from kt_ops.integration import apply_kt, kt_experts_modules  # noqa: E402
 from kt_ops.integration.tiny import train_steps  # noqa: E402
 
-_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128)
-_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-               temporal_patch_size=2, out_hidden_size=64)
+_TEXT = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+)
+_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=2,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=64,
+)
 
 
 def _glm4v_moe_config():
     return transformers.Glm4vMoeConfig(
-        text_config=dict(_TEXT, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                          "mrope_section": [1, 1, 2]}),
-        vision_config=_VISION)
+        text_config=dict(
+            _TEXT,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [1, 1, 2],
+            },
+        ),
+        vision_config=_VISION,
+    )
 
 
 def _qwen3_omni_thinker_config():
     return transformers.Qwen3OmniMoeThinkerConfig(
-        text_config=dict(_TEXT, num_experts=8, head_dim=16,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        text_config=dict(
+            _TEXT,
+            num_experts=8,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
         vision_config=dict(_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
-        audio_config=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32, output_dim=64,
-                          downsample_hidden_size=16, num_mel_bins=16))
+        audio_config=dict(
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            d_model=32,
+            output_dim=64,
+            downsample_hidden_size=16,
+            num_mel_bins=16,
+        ),
+    )
 
 
 def _eager(config):
@@ -55,8 +94,9 @@ def tiny(name, seed=0):
     elif name == "qwen3_omni_moe_thinker":
         model = transformers.Qwen3OmniMoeThinkerForConditionalGeneration(_eager(_qwen3_omni_thinker_config()))
     else:  # the whole Qwen3-Omni (thinker + talker, audio output off): text goes through model.thinker
-        config = transformers.Qwen3OmniMoeConfig(thinker_config=_qwen3_omni_thinker_config().to_dict(),
-                                                 enable_audio_output=False)
+        config = transformers.Qwen3OmniMoeConfig(
+            thinker_config=_qwen3_omni_thinker_config().to_dict(), enable_audio_output=False
+        )
         _eager(config)
         _eager(config.thinker_config)
         model = transformers.Qwen3OmniMoeForConditionalGeneration(config)
@@ -93,7 +133,9 @@ def test_expert_lora_training(name):
     ids = token_ids()
     model = apply_kt(tiny(name).train(), lora_rank=4, lora_alpha=8.0)
     with pytest.warns(UserWarning, match="peft_config"):
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj"))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.q_proj")
+        )
     expert_lora = [p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n]
     assert expert_lora and all(p.requires_grad for p in expert_lora)
     before = [p.detach().clone() for p in expert_lora]

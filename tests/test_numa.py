@@ -1,6 +1,7 @@
 """threadpool_count > 1 for real: the parts of a layer run at once on sub-pools of their own, with
 their weights first touched by their pool's threads. On a one-node machine this is a logical test
 (the multi-node placement itself is unverified on hardware here)."""
+
 import ctypes
 import os
 import platform
@@ -45,6 +46,7 @@ def assert_ran_at_once(log):
 
 # ---- the parts run at once and give the single pool's results ------------------------------------
 
+
 @pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128)])
 def test_parts_run_at_once_and_equal_one_pool(two_subpools, method, group_size):
     case = make_case(seed=6, T=12, E=4, k=2, H=64, I=64, r=4)
@@ -69,11 +71,22 @@ def test_parts_run_at_once_and_equal_one_pool(two_subpools, method, group_size):
 
 def test_inference_parts_run_at_once(two_subpools):
     from kt_ops import KTMoEWrapper
+
     case = make_case(seed=3, T=6, E=4, k=2, H=64, I=256, r=4)
     make = lambda count: KTMoEWrapper(  # noqa: E731
-        layer_idx=0, num_experts=4, num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=256,
-        num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=count, weight_path=None, chunked_prefill_size=512,
-        mode="inference", method="AMXINT8")
+        layer_idx=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        hidden_size=64,
+        moe_intermediate_size=256,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=count,
+        weight_path=None,
+        chunked_prefill_size=512,
+        mode="inference",
+        method="AMXINT8",
+    )
     one, two = make(1), make(2)
     for w in (one, two):
         w.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
@@ -82,6 +95,65 @@ def test_inference_parts_run_at_once(two_subpools):
     assert_ran_at_once(take_log())
     out1 = one.forward(case.hidden, case.ids, case.weights)
     assert (out2 - out1).abs().mean() <= 0.05 * out1.abs().mean()
+
+
+@pytest.mark.parametrize("kt_backend", ["AMXBF16", "AMXINT8"])
+def test_apply_kt_runs_each_layer_in_parts_on_the_subpools(two_subpools, kt_backend):
+    """kt_threadpool_count reaches the layers apply_kt makes: each runs in parts at once on the
+    process's sub-pools, forward and backward, and agrees with one pool."""
+    pytest.importorskip("transformers")
+    from kt_ops.integration import apply_kt, kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model
+    from kt_testing import token_ids
+
+    def run(count):
+        torch.manual_seed(0)
+        model = apply_kt(
+            tiny_model("tiny-qwen3-moe", moe_intermediate_size=64),
+            kt_backend=kt_backend,
+            kt_threadpool_count=count,
+            lora_rank=4,
+            lora_alpha=8.0,
+        )
+        for _, _, kt in kt_experts_modules(model):
+            assert len(kt.experts_parts) == count and kt.subpools is (two_subpools if count > 1 else None)
+            with torch.no_grad():
+                kt.gate_lora_b.normal_(0, 0.1)  # B starts at zero: give the LoRA terms values
+        ids = token_ids()
+        _C._arm_rendezvous(2, 60.0)
+        loss = model(input_ids=ids, labels=ids).loss
+        if count > 1:
+            assert_ran_at_once(take_log()[:2])
+        loss.backward()
+        return loss.detach(), [p.grad for _, _, kt in kt_experts_modules(model) for p in kt.lora_parameters()]
+
+    (loss1, grads1), (loss2, grads2) = run(1), run(2)
+    tol = 1e-5 if kt_backend == "AMXBF16" else 0.05  # int8: down's scales cover each part's columns
+    assert abs(loss2 - loss1) <= tol * abs(loss1)
+    for a, b in zip(grads2, grads1):
+        assert (a - b).abs().mean() <= tol * b.abs().mean() + 1e-12
+
+
+def test_kt_sft_config_splits_layers_over_kt_threadpool_count(two_subpools, tmp_path):
+    pytest.importorskip("transformers")
+    from kt_ops import cli
+    from kt_ops.integration import kt_experts_modules
+    from kt_ops.integration.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("tiny-qwen3-moe", moe_intermediate_size=64).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    config = cli.load_config(
+        {
+            "model_name_or_path": str(model_dir),
+            "dataset": "identity",
+            "output_dir": str(tmp_path),
+            "kt_config": {"kt_threadpool_count": 2, "kt_tp_enabled": True},
+        },
+        quiet=True,
+    )
+    model, _ = cli.build_model(config)
+    assert all(len(kt.experts_parts) == 2 for _, _, kt in kt_experts_modules(model))
 
 
 def test_rendezvous_fails_for_parts_run_one_after_another(two_subpools):
@@ -130,6 +202,7 @@ def test_python_error_in_a_part_waits_for_the_others(two_subpools):
 
 # ---- first touch ---------------------------------------------------------------------------------
 
+
 def page_nodes(t: torch.Tensor):
     """NUMA node of every page of `t` (move_pages(2) with no target: query only); negative = errno,
     e.g. -ENOENT for a page not present."""
@@ -147,8 +220,10 @@ def page_nodes(t: torch.Tensor):
     return list(status)
 
 
-needs_move_pages = pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.isdir("/sys/devices/system/node"),
-                                      reason="move_pages syscall number and NUMA sysfs: x86-64 Linux")
+needs_move_pages = pytest.mark.skipif(
+    platform.machine() != "x86_64" or not os.path.isdir("/sys/devices/system/node"),
+    reason="move_pages syscall number and NUMA sysfs: x86-64 Linux",
+)
 
 
 @needs_move_pages
@@ -181,6 +256,7 @@ def test_first_touch_copy_writes_fresh_pages(two_subpools):
 
 # ---- CPU sets ------------------------------------------------------------------------------------
 
+
 def fake_nodes(root, cpulists):
     for node, text in cpulists.items():
         (root / f"node{node}").mkdir(parents=True)
@@ -204,7 +280,9 @@ def test_cpu_sets_of_a_fake_sysfs(tmp_path):
     # one node, or no NUMA information: nothing pinned
     one = fake_nodes(tmp_path / "one", {0: "0-7"})
     assert subpool_layout(2, one, everything) == [(None, []), (None, [])]
-    assert node_cpus(str(tmp_path / "missing")) == {} and subpool_layout(2, str(tmp_path / "missing")) == [(None, [])] * 2
+    assert (
+        node_cpus(str(tmp_path / "missing")) == {} and subpool_layout(2, str(tmp_path / "missing")) == [(None, [])] * 2
+    )
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two sub-pools apart")
@@ -217,7 +295,7 @@ def test_subpool_threads_are_pinned_and_survive_fork(tmp_path):
 import os, torch
 from kt_ops import _C
 from kt_ops.core.subpools import Subpools
-from kt_ops.experts_base import forward_parts
+from kt_ops.ops import forward_parts
 from kt_ops.core.packed import pack_split
 pools = Subpools(2, 2, root={root!r})
 assert pools.nodes == [0, 1] and pools.cpu_sets == [[{cpus[0]}], [{cpus[1]}]], (pools.nodes, pools.cpu_sets)

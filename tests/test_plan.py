@@ -1,4 +1,5 @@
 """kt-sft plan: memory figures from config.json alone (no weights), checked against hand counts."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def _config(model, **extra):
-    return cli.load_config({"model_name_or_path": model, "dataset": "identity", "output_dir": "/tmp/unused",
-                            **extra}, quiet=True)
+    return cli.load_config(
+        {"model_name_or_path": model, "dataset": "identity", "output_dir": "/tmp/unused", **extra}, quiet=True
+    )
 
 
 def test_plan_deepseek_v3_671b_from_config_json_only(tmp_path, capsys):
@@ -45,8 +47,16 @@ def _write_yaml(tmp_path, model_dir):
     import yaml
 
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump({"model_name_or_path": str(model_dir), "dataset": "identity",
-                                    "output_dir": str(tmp_path / "out"), "kt_config": {"kt_expert_weight_format": "int8"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(model_dir),
+                "dataset": "identity",
+                "output_dir": str(tmp_path / "out"),
+                "kt_config": {"kt_expert_weight_format": "int8"},
+            }
+        )
+    )
     return path
 
 
@@ -60,6 +70,7 @@ def test_plan_tiny_model_matches_the_built_model():
     assert plan.packed_bytes["int8"] == sum(kt.experts.nbytes() for _, _, kt in kt_experts_modules(model))
     lora = sum(p.numel() for _, _, kt in kt_experts_modules(model) for p in kt.lora_parameters())
     # the experts' float parameters are one-element placeholders of the full shape (peft sizes LoRA from them)
-    placeholders = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj",
-                                                                                     "experts.down_proj")))
+    placeholders = sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    )
     assert plan.other_params == sum(p.numel() for p in model.parameters()) - lora - placeholders

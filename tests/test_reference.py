@@ -104,8 +104,19 @@ def test_matches_naive_per_token_loop(seed, T, E, k, H, I, r, mode, neg_frac, id
 @pytest.mark.parametrize("r", [0, 1, 3])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 def test_gradcheck_reference(r, ids_dtype):
-    case = make_case(3, T=5, E=3, k=3, H=6, I=5, r=r, ids_mode="random", neg_frac=0.25,
-                     ids_dtype=ids_dtype, hidden_dtype=torch.float64)
+    case = make_case(
+        3,
+        T=5,
+        E=3,
+        k=3,
+        H=6,
+        I=5,
+        r=r,
+        ids_mode="random",
+        neg_frac=0.25,
+        ids_dtype=ids_dtype,
+        hidden_dtype=torch.float64,
+    )
     inputs = [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weights, *case.lora)]
 
     def f(hidden, weights, *lora):

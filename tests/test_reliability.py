@@ -3,6 +3,7 @@ children work, files the user owns are never overwritten, a clean exit with work
 wrapper shared by threads, all-or-nothing loads and errors that name what is wrong.
 
 Every probe that could crash or hang the interpreter runs in a subprocess with a timeout."""
+
 from __future__ import annotations
 
 import json
@@ -49,10 +50,10 @@ def raw_step():
     # The ops alone, without autograd: after fork() torch's own thread pools (autograd, BLAS) can
     # hang in the child whatever kt_ops does, so the fork tests call the kernels directly.
     ex, lora = layer.experts, [p.detach() for p in layer.lora_parameters()]
-    packed = (ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, ex.weight_format,
-              ex.intermediate_size)
-    y, pre, mid = torch.ops.kt.moe_sft_forward(x, ids, w, *packed, *lora, layer.lora_scaling, True)
-    return [y, *torch.ops.kt.moe_sft_backward(y, x, ids, w, *packed, *lora, layer.lora_scaling, pre, mid)]
+    args, kwargs = kt_ops.ops.forward_call(x, ids, w, ex, lora, layer.lora_scaling, True)
+    y, pre, mid = torch.ops.kt.moe_sft_forward(*args, **kwargs)
+    args, kwargs = kt_ops.ops.backward_call(y, x, ids, w, ex, lora, layer.lora_scaling, pre, mid)
+    return [y, *torch.ops.kt.moe_sft_backward(*args, **kwargs)]
 
 def same(a, b):
     return all(torch.equal(u, v) for u, v in zip(a, b))
@@ -61,20 +62,30 @@ def same(a, b):
 
 def run_python(code: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_ok(result: subprocess.CompletedProcess, expect: str = "OK") -> None:
     assert result.returncode == 0 and expect in result.stdout, (
-        f"rc={result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+        f"rc={result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    )
 
 
 # ---- 1. an exception inside a pool task -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("on_caller", [False, True], ids=["worker", "caller"])
 def test_task_exception_becomes_python_error_and_pool_stays_usable(on_caller):
-    result = run_python(LAYER_SETUP.format(method="AMXBF16_SFT") + f"""
+    result = run_python(
+        LAYER_SETUP.format(method="AMXBF16_SFT")
+        + f"""
 good = step()
 for failure in range(3):
     _C._inject_task_fault({on_caller})
@@ -89,7 +100,8 @@ for failure in range(3):
         raise SystemExit("no MemoryError from the injected std::bad_alloc in 100 calls")
     assert same(step(), good), "the call after a failed one differs"
 print("OK")
-""")
+"""
+    )
     assert_ok(result)
 
 
@@ -132,15 +144,18 @@ def malloc_shim(tmp_path_factory):
         pytest.skip("gcc is needed to build the malloc shim")
     folder = tmp_path_factory.mktemp("shim")
     (folder / "shim.c").write_text(SHIM)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(folder / "shim.so"), str(folder / "shim.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O1", "-o", str(folder / "shim.so"), str(folder / "shim.c")], check=True
+    )
     return str(folder / "shim.so")
 
 
 def test_worker_allocation_failure_raises_memory_error(malloc_shim):
     # int8 prefill: the tasks dequantize weight panels into per-thread buffers, grown here for a batch
     # larger than any before; those allocations fail, on threads other than the caller only.
-    result = run_python(LAYER_SETUP.format(method="AMXINT8_SFT") + """
+    result = run_python(
+        LAYER_SETUP.format(method="AMXINT8_SFT")
+        + """
 import ctypes
 shim = ctypes.CDLL(None)
 good = step()
@@ -160,7 +175,9 @@ finally:
 assert shim.shim_failures() > 0, "the shim failed no allocation"
 assert same(step(), good)
 print("OK", shim.shim_failures())
-""", env={"LD_PRELOAD": malloc_shim})
+""",
+        env={"LD_PRELOAD": malloc_shim},
+    )
     assert_ok(result)
 
 
@@ -168,7 +185,9 @@ def test_address_space_limit_raises_and_recovers():
     # A real RLIMIT_AS a little above what the process has mapped: allocations fail wherever they
     # fall (torch's tensors on this thread, routing vectors, the workers' scratch). Every call must
     # either succeed or raise, and after the limit is lifted the next call is exact again.
-    result = run_python(LAYER_SETUP.format(method="AMXINT8_SFT") + """
+    result = run_python(
+        LAYER_SETUP.format(method="AMXINT8_SFT")
+        + """
 import resource
 good = step()
 big_x = torch.randn(2048, H)
@@ -203,14 +222,18 @@ n = kt_ops.get_num_threads()
 assert 1 <= n < 64, n
 assert same(step(), good)
 print("OK", failures)
-""")
+"""
+    )
     assert_ok(result)
 
 
 # ---- 2. fork ----------------------------------------------------------------------------------------
 
+
 def test_fork_child_runs_the_op():
-    result = run_python(LAYER_SETUP.format(method="AMXBF16_SFT") + """
+    result = run_python(
+        LAYER_SETUP.format(method="AMXBF16_SFT")
+        + """
 good = raw_step()
 import os
 pid = os.fork()
@@ -220,12 +243,16 @@ _, status = os.waitpid(pid, 0)
 assert os.waitstatus_to_exitcode(status) == 0, status
 assert same(raw_step(), good)   # the parent's pool is untouched
 print("OK")
-""", timeout=60)
+""",
+        timeout=60,
+    )
     assert_ok(result)
 
 
 def test_fork_dataloader_workers_call_the_op():
-    result = run_python(LAYER_SETUP.format(method="AMXBF16_SFT") + """
+    result = run_python(
+        LAYER_SETUP.format(method="AMXBF16_SFT")
+        + """
 from torch.utils.data import DataLoader, Dataset
 expected = layer(x, ids, w).detach()
 
@@ -240,11 +267,14 @@ class Rows(Dataset):
 out = torch.cat(list(DataLoader(Rows(), batch_size=None, num_workers=2, multiprocessing_context="fork")))
 assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
 print("OK")
-""", timeout=90)
+""",
+        timeout=90,
+    )
     assert_ok(result)
 
 
 # ---- 3. files the user owns -----------------------------------------------------------------------
+
 
 def _peft_adapter(path: pathlib.Path, E=4, H=8, I=6, r=2, dtype=torch.float32, skip=()):
     from safetensors.torch import save_file
@@ -281,10 +311,21 @@ def test_convert_refuses_to_overwrite_inputs_and_foreign_files(tmp_path):
 
 
 def _amx_wrapper(layer_idx, weight_path, E=4, H=32, I=32):
-    return kt_ops.KTMoEWrapper(layer_idx=layer_idx, num_experts=E, num_experts_per_tok=2, hidden_size=H,
-                               moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1,
-                               weight_path=str(weight_path), chunked_prefill_size=64, cpu_save=True,
-                               method="AMXINT8", mode="inference")
+    return kt_ops.KTMoEWrapper(
+        layer_idx=layer_idx,
+        num_experts=E,
+        num_experts_per_tok=2,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=str(weight_path),
+        chunked_prefill_size=64,
+        cpu_save=True,
+        method="AMXINT8",
+        mode="inference",
+    )
 
 
 def _weights(seed, E=4, H=32, I=32):
@@ -303,8 +344,12 @@ def test_cpu_save_keeps_other_layers_and_refuses_foreign_files(tmp_path):
     assert packed_layers(str(packed)) == [0, 1, 2]
     # Two layers sharing one weight_path, saved concurrently: both end up in the file.
     shared = tmp_path / "shared.safetensors"
-    threads = [threading.Thread(target=lambda L=L: _amx_wrapper(L, shared).load_weights_from_tensors(
-        *_weights(L), torch.arange(4))) for L in (5, 6)]
+    threads = [
+        threading.Thread(
+            target=lambda L=L: _amx_wrapper(L, shared).load_weights_from_tensors(*_weights(L), torch.arange(4))
+        )
+        for L in (5, 6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -327,6 +372,7 @@ def test_cpu_save_keeps_other_layers_and_refuses_foreign_files(tmp_path):
 
 # ---- 4. exit with work in flight ------------------------------------------------------------------
 
+
 def test_exit_with_deferred_experts_in_flight_is_clean():
     code = """
 import torch, kt_ops
@@ -343,8 +389,12 @@ w.submit_forward(x, ids, torch.rand(256, K))   # and one more call whose results
 print("OK")
 """
     # Two exits at once (the failure showed in 4 of 5 before the CPUInfer thread was drained at exit).
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0 and "OK" in out, f"rc={p.returncode}\n{err[-2000:]}"
@@ -352,12 +402,26 @@ print("OK")
 
 # ---- 5. one SFT wrapper shared by threads ---------------------------------------------------------
 
+
 def _sft_wrapper(depth=2):
     E, H, I, r = 4, 32, 32, 4
-    wrapper = kt_ops.KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=2, hidden_size=H,
-                                  moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1,
-                                  weight_path=None, chunked_prefill_size=64, method="AMXBF16_SFT", mode="sft",
-                                  lora_rank=r, lora_alpha=8.0, max_cache_depth=depth)
+    wrapper = kt_ops.KTMoEWrapper(
+        layer_idx=0,
+        num_experts=E,
+        num_experts_per_tok=2,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=64,
+        method="AMXBF16_SFT",
+        mode="sft",
+        lora_rank=r,
+        lora_alpha=8.0,
+        max_cache_depth=depth,
+    )
     wrapper.load_weights_from_tensors(*_weights(3, E, H, I), torch.arange(E))
     g = torch.Generator().manual_seed(4)
     shapes = ((E, r, H), (E, I, r), (E, r, H), (E, I, r), (E, r, I), (E, H, r))
@@ -367,8 +431,12 @@ def _sft_wrapper(depth=2):
 
 def _tokens(seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(5, 32, generator=g), torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]),
-            torch.rand(5, 2, generator=g), torch.randn(5, 32, generator=g))
+    return (
+        torch.randn(5, 32, generator=g),
+        torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]),
+        torch.rand(5, 2, generator=g),
+        torch.randn(5, 32, generator=g),
+    )
 
 
 def test_shared_wrapper_interleaved_threads_get_their_own_gradients():
@@ -438,13 +506,15 @@ def test_shared_wrapper_backward_from_a_third_thread_is_refused():
 
 # ---- 6. loads: all-or-nothing, metadata checked, sizes overflow-checked ---------------------------
 
+
 def _packed_file(tmp_path, I=64, fmt="bf16", layers=(0,)):
     from kt_ops.weights.packed_io import save_packed_experts
 
     g = torch.Generator().manual_seed(0)
     E, H = 4, 32
-    experts = kt_ops.pack_experts(torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g),
-                                  torch.randn(E, H, I, generator=g), fmt, 32)
+    experts = kt_ops.pack_experts(
+        torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g), fmt, 32
+    )
     path = tmp_path / "packed.safetensors"
     save_packed_experts(str(path), {layer: experts for layer in layers}, overwrite=True)
     return path
@@ -470,7 +540,7 @@ def test_packed_metadata_smaller_than_the_tensors_is_refused(tmp_path, fmt):
     from kt_ops.weights.packed_io import load_packed_experts
 
     path = _packed_file(tmp_path, I=64, fmt=fmt)
-    _rewrite_metadata(path, 0, intermediate_size=63)   # packs to the same bytes as 64
+    _rewrite_metadata(path, 0, intermediate_size=63)  # packs to the same bytes as 64
     with pytest.raises(ValueError, match="non-zero rows beyond the metadata's 63"):
         load_packed_experts(str(path), 0)
 
@@ -512,19 +582,27 @@ def test_convert_refuses_integer_lora(tmp_path):
 def test_intermediate_size_overflow_is_refused():
     E, H = 2, 32
     experts = kt_ops.pack_experts(torch.randn(E, 32, H), torch.randn(E, 32, H), torch.randn(E, H, 32), "bf16")
-    huge = 2 ** 62
-    loras = (torch.zeros(E, 0, H), torch.zeros(E, huge, 0), torch.zeros(E, 0, H), torch.zeros(E, huge, 0),
-             torch.zeros(E, 0, huge), torch.zeros(E, H, 0))
+    huge = 2**62
+    loras = (
+        torch.zeros(E, 0, H),
+        torch.zeros(E, huge, 0),
+        torch.zeros(E, 0, H),
+        torch.zeros(E, huge, 0),
+        torch.zeros(E, 0, huge),
+        torch.zeros(E, H, 0),
+    )
     for T in (0, 1):
         with pytest.raises(ValueError, match="too large"):
-            torch.ops.kt.moe_sft_forward(torch.zeros(T, H), torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1),
-                                         experts.gate, experts.up, experts.down, None, None, None, "bf16", huge,
-                                         *loras, 1.0, False)
+            args, kwargs = kt_ops.ops.forward_call(
+                torch.zeros(T, H), torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), experts, loras, 1.0, False
+            )
+            torch.ops.kt.moe_sft_forward(*args, **dict(kwargs, intermediate_size=huge))
     with pytest.raises(ValueError, match="too large"):
         _C.packed_bytes("int8", huge, huge)
 
 
 # ---- 7. errors that say what is wrong -------------------------------------------------------------
+
 
 def test_meta_inputs_are_named():
     layer = kt_ops.KTMoELayer(4, 32, 32, lora_rank=2)
@@ -549,7 +627,7 @@ def test_damaged_files_are_named_and_do_not_stop_other_layers(tmp_path):
     for layer in (0, 1):
         save_packed_experts(str(folder / f"blk.{layer}.safetensors"), {layer: good})
     damaged = folder / "blk.1.safetensors"
-    damaged.write_bytes(damaged.read_bytes()[:-100])   # truncated
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated
     loader = SafeTensorLoader(str(folder))
     assert torch.equal(loader.load_packed(0).gate, good.gate)
     with pytest.raises(KeyError, match=r"layer 1 .*blk.1.safetensors"):
@@ -590,15 +668,17 @@ def test_load_kt_adapter_is_all_or_nothing(tmp_path):
     save_kt_adapter(_tiny_kt_model(0), str(tmp_path))
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(str(path))
-    last = sorted(state)[-1]   # checked last: every earlier tensor would already have been copied
+    last = sorted(state)[-1]  # checked last: every earlier tensor would already have been copied
     model = _tiny_kt_model(1)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
 
     def unchanged():
         return all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora" in n)
 
-    for bad in (torch.zeros(*state[last].shape[:-1], state[last].shape[-1] + 1),   # wrong shape
-                state[last].to(torch.int32)):                                        # integer LoRA
+    for bad in (
+        torch.zeros(*state[last].shape[:-1], state[last].shape[-1] + 1),  # wrong shape
+        state[last].to(torch.int32),
+    ):  # integer LoRA
         save_file({**state, last: bad}, str(path))
         with pytest.raises(ValueError, match=last.replace(".", r"\.")):
             load_kt_adapter(model, str(tmp_path))
@@ -618,6 +698,7 @@ def test_saved_adapter_records_the_expert_count_for_the_converter(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(str(path))
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["kt_ops.num_experts"] == "8"

@@ -1,5 +1,6 @@
 """Serving a fine-tuned MoE LoRA: the PEFT -> kt conversion script and the engine-facing
 KTConfig / KTEPWrapperMethod lifecycle, on tiny adapters written into tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from kt_ops import KTMoEWrapper
-from kt_ops.weights.moe_lora import convert_moe_lora, convert_peft_to_kt_format, main, parse_moe_key
-from kt_ops.serving import (KTConfig, KTEPWrapperMethod, clear_moe_lora_cache, get_sft_weight_path,
-                            load_moe_lora_layer)
+from kt_ops.convert_moe_lora import main
+from kt_ops.weights.moe_lora import convert_moe_lora, convert_peft_to_kt_format, parse_moe_key
+from kt_ops.serving import KTConfig, KTEPWrapperMethod, clear_moe_lora_cache, get_sft_weight_path, load_moe_lora_layer
 from kt_testing import LORA_NAMES, compare_with_reference, make_case, run_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:the process's CPUInfer already exists")
@@ -35,18 +36,30 @@ def expert_key(naming, layer, expert, proj, ab):
     return f"{PREFIX}.{layer}.{module}.{expert}.{name}.lora_{ab}.weight"
 
 
-def write_adapter(root, naming="deepseek", layers=LAYERS, num_experts=E, rank=R, config=None, drop=(),
-                  dtype=torch.float32, extra=None, seed=0):
+def write_adapter(
+    root,
+    naming="deepseek",
+    layers=LAYERS,
+    num_experts=E,
+    rank=R,
+    config=None,
+    drop=(),
+    dtype=torch.float32,
+    extra=None,
+    seed=0,
+):
     """adapter_model.safetensors + adapter_config.json; returns (paths, {(L, e, proj, "A"|"B"): tensor})."""
     g = torch.Generator().manual_seed(seed)
     written = {}
-    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(rank, H, generator=g),
-               f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(H, rank, generator=g)}
+    tensors = {
+        f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(rank, H, generator=g),
+        f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(H, rank, generator=g),
+    }
     for layer in layers:
         for e in range(num_experts):
             for proj, (fan_in, fan_out) in IN_OUT.items():
-                a = (torch.randn(rank, fan_in, generator=g) * fan_in ** -0.5).to(dtype)
-                b = (torch.randn(fan_out, rank, generator=g) * 0.5 * rank ** -0.5).to(dtype)
+                a = (torch.randn(rank, fan_in, generator=g) * fan_in**-0.5).to(dtype)
+                b = (torch.randn(fan_out, rank, generator=g) * 0.5 * rank**-0.5).to(dtype)
                 for ab, t in (("A", a), ("B", b)):
                     if (layer, e, proj, ab) not in drop:
                         written[(layer, e, proj, ab)] = t
@@ -69,6 +82,7 @@ def convert(tmp_path, *args, naming="deepseek", **adapter):
 
 # ---- conversion -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("naming", sorted(NAMING))
 def test_convert_stacks_each_expert_in_kt_orientation(tmp_path, naming, capsys):
     rc, out, written = convert(tmp_path, "--verbose", naming=naming)
@@ -88,16 +102,28 @@ def test_convert_stacks_each_expert_in_kt_orientation(tmp_path, naming, capsys):
         assert tuple(got["gate_lora_a"].shape) == (E, R, H) and tuple(got["gate_lora_b"].shape) == (E, I, R)
         assert tuple(got["down_lora_a"].shape) == (E, R, I) and tuple(got["down_lora_b"].shape) == (E, H, R)
     meta = data["metadata"]
-    assert {k: meta[k] for k in ("lora_rank", "lora_alpha", "num_layers", "num_experts", "hidden_size",
-                                 "intermediate_size", "layers")} == {
-        "lora_rank": R, "lora_alpha": 8.0, "num_layers": 2, "num_experts": E, "hidden_size": H,
-        "intermediate_size": I, "layers": [0, 1]}
+    assert {
+        k: meta[k]
+        for k in ("lora_rank", "lora_alpha", "num_layers", "num_experts", "hidden_size", "intermediate_size", "layers")
+    } == {
+        "lora_rank": R,
+        "lora_alpha": 8.0,
+        "num_layers": 2,
+        "num_experts": E,
+        "hidden_size": H,
+        "intermediate_size": I,
+        "layers": [0, 1],
+    }
     assert "self_attn.q_proj.lora_A.weight" in capsys.readouterr().err  # --verbose lists ignored keys
 
 
 def test_parse_moe_key_names():
-    assert parse_moe_key("base_model.model.model.layers.12.mlp.original_moe.experts.7.down_proj.lora_B.weight") == \
-        (12, 7, "down", "b")
+    assert parse_moe_key("base_model.model.model.layers.12.mlp.original_moe.experts.7.down_proj.lora_B.weight") == (
+        12,
+        7,
+        "down",
+        "b",
+    )
     assert parse_moe_key("model.layers.3.block_sparse_moe.experts.0.w3.lora_A.weight") == (3, 0, "up", "a")
     assert parse_moe_key("model.layers.3.mlp.shared_experts.gate_proj.lora_A.weight") is None
     assert parse_moe_key("model.layers.3.self_attn.q_proj.lora_A.weight") is None
@@ -109,8 +135,9 @@ def test_alpha_sources_and_bf16_kept(tmp_path):
     assert rc == 0 and data["metadata"]["lora_alpha"] == 12.0 and data["metadata"]["lora_scaling"] == 3.0
     assert data["layer_0"]["up_lora_b"].dtype == torch.bfloat16
     # peft's alpha_pattern for the expert modules wins over the config's lora_alpha
-    (weights, config), _ = write_adapter(tmp_path / "p", config={"r": R, "lora_alpha": 8,
-                                                                 "alpha_pattern": {r"experts\.\d+\.\w+_proj": 2}})
+    (weights, config), _ = write_adapter(
+        tmp_path / "p", config={"r": R, "lora_alpha": 8, "alpha_pattern": {r"experts\.\d+\.\w+_proj": 2}}
+    )
     stats = convert_moe_lora(weights, str(tmp_path / "p.pt"), config_path=config)
     assert stats["lora_alpha"] == 2.0 and stats["total_keys"] == 2 * E * 6
     # no config: alpha defaults to 32
@@ -138,7 +165,7 @@ def test_rank_disagreeing_with_config_and_bad_shapes_exit_2(tmp_path, capsys):
     weights = str(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="adapter config not found"):
         convert_moe_lora(weights, str(tmp_path / "x.pt"), config_path=str(tmp_path / "nope.json"))
-    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+    with pytest.raises(ValueError, match="lora_alpha must be positive"):
         convert_moe_lora(weights, str(tmp_path / "x.pt"), lora_alpha=0)
     assert main(["--input", weights, "--output", str(tmp_path / "no" / "dir.pt")]) == 2
     assert "output directory does not exist" in capsys.readouterr().err
@@ -155,23 +182,34 @@ def test_no_moe_keys_is_a_clean_no_op(tmp_path, capsys):
 
 # ---- KTConfig -------------------------------------------------------------------------------------
 
-BASE_CONFIG = dict(layer_idx=1, num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
-                   chunked_prefill_size=512, max_deferred_experts_per_token=None, method="AMXINT8")
+BASE_CONFIG = dict(
+    layer_idx=1,
+    num_gpu_experts=0,
+    cpuinfer_threads=2,
+    threadpool_count=1,
+    weight_path=None,
+    chunked_prefill_size=512,
+    max_deferred_experts_per_token=None,
+    method="AMXINT8",
+)
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (dict(layer_idx=-1), ValueError, "KTConfig.layer_idx must be >= 0"),
-    (dict(cpuinfer_threads=1.0), TypeError, "KTConfig.cpuinfer_threads must be an int"),
-    (dict(cpuinfer_threads=1, threadpool_count=2), ValueError, "cpuinfer_threads"),
-    (dict(method="AMXBF16_SFT"), ValueError, "KTConfig.method must be one of"),
-    (dict(sft_method="AMXINT8"), ValueError, "KTConfig.sft_method must be one of"),
-    (dict(moe_lora_enabled=True), ValueError, "needs moe_lora_path"),
-    (dict(moe_lora_path="x.pt"), ValueError, "moe_lora_enabled is False"),
-    (dict(lora_alpha=0), ValueError, "KTConfig.lora_alpha must be a positive number"),
-    (dict(lora_rank=0), ValueError, "KTConfig.lora_rank must be >= 1"),
-    (dict(num_layers=1), ValueError, "layer_idx \\(1\\) must be below num_layers \\(1\\)"),
-    (dict(weight_path=3), TypeError, "KTConfig.weight_path must be a path"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (dict(layer_idx=-1), ValueError, "KTConfig.layer_idx must be >= 0"),
+        (dict(cpuinfer_threads=1.0), TypeError, "KTConfig.cpuinfer_threads must be an int"),
+        (dict(cpuinfer_threads=1, threadpool_count=2), ValueError, "cpuinfer_threads"),
+        (dict(method="AMXBF16_SFT"), ValueError, "KTConfig.method must be one of"),
+        (dict(sft_method="AMXINT8"), ValueError, "KTConfig.sft_method must be one of"),
+        (dict(moe_lora_enabled=True), ValueError, "needs moe_lora_path"),
+        (dict(moe_lora_path="x.pt"), ValueError, "moe_lora_enabled is False"),
+        (dict(lora_alpha=0), ValueError, "KTConfig.lora_alpha must be positive"),
+        (dict(lora_rank=0), ValueError, "KTConfig.lora_rank must be positive"),
+        (dict(num_layers=1), ValueError, "layer_idx \\(1\\) must be below num_layers \\(1\\)"),
+        (dict(weight_path=3), TypeError, "KTConfig.weight_path must be a path"),
+    ],
+)
 def test_kt_config_validation(bad, error, match):
     with pytest.raises(error, match=match):
         KTConfig(**{**BASE_CONFIG, **bad})
@@ -188,6 +226,7 @@ def test_get_sft_weight_path():
 
 
 # ---- lifecycle ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def lora_file(tmp_path):
@@ -208,15 +247,32 @@ def serving_case(lora_file, layer=1, seed=7, T=6):
     """Base weights and tokens from make_case, LoRA and scaling from the converted file."""
     case = make_case(seed=seed, T=T, E=E, k=K, H=H, I=I, r=R)
     lora, meta = load_moe_lora_layer(lora_file, layer)
-    return type(case)(**{**case.__dict__, "lora": tuple(lora[n] for n in LORA_NAMES),
-                         "scaling": meta["lora_alpha"] / meta["lora_rank"]})
+    return type(case)(
+        **{
+            **case.__dict__,
+            "lora": tuple(lora[n] for n in LORA_NAMES),
+            "scaling": meta["lora_alpha"] / meta["lora_rank"],
+        }
+    )
 
 
 def direct_sft_wrapper(case, layer=1):
-    w = KTMoEWrapper(layer_idx=layer, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-                     num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
-                     chunked_prefill_size=512, mode="sft", method="AMXBF16_SFT", lora_rank=R,
-                     lora_alpha=case.scaling * R)
+    w = KTMoEWrapper(
+        layer_idx=layer,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=512,
+        mode="sft",
+        method="AMXBF16_SFT",
+        lora_rank=R,
+        lora_alpha=case.scaling * R,
+    )
     w.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(E))
     w.init_lora_weights(*case.lora)
     return w
@@ -258,17 +314,25 @@ def test_lora_follows_the_physical_to_logical_map(lora_file):
 
 def test_base_weights_from_model_path_equal_tensors(tmp_path, lora_file):
     case = serving_case(lora_file, seed=10)
-    tensors = {f"model.layers.1.mlp.experts.{e}.{name}.weight": t[e].clone()
-               for e in range(E) for name, t in zip(("gate_proj", "up_proj", "down_proj"), case.base())}
+    tensors = {
+        f"model.layers.1.mlp.experts.{e}.{name}.weight": t[e].clone()
+        for e in range(E)
+        for name, t in zip(("gate_proj", "up_proj", "down_proj"), case.base())
+    }
     os.makedirs(tmp_path / "hf")
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
-    from_file = layer_method(moe_lora_enabled=True, moe_lora_path=lora_file, model_path=str(tmp_path / "hf"),
-                             weight_path="/not/used/for/bf16")
+    from_file = layer_method(
+        moe_lora_enabled=True,
+        moe_lora_path=lora_file,
+        model_path=str(tmp_path / "hf"),
+        weight_path="/not/used/for/bf16",
+    )
     from_file.process_weights_after_loading(None)
     from_tensors = layer_method(moe_lora_enabled=True, moe_lora_path=lora_file)
     from_tensors.process_weights_after_loading(None, gate_proj=case.gate, up_proj=case.up, down_proj=case.down)
-    assert torch.equal(from_file.apply(case.hidden, case.ids, case.weights),
-                       from_tensors.apply(case.hidden, case.ids, case.weights))
+    assert torch.equal(
+        from_file.apply(case.hidden, case.ids, case.weights), from_tensors.apply(case.hidden, case.ids, case.weights)
+    )
     no_path = layer_method(moe_lora_enabled=True, moe_lora_path=lora_file)
     with pytest.raises(ValueError, match="KTConfig.model_path is not set"):
         no_path.process_weights_after_loading(None)
@@ -281,8 +345,10 @@ def test_gpu_experts_are_skipped_in_lora_mode(lora_file):
     method.process_weights_after_loading(None, gate_proj=case.gate, up_proj=case.up, down_proj=case.down)
     out = method.apply(case.hidden, case.ids, case.weights)
     cpu_only = type(case)(**{**case.__dict__, "ids": torch.where(case.ids < 2, -1, case.ids)})
-    assert torch.equal(out, direct_sft_wrapper(case).forward_sft(cpu_only.hidden, cpu_only.ids, cpu_only.weights,
-                                                                  save_for_backward=False))
+    assert torch.equal(
+        out,
+        direct_sft_wrapper(case).forward_sft(cpu_only.hidden, cpu_only.ids, cpu_only.weights, save_for_backward=False),
+    )
 
 
 def test_inference_mode_without_lora():
@@ -292,9 +358,20 @@ def test_inference_mode_without_lora():
     method.process_weights_after_loading(None, gate_proj=case.gate, up_proj=case.up, down_proj=case.down)
     method.submit(case.hidden, case.ids, case.weights)
     out = method.sync(case.hidden)
-    direct = KTMoEWrapper(layer_idx=1, num_experts=E, num_experts_per_tok=K, hidden_size=H, moe_intermediate_size=I,
-                          num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
-                          chunked_prefill_size=512, mode="inference", method="AMXINT8")
+    direct = KTMoEWrapper(
+        layer_idx=1,
+        num_experts=E,
+        num_experts_per_tok=K,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=1,
+        weight_path=None,
+        chunked_prefill_size=512,
+        mode="inference",
+        method="AMXINT8",
+    )
     direct.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(E))
     assert torch.equal(out, direct.forward(case.hidden, case.ids, case.weights))
     no_lora = type(case)(**{**case.__dict__, "lora": tuple(torch.zeros_like(t) for t in case.lora)})
@@ -309,8 +386,11 @@ def test_lifecycle_errors(tmp_path, lora_file):
     missing = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="MoE LoRA file not found: .*missing.pt"):
         layer_method(moe_lora_enabled=True, moe_lora_path=missing)
-    with pytest.raises(KeyError, match=r"layer 5 not found in MoE LoRA file .*"
-                                       r"available layers: \['layer_0', 'layer_1'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"layer 5 not found in MoE LoRA file .*"
+        r"available layers: \['layer_0', 'layer_1'\]",
+    ):
         layer_method(moe_lora_enabled=True, moe_lora_path=lora_file, layer_idx=5)
     with pytest.raises(ValueError, match="KTConfig.lora_rank=8 but MoE LoRA file .* has rank 4"):
         layer_method(moe_lora_enabled=True, moe_lora_path=lora_file, lora_rank=8)
@@ -320,8 +400,12 @@ def test_lifecycle_errors(tmp_path, lora_file):
     method = KTEPWrapperMethod(KTConfig(**{**BASE_CONFIG, "moe_lora_enabled": True, "moe_lora_path": lora_file}), K)
     method.create_weights(None, E, H, 2 * I)
     with pytest.raises(ValueError, match=r"layer_1.gate_lora_b has shape \(4, 32, 4\), this layer needs \(4, 64, 4\)"):
-        method.process_weights_after_loading(None, gate_proj=torch.zeros(E, 2 * I, H), up_proj=torch.zeros(E, 2 * I, H),
-                                             down_proj=torch.zeros(E, H, 2 * I))
+        method.process_weights_after_loading(
+            None,
+            gate_proj=torch.zeros(E, 2 * I, H),
+            up_proj=torch.zeros(E, 2 * I, H),
+            down_proj=torch.zeros(E, H, 2 * I),
+        )
     method = layer_method(moe_lora_enabled=True, moe_lora_path=lora_file)
     with pytest.raises(RuntimeError, match="submit\\(\\) before process_weights_after_loading"):
         method.submit(case.hidden, case.ids, case.weights)
@@ -377,8 +461,19 @@ def test_adapter_saved_by_kt_training_serves_like_the_trained_experts(tmp_path, 
             p.normal_(std=0.3)
     save_kt_adapter(model, str(tmp_path / "adapter"))
     out = str(tmp_path / "moe_lora.pt")
-    assert main(["--input", str(tmp_path / "adapter" / "adapter_model.safetensors"),
-                 "--config", str(tmp_path / "adapter" / "adapter_config.json"), "--output", out]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "adapter" / "adapter_model.safetensors"),
+                "--config",
+                str(tmp_path / "adapter" / "adapter_config.json"),
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     _, _, kt = kt_experts_modules(model)[-1]
     layer_idx = kt.layer_idx
     gate, up, down = kt_ops.unpack_experts(kt.experts)

@@ -1,6 +1,7 @@
 """One copy of the experts per node: two DDP processes (gloo) map one read-only packed-experts file,
 so the experts' pages are counted once across them (each process's PSS holds half), LoRA stays per
 process and is all-reduced, and training equals one process on the global batch."""
+
 import json
 import os
 
@@ -76,7 +77,7 @@ def _worker(rank, world, init_file, checkpoint, shared, out_dir):
         model = _model(checkpoint, shared)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         per_rank = GLOBAL_BATCH // world
-        _train(ddp, [_data()[rank * per_rank:(rank + 1) * per_rank]])
+        _train(ddp, [_data()[rank * per_rank : (rank + 1) * per_rank]])
         experts = [kt.experts for _, _, kt in kt_experts_modules(model)]
         for e in experts:  # touch every page, whatever the routing used
             for t in (e.gate, e.up, e.down, e.gate_scale, e.up_scale, e.down_scale):
@@ -84,12 +85,20 @@ def _worker(rank, world, init_file, checkpoint, shared, out_dir):
                     t.sum()
         torch.distributed.barrier()  # both processes have every page mapped before either measures
         maps = mappings_of(shared)
-        inside = all(any(lo <= t.data_ptr() < hi for lo, hi, _, _ in maps)
-                     for e in experts for t in (e.gate, e.up, e.down))
-        stats = {"rss_kB": sum(m[2] for m in maps), "pss_kB": sum(m[3] for m in maps), "mappings": len(maps),
-                 "experts_in_mapping": inside, "rollup": rollup()}
+        inside = all(
+            any(lo <= t.data_ptr() < hi for lo, hi, _, _ in maps) for e in experts for t in (e.gate, e.up, e.down)
+        )
+        stats = {
+            "rss_kB": sum(m[2] for m in maps),
+            "pss_kB": sum(m[3] for m in maps),
+            "mappings": len(maps),
+            "experts_in_mapping": inside,
+            "rollup": rollup(),
+        }
         torch.distributed.barrier()
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt")
+        )
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(stats, f)
     finally:
@@ -102,8 +111,9 @@ def test_two_processes_share_one_copy_and_train_like_one(tmp_path):
     # experts large enough that page rounding does not blur the counts: 2 MoE layers x 8 experts x 3 x 64 x 256 bf16
     tiny_model("tiny-qwen3-moe", moe_intermediate_size=256).save_pretrained(tmp_path / "ckpt")
     shared = str(tmp_path / "experts.safetensors")
-    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), shared,
-                                               str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), shared, str(tmp_path)), nprocs=2, join=True
+    )
     size_kB = os.path.getsize(shared) / 1024
     stats = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     for s in stats:
@@ -134,12 +144,16 @@ def test_mapped_experts_are_read_only_views(tmp_path):
     from kt_ops.weights.packed_io import load_packed_experts, save_packed_experts
 
     g = torch.Generator().manual_seed(0)
-    experts = pack_experts(torch.randn(2, 64, 64, generator=g), torch.randn(2, 64, 64, generator=g),
-                           torch.randn(2, 64, 64, generator=g), "int8")
+    experts = pack_experts(
+        torch.randn(2, 64, 64, generator=g),
+        torch.randn(2, 64, 64, generator=g),
+        torch.randn(2, 64, 64, generator=g),
+        "int8",
+    )
     path = str(tmp_path / "p.safetensors")
     save_packed_experts(path, {5: experts})
     mapped = load_packed_experts(path, 5, mmap=True)
-    (lo, hi, _, _), = mappings_of(path)
+    ((lo, hi, _, _),) = mappings_of(path)
     assert lo <= mapped.gate.data_ptr() < hi and lo <= mapped.down_scale.data_ptr() < hi
     load_packed_experts(path, 5, mmap=True)  # a second load reuses the one mapping of the file
     assert len(mappings_of(path)) == 1
@@ -147,6 +161,7 @@ def test_mapped_experts_are_read_only_views(tmp_path):
     for name in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale"):
         assert torch.equal(getattr(mapped, name), getattr(copied, name))
     from kt_ops.weights.packed_io import _mapped_file
+
     assert not _mapped_file(path)[0].flags.writeable  # mapped PROT_READ: a stray write faults
 
 
@@ -162,5 +177,5 @@ def test_share_kt_experts_on_an_apply_kt_model(tmp_path):
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
-    (lo, hi, _, _), = mappings_of(tmp_path / "e.safetensors")
+    ((lo, hi, _, _),) = mappings_of(tmp_path / "e.safetensors")
     assert all(lo <= kt.experts.down.data_ptr() < hi for _, _, kt in kt_experts_modules(model))

@@ -1,5 +1,6 @@
 """The wrapper Python API: KTMoEWrapper, the SFT
 and inference wrappers, buffers, cache depth, the sub-pool split and the error table."""
+
 import threading
 import warnings
 
@@ -15,15 +16,29 @@ from kt_testing import GRAD_NAMES, LORA_NAMES, assert_tight, make_case, run_ops,
 pytestmark = pytest.mark.filterwarnings("ignore:the process's CPUInfer already exists")
 
 
-def sft_wrapper(case, method="AMXBF16_SFT", threadpool_count=1, max_cache_depth=1, weight_path=None,
-                layer_idx=0, group_size=128):
+def sft_wrapper(
+    case, method="AMXBF16_SFT", threadpool_count=1, max_cache_depth=1, weight_path=None, layer_idx=0, group_size=128
+):
     E, I, H = case.gate.shape
     r = case.lora[0].shape[1]
-    return KTMoEWrapper(layer_idx=layer_idx, num_experts=E, num_experts_per_tok=case.ids.shape[1], hidden_size=H,
-                        moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=2,
-                        threadpool_count=threadpool_count, weight_path=weight_path, chunked_prefill_size=512,
-                        mode="sft", method=method, lora_rank=r, lora_alpha=case.scaling * r,
-                        max_cache_depth=max_cache_depth, group_size=group_size)
+    return KTMoEWrapper(
+        layer_idx=layer_idx,
+        num_experts=E,
+        num_experts_per_tok=case.ids.shape[1],
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_gpu_experts=0,
+        cpuinfer_threads=2,
+        threadpool_count=threadpool_count,
+        weight_path=weight_path,
+        chunked_prefill_size=512,
+        mode="sft",
+        method=method,
+        lora_rank=r,
+        lora_alpha=case.scaling * r,
+        max_cache_depth=max_cache_depth,
+        group_size=group_size,
+    )
 
 
 def loaded(case, lora=None, **kwargs):
@@ -109,15 +124,15 @@ def test_physical_to_logical_map_permutes_experts():
     wrapper.init_lora_weights(*case.lora)
     out, grads = wrapper_grads(wrapper, case)
     # physical slot p holds logical expert mapping[p]; LoRA is indexed by physical slot
-    physical = type(case)(**{**case.__dict__, "gate": case.gate[mapping], "up": case.up[mapping],
-                             "down": case.down[mapping]})
+    physical = type(case)(
+        **{**case.__dict__, "gate": case.gate[mapping], "up": case.up[mapping], "down": case.down[mapping]}
+    )
     ref_out, ref_grads = run_ops(physical)
     assert torch.equal(out, ref_out)
     assert all(torch.equal(g.to(r.dtype), r) for g, r in zip(grads, ref_grads))
 
 
-@pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128),
-                                               ("AMXINT4_KGroup_SFT", 32)])
+@pytest.mark.parametrize("method,group_size", [("AMXBF16_SFT", 128), ("AMXINT8_SFT", 128), ("AMXINT4_KGroup_SFT", 32)])
 def test_threadpool_split_equals_one_pool(method, group_size):
     """threadpool_count=2 splits the intermediate dimension; partial outputs and the gradients of
     the unsplit LoRA tensors are sums, which equal the single pool's within fp32 rounding."""
@@ -142,7 +157,7 @@ def test_threadpool_split_bf16_rounds_once():
     out1, grads1 = wrapper_grads(one, case)
     out2, grads2 = wrapper_grads(two, case)
     assert out2.dtype == torch.bfloat16 and grads2[0].dtype == torch.bfloat16
-    assert (out2.float() - out1.float()).abs().max() <= 2 * 2 ** -8 * out1.float().abs().max()
+    assert (out2.float() - out1.float()).abs().max() <= 2 * 2**-8 * out1.float().abs().max()
 
 
 def test_intermediate_split_alignment_and_errors():
@@ -184,8 +199,9 @@ def test_cache_depth_two_micro_batches_and_checkpointing():
 def test_buffer_cached_thread_safe_and_holds_latest_grads():
     KExpertsSFTBuffer.clear_cache()
     got = []
-    threads = [threading.Thread(target=lambda: got.append(KExpertsSFTBuffer.get_buffer(4, 32, 32, 4, 2, 4)))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: got.append(KExpertsSFTBuffer.get_buffer(4, 32, 32, 4, 2, 4))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -215,10 +231,20 @@ def test_cpu_infer_is_one_per_process():
     assert any("already exists" in str(w.message) for w in caught)
 
 
-# ---- misuse: each raises with a message that says what to do -------------------------------------------------------------------
+# ---- misuse: each raises with a message that says what to do ----------------------------------------------
 
-BASE = dict(layer_idx=0, num_experts=4, num_experts_per_tok=2, hidden_size=32, moe_intermediate_size=32,
-            num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None, chunked_prefill_size=64)
+BASE = dict(
+    layer_idx=0,
+    num_experts=4,
+    num_experts_per_tok=2,
+    hidden_size=32,
+    moe_intermediate_size=32,
+    num_gpu_experts=0,
+    cpuinfer_threads=2,
+    threadpool_count=1,
+    weight_path=None,
+    chunked_prefill_size=64,
+)
 
 
 def test_unknown_mode():
@@ -266,18 +292,21 @@ def test_runtime_state_errors():
     assert_tight("output", out, run_reference(no_lora, with_grads=False)[0])
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (dict(num_experts=0), ValueError, "num_experts must be positive"),
-    (dict(num_experts_per_tok=5), ValueError, "cannot exceed num_experts"),
-    (dict(hidden_size=-1), ValueError, "hidden_size must be positive"),
-    (dict(lora_rank=0), ValueError, "lora_rank must be positive"),
-    (dict(lora_alpha=0.0), ValueError, "lora_alpha must be positive"),
-    (dict(max_cache_depth=0), ValueError, "max_cache_depth must be positive"),
-    (dict(threadpool_count=0), ValueError, "threadpool_count must be positive"),
-    (dict(cpuinfer_threads=1, threadpool_count=2), ValueError, "cpuinfer_threads"),
-    (dict(num_experts_per_tok=1.5), TypeError, "num_experts_per_tok must be an int"),
-    (dict(cpuinfer_threads=3, threadpool_count=3), ValueError, "threadpool_count=3 cannot split"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (dict(num_experts=0), ValueError, "num_experts must be positive"),
+        (dict(num_experts_per_tok=5), ValueError, "cannot exceed num_experts"),
+        (dict(hidden_size=-1), ValueError, "hidden_size must be positive"),
+        (dict(lora_rank=0), ValueError, "lora_rank must be positive"),
+        (dict(lora_alpha=0.0), ValueError, "lora_alpha must be positive"),
+        (dict(max_cache_depth=0), ValueError, "max_cache_depth must be positive"),
+        (dict(threadpool_count=0), ValueError, "threadpool_count must be positive"),
+        (dict(cpuinfer_threads=1, threadpool_count=2), ValueError, "cpuinfer_threads"),
+        (dict(num_experts_per_tok=1.5), TypeError, "num_experts_per_tok must be an int"),
+        (dict(cpuinfer_threads=3, threadpool_count=3), ValueError, "threadpool_count=3 cannot split"),
+    ],
+)
 def test_bad_config(bad, error, match):
     with pytest.raises(error, match=match):
         KTMoEWrapper(**{**BASE, **bad}, mode="sft", method="AMXBF16_SFT")
@@ -307,10 +336,17 @@ def test_bad_inputs_name_the_argument():
 
 # ---- inference mode ----------------------------------------------------------------------------
 
+
 def inference_wrapper(case, method="AMXINT8", **overrides):
     E, I, H = case.gate.shape
-    kwargs = {**BASE, "num_experts": E, "hidden_size": H, "moe_intermediate_size": I,
-              "num_experts_per_tok": case.ids.shape[1], **overrides}
+    kwargs = {
+        **BASE,
+        "num_experts": E,
+        "hidden_size": H,
+        "moe_intermediate_size": I,
+        "num_experts_per_tok": case.ids.shape[1],
+        **overrides,
+    }
     wrapper = KTMoEWrapper(**kwargs, mode="inference", method=method)
     return wrapper
 
@@ -342,13 +378,18 @@ def test_inference_chunks_and_gpu_experts():
     # few-row chunks take the direct int8-code kernel, whole prefill the bf16-dequantized panels; the
     # direct kernel quantizes activations to int8, each off by up to max|x| / 254 (kernels/quant.h),
     # about 1% of these 32-wide projections, against 2^-9 per weight on the panel path
-    assert_tight("chunked", chunked.forward(case.hidden, case.ids, case.weights),
-                 whole.forward(case.hidden, case.ids, case.weights), rtol=2e-2)
+    assert_tight(
+        "chunked",
+        chunked.forward(case.hidden, case.ids, case.weights),
+        whole.forward(case.hidden, case.ids, case.weights),
+        rtol=2e-2,
+    )
     gpu = inference_wrapper(case, num_gpu_experts=2)
     gpu.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
     skipped = torch.where(case.ids < 2, -1, case.ids)
-    assert torch.equal(gpu.forward(case.hidden, case.ids, case.weights),
-                       whole.forward(case.hidden, skipped, case.weights))
+    assert torch.equal(
+        gpu.forward(case.hidden, case.ids, case.weights), whole.forward(case.hidden, skipped, case.weights)
+    )
 
 
 def test_inference_cpu_save_then_load(tmp_path):
@@ -358,15 +399,24 @@ def test_inference_cpu_save_then_load(tmp_path):
     first.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(4))
     second = inference_wrapper(case, weight_path=path)
     second.load_weights(torch.arange(4))
-    assert torch.equal(first.forward(case.hidden, case.ids, case.weights),
-                       second.forward(case.hidden, case.ids, case.weights))
+    assert torch.equal(
+        first.forward(case.hidden, case.ids, case.weights), second.forward(case.hidden, case.ids, case.weights)
+    )
 
 
-@pytest.mark.parametrize("method,cls", [("LLAMAFILE", "LlamafileMoEWrapper"), ("FP8", "NativeMoEWrapper"),
-                                        ("RAWINT4", "NativeMoEWrapper"), ("MOE_INT4", "AMXMoEWrapper")])
+@pytest.mark.parametrize(
+    "method,cls",
+    [
+        ("LLAMAFILE", "LlamafileMoEWrapper"),
+        ("FP8", "NativeMoEWrapper"),
+        ("RAWINT4", "NativeMoEWrapper"),
+        ("MOE_INT4", "AMXMoEWrapper"),
+    ],
+)
 def test_factory_routes_every_inference_method(method, cls):
-    wrapper = KTMoEWrapper(**{**BASE, "hidden_size": 128, "moe_intermediate_size": 128}, mode="inference",
-                           method=method)
+    wrapper = KTMoEWrapper(
+        **{**BASE, "hidden_size": 128, "moe_intermediate_size": 128}, mode="inference", method=method
+    )
     assert type(wrapper).__name__ == cls and wrapper.method == method
     with pytest.raises(RuntimeError, match="Weights not loaded"):
         wrapper.forward(torch.zeros(1, 128), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
@@ -374,18 +424,28 @@ def test_factory_routes_every_inference_method(method, cls):
 
 # ---- file mode: base weights read from weight_path ------------------------------------------------------
 
+
 def file_case(layers, layer_idx, T=6, k=2, r=4, seed=20):
     from test_loaders import E, H, I
+
     case = make_case(seed=seed, T=T, E=E, k=k, H=H, I=I, r=r)
     gate, up, down = layers[layer_idx]
     return type(case)(**{**case.__dict__, "gate": gate, "up": up, "down": down})
 
 
-@pytest.mark.parametrize("fmt,prefix", [("deepseek", "model.layers"), ("mixtral", "model.layers"),
-                                        ("fused", "model.layers"), ("deepseek", "model.language_model.layers"),
-                                        ("fused", "language_model.model.layers")])
+@pytest.mark.parametrize(
+    "fmt,prefix",
+    [
+        ("deepseek", "model.layers"),
+        ("mixtral", "model.layers"),
+        ("fused", "model.layers"),
+        ("deepseek", "model.language_model.layers"),
+        ("fused", "language_model.model.layers"),
+    ],
+)
 def test_bf16_file_mode_equals_tensor_mode(tmp_path, fmt, prefix):
     from test_loaders import write_checkpoint
+
     layers = write_checkpoint(tmp_path / "hf", fmt=fmt, prefix=prefix, shards=2)
     case = file_case(layers, 2)
     mapping = torch.tensor([2, 0, 3, 1])
@@ -401,14 +461,30 @@ def test_bf16_file_mode_equals_tensor_mode(tmp_path, fmt, prefix):
     assert all(torch.equal(a, b) for a, b in zip(grads_file, grads_tensors))
 
 
-@pytest.mark.parametrize("method,group_size", [("AMXINT8_SFT", 128), ("AMXINT4_KGroup_SFT", 32),
-                                               ("AMXINT4_1_SFT", 128)])
+@pytest.mark.parametrize(
+    "method,group_size", [("AMXINT8_SFT", 128), ("AMXINT4_KGroup_SFT", 32), ("AMXINT4_1_SFT", 128)]
+)
 def test_quantized_file_mode_reads_converted_weights(tmp_path, method, group_size):
     from test_loaders import write_checkpoint
     from kt_ops.convert_weights import main as convert
+
     layers = write_checkpoint(tmp_path / "hf", fmt="deepseek")
-    assert convert(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "q"), "--method", method,
-                    "--group-size", str(group_size), "--quiet"]) == 0
+    assert (
+        convert(
+            [
+                "--input",
+                str(tmp_path / "hf"),
+                "--output",
+                str(tmp_path / "q"),
+                "--method",
+                method,
+                "--group-size",
+                str(group_size),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     case = file_case(layers, 0)
     from_file = sft_wrapper(case, method=method, group_size=group_size, weight_path=str(tmp_path / "q"))
     from_file.load_weights(torch.arange(4))
@@ -424,13 +500,15 @@ def test_quantized_file_mode_reads_converted_weights(tmp_path, method, group_siz
 
 def test_file_mode_errors(tmp_path):
     from test_loaders import write_checkpoint
+
     layers = write_checkpoint(tmp_path / "hf", fmt="mixtral")
     case = file_case(layers, 0)
     missing_layer = sft_wrapper(case, weight_path=str(tmp_path / "hf"), layer_idx=1)  # layer 1 is dense
     with pytest.raises(ValueError, match="expert"):
         missing_layer.load_weights(torch.arange(4))
-    wrong_size = KTMoEWrapper(**{**BASE, "hidden_size": 32, "weight_path": str(tmp_path / "hf")}, mode="sft",
-                              method="AMXBF16_SFT")
+    wrong_size = KTMoEWrapper(
+        **{**BASE, "hidden_size": 32, "weight_path": str(tmp_path / "hf")}, mode="sft", method="AMXBF16_SFT"
+    )
     with pytest.raises(ValueError, match="the wrapper was built for"):
         wrong_size.load_weights(torch.arange(4))
 
@@ -438,8 +516,9 @@ def test_file_mode_errors(tmp_path):
 def test_sft_skips_gpu_experts():
     case = make_case(seed=21, T=8, E=4, k=2, H=32, I=32, r=4)
     E, I, H = case.gate.shape
-    wrapper = KTMoEWrapper(**{**BASE, "num_gpu_experts": 1}, mode="sft", method="AMXBF16_SFT", lora_rank=4,
-                           lora_alpha=case.scaling * 4)
+    wrapper = KTMoEWrapper(
+        **{**BASE, "num_gpu_experts": 1}, mode="sft", method="AMXBF16_SFT", lora_rank=4, lora_alpha=case.scaling * 4
+    )
     wrapper.load_weights_from_tensors(case.gate, case.up, case.down, torch.arange(E))
     wrapper.init_lora_weights(*case.lora)
     out, grads = wrapper_grads(wrapper, case)

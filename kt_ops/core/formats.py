@@ -1,4 +1,5 @@
 """Names shared by every layer: weight formats, the methods that select them, LoRA tensors."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -12,17 +13,31 @@ GROUPED_FORMATS = ("int4_kgroup", "int4_1_kgroup", "int8_kgroup", "fp8")
 
 # SFT method names (kt-kernel's) name the weight format; every one runs on every CPU (the kernel ISA
 # is chosen at run time).
-SFT_METHODS = ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-               "AMXINT4_1KGroup_SFT", "AMXFP8_SFT")
+SFT_METHODS = (
+    "AMXBF16_SFT",
+    "AMXINT8_SFT",
+    "AMXINT4_SFT",
+    "AMXINT4_1_SFT",
+    "AMXINT4_KGroup_SFT",
+    "AMXINT4_1KGroup_SFT",
+    "AMXFP8_SFT",
+)
 # kt-kernel's SkipLoRA variants: the frozen base's forward and backward (grad_input and the routing
 # weights' gradient) without any LoRA term; init_lora_weights is not needed.
 SKIP_LORA_SUFFIX = "_SkipLoRA"
 SKIP_LORA_METHODS = tuple(m + SKIP_LORA_SUFFIX for m in SFT_METHODS)
 # Method (or plain format name) -> weight format, for everything that trains.
-SFT_METHOD_FORMATS = {
-    **dict(zip(SFT_METHODS, ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "fp8"))),
-    **{fmt: fmt for fmt in WEIGHT_FORMATS},
+_SFT_FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "fp8")
+SFT_METHOD_FORMATS = {**dict(zip(SFT_METHODS, _SFT_FORMATS)), **{fmt: fmt for fmt in WEIGHT_FORMATS}}
+
+# kt_backend (kt-kernel's and LLaMA-Factory's name: the method without "_SFT", or the method itself)
+# -> weight format. "auto" is resolved by core.settings.KTSettings.
+KT_BACKENDS = {
+    **{m.removesuffix("_SFT"): f for m, f in zip(SFT_METHODS, _SFT_FORMATS)},
+    **dict(zip(SFT_METHODS, _SFT_FORMATS)),
 }
+# LLaMA-Factory's kt_expert_weight_format -> the kt_backend computing it.
+FORMAT_BACKENDS = {"bf16": "AMXBF16", "int8": "AMXINT8", "int4": "AMXINT4", "fp8": "AMXFP8"}
 
 # Inference methods quantized online (or read from kt_ops' own converted files); FP8 and RAWINT4 read
 # native Hugging Face checkpoints, LLAMAFILE reads GGUF.

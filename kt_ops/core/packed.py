@@ -1,4 +1,5 @@
 """PackedExperts, the frozen expert weights in the kernels' layout, and the pure functions on it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,12 +41,30 @@ class PackedExperts:
     swiglu_limit: float = 7.0
 
     def __post_init__(self):
-        check_variant(self.num_experts, self.hidden_size, self.intermediate_size, self.gate_bias, self.up_bias,
-                      self.down_bias, self.activation, self.swiglu_alpha, self.swiglu_limit)
+        check_variant(
+            self.num_experts,
+            self.hidden_size,
+            self.intermediate_size,
+            self.gate_bias,
+            self.up_bias,
+            self.down_bias,
+            self.activation,
+            self.swiglu_alpha,
+            self.swiglu_limit,
+        )
 
     def nbytes(self) -> int:
-        tensors = (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale,
-                   self.gate_bias, self.up_bias, self.down_bias)
+        tensors = (
+            self.gate,
+            self.up,
+            self.down,
+            self.gate_scale,
+            self.up_scale,
+            self.down_scale,
+            self.gate_bias,
+            self.up_bias,
+            self.down_bias,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def variant(self) -> dict:
@@ -71,12 +90,15 @@ ACTIVATIONS = ("silu", "clamped_swiglu", "clamped_silu")
 VARIANT_FIELDS = ("gate_bias", "up_bias", "down_bias", "activation", "swiglu_alpha", "swiglu_limit")
 
 
-def check_variant(E: int, H: int, I: int, gate_bias, up_bias, down_bias, activation, swiglu_alpha,
-                  swiglu_limit) -> None:
+def check_variant(
+    E: int, H: int, I: int, gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit
+) -> None:
     """Clear errors for a bad expert-MLP variant (the kernels check it again)."""
-    for name, t, shape, layout in (("gate_bias", gate_bias, (E, I), "[num_experts, intermediate_size]"),
-                                   ("up_bias", up_bias, (E, I), "[num_experts, intermediate_size]"),
-                                   ("down_bias", down_bias, (E, H), "[num_experts, hidden_size]")):
+    for name, t, shape, layout in (
+        ("gate_bias", gate_bias, (E, I), "[num_experts, intermediate_size]"),
+        ("up_bias", up_bias, (E, I), "[num_experts, intermediate_size]"),
+        ("down_bias", down_bias, (E, H), "[num_experts, hidden_size]"),
+    ):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -103,8 +125,13 @@ def _check_expert_tensor(t: torch.Tensor, name: str, shape: Sequence[int], layou
         raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                 weight_format: str = "bf16", group_size: int = 128) -> PackedExperts:
+def pack_experts(
+    gate_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weight_format: str = "bf16",
+    group_size: int = 128,
+) -> PackedExperts:
     """Pack (quantize) [E, I, H], [E, I, H], [E, H, I] expert weights of any float dtype into
     `weight_format`; `group_size` applies to the K-group formats and must divide H and I."""
     if weight_format not in WEIGHT_FORMATS:
@@ -120,8 +147,10 @@ def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torc
     if weight_format in GROUPED_FORMATS:
         for name, size in (("hidden_size", H), ("intermediate_size", I)):
             if group_size < 2 or group_size % 2 or size % group_size:
-                raise ValueError(f"group_size {group_size} must be even and divide {name} ({size}) for "
-                                 f"weight_format {weight_format!r}; e.g. 32, 64 or 128")
+                raise ValueError(
+                    f"group_size {group_size} must be even and divide {name} ({size}) for "
+                    f"weight_format {weight_format!r}; e.g. 32, 64 or 128"
+                )
     packed = {}
     with torch.no_grad():
         for name, t in (("gate", gate_proj), ("up", up_proj), ("down", down_proj)):
@@ -130,8 +159,12 @@ def pack_experts(gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torc
     return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
 
 
-def pack_experts_from_codes(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
-                            down: Tuple[torch.Tensor, torch.Tensor], weight_format: str) -> PackedExperts:
+def pack_experts_from_codes(
+    gate: Tuple[torch.Tensor, torch.Tensor],
+    up: Tuple[torch.Tensor, torch.Tensor],
+    down: Tuple[torch.Tensor, torch.Tensor],
+    weight_format: str,
+) -> PackedExperts:
     """Experts that are already quantized (e.g. GGUF Q8_0 / Q4_0 / Q4_1 blocks), packed exactly:
     each argument is (codes, scales) for [E, N, K] weights. Codes are integers: int8 formats hold
     w = code * scale with code in [-128, 127]; 4-bit formats hold u in [0, 15] with
@@ -147,8 +180,10 @@ def pack_experts_from_codes(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[t
         packed[name], packed[name + "_scale"] = torch.ops.kt.pack_codes(pair[0], pair[1], weight_format)
     E, I, H = gate[0].shape
     if tuple(up[0].shape) != (E, I, H) or tuple(down[0].shape) != (E, H, I):
-        raise ValueError(f"codes must be gate [E, I, H], up [E, I, H], down [E, H, I]; got {tuple(gate[0].shape)}, "
-                         f"{tuple(up[0].shape)}, {tuple(down[0].shape)}")
+        raise ValueError(
+            f"codes must be gate [E, I, H], up [E, I, H], down [E, H, I]; got {tuple(gate[0].shape)}, "
+            f"{tuple(up[0].shape)}, {tuple(down[0].shape)}"
+        )
     return PackedExperts(**packed, weight_format=weight_format, num_experts=E, hidden_size=H, intermediate_size=I)
 
 
@@ -157,8 +192,19 @@ def unpack_experts(experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, 
     [E, I, H], [E, I, H], [E, H, I]."""
     unpack = torch.ops.kt.unpack_weights
     H, I, fmt = experts.hidden_size, experts.intermediate_size, experts.weight_format
-    return (unpack(experts.gate, experts.gate_scale, fmt, I, H), unpack(experts.up, experts.up_scale, fmt, I, H),
-            unpack(experts.down, experts.down_scale, fmt, H, I))
+    return (
+        unpack(experts.gate, experts.gate_scale, fmt, I, H),
+        unpack(experts.up, experts.up_scale, fmt, I, H),
+        unpack(experts.down, experts.down_scale, fmt, H, I),
+    )
+
+
+def unpack_parts(parts: Sequence[PackedExperts]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """unpack_experts of a layer split along the intermediate dimension (pack_split's parts), joined."""
+    if len(parts) == 1:
+        return unpack_experts(parts[0])
+    pieces = [unpack_experts(part) for part in parts]
+    return tuple(torch.cat([piece[i] for piece in pieces], dim=2 if i == 2 else 1) for i in range(3))
 
 
 def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +218,14 @@ def quantize_int8_groups(values: torch.Tensor, group_size: int) -> Tuple[torch.T
     return codes.reshape(*lead, K), scales
 
 
-def pack_codes_split(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Tensor, torch.Tensor],
-                     down: Tuple[torch.Tensor, torch.Tensor], weight_format: str, group_size: int,
-                     split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
+def pack_codes_split(
+    gate: Tuple[torch.Tensor, torch.Tensor],
+    up: Tuple[torch.Tensor, torch.Tensor],
+    down: Tuple[torch.Tensor, torch.Tensor],
+    weight_format: str,
+    group_size: int,
+    split: Sequence[Tuple[int, int]],
+) -> List[PackedExperts]:
     """pack_experts_from_codes per intermediate range: gate/up rows lo:hi, down columns lo:hi (and
     its scale groups lo/g:hi/g), so every part stays exact."""
     if len(split) == 1:
@@ -182,7 +233,7 @@ def pack_codes_split(gate: Tuple[torch.Tensor, torch.Tensor], up: Tuple[torch.Te
     parts = []
     for lo, hi in split:
         rows = lambda pair: (pair[0][:, lo:hi], pair[1][:, lo:hi])  # noqa: E731
-        cols = (down[0][:, :, lo:hi], down[1][:, :, lo // group_size:hi // group_size])
+        cols = (down[0][:, :, lo:hi], down[1][:, :, lo // group_size : hi // group_size])
         parts.append(pack_experts_from_codes(rows(gate), rows(up), cols, weight_format))
     return parts
 
@@ -197,8 +248,10 @@ def check_expert_map(physical_to_logical_map, num_experts: int) -> torch.Tensor:
     if mapping.numel() != num_experts:
         raise ValueError(f"physical_to_logical_map must have num_experts={num_experts} entries, got {mapping.numel()}")
     if not torch.equal(torch.sort(mapping).values, torch.arange(num_experts)):
-        raise ValueError(f"physical_to_logical_map must be a permutation of 0..{num_experts - 1} "
-                         "(entry p names the logical expert stored in physical slot p)")
+        raise ValueError(
+            f"physical_to_logical_map must be a permutation of 0..{num_experts - 1} "
+            "(entry p names the logical expert stored in physical slot p)"
+        )
     return mapping
 
 
@@ -208,34 +261,70 @@ def permute_packed(experts: PackedExperts, mapping: torch.Tensor) -> PackedExper
     if torch.equal(mapping, torch.arange(experts.num_experts)):
         return experts
     pick = lambda t: None if t is None else t.index_select(0, mapping)  # noqa: E731
-    return PackedExperts(pick(experts.gate), pick(experts.up), pick(experts.down), pick(experts.gate_scale),
-                         pick(experts.up_scale), pick(experts.down_scale), experts.weight_format,
-                         experts.num_experts, experts.hidden_size, experts.intermediate_size,
-                         pick(experts.gate_bias), pick(experts.up_bias), pick(experts.down_bias), experts.activation,
-                         experts.swiglu_alpha, experts.swiglu_limit)
+    return PackedExperts(
+        pick(experts.gate),
+        pick(experts.up),
+        pick(experts.down),
+        pick(experts.gate_scale),
+        pick(experts.up_scale),
+        pick(experts.down_scale),
+        experts.weight_format,
+        experts.num_experts,
+        experts.hidden_size,
+        experts.intermediate_size,
+        pick(experts.gate_bias),
+        pick(experts.up_bias),
+        pick(experts.down_bias),
+        experts.activation,
+        experts.swiglu_alpha,
+        experts.swiglu_limit,
+    )
 
 
-def intermediate_split(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> List[Tuple[int, int]]:
+def split_unit(weight_format: str, group_size: int) -> int:
+    """The intermediate rows a part boundary falls on: `group_size` for the K-group formats (down's K
+    is the intermediate dimension), 32 otherwise, so every part keeps the kernels' fast panel layout."""
+    return group_size if weight_format in GROUPED_FORMATS else 32
+
+
+def most_parts(intermediate_size: int, parts: int, weight_format: str, group_size: int) -> int:
+    """The most parts, up to `parts`, intermediate_split can cut `intermediate_size` into."""
+    unit = split_unit(weight_format, group_size)
+    return max(1, min(parts, intermediate_size // unit if intermediate_size % unit == 0 else 1))
+
+
+def intermediate_split(
+    intermediate_size: int, parts: int, weight_format: str, group_size: int
+) -> List[Tuple[int, int]]:
     """[lo, hi) ranges of the intermediate dimension, one per sub-pool. Boundaries fall on
     `group_size` for the K-group formats (down's K is the intermediate dimension) and on 32 rows
     otherwise, so every part keeps the kernels' fast panel layout."""
-    unit = group_size if weight_format in GROUPED_FORMATS else 32
+    unit = split_unit(weight_format, group_size)
     if parts == 1:
         return [(0, intermediate_size)]
     if intermediate_size % unit or intermediate_size // unit < parts:
-        raise ValueError(f"threadpool_count={parts} cannot split moe_intermediate_size={intermediate_size} into "
-                         f"parts that are multiples of {unit} (weight format {weight_format}); use a smaller "
-                         "threadpool_count")
+        raise ValueError(
+            f"threadpool_count={parts} cannot split moe_intermediate_size={intermediate_size} into "
+            f"parts that are multiples of {unit} (weight format {weight_format}); use a smaller "
+            "threadpool_count"
+        )
     units = intermediate_size // unit
     bounds = [unit * (units * p // parts) for p in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def pack_split(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weight_format: str, group_size: int,
-               split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
+def pack_split(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    weight_format: str,
+    group_size: int,
+    split: Sequence[Tuple[int, int]],
+) -> List[PackedExperts]:
     """Pack each intermediate range separately: gate/up rows lo:hi, down columns lo:hi."""
-    return [pack_experts(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], weight_format, group_size)
-            for lo, hi in split]
+    return [
+        pack_experts(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], weight_format, group_size) for lo, hi in split
+    ]
 
 
 def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tuple[int, int]]) -> List[PackedExperts]:
@@ -244,13 +333,19 @@ def resplit_packed(experts: PackedExperts, group_size: int, split: Sequence[Tupl
     move a few codes (down's per-row scales now cover only the part's columns)."""
     if len(split) == 1:
         return [experts]
-    if experts.activation != "silu" or any(b is not None for b in (experts.gate_bias, experts.up_bias,
-                                                                      experts.down_bias)):
+    if experts.activation != "silu" or any(
+        b is not None for b in (experts.gate_bias, experts.up_bias, experts.down_bias)
+    ):
         # Each part would add the whole down bias; the parts' activation would be lost.
-        raise ValueError("experts with biases or a non-SiLU activation cannot be split over sub-pools; "
-                         "use threadpool_count=1")
+        raise ValueError(
+            "experts with biases or a non-SiLU activation cannot be split over sub-pools; use threadpool_count=1"
+        )
     if experts.weight_format != "bf16":
-        warnings.warn(f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
-                      "requantizes each part from the stored values", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"splitting pre-quantized {experts.weight_format} experts over {len(split)} sub-pools "
+            "requantizes each part from the stored values",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     gate, up, down = unpack_experts(experts)
     return pack_split(gate, up, down, experts.weight_format, group_size, split)

@@ -1,7 +1,11 @@
 """The kernels' run-time settings: which ISA runs and how many threads the kt_ops pool has."""
+
 from __future__ import annotations
 
+import os
+
 from .. import _C
+from .checks import check_int
 
 
 def set_isa(name: str) -> None:
@@ -18,13 +22,18 @@ def get_isa() -> str:
 
 def set_num_threads(num_threads: int) -> None:
     """Size of the kt_ops worker pool (default: the number of physical cores)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
-    _C.set_num_threads(num_threads)
+    _C.set_num_threads(check_int(num_threads, "num_threads", 1))
 
 
 def get_num_threads() -> int:
     return _C.get_num_threads()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cpu_info() -> dict:

@@ -9,6 +9,7 @@ of node i mod nodes (the nodes' CPUs split between the pools that share a node);
 is pinned. `place` copies a part's packed weights into fresh pages written by its pool's threads, so
 Linux's first-touch policy puts them on that node.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -16,6 +17,7 @@ import dataclasses
 import os
 import queue
 import threading
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,8 +59,9 @@ def node_cpus(root: str = NODE_ROOT) -> Dict[int, List[int]]:
     return nodes
 
 
-def subpool_layout(count: int, root: str = NODE_ROOT,
-                   allowed: Optional[Sequence[int]] = None) -> List[Tuple[Optional[int], List[int]]]:
+def subpool_layout(
+    count: int, root: str = NODE_ROOT, allowed: Optional[Sequence[int]] = None
+) -> List[Tuple[Optional[int], List[int]]]:
     """(node, CPUs to pin to) per sub-pool. Pool i goes to the i-th node mod the nodes with CPUs this
     process may use (`allowed`, default its affinity); pools sharing a node split its CPUs into
     disjoint runs. With fewer than two such nodes: (None, []) each, nothing pinned."""
@@ -89,6 +92,7 @@ class Subpools:
     def __init__(self, count: int, threads: int, root: str = NODE_ROOT):
         check_int(count, "count", 2)
         check_int(threads, "threads", 1)
+        self.requested_threads = threads
         layout = subpool_layout(count, root)
         self.nodes: List[Optional[int]] = [node for node, _ in layout]
         self.cpu_sets: List[List[int]] = [cpus for _, cpus in layout]
@@ -133,8 +137,9 @@ class Subpools:
             if self._dispatchers[index] is not None:
                 return
             started = concurrent.futures.Future()
-            thread = threading.Thread(target=self._serve, args=(index, self._queues[index], started),
-                                      name=f"kt_ops-sub{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._serve, args=(index, self._queues[index], started), name=f"kt_ops-sub{index}", daemon=True
+            )
             thread.start()
             started.result()  # raises when the thread could not enter (pin itself to) its pool
             self._dispatchers[index] = thread
@@ -156,6 +161,33 @@ class Subpools:
                 future.set_exception(error)
 
 
+_process_subpools: Optional[Subpools] = None
+_process_lock = threading.Lock()
+
+
+def process_subpools(count: int, threads: int) -> Optional[Subpools]:
+    """The process's sub-pools (None for count 1): `count` of `threads` threads each, made on first
+    use. There is one set per process (the C++ pools are global); a later call asking for another
+    shape gets the existing ones, with a warning, and its parts then run one after another on the
+    calling thread's pool (run_parts)."""
+    global _process_subpools
+    check_int(count, "threadpool_count", 1)
+    check_int(threads, "threads", 1)
+    if count == 1:
+        return None
+    with _process_lock:
+        if _process_subpools is None:
+            _process_subpools = Subpools(count, threads)
+        elif (_process_subpools.count, _process_subpools.requested_threads) != (count, threads):
+            warnings.warn(
+                f"the process's sub-pools exist already ({_process_subpools.count} of "
+                f"{_process_subpools.requested_threads} threads); ignoring {count} of {threads}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _process_subpools
+
+
 def run_parts(subpools: Optional[Subpools], fn: Callable, per_part_args: Sequence[tuple]) -> list:
     """[fn(*args) for each part]: at once on the sub-pools when there is one per part, otherwise
     one after another on the calling thread's pool (threadpool_count 1, or a wrapper whose
@@ -175,5 +207,7 @@ def place_parts(subpools: Optional[Subpools], parts: Sequence[PackedExperts]) ->
 def _placed(experts: PackedExperts) -> PackedExperts:
     # every tensor field (weights, scales, biases), whichever PackedExperts has
     tensors = {f.name: getattr(experts, f.name) for f in dataclasses.fields(experts)}
-    return dataclasses.replace(experts, **{name: _C._first_touch_copy(t.contiguous())
-                                           for name, t in tensors.items() if isinstance(t, torch.Tensor)})
+    return dataclasses.replace(
+        experts,
+        **{name: _C._first_touch_copy(t.contiguous()) for name, t in tensors.items() if isinstance(t, torch.Tensor)},
+    )

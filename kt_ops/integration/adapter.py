@@ -10,6 +10,7 @@ experts would have, e.g. `base_model.model.model.layers.3.mlp.experts.5.gate_pro
 peft LoRA on other modules (attention) is saved beside it, so the directory loads in tools that read
 peft adapters for the original checkpoint layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..weights.moe_lora import NUM_EXPERTS_METADATA
-from .hf import holder_of, kt_experts_modules
+from .install import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,6 +44,21 @@ def is_peft_model(model: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+# peft's names of the layers it saves whole when LoRA targets them (peft.utils.other.EMBEDDING_LAYER_NAMES)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_layers_to_save(model: nn.Module):
+    """What to pass as peft's `save_embedding_layers`: True when the active LoRA config names an
+    embedding layer in target_modules (peft's "auto" does the same, with a warning that it did),
+    else "auto" (peft then saves them when the vocabulary was resized)."""
+    config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (list, set, tuple)) and any(name in targets for name in EMBEDDING_LAYER_NAMES):
+        return True
+    return "auto"
 
 
 def _checkpoint_names(name: str, experts_module: nn.Module) -> tuple[str, tuple[str, str, str]]:
@@ -78,16 +94,21 @@ class _ExpertLoRA:
         if self.wrappers:
             settings = _wrapper_settings(self.wrappers, adapter)
             if len(settings) > 1:
-                raise ValueError(f"{name}: adapter {adapter!r} uses different (r, lora_alpha) {sorted(settings)} on "
-                                 "gate_up_proj and down_proj; the per-expert layout describes one; save with "
-                                 "model.save_pretrained instead")
+                raise ValueError(
+                    f"{name}: adapter {adapter!r} uses different (r, lora_alpha) {sorted(settings)} on "
+                    "gate_up_proj and down_proj; the per-expert layout describes one; save with "
+                    "model.save_pretrained instead"
+                )
             self.rank, self.alpha = settings.pop()
             self.experts = range(kt.first_expert + kt.num_experts)
         else:
             self.rank, self.alpha = kt.lora_rank, kt.lora_alpha
             self.experts = range(kt.first_expert, kt.first_expert + kt.num_experts) if kt.lora_rank else range(0)
-        self.projections = [i for i, p in ((_GATE, "gate_up_proj"), (_UP, "gate_up_proj"), (_DOWN, "down_proj"))
-                            if not self.wrappers or p in self.wrappers]
+        self.projections = [
+            i
+            for i, p in ((_GATE, "gate_up_proj"), (_UP, "gate_up_proj"), (_DOWN, "down_proj"))
+            if not self.wrappers or p in self.wrappers
+        ]
 
     def read(self, expert: int, proj: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) of one expert's projection."""
@@ -138,8 +159,10 @@ class _ExpertLoRA:
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, where: str) -> None:
         if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"{where}: shape {tuple(src.shape)} in the adapter, the model needs {tuple(dst.shape)} "
-                             "(LoRA rank / model size differ)")
+            raise ValueError(
+                f"{where}: shape {tuple(src.shape)} in the adapter, the model needs {tuple(dst.shape)} "
+                "(LoRA rank / model size differ)"
+            )
         dst.copy_(src.to(dst.dtype))
 
 
@@ -185,11 +208,15 @@ def _expert_keys(model: nn.Module, adapter: Optional[str]) -> dict[str, tuple[_E
 def _lora_settings(model: nn.Module, adapter: Optional[str]) -> tuple[int, float]:
     settings = {(lora.rank, lora.alpha) for _, _, lora in _expert_loras(model, adapter) if lora.experts}
     if not settings:
-        raise ValueError("the model's kt experts have no LoRA (apply_kt was called with lora_rank=0 and no peft "
-                         "adapter targets the experts)")
+        raise ValueError(
+            "the model's kt experts have no LoRA (apply_kt was called with lora_rank=0 and no peft "
+            "adapter targets the experts)"
+        )
     if len(settings) > 1:
-        raise ValueError(f"kt experts use several (lora_rank, lora_alpha) settings {sorted(settings)}; "
-                         "one adapter config cannot describe them")
+        raise ValueError(
+            f"kt experts use several (lora_rank, lora_alpha) settings {sorted(settings)}; "
+            "one adapter config cannot describe them"
+        )
     return settings.pop()
 
 
@@ -217,8 +244,9 @@ def _adapter_config(model: nn.Module, adapter: Optional[str]) -> dict:
             raise TypeError(f"save_kt_adapter supports LoRA adapters, the model has a {type(config).__name__}")
         data = config.to_dict()
         # The experts are described per expert here, not through peft's fused target_parameters.
-        data["target_parameters"] = [t for t in (config.target_parameters or [])
-                                     if t.rpartition(".")[2] not in EXPERT_PARAMS] or None
+        data["target_parameters"] = [
+            t for t in (config.target_parameters or []) if t.rpartition(".")[2] not in EXPERT_PARAMS
+        ] or None
         expert_keys = [k for k in (config.rank_pattern or {}) if any(p in k for p in EXPERT_PARAMS)]
         rank_pattern = {k: v for k, v in (config.rank_pattern or {}).items() if k not in expert_keys}
         alpha_pattern = {k: v for k, v in (config.alpha_pattern or {}).items() if k not in expert_keys}
@@ -259,8 +287,13 @@ def _wrap_for(model: nn.Module, directory: str, state: dict) -> nn.Module:
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} to wrap the model with")
     with open(config_path) as f:
         data = json.load(f)
-    modules = sorted({re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0])
-                      for k in state if not _is_per_expert_key(k) and ".lora_" in k})
+    modules = sorted(
+        {
+            re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0])
+            for k in state
+            if not _is_per_expert_key(k) and ".lora_" in k
+        }
+    )
     if not modules:
         raise ValueError(f"{directory}: {len(state)} tensors are neither per-expert LoRA nor peft LoRA keys")
     data["target_modules"] = modules
@@ -288,13 +321,21 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
     if adapter is not None:
         from peft import get_peft_model_state_dict
 
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
-                        if not _is_fused_expert_key(k)})
+        tensors.update(
+            {
+                k: v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(
+                    model, save_embedding_layers=embedding_layers_to_save(model)
+                ).items()
+                if not _is_fused_expert_key(k)
+            }
+        )
     for key, (lora, expert, proj, part) in _expert_keys(model, adapter).items():
         # clone: gate and up share the fused A, and safetensors refuses tensors sharing memory (or
         # strided views: Llama-4's factors are transposes of peft's)
-        tensors[key] = lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone(
-            memory_format=torch.contiguous_format)
+        tensors[key] = (
+            lora.read(expert, proj)[0 if part == "A" else 1].detach().cpu().clone(memory_format=torch.contiguous_format)
+        )
     config = _adapter_config(model, adapter)
     # The expert count lets convert_moe_lora tell an expert without LoRA from one that does not exist.
     counts = {kt.first_expert + kt.num_experts for _, _, kt in kt_experts_modules(model)}
@@ -343,8 +384,10 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
             entry[1].setdefault(proj, {})[part] = state.pop(key)
             entry[2].append(key)
     if state and not is_peft_model(model):
-        raise ValueError(f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
-                         "load it with peft.PeftModel.from_pretrained(model, directory)")
+        raise ValueError(
+            f"{path} also holds {len(state)} non-expert LoRA tensors (e.g. {next(iter(state))}); "
+            "load it with peft.PeftModel.from_pretrained(model, directory)"
+        )
     # A shape error can surface in the middle of the copies (or in peft's own load): every LoRA
     # tensor is put back then, so a failed load leaves the model as it was.
     backup = [(param, param.detach().clone()) for name, param in model.named_parameters() if "lora" in name]
@@ -357,8 +400,9 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
             result = set_peft_model_state_dict(model, state, adapter_name=adapter)
             unexpected = getattr(result, "unexpected_keys", None) or []
             if unexpected:
-                raise ValueError(f"{path}: {len(unexpected)} tensors match no LoRA module of the model, "
-                                 f"e.g. {unexpected[:3]}")
+                raise ValueError(
+                    f"{path}: {len(unexpected)} tensors match no LoRA module of the model, e.g. {unexpected[:3]}"
+                )
     except BaseException:
         with torch.no_grad():
             for param, saved in backup:

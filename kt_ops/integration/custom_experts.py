@@ -19,6 +19,7 @@ calls to transformers' ExpertsInterface "kt" entry (kt_experts_forward), which n
   id -1, which kt skips) and x · Σ(identity weights) is added outside the op. gate_up_proj has a row
   for every id, identity ones included (never read); only the first n_routed_experts are experts.
 """
+
 from __future__ import annotations
 
 import types
@@ -87,17 +88,18 @@ def install_custom_forward(model: nn.Module, name: str, module: nn.Module) -> No
         holder.forward = types.MethodType(_llama4_moe_forward, holder)
 
 
-def _experts_interface_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                               top_k_weights: torch.Tensor) -> torch.Tensor:
+def _experts_interface_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     # What @use_experts_implementation's forward does: the implementation the config names ("kt").
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    return ALL_EXPERTS_FUNCTIONS[self.config._experts_implementation](self, hidden_states, top_k_index,
-                                                                      top_k_weights)
+    return ALL_EXPERTS_FUNCTIONS[self.config._experts_implementation](self, hidden_states, top_k_index, top_k_weights)
 
 
-def _longcat_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
+def _longcat_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     routed = top_k_index < self.num_experts
     out = _experts_interface_forward(self, hidden_states, torch.where(routed, top_k_index, -1), top_k_weights)
     identity = torch.where(routed, torch.zeros_like(top_k_weights), top_k_weights).sum(dim=-1, keepdim=True)
@@ -107,7 +109,7 @@ def _longcat_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
 def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama4TextMoe.forward with the routed experts called once per (token, choice) row."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_scores, router_logits = self.router(hidden_states)     # scores: sigmoid of the top-k, else 0
+    router_scores, router_logits = self.router(hidden_states)  # scores: sigmoid of the top-k, else 0
     top_ids = torch.topk(router_logits, self.top_k, dim=1).indices  # the router's own choice
     scores = router_scores.gather(1, top_ids)
     routed_in = (hidden_states[:, None, :] * scores[:, :, None]).reshape(-1, self.hidden_dim)

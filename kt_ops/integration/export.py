@@ -7,6 +7,7 @@ transformers' own names (`...experts.gate_up_proj` / `down_proj`); other LoRA la
 add their delta to the base weight. Tensors are written in shards of at most `max_shard_size` bytes
 as soon as a shard fills, so memory holds one shard plus one layer's experts.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.packed import unpack_experts
-from .hf import fuse_gate_up, holder_of, kt_experts_modules
+from ..core.checks import check_int
+from ..core.packed import unpack_parts
+from .hf import fuse_gate_up
+from .install import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, weights_transposed, wrapper_chain
 
 
@@ -31,11 +34,14 @@ def _base_and_adapters(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return base, list(model.active_adapters)
 
 
-def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
-                   ) -> Iterator[tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+def _expert_deltas(
+    module: nn.Module, kt, wrappers: dict, adapters: list[str]
+) -> Iterator[tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """(expert, gate_up delta [2I, H], down delta [H, I]) in fp32 for every expert with LoRA."""
-    factors = {p: [adapter_factors(w, a) for a in adapters if a in w.lora_A and not w.disable_adapters]
-               for p, w in wrappers.items()}
+    factors = {
+        p: [adapter_factors(w, a) for a in adapters if a in w.lora_A and not w.disable_adapters]
+        for p, w in wrappers.items()
+    }
     own = kt.lora_rank and kt.lora_enabled
     for expert in range(kt.first_expert + kt.num_experts):
         gate_up = down = None
@@ -47,8 +53,12 @@ def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
             down = d if down is None else down + d
         if own and expert >= kt.first_expert:
             j, s = expert - kt.first_expert, kt.lora_scaling
-            d = s * fuse_gate_up(module, kt.gate_lora_b[j].float() @ kt.gate_lora_a[j].float(),
-                                  kt.up_lora_b[j].float() @ kt.up_lora_a[j].float(), dim=0)
+            d = s * fuse_gate_up(
+                module,
+                kt.gate_lora_b[j].float() @ kt.gate_lora_a[j].float(),
+                kt.up_lora_b[j].float() @ kt.up_lora_a[j].float(),
+                dim=0,
+            )
             gate_up = d if gate_up is None else gate_up + d
             d = s * (kt.down_lora_b[j].float() @ kt.down_lora_a[j].float())
             down = d if down is None else down + d
@@ -58,7 +68,7 @@ def _expert_deltas(module: nn.Module, kt, wrappers: dict, adapters: list[str]
 def _expert_biases(module: nn.Module, kt, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """gate_up_proj_bias and down_proj_bias in the module's layout (the kept experts' biases live in the
     module, the others in kt.experts)."""
-    experts = kt.experts
+    experts = kt.experts_parts[0]  # experts with biases are in one part
     if experts.down_bias is None:
         return
     kept_gate_up, kept_down = module.kt_gpu_gate_up_proj_bias.cpu(), module.kt_gpu_down_proj_bias.cpu()
@@ -67,10 +77,11 @@ def _expert_biases(module: nn.Module, kt, dtype: torch.dtype) -> Iterator[tuple[
     yield "down_proj_bias", torch.cat([kept_down.to(dtype), experts.down_bias.to(dtype)])
 
 
-def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _merged_experts(
+    module: nn.Module, kt, wrappers: dict, adapters: list[str], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up_proj and down_proj of one experts module in the module's own layout, LoRA merged."""
-    gate, up, down = unpack_experts(kt.experts)                 # [E', I, H], [E', I, H], [E', H, I]
+    gate, up, down = unpack_parts(kt.experts_parts)  # [E', I, H], [E', I, H], [E', H, I]
     gate_up = fuse_gate_up(module, gate, up, dim=1)
     del gate, up
     N = kt.first_expert
@@ -90,8 +101,9 @@ def _merged_experts(module: nn.Module, kt, wrappers: dict, adapters: list[str], 
     rows = module.gate_up_proj.shape[0]  # the placeholder keeps the original shape
     if rows > gate_up_out.shape[0]:
         # LongCat-Flash's identity experts have gate_up_proj rows that are never read: zeros.
-        gate_up_out = torch.cat([gate_up_out, gate_up_out.new_zeros(rows - gate_up_out.shape[0],
-                                                                    *gate_up_out.shape[1:])])
+        gate_up_out = torch.cat(
+            [gate_up_out, gate_up_out.new_zeros(rows - gate_up_out.shape[0], *gate_up_out.shape[1:])]
+        )
     if weights_transposed(module):
         gate_up_out, down_out = gate_up_out.transpose(1, 2).contiguous(), down_out.transpose(1, 2).contiguous()
     return gate_up_out, down_out
@@ -133,8 +145,9 @@ def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
             for bname, bias in _expert_biases(module, kt, dtype):
                 yield prefix + bname, bias
         tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False)
-                    if n not in module._non_persistent_buffers_set]
+        tensors += [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
         for pname, tensor in tensors:
             if id(module) in kt_modules and pname in EXPERT_PARAMS:
                 continue
@@ -146,8 +159,9 @@ def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
             yield prefix + pname, value.to("cpu", dtype if value.is_floating_point() else value.dtype)
 
 
-def export_merged(model: nn.Module, save_directory: str, dtype: torch.dtype = torch.bfloat16,
-                  max_shard_size: int = 2 * 1024 ** 3) -> list[str]:
+def export_merged(
+    model: nn.Module, save_directory: str, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 2 * 1024**3
+) -> list[str]:
     """Write `model` (converted with `apply_kt`, optionally a peft model) with every active LoRA merged
     as a plain transformers checkpoint in `save_directory`: config.json, generation_config.json when the
     model has one, and safetensors shards (with model.safetensors.index.json when there are several).
@@ -158,12 +172,13 @@ def export_merged(model: nn.Module, save_directory: str, dtype: torch.dtype = to
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
-        raise ValueError(f"max_shard_size must be an int >= 1 (bytes), got {max_shard_size!r}")
+    check_int(max_shard_size, "max_shard_size (bytes)", 1)
     base, _ = _base_and_adapters(model)
     if not kt_experts_modules(base):
-        raise ValueError(f"{type(base).__name__} has no kt experts; export_merged is for models converted by "
-                         "kt_ops.integration.apply_kt (a plain model saves with save_pretrained)")
+        raise ValueError(
+            f"{type(base).__name__} has no kt experts; export_merged is for models converted by "
+            "kt_ops.integration.apply_kt (a plain model saves with save_pretrained)"
+        )
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
 

@@ -5,6 +5,7 @@ only the assistant turns are learned (every assistant turn, as LLaMA-Factory doe
 
 The semantics follow LLaMA-Factory (read from its source); the code is kt_ops's own.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,20 +38,25 @@ class ChatTemplate:
     empty_thought: Optional[str] = None
 
 
-_CHATML = dict(user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-               assistant="{content}<|im_end|>\n", system="<|im_start|>system\n{content}<|im_end|>\n",
-               stop_word="<|im_end|>")
+_CHATML = dict(
+    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>\n",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    stop_word="<|im_end|>",
+)
 _THOUGHT = "<think>\n\n</think>\n\n"
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "empty": ChatTemplate(user="{content}", assistant="{content}"),
-    "default": ChatTemplate(user="Human: {content}{eos}\nAssistant:", assistant="{content}{eos}\n",
-                            system="System: {content}{eos}\n"),
+    "default": ChatTemplate(
+        user="Human: {content}{eos}\nAssistant:", assistant="{content}{eos}\n", system="System: {content}{eos}\n"
+    ),
     "deepseek": ChatTemplate(user="User: {content}\n\nAssistant:", system="{content}\n\n", bos_prefix=True),
     "deepseek3": ChatTemplate(user="<｜User｜>{content}<｜Assistant｜>", bos_prefix=True),
     "deepseekr1": ChatTemplate(user="<｜User｜>{content}<｜Assistant｜>", bos_prefix=True, empty_thought=_THOUGHT),
-    "qwen": ChatTemplate(**_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful "
-                                                   "assistant."),
+    "qwen": ChatTemplate(
+        **_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    ),
     "qwen3": ChatTemplate(**_CHATML, empty_thought=_THOUGHT),
     "qwen3_nothink": ChatTemplate(**_CHATML),
     "qwen3_vl": ChatTemplate(**_CHATML, empty_thought=_THOUGHT),
@@ -70,8 +76,10 @@ def get_template(name: Optional[str], tokenizer):
             return None  # encode() renders with tokenizer.apply_chat_template
         return TEMPLATES["empty"]
     if name not in TEMPLATES:
-        raise DataError(f"template {name!r} is not known; choose one of {sorted(TEMPLATES)} or leave it unset "
-                        "to use the tokenizer's chat template")
+        raise DataError(
+            f"template {name!r} is not known; choose one of {sorted(TEMPLATES)} or leave it unset "
+            "to use the tokenizer's chat template"
+        )
     template = TEMPLATES[name]
     if template.stop_word is not None and tokenizer.eos_token != template.stop_word:
         tokenizer.add_special_tokens({"eos_token": template.stop_word})
@@ -105,21 +113,24 @@ def _chat_template_turns(messages: list[dict], system: Optional[str], tokenizer)
     offset = 1 if system else 0
     turns, done = [], ""
     for k in range(0, len(messages), 2):
-        prompt = tokenizer.apply_chat_template(chat[:offset + k + 1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(chat[:offset + k + 2], tokenize=False)
+        prompt = tokenizer.apply_chat_template(chat[: offset + k + 1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(chat[: offset + k + 2], tokenize=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template does not render conversations as growing prefixes; "
-                            f"set `template` to one of {sorted(TEMPLATES)}")
-        answer = full[len(prompt):]
+            raise DataError(
+                "the tokenizer's chat template does not render conversations as growing prefixes; "
+                f"set `template` to one of {sorted(TEMPLATES)}"
+            )
+        answer = full[len(prompt) :]
         if tokenizer.eos_token and tokenizer.eos_token not in answer:
             answer += tokenizer.eos_token  # the answer must end in a token that stops generation
-        turns.append((prompt[len(done):], answer))
+        turns.append((prompt[len(done) :], answer))
         done = full
     return turns
 
 
-def template_turns(template: Optional[ChatTemplate], messages: list[dict], system: Optional[str],
-                   tokenizer) -> list[tuple[str, str]]:
+def template_turns(
+    template: Optional[ChatTemplate], messages: list[dict], system: Optional[str], tokenizer
+) -> list[tuple[str, str]]:
     """(prompt text, answer text) per user/assistant pair of `messages` (alternating, user first)."""
     if template is None:
         return _chat_template_turns(messages, system, tokenizer)
@@ -140,8 +151,9 @@ def template_turns(template: Optional[ChatTemplate], messages: list[dict], syste
     return turns
 
 
-def encode_conversation(template: Optional[ChatTemplate], messages: list[dict], system: Optional[str], tokenizer,
-                        cutoff_len: int) -> Optional[dict]:
+def encode_conversation(
+    template: Optional[ChatTemplate], messages: list[dict], system: Optional[str], tokenizer, cutoff_len: int
+) -> Optional[dict]:
     """input_ids / labels (prompts masked with -100) cut to cutoff_len; None when no answer token fits."""
     input_ids, labels = [], []
     for prompt, answer in template_turns(template, messages, system, tokenizer):
@@ -174,12 +186,35 @@ class DatasetSpec:
     tags: Optional[dict] = None
 
 
-_ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
-                   "system": None, "chosen": None, "rejected": None, "images": None, "videos": None}
-_SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None, "chosen": None, "rejected": None,
-                     "images": None, "videos": None}
-_SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+_ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "history": None,
+    "system": None,
+    "chosen": None,
+    "rejected": None,
+    "images": None,
+    "videos": None,
+}
+_SHAREGPT_COLUMNS = {
+    "messages": "conversations",
+    "system": None,
+    "tools": None,
+    "chosen": None,
+    "rejected": None,
+    "images": None,
+    "videos": None,
+}
+_SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
 
 
 def _read_file(path: str) -> list[dict]:
@@ -213,23 +248,35 @@ def resolve_datasets(dataset: str, dataset_dir: str) -> list[DatasetSpec]:
         if info is None:
             info_path = os.path.join(dataset_dir, DATASET_INFO)
             if not os.path.isfile(info_path):
-                raise DataError(f"dataset {name!r} is neither a .json/.jsonl file nor resolvable: no {info_path} "
-                                "(set dataset_dir to the directory holding dataset_info.json)")
+                raise DataError(
+                    f"dataset {name!r} is neither a .json/.jsonl file nor resolvable: no {info_path} "
+                    "(set dataset_dir to the directory holding dataset_info.json)"
+                )
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f)
         if name not in info:
-            raise DataError(f"dataset {name!r} is not in {os.path.join(dataset_dir, DATASET_INFO)} "
-                            f"(it lists {sorted(info)})")
+            raise DataError(
+                f"dataset {name!r} is not in {os.path.join(dataset_dir, DATASET_INFO)} (it lists {sorted(info)})"
+            )
         entry = info[name]
         if "file_name" not in entry:
-            raise DataError(f"dataset {name!r}: only local files (file_name) can be used here; hub, script and "
-                            "cloud datasets would need a download")
+            raise DataError(
+                f"dataset {name!r}: only local files (file_name) can be used here; hub, script and "
+                "cloud datasets would need a download"
+            )
         formatting = entry.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt"):
             raise DataError(f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca, sharegpt)")
-        specs.append(DatasetSpec(name=name, file=os.path.join(dataset_dir, entry["file_name"]),
-                                 formatting=formatting, ranking=bool(entry.get("ranking", False)),
-                                 columns=entry.get("columns"), tags=entry.get("tags")))
+        specs.append(
+            DatasetSpec(
+                name=name,
+                file=os.path.join(dataset_dir, entry["file_name"]),
+                formatting=formatting,
+                ranking=bool(entry.get("ranking", False)),
+                columns=entry.get("columns"),
+                tags=entry.get("tags"),
+            )
+        )
     return specs
 
 
@@ -262,27 +309,40 @@ def _sharegpt_row(record: dict, cols: dict, tags: dict, ranking: bool, where: st
     turns = record.get(cols["messages"])
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: column {cols['messages']!r} must be a non-empty list of messages")
-    role_of = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
-               tags["observation_tag"]: "user", tags["function_tag"]: "assistant"}
+    role_of = {
+        tags["user_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags["system_tag"]: "system",
+        tags["observation_tag"]: "user",
+        tags["function_tag"]: "assistant",
+    }
     system = record.get(cols["system"]) if cols.get("system") else None
     messages = []
     for i, turn in enumerate(turns):
         role = role_of.get(turn.get(tags["role_tag"]))
         if role is None:
-            raise DataError(f"{where}: message {i} has role {turn.get(tags['role_tag'])!r}; expected one of "
-                            f"{sorted(k for k in role_of if k)}")
+            raise DataError(
+                f"{where}: message {i} has role {turn.get(tags['role_tag'])!r}; expected one of "
+                f"{sorted(k for k in role_of if k)}"
+            )
         content = str(turn.get(tags["content_tag"], ""))
         if role == "system" and i == 0:
             system = content
             continue
         messages.append({"role": role, "content": content})
     expected = ["user", "assistant"] * ((len(messages) + 1) // 2)
-    if [m["role"] for m in messages] != expected[:len(messages)] or (not ranking and len(messages) % 2):
-        raise DataError(f"{where}: messages must alternate user, assistant (user first"
-                        f"{'' if ranking else ', ending with assistant'})")
-    row = {"system": system, "messages": messages,
-           "media": bool((cols.get("images") and record.get(cols["images"]))
-                         or (cols.get("videos") and record.get(cols["videos"])))}
+    if [m["role"] for m in messages] != expected[: len(messages)] or (not ranking and len(messages) % 2):
+        raise DataError(
+            f"{where}: messages must alternate user, assistant (user first"
+            f"{'' if ranking else ', ending with assistant'})"
+        )
+    row = {
+        "system": system,
+        "messages": messages,
+        "media": bool(
+            (cols.get("images") and record.get(cols["images"])) or (cols.get("videos") and record.get(cols["videos"]))
+        ),
+    }
     if ranking:
         chosen, rejected = record.get(cols["chosen"] or ""), record.get(cols["rejected"] or "")
         if not isinstance(chosen, dict) or not isinstance(rejected, dict):
@@ -296,16 +356,21 @@ def _file_row(record: dict, where: str) -> dict:
     alpaca (instruction, input, output) or plain text (text)."""
     if "chosen" in record and "rejected" in record:
         if "prompt" in record:  # a ready prompt string, used as written
-            return {"prompt": str(record["prompt"]), "chosen": str(record["chosen"]),
-                    "rejected": str(record["rejected"])}
+            return {
+                "prompt": str(record["prompt"]),
+                "chosen": str(record["chosen"]),
+                "rejected": str(record["rejected"]),
+            }
         row = _alpaca_row(record, {**_ALPACA_COLUMNS, "chosen": "chosen", "rejected": "rejected"}, True, where)
     elif "instruction" in record and "output" in record:
         row = _alpaca_row(record, _ALPACA_COLUMNS, False, where)
     elif "text" in record:
         return {"text": str(record["text"])}
     else:
-        raise DataError(f"{where}: cannot tell the record layout from keys {sorted(record)}; expected alpaca "
-                        "(instruction, input, output), text, or preference (prompt/instruction, chosen, rejected)")
+        raise DataError(
+            f"{where}: cannot tell the record layout from keys {sorted(record)}; expected alpaca "
+            "(instruction, input, output), text, or preference (prompt/instruction, chosen, rejected)"
+        )
     row.pop("media")
     return row
 
@@ -313,8 +378,7 @@ def _file_row(record: dict, where: str) -> dict:
 _MEDIA = re.compile(r"<image>|<video>|<audio>")
 
 
-def load_rows(spec: DatasetSpec, max_samples: Optional[int] = None,
-              identity: Optional[dict] = None) -> list[dict]:
+def load_rows(spec: DatasetSpec, max_samples: Optional[int] = None, identity: Optional[dict] = None) -> list[dict]:
     """Rows of one dataset: {"messages", "system"} (and "chosen"/"rejected" when ranking). `identity`
     maps placeholder names to text: {"name": "Kai"} turns {{name}} into Kai (LLaMA-Factory's
     identity.json carries {{name}} and {{author}} for the user to fill in)."""
@@ -334,17 +398,21 @@ def load_rows(spec: DatasetSpec, max_samples: Optional[int] = None,
     else:
         cols = {**_SHAREGPT_COLUMNS, **(spec.columns or {})}
         tags = {**_SHAREGPT_TAGS, **(spec.tags or {})}
-        rows = [_sharegpt_row(r, cols, tags, spec.ranking, f"dataset {spec.name} record {i}")
-                for i, r in enumerate(records)]
+        rows = [
+            _sharegpt_row(r, cols, tags, spec.ranking, f"dataset {spec.name} record {i}") for i, r in enumerate(records)
+        ]
     if any([row.pop("media") for row in rows]):
         # kt-sft trains language models on text: the <image>/<video> placeholders are removed and the
         # media files are not read (the vision tower, if any, is not trained or run).
-        warnings.warn(f"dataset {spec.name}: images/videos are not used by kt-sft; training on the text only",
-                      stacklevel=2)
+        warnings.warn(
+            f"dataset {spec.name}: images/videos are not used by kt-sft; training on the text only", stacklevel=2
+        )
         for row in rows:
             for m in row["messages"]:
                 m["content"] = _MEDIA.sub("", m["content"])
     if any("{{name}}" in m["content"] or "{{author}}" in m["content"] for row in rows for m in row["messages"]):
-        print(f"kt-sft: dataset {spec.name} contains {{{{name}}}}/{{{{author}}}} placeholders; set identity_name "
-              "and identity_author to fill them in (left as written otherwise)")
+        print(
+            f"kt-sft: dataset {spec.name} contains {{{{name}}}}/{{{{author}}}} placeholders; set identity_name "
+            "and identity_author to fill them in (left as written otherwise)"
+        )
     return rows

@@ -3,6 +3,7 @@ peft adapter (see `peft_lora`), so `peft.get_peft_model`, `disable_adapter()` an
 `print_trainable_parameters()` cover it. They remain for models used without peft, whose kt
 experts carry their own LoRA, and for code written against the earlier API.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .hf import kt_expert_wrappers, kt_experts_modules
+from ..core.checks import check_bool
+from .install import kt_expert_wrappers, kt_experts_modules
+from .peft_lora import KTPeftConfigs, keep_adding_experts
 
 
 def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -26,8 +29,7 @@ def kt_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def set_kt_lora_trainable(model: nn.Module, trainable: bool = True) -> None:
     """Make the expert LoRA trainable or frozen (frozen on purpose: no warning). On a peft model this
     covers the active adapters, as peft's own set_adapter does."""
-    if not isinstance(trainable, bool):
-        raise TypeError(f"trainable must be a bool, got {trainable!r}")
+    check_bool(trainable, "trainable")
     for _, _, kt in kt_experts_modules(model):
         kt.lora_frozen_on_purpose = not trainable
         for param in kt.lora_parameters() or ():
@@ -40,10 +42,21 @@ def set_kt_lora_trainable(model: nn.Module, trainable: bool = True) -> None:
 
 
 def get_peft_model(model: nn.Module, peft_config, *args, **kwargs):
-    """Same as `peft.get_peft_model` (kept for earlier code: stock peft now keeps the expert LoRA)."""
+    """`peft.get_peft_model`, with the expert LoRA apply_kt set up added to `peft_config` first.
+
+    Stock peft finds it through the model's `peft_config` (peft_lora.KTPeftConfigs) and warns that
+    the model already has one; here peft gets a config that already targets the experts and a model
+    without that attribute, and the peft model's config store adds the experts to later adapters."""
     import peft
 
-    return peft.get_peft_model(model, peft_config, *args, **kwargs)
+    hook = getattr(model, "peft_config", None)
+    if not isinstance(hook, KTPeftConfigs) or len(hook):
+        return peft.get_peft_model(model, peft_config, *args, **kwargs)
+    del model.peft_config
+    hook.add_experts(peft_config)
+    peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
+    keep_adding_experts(peft_model.base_model, hook)
+    return peft_model
 
 
 @contextlib.contextmanager

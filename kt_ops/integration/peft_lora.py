@@ -14,6 +14,7 @@ itself reads and writes) adds `target_parameters` for the experts, with `apply_k
 `lora_alpha` as rank/alpha patterns, whenever peft stores a config in it (get_peft_model,
 add_adapter, PeftModel.from_pretrained of an adapter saved without them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,7 +85,8 @@ def _kt_activate_lora(self, active_adapters):
 def _kt_merge(self, *args, **kwargs):
     raise NotImplementedError(
         "peft cannot merge LoRA into kt experts (their weights are packed for the kernels); "
-        "kt_ops.integration.export_merged(model, directory) writes a merged transformers checkpoint instead")
+        "kt_ops.integration.export_merged(model, directory) writes a merged transformers checkpoint instead"
+    )
 
 
 def install_kt_wrappers(holder: nn.Module, child: str) -> None:
@@ -167,13 +169,13 @@ class KTPeftConfigs(dict):
 
     def __init__(self, *args, kt_targets=(), kt_rank: int = 0, kt_alpha: float = 0.0, on_lora=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kt_targets = tuple(kt_targets)   # e.g. ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        self.kt_targets = tuple(kt_targets)  # e.g. ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
         self.kt_rank = kt_rank
         self.kt_alpha = kt_alpha
-        self.on_lora = on_lora                # called once a LoRA config arrives (drops kt's own expert LoRA)
+        self.on_lora = on_lora  # called once a LoRA config arrives (drops kt's own expert LoRA)
 
     def __setitem__(self, name, config) -> None:
-        self._add_experts(config)
+        self.add_experts(config)
         super().__setitem__(name, config)
 
     def update(self, *args, **kwargs) -> None:
@@ -197,7 +199,9 @@ class KTPeftConfigs(dict):
     def __reduce__(self):
         return (dict, (dict(self),))
 
-    def _add_experts(self, config) -> None:
+    def add_experts(self, config) -> None:
+        """Make a LoraConfig target the experts too (with apply_kt's rank and alpha), once; the first
+        one also drops the kt layers' own LoRA (on_lora)."""
         from peft import LoraConfig
 
         if not isinstance(config, LoraConfig) or not self.kt_targets:
@@ -207,9 +211,11 @@ class KTPeftConfigs(dict):
         if not self.kt_rank or _targets_experts(config):
             return
         if config.lora_dropout:
-            raise ValueError(f"LoraConfig.lora_dropout={config.lora_dropout}: the expert LoRA that apply_kt(lora_rank="
-                             f"{self.kt_rank}) adds is peft's target_parameters LoRA, which has no dropout; use "
-                             "lora_dropout=0, or apply_kt(..., lora_rank=0) for LoRA outside the experts only")
+            raise ValueError(
+                f"LoraConfig.lora_dropout={config.lora_dropout}: the expert LoRA that apply_kt(lora_rank="
+                f"{self.kt_rank}) adds is peft's target_parameters LoRA, which has no dropout; use "
+                "lora_dropout=0, or apply_kt(..., lora_rank=0) for LoRA outside the experts only"
+            )
         config.target_parameters = list(config.target_parameters or []) + list(self.kt_targets)
         if (self.kt_rank, self.kt_alpha) != (config.r, config.lora_alpha):
             pattern = expert_pattern(self.kt_targets)
@@ -218,8 +224,13 @@ class KTPeftConfigs(dict):
             # peft 0.21 checks these patterns against targeted modules only, not target_parameters, and
             # warns that they were ignored although it applies them; silence exactly that message.
             for attr in ("rank_pattern", "alpha_pattern"):
-                warnings.filterwarnings("ignore", category=RuntimeWarning, message=re.escape(
-                    f"The following {attr} keys did not match any targeted module and were ignored: {[pattern]}."))
+                warnings.filterwarnings(
+                    "ignore",
+                    category=RuntimeWarning,
+                    message=re.escape(
+                        f"The following {attr} keys did not match any targeted module and were ignored: {[pattern]}."
+                    ),
+                )
 
 
 def expert_pattern(targets) -> str:
@@ -241,6 +252,14 @@ def peft_tuner(model: nn.Module):
     return model if isinstance(model, BaseTuner) else None
 
 
+def keep_adding_experts(tuner, hook: KTPeftConfigs) -> None:
+    """Let the config store of a peft model made without apply_kt's `hook` on the model (whose
+    configs already target the experts) add the experts to its later adapters, as the hook does."""
+    configs = KTPeftConfigs(tuner.peft_config, kt_targets=hook.kt_targets, kt_rank=hook.kt_rank, kt_alpha=hook.kt_alpha)
+    tuner.peft_config = configs
+    tuner.model.peft_config = configs
+
+
 def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: float) -> None:
     """Give every LoRA adapter of an existing peft model the expert LoRA (apply_kt after get_peft_model),
     and make its config store add them to later adapters."""
@@ -250,13 +269,19 @@ def add_expert_lora_to_peft_model(tuner, kt_targets, kt_rank: int, kt_alpha: flo
     for name, config in configs.items():
         if not isinstance(config, LoraConfig) or _targets_experts(config) or not kt_rank:
             continue
-        configs._add_experts(config)
-        expert_only = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=[],
-                                 target_parameters=list(kt_targets), rank_pattern=dict(config.rank_pattern or {}),
-                                 alpha_pattern=dict(config.alpha_pattern or {}), use_rslora=config.use_rslora,
-                                 init_lora_weights=config.init_lora_weights, inference_mode=config.inference_mode)
-        tuner._inject_parameters(peft_config=expert_only, model=tuner.model, adapter_name=name,
-                                 low_cpu_mem_usage=False)
+        configs.add_experts(config)
+        expert_only = LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=[],
+            target_parameters=list(kt_targets),
+            rank_pattern=dict(config.rank_pattern or {}),
+            alpha_pattern=dict(config.alpha_pattern or {}),
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        tuner._inject_parameters(peft_config=expert_only, model=tuner.model, adapter_name=name, low_cpu_mem_usage=False)
         # as get_peft_model does by default: bf16 / fp16 adapter weights train in fp32
         tuner._cast_adapter_dtype(adapter_name=name, autocast_adapter_dtype=True)
     tuner.peft_config = configs

@@ -1,69 +1,159 @@
 """Tiny randomly initialised MoE models of each supported architecture, built from configs (no
 download), for tests, examples and smoke runs of a fine-tuning setup."""
+
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 
-_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=128, tie_word_embeddings=False)
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-            first_k_dense_replace=1, n_shared_experts=1)
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+_MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    first_k_dense_replace=1,
+    n_shared_experts=1,
+)
 
 TINY_MODELS = ("tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v2", "tiny-deepseek-v3")
 # Vision-language MoE models (a tiny vision tower is built too; kt-sft trains their language model).
 # Kept apart from TINY_MODELS, whose tests compare text-only models parameter by parameter.
 TINY_MULTIMODAL_MODELS = ("tiny-qwen3_5-moe", "tiny-qwen3-vl-moe")
 ALL_TINY_MODELS = TINY_MODELS + TINY_MULTIMODAL_MODELS
-_TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-                    temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+_TINY_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=2,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=64,
+    num_position_embeddings=16,
+)
+
+
+# name -> (transformers config class, its fields)
+_TINY_CONFIGS = {
+    "tiny-qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            _COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            norm_topk_prob=True,
+        ),
+    ),
+    "tiny-qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            _COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "tiny-mixtral": ("MixtralConfig", dict(_COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    # group-limited routing with a scaling factor, as in DeepSeek-V2.
+    "tiny-deepseek-v2": (
+        "DeepseekV2Config",
+        dict(
+            _COMMON,
+            **_MLA,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            q_lora_rank=None,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.0,
+        ),
+    ),
+    "tiny-deepseek-v3": (
+        "DeepseekV3Config",
+        dict(
+            _COMMON,
+            **_MLA,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            q_lora_rank=32,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+    ),
+    # Qwen3.5-MoE: gated-delta-net linear attention in three of four layers, a gated shared expert,
+    # and a vision tower (built, unused by text training).
+    "tiny-qwen3_5-moe": (
+        "Qwen3_5MoeConfig",
+        dict(
+            text_config=dict(
+                _COMMON,
+                num_hidden_layers=4,
+                layer_types=["linear_attention"] * 3 + ["full_attention"],
+                head_dim=16,
+                linear_conv_kernel_dim=4,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=32,
+                num_experts=8,
+                num_experts_per_tok=2,
+            ),
+            vision_config=_TINY_VISION,
+        ),
+    ),
+    "tiny-qwen3-vl-moe": (
+        "Qwen3VLMoeConfig",
+        dict(
+            text_config=dict(
+                _COMMON,
+                intermediate_size=48,
+                moe_intermediate_size=32,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            ),
+            vision_config=dict(_TINY_VISION, deepstack_visual_indexes=[0]),
+        ),
+    ),
+}
 
 
 def tiny_config(name: str, **overrides):
     """The transformers config of tiny model `name` (one of ALL_TINY_MODELS); `overrides` replace fields."""
     import transformers
 
-    if name == "tiny-qwen3-moe":
-        cls, fields = transformers.Qwen3MoeConfig, dict(
-            _COMMON, intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-            head_dim=16, norm_topk_prob=True)
-    elif name == "tiny-qwen2-moe":
-        cls, fields = transformers.Qwen2MoeConfig, dict(
-            _COMMON, intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-            num_experts=8, num_experts_per_tok=2)
-    elif name == "tiny-mixtral":
-        cls, fields = transformers.MixtralConfig, dict(
-            _COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-    elif name == "tiny-deepseek-v2":
-        # group-limited routing with a scaling factor, as in DeepSeek-V2.
-        cls, fields = transformers.DeepseekV2Config, dict(
-            _COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
-            num_experts_per_tok=2, q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1,
-            routed_scaling_factor=2.0)
-    elif name == "tiny-deepseek-v3":
-        cls, fields = transformers.DeepseekV3Config, dict(
-            _COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
-            num_experts_per_tok=2, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-            norm_topk_prob=True)
-    elif name == "tiny-qwen3_5-moe":
-        # Qwen3.5-MoE: gated-delta-net linear attention in three of four layers, a gated shared expert,
-        # and a vision tower (built, unused by text training).
-        cls, fields = transformers.Qwen3_5MoeConfig, dict(text_config=dict(
-            _COMMON, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"], head_dim=16,
-            linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-            linear_num_value_heads=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
-            num_experts_per_tok=2), vision_config=_TINY_VISION)
-    elif name == "tiny-qwen3-vl-moe":
-        cls, fields = transformers.Qwen3VLMoeConfig, dict(text_config=dict(
-            _COMMON, intermediate_size=48, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-            head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3]}),
-            vision_config=dict(_TINY_VISION, deepstack_visual_indexes=[0]))
-    else:
+    if name not in _TINY_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {ALL_TINY_MODELS}")
-    fields.update(overrides)
-    config = cls(**fields)
+    class_name, fields = _TINY_CONFIGS[name]
+    # a copy: a config may keep (and change) the dicts it is given
+    config = getattr(transformers, class_name)(**{**copy.deepcopy(fields), **overrides})
     for c in (config, getattr(config, "text_config", None)):
         if c is not None:
             c._attn_implementation = "eager"
@@ -101,11 +191,13 @@ def tiny_tokenizer():
     # One piece per character, newlines included ("." alone would leave "\n\n" as one unknown piece).
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     # A plain "prompt + answer" template so chat-formatted data (trl's DPO/SFT) needs no Hub template.
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] != 'assistant' %}"
-                               "{{ '\\n' }}{% endif %}{% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] != 'assistant' %}{{ '\\n' }}{% endif %}{% endfor %}"
+    )
     return tokenizer
 
 

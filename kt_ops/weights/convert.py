@@ -7,6 +7,7 @@ Writes `<output>/blk.{L}.safetensors` per MoE layer (readable by `SafeTensorLoad
 `<output>/kt_ops_weights.json`. Only one layer's float experts and their packed form are in memory
 at a time. A rerun with the same settings resumes: layers whose file reads back are skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ..core.checks import check_int
 from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import pack_experts
 from .loaders import BF16SafeTensorLoader
@@ -76,13 +78,17 @@ def _prepare_output(output_dir: str, settings: dict, overwrite: bool) -> list[in
             has_layers = manifest.get("layers") or any(n.startswith("blk.") and not t for n, t in owned.items())
             if old != settings and has_layers:
                 diff = ", ".join(f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items() if old[k] != v)
-                raise ConversionRefused(f"--output {output_dir!r} holds a conversion with other settings ({diff}); "
-                                        f"pass --overwrite to replace it or choose another --output")
+                raise ConversionRefused(
+                    f"--output {output_dir!r} holds a conversion with other settings ({diff}); "
+                    f"pass --overwrite to replace it or choose another --output"
+                )
             if old == settings:
                 done = [L for L in manifest.get("layers", []) if isinstance(L, int)]
         elif any(not owned.get(name, False) for name in entries):
-            raise ConversionRefused(f"--output {output_dir!r} is not empty and is not a kt_ops conversion "
-                                    f"(no valid {MANIFEST_NAME}); pass --overwrite to write into it anyway")
+            raise ConversionRefused(
+                f"--output {output_dir!r} is not empty and is not a kt_ops conversion "
+                f"(no valid {MANIFEST_NAME}); pass --overwrite to write into it anyway"
+            )
     # Leftovers of a crashed write always go; finished files only with --overwrite, and only files
     # this tool names itself: --overwrite must never wipe a directory it did not create.
     for name, is_tmp in owned.items():
@@ -111,16 +117,21 @@ class _Progress:
         self.stream.flush()
 
 
-def convert_checkpoint(input_path: str, output_dir: str, method: str, group_size: int = 128,
-                       layers: Optional[Sequence[int]] = None, overwrite: bool = False,
-                       progress=None) -> list[int]:
+def convert_checkpoint(
+    input_path: str,
+    output_dir: str,
+    method: str,
+    group_size: int = 128,
+    layers: Optional[Sequence[int]] = None,
+    overwrite: bool = False,
+    progress=None,
+) -> list[int]:
     """Convert the MoE layers `layers` (default: all) of `input_path` with `method` into `output_dir`.
     Returns the layers converted by this call (layers already complete are skipped). `progress` is a
     stream for the progress bar, or None."""
     if method not in SFT_METHOD_FORMATS:
         raise ValueError(f"unknown --method {method!r}; supported: {', '.join(SFT_METHOD_FORMATS)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"--group-size must be a positive int, got {group_size!r}")
+    check_int(group_size, "--group-size", 1)
     weight_format = SFT_METHOD_FORMATS[method]
     loader = BF16SafeTensorLoader(input_path)
     available = loader.moe_layers()
@@ -136,14 +147,23 @@ def convert_checkpoint(input_path: str, output_dir: str, method: str, group_size
 
     # group_size only shapes K-group formats; recording it otherwise would make an int8 rerun with
     # another --group-size refuse to resume output that is bit-identical anyway.
-    settings = {"weight_format": weight_format, "group_size": group_size if weight_format in GROUPED_FORMATS else None,
-                "source": os.path.abspath(input_path)}
+    settings = {
+        "weight_format": weight_format,
+        "group_size": group_size if weight_format in GROUPED_FORMATS else None,
+        "source": os.path.abspath(input_path),
+    }
     done = set(_prepare_output(output_dir, settings, overwrite))
     # Layers of an earlier run outside this one's --layers stay recorded; requested ones are
     # recorded again only once their file is verified or rewritten.
     kept = sorted(L for L in done if L not in layers and os.path.exists(layer_file(output_dir, L)))
-    manifest = {"kind": _MANIFEST_KIND, "version": 1, "method": method, **settings,
-                "file_pattern": "blk.{L}.safetensors", "layers": kept}
+    manifest = {
+        "kind": _MANIFEST_KIND,
+        "version": 1,
+        "method": method,
+        **settings,
+        "file_pattern": "blk.{L}.safetensors",
+        "layers": kept,
+    }
     manifest_path = os.path.join(output_dir, MANIFEST_NAME)
 
     def record(layer: int) -> None:
@@ -185,7 +205,8 @@ def _parse_layers(text: str) -> list[int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kt_ops.convert_weights",
-        description="Quantize a HuggingFace MoE checkpoint into the kt_ops pre-quantized form.")
+        description="Quantize a HuggingFace MoE checkpoint into the kt_ops pre-quantized form.",
+    )
     parser.add_argument("--input", required=True, help="HuggingFace checkpoint directory or .safetensors file")
     parser.add_argument("--output", required=True, help="output directory (blk.{L}.safetensors + manifest)")
     parser.add_argument("--method", required=True, help=f"one of {', '.join(SFT_METHOD_FORMATS)}")
@@ -195,9 +216,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        converted = convert_checkpoint(args.input, args.output, args.method, args.group_size,
-                                       _parse_layers(args.layers) if args.layers is not None else None,
-                                       args.overwrite, progress=None if args.quiet else sys.stderr)
+        converted = convert_checkpoint(
+            args.input,
+            args.output,
+            args.method,
+            args.group_size,
+            _parse_layers(args.layers) if args.layers is not None else None,
+            args.overwrite,
+            progress=None if args.quiet else sys.stderr,
+        )
     except (ValueError, KeyError, TypeError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)

@@ -19,6 +19,7 @@ u - 8, same scale) and int4_1_kgroup blocks are requantized.
 The files are memory-mapped (gguf.GGUFReader); a projection is decoded a few experts at a
 time, so the fp32 working copies stay a few experts large whatever the layer size.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,16 @@ def _gguf():
 def _types():
     t = _gguf().GGMLQuantizationType
     return {
-        t.Q8_0: "int8_kgroup", t.Q8_K: "int8_kgroup", t.Q4_0: "int4_kgroup", t.Q4_1: "int4_1_kgroup",
-        t.Q4_K: "int4_1_kgroup", t.Q5_K: "int8_kgroup", t.Q6_K: "int8_kgroup",
-        t.F32: "bf16", t.F16: "bf16", t.BF16: "bf16",
+        t.Q8_0: "int8_kgroup",
+        t.Q8_K: "int8_kgroup",
+        t.Q4_0: "int4_kgroup",
+        t.Q4_1: "int4_1_kgroup",
+        t.Q4_K: "int4_1_kgroup",
+        t.Q5_K: "int8_kgroup",
+        t.Q6_K: "int8_kgroup",
+        t.F32: "bf16",
+        t.F16: "bf16",
+        t.BF16: "bf16",
     }
 
 
@@ -89,8 +97,11 @@ class _Decoded:
         """Rows (dim 1) or columns (dim 2) lo:hi; column bounds fall on group boundaries."""
         if self.values is not None:
             return _Decoded(self.fmt, values=self.values.narrow(dim, lo, hi - lo))
-        scales = self.scales.narrow(dim, lo, hi - lo) if dim == 1 else \
-            self.scales.narrow(2, lo // GROUP_SIZE, (hi - lo) // GROUP_SIZE)
+        scales = (
+            self.scales.narrow(dim, lo, hi - lo)
+            if dim == 1
+            else self.scales.narrow(2, lo // GROUP_SIZE, (hi - lo) // GROUP_SIZE)
+        )
         return _Decoded(self.fmt, codes=self.codes.narrow(dim, lo, hi - lo), scales=scales)
 
     def pack(self, target: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -101,8 +112,9 @@ class _Decoded:
         if self.codes is not None and self.fmt == target:
             return torch.ops.kt.pack_codes(self.codes.contiguous(), self.scales.contiguous(), target)
         if self.codes is not None and self.fmt == "int4_kgroup" and target == "int8_kgroup":
-            return torch.ops.kt.pack_codes((self.codes.to(torch.int16) - 8).contiguous(), self.scales.contiguous(),
-                                           target)
+            return torch.ops.kt.pack_codes(
+                (self.codes.to(torch.int16) - 8).contiguous(), self.scales.contiguous(), target
+            )
         if target == "int8_kgroup":  # the kernel's rule, vectorized here (much faster than pack_weights)
             return torch.ops.kt.pack_codes(*quantize_int8_groups(self.dequantized(), GROUP_SIZE), target)
         return torch.ops.kt.pack_weights(self.dequantized().contiguous(), target, GROUP_SIZE)
@@ -131,7 +143,7 @@ def _decode(data: np.ndarray, qtype, shape: Tuple[int, int, int]) -> _Decoded:
     if qtype == t.Q8_K:
         # fp32 d, 256 int8 codes, then 16 int16 partial sums that only matter to llama.cpp's dot products
         d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:4]).view(np.float32)).squeeze(-1)
-        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:4 + block_elems]).view(np.int8))
+        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 4 : 4 + block_elems]).view(np.int8))
         scales = d.repeat_interleave(block_elems // GROUP_SIZE, dim=-1)
         return _Decoded("int8_kgroup", codes=codes.reshape(E, N, K), scales=scales)
     if qtype in (t.Q4_0, t.Q4_1):
@@ -176,8 +188,10 @@ class GGUFLoader:
 
     def __init__(self, path):
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"weight_path must be a str or os.PathLike naming a .gguf file or a directory of "
-                            f"them, got {type(path).__name__}")
+            raise TypeError(
+                f"weight_path must be a str or os.PathLike naming a .gguf file or a directory of "
+                f"them, got {type(path).__name__}"
+            )
         path = os.fspath(path)
         if os.path.isdir(path):
             files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".gguf"))
@@ -206,8 +220,10 @@ class GGUFLoader:
     def expert_tensor(self, layer_idx: int, projection: str):
         name = f"blk.{layer_idx}.ffn_{projection}_exps.weight"
         if name not in self._tensors:
-            raise ValueError(f"{self.path} has no tensor {name!r} (the experts of layer {layer_idx}); "
-                             f"layers with experts: {self.expert_layers()}")
+            raise ValueError(
+                f"{self.path} has no tensor {name!r} (the experts of layer {layer_idx}); "
+                f"layers with experts: {self.expert_layers()}"
+            )
         return self._tensors[name]
 
     def expert_layers(self) -> List[int]:
@@ -223,9 +239,15 @@ class GGUFLoader:
         # GGUF lists dimensions innermost first (ne0 = K); torch lists them outermost first.
         return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
-    def load_layer(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   split: Sequence[Tuple[int, int]] = None,
-                   chunk_elements: int = 1 << 26) -> List[PackedExperts]:
+    def load_layer(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        split: Sequence[Tuple[int, int]] = None,
+        chunk_elements: int = 1 << 26,
+    ) -> List[PackedExperts]:
         """Layer `layer_idx`'s experts as PackedExperts, one per intermediate range of `split`
         (default: the whole range). Range bounds must be multiples of 32. Experts are decoded in
         chunks of about `chunk_elements` weights (256 MiB as fp32), at least one expert each."""
@@ -235,16 +257,22 @@ class GGUFLoader:
         table = _types()
         for p, tensor in tensors.items():
             if tensor.tensor_type not in table:
-                raise ValueError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not "
-                                 f"supported; supported: {', '.join(SUPPORTED_TYPES)}")
+                raise ValueError(
+                    f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not "
+                    f"supported; supported: {', '.join(SUPPORTED_TYPES)}"
+                )
             want = (E, H, I) if p == "down" else (E, I, H)
             got = self.torch_shape(tensor)
             if got != want:
-                raise ValueError(f"GGUF tensor {tensor.name!r} has shape {list(got)} (torch order); the wrapper was "
-                                 f"built for {list(want)} (num_experts, {'hidden, intermediate' if p == 'down' else 'intermediate, hidden'})")
+                raise ValueError(
+                    f"GGUF tensor {tensor.name!r} has shape {list(got)} (torch order); the wrapper was built for "
+                    f"{list(want)} (num_experts, "
+                    f"{'hidden, intermediate' if p == 'down' else 'intermediate, hidden'})"
+                )
         if H % GROUP_SIZE or I % GROUP_SIZE:
-            raise ValueError(f"hidden_size ({H}) and moe_intermediate_size ({I}) must be multiples of {GROUP_SIZE} "
-                             "for GGUF experts")
+            raise ValueError(
+                f"hidden_size ({H}) and moe_intermediate_size ({I}) must be multiples of {GROUP_SIZE} for GGUF experts"
+            )
         target = layer_format([tensors[p].tensor_type for p in PROJECTIONS])
         packed = {p: [[] for _ in split] for p in PROJECTIONS}
         scales = {p: [[] for _ in split] for p in PROJECTIONS}
@@ -263,7 +291,18 @@ class GGUFLoader:
         result = []
         for part, (lo, hi) in enumerate(split):
             cat = lambda items: None if items[0] is None else torch.cat(items)  # noqa: E731
-            result.append(PackedExperts(cat(packed["gate"][part]), cat(packed["up"][part]), cat(packed["down"][part]),
-                                        cat(scales["gate"][part]), cat(scales["up"][part]),
-                                        cat(scales["down"][part]), target, E, H, hi - lo))
+            result.append(
+                PackedExperts(
+                    cat(packed["gate"][part]),
+                    cat(packed["up"][part]),
+                    cat(packed["down"][part]),
+                    cat(scales["gate"][part]),
+                    cat(scales["up"][part]),
+                    cat(scales["down"][part]),
+                    target,
+                    E,
+                    H,
+                    hi - lo,
+                )
+            )
         return result

@@ -26,6 +26,7 @@ Packed order: rows in blocks of N_BLOCK (64 INT8, 128 INT4), each block's k in b
 16 x 16 transpose of 4-byte words. INT4 bytes hold element j of a 128-wide k step in the low nibble
 and element 64 + j in the high nibble (two's complement nibbles).
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,6 +38,7 @@ import torch
 
 from ..core.formats import PROJECTIONS
 from ..core.packed import pack_experts_from_codes, pack_split, unpack_experts
+from .shards import SafeTensorFiles
 
 N_STEP = 32
 K_BLOCK = 3584
@@ -53,8 +55,10 @@ def _check_geometry(n: int, k: int, method: str) -> None:
         raise ValueError(f"method must be one of {KT_METHODS}, got {method!r}")
     k_unit = 64 if method == "INT8" else 128
     if n % N_STEP or k % k_unit:
-        raise ValueError(f"kt-kernel's {method} layout needs rows a multiple of {N_STEP} and columns a multiple "
-                         f"of {k_unit}; got a [{n}, {k}] matrix")
+        raise ValueError(
+            f"kt-kernel's {method} layout needs rows a multiple of {N_STEP} and columns a multiple "
+            f"of {k_unit}; got a [{n}, {k}] matrix"
+        )
 
 
 def _blocks(n: int, kb: int, method: str):
@@ -70,7 +74,7 @@ def pack_layout(byte_matrix: torch.Tensor, method: str) -> torch.Tensor:
     n, kb = byte_matrix.shape
     chunks = []
     for r0, rows, c0, cols in _blocks(n, kb, method):
-        block = byte_matrix[r0:r0 + rows, c0:c0 + cols]
+        block = byte_matrix[r0 : r0 + rows, c0 : c0 + cols]
         # (row step, half, row, k step, word, byte) -> (row step, k step, half, word, row, byte)
         tiles = block.reshape(rows // N_STEP, 2, 16, cols // TILE_BYTES, 16, 4).permute(0, 3, 1, 4, 2, 5)
         chunks.append(tiles.reshape(-1))
@@ -83,8 +87,8 @@ def unpack_layout(stored: torch.Tensor, n: int, kb: int, method: str) -> torch.T
     flat = stored.reshape(-1).view(torch.uint8)
     offset = 0
     for r0, rows, c0, cols in _blocks(n, kb, method):
-        tiles = flat[offset:offset + rows * cols].reshape(rows // N_STEP, cols // TILE_BYTES, 2, 16, 16, 4)
-        out[r0:r0 + rows, c0:c0 + cols] = tiles.permute(0, 2, 4, 1, 3, 5).reshape(rows, cols)
+        tiles = flat[offset : offset + rows * cols].reshape(rows // N_STEP, cols // TILE_BYTES, 2, 16, 16, 4)
+        out[r0 : r0 + rows, c0 : c0 + cols] = tiles.permute(0, 2, 4, 1, 3, 5).reshape(rows, cols)
         offset += rows * cols
     return out
 
@@ -127,8 +131,9 @@ def codes(stored: torch.Tensor, n: int, k: int, method: str) -> torch.Tensor:
     _check_geometry(n, k, method)
     kb = k if method == "INT8" else k // 2
     if stored.numel() * stored.element_size() != n * kb:
-        raise ValueError(f"a [{n}, {k}] {method} matrix has {n * kb} packed bytes, got "
-                         f"{stored.numel() * stored.element_size()}")
+        raise ValueError(
+            f"a [{n}, {k}] {method} matrix has {n * kb} packed bytes, got {stored.numel() * stored.element_size()}"
+        )
     byte_matrix = unpack_layout(stored.contiguous().view(torch.uint8), n, kb, method)
     return byte_matrix.view(torch.int8) if method == "INT8" else _bytes_to_nibbles(byte_matrix)
 
@@ -141,8 +146,10 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor, n: int, k: int, method
 
 # ---- writing a directory the way convert_cpu_weights.py does (tests, benchmarks) ------------------
 
-def convert_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layer_idx: int, method: str,
-                  numa_parts: int = 1) -> Dict[str, torch.Tensor]:
+
+def convert_layer(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layer_idx: int, method: str, numa_parts: int = 1
+) -> Dict[str, torch.Tensor]:
     """The tensors convert_cpu_weights.py writes for one layer of [E, I, H], [E, I, H], [E, H, I]
     weights split over `numa_parts` parts."""
     E, I, H = gate.shape
@@ -162,24 +169,38 @@ def convert_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, laye
 
 # ---- reading ---------------------------------------------------------------------------------------
 
+
 class KTLayer:
     """One layer's stored matrices: {(proj, expert, part): (weight, scale)} plus the geometry read
     from them (scale lengths give the rows, byte counts the method)."""
 
-    def __init__(self, layer_idx: int, tensors: Dict[Tuple[str, int, int], Tuple[torch.Tensor, torch.Tensor]],
-                 source: str, method: Optional[str] = None):
+    def __init__(
+        self,
+        layer_idx: int,
+        tensors: Dict[Tuple[str, int, int], Tuple[torch.Tensor, torch.Tensor]],
+        source: str,
+        method: Optional[str] = None,
+    ):
         self.layer_idx, self.source = layer_idx, source
         experts = sorted({e for _, e, _ in tensors})
         parts = sorted({p for _, _, p in tensors})
         self.num_experts, self.num_parts = len(experts), len(parts)
         if experts != list(range(self.num_experts)) or parts != list(range(self.num_parts)):
-            raise ValueError(f"{source}: layer {layer_idx} must have experts 0..E-1 and NUMA parts 0..N-1, got "
-                             f"experts {experts[:4]}{'...' if len(experts) > 4 else ''} and parts {parts}")
-        missing = [f"blk.{layer_idx}.ffn_{p}_exps.{e}.numa.{n}" for p in PROJECTIONS for e in experts for n in parts
-                   if (p, e, n) not in tensors]
+            raise ValueError(
+                f"{source}: layer {layer_idx} must have experts 0..E-1 and NUMA parts 0..N-1, got "
+                f"experts {experts[:4]}{'...' if len(experts) > 4 else ''} and parts {parts}"
+            )
+        missing = [
+            f"blk.{layer_idx}.ffn_{p}_exps.{e}.numa.{n}"
+            for p in PROJECTIONS
+            for e in experts
+            for n in parts
+            if (p, e, n) not in tensors
+        ]
         if missing:
-            raise ValueError(f"{source}: layer {layer_idx} lacks {missing[0]}.weight/.scale "
-                             f"({len(missing)} matrices missing)")
+            raise ValueError(
+                f"{source}: layer {layer_idx} lacks {missing[0]}.weight/.scale ({len(missing)} matrices missing)"
+            )
         gate_w, gate_s = tensors[("gate", 0, 0)]
         down_w, down_s = tensors[("down", 0, 0)]
         self.part_rows, self.hidden_size = gate_s.numel(), down_s.numel()
@@ -187,10 +208,12 @@ class KTLayer:
         nbytes = gate_w.numel() * gate_w.element_size()
         found = {self.part_rows * self.hidden_size: "INT8", self.part_rows * self.hidden_size // 2: "INT4"}.get(nbytes)
         if found is None:
-            raise ValueError(f"{source}: layer {layer_idx}: gate weight has {nbytes} bytes for a "
-                             f"[{self.part_rows}, {self.hidden_size}] matrix: neither INT8 ({self.part_rows * self.hidden_size}) "
-                             f"nor INT4 ({self.part_rows * self.hidden_size // 2}); kt_ops reads the AMX INT8/INT4 "
-                             "layouts (not moe_int8/moe_int4 or AWQ)")
+            raise ValueError(
+                f"{source}: layer {layer_idx}: gate weight has {nbytes} bytes for a "
+                f"[{self.part_rows}, {self.hidden_size}] matrix: neither INT8 ({self.part_rows * self.hidden_size}) "
+                f"nor INT4 ({self.part_rows * self.hidden_size // 2}); kt_ops reads the AMX INT8/INT4 "
+                "layouts (not moe_int8/moe_int4 or AWQ)"
+            )
         if method is not None and method != found:
             raise ValueError(f"{source}: layer {layer_idx}: files are named {method} but hold {found} sizes")
         self.method = found
@@ -205,8 +228,10 @@ class KTLayer:
         for e in experts:
             w, s = self.tensors[(proj, e, part)]
             if s.numel() != n:
-                raise ValueError(f"{self.source}: blk.{self.layer_idx}.ffn_{proj}_exps.{e}.numa.{part}.scale has "
-                                 f"{s.numel()} entries, expected {n}")
+                raise ValueError(
+                    f"{self.source}: blk.{self.layer_idx}.ffn_{proj}_exps.{e}.numa.{part}.scale has "
+                    f"{s.numel()} entries, expected {n}"
+                )
             c = codes(w, n, k, self.method)
             if self.method == "INT8":
                 cs.append(c)
@@ -222,8 +247,10 @@ class KTLayer:
 
         experts = list(range(self.num_experts)) if experts is None else list(experts)
         fmt = "int8" if self.method == "INT8" else "int4"
-        return [pack_experts_from_codes(*(self._codes_scales(p, part, experts) for p in PROJECTIONS), fmt)
-                for part in range(self.num_parts)]
+        return [
+            pack_experts_from_codes(*(self._codes_scales(p, part, experts) for p in PROJECTIONS), fmt)
+            for part in range(self.num_parts)
+        ]
 
     def packed(self, experts: Optional[Sequence[int]] = None):
         """One PackedExperts for the whole layer. One part: `int8` / `int4`. Several: down's scales
@@ -234,8 +261,10 @@ class KTLayer:
         if self.num_parts == 1:
             return self.packed_parts(experts)[0]
         per_part = [{p: self._codes_scales(p, part, experts) for p in PROJECTIONS} for part in range(self.num_parts)]
-        gate, up = ((torch.cat([pp[p][0] for pp in per_part], 1), torch.cat([pp[p][1] for pp in per_part], 1))
-                    for p in ("gate", "up"))
+        gate, up = (
+            (torch.cat([pp[p][0] for pp in per_part], 1), torch.cat([pp[p][1] for pp in per_part], 1))
+            for p in ("gate", "up")
+        )
         down = (torch.cat([pp["down"][0] for pp in per_part], 2), torch.cat([pp["down"][1] for pp in per_part], 2))
         fmt = "int8_kgroup" if self.method == "INT8" else "int4_kgroup"
         return pack_experts_from_codes(gate, up, down, fmt)
@@ -248,10 +277,8 @@ def is_kt_directory(path) -> bool:
         return False
     if glob.glob(os.path.join(path, "_layer_*", "_numa_*", "*.kt")):
         return True
-    from .loaders import SafeTensorLoader
-
     try:
-        keys = SafeTensorLoader(path).keys()
+        keys = SafeTensorFiles(path).keys()
     except (FileNotFoundError, ValueError):
         return False
     return any(WEIGHT_KEY.fullmatch(k) for k in keys)
@@ -261,31 +288,37 @@ class KTWeightDirectory:
     """Reads layers of a KTransformers converted directory, one layer at a time."""
 
     def __init__(self, path, loader=None):
-        from .loaders import SafeTensorLoader
-
         self.path = os.fspath(path)
         self._kt_folders = sorted(glob.glob(os.path.join(self.path, "_layer_*")))
         self._by_layer: Dict[int, Dict[Tuple[str, int, int, str], str]] = {}
         self.loader = None
         if any(glob.glob(os.path.join(d, "_numa_*", "*.kt")) for d in self._kt_folders):
             return
-        self.loader = loader if loader is not None else SafeTensorLoader(self.path)
+        self.loader = loader if loader is not None else SafeTensorFiles(self.path)
         for key in self.loader.keys():
             m = WEIGHT_KEY.fullmatch(key)
             if m:
                 if m.group(5) == "qzeros":
-                    raise ValueError(f"{self.path} holds {key}: an AWQ conversion (column-major int4 with zero "
-                                     "points), which kt_ops does not read; convert with --quant-method int8 or int4")
+                    raise ValueError(
+                        f"{self.path} holds {key}: an AWQ conversion (column-major int4 with zero "
+                        "points), which kt_ops does not read; convert with --quant-method int8 or int4"
+                    )
                 self._by_layer.setdefault(int(m.group(1)), {})[
-                    (m.group(2), int(m.group(3)), int(m.group(4)), m.group(5))] = key
+                    (m.group(2), int(m.group(3)), int(m.group(4)), m.group(5))
+                ] = key
         if not self._by_layer:
-            raise ValueError(f"{self.path} has no blk.{{L}}.ffn_{{gate,up,down}}_exps.{{E}}.numa.{{N}}.weight keys "
-                             "nor _layer_{L}/_numa_{N}/*.kt files: not a KTransformers converted directory")
+            raise ValueError(
+                f"{self.path} has no blk.{{L}}.ffn_{{gate,up,down}}_exps.{{E}}.numa.{{N}}.weight keys "
+                "nor _layer_{L}/_numa_{N}/*.kt files: not a KTransformers converted directory"
+            )
 
     def layers(self) -> List[int]:
         if self.loader is None:
-            return sorted(int(os.path.basename(d)[len("_layer_"):]) for d in self._kt_folders
-                          if os.path.basename(d)[len("_layer_"):].isdigit())
+            return sorted(
+                int(os.path.basename(d)[len("_layer_") :])
+                for d in self._kt_folders
+                if os.path.basename(d)[len("_layer_") :].isdigit()
+            )
         return sorted(self._by_layer)
 
     def layer(self, layer_idx: int) -> KTLayer:
@@ -293,8 +326,10 @@ class KTWeightDirectory:
             return self._layer_from_kt_files(layer_idx)
         keys = self._by_layer.get(layer_idx)
         if keys is None:
-            raise KeyError(f"layer {layer_idx} (blk.{layer_idx}.ffn_*_exps.*) is not in {self.path}; "
-                           f"available layers: {self.layers()}")
+            raise KeyError(
+                f"layer {layer_idx} (blk.{layer_idx}.ffn_*_exps.*) is not in {self.path}; "
+                f"available layers: {self.layers()}"
+            )
         loaded = dict(self.loader.iter_tensors(keys.values(), "cpu"))
         tensors: Dict[Tuple[str, int, int], list] = {}
         for (proj, e, part, kind), key in keys.items():
@@ -312,8 +347,9 @@ class KTWeightDirectory:
         out = {}
         for p in PROJECTIONS:
             out[p] = [[layer.tensors[(p, e, n)][0] for e in range(layer.num_experts)] for n in range(layer.num_parts)]
-            out[p + "_scale"] = [[layer.tensors[(p, e, n)][1] for e in range(layer.num_experts)]
-                                 for n in range(layer.num_parts)]
+            out[p + "_scale"] = [
+                [layer.tensors[(p, e, n)][1] for e in range(layer.num_experts)] for n in range(layer.num_parts)
+            ]
         return out
 
     def _layer_from_kt_files(self, layer_idx: int) -> KTLayer:
@@ -325,7 +361,7 @@ class KTWeightDirectory:
         tensors: Dict[Tuple[str, int, int], list] = {}
         methods = set()
         for numa_dir in sorted(glob.glob(os.path.join(folder, "_numa_*"))):
-            part = int(os.path.basename(numa_dir)[len("_numa_"):])
+            part = int(os.path.basename(numa_dir)[len("_numa_") :])
             for file in os.listdir(numa_dir):
                 m = KT_FILE.fullmatch(file)
                 if m is None or "_bwd" in file:
@@ -335,33 +371,52 @@ class KTWeightDirectory:
                 t = torch.from_numpy(np.fromfile(os.path.join(numa_dir, file), dtype=dtype))
                 tensors.setdefault((m.group(2), int(m.group(3)), part), [None, None])[m.group(5) == "scale"] = t
         if len(methods) != 1 or not methods <= set(KT_METHODS):
-            raise ValueError(f"{folder} holds .kt files of {sorted(methods) or 'no'} method(s); kt_ops reads one of "
-                             f"{KT_METHODS} per layer (not moe_int8/moe_int4)")
+            raise ValueError(
+                f"{folder} holds .kt files of {sorted(methods) or 'no'} method(s); kt_ops reads one of "
+                f"{KT_METHODS} per layer (not moe_int8/moe_int4)"
+            )
         return KTLayer(layer_idx, {k: tuple(v) for k, v in tensors.items()}, folder, methods.pop())
 
 
-def layer_parts(layer: KTLayer, weight_format: str, split: Sequence[Tuple[int, int]], group_size: int,
-                shape: Tuple[int, int, int]):
+def layer_parts(
+    layer: KTLayer, weight_format: str, split: Sequence[Tuple[int, int]], group_size: int, shape: Tuple[int, int, int]
+):
     """Packed experts of `layer` for a wrapper running `weight_format` over the intermediate ranges
     `split`, experts in logical order. The file's own NUMA split, or one part, is exact; another split
     is requantized (with a warning) from the stored values."""
     import warnings
 
-
     got = (layer.num_experts, layer.hidden_size, layer.intermediate_size)
     if got != tuple(shape):
-        raise ValueError(f"{layer.source}: layer {layer.layer_idx} has (num_experts, hidden_size, intermediate_size) "
-                         f"= {got}, the wrapper was built for {tuple(shape)}")
+        raise ValueError(
+            f"{layer.source}: layer {layer.layer_idx} has (num_experts, hidden_size, intermediate_size) "
+            f"= {got}, the wrapper was built for {tuple(shape)}"
+        )
     accepted = ("int8", "int8_kgroup") if layer.method == "INT8" else ("int4", "int4_kgroup")
     if weight_format not in accepted:
-        raise ValueError(f"{layer.source}: layer {layer.layer_idx} holds KTransformers {layer.method} experts (kt_ops "
-                         f"{accepted[0]}), but this wrapper's weight format is {weight_format!r}; use method "
-                         f"AMX{layer.method}_SFT (training) or AMX{layer.method} (inference)")
+        raise ValueError(
+            f"{layer.source}: layer {layer.layer_idx} holds KTransformers {layer.method} experts (kt_ops "
+            f"{accepted[0]}), but this wrapper's weight format is {weight_format!r}; use method "
+            f"AMX{layer.method}_SFT (training) or AMX{layer.method} (inference)"
+        )
     if list(split) == layer.split():
         return layer.packed_parts()
     if len(split) == 1:
         return [layer.packed()]
-    warnings.warn(f"{layer.source}: layer {layer.layer_idx} was converted for {layer.num_parts} NUMA part(s); "
-                  f"repacking for {len(split)} requantizes from the stored values", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"{layer.source}: layer {layer.layer_idx} was converted for {layer.num_parts} NUMA part(s); "
+        f"repacking for {len(split)} requantizes from the stored values",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     gate, up, down = unpack_experts(layer.packed())
     return pack_split(gate, up, down, weight_format, group_size, split)
+
+
+def load_kt_layer_parts(path, layer_idx: int, weight_format: str, split, group_size: int, shape):
+    """Layer `layer_idx` of a KTransformers converted directory at `path` as packed experts per
+    intermediate range of `split` (see kt_ops.weights.ktransformers.layer_parts), or None when `path`
+    is not such a directory."""
+    if path is None or not is_kt_directory(path):
+        return None
+    return layer_parts(KTWeightDirectory(path).layer(layer_idx), weight_format, split, group_size, shape)

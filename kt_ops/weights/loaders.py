@@ -12,174 +12,33 @@ Only a key -> file index is built up front (from `model.safetensors.index.json` 
 headers); tensors are read one layer at a time, and every file is opened inside a `with` block, so
 no handle outlives a call and a checkpoint far larger than memory can be walked layer by layer.
 """
+
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.formats import PROJECTIONS
 from ..core.packed import PackedExperts
 from .packed_io import load_packed_experts, packed_key, packed_layers
+from .shards import INDEX_NAME, SafeTensorFiles, check_base_key
 
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["INDEX_NAME", "BF16SafeTensorLoader", "SafeTensorLoader", "candidate_bases"]
+
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def safe_open(path: str):
-    from safetensors import safe_open
-
-    return safe_open(path, framework="pt")
-
-
-def _open_shard(file: str, key: str):
-    """The safetensors handle of the shard the index says holds `key`, with errors naming both."""
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"file {file} (holding tensor {key!r}) does not exist")
-    try:
-        return safe_open(file)
-    except Exception as e:  # safetensors' own error type for a bad header
-        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-
-
-def _file_keys(path: str) -> list[str]:
-    try:
-        with safe_open(path) as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-def _read_index(index_path: str) -> dict[str, str]:
-    with open(index_path) as fh:
-        try:
-            index = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{index_path} is not valid JSON: {e}") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{index_path} must hold a 'weight_map' object mapping tensor names to file names")
-    # Shard names are relative to the index; shards are checked only when a tensor is read, so a
-    # partly downloaded checkpoint still serves the layers it has.
-    root = os.path.dirname(os.path.abspath(index_path))
-    return {key: os.path.join(root, name) for key, name in weight_map.items()}
-
-
-def _check_device(device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device or a name like 'cpu', got {device!r}") from e
-
-
-def _check_base_key(base_key) -> str:
-    if not isinstance(base_key, str) or not base_key:
-        raise TypeError(f"base_key must be a non-empty str like 'model.layers.0', got {base_key!r}")
-    return base_key
-
-
-class SafeTensorLoader:
+class SafeTensorLoader(SafeTensorFiles):
     """The pre-quantized form: `path` is a safetensors file, a directory of them, or a
-    `*.index.json` weight map. A directory's `model.safetensors.index.json`, when present, is used
-    instead of scanning its `*.safetensors` files."""
+    `*.index.json` weight map (see SafeTensorFiles)."""
 
     def __init__(self, path):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        self.path = os.fspath(path)
-        # Files of a directory whose header cannot be read: skipped, so that one damaged file does
-        # not stop the layers the other files hold from loading; named in every "not found" error.
-        self._unreadable: dict[str, str] = {}
-        self.key_to_file = self._build_index(self.path)
+        super().__init__(path)
         self._layer_files: Optional[dict[int, str]] = None
-
-    def _not_found_hint(self) -> str:
-        if not self._unreadable:
-            return ""
-        return " (unreadable, so not searched: " + "; ".join(f"{f}: {e}" for f, e in self._unreadable.items()) + ")"
-
-    def _build_index(self, path: str) -> dict[str, str]:
-        if os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, INDEX_NAME)):
-                return _read_index(os.path.join(path, INDEX_NAME))
-            names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-            if not names:
-                raise FileNotFoundError(f"path {path!r} is a directory without *.safetensors files")
-            key_to_file = {}
-            for name in names:
-                file = os.path.join(path, name)
-                try:
-                    keys = _file_keys(file)
-                except ValueError as e:
-                    self._unreadable[file] = str(e.__cause__ or e)
-                    continue
-                for key in keys:
-                    if key in key_to_file:
-                        raise ValueError(f"tensor {key!r} is in both {key_to_file[key]} and {file}; "
-                                         f"remove one or add a {INDEX_NAME} that picks one")
-                    key_to_file[key] = file
-            if not key_to_file and self._unreadable:
-                file, error = next(iter(self._unreadable.items()))
-                raise ValueError(f"{file} is not a readable safetensors file: {error}; no file of {path} is")
-            return key_to_file
-        if os.path.isfile(path):
-            if path.endswith(".json"):
-                return _read_index(path)
-            return dict.fromkeys(_file_keys(path), path)
-        raise FileNotFoundError(f"path {path!r} does not exist")
-
-    # Nothing is held between calls; these exist so callers can treat the loader like a file.
-    def close(self) -> None:
-        pass
-
-    def close_all_handles(self) -> None:
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def keys(self) -> list[str]:
-        return list(self.key_to_file)
-
-    def has_tensor(self, key: str) -> bool:
-        return key in self.key_to_file
-
-    def iter_tensors(self, keys: Iterable[str], device) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) for `keys`, opening each file once; order follows the files."""
-        device = _check_device(device)
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            if key not in self.key_to_file:
-                raise KeyError(f"tensor {key!r} is not in {self.path}{self._not_found_hint()}")
-            by_file.setdefault(self.key_to_file[key], []).append(key)
-        for file, file_keys in by_file.items():
-            with _open_shard(file, file_keys[0]) as f:
-                present = set(f.keys())
-                for key in file_keys:
-                    if key not in present:
-                        raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
-                    try:
-                        tensor = f.get_tensor(key)
-                    except Exception as e:  # e.g. a truncated file
-                        raise ValueError(f"{file}: cannot read tensor {key!r}: {e}") from None
-                    yield key, tensor.to(device)
-
-    def load_tensor(self, key: str, device="cpu") -> torch.Tensor:
-        return next(self.iter_tensors([key], device))[1]
-
-    def _shape(self, key: str) -> list[int]:
-        file = self.key_to_file[key]
-        with _open_shard(file, key) as f:
-            if key not in set(f.keys()):
-                raise KeyError(f"tensor {key!r} is not in {file}, where the index places it")
-            return list(f.get_slice(key).get_shape())
 
     def _packed_layer_files(self) -> dict[int, str]:
         if self._layer_files is None:
@@ -216,7 +75,7 @@ class SafeTensorLoader:
     def load_experts(self, base_key: str, device="cpu") -> dict:
         """The packed blobs and scales of `base_key` ("blk.{L}") as stored; a scale is None where
         the file has none (bf16)."""
-        m = re.fullmatch(r"blk\.(\d+)", _check_base_key(base_key))
+        m = re.fullmatch(r"blk\.(\d+)", check_base_key(base_key))
         if m is None:
             raise ValueError(f"base_key must look like 'blk.<layer>' for the pre-quantized form, got {base_key!r}")
         layer = int(m.group(1))
@@ -226,8 +85,10 @@ class SafeTensorLoader:
         for proj in PROJECTIONS:
             weight_key, scale_key = packed_key(layer, proj, "weight"), packed_key(layer, proj, "scale")
             if weight_key not in self.key_to_file:
-                raise KeyError(f"tensor {weight_key!r} is not in {self.path}; available layers: "
-                               f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}")
+                raise KeyError(
+                    f"tensor {weight_key!r} is not in {self.path}; available layers: "
+                    f"{', '.join(f'blk.{L}' for L in self.layers()) or 'none'}{self._not_found_hint()}"
+                )
             wanted[weight_key] = proj
             if scale_key in self.key_to_file:
                 wanted[scale_key] = proj + "_scale"
@@ -238,14 +99,15 @@ class SafeTensorLoader:
 
     def load_packed(self, layer_idx: int) -> PackedExperts:
         """The PackedExperts of layer `layer_idx`, described by the file's metadata."""
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-            raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
+        check_int(layer_idx, "layer_idx", 0)
         files = self._packed_layer_files()
         if layer_idx not in files and self._kt_directory() is not None:
             return self._kt_directory().layer(layer_idx).packed()
         if layer_idx not in files:
-            raise KeyError(f"layer {layer_idx} (key {packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
-                           f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}")
+            raise KeyError(
+                f"layer {layer_idx} (key {packed_key(layer_idx, 'gate', 'weight')!r}) is not in "
+                f"{self.path}; available layers: {sorted(files) or 'none'}{self._not_found_hint()}"
+            )
         return load_packed_experts(files[layer_idx], layer_idx)
 
 
@@ -262,18 +124,20 @@ _FUSED_SUFFIXES = ("", ".weight")
 _EXPERT_KEY = re.compile(r"(.+)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
 _FUSED_KEY = re.compile(r"(.+)\.(?:mlp|feed_forward)\.experts\.gate_up_proj(?:\.weight)?")
 _LAYER_BASE = re.compile(r"(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)")
-_FORMATS_TRIED = ("deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
-                  "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
-                  "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
-                  "deepseek_v4: {b}.ffn.experts.{E}.{w1,w3,w2}.weight; "
-                  "transformers-v5 fused: {b}.{mlp,feed_forward}.experts.gate_up_proj / down_proj")
+_FORMATS_TRIED = (
+    "deepseek: {b}.mlp.experts.{E}.{gate,up,down}_proj.weight; "
+    "mixtral: {b}.block_sparse_moe.experts.{E}.{w1,w3,w2}.weight; "
+    "mistral: {b}.experts.{E}.{w1,w3,w2}.weight; "
+    "deepseek_v4: {b}.ffn.experts.{E}.{w1,w3,w2}.weight; "
+    "transformers-v5 fused: {b}.{mlp,feed_forward}.experts.gate_up_proj / down_proj"
+)
 
 
 def candidate_bases(base_key: str) -> list[str]:
     """The base key itself, then where multimodal checkpoints put the text model's layers."""
     bases = [base_key]
     if base_key.startswith("model."):
-        bases.append("model.language_model." + base_key[len("model."):])
+        bases.append("model.language_model." + base_key[len("model.") :])
     bases.append("language_model." + base_key)
     return list(dict.fromkeys(bases))
 
@@ -311,7 +175,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         experts and are ignored (LongCat-Flash saves gate/up rows, without down, for its identity
         experts)."""
         table = self._expert_table()
-        for base in candidate_bases(_check_base_key(base_key)):
+        for base in candidate_bases(check_base_key(base_key)):
             for fmt, (module, names) in _PER_EXPERT_FORMATS.items():
                 prefix = f"{base}.{module}"
                 experts = table.get(prefix, {})
@@ -326,26 +190,42 @@ class BF16SafeTensorLoader(SafeTensorLoader):
                         if down not in self.key_to_file:
                             raise ValueError(f"layer {base_key!r}: fused experts have {gate_up!r} but no {down!r}")
                         return Layout("fused", prefix, (gate_up, down))
-        raise ValueError(f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
-                         f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}")
+        raise ValueError(
+            f"no experts found for base_key {base_key!r} in {self.path}; tried prefixes "
+            f"{candidate_bases(base_key)} as {{b}} in formats {_FORMATS_TRIED}{self._not_found_hint()}"
+        )
 
     @staticmethod
     def _complete_layout(base_key, fmt, prefix, experts, names) -> Layout:
         num = max(experts) + 1
         gaps = [e for e in range(num) if e not in experts]
-        partial = {e: [n for n in names if n not in experts[e]] for e in sorted(experts)
-                   if not set(names) <= experts[e]}
+        partial = {
+            e: [n for n in names if n not in experts[e]] for e in sorted(experts) if not set(names) <= experts[e]
+        }
         if gaps or partial:
-            detail = "; ".join(filter(None, (f"missing expert ids {gaps}" if gaps else "",
-                                             f"experts missing projections {partial}" if partial else "")))
-            raise ValueError(f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
-                             f"0..{num - 1} contiguously, each with {list(names)}; {detail}")
+            detail = "; ".join(
+                filter(
+                    None,
+                    (
+                        f"missing expert ids {gaps}" if gaps else "",
+                        f"experts missing projections {partial}" if partial else "",
+                    ),
+                )
+            )
+            raise ValueError(
+                f"layer {base_key!r} ({fmt} keys under {prefix!r}): experts must be numbered "
+                f"0..{num - 1} contiguously, each with {list(names)}; {detail}"
+            )
         return Layout(fmt, prefix, tuple(tuple(f"{prefix}.{e}.{n}.weight" for n in names) for e in range(num)))
 
     def moe_layers(self) -> list[int]:
         """Indices L of `model.layers.{L}` (or its language_model variants) that have experts."""
-        bases = {prefix[:-len(module) - 1] for prefix in self._expert_table()
-                 for module, _ in _PER_EXPERT_FORMATS.values() if prefix.endswith("." + module)}
+        bases = {
+            prefix[: -len(module) - 1]
+            for prefix in self._expert_table()
+            for module, _ in _PER_EXPERT_FORMATS.values()
+            if prefix.endswith("." + module)
+        }
         bases.update(m.group(1) for m in map(_FUSED_KEY.fullmatch, self.key_to_file) if m)
         return sorted({int(m.group(1)) for m in map(_LAYER_BASE.fullmatch, bases) if m})
 
@@ -358,8 +238,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
 
     def _checked(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"tensor {key!r} has dtype {t.dtype}; expert weights must be bf16, fp16 or fp32 "
-                            f"(dequantize fp8/int checkpoints first)")
+            raise TypeError(
+                f"tensor {key!r} has dtype {t.dtype}; expert weights must be bf16, fp16 or fp32 "
+                f"(dequantize fp8/int checkpoints first)"
+            )
         return t
 
     def _load_fused(self, base_key: str, layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +252,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             raise ValueError(f"layer {base_key!r}: {gate_up_key!r} must be [E, 2*I, H], got {tuple(gate_up.shape)}")
         E, two_i, H = gate_up.shape
         if tuple(down.shape) != (E, H, two_i // 2):
-            raise ValueError(f"layer {base_key!r}: {down_key!r} must be [E, H, I] = {(E, H, two_i // 2)} to match "
-                             f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}")
+            raise ValueError(
+                f"layer {base_key!r}: {down_key!r} must be [E, H, I] = {(E, H, two_i // 2)} to match "
+                f"{gate_up_key!r} {tuple(gate_up.shape)}, got {tuple(down.shape)}"
+            )
         return gate_up, down
 
     def _load_per_expert(self, base_key: str, layout: Layout, device, stacked: bool) -> dict:
@@ -386,8 +270,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             self._checked(key, t)
             ref = first.setdefault(proj, t)
             if t.shape != ref.shape or t.dtype != ref.dtype:
-                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {proj} "
-                                 f"experts are {tuple(ref.shape)} {ref.dtype}")
+                raise ValueError(
+                    f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {proj} "
+                    f"experts are {tuple(ref.shape)} {ref.dtype}"
+                )
             if stacked:
                 if out[proj] is None:
                     out[proj] = torch.empty((num, *t.shape), dtype=t.dtype, device=t.device)
@@ -397,9 +283,11 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         gate, up, down = first["gate"], first["up"], first["down"]
         I, H = gate.shape
         if tuple(up.shape) != (I, H) or tuple(down.shape) != (H, I) or not gate.dtype == up.dtype == down.dtype:
-            raise ValueError(f"layer {base_key!r}: expert weights must be gate [I, H], up [I, H], down [H, I] "
-                             f"of one dtype; got gate {tuple(gate.shape)} {gate.dtype}, "
-                             f"up {tuple(up.shape)} {up.dtype}, down {tuple(down.shape)} {down.dtype}")
+            raise ValueError(
+                f"layer {base_key!r}: expert weights must be gate [I, H], up [I, H], down [H, I] "
+                f"of one dtype; got gate {tuple(gate.shape)} {gate.dtype}, "
+                f"up {tuple(up.shape)} {up.dtype}, down {tuple(down.shape)} {down.dtype}"
+            )
         return out
 
     def load_experts(self, base_key: str, device="cpu") -> dict:
@@ -409,15 +297,25 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         if layout.fmt == "fused":
             gate_up, down = self._load_fused(base_key, layout, device)
             I = gate_up.shape[1] // 2
-            out = {"gate": list(gate_up[:, :I].unbind(0)), "up": list(gate_up[:, I:].unbind(0)),
-                   "down": list(down.unbind(0))}
+            out = {
+                "gate": list(gate_up[:, :I].unbind(0)),
+                "up": list(gate_up[:, I:].unbind(0)),
+                "down": list(down.unbind(0)),
+            }
         else:
             out = self._load_per_expert(base_key, layout, device, stacked=False)
         return {**out, "gate_scale": None, "up_scale": None, "down_scale": None}
 
-    def load_projection(self, base_key: str, projection: str, device="cpu", experts: Optional[range] = None,
-                        num_experts: Optional[int] = None, hidden_major: bool = False,
-                        interleaved: bool = False) -> torch.Tensor:
+    def load_projection(
+        self,
+        base_key: str,
+        projection: str,
+        device="cpu",
+        experts: Optional[range] = None,
+        num_experts: Optional[int] = None,
+        hidden_major: bool = False,
+        interleaved: bool = False,
+    ) -> torch.Tensor:
         """One projection of the layer, stacked and contiguous: gate or up [E, I, H], down [E, H, I],
         in the stored dtype; `experts` (a range) limits it to those experts. Reading a layer a
         projection (and a few experts) at a time keeps a fraction of it in memory. `num_experts`:
@@ -431,7 +329,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
         if layout.fmt == "fused":
             gate_up_key, down_key = layout.keys
             key = down_key if projection == "down" else gate_up_key
-            (_, t), = self.iter_tensors([key], device)
+            ((_, t),) = self.iter_tensors([key], device)
             t = self._checked(key, t)
             if t.dim() == 3 and hidden_major:
                 t = t.transpose(1, 2)
@@ -441,7 +339,7 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             if projection != "down":
                 which = PROJECTIONS.index(projection)
                 t = t[:, which::2] if interleaved else t.chunk(2, dim=1)[which]
-            return (t if experts is None else t[experts.start:experts.stop]).contiguous()
+            return (t if experts is None else t[experts.start : experts.stop]).contiguous()
         index = PROJECTIONS.index(projection)
         chosen = range(len(layout.keys)) if experts is None else experts
         slot = {layout.keys[e][index]: e - chosen.start for e in chosen}
@@ -451,8 +349,10 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             if out is None:
                 out, first = torch.empty((len(slot), *t.shape), dtype=t.dtype, device=t.device), t
             elif t.shape != first.shape or t.dtype != first.dtype:
-                raise ValueError(f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
-                                 f"experts are {tuple(first.shape)} {first.dtype}")
+                raise ValueError(
+                    f"layer {base_key!r}: {key!r} is {tuple(t.shape)} {t.dtype}, but other {projection} "
+                    f"experts are {tuple(first.shape)} {first.dtype}"
+                )
             out[slot[key]].copy_(t)
         return out
 
@@ -465,14 +365,3 @@ class BF16SafeTensorLoader(SafeTensorLoader):
             return gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), down.contiguous()
         out = self._load_per_expert(base_key, layout, device, stacked=True)
         return out["gate"], out["up"], out["down"]
-
-
-def load_kt_layer_parts(path, layer_idx: int, weight_format: str, split, group_size: int, shape):
-    """Layer `layer_idx` of a KTransformers converted directory at `path` as packed experts per
-    intermediate range of `split` (see kt_ops.weights.ktransformers.layer_parts), or None when `path`
-    is not such a directory."""
-    from .ktransformers import KTWeightDirectory, is_kt_directory, layer_parts
-
-    if path is None or not is_kt_directory(path):
-        return None
-    return layer_parts(KTWeightDirectory(path).layer(layer_idx), weight_format, split, group_size, shape)

@@ -19,19 +19,19 @@ alpha: --lora-alpha if given, else the adapter config's (its alpha_pattern entry
 modules when one matches, else lora_alpha), else 32.0. The explicit flag wins over the config:
 a flag that is silently ignored whenever a config is passed would be of no use.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.checks import check_int, check_number
 from ..core.formats import PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -98,13 +98,16 @@ def _pattern_value(patterns, module_names: Sequence[str], what: str):
                 hits.add(value)
                 break
     if len(hits) > 1:
-        raise ValueError(f"adapter config {what} gives the routed experts several values {sorted(hits)}; "
-                         "one converted file holds one (rank, alpha)")
+        raise ValueError(
+            f"adapter config {what} gives the routed experts several values {sorted(hits)}; "
+            "one converted file holds one (rank, alpha)"
+        )
     return hits.pop() if hits else None
 
 
-def _config_rank_alpha(config: Optional[dict], module_names: Sequence[str],
-                       alpha_given: bool) -> Tuple[Optional[int], Optional[float]]:
+def _config_rank_alpha(
+    config: Optional[dict], module_names: Sequence[str], alpha_given: bool
+) -> Tuple[Optional[int], Optional[float]]:
     if config is None:
         return None, None
     if config.get("use_dora"):
@@ -112,8 +115,10 @@ def _config_rank_alpha(config: Optional[dict], module_names: Sequence[str],
     if config.get("use_rslora") and not alpha_given:
         # rsLoRA scales by alpha/sqrt(r); the kernels scale by alpha/r. Converting alpha would make a
         # file whose metadata disagrees with its adapter config, so refuse instead.
-        raise ValueError("adapter config has use_rslora=true (scaling alpha/sqrt(r)); the kt_ops kernels scale by "
-                         "alpha/r: pass --lora-alpha <alpha*sqrt(r)> to convert it explicitly")
+        raise ValueError(
+            "adapter config has use_rslora=true (scaling alpha/sqrt(r)); the kt_ops kernels scale by "
+            "alpha/r: pass --lora-alpha <alpha*sqrt(r)> to convert it explicitly"
+        )
     rank = _pattern_value(config.get("rank_pattern"), module_names, "rank_pattern")
     if rank is None:
         rank = config.get("r")
@@ -122,8 +127,9 @@ def _config_rank_alpha(config: Optional[dict], module_names: Sequence[str],
         alpha = config.get("lora_alpha")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"adapter config rank r must be a positive int, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0
+    ):
         raise ValueError(f"adapter config lora_alpha must be a positive number, got {alpha!r}")
     return rank, (float(alpha) if alpha is not None else None)
 
@@ -147,8 +153,10 @@ def _index(f, input_path: str):
         parsed = parse_moe_key(key)
         if parsed is None:
             if _EXPERT_MODULE.search(key):
-                raise ValueError(f"{input_path}: {key} is an expert tensor the kt_ops LoRA kernels cannot "
-                                 "apply (only lora_A.weight / lora_B.weight are supported)")
+                raise ValueError(
+                    f"{input_path}: {key} is an expert tensor the kt_ops LoRA kernels cannot "
+                    "apply (only lora_A.weight / lora_B.weight are supported)"
+                )
             ignored.append(key)
             continue
         layer, expert, proj, ab = parsed
@@ -158,17 +166,20 @@ def _index(f, input_path: str):
     return index, modules, ignored
 
 
-def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor]]], num_experts: int,
-                 fill_missing: bool = False) -> Tuple[Dict[str, torch.Tensor], List[int]]:
+def _stack_layer(
+    layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor]]], num_experts: int, fill_missing: bool = False
+) -> Tuple[Dict[str, torch.Tensor], List[int]]:
     """Check one layer is complete and consistent, then stack it ([E, ...] per LoRA tensor).
     Returns (stacked tensors, ids of the experts filled with a zero LoRA)."""
     ids = sorted(experts)
     missing = sorted(set(range(num_experts)) - set(ids))
     if missing and not fill_missing:
-        raise ValueError(f"layer {layer}: experts must be numbered 0..{num_experts - 1}, but expert(s) "
-                         f"{missing[:8]}{'...' if len(missing) > 8 else ''} have no LoRA "
-                         f"(found {len(ids)} experts, highest id {ids[-1]}); if they were left without LoRA on "
-                         "purpose (e.g. experts kept on the GPU while training), pass --fill-missing-experts")
+        raise ValueError(
+            f"layer {layer}: experts must be numbered 0..{num_experts - 1}, but expert(s) "
+            f"{missing[:8]}{'...' if len(missing) > 8 else ''} have no LoRA "
+            f"(found {len(ids)} experts, highest id {ids[-1]}); if they were left without LoRA on "
+            "purpose (e.g. experts kept on the GPU while training), pass --fill-missing-experts"
+        )
     for e in ids:
         for proj in PROJECTIONS:
             for ab in ("a", "b"):
@@ -178,28 +189,45 @@ def _stack_layer(layer: int, experts: Dict[int, Dict[str, Dict[str, torch.Tensor
     first = experts[ids[0]]
     rank, hidden = first["gate"]["a"].shape if first["gate"]["a"].dim() == 2 else (None, None)
     inter = first["gate"]["b"].shape[0] if first["gate"]["b"].dim() == 2 else None
-    expected = {("gate", "a"): (rank, hidden), ("gate", "b"): (inter, rank), ("up", "a"): (rank, hidden),
-                ("up", "b"): (inter, rank), ("down", "a"): (rank, inter), ("down", "b"): (hidden, rank)}
+    expected = {
+        ("gate", "a"): (rank, hidden),
+        ("gate", "b"): (inter, rank),
+        ("up", "a"): (rank, hidden),
+        ("up", "b"): (inter, rank),
+        ("down", "a"): (rank, inter),
+        ("down", "b"): (hidden, rank),
+    }
     dtype = first["gate"]["a"].dtype
     if not dtype.is_floating_point:
-        raise ValueError(f"layer {layer}, expert {ids[0]}: gate lora_A is {dtype}; LoRA weights must be floating "
-                         "point (an integer adapter is not a LoRA the kernels can apply, and is not cast silently)")
+        raise ValueError(
+            f"layer {layer}, expert {ids[0]}: gate lora_A is {dtype}; LoRA weights must be floating "
+            "point (an integer adapter is not a LoRA the kernels can apply, and is not cast silently)"
+        )
     for e in ids:
         for (proj, ab), shape in expected.items():
             t = experts[e][proj][ab]
             if tuple(t.shape) != shape:
-                raise ValueError(f"layer {layer}, expert {e}: {proj} lora_{ab.upper()} has shape {tuple(t.shape)}, "
-                                 f"expected {shape} (rank {rank}, hidden {hidden}, intermediate {inter}, "
-                                 f"taken from expert {ids[0]}'s gate projection)")
+                raise ValueError(
+                    f"layer {layer}, expert {e}: {proj} lora_{ab.upper()} has shape {tuple(t.shape)}, "
+                    f"expected {shape} (rank {rank}, hidden {hidden}, intermediate {inter}, "
+                    f"taken from expert {ids[0]}'s gate projection)"
+                )
             if t.dtype != dtype:
-                raise ValueError(f"layer {layer}, expert {e}: {proj} lora_{ab.upper()} is {t.dtype}, the other "
-                                 f"expert LoRA tensors are {dtype}")
+                raise ValueError(
+                    f"layer {layer}, expert {e}: {proj} lora_{ab.upper()} is {t.dtype}, the other "
+                    f"expert LoRA tensors are {dtype}"
+                )
     # A zero LoRA leaves an expert exactly as its base weights compute it.
     zeros = {key: torch.zeros(shape, dtype=dtype) for key, shape in expected.items()}
-    full = [experts[e] if e in experts else {p: {ab: zeros[(p, ab)] for ab in ("a", "b")} for p in PROJECTIONS}
-            for e in range(num_experts)]
-    stacked = {f"{proj}_lora_{ab}": torch.stack([expert[proj][ab] for expert in full]).contiguous()
-               for proj in PROJECTIONS for ab in ("a", "b")}
+    full = [
+        experts[e] if e in experts else {p: {ab: zeros[(p, ab)] for ab in ("a", "b")} for p in PROJECTIONS}
+        for e in range(num_experts)
+    ]
+    stacked = {
+        f"{proj}_lora_{ab}": torch.stack([expert[proj][ab] for expert in full]).contiguous()
+        for proj in PROJECTIONS
+        for ab in ("a", "b")
+    }
     return stacked, missing
 
 
@@ -215,8 +243,10 @@ def _check_output(output_path: str, inputs: Dict[str, Optional[str]]) -> None:
     a file of another kind the user keeps there."""
     for flag, path in inputs.items():
         if path is not None and _same_file(output_path, path):
-            raise ValueError(f"--output {output_path} is the {flag} file; write the converted adapter to another "
-                             "path (the input would be destroyed)")
+            raise ValueError(
+                f"--output {output_path} is the {flag} file; write the converted adapter to another "
+                "path (the input would be destroyed)"
+            )
     if os.path.isdir(output_path):
         raise ValueError(f"--output {output_path} is a directory; name the output .pt file")
     if os.path.exists(output_path):
@@ -226,8 +256,10 @@ def _check_output(output_path: str, inputs: Dict[str, Optional[str]]) -> None:
         except Exception:
             ours = False
         if not ours:
-            raise ValueError(f"--output {output_path} exists and is not a converted MoE-LoRA file ({FORMAT}); it is "
-                             "left untouched: remove it or choose another output path")
+            raise ValueError(
+                f"--output {output_path} exists and is not a converted MoE-LoRA file ({FORMAT}); it is "
+                "left untouched: remove it or choose another output path"
+            )
 
 
 def _recorded_num_experts(f, input_path: str) -> Optional[int]:
@@ -244,9 +276,129 @@ def _recorded_num_experts(f, input_path: str) -> Optional[int]:
     return count
 
 
-def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[str] = None,
-                     lora_alpha: Optional[float] = None, verbose: bool = False,
-                     fill_missing_experts: bool = False, num_experts: Optional[int] = None) -> dict:
+def _checked_arguments(input_path, output_path, config_path, lora_alpha, num_experts) -> Optional[dict]:
+    """convert_moe_lora's arguments checked; the adapter config (None without config_path)."""
+    for name, path in (("input_path", input_path), ("output_path", output_path)):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path, got {type(path).__name__}")
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"input adapter not found: {input_path}")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
+    check_int(num_experts, "num_experts", 1, optional=True)
+    _check_output(
+        os.fspath(output_path),
+        {"--input": os.fspath(input_path), "--config": None if config_path is None else os.fspath(config_path)},
+    )
+    check_number(lora_alpha, "lora_alpha", positive=True, optional=True)
+    config = None
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"adapter config not found: {config_path}")
+        config = load_adapter_config(config_path)
+
+    return config
+
+
+def _read_layers(
+    f, input_path: str, weights: dict, num_experts: Optional[int], fill_missing_experts: bool, verbose: bool
+) -> Tuple[dict, Dict[int, List[int]], int]:
+    """({"layer_L": the layer's six stacked LoRA tensors}, {layer: experts filled with zeros}, the
+    number of experts) of the adapter open as `f`."""
+    result: dict = {}
+    filled: Dict[int, List[int]] = {}
+    highest = max(max(experts) for experts in weights.values())
+    recorded = _recorded_num_experts(f, str(input_path))
+    if num_experts is not None and recorded is not None and num_experts != recorded:
+        raise ValueError(f"num_experts={num_experts} was given, but {input_path} records {recorded} experts per layer")
+    num_experts = num_experts or recorded
+    if num_experts is None:
+        num_experts = highest + 1
+        logger.warning(
+            "%s does not record the number of experts: assuming %d (highest expert id + 1); pass "
+            "--num-experts if the model has more",
+            input_path,
+            num_experts,
+        )
+    elif highest >= num_experts:
+        raise ValueError(
+            f"{input_path} has LoRA for expert {highest}, but the layers have {num_experts} experts "
+            f"(ids 0..{num_experts - 1})"
+        )
+    for layer in sorted(weights):
+        tensors = {
+            e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
+            for e, projs in weights[layer].items()
+        }
+        result[f"layer_{layer}"], missing = _stack_layer(layer, tensors, num_experts, fill_missing_experts)
+        del tensors
+        if missing:
+            filled[layer] = missing
+            logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
+        if verbose:
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
+            logger.info("layer %d: %s", layer, shapes)
+    return result, filled, num_experts
+
+
+def _layer_sizes(result: dict, weights: dict) -> Tuple[dict, int, int, int]:
+    """(the first layer's tensors, rank, hidden, intermediate), the same in every layer."""
+    first = result[f"layer_{min(weights)}"]
+    rank, hidden = first["gate_lora_a"].shape[1:]
+    inter = first["gate_lora_b"].shape[1]
+    for key, layer_weights in result.items():
+        got = (
+            layer_weights["gate_lora_a"].shape[1],
+            layer_weights["gate_lora_a"].shape[2],
+            layer_weights["gate_lora_b"].shape[1],
+        )
+        if got != (rank, hidden, inter):
+            raise ValueError(
+                f"{key} has (rank, hidden, intermediate) = {got}, layer {min(weights)} has "
+                f"{(rank, hidden, inter)}; every layer of one file must agree"
+            )
+    return first, rank, hidden, inter
+
+
+def _alpha(lora_alpha: Optional[float], config_alpha: Optional[float]) -> float:
+    """The alpha to record: the argument's, else the adapter config's, else the default."""
+    if lora_alpha is not None:
+        return float(lora_alpha)
+    if config_alpha is not None:
+        return config_alpha
+    logger.warning("no --lora-alpha and no lora_alpha in an adapter config: using %s", DEFAULT_LORA_ALPHA)
+    return DEFAULT_LORA_ALPHA
+
+
+def _metadata(rank, alpha, layers, num_experts, hidden, inter, first, input_path, filled) -> dict:
+    """The metadata the serving side reads from a converted file."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_rank": int(rank),
+        "lora_alpha": alpha,
+        "lora_scaling": alpha / int(rank),
+        "num_layers": len(layers),
+        "layers": layers,
+        "num_experts": num_experts,
+        "hidden_size": int(hidden),
+        "intermediate_size": int(inter),
+        "dtype": str(first["gate_lora_a"].dtype).replace("torch.", ""),
+        "source": os.path.basename(str(input_path)),
+        "filled_experts": filled,
+    }
+
+
+def convert_moe_lora(
+    input_path: str,
+    output_path: str,
+    config_path: Optional[str] = None,
+    lora_alpha: Optional[float] = None,
+    verbose: bool = False,
+    fill_missing_experts: bool = False,
+    num_experts: Optional[int] = None,
+) -> dict:
     """Convert `input_path` (PEFT adapter_model.safetensors) into `output_path` (torch.save'd dict).
 
     Experts 0..num_experts-1 must all have LoRA, unless `fill_missing_experts`: then experts with no
@@ -259,30 +411,8 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
     "total_keys", "ignored_keys"}. Raises NothingToConvert (writing nothing) when the adapter has no
     routed-expert LoRA, ValueError for an incomplete or inconsistent one, FileNotFoundError for a
     missing input or config."""
-    for name, path in (("input_path", input_path), ("output_path", output_path)):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"{name} must be a path, got {type(path).__name__}")
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"input adapter not found: {input_path}")
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
-    if num_experts is not None and (isinstance(num_experts, bool) or not isinstance(num_experts, int)
-                                    or num_experts < 1):
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    _check_output(os.fspath(output_path), {"--input": os.fspath(input_path),
-                                           "--config": None if config_path is None else os.fspath(config_path)})
-    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
-                                   or not math.isfinite(lora_alpha) or lora_alpha <= 0):
-        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-    config = None
-    if config_path is not None:
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"adapter config not found: {config_path}")
-        config = load_adapter_config(config_path)
+    config = _checked_arguments(input_path, output_path, config_path, lora_alpha, num_experts)
 
-    result: dict = {}
-    filled: Dict[int, List[int]] = {}
     with _open_adapter(str(input_path)) as f:
         weights, modules, ignored = _index(f, str(input_path))
         if verbose:
@@ -291,70 +421,26 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
         elif ignored:
             logger.info("ignored %d non-expert key(s) (--verbose lists them)", len(ignored))
         if not weights:
-            raise NothingToConvert(f"{input_path} has no routed-expert LoRA keys (layers.L.mlp.experts.E.*_proj or "
-                                   "layers.L.block_sparse_moe.experts.E.w1/w2/w3); nothing to convert")
+            raise NothingToConvert(
+                f"{input_path} has no routed-expert LoRA keys (layers.L.mlp.experts.E.*_proj or "
+                "layers.L.block_sparse_moe.experts.E.w1/w2/w3); nothing to convert"
+            )
         config_rank, config_alpha = _config_rank_alpha(config, modules, lora_alpha is not None)
-        highest = max(max(experts) for experts in weights.values())
-        recorded = _recorded_num_experts(f, str(input_path))
-        if num_experts is not None and recorded is not None and num_experts != recorded:
-            raise ValueError(f"num_experts={num_experts} was given, but {input_path} records {recorded} experts per layer")
-        num_experts = num_experts or recorded
-        if num_experts is None:
-            num_experts = highest + 1
-            logger.warning("%s does not record the number of experts: assuming %d (highest expert id + 1); pass "
-                           "--num-experts if the model has more", input_path, num_experts)
-        elif highest >= num_experts:
-            raise ValueError(f"{input_path} has LoRA for expert {highest}, but the layers have {num_experts} experts "
-                             f"(ids 0..{num_experts - 1})")
-        for layer in sorted(weights):
-            tensors = {e: {proj: {ab: f.get_tensor(key) for ab, key in keys.items()} for proj, keys in projs.items()}
-                       for e, projs in weights[layer].items()}
-            result[f"layer_{layer}"], missing = _stack_layer(layer, tensors, num_experts, fill_missing_experts)
-            del tensors
-            if missing:
-                filled[layer] = missing
-                logger.warning("layer %d: expert(s) %s have no LoRA; filled with zeros", layer, missing)
-            if verbose:
-                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result[f"layer_{layer}"].items())
-                logger.info("layer %d: %s", layer, shapes)
+        result, filled, num_experts = _read_layers(
+            f, str(input_path), weights, num_experts, fill_missing_experts, verbose
+        )
 
-    first = result[f"layer_{min(weights)}"]
-    rank, hidden = first["gate_lora_a"].shape[1:]
-    inter = first["gate_lora_b"].shape[1]
-    for key, layer_weights in result.items():
-        got = (layer_weights["gate_lora_a"].shape[1], layer_weights["gate_lora_a"].shape[2],
-               layer_weights["gate_lora_b"].shape[1])
-        if got != (rank, hidden, inter):
-            raise ValueError(f"{key} has (rank, hidden, intermediate) = {got}, layer {min(weights)} has "
-                             f"{(rank, hidden, inter)}; every layer of one file must agree")
+    first, rank, hidden, inter = _layer_sizes(result, weights)
     if config_rank is not None and config_rank != rank:
-        raise ValueError(f"adapter config says rank r={config_rank} for the experts, but the expert LoRA tensors "
-                         f"have rank {rank}")
-    if lora_alpha is not None:
-        alpha = float(lora_alpha)
-    elif config_alpha is not None:
-        alpha = config_alpha
-    else:
-        alpha = DEFAULT_LORA_ALPHA
-        logger.warning("no --lora-alpha and no lora_alpha in an adapter config: using %s", alpha)
+        raise ValueError(
+            f"adapter config says rank r={config_rank} for the experts, but the expert LoRA tensors have rank {rank}"
+        )
+    alpha = _alpha(lora_alpha, config_alpha)
 
-    total_keys = sum(len(proj) for experts in weights.values() for expert in experts.values()
-                     for proj in expert.values())
-    result["metadata"] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lora_rank": int(rank),
-        "lora_alpha": alpha,
-        "lora_scaling": alpha / int(rank),
-        "num_layers": len(weights),
-        "layers": sorted(weights),
-        "num_experts": num_experts,
-        "hidden_size": int(hidden),
-        "intermediate_size": int(inter),
-        "dtype": str(first["gate_lora_a"].dtype).replace("torch.", ""),
-        "source": os.path.basename(str(input_path)),
-        "filled_experts": filled,
-    }
+    total_keys = sum(
+        len(proj) for experts in weights.values() for expert in experts.values() for proj in expert.values()
+    )
+    result["metadata"] = _metadata(rank, alpha, sorted(weights), num_experts, hidden, inter, first, input_path, filled)
     # Written beside the target and renamed, so an interrupted run never leaves a truncated file
     # where the server would look for the adapter.
     tmp = f"{output_path}.tmp-{os.getpid()}"
@@ -364,14 +450,22 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    stats = {"status": "success", "num_layers": len(weights), "num_experts": num_experts, "lora_rank": int(rank),
-             "lora_alpha": alpha, "total_keys": total_keys, "ignored_keys": len(ignored)}
+    stats = {
+        "status": "success",
+        "num_layers": len(weights),
+        "num_experts": num_experts,
+        "lora_rank": int(rank),
+        "lora_alpha": alpha,
+        "total_keys": total_keys,
+        "ignored_keys": len(ignored),
+    }
     logger.info("converted %s -> %s: %s", input_path, output_path, stats)
     return stats
 
 
-def convert_peft_to_kt_format(input_path: str, output_path: str, lora_alpha: float = DEFAULT_LORA_ALPHA,
-                              verbose: bool = False) -> dict:
+def convert_peft_to_kt_format(
+    input_path: str, output_path: str, lora_alpha: float = DEFAULT_LORA_ALPHA, verbose: bool = False
+) -> dict:
     """The converter's original entry point: like convert_moe_lora without a config, but an adapter without
     expert LoRA returns {"status": "skipped", "reason": "no_moe_keys"} instead of raising."""
     try:
@@ -379,44 +473,3 @@ def convert_peft_to_kt_format(input_path: str, output_path: str, lora_alpha: flo
     except NothingToConvert as e:
         logger.warning("%s", e)
         return {"status": "skipped", "reason": "no_moe_keys"}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """0: converted, or nothing to convert (no file written); 2: bad input (message on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m kt_ops.convert_moe_lora",
-                                     description="Convert a PEFT MoE LoRA adapter into the kt_ops serving format.")
-    parser.add_argument("--input", required=True, help="adapter_model.safetensors")
-    parser.add_argument("--config", default=None, help="adapter_config.json (for lora_alpha and the rank check)")
-    parser.add_argument("--output", required=True, help="output .pt file")
-    parser.add_argument("--lora-alpha", type=float, default=None,
-                        help=f"LoRA alpha (default: the config's, else {DEFAULT_LORA_ALPHA})")
-    parser.add_argument("--fill-missing-experts", action="store_true",
-                        help="give experts that have no LoRA keys at all a zero LoRA instead of failing")
-    parser.add_argument("--num-experts", type=int, default=None,
-                        help="experts per layer (default: what the adapter records, else the highest id + 1)")
-    parser.add_argument("--verbose", action="store_true", help="per-layer shapes and the ignored keys")
-    args = parser.parse_args(argv)
-
-    # A handler of our own, bound to the stderr of this call: the library logger stays silent for
-    # importers, and the CLI prints whatever the root logging setup is.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    previous_level, previous_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logger.propagate = False
-    try:
-        convert_moe_lora(args.input, args.output, config_path=args.config, lora_alpha=args.lora_alpha,
-                         verbose=args.verbose, fill_missing_experts=args.fill_missing_experts,
-                         num_experts=args.num_experts)
-    except NothingToConvert as e:
-        print(f"{e}; no output written", file=sys.stderr)
-        return 0
-    except (ValueError, TypeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
-        logger.propagate = previous_propagate
-    return 0

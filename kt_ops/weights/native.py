@@ -15,6 +15,7 @@ w = (u - 8) * scale with u = q + 8: packed exactly, codes as they are.
 
 `{base}` is `model.layers.{L}`, or where multimodal checkpoints put the text model's layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,12 @@ def fp8_row_scales(key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shap
     N, K = shape
     blocks = (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
     if tuple(scale_inv.shape) != blocks:
-        raise ValueError(f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
-                         f"got {list(scale_inv.shape)}")
+        raise ValueError(
+            f"{key}.weight_scale_inv must have shape [ceil(N/128), ceil(K/128)] = {list(blocks)}, "
+            f"got {list(scale_inv.shape)}"
+        )
     rows = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N]
-    return rows.repeat_interleave(FP8_BLOCK // group, 1)[:, :K // group].contiguous()
+    return rows.repeat_interleave(FP8_BLOCK // group, 1)[:, : K // group].contiguous()
 
 
 def dequantize_fp8(key: str, weight: torch.Tensor, scale_inv: torch.Tensor, shape=None) -> torch.Tensor:
@@ -65,24 +68,35 @@ class NativeCheckpoint:
         for base in candidate_bases(f"model.layers.{layer_idx}"):
             if self.loader.has_tensor(f"{base}.mlp.experts.0.gate_proj.{self._suffixes[0]}"):
                 return base
-        raise ValueError(f"{self.path} has no {self.method} experts for layer {layer_idx}: expected "
-                         f"model.layers.{layer_idx}.mlp.experts.{{e}}.{{gate,up,down}}_proj."
-                         f"{{{','.join(self._suffixes)}}}")
+        raise ValueError(
+            f"{self.path} has no {self.method} experts for layer {layer_idx}: expected "
+            f"model.layers.{layer_idx}.mlp.experts.{{e}}.{{gate,up,down}}_proj."
+            f"{{{','.join(self._suffixes)}}}"
+        )
 
     def _expert(self, base: str, expert: int) -> Dict[str, Dict[str, torch.Tensor]]:
         keys = {f"{base}.mlp.experts.{expert}.{p}_proj.{s}": (p, s) for p in PROJECTIONS for s in self._suffixes}
         missing = [k for k in keys if not self.loader.has_tensor(k)]
         if missing:
-            raise ValueError(f"{self.path} lacks {missing[0]!r} (layer {base}, expert {expert}); was the wrapper "
-                             "built with the checkpoint's num_experts?")
+            raise ValueError(
+                f"{self.path} lacks {missing[0]!r} (layer {base}, expert {expert}); was the wrapper "
+                "built with the checkpoint's num_experts?"
+            )
         if self.method == "RAWINT4":
             asymmetric = f"{base}.mlp.experts.{expert}.gate_proj.weight_zero_point"
             if self.loader.has_tensor(asymmetric):
-                raise ValueError(f"{self.path} has {asymmetric!r}: asymmetric int4 is not supported by RAWINT4, "
-                                 "which reads symmetric pack-quantized int4 (no zero point)")
+                raise ValueError(
+                    f"{self.path} has {asymmetric!r}: asymmetric int4 is not supported by RAWINT4, "
+                    "which reads symmetric pack-quantized int4 (no zero point)"
+                )
             # optional: checked against the wrapper's shape when present
-            keys.update({f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape") for p in PROJECTIONS
-                         if self.loader.has_tensor(f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape")})
+            keys.update(
+                {
+                    f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape": (p, "weight_shape")
+                    for p in PROJECTIONS
+                    if self.loader.has_tensor(f"{base}.mlp.experts.{expert}.{p}_proj.weight_shape")
+                }
+            )
         out: Dict[str, Dict[str, torch.Tensor]] = {p: {} for p in PROJECTIONS}
         for key, tensor in self.loader.iter_tensors(keys, "cpu"):
             p, s = keys[key]
@@ -93,27 +107,39 @@ class NativeCheckpoint:
         """(E4M3 bytes [N, K], scales [N, K / g]) with g = gcd(128, K): kt_ops' fp8 format, exactly."""
         group = math.gcd(FP8_BLOCK, shape[1])
         if group % 2:
-            raise ValueError(f"{key}: in_features {shape[1]} is odd; the fp8 format needs an even K group "
-                             "(load this checkpoint with an int8 backend instead)")
+            raise ValueError(
+                f"{key}: in_features {shape[1]} is odd; the fp8 format needs an even K group "
+                "(load this checkpoint with an int8 backend instead)"
+            )
         return weight.view(torch.uint8), fp8_row_scales(key, weight, scale_inv, shape, group)
 
     def _int4_codes(self, key: str, packed: torch.Tensor, scale: torch.Tensor, shape, group_size: int):
         N, K = shape
         if packed.dtype != torch.int32 or tuple(packed.shape) != (N, K // 8):
-            raise ValueError(f"{key}.weight_packed must be int32 [N, K/8] = {[N, K // 8]}, got {packed.dtype} "
-                             f"{list(packed.shape)}")
+            raise ValueError(
+                f"{key}.weight_packed must be int32 [N, K/8] = {[N, K // 8]}, got {packed.dtype} {list(packed.shape)}"
+            )
         if not scale.is_floating_point() or tuple(scale.shape) != (N, K // group_size):
-            raise ValueError(f"{key}.weight_scale must be a float tensor [N, K/{group_size}] = "
-                             f"{[N, K // group_size]} (symmetric int4, group {group_size}), got {scale.dtype} "
-                             f"{list(scale.shape)}")
+            raise ValueError(
+                f"{key}.weight_scale must be a float tensor [N, K/{group_size}] = "
+                f"{[N, K // group_size]} (symmetric int4, group {group_size}), got {scale.dtype} "
+                f"{list(scale.shape)}"
+            )
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # lowest nibble first
         signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
         return (signed + 8).to(torch.uint8).reshape(N, K), scale.float()
 
-    def load_layer(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   split: Sequence[Tuple[int, int]], group_size: int,
-                   weight_format: str = "int8_kgroup") -> List[PackedExperts]:
+    def load_layer(
+        self,
+        layer_idx: int,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        split: Sequence[Tuple[int, int]],
+        group_size: int,
+        weight_format: str = "int8_kgroup",
+    ) -> List[PackedExperts]:
         """PackedExperts per intermediate range of `split` (for FP8: `weight_format` int8_kgroup,
         requantized per `group_size`, or fp8, the codes as they are with down's K group gcd(128, I);
         int4_kgroup for RAWINT4), experts in the checkpoint's (logical) order."""
@@ -135,12 +161,15 @@ class NativeCheckpoint:
                 if fmt == "fp8":
                     c, s = self._fp8_codes(key, t["weight"], t["weight_scale_inv"], shapes[p])
                 elif self.method == "FP8":
-                    c, s = quantize_int8_groups(dequantize_fp8(key, t["weight"], t["weight_scale_inv"],
-                                                                 shapes[p]), group_size)
+                    c, s = quantize_int8_groups(
+                        dequantize_fp8(key, t["weight"], t["weight_scale_inv"], shapes[p]), group_size
+                    )
                 else:
                     if "weight_shape" in t and [int(v) for v in t["weight_shape"].tolist()] != list(shapes[p]):
-                        raise ValueError(f"{key}.weight_shape is {t['weight_shape'].tolist()}; the wrapper was "
-                                         f"built for {list(shapes[p])}")
+                        raise ValueError(
+                            f"{key}.weight_shape is {t['weight_shape'].tolist()}; the wrapper was "
+                            f"built for {list(shapes[p])}"
+                        )
                     c, s = self._int4_codes(key, t["weight_packed"], t["weight_scale"], shapes[p], group_size)
                 codes[p].append(c)
                 scales[p].append(s)

@@ -9,6 +9,7 @@ packed tensors bit for bit, so a checkpoint is quantized once and memory-mapped 
 instead of copies: every process of a node that maps the same file uses the same page-cache pages,
 so N training processes hold the experts once (their PSS splits the pages between them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,12 @@ def save_packed_experts(path: str, layers: Mapping[int, PackedExperts], overwrit
             scale = getattr(experts, projection + "_scale")
             if scale is not None:
                 tensors[packed_key(layer_idx, projection, "scale")] = scale.contiguous()
-        meta[str(layer_idx)] = {"weight_format": experts.weight_format, "num_experts": experts.num_experts,
-                                "hidden_size": experts.hidden_size, "intermediate_size": experts.intermediate_size}
+        meta[str(layer_idx)] = {
+            "weight_format": experts.weight_format,
+            "num_experts": experts.num_experts,
+            "hidden_size": experts.hidden_size,
+            "intermediate_size": experts.intermediate_size,
+        }
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)})
@@ -94,9 +99,11 @@ def save_packed_layer(path: str, layer_idx: int, experts: PackedExperts) -> None
             try:
                 kept = [layer for layer in packed_layers(path) if layer != layer_idx]
             except ValueError as e:
-                raise FileExistsError(f"{path} exists and is not a kt_ops packed-experts file ({e}); it is left as "
-                                      "it is: point weight_path at a new file or a directory for the quantized "
-                                      "experts") from None
+                raise FileExistsError(
+                    f"{path} exists and is not a kt_ops packed-experts file ({e}); it is left as "
+                    "it is: point weight_path at a new file or a directory for the quantized "
+                    "experts"
+                ) from None
             layers = {layer: load_packed_experts(path, layer) for layer in kept}
         layers[layer_idx] = experts
         save_packed_experts(path, layers, overwrite=True)
@@ -125,8 +132,9 @@ def _read_metadata(path: str) -> dict:
             raise ValueError("not an object")
         return {str(int(layer)): value for layer, value in layers.items()}
     except ValueError as e:
-        raise ValueError(f"{path}: the '{_METADATA_KEY}' metadata must be a JSON object keyed by layer index "
-                         f"({e})") from None
+        raise ValueError(
+            f"{path}: the '{_METADATA_KEY}' metadata must be a JSON object keyed by layer index ({e})"
+        ) from None
 
 
 def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
@@ -149,12 +157,18 @@ def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
         blob = fields[projection]
         expected = (E, _C.packed_bytes(fmt, rows, cols))
         if blob.dtype != torch.uint8 or tuple(blob.shape) != expected:
-            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'weight')} is {tuple(blob.shape)} {blob.dtype}, "
-                             f"but the metadata {sizes} needs uint8 {expected}")
+            raise ValueError(
+                f"{where}: {packed_key(layer_idx, projection, 'weight')} is {tuple(blob.shape)} {blob.dtype}, "
+                f"but the metadata {sizes} needs uint8 {expected}"
+            )
         scale = fields[projection + "_scale"]
-        if scale is not None and (scale.dim() < 3 or tuple(scale.shape[:2]) != (E, -(-rows // _PANEL_ROWS) * _PANEL_ROWS)):
-            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'scale')} is {tuple(scale.shape)}, but the "
-                             f"metadata {sizes} needs [{E}, {-(-rows // _PANEL_ROWS) * _PANEL_ROWS}, ...]")
+        if scale is not None and (
+            scale.dim() < 3 or tuple(scale.shape[:2]) != (E, -(-rows // _PANEL_ROWS) * _PANEL_ROWS)
+        ):
+            raise ValueError(
+                f"{where}: {packed_key(layer_idx, projection, 'scale')} is {tuple(scale.shape)}, but the "
+                f"metadata {sizes} needs [{E}, {-(-rows // _PANEL_ROWS) * _PANEL_ROWS}, ...]"
+            )
     # Sizes alone cannot tell I from the panel-padded I (63 and 64 pack to the same bytes), but the
     # padding rows are stored as zeros: non-zero values there mean the metadata is smaller than the
     # matrices really are. One expert suffices, the metadata is per layer.
@@ -163,17 +177,27 @@ def _check_layer(path: str, layer_idx: int, meta, fields: dict) -> None:
         if padded == rows:
             continue
         scale = fields[projection + "_scale"]
-        full = torch.ops.kt.unpack_weights(fields[projection][:1].contiguous(),
-                                           None if scale is None else scale[:1].contiguous(), fmt, padded, cols)
+        full = torch.ops.kt.unpack_weights(
+            fields[projection][:1].contiguous(), None if scale is None else scale[:1].contiguous(), fmt, padded, cols
+        )
         if full[0, rows:].any():
-            raise ValueError(f"{where}: {packed_key(layer_idx, projection, 'weight')} holds non-zero rows beyond the "
-                             f"metadata's {rows} ({'intermediate_size' if projection == 'gate' else 'hidden_size'}); "
-                             f"the metadata {sizes} does not describe these tensors")
+            raise ValueError(
+                f"{where}: {packed_key(layer_idx, projection, 'weight')} holds non-zero rows beyond the "
+                f"metadata's {rows} ({'intermediate_size' if projection == 'gate' else 'hidden_size'}); "
+                f"the metadata {sizes} does not describe these tensors"
+            )
 
 
 _MAPPED: dict = {}  # (real path, size, mtime) -> (read-only np.memmap of the file, its header)
-_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I32": torch.int32, "I64": torch.int64}
+_DTYPES = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 def _mapped_file(path: str):
@@ -204,7 +228,7 @@ def _mapped_tensor(path: str, name: str) -> torch.Tensor:
     if dtype is None:
         raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which the mapped reader does not handle")
     begin, end = entry["data_offsets"]
-    raw = data[base + begin:base + end]
+    raw = data[base + begin : base + end]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "not writable": intended, the mapping is read-only
         t = torch.from_numpy(raw)
@@ -229,7 +253,10 @@ def load_packed_experts(path: str, layer_idx: int, mmap: bool = False) -> Packed
             names = set(f.keys())
             read = (lambda key: _mapped_tensor(path, key)) if mmap else f.get_tensor
             for projection in PROJECTIONS:
-                weight_key, scale_key = packed_key(layer_idx, projection, "weight"), packed_key(layer_idx, projection, "scale")
+                weight_key, scale_key = (
+                    packed_key(layer_idx, projection, "weight"),
+                    packed_key(layer_idx, projection, "scale"),
+                )
                 if weight_key not in names:
                     raise KeyError(f"{path}: missing tensor {weight_key}")
                 fields[projection] = read(weight_key)
@@ -241,5 +268,10 @@ def load_packed_experts(path: str, layer_idx: int, mmap: bool = False) -> Packed
     except Exception as e:  # safetensors' own error type for truncated data
         raise ValueError(f"{path}: cannot read layer {layer_idx}: {e}") from None
     _check_layer(path, layer_idx, meta, fields)
-    return PackedExperts(**fields, weight_format=meta["weight_format"], num_experts=meta["num_experts"],
-                         hidden_size=meta["hidden_size"], intermediate_size=meta["intermediate_size"])
+    return PackedExperts(
+        **fields,
+        weight_format=meta["weight_format"],
+        num_experts=meta["num_experts"],
+        hidden_size=meta["hidden_size"],
+        intermediate_size=meta["intermediate_size"],
+    )

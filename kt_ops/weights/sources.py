@@ -1,12 +1,14 @@
 """ExpertSource: one reader over every place a layer's routed experts can come from."""
+
 from __future__ import annotations
 
 import os
 from typing import Optional
 
 from .ktransformers import KTWeightDirectory, is_kt_directory
-from .loaders import BF16SafeTensorLoader, SafeTensorLoader, safe_open
+from .loaders import BF16SafeTensorLoader, SafeTensorLoader
 from .native import NativeCheckpoint
+from .shards import safe_open
 
 
 class ExpertSource:
@@ -51,12 +53,20 @@ class ExpertSource:
         else:
             full = self.packed.load_packed(layer)
         if full.num_experts != E or (full.hidden_size, full.intermediate_size) != (H, I):
-            raise ValueError(f"{self.path}: layer {layer} holds {full.num_experts} experts of hidden {full.hidden_size} "
-                             f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}")
+            raise ValueError(
+                f"{self.path}: layer {layer} holds {full.num_experts} experts of hidden {full.hidden_size} "
+                f"/ intermediate {full.intermediate_size}; the model needs {E} of {H} / {I}"
+            )
         return full
 
-    def projection_reader(self, layer: int, projection: str, num_experts: Optional[int] = None,
-                          hidden_major: bool = False, interleaved: bool = False):
+    def projection_reader(
+        self,
+        layer: int,
+        projection: str,
+        num_experts: Optional[int] = None,
+        hidden_major: bool = False,
+        interleaved: bool = False,
+    ):
         """read(lo, hi): experts [lo, hi) of one projection of a float checkpoint's layer (gate/up
         [n, I, H], down [n, H, I]). Per-expert keys are read a chunk at a time; a fused tensor is
         one tensor, read once. The keywords describe the layer as BF16SafeTensorLoader.load_projection

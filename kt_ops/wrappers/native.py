@@ -1,0 +1,46 @@
+"""NativeMoEWrapper (methods FP8 and RAWINT4): inference on the pre-quantized experts of a
+HuggingFace safetensors checkpoint at `weight_path` (kt_ops.weights.native documents the layouts and
+how each becomes a kernel format). Forward, submit_forward/sync_forward, chunked prefill, GPU experts
+and deferred experts are AMXMoEWrapper's."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.packed import check_expert_map
+from ..weights.native import NativeCheckpoint
+from .amx import AMXMoEWrapper
+
+
+class NativeMoEWrapper(AMXMoEWrapper):
+    # FP8 keeps the checkpoint's 128-wide blocks as int8 groups; RAWINT4 its 32-wide int4 groups.
+    # load_weights_from_tensors quantizes to the same format.
+    METHOD_FORMATS = {"FP8": ("int8_kgroup", 128), "RAWINT4": ("int4_kgroup", 32)}
+    SUPPORTED_METHODS = frozenset(METHOD_FORMATS)
+
+    def __init__(self, *args, method: str = "FP8", **kwargs):
+        if kwargs.get("cpu_save"):
+            # load_weights_from_tensors would write kt_ops' packed form over the checkpoint at weight_path
+            raise ValueError(
+                "cpu_save=True is for the AMX methods' online quantization; FP8 and RAWINT4 read weight_path as a "
+                "HuggingFace checkpoint, so it is never overwritten: pass cpu_save=False"
+            )
+        super().__init__(*args, method=method, **kwargs)
+
+    def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
+        """Read layer `layer_idx`'s experts from the checkpoint (file, directory or index.json) at
+        `weight_path`."""
+
+        mapping = check_expert_map(physical_to_logical_map_cpu, self.num_experts)
+        if not self.weight_path:
+            raise RuntimeError(
+                "weight_path is not set: create the wrapper with weight_path naming the checkpoint, "
+                "or call load_weights_from_tensors()"
+            )
+        for name, size in (("hidden_size", self.hidden_size), ("moe_intermediate_size", self.moe_intermediate_size)):
+            if size % self.group_size:
+                raise ValueError(f"{name} ({size}) must be a multiple of {self.group_size} for method {self.method}")
+        parts = NativeCheckpoint(self.weight_path, self.method).load_layer(
+            self.layer_idx, self.num_experts, self.hidden_size, self.moe_intermediate_size, self.split, self.group_size
+        )
+        self._set_parts(parts, mapping)
