@@ -421,10 +421,11 @@ class RowSource {
 // Split bf16 (rounding ISAs): a value v is the sum hi + lo of two bf16 numbers (hi = bf16(v), lo =
 // bf16(v - hi)), exact to about 2^-17 relative. The LoRA products use it for the LoRA matrices and
 // the rank-r intermediates, so that on these ISAs only the activations (the base GEMMs' inputs) are
-// rounded, at the cost of two or three bf16 products per LoRA product, which the GEMMs absorb:
-//   expansion   V . B^T  ~ [Vhi, Vlo, Vhi] . [Bhi, Bhi, Blo]^T   (3 r along the reduction)
-//   contraction X . A^T  ~ X . [Ahi; Alo]^T, the two halves of the result summed   (2 r outputs)
-// (the dropped Vlo . Blo is below 2^-16 relative). Exact ISAs (Act = T) use v itself.
+// rounded, at the cost of two or three bf16 products per LoRA product, which the tiles absorb:
+//   expansion   V . B^T  ~ Vhi . Bhi^T + Vlo . Bhi^T + Vhi . Blo^T   (extra products of the base GEMM)
+//   contraction X . A^T  ~ X . [Ahi; Alo]^T, the two halves of the result summed
+// (the dropped Vlo . Blo is below 2^-16 relative). LoRA matrices that are bf16 already have no lo
+// part; exact ISAs (Act = T) use v itself.
 inline uint16_t round_bf16(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -445,25 +446,25 @@ inline uint16_t bf16_lo(float x, uint16_t hi) {
 
 template <typename Act>
 constexpr bool kSplit = sizeof(Act) == 2;
-// The reduction width of an expansion over rank n, and the outputs of a contraction to rank n.
+// The row stride of an expansion's A rows over rank n: [hi | lo] halves (split) or the values.
 template <typename Act>
-constexpr int64_t expansion_width(int64_t n) { return kSplit<Act> ? 3 * n : n; }
-template <typename Act>
-constexpr int64_t contraction_width(int64_t n) { return kSplit<Act> ? 2 * n : n; }
+constexpr int64_t expansion_stride(int64_t n) { return kSplit<Act> ? 2 * act_stride(n) : act_stride(n); }
 
-// An expansion's A row: [hi, lo, hi] of v (split) or v itself, zero from expansion_width(n) to
-// n_padded.
+// An expansion's A row: hi and lo of v in two halves of act_stride(n) (split), or v itself; the
+// padding of each is zero.
 template <typename T, typename Act>
-void expansion_row(const Kernels<T, Act>& k, const T* v, int64_t n, Act* dst, int64_t n_padded) {
+void expansion_row(const Kernels<T, Act>& k, const T* v, int64_t n, Act* dst) {
+  const int64_t half = act_stride(n);
   if constexpr (kSplit<Act>) {
     for (int64_t q = 0; q < n; ++q) {
       const uint16_t hi = round_bf16(static_cast<float>(v[q]));
-      dst[q] = dst[2 * n + q] = hi;
-      dst[n + q] = bf16_lo(static_cast<float>(v[q]), hi);
+      dst[q] = hi;
+      dst[half + q] = bf16_lo(static_cast<float>(v[q]), hi);
     }
-    std::fill(dst + 3 * n, dst + n_padded, Act(0));
+    std::fill(dst + n, dst + half, Act(0));
+    std::fill(dst + half + n, dst + 2 * half, Act(0));
   } else {
-    k.to_act(v, n, dst, n_padded);
+    k.to_act(v, n, dst, half);
   }
 }
 
@@ -474,7 +475,8 @@ void expansion_row(const Kernels<T, Act>& k, const T* v, int64_t n, Act* dst, in
 //   Values:      M itself in T, row-major (the stored layout: read in place when already T);
 //   Transposed:  M^T in T, row-major.
 // A panel job's Role says how its B takes part in the split bf16 products (above): as the B of an
-// expansion (K tripled: [Bhi, Bhi, Blo]) or of a contraction (N doubled: [Bhi; Blo]).
+// expansion (a second panel set, lo, when the matrix has one) or of a contraction (N doubled:
+// [Bhi; Blo], when it has a lo part).
 // The T forms are the `m` of the kernels' contract (rank-r products of h, dg and du, kept exact).
 template <typename T, typename Act>
 class LoraPanels {
@@ -501,6 +503,8 @@ class LoraPanels {
         if (!sources_[m]) sources_[m].emplace(*all[m], all[m]->size(2));
         l.rows += all[m]->size(1);
         l.cols = all[m]->size(2);
+        // A bf16 matrix is its own hi: it has no lo part.
+        l.lo = l.lo || (kSplit<Act> && jobs_[j].role != Plain && all[m]->scalar_type() != at::kBFloat16);
       }
       const Kind kind = jobs_[j].kind;
       if (kind == Values && jobs_[j].sources.size() == 1 && all[jobs_[j].sources[0]]->scalar_type() == dtype() &&
@@ -515,11 +519,11 @@ class LoraPanels {
         value_total += hits * l.per_expert;
         continue;
       }
-      int64_t N = kind == Rows ? l.rows : l.cols, K = kind == Rows ? l.cols : l.rows;
-      if (jobs_[j].role == Expansion) K = expansion_width<Act>(K);
-      if (jobs_[j].role == Contraction) N = contraction_width<Act>(N);
+      const int64_t N = kind == Rows ? l.rows : l.cols, K = kind == Rows ? l.cols : l.rows;
+      const bool doubled = l.lo && jobs_[j].role == Contraction;
       l.stride = act_panel_elems(K);
-      l.per_expert = ceil_div(N, kPanelRows) * l.stride;
+      l.set = ceil_div(doubled ? 2 * N : N, kPanelRows) * l.stride;
+      l.per_expert = (l.lo && jobs_[j].role == Expansion ? 2 : 1) * l.set;
       l.offset = act_total;
       act_total += hits * l.per_expert;
     }
@@ -531,11 +535,15 @@ class LoraPanels {
       if (!layouts_[j].in_place) build(k, j, e, slot, all);
     });
   }
-  // Expert e's panels of a Rows / Cols job, panel_stride(j) elements apart.
-  const Act* get(int j, int64_t expert) const {
-    return panels_->data() + layouts_[j].offset + slot_of_expert_[expert] * layouts_[j].per_expert;
+  // Expert e's panels of a Rows / Cols job (set 1: the lo panels of an expansion), panel_stride(j)
+  // elements apart.
+  const Act* get(int j, int64_t expert, int set = 0) const {
+    return panels_->data() + layouts_[j].offset + slot_of_expert_[expert] * layouts_[j].per_expert +
+           set * layouts_[j].set;
   }
   int64_t panel_stride(int j) const { return layouts_[j].stride; }
+  // Whether job j's matrix has a lo part (split bf16 of a matrix that is not bf16 itself).
+  bool has_lo(int j) const { return layouts_[j].lo; }
   // Expert e's matrix of a Values / Transposed job.
   const T* values(int j, int64_t expert) const {
     const Layout& l = layouts_[j];
@@ -546,7 +554,8 @@ class LoraPanels {
  private:
   static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
   struct Layout {
-    int64_t rows = 0, cols = 0, stride = 0, per_expert = 0, offset = 0;
+    int64_t rows = 0, cols = 0, stride = 0, set = 0, per_expert = 0, offset = 0;
+    bool lo = false;
     const T* in_place = nullptr;
   };
 
@@ -570,38 +579,29 @@ class LoraPanels {
         for (int64_t c = 0; c < cols; ++c) (job.kind == Values ? dst[r * cols + c] : dst[c * rows + r]) = m[r * cols + c];
       return;
     }
-    // M' in Act: M split for its role (see above), then packed.
-    const bool split = kSplit<Act> && job.role != Plain;
-    const int64_t copies = !split ? 1 : job.role == Expansion ? 3 : 2;
-    // The split copies go along K for an expansion and along N for a contraction; for Rows, K is a
-    // row of M (copies side by side), for Cols it is a column of M (copies stacked).
-    const bool side_by_side = (job.kind == Rows) == (job.role == Expansion);
-    const int64_t out_rows = side_by_side ? rows : copies * rows, out_cols = side_by_side ? copies * cols : cols;
-    Act* mp = task_buffer<Act>(kStageA, out_rows * out_cols);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) {
-        const T v = m[r * cols + c];
-        for (int64_t copy = 0; copy < copies; ++copy) {
-          Act part;
-          if constexpr (kSplit<Act>) {
-            const uint16_t hi = round_bf16(static_cast<float>(v));
-            // Expansion copies: hi, hi, lo; contraction copies: hi, lo.
-            const bool lo = split && (job.role == Expansion ? copy == 2 : copy == 1);
-            part = lo ? bf16_lo(static_cast<float>(v), hi) : hi;
-          } else {
-            part = static_cast<Act>(v);
-          }
-          if (side_by_side)
-            mp[r * out_cols + copy * cols + c] = part;
-          else
-            mp[(copy * rows + r) * out_cols + c] = part;
-        }
-      }
+    // hi (and lo) of M in Act, each packed: an expansion's lo is its second panel set; a
+    // contraction's lo doubles N (its rows of B after the hi rows: stacked for Rows, side by side
+    // for Cols, where N runs along M's rows or its columns).
+    const bool stack = job.role == Contraction && l.lo;
+    const int64_t out_rows = stack && job.kind == Rows ? 2 * rows : rows;
+    const int64_t out_cols = stack && job.kind == Cols ? 2 * cols : cols;
+    Act* hi = task_buffer<Act>(kStageA, out_rows * out_cols);
+    Act* lo = job.role == Expansion && l.lo ? task_buffer<Act>(kStageB, rows * cols) : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = m + r * cols;
+      k.to_act(src, cols, hi + r * out_cols, cols);
+      if (stack) k.to_act_residual(src, cols, job.kind == Rows ? hi + (rows + r) * out_cols : hi + r * out_cols + cols, cols);
+      if (lo) k.to_act_residual(src, cols, lo + r * cols, cols);
+    }
     Act* dst = panels_->data() + l.offset + slot * l.per_expert;
-    if (job.kind == Rows)
-      k.pack_rows(mp, out_cols, out_rows, out_cols, dst, l.stride);
-    else
-      k.pack_cols(mp, out_cols, out_rows, out_cols, dst, l.stride);
+    const auto pack = [&](const Act* src, int64_t src_rows, int64_t src_cols, Act* out) {
+      if (job.kind == Rows)
+        k.pack_rows(src, src_cols, src_rows, src_cols, out, l.stride);
+      else
+        k.pack_cols(src, src_cols, src_rows, src_cols, out, l.stride);
+    };
+    pack(hi, out_rows, out_cols, dst);
+    if (lo) pack(lo, rows, cols, dst + l.set);
   }
 
   std::vector<Job> jobs_;
@@ -611,6 +611,40 @@ class LoraPanels {
   std::unique_ptr<ReusedBuffer<Act>> panels_;
   std::unique_ptr<ReusedBuffer<T>> values_;
 };
+
+// The extra products of an expansion (gemm.h): V . B^T added to a weight GEMM's C, with V's rows
+// written by expansion_row (lda = expansion_stride(n)) and B the panels of expansion job j for the
+// GEMM's first panel p0.
+template <typename T, typename Act>
+ExtraProducts<Act> expansion(const LoraPanels<T, Act>& lora, int j, int64_t e, int64_t p0, const Act* rows,
+                             int64_t n) {
+  ExtraProducts<Act> extra;
+  extra.K = static_cast<int>(n);
+  extra.lda = expansion_stride<Act>(n);
+  extra.panel_stride = lora.panel_stride(j);
+  const Act* b_hi = lora.get(j, e) + p0 * extra.panel_stride;
+  extra.a[0] = rows;
+  extra.b[0] = b_hi;
+  extra.count = 1;
+  if constexpr (kSplit<Act>) {
+    extra.a[1] = rows + act_stride(n);
+    extra.b[1] = b_hi;
+    extra.count = 2;
+    if (lora.has_lo(j)) {
+      extra.a[2] = rows;
+      extra.b[2] = lora.get(j, e, 1) + p0 * extra.panel_stride;
+      extra.count = 3;
+    }
+  }
+  return extra;
+}
+
+// The extra products added to a C that another path computed (the products on codes).
+template <typename T, typename Act>
+void add_extra(const Kernels<T, Act>& k, const ExtraProducts<Act>& extra, int64_t m, int64_t np, T* c, int64_t ldc) {
+  for (int i = 0; i < extra.count; ++i)
+    k.gemm_a(extra.a[i], extra.lda, m, extra.K, extra.b[i], extra.panel_stride, np, c, ldc, true);
+}
 
 // VariantArgs checked and converted to T (biases are [E, I] / [E, H]: small, converted whole).
 template <typename T>
@@ -725,7 +759,7 @@ class Forward {
       : s_(s), k_(k), hidden_(hidden), gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args),
         scaling_(scaling), save_(save), variant_(variant), routing_(route(ids, s.E)),
         R_(routing_.order.size()), order_(routing_.order.data()), w_(as_reused(weights, dtype())),
-        ldx_(act_stride(s.H)), ldh_(act_stride(s.I)), ldr_(act_stride(expansion_width<Act>(s.r))),
+        ldx_(act_stride(s.H)), ldh_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
         xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)),
         lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
         ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
@@ -784,7 +818,8 @@ class Forward {
   // xa = x . [Ag; Au]^T per expert: saved (lora_mid planes 0, 1; pair order) and kept as s xa
   // activations for the gate / up expansions.
   void input_rank_products(const LoraPanels<T, Act>& lora) {
-    const int64_t r = s_.r, np = ceil_div(contraction_width<Act>(2 * r), kPanelRows), ldc = np * kPanelRows;
+    const int64_t r = s_.r, halves = lora.has_lo(0) ? 2 : 1;
+    const int64_t np = ceil_div(halves * 2 * r, kPanelRows), ldc = np * kPanelRows;
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
@@ -797,7 +832,7 @@ class Forward {
         T* xa = task_buffer<T>(kStageB, 2 * r);
         for (int64_t i = 0; i < m; ++i) {
           const T* ci = c + i * ldc;
-          for (int64_t q = 0; q < 2 * r; ++q) xa[q] = kSplit<Act> ? ci[q] + ci[2 * r + q] : ci[q];
+          for (int64_t q = 0; q < 2 * r; ++q) xa[q] = halves == 2 ? ci[q] + ci[2 * r + q] : ci[q];
           for (int plane = 0; plane < 2; ++plane) keep_rank_product(plane, c0 + i, xa + plane * r);
         }
       }
@@ -827,7 +862,7 @@ class Forward {
     T scaled[kMaxStackRank];
     T* s_values = r <= kMaxStackRank ? scaled : task_buffer<T>(kConvert, r);
     for (int64_t q = 0; q < r; ++q) s_values[q] = scaling_ * values[q];
-    expansion_row(k_, s_values, r, lora_act(plane) + row * ldr_, ldr_);
+    expansion_row(k_, s_values, r, lora_act(plane) + row * ldr_);
   }
 
   int64_t blocks_i() const { return ceil_div(padded_rows(s_.I), kColsPerTask); }
@@ -857,23 +892,23 @@ class Forward {
           if (x_scratch == nullptr) x_scratch = task_buffer<T>(kConvert, m * s_.H);
           return x_source.row_values(order_[c0 + i] / s_.k, x_scratch + i * s_.H);
         };
-        const bool direct = direct_on_codes(gate_w_, e, m, p0, np, x_row, cg);
-        if (direct) {
+        ExtraProducts<Act> lora_g, lora_u;
+        if (lora) {
+          lora_g = expansion(*lora, 1, e, p0, lora_act(0) + c0 * ldr_, s_.r);
+          lora_u = expansion(*lora, 2, e, p0, lora_act(1) + c0 * ldr_, s_.r);
+        }
+        if (direct_on_codes(gate_w_, e, m, p0, np, x_row, cg)) {
           direct_on_codes(up_w_, e, m, p0, np, x_row, cu);
+          add_extra(k_, lora_g, m, np, cg, ldc);
+          add_extra(k_, lora_u, m, np, cu, ldc);
         } else {
           if (wg == nullptr) {
             wg = weight_panels(gate_w_, e, p0, np, stride_g, kWeightsA);
             wu = weight_panels(up_w_, e, p0, np, stride_u, kWeightsB);
           }
           const Act* x = xs_.data() + c0 * ldx_;
-          k_.gemm_w(x, ldx_, m, s_.H, wg, stride_g, np, cg, ldc, false);
-          k_.gemm_w(x, ldx_, m, s_.H, wu, stride_u, np, cu, ldc, false);
-        }
-        if (lora) {
-          const int64_t bstride_g = lora->panel_stride(1), bstride_u = lora->panel_stride(2);
-          const int64_t K = expansion_width<Act>(s_.r);
-          k_.gemm_a(lora_act(0) + c0 * ldr_, ldr_, m, K, lora->get(1, e) + p0 * bstride_g, bstride_g, np, cg, ldc, true);
-          k_.gemm_a(lora_act(1) + c0 * ldr_, ldr_, m, K, lora->get(2, e) + p0 * bstride_u, bstride_u, np, cu, ldc, true);
+          k_.gemm_w(x, ldx_, m, s_.H, wg, stride_g, np, cg, ldc, false, lora ? &lora_g : nullptr);
+          k_.gemm_w(x, ldx_, m, s_.H, wu, stride_u, np, cu, ldc, false, lora ? &lora_u : nullptr);
         }
         for (int64_t i = 0; i < m; ++i) {
           const int64_t p = order_[c0 + i];
@@ -919,14 +954,13 @@ class Forward {
           if (h_scratch == nullptr) h_scratch = task_buffer<float>(kConvert, m * s_.I);
           return act_row_f32(k_, hs_.data() + (c0 + i) * ldh_, s_.I, h_scratch + i * s_.I);
         };
-        if (!direct_on_codes(down_w_, e, m, p0, np, h_row, c)) {
+        ExtraProducts<Act> lora_d;
+        if (lora) lora_d = expansion(*lora, 4, e, p0, lora_act(2) + c0 * ldr_, s_.r);
+        if (direct_on_codes(down_w_, e, m, p0, np, h_row, c)) {
+          add_extra(k_, lora_d, m, np, c, ldc);
+        } else {
           if (wd == nullptr) wd = weight_panels(down_w_, e, p0, np, stride, kWeightsA);
-          k_.gemm_w(hs_.data() + c0 * ldh_, ldh_, m, s_.I, wd, stride, np, c, ldc, false);
-        }
-        if (lora) {
-          const int64_t bstride = lora->panel_stride(4);
-          k_.gemm_a(lora_act(2) + c0 * ldr_, ldr_, m, expansion_width<Act>(s_.r), lora->get(4, e) + p0 * bstride, bstride,
-                    np, c, ldc, true);
+          k_.gemm_w(hs_.data() + c0 * ldh_, ldh_, m, s_.I, wd, stride, np, c, ldc, false, lora ? &lora_d : nullptr);
         }
         for (int64_t i = 0; i < m; ++i) {
           const int64_t p = order_[c0 + i];
@@ -996,8 +1030,8 @@ class Backward {
         weights_dtype_(weights.scalar_type()), hidden_dtype_(hidden.scalar_type()), options_(hidden.options()),
         dy_source_(grad_output, s.H), x_source_(hidden, s.H), w_(as_reused(weights, dtype())),
         pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())), mid_data_(mid_.data_ptr<T>()),
-        ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(act_stride(expansion_width<Act>(s.r))),
-        ld2r_(act_stride(expansion_width<Act>(2 * s.r))),
+        ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
+        ld2r_(expansion_stride<Act>(2 * s.r)),
         blocks_i_(ceil_div(padded_rows(s.I), kColsPerTask)), dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
         dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
         rank_(std::max<int64_t>(3 * R_ * s.r, 1)), rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
@@ -1071,7 +1105,8 @@ class Backward {
 
   // dYB = dY . Bd per expert (rank(0)), s dYB as activations.
   void down_rank_products(const LoraPanels<T, Act>& lora) {
-    const int64_t r = s_.r, np = ceil_div(contraction_width<Act>(r), kPanelRows), ldc = np * kPanelRows;
+    const int64_t r = s_.r, halves = lora.has_lo(0) ? 2 : 1;
+    const int64_t np = ceil_div(halves * r, kPanelRows), ldc = np * kPanelRows;
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
@@ -1086,10 +1121,10 @@ class Backward {
           const T* ci = c + i * ldc;
           T* dyb = rank(0, c0 + i);
           for (int64_t q = 0; q < r; ++q) {
-            dyb[q] = kSplit<Act> ? ci[q] + ci[r + q] : ci[q];
+            dyb[q] = halves == 2 ? ci[q] + ci[r + q] : ci[q];
             scaled[q] = scaling_ * dyb[q];
           }
-          expansion_row(k_, scaled, r, dyb_act(c0 + i), ldr_);
+          expansion_row(k_, scaled, r, dyb_act(c0 + i));
         }
       }
     });
@@ -1131,12 +1166,10 @@ class Backward {
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
-        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kColsPerTask, false);
-        if (lora) {
-          const int64_t astride = lora->panel_stride(1);
-          k_.gemm_a(dyb_act(c0), ldr_, m, expansion_width<Act>(r), lora->get(1, e) + (k0 / kPanelRows) * astride, astride,
-                    np, c, kColsPerTask, true);
-        }
+        ExtraProducts<Act> lora_d;
+        if (lora) lora_d = expansion(*lora, 1, e, k0 / kPanelRows, dyb_act(c0), r);
+        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kColsPerTask, false,
+                  lora ? &lora_d : nullptr);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row];
           dw_partial_.data()[row * blocks_i_ + block] = k_.glu_backward(
@@ -1197,7 +1230,7 @@ class Backward {
           scaled[q] = scaling_ * dgb[q];
           scaled[r + q] = scaling_ * dub[q];
         }
-        expansion_row(k_, scaled, 2 * r, dgub_act(row), ld2r_);
+        expansion_row(k_, scaled, 2 * r, dgub_act(row));
       }
     });
   }
@@ -1222,13 +1255,11 @@ class Backward {
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
-        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kColsPerTask, false);
-        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kColsPerTask, true);
-        if (lora) {
-          const int64_t astride = lora->panel_stride(4);
-          k_.gemm_a(dgub_act(c0), ld2r_, m, expansion_width<Act>(2 * r), lora->get(4, e) + (h0 / kPanelRows) * astride,
-                    astride, np, c, kColsPerTask, true);
-        }
+        ExtraProducts<Act> lora_x;
+        if (lora) lora_x = expansion(*lora, 4, e, h0 / kPanelRows, dgub_act(c0), 2 * r);
+        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kColsPerTask, false, nullptr);
+        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kColsPerTask, true,
+                  lora ? &lora_x : nullptr);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
           std::copy(c + i * kColsPerTask, c + i * kColsPerTask + kc, dx_pairs_.data() + p * H + h0);

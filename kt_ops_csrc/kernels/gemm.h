@@ -50,13 +50,25 @@ struct Glu {
   T alpha, up_offset, limit;
 };
 
+// Up to three products with activation panels that a weight GEMM adds to C before storing it:
+// C += sum_i A_i . B_i^T, each over the same K (the LoRA expansions: split bf16 uses two or three).
+// A_i: m rows, lda apart; B_i: panels (the GEMM's first panel at b[i]) panel_stride apart.
+template <typename Act>
+struct ExtraProducts {
+  int count = 0;
+  int K = 0;
+  int64_t lda = 0, panel_stride = 0;
+  const Act* a[3] = {};
+  const Act* b[3] = {};
+};
+
 template <typename T, typename Act>
 struct Kernels {
   using act_type = Act;
-  // C[i, 16 p + c] (+)= sum_k A[i][k] W_p[c][k] for i < m, panels p < np (at w + p * panel_stride
-  // uint16 elements), c < 16; C is [m, ldc] (accumulate: added to what C holds).
+  // C[i, 16 p + c] (+)= sum_k A[i][k] W_p[c][k] (+ the extra products) for i < m, panels p < np (at
+  // w + p * panel_stride uint16 elements), c < 16; C is [m, ldc] (accumulate: added to what C holds).
   void (*gemm_w)(const Act* a, int64_t lda, int m, int K, const uint16_t* w, int64_t panel_stride, int np, T* c,
-                 int64_t ldc, bool accumulate);
+                 int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
   // The same with activation panels (b at b + p * panel_stride Act elements).
   void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c,
                  int64_t ldc, bool accumulate);

@@ -156,7 +156,7 @@ void gemm_a_avx2(const float* a, int64_t lda, int m, int K, const float* b, int6
 }  // namespace
 
 const KernelsF32* avx2_kernels_f32() {
-  static const KernelsF32 kernels{gemm_w_avx2,
+  static const KernelsF32 kernels{gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
                                   gemm_a_avx2,
                                   repack_nn,
                                   to_act_common<float, float>,
