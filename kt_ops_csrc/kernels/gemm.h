@@ -17,8 +17,9 @@
 // with Act = T, [K][16] (no pairs).
 //
 // Padding rules every caller keeps (they let the AMX tiles read whole 16 x 32 blocks):
-//   * A rows have lda >= act_stride(K) elements, zero in [K, act_stride(K)), and rows up to
-//     round_up(m, 16) can be read (their contents do not matter: those C rows are dropped);
+//   * A rows have an even lda >= act_stride(K) elements (pairs of bf16 are read as one 32-bit
+//     unit), zero in [K, act_stride(K)), and rows up to round_up(m, 16) can be read (their contents
+//     do not matter: those C rows are dropped);
 //   * C has room for round_up(m, 16) rows of ldc (rows >= m may be overwritten);
 //   * a panel holds k_pairs(K) pairs (weights) or act_pairs(K) pairs (activation panels, zero
 //     beyond K); the kernels never read past a panel's last pair.

@@ -1,9 +1,12 @@
-// Kernel-level check of the Kernels<float> tables (kernels/gemm.h) against float64 sums: random and
-// edge shapes for gemm_nt / gemm_nn (m, K, N not multiples of the tile sizes, odd K, column and
-// panel subsets), NaN rows and Inf weights staying in their row / column, dot and axpy tails. The
-// packed weights, A rows and C are allocated at their exact sizes, so AddressSanitizer sees any
-// out-of-bounds access. Tables that round activations to bf16 are compared with the bf16-rounded
-// activations, at the same tight bar. Built and run by run.sh.
+// Kernel-level check of the kernel tables (kernels/gemm.h) against float64 sums: gemm_w (with and
+// without accumulation and extra products) and gemm_a on random and edge shapes (m, K, N not
+// multiples of the tile sizes, odd K, panel subsets), NaN rows and Inf weights staying in their row /
+// column; the panel packers (pack_rows and pack_cols must agree bit for bit, and with the layout),
+// repack_nn, the activation conversions (rounding to nearest even, the split residual), the gated
+// activation and the rank-r contraction / rank-1 update. Every buffer is allocated at the size the
+// interface promises (A and C rows up to row_capacity(m), panels of their documented length), so
+// AddressSanitizer sees any access outside it. Rounding tables are fed bf16 activations, so their
+// products are checked at the same tight bar as the exact ones. Built and run by run.sh.
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -13,122 +16,306 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <vector>
 #include <string>
+#include <vector>
+
 #include "gemm.h"
 
 using namespace kt;
 static std::mt19937_64 rng(12345);
+static float randn() { static std::normal_distribution<float> d; return d(rng); }
+static int rint_(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+static int failures = 0;
+
+static uint16_t bits16(float x) { uint32_t b; std::memcpy(&b, &x, 4); return b >> 16; }
 static float bf16_round(float x) {
   uint32_t b; std::memcpy(&b, &x, 4);
   if ((b & 0x7FFFFFFFu) > 0x7F800000u) { b |= 0x400000u; b &= 0xFFFF0000u; }
   else { b += 0x7FFFu + ((b >> 16) & 1u); b &= 0xFFFF0000u; }
   float r; std::memcpy(&r, &b, 4); return r;
 }
-static uint16_t bits16(float x) { uint32_t b; std::memcpy(&b, &x, 4); return b >> 16; }
-static int64_t packed_index(int64_t n, int64_t k, int64_t K) {
-  return ((n / 16 * k_pairs(K) + k / 2) * 16 + n % 16) * 2 + k % 2;
+static float value_of(float x) { return x; }
+static float value_of(uint16_t bits) { uint32_t w = uint32_t(bits) << 16; float f; std::memcpy(&f, &w, 4); return f; }
+template <typename Act> static Act act_of(float x);
+template <> float act_of<float>(float x) { return x; }
+template <> uint16_t act_of<uint16_t>(float x) { return bits16(bf16_round(x)); }
+
+template <typename Act> struct Table { std::string name; const Kernels<float, Act>* k; };
+
+// Allocations of exactly `n` elements (at least one), so ASan sees reads past them.
+template <typename U> static U* exact(size_t n) { return static_cast<U*>(std::calloc(n ? n : 1, sizeof(U))); }
+
+static void check(const std::string& table, const char* what, double got, double exp, double scale, const char* ctx) {
+  const double tol = 3e-5 * scale + 1e-30;
+  const bool ok = (std::isnan(exp) && std::isnan(got)) || (std::isinf(exp) && got == exp) || std::fabs(got - exp) <= tol;
+  if (!ok && failures++ < 20) std::printf("FAIL %s %s %s: got %.9g expected %.9g (tol %.3g)\n", table.c_str(), what, ctx, got, exp, tol);
 }
-static float randn() { static std::normal_distribution<float> d; return d(rng); }
-static int rint_(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
 
-struct Table { std::string name; const Kernels<float>* k; bool rounds; };
-static int failures = 0;
-
-struct Weights {
-  int N, K; std::vector<float> w; uint16_t* packed; size_t packed_elems;
+struct Weights {  // W [N, K] in bf16, packed as weight panels at its exact size
+  int N, K; std::vector<float> w; uint16_t* packed; size_t elems;
   Weights(int N_, int K_) : N(N_), K(K_), w(size_t(N_) * K_) {
     for (auto& x : w) x = bf16_round(randn() * 0.5f);
-    packed_elems = size_t(padded_rows(N)) * k_pairs(K) * 2;
-    packed = static_cast<uint16_t*>(std::malloc(packed_elems * 2));  // exact size: ASan sees over-reads
-    std::memset(packed, 0, packed_elems * 2);
-    for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) packed[packed_index(n, k, K)] = bits16(w[size_t(n) * K + k]);
+    elems = size_t(padded_rows(N)) * k_pairs(K) * 2;
+    packed = exact<uint16_t>(elems);
+    for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
+      packed[((n / 16 * k_pairs(K) + k / 2) * 16 + n % 16) * 2 + k % 2] = bits16(w[size_t(n) * K + k]);
   }
   ~Weights() { std::free(packed); }
   float at(int n, int k) const { return n < N && k < K ? w[size_t(n) * K + k] : 0.0f; }
 };
 
-static void check(const char* what, const Table& t, double got, double exp, double scale, const char* ctx) {
-  const double tol = 3e-5 * scale + 1e-30;
-  const bool ok = (std::isnan(exp) && std::isnan(got)) || (std::isinf(exp) && got == exp) || std::fabs(got - exp) <= tol;
-  if (!ok && failures++ < 20) std::printf("FAIL %s %s %s: got %.9g expected %.9g (tol %.3g)\n", t.name.c_str(), what, ctx, got, exp, tol);
-}
-
-static void test_nt(const Table& t, int m, int K, int N, int p0, int np, bool specials = false) {
-  Weights W(N, K);
-  std::vector<float*> rows(m);
-  for (int i = 0; i < m; ++i) {
-    rows[i] = static_cast<float*>(std::malloc(sizeof(float) * K));
-    for (int k = 0; k < K; ++k) rows[i][k] = randn();
+template <typename Act> struct Rows {  // m activation rows of K values, lda apart, readable to row_capacity(m)
+  int m, K; int64_t lda; Act* a;
+  Rows(int m_, int K_, int pad) : m(m_), K(K_), lda(act_stride(K_) + pad) {
+    a = exact<Act>(size_t(row_capacity(m)) * lda);
+    for (int i = 0; i < m; ++i) for (int k = 0; k < K; ++k) a[i * lda + k] = act_of<Act>(randn());
   }
+  ~Rows() { std::free(a); }
+  double at(int i, int k) const { return value_of(a[i * lda + k]); }
+};
+
+template <typename Act> struct Panels {  // B [N, K] (Act) and its activation panels from the table's pack_rows
+  int N, K; std::vector<Act> b; Act* p; int64_t stride;
+  Panels(const Kernels<float, Act>* k, int N_, int K_) : N(N_), K(K_), b(size_t(N_) * K_), stride(act_panel_elems(K_)) {
+    for (auto& x : b) x = act_of<Act>(randn());
+    p = exact<Act>(size_t((N + 15) / 16) * stride);
+    k->pack_rows(b.data(), K, N, K, p, stride);
+  }
+  ~Panels() { std::free(p); }
+  double at(int n, int kk) const { return n < N && kk < K ? value_of(b[size_t(n) * K + kk]) : 0.0; }
+};
+
+template <typename Act>
+static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, bool accumulate, int extras, bool specials) {
+  Weights W(N, K);
+  Rows<Act> A(m, K, 2 * rint_(0, 2));
   int nan_row = -1, inf_col = -1;
-  if (specials && m > 2 && K > 3) { nan_row = 1; rows[1][K / 2] = NAN; }
-  if (specials && np * 16 > 3 && 16 * p0 + 2 < N) { inf_col = 2; W.packed[packed_index(16 * p0 + 2, K - 1, K)] = 0x7F80; W.w[size_t(16 * p0 + 2) * K + K - 1] = INFINITY; }
-  const int ldc = np * 16;
-  float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));
-  for (int i = 0; i < m * ldc; ++i) c[i] = 12345.0f;
-  t.k->gemm_nt(rows.data(), m, K, W.packed, p0, np, c);
-  char ctx[128]; std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d p0=%d np=%d", m, K, N, p0, np);
+  if (specials && m > 2 && K > 3) { nan_row = 1; A.a[1 * A.lda + K / 2] = act_of<Act>(NAN); }
+  if (specials && np * 16 > 3 && 16 * p0 + 2 < N) {
+    inf_col = 2;
+    W.packed[(((16 * p0 + 2) / 16 * k_pairs(K) + (K - 1) / 2) * 16 + 2) * 2 + (K - 1) % 2] = 0x7F80;
+    W.w[size_t(16 * p0 + 2) * K + K - 1] = INFINITY;
+  }
+  const int Ke = rint_(1, 40);
+  std::vector<Rows<Act>*> ea;
+  std::vector<Panels<Act>*> eb;
+  ExtraProducts<Act> extra;
+  extra.count = extras; extra.K = Ke;
+  const int64_t lda_e = act_stride(Ke) + 2;
+  Act* ea_rows = exact<Act>(size_t(row_capacity(m)) * lda_e * 3);
+  for (int e = 0; e < extras; ++e) {
+    eb.push_back(new Panels<Act>(t.k, N, Ke));
+    for (int i = 0; i < m; ++i) for (int k = 0; k < Ke; ++k) ea_rows[e * act_stride(Ke) + i * 3 * lda_e + k] = act_of<Act>(randn());
+    extra.a[e] = ea_rows + e * act_stride(Ke);
+    extra.b[e] = eb.back()->p + p0 * eb.back()->stride;
+  }
+  extra.lda = 3 * lda_e; extra.panel_stride = act_panel_elems(Ke);
+  const int64_t ldc = np * 16 + rint_(0, 3);
+  float* c = exact<float>(size_t(row_capacity(m)) * ldc);
+  std::vector<float> c0(size_t(m) * ldc);
+  for (int i = 0; i < m; ++i) for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
+  t.k->gemm_w(A.a, A.lda, m, K, W.packed + int64_t(p0) * k_pairs(K) * 32, k_pairs(K) * 32, np, c, ldc, accumulate,
+              extras ? &extra : nullptr);
+  char ctx[160];
+  std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d p0=%d np=%d acc=%d extras=%d Ke=%d", m, K, N, p0, np, accumulate, extras, Ke);
   for (int i = 0; i < m; ++i) for (int col = 0; col < ldc; ++col) {
-    double e = 0, s = 0; const int n = 16 * p0 + col;
-    for (int k = 0; k < K; ++k) { const double a = t.rounds ? bf16_round(rows[i][k]) : rows[i][k]; e += a * W.at(n, k); s += std::fabs(a * W.at(n, k)); }
     const double got = c[i * ldc + col];
-    if (i == nan_row) { if (!std::isnan(got) && failures++ < 20) std::printf("FAIL %s nt NaN row not NaN %s\n", t.name.c_str(), ctx); continue; }
-    if (col == inf_col) { if (std::isfinite(got) && failures++ < 20) std::printf("FAIL %s nt Inf col finite %s\n", t.name.c_str(), ctx); continue; }
-    check("nt", t, got, e, s, ctx);
+    if (col >= np * 16) {
+      if (got != c0[i * ldc + col] && failures++ < 20) std::printf("FAIL %s gemm_w wrote past its panels %s\n", t.name.c_str(), ctx);
+      continue;
+    }
+    const int n = 16 * p0 + col;
+    double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
+    for (int k = 0; k < K; ++k) { const double v = A.at(i, k) * W.at(n, k); e += v; s += std::fabs(v); }
+    for (int x = 0; x < extras; ++x)
+      for (int k = 0; k < Ke; ++k) {
+        const double v = value_of(extra.a[x][i * extra.lda + k]) * eb[x]->at(n, k);
+        e += v; s += std::fabs(v);
+      }
+    if (i == nan_row) { if (!std::isnan(got) && failures++ < 20) std::printf("FAIL %s NaN row not NaN %s\n", t.name.c_str(), ctx); continue; }
+    if (col == inf_col) { if (std::isfinite(got) && failures++ < 20) std::printf("FAIL %s Inf column finite %s\n", t.name.c_str(), ctx); continue; }
+    check(t.name, "gemm_w", got, e, s, ctx);
   }
-  for (auto r : rows) std::free(r);
-  std::free(c);
+  for (auto p : eb) delete p;
+  std::free(ea_rows); std::free(c);
 }
 
-static void test_nn(const Table& t, int m, int N, int K, int k0, int kc, int ldc) {
-  Weights W(N, K);
-  const int np_ = padded_rows(N);
-  std::vector<float*> rows(m);
-  for (int i = 0; i < m; ++i) {
-    rows[i] = static_cast<float*>(std::malloc(sizeof(float) * np_));
-    for (int n = 0; n < np_; ++n) rows[i][n] = n < N ? randn() : 0.0f;
-  }
-  float* c = static_cast<float*>(std::malloc(sizeof(float) * ((m - 1) * ldc + kc)));
-  for (int i = 0; i < (m - 1) * ldc + kc; ++i) c[i] = 12345.0f;
-  t.k->gemm_nn(rows.data(), m, np_, W.packed, K, k0, kc, c, ldc);
-  char ctx[128]; std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d k0=%d kc=%d ldc=%d", m, N, K, k0, kc, ldc);
-  for (int i = 0; i < m; ++i) for (int col = 0; col < ldc && (i < m - 1 || col < kc); ++col) {
-    const double got = c[i * ldc + col];
-    if (col >= kc) { if (got != 12345.0f && failures++ < 20) std::printf("FAIL %s nn wrote outside kc %s\n", t.name.c_str(), ctx); continue; }
+template <typename Act>
+static void test_gemm_a(const Table<Act>& t, int m, int K, int N) {
+  Rows<Act> A(m, K, 2 * rint_(0, 2));
+  Panels<Act> B(t.k, N, K);
+  const int np = (N + 15) / 16;
+  const int64_t ldc = np * 16;
+  float* c = exact<float>(size_t(row_capacity(m)) * ldc);
+  t.k->gemm_a(A.a, A.lda, m, K, B.p, B.stride, np, c, ldc, false);
+  char ctx[96]; std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d", m, K, N);
+  for (int i = 0; i < m; ++i) for (int n = 0; n < np * 16; ++n) {
     double e = 0, s = 0;
-    for (int n = 0; n < np_; ++n) { const double a = t.rounds ? bf16_round(rows[i][n]) : rows[i][n]; e += a * W.at(n, k0 + col); s += std::fabs(a * W.at(n, k0 + col)); }
-    check("nn", t, got, e, s, ctx);
+    for (int k = 0; k < K; ++k) { const double v = A.at(i, k) * B.at(n, k); e += v; s += std::fabs(v); }
+    check(t.name, "gemm_a", c[i * ldc + n], e, s, ctx);
   }
-  for (auto r : rows) std::free(r);
   std::free(c);
 }
 
-static void test_vec(const Table& t, int n) {
-  float* a = static_cast<float*>(std::malloc(sizeof(float) * (n ? n : 1)));
-  float* b = static_cast<float*>(std::malloc(sizeof(float) * (n ? n : 1)));
-  double e = 0, s = 0;
-  for (int i = 0; i < n; ++i) { a[i] = randn(); b[i] = randn(); e += double(a[i]) * b[i]; s += std::fabs(double(a[i]) * b[i]); }
-  char ctx[64]; std::snprintf(ctx, sizeof ctx, "n=%d", n);
-  check("dot", t, t.k->dot(a, b, n), e, s + 1e-20, ctx);
-  std::vector<double> y(b, b + n);
-  t.k->axpy(0.75f, a, b, n);
-  for (int i = 0; i < n; ++i) check("axpy", t, b[i], y[i] + 0.75 * a[i], std::fabs(y[i]) + std::fabs(0.75 * a[i]), ctx);
-  std::free(a); std::free(b);
+// pack_rows of B and pack_cols of B^T: the same bits, B's values where the layout puts them, zero elsewhere.
+template <typename Act>
+static void test_pack(const Table<Act>& t, int N, int K) {
+  Panels<Act> B(t.k, N, K);
+  std::vector<Act> bt(size_t(K) * N);
+  for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) bt[size_t(k) * N + n] = B.b[size_t(n) * K + k];
+  const size_t elems = size_t((N + 15) / 16) * B.stride;
+  Act* cols = exact<Act>(elems);
+  t.k->pack_cols(bt.data(), N, K, N, cols, B.stride);
+  char ctx[64]; std::snprintf(ctx, sizeof ctx, "N=%d K=%d", N, K);
+  if (std::memcmp(cols, B.p, elems * sizeof(Act)) != 0 && failures++ < 20)
+    std::printf("FAIL %s pack_cols differs from pack_rows %s\n", t.name.c_str(), ctx);
+  for (size_t x = 0; x < elems; ++x) {
+    const int64_t p = x / B.stride, off = x % B.stride;
+    int n, k;
+    if (sizeof(Act) == 2) { k = int(off / 32 * 2 + off % 2); n = int(p * 16 + off % 32 / 2); }
+    else { k = int(off / 16); n = int(p * 16 + off % 16); }
+    if (value_of(B.p[x]) != B.at(n, k) && failures++ < 20)
+      std::printf("FAIL %s pack_rows element n=%d k=%d %s\n", t.name.c_str(), n, k, ctx);
+  }
+  std::free(cols);
+}
+
+template <typename Act>
+static void test_repack(const Table<Act>& t, int N, int K, int col0, int ncols) {
+  Weights W(N, K);
+  const int n_padded = int(padded_rows(N)), pairs = n_padded / 2 + rint_(0, 20);
+  const int64_t stride = int64_t(pairs) * 32;
+  const int blocks = (ncols + 15) / 16;
+  uint16_t* dst = exact<uint16_t>(size_t(blocks) * stride);
+  t.k->repack_nn(W.packed, k_pairs(K), n_padded, pairs, col0, ncols, dst, stride);
+  char ctx[96]; std::snprintf(ctx, sizeof ctx, "N=%d K=%d col0=%d ncols=%d", N, K, col0, ncols);
+  for (int b = 0; b < blocks; ++b) for (int j = 0; j < pairs; ++j) for (int c = 0; c < 16; ++c) for (int h = 0; h < 2; ++h) {
+    const int col = b * 16 + c, n = 2 * j + h;
+    const float e = col < ncols && n < n_padded ? W.at(n, col0 + col) : 0.0f;
+    if (value_of(dst[b * stride + (j * 16 + c) * 2 + h]) != e && failures++ < 20)
+      std::printf("FAIL %s repack_nn n=%d col=%d %s\n", t.name.c_str(), n, col, ctx);
+  }
+  std::free(dst);
+}
+
+template <typename Act>
+static void test_convert(const Table<Act>& t, int n) {
+  std::vector<float> x(n);
+  for (auto& v : x) v = randn() * std::ldexp(1.0f, rint_(-20, 20));
+  if (n > 3) { x[1] = NAN; x[2] = INFINITY; x[3] = -0.0f; }
+  const int padded = n + rint_(0, 9);
+  Act* hi = exact<Act>(padded);
+  Act* lo = exact<Act>(padded);
+  t.k->to_act(x.data(), n, hi, padded);
+  t.k->to_act_residual(x.data(), n, lo, padded);
+  char ctx[32]; std::snprintf(ctx, sizeof ctx, "n=%d", n);
+  for (int i = 0; i < padded; ++i) {
+    if (i >= n) {
+      if ((value_of(hi[i]) != 0 || value_of(lo[i]) != 0) && failures++ < 20) std::printf("FAIL %s padding not zero %s\n", t.name.c_str(), ctx);
+      continue;
+    }
+    const float want = sizeof(Act) == 2 ? bf16_round(x[i]) : x[i];
+    const bool same = std::isnan(want) ? std::isnan(value_of(hi[i])) : value_of(hi[i]) == want;
+    if (!same && failures++ < 20) std::printf("FAIL %s to_act x=%g %s\n", t.name.c_str(), x[i], ctx);
+    if (std::isfinite(x[i])) check(t.name, "hi+lo", double(value_of(hi[i])) + value_of(lo[i]), x[i], std::fabs(x[i]) * 0.5, ctx);
+  }
+  std::free(hi); std::free(lo);
+}
+
+static double sigmoid(double x) { return 1 / (1 + std::exp(-x)); }
+
+template <typename Act>
+static void test_glu(const Table<Act>& t, int n, bool clamped) {
+  const Glu<float> glu{clamped, clamped ? 1.702f : 1.0f, clamped ? 1.0f : 0.0f, 7.0f};
+  std::vector<float> g(n), u(n), raw(n), h(n), dg(n), du(n), h2(n);
+  for (int i = 0; i < n; ++i) { g[i] = randn() * 4; u[i] = randn() * 4; raw[i] = randn(); }
+  const float w = 0.7f;
+  t.k->glu_forward(g.data(), u.data(), n, glu, h.data());
+  const double dw = t.k->glu_backward(g.data(), u.data(), raw.data(), w, n, glu, h2.data(), dg.data(), du.data());
+  char ctx[48]; std::snprintf(ctx, sizeof ctx, "n=%d clamped=%d", n, clamped);
+  double e_dw = 0, s_dw = 0;
+  for (int i = 0; i < n; ++i) {
+    const double L = glu.limit, gc = clamped ? std::min<double>(g[i], L) : g[i];
+    const double uc = clamped ? std::max(-L, std::min<double>(u[i], L)) : u[i];
+    const double a = clamped ? glu.alpha : 1.0, sig = sigmoid(a * gc), off = clamped ? glu.up_offset : 0.0;
+    const double hv = (uc + off) * gc * sig, dh = w * raw[i];
+    const double dgv = clamped && g[i] > L ? 0.0 : dh * (uc + off) * sig * (1 + a * gc * (1 - sig));
+    const double duv = clamped && (u[i] < -L || u[i] > L) ? 0.0 : dh * gc * sig;
+    check(t.name, "glu h", h[i], hv, std::fabs(hv) * 10, ctx);
+    check(t.name, "glu_backward h", h2[i], hv, std::fabs(hv) * 10, ctx);
+    check(t.name, "glu dg", dg[i], dgv, std::fabs(dgv) * 10 + 1e-6, ctx);
+    check(t.name, "glu du", du[i], duv, std::fabs(duv) * 10 + 1e-6, ctx);
+    e_dw += hv * raw[i]; s_dw += std::fabs(hv * raw[i]);
+  }
+  check(t.name, "glu dweight", dw, e_dw, s_dw * 10, ctx);
+}
+
+template <typename Act>
+static void test_rank(const Table<Act>& t, int n, int r) {
+  std::vector<float> v(n), m(size_t(n) * r), out(r), y(r), acc(size_t(n) * r);
+  for (auto& x : v) x = randn();
+  for (auto& x : m) x = randn();
+  for (auto& x : y) x = randn();
+  for (auto& x : acc) x = randn();
+  const std::vector<float> acc0 = acc;
+  t.k->contract(v.data(), n, m.data(), r, out.data());
+  t.k->rank1(v.data(), n, y.data(), r, acc.data());
+  char ctx[48]; std::snprintf(ctx, sizeof ctx, "n=%d r=%d", n, r);
+  for (int q = 0; q < r; ++q) {
+    double e = 0, s = 0;
+    for (int i = 0; i < n; ++i) { e += double(v[i]) * m[size_t(i) * r + q]; s += std::fabs(double(v[i]) * m[size_t(i) * r + q]); }
+    check(t.name, "contract", out[q], e, s, ctx);
+  }
+  for (int i = 0; i < n; ++i) for (int q = 0; q < r; ++q) {
+    const double e = acc0[size_t(i) * r + q] + double(v[i]) * y[q];
+    check(t.name, "rank1", acc[size_t(i) * r + q], e, std::fabs(e) + std::fabs(double(v[i]) * y[q]), ctx);
+  }
+}
+
+template <typename Act>
+static void run_table(const Table<Act>& t, int iters) {
+  if (!t.k) { std::printf("%s: not built\n", t.name.c_str()); failures++; return; }
+  const int before = failures;
+  const int Ks[] = {1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 95, 257, 300};
+  for (int K : Ks) for (int m : {1, 15, 16, 17, 31, 32, 33, 64, 70}) {
+    test_gemm(t, m, K, 50, 0, 4, false, 0, false);
+    test_gemm(t, m, K, 50, 1, 3, true, rint_(1, 3), true);
+  }
+  for (int it = 0; it < iters; ++it) {
+    const int N = rint_(1, 130), K = rint_(1, 700), m = rint_(1, 80);
+    const int panels = int(padded_rows(N) / 16);
+    const int p0 = rint_(0, panels - 1), np = rint_(1, panels - p0);
+    test_gemm(t, m, K, N, p0, np, it % 2 == 1, rint_(0, 3), it % 5 == 0);
+    test_gemm_a(t, rint_(1, 80), rint_(1, 300), rint_(1, 70));
+    test_pack(t, rint_(1, 70), rint_(1, 90));
+    const int RK = rint_(1, 200);
+    const int col0 = 2 * rint_(0, (RK - 1) / 2);
+    test_repack(t, rint_(1, 100), RK, col0, rint_(1, std::min(64, RK - col0)));
+  }
+  test_gemm(t, 64, 2048, 64, 0, 4, false, 3, false);
+  for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) {
+    test_convert(t, n);
+    test_glu(t, n, false);
+    test_glu(t, n, true);
+    test_rank(t, n, 1 + n % 40);
+  }
+  std::printf("%-28s %s\n", t.name.c_str(), failures == before ? "ok" : "FAILED");
 }
 
 int main(int argc, char** argv) {
-  std::vector<Table> tables{{"ref", &ref_kernels_f32(), false}, {"amx-emu", amx_emu_kernels_f32(), true}};
-  if (avx512bf16_emu_kernels_f32() != nullptr) tables.push_back({"avx512-bf16-emu", avx512bf16_emu_kernels_f32(), true});
+  const int iters = argc > 1 ? std::atoi(argv[1]) : 200;
+  std::vector<Table<float>> exact_tables{{"ref", &ref_kernels_f32()}};
+  std::vector<Table<uint16_t>> rounding_tables{{"amx-emu", amx_emu_kernels()}};
+  if (avx512bf16_emu_kernels() != nullptr) rounding_tables.push_back({"avx512-bf16-emu", avx512bf16_emu_kernels()});
 #ifdef KT_SIMDE
   // AVX-512 intrinsics on SIMDe, AMX tiles on amx_emu.h: runs on any CPU.
-  tables.push_back({"avx512 (simde)", avx512_kernels_f32(), false});
-  tables.push_back({"avx512-bf16 (simde)", avx512bf16_kernels_f32(), true});
-  tables.push_back({"amx (simde, emulated tiles)", amx_kernels_f32(), true});
+  exact_tables.push_back({"avx512 (simde)", avx512_kernels_f32()});
+  rounding_tables.push_back({"avx512-bf16 (simde)", avx512bf16_kernels()});
+  rounding_tables.push_back({"amx (simde, emulated tiles)", amx_kernels()});
 #else
   // The real kernels, where this CPU runs them.
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    tables.push_back({"avx2", avx2_kernels_f32(), false});
+    exact_tables.push_back({"avx2", avx2_kernels_f32()});
   else
     std::printf("avx2: not run (no AVX2 + FMA here)\n");
   unsigned a, b, c, d;
@@ -137,44 +324,19 @@ int main(int argc, char** argv) {
   __cpuid_count(7, 1, a, b, c, d);
   const bool bf16 = a & (1u << 5);
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    tables.push_back({"avx512", avx512_kernels_f32(), false});
-    if (bf16) tables.push_back({"avx512-bf16", avx512bf16_kernels_f32(), true});
+    exact_tables.push_back({"avx512", avx512_kernels_f32()});
+    if (bf16) rounding_tables.push_back({"avx512-bf16", avx512bf16_kernels()});
     unsigned long perm = 0;
     if (amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0 && syscall(SYS_arch_prctl, 0x1022, &perm) == 0 && (perm >> 18) & 1)
-      tables.push_back({"amx", amx_kernels_f32(), true});
+      rounding_tables.push_back({"amx", amx_kernels()});
     else
       std::printf("amx: not run (no AMX or no tile-data permission)\n");
   } else {
     std::printf("avx512, avx512-bf16, amx: not run natively (no AVX-512 here)\n");
   }
 #endif
-  const int iters = argc > 1 ? std::atoi(argv[1]) : 200;
-  for (const Table& t : tables) {
-    if (!t.k) { std::printf("%s: not built\n", t.name.c_str()); failures++; continue; }
-    const int before = failures;
-    // Fixed shapes: tile edges and the sizes of the brief.
-    const int Ks[] = {1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 95, 257, 300};
-    for (int K : Ks) for (int m : {1, 15, 16, 17, 31, 32, 33, 64, 70}) {
-      test_nt(t, m, K, 50, 0, 4);
-      test_nt(t, m, K, 50, 1, 3, true);
-    }
-    for (int N : {1, 16, 17, 31, 33, 64, 100}) for (int K : {1, 2, 5, 16, 17, 33, 64, 100}) for (int m : {1, 16, 17, 33, 70}) {
-      test_nn(t, m, N, K, 0, K, K + 3);
-      if (K > 4) test_nn(t, m, N, K, 2, K - 3, K);
-    }
-    for (int it = 0; it < iters; ++it) {
-      const int N = rint_(1, 130), K = rint_(1, 700), m = rint_(1, 80);
-      const int panels = int(padded_rows(N) / 16);
-      const int p0 = rint_(0, panels - 1), np = rint_(1, panels - p0);
-      test_nt(t, m, K, N, p0, np, it % 5 == 0);
-      const int k0 = 2 * rint_(0, (K - 1) / 2), kc = rint_(1, K - k0);
-      test_nn(t, m, N, K, k0, kc, kc + rint_(0, 5));
-    }
-    test_nt(t, 64, 2048, 64, 0, 4);
-    test_nn(t, 64, 2048, 128, 0, 64, 64);
-    for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) test_vec(t, n);
-    std::printf("%-24s %s\n", t.name.c_str(), failures == before ? "ok" : "FAILED");
-  }
+  for (const auto& t : exact_tables) run_table(t, iters);
+  for (const auto& t : rounding_tables) run_table(t, iters);
   std::printf(failures ? "FAILURES: %d\n" : "all ok\n", failures);
   return failures != 0;
 }

@@ -13,7 +13,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 k="$here/../../kt_ops_csrc/kernels"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-flags=(-std=c++17 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -Wno-psabi -I"$k")
+flags=(-std=c++20 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -Wno-psabi -I"$k")
 iters="${1:-200}"
 
 g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_avx512.cpp" "$k/gemm_amx.cpp" \
