@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.durable import atomic_file
 from ..core.formats import PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -355,15 +356,11 @@ def convert_moe_lora(input_path: str, output_path: str, config_path: Optional[st
         "source": os.path.basename(str(input_path)),
         "filled_experts": filled,
     }
-    # Written beside the target and renamed, so an interrupted run never leaves a truncated file
-    # where the server would look for the adapter.
-    tmp = f"{output_path}.tmp-{os.getpid()}"
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # An interrupted run never leaves a truncated file where the server would look for the adapter.
+    # The file object is ours so that a failed write closes it at once (torch's own writer stays
+    # open for as long as the exception's traceback lives, holding the disk space).
+    with atomic_file(output_path) as tmp, open(tmp, "wb") as f:
+        torch.save(result, f)
     stats = {"status": "success", "num_layers": len(weights), "num_experts": num_experts, "lora_rank": int(rank),
              "lora_alpha": alpha, "total_keys": total_keys, "ignored_keys": len(ignored)}
     logger.info("converted %s -> %s: %s", input_path, output_path, stats)
