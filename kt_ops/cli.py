@@ -65,7 +65,9 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "save_steps": (500, int, "save a resumable checkpoint (Trainer state + adapter) every N steps (0: only the "
                              "adapter, at the end)"),
     "save_only_model": (False, bool, "checkpoints without optimizer/scheduler state (not resumable)"),
-    "resume_from_checkpoint": (None, str, "a checkpoint-N directory of an earlier run (with save_steps) to resume"),
+    "save_total_limit": (None, int, "keep at most this many checkpoints (the oldest are deleted)"),
+    "resume_from_checkpoint": (None, (str, bool), "a checkpoint-N directory of an earlier run (with save_steps) to "
+                                                  "resume, or true for the newest complete one in output_dir"),
     "gradient_checkpointing": (None, bool, "activation checkpointing per decoder layer (default: on, as in "
                                            "LLaMA-Factory, unless disable_gradient_checkpointing)"),
     "disable_gradient_checkpointing": (False, bool, "LLaMA-Factory's switch to turn gradient checkpointing off"),
@@ -108,6 +110,10 @@ class ConfigError(ValueError):
 
 
 def _check_value(key: str, value, kind):
+    if kind == (str, bool):  # resume_from_checkpoint: a path or true/false
+        if not isinstance(value, (str, bool)):
+            raise ConfigError(f"{key} must be a path or true/false, got {value!r}")
+        return value
     if isinstance(kind, tuple) and all(isinstance(k, type) for k in kind):  # report_to: str or list
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) for v in items):
@@ -230,7 +236,7 @@ def load_config(path_or_dict, quiet: bool = False) -> dict:
 
 def _resolve_paths(config: dict, base_dir: str) -> None:
     for key in ("output_dir", "kt_weight_path", "resume_from_checkpoint"):
-        if config[key] is not None and not os.path.isabs(config[key]):
+        if isinstance(config[key], str) and not os.path.isabs(config[key]):
             config[key] = os.path.normpath(os.path.join(base_dir, config[key]))
     entries = []
     for name in (n.strip() for n in config["dataset"].split(",")):
@@ -506,7 +512,7 @@ def _training_kwargs(config: dict) -> dict:
         logging_steps=config["logging_steps"], activation_checkpointing=config["gradient_checkpointing"],
         bf16=config["bf16"], seed=config["seed"], report_to=config["report_to"], use_cpu=_no_accelerator(),
         save_strategy="steps" if config["save_steps"] else "no", save_steps=config["save_steps"] or 500,
-        save_only_model=config["save_only_model"],
+        save_only_model=config["save_only_model"], save_total_limit=config["save_total_limit"],
         remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="all")
 
 
@@ -602,6 +608,9 @@ def train(config) -> dict:
     import yaml
     from transformers import Trainer, TrainingArguments, set_seed
 
+    from .core.durable import atomic_files
+    from .integration.checkpoints import CheckpointError, atomic_checkpoints, resume_checkpoint
+
     _check_report_to(config)
     set_seed(config["seed"])
     if config["torch_num_threads"] is not None:
@@ -634,16 +643,19 @@ def train(config) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
     trainer.add_callback(_progress_printer())
-    resume = config["resume_from_checkpoint"]
-    if resume is not None:
-        if not os.path.isdir(resume):
-            raise ConfigError(f"resume_from_checkpoint {resume!r} is not a directory")
+    atomic_checkpoints(trainer)
+    try:
+        resume = resume_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     result = trainer.train(resume_from_checkpoint=resume)
-    save(model, config["output_dir"])
-    tokenizer.save_pretrained(config["output_dir"])  # with the template's tokens, for generate
-    with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=True)
-    files = write_loss_curve(trainer.state.log_history, config["output_dir"], config["plot_loss"])
+    with atomic_files(config["output_dir"]) as staging:  # one set: this run's outputs or the earlier run's
+        save(model, staging)
+        tokenizer.save_pretrained(staging)  # with the template's tokens, for generate
+        with open(os.path.join(staging, "kt_sft_config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=True)
+        files = write_loss_curve(trainer.state.log_history, staging, config["plot_loss"])
+    files = [os.path.join(config["output_dir"], os.path.basename(f)) for f in files]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"losses": losses, "files": files, "output_dir": config["output_dir"], "steps": trainer.state.global_step,
             "train_loss": result.training_loss, "unigram_entropy": floor}
@@ -652,6 +664,7 @@ def train(config) -> dict:
 def _trained_model(config: dict, adapter_dir: Optional[str]):
     """The config's model with the adapter from `adapter_dir` (default output_dir; "none": the base
     model as training starts, LoRA B = 0), in eval mode, its tokenizer and template."""
+    from .core.durable import recover
     from .integration import load_kt_adapter
 
     model, tokenizer = build_model(config)
@@ -659,6 +672,7 @@ def _trained_model(config: dict, adapter_dir: Optional[str]):
     if adapter_dir != "none":
         if not os.path.isdir(adapter_dir):
             raise ConfigError(f"no adapter directory {adapter_dir}: run `kt-sft train` first or pass --adapter")
+        recover(adapter_dir)  # completes a final save that a kill interrupted
         if config["use_kt"]:
             load_kt_adapter(model, adapter_dir)
         else:
@@ -735,9 +749,7 @@ def export(config, output: Optional[str] = None, adapter_dir: Optional[str] = No
         raise ConfigError("kt-sft export needs a trained adapter; --adapter none has nothing to merge")
     model, tokenizer, _ = _trained_model(config, adapter_dir)
     output = output or os.path.join(config["output_dir"], "merged")
-    files = export_merged(model, output)
-    tokenizer.save_pretrained(output)
-    return files
+    return export_merged(model, output, tokenizer=tokenizer)
 
 
 def _describe_keys() -> str:
