@@ -612,6 +612,10 @@ def train(config) -> dict:
     from .integration.checkpoints import CheckpointError, atomic_checkpoints, resume_checkpoint
 
     _check_report_to(config)
+    try:  # before the model loads, which takes long for a big one
+        resume = resume_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     set_seed(config["seed"])
     if config["torch_num_threads"] is not None:
         import torch
@@ -644,10 +648,6 @@ def train(config) -> dict:
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
     trainer.add_callback(_progress_printer())
     atomic_checkpoints(trainer)
-    try:
-        resume = resume_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
     result = trainer.train(resume_from_checkpoint=resume)
     with atomic_files(config["output_dir"]) as staging:  # one set: this run's outputs or the earlier run's
         save(model, staging)
