@@ -80,7 +80,13 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
         "save a resumable checkpoint (Trainer state + adapter) every N steps (0: only the adapter, at the end)",
     ),
     "save_only_model": (False, bool, "checkpoints without optimizer/scheduler state (not resumable)"),
-    "resume_from_checkpoint": (None, str, "a checkpoint-N directory of an earlier run (with save_steps) to resume"),
+    "save_total_limit": (None, int, "keep at most this many checkpoints (the oldest are deleted)"),
+    "resume_from_checkpoint": (
+        None,
+        (str, bool),
+        "a checkpoint-N directory of an earlier run (with save_steps) to resume, or true for the newest "
+        "complete one in output_dir",
+    ),
     "gradient_checkpointing": (
         None,
         bool,
@@ -134,6 +140,10 @@ class ConfigError(ValueError):
 
 def _check_value(key: str, value, kind):
     if kind is KTSettings:  # checked with the others by KTSettings (kt_settings)
+        return value
+    if kind == (str, bool):  # resume_from_checkpoint: a path or true/false
+        if not isinstance(value, (str, bool)):
+            raise ConfigError(f"{key} must be a path or true/false, got {value!r}")
         return value
     if isinstance(kind, tuple) and all(isinstance(k, type) for k in kind):  # report_to: str or list
         items = value if isinstance(value, list) else [value]

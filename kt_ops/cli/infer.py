@@ -14,6 +14,7 @@ from .model import build_model, chat_template
 def _trained_model(config: dict, adapter_dir: Optional[str]):
     """The config's model with the adapter from `adapter_dir` (default output_dir; "none": the base
     model as training starts, LoRA B = 0), in eval mode, its tokenizer and template."""
+    from ..core.durable import recover
     from ..integration import load_kt_adapter
 
     model, tokenizer = build_model(config)
@@ -21,6 +22,7 @@ def _trained_model(config: dict, adapter_dir: Optional[str]):
     if adapter_dir != "none":
         if not os.path.isdir(adapter_dir):
             raise ConfigError(f"no adapter directory {adapter_dir}: run `kt-sft train` first or pass --adapter")
+        recover(adapter_dir)  # completes a final save that a kill interrupted
         if config["use_kt"]:
             load_kt_adapter(model, adapter_dir)
         else:
@@ -105,6 +107,4 @@ def export(config, output: Optional[str] = None, adapter_dir: Optional[str] = No
         raise ConfigError("kt-sft export needs a trained adapter; --adapter none has nothing to merge")
     model, tokenizer, _ = _trained_model(config, adapter_dir)
     output = output or os.path.join(config["output_dir"], "merged")
-    files = export_merged(model, output)
-    tokenizer.save_pretrained(output)
-    return files
+    return export_merged(model, output, tokenizer=tokenizer)

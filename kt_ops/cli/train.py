@@ -50,6 +50,7 @@ def _training_kwargs(config: dict) -> dict:
         save_strategy="steps" if config["save_steps"] else "no",
         save_steps=config["save_steps"] or 500,
         save_only_model=config["save_only_model"],
+        save_total_limit=config["save_total_limit"],
         remove_unused_columns=False,
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
@@ -153,7 +154,14 @@ def train(config) -> dict:
     import yaml
     from transformers import Trainer, TrainingArguments, set_seed
 
+    from ..core.durable import atomic_files
+    from ..integration.checkpoints import CheckpointError, atomic_checkpoints, resume_checkpoint
+
     check_report_to(config)
+    try:  # before the model loads, which takes long for a big one
+        resume = resume_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     set_seed(config["seed"])
     if config["torch_num_threads"] is not None:
         import torch
@@ -194,16 +202,15 @@ def train(config) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
     trainer.add_callback(_progress_printer())
-    resume = config["resume_from_checkpoint"]
-    if resume is not None:
-        if not os.path.isdir(resume):
-            raise ConfigError(f"resume_from_checkpoint {resume!r} is not a directory")
+    atomic_checkpoints(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    save(model, config["output_dir"])
-    tokenizer.save_pretrained(config["output_dir"])  # with the template's tokens, for generate
-    with open(os.path.join(config["output_dir"], "kt_sft_config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=True)
-    files = write_loss_curve(trainer.state.log_history, config["output_dir"], config["plot_loss"])
+    with atomic_files(config["output_dir"]) as staging:  # one set: this run's outputs or the earlier run's
+        save(model, staging)
+        tokenizer.save_pretrained(staging)  # with the template's tokens, for generate
+        with open(os.path.join(staging, "kt_sft_config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=True)
+        files = write_loss_curve(trainer.state.log_history, staging, config["plot_loss"])
+    files = [os.path.join(config["output_dir"], os.path.basename(f)) for f in files]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "losses": losses,

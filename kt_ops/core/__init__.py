@@ -5,4 +5,5 @@ itself (only the compiled kernels, `kt_ops._C`).
 - `packed`: `PackedExperts` (frozen expert weights in the kernels' layout) and the pure functions on it
   (pack, unpack, split along the intermediate dimension, permute expert slots).
 - `checks`: argument checks that raise a clear exception naming the argument.
+- `durable`: crash-consistent writes (every file kt_ops writes goes through it) and the cpu_save lock.
 """

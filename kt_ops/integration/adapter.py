@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..core.durable import atomic_files, recover
 from ..weights.moe_lora import NUM_EXPERTS_METADATA
 from .install import holder_of, kt_experts_modules
 from .peft_lora import EXPERT_PARAMS, adapter_factors, wrapper_chain
@@ -342,10 +343,11 @@ def save_kt_adapter(model: nn.Module, save_directory: str) -> None:
     metadata = {"format": "pt"}
     if len(counts) == 1:
         metadata[NUM_EXPERTS_METADATA] = str(counts.pop())
-    os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata=metadata)
-    with open(os.path.join(save_directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    # Both files switch as one set: weights and config of two different saves never meet.
+    with atomic_files(save_directory) as staging:
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata=metadata)
+        with open(os.path.join(staging, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
 
 
 def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Optional[str] = None) -> nn.Module:
@@ -359,6 +361,7 @@ def load_kt_adapter(model: nn.Module, adapter_directory: str, adapter_name: Opti
     `peft.PeftModel.from_pretrained(apply_kt(base_model), directory)` is the stock call."""
     from safetensors.torch import load_file
 
+    recover(os.fspath(adapter_directory))  # completes a save that a kill interrupted
     path = os.path.join(os.fspath(adapter_directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_directory}")

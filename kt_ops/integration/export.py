@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..core.checks import check_int
+from ..core.durable import STAGING_PREFIX, atomic_directory
 from ..core.packed import unpack_parts
 from .hf import fuse_gate_up
 from .install import holder_of, kt_experts_modules
@@ -160,14 +163,20 @@ def _merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
 
 
 def export_merged(
-    model: nn.Module, save_directory: str, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 2 * 1024**3
+    model: nn.Module,
+    save_directory: str,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int = 2 * 1024**3,
+    *,
+    tokenizer=None,
 ) -> list[str]:
     """Write `model` (converted with `apply_kt`, optionally a peft model) with every active LoRA merged
     as a plain transformers checkpoint in `save_directory`: config.json, generation_config.json when the
-    model has one, and safetensors shards (with model.safetensors.index.json when there are several).
-    It loads with `AutoModelForCausalLM.from_pretrained` and no kt_ops. Returns the files written."""
-    from safetensors.torch import save_file
-
+    model has one, and safetensors shards (with model.safetensors.index.json when there are several),
+    plus `tokenizer` when given. It loads with `AutoModelForCausalLM.from_pretrained` and no kt_ops.
+    The directory is built beside `save_directory` and switched into place in one step, so a crash
+    leaves the earlier export or this one, never a mix; what the directory held besides an earlier
+    export (a README, a tokenizer this call does not replace) is kept. Returns the files written."""
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -179,15 +188,36 @@ def export_merged(
             f"{type(base).__name__} has no kt experts; export_merged is for models converted by "
             "kt_ops.integration.apply_kt (a plain model saves with save_pretrained)"
         )
-    save_directory = os.fspath(save_directory)
-    os.makedirs(save_directory, exist_ok=True)
+    save_directory = os.path.realpath(os.fspath(save_directory))
+    os.makedirs(os.path.dirname(save_directory), exist_ok=True)
+
+    with atomic_directory(save_directory) as staging:
+        names = _write_export(base, model, staging, dtype, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _keep_other_files(save_directory, staging)
+    return [os.path.join(save_directory, name) for name in names]
+
+
+# The files an export writes: an earlier export's are replaced as a whole, never carried over.
+_EXPORT_FILE = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+    r"generation_config\.json"
+)
+
+
+def _write_export(
+    base: nn.Module, model: nn.Module, directory: str, dtype: torch.dtype, max_shard_size: int
+) -> list[str]:
+    """The shards, index, config and generation config in `directory`; returns their names."""
+    from safetensors.torch import save_file
 
     shards, shard, size, total = [], {}, 0, 0
 
     def flush():
         nonlocal shard, size
         if shard:
-            path = os.path.join(save_directory, f".shard-{len(shards):05d}.tmp")
+            path = os.path.join(directory, f".shard-{len(shards):05d}.tmp")  # renamed once the count is known
             save_file(shard, path, metadata={"format": "pt"})
             shards.append((path, list(shard)))
         shard, size = {}, 0
@@ -205,23 +235,43 @@ def export_merged(
     written, weight_map = [], {}
     for i, (path, keys) in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(path, os.path.join(save_directory, name))
-        written.append(os.path.join(save_directory, name))
+        os.replace(path, os.path.join(directory, name))
+        written.append(name)
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:
-        index = os.path.join(save_directory, "model.safetensors.index.json")
-        with open(index, "w") as f:
+        written.append("model.safetensors.index.json")
+        with open(os.path.join(directory, written[-1]), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        written.append(index)
 
     config = base.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("_experts_implementation", None)
-    with open(os.path.join(save_directory, "config.json"), "w") as f:
+    written.append("config.json")
+    with open(os.path.join(directory, written[-1]), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    written.append(os.path.join(save_directory, "config.json"))
     generation = getattr(base, "generation_config", None)
     if generation is not None:
-        generation.save_pretrained(save_directory)
-        written.append(os.path.join(save_directory, "generation_config.json"))
+        generation.save_pretrained(directory)
+        written.append("generation_config.json")
     return written
+
+
+def _keep_other_files(old: str, new: str) -> None:
+    """Hard-link (else copy) into `new` what `old` holds besides an earlier export and `new` lacks."""
+    if not os.path.isdir(old):
+        return
+
+    def link_or_copy(source, target):
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(source, target, follow_symlinks=False)
+
+    for name in os.listdir(old):
+        source, target = os.path.join(old, name), os.path.join(new, name)
+        if _EXPORT_FILE.fullmatch(name) or name.startswith(STAGING_PREFIX) or os.path.lexists(target):
+            continue
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(source, target)

@@ -19,6 +19,7 @@ import time
 from typing import Optional, Sequence
 
 from ..core.checks import check_int
+from ..core.durable import STAGING_PREFIX, atomic_file, recover
 from ..core.formats import GROUPED_FORMATS, SFT_METHOD_FORMATS
 from ..core.packed import pack_experts
 from .loaders import BF16SafeTensorLoader
@@ -38,11 +39,9 @@ def layer_file(output_dir: str, layer: int) -> str:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def _read_manifest(output_dir: str) -> Optional[dict]:
@@ -67,7 +66,8 @@ def _prepare_output(output_dir: str, settings: dict, overwrite: bool) -> list[in
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConversionRefused(f"--output {output_dir!r} exists and is not a directory")
     os.makedirs(output_dir, exist_ok=True)
-    entries = os.listdir(output_dir)
+    recover(output_dir)  # a killed run's staging directories
+    entries = [name for name in os.listdir(output_dir) if not name.startswith(STAGING_PREFIX)]
     owned = {name: m.group(2) is not None for name in entries if (m := _OWN_FILE.fullmatch(name))}
     done: list[int] = []
     if not overwrite:

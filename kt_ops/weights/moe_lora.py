@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..core.checks import check_int, check_number
+from ..core.durable import atomic_file
 from ..core.formats import PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -441,15 +442,11 @@ def convert_moe_lora(
         len(proj) for experts in weights.values() for expert in experts.values() for proj in expert.values()
     )
     result["metadata"] = _metadata(rank, alpha, sorted(weights), num_experts, hidden, inter, first, input_path, filled)
-    # Written beside the target and renamed, so an interrupted run never leaves a truncated file
-    # where the server would look for the adapter.
-    tmp = f"{output_path}.tmp-{os.getpid()}"
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # An interrupted run never leaves a truncated file where the server would look for the adapter.
+    # The file object is ours so that a failed write closes it at once (torch's own writer stays
+    # open for as long as the exception's traceback lives, holding the disk space).
+    with atomic_file(output_path) as tmp, open(tmp, "wb") as f:
+        torch.save(result, f)
     stats = {
         "status": "success",
         "num_layers": len(weights),

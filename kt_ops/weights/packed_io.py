@@ -12,16 +12,14 @@ so N training processes hold the experts once (their PSS splits the pages betwee
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import threading
 from typing import Mapping
 
 import torch
 
 from .. import _C
+from ..core.durable import atomic_file, exclusive
 from ..core.formats import PROJECTIONS, WEIGHT_FORMATS
 from ..core.packed import PackedExperts
 
@@ -30,7 +28,6 @@ _METADATA_KEY = "kt_ops.layers"
 
 _META_FIELDS = ("weight_format", "num_experts", "hidden_size", "intermediate_size")
 _PANEL_ROWS = 16  # rows are packed in panels of 16; a matrix's last panel is zero-padded
-_save_lock = threading.Lock()
 
 
 def packed_key(layer_idx: int, projection: str, kind: str) -> str:
@@ -39,8 +36,8 @@ def packed_key(layer_idx: int, projection: str, kind: str) -> str:
 
 def save_packed_experts(path: str, layers: Mapping[int, PackedExperts], overwrite: bool = False) -> None:
     """Write `layers` ({layer_idx: PackedExperts}) to the safetensors file `path`. The file appears
-    whole or not at all (written beside it, then renamed); an existing file is kept unless
-    `overwrite=True`."""
+    whole or not at all (core/durable.py: written beside it, flushed, renamed); an existing file is
+    kept unless `overwrite=True`."""
     from safetensors.torch import save_file
 
     if os.path.exists(path) and not overwrite:
@@ -60,30 +57,8 @@ def save_packed_experts(path: str, layers: Mapping[int, PackedExperts], overwrit
             "hidden_size": experts.hidden_size,
             "intermediate_size": experts.intermediate_size,
         }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """Serialises read-modify-write of one file across threads and processes (two wrappers whose
-    weight_path is the same file must both end up in it)."""
-    # The lock is taken on the directory, so no lock file is left beside the user's files.
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        with _save_lock:
-            fcntl.flock(directory, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(directory, fcntl.LOCK_UN)
-    finally:
-        os.close(directory)
 
 
 def save_packed_layer(path: str, layer_idx: int, experts: PackedExperts) -> None:
@@ -93,7 +68,7 @@ def save_packed_layer(path: str, layer_idx: int, experts: PackedExperts) -> None
     else) is the user's and is never replaced: FileExistsError."""
     if os.path.isdir(path):
         path = os.path.join(path, f"blk.{layer_idx}.safetensors")
-    with _exclusive(path):
+    with exclusive(path):
         layers = {}
         if os.path.exists(path):
             try:
