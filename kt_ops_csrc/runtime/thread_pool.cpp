@@ -85,6 +85,7 @@ extern "C" {
 void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
 int omp_get_thread_num(void) __attribute__((weak));
 int omp_in_parallel(void) __attribute__((weak));
+void omp_set_num_threads(int) __attribute__((weak));
 }
 
 namespace kt {
@@ -132,6 +133,12 @@ ThreadPool& ThreadPool::main_pool() {
 }
 
 ThreadPool& ThreadPool::instance() { return current_pool != nullptr ? *current_pool : main_pool(); }
+
+namespace {
+// The fork handlers are registered when the extension loads, not on the first job: a process that
+// forks before calling any op still gets a working child.
+const bool fork_handlers_registered = (ThreadPool::main_pool(), true);
+}  // namespace
 
 // Workers start on the first job that needs them (the main pool's usually run on torch's threads).
 ThreadPool::ThreadPool(int index, int workers) : index_(index) { wanted_workers_ = workers; }
@@ -443,6 +450,9 @@ void ThreadPool::reset_after_fork() {
 
 void ThreadPool::after_fork_child() {
   forked_child = true;
+  // torch's own parallel ops in the child would wait for OpenMP threads that were not copied by
+  // fork() and hang: its thread count becomes 1 (what torch's DataLoader workers set too).
+  if (omp_set_num_threads != nullptr) omp_set_num_threads(1);
   Registry& r = registry();
   new (&r.mutex) std::mutex();
   r.main->reset_after_fork();
