@@ -9,6 +9,8 @@
 #include "moe_sft.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -316,6 +318,7 @@ void zero_skipped_pairs(const Routing& routing, T* data, int64_t planes, int64_t
 
 constexpr int64_t kColsPerTask = 64;
 constexpr int64_t kPanelsPerTask = kColsPerTask / kPanelRows;
+static const int64_t kNnCols = std::getenv("KT_NN_COLS") ? std::atoi(std::getenv("KT_NN_COLS")) : 64;  // TEMP
 constexpr int64_t kChunkRows = 256;
 constexpr int64_t kRowsPerTask = 32;   // gathers and other per-row passes
 constexpr int64_t kTokensPerTask = 16;
@@ -329,7 +332,7 @@ int64_t row_buffer(int64_t R) { return R + kRowAlign; }
 
 // Per-thread grow-only buffers, 64-byte aligned (pool threads live as long as the process). A task
 // uses each slot for one purpose at a time.
-enum Slot { kStageA, kStageB, kWeightsA, kWeightsB, kPanels, kConvert, kSlots };
+enum Slot { kStageA, kStageB, kWeightsA, kWeightsB, kPanels, kConvert, kLoraA, kLoraB, kLoraC, kSlots };
 
 template <typename U>
 U* task_buffer(Slot slot, size_t count) {
@@ -356,15 +359,53 @@ void parallel_for(int64_t count, const std::function<void(int64_t)>& task) {
   ThreadPool::instance().parallel_for(count, task);
 }
 
+// Wall time per named phase of the op, accumulated while enabled (benchmarks/ read it through
+// kt_ops._C._phase_times); off by default, when a phase costs one relaxed load.
+std::atomic<bool> g_time_phases{false};
+
+struct PhaseTimes {
+  std::mutex mutex;
+  std::vector<std::pair<std::string, double>> seconds;  // in first-seen order
+};
+PhaseTimes& phase_times() {
+  static PhaseTimes* times = new PhaseTimes;
+  return *times;
+}
+
+class Phase {
+ public:
+  explicit Phase(const char* name) : name_(g_time_phases.load(std::memory_order_relaxed) ? name : nullptr) {
+    if (name_) start_ = std::chrono::steady_clock::now();
+  }
+  ~Phase() {
+    if (!name_) return;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    PhaseTimes& t = phase_times();
+    std::lock_guard<std::mutex> lock(t.mutex);
+    for (auto& [name, total] : t.seconds)
+      if (name == name_) {
+        total += s;
+        return;
+      }
+    t.seconds.emplace_back(name_, s);
+  }
+  Phase(const Phase&) = delete;
+  Phase& operator=(const Phase&) = delete;
+
+ private:
+  const char* name_;
+  std::chrono::steady_clock::time_point start_;
+};
+
 // (expert, column block) tasks over `cols` output columns.
 struct BlockTask {
   int64_t expert, block;
 };
 
-std::vector<BlockTask> block_tasks(const Routing& routing, int64_t cols) {
+std::vector<BlockTask> block_tasks(const Routing& routing, int64_t cols, int64_t cols_per_task = kColsPerTask) {
   std::vector<BlockTask> tasks;
   for (int64_t e : routing.hit_experts)
-    for (int64_t b = 0; b * kColsPerTask < cols; ++b) tasks.push_back({e, b});
+    for (int64_t b = 0; b * cols_per_task < cols; ++b) tasks.push_back({e, b});
   return tasks;
 }
 
@@ -396,8 +437,10 @@ class RowSource {
     k.to_act_residual(values_ + row * n_, n_, dst, n_padded);
   }
   // Columns [c0, c0 + count) of row `row` in T: in place, or widened from bf16 into `scratch`.
+  // Without scratch, only the in-place case answers (nullptr otherwise).
   const T* segment(int64_t row, int64_t c0, int64_t count, T* scratch) const {
     if (values_) return values_ + row * n_ + c0;
+    if (scratch == nullptr) return nullptr;
     const uint16_t* src = bf16_ + row * n_ + c0;
     for (int64_t c = 0; c < count; ++c) scratch[c] = widen(src[c]);
     return scratch;
@@ -468,171 +511,91 @@ void expansion_row(const Kernels<T, Act>& k, const T* v, int64_t n, Act* dst) {
   }
 }
 
-// The rank-r matrices of the hit experts in the forms the products read, built once per call. A job
-// takes, for every hit expert, one LoRA matrix or two stacked ([Ag; Au]) as M [rows, cols] and makes
-//   Rows:        activation panels (gemm.h) of B = M [N = rows, K = cols], for C = A . B^T;
-//   Cols:        activation panels of B with M = B^T [K = rows, N = cols];
-//   Values:      M itself in T, row-major (the stored layout: read in place when already T);
-//   Transposed:  M^T in T, row-major.
-// A panel job's Role says how its B takes part in the split bf16 products (above): as the B of an
-// expansion (a second panel set, lo, when the matrix has one) or of a contraction (N doubled:
-// [Bhi; Blo], when it has a lo part).
-// The T forms are the `m` of the kernels' contract (rank-r products of h, dg and du, kept exact).
+// The six LoRA matrices, which the tasks read slice by slice: in place when they are T, else
+// converted (bf16, or another float type converted once). Each task packs the slices its products
+// need into its own scratch, where the GEMM reads them from cache:
+//   an expansion V . B^T (B = Bg, Bu, Bd rows of the block's columns; Ad, [Ag; Au] columns of the
+//     block in the backward) takes B's hi (and lo) panels as extra products of the block's GEMM;
+//   a contraction X . A^T (x . [Ag; Au]^T, dY . Bd, per expert) runs over the hi and lo panels;
+//   the exact contractions of h, dg, du (contract) read Ad^T, Bg, Bu as T rows.
 template <typename T, typename Act>
-class LoraPanels {
+class LoraMatrices {
  public:
-  enum Kind { Rows, Cols, Values, Transposed };
-  enum Role { Expansion, Contraction, Plain };
-  struct Job {
-    std::vector<int> sources;  // indices into the six LoRA tensors (Which)
-    Kind kind;
-    Role role = Plain;
-  };
   enum Which { GateA, GateB, UpA, UpB, DownA, DownB };
 
-  LoraPanels(const Kernels<T, Act>& k, const LoraArgs& args, const Routing& routing, std::vector<Job> jobs)
-      : jobs_(std::move(jobs)) {
+  explicit LoraMatrices(const LoraArgs& args) {
     const Tensor* all[6] = {&args.gate_a, &args.gate_b, &args.up_a, &args.up_b, &args.down_a, &args.down_b};
-    slot_of_expert_.assign(args.gate_a.size(0), -1);
-    const int64_t hits = routing.hit_experts.size();
-    for (int64_t i = 0; i < hits; ++i) slot_of_expert_[routing.hit_experts[i]] = i;
-    int64_t act_total = 0, value_total = 0;
-    for (size_t j = 0; j < jobs_.size(); ++j) {
-      Layout& l = layouts_[j];
-      for (int m : jobs_[j].sources) {
-        if (!sources_[m]) sources_[m].emplace(*all[m], all[m]->size(2));
-        l.rows += all[m]->size(1);
-        l.cols = all[m]->size(2);
-        // A bf16 matrix is its own hi: it has no lo part.
-        l.lo = l.lo || (kSplit<Act> && jobs_[j].role != Plain && all[m]->scalar_type() != at::kBFloat16);
-      }
-      const Kind kind = jobs_[j].kind;
-      if (kind == Values && jobs_[j].sources.size() == 1 && all[jobs_[j].sources[0]]->scalar_type() == dtype() &&
-          all[jobs_[j].sources[0]]->is_contiguous()) {
-        l.in_place = all[jobs_[j].sources[0]]->template data_ptr<T>();  // no copy: the parameter is the matrix
-        l.per_expert = l.rows * l.cols;
-        continue;
-      }
-      if (kind == Values || kind == Transposed) {
-        l.per_expert = l.rows * l.cols;
-        l.offset = value_total;
-        value_total += hits * l.per_expert;
-        continue;
-      }
-      const int64_t N = kind == Rows ? l.rows : l.cols, K = kind == Rows ? l.cols : l.rows;
-      const bool doubled = l.lo && jobs_[j].role == Contraction;
-      l.stride = act_panel_elems(K);
-      l.set = ceil_div(doubled ? 2 * N : N, kPanelRows) * l.stride;
-      l.per_expert = (l.lo && jobs_[j].role == Expansion ? 2 : 1) * l.set;
-      l.offset = act_total;
-      act_total += hits * l.per_expert;
+    for (int m = 0; m < 6; ++m) {
+      rows_[m] = all[m]->size(1);
+      cols_[m] = all[m]->size(2);
+      // A bf16 matrix is its own hi: it has no lo part.
+      lo_[m] = kSplit<Act> && all[m]->scalar_type() != at::kBFloat16;
+      sources_[m].emplace(*all[m], cols_[m]);
     }
-    panels_ = std::make_unique<ReusedBuffer<Act>>(std::max<int64_t>(act_total, 1));
-    values_ = std::make_unique<ReusedBuffer<T>>(std::max<int64_t>(value_total, 1));
-    const int64_t njobs = jobs_.size();
-    parallel_for(hits * njobs, [&](int64_t task) {
-      const int64_t slot = task / njobs, j = task % njobs, e = routing.hit_experts[slot];
-      if (!layouts_[j].in_place) build(k, j, e, slot, all);
-    });
   }
-  // Expert e's panels of a Rows / Cols job (set 1: the lo panels of an expansion), panel_stride(j)
-  // elements apart.
-  const Act* get(int j, int64_t expert, int set = 0) const {
-    return panels_->data() + layouts_[j].offset + slot_of_expert_[expert] * layouts_[j].per_expert +
-           set * layouts_[j].set;
-  }
-  int64_t panel_stride(int j) const { return layouts_[j].stride; }
-  // Whether job j's matrix has a lo part (split bf16 of a matrix that is not bf16 itself).
-  bool has_lo(int j) const { return layouts_[j].lo; }
-  // Expert e's matrix of a Values / Transposed job.
-  const T* values(int j, int64_t expert) const {
-    const Layout& l = layouts_[j];
-    if (l.in_place) return l.in_place + expert * l.per_expert;
-    return values_->data() + l.offset + slot_of_expert_[expert] * l.per_expert;
+  int64_t rows(Which m) const { return rows_[m]; }
+  int64_t cols(Which m) const { return cols_[m]; }
+  bool has_lo(Which m) const { return lo_[m]; }
+  // Rows [r0, r0 + n) of expert e's matrix m in T, cols(m) apart: in place or converted into
+  // `scratch` (room for n * cols(m)).
+  const T* rows_of(Which m, int64_t e, int64_t r0, int64_t n, T* scratch) const {
+    const int64_t first = e * rows_[m] + r0;
+    const T* in_place = sources_[m]->segment(first, 0, 0, nullptr);
+    if (in_place != nullptr) return in_place;
+    for (int64_t i = 0; i < n; ++i) sources_[m]->segment(first + i, 0, cols_[m], scratch + i * cols_[m]);
+    return scratch;
   }
 
  private:
-  static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
-  struct Layout {
-    int64_t rows = 0, cols = 0, stride = 0, set = 0, per_expert = 0, offset = 0;
-    bool lo = false;
-    const T* in_place = nullptr;
-  };
-
-  void build(const Kernels<T, Act>& k, int64_t j, int64_t e, int64_t slot, const Tensor* const* all) {
-    const Layout& l = layouts_[j];
-    const Job& job = jobs_[j];
-    const int64_t rows = l.rows, cols = l.cols;
-    // M in T, row-major.
-    T* m = task_buffer<T>(kConvert, rows * cols);
-    int64_t row = 0;
-    for (int source : job.sources) {
-      const int64_t n = all[source]->size(1);
-      for (int64_t i = 0; i < n; ++i, ++row) {
-        const T* values = sources_[source]->row_values(e * n + i, m + row * cols);
-        if (values != m + row * cols) std::copy_n(values, cols, m + row * cols);
-      }
-    }
-    if (job.kind == Values || job.kind == Transposed) {
-      T* dst = values_->data() + l.offset + slot * l.per_expert;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) (job.kind == Values ? dst[r * cols + c] : dst[c * rows + r]) = m[r * cols + c];
-      return;
-    }
-    // hi (and lo) of M in Act, each packed: an expansion's lo is its second panel set; a
-    // contraction's lo doubles N (its rows of B after the hi rows: stacked for Rows, side by side
-    // for Cols, where N runs along M's rows or its columns).
-    const bool stack = job.role == Contraction && l.lo;
-    const int64_t out_rows = stack && job.kind == Rows ? 2 * rows : rows;
-    const int64_t out_cols = stack && job.kind == Cols ? 2 * cols : cols;
-    Act* hi = task_buffer<Act>(kStageA, out_rows * out_cols);
-    Act* lo = job.role == Expansion && l.lo ? task_buffer<Act>(kStageB, rows * cols) : nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* src = m + r * cols;
-      k.to_act(src, cols, hi + r * out_cols, cols);
-      if (stack) k.to_act_residual(src, cols, job.kind == Rows ? hi + (rows + r) * out_cols : hi + r * out_cols + cols, cols);
-      if (lo) k.to_act_residual(src, cols, lo + r * cols, cols);
-    }
-    Act* dst = panels_->data() + l.offset + slot * l.per_expert;
-    const auto pack = [&](const Act* src, int64_t src_rows, int64_t src_cols, Act* out) {
-      if (job.kind == Rows)
-        k.pack_rows(src, src_cols, src_rows, src_cols, out, l.stride);
-      else
-        k.pack_cols(src, src_cols, src_rows, src_cols, out, l.stride);
-    };
-    pack(hi, out_rows, out_cols, dst);
-    if (lo) pack(lo, rows, cols, dst + l.set);
-  }
-
-  std::vector<Job> jobs_;
-  Layout layouts_[6];
-  std::optional<RowSource<T, Act>> sources_[6];  // one per LoRA tensor a job reads
-  std::vector<int64_t> slot_of_expert_;
-  std::unique_ptr<ReusedBuffer<Act>> panels_;
-  std::unique_ptr<ReusedBuffer<T>> values_;
+  int64_t rows_[6] = {}, cols_[6] = {};
+  bool lo_[6] = {};
+  std::optional<RowSource<T, Act>> sources_[6];
 };
 
-// The extra products of an expansion (gemm.h): V . B^T added to a weight GEMM's C, with V's rows
-// written by expansion_row (lda = expansion_stride(n)) and B the panels of expansion job j for the
-// GEMM's first panel p0.
+// hi (and lo) activation panels of a LoRA slice, in a task's scratch; stride apart.
+template <typename Act>
+struct SlicePanels {
+  const Act* hi = nullptr;
+  const Act* lo = nullptr;
+  int64_t stride = 0;
+};
+
+// The panels of B = M [N rows, K] (T, lds apart) or of B = M^T (by_columns: M [K rows, N]).
 template <typename T, typename Act>
-ExtraProducts<Act> expansion(const LoraPanels<T, Act>& lora, int j, int64_t e, int64_t p0, const Act* rows,
-                             int64_t n) {
+SlicePanels<Act> pack_slice(const Kernels<T, Act>& k, const T* m, int64_t lds, int64_t N, int64_t K, bool by_columns,
+                            bool lo, Slot slot) {
+  SlicePanels<Act> out;
+  out.stride = act_panel_elems(K);
+  const int64_t set = ceil_div(N, kPanelRows) * out.stride;
+  Act* buffer = task_buffer<Act>(slot, (lo ? 2 : 1) * set);
+  Act* lo_panels = lo ? buffer + set : nullptr;
+  if (by_columns)
+    k.pack_cols_split(m, lds, static_cast<int>(K), static_cast<int>(N), buffer, lo_panels, out.stride);
+  else
+    k.pack_rows_split(m, lds, static_cast<int>(N), static_cast<int>(K), buffer, lo_panels, out.stride);
+  out.hi = buffer;
+  out.lo = lo_panels;
+  return out;
+}
+
+// The extra products of an expansion (gemm.h): V . B^T added to a weight GEMM's C, with V's rows
+// written by expansion_row (lda = expansion_stride(n)) and B's panels starting at the GEMM's first.
+template <typename Act>
+ExtraProducts<Act> expansion(const SlicePanels<Act>& b, const Act* rows, int64_t n) {
   ExtraProducts<Act> extra;
   extra.K = static_cast<int>(n);
   extra.lda = expansion_stride<Act>(n);
-  extra.panel_stride = lora.panel_stride(j);
-  const Act* b_hi = lora.get(j, e) + p0 * extra.panel_stride;
+  extra.panel_stride = b.stride;
   extra.a[0] = rows;
-  extra.b[0] = b_hi;
+  extra.b[0] = b.hi;
   extra.count = 1;
   if constexpr (kSplit<Act>) {
     extra.a[1] = rows + act_stride(n);
-    extra.b[1] = b_hi;
+    extra.b[1] = b.hi;
     extra.count = 2;
-    if (lora.has_lo(j)) {
+    if (b.lo != nullptr) {
       extra.a[2] = rows;
-      extra.b[2] = lora.get(j, e, 1) + p0 * extra.panel_stride;
+      extra.b[2] = b.lo;
       extra.count = 3;
     }
   }
@@ -777,21 +740,29 @@ class Forward {
       out.zero_();
       return {as_reused(out, hidden_.scalar_type()), gate_up_pre_, lora_mid_};
     }
-    gather_x();
-    std::optional<LoraPanels<T, Act>> lora;
+    {
+      const Phase phase("forward: gather x");
+      gather_x();
+    }
+    std::optional<LoraMatrices<T, Act>> lora;
+    if (s_.r > 0) lora.emplace(lora_args_);
     if (s_.r > 0) {
-      using L = LoraPanels<T, Act>;
-      lora.emplace(k_, lora_args_, routing_,
-                   std::vector<typename L::Job>{{{L::GateA, L::UpA}, L::Rows, L::Contraction},
-                                                {{L::GateB}, L::Rows, L::Expansion},
-                                                {{L::UpB}, L::Rows, L::Expansion},
-                                                {{L::DownA}, L::Transposed},
-                                                {{L::DownB}, L::Rows, L::Expansion}});
+      const Phase phase("forward: x . A^T");
       input_rank_products(*lora);
     }
-    gate_up(lora ? &*lora : nullptr);
-    if (s_.r > 0) down_rank_products();
-    down(lora ? &*lora : nullptr);
+    {
+      const Phase phase("forward: gate/up GEMM + activation");
+      gate_up(lora ? &*lora : nullptr);
+    }
+    if (s_.r > 0) {
+      const Phase phase("forward: h . Ad^T sums");
+      down_rank_products();
+    }
+    {
+      const Phase phase("forward: down GEMM");
+      down(lora ? &*lora : nullptr);
+    }
+    const Phase phase("forward: combine");
     combine_rows<T>(s_, routing_, y_.data(), s_.H, out.data_ptr<T>());
     return {as_reused(out, hidden_.scalar_type()), gate_up_pre_, lora_mid_};
   }
@@ -817,24 +788,30 @@ class Forward {
 
   // xa = x . [Ag; Au]^T per expert: saved (lora_mid planes 0, 1; pair order) and kept as s xa
   // activations for the gate / up expansions.
-  void input_rank_products(const LoraPanels<T, Act>& lora) {
-    const int64_t r = s_.r, halves = lora.has_lo(0) ? 2 : 1;
-    const int64_t np = ceil_div(halves * 2 * r, kPanelRows), ldc = np * kPanelRows;
+  void input_rank_products(const LoraMatrices<T, Act>& lora) {
+    using L = LoraMatrices<T, Act>;
+    const int64_t r = s_.r, H = s_.H, np = ceil_div(2 * r, kPanelRows), ldc = np * kPanelRows;
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
+      // [Ag; Au] of the expert (T, 2r rows), packed as B of the contraction.
+      T* stacked = task_buffer<T>(kConvert, 2 * r * H);
+      for (int half = 0; half < 2; ++half) {
+        const auto which = half ? L::UpA : L::GateA;
+        const T* rows = lora.rows_of(which, e, 0, r, stacked + half * r * H);
+        if (rows != stacked + half * r * H) std::copy_n(rows, r * H, stacked + half * r * H);
+      }
+      const SlicePanels<Act> a = pack_slice(k_, stacked, H, 2 * r, H, false, lora.has_lo(L::GateA) ||
+                                            lora.has_lo(L::UpA), kPanels);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
-        k_.gemm_a(xs_.data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, false);
-        if (xs_lo_)
-          k_.gemm_a(xs_lo_->data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, true);
-        T* xa = task_buffer<T>(kStageB, 2 * r);
-        for (int64_t i = 0; i < m; ++i) {
-          const T* ci = c + i * ldc;
-          for (int64_t q = 0; q < 2 * r; ++q) xa[q] = halves == 2 ? ci[q] + ci[2 * r + q] : ci[q];
-          for (int plane = 0; plane < 2; ++plane) keep_rank_product(plane, c0 + i, xa + plane * r);
-        }
+        const Act* x = xs_.data() + c0 * ldx_;
+        k_.gemm_a(x, ldx_, m, H, a.hi, a.stride, np, c, ldc, false);
+        if (a.lo) k_.gemm_a(x, ldx_, m, H, a.lo, a.stride, np, c, ldc, true);
+        if (xs_lo_) k_.gemm_a(xs_lo_->data() + c0 * ldx_, ldx_, m, H, a.hi, a.stride, np, c, ldc, true);
+        for (int64_t i = 0; i < m; ++i)
+          for (int plane = 0; plane < 2; ++plane) keep_rank_product(plane, c0 + i, c + i * ldc + plane * r);
       }
     });
   }
@@ -867,7 +844,8 @@ class Forward {
 
   int64_t blocks_i() const { return ceil_div(padded_rows(s_.I), kColsPerTask); }
 
-  void gate_up(const LoraPanels<T, Act>* lora) {
+  void gate_up(const LoraMatrices<T, Act>* lora) {
+    using L = LoraMatrices<T, Act>;
     const int64_t I = s_.I, Ip = padded_rows(I), P = s_.pairs();
     const auto tasks = block_tasks(routing_, Ip);
     T* prep = save_ ? gate_up_pre_.data_ptr<T>() : nullptr;
@@ -882,6 +860,23 @@ class Forward {
       int64_t stride_g = 0, stride_u = 0;
       const T* gate_bias = variant_.gate_bias(e);
       const T* up_bias = variant_.up_bias(e);
+      // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels, and Ad^T's rows
+      // [n0, n0 + cols) for the exact h . Ad^T.
+      SlicePanels<Act> bg, bu;
+      const T* ad_t = nullptr;
+      if (lora) {
+        const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
+        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + cols * r);
+        bg = pack_slice(k_, lora->rows_of(L::GateB, e, n0, nrows, scratch), r, nrows, r, false, lora->has_lo(L::GateB),
+                        kLoraA);
+        bu = pack_slice(k_, lora->rows_of(L::UpB, e, n0, nrows, scratch + nrows * r), r, nrows, r, false,
+                        lora->has_lo(L::UpB), kLoraB);
+        const T* ad = lora->rows_of(L::DownA, e, 0, r, scratch + 2 * std::max(nrows, r) * r);
+        T* transposed = task_buffer<T>(kLoraC, cols * r);
+        for (int64_t n = 0; n < cols; ++n)
+          for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * I + n0 + n];
+        ad_t = transposed;
+      }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* cg = task_buffer<T>(kStageA, row_capacity(m) * ldc);
@@ -894,8 +889,8 @@ class Forward {
         };
         ExtraProducts<Act> lora_g, lora_u;
         if (lora) {
-          lora_g = expansion(*lora, 1, e, p0, lora_act(0) + c0 * ldr_, s_.r);
-          lora_u = expansion(*lora, 2, e, p0, lora_act(1) + c0 * ldr_, s_.r);
+          lora_g = expansion(bg, lora_act(0) + c0 * ldr_, s_.r);
+          lora_u = expansion(bu, lora_act(1) + c0 * ldr_, s_.r);
         }
         if (direct_on_codes(gate_w_, e, m, p0, np, x_row, cg)) {
           direct_on_codes(up_w_, e, m, p0, np, x_row, cu);
@@ -925,7 +920,7 @@ class Forward {
           T* h = g;  // g is not needed once h is computed
           k_.glu_forward(g, u, cols, variant_.glu, h);
           if (lora)
-            k_.contract(h, cols, lora->values(3, e) + n0 * s_.r, s_.r,
+            k_.contract(h, cols, ad_t, s_.r,
                         ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r);
           Act* h_row = hs_.data() + (c0 + i) * ldh_;
           k_.to_act(h, cols, h_row + n0, last_block ? ldh_ - n0 : cols);
@@ -934,7 +929,8 @@ class Forward {
     });
   }
 
-  void down(const LoraPanels<T, Act>* lora) {
+  void down(const LoraMatrices<T, Act>* lora) {
+    using L = LoraMatrices<T, Act>;
     const int64_t H = s_.H, Hp = padded_rows(H);
     const auto tasks = block_tasks(routing_, Hp);
     const T* wp = w_.data_ptr<T>();
@@ -945,6 +941,12 @@ class Forward {
       const uint16_t* wd = nullptr;
       int64_t stride = 0;
       const T* bias = variant_.down_bias(e);
+      SlicePanels<Act> bd;  // rows [n0, n0 + 16 np) of Bd as expansion panels
+      if (lora) {
+        const int64_t r = s_.r, nrows = std::min(np * kPanelRows, H - n0);
+        bd = pack_slice(k_, lora->rows_of(L::DownB, e, n0, nrows, task_buffer<T>(kConvert, nrows * r)), r, nrows, r,
+                        false, lora->has_lo(L::DownB), kLoraA);
+      }
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -955,7 +957,7 @@ class Forward {
           return act_row_f32(k_, hs_.data() + (c0 + i) * ldh_, s_.I, h_scratch + i * s_.I);
         };
         ExtraProducts<Act> lora_d;
-        if (lora) lora_d = expansion(*lora, 4, e, p0, lora_act(2) + c0 * ldr_, s_.r);
+        if (lora) lora_d = expansion(bd, lora_act(2) + c0 * ldr_, s_.r);
         if (direct_on_codes(down_w_, e, m, p0, np, h_row, c)) {
           add_extra(k_, lora_d, m, np, c, ldc);
         } else {
@@ -1032,7 +1034,7 @@ class Backward {
         pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())), mid_data_(mid_.data_ptr<T>()),
         ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
         ld2r_(expansion_stride<Act>(2 * s.r)),
-        blocks_i_(ceil_div(padded_rows(s.I), kColsPerTask)), dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
+        blocks_i_(ceil_div(padded_rows(s.I), kNnCols)), dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
         dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
         rank_(std::max<int64_t>(3 * R_ * s.r, 1)), rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
         rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)), dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)),
@@ -1048,23 +1050,34 @@ class Backward {
       grad_hidden.zero_();
       for (Tensor& g : grads_) g.zero_();
     } else {
-      gather_dy();
-      std::optional<LoraPanels<T, Act>> lora;
+      {
+        const Phase phase("backward: gather dY");
+        gather_dy();
+      }
+      std::optional<LoraMatrices<T, Act>> lora;
+      if (s_.r > 0) lora.emplace(lora_args_);
       if (s_.r > 0) {
-        using L = LoraPanels<T, Act>;
-        lora.emplace(k_, lora_args_, routing_,
-                     std::vector<typename L::Job>{{{L::DownB}, L::Cols, L::Contraction},
-                                                  {{L::DownA}, L::Cols, L::Expansion},
-                                                  {{L::GateB}, L::Values},
-                                                  {{L::UpB}, L::Values},
-                                                  {{L::GateA, L::UpA}, L::Cols, L::Expansion}});
+        const Phase phase("backward: dY . Bd");
         down_rank_products(*lora);
       }
-      if (lora_grads_) zero_unrouted_experts();
-      else for (Tensor& g : grads_) g.zero_();
-      grad_h(lora ? &*lora : nullptr);
-      per_row(dw.data_ptr<T>());
-      grad_hidden_pairs(lora ? &*lora : nullptr);
+      {
+        const Phase phase("backward: zero LoRA grads of idle experts");
+        if (lora_grads_) zero_unrouted_experts();
+        else for (Tensor& g : grads_) g.zero_();
+      }
+      {
+        const Phase phase("backward: dY . Wd GEMM + activation + B/Ad grads");
+        grad_h(lora ? &*lora : nullptr);
+      }
+      {
+        const Phase phase("backward: per-row sums");
+        per_row(dw.data_ptr<T>());
+      }
+      {
+        const Phase phase("backward: dX GEMM + A/Bd grads");
+        grad_hidden_pairs(lora ? &*lora : nullptr);
+      }
+      const Phase phase("backward: combine");
       combine_rows<T>(s_, routing_, dx_pairs_.data(), s_.H, grad_hidden.data_ptr<T>());
     }
     // Skipped (-1) slots keep a zero routing-weight gradient: they are never routed.
@@ -1104,26 +1117,27 @@ class Backward {
   }
 
   // dYB = dY . Bd per expert (rank(0)), s dYB as activations.
-  void down_rank_products(const LoraPanels<T, Act>& lora) {
-    const int64_t r = s_.r, halves = lora.has_lo(0) ? 2 : 1;
-    const int64_t np = ceil_div(halves * r, kPanelRows), ldc = np * kPanelRows;
+  void down_rank_products(const LoraMatrices<T, Act>& lora) {
+    using L = LoraMatrices<T, Act>;
+    const int64_t r = s_.r, H = s_.H, np = ceil_div(r, kPanelRows), ldc = np * kPanelRows;
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
+      // Bd [H, r] is B^T of the contraction dY . Bd.
+      const SlicePanels<Act> b = pack_slice(k_, lora.rows_of(L::DownB, e, 0, H, task_buffer<T>(kConvert, H * r)), r,
+                                            r, H, true, lora.has_lo(L::DownB), kPanels);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       T* scaled = task_buffer<T>(kStageB, r);
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
-        k_.gemm_a(dys_.data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, false);
-        if (dys_lo_)
-          k_.gemm_a(dys_lo_->data() + c0 * ldx_, ldx_, m, s_.H, lora.get(0, e), lora.panel_stride(0), np, c, ldc, true);
+        const Act* dy = dys_.data() + c0 * ldx_;
+        k_.gemm_a(dy, ldx_, m, H, b.hi, b.stride, np, c, ldc, false);
+        if (b.lo) k_.gemm_a(dy, ldx_, m, H, b.lo, b.stride, np, c, ldc, true);
+        if (dys_lo_) k_.gemm_a(dys_lo_->data() + c0 * ldx_, ldx_, m, H, b.hi, b.stride, np, c, ldc, true);
         for (int64_t i = 0; i < m; ++i) {
           const T* ci = c + i * ldc;
-          T* dyb = rank(0, c0 + i);
-          for (int64_t q = 0; q < r; ++q) {
-            dyb[q] = halves == 2 ? ci[q] + ci[r + q] : ci[q];
-            scaled[q] = scaling_ * dyb[q];
-          }
+          std::copy(ci, ci + r, rank(0, c0 + i));
+          for (int64_t q = 0; q < r; ++q) scaled[q] = scaling_ * ci[q];
           expansion_row(k_, scaled, r, dyb_act(c0 + i));
         }
       }
@@ -1143,60 +1157,81 @@ class Backward {
     });
   }
 
-  void grad_h(const LoraPanels<T, Act>* lora) {
+  void grad_h(const LoraMatrices<T, Act>* lora) {
+    using L = LoraMatrices<T, Act>;
     const int64_t I = s_.I, P = s_.pairs(), r = s_.r;
-    const auto tasks = block_tasks(routing_, padded_rows(I));
+    const auto tasks = block_tasks(routing_, padded_rows(I), kNnCols);
     const T* prep = pre_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();
     parallel_for(tasks.size(), [&](int64_t ti) {
-      const int64_t e = tasks[ti].expert, block = tasks[ti].block, k0 = block * kColsPerTask;
-      const int64_t kc = std::min(kColsPerTask, I - k0), np = ceil_div(kc, kPanelRows);
+      const int64_t e = tasks[ti].expert, block = tasks[ti].block, k0 = block * kNnCols;
+      const int64_t kc = std::min(kNnCols, I - k0), np = ceil_div(kc, kPanelRows);
       const bool last_block = k0 + kc == I;
       uint16_t* panels;
       const int64_t stride = repacked_columns(k_, down_w_, e, k0, kc, kWeightsA, panels);
-      // T scratch: h, dg, du of a row; s xa_g, s xa_u, s w dYB of a row; the block's dBg [kc][r],
-      // dBu [kc][r] and dAd [r][kc] accumulators.
-      const int64_t grads = lora_grads_ ? 3 * kColsPerTask * r : 0;
-      T* h = task_buffer<T>(kPanels, 3 * kColsPerTask + 3 * r + grads);
-      T *dg = h + kColsPerTask, *du = dg + kColsPerTask, *row_rank = du + kColsPerTask;
-      T* acc = row_rank + 3 * r;
+      // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
+      // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
+      const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
+      const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
+      T* h_rows = task_buffer<T>(kPanels, 3 * chunk * kNnCols + 3 * chunk * r + grads);
+      T* dg_rows = h_rows + chunk * kNnCols;
+      T* du_rows = dg_rows + chunk * kNnCols;
+      T* rank_rows = du_rows + chunk * kNnCols;
+      T* acc = rank_rows + 3 * chunk * r;
       std::fill(acc, acc + grads, T(0));
       const int64_t n_padded = last_block ? ldi_ - k0 : kc;
+      // The block's LoRA: Ad's columns [k0, k0 + kc) as expansion panels (Ad [r, I] = B^T); Bg and
+      // Bu's rows [k0, k0 + kc) in T for the exact dg . Bg, du . Bu.
+      SlicePanels<Act> ad;
+      const T *bg = nullptr, *bu = nullptr;
+      if (lora) {
+        T* scratch = task_buffer<T>(kConvert, r * I + 2 * kc * r);
+        const T* ad_rows = lora->rows_of(L::DownA, e, 0, r, scratch);
+        ad = pack_slice(k_, ad_rows + k0, I, kc, r, true, lora->has_lo(L::DownA), kLoraA);
+        bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * I);
+        bu = lora->rows_of(L::UpB, e, k0, kc, scratch + r * I + kc * r);
+      }
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
-        T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
         ExtraProducts<Act> lora_d;
-        if (lora) lora_d = expansion(*lora, 1, e, k0 / kPanelRows, dyb_act(c0), r);
-        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kColsPerTask, false,
+        if (lora) lora_d = expansion(ad, dyb_act(c0), r);
+        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kNnCols, false,
                   lora ? &lora_d : nullptr);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row];
+          T* h = h_rows + i * kNnCols;
+          T* dg = dg_rows + i * kNnCols;
+          T* du = du_rows + i * kNnCols;
           dw_partial_.data()[row * blocks_i_ + block] = k_.glu_backward(
-              prep + p * I + k0, prep + (P + p) * I + k0, c + i * kColsPerTask, wp[p], kc, variant_.glu, h, dg, du);
+              prep + p * I + k0, prep + (P + p) * I + k0, c + i * kNnCols, wp[p], kc, variant_.glu, h, dg, du);
           if (lora) {
             T* partial = rank_partial_.data() + (row * blocks_i_ + block) * 2 * r;
-            k_.contract(dg, kc, lora->values(2, e) + k0 * r, r, partial);
-            k_.contract(du, kc, lora->values(3, e) + k0 * r, r, partial + r);
+            k_.contract(dg, kc, bg, r, partial);
+            k_.contract(du, kc, bu, r, partial + r);
           }
           if (lora_grads_) {
+            T* rr = rank_rows + i * 3 * r;
             for (int64_t q = 0; q < r; ++q) {
-              row_rank[q] = scaling_ * mid(0, p)[q];
-              row_rank[r + q] = scaling_ * mid(1, p)[q];
-              row_rank[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
+              rr[q] = scaling_ * mid(0, p)[q];
+              rr[r + q] = scaling_ * mid(1, p)[q];
+              rr[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
             }
-            k_.rank1(dg, kc, row_rank, r, acc);                             // dBg
-            k_.rank1(du, kc, row_rank + r, r, acc + kColsPerTask * r);      // dBu
-            k_.rank1(row_rank + 2 * r, r, h, kc, acc + 2 * kColsPerTask * r);  // dAd ([r][kc])
           }
           k_.to_act(dg, kc, dgs_.data() + row * ldi_ + k0, n_padded);
           k_.to_act(du, kc, dus_.data() + row * ldi_ + k0, n_padded);
         }
+        if (lora_grads_) {  // the chunk's terms of dBg = s dg^T xa_g, dBu = s du^T xa_u, dAd = s (w dYB)^T h
+          k_.outer_sum(dg_rows, kNnCols, kc, rank_rows, 3 * r, r, m, acc);
+          k_.outer_sum(du_rows, kNnCols, kc, rank_rows + r, 3 * r, r, m, acc + kNnCols * r);
+          k_.outer_sum(rank_rows + 2 * r, 3 * r, r, h_rows, kNnCols, kc, m, acc + 2 * kNnCols * r);
+        }
       }
       if (lora_grads_) {
         store_rows_of(grads_[1], e, k0, acc, kc, r);                     // dBg [E, I, r]
-        store_rows_of(grads_[3], e, k0, acc + kColsPerTask * r, kc, r);  // dBu
-        store_columns_of(grads_[4], e, k0, acc + 2 * kColsPerTask * r, r, kc);  // dAd [E, r, I]
+        store_rows_of(grads_[3], e, k0, acc + kNnCols * r, kc, r);  // dBu
+        store_columns_of(grads_[4], e, k0, acc + 2 * kNnCols * r, r, kc);  // dAd [E, r, I]
       }
     });
   }
@@ -1235,51 +1270,75 @@ class Backward {
     });
   }
 
-  void grad_hidden_pairs(const LoraPanels<T, Act>* lora) {
+  void grad_hidden_pairs(const LoraMatrices<T, Act>* lora) {
+    using L = LoraMatrices<T, Act>;
     const int64_t H = s_.H, Ip = padded_rows(s_.I), r = s_.r;
-    const auto tasks = block_tasks(routing_, H);
+    const auto tasks = block_tasks(routing_, H, kNnCols);
     const T* wp = w_.data_ptr<T>();
     parallel_for(tasks.size(), [&](int64_t ti) {
-      const int64_t e = tasks[ti].expert, h0 = tasks[ti].block * kColsPerTask;
-      const int64_t kc = std::min(kColsPerTask, H - h0), np = ceil_div(kc, kPanelRows);
+      const int64_t e = tasks[ti].expert, h0 = tasks[ti].block * kNnCols;
+      const int64_t kc = std::min(kNnCols, H - h0), np = ceil_div(kc, kPanelRows);
       uint16_t *panels_g, *panels_u;
       const int64_t stride_g = repacked_columns(k_, gate_w_, e, h0, kc, kWeightsA, panels_g);
       const int64_t stride_u = repacked_columns(k_, up_w_, e, h0, kc, kWeightsB, panels_u);
-      // T scratch: x and dY segments of a row; s dgB, s duB, s w ha of a row; the block's dAg, dAu
-      // [r][kc] and dBd [kc][r] accumulators.
-      const int64_t grads = lora_grads_ ? 3 * kColsPerTask * r : 0;
-      T* x = task_buffer<T>(kPanels, 2 * kColsPerTask + 3 * r + grads);
-      T *dy = x + kColsPerTask, *row_rank = dy + kColsPerTask, *acc = row_rank + 3 * r;
+      // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
+      // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
+      const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
+      const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
+      T* x_rows = task_buffer<T>(kPanels, 2 * chunk * kNnCols + 3 * chunk * r + grads);
+      T* dy_rows = x_rows + chunk * kNnCols;
+      T* rank_rows = dy_rows + chunk * kNnCols;
+      T* acc = rank_rows + 3 * chunk * r;
       std::fill(acc, acc + grads, T(0));
+      // The block's LoRA: [Ag; Au]'s columns [h0, h0 + kc) as expansion panels ([Ag; Au] [2r, H] =
+      // B^T), from a T copy of the two stacked slices.
+      SlicePanels<Act> agu;
+      if (lora) {
+        T* scratch = task_buffer<T>(kConvert, 2 * r * H + 2 * r * kc);
+        T* stacked = scratch + 2 * r * H;
+        for (int half = 0; half < 2; ++half) {
+          const T* a = lora->rows_of(half ? L::UpA : L::GateA, e, 0, r, scratch + half * r * H);
+          for (int64_t q = 0; q < r; ++q) std::copy_n(a + q * H + h0, kc, stacked + (half * r + q) * kc);
+        }
+        agu = pack_slice(k_, stacked, kc, kc, 2 * r, true, lora->has_lo(L::GateA) || lora->has_lo(L::UpA), kLoraA);
+      }
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
-        T* c = task_buffer<T>(kStageA, row_capacity(m) * kColsPerTask);
+        T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
         ExtraProducts<Act> lora_x;
-        if (lora) lora_x = expansion(*lora, 4, e, h0 / kPanelRows, dgub_act(c0), 2 * r);
-        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kColsPerTask, false, nullptr);
-        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kColsPerTask, true,
+        if (lora) lora_x = expansion(agu, dgub_act(c0), 2 * r);
+        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kNnCols, false, nullptr);
+        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kNnCols, true,
                   lora ? &lora_x : nullptr);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
-          std::copy(c + i * kColsPerTask, c + i * kColsPerTask + kc, dx_pairs_.data() + p * H + h0);
+          std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);
           if (!lora_grads_) continue;
+          T* rr = rank_rows + i * 3 * r;
           for (int64_t q = 0; q < r; ++q) {
-            row_rank[q] = scaling_ * rank(1, row)[q];
-            row_rank[r + q] = scaling_ * rank(2, row)[q];
-            row_rank[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
+            rr[q] = scaling_ * rank(1, row)[q];
+            rr[r + q] = scaling_ * rank(2, row)[q];
+            rr[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
           }
-          const T* xs = x_source_.segment(t, h0, kc, x);
-          const T* dys = dy_source_.segment(t, h0, kc, dy);
-          k_.rank1(row_rank, r, xs, kc, acc);                              // dAg [r][kc]
-          k_.rank1(row_rank + r, r, xs, kc, acc + kColsPerTask * r);       // dAu
-          k_.rank1(dys, kc, row_rank + 2 * r, r, acc + 2 * kColsPerTask * r);  // dBd [kc][r]
+          // The exact hidden states and output gradients (as given) of the row's segment.
+          T* xr = x_rows + i * kNnCols;
+          T* dyr = dy_rows + i * kNnCols;
+          const T* xs = x_source_.segment(t, h0, kc, xr);
+          if (xs != xr) std::copy_n(xs, kc, xr);
+          const T* dys = dy_source_.segment(t, h0, kc, dyr);
+          if (dys != dyr) std::copy_n(dys, kc, dyr);
+        }
+        if (lora_grads_) {  // the chunk's terms of dAg = s dgB^T x, dAu = s duB^T x, dBd = s dY^T (w ha)
+          k_.outer_sum(rank_rows, 3 * r, r, x_rows, kNnCols, kc, m, acc);
+          k_.outer_sum(rank_rows + r, 3 * r, r, x_rows, kNnCols, kc, m, acc + kNnCols * r);
+          k_.outer_sum(dy_rows, kNnCols, kc, rank_rows + 2 * r, 3 * r, r, m, acc + 2 * kNnCols * r);
         }
       }
       if (lora_grads_) {
         store_columns_of(grads_[0], e, h0, acc, r, kc);                      // dAg [E, r, H]
-        store_columns_of(grads_[2], e, h0, acc + kColsPerTask * r, r, kc);   // dAu
-        store_rows_of(grads_[5], e, h0, acc + 2 * kColsPerTask * r, kc, r);  // dBd [E, H, r]
+        store_columns_of(grads_[2], e, h0, acc + kNnCols * r, r, kc);   // dAu
+        store_rows_of(grads_[5], e, h0, acc + 2 * kNnCols * r, kc, r);  // dBd [E, H, r]
       }
     });
   }
@@ -1329,6 +1388,21 @@ class Backward {
 };
 
 }  // namespace
+
+void time_phases(bool on) {
+  if (on) {
+    PhaseTimes& t = phase_times();
+    std::lock_guard<std::mutex> lock(t.mutex);
+    t.seconds.clear();
+  }
+  g_time_phases = on;
+}
+
+std::vector<std::pair<std::string, double>> phase_seconds() {
+  PhaseTimes& t = phase_times();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  return t.seconds;
+}
 
 std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     const Tensor& hidden_states, const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& gate_weight,

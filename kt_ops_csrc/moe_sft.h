@@ -33,4 +33,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     const std::optional<Tensor>& up_bias, const std::optional<Tensor>& down_bias, c10::string_view activation,
     double swiglu_alpha, double swiglu_limit);
 
+// Per-phase wall times of the ops (for benchmarks): time_phases(true) clears and starts them.
+void time_phases(bool on);
+std::vector<std::pair<std::string, double>> phase_seconds();
+
 }  // namespace kt

@@ -76,6 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return at::from_blob(copy, t.sizes(), [bytes](void* p) { munmap(p, bytes); }, t.options());
   }, py::call_guard<py::gil_scoped_release>(),
      "A copy of the tensor in fresh pages first written by the calling thread's pool (NUMA first touch)");
+  module.def("_time_phases", &kt::time_phases, "Benchmarks: start (clearing) or stop timing the ops' phases");
+  module.def("_phase_times", &kt::phase_seconds, "Benchmarks: [(phase, seconds)] accumulated while timing");
   module.def("_arm_rendezvous", &kt::ThreadPool::arm_rendezvous, "Test hook, see thread_pool.h");
   module.def("_take_rendezvous_log", &kt::ThreadPool::take_rendezvous_log, "Test hook, see thread_pool.h");
 }

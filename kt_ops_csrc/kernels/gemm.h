@@ -91,6 +91,10 @@ struct Kernels {
   void (*pack_rows)(const Act* src, int64_t lds, int N, int K, Act* dst, int64_t panel_stride);
   // The same panels of B given as B^T row-major: src [K rows][N columns] (row k at src + k * lds).
   void (*pack_cols)(const Act* src, int64_t lds, int K, int N, Act* dst, int64_t panel_stride);
+  // pack_rows / pack_cols of T values: the panels of act(B) into hi and, where lo is not null, those
+  // of act(B - act(B)) into lo (a split bf16 B = hi + lo; exact types have no lo).
+  void (*pack_rows_split)(const T* src, int64_t lds, int N, int K, Act* hi, Act* lo, int64_t panel_stride);
+  void (*pack_cols_split)(const T* src, int64_t lds, int K, int N, Act* hi, Act* lo, int64_t panel_stride);
   // h[0, n) = glu(g, u); g and u are the pre-activations (biases included).
   void (*glu_forward)(const T* g, const T* u, int64_t n, const Glu<T>& glu, T* h);
   // Backward through the activation for one row segment, dh_raw = dY . Wd (unweighted), w the
@@ -102,6 +106,9 @@ struct Kernels {
   void (*contract)(const T* v, int64_t n, const T* m, int64_t r, T* out);
   // acc[i * ny + j] += x[i] y[j]: one row's term of a LoRA gradient, accumulated in T.
   void (*rank1)(const T* x, int64_t nx, const T* y, int64_t ny, T* acc);
+  // acc[i * ny + j] += sum_(t < m) x[t * ldx + i] y[t * ldy + j]: a LoRA gradient's terms over m rows
+  // (X^T Y), accumulated in T in row order t, with blocks of acc held in registers.
+  void (*outer_sum)(const T* x, int64_t ldx, int64_t nx, const T* y, int64_t ldy, int64_t ny, int64_t m, T* acc);
   const char* name;
 };
 

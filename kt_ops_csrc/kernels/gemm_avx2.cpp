@@ -164,10 +164,13 @@ const KernelsF32* avx2_kernels_f32() {
                                   to_act_residual_common<float, float>,
                                   pack_rows_common<float>,
                                   pack_cols_common<float>,
+                                  pack_rows_split_common<float, float>,
+                                  pack_cols_split_common<float, float>,
                                   glu_forward_common<float>,
                                   glu_backward_common<float>,
           contract_common<float>,
           rank1_common<float>,
+          outer_sum_common<float>,
                                   "avx2"};
   return &kernels;
 }
