@@ -409,6 +409,39 @@ std::vector<BlockTask> block_tasks(const Routing& routing, int64_t cols, int64_t
   return tasks;
 }
 
+// The backward's tasks: runs of consecutive column blocks of one expert, so that a task knows the
+// weight columns it reads next and prefetches them while it multiplies (see prefetch_columns).
+// Enough runs per expert for every thread to have work.
+struct BlockRun {
+  int64_t expert, first, count;
+};
+
+std::vector<BlockRun> block_runs(const Routing& routing, int64_t cols, int64_t cols_per_block) {
+  const int64_t blocks = ceil_div(cols, cols_per_block), hits = routing.hit_experts.size();
+  const int64_t wanted = 4 * ThreadPool::instance().num_threads();
+  const int64_t parts = std::min(blocks, std::max<int64_t>(2, ceil_div(wanted, std::max<int64_t>(hits, 1))));
+  std::vector<BlockRun> runs;
+  for (int64_t e : routing.hit_experts)
+    for (int64_t part = 0; part < parts; ++part) {
+      const int64_t first = part * blocks / parts, last = (part + 1) * blocks / parts;
+      if (last > first) runs.push_back({e, first, last - first});
+    }
+  return runs;
+}
+
+// The prefetch (gemm.h's extras) of W's columns [k0, k0 + kc) for the next repack: one run of lines
+// per panel. Only packed bf16 weights are read in place; quantized ones are dequantized anyway.
+template <typename Act>
+void prefetch_columns(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc, ExtraProducts<Act>& extra) {
+  if (!w.is_bf16() || kc <= 0) return;
+  int64_t k_total, k_first;
+  const uint16_t* base = w.nn_panels(e, k0, kc, k_total, k_first, nullptr);
+  extra.prefetch = reinterpret_cast<const char*>(base + (k_first / 2) * 2 * kPanelRows);
+  extra.prefetch_stride = k_pairs(k_total) * 2 * kPanelRows * static_cast<int64_t>(sizeof(uint16_t));
+  extra.prefetch_rows = static_cast<int>(padded_rows(w.rows()) / kPanelRows);
+  extra.prefetch_lines = static_cast<int>(ceil_div(kc, 2));
+}
+
 // Rows of a [rows, n] tensor of T, bf16 or another float type (converted to T once), as activations
 // or as exact T values.
 template <typename T, typename Act>
@@ -688,19 +721,19 @@ const float* act_row_f32(const Kernels<T, Act>& k, const Act* row, int64_t n, fl
   }
 }
 
-// Weight panels of W^T for W's columns [k0, k0 + kc) (gemm.h's repack_nn), in `slot`; returns the
-// panel stride. n_padded: W's padded rows, the reduction of the products that read them.
-template <typename T, typename Act>
-int64_t repacked_columns(const Kernels<T, Act>& k, const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc,
-                         Slot slot, uint16_t*& panels) {
-  const int64_t n_padded = padded_rows(w.rows()), stride = n_padded * kPanelRows;
-  uint16_t* source_buffer = w.is_bf16() ? nullptr : task_buffer<uint16_t>(kConvert, w.nn_buffer_elems(kc));
+// W's columns [k0, k0 + kc) where gemm_nn reads them: the packed weights, or (quantized formats)
+// those columns dequantized into `slot`.
+struct NnSource {
+  const uint16_t* w;
+  int64_t kp;
+  int col0;
+};
+
+inline NnSource nn_source(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc, Slot slot) {
+  uint16_t* buffer = w.is_bf16() ? nullptr : task_buffer<uint16_t>(slot, w.nn_buffer_elems(kc));
   int64_t k_total, k_first;
-  const uint16_t* source = w.nn_panels(e, k0, kc, k_total, k_first, source_buffer);
-  panels = task_buffer<uint16_t>(slot, ceil_div(kc, kPanelRows) * stride);
-  k.repack_nn(source, k_pairs(k_total), static_cast<int>(n_padded), static_cast<int>(n_padded / 2),
-              static_cast<int>(k_first), static_cast<int>(kc), panels, stride);
-  return stride;
+  const uint16_t* panels = w.nn_panels(e, k0, kc, k_total, k_first, buffer);
+  return {panels, k_pairs(k_total), static_cast<int>(k_first)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1160,15 +1193,16 @@ class Backward {
   void grad_h(const LoraMatrices<T, Act>* lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t I = s_.I, P = s_.pairs(), r = s_.r;
-    const auto tasks = block_tasks(routing_, padded_rows(I), kNnCols);
+    const auto runs = block_runs(routing_, padded_rows(I), kNnCols);
     const T* prep = pre_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();
-    parallel_for(tasks.size(), [&](int64_t ti) {
-      const int64_t e = tasks[ti].expert, block = tasks[ti].block, k0 = block * kNnCols;
-      const int64_t kc = std::min(kNnCols, I - k0), np = ceil_div(kc, kPanelRows);
+    parallel_for(runs.size(), [&](int64_t ti) {
+     const int64_t e = runs[ti].expert;
+     for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
+      const int64_t k0 = block * kNnCols;
+      const int64_t kc = std::min(kNnCols, I - k0);
       const bool last_block = k0 + kc == I;
-      uint16_t* panels;
-      const int64_t stride = repacked_columns(k_, down_w_, e, k0, kc, kWeightsA, panels);
+      const NnSource wd = nn_source(down_w_, e, k0, kc, kWeightsA);
       // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
       // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
       const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
@@ -1195,10 +1229,12 @@ class Backward {
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
-        ExtraProducts<Act> lora_d;
-        if (lora) lora_d = expansion(ad, dyb_act(c0), r);
-        k_.gemm_w(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), panels, stride, np, c, kNnCols, false,
-                  lora ? &lora_d : nullptr);
+        ExtraProducts<Act> extra;
+        if (lora) extra = expansion(ad, dyb_act(c0), r);
+        if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count)
+          prefetch_columns(down_w_, e, k0 + kNnCols, std::min(kNnCols, I - k0 - kNnCols), extra);
+        k_.gemm_nn(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), wd.w, wd.kp, wd.col0, kc, c, kNnCols, false,
+                   &extra);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row];
           T* h = h_rows + i * kNnCols;
@@ -1233,6 +1269,7 @@ class Backward {
         store_rows_of(grads_[3], e, k0, acc + kNnCols * r, kc, r);  // dBu
         store_columns_of(grads_[4], e, k0, acc + 2 * kNnCols * r, r, kc);  // dAd [E, r, I]
       }
+     }
     });
   }
 
@@ -1273,14 +1310,14 @@ class Backward {
   void grad_hidden_pairs(const LoraMatrices<T, Act>* lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t H = s_.H, Ip = padded_rows(s_.I), r = s_.r;
-    const auto tasks = block_tasks(routing_, H, kNnCols);
+    const auto runs = block_runs(routing_, H, kNnCols);
     const T* wp = w_.data_ptr<T>();
-    parallel_for(tasks.size(), [&](int64_t ti) {
-      const int64_t e = tasks[ti].expert, h0 = tasks[ti].block * kNnCols;
-      const int64_t kc = std::min(kNnCols, H - h0), np = ceil_div(kc, kPanelRows);
-      uint16_t *panels_g, *panels_u;
-      const int64_t stride_g = repacked_columns(k_, gate_w_, e, h0, kc, kWeightsA, panels_g);
-      const int64_t stride_u = repacked_columns(k_, up_w_, e, h0, kc, kWeightsB, panels_u);
+    parallel_for(runs.size(), [&](int64_t ti) {
+     const int64_t e = runs[ti].expert;
+     for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
+      const int64_t h0 = block * kNnCols;
+      const int64_t kc = std::min(kNnCols, H - h0);
+      const NnSource wg = nn_source(gate_w_, e, h0, kc, kWeightsA), wu = nn_source(up_w_, e, h0, kc, kWeightsB);
       // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
       // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
       const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
@@ -1306,11 +1343,15 @@ class Backward {
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
-        ExtraProducts<Act> lora_x;
-        if (lora) lora_x = expansion(agu, dgub_act(c0), 2 * r);
-        k_.gemm_w(dgs_.data() + c0 * ldi_, ldi_, m, Ip, panels_g, stride_g, np, c, kNnCols, false, nullptr);
-        k_.gemm_w(dus_.data() + c0 * ldi_, ldi_, m, Ip, panels_u, stride_u, np, c, kNnCols, true,
-                  lora ? &lora_x : nullptr);
+        ExtraProducts<Act> next_g, extra_u;
+        if (lora) extra_u = expansion(agu, dgub_act(c0), 2 * r);
+        if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count) {
+          const int64_t next = h0 + kNnCols, next_kc = std::min(kNnCols, H - next);
+          prefetch_columns(gate_w_, e, next, next_kc, next_g);
+          prefetch_columns(up_w_, e, next, next_kc, extra_u);
+        }
+        k_.gemm_nn(dgs_.data() + c0 * ldi_, ldi_, m, Ip, wg.w, wg.kp, wg.col0, kc, c, kNnCols, false, &next_g);
+        k_.gemm_nn(dus_.data() + c0 * ldi_, ldi_, m, Ip, wu.w, wu.kp, wu.col0, kc, c, kNnCols, true, &extra_u);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
           std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);
@@ -1340,6 +1381,7 @@ class Backward {
         store_columns_of(grads_[2], e, h0, acc + kNnCols * r, r, kc);   // dAu
         store_rows_of(grads_[5], e, h0, acc + 2 * kNnCols * r, kc, r);  // dBd [E, H, r]
       }
+     }
     });
   }
 

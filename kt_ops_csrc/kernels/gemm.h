@@ -51,9 +51,14 @@ struct Glu {
   T alpha, up_offset, limit;
 };
 
-// Up to three products with activation panels that a weight GEMM adds to C before storing it:
-// C += sum_i A_i . B_i^T, each over the same K (the LoRA expansions: split bf16 uses two or three).
-// A_i: m rows, lda apart; B_i: panels (the GEMM's first panel at b[i]) panel_stride apart.
+// What a weight GEMM does besides C = A . W^T:
+//   * up to three products with activation panels added to C before it is stored:
+//     C += sum_i A_i . B_i^T, each over the same K (the LoRA expansions: split bf16 uses two or
+//     three); A_i: m rows, lda apart; B_i: panels (the GEMM's first panel at b[i]) panel_stride apart;
+//   * a prefetch of memory the caller reads next (the next weight block of the backward), spread
+//     over the GEMM's work so that its DRAM reads overlap the products: `prefetch_lines` 64-byte
+//     lines at prefetch + i * prefetch_stride + 64 j (i < prefetch_rows, j < prefetch_lines), into
+//     L2. A hint: kernels may ignore it.
 template <typename Act>
 struct ExtraProducts {
   int count = 0;
@@ -61,6 +66,9 @@ struct ExtraProducts {
   int64_t lda = 0, panel_stride = 0;
   const Act* a[3] = {};
   const Act* b[3] = {};
+  const char* prefetch = nullptr;
+  int64_t prefetch_stride = 0;
+  int prefetch_rows = 0, prefetch_lines = 0;
 };
 
 template <typename T, typename Act>
@@ -73,6 +81,12 @@ struct Kernels {
   // The same with activation panels (b at b + p * panel_stride Act elements).
   void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c,
                  int64_t ldc, bool accumulate);
+  // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
+  // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), W
+  // given in its packed layout (n_padded rows, kp pairs; as repack_nn reads it), A rows of
+  // n_padded values. Columns from ncols on see zero weights.
+  void (*gemm_nn)(const Act* a, int64_t lda, int m, int n_padded, const uint16_t* w, int64_t kp, int col0, int ncols,
+                  T* c, int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
   // Weight panels of W^T for gemm_nn-shaped products (the reduction over W's rows n): columns
   // [col0, col0 + ncols) (col0 even) of the stored W [n_padded x K, k_pairs(K) = kp], transposed, as
   // ceil(ncols / 16) panels panel_stride apart: row j of panel b holds (W[2j, c], W[2j + 1, c]) for

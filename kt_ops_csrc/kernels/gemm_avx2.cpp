@@ -158,6 +158,8 @@ void gemm_a_avx2(const float* a, int64_t lda, int m, int K, const float* b, int6
 const KernelsF32* avx2_kernels_f32() {
   static const KernelsF32 kernels{gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
                                   gemm_a_avx2,
+                                  gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
+                                                   repack_nn>,
                                   repack_nn,
                                   to_act_common<float, float>,
                                   bf16_to_act_common<float>,

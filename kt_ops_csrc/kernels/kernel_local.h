@@ -30,17 +30,17 @@ inline uint16_t float_to_bf16(float x) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Grow-only per-thread scratch, 64-byte aligned (pool threads live as long as the process). One
-// buffer per thread and unit: a kernel asks once per call and calls no other kernel that asks.
+// Grow-only per-thread scratch, 64-byte aligned (pool threads live as long as the process). Two
+// buffers per thread and unit: a GEMM's own (slot 0) and that of a kernel calling a GEMM (slot 1).
 struct ThreadScratch {
   void* data = nullptr;
   size_t bytes = 0;
   ~ThreadScratch() { std::free(data); }
 };
-thread_local ThreadScratch t_scratch;
+thread_local ThreadScratch t_scratch[2];
 
-inline void* scratch_bytes(size_t bytes) {
-  ThreadScratch& s = t_scratch;
+inline void* scratch_bytes(size_t bytes, int slot = 0) {
+  ThreadScratch& s = t_scratch[slot];
   if (s.bytes < bytes) {
     std::free(s.data);
     s.bytes = 0;

@@ -198,6 +198,31 @@ static void test_repack(const Table<Act>& t, int N, int K, int col0, int ncols) 
   std::free(dst);
 }
 
+// gemm_nn against float64 sums over W's rows (A rows of n_padded values, zero beyond N).
+template <typename Act>
+static void test_nn(const Table<Act>& t, int m, int N, int K, int col0, int ncols, bool accumulate) {
+  Weights W(N, K);
+  const int n_padded = int(padded_rows(N));
+  Rows<Act> A(m, n_padded, 2 * rint_(0, 2));
+  for (int i = 0; i < m; ++i) for (int n = N; n < n_padded; ++n) A.a[i * A.lda + n] = act_of<Act>(0.0f);
+  const int np = (ncols + 15) / 16;
+  const int64_t ldc = np * 16 + 2 * rint_(0, 2);
+  float* c = exact<float>(size_t(row_capacity(m)) * ldc);
+  std::vector<float> c0(size_t(m) * ldc);
+  for (int i = 0; i < m; ++i) for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
+  t.k->gemm_nn(A.a, A.lda, m, n_padded, W.packed, k_pairs(K), col0, ncols, c, ldc, accumulate, nullptr);
+  char ctx[128]; std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d col0=%d ncols=%d acc=%d", m, N, K, col0, ncols, accumulate);
+  for (int i = 0; i < m; ++i) for (int col = 0; col < np * 16; ++col) {
+    double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
+    for (int n = 0; n < n_padded; ++n) {
+      const double v = col < ncols ? A.at(i, n) * W.at(n, col0 + col) : 0.0;
+      e += v; s += std::fabs(v);
+    }
+    check(t.name, "gemm_nn", c[i * ldc + col], e, s, ctx);
+  }
+  std::free(c);
+}
+
 template <typename Act>
 static void test_convert(const Table<Act>& t, int n) {
   std::vector<float> x(n);
@@ -291,8 +316,11 @@ static void run_table(const Table<Act>& t, int iters) {
     const int RK = rint_(1, 200);
     const int col0 = 2 * rint_(0, (RK - 1) / 2);
     test_repack(t, rint_(1, 100), RK, col0, rint_(1, std::min(64, RK - col0)));
+    const int NN = rint_(1, 100), NK = rint_(1, 200), ncol0 = 2 * rint_(0, (NK - 1) / 2);
+    test_nn(t, rint_(1, 70), NN, NK, ncol0, rint_(1, std::min(64, NK - ncol0)), it % 2 == 1);
   }
   test_gemm(t, 64, 2048, 64, 0, 4, false, 3, false);
+  for (int m : {1, 16, 17, 32, 33}) test_nn(t, m, 2048, 128, 0, 64, m % 2 == 1);
   for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) {
     test_convert(t, n);
     test_glu(t, n, false);
