@@ -29,15 +29,22 @@ int main() {
   auto quant = [&](int groups, bool dot) {
     return [&, groups, dot](int ex) {
       QuantMatrix w{groups > 1 ? WeightFormat::Int8KGroup : WeightFormat::Int8,
-                    reinterpret_cast<uint8_t*>(codes.data() + ex * bytes), scales.data() + ex * padded_rows(N) * groups, K, groups};
+                    reinterpret_cast<uint8_t*>(codes.data() + ex * bytes), scales.data() + ex * padded_rows(N) * groups,
+                    K, groups};
       auto fn = dot ? avx2_dequant()->gemm_nt_int8 : avx2_dequant()->gemm_nt_codes;
       for (int p0 = 0; p0 < N / 16; p0 += 4) fn(w, rows, 1, p0, 4, c.data());
     };
   };
   std::vector<std::pair<const char*, std::function<void(int)>>> ks{
-      {"bf16 gemm_nt (avx2)", [&](int ex) { for (int p0 = 0; p0 < N / 16; p0 += 4) avx2_kernels_f32()->gemm_nt(rows, 1, K, wb.data() + ex * bytes, p0, 4, c.data()); }},
-      {"int8 fp32-on-codes (before)", quant(1, false)}, {"int8 integer dot (after)", quant(1, true)},
-      {"int8_kgroup g128 fp32-on-codes (before)", quant(16, false)}, {"int8_kgroup g128 integer dot (after)", quant(16, true)}};
+      {"bf16 gemm_nt (avx2)",
+       [&](int ex) {
+         for (int p0 = 0; p0 < N / 16; p0 += 4)
+           avx2_kernels_f32()->gemm_nt(rows, 1, K, wb.data() + ex * bytes, p0, 4, c.data());
+       }},
+      {"int8 fp32-on-codes (before)", quant(1, false)},
+      {"int8 integer dot (after)", quant(1, true)},
+      {"int8_kgroup g128 fp32-on-codes (before)", quant(16, false)},
+      {"int8_kgroup g128 integer dot (after)", quant(16, true)}};
   std::vector<double> best(ks.size(), 1e9);
   for (int rep = 0; rep < 100; ++rep)
     for (size_t i = 0; i < ks.size(); ++i) {

@@ -28,7 +28,6 @@ constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
-
 // Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
 // clipping the rare extreme values buys a finer step for all the others.
@@ -36,7 +35,8 @@ std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat fo
   const bool zero_point = has_zero_point(format), int8 = is_int8(format);
   const double qmax = int8 ? 127.0 : (zero_point ? 15.0 : 7.0);
   const double qmin = int8 ? -127.0 : (zero_point ? 0.0 : -8.0);
-  const std::vector<double> ratios = int8 ? std::vector<double>{1.0} : std::vector<double>{1.0, 0.95, 0.9, 0.85, 0.8, 0.75};
+  const std::vector<double> ratios =
+      int8 ? std::vector<double>{1.0} : std::vector<double>{1.0, 0.95, 0.9, 0.85, 0.8, 0.75};
   Tensor lo = std::get<0>(grouped.min(-1, true)), hi = std::get<0>(grouped.max(-1, true));
   Tensor absmax = at::maximum(lo.abs(), hi);
   Tensor best_codes, best_scale, best_offset, best_error;
@@ -65,8 +65,8 @@ std::pair<Tensor, Tensor> quantize_groups(const Tensor& grouped, WeightFormat fo
     best_error = at::where(better, error, best_error);
   }
   if (zero_point) return {best_codes, at::cat({best_scale, best_offset}, -1)};  // [rows, groups, 2]
-  if (!int8) best_codes = best_codes + 8.0;                                       // 4-bit codes offset by 8
-  return {best_codes, best_scale.squeeze(-1)};                                   // [rows, groups]
+  if (!int8) best_codes = best_codes + 8.0;                                     // 4-bit codes offset by 8
+  return {best_codes, best_scale.squeeze(-1)};                                  // [rows, groups]
 }
 
 // fp8: scale = max|w| / 448 per row and group (448 is E4M3's largest finite value), codes = w / scale
@@ -98,7 +98,7 @@ int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {
   // int64 could match a small blob and send the kernels 2^62 rows deep, so every step is checked.
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "kt_ops: matrix sizes must be >= 0, got ", rows, " x ", cols);
   const int64_t per_slot = format == WeightFormat::Bf16 ? 4 : is_byte_coded(format) ? 2 : 1;  // 4-bit: two codes a byte
-  int64_t pair_rows = 0, bytes = 0;  // (row, k pair) slots
+  int64_t pair_rows = 0, bytes = 0;                                                           // (row, k pair) slots
   const bool overflow = rows > INT64_MAX - kPanelRows || cols == INT64_MAX ||
                         __builtin_mul_overflow(padded_rows(rows), k_pairs(cols), &pair_rows) ||
                         __builtin_mul_overflow(pair_rows, per_slot, &bytes);
@@ -111,14 +111,14 @@ int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::
                             int64_t num_experts, int64_t rows, int64_t cols, const char* blob_name,
                             const char* scale_name) {
   const int64_t bytes = packed_bytes(format, rows, cols);
-  TORCH_CHECK_VALUE(blob.size(1) == bytes, "kt_ops: ", blob_name, " must have shape [", num_experts, ", ", bytes,
-                    "] (", weight_format_name(format), " experts of ", rows, " x ", cols, "), got ", blob.sizes());
+  TORCH_CHECK_VALUE(blob.size(1) == bytes, "kt_ops: ", blob_name, " must have shape [", num_experts, ", ", bytes, "] (",
+                    weight_format_name(format), " experts of ", rows, " x ", cols, "), got ", blob.sizes());
   if (format == WeightFormat::Bf16) {
     TORCH_CHECK_VALUE(!scales.has_value(), "kt_ops: weight_format 'bf16' takes no ", scale_name, " (pass None)");
     return 1;
   }
-  TORCH_CHECK_VALUE(scales.has_value(), "kt_ops: weight_format '", weight_format_name(format), "' needs ",
-                    scale_name, " (as kt_ops.pack_experts returns it)");
+  TORCH_CHECK_VALUE(scales.has_value(), "kt_ops: weight_format '", weight_format_name(format), "' needs ", scale_name,
+                    " (as kt_ops.pack_experts returns it)");
   const Tensor& s = *scales;
   TORCH_CHECK_VALUE(s.device().is_cpu(), "kt_ops: ", scale_name, " must be a CPU tensor, got device ", s.device());
   TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kt_ops: ", scale_name, " must be float32, got ", s.scalar_type());
@@ -126,9 +126,8 @@ int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::
   const int64_t width_dims = has_zero_point(format) ? 4 : 3;
   TORCH_CHECK_VALUE(s.dim() == width_dims && s.size(0) == num_experts && s.size(1) == padded_rows(rows) &&
                         (width_dims == 3 || s.size(3) == 2) && s.size(2) >= 1,
-                    "kt_ops: ", scale_name, " must have shape [", num_experts, ", ", padded_rows(rows),
-                    ", groups", has_zero_point(format) ? ", 2]" : "]", " for ", weight_format_name(format), ", got ",
-                    s.sizes());
+                    "kt_ops: ", scale_name, " must have shape [", num_experts, ", ", padded_rows(rows), ", groups",
+                    has_zero_point(format) ? ", 2]" : "]", " for ", weight_format_name(format), ", got ", s.sizes());
   const int64_t groups = s.size(2);
   if (is_grouped(format)) {
     TORCH_CHECK_VALUE(cols % groups == 0 && (cols / groups) % 2 == 0, "kt_ops: ", scale_name, " has ", groups,
@@ -140,8 +139,8 @@ int64_t check_packed_matrix(WeightFormat format, const Tensor& blob, const std::
   return groups;
 }
 
-ExpertWeights::ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales,
-                             int64_t rows, int64_t cols, int64_t groups)
+ExpertWeights::ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales, int64_t rows,
+                             int64_t cols, int64_t groups)
     : format_(format), data_(blob.data_ptr<uint8_t>()), expert_bytes_(blob.size(1)), rows_(rows), cols_(cols),
       groups_(groups) {
   if (scales.has_value()) {
@@ -179,8 +178,8 @@ const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np,
   return dequantized(expert, p0, np, 0, k_pairs(cols_), buffer);
 }
 
-const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total,
-                                         int64_t& k_first, uint16_t* buffer) const {
+const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first,
+                                         uint16_t* buffer) const {
   if (format_ == WeightFormat::Bf16) {
     k_total = cols_;
     k_first = k0;
@@ -223,8 +222,8 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
   c10::ParallelGuard inline_torch_ops(false);  // packing is a one-off: let torch use its threads
   const WeightFormat format = parse_weight_format(weight_format);
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "kt_ops: weight must be a CPU tensor, got device ", weight.device());
-  TORCH_CHECK_VALUE(weight.dim() == 3, "kt_ops: weight must be 3-D [num_experts, out_features, in_features], got shape ",
-                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3,
+                    "kt_ops: weight must be 3-D [num_experts, out_features, in_features], got shape ", weight.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "kt_ops: weight must be a floating tensor, got ",
                    weight.scalar_type());
   const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
@@ -239,7 +238,8 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
   const int64_t Np = padded_rows(N);
   if (format == WeightFormat::Bf16) {
     Tensor packed = panel_order(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N}), E, Np, K);
-    return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}), at::empty({0}, weight.options().dtype(at::kFloat))};
+    return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}),
+            at::empty({0}, weight.options().dtype(at::kFloat))};
   }
   // Statistics over the real columns only; padded rows get zero scales (they dequantize to zero).
   // One expert at a time bounds the fp32 working copy to one expert's matrix.
@@ -258,16 +258,21 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
 std::tuple<Tensor, Tensor> pack_codes(const Tensor& raw_codes, const Tensor& scales, c10::string_view weight_format) {
   const WeightFormat format = parse_weight_format(weight_format);
   TORCH_CHECK_VALUE(format != WeightFormat::Bf16, "kt_ops: pack_codes takes a quantized weight_format, got 'bf16'");
-  TORCH_CHECK_VALUE(raw_codes.device().is_cpu() && scales.device().is_cpu(), "kt_ops: codes and scales must be CPU tensors");
+  TORCH_CHECK_VALUE(raw_codes.device().is_cpu() && scales.device().is_cpu(),
+                    "kt_ops: codes and scales must be CPU tensors");
   const bool fp8 = format == WeightFormat::Fp8;
-  TORCH_CHECK_TYPE(raw_codes.scalar_type() != at::kFloat8_e4m3fn || fp8, "kt_ops: float8_e4m3fn codes need "
-                   "weight_format 'fp8', got '", weight_format_name(format), "'");
+  TORCH_CHECK_TYPE(raw_codes.scalar_type() != at::kFloat8_e4m3fn || fp8,
+                   "kt_ops: float8_e4m3fn codes need "
+                   "weight_format 'fp8', got '",
+                   weight_format_name(format), "'");
   // fp8 codes are the E4M3 bytes: a float8_e4m3fn tensor is taken bit for bit.
   const Tensor codes = raw_codes.scalar_type() == at::kFloat8_e4m3fn ? raw_codes.view(at::kByte) : raw_codes;
   TORCH_CHECK_VALUE(codes.dim() == 3, "kt_ops: codes must be 3-D [num_experts, out_features, in_features], got shape ",
                     codes.sizes());
-  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false), "kt_ops: codes must be an integer "
-                   "tensor, got ", codes.scalar_type());
+  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false),
+                   "kt_ops: codes must be an integer "
+                   "tensor, got ",
+                   codes.scalar_type());
   TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()), "kt_ops: scales must be a floating tensor, got ",
                    scales.scalar_type());
   const int64_t E = codes.size(0), N = codes.size(1), K = codes.size(2);

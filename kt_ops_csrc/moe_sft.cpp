@@ -107,11 +107,12 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
                     const Tensor& up_w, const Tensor& down_w, const std::optional<Tensor>& gate_scale,
                     const std::optional<Tensor>& up_scale, const std::optional<Tensor>& down_scale,
                     c10::string_view format, int64_t I, const LoraArgs& lora) {
-  const std::pair<const Tensor*, const char*> all[] = {
-      {&hidden, "hidden_states"}, {&ids, "topk_ids"},         {&weights, "topk_weights"},
-      {&gate_w, "gate_weight"},   {&up_w, "up_weight"},       {&down_w, "down_weight"},
-      {&lora.gate_a, "gate_lora_a"}, {&lora.gate_b, "gate_lora_b"}, {&lora.up_a, "up_lora_a"},
-      {&lora.up_b, "up_lora_b"},  {&lora.down_a, "down_lora_a"}, {&lora.down_b, "down_lora_b"}};
+  const std::pair<const Tensor*, const char*> all[] = {{&hidden, "hidden_states"},    {&ids, "topk_ids"},
+                                                       {&weights, "topk_weights"},    {&gate_w, "gate_weight"},
+                                                       {&up_w, "up_weight"},          {&down_w, "down_weight"},
+                                                       {&lora.gate_a, "gate_lora_a"}, {&lora.gate_b, "gate_lora_b"},
+                                                       {&lora.up_a, "up_lora_a"},     {&lora.up_b, "up_lora_b"},
+                                                       {&lora.down_a, "down_lora_a"}, {&lora.down_b, "down_lora_b"}};
   for (auto& [t, name] : all) check_cpu(*t, name);
 
   check_dim(hidden, "hidden_states", 2, "[num_tokens, hidden_size]");
@@ -133,8 +134,8 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
 
   TORCH_CHECK_VALUE(I >= 1, "kt_ops: intermediate_size must be >= 1, got ", I);
   const WeightFormat fmt = parse_weight_format(format);
-  const std::pair<const Tensor*, const char*> packed[] = {{&gate_w, "gate_weight"}, {&up_w, "up_weight"},
-                                                         {&down_w, "down_weight"}};
+  const std::pair<const Tensor*, const char*> packed[] = {
+      {&gate_w, "gate_weight"}, {&up_w, "up_weight"}, {&down_w, "down_weight"}};
   for (auto& [t, name] : packed) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "kt_ops: ", name,
                      " must be a packed uint8 weight (kt_ops.pack_experts), got dtype ", t->scalar_type());
@@ -148,8 +149,10 @@ Shapes check_inputs(const Tensor& hidden, const Tensor& ids, const Tensor& weigh
                     "kt_ops: the packed experts do not match hidden_states' hidden_size ", H, " and intermediate_size ",
                     I, ": gate_weight must be [", E, ", ", gate_bytes, "] and down_weight [", E, ", ", down_bytes,
                     "], got ", gate_w.sizes(), " and ", down_w.sizes());
-  TORCH_CHECK_VALUE(up_w.size(0) == E && down_w.size(0) == E, "kt_ops: gate_weight, up_weight and down_weight must "
-                    "hold the same number of experts, got ", gate_w.size(0), ", ", up_w.size(0), ", ", down_w.size(0));
+  TORCH_CHECK_VALUE(up_w.size(0) == E && down_w.size(0) == E,
+                    "kt_ops: gate_weight, up_weight and down_weight must "
+                    "hold the same number of experts, got ",
+                    gate_w.size(0), ", ", up_w.size(0), ", ", down_w.size(0));
   const int64_t gate_groups = check_packed_matrix(fmt, gate_w, gate_scale, E, I, H, "gate_weight", "gate_scale");
   const int64_t up_groups = check_packed_matrix(fmt, up_w, up_scale, E, I, H, "up_weight", "up_scale");
   const int64_t down_groups = check_packed_matrix(fmt, down_w, down_scale, E, H, I, "down_weight", "down_scale");
@@ -307,9 +310,8 @@ void zero_skipped_pairs(const Routing& routing, T* data, int64_t planes, int64_t
 // owns a contiguous range of rows. The GEMM inputs are gathered once per call into row buffers in
 // that order, in the activation type of the ISA (kernels/gemm.h: bf16 bits on rounding ISAs, exact
 // T elsewhere), padded as gemm.h requires; every product then runs on them in place. The rank-r
-// LoRA products and the LoRA gradients are GEMMs too: their matrices are packed into activation
-// panels once per call (LoraPanels), and the row-reduced LoRA gradients take their B operand as
-// panels built from these rows (pack_cols) inside the task that needs them.
+// LoRA products are GEMMs too: each task packs the LoRA slices it uses into activation panels
+// (LoraMatrices), and the LoRA gradients are outer sums over each chunk's rows.
 //
 // Tasks: one per (expert, block of kColsPerTask output columns), all of the expert's rows inside, in
 // chunks of kChunkRows, so the block's weight panels are read from RAM once per call and stay in L2
@@ -318,9 +320,11 @@ void zero_skipped_pairs(const Routing& routing, T* data, int64_t planes, int64_t
 
 constexpr int64_t kColsPerTask = 64;
 constexpr int64_t kPanelsPerTask = kColsPerTask / kPanelRows;
-static const int64_t kNnCols = std::getenv("KT_NN_COLS") ? std::atoi(std::getenv("KT_NN_COLS")) : 64;  // TEMP
+// Columns of a transposed (dY Wᵀ) block in the backward: the hidden-gradient block a task keeps in L1
+// next to its h/dg/du rows.
+constexpr int64_t kNnCols = 64;
 constexpr int64_t kChunkRows = 256;
-constexpr int64_t kRowsPerTask = 32;   // gathers and other per-row passes
+constexpr int64_t kRowsPerTask = 32;  // gathers and other per-row passes
 constexpr int64_t kTokensPerTask = 16;
 constexpr int64_t kMaxStackRank = 256;  // rank-r rows up to this rank live on the stack
 
@@ -524,7 +528,9 @@ template <typename Act>
 constexpr bool kSplit = sizeof(Act) == 2;
 // The row stride of an expansion's A rows over rank n: [hi | lo] halves (split) or the values.
 template <typename Act>
-constexpr int64_t expansion_stride(int64_t n) { return kSplit<Act> ? 2 * act_stride(n) : act_stride(n); }
+constexpr int64_t expansion_stride(int64_t n) {
+  return kSplit<Act> ? 2 * act_stride(n) : act_stride(n);
+}
 
 // An expansion's A row: hi and lo of v in two halves of act_stride(n) (split), or v itself; the
 // padding of each is zero.
@@ -753,11 +759,10 @@ class Forward {
           const ExpertWeights& gate_w, const ExpertWeights& up_w, const ExpertWeights& down_w,
           const LoraArgs& lora_args, T scaling, bool save, const Variant<T>& variant)
       : s_(s), k_(k), hidden_(hidden), gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args),
-        scaling_(scaling), save_(save), variant_(variant), routing_(route(ids, s.E)),
-        R_(routing_.order.size()), order_(routing_.order.data()), w_(as_reused(weights, dtype())),
-        ldx_(act_stride(s.H)), ldh_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
-        xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)),
-        lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
+        scaling_(scaling), save_(save), variant_(variant), routing_(route(ids, s.E)), R_(routing_.order.size()),
+        order_(routing_.order.data()), w_(as_reused(weights, dtype())), ldx_(act_stride(s.H)), ldh_(act_stride(s.I)),
+        ldr_(expansion_stride<Act>(s.r)), xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
+        hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)), lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
         ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
         y_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
 
@@ -833,8 +838,8 @@ class Forward {
         const T* rows = lora.rows_of(which, e, 0, r, stacked + half * r * H);
         if (rows != stacked + half * r * H) std::copy_n(rows, r * H, stacked + half * r * H);
       }
-      const SlicePanels<Act> a = pack_slice(k_, stacked, H, 2 * r, H, false, lora.has_lo(L::GateA) ||
-                                            lora.has_lo(L::UpA), kPanels);
+      const SlicePanels<Act> a =
+          pack_slice(k_, stacked, H, 2 * r, H, false, lora.has_lo(L::GateA) || lora.has_lo(L::UpA), kPanels);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -953,8 +958,7 @@ class Forward {
           T* h = g;  // g is not needed once h is computed
           k_.glu_forward(g, u, cols, variant_.glu, h);
           if (lora)
-            k_.contract(h, cols, ad_t, s_.r,
-                        ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r);
+            k_.contract(h, cols, ad_t, s_.r, ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r);
           Act* h_row = hs_.data() + (c0 + i) * ldh_;
           k_.to_act(h, cols, h_row + n0, last_block ? ldh_ - n0 : cols);
         }
@@ -1066,12 +1070,12 @@ class Backward {
         dy_source_(grad_output, s.H), x_source_(hidden, s.H), w_(as_reused(weights, dtype())),
         pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())), mid_data_(mid_.data_ptr<T>()),
         ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
-        ld2r_(expansion_stride<Act>(2 * s.r)),
-        blocks_i_(ceil_div(padded_rows(s.I), kNnCols)), dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
-        dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
-        rank_(std::max<int64_t>(3 * R_ * s.r, 1)), rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
-        rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)), dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)),
-        dx_pairs_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
+        ld2r_(expansion_stride<Act>(2 * s.r)), blocks_i_(ceil_div(padded_rows(s.I), kNnCols)),
+        dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
+        dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), rank_(std::max<int64_t>(3 * R_ * s.r, 1)),
+        rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
+        rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)),
+        dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)), dx_pairs_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
 
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run(bool compute_lora_grads) {
     const auto opts = options_.dtype(dtype());
@@ -1095,8 +1099,10 @@ class Backward {
       }
       {
         const Phase phase("backward: zero LoRA grads of idle experts");
-        if (lora_grads_) zero_unrouted_experts();
-        else for (Tensor& g : grads_) g.zero_();
+        if (lora_grads_)
+          zero_unrouted_experts();
+        else
+          for (Tensor& g : grads_) g.zero_();
       }
       {
         const Phase phase("backward: dY . Wd GEMM + activation + B/Ad grads");
@@ -1115,8 +1121,14 @@ class Backward {
     }
     // Skipped (-1) slots keep a zero routing-weight gradient: they are never routed.
     Tensor grad_weights = dw.view({s_.T, s_.k}).to(weights_dtype_);
-    return {as_reused(grad_hidden, hidden_dtype_), grad_weights, grads_[0], grads_[1], grads_[2], grads_[3],
-            grads_[4], grads_[5]};
+    return {as_reused(grad_hidden, hidden_dtype_),
+            grad_weights,
+            grads_[0],
+            grads_[1],
+            grads_[2],
+            grads_[3],
+            grads_[4],
+            grads_[5]};
   }
 
  private:
@@ -1156,8 +1168,8 @@ class Backward {
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       // Bd [H, r] is B^T of the contraction dY . Bd.
-      const SlicePanels<Act> b = pack_slice(k_, lora.rows_of(L::DownB, e, 0, H, task_buffer<T>(kConvert, H * r)), r,
-                                            r, H, true, lora.has_lo(L::DownB), kPanels);
+      const SlicePanels<Act> b = pack_slice(k_, lora.rows_of(L::DownB, e, 0, H, task_buffer<T>(kConvert, H * r)), r, r,
+                                            H, true, lora.has_lo(L::DownB), kPanels);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       T* scaled = task_buffer<T>(kStageB, r);
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1197,79 +1209,79 @@ class Backward {
     const T* prep = pre_.data_ptr<T>();
     const T* wp = w_.data_ptr<T>();
     parallel_for(runs.size(), [&](int64_t ti) {
-     const int64_t e = runs[ti].expert;
-     for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
-      const int64_t k0 = block * kNnCols;
-      const int64_t kc = std::min(kNnCols, I - k0);
-      const bool last_block = k0 + kc == I;
-      const NnSource wd = nn_source(down_w_, e, k0, kc, kWeightsA);
-      // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
-      // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
-      const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
-      const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
-      T* h_rows = task_buffer<T>(kPanels, 3 * chunk * kNnCols + 3 * chunk * r + grads);
-      T* dg_rows = h_rows + chunk * kNnCols;
-      T* du_rows = dg_rows + chunk * kNnCols;
-      T* rank_rows = du_rows + chunk * kNnCols;
-      T* acc = rank_rows + 3 * chunk * r;
-      std::fill(acc, acc + grads, T(0));
-      const int64_t n_padded = last_block ? ldi_ - k0 : kc;
-      // The block's LoRA: Ad's columns [k0, k0 + kc) as expansion panels (Ad [r, I] = B^T); Bg and
-      // Bu's rows [k0, k0 + kc) in T for the exact dg . Bg, du . Bu.
-      SlicePanels<Act> ad;
-      const T *bg = nullptr, *bu = nullptr;
-      if (lora) {
-        T* scratch = task_buffer<T>(kConvert, r * I + 2 * kc * r);
-        const T* ad_rows = lora->rows_of(L::DownA, e, 0, r, scratch);
-        ad = pack_slice(k_, ad_rows + k0, I, kc, r, true, lora->has_lo(L::DownA), kLoraA);
-        bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * I);
-        bu = lora->rows_of(L::UpB, e, k0, kc, scratch + r * I + kc * r);
-      }
-      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
-      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
-        const int64_t m = std::min(kChunkRows, end - c0);
-        T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
-        ExtraProducts<Act> extra;
-        if (lora) extra = expansion(ad, dyb_act(c0), r);
-        if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count)
-          prefetch_columns(down_w_, e, k0 + kNnCols, std::min(kNnCols, I - k0 - kNnCols), extra);
-        k_.gemm_nn(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), wd.w, wd.kp, wd.col0, kc, c, kNnCols, false,
-                   &extra);
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t row = c0 + i, p = order_[row];
-          T* h = h_rows + i * kNnCols;
-          T* dg = dg_rows + i * kNnCols;
-          T* du = du_rows + i * kNnCols;
-          dw_partial_.data()[row * blocks_i_ + block] = k_.glu_backward(
-              prep + p * I + k0, prep + (P + p) * I + k0, c + i * kNnCols, wp[p], kc, variant_.glu, h, dg, du);
-          if (lora) {
-            T* partial = rank_partial_.data() + (row * blocks_i_ + block) * 2 * r;
-            k_.contract(dg, kc, bg, r, partial);
-            k_.contract(du, kc, bu, r, partial + r);
-          }
-          if (lora_grads_) {
-            T* rr = rank_rows + i * 3 * r;
-            for (int64_t q = 0; q < r; ++q) {
-              rr[q] = scaling_ * mid(0, p)[q];
-              rr[r + q] = scaling_ * mid(1, p)[q];
-              rr[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
+      const int64_t e = runs[ti].expert;
+      for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
+        const int64_t k0 = block * kNnCols;
+        const int64_t kc = std::min(kNnCols, I - k0);
+        const bool last_block = k0 + kc == I;
+        const NnSource wd = nn_source(down_w_, e, k0, kc, kWeightsA);
+        // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
+        // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
+        const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
+        const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
+        T* h_rows = task_buffer<T>(kPanels, 3 * chunk * kNnCols + 3 * chunk * r + grads);
+        T* dg_rows = h_rows + chunk * kNnCols;
+        T* du_rows = dg_rows + chunk * kNnCols;
+        T* rank_rows = du_rows + chunk * kNnCols;
+        T* acc = rank_rows + 3 * chunk * r;
+        std::fill(acc, acc + grads, T(0));
+        const int64_t n_padded = last_block ? ldi_ - k0 : kc;
+        // The block's LoRA: Ad's columns [k0, k0 + kc) as expansion panels (Ad [r, I] = B^T); Bg and
+        // Bu's rows [k0, k0 + kc) in T for the exact dg . Bg, du . Bu.
+        SlicePanels<Act> ad;
+        const T *bg = nullptr, *bu = nullptr;
+        if (lora) {
+          T* scratch = task_buffer<T>(kConvert, r * I + 2 * kc * r);
+          const T* ad_rows = lora->rows_of(L::DownA, e, 0, r, scratch);
+          ad = pack_slice(k_, ad_rows + k0, I, kc, r, true, lora->has_lo(L::DownA), kLoraA);
+          bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * I);
+          bu = lora->rows_of(L::UpB, e, k0, kc, scratch + r * I + kc * r);
+        }
+        const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+        for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+          const int64_t m = std::min(kChunkRows, end - c0);
+          T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
+          ExtraProducts<Act> extra;
+          if (lora) extra = expansion(ad, dyb_act(c0), r);
+          if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count)
+            prefetch_columns(down_w_, e, k0 + kNnCols, std::min(kNnCols, I - k0 - kNnCols), extra);
+          k_.gemm_nn(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), wd.w, wd.kp, wd.col0, kc, c, kNnCols, false,
+                     &extra);
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t row = c0 + i, p = order_[row];
+            T* h = h_rows + i * kNnCols;
+            T* dg = dg_rows + i * kNnCols;
+            T* du = du_rows + i * kNnCols;
+            dw_partial_.data()[row * blocks_i_ + block] = k_.glu_backward(
+                prep + p * I + k0, prep + (P + p) * I + k0, c + i * kNnCols, wp[p], kc, variant_.glu, h, dg, du);
+            if (lora) {
+              T* partial = rank_partial_.data() + (row * blocks_i_ + block) * 2 * r;
+              k_.contract(dg, kc, bg, r, partial);
+              k_.contract(du, kc, bu, r, partial + r);
             }
+            if (lora_grads_) {
+              T* rr = rank_rows + i * 3 * r;
+              for (int64_t q = 0; q < r; ++q) {
+                rr[q] = scaling_ * mid(0, p)[q];
+                rr[r + q] = scaling_ * mid(1, p)[q];
+                rr[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
+              }
+            }
+            k_.to_act(dg, kc, dgs_.data() + row * ldi_ + k0, n_padded);
+            k_.to_act(du, kc, dus_.data() + row * ldi_ + k0, n_padded);
           }
-          k_.to_act(dg, kc, dgs_.data() + row * ldi_ + k0, n_padded);
-          k_.to_act(du, kc, dus_.data() + row * ldi_ + k0, n_padded);
+          if (lora_grads_) {  // the chunk's terms of dBg = s dg^T xa_g, dBu = s du^T xa_u, dAd = s (w dYB)^T h
+            k_.outer_sum(dg_rows, kNnCols, kc, rank_rows, 3 * r, r, m, acc);
+            k_.outer_sum(du_rows, kNnCols, kc, rank_rows + r, 3 * r, r, m, acc + kNnCols * r);
+            k_.outer_sum(rank_rows + 2 * r, 3 * r, r, h_rows, kNnCols, kc, m, acc + 2 * kNnCols * r);
+          }
         }
-        if (lora_grads_) {  // the chunk's terms of dBg = s dg^T xa_g, dBu = s du^T xa_u, dAd = s (w dYB)^T h
-          k_.outer_sum(dg_rows, kNnCols, kc, rank_rows, 3 * r, r, m, acc);
-          k_.outer_sum(du_rows, kNnCols, kc, rank_rows + r, 3 * r, r, m, acc + kNnCols * r);
-          k_.outer_sum(rank_rows + 2 * r, 3 * r, r, h_rows, kNnCols, kc, m, acc + 2 * kNnCols * r);
+        if (lora_grads_) {
+          store_rows_of(grads_[1], e, k0, acc, kc, r);                       // dBg [E, I, r]
+          store_rows_of(grads_[3], e, k0, acc + kNnCols * r, kc, r);         // dBu
+          store_columns_of(grads_[4], e, k0, acc + 2 * kNnCols * r, r, kc);  // dAd [E, r, I]
         }
       }
-      if (lora_grads_) {
-        store_rows_of(grads_[1], e, k0, acc, kc, r);                     // dBg [E, I, r]
-        store_rows_of(grads_[3], e, k0, acc + kNnCols * r, kc, r);  // dBu
-        store_columns_of(grads_[4], e, k0, acc + 2 * kNnCols * r, r, kc);  // dAd [E, r, I]
-      }
-     }
     });
   }
 
@@ -1313,75 +1325,75 @@ class Backward {
     const auto runs = block_runs(routing_, H, kNnCols);
     const T* wp = w_.data_ptr<T>();
     parallel_for(runs.size(), [&](int64_t ti) {
-     const int64_t e = runs[ti].expert;
-     for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
-      const int64_t h0 = block * kNnCols;
-      const int64_t kc = std::min(kNnCols, H - h0);
-      const NnSource wg = nn_source(gate_w_, e, h0, kc, kWeightsA), wu = nn_source(up_w_, e, h0, kc, kWeightsB);
-      // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
-      // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
-      const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
-      const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
-      T* x_rows = task_buffer<T>(kPanels, 2 * chunk * kNnCols + 3 * chunk * r + grads);
-      T* dy_rows = x_rows + chunk * kNnCols;
-      T* rank_rows = dy_rows + chunk * kNnCols;
-      T* acc = rank_rows + 3 * chunk * r;
-      std::fill(acc, acc + grads, T(0));
-      // The block's LoRA: [Ag; Au]'s columns [h0, h0 + kc) as expansion panels ([Ag; Au] [2r, H] =
-      // B^T), from a T copy of the two stacked slices.
-      SlicePanels<Act> agu;
-      if (lora) {
-        T* scratch = task_buffer<T>(kConvert, 2 * r * H + 2 * r * kc);
-        T* stacked = scratch + 2 * r * H;
-        for (int half = 0; half < 2; ++half) {
-          const T* a = lora->rows_of(half ? L::UpA : L::GateA, e, 0, r, scratch + half * r * H);
-          for (int64_t q = 0; q < r; ++q) std::copy_n(a + q * H + h0, kc, stacked + (half * r + q) * kc);
-        }
-        agu = pack_slice(k_, stacked, kc, kc, 2 * r, true, lora->has_lo(L::GateA) || lora->has_lo(L::UpA), kLoraA);
-      }
-      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
-      for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
-        const int64_t m = std::min(kChunkRows, end - c0);
-        T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
-        ExtraProducts<Act> next_g, extra_u;
-        if (lora) extra_u = expansion(agu, dgub_act(c0), 2 * r);
-        if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count) {
-          const int64_t next = h0 + kNnCols, next_kc = std::min(kNnCols, H - next);
-          prefetch_columns(gate_w_, e, next, next_kc, next_g);
-          prefetch_columns(up_w_, e, next, next_kc, extra_u);
-        }
-        k_.gemm_nn(dgs_.data() + c0 * ldi_, ldi_, m, Ip, wg.w, wg.kp, wg.col0, kc, c, kNnCols, false, &next_g);
-        k_.gemm_nn(dus_.data() + c0 * ldi_, ldi_, m, Ip, wu.w, wu.kp, wu.col0, kc, c, kNnCols, true, &extra_u);
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
-          std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);
-          if (!lora_grads_) continue;
-          T* rr = rank_rows + i * 3 * r;
-          for (int64_t q = 0; q < r; ++q) {
-            rr[q] = scaling_ * rank(1, row)[q];
-            rr[r + q] = scaling_ * rank(2, row)[q];
-            rr[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
+      const int64_t e = runs[ti].expert;
+      for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
+        const int64_t h0 = block * kNnCols;
+        const int64_t kc = std::min(kNnCols, H - h0);
+        const NnSource wg = nn_source(gate_w_, e, h0, kc, kWeightsA), wu = nn_source(up_w_, e, h0, kc, kWeightsB);
+        // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
+        // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
+        const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
+        const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
+        T* x_rows = task_buffer<T>(kPanels, 2 * chunk * kNnCols + 3 * chunk * r + grads);
+        T* dy_rows = x_rows + chunk * kNnCols;
+        T* rank_rows = dy_rows + chunk * kNnCols;
+        T* acc = rank_rows + 3 * chunk * r;
+        std::fill(acc, acc + grads, T(0));
+        // The block's LoRA: [Ag; Au]'s columns [h0, h0 + kc) as expansion panels ([Ag; Au] [2r, H] =
+        // B^T), from a T copy of the two stacked slices.
+        SlicePanels<Act> agu;
+        if (lora) {
+          T* scratch = task_buffer<T>(kConvert, 2 * r * H + 2 * r * kc);
+          T* stacked = scratch + 2 * r * H;
+          for (int half = 0; half < 2; ++half) {
+            const T* a = lora->rows_of(half ? L::UpA : L::GateA, e, 0, r, scratch + half * r * H);
+            for (int64_t q = 0; q < r; ++q) std::copy_n(a + q * H + h0, kc, stacked + (half * r + q) * kc);
           }
-          // The exact hidden states and output gradients (as given) of the row's segment.
-          T* xr = x_rows + i * kNnCols;
-          T* dyr = dy_rows + i * kNnCols;
-          const T* xs = x_source_.segment(t, h0, kc, xr);
-          if (xs != xr) std::copy_n(xs, kc, xr);
-          const T* dys = dy_source_.segment(t, h0, kc, dyr);
-          if (dys != dyr) std::copy_n(dys, kc, dyr);
+          agu = pack_slice(k_, stacked, kc, kc, 2 * r, true, lora->has_lo(L::GateA) || lora->has_lo(L::UpA), kLoraA);
         }
-        if (lora_grads_) {  // the chunk's terms of dAg = s dgB^T x, dAu = s duB^T x, dBd = s dY^T (w ha)
-          k_.outer_sum(rank_rows, 3 * r, r, x_rows, kNnCols, kc, m, acc);
-          k_.outer_sum(rank_rows + r, 3 * r, r, x_rows, kNnCols, kc, m, acc + kNnCols * r);
-          k_.outer_sum(dy_rows, kNnCols, kc, rank_rows + 2 * r, 3 * r, r, m, acc + 2 * kNnCols * r);
+        const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
+        for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+          const int64_t m = std::min(kChunkRows, end - c0);
+          T* c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
+          ExtraProducts<Act> next_g, extra_u;
+          if (lora) extra_u = expansion(agu, dgub_act(c0), 2 * r);
+          if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count) {
+            const int64_t next = h0 + kNnCols, next_kc = std::min(kNnCols, H - next);
+            prefetch_columns(gate_w_, e, next, next_kc, next_g);
+            prefetch_columns(up_w_, e, next, next_kc, extra_u);
+          }
+          k_.gemm_nn(dgs_.data() + c0 * ldi_, ldi_, m, Ip, wg.w, wg.kp, wg.col0, kc, c, kNnCols, false, &next_g);
+          k_.gemm_nn(dus_.data() + c0 * ldi_, ldi_, m, Ip, wu.w, wu.kp, wu.col0, kc, c, kNnCols, true, &extra_u);
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
+            std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);
+            if (!lora_grads_) continue;
+            T* rr = rank_rows + i * 3 * r;
+            for (int64_t q = 0; q < r; ++q) {
+              rr[q] = scaling_ * rank(1, row)[q];
+              rr[r + q] = scaling_ * rank(2, row)[q];
+              rr[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
+            }
+            // The exact hidden states and output gradients (as given) of the row's segment.
+            T* xr = x_rows + i * kNnCols;
+            T* dyr = dy_rows + i * kNnCols;
+            const T* xs = x_source_.segment(t, h0, kc, xr);
+            if (xs != xr) std::copy_n(xs, kc, xr);
+            const T* dys = dy_source_.segment(t, h0, kc, dyr);
+            if (dys != dyr) std::copy_n(dys, kc, dyr);
+          }
+          if (lora_grads_) {  // the chunk's terms of dAg = s dgB^T x, dAu = s duB^T x, dBd = s dY^T (w ha)
+            k_.outer_sum(rank_rows, 3 * r, r, x_rows, kNnCols, kc, m, acc);
+            k_.outer_sum(rank_rows + r, 3 * r, r, x_rows, kNnCols, kc, m, acc + kNnCols * r);
+            k_.outer_sum(dy_rows, kNnCols, kc, rank_rows + 2 * r, 3 * r, r, m, acc + 2 * kNnCols * r);
+          }
+        }
+        if (lora_grads_) {
+          store_columns_of(grads_[0], e, h0, acc, r, kc);                 // dAg [E, r, H]
+          store_columns_of(grads_[2], e, h0, acc + kNnCols * r, r, kc);   // dAu
+          store_rows_of(grads_[5], e, h0, acc + 2 * kNnCols * r, kc, r);  // dBd [E, H, r]
         }
       }
-      if (lora_grads_) {
-        store_columns_of(grads_[0], e, h0, acc, r, kc);                      // dAg [E, r, H]
-        store_columns_of(grads_[2], e, h0, acc + kNnCols * r, r, kc);   // dAu
-        store_rows_of(grads_[5], e, h0, acc + 2 * kNnCols * r, kc, r);  // dBd [E, H, r]
-      }
-     }
     });
   }
 
@@ -1456,16 +1468,16 @@ std::tuple<Tensor, Tensor, Tensor> moe_sft_forward(
     const std::optional<Tensor>& down_bias, c10::string_view activation, double swiglu_alpha, double swiglu_limit) {
   const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
-  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
-                                gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
+  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, gate_scale,
+                                up_scale, down_scale, weight_format, intermediate_size, lora);
   const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights down(s.format, down_weight, down_scale, s.H, s.I, s.down_groups);
   const auto run = [&](const auto& kernels, auto scaling) {
     using T = decltype(scaling);
     const Variant<T> v(variant, s);
-    Forward<T, typename std::decay_t<decltype(kernels)>::act_type> forward(s, kernels, hidden_states, topk_ids, topk_weights,
-                                                                      gate, up, down, lora, scaling, save_for_backward, v);
+    Forward<T, typename std::decay_t<decltype(kernels)>::act_type> forward(
+        s, kernels, hidden_states, topk_ids, topk_weights, gate, up, down, lora, scaling, save_for_backward, v);
     return forward.run();
   };
   if (hidden_states.scalar_type() == at::kDouble) return run(ref_kernels_f64(), lora_scaling);
@@ -1486,8 +1498,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     double swiglu_alpha, double swiglu_limit) {
   const VariantArgs variant{gate_bias, up_bias, down_bias, activation, swiglu_alpha, swiglu_limit};
   const LoraArgs lora{gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b};
-  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight,
-                                gate_scale, up_scale, down_scale, weight_format, intermediate_size, lora);
+  const Shapes s = check_inputs(hidden_states, topk_ids, topk_weights, gate_weight, up_weight, down_weight, gate_scale,
+                                up_scale, down_scale, weight_format, intermediate_size, lora);
   check_cpu(grad_output, "grad_output");
   check_cpu(gate_up_pre, "gate_up_pre");
   check_cpu(lora_mid, "lora_mid");
@@ -1498,7 +1510,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
   const auto acc_dtype = hidden_states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_TYPE(gate_up_pre.scalar_type() == acc_dtype && lora_mid.scalar_type() == acc_dtype,
                    "kt_ops: gate_up_pre and lora_mid must be ", acc_dtype, " as forward returned them");
-  check_shape(gate_up_pre, "gate_up_pre", {2, s.pairs(), s.I}, "[2, num_tokens * num_experts_per_tok, intermediate_size]");
+  check_shape(gate_up_pre, "gate_up_pre", {2, s.pairs(), s.I},
+              "[2, num_tokens * num_experts_per_tok, intermediate_size]");
   check_shape(lora_mid, "lora_mid", {3, s.pairs(), s.r}, "[3, num_tokens * num_experts_per_tok, lora_rank]");
   const ExpertWeights gate(s.format, gate_weight, gate_scale, s.I, s.H, s.gate_groups);
   const ExpertWeights up(s.format, up_weight, up_scale, s.I, s.H, s.gate_groups);
@@ -1507,8 +1520,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_s
     using T = decltype(scaling);
     const Variant<T> v(variant, s);
     Backward<T, typename std::decay_t<decltype(kernels)>::act_type> backward(s, kernels, grad_output, hidden_states,
-                                                                        topk_ids, topk_weights, gate, up, down, lora,
-                                                                        scaling, gate_up_pre, lora_mid, v);
+                                                                             topk_ids, topk_weights, gate, up, down,
+                                                                             lora, scaling, gate_up_pre, lora_mid, v);
     return backward.run(lora_grads);
   };
   if (hidden_states.scalar_type() == at::kDouble) return run(ref_kernels_f64(), lora_scaling);

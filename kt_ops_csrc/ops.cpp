@@ -52,14 +52,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("physical_cores", &kt::physical_core_count);
   module.def("set_num_threads", [](int n) { kt::ThreadPool::main_pool().set_num_threads(n); });
   module.def("get_num_threads", [] { return kt::ThreadPool::main_pool().num_threads(); });
-  module.def("packed_bytes", [](const std::string& format, int64_t rows, int64_t cols) {
-    return kt::packed_bytes(kt::parse_weight_format(format), rows, cols);
-  }, "Bytes per expert of a rows x cols matrix packed in `format` (overflow-checked)");
-  module.def("_inject_task_fault", [](bool on_caller, int subpool) {
-    (subpool < 0 ? kt::ThreadPool::main_pool() : kt::ThreadPool::subpool(subpool)).inject_task_fault(on_caller);
-  }, py::arg("on_caller"), py::arg("subpool") = -1,
-     "Test hook: the next task of the main pool (or of `subpool`) on a worker (or the calling) thread throws "
-     "std::bad_alloc");
+  module.def(
+      "packed_bytes",
+      [](const std::string& format, int64_t rows, int64_t cols) {
+        return kt::packed_bytes(kt::parse_weight_format(format), rows, cols);
+      },
+      "Bytes per expert of a rows x cols matrix packed in `format` (overflow-checked)");
+  module.def(
+      "_inject_task_fault",
+      [](bool on_caller, int subpool) {
+        (subpool < 0 ? kt::ThreadPool::main_pool() : kt::ThreadPool::subpool(subpool)).inject_task_fault(on_caller);
+      },
+      py::arg("on_caller"), py::arg("subpool") = -1,
+      "Test hook: the next task of the main pool (or of `subpool`) on a worker (or the calling) thread throws "
+      "std::bad_alloc");
   // Sub-pools (threadpool_count > 1); kt_ops/core/subpools.py is their Python side.
   module.def("_configure_subpools", &kt::ThreadPool::configure_subpools, py::call_guard<py::gil_scoped_release>(),
              "(count, threads each, CPU set per sub-pool; empty = not pinned)");
@@ -68,14 +74,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("_enter_subpool", &kt::ThreadPool::enter_subpool,
              "The calling thread's ops run on sub-pool i from now on; the thread is pinned to its CPUs");
   module.def("_current_subpool", &kt::ThreadPool::current_subpool);
-  module.def("_first_touch_copy", [](const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "_first_touch_copy needs a contiguous CPU tensor");
-    const size_t bytes = t.nbytes();
-    if (bytes == 0) return t.clone();
-    void* copy = kt::first_touch_copy(t.data_ptr(), bytes);
-    return at::from_blob(copy, t.sizes(), [bytes](void* p) { munmap(p, bytes); }, t.options());
-  }, py::call_guard<py::gil_scoped_release>(),
-     "A copy of the tensor in fresh pages first written by the calling thread's pool (NUMA first touch)");
+  module.def(
+      "_first_touch_copy",
+      [](const at::Tensor& t) {
+        TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "_first_touch_copy needs a contiguous CPU tensor");
+        const size_t bytes = t.nbytes();
+        if (bytes == 0) return t.clone();
+        void* copy = kt::first_touch_copy(t.data_ptr(), bytes);
+        return at::from_blob(copy, t.sizes(), [bytes](void* p) { munmap(p, bytes); }, t.options());
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "A copy of the tensor in fresh pages first written by the calling thread's pool (NUMA first touch)");
   module.def("_time_phases", &kt::time_phases, "Benchmarks: start (clearing) or stop timing the ops' phases");
   module.def("_phase_times", &kt::phase_seconds, "Benchmarks: [(phase, seconds)] accumulated while timing");
   module.def("_arm_rendezvous", &kt::ThreadPool::arm_rendezvous, "Test hook, see thread_pool.h");

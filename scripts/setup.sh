@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 REQUIREMENTS="torch==2.13.0 numpy ninja pytest hypothesis safetensors pyyaml setuptools wheel transformers==5.23.0 \
-peft==0.21.2 trl==1.16.0 accelerate==1.15.0 matplotlib gguf==0.19.0 ruff==0.17.6"
+peft==0.21.2 trl==1.16.0 accelerate==1.15.0 matplotlib gguf==0.19.0 ruff==0.17.6 \
+clang-format==19.1.7"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

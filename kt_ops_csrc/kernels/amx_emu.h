@@ -105,7 +105,8 @@ void tile_loadd(int t, const void* base, long stride) {
 void tile_stored(int t, void* base, long stride) {
   check_tile(t);
   unsigned char* dst = static_cast<unsigned char*>(base);
-  for (int r = 0; r < t_tiles.rows[t]; ++r) std::memcpy(dst + r * stride, t_tiles.data[t] + r * kMaxColsb, t_tiles.colsb[t]);
+  for (int r = 0; r < t_tiles.rows[t]; ++r)
+    std::memcpy(dst + r * stride, t_tiles.data[t] + r * kMaxColsb, t_tiles.colsb[t]);
 }
 
 float bf16_bits_to_float(uint16_t bits) {

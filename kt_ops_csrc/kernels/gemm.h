@@ -79,8 +79,8 @@ struct Kernels {
   void (*gemm_w)(const Act* a, int64_t lda, int m, int K, const uint16_t* w, int64_t panel_stride, int np, T* c,
                  int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
   // The same with activation panels (b at b + p * panel_stride Act elements).
-  void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c,
-                 int64_t ldc, bool accumulate);
+  void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c, int64_t ldc,
+                 bool accumulate);
   // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
   // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), W
   // given in its packed layout (n_padded rows, kp pairs; as repack_nn reads it), A rows of

@@ -40,12 +40,12 @@ inline __m256i load_pairs(const uint16_t* src) { return _mm256_loadu_si256(reint
 // Accumulators are named variables rather than an array: GCC keeps arrays of vectors on the stack
 // and reloads them every iteration, which halves the FMA rate.
 #define KT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
-#define KT_DECLARE(i)                                                \
-  __m256 lo##i = _mm256_setzero_ps(), hi##i = _mm256_setzero_ps();   \
-  const float* a##i = a + (i < MR ? i : 0) * lda;                    \
-  if (i < MR && accumulate) {                                        \
-    lo##i = _mm256_loadu_ps(c + i * ldc);                            \
-    hi##i = _mm256_loadu_ps(c + i * ldc + 8);                        \
+#define KT_DECLARE(i)                                              \
+  __m256 lo##i = _mm256_setzero_ps(), hi##i = _mm256_setzero_ps(); \
+  const float* a##i = a + (i < MR ? i : 0) * lda;                  \
+  if (i < MR && accumulate) {                                      \
+    lo##i = _mm256_loadu_ps(c + i * ldc);                          \
+    hi##i = _mm256_loadu_ps(c + i * ldc + 8);                      \
   }
 #define KT_FMA(i, kk)                                \
   if (i < MR) {                                      \
@@ -111,7 +111,7 @@ template <typename P, template <int> class Block>
 void gemm_panels(const float* a, int64_t lda, int m, int K, const P* b, int64_t panel_stride, int np, float* c,
                  int64_t ldc, bool accumulate) {
   using Fn = void (*)(const float*, int64_t, int, int, const P*, float*, int64_t, bool);
-  static constexpr Fn kRows[kNtRows + 1] = {nullptr,          Block<1>::run, Block<2>::run, Block<3>::run,
+  static constexpr Fn kRows[kNtRows + 1] = {nullptr,       Block<1>::run, Block<2>::run, Block<3>::run,
                                             Block<4>::run, Block<5>::run, Block<6>::run};
   if (K <= 0) {
     if (!accumulate)
@@ -143,8 +143,8 @@ struct ABlock {
   }
 };
 
-void gemm_w_avx2(const float* a, int64_t lda, int m, int K, const uint16_t* w, int64_t panel_stride, int np,
-                 float* c, int64_t ldc, bool accumulate) {
+void gemm_w_avx2(const float* a, int64_t lda, int m, int K, const uint16_t* w, int64_t panel_stride, int np, float* c,
+                 int64_t ldc, bool accumulate) {
   gemm_panels<uint16_t, WBlock>(a, lda, m, K, w, panel_stride, np, c, ldc, accumulate);
 }
 
@@ -156,24 +156,24 @@ void gemm_a_avx2(const float* a, int64_t lda, int m, int K, const float* b, int6
 }  // namespace
 
 const KernelsF32* avx2_kernels_f32() {
-  static const KernelsF32 kernels{gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
-                                  gemm_a_avx2,
-                                  gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
-                                                   repack_nn>,
-                                  repack_nn,
-                                  to_act_common<float, float>,
-                                  bf16_to_act_common<float>,
-                                  to_act_residual_common<float, float>,
-                                  pack_rows_common<float>,
-                                  pack_cols_common<float>,
-                                  pack_rows_split_common<float, float>,
-                                  pack_cols_split_common<float, float>,
-                                  glu_forward_common<float>,
-                                  glu_backward_common<float>,
-          contract_common<float>,
-          rank1_common<float>,
-          outer_sum_common<float>,
-                                  "avx2"};
+  static const KernelsF32 kernels{
+      gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
+      gemm_a_avx2,
+      gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
+      repack_nn,
+      to_act_common<float, float>,
+      bf16_to_act_common<float>,
+      to_act_residual_common<float, float>,
+      pack_rows_common<float>,
+      pack_cols_common<float>,
+      pack_rows_split_common<float, float>,
+      pack_cols_split_common<float, float>,
+      glu_forward_common<float>,
+      glu_backward_common<float>,
+      contract_common<float>,
+      rank1_common<float>,
+      outer_sum_common<float>,
+      "avx2"};
   return &kernels;
 }
 

@@ -55,11 +55,23 @@ void gemm_a_ref(const T* a, int64_t lda, int m, int K, const T* b, int64_t panel
 
 template <typename T>
 constexpr Kernels<T, T> ref_table() {
-  return {gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>, gemm_a_ref<T>,
-          gemm_nn_repacked<T, T, gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>, repack_nn>,         repack_nn,        to_act_common<T, T>,
-          bf16_to_act_common<T>, to_act_residual_common<T, T>, pack_rows_common<T>, pack_cols_common<T>,
-          pack_rows_split_common<T, T>, pack_cols_split_common<T, T>, glu_forward_common<T>,
-          glu_backward_common<T>, contract_common<T>, rank1_common<T>, outer_sum_common<T>, "ref"};
+  return {gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>,
+          gemm_a_ref<T>,
+          gemm_nn_repacked<T, T, gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>, repack_nn>,
+          repack_nn,
+          to_act_common<T, T>,
+          bf16_to_act_common<T>,
+          to_act_residual_common<T, T>,
+          pack_rows_common<T>,
+          pack_cols_common<T>,
+          pack_rows_split_common<T, T>,
+          pack_cols_split_common<T, T>,
+          glu_forward_common<T>,
+          glu_backward_common<T>,
+          contract_common<T>,
+          rank1_common<T>,
+          outer_sum_common<T>,
+          "ref"};
 }
 
 }  // namespace

@@ -11,59 +11,96 @@
 #include "kernel_local.h"
 
 static inline float kt_shim_reduce_add_ps(simde__m512 v) {
-  float f[16]; std::memcpy(f, &v, 64);
+  float f[16];
+  std::memcpy(f, &v, 64);
   // same tree order as GCC's _mm512_reduce_add_ps is not required; sum pairwise
-  float s8[8]; for (int i = 0; i < 8; ++i) s8[i] = f[i] + f[i + 8];
-  float s4[4]; for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-  float s2[2]; for (int i = 0; i < 2; ++i) s2[i] = s4[i] + s4[i + 2];
+  float s8[8];
+  for (int i = 0; i < 8; ++i) s8[i] = f[i] + f[i + 8];
+  float s4[4];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  float s2[2];
+  for (int i = 0; i < 2; ++i) s2[i] = s4[i] + s4[i + 2];
   return s2[0] + s2[1];
 }
 #define _mm512_reduce_add_ps(v) kt_shim_reduce_add_ps(v)
 
 static inline simde__m512 kt_shim_maskz_loadu_ps(uint16_t m, const void* p) {
-  float f[16]; const float* s = static_cast<const float*>(p);
+  float f[16];
+  const float* s = static_cast<const float*>(p);
   for (int i = 0; i < 16; ++i) f[i] = (m >> i) & 1 ? s[i] : 0.0f;  // masked lanes are not read
-  simde__m512 r; std::memcpy(&r, f, 64); return r;
+  simde__m512 r;
+  std::memcpy(&r, f, 64);
+  return r;
 }
 #define _mm512_maskz_loadu_ps(m, p) kt_shim_maskz_loadu_ps((m), (p))
 
 static inline void kt_shim_mask_storeu_ps(void* p, uint16_t m, simde__m512 v) {
-  float f[16]; std::memcpy(f, &v, 64); float* d = static_cast<float*>(p);
-  for (int i = 0; i < 16; ++i) if ((m >> i) & 1) d[i] = f[i];
+  float f[16];
+  std::memcpy(f, &v, 64);
+  float* d = static_cast<float*>(p);
+  for (int i = 0; i < 16; ++i)
+    if ((m >> i) & 1) d[i] = f[i];
 }
 #define _mm512_mask_storeu_ps(p, m, v) kt_shim_mask_storeu_ps((p), (m), (v))
 
 static inline simde__m256i kt_shim_cvtepi32_epi16(simde__m512i v) {
-  int32_t x[16]; std::memcpy(x, &v, 64); int16_t y[16];
+  int32_t x[16];
+  std::memcpy(x, &v, 64);
+  int16_t y[16];
   for (int i = 0; i < 16; ++i) y[i] = static_cast<int16_t>(x[i]);  // truncation, as vpmovdw
-  simde__m256i r; std::memcpy(&r, y, 32); return r;
+  simde__m256i r;
+  std::memcpy(&r, y, 32);
+  return r;
 }
 #define _mm512_cvtepi32_epi16(v) kt_shim_cvtepi32_epi16(v)
 
 static inline void kt_shim_mask_storeu_epi16_256(void* p, uint16_t m, simde__m256i v) {
-  uint16_t x[16]; std::memcpy(x, &v, 32); uint16_t* d = static_cast<uint16_t*>(p);
-  for (int i = 0; i < 16; ++i) if ((m >> i) & 1) d[i] = x[i];
+  uint16_t x[16];
+  std::memcpy(x, &v, 32);
+  uint16_t* d = static_cast<uint16_t*>(p);
+  for (int i = 0; i < 16; ++i)
+    if ((m >> i) & 1) d[i] = x[i];
 }
 #define _mm256_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu_epi16_256((p), (m), (v))
 
 static inline void kt_shim_mask_storeu_epi16_512(void* p, uint32_t m, simde__m512i v) {
-  uint16_t x[32]; std::memcpy(x, &v, 64); uint16_t* d = static_cast<uint16_t*>(p);
-  for (int i = 0; i < 32; ++i) if ((m >> i) & 1) d[i] = x[i];
+  uint16_t x[32];
+  std::memcpy(x, &v, 64);
+  uint16_t* d = static_cast<uint16_t*>(p);
+  for (int i = 0; i < 32; ++i)
+    if ((m >> i) & 1) d[i] = x[i];
 }
 #define _mm512_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu_epi16_512((p), (m), (v))
 
 // vcvtne2ps2bf16: round to nearest even, NaN -> quiet NaN (denormals: hardware flushes; ignored here).
 static inline simde__m512bh kt_shim_cvtne2ps_pbh(simde__m512 a, simde__m512 b) {
-  float fa[16], fb[16]; std::memcpy(fa, &a, 64); std::memcpy(fb, &b, 64); uint16_t r[32];
-  for (int i = 0; i < 16; ++i) { r[i] = kt::float_to_bf16(fb[i]); r[i + 16] = kt::float_to_bf16(fa[i]); }
-  simde__m512bh out; std::memcpy(&out, r, 64); return out;
+  float fa[16], fb[16];
+  std::memcpy(fa, &a, 64);
+  std::memcpy(fb, &b, 64);
+  uint16_t r[32];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = kt::float_to_bf16(fb[i]);
+    r[i + 16] = kt::float_to_bf16(fa[i]);
+  }
+  simde__m512bh out;
+  std::memcpy(&out, r, 64);
+  return out;
 }
 #define _mm512_cvtne2ps_pbh(a, b) kt_shim_cvtne2ps_pbh((a), (b))
 typedef uint16_t __mmask16;
 typedef uint32_t __mmask32;
 static inline simde__m512i kt_shim_shuffle_i64x2(simde__m512i a, simde__m512i b, int imm) {
-  uint64_t x[8], y[8], r[8]; std::memcpy(x, &a, 64); std::memcpy(y, &b, 64);
-  for (int l = 0; l < 4; ++l) { const int sel = (imm >> (2 * l)) & 3; const uint64_t* src = l < 2 ? x : y; r[2 * l] = src[2 * sel]; r[2 * l + 1] = src[2 * sel + 1]; }
-  simde__m512i out; std::memcpy(&out, r, 64); return out;
+  uint64_t x[8], y[8], r[8];
+  std::memcpy(x, &a, 64);
+  std::memcpy(y, &b, 64);
+  for (int l = 0; l < 4; ++l) {
+    const int sel = (imm >> (2 * l)) & 3;
+    const uint64_t* src = l < 2 ? x : y;
+    r[2 * l] = src[2 * sel];
+    r[2 * l + 1] = src[2 * sel + 1];
+  }
+  simde__m512i out;
+  std::memcpy(&out, r, 64);
+  return out;
 }
 #define _mm512_shuffle_i64x2(a, b, imm) kt_shim_shuffle_i64x2((a), (b), (imm))

@@ -13,8 +13,8 @@
 //                   NaN), 2 bytes per pair-row like int8; w = e4m3(code) * scale[n, group]. A
 //                   DeepSeek-V3 128x128 block scale is its row range's scale for the 128-wide group.
 // Scales are fp32 [Np, groups] (symmetric) or [Np, groups, 2] = (scale, min); padded rows have
-// zero scales, so they dequantize to zero (the byte 0 is +0 in every format's codes too). Dequantization is w = code * scale (+ min) in fp32 with
-// no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
+// zero scales, so they dequantize to zero (the byte 0 is +0 in every format's codes too). Dequantization is w = code *
+// scale (+ min) in fp32 with no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
 #pragma once
 #include <cstdint>
 

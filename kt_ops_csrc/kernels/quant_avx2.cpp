@@ -20,8 +20,10 @@ namespace {
 inline void store_bf16(__m256 a, __m256 b, uint16_t* dst) {
   const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
   __m256i ia = _mm256_castps_si256(a), ib = _mm256_castps_si256(b);
-  ia = _mm256_srli_epi32(_mm256_add_epi32(ia, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ia, 16), one))), 16);
-  ib = _mm256_srli_epi32(_mm256_add_epi32(ib, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ib, 16), one))), 16);
+  ia = _mm256_srli_epi32(_mm256_add_epi32(ia, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ia, 16), one))),
+                         16);
+  ib = _mm256_srli_epi32(_mm256_add_epi32(ib, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ib, 16), one))),
+                         16);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed);
 }
@@ -56,11 +58,11 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
 inline __m256 e4m3_to_f32(__m256i code) {
   const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7F));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
-  const __m256 normal = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32((127 - 7) << 23)));
+  const __m256 normal =
+      _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32((127 - 7) << 23)));
   const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(0x1p-9f));
-  __m256 value = _mm256_blendv_ps(normal, subnormal,
-                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude)));
+  __m256 value =
+      _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude)));
   value = _mm256_blendv_ps(value, _mm256_set1_ps(__builtin_nanf("")),
                            _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F))));
   return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
@@ -297,7 +299,8 @@ bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups,
       for (; k + 8 <= k1; k += 8) {
         const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
         vmax = _mm256_max_ps(vmax, v);
-        special = _mm256_or_si256(special, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
+        special =
+            _mm256_or_si256(special, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
       }
       __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -315,7 +318,8 @@ bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups,
       for (k = k0; k + 16 <= k1; k += 16) {
         const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
         const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
       }
       for (; k < k1; ++k) qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
     }
@@ -336,8 +340,8 @@ inline __m256i broadcast_pair(const int16_t* q) {
 
 // One panel, all K, MR rows (1..4) sharing each widened load of the codes.
 template <int MR>
-void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t panel,
-                float* c, int ldc) {
+void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t panel, float* c,
+                int ldc) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
   const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + panel * Kp * kPanelRows * 2;
   __m256 t[MR][2];
@@ -389,10 +393,18 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, int m, 
       const float* step = step_buf.data() + i * w.groups;
       float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
       switch (std::min(4, m - i)) {
-        case 4: int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
-        case 3: int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
-        case 2: int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
-        default: int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc); break;
+        case 4:
+          int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+          break;
+        case 3:
+          int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+          break;
+        case 2:
+          int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+          break;
+        default:
+          int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+          break;
       }
     }
 }

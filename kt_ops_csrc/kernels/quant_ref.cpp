@@ -43,7 +43,8 @@ void dequant_ref(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int6
     for (int64_t q = 0; q < nkp; ++q) {
       uint16_t* dst = out + (p * nkp + q) * kPanelRows * 2;
       for (int i = 0; i < kPanelRows; ++i)
-        for (int h = 0; h < 2; ++h) dst[i * 2 + h] = round_to_bf16(dequant_value(w, (p0 + p) * kPanelRows + i, kp0 + q, h));
+        for (int h = 0; h < 2; ++h)
+          dst[i * 2 + h] = round_to_bf16(dequant_value(w, (p0 + p) * kPanelRows + i, kp0 + q, h));
     }
 }
 

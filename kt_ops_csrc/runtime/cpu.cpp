@@ -72,7 +72,7 @@ bool amx_permission() {
 // the table choice all read this.
 struct Feature {
   const char* name;
-  bool CpuFeatures::*present;
+  bool CpuFeatures::* present;
 };
 
 struct IsaInfo {
@@ -88,9 +88,15 @@ constexpr const char* kNotBuilt = "kernels are not part of this build (compiler 
 
 constexpr IsaInfo kIsas[] = {
     {Isa::Ref, "ref", "", {}, kNotBuilt, [] { return IsaKernels{&ref_kernels_f32(), nullptr}; }},
-    {Isa::Avx2, "avx2", "AVX2 and FMA", {{"AVX2", &CpuFeatures::avx2}, {"FMA", &CpuFeatures::fma}}, kNotBuilt,
+    {Isa::Avx2,
+     "avx2",
+     "AVX2 and FMA",
+     {{"AVX2", &CpuFeatures::avx2}, {"FMA", &CpuFeatures::fma}},
+     kNotBuilt,
      [] { return IsaKernels{avx2_kernels_f32(), nullptr}; }},
-    {Isa::Avx512, "avx512", "AVX-512 F/BW/VL",
+    {Isa::Avx512,
+     "avx512",
+     "AVX-512 F/BW/VL",
      {{"AVX512F", &CpuFeatures::avx512f}, {"AVX512BW", &CpuFeatures::avx512bw}, {"AVX512VL", &CpuFeatures::avx512vl}},
      kNotBuilt,
      // vdpbf16ps where the CPU has AVX512_BF16 (activations rounded to bf16), else fp32 FMA.
@@ -98,15 +104,21 @@ constexpr IsaInfo kIsas[] = {
        const KernelsBf16* bf16 = cpu_features().avx512_bf16 ? avx512bf16_kernels() : nullptr;
        return bf16 ? IsaKernels{nullptr, bf16} : IsaKernels{avx512_kernels_f32(), nullptr};
      }},
-    {Isa::Amx, "amx", "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL",
+    {Isa::Amx,
+     "amx",
+     "AMX-TILE, AMX-BF16 and AVX-512 F/BW/VL",
      {{"AMX-TILE", &CpuFeatures::amx_tile},
       {"AMX-BF16", &CpuFeatures::amx_bf16},
       {"AVX512F", &CpuFeatures::avx512f},
       {"AVX512BW", &CpuFeatures::avx512bw},
       {"AVX512VL", &CpuFeatures::avx512vl}},
-     kNotBuilt, [] { return IsaKernels{nullptr, amx_kernels()}; }},
+     kNotBuilt,
+     [] { return IsaKernels{nullptr, amx_kernels()}; }},
     {Isa::AmxEmu, "amx-emu", "", {}, kNotBuilt, [] { return IsaKernels{nullptr, amx_emu_kernels()}; }},
-    {Isa::Avx512Bf16Emu, "avx512-bf16-emu", "", {},
+    {Isa::Avx512Bf16Emu,
+     "avx512-bf16-emu",
+     "",
+     {},
      "is not part of this build (it is built only where the SIMDe headers were installed, e.g. Debian's "
      "libsimde-dev).",
      [] { return IsaKernels{nullptr, avx512bf16_emu_kernels()}; }},
@@ -132,8 +144,7 @@ std::string missing_features(const IsaInfo& isa) {
 }
 
 bool isa_supported(Isa isa) {
-  return missing_features(info(isa)).empty() && info(isa).kernels().built() &&
-         (isa != Isa::Amx || amx_permission());
+  return missing_features(info(isa)).empty() && info(isa).kernels().built() && (isa != Isa::Amx || amx_permission());
 }
 
 // "auto": the fastest the CPU runs; the emulations are test vehicles and never chosen.
@@ -166,10 +177,17 @@ std::string cpu_model_name() {
 
 std::vector<std::pair<std::string, bool>> cpu_feature_list() {
   const CpuFeatures& f = cpu_features();
-  return {{"avx2", f.avx2},         {"fma", f.fma},           {"f16c", f.f16c},
-          {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw}, {"avx512vl", f.avx512vl},
-          {"avx512_vnni", f.avx512_vnni}, {"avx512_bf16", f.avx512_bf16},
-          {"amx_tile", f.amx_tile}, {"amx_bf16", f.amx_bf16}, {"amx_int8", f.amx_int8}};
+  return {{"avx2", f.avx2},
+          {"fma", f.fma},
+          {"f16c", f.f16c},
+          {"avx512f", f.avx512f},
+          {"avx512bw", f.avx512bw},
+          {"avx512vl", f.avx512vl},
+          {"avx512_vnni", f.avx512_vnni},
+          {"avx512_bf16", f.avx512_bf16},
+          {"amx_tile", f.amx_tile},
+          {"amx_bf16", f.amx_bf16},
+          {"amx_int8", f.amx_int8}};
 }
 
 std::vector<std::string> known_isa_names() {
@@ -210,8 +228,8 @@ void set_isa(const std::string& name) {
   const IsaInfo& isa = *found;
   const std::string missing = missing_features(isa);
   TORCH_CHECK_VALUE(missing.empty(), "KT_OPS_ISA/set_isa: '", name, "' needs a CPU with ", isa.needs, "; this CPU (",
-                    cpu_model_name(), ") lacks ", missing, " (or the OS does not enable them). Available: ",
-                    joined(available_isa_names()));
+                    cpu_model_name(), ") lacks ", missing,
+                    " (or the OS does not enable them). Available: ", joined(available_isa_names()));
   TORCH_CHECK_VALUE(isa.isa != Isa::Amx || amx_permission(),
                     "KT_OPS_ISA/set_isa: 'amx': the CPU has AMX but the OS refused this process the tile-data "
                     "state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) failed; Linux >= 5.16 is "

@@ -45,11 +45,13 @@ void pin_current_thread(const std::vector<int>& cpus) {
   cpu_set_t set;
   CPU_ZERO(&set);
   for (int cpu : cpus) {
-    if (cpu < 0 || cpu >= CPU_SETSIZE) throw std::invalid_argument("kt_ops: CPU number " + std::to_string(cpu) + " out of range");
+    if (cpu < 0 || cpu >= CPU_SETSIZE)
+      throw std::invalid_argument("kt_ops: CPU number " + std::to_string(cpu) + " out of range");
     CPU_SET(cpu, &set);
   }
   const int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-  if (rc != 0) throw std::runtime_error(std::string("kt_ops: could not pin a sub-pool thread to its CPUs: ") + std::strerror(rc));
+  if (rc != 0)
+    throw std::runtime_error(std::string("kt_ops: could not pin a sub-pool thread to its CPUs: ") + std::strerror(rc));
 }
 
 namespace {
@@ -116,7 +118,8 @@ void rendezvous(int pool) {
   const size_t slot = r.log.size();
   r.log.emplace_back(pool, static_cast<int64_t>(syscall(SYS_gettid)), false);
   r.arrived_cv.notify_all();
-  const bool met = r.arrived_cv.wait_for(lock, r.timeout, [&] { return static_cast<int>(r.arrived.size()) >= r.expected; });
+  const bool met =
+      r.arrived_cv.wait_for(lock, r.timeout, [&] { return static_cast<int>(r.arrived.size()) >= r.expected; });
   std::get<2>(r.log[slot]) = met;
 }
 
@@ -193,7 +196,8 @@ int ThreadPool::current_subpool() { return current_index; }
 
 void ThreadPool::reconfigure(int num_threads, std::vector<int> cpus) {
   std::lock_guard<std::mutex> job(job_mutex_);
-  if (cpus == cpus_ && num_threads - 1 == wanted_workers_ && static_cast<int>(workers_.size()) == wanted_workers_) return;
+  if (cpus == cpus_ && num_threads - 1 == wanted_workers_ && static_cast<int>(workers_.size()) == wanted_workers_)
+    return;
   stop_workers();
   cpus_ = std::move(cpus);
   wanted_workers_ = num_threads - 1;
@@ -212,9 +216,9 @@ void ThreadPool::start_workers(int count) {
     for (int i = 0; i < count; ++i) workers_.emplace_back([this, seen, cpus = cpus_] { worker_loop(seen, cpus); });
   } catch (const std::system_error& error) {
     wanted_workers_ = static_cast<int>(workers_.size());
-    throw std::runtime_error("kt_ops: could not start " + std::to_string(count) + " worker threads (" +
-                             error.what() + "); started " + std::to_string(workers_.size() - before) +
-                             ", so the pool now runs " + std::to_string(wanted_workers_ + 1) + " threads");
+    throw std::runtime_error("kt_ops: could not start " + std::to_string(count) + " worker threads (" + error.what() +
+                             "); started " + std::to_string(workers_.size() - before) + ", so the pool now runs " +
+                             std::to_string(wanted_workers_ + 1) + " threads");
   }
 }
 
@@ -229,7 +233,8 @@ void ThreadPool::stop_workers() {
 }
 
 void ThreadPool::set_num_threads(int num_threads) {
-  if (num_threads < 1) throw std::invalid_argument("num_threads must be at least 1, got " + std::to_string(num_threads));
+  if (num_threads < 1)
+    throw std::invalid_argument("num_threads must be at least 1, got " + std::to_string(num_threads));
   std::lock_guard<std::mutex> job(job_mutex_);
   explicit_threads_ = true;
   if (num_threads - 1 == wanted_workers_ && static_cast<int>(workers_.size()) == wanted_workers_) return;

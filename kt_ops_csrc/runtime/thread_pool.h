@@ -106,7 +106,7 @@ class ThreadPool {
   uint64_t generation_ = 0;
   int busy_workers_ = 0;
   bool stopping_ = false;
-  int wanted_workers_ = 0;  // workers the pool should have (started lazily after fork)
+  int wanted_workers_ = 0;         // workers the pool should have (started lazily after fork)
   bool explicit_threads_ = false;  // main pool: set_num_threads was called
   std::exception_ptr error_;
   std::atomic<int> fault_{0};  // 0 none, 1 next worker task, 2 next caller task

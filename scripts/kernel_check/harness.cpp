@@ -23,59 +23,107 @@
 
 using namespace kt;
 static std::mt19937_64 rng(12345);
-static float randn() { static std::normal_distribution<float> d; return d(rng); }
+static float randn() {
+  static std::normal_distribution<float> d;
+  return d(rng);
+}
 static int rint_(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
 static int failures = 0;
 
-static uint16_t bits16(float x) { uint32_t b; std::memcpy(&b, &x, 4); return b >> 16; }
+static uint16_t bits16(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b >> 16;
+}
 static float bf16_round(float x) {
-  uint32_t b; std::memcpy(&b, &x, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) { b |= 0x400000u; b &= 0xFFFF0000u; }
-  else { b += 0x7FFFu + ((b >> 16) & 1u); b &= 0xFFFF0000u; }
-  float r; std::memcpy(&r, &b, 4); return r;
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) {
+    b |= 0x400000u;
+    b &= 0xFFFF0000u;
+  } else {
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    b &= 0xFFFF0000u;
+  }
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
 }
 static float value_of(float x) { return x; }
-static float value_of(uint16_t bits) { uint32_t w = uint32_t(bits) << 16; float f; std::memcpy(&f, &w, 4); return f; }
-template <typename Act> static Act act_of(float x);
-template <> float act_of<float>(float x) { return x; }
-template <> uint16_t act_of<uint16_t>(float x) { return bits16(bf16_round(x)); }
+static float value_of(uint16_t bits) {
+  uint32_t w = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+template <typename Act>
+static Act act_of(float x);
+template <>
+float act_of<float>(float x) {
+  return x;
+}
+template <>
+uint16_t act_of<uint16_t>(float x) {
+  return bits16(bf16_round(x));
+}
 
-template <typename Act> struct Table { std::string name; const Kernels<float, Act>* k; };
+template <typename Act>
+struct Table {
+  std::string name;
+  const Kernels<float, Act>* k;
+};
 
 // Allocations of exactly `n` elements (at least one), so ASan sees reads past them.
-template <typename U> static U* exact(size_t n) { return static_cast<U*>(std::calloc(n ? n : 1, sizeof(U))); }
+template <typename U>
+static U* exact(size_t n) {
+  return static_cast<U*>(std::calloc(n ? n : 1, sizeof(U)));
+}
 
 static void check(const std::string& table, const char* what, double got, double exp, double scale, const char* ctx) {
   const double tol = 3e-5 * scale + 1e-30;
-  const bool ok = (std::isnan(exp) && std::isnan(got)) || (std::isinf(exp) && got == exp) || std::fabs(got - exp) <= tol;
-  if (!ok && failures++ < 20) std::printf("FAIL %s %s %s: got %.9g expected %.9g (tol %.3g)\n", table.c_str(), what, ctx, got, exp, tol);
+  const bool ok =
+      (std::isnan(exp) && std::isnan(got)) || (std::isinf(exp) && got == exp) || std::fabs(got - exp) <= tol;
+  if (!ok && failures++ < 20)
+    std::printf("FAIL %s %s %s: got %.9g expected %.9g (tol %.3g)\n", table.c_str(), what, ctx, got, exp, tol);
 }
 
 struct Weights {  // W [N, K] in bf16, packed as weight panels at its exact size
-  int N, K; std::vector<float> w; uint16_t* packed; size_t elems;
+  int N, K;
+  std::vector<float> w;
+  uint16_t* packed;
+  size_t elems;
   Weights(int N_, int K_) : N(N_), K(K_), w(size_t(N_) * K_) {
     for (auto& x : w) x = bf16_round(randn() * 0.5f);
     elems = size_t(padded_rows(N)) * k_pairs(K) * 2;
     packed = exact<uint16_t>(elems);
-    for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k)
-      packed[((n / 16 * k_pairs(K) + k / 2) * 16 + n % 16) * 2 + k % 2] = bits16(w[size_t(n) * K + k]);
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k)
+        packed[((n / 16 * k_pairs(K) + k / 2) * 16 + n % 16) * 2 + k % 2] = bits16(w[size_t(n) * K + k]);
   }
   ~Weights() { std::free(packed); }
   float at(int n, int k) const { return n < N && k < K ? w[size_t(n) * K + k] : 0.0f; }
 };
 
-template <typename Act> struct Rows {  // m activation rows of K values, lda apart, readable to row_capacity(m)
-  int m, K; int64_t lda; Act* a;
+template <typename Act>
+struct Rows {  // m activation rows of K values, lda apart, readable to row_capacity(m)
+  int m, K;
+  int64_t lda;
+  Act* a;
   Rows(int m_, int K_, int pad) : m(m_), K(K_), lda(act_stride(K_) + pad) {
     a = exact<Act>(size_t(row_capacity(m)) * lda);
-    for (int i = 0; i < m; ++i) for (int k = 0; k < K; ++k) a[i * lda + k] = act_of<Act>(randn());
+    for (int i = 0; i < m; ++i)
+      for (int k = 0; k < K; ++k) a[i * lda + k] = act_of<Act>(randn());
   }
   ~Rows() { std::free(a); }
   double at(int i, int k) const { return value_of(a[i * lda + k]); }
 };
 
-template <typename Act> struct Panels {  // B [N, K] (Act) and its activation panels from the table's pack_rows
-  int N, K; std::vector<Act> b; Act* p; int64_t stride;
+template <typename Act>
+struct Panels {  // B [N, K] (Act) and its activation panels from the table's pack_rows
+  int N, K;
+  std::vector<Act> b;
+  Act* p;
+  int64_t stride;
   Panels(const Kernels<float, Act>* k, int N_, int K_) : N(N_), K(K_), b(size_t(N_) * K_), stride(act_panel_elems(K_)) {
     for (auto& x : b) x = act_of<Act>(randn());
     p = exact<Act>(size_t((N + 15) / 16) * stride);
@@ -86,11 +134,15 @@ template <typename Act> struct Panels {  // B [N, K] (Act) and its activation pa
 };
 
 template <typename Act>
-static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, bool accumulate, int extras, bool specials) {
+static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, bool accumulate, int extras,
+                      bool specials) {
   Weights W(N, K);
   Rows<Act> A(m, K, 2 * rint_(0, 2));
   int nan_row = -1, inf_col = -1;
-  if (specials && m > 2 && K > 3) { nan_row = 1; A.a[1 * A.lda + K / 2] = act_of<Act>(NAN); }
+  if (specials && m > 2 && K > 3) {
+    nan_row = 1;
+    A.a[1 * A.lda + K / 2] = act_of<Act>(NAN);
+  }
   if (specials && np * 16 > 3 && 16 * p0 + 2 < N) {
     inf_col = 2;
     W.packed[(((16 * p0 + 2) / 16 * k_pairs(K) + (K - 1) / 2) * 16 + 2) * 2 + (K - 1) % 2] = 0x7F80;
@@ -100,44 +152,63 @@ static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, 
   std::vector<Rows<Act>*> ea;
   std::vector<Panels<Act>*> eb;
   ExtraProducts<Act> extra;
-  extra.count = extras; extra.K = Ke;
+  extra.count = extras;
+  extra.K = Ke;
   const int64_t lda_e = act_stride(Ke) + 2;
   Act* ea_rows = exact<Act>(size_t(row_capacity(m)) * lda_e * 3);
   for (int e = 0; e < extras; ++e) {
     eb.push_back(new Panels<Act>(t.k, N, Ke));
-    for (int i = 0; i < m; ++i) for (int k = 0; k < Ke; ++k) ea_rows[e * act_stride(Ke) + i * 3 * lda_e + k] = act_of<Act>(randn());
+    for (int i = 0; i < m; ++i)
+      for (int k = 0; k < Ke; ++k) ea_rows[e * act_stride(Ke) + i * 3 * lda_e + k] = act_of<Act>(randn());
     extra.a[e] = ea_rows + e * act_stride(Ke);
     extra.b[e] = eb.back()->p + p0 * eb.back()->stride;
   }
-  extra.lda = 3 * lda_e; extra.panel_stride = act_panel_elems(Ke);
+  extra.lda = 3 * lda_e;
+  extra.panel_stride = act_panel_elems(Ke);
   const int64_t ldc = np * 16 + rint_(0, 3);
   float* c = exact<float>(size_t(row_capacity(m)) * ldc);
   std::vector<float> c0(size_t(m) * ldc);
-  for (int i = 0; i < m; ++i) for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
   t.k->gemm_w(A.a, A.lda, m, K, W.packed + int64_t(p0) * k_pairs(K) * 32, k_pairs(K) * 32, np, c, ldc, accumulate,
               extras ? &extra : nullptr);
   char ctx[160];
-  std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d p0=%d np=%d acc=%d extras=%d Ke=%d", m, K, N, p0, np, accumulate, extras, Ke);
-  for (int i = 0; i < m; ++i) for (int col = 0; col < ldc; ++col) {
-    const double got = c[i * ldc + col];
-    if (col >= np * 16) {
-      if (got != c0[i * ldc + col] && failures++ < 20) std::printf("FAIL %s gemm_w wrote past its panels %s\n", t.name.c_str(), ctx);
-      continue;
-    }
-    const int n = 16 * p0 + col;
-    double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
-    for (int k = 0; k < K; ++k) { const double v = A.at(i, k) * W.at(n, k); e += v; s += std::fabs(v); }
-    for (int x = 0; x < extras; ++x)
-      for (int k = 0; k < Ke; ++k) {
-        const double v = value_of(extra.a[x][i * extra.lda + k]) * eb[x]->at(n, k);
-        e += v; s += std::fabs(v);
+  std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d p0=%d np=%d acc=%d extras=%d Ke=%d", m, K, N, p0, np, accumulate,
+                extras, Ke);
+  for (int i = 0; i < m; ++i)
+    for (int col = 0; col < ldc; ++col) {
+      const double got = c[i * ldc + col];
+      if (col >= np * 16) {
+        if (got != c0[i * ldc + col] && failures++ < 20)
+          std::printf("FAIL %s gemm_w wrote past its panels %s\n", t.name.c_str(), ctx);
+        continue;
       }
-    if (i == nan_row) { if (!std::isnan(got) && failures++ < 20) std::printf("FAIL %s NaN row not NaN %s\n", t.name.c_str(), ctx); continue; }
-    if (col == inf_col) { if (std::isfinite(got) && failures++ < 20) std::printf("FAIL %s Inf column finite %s\n", t.name.c_str(), ctx); continue; }
-    check(t.name, "gemm_w", got, e, s, ctx);
-  }
+      const int n = 16 * p0 + col;
+      double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
+      for (int k = 0; k < K; ++k) {
+        const double v = A.at(i, k) * W.at(n, k);
+        e += v;
+        s += std::fabs(v);
+      }
+      for (int x = 0; x < extras; ++x)
+        for (int k = 0; k < Ke; ++k) {
+          const double v = value_of(extra.a[x][i * extra.lda + k]) * eb[x]->at(n, k);
+          e += v;
+          s += std::fabs(v);
+        }
+      if (i == nan_row) {
+        if (!std::isnan(got) && failures++ < 20) std::printf("FAIL %s NaN row not NaN %s\n", t.name.c_str(), ctx);
+        continue;
+      }
+      if (col == inf_col) {
+        if (std::isfinite(got) && failures++ < 20) std::printf("FAIL %s Inf column finite %s\n", t.name.c_str(), ctx);
+        continue;
+      }
+      check(t.name, "gemm_w", got, e, s, ctx);
+    }
   for (auto p : eb) delete p;
-  std::free(ea_rows); std::free(c);
+  std::free(ea_rows);
+  std::free(c);
 }
 
 template <typename Act>
@@ -148,12 +219,18 @@ static void test_gemm_a(const Table<Act>& t, int m, int K, int N) {
   const int64_t ldc = np * 16;
   float* c = exact<float>(size_t(row_capacity(m)) * ldc);
   t.k->gemm_a(A.a, A.lda, m, K, B.p, B.stride, np, c, ldc, false);
-  char ctx[96]; std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d", m, K, N);
-  for (int i = 0; i < m; ++i) for (int n = 0; n < np * 16; ++n) {
-    double e = 0, s = 0;
-    for (int k = 0; k < K; ++k) { const double v = A.at(i, k) * B.at(n, k); e += v; s += std::fabs(v); }
-    check(t.name, "gemm_a", c[i * ldc + n], e, s, ctx);
-  }
+  char ctx[96];
+  std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d", m, K, N);
+  for (int i = 0; i < m; ++i)
+    for (int n = 0; n < np * 16; ++n) {
+      double e = 0, s = 0;
+      for (int k = 0; k < K; ++k) {
+        const double v = A.at(i, k) * B.at(n, k);
+        e += v;
+        s += std::fabs(v);
+      }
+      check(t.name, "gemm_a", c[i * ldc + n], e, s, ctx);
+    }
   std::free(c);
 }
 
@@ -162,18 +239,25 @@ template <typename Act>
 static void test_pack(const Table<Act>& t, int N, int K) {
   Panels<Act> B(t.k, N, K);
   std::vector<Act> bt(size_t(K) * N);
-  for (int n = 0; n < N; ++n) for (int k = 0; k < K; ++k) bt[size_t(k) * N + n] = B.b[size_t(n) * K + k];
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) bt[size_t(k) * N + n] = B.b[size_t(n) * K + k];
   const size_t elems = size_t((N + 15) / 16) * B.stride;
   Act* cols = exact<Act>(elems);
   t.k->pack_cols(bt.data(), N, K, N, cols, B.stride);
-  char ctx[64]; std::snprintf(ctx, sizeof ctx, "N=%d K=%d", N, K);
+  char ctx[64];
+  std::snprintf(ctx, sizeof ctx, "N=%d K=%d", N, K);
   if (std::memcmp(cols, B.p, elems * sizeof(Act)) != 0 && failures++ < 20)
     std::printf("FAIL %s pack_cols differs from pack_rows %s\n", t.name.c_str(), ctx);
   for (size_t x = 0; x < elems; ++x) {
     const int64_t p = x / B.stride, off = x % B.stride;
     int n, k;
-    if (sizeof(Act) == 2) { k = int(off / 32 * 2 + off % 2); n = int(p * 16 + off % 32 / 2); }
-    else { k = int(off / 16); n = int(p * 16 + off % 16); }
+    if (sizeof(Act) == 2) {
+      k = int(off / 32 * 2 + off % 2);
+      n = int(p * 16 + off % 32 / 2);
+    } else {
+      k = int(off / 16);
+      n = int(p * 16 + off % 16);
+    }
     if (value_of(B.p[x]) != B.at(n, k) && failures++ < 20)
       std::printf("FAIL %s pack_rows element n=%d k=%d %s\n", t.name.c_str(), n, k, ctx);
   }
@@ -188,13 +272,17 @@ static void test_repack(const Table<Act>& t, int N, int K, int col0, int ncols) 
   const int blocks = (ncols + 15) / 16;
   uint16_t* dst = exact<uint16_t>(size_t(blocks) * stride);
   t.k->repack_nn(W.packed, k_pairs(K), n_padded, pairs, col0, ncols, dst, stride);
-  char ctx[96]; std::snprintf(ctx, sizeof ctx, "N=%d K=%d col0=%d ncols=%d", N, K, col0, ncols);
-  for (int b = 0; b < blocks; ++b) for (int j = 0; j < pairs; ++j) for (int c = 0; c < 16; ++c) for (int h = 0; h < 2; ++h) {
-    const int col = b * 16 + c, n = 2 * j + h;
-    const float e = col < ncols && n < n_padded ? W.at(n, col0 + col) : 0.0f;
-    if (value_of(dst[b * stride + (j * 16 + c) * 2 + h]) != e && failures++ < 20)
-      std::printf("FAIL %s repack_nn n=%d col=%d %s\n", t.name.c_str(), n, col, ctx);
-  }
+  char ctx[96];
+  std::snprintf(ctx, sizeof ctx, "N=%d K=%d col0=%d ncols=%d", N, K, col0, ncols);
+  for (int b = 0; b < blocks; ++b)
+    for (int j = 0; j < pairs; ++j)
+      for (int c = 0; c < 16; ++c)
+        for (int h = 0; h < 2; ++h) {
+          const int col = b * 16 + c, n = 2 * j + h;
+          const float e = col < ncols && n < n_padded ? W.at(n, col0 + col) : 0.0f;
+          if (value_of(dst[b * stride + (j * 16 + c) * 2 + h]) != e && failures++ < 20)
+            std::printf("FAIL %s repack_nn n=%d col=%d %s\n", t.name.c_str(), n, col, ctx);
+        }
   std::free(dst);
 }
 
@@ -204,22 +292,27 @@ static void test_nn(const Table<Act>& t, int m, int N, int K, int col0, int ncol
   Weights W(N, K);
   const int n_padded = int(padded_rows(N));
   Rows<Act> A(m, n_padded, 2 * rint_(0, 2));
-  for (int i = 0; i < m; ++i) for (int n = N; n < n_padded; ++n) A.a[i * A.lda + n] = act_of<Act>(0.0f);
+  for (int i = 0; i < m; ++i)
+    for (int n = N; n < n_padded; ++n) A.a[i * A.lda + n] = act_of<Act>(0.0f);
   const int np = (ncols + 15) / 16;
   const int64_t ldc = np * 16 + 2 * rint_(0, 2);
   float* c = exact<float>(size_t(row_capacity(m)) * ldc);
   std::vector<float> c0(size_t(m) * ldc);
-  for (int i = 0; i < m; ++i) for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
   t.k->gemm_nn(A.a, A.lda, m, n_padded, W.packed, k_pairs(K), col0, ncols, c, ldc, accumulate, nullptr);
-  char ctx[128]; std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d col0=%d ncols=%d acc=%d", m, N, K, col0, ncols, accumulate);
-  for (int i = 0; i < m; ++i) for (int col = 0; col < np * 16; ++col) {
-    double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
-    for (int n = 0; n < n_padded; ++n) {
-      const double v = col < ncols ? A.at(i, n) * W.at(n, col0 + col) : 0.0;
-      e += v; s += std::fabs(v);
+  char ctx[128];
+  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d col0=%d ncols=%d acc=%d", m, N, K, col0, ncols, accumulate);
+  for (int i = 0; i < m; ++i)
+    for (int col = 0; col < np * 16; ++col) {
+      double e = accumulate ? c0[i * ldc + col] : 0, s = std::fabs(e);
+      for (int n = 0; n < n_padded; ++n) {
+        const double v = col < ncols ? A.at(i, n) * W.at(n, col0 + col) : 0.0;
+        e += v;
+        s += std::fabs(v);
+      }
+      check(t.name, "gemm_nn", c[i * ldc + col], e, s, ctx);
     }
-    check(t.name, "gemm_nn", c[i * ldc + col], e, s, ctx);
-  }
   std::free(c);
 }
 
@@ -227,24 +320,32 @@ template <typename Act>
 static void test_convert(const Table<Act>& t, int n) {
   std::vector<float> x(n);
   for (auto& v : x) v = randn() * std::ldexp(1.0f, rint_(-20, 20));
-  if (n > 3) { x[1] = NAN; x[2] = INFINITY; x[3] = -0.0f; }
+  if (n > 3) {
+    x[1] = NAN;
+    x[2] = INFINITY;
+    x[3] = -0.0f;
+  }
   const int padded = n + rint_(0, 9);
   Act* hi = exact<Act>(padded);
   Act* lo = exact<Act>(padded);
   t.k->to_act(x.data(), n, hi, padded);
   t.k->to_act_residual(x.data(), n, lo, padded);
-  char ctx[32]; std::snprintf(ctx, sizeof ctx, "n=%d", n);
+  char ctx[32];
+  std::snprintf(ctx, sizeof ctx, "n=%d", n);
   for (int i = 0; i < padded; ++i) {
     if (i >= n) {
-      if ((value_of(hi[i]) != 0 || value_of(lo[i]) != 0) && failures++ < 20) std::printf("FAIL %s padding not zero %s\n", t.name.c_str(), ctx);
+      if ((value_of(hi[i]) != 0 || value_of(lo[i]) != 0) && failures++ < 20)
+        std::printf("FAIL %s padding not zero %s\n", t.name.c_str(), ctx);
       continue;
     }
     const float want = sizeof(Act) == 2 ? bf16_round(x[i]) : x[i];
     const bool same = std::isnan(want) ? std::isnan(value_of(hi[i])) : value_of(hi[i]) == want;
     if (!same && failures++ < 20) std::printf("FAIL %s to_act x=%g %s\n", t.name.c_str(), x[i], ctx);
-    if (std::isfinite(x[i])) check(t.name, "hi+lo", double(value_of(hi[i])) + value_of(lo[i]), x[i], std::fabs(x[i]) * 0.5, ctx);
+    if (std::isfinite(x[i]))
+      check(t.name, "hi+lo", double(value_of(hi[i])) + value_of(lo[i]), x[i], std::fabs(x[i]) * 0.5, ctx);
   }
-  std::free(hi); std::free(lo);
+  std::free(hi);
+  std::free(lo);
 }
 
 static double sigmoid(double x) { return 1 / (1 + std::exp(-x)); }
@@ -253,11 +354,16 @@ template <typename Act>
 static void test_glu(const Table<Act>& t, int n, bool clamped) {
   const Glu<float> glu{clamped, clamped ? 1.702f : 1.0f, clamped ? 1.0f : 0.0f, 7.0f};
   std::vector<float> g(n), u(n), raw(n), h(n), dg(n), du(n), h2(n);
-  for (int i = 0; i < n; ++i) { g[i] = randn() * 4; u[i] = randn() * 4; raw[i] = randn(); }
+  for (int i = 0; i < n; ++i) {
+    g[i] = randn() * 4;
+    u[i] = randn() * 4;
+    raw[i] = randn();
+  }
   const float w = 0.7f;
   t.k->glu_forward(g.data(), u.data(), n, glu, h.data());
   const double dw = t.k->glu_backward(g.data(), u.data(), raw.data(), w, n, glu, h2.data(), dg.data(), du.data());
-  char ctx[48]; std::snprintf(ctx, sizeof ctx, "n=%d clamped=%d", n, clamped);
+  char ctx[48];
+  std::snprintf(ctx, sizeof ctx, "n=%d clamped=%d", n, clamped);
   double e_dw = 0, s_dw = 0;
   for (int i = 0; i < n; ++i) {
     const double L = glu.limit, gc = clamped ? std::min<double>(g[i], L) : g[i];
@@ -270,7 +376,8 @@ static void test_glu(const Table<Act>& t, int n, bool clamped) {
     check(t.name, "glu_backward h", h2[i], hv, std::fabs(hv) * 10, ctx);
     check(t.name, "glu dg", dg[i], dgv, std::fabs(dgv) * 10 + 1e-6, ctx);
     check(t.name, "glu du", du[i], duv, std::fabs(duv) * 10 + 1e-6, ctx);
-    e_dw += hv * raw[i]; s_dw += std::fabs(hv * raw[i]);
+    e_dw += hv * raw[i];
+    s_dw += std::fabs(hv * raw[i]);
   }
   check(t.name, "glu dweight", dw, e_dw, s_dw * 10, ctx);
 }
@@ -285,27 +392,37 @@ static void test_rank(const Table<Act>& t, int n, int r) {
   const std::vector<float> acc0 = acc;
   t.k->contract(v.data(), n, m.data(), r, out.data());
   t.k->rank1(v.data(), n, y.data(), r, acc.data());
-  char ctx[48]; std::snprintf(ctx, sizeof ctx, "n=%d r=%d", n, r);
+  char ctx[48];
+  std::snprintf(ctx, sizeof ctx, "n=%d r=%d", n, r);
   for (int q = 0; q < r; ++q) {
     double e = 0, s = 0;
-    for (int i = 0; i < n; ++i) { e += double(v[i]) * m[size_t(i) * r + q]; s += std::fabs(double(v[i]) * m[size_t(i) * r + q]); }
+    for (int i = 0; i < n; ++i) {
+      e += double(v[i]) * m[size_t(i) * r + q];
+      s += std::fabs(double(v[i]) * m[size_t(i) * r + q]);
+    }
     check(t.name, "contract", out[q], e, s, ctx);
   }
-  for (int i = 0; i < n; ++i) for (int q = 0; q < r; ++q) {
-    const double e = acc0[size_t(i) * r + q] + double(v[i]) * y[q];
-    check(t.name, "rank1", acc[size_t(i) * r + q], e, std::fabs(e) + std::fabs(double(v[i]) * y[q]), ctx);
-  }
+  for (int i = 0; i < n; ++i)
+    for (int q = 0; q < r; ++q) {
+      const double e = acc0[size_t(i) * r + q] + double(v[i]) * y[q];
+      check(t.name, "rank1", acc[size_t(i) * r + q], e, std::fabs(e) + std::fabs(double(v[i]) * y[q]), ctx);
+    }
 }
 
 template <typename Act>
 static void run_table(const Table<Act>& t, int iters) {
-  if (!t.k) { std::printf("%s: not built\n", t.name.c_str()); failures++; return; }
+  if (!t.k) {
+    std::printf("%s: not built\n", t.name.c_str());
+    failures++;
+    return;
+  }
   const int before = failures;
   const int Ks[] = {1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 95, 257, 300};
-  for (int K : Ks) for (int m : {1, 15, 16, 17, 31, 32, 33, 64, 70}) {
-    test_gemm(t, m, K, 50, 0, 4, false, 0, false);
-    test_gemm(t, m, K, 50, 1, 3, true, rint_(1, 3), true);
-  }
+  for (int K : Ks)
+    for (int m : {1, 15, 16, 17, 31, 32, 33, 64, 70}) {
+      test_gemm(t, m, K, 50, 0, 4, false, 0, false);
+      test_gemm(t, m, K, 50, 1, 3, true, rint_(1, 3), true);
+    }
   for (int it = 0; it < iters; ++it) {
     const int N = rint_(1, 130), K = rint_(1, 700), m = rint_(1, 80);
     const int panels = int(padded_rows(N) / 16);
@@ -355,7 +472,8 @@ int main(int argc, char** argv) {
     exact_tables.push_back({"avx512", avx512_kernels_f32()});
     if (bf16) rounding_tables.push_back({"avx512-bf16", avx512bf16_kernels()});
     unsigned long perm = 0;
-    if (amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0 && syscall(SYS_arch_prctl, 0x1022, &perm) == 0 && (perm >> 18) & 1)
+    if (amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0 && syscall(SYS_arch_prctl, 0x1022, &perm) == 0 &&
+        (perm >> 18) & 1)
       rounding_tables.push_back({"amx", amx_kernels()});
     else
       std::printf("amx: not run (no AMX or no tile-data permission)\n");

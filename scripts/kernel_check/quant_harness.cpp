@@ -22,13 +22,22 @@
 using namespace kt;
 static std::mt19937_64 rng(777);
 static int failures = 0;
-static float randn() { static std::normal_distribution<float> d; return d(rng); }
+static float randn() {
+  static std::normal_distribution<float> d;
+  return d(rng);
+}
 static int rint_(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
 
-struct Table { std::string name; const DequantKernels* k; };
+struct Table {
+  std::string name;
+  const DequantKernels* k;
+};
 
 struct Int8Matrix {
-  int N, K; int64_t groups; int8_t* codes; float* scales;
+  int N, K;
+  int64_t groups;
+  int8_t* codes;
+  float* scales;
   Int8Matrix(int N_, int K_, int64_t groups_, bool extreme) : N(N_), K(K_), groups(groups_) {
     const int64_t bytes = padded_rows(N) * k_pairs(K) * 2;
     codes = static_cast<int8_t*>(std::malloc(bytes));
@@ -40,7 +49,10 @@ struct Int8Matrix {
     for (int64_t i = 0; i < padded_rows(N) * groups; ++i)
       scales[i] = i / groups >= N ? 0.0f : extreme ? 1.0f : (rint_(0, 9) == 0 ? 0.0f : randn() * 0.01f);
   }
-  ~Int8Matrix() { std::free(codes); std::free(scales); }
+  ~Int8Matrix() {
+    std::free(codes);
+    std::free(scales);
+  }
   QuantMatrix view(WeightFormat f) const { return {f, reinterpret_cast<const uint8_t*>(codes), scales, K, groups}; }
   double w(int n, int k) const {
     if (n >= N || k >= K) return 0.0;
@@ -63,11 +75,13 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
   if (kind == Rows::Specials) {
     rows[0][K / 2] = NAN;
     if (m > 1) rows[1][0] = INFINITY;
-    if (m > 2) for (int k = 0; k < K; ++k) rows[2][k] = 1e-40f * (k % 3);  // 127 / max overflows
+    if (m > 2)
+      for (int k = 0; k < K; ++k) rows[2][k] = 1e-40f * (k % 3);  // 127 / max overflows
   }
   const int ldc = np * 16;
   char ctx[160];
-  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d groups=%ld p0=%d np=%d kind=%d", m, N, K, long(groups), p0, np, int(kind));
+  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d groups=%ld p0=%d np=%d kind=%d", m, N, K, long(groups), p0, np,
+                int(kind));
   std::vector<float> ref(size_t(m) * ldc);
   for (size_t t = 0; t < tables.size(); ++t) {
     float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));  // exact size
@@ -98,12 +112,14 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
         const double got = c[size_t(i) * ldc + col];
         if (special) {
           const bool ok = std::isnan(exact) ? std::isnan(got) : got == exact;
-          if (!ok && failures++ < 20) std::printf("FAIL %s NaN/Inf row %d col %d: got %g expected %g %s\n", name, i, col, got, exact, ctx);
+          if (!ok && failures++ < 20)
+            std::printf("FAIL %s NaN/Inf row %d col %d: got %g expected %g %s\n", name, i, col, got, exact, ctx);
           continue;
         }
         const double allowed = bound * (1 + 1e-5) + 1e-5 * sum_abs + 1e-30;
         if (!(std::fabs(got - exact) <= allowed) && failures++ < 20)
-          std::printf("FAIL %s row %d col %d: got %.9g expected %.9g (allowed %.3g) %s\n", name, i, col, got, exact, allowed, ctx);
+          std::printf("FAIL %s row %d col %d: got %.9g expected %.9g (allowed %.3g) %s\n", name, i, col, got, exact,
+                      allowed, ctx);
       }
     std::free(c);
   }
@@ -124,7 +140,8 @@ static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int
     for (int k = 0; k < K; ++k) codes[((n / 16 * Kp + k / 2) * 16 + n % 16) * 2 + k % 2] = uint8_t(rint_(0, 255));
   std::vector<float> scales(padded_rows(N) * groups, 0.0f);
   for (int n = 0; n < N; ++n)
-    for (int64_t g = 0; g < groups; ++g) scales[n * groups + g] = rint_(0, 9) == 0 ? 0.0f : randn() * std::exp(randn() * 4.0f);
+    for (int64_t g = 0; g < groups; ++g)
+      scales[n * groups + g] = rint_(0, 9) == 0 ? 0.0f : randn() * std::exp(randn() * 4.0f);
   const QuantMatrix w{WeightFormat::Fp8, codes.data(), scales.data(), K, groups};
   const int np_all = padded_rows(N) / 16;
   const int p0 = rint_(0, np_all - 1), np = rint_(1, np_all - p0);
@@ -151,7 +168,8 @@ static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int
               const uint16_t got = out[((p * nkp + q) * 16 + i) * 2 + h];
               const bool both_nan = (want & 0x7FFF) > 0x7F80 && (got & 0x7FFF) > 0x7F80;
               if (got != want && !both_nan && failures++ < 20)
-                std::printf("FAIL ref fp8 code 0x%02x at n=%d k=%ld: 0x%04x vs 0x%04x %s\n", code, n, long(k), got, want, ctx);
+                std::printf("FAIL ref fp8 code 0x%02x at n=%d k=%ld: 0x%04x vs 0x%04x %s\n", code, n, long(k), got,
+                            want, ctx);
             }
     } else if (std::memcmp(out, ref.data(), out_size * 2) != 0 && failures++ < 20) {
       std::printf("FAIL %s fp8 dequant differs from ref %s\n", tables[t].name.c_str(), ctx);
@@ -163,7 +181,8 @@ static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 200;
   std::vector<Table> tables{{"ref", &ref_dequant()}};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_dequant()) tables.push_back({"avx2", avx2_dequant()});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_dequant())
+    tables.push_back({"avx2", avx2_dequant()});
   for (const auto& t : tables) std::printf("table %s\n", t.name.c_str());
   for (int it = 0; it < iters; ++it) {
     const int m = rint_(1, kDirectQuantRows), N = rint_(1, 70);
