@@ -904,7 +904,7 @@ class Forward {
       const T* ad_t = nullptr;
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
-        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + cols * r);
+        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * I);  // Bg, Bu rows; all of Ad
         bg = pack_slice(k_, lora->rows_of(L::GateB, e, n0, nrows, scratch), r, nrows, r, false, lora->has_lo(L::GateB),
                         kLoraA);
         bu = pack_slice(k_, lora->rows_of(L::UpB, e, n0, nrows, scratch + nrows * r), r, nrows, r, false,
