@@ -1,6 +1,7 @@
 """kt-sft: LoRA fine-tuning of MoE models with the routed experts on kt_ops, from a YAML config.
 
     kt-sft train config.yaml        (or: python -m kt_ops.cli train config.yaml)
+    torchrun --nproc-per-node N -m kt_ops.cli train config.yaml     (data parallel; FSDP2 with `fsdp`)
     kt-sft generate config.yaml --prompt "..."     kt-sft score config.yaml     kt-sft plan config.yaml
 
 Keys are LLaMA-Factory's, with its meanings and defaults (CONFIG_KEYS; NO_EFFECT_KEYS are accepted
@@ -20,6 +21,7 @@ from typing import Optional
 from .config import CONFIG_KEYS, NO_EFFECT_KEYS, ConfigError, kt_settings, load_config
 from .data import load_rows, sft_examples
 from .infer import export, generate, score
+from .launch import Processes
 from .model import build_model, lora_targets
 from .train import check_report_to, train, write_loss_curve
 
@@ -125,6 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"kt-sft: {e}", file=sys.stderr)
         return 2
+    if not Processes.from_env().main:  # under torchrun, rank 0 reports for all
+        return 0
     losses = summary["losses"]
     if losses:
         print(f"kt-sft: {len(losses)} logged steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
