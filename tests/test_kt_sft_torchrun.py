@@ -214,9 +214,9 @@ def test_fsdp_adapter_loads_in_plain_peft_and_exports_merged(fsdp_run, tmp_path)
     q_proj = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert torch.equal(plain.get_parameter(q_proj.replace(".weight", ".default.weight")), saved[q_proj])
     merged = tmp_path / "merged"
-    cli.export(dict(config, fsdp=None, fsdp_config=None), str(merged))
+    cli.export(config, str(merged))  # the training config, fsdp and all, in one process
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
-    model, _ = cli.build_model(cli.load_config(dict(config, fsdp=None, fsdp_config=None)))
+    model, _ = cli.build_model(cli.load_config(config))
     load_kt_adapter(model, out)
     ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -257,3 +257,29 @@ def test_fsdp_settings_are_checked(tmp_path):
         cli.train(_config(tmp_path / "run", fsdp="full_shard"))
     with pytest.raises(cli.ConfigError, match="transformer_layer_cls_to_wrap"):
         load(fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": [3]})
+
+
+def test_processes_come_from_torchrun_and_the_experts_file_finds_room(tmp_path, monkeypatch):
+    from kt_ops.cli import launch
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch.Processes.from_env() == launch.Processes()  # one process alone
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(cli.ConfigError, match="launch the processes of kt-sft with torchrun"):
+        launch.Processes.from_env()
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    processes = launch.Processes.from_env()
+    assert (processes.node, processes.main, processes.distributed) == (1, False, True)
+    config = cli.load_config(_config(tmp_path / "run"), quiet=True)
+    launch.split_threads(config, processes)  # kt_num_threads unset: the node's cores, halved
+    import kt_ops
+
+    cores = min(kt_ops.cpu_info()["physical_cores"], len(os.sched_getaffinity(0)))
+    assert config["kt_num_threads"] == max(1, cores // 2)
+    # /dev/shm when it has room for the packed experts, else output_dir
+    monkeypatch.setattr(launch, "SHARED_MEMORY", str(tmp_path / "no-shm"))
+    assert launch._directory(config) == config["output_dir"]
+    monkeypatch.setattr(launch, "SHARED_MEMORY", str(tmp_path))
+    assert launch._directory(config) == str(tmp_path)

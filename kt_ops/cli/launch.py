@@ -35,12 +35,18 @@ class Processes:
         env = os.environ
         try:
             world = int(env.get("WORLD_SIZE", 1))
-            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+            if world > 1 and not all(name in env for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+                # Which processes share a node (and its experts file) is torchrun's to say.
+                raise ConfigError(
+                    "WORLD_SIZE is set, but not RANK, LOCAL_RANK and LOCAL_WORLD_SIZE: launch the processes "
+                    "of kt-sft with torchrun"
+                )
+            local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
             rank = int(env.get("RANK", 0))
-            node = int(env.get("GROUP_RANK", rank // max(local_world, 1)))
+            node = int(env.get("GROUP_RANK", rank // local_world))
             return cls(rank, world, int(env.get("LOCAL_RANK", 0)), local_world, node)
         except ValueError as e:
-            raise ConfigError(f"kt-sft: a torchrun environment variable is not an integer ({e})") from None
+            raise ConfigError(f"a torchrun environment variable is not an integer ({e})") from None
 
     @property
     def main(self) -> bool:

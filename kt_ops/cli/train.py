@@ -261,6 +261,15 @@ def _write_outputs(config: dict, trainer, model, tokenizer, processes: Processes
     return [os.path.join(config["output_dir"], os.path.basename(f)) for f in files]
 
 
+def _end_processes() -> None:
+    """Every process waits for rank 0's writes, then the process group is torn down in order: a process
+    that left while others still used it could abort at exit (a gloo thread destroyed unjoined)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def train(config) -> dict:
     """Run one training job; `config` is a YAML path or a dict. Returns a summary (losses, files).
     Under torchrun every process runs it: data parallel (each process its share of every batch; DDP,
@@ -290,18 +299,20 @@ def train(config) -> dict:
     split_threads(config, processes)
     rows = load_rows(config)
     args = _arguments(config)
+    os.makedirs(config["output_dir"], exist_ok=True)  # where the node's experts file goes without room in /dev/shm
     shared = shared_experts_file(config, processes)
     model, tokenizer = build_model(config, shared)
     release_shared_experts(shared, processes)
     if config["fsdp"]:
         model = _shard(config, model)
-    os.makedirs(config["output_dir"], exist_ok=True)
     trainer, floor = _trainer(config, args, model, tokenizer, rows, processes)
     if config["fsdp"]:
         _prepare_sharded(trainer)
     atomic_checkpoints(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     files = _write_outputs(config, trainer, model, tokenizer, processes)
+    if processes.distributed:
+        _end_processes()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "losses": losses,
