@@ -85,6 +85,9 @@ class MemoryPlan:
     host_available: int
     gpu: Optional[tuple[int, int, str]]
     notes: list = field(default_factory=list)
+    # non-expert and LoRA parameters of each FSDP2 unit: every decoder layer, and "" for the root
+    unit_params: dict = field(default_factory=dict)
+    unit_lora: dict = field(default_factory=dict)
 
     @property
     def other_bytes(self) -> int:
@@ -136,6 +139,72 @@ class MemoryPlan:
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _unit_bytes(plan: MemoryPlan, unit: str) -> int:
+    """One FSDP2 unit gathered whole: its weights, and its LoRA's weights and gradients (fp32)."""
+    return plan.unit_params.get(unit, 0) * plan.dtype_bytes + plan.unit_lora.get(unit, 0) * 8
+
+
+def per_gpu(plan: MemoryPlan, processes: int, fsdp: bool) -> dict:
+    """{part: bytes} on each GPU when `processes` processes, one per GPU, train data-parallel: the
+    whole non-expert model and LoRA state on each (DDP), or 1/N of them plus the units gathered at
+    a time (FSDP2: the layer computing and the next one, prefetched, and the root: embeddings, final
+    norm and head, kept gathered from forward to backward)."""
+    activations = plan.activations["layers"] + plan.activations["logits"]
+    if not fsdp:
+        return {
+            "non-expert weights": plan.other_bytes,
+            "LoRA weights, grads, Adam": plan.lora_bytes,
+            "activations": activations,
+        }
+    layers = [u for u in set(plan.unit_params) | set(plan.unit_lora) if u]
+    gathered = 2 * max((_unit_bytes(plan, u) for u in layers), default=0) + _unit_bytes(plan, "")
+    return {
+        "non-expert weights": -(-plan.other_bytes // processes),
+        "LoRA weights, grads, Adam": -(-plan.lora_bytes // processes),
+        "gathered (2 layers + root)": gathered,
+        "activations": activations,
+    }
+
+
+def several_gpus(
+    plan: MemoryPlan, gpus: int, nodes: int = 1, gpu_memory: Optional[int] = None, host_memory: Optional[int] = None
+) -> str:
+    """The plan for `nodes` nodes of `gpus` GPUs (one process each, one copy of the experts per node),
+    with and without FSDP2; whether it fits GPUs of `gpu_memory` bytes (default: this machine's GPU)
+    and nodes of `host_memory` bytes (default: this machine's available RAM)."""
+    processes = gpus * nodes
+    gpu_memory = gpu_memory or (plan.gpu[0] if plan.gpu else None)
+    host_memory = host_memory or plan.host_available
+    plain, sharded = per_gpu(plan, processes, False), per_gpu(plan, processes, True)
+    lines = [
+        f"{nodes} node(s) x {gpus} GPU(s): {processes} processes, one per GPU; the experts once per node",
+        f"  per GPU {'':26s} {'without FSDP2':>14s} {'with FSDP2':>14s}",
+    ]
+    for part in sharded:
+        lines.append(f"    {part:30s} {_fmt(plain[part]) if part in plain else '-':>14s} {_fmt(sharded[part]):>14s}")
+    totals = sum(plain.values()), sum(sharded.values())
+    lines.append(f"    {'total':30s} {_fmt(totals[0]):>14s} {_fmt(totals[1]):>14s}")
+    if gpu_memory:
+        fits = ["yes" if t <= gpu_memory else "no" for t in totals]
+        lines.append(f"    {'fits a ' + _fmt(gpu_memory) + ' GPU':30s} {fits[0]:>14s} {fits[1]:>14s}")
+    else:
+        lines.append("    fits: no GPU here; pass --gpu-memory GiB")
+    experts = plan.packed_bytes[plan.weight_format]
+    host = experts + gpus * plan.activations["experts"]
+    # from_pretrained(kt_shared_experts=...): the node's local rank 0 packs every layer in memory, then
+    # writes the file; every process holds the non-expert weights whole until fully_shard takes them.
+    loading = 2 * experts + gpus * plan.other_bytes
+    lines += [
+        f"  per node, host RAM: packed experts ({plan.weight_format}) {_fmt(experts)} + {gpus} x kt_ops "
+        f"activations {_fmt(plan.activations['experts'])} = {_fmt(host)}",
+        f"    peak while loading: the experts twice (packed in memory, then written to the shared file) + "
+        f"{gpus} x the non-expert weights (read whole, then sharded) = {_fmt(loading)}",
+        f"    fits {_fmt(host_memory)}: training {'yes' if host <= host_memory else 'no'}, "
+        f"loading {'yes' if loading <= host_memory else 'no'}",
+    ]
+    return "\n".join(lines)
 
 
 def _load_model_config(name: str):
@@ -190,16 +259,28 @@ def _group_size(hidden: int, intermediate: int) -> int:
     return 2
 
 
-def _lora_params(config: dict, model, experts: list, E: int, H: int, I: int) -> int:
-    """LoRA parameters: every linear layer outside the experts that lora_target names (all: every one
-    but the routers and the head; in + out per rank) plus the experts'."""
+def _decoder_layers(model) -> list:
+    """Names of the decoder layers (the model's _no_split_modules): the units FSDP2 shards one by one."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [name for name, m in model.named_modules() if type(m).__name__ in classes]
+
+
+def _unit_of(name: str, layers: list) -> str:
+    """The decoder layer holding `name`, or "" (the root: embeddings, final norm, head)."""
+    return next((layer for layer in layers if name.startswith(layer + ".")), "")
+
+
+def _lora_params(config: dict, model, experts: list, E: int, H: int, I: int, layers: list) -> dict:
+    """LoRA parameters per FSDP unit (decoder layer, or "" for the root): every linear layer outside
+    the experts that lora_target names (all: every one but the routers and the head; in + out per
+    rank) plus the experts'."""
     import torch
 
     r = config["lora_rank"]
-    lora = 0
+    lora: dict = {}
+    expert_names = [n for n, _ in experts]
     if config["lora_target"] != "none":
         wanted = None if config["lora_target"] == "all" else {t.strip() for t in config["lora_target"].split(",")}
-        expert_names = [n for n, _ in experts]
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or any(name.startswith(e + ".") for e in expert_names):
                 continue
@@ -207,10 +288,24 @@ def _lora_params(config: dict, model, experts: list, E: int, H: int, I: int) -> 
             if (wanted is None and leaf not in ("lm_head", "gate", "router", "shared_expert_gate")) or (
                 wanted is not None and leaf in wanted
             ):
-                lora += r * (module.in_features + module.out_features)
+                unit = _unit_of(name, layers)
+                lora[unit] = lora.get(unit, 0) + r * (module.in_features + module.out_features)
     if config["use_kt"]:
-        lora += len(experts) * E * r * (2 * (H + I) + (I + H))
+        for name in expert_names:
+            unit = _unit_of(name, layers)
+            lora[unit] = lora.get(unit, 0) + E * r * (2 * (H + I) + (I + H))
     return lora
+
+
+def _params_per_unit(model, experts: list, layers: list) -> dict:
+    """Non-expert parameters per FSDP unit (decoder layer, or "" for the root)."""
+    expert_params = {f"{name}.{p}" for name, _ in experts for p in ("gate_up_proj", "down_proj")}
+    units: dict = {}
+    for name, p in model.named_parameters():
+        if name not in expert_params:
+            unit = _unit_of(name, layers)
+            units[unit] = units.get(unit, 0) + p.numel()
+    return units
 
 
 def _activations(
@@ -240,8 +335,9 @@ def _activations(
     }
 
 
-def plan_from_config(config: dict) -> MemoryPlan:
-    """The memory plan for a validated kt-sft config (kt_ops.cli.load_config)."""
+def plan_from_config(config: dict, all_formats: bool = True) -> MemoryPlan:
+    """The memory plan for a validated kt-sft config (kt_ops.cli.load_config); the packed experts'
+    size in PLAN_FORMATS and the configured format, or (`all_formats=False`) in that one only."""
     from .core.formats import KT_BACKENDS
     from .integration import find_moe_experts
 
@@ -261,10 +357,11 @@ def plan_from_config(config: dict) -> MemoryPlan:
 
     backend = config["kt_backend"]
     fmt = config["kt_expert_weight_format"] or (KT_BACKENDS[backend] if backend != "auto" else "bf16")
-    formats = PLAN_FORMATS + ((fmt,) if fmt not in PLAN_FORMATS else ())
+    formats = PLAN_FORMATS + ((fmt,) if fmt not in PLAN_FORMATS else ()) if all_formats else (fmt,)
     packed = {f: b * E * len(experts) for f, b in _packed_expert_bytes(H, I, formats).items()}
 
-    lora = _lora_params(config, model, experts, E, H, I)
+    layers = _decoder_layers(model)
+    unit_lora = _lora_params(config, model, experts, E, H, I, layers)
     T = config["per_device_train_batch_size"] * config["cutoff_len"]
     dtype_bytes = 2 if config["bf16"] else 4
     activations = _activations(config, T, dtype_bytes, L, len(experts), k, H, I, V)
@@ -290,11 +387,13 @@ def plan_from_config(config: dict) -> MemoryPlan:
         packed_bytes=packed,
         weight_format=fmt,
         dtype_bytes=dtype_bytes,
-        lora_params=lora,
+        lora_params=sum(unit_lora.values()),
         tokens=T,
         activations=activations,
         host_total=host_total,
         host_available=host_available,
         gpu=_gpu_memory(),
         notes=notes,
+        unit_params=_params_per_unit(model, experts, layers),
+        unit_lora=unit_lora,
     )

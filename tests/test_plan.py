@@ -74,3 +74,42 @@ def test_plan_tiny_model_matches_the_built_model():
         p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
     )
     assert plan.other_params == sum(p.numel() for p in model.parameters()) - lora - placeholders
+
+
+def test_plan_deepseek_v3_on_4_and_8_gpus_with_and_without_fsdp2(tmp_path, capsys):
+    from kt_ops.plan import GiB, per_gpu, several_gpus
+
+    model_dir = tmp_path / "DeepSeek-V3"
+    model_dir.mkdir()
+    shutil.copy(os.path.join(DATA, "deepseek_v3_671b_config.json"), model_dir / "config.json")
+    config = _config(str(model_dir), bf16=True, cutoff_len=2048, per_device_train_batch_size=1)
+    plan = plan_from_config(dict(config, kt_expert_weight_format="int8"), all_formats=False)
+    assert list(plan.packed_bytes) == ["int8"]
+    # FSDP2's units: 61 decoder layers, and the root (embeddings, final norm, head) gathered from
+    # forward to backward; every non-expert parameter is in one of them
+    assert len([u for u in plan.unit_params if u]) == 61 and sum(plan.unit_params.values()) == plan.other_params
+    assert plan.unit_params[""] >= 2 * 129280 * 7168
+    assert sum(plan.unit_lora.values()) == plan.lora_params
+    for gpus in (4, 8):
+        plain, sharded = per_gpu(plan, gpus, False), per_gpu(plan, gpus, True)
+        assert plain["non-expert weights"] == plan.other_bytes  # ~32 GiB of bf16 on every GPU: DDP
+        assert sharded["non-expert weights"] == -(-plan.other_bytes // gpus)
+        assert sharded["LoRA weights, grads, Adam"] == -(-plan.lora_bytes // gpus)
+        assert plain["activations"] == sharded["activations"]
+        report = several_gpus(plan, gpus, 1, 80 * GiB, 1536 * GiB)
+        # 86 GiB a GPU without FSDP2; 30 GiB (4 GPUs) and 20 GiB (8 GPUs) with it
+        assert "fits a 80.0 GiB GPU                        no            yes" in report, report
+    assert sum(per_gpu(plan, 8, True).values()) < 24 * GiB < sum(per_gpu(plan, 4, True).values())
+    assert "training yes, loading yes" in several_gpus(plan, 8, 1, 80 * GiB, 1536 * GiB)
+    assert "training yes, loading no" in several_gpus(plan, 8, 1, 80 * GiB, 1024 * GiB)
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump({"model_name_or_path": "tiny-qwen3-moe", "dataset": "identity", "output_dir": "out"})
+    )
+    assert cli.main(["plan", str(path), "--gpus", "8", "--nodes", "2", "--gpu-memory", "80"]) == 0
+    assert "2 node(s) x 8 GPU(s): 16 processes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(path), "--gpus", "0"])
+    assert "expected a positive int, got '0'" in capsys.readouterr().err

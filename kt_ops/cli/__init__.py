@@ -1,6 +1,7 @@
 """kt-sft: LoRA fine-tuning of MoE models with the routed experts on kt_ops, from a YAML config.
 
     kt-sft train config.yaml        (or: python -m kt_ops.cli train config.yaml)
+    torchrun --nproc-per-node N -m kt_ops.cli train config.yaml     (data parallel; FSDP2 with `fsdp`)
     kt-sft generate config.yaml --prompt "..."     kt-sft score config.yaml     kt-sft plan config.yaml
 
 Keys are LLaMA-Factory's, with its meanings and defaults (CONFIG_KEYS; NO_EFFECT_KEYS are accepted
@@ -20,6 +21,7 @@ from typing import Optional
 from .config import CONFIG_KEYS, NO_EFFECT_KEYS, ConfigError, kt_settings, load_config
 from .data import load_rows, sft_examples
 from .infer import export, generate, score
+from .launch import Processes
 from .model import build_model, lora_targets
 from .train import check_report_to, train, write_loss_curve
 
@@ -49,6 +51,30 @@ def _describe_keys() -> str:
     return "\n".join(lines)
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _plan(args) -> None:
+    from ..plan import GiB, plan_from_config, several_gpus
+
+    plan = plan_from_config(load_config(args.config, quiet=True))
+    print(plan.report())
+    if args.gpus:
+        gpu_memory = int(args.gpu_memory * GiB) if args.gpu_memory else None
+        host_memory = int(args.host_memory * GiB) if args.host_memory else None
+        print(several_gpus(plan, args.gpus, args.nodes, gpu_memory, host_memory))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kt-sft",
@@ -70,6 +96,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     score_parser.add_argument("--show", type=int, default=3, help="print this many answers side by side")
     plan_parser = sub.add_parser("plan", help="memory plan for the config's model from its config.json (no weights)")
     plan_parser.add_argument("config", help="YAML config file")
+    plan_parser.add_argument(
+        "--gpus", type=_positive(int), help="GPUs per node (one process each): plan with and without FSDP2"
+    )
+    plan_parser.add_argument("--nodes", type=_positive(int), default=1, help="nodes of --gpus GPUs (default 1)")
+    plan_parser.add_argument("--gpu-memory", type=_positive(float), help="GiB per GPU (default: this machine's GPU)")
+    plan_parser.add_argument(
+        "--host-memory", type=_positive(float), help="GiB of host RAM per node (default: this machine's available)"
+    )
     export_parser = sub.add_parser("export", help="write a plain transformers checkpoint with the LoRA merged")
     export_parser.add_argument("config", help="the YAML config the adapter was trained with")
     export_parser.add_argument("--output", help="checkpoint directory (default: <output_dir>/merged)")
@@ -87,14 +121,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             score(args.config, args.adapter, args.show)
             return 0
         if args.command == "plan":
-            from ..plan import plan_from_config
-
-            print(plan_from_config(load_config(args.config, quiet=True)).report())
+            _plan(args)
             return 0
         summary = train(args.config)
     except ConfigError as e:
         print(f"kt-sft: {e}", file=sys.stderr)
         return 2
+    if not Processes.from_env().main:  # under torchrun, rank 0 reports for all
+        return 0
     losses = summary["losses"]
     if losses:
         print(f"kt-sft: {len(losses)} logged steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")

@@ -97,6 +97,18 @@ CONFIG_KEYS: dict[str, tuple[Any, Any, str]] = {
     "bf16": (False, bool, "load the model in bfloat16 and train with bf16 autocast"),
     "plot_loss": (False, bool, "also draw the loss curve to loss.png (loss.csv is always written)"),
     "report_to": ("none", (str, list), "none or tensorboard (event files under output_dir/runs)"),
+    "fsdp": (
+        None,
+        (str, list, bool),
+        "FSDP2 over the torchrun processes (TrainingArguments' option string): full_shard or shard_grad_op, "
+        "and auto_wrap; true is full_shard auto_wrap",
+    ),
+    "fsdp_config": (
+        None,
+        dict,
+        "FSDP2 settings (TrainingArguments' keys, with or without the fsdp_ prefix): version (2), "
+        "transformer_layer_cls_to_wrap, reshard_after_forward, auto_wrap_policy, state_dict_type",
+    ),
     "pref_beta": (0.1, float, "DPO beta"),
     "seed": (42, int, "random seed"),
     "output_dir": (None, str, "where the adapter, config and loss curve go"),
@@ -145,6 +157,13 @@ def _check_value(key: str, value, kind):
         if not isinstance(value, (str, bool)):
             raise ConfigError(f"{key} must be a path or true/false, got {value!r}")
         return value
+    if kind == (str, list, bool):  # fsdp: an option string, a list of options or true/false
+        if isinstance(value, bool):
+            return ["full_shard", "auto_wrap"] if value else []
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{key} must be an option string, a list of options or true/false, got {value!r}")
+        return list(items)
     if isinstance(kind, tuple) and all(isinstance(k, type) for k in kind):  # report_to: str or list
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) for v in items):
@@ -248,6 +267,7 @@ def load_config(path_or_dict, quiet: bool = False) -> dict:
     config["report_to"] = report
     _resolve_gradient_checkpointing(config)
     _resolve_kt_settings(config)
+    _resolve_fsdp(config, quiet)
     return config
 
 
@@ -299,3 +319,85 @@ def _resolve_kt_settings(config: dict) -> None:
     config["kt_backend"] = settings.backend
     config["kt_num_threads"] = settings.kt_num_threads
     config["lora_alpha"] = settings.alpha
+
+
+# FSDP2's options and settings as transformers' TrainingArguments reads them (fsdp / fsdp_config);
+# kt-sft applies them with torch's fully_shard itself (kt_ops.integration.fsdp).
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "auto_wrap")
+_FSDP1_OPTIONS = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
+FSDP_CONFIG_KEYS = (
+    "version",
+    "transformer_layer_cls_to_wrap",
+    "reshard_after_forward",
+    "auto_wrap_policy",
+    "state_dict_type",
+)
+# Offloading the shards to host RAM (fully_shard's CPUOffloadPolicy) has not run on GPUs here.
+_NOT_SUPPORTED = "kt-sft does not offload FSDP2 shards to host RAM (not verified on GPUs); drop it"
+_WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "NO_WRAP")
+_STATE_DICT_TYPES = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+
+
+def _fsdp_options(items: list) -> list:
+    for item in items:
+        if item == "offload":
+            raise ConfigError(f"fsdp option 'offload': {_NOT_SUPPORTED}")
+        if item in _FSDP1_OPTIONS:
+            raise ConfigError(
+                f"fsdp option {item!r} exists only in FSDP1; kt-sft runs FSDP2 (torch's fully_shard): "
+                "full_shard or shard_grad_op, with auto_wrap and offload"
+            )
+        if item not in FSDP_OPTIONS:
+            raise ConfigError(f"unknown fsdp option {item!r}; valid options: {list(FSDP_OPTIONS)}")
+    if "full_shard" in items and "shard_grad_op" in items:
+        raise ConfigError("fsdp: full_shard and shard_grad_op exclude each other")
+    return items
+
+
+def _fsdp_setting(raw: dict, key: str, default, allowed):
+    value = raw.get(key, default)
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise ConfigError(f"fsdp_config {key} must be one of {list(allowed)}, got {value!r}")
+    if allowed is bool and not isinstance(value, bool):
+        raise ConfigError(f"fsdp_config {key} must be true or false, got {value!r}")
+    return value
+
+
+def _resolve_fsdp(config: dict, quiet: bool) -> None:
+    """config["fsdp"]: the list of options ([]: no FSDP); config["fsdp_config"]: every setting, resolved
+    as transformers resolves them for FSDP2 (fsdp_config wins over the option string)."""
+    items = _fsdp_options(config["fsdp"] or [])
+    config["fsdp"] = items
+    if not items:
+        if config["fsdp_config"]:
+            raise ConfigError("fsdp_config is set, but fsdp is not: set fsdp (e.g. 'full_shard auto_wrap') to shard")
+        config["fsdp_config"] = None
+        return
+    raw = {k[5:] if k.startswith("fsdp_") else k: v for k, v in (config["fsdp_config"] or {}).items()}
+    if raw.get("cpu_offload") or raw.get("offload_params"):
+        raise ConfigError(f"fsdp_config cpu_offload: {_NOT_SUPPORTED}")
+    raw = {k: v for k, v in raw.items() if k not in ("cpu_offload", "offload_params")}
+    unknown = sorted(set(raw) - set(FSDP_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown fsdp_config keys {unknown}; valid keys: {list(FSDP_CONFIG_KEYS)}")
+    if raw.get("version", 2) != 2:
+        raise ConfigError(
+            f"fsdp_config version must be 2, got {raw['version']!r}: kt-sft shards with FSDP2 (torch's fully_shard)"
+        )
+    layers = raw.get("transformer_layer_cls_to_wrap")
+    layers = [layers] if isinstance(layers, str) else layers
+    if layers is not None and (not isinstance(layers, list) or not all(isinstance(c, str) for c in layers)):
+        raise ConfigError(f"fsdp_config transformer_layer_cls_to_wrap must be class names, got {layers!r}")
+    resolved = {
+        "version": 2,
+        "reshard_after_forward": _fsdp_setting(raw, "reshard_after_forward", "shard_grad_op" not in items, bool),
+        "auto_wrap_policy": _fsdp_setting(raw, "auto_wrap_policy", _WRAP_POLICIES[0], _WRAP_POLICIES),
+        "transformer_layer_cls_to_wrap": layers,
+        "state_dict_type": _fsdp_setting(raw, "state_dict_type", _STATE_DICT_TYPES[0], _STATE_DICT_TYPES),
+    }
+    if resolved["state_dict_type"] == "FULL_STATE_DICT" and not quiet:
+        print(
+            "kt-sft: fsdp_config state_dict_type FULL_STATE_DICT has no effect: checkpoints are sharded "
+            "(torch.distributed.checkpoint) and the final adapter is written whole"
+        )
+    config["fsdp_config"] = resolved

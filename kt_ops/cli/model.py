@@ -4,12 +4,13 @@ when use_kt), its routed experts on kt_ops and peft's LoRA on the layers lora_ta
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from .config import ConfigError, kt_settings
 from .data import chat_template
 
 
-def load_model_and_tokenizer(config: dict):
+def load_model_and_tokenizer(config: dict, shared_experts: Optional[str] = None):
     import torch
 
     from ..integration.tiny import ALL_TINY_MODELS, tiny_model, tiny_tokenizer
@@ -34,7 +35,7 @@ def load_model_and_tokenizer(config: dict):
             # from the shards (or kt_weight_path) straight into their packed form.
             from ..integration import from_pretrained
 
-            model = from_pretrained(name, kt_settings(config), dtype=dtype)
+            model = from_pretrained(name, kt_settings(config), dtype=dtype, kt_shared_experts=shared_experts)
         else:
             auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
             model = auto.from_pretrained(name, dtype=dtype, local_files_only=True)
@@ -105,16 +106,19 @@ def _recompute_experts_in_backward(model) -> None:
         kt.forward = recomputed
 
 
-def build_model(config: dict):
-    """The model with kt experts (when use_kt) wrapped by peft, and its tokenizer."""
+def build_model(config: dict, shared_experts: Optional[str] = None):
+    """The model with kt experts (when use_kt) wrapped by peft, and its tokenizer. `shared_experts`: the
+    packed experts file the processes of this node map (kt_ops.cli.launch.shared_experts_file)."""
     import peft
 
-    from ..integration import apply_kt, get_peft_model, kt_experts_modules, set_kt_lora_trainable
+    from ..integration import apply_kt, get_peft_model, kt_experts_modules, set_kt_lora_trainable, share_kt_experts
 
-    model, tokenizer = load_model_and_tokenizer(config)
+    model, tokenizer = load_model_and_tokenizer(config, shared_experts)
     if config["use_kt"]:
         if not kt_experts_modules(model):  # loaded whole (tiny or multimodal models): convert now
             apply_kt(model, kt_settings(config))
+            if shared_experts is not None:
+                share_kt_experts(model, shared_experts)
         _check_expert_format(model, config)
         if config["kt_cpu_activation"] == "recompute" and not config["gradient_checkpointing"]:
             _recompute_experts_in_backward(model)

@@ -3,11 +3,14 @@ what a run writes to output_dir (adapter, tokenizer, resolved config, loss curve
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import warnings
 
 from .config import ConfigError, load_config
 from .data import chat_template, load_rows, preference_records, sft_examples, unigram_entropy
+from .launch import Processes, release_shared_experts, shared_experts_file, split_threads
 from .model import build_model
 
 
@@ -68,7 +71,7 @@ def _progress_printer():
             self.start = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             total = max(state.max_steps, 1)
             done = int(24 * state.global_step / total)
@@ -148,50 +151,58 @@ def check_report_to(config: dict) -> None:
             raise ConfigError("report_to tensorboard needs the tensorboard package (pip install tensorboard)")
 
 
-def train(config) -> dict:
-    """Run one training job; `config` is a YAML path or a dict. Returns a summary (losses, files)."""
-    config = load_config(config)
-    import yaml
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from ..core.durable import atomic_files
-    from ..integration.checkpoints import CheckpointError, atomic_checkpoints, resume_checkpoint
-
-    check_report_to(config)
-    try:  # before the model loads, which takes long for a big one
-        resume = resume_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    set_seed(config["seed"])
-    if config["torch_num_threads"] is not None:
-        import torch
-
-        torch.set_num_threads(config["torch_num_threads"])
-    rows = load_rows(config)
-    model, tokenizer = build_model(config)
-    template = chat_template(config, tokenizer)
-    save = _adapter_saver(config)
-    os.makedirs(config["output_dir"], exist_ok=True)
-    floor = None
+def _arguments(config: dict):
+    """Trainer's arguments (trl's DPOConfig for dpo). Under torchrun, asking them for the device starts
+    torch.distributed (accelerate: gloo on CPUs, nccl on GPUs), which the model's loading needs."""
     if config["stage"] == "sft":
+        from transformers import TrainingArguments
+
+        args = TrainingArguments(**_training_kwargs(config))
+    else:
+        import trl
+
+        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"])
+    _ = args.device
+    return args
+
+
+def _check_fsdp(config: dict, processes: Processes) -> None:
+    if not config["fsdp"]:
+        return
+    if not processes.distributed:
+        raise ConfigError(
+            "fsdp shards the model over several processes: launch kt-sft with torchrun "
+            "(torchrun --nproc-per-node N -m kt_ops.cli train config.yaml)"
+        )
+    if config["stage"] == "dpo":
+        raise ConfigError(
+            "stage dpo does not run with fsdp: trl's DPOTrainer copies the adapter into a reference adapter "
+            "tensor by tensor, which FSDP2's sharded parameters refuse; train DPO data-parallel (no fsdp)"
+        )
+
+
+def _trainer(config: dict, args, model, tokenizer, rows: list, processes: Processes):
+    """Trainer (sft) or trl's DPOTrainer (dpo) over the config's records; the unigram floor for sft."""
+    floor = None
+    template = chat_template(config, tokenizer)
+    if config["stage"] == "sft":
+        from transformers import Trainer
+
         examples = sft_examples(rows, template, tokenizer, config["cutoff_len"])
         floor = unigram_entropy(examples)
-        print(
-            f"kt-sft: {len(examples)} examples; a model that knew only how often each answer token occurs "
-            f"would reach loss {floor:.2f}"
-        )
+        if processes.main:
+            print(
+                f"kt-sft: {len(examples)} examples; a model that knew only how often each answer token occurs "
+                f"would reach loss {floor:.2f}"
+            )
         trainer = Trainer(
-            model=model,
-            args=TrainingArguments(**_training_kwargs(config)),
-            train_dataset=examples,
-            data_collator=_PadCollator(tokenizer.pad_token_id),
+            model=model, args=args, train_dataset=examples, data_collator=_PadCollator(tokenizer.pad_token_id)
         )
     else:
         import datasets
         import trl
 
         # The reference pass is the model with its adapters disabled, the expert LoRA included.
-        args = trl.DPOConfig(**_training_kwargs(config), beta=config["pref_beta"], max_length=config["cutoff_len"])
         trainer = trl.DPOTrainer(
             model=model,
             args=args,
@@ -202,15 +213,106 @@ def train(config) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # the progress printer reports the same logs, one line each
     trainer.add_callback(_progress_printer())
+    return trainer, floor
+
+
+def _shard(config: dict, model):
+    """FSDP2 over every process (kt_ops.integration.fsdp.shard_model): each decoder layer, unless
+    auto_wrap_policy is NO_WRAP, then the root."""
+    from ..integration.fsdp import shard_model
+
+    settings = config["fsdp_config"]
+    layers = settings["transformer_layer_cls_to_wrap"]
+    if settings["auto_wrap_policy"] == "NO_WRAP":
+        layers = []
+    try:
+        return shard_model(model, layer_classes=layers, reshard_after_forward=settings["reshard_after_forward"])
+    except ValueError as e:
+        raise ConfigError(f"fsdp_config: {e}") from None
+
+
+def _prepare_sharded(trainer) -> None:
+    """Trainer over a model FSDP2 already shards: accelerate applies its mixed precision only (it would
+    wrap the DTensor parameters in DDP), and checkpoints hold each rank's shards."""
+    from ..integration.checkpoints import sharded_checkpoints
+
+    trainer.accelerator.prepare_model(trainer.model, device_placement=False, evaluation_mode=True)
+    sharded_checkpoints(trainer)
+
+
+def _write_outputs(config: dict, trainer, model, tokenizer, processes: Processes) -> list:
+    """Rank 0 writes the adapter, tokenizer, resolved config and loss curve to output_dir as one set
+    (every process takes part in gathering a sharded model's LoRA). Returns the files' paths."""
+    import yaml
+
+    from ..core.durable import atomic_files
+    from ..integration.fsdp import gathered_adapter_params
+
+    save = _adapter_saver(config)
+    files = []
+    with gathered_adapter_params(model) if config["fsdp"] else contextlib.nullcontext():
+        if processes.main:
+            with atomic_files(config["output_dir"]) as staging:  # this run's outputs or the earlier run's
+                save(model, staging)
+                tokenizer.save_pretrained(staging)  # with the template's tokens, for generate
+                with open(os.path.join(staging, "kt_sft_config.yaml"), "w") as f:
+                    yaml.safe_dump(config, f, sort_keys=True)
+                files = write_loss_curve(trainer.state.log_history, staging, config["plot_loss"])
+    return [os.path.join(config["output_dir"], os.path.basename(f)) for f in files]
+
+
+def _end_processes() -> None:
+    """Every process waits for rank 0's writes, then the process group is torn down in order: a process
+    that left while others still used it could abort at exit (a gloo thread destroyed unjoined)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(config) -> dict:
+    """Run one training job; `config` is a YAML path or a dict. Returns a summary (losses, files).
+    Under torchrun every process runs it: data parallel (each process its share of every batch; DDP,
+    or FSDP2 with `fsdp`), one copy of the experts per node, and rank 0 alone logs and writes."""
+    processes = Processes.from_env()
+    if not processes.main:
+        # Every process would repeat rank 0's warnings (the same code on the same model); errors still raise.
+        warnings.simplefilter("ignore")
+    config = load_config(config, quiet=not processes.main)
+    from transformers import set_seed
+
+    from ..integration.checkpoints import CheckpointError, atomic_checkpoints, resume_checkpoint
+
+    check_report_to(config)
+    _check_fsdp(config, processes)
+    try:  # before the model loads, which takes long for a big one
+        resume = resume_checkpoint(
+            config["resume_from_checkpoint"], config["output_dir"], processes.world_size, bool(config["fsdp"])
+        )
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    set_seed(config["seed"])
+    if config["torch_num_threads"] is not None:
+        import torch
+
+        torch.set_num_threads(config["torch_num_threads"])
+    split_threads(config, processes)
+    rows = load_rows(config)
+    args = _arguments(config)
+    os.makedirs(config["output_dir"], exist_ok=True)  # where the node's experts file goes without room in /dev/shm
+    shared = shared_experts_file(config, processes)
+    model, tokenizer = build_model(config, shared)
+    release_shared_experts(shared, processes)
+    if config["fsdp"]:
+        model = _shard(config, model)
+    trainer, floor = _trainer(config, args, model, tokenizer, rows, processes)
+    if config["fsdp"]:
+        _prepare_sharded(trainer)
     atomic_checkpoints(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    with atomic_files(config["output_dir"]) as staging:  # one set: this run's outputs or the earlier run's
-        save(model, staging)
-        tokenizer.save_pretrained(staging)  # with the template's tokens, for generate
-        with open(os.path.join(staging, "kt_sft_config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=True)
-        files = write_loss_curve(trainer.state.log_history, staging, config["plot_loss"])
-    files = [os.path.join(config["output_dir"], os.path.basename(f)) for f in files]
+    files = _write_outputs(config, trainer, model, tokenizer, processes)
+    if processes.distributed:
+        _end_processes()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "losses": losses,
