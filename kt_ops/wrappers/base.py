@@ -192,6 +192,21 @@ def gpu_experts_mask_of(gpu_experts_mask, num_gpu_experts: int, num_experts: int
     return mask | gpu_experts_mask.detach().to("cpu")
 
 
+def generate_gpu_experts_masks(activation_freq: torch.Tensor, num_gpu_experts: int) -> torch.Tensor:
+    """Which experts to keep on the GPU across all layers: the `num_gpu_experts` with the highest
+    activation frequency in `activation_freq` [num_layers, num_experts] (clamped to 0..all), as a CPU
+    bool mask of the same shape (kt-kernel's experts_base.generate_gpu_experts_masks)."""
+    if not isinstance(activation_freq, torch.Tensor) or activation_freq.dim() != 2:
+        raise ValueError("activation_freq must be a [num_layers, num_experts] tensor")
+    if isinstance(num_gpu_experts, bool) or not isinstance(num_gpu_experts, int):
+        raise TypeError(f"num_gpu_experts must be an int, got {num_gpu_experts!r}")
+    count = min(max(num_gpu_experts, 0), activation_freq.numel())
+    mask = torch.zeros(activation_freq.numel(), dtype=torch.bool)
+    if count:
+        mask[torch.topk(activation_freq.detach().reshape(-1).to("cpu"), count, sorted=False).indices] = True
+    return mask.view(activation_freq.shape)
+
+
 def activation_variant(swiglu_limit: float, swiglu_alpha: float) -> dict:
     """kt-kernel's activation arguments as a PackedExperts variant ({} for plain SiLU): a limit L
     alone is DeepSeek-V4's clamped SiLU, silu(min(g, L)) * clamp(u, -L, L); an alpha a is the
