@@ -25,6 +25,7 @@ from ..core.formats import (
 from ..core.packed import check_expert_map, pack_split, resplit_packed
 from ..weights.ktransformers import KTWeightDirectory, is_kt_directory, load_kt_layer_parts
 from ..weights.loaders import BF16SafeTensorLoader, SafeTensorLoader
+from ..weights.native import NativeCheckpoint
 from .sft import BaseSFTMoEWrapper
 from .sft_lora import LoRAByReference
 from .sft_native import NativeWeights
@@ -193,8 +194,15 @@ class AMXSFTMoEWrapper(LoRAByReference, NativeWeights, BaseSFTMoEWrapper):
             self.update_lora_weights()
 
     def _load_base_weights_from_file(self):
-        fmt = SFT_METHOD_FORMATS[self.method.removesuffix(SKIP_LORA_SUFFIX)]
-        if fmt != "bf16" and self.layer_idx not in _prequantized_layers(self.weight_path):
+        method = self.method.removesuffix(SKIP_LORA_SUFFIX)
+        fmt = SFT_METHOD_FORMATS[method]
+        prequantized = fmt != "bf16" and self.layer_idx in _prequantized_layers(self.weight_path)
+        if method in _CHECKPOINT_LAYOUTS and not prequantized:
+            # the model's own checkpoint, its codes kept as they are (kt-kernel reads only MXFP4 so)
+            checkpoint = NativeCheckpoint(self.weight_path, _CHECKPOINT_LAYOUTS[method])
+            E, H, I = self.num_experts, self.hidden_size, self.moe_intermediate_size
+            return checkpoint.load_layer(self.layer_idx, E, H, I, self.split, self.group_size, weight_format=fmt)
+        if fmt != "bf16" and not prequantized:
             raise RuntimeError(
                 f"{self.method} reads layer {self.layer_idx} from pre-quantized .kt files (a KTransformers "
                 f"conversion: _layer_{{L}}/_numa_{{N}}/*.kt or blk.{{L}}.* safetensors) or kt_ops' converted "
@@ -381,6 +389,11 @@ class AMXSFTMoEWrapper(LoRAByReference, NativeWeights, BaseSFTMoEWrapper):
         ).set_lora_grads(grads)
         grads["grad_weights"] = grad_weights
         return grad_input.to(device=buffer.device, dtype=buffer.io_dtype), grads
+
+
+# SFT method -> NativeCheckpoint layout of the HuggingFace checkpoint it reads when weight_path has
+# no pre-quantized files for the layer
+_CHECKPOINT_LAYOUTS = {"AMXFP8_SFT": "FP8", "RAWINT4_SFT": "RAWINT4", "MXFP4_SFT": "MXFP4"}
 
 
 def _prequantized_layers(path) -> list:
