@@ -67,9 +67,23 @@ def _config(expert_num, cfg, *, shared: bool, router_type: str = "linear", **ove
     return MOEArchConfig(**values)
 
 
+# model_type -> architecture name, for configs without `architectures` (a model made with from_config)
+_ARCHITECTURE_OF_MODEL_TYPE = {
+    "deepseek_v2": "DeepseekV2",
+    "deepseek_v3": "DeepseekV3",
+    "qwen2_moe": "Qwen2Moe",
+    "qwen3_moe": "Qwen3Moe",
+    "qwen3_vl_moe": "Qwen3VLMoe",
+    "qwen3_5_moe": "Qwen3_5Moe",
+    "glm4_moe": "Glm4Moe",
+    "mixtral": "Mixtral",
+}
+
+
 def get_moe_arch_config(config) -> MOEArchConfig:
     """The MOEArchConfig of a Hugging Face config (its text_config for multimodal models)."""
     arch = config.architectures[0] if getattr(config, "architectures", None) else ""
+    arch = arch or _ARCHITECTURE_OF_MODEL_TYPE.get(str(getattr(config, "model_type", "")), "")
     cfg = getattr(config, "text_config", None) or config
     model_type, text_type = str(getattr(config, "model_type", "")), str(getattr(cfg, "model_type", ""))
     deepseek_shared = lambda c: getattr(c, "n_shared_experts", 0) > 0  # noqa: E731

@@ -272,8 +272,9 @@ def _adapt_fused(wrapper, rank0: bool) -> None:
             param.grad = grad
     backend = wrapper.wrapper
     if rank0 and backend is not None:
+        # the tensors, not the Parameters (which share their storage): registering is done below
         backend.init_lora_weights(
-            **dict(zip(LORA_NAMES, params)), **{f"grad_{n}": g for n, g in zip(LORA_NAMES, grads)}
+            **dict(zip(LORA_NAMES, weights)), **{f"grad_{n}": g for n, g in zip(LORA_NAMES, grads)}
         )
         if authoritative:
             for name, param, grad in zip(LORA_NAMES, params, grads):

@@ -195,6 +195,8 @@ def wrap_moe_layers_with_kt_wrapper(model: nn.Module, kt_plugin: Any) -> List[KT
     capacity = int(max_len) * world  # rank 0 receives every rank's rows
     context = _WrapContext(model, cfg, plan, moe_config, hidden_size, capacity, text_config, rank, world)
     wrappers = [_wrap_one(context, layers[i], i) for i in moe_layers]
+    # what kt_adapt_peft_lora and the parameter helpers find (load_kt_model sets it too)
+    model._kt_wrappers = wrappers
     model._kt_expert_weight_format = plan.expert_weight_format or "bf16"
     # the backward pass meets the layers in reverse: each backend starts the next one's preparation
     for lower, higher in zip(wrappers, wrappers[1:]):
