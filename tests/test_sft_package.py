@@ -42,17 +42,20 @@ RETAIN = {"cpu": "retain", "gpu": "retain"}
 
 @pytest.fixture(autouse=True)
 def no_kt_environment(monkeypatch):
-    """KTConfig reads ACCELERATE_KT_* defaults: none of the runner's may leak in."""
+    """KTConfig reads ACCELERATE_KT_* defaults: none of the runner's may leak in. It also sizes
+    OpenMP (OMP_NUM_THREADS and torch's team): one thread, restored afterwards."""
     import os
 
     for name in list(os.environ):
         if name.startswith("ACCELERATE_KT_") or name.startswith("KT_SFT_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("ACCELERATE_KT_OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def bf16_experts_model(seed=0):
+def bf16_experts_model(seed=0, **overrides):
     """A tiny fp32 Qwen3-MoE whose expert weights are bf16 numbers (what the CPU kernels hold)."""
-    model = tiny_model("tiny-qwen3-moe", seed=seed)
+    model = tiny_model("tiny-qwen3-moe", seed=seed, **overrides)
     with torch.no_grad():
         for layer in model.model.layers:
             for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
@@ -276,3 +279,78 @@ def test_adapter_artifacts_round_trip_and_refuse_a_changed_file(tmp_path):
 
     with pytest.raises(KTArtifactError, match="size mismatch|SHA256 mismatch"):
         load_kt_adapter_artifacts(loaded, str(tmp_path))
+
+
+# ---- ephemeral INT8 weights and the profile ---------------------------------------------------------
+
+
+def write_int8_staging(model, staging):
+    """KTransformers' unmerged INT8 files (_layer_L/_numa_0/INT8_*.kt) of the model's experts."""
+    from kt_ops.weights.ktransformers import WEIGHT_KEY, convert_layer
+
+    staging.mkdir(mode=0o700)
+    for index, layer in enumerate(model.model.layers):
+        gate, up = layer.mlp.experts.gate_up_proj.detach().chunk(2, dim=1)
+        for key, t in convert_layer(gate, up, layer.mlp.experts.down_proj.detach(), index, "INT8", 1).items():
+            _, projection, expert, part, kind = WEIGHT_KEY.fullmatch(key).groups()
+            folder = staging / f"_layer_{index}" / f"_numa_{part}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = t.numel() * t.element_size()
+            t.numpy().tofile(
+                folder / f"INT8_{projection}_{expert}_{size}Byte_{'quant' if kind == 'weight' else 'scale'}_.kt"
+            )
+
+
+def test_ephemeral_int8_weights_are_deleted_as_their_layers_load(tmp_path, monkeypatch):
+    """kt_weight_lifecycle='ephemeral': a published INT8 run is checked, each layer's files deleted
+    once it is loaded, and the run's directory removed; the model computes with what was loaded."""
+    from kt_ops.sft import ephemeral
+
+    monkeypatch.setattr(ephemeral, "_EPHEMERAL_BASE", tmp_path)
+    model = bf16_experts_model(moe_intermediate_size=64)  # kt-kernel's INT8 layout: K a multiple of 64
+    plain = copy.deepcopy(model)
+    write_int8_staging(model, tmp_path / "kt-int8-pytest-run.staging")
+    experts = model.model.layers[0].mlp.experts
+    E, I, H = experts.num_experts, experts.intermediate_dim, experts.hidden_dim
+    geometry = dict(numa_count=1, expert_num=E, hidden_size=H, intermediate_size=I)
+    layers = list(range(len(model.model.layers)))
+    ready = ephemeral.publish_ephemeral_int8_weights(
+        tmp_path / "kt-int8-pytest-run.staging", run_id="pytest-run", layer_indices=layers, **geometry
+    )
+    assert ready == tmp_path / "kt-int8-pytest-run" and (ready / ephemeral.MANIFEST_NAME).is_file()
+    cfg = KTConfig(
+        kt_expert_weight_format="int8",
+        kt_weight_path=str(ready),
+        kt_weight_lifecycle="ephemeral",
+        kt_num_threads=1,
+        kt_lora_rank=RANK,
+        kt_activation_policy=RETAIN,
+    )
+    wrap_moe_layers_with_kt_wrapper(model, cfg)
+    assert not ready.exists()
+    kt_adapt_peft_lora(model)  # B = 0: the LoRA adds nothing yet
+    ids = token_ids(seed=6)
+    with torch.no_grad():
+        assert rel_l2(model(ids).logits, plain(ids).logits) < 0.02  # int8 weights
+    with pytest.raises(ValueError, match="run_id"):
+        ephemeral.validate_ephemeral_run_id("../escape")
+
+
+def test_profile_records_each_layers_stages(monkeypatch):
+    from kt_ops.sft import collect_kt_sft_profile, format_kt_sft_profile, reset_kt_sft_profile
+
+    monkeypatch.setenv("KT_SFT_PROFILE", "1")
+    model, _ = kt_model()
+    ids = token_ids(seed=7)
+    model(ids, labels=ids).loss.backward()
+    profile = collect_kt_sft_profile(model)
+    assert profile["enabled"] and sorted(profile["layers"]) == [0, 1]
+    stats = profile["layers"][0]
+    assert stats["wrapper.forward.total.calls"] == 1 and stats["wrapper.backward.total.calls"] == 1
+    assert stats["wrapper.tokens"] == ids.numel() and stats["wrapper.forward.total.total_ns"] > 0
+    table = format_kt_sft_profile(profile)
+    assert "forward.total" in table and "backward.total" in table
+    reset_kt_sft_profile(model)
+    assert "wrapper.forward.total.calls" not in collect_kt_sft_profile(model)["layers"][0]
+    monkeypatch.delenv("KT_SFT_PROFILE")
+    assert not collect_kt_sft_profile(kt_model()[0])["enabled"]

@@ -50,6 +50,7 @@ from .backend import (
 )
 from .base import BaseSFTMoEWrapper, KExpertsSFTBuffer
 from .config import KTActivationPolicy, KTConfig
+from .conv3d_compat import is_vlm_conv3d_compatible, patch_vlm_conv3d
 from .dist_utils import get_activation_checkpoint_context_fn
 from .layer import KTMoELayerWrapper
 from .lora import (
@@ -70,6 +71,7 @@ from .lora import (
     sync_kt_lora_gradients,
     update_kt_lora_pointers,
 )
+from .profiler import collect_kt_sft_profile, format_kt_sft_profile, reset_kt_sft_profile
 from .weight_manifest import validate_persistent_int8_weights
 from .weights import (
     BlockFP8ExpertWeights,
@@ -123,7 +125,9 @@ __all__ = [
     "adapt_peft_lora",
     "build_kt_device_map",
     "build_kt_device_map_simplified",
+    "collect_kt_sft_profile",
     "extract_moe_weights",
+    "format_kt_sft_profile",
     "get_activation_checkpoint_context_fn",
     "get_expert_device",
     "get_fp8_runtime",
@@ -139,6 +143,7 @@ __all__ = [
     "get_moe_module",
     "get_mxfp4_runtime",
     "get_rawint4_runtime",
+    "is_vlm_conv3d_compatible",
     "is_kt_routed_expert_parameter_name",
     "is_kt_supported_moe_model",
     "kt_adapt_peft_lora",
@@ -150,6 +155,8 @@ __all__ = [
     "load_lora_experts_from_adapter",
     "load_rawint4_experts_from_checkpoint_files",
     "move_non_experts_to_gpu",
+    "patch_vlm_conv3d",
+    "reset_kt_sft_profile",
     "save_kt_adapter_artifacts",
     "save_kt_moe_to_adapter",
     "save_lora_experts_to_adapter",

@@ -4,8 +4,9 @@ one runs, the weight layouts kt-kernel records in its manifests, and what each q
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 INT8_BACKEND, FP8_BACKEND, RAWINT4_BACKEND, MXFP4_BACKEND = "INT8", "FP8", "RAWINT4", "MXFP4"
 INT8_WEIGHT_LAYOUT = "kt-int8-n32-k64-vnni-v1"
@@ -139,6 +140,23 @@ def _check_mxfp4(config) -> None:
 _FORMAT_CHECKS = {"int8": _check_int8, "fp8": _check_fp8, "rawint4": _check_rawint4, "mxfp4": _check_mxfp4}
 
 
+def normalize_sft_backend(backend: str, *, expert_weight_format: Optional[str]) -> str:
+    """The hardware-neutral name of a kt_backend: 'auto' picks the one of the expert weight format
+    (AMXBF16 for bf16 or none); the deprecated AMX spellings warn and map to their new names."""
+    lower = str(backend).strip().lower()
+    if lower == "auto":
+        return FORMAT_BACKENDS.get(expert_weight_format, "AMXBF16")
+    if lower not in SFT_BACKENDS:
+        raise ValueError(f"unknown kt_backend {backend!r}; expected one of {sorted(['auto', *SFT_BACKENDS])}")
+    if lower in DEPRECATED_BACKENDS:
+        warnings.warn(
+            f"kt_backend={backend!r} is deprecated; use kt_backend='auto' or kt_backend={DEPRECATED_BACKENDS[lower]!r}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return SFT_BACKENDS[lower][0]
+
+
 def check_format_rules(config) -> None:
     """Raise ValueError when a KTConfig asks its expert weight format for what it cannot do."""
     check = _FORMAT_CHECKS.get(config.kt_expert_weight_format)
@@ -159,26 +177,29 @@ class SFTRuntime:
 INT8Runtime = FP8Runtime = RAWINT4Runtime = MXFP4Runtime = SFTRuntime
 
 
+INT8_KERNEL, FP8_KERNEL = "kt_ops-int8", "kt_ops-fp8"
+
+
 def _runtime(kernel: str, layout: str) -> SFTRuntime:
     from ..core.runtime import get_isa
 
-    return SFTRuntime(cpu_variant=get_isa(), kernel=f"kt_ops-{kernel}", weight_layout=layout)
+    return SFTRuntime(cpu_variant=get_isa(), kernel=kernel, weight_layout=layout)
 
 
 def get_int8_runtime() -> SFTRuntime:
-    return _runtime("int8", INT8_WEIGHT_LAYOUT)
+    return _runtime(INT8_KERNEL, INT8_WEIGHT_LAYOUT)
 
 
 def get_fp8_runtime() -> SFTRuntime:
-    return _runtime("fp8", FP8_WEIGHT_LAYOUT)
+    return _runtime(FP8_KERNEL, FP8_WEIGHT_LAYOUT)
 
 
 def get_rawint4_runtime() -> SFTRuntime:
-    return _runtime("int4-kgroup-g32", RAWINT4_WEIGHT_LAYOUT)
+    return _runtime("kt_ops-int4-kgroup-g32", RAWINT4_WEIGHT_LAYOUT)
 
 
 def get_mxfp4_runtime() -> SFTRuntime:
-    return _runtime("fp8-g32", MXFP4_WEIGHT_LAYOUT)
+    return _runtime("kt_ops-fp8-g32", MXFP4_WEIGHT_LAYOUT)
 
 
 INT8_SFT_METHOD, FP8_SFT_METHOD, RAWINT4_SFT_METHOD, MXFP4_SFT_METHOD = (

@@ -22,12 +22,12 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 from ..core.settings import KTSettings
 from .backend import (
-    DEPRECATED_BACKENDS,
     EXPERT_WEIGHT_FORMATS,
     FORMAT_BACKENDS,
     SETTINGS_BACKENDS,
     SFT_BACKENDS,
     check_format_rules,
+    normalize_sft_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,21 +85,35 @@ def _env_bool(key: str, default: bool) -> bool:
     return default if value in (None, "") else value.lower() in ("1", "true", "yes")
 
 
-def detect_physical_cpu_count() -> int:
-    """The physical cores this process may run on: distinct (package, core) pairs of its CPUs in
-    sysfs, so SMT siblings count once; the CPU count when the topology cannot be read."""
+def _available_cpu_ids() -> set:
+    """The CPUs this process may run on (affinity / cpuset)."""
     try:
-        cpus = set(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = set(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topology = _CPU_TOPOLOGY_ROOT / f"cpu{cpu}" / "topology"
-        try:
-            cores.add((int((topology / "physical_package_id").read_text()), int((topology / "core_id").read_text())))
-        except (OSError, ValueError):
-            continue
+        return set(range(os.cpu_count() or 1))
+
+
+def _read_cpu_topology(cpu: int) -> Optional[tuple]:
+    """(physical package, core) of a logical CPU from sysfs, None when unreadable."""
+    topology = _CPU_TOPOLOGY_ROOT / f"cpu{cpu}" / "topology"
+    try:
+        return int((topology / "physical_package_id").read_text()), int((topology / "core_id").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def detect_physical_cpu_count() -> int:
+    """The physical cores this process may run on: distinct (package, core) pairs of its CPUs, so SMT
+    siblings count once; the CPU count when the topology cannot be read."""
+    cpus = _available_cpu_ids()
+    cores = {core for core in map(_read_cpu_topology, cpus) if core is not None}
     return max(1, len(cores) or len(cpus))
+
+
+def _set_torch_num_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def configure_omp_threads() -> int:
@@ -118,9 +132,7 @@ def configure_omp_threads() -> int:
     if threads < 1:
         raise ValueError(f"OpenMP thread count must be positive, got {threads}")
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    _set_torch_num_threads(threads)
     logger.info("KT SFT configured OMP_NUM_THREADS=%d from %s", threads, source)
     return threads
 
@@ -312,22 +324,7 @@ class KTConfig:
         if self.kt_backend is None:
             quantized = self.kt_expert_weight_format in ("int8", "fp8", "rawint4", "mxfp4")
             self.kt_backend = os.environ.get("ACCELERATE_KT_BACKEND") or ("auto" if quantized else "AMXBF16")
-        lower = str(self.kt_backend).strip().lower()
-        if lower == "auto":
-            self.kt_backend = FORMAT_BACKENDS.get(self.kt_expert_weight_format, "AMXBF16")
-        elif lower in SFT_BACKENDS:
-            if lower in DEPRECATED_BACKENDS:
-                warnings.warn(
-                    f"kt_backend={self.kt_backend!r} is deprecated; use kt_backend='auto' or "
-                    f"kt_backend={DEPRECATED_BACKENDS[lower]!r}",
-                    FutureWarning,
-                    stacklevel=4,
-                )
-            self.kt_backend = SFT_BACKENDS[lower][0]
-        else:
-            raise ValueError(
-                f"unknown kt_backend {self.kt_backend!r}; expected one of {sorted(['auto', *SFT_BACKENDS])}"
-            )
+        self.kt_backend = normalize_sft_backend(self.kt_backend, expert_weight_format=self.kt_expert_weight_format)
         implied = {v: k for k, v in FORMAT_BACKENDS.items()}.get(self.kt_backend)
         if self.kt_expert_weight_format is None:
             self.kt_expert_weight_format = implied

@@ -32,7 +32,9 @@ from .arch import (
 from .backend import get_int8_runtime
 from .checkpoint import load_full_weight_layer, resolve_full_weight_checkpoint
 from .config import KTConfig
+from .conv3d_compat import patch_vlm_conv3d
 from .dist_utils import distributed_rank_world_size
+from .ephemeral import EphemeralKTWeightStore
 from .layer import KTMoELayerWrapper, KTRoutedExpertsWrapper
 from .lora import LoRAExperts
 from .weights import (
@@ -178,23 +180,30 @@ def wrap_moe_layers_with_kt_wrapper(model: nn.Module, kt_plugin: Any) -> List[KT
         raise KTAMXNotAvailableError("the kt_ops backend is not available")
     rank, world = distributed_rank_world_size()
     moe_config = get_moe_arch_config(model.config)
+    patched = patch_vlm_conv3d(model)
+    if patched:
+        logger.info("Patched KT VLM Conv3D modules: %s", patched)
     text_config = getattr(model.config, "text_config", None) or model.config
     hidden_size = text_config.hidden_size
     cfg = _get_kt_config(kt_plugin)
     plan = make_plan(model, cfg)
     _, layers = get_model_container_and_layers(model, purpose="wrapping")
     moe_layers = [i for i, layer in enumerate(layers) if get_moe_module(layer, moe_config) is not None]
+    store = None
     if plan.expert_weight_format == "int8":
-        _on_rank0(
+        ephemeral = cfg.kt_weight_lifecycle == "ephemeral"
+        store = _on_rank0(
             rank,
             world,
-            "validating persistent INT8 weights",
-            lambda: _validate_int8(plan, moe_config, moe_layers, hidden_size),
+            "opening ephemeral INT8 weights" if ephemeral else "validating persistent INT8 weights",
+            lambda: _check_int8_weights(plan, moe_config, moe_layers, hidden_size, ephemeral),
         )
     max_len = cfg.kt_model_max_length or getattr(model.config, "max_position_embeddings", 4096)
     capacity = int(max_len) * world  # rank 0 receives every rank's rows
-    context = _WrapContext(model, cfg, plan, moe_config, hidden_size, capacity, text_config, rank, world)
+    context = _WrapContext(model, cfg, plan, moe_config, hidden_size, capacity, text_config, rank, world, store)
     wrappers = [_wrap_one(context, layers[i], i) for i in moe_layers]
+    if store is not None:
+        _on_rank0(rank, world, "finishing ephemeral INT8 weights", store.finish)
     # what kt_adapt_peft_lora and the parameter helpers find (load_kt_model sets it too)
     model._kt_wrappers = wrappers
     model._kt_expert_weight_format = plan.expert_weight_format or "bf16"
@@ -218,6 +227,7 @@ class _WrapContext:
     text_config: Any
     rank: int
     world: int
+    ephemeral_store: Any = None  # rank 0's EphemeralKTWeightStore: each layer's files go once it is loaded
 
 
 def _wrap_one(c: _WrapContext, layer: nn.Module, layer_idx: int) -> KTMoELayerWrapper:
@@ -244,6 +254,10 @@ def _wrap_one(c: _WrapContext, layer: nn.Module, layer_idx: int) -> KTMoELayerWr
         f"loading KT layer {layer_idx}",
         functools.partial(_load_backend, backend, kind, weights, plan, moe_config.expert_num),
     )
+    if c.ephemeral_store is not None:
+        stage(
+            f"consuming ephemeral INT8 layer {layer_idx}", functools.partial(c.ephemeral_store.consume_layer, layer_idx)
+        )
     wrapper = _wrap_layer(plan, c.cfg, module, backend, moe_config, c.hidden_size, layer_idx, fused, c.world)
     if moe_config.router_type != "precomputed":
         setattr(layer, moe_config.moe_layer_attr, wrapper)
@@ -253,16 +267,20 @@ def _wrap_one(c: _WrapContext, layer: nn.Module, layer_idx: int) -> KTMoELayerWr
     return wrapper
 
 
-def _validate_int8(plan: WrapPlan, moe_config, layer_indices, hidden_size: int) -> None:
+def _check_int8_weights(plan: WrapPlan, moe_config, layer_indices, hidden_size: int, ephemeral: bool):
+    """Validate the INT8 directory before any layer loads; the opened store of an ephemeral one."""
     get_int8_runtime()
-    weight_manifest.validate_persistent_int8_weights(
-        plan.kt_weight_path,
+    geometry = dict(
         layer_indices=layer_indices,
         numa_count=plan.threadpool_count,
         expert_num=moe_config.expert_num,
         hidden_size=hidden_size,
         intermediate_size=moe_config.intermediate_size,
     )
+    if ephemeral:
+        return EphemeralKTWeightStore.open(plan.kt_weight_path, **geometry)
+    weight_manifest.validate_persistent_int8_weights(plan.kt_weight_path, **geometry)
+    return None
 
 
 def _wrap_layer(plan: WrapPlan, cfg, module, backend, moe_config, hidden_size, layer_idx, fused, world):

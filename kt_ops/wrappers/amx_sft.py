@@ -185,7 +185,7 @@ class AMXSFTMoEWrapper(LoRAByReference, NativeWeights, BaseSFTMoEWrapper):
         """Use the packed `parts` (logical experts) in `mapping`'s physical order, with a fresh moe."""
         self._set_parts(parts, mapping)
         self.physical_to_logical_map = mapping
-        self.moe = SFTMoE(self.layer, self.lora_scaling, self.max_cache_depth)
+        self.moe = SFTMoE(self.layer, self.lora_scaling, self.max_cache_depth, self.layer_idx)
         self.moe.skip_lora_backward = self._is_skip_lora
         self.moe.logical_of = mapping
         self._cache_depth = 0

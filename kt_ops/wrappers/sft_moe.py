@@ -11,8 +11,12 @@ from kt_ops.reference.base_weight_grads over the activations the forward op save
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from typing import List, NamedTuple, Optional, Tuple
+import time
+from collections import defaultdict
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -46,9 +50,44 @@ class SavedForward(NamedTuple):
     dtype: torch.dtype
 
 
+class StageProfile:
+    """Wall time per stage of one layer's tasks, under kt-kernel's profile keys
+    (`wrapper.<stage>.total_ns` / `.calls`, `wrapper.tokens`), read by kt_ops.sft.profiler. Stages:
+    forward.total, backward.total and, with full fine-tuning, backward.base_weight_grad. Off unless
+    KT_SFT_PROFILE=1 when the layer's weights are loaded (timing then costs two clock reads a stage)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._stats: Dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, tokens: int = 0):
+        if not self.enabled:
+            yield
+            return
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self._stats[f"wrapper.{name}.total_ns"] += time.perf_counter_ns() - start
+            self._stats[f"wrapper.{name}.calls"] += 1
+            self._stats["wrapper.tokens"] += tokens
+
+    def stats(self, reset: bool) -> Dict[str, float]:
+        out = {"wrapper.enabled": float(self.enabled), "wrapper.tokens": 0.0, **self._stats}
+        if reset:
+            self._stats.clear()
+        return out
+
+    def reset(self) -> None:
+        self._stats.clear()
+
+
 class SFTMoE:
-    def __init__(self, layer: KTMoELayer, lora_scaling: float, max_cache_depth: int):
+    def __init__(self, layer: KTMoELayer, lora_scaling: float, max_cache_depth: int, layer_idx: Optional[int] = None):
         self.layer = layer
+        self.layer_idx = layer_idx
+        self.profile = StageProfile(os.environ.get("KT_SFT_PROFILE", "0") == "1")
         self.lora_scaling = lora_scaling
         self.max_cache_depth = max_cache_depth
         self.saved: List[SavedForward] = []
@@ -61,6 +100,17 @@ class SFTMoE:
         self.skip_lora_backward = False  # kt-kernel's SkipLoRA: backward through the base weights only
         self.base_weights: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # full fine-tuning
         self.logical_of: Optional[torch.Tensor] = None  # physical slot -> logical expert (base_weights' order)
+
+    # ---- profile (kt-kernel's C++ MoE methods) ------------------------------------------------------
+
+    def get_profile_stats(self, reset: bool = False) -> Dict[str, float]:
+        stats = {"tp_count": float(len(self.layer.experts_parts)), **self.profile.stats(reset)}
+        if self.layer_idx is not None:
+            stats["layer_idx"] = float(self.layer_idx)
+        return stats
+
+    def reset_profile_stats(self) -> None:
+        self.profile.reset()
 
     # ---- LoRA ------------------------------------------------------------------------------------
 
@@ -114,7 +164,13 @@ class SFTMoE:
     def forward_sft_task(self, call: SFTCall, save_for_backward: bool, use_lora: bool, thread: int):
         """The task computing call's output (kept for backward when save_for_backward)."""
 
+        tokens = call.qlen
+
         def task():
+            with self.profile.stage("forward.total", tokens):
+                compute()
+
+        def compute():
             lora_parts = self.lora_parts() if use_lora else None
             x, output, activations = forward_parts(
                 call.input_cpu,
@@ -217,6 +273,10 @@ class SFTMoE:
             buffer.add_(value) if accumulate else buffer.copy_(value)
 
         def task():
+            with self.profile.stage("backward.total"):
+                compute()
+
+        def compute():
             saved = self._take_selected()
             grad = grad_output.to(saved.hidden_states.dtype)
             lora_parts = self.lora_parts()
@@ -226,8 +286,9 @@ class SFTMoE:
             for buffer, value in zip(lora_buffers, lora_grads or ()):
                 write(buffer, value)
             if want_base:
-                for buffer, value in zip(base_buffers, self._base_grads(grad, saved, lora_parts)):
-                    write(buffer, value)
+                with self.profile.stage("backward.base_weight_grad"):
+                    for buffer, value in zip(base_buffers, self._base_grads(grad, saved, lora_parts)):
+                        write(buffer, value)
 
         return task
 
