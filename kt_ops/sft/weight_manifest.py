@@ -37,7 +37,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PersistentINT8Weights:
-    path: Path
+    root: Path  # the weight directory
+    path: Path  # its manifest (the directory itself when it has none)
     schema_version: int
     is_legacy: bool
     layout: str
@@ -46,7 +47,7 @@ class PersistentINT8Weights:
     size_bytes: int
 
 
-def sha256_file(path) -> str:
+def _sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -171,7 +172,7 @@ def check_int8_layer(
             raise ValueError(f"layer {index}: {relative} is missing or a non-regular file")
         if not isinstance(item.get("size_bytes"), int) or path.stat().st_size != item["size_bytes"]:
             raise ValueError(f"layer {index}: {relative} size mismatch: {path.stat().st_size} bytes on disk")
-        if verify_hashes and sha256_file(path) != item.get("sha256"):
+        if verify_hashes and _sha256(path) != item.get("sha256"):
             raise ValueError(f"layer {index}: {relative} SHA256 mismatch")
     if len(seen) != len(expected):
         raise ValueError(f"layer {index}: the manifest lists {len(seen)} of the {len(expected)} INT8 files")
@@ -230,7 +231,7 @@ def validate_persistent_int8_weights(
         missing = sorted(set(layer_indices) - set(KTWeightDirectory(root).layers()))
         if missing:
             raise ValueError(f"{root} lacks the INT8 layers {missing}")
-        return PersistentINT8Weights(root, 0, True, INT8_WEIGHT_LAYOUT, tuple(sorted(set(layer_indices))), 0, 0)
+        return PersistentINT8Weights(root, root, 0, True, INT8_WEIGHT_LAYOUT, tuple(sorted(set(layer_indices))), 0, 0)
     if manifest_path.is_symlink() or not manifest_path.is_file():
         raise ValueError(f"{manifest_path} is a non-regular file")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -246,5 +247,5 @@ def validate_persistent_int8_weights(
     listed = [item for i in sorted(layers) for item in check_int8_layer(root, layers[i], geometry, check_hashes)]
     size = sum(item["size_bytes"] for item in listed)
     return PersistentINT8Weights(
-        manifest_path, schema, schema == 1, INT8_WEIGHT_LAYOUT, tuple(sorted(layers)), len(listed), size
+        root, manifest_path, schema, schema == 1, INT8_WEIGHT_LAYOUT, tuple(sorted(layers)), len(listed), size
     )
