@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 
+from safetensors.torch import load_file
+
 import pytest
 import torch
 
@@ -249,7 +251,7 @@ def test_full_weight_training_and_its_checkpoint_round_trip(tmp_path):
 
 def peft_kt_model():
     model, _ = kt_model()
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"]))
     return peft_model
 
 
@@ -274,6 +276,13 @@ def test_adapter_artifacts_round_trip_and_refuse_a_changed_file(tmp_path):
     assert load_kt_adapter_artifacts(loaded, str(tmp_path)).payload["status"] == "ready"
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
+    from kt_ops.sft.convert_kt_to_sglang_adapter import convert_kt_to_sglang_adapter
+
+    summary = convert_kt_to_sglang_adapter(tmp_path, tmp_path.parent / "sglang", base_model_name_or_path="base")
+    per_expert = load_file(str(tmp_path.parent / "sglang" / "adapter_model.safetensors"))
+    gate_a = trained.base_model.model._kt_wrappers[1]._fused_expert_lora_params[0]
+    assert torch.equal(per_expert["model.layers.1.mlp.experts.3.gate_proj.lora_A.weight"], gate_a[3])
+    assert (summary["rank"], summary["lora_alpha"]) == (RANK, ALPHA)  # one rank for SGLang, as kt-kernel requires
     (tmp_path / "fused_expert_lora.safetensors").write_bytes(b"changed")
     from kt_ops.sft import KTArtifactError
 
