@@ -118,13 +118,15 @@ class KTMoELayer(nn.Module):
 
     def set_variant(self, **variant) -> None:
         """The expert MLP's variant (PackedExperts.with_variant: biases, activation) on the loaded
-        experts, which must be in one part: each part would add the whole down bias."""
-        if len(self.experts_parts) != 1:
+        experts. An activation acts on each intermediate element alone, so every part takes it as it
+        is; biases need the experts in one part (each part would add the whole down bias)."""
+        biases = [name for name in ("gate_bias", "up_bias", "down_bias") if variant.get(name) is not None]
+        if biases and len(self.experts_parts) != 1:
             raise ValueError(
                 f"set_variant needs the experts loaded in one part, not {len(self.experts_parts)}: experts "
-                "with biases or another activation cannot be split over sub-pools; use threadpool_count=1"
+                "with biases cannot be split over sub-pools; use threadpool_count=1"
             )
-        self.experts_parts = [self.experts_parts[0].with_variant(**variant)]
+        self.experts_parts = [part.with_variant(**variant) for part in self.experts_parts]
 
     def reset_lora_parameters(self) -> None:
         """A like peft's kaiming-uniform(a=sqrt(5)) per expert (bound 1/sqrt(in_features)), B zero."""

@@ -351,10 +351,12 @@ def backward_parts(
     lora_scaling: float,
     activations: Sequence[tuple],
     subpools: Optional[Subpools] = None,
+    lora_grads: bool = True,
 ):
     """The gradients of a forward_parts call (x, activations: what it returned) as (grad x, grad
-    weights, the six LoRA gradients of the whole layer, or None when `lora_parts` is None)."""
-    lora_grads = lora_parts is not None
+    weights, the six LoRA gradients of the whole layer, or None when `lora_parts` is None or
+    `lora_grads` is False: the LoRA then shapes grad x only)."""
+    lora_grads = lora_grads and lora_parts is not None
     if lora_parts is None:
         lora_parts = [lora_inputs(experts, None, x) for experts in parts]
     with torch.no_grad():

@@ -44,7 +44,14 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_sft_reference", "expert_mlp_reference", "gate_activation", "moe_loop", "routed_experts"]
+__all__ = [
+    "moe_sft_reference",
+    "expert_mlp_reference",
+    "gate_activation",
+    "moe_loop",
+    "routed_experts",
+    "base_weight_grads",
+]
 
 
 def gate_activation(
@@ -235,3 +242,48 @@ def moe_sft_reference(
         )
 
     return moe_loop(x, topk_ids.to(torch.int64), topk_weights.to(cdt), expert).to(out_dtype)
+
+
+def base_weight_grads(
+    grad_output: torch.Tensor,
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_pre: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_lora: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    lora_scaling: float,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of the base weights (gate_proj [E, I, H], up_proj [E, I, H], down_proj [E, H, I],
+    fp32) for full fine-tuning, which the kernels do not compute, from what the forward op saved.
+
+    `gate_up_pre` [2, T*k, I] holds g and u of pair t*k + j (the op's saved activations);
+    `down_proj` [E, H, I] is the down weight the forward used and `down_lora` (Ad [E, r, I], Bd [E, H,
+    r]) its LoRA, or None. Per expert e with routed rows X, routing weights w and dY the rows' output
+    gradients: dy = w·dY, dh = dy·Wd + s·(dy·Bd)·Ad, (dg, du) = act's backward at (g, u), and
+    dWd = dyᵀh, dWg = dgᵀX, dWu = duᵀX. `down_proj` may cover a range of the intermediate dimension
+    (a part of a split layer): gate_up_pre and Ad then cover the same range."""
+    E, H, I = down_proj.shape
+    k = topk_ids.shape[1]
+    grads = [torch.zeros((E, I, H)), torch.zeros((E, I, H)), torch.zeros((E, H, I))]
+    pre = gate_up_pre.float()
+    for e, tokens, slots in routed_experts(topk_ids):
+        pairs = tokens * k + slots
+        x = hidden_states[tokens].float()
+        dy = grad_output[tokens].float() * topk_weights[tokens, slots, None].float()
+        dh = dy @ down_proj[e].float()
+        if down_lora is not None:
+            a_down, b_down = down_lora
+            dh = dh + lora_scaling * ((dy @ b_down[e].float()) @ a_down[e].float())
+        with torch.enable_grad():
+            g = pre[0, pairs].requires_grad_()
+            u = pre[1, pairs].requires_grad_()
+            h = gate_activation(g, u, activation, swiglu_alpha, swiglu_limit)
+            dg, du = torch.autograd.grad(h, (g, u), dh)
+        grads[0][e] += dg.T @ x
+        grads[1][e] += du.T @ x
+        grads[2][e] += dy.T @ h.detach()
+    return grads[0], grads[1], grads[2]

@@ -28,6 +28,8 @@ LAYERS = (
         "kt_ops.cli",
         "kt_ops.convert_weights",
         "kt_ops.convert_moe_lora",
+        # kt-kernel 0.7's SFT package (kt_kernel.sft) over the wrappers
+        "kt_ops.sft",
     ),
     ("kt_ops",),
 )

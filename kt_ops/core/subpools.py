@@ -60,40 +60,62 @@ def node_cpus(root: str = NODE_ROOT) -> Dict[int, List[int]]:
 
 
 def subpool_layout(
-    count: int, root: str = NODE_ROOT, allowed: Optional[Sequence[int]] = None
+    count: int,
+    root: str = NODE_ROOT,
+    allowed: Optional[Sequence[int]] = None,
+    nodes: Optional[Sequence[int]] = None,
 ) -> List[Tuple[Optional[int], List[int]]]:
-    """(node, CPUs to pin to) per sub-pool. Pool i goes to the i-th node mod the nodes with CPUs this
-    process may use (`allowed`, default its affinity); pools sharing a node split its CPUs into
-    disjoint runs. With fewer than two such nodes: (None, []) each, nothing pinned."""
+    """(node, CPUs to pin to) per sub-pool. Pool i goes to `nodes[i]` (kt-kernel's numa_nodes), by
+    default to the i-th node mod the nodes with CPUs this process may use (`allowed`, default its
+    affinity); pools sharing a node split its CPUs into disjoint runs. With fewer than two such
+    nodes: (None, []) each, nothing pinned."""
     check_int(count, "count", 1)
     if allowed is None:
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     allowed = set(allowed)
-    nodes = {node: [c for c in cpus if c in allowed] for node, cpus in node_cpus(root).items()}
-    nodes = {node: cpus for node, cpus in sorted(nodes.items()) if cpus}
-    if len(nodes) < 2:
+    available = {node: [c for c in cpus if c in allowed] for node, cpus in node_cpus(root).items()}
+    available = {node: cpus for node, cpus in sorted(available.items()) if cpus}
+    if nodes is not None:
+        assigned = _checked_nodes(nodes, count, available)
+    else:
+        order = list(available)
+        assigned = [order[i % len(order)] for i in range(count)] if order else []
+    if len(available) < 2:
         return [(None, []) for _ in range(count)]
-    order = list(nodes)
     layout = []
-    for i in range(count):
-        node = order[i % len(order)]
-        sharing = len(range(i % len(order), count, len(order)))  # pools on this node
-        rank = i // len(order)
-        cpus = nodes[node]
+    for i, node in enumerate(assigned):
+        sharing, rank = assigned.count(node), assigned[:i].count(node)
+        cpus = available[node]
         lo, hi = len(cpus) * rank // sharing, len(cpus) * (rank + 1) // sharing
         layout.append((node, cpus[lo:hi] or cpus))  # more pools than CPUs: share the node's CPUs
     return layout
+
+
+def _checked_nodes(nodes: Sequence[int], count: int, available: Dict[int, List[int]]) -> List[int]:
+    nodes = list(nodes)
+    if len(nodes) != count:
+        raise ValueError(f"numa_nodes must name one NUMA node per sub-pool ({count}), got {nodes}")
+    for node in nodes:
+        check_int(node, "numa_nodes entry", 0)
+        # Without sysfs' node directory nothing can be checked (or pinned).
+        if available and node not in available:
+            raise ValueError(
+                f"numa_nodes names node {node}, which has no CPU this process may use; nodes with CPUs: "
+                f"{sorted(available)}"
+            )
+    return nodes
 
 
 class Subpools:
     """`count` C++ sub-pools of up to `threads` threads each and their dispatcher threads (started
     on first use). One per process (CPUInfer's): building another reconfigures the same C++ pools."""
 
-    def __init__(self, count: int, threads: int, root: str = NODE_ROOT):
+    def __init__(self, count: int, threads: int, root: str = NODE_ROOT, nodes: Optional[Sequence[int]] = None):
         check_int(count, "count", 2)
         check_int(threads, "threads", 1)
         self.requested_threads = threads
-        layout = subpool_layout(count, root)
+        self.requested_nodes = None if nodes is None else tuple(nodes)
+        layout = subpool_layout(count, root, nodes=nodes)
         self.nodes: List[Optional[int]] = [node for node, _ in layout]
         self.cpu_sets: List[List[int]] = [cpus for _, cpus in layout]
         if any(self.cpu_sets):
@@ -165,23 +187,31 @@ _process_subpools: Optional[Subpools] = None
 _process_lock = threading.Lock()
 
 
-def process_subpools(count: int, threads: int) -> Optional[Subpools]:
-    """The process's sub-pools (None for count 1): `count` of `threads` threads each, made on first
-    use. There is one set per process (the C++ pools are global); a later call asking for another
-    shape gets the existing ones, with a warning, and its parts then run one after another on the
-    calling thread's pool (run_parts)."""
+def process_subpools(count: int, threads: int, nodes: Optional[Sequence[int]] = None) -> Optional[Subpools]:
+    """The process's sub-pools (None for count 1): `count` of `threads` threads each, sub-pool i on
+    NUMA node `nodes[i]` when given, made on first use. There is one set per process (the C++ pools
+    are global); a later call asking for another shape gets the existing ones, with a warning, and
+    its parts then run one after another on the calling thread's pool (run_parts)."""
     global _process_subpools
     check_int(count, "threadpool_count", 1)
     check_int(threads, "threads", 1)
     if count == 1:
+        if nodes is not None:
+            _checked_nodes(nodes, 1, {})
         return None
+    wanted = (count, threads, None if nodes is None else tuple(nodes))
     with _process_lock:
         if _process_subpools is None:
-            _process_subpools = Subpools(count, threads)
-        elif (_process_subpools.count, _process_subpools.requested_threads) != (count, threads):
+            _process_subpools = Subpools(count, threads, nodes=nodes)
+        elif (
+            _process_subpools.count,
+            _process_subpools.requested_threads,
+            _process_subpools.requested_nodes,
+        ) != wanted:
             warnings.warn(
                 f"the process's sub-pools exist already ({_process_subpools.count} of "
-                f"{_process_subpools.requested_threads} threads); ignoring {count} of {threads}",
+                f"{_process_subpools.requested_threads} threads, nodes {_process_subpools.requested_nodes}); "
+                f"ignoring {count} of {threads}, nodes {wanted[2]}",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -14,7 +14,7 @@ So for one call: output_now + contribution_delivered_later == the full MoE outpu
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -29,8 +29,9 @@ from .base import BaseMoEWrapper
 
 
 class AMXMoEWrapper(BaseMoEWrapper):
-    """Expert ids below `num_gpu_experts` (or where `gpu_experts_mask` is set) belong to experts the
-    caller runs on its GPU: the CPU skips them and adds nothing for them."""
+    """Experts set in `gpu_experts_mask` (kt-kernel 0.7; an int there, or num_gpu_experts, means the
+    first N, as the specification had it) are the ones the caller runs on its GPU: the CPU skips them
+    and adds nothing for them."""
 
     # method -> (weight format of load_weights_from_tensors, K-group size)
     METHOD_FORMATS: Dict[str, Tuple[str, int]] = {m: (f, 128) for m, f in INFERENCE_FORMATS.items()}
@@ -43,7 +44,7 @@ class AMXMoEWrapper(BaseMoEWrapper):
         num_experts_per_tok: int,
         hidden_size: int,
         moe_intermediate_size: int,
-        num_gpu_experts: int,
+        gpu_experts_mask: Union[torch.Tensor, int, None],
         cpuinfer_threads: int,
         threadpool_count: int,
         weight_path: Optional[str],
@@ -51,6 +52,10 @@ class AMXMoEWrapper(BaseMoEWrapper):
         cpu_save: bool = False,
         max_deferred_experts_per_token: Optional[int] = None,
         method: str = "AMXINT4",
+        numa_nodes: Optional[Sequence[int]] = None,
+        num_gpu_experts: int = 0,
+        swiglu_limit: float = 0.0,
+        swiglu_alpha: float = 0.0,
     ):
         if method not in self.METHOD_FORMATS:
             raise ValueError(f"Unsupported method: {method!r}. Supported methods: {sorted(self.METHOD_FORMATS)}")
@@ -60,13 +65,17 @@ class AMXMoEWrapper(BaseMoEWrapper):
             num_experts_per_tok,
             hidden_size,
             moe_intermediate_size,
-            num_gpu_experts,
+            gpu_experts_mask,
             cpuinfer_threads,
             threadpool_count,
             weight_path,
             chunked_prefill_size,
             cpu_save,
             max_deferred_experts_per_token,
+            numa_nodes,
+            num_gpu_experts,
+            swiglu_limit,
+            swiglu_alpha,
         )
         self.method = method
         self.weight_format, self.group_size = self.METHOD_FORMATS[method]
