@@ -220,8 +220,8 @@ class Column:
 
 def kt_column(args, prob: Problem, rank=None) -> Column:
     layer = prob.layer(args.method, rank, lora_dtype=BF16)
-    if rank == 0:
-        return Column("kt0", layer, BF16, step=False)
+    if rank == 0:  # the step's leaves are x and the routing weights only
+        return Column("kt0", layer, BF16)
     return Column("kt", layer, BF16, params=[getattr(layer, name) for name in LORA_NAMES])
 
 
@@ -406,8 +406,10 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk):
         *timed(f"kt_ops fwd r={R}", "kt_fwd", "gflops", "peak32", "peak16", "wgbs", "dram"),
         *timed("kt_ops fwd r=0", "kt0_fwd", "gflops", "wgbs"),
         row(f"  LoRA r={R} overhead (fwd)", lambda q: less1(div(t(q, "kt_fwd"), t(q, "kt0_fwd"))), "{:+.1%}"),
-        *timed(f"kt_ops fwd+bwd r={R}", "kt_step", "gflops", "peak32"),
+        *timed(f"kt_ops fwd+bwd r={R}", "kt_step", "gflops", "peak32", "peak16"),
         row("  bwd/fwd ratio ((f+b - f)/f)", lambda q: less1(div(t(q, "kt_step"), t(q, "kt_fwd")))),
+        *timed("kt_ops fwd+bwd r=0", "kt0_step", "gflops"),
+        row(f"  LoRA r={R} overhead (fwd+bwd)", lambda q: less1(div(t(q, "kt_step"), t(q, "kt0_step"))), "{:+.1%}"),
         f"-- torch eager fp32 + LoRA r={R} (loop over hit experts, torch {torch.__version__})",
         *timed("eager fwd", "eager_fwd", "gflops", "wgbs", bpw=4),
         *timed("eager fwd+bwd", "eager_step", "gflops"),
@@ -460,6 +462,7 @@ def main_rows(args, prob: Problem, res, errs, peaks, ktk):
         ("kt_fwd", "kt_ops fwd"),
         ("kt_step", "kt_ops f+b"),
         ("kt0_fwd", "kt_ops fwd r=0"),
+        ("kt0_step", "kt_ops f+b r=0"),
         *[(f"ktk_{kind}_{n}", f"kt-kernel {kind} {n}thr") for n in kt_ts for kind in ("fwd", "step")],
         ("eager_fwd", "eager fwd"),
         ("eager_step", "eager f+b"),
