@@ -584,6 +584,12 @@ class LoraMatrices {
     for (int64_t i = 0; i < n; ++i) sources_[m]->segment(first + i, 0, cols_[m], scratch + i * cols_[m]);
     return scratch;
   }
+  // Columns [c0, c0 + n) of row `row` of expert e's matrix m, into dst as T: a task converts only
+  // the slice it uses, not whole rows once per column block.
+  void copy_segment(Which m, int64_t e, int64_t row, int64_t c0, int64_t n, T* dst) const {
+    const T* src = sources_[m]->segment(e * rows_[m] + row, c0, n, dst);
+    if (src != dst) std::copy_n(src, n, dst);
+  }
 
  private:
   int64_t rows_[6] = {}, cols_[6] = {};
@@ -904,15 +910,16 @@ class Forward {
       const T* ad_t = nullptr;
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
-        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * I);  // Bg, Bu rows; all of Ad
+        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * cols);
         bg = pack_slice(k_, lora->rows_of(L::GateB, e, n0, nrows, scratch), r, nrows, r, false, lora->has_lo(L::GateB),
                         kLoraA);
         bu = pack_slice(k_, lora->rows_of(L::UpB, e, n0, nrows, scratch + nrows * r), r, nrows, r, false,
                         lora->has_lo(L::UpB), kLoraB);
-        const T* ad = lora->rows_of(L::DownA, e, 0, r, scratch + 2 * std::max(nrows, r) * r);
+        T* ad = scratch + 2 * std::max(nrows, r) * r;  // Ad's columns [n0, n0 + cols): [r][cols]
+        for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
         T* transposed = task_buffer<T>(kLoraC, cols * r);
         for (int64_t n = 0; n < cols; ++n)
-          for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * I + n0 + n];
+          for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * cols + n];
         ad_t = transposed;
       }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1231,11 +1238,11 @@ class Backward {
         SlicePanels<Act> ad;
         const T *bg = nullptr, *bu = nullptr;
         if (lora) {
-          T* scratch = task_buffer<T>(kConvert, r * I + 2 * kc * r);
-          const T* ad_rows = lora->rows_of(L::DownA, e, 0, r, scratch);
-          ad = pack_slice(k_, ad_rows + k0, I, kc, r, true, lora->has_lo(L::DownA), kLoraA);
-          bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * I);
-          bu = lora->rows_of(L::UpB, e, k0, kc, scratch + r * I + kc * r);
+          T* scratch = task_buffer<T>(kConvert, 3 * kc * r);
+          for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, k0, kc, scratch + q * kc);
+          ad = pack_slice(k_, scratch, kc, kc, r, true, lora->has_lo(L::DownA), kLoraA);
+          bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * kc);
+          bu = lora->rows_of(L::UpB, e, k0, kc, scratch + 2 * r * kc);
         }
         const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
         for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1343,12 +1350,10 @@ class Backward {
         // B^T), from a T copy of the two stacked slices.
         SlicePanels<Act> agu;
         if (lora) {
-          T* scratch = task_buffer<T>(kConvert, 2 * r * H + 2 * r * kc);
-          T* stacked = scratch + 2 * r * H;
-          for (int half = 0; half < 2; ++half) {
-            const T* a = lora->rows_of(half ? L::UpA : L::GateA, e, 0, r, scratch + half * r * H);
-            for (int64_t q = 0; q < r; ++q) std::copy_n(a + q * H + h0, kc, stacked + (half * r + q) * kc);
-          }
+          T* stacked = task_buffer<T>(kConvert, 2 * r * kc);
+          for (int half = 0; half < 2; ++half)
+            for (int64_t q = 0; q < r; ++q)
+              lora->copy_segment(half ? L::UpA : L::GateA, e, q, h0, kc, stacked + (half * r + q) * kc);
           agu = pack_slice(k_, stacked, kc, kc, 2 * r, true, lora->has_lo(L::GateA) || lora->has_lo(L::UpA), kLoraA);
         }
         const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
