@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The kt_ops layer of two builds side by side: forward (no grad) and forward+backward of the
-DeepSeek-V2-Lite layer (E=64 H=2048 I=1408 k=6, LoRA r=16 fp32 leaves, bf16 weights and hidden
-states), each build in its own child process, the builds alternating round by round. For "no
+DeepSeek-V2-Lite layer (E=64 H=2048 I=1408 k=6, LoRA r=16 leaves in fp32 or --lora-dtype bfloat16,
+bf16 weights and hidden states), each build in its own child process, the builds alternating round by round. For "no
 regression" checks against an older commit on a shared machine: the CPU-time clock (the default)
 leaves out the time other processes hold the cores, and alternating spreads what it does not.
 
@@ -24,7 +24,7 @@ import time
 E, H, I, K, R = 64, 2048, 1408, 6, 16
 
 
-def child(threads: int, qlens: list[int], clock: str) -> dict:
+def child(threads: int, qlens: list[int], clock: str, lora_dtype: str) -> dict:
     import torch
 
     import kt_ops
@@ -37,7 +37,8 @@ def child(threads: int, qlens: list[int], clock: str) -> dict:
     experts = kt_ops.pack_experts(*weights)
     del weights
     shapes = [(E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R)]
-    leaves = [(torch.randn(*s, generator=gen) * 0.02).requires_grad_() for s in shapes]
+    dtype = getattr(torch, lora_dtype)
+    leaves = [(torch.randn(*s, generator=gen) * 0.02).to(dtype).requires_grad_() for s in shapes]
     result = {}
     for q in qlens:
         x = torch.randn(q, H, generator=gen).bfloat16()
@@ -75,11 +76,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32", help="of the LoRA leaves")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     qlens = [int(q) for q in args.qlens.split(",")]
     if args.child:
-        print(json.dumps(child(args.threads, qlens, args.clock)))
+        print(json.dumps(child(args.threads, qlens, args.clock, args.lora_dtype)))
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import machine_line
@@ -103,6 +105,8 @@ def main():
                     str(args.threads),
                     "--clock",
                     args.clock,
+                    "--lora-dtype",
+                    args.lora_dtype,
                 ],
                 env=env,
                 capture_output=True,
@@ -110,7 +114,10 @@ def main():
                 check=True,
             )
             runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"# {machine_line()}; {args.threads} thread(s), {args.clock} clock, {args.rounds} alternating rounds")
+    print(
+        f"# {machine_line()}; {args.threads} thread(s), {args.clock} clock, {args.rounds} alternating rounds, "
+        f"LoRA {args.lora_dtype}"
+    )
     for label in runs:
         print(f"# {label}: {runs[label][0]['kt_ops']} (isa={runs[label][0]['isa']})")
     print(
