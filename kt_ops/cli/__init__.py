@@ -75,6 +75,17 @@ def _plan(args) -> None:
         print(several_gpus(plan, args.gpus, args.nodes, gpu_memory, host_memory))
 
 
+def _leave_without_teardown() -> None:
+    """A rank other than 0 at the end of a finished run: rank 0 holds every output (written and fsynced
+    before the ranks' last barrier) and the process group is closed. The interpreter's teardown is
+    skipped: there, a C++ thread torch.distributed left behind could now and then abort the process
+    ("terminate called without an active exception"), turning a finished run into a failed launch.
+    Rank 0 exits normally, so that the atexit work of its loggers (wandb, ...) runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kt-sft",
@@ -128,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"kt-sft: {e}", file=sys.stderr)
         return 2
     if not Processes.from_env().main:  # under torchrun, rank 0 reports for all
-        return 0
+        _leave_without_teardown()
     losses = summary["losses"]
     if losses:
         print(f"kt-sft: {len(losses)} logged steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
