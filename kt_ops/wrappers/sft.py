@@ -306,6 +306,15 @@ class BaseSFTMoEWrapper(AuthoritativeGrads, CheckpointCache, _MoEBase, ABC):
         try:
             self._wait_for_pending_backward_repack()
             self.cpu_infer.submit(task)
+        except Exception:
+            self._fail_backward(use_authoritative)
+            raise
+        return self._collect_backward(qlen, buffer, output_device, use_authoritative)
+
+    def _collect_backward(self, qlen, buffer, output_device, use_authoritative: bool):
+        """Waits for the submitted backward and returns its gradients, publishing the optimizer's
+        authoritative ones; on failure the optimizer window is given back (_fail_backward)."""
+        try:
             self.cpu_infer.sync()
             result = self._return_grads(buffer, qlen, output_device)
             if use_authoritative:
@@ -344,18 +353,10 @@ class BaseSFTMoEWrapper(AuthoritativeGrads, CheckpointCache, _MoEBase, ABC):
         qlen = getattr(self, "_async_bwd_qlen", None)
         if qlen is None:
             raise RuntimeError("No pending backward. Call submit_backward_async() first.")
-        use_authoritative = self._async_bwd_uses_authoritative
         self._async_bwd_qlen = None
-        try:
-            self.cpu_infer.sync()
-            result = self._return_grads(self._get_buffer(qlen), qlen, self._async_bwd_output_device)
-            if use_authoritative:
-                self._publish_authoritative_optimizer_grads()
-        except Exception:
-            self._fail_backward(use_authoritative)
-            raise
-        self._cache_depth -= 1
-        return result
+        return self._collect_backward(
+            qlen, self._get_buffer(qlen), self._async_bwd_output_device, self._async_bwd_uses_authoritative
+        )
 
     # ---- kt-kernel's backward repack (its C++ re-lays out weights for backward ahead of time; the
     # kt_ops kernels read the forward's panels, so there is nothing to prepare unless the moe says so)
