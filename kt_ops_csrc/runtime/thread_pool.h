@@ -8,7 +8,9 @@
 // (ours) ran on cores they were spinning on. Its thread count is torch's (torch.set_num_threads)
 // unless set_num_threads chose one. Where OpenMP cannot serve a job, the pool's own threads run it:
 // in a process forked after OpenMP started its threads (libgomp's team does not survive fork(); the
-// child would hang), inside another parallel region, and in builds of torch without OpenMP.
+// child would hang), inside another parallel region, in builds of torch without OpenMP, and when
+// set_num_threads chose another count than torch's (libgomp would end and restart threads each time
+// the team size changes between torch's regions and ours).
 //
 // Pools: the main pool (set_num_threads; what every op uses by default) and, for threadpool_count > 1,
 // sub-pools built by configure_subpools, each with threads of its own, optionally pinned to a CPU set

@@ -434,10 +434,11 @@ static void run_table(const Table<Act>& t, int iters) {
     const int col0 = 2 * rint_(0, (RK - 1) / 2);
     test_repack(t, rint_(1, 100), RK, col0, rint_(1, std::min(64, RK - col0)));
     const int NN = rint_(1, 100), NK = rint_(1, 200), ncol0 = 2 * rint_(0, (NK - 1) / 2);
-    test_nn(t, rint_(1, 70), NN, NK, ncol0, rint_(1, std::min(64, NK - ncol0)), it % 2 == 1);
+    test_nn(t, rint_(1, 120), NN, NK, ncol0, rint_(1, std::min(64, NK - ncol0)), it % 2 == 1);
   }
   test_gemm(t, 64, 2048, 64, 0, 4, false, 3, false);
-  for (int m : {1, 16, 17, 32, 33}) test_nn(t, m, 2048, 128, 0, 64, m % 2 == 1);
+  // gemm_nn's forms change at 32 and 96 rows (AMX: 2 x 2 blocks, column tiles, repacked columns)
+  for (int m : {1, 16, 17, 32, 33, 48, 80, 95, 96, 97}) test_nn(t, m, 2048, 128, 0, 64, m % 2 == 1);
   for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) {
     test_convert(t, n);
     test_glu(t, n, false);
