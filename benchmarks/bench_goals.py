@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (quant_avx2.cpp). Everything else kt_ops runs (repacks, conversions, activations, LoRA's own
 # passes) counts as outside them.
 MICRO_KERNEL = re.compile(
-    r"tile_block|nn_block|w_block|a_block|bf16_block|gemm_blocks|gemm_panels|WBlock|ABlock|codes_panel|int8_panel"
+    r"tile_block|nn_block|nn_column|w_block|a_block|bf16_block|gemm_blocks|gemm_panels|WBlock|ABlock|codes_panel|int8_panel"
 )
 
 
