@@ -153,99 +153,27 @@ void gemm_a_avx2(const float* a, int64_t lda, int m, int K, const float* b, int6
   gemm_panels<float, ABlock>(a, lda, m, K, b, panel_stride, np, c, ldc, accumulate);
 }
 
-// gemm.h's gemm_nn up to kNnRows rows (the backward of a decode step): a copy of W's columns would
-// cost more than the few products it serves, so W is read once, in memory order: per panel the
-// block's k pairs are consecutive 64-byte lines, and each line's widened halves are multiplied by the
-// panel's 16 activations into per-(row, k pair) lane sums kept in L1, folded once at the end. (A
-// dot-product form walking each column pair down all panels would load with a stride of a whole
-// panel, which the prefetchers do not follow.)
-constexpr int kNnRows = 4;
-constexpr int kNnFewPairs = 32;  // k pairs per block: MR x 32 x 16 floats of lane sums (<= 8 KiB)
-
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-template <int MR>
-void nn_few(const float* a, int64_t lda, int panels, const uint16_t* w, int64_t kp, int col0, int ncols, float* c,
-            int64_t ldc, bool accumulate) {
-  const int64_t line = 2 * kPanelRows;  // uint16 per pair-row
-  alignas(32) float sums[MR][kNnFewPairs][16];
-  for (int j0 = 0; j0 < ncols; j0 += 2 * kNnFewPairs) {
-    const int cols = min_int(ncols - j0, 2 * kNnFewPairs), pairs = (cols + 1) / 2, kp0 = (col0 + j0) / 2;
-    for (int i = 0; i < MR; ++i)
-      for (int q = 0; q < pairs; ++q)
-        for (int l = 0; l < 16; ++l) sums[i][q][l] = 0.0f;
-    for (int p = 0; p < panels; ++p) {
-      const uint16_t* block = w + (static_cast<int64_t>(p) * kp + kp0) * line;
-      __m256 g_lo[MR], g_hi[MR];
-      for (int i = 0; i < MR; ++i) {
-        g_lo[i] = _mm256_loadu_ps(a + i * lda + p * kPanelRows);
-        g_hi[i] = _mm256_loadu_ps(a + i * lda + p * kPanelRows + 8);
-      }
-      for (int q = 0; q < pairs; ++q) {
-        const uint16_t* pair = block + q * line;
-        _mm_prefetch(reinterpret_cast<const char*>(pair + kp * line), _MM_HINT_T0);  // the next panel
-        const __m256i lo = load_pairs(pair), hi = load_pairs(pair + kPanelRows);
-        const __m256 e_lo = widen_even(lo), e_hi = widen_even(hi), o_lo = widen_odd(lo), o_hi = widen_odd(hi);
-        for (int i = 0; i < MR; ++i) {
-          float* s = sums[i][q];
-          _mm256_store_ps(s, _mm256_fmadd_ps(g_hi[i], e_hi, _mm256_fmadd_ps(g_lo[i], e_lo, _mm256_load_ps(s))));
-          _mm256_store_ps(s + 8, _mm256_fmadd_ps(g_hi[i], o_hi, _mm256_fmadd_ps(g_lo[i], o_lo, _mm256_load_ps(s + 8))));
-        }
-      }
-    }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < cols; ++j) {
-        float& out = c[static_cast<int64_t>(i) * ldc + j0 + j];
-        const float sum = hsum(_mm256_load_ps(sums[i][j / 2] + 8 * (j % 2)));
-        out = accumulate ? out + sum : sum;
-      }
-  }
-}
-
-void gemm_nn_avx2(const float* a, int64_t lda, int m, int n_padded, const uint16_t* w, int64_t kp, int col0, int ncols,
-                  float* c, int64_t ldc, bool accumulate, const ExtraProducts<float>* extra) {
-  using Gemm =
-      decltype(&gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>);
-  constexpr Gemm repacked =
-      gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>;
-  if (m > kNnRows || m <= 0 || ncols <= 0)
-    return repacked(a, lda, m, n_padded, w, kp, col0, ncols, c, ldc, accumulate, extra);
-  using FewFn = void (*)(const float*, int64_t, int, const uint16_t*, int64_t, int, int, float*, int64_t, bool);
-  static constexpr FewFn kFew[kNnRows + 1] = {nullptr, nn_few<1>, nn_few<2>, nn_few<3>, nn_few<4>};
-  const int np = (ncols + kPanelRows - 1) / kPanelRows;
-  if (!accumulate)  // the columns past ncols see zero weights
-    for (int i = 0; i < m; ++i)
-      for (int j = ncols; j < np * kPanelRows; ++j) c[static_cast<int64_t>(i) * ldc + j] = 0.0f;
-  kFew[m](a, lda, n_padded / kPanelRows, w, kp, col0, ncols, c, ldc, accumulate);
-  if (extra != nullptr)
-    for (int e = 0; e < extra->count; ++e)
-      gemm_a_avx2(extra->a[e], extra->lda, m, extra->K, extra->b[e], extra->panel_stride, np, c, ldc, true);
-}
-
 }  // namespace
 
 const KernelsF32* avx2_kernels_f32() {
-  static const KernelsF32 kernels{gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
-                                  gemm_a_avx2,
-                                  gemm_nn_avx2,
-                                  repack_nn,
-                                  to_act_common<float, float>,
-                                  bf16_to_act_common<float>,
-                                  to_act_residual_common<float, float>,
-                                  pack_rows_common<float>,
-                                  pack_cols_common<float>,
-                                  pack_rows_split_common<float, float>,
-                                  pack_cols_split_common<float, float>,
-                                  glu_forward_common<float>,
-                                  glu_backward_common<float>,
-                                  contract_common<float>,
-                                  rank1_common<float>,
-                                  outer_sum_common<float>,
-                                  "avx2"};
+  static const KernelsF32 kernels{
+      gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
+      gemm_a_avx2,
+      gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
+      repack_nn,
+      to_act_common<float, float>,
+      bf16_to_act_common<float>,
+      to_act_residual_common<float, float>,
+      pack_rows_common<float>,
+      pack_cols_common<float>,
+      pack_rows_split_common<float, float>,
+      pack_cols_split_common<float, float>,
+      glu_forward_common<float>,
+      glu_backward_common<float>,
+      contract_common<float>,
+      rank1_common<float>,
+      outer_sum_common<float>,
+      "avx2"};
   return &kernels;
 }
 
