@@ -21,6 +21,7 @@ import torch
 
 from .checkpointing import clear_cache, poison_cache
 from .dist_utils import (
+    scatter_rank0_output,
     all_gather_qlens,
     gather_varlen_to_rank0,
     scatter_varlen_from_rank0,
@@ -93,27 +94,26 @@ class KTMoEFunction(torch.autograd.Function):
         cache, reuse = bool(cache_checkpoint_forward), bool(reuse_cached_forward)
         if on:
             qlens = _checked_qlens(all_qlens, qlen, device, rank, world)
-            total, chunks, error = sum(qlens), None, None
-            if rank == 0:
-                try:
-                    if wrapper is None:
-                        raise RuntimeError("Rank 0 does not own the KT backend")
-                    output = _collect_output(wrapper, total, device, cache, reuse).to(dtype).view(total, hidden_size)
-                    offsets = qlen_offsets(qlens)
-                    chunks = [output[offsets[r] : offsets[r + 1]].contiguous() for r in range(world)]
-                except Exception as exc:
-                    error = exc
-                    if cache or reuse:
-                        poison_cache(wrapper, exc)
-            sync_rank0_exception(error, device=device, context=f"Layer {layer_idx} CPU forward synchronization failed")
-            output = scatter_varlen_from_rank0(
-                rank0_chunks=chunks,
-                all_qlens=qlens,
-                rank=rank,
-                world_size=world,
-                feature_shape=(hidden_size,),
+
+            def rank0_output():
+                if wrapper is None:
+                    raise RuntimeError("Rank 0 does not own the KT backend")
+                return _collect_output(wrapper, sum(qlens), device, cache, reuse)
+
+            def on_error(exc):
+                if cache or reuse:
+                    poison_cache(wrapper, exc)
+
+            output = scatter_rank0_output(
+                rank0_output,
+                qlens,
+                rank,
+                world,
+                hidden_size,
                 device=device,
                 dtype=dtype,
+                context=f"Layer {layer_idx} CPU forward synchronization failed",
+                on_error=on_error,
             ).view(batch, seq, hidden_size)
         elif wrapper is not None:
             try:

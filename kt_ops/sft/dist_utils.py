@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from contextvars import ContextVar
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -238,6 +238,42 @@ def scatter_varlen_from_rank0(
         for request in dist.batch_isend_irecv(sends):
             request.wait()
     return local
+
+
+def scatter_rank0_output(
+    compute: Callable[[], torch.Tensor],
+    qlens: Sequence[int],
+    rank: int,
+    world: int,
+    hidden: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    context: str,
+    on_error: Optional[Callable[[BaseException], None]] = None,
+) -> torch.Tensor:
+    """Every rank's rows of the [sum(qlens), hidden] output that rank 0 computes with compute(). An
+    exception there is raised on every rank (on_error sees it on rank 0 first)."""
+    chunks, error = None, None
+    if rank == 0:
+        try:
+            output = compute().to(dtype).view(sum(qlens), hidden)
+            offsets = qlen_offsets(qlens)
+            chunks = [output[offsets[r] : offsets[r + 1]].contiguous() for r in range(world)]
+        except Exception as exc:
+            error = exc
+            if on_error is not None:
+                on_error(exc)
+    sync_rank0_exception(error, device=device, context=context)
+    return scatter_varlen_from_rank0(
+        rank0_chunks=chunks,
+        all_qlens=qlens,
+        rank=rank,
+        world_size=world,
+        feature_shape=(hidden,),
+        device=device,
+        dtype=dtype,
+    )
 
 
 def sync_rank0_exception(error: Optional[BaseException], *, device: torch.device, context: str) -> None:

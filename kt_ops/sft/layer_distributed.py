@@ -11,12 +11,11 @@ import torch
 
 from .checkpointing import check_cache_empty, check_cache_ready, poison_cache, validate_activation_checkpoint_phase
 from .dist_utils import (
+    scatter_rank0_output,
     all_gather_checkpoint_state,
     all_gather_qlens,
     distributed_on,
     gather_varlen_to_rank0,
-    qlen_offsets,
-    scatter_varlen_from_rank0,
     sync_any_rank_exception,
     sync_rank0_exception,
 )
@@ -138,24 +137,20 @@ def no_grad_output(layer, hidden_states: torch.Tensor, all_qlens) -> torch.Tenso
     qlens = [int(q) for q in all_qlens] if all_qlens is not None else all_gather_qlens(qlen, device, world)
     if len(qlens) != world or qlens[rank] != qlen:
         raise RuntimeError(f"Rank {rank} qlen mismatch: local={qlen}, all_qlens={qlens}")
-    chunks, error = None, None
-    if rank == 0:
-        try:
-            if layer.wrapper is None:
-                raise RuntimeError("Rank 0 wrapper is required in the distributed KT path")
-            output = layer.wrapper.sync_forward(output_device=device).to(dtype).view(sum(qlens), hidden)
-            offsets = qlen_offsets(qlens)
-            chunks = [output[offsets[r] : offsets[r + 1]].contiguous() for r in range(world)]
-        except Exception as exc:
-            error = exc
-    sync_rank0_exception(error, device=device, context=f"Layer {layer.layer_idx} CPU inference forward failed")
-    output = scatter_varlen_from_rank0(
-        rank0_chunks=chunks,
-        all_qlens=qlens,
-        rank=rank,
-        world_size=world,
-        feature_shape=(hidden,),
+
+    def rank0_output():
+        if layer.wrapper is None:
+            raise RuntimeError("Rank 0 wrapper is required in the distributed KT path")
+        return layer.wrapper.sync_forward(output_device=device)
+
+    output = scatter_rank0_output(
+        rank0_output,
+        qlens,
+        rank,
+        world,
+        hidden,
         device=device,
         dtype=dtype,
+        context=f"Layer {layer.layer_idx} CPU inference forward failed",
     )
     return output.view(batch, seq, hidden)
