@@ -22,6 +22,7 @@ SOURCES = [
     "kt_ops_csrc/kernels/gemm_avx512_emu.cpp",  # empty unless the SIMDe headers are installed
     "kt_ops_csrc/kernels/quant_ref.cpp",
     "kt_ops_csrc/kernels/quant_avx2.cpp",
+    "kt_ops_csrc/kernels/quant_avx512.cpp",
 ]
 # setuptools skips the build when the library is newer than `sources + depends`; listing the headers
 # and the kernel sources included by several units (*.inc) makes a change to one of them reach ninja,

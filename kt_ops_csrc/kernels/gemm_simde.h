@@ -104,3 +104,53 @@ static inline simde__m512i kt_shim_shuffle_i64x2(simde__m512i a, simde__m512i b,
   return out;
 }
 #define _mm512_shuffle_i64x2(a, b, imm) kt_shim_shuffle_i64x2((a), (b), (imm))
+
+// Lane-wise conversions (vpmovsx / vpmovzx, vcvtdq2ps): lane i of `v` as lane i of the result.
+// Used by quant_avx512.cpp's SIMDe build in scripts/kernel_check.
+template <typename Out, typename To, typename From, int N, typename In>
+static inline Out kt_shim_convert(In v) {
+  From x[N];
+  std::memcpy(x, &v, sizeof(x));
+  To y[N];
+  for (int i = 0; i < N; ++i) y[i] = static_cast<To>(x[i]);
+  Out r;
+  std::memcpy(&r, y, sizeof(r));
+  return r;
+}
+#ifndef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32(v) kt_shim_convert<simde__m512i, int32_t, int8_t, 16>(v)
+#endif
+#ifndef _mm512_cvtepu8_epi32
+#define _mm512_cvtepu8_epi32(v) kt_shim_convert<simde__m512i, int32_t, uint8_t, 16>(v)
+#endif
+#ifndef _mm512_cvtepu8_epi16
+#define _mm512_cvtepu8_epi16(v) kt_shim_convert<simde__m512i, int16_t, uint8_t, 32>(v)
+#endif
+#ifndef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32(v) kt_shim_convert<simde__m512i, int32_t, uint16_t, 16>(v)
+#endif
+#ifndef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps(v) kt_shim_convert<simde__m512, float, int32_t, 16>(v)
+#endif
+#ifndef _mm512_srai_epi32
+static inline simde__m512i kt_shim_srai_epi32(simde__m512i v, unsigned count) {
+  int32_t x[16];
+  std::memcpy(x, &v, 64);
+  for (int i = 0; i < 16; ++i) x[i] = count > 31 ? (x[i] < 0 ? -1 : 0) : x[i] >> count;  // arithmetic
+  std::memcpy(&v, x, 64);
+  return v;
+}
+#define _mm512_srai_epi32(v, count) kt_shim_srai_epi32((v), (count))
+#endif
+#ifndef _mm512_i32gather_ps
+static inline simde__m512 kt_shim_i32gather_ps(simde__m512i index, const void* base, int scale) {
+  int32_t i[16];
+  std::memcpy(i, &index, 64);
+  float f[16];
+  for (int l = 0; l < 16; ++l) std::memcpy(&f[l], static_cast<const char*>(base) + int64_t(i[l]) * scale, 4);
+  simde__m512 r;
+  std::memcpy(&r, f, 64);
+  return r;
+}
+#define _mm512_i32gather_ps(index, base, scale) kt_shim_i32gather_ps((index), (base), (scale))
+#endif

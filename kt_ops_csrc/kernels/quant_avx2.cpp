@@ -282,8 +282,8 @@ void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m,
 // k pairs overflow), an unpack and a vpmaddwd each: no fewer instructions than this. Activations
 // are stored as int16 values in [-127, 127] so that one 32-bit broadcast carries a pair.
 
-// Quantizes each row per K group (quant.h); q is [m][2 Kp], step [m][groups]. False if a row holds
-// NaN or Inf or a group's reciprocal overflows (the caller then multiplies in fp32).
+}  // namespace
+
 bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
   const int64_t Kp = k_pairs(K), group_k = 2 * (Kp / groups);
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -327,6 +327,8 @@ bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups,
   }
   return true;
 }
+
+namespace {
 
 inline __m256i load_codes16(const int8_t* codes) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));

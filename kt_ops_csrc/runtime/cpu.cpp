@@ -244,9 +244,15 @@ void set_isa(const std::string& name) {
 IsaKernels active_gemm_kernels() { return info(current_isa()).kernels(); }
 
 const DequantKernels& active_dequant_kernels() {
-  // The AVX2 dequantizer serves every ISA above ref (the emulations included) on CPUs with AVX2.
+  // The native AVX-512 ISAs dequantize with AVX-512 where the CPU has what that table needs; the
+  // AVX2 dequantizer serves every other ISA above ref (the emulations included) on CPUs with AVX2.
+  // All give the same bits.
   const CpuFeatures& f = cpu_features();
-  return current_isa() != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
+  const Isa isa = current_isa();
+  if ((isa == Isa::Avx512 || isa == Isa::Amx) && avx512_dequant() && f.avx512f && f.avx512bw && f.avx512vl &&
+      f.avx512_vnni && f.avx512_bf16)
+    return *avx512_dequant();
+  return isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
 }
 
 Isa current_isa() {

@@ -4,9 +4,11 @@
 //   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|.
 // Random and edge shapes (odd K, K groups, 1-4 rows, panel subsets, codes -128 and 127, negative
 // and zero scales), a K long enough to need two int32 chunks, NaN / Inf / tiny rows (fp32 fallback).
-// Also the fp8 dequantization (DequantKernels::dequant): every table must give the reference's bf16
-// bits for random panels / k-pair ranges of all 256 E4M3 codes (NaN codes included) and random
-// scales, and the reference must equal the E4M3 value times the scale rounded to bf16.
+// Also the dequantization of every format (DequantKernels::dequant): every table must give the
+// reference's bf16 bits for random panels / k-pair ranges of random codes (all 256 E4M3 codes, NaN
+// included) and random scales (zero, and tiny enough for subnormal products now and then), and the
+// reference's fp8 must equal the E4M3 value times the scale rounded to bf16. And gemm_nt_codes
+// (fp32 on the codes) within fp32 rounding of float64 sums over the exact dequantized weights.
 // Buffers have their exact sizes, so AddressSanitizer sees any out-of-bounds access. Built by run.sh.
 #include <cmath>
 #include <cstdio>
@@ -133,29 +135,79 @@ static uint16_t bf16_bits(float value) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int64_t groups) {
-  const int64_t Kp = k_pairs(K), bytes = padded_rows(N) * Kp * 2;
-  std::vector<uint8_t> codes(bytes, 0);  // padding k and padded rows hold code 0 (+0.0)
-  for (int n = 0; n < N; ++n)
-    for (int k = 0; k < K; ++k) codes[((n / 16 * Kp + k / 2) * 16 + n % 16) * 2 + k % 2] = uint8_t(rint_(0, 255));
-  std::vector<float> scales(padded_rows(N) * groups, 0.0f);
-  for (int n = 0; n < N; ++n)
-    for (int64_t g = 0; g < groups; ++g)
-      scales[n * groups + g] = rint_(0, 9) == 0 ? 0.0f : randn() * std::exp(randn() * 4.0f);
-  const QuantMatrix w{WeightFormat::Fp8, codes.data(), scales.data(), K, groups};
+// Random codes of `format` in its packed layout for [N, K] (zero padding), scales (and mins) with
+// zeros, and now and then one so small that products turn subnormal (dequantizers that round in
+// hardware must fall back there).
+struct CodedMatrix {
+  WeightFormat format;
+  int N, K;
+  int64_t groups;
+  std::vector<uint8_t> data;
+  std::vector<float> scales;
+  CodedMatrix(WeightFormat f, int N_, int K_, int64_t groups_) : format(f), N(N_), K(K_), groups(groups_) {
+    const int64_t Kp = k_pairs(K), width = has_zero_point(f) ? 2 : 1;
+    data.assign(padded_rows(N) * Kp * (is_byte_coded(f) ? 2 : 1), 0);
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k) {
+        const int64_t slot = (n / 16 * Kp + k / 2) * 16 + n % 16;
+        if (is_byte_coded(f))
+          data[slot * 2 + k % 2] = uint8_t(rint_(0, 255));
+        else
+          data[slot] |= uint8_t(rint_(0, 15) << (4 * (k % 2)));
+      }
+    scales.assign(padded_rows(N) * groups * width, 0.0f);
+    for (int64_t i = 0; i < N * groups * width; ++i) {
+      const int kind = rint_(0, 19);
+      scales[i] = kind == 0 ? 0.0f : kind == 1 ? randn() * 0x1p-128f : randn() * std::exp(randn() * 4.0f);
+    }
+  }
+  QuantMatrix view() const { return {format, data.data(), scales.data(), K, groups}; }
+};
+
+static const char* format_name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::Int8:
+      return "int8";
+    case WeightFormat::Int8KGroup:
+      return "int8_kgroup";
+    case WeightFormat::Int4:
+      return "int4";
+    case WeightFormat::Int4Zp:
+      return "int4_1";
+    case WeightFormat::Int4KGroup:
+      return "int4_kgroup";
+    case WeightFormat::Int4ZpKGroup:
+      return "int4_1_kgroup";
+    case WeightFormat::Fp8:
+      return "fp8";
+    default:
+      return "?";
+  }
+}
+
+// Every table's dequantized panels must be the reference's bits; the reference's fp8 must equal the
+// E4M3 value times the scale rounded to bf16.
+static void test_dequant(const std::vector<Table>& tables, WeightFormat format, int N, int K, int64_t groups) {
+  const CodedMatrix W(format, N, K, groups);
+  const QuantMatrix w = W.view();
+  const int64_t Kp = k_pairs(K);
   const int np_all = padded_rows(N) / 16;
   const int p0 = rint_(0, np_all - 1), np = rint_(1, np_all - p0);
   const int64_t kp0 = rint_(0, int(Kp) - 1), nkp = rint_(1, int(Kp - kp0));
   const size_t out_size = size_t(np) * nkp * 32;
   std::vector<uint16_t> ref(out_size);
-  char ctx[120];
-  std::snprintf(ctx, sizeof ctx, "fp8 N=%d K=%d groups=%ld p0=%d np=%d kp0=%ld nkp=%ld", N, K, long(groups), p0, np,
-                long(kp0), long(nkp));
+  char ctx[140];
+  std::snprintf(ctx, sizeof ctx, "%s N=%d K=%d groups=%ld p0=%d np=%d kp0=%ld nkp=%ld", format_name(format), N, K,
+                long(groups), p0, np, long(kp0), long(nkp));
   for (size_t t = 0; t < tables.size(); ++t) {
     uint16_t* out = static_cast<uint16_t*>(std::malloc(out_size * 2));  // exact size
     tables[t].k->dequant(w, p0, np, kp0, nkp, out);
     if (t == 0) {
       std::memcpy(ref.data(), out, out_size * 2);
+      if (format != WeightFormat::Fp8) {
+        std::free(out);
+        continue;
+      }
       const int64_t group_k = 2 * (Kp / groups);
       for (int p = 0; p < np; ++p)
         for (int64_t q = 0; q < nkp; ++q)
@@ -163,18 +215,75 @@ static void test_fp8_dequant(const std::vector<Table>& tables, int N, int K, int
             for (int h = 0; h < 2; ++h) {
               const int n = (p0 + p) * 16 + i;
               const int64_t k = 2 * (kp0 + q) + h;
-              const uint8_t code = codes[(((p0 + p) * Kp + kp0 + q) * 16 + i) * 2 + h];
-              const uint16_t want = bf16_bits(e4m3_value(code) * scales[n * groups + k / group_k]);
+              const uint8_t code = W.data[(((p0 + p) * Kp + kp0 + q) * 16 + i) * 2 + h];
+              const uint16_t want = bf16_bits(e4m3_value(code) * W.scales[n * groups + k / group_k]);
               const uint16_t got = out[((p * nkp + q) * 16 + i) * 2 + h];
               const bool both_nan = (want & 0x7FFF) > 0x7F80 && (got & 0x7FFF) > 0x7F80;
               if (got != want && !both_nan && failures++ < 20)
                 std::printf("FAIL ref fp8 code 0x%02x at n=%d k=%ld: 0x%04x vs 0x%04x %s\n", code, n, long(k), got,
                             want, ctx);
             }
-    } else if (std::memcmp(out, ref.data(), out_size * 2) != 0 && failures++ < 20) {
-      std::printf("FAIL %s fp8 dequant differs from ref %s\n", tables[t].name.c_str(), ctx);
+    } else {
+      for (size_t e = 0; e < out_size; ++e)
+        if (out[e] != ref[e]) {
+          if (failures++ < 20)
+            std::printf("FAIL %s dequant differs from ref at %zu: 0x%04x vs 0x%04x %s\n", tables[t].name.c_str(), e,
+                        out[e], ref[e], ctx);
+          break;
+        }
     }
     std::free(out);
+  }
+}
+
+// gemm_nt_codes (fp32 on the codes' exact values, each table its own summation order) against
+// float64 sums over the reference's exact dequantized weights (dequant_f32).
+static void test_codes(const std::vector<Table>& tables, WeightFormat format, int m, int N, int K, int64_t groups) {
+  CodedMatrix W(format, N, K, groups);
+  for (float& s : W.scales) s = std::fabs(s) < 0x1p-60f ? s : randn() * 0.01f;  // keep the sums finite
+  if (format == WeightFormat::Fp8)                                              // NaN codes would make every sum NaN
+    for (uint8_t& code : W.data)
+      if ((code & 0x7F) == 0x7F) code = 0;
+  const QuantMatrix w = W.view();
+  std::vector<float> exact_w(size_t(N) * K);
+  dequant_f32(w, N, exact_w.data());
+  const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0), ldc = np * 16;
+  std::vector<std::vector<float>> rows(m, std::vector<float>(K));
+  std::vector<const float*> row_ptrs(m);
+  for (int i = 0; i < m; ++i) {
+    for (float& x : rows[i]) x = randn();
+    row_ptrs[i] = rows[i].data();
+  }
+  char ctx[140];
+  std::snprintf(ctx, sizeof ctx, "codes %s m=%d N=%d K=%d groups=%ld p0=%d np=%d", format_name(format), m, N, K,
+                long(groups), p0, np);
+  for (const Table& t : tables) {
+    if (!t.k->gemm_nt_codes) continue;
+    std::vector<float> c(size_t(m) * ldc);
+    t.k->gemm_nt_codes(w, row_ptrs.data(), m, p0, np, c.data());
+    for (int i = 0; i < m; ++i)
+      for (int col = 0; col < ldc; ++col) {
+        const int n = 16 * p0 + col;
+        // The 4-bit formats sum x * code and x apart, then apply scale and offset per group: their
+        // fp32 rounding scales with |x| (15 |scale| + |offset|), not with |x w|.
+        const int64_t width = has_zero_point(format) ? 2 : 1, group_k = 2 * (k_pairs(K) / groups);
+        double exact = 0, magnitude = 0;
+        for (int k = 0; n < N && k < K; ++k) {
+          const double x = rows[i][k], term = x * exact_w[size_t(n) * K + k];
+          exact += term;
+          magnitude += std::fabs(term);
+          if (!is_byte_coded(format)) {
+            const float* s = &W.scales[(n * groups + k / group_k) * width];
+            magnitude +=
+                std::fabs(x) * (15.0 * std::fabs(s[0]) + (width == 2 ? std::fabs(s[1]) : 8.0 * std::fabs(s[0])));
+          }
+        }
+        const double allowed = 2e-5 * magnitude + 1e-30;
+        const double got = c[size_t(i) * ldc + col];
+        if (!(std::fabs(got - exact) <= allowed) && failures++ < 20)
+          std::printf("FAIL %s row %d col %d: got %.9g expected %.9g (allowed %.3g) %s\n", t.name.c_str(), i, col, got,
+                      exact, allowed, ctx);
+      }
   }
 }
 
@@ -183,6 +292,15 @@ int main(int argc, char** argv) {
   std::vector<Table> tables{{"ref", &ref_dequant()}};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_dequant())
     tables.push_back({"avx2", avx2_dequant()});
+#ifdef KT_SIMDE
+  // quant_avx512.cpp on SIMDe: its logic, on any CPU (its fallback for tiny scales is the AVX2 table)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx512_dequant())
+    tables.push_back({"avx512-simde", avx512_dequant()});
+#else
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
+    tables.push_back({"avx512", avx512_dequant()});
+#endif
   for (const auto& t : tables) std::printf("table %s\n", t.name.c_str());
   for (int it = 0; it < iters; ++it) {
     const int m = rint_(1, kDirectQuantRows), N = rint_(1, 70);
@@ -191,10 +309,16 @@ int main(int argc, char** argv) {
     const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
     test(tables, m, N, K, grouped ? K / group : 1, p0, np, it % 10 == 0 ? Rows::Specials : Rows::Normal);
   }
-  for (int it = 0; it < iters; ++it) {
-    const int N = rint_(1, 70), group = 2 * rint_(1, 64), K = group * rint_(1, 4);
-    test_fp8_dequant(tables, N, K, K / group);
-  }
+  const WeightFormat formats[] = {WeightFormat::Int8,   WeightFormat::Int8KGroup, WeightFormat::Int4,
+                                  WeightFormat::Int4Zp, WeightFormat::Int4KGroup, WeightFormat::Int4ZpKGroup,
+                                  WeightFormat::Fp8};
+  for (int it = 0; it < iters; ++it)
+    for (WeightFormat format : formats) {
+      const bool grouped = is_grouped(format);
+      const int N = rint_(1, 70), group = 2 * rint_(1, 64), K = grouped ? group * rint_(1, 4) : rint_(1, 300);
+      test_dequant(tables, format, N, K, grouped ? K / group : 1);
+      if (it % 4 == 0) test_codes(tables, format, rint_(1, kDirectQuantRows), N, K, grouped ? K / group : 1);
+    }
   test(tables, 1, 16, 2 * kMaxPairsPerInt32 + 6, 1, 0, 1, Rows::Extreme);  // two int32 chunks at the edge
   test(tables, 3, 20, 2 * kMaxPairsPerInt32 + 3, 1, 1, 1, Rows::Normal);
   std::printf("%s: %d failures\n", failures ? "FAILED" : "ok", failures);

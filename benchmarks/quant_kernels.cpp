@@ -1,0 +1,118 @@
+// Kernel-level timing of the weight formats' kernels per ISA table, one thread, no thread pool, outside
+// Python: what bench_formats.py's layer times are made of, measurable on a busy machine (each line
+// alternates with the others rep by rep; the minimum over reps is printed).
+//   decode: one activation row against 12 expert matrices 1408 x 2048 (DeepSeek-V2-Lite's gate/up),
+//           streamed from RAM: bf16 panels on the fp32 GEMM, int8 (integer dot), int4 and fp8 (fp32 on
+//           the codes);
+//   dequant: the same matrices dequantized into bf16 panels, 4 panels x all K at a time (a forward
+//           task's block, in L2), as the prefill and training GEMMs get them.
+// Build and run from the repository root:
+//   k=kt_ops_csrc/kernels; g++ -O3 -std=c++20 -ffp-contract=off -Wno-psabi -I$k benchmarks/quant_kernels.cpp \
+//     $k/quant_ref.cpp $k/quant_avx2.cpp $k/quant_avx512.cpp $k/gemm_avx2.cpp $k/gemm_avx512.cpp $k/gemm_ref.cpp \
+//     -o /tmp/quant_kernels && /tmp/quant_kernels
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "quant.h"
+using namespace kt;
+
+int main() {
+  const int E = 64, N = 1408, K = 2048, kExperts = 12, kBlockPanels = 4;
+  const int64_t pair_rows = int64_t(padded_rows(N) / kPanelRows) * k_pairs(K) * kPanelRows;
+  std::mt19937 r(1);
+  std::vector<uint16_t> bf16(pair_rows * 2 * E);
+  for (auto& v : bf16) v = uint16_t(0x3C00 + r() % 256);
+  std::vector<uint8_t> bytes(pair_rows * 2 * E), nibbles(pair_rows * E);
+  for (auto& v : bytes) v = uint8_t(r() % 256 == 0x7F ? 0 : r() % 256);
+  for (auto& v : nibbles) v = uint8_t(r());
+  std::vector<float> scales(int64_t(padded_rows(N)) * E, 0.01f);
+  std::vector<float> x(K);
+  for (auto& v : x) v = (r() % 1000) / 500.0f - 1.0f;
+  const float* rows[1] = {x.data()};
+  std::vector<float> c(padded_rows(N));
+  std::vector<uint16_t> panels(int64_t(kBlockPanels) * k_pairs(K) * 2 * kPanelRows);
+  const int kColumnPairs = 32;  // a backward task's 64 columns of W, all rows (for gemm_nn)
+  std::vector<uint16_t> columns(int64_t(padded_rows(N)) * kColumnPairs * 2);
+  const auto matrix = [&](WeightFormat f, int e) {
+    const uint8_t* data = f == WeightFormat::Int4 ? nibbles.data() + e * pair_rows : bytes.data() + e * pair_rows * 2;
+    return QuantMatrix{f, data, scales.data() + e * padded_rows(N), K, 1};
+  };
+
+  struct Table {
+    std::string name;
+    const DequantKernels* quant;
+    const KernelsF32* gemm;
+  };
+  std::vector<Table> tables;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    tables.push_back({"avx2", avx2_dequant(), avx2_kernels_f32()});
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
+    tables.push_back({"avx512", avx512_dequant(), avx512_kernels_f32()});
+
+  struct Line {
+    std::string name;
+    std::function<void(int)> run;  // one expert's matrix
+    double weights_per_call;
+  };
+  std::vector<Line> lines;
+  const int np = padded_rows(N) / kPanelRows;
+  for (const Table& t : tables) {
+    lines.push_back({"decode bf16 (" + t.name + " fp32 GEMM)",
+                     [&, t](int e) {
+                       const int64_t stride = k_pairs(K) * 2 * kPanelRows;
+                       t.gemm->gemm_w(x.data(), K, 1, K, bf16.data() + e * pair_rows * 2, stride, np, c.data(),
+                                      padded_rows(N), false, nullptr);
+                     },
+                     double(N) * K});
+    lines.push_back({"decode int8 (" + t.name + ")",
+                     [&, t](int e) { t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, 1, 0, np, c.data()); },
+                     double(N) * K});
+    for (WeightFormat f : {WeightFormat::Int4, WeightFormat::Fp8})
+      lines.push_back({std::string("decode ") + (f == WeightFormat::Int4 ? "int4" : "fp8") + " (" + t.name + ")",
+                       [&, t, f](int e) { t.quant->gemm_nt_codes(matrix(f, e), rows, 1, 0, np, c.data()); },
+                       double(N) * K});
+  }
+  for (const Table& t : tables)
+    for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
+      lines.push_back({std::string("dequant ") +
+                           (f == WeightFormat::Int8   ? "int8"
+                            : f == WeightFormat::Int4 ? "int4"
+                                                      : "fp8") +
+                           " (" + t.name + ")",
+                       [&, t, f](int e) {
+                         for (int p0 = 0; p0 < np; p0 += kBlockPanels)
+                           t.quant->dequant(matrix(f, e), p0, std::min(kBlockPanels, np - p0), 0, k_pairs(K),
+                                            panels.data());
+                       },
+                       double(N) * K});
+
+  for (const Table& t : tables)
+    for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
+      lines.push_back({std::string("dequant columns ") +
+                           (f == WeightFormat::Int8 ? "int8" : f == WeightFormat::Int4 ? "int4" : "fp8") + " (" +
+                           t.name + ")",
+                       [&, t, f](int e) {
+                         for (int kp0 = 0; kp0 < k_pairs(K); kp0 += kColumnPairs)
+                           t.quant->dequant(matrix(f, e), 0, np, kp0, std::min<int64_t>(kColumnPairs, k_pairs(K) - kp0),
+                                            columns.data());
+                       },
+                       double(N) * K});
+  std::vector<double> best(lines.size(), 1e9);
+  for (int rep = 0; rep < 40; ++rep)
+    for (size_t i = 0; i < lines.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int e = 0; e < kExperts; ++e) lines[i].run((rep * kExperts + e) % E);
+      best[i] = std::min(best[i], std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  std::printf("%-32s %9s %14s\n", "kernel, 12 matrices 1408 x 2048", "ms", "Gweights/s");
+  for (size_t i = 0; i < lines.size(); ++i)
+    std::printf("%-32s %9.3f %14.2f\n", lines[i].name.c_str(), best[i] * 1e3,
+                kExperts * lines[i].weights_per_call / best[i] * 1e-9);
+}

@@ -1,0 +1,369 @@
+// AVX-512 dequantization and decode on the codes (quant.h), for CPUs with AVX-512 F/BW/VL, VNNI and
+// AVX512_BF16 (Zen 4/5, Sapphire Rapids and later): the AVX2 dequantizer takes 8 lanes and a dozen
+// integer steps per 16 bf16, which on an AMX CPU costs more than the tile products it feeds (over half
+// of a quantized base's training step). Bit-identical to quant_ref.cpp like the AVX2 table; same
+// ODR rules as gemm_avx2.cpp (standard headers before the target pragma, internal linkage).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "quant.h"
+
+// GCC >= 10 (AVX512_BF16 target support); clang ignores "#pragma GCC target", so it gets no table.
+#if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 10
+#define KT_HAVE_AVX512_QUANT_BUILD 1
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma")
+// GCC 12 reports its own AVX-512 intrinsic headers ('__Y' may be used uninitialized, GCC bug
+// 105593) at every inlined use; silence that for the header's lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+namespace kt {
+namespace {
+
+constexpr int kPairValues = 2 * kPanelRows;  // one k pair of a panel: 16 rows x (even k, odd k)
+
+// The codes of one k pair of a panel, de-interleaved: lane i of `even` holds row i's code for the
+// even k, lane i of `odd` its code for the odd k. Each row then stays in one lane, so a row's scale,
+// an activation broadcast per k and the products need no lane pairs (the stored (even, odd) order
+// comes back only when dequantized panels are written).
+
+// Per (panel, group): the 16 rows' scales (and mins). vcvtne2ps2bf16 rounds to nearest even like
+// quant_ref's rounding but flushes denormal inputs to zero; no product is denormal when every scale
+// and min is 0 or at least 2^-100 in magnitude (a nonzero code times such a scale, plus such a min,
+// stays a multiple of 2^-123 and so >= 2^-126 when nonzero; the smallest fp8 value, 2^-9, still
+// gives >= 2^-109). Otherwise the AVX2 dequantizer's integer rounding takes that (panel, group).
+struct PanelScales {
+  __m512 scale, offset;
+  bool hardware_rounding;
+};
+
+inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t group, bool zero_point) {
+  const int64_t width = zero_point ? 2 : 1, row_stride = w.groups * width;
+  const float* first = w.scales + (panel * kPanelRows * w.groups + group) * width;
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(row_stride)));
+  PanelScales out{_mm512_setzero_ps(), _mm512_setzero_ps(), true};
+  __mmask16 subnormal_products = 0;
+  for (int part = 0; part < width; ++part) {
+    const __m512 v = row_stride == 1 ? _mm512_loadu_ps(first) : _mm512_i32gather_ps(rows, first + part, 4);
+    const __m512 magnitude = _mm512_abs_ps(v);
+    subnormal_products |= _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ) &
+                          _mm512_cmp_ps_mask(magnitude, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    (part ? out.offset : out.scale) = v;
+  }
+  out.hardware_rounding = subnormal_products == 0;
+  return out;
+}
+
+// E4M3 magnitudes 0..127 as bf16 bits (every E4M3 value is exact in bf16), four 32-entry quarters
+// for two vpermi2w lookups.
+struct Fp8Table {
+  __m512i quarter[4];
+};
+
+inline Fp8Table fp8_table() {
+  alignas(64) uint16_t bits[128];
+  for (int code = 0; code < 128; ++code) {
+    const float value = e4m3_value(static_cast<uint8_t>(code));
+    uint32_t word;
+    std::memcpy(&word, &value, sizeof(word));
+    bits[code] = static_cast<uint16_t>(word >> 16);
+  }
+  Fp8Table table;
+  for (int q = 0; q < 4; ++q) table.quarter[q] = _mm512_load_si512(bits + 32 * q);
+  return table;
+}
+
+// The codes' exact fp32 values (int4: the unsigned nibble; the caller applies the - 8 or the zero
+// point).
+struct PairValues {
+  __m512 even, odd;
+};
+
+// A row's two bytes (or bf16 words) widened into one 32-bit lane: the even k's in the low half.
+inline PairValues int8_values(const int8_t* codes) {
+  const __m512i rows = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(rows, 16), 16)),
+          _mm512_cvtepi32_ps(_mm512_srai_epi32(rows, 16))};
+}
+
+inline PairValues nibble_values(const uint8_t* codes) {
+  const __m512i rows = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return {_mm512_cvtepi32_ps(_mm512_and_si512(rows, _mm512_set1_epi32(0x0F))),
+          _mm512_cvtepi32_ps(_mm512_srli_epi32(rows, 4))};
+}
+
+// The code's low 6 bits index a 64-entry pair of quarters, bit 6 picks the pair, bit 7 is the sign.
+inline PairValues fp8_values(const uint8_t* codes, const Fp8Table& table) {
+  const __m512i code = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  const __m512i low = _mm512_permutex2var_epi16(table.quarter[0], code, table.quarter[1]);
+  const __m512i high = _mm512_permutex2var_epi16(table.quarter[2], code, table.quarter[3]);
+  __m512i bits = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(code, _mm512_set1_epi16(0x40)), high);
+  bits = _mm512_or_si512(bits, _mm512_slli_epi16(_mm512_and_si512(code, _mm512_set1_epi16(0x80)), 8));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+
+inline PairValues pair_values(const QuantMatrix& w, int64_t pair_row, const Fp8Table& fp8) {
+  if (w.format == WeightFormat::Fp8) return fp8_values(w.data + pair_row * kPairValues, fp8);
+  if (is_int8(w.format)) return int8_values(reinterpret_cast<const int8_t*>(w.data) + pair_row * kPairValues);
+  return nibble_values(w.data + pair_row * kPanelRows);
+}
+
+// As in the AVX2 table: fetching 1 KiB ahead keeps more lines in flight than the short loops would.
+constexpr int64_t kPrefetchBytes = 1024;
+
+inline void prefetch_codes(const uint8_t* pair, int64_t kp, int64_t pair_bytes) {
+  if ((kp * pair_bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T0);
+}
+
+// A panel's codes for a short k-pair range (a backward task's columns) are a few lines, the next
+// panel's a whole panel further on: a jump the hardware prefetchers do not follow. Those of the
+// panel after next are fetched as a panel starts; long ranges stream and are fetched ahead as they go.
+constexpr int64_t kShortRangeBytes = 4096;
+constexpr int64_t kPanelsAhead = 2;
+
+void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
+  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
+  const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
+  const int64_t pair_bytes = nibbles ? kPanelRows : kPairValues, range_bytes = nkp * pair_bytes;
+  const Fp8Table fp8 = w.format == WeightFormat::Fp8 ? fp8_table() : Fp8Table{};
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  // word 2i: row i's even k (word i of the rounded pair), word 2i + 1: its odd k (word 16 + i)
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t p = 0; p < np; ++p) {
+    if (range_bytes <= kShortRangeBytes && p + kPanelsAhead < np) {
+      const uint8_t* ahead = w.data + ((p0 + p + kPanelsAhead) * Kp + kp0) * pair_bytes;
+      for (int64_t line = 0; line < range_bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+    }
+    for (int64_t q0 = 0; q0 < nkp;) {
+      const int64_t group = (kp0 + q0) / pairs_per_group;
+      const int64_t q1 = std::min(nkp, (group + 1) * pairs_per_group - kp0);
+      uint16_t* dst = out + (p * nkp + q0) * kPairValues;
+      const PanelScales s = load_scales(w, p0 + p, group, zero_point);
+      if (!s.hardware_rounding) {
+        avx2_dequant()->dequant(w, p0 + p, 1, kp0 + q0, q1 - q0, dst);
+        q0 = q1;
+        continue;
+      }
+      for (; q0 < q1; ++q0, dst += kPairValues) {
+        const int64_t pair_row = (p0 + p) * Kp + kp0 + q0;
+        if (range_bytes > kShortRangeBytes) prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
+        PairValues v = pair_values(w, pair_row, fp8);
+        if (nibbles && zero_point) {
+          v.even = _mm512_add_ps(_mm512_mul_ps(v.even, s.scale), s.offset);
+          v.odd = _mm512_add_ps(_mm512_mul_ps(v.odd, s.scale), s.offset);
+        } else {
+          if (nibbles) {
+            v.even = _mm512_sub_ps(v.even, eight);
+            v.odd = _mm512_sub_ps(v.odd, eight);
+          }
+          v.even = _mm512_mul_ps(v.even, s.scale);
+          v.odd = _mm512_mul_ps(v.odd, s.scale);
+        }
+        const __m512bh rounded = _mm512_cvtne2ps_pbh(v.odd, v.even);  // even rows in words 0-15
+        __m512i words;
+        std::memcpy(&words, &rounded, sizeof(words));
+        words = _mm512_permutexvar_epi16(interleave, words);
+        _mm512_storeu_si512(dst, words);
+      }
+    }
+  }
+}
+
+inline float sum_range(const float* x, int64_t begin, int64_t end) {
+  __m512 s = _mm512_setzero_ps();
+  int64_t k = begin;
+  for (; k + 16 <= end; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + k));
+  float total = _mm512_reduce_add_ps(s);
+  for (; k < end; ++k) total += x[k];
+  return total;
+}
+
+// One panel, all K, MR rows (1..4) on the codes' exact values: per group x * code is collected, then
+// scaled per row into the totals, plus offset * sum(x over the group) for the 4-bit formats (offset
+// -8 scale, or the zero point's min). Two k pairs per step into separate accumulators (four chains
+// per row) keep the FMA latency off the critical path at one row.
+template <int MR>
+void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, const Fp8Table& fp8, float* c, int ldc) {
+  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
+  const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
+  const int64_t pair_bytes = nibbles ? kPanelRows : kPairValues;
+  // x[k] for every lane, broadcast from memory; the padding k of an odd K multiplies a zero, not
+  // what lies past the row
+  const auto x_at = [&](int r, int64_t k) { return _mm512_set1_ps(a[r][k]); };
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t kp_begin = g * pairs_per_group, kp_end = kp_begin + pairs_per_group;
+    __m512 acc[MR][4];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    for (int64_t kp = kp_begin; kp < kp_end; kp += 2) {
+      const int64_t pair_row = panel * Kp + kp;
+      prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
+      const PairValues v0 = pair_values(w, pair_row, fp8);
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(x_at(r, 2 * kp), v0.even, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(x_at(r, 2 * kp + 1), v0.odd, acc[r][1]);
+      }
+      if (kp + 1 == kp_end) break;
+      prefetch_codes(w.data + (pair_row + 1) * pair_bytes, pair_row + 1, pair_bytes);
+      const PairValues v1 = pair_values(w, pair_row + 1, fp8);
+      for (int r = 0; r < MR; ++r) {
+        acc[r][2] = _mm512_fmadd_ps(x_at(r, 2 * kp + 2), v1.even, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(x_at(r, 2 * kp + 3), v1.odd, acc[r][3]);
+      }
+    }
+    const PanelScales s = load_scales(w, panel, g, zero_point);
+    const __m512 offset = zero_point ? s.offset : _mm512_mul_ps(_mm512_set1_ps(-8.0f), s.scale);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+      total[r] = _mm512_fmadd_ps(sum, s.scale, total[r]);
+      if (nibbles) {
+        const __m512 x_sum = _mm512_set1_ps(sum_range(a[r], 2 * kp_begin, std::min(2 * kp_end, K)));
+        total[r] = _mm512_fmadd_ps(x_sum, offset, total[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * ldc, total[r]);
+}
+
+template <typename Panel>
+void for_row_blocks(int m, int block_rows, const Panel& panel) {
+  for (int i = 0; i < m; i += block_rows) panel(i, std::min(block_rows, m - i));
+}
+
+void gemm_nt_codes_avx512(const QuantMatrix& w, const float* const* rows_in, int m, int p0, int np, float* c) {
+  const Fp8Table fp8 = w.format == WeightFormat::Fp8 ? fp8_table() : Fp8Table{};
+  // The rows padded to whole k pairs with zeros, as the codes are.
+  const int64_t padded_k = 2 * k_pairs(w.K);
+  thread_local std::vector<float> padded;
+  if (padded.size() < size_t(m) * padded_k) padded.resize(size_t(m) * padded_k);
+  std::vector<const float*> a_rows(m);
+  for (int r = 0; r < m; ++r) {
+    float* row = padded.data() + r * padded_k;
+    std::copy(rows_in[r], rows_in[r] + w.K, row);
+    std::fill(row + w.K, row + padded_k, 0.0f);
+    a_rows[r] = row;
+  }
+  const int ldc = np * kPanelRows;
+  for (int p = 0; p < np; ++p)
+    for_row_blocks(m, 4, [&](int i, int rows) {
+      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
+      switch (rows) {
+        case 4:
+          return codes_panel<4>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
+        case 3:
+          return codes_panel<3>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
+        case 2:
+          return codes_panel<2>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
+        default:
+          return codes_panel<1>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
+      }
+    });
+}
+
+// ---- int8 formats: integer dot products on quantized activations (quant.h, gemm_nt_int8) --------
+//
+// vpdpwssd on the codes sign-extended to 16 bits: one k pair of a panel is 16 rows x (even k, odd k),
+// 32 words, and vpdpwssd against the broadcast activation pair (q[k], q[k+1]) adds each row's pair
+// product into its own int32 lane: all 16 rows in one register. Two accumulators per row (even and
+// odd k pairs) hide the instruction's latency; the integer sums are exact in any order.
+template <int MR>
+void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t panel, float* c,
+                int ldc) {
+  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
+  const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + panel * Kp * kPairValues;
+  const auto codes16 = [&](int64_t kp) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kp * kPairValues)));
+  };
+  const auto pair_of = [&](int r, int64_t kp) {
+    int32_t pair;
+    std::memcpy(&pair, q + r * q_stride + 2 * kp, sizeof(pair));
+    return _mm512_set1_epi32(pair);
+  };
+  __m512 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    alignas(64) float scale[kPanelRows];
+    for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + g];
+    const __m512 row_scale = _mm512_load_ps(scale);
+    const int64_t g_end = (g + 1) * pairs_per_group;
+    for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32) {
+      const int64_t c1 = std::min(g_end, c0 + kMaxPairsPerInt32);
+      __m512i even[MR], odd[MR];
+      for (int r = 0; r < MR; ++r) even[r] = odd[r] = _mm512_setzero_si512();
+      int64_t kp = c0;
+      for (; kp + 2 <= c1; kp += 2) {
+        prefetch_codes(reinterpret_cast<const uint8_t*>(codes + kp * kPairValues), kp, kPairValues);
+        const __m512i w0 = codes16(kp), w1 = codes16(kp + 1);
+        for (int r = 0; r < MR; ++r) {
+          even[r] = _mm512_dpwssd_epi32(even[r], w0, pair_of(r, kp));
+          odd[r] = _mm512_dpwssd_epi32(odd[r], w1, pair_of(r, kp + 1));
+        }
+      }
+      if (kp < c1) {
+        const __m512i w0 = codes16(kp);
+        for (int r = 0; r < MR; ++r) even[r] = _mm512_dpwssd_epi32(even[r], w0, pair_of(r, kp));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+        const __m512 st = _mm512_set1_ps(step[r * w.groups + g]);
+        total[r] = _mm512_add_ps(total[r], _mm512_mul_ps(_mm512_mul_ps(sum, row_scale), st));
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * ldc, total[r]);
+}
+
+void gemm_nt_int8_avx512(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+  const int64_t Kp = k_pairs(w.K);
+  thread_local std::vector<int16_t> q_buf;
+  thread_local std::vector<float> step_buf;
+  if (q_buf.size() < size_t(m) * 2 * Kp) q_buf.resize(size_t(m) * 2 * Kp);
+  if (step_buf.size() < size_t(m) * w.groups) step_buf.resize(size_t(m) * w.groups);
+  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, q_buf.data(), step_buf.data()))
+    return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
+  const int ldc = np * kPanelRows;
+  for (int p = 0; p < np; ++p)
+    for_row_blocks(m, 4, [&](int i, int rows) {
+      const int16_t* q = q_buf.data() + i * 2 * Kp;
+      const float* step = step_buf.data() + i * w.groups;
+      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
+      switch (rows) {
+        case 4:
+          return int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+        case 3:
+          return int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+        case 2:
+          return int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+        default:
+          return int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc);
+      }
+    });
+}
+
+}  // namespace
+}  // namespace kt
+#endif
+
+namespace kt {
+
+const DequantKernels* avx512_dequant() {
+#ifdef KT_HAVE_AVX512_QUANT_BUILD
+  static const DequantKernels kernels{dequant_avx512, gemm_nt_codes_avx512, gemm_nt_int8_avx512};
+  return &kernels;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace kt
