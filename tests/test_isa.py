@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -161,6 +162,28 @@ def test_deterministic_repeat(isa):
     out2, g2 = run_ops(case, experts)
     assert_same("output", out2, out1)
     assert_all_same(["hidden", "weights", *LORA_NAMES], g2, g1)
+
+
+def test_rows_batch_invariant(isa):
+    """A token's output and gradients do not depend on the tokens that come with it, bit for bit: alone
+    or in a few, its experts' rows go through the few-row kernels (gemm_nn up to 4 rows), in the whole
+    batch through the many-row ones (data-parallel training compares half batches with whole ones,
+    test_fsdp.py)."""
+    case = make_case(seed=53, T=48, E=3, k=2, H=80, I=72, r=4, ids_mode="random")
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down)
+    whole_out, whole_grads = run_ops(case, experts)
+    for count in (1, 2, 6):
+        part = dataclasses.replace(
+            case,
+            hidden=case.hidden[:count],
+            ids=case.ids[:count],
+            weights=case.weights[:count],
+            grad_out=case.grad_out[:count],
+        )
+        out, grads = run_ops(part, experts)
+        assert_same(f"{count} tokens: output", out, whole_out[:count])
+        assert_same(f"{count} tokens: grad hidden", grads[0], whole_grads[0][:count])
+        assert_same(f"{count} tokens: grad weights", grads[1], whole_grads[1][:count])
 
 
 def test_set_num_threads_roundtrip():

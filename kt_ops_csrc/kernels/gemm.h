@@ -84,7 +84,8 @@ struct Kernels {
   // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
   // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), W
   // given in its packed layout (n_padded rows, kp pairs; as repack_nn reads it), A rows of
-  // n_padded values. Columns from ncols on see zero weights.
+  // n_padded values. Columns from ncols on see zero weights. A row's result does not depend on m, bit
+  // for bit (data-parallel training compares half batches with whole ones).
   void (*gemm_nn)(const Act* a, int64_t lda, int m, int n_padded, const uint16_t* w, int64_t kp, int col0, int ncols,
                   T* c, int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
   // Weight panels of W^T for gemm_nn-shaped products (the reduction over W's rows n): columns

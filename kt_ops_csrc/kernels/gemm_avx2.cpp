@@ -19,6 +19,9 @@
 #define KT_REPACK_AVX2
 #include "gemm_repack.inc"
 #undef KT_REPACK_AVX2
+#define KT_NN_FEW_DPBF16 0
+#include "gemm_nn_few.inc"
+#undef KT_NN_FEW_DPBF16
 
 namespace kt {
 namespace {
@@ -159,7 +162,9 @@ const KernelsF32* avx2_kernels_f32() {
   static const KernelsF32 kernels{
       gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
       gemm_a_avx2,
-      gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
+      nn_few_fma::gemm_nn<
+          gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
+          gemm_a_avx2>,
       repack_nn,
       to_act_common<float, float>,
       bf16_to_act_common<float>,

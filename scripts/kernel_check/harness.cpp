@@ -2,11 +2,12 @@
 // without accumulation and extra products) and gemm_a on random and edge shapes (m, K, N not
 // multiples of the tile sizes, odd K, panel subsets), NaN rows and Inf weights staying in their row /
 // column; the panel packers (pack_rows and pack_cols must agree bit for bit, and with the layout),
-// repack_nn, the activation conversions (rounding to nearest even, the split residual), the gated
-// activation and the rank-r contraction / rank-1 update. Every buffer is allocated at the size the
-// interface promises (A and C rows up to row_capacity(m), panels of their documented length), so
-// AddressSanitizer sees any access outside it. Rounding tables are fed bf16 activations, so their
-// products are checked at the same tight bar as the exact ones. Built and run by run.sh.
+// repack_nn, gemm_nn (and its batch invariance, bit for bit), the activation conversions (rounding to
+// nearest even, the split residual), the gated activation and the rank-r contraction / rank-1 update.
+// Every buffer is allocated at the size the interface promises (A and C rows up to row_capacity(m),
+// panels of their documented length), so AddressSanitizer sees any access outside it. Rounding tables
+// are fed bf16 activations, so their products are checked at the same tight bar as the exact ones.
+// Built and run by run.sh.
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -316,6 +317,60 @@ static void test_nn(const Table<Act>& t, int m, int N, int K, int col0, int ncol
   std::free(c);
 }
 
+// gemm_nn's rows do not depend on how many come with them (the few-row and the repacked forms, AMX's
+// row blocks): rows r0 .. r0 + m - 1 of A alone give bit for bit what the same rows give among 8 and 16
+// (data-parallel training compares half batches with whole ones), with accumulation and extra products.
+template <typename Act>
+static void test_nn_batch_invariant(const Table<Act>& t, int N, int K, int col0, int ncols, bool accumulate,
+                                    int extras) {
+  constexpr int kMaxRows = 16;
+  Weights W(N, K);
+  const int n_padded = int(padded_rows(N)), np = (ncols + 15) / 16, Ke = rint_(1, 40);
+  Rows<Act> A(2 * kMaxRows, n_padded, 2 * rint_(0, 2));
+  for (int i = 0; i < 2 * kMaxRows; ++i)
+    for (int n = N; n < n_padded; ++n) A.a[i * A.lda + n] = act_of<Act>(0.0f);
+  Rows<Act> EA(2 * kMaxRows, 3 * int(act_stride(Ke)), 0);  // the extras' rows side by side, zero past Ke
+  for (int i = 0; i < 2 * kMaxRows; ++i)
+    for (int e = 0; e < 3; ++e)
+      for (int k = Ke; k < act_stride(Ke); ++k) EA.a[i * EA.lda + e * act_stride(Ke) + k] = act_of<Act>(0.0f);
+  std::vector<Panels<Act>*> eb;
+  ExtraProducts<Act> extra;
+  extra.count = extras;
+  extra.K = Ke;
+  extra.lda = EA.lda;
+  extra.panel_stride = act_panel_elems(Ke);
+  for (int e = 0; e < extras; ++e) {
+    eb.push_back(new Panels<Act>(t.k, 16 * np, Ke));
+    extra.b[e] = eb.back()->p;
+  }
+  const int64_t ldc = np * 16;
+  std::vector<float> c0(size_t(2 * kMaxRows) * ldc);
+  for (auto& x : c0) x = randn();
+  // C of the rows from r0 on, computed m at a time: row_capacity(m) rows of room, as gemm.h promises.
+  const auto run = [&](int r0, int m) {
+    float* c = exact<float>(size_t(row_capacity(m)) * ldc);
+    std::memcpy(c, c0.data() + r0 * ldc, sizeof(float) * m * ldc);
+    for (int e = 0; e < extras; ++e) extra.a[e] = EA.a + r0 * EA.lda + e * act_stride(Ke);
+    t.k->gemm_nn(A.a + r0 * A.lda, A.lda, m, n_padded, W.packed, k_pairs(K), col0, ncols, c, ldc, accumulate,
+                 extras ? &extra : nullptr);
+    std::vector<float> rows(c, c + size_t(m) * ldc);
+    std::free(c);
+    return rows;
+  };
+  for (int whole : {8, kMaxRows}) {
+    const std::vector<float> all = run(0, whole);
+    for (int m = 1; m <= 4; ++m) {
+      const int r0 = rint_(0, whole - m);
+      const std::vector<float> part = run(r0, m);
+      if (std::memcmp(part.data(), all.data() + r0 * ldc, sizeof(float) * m * ldc) != 0 && failures++ < 20)
+        std::printf(
+            "FAIL %s gemm_nn rows %d..%d alone differ from among %d: N=%d K=%d col0=%d ncols=%d acc=%d extras=%d\n",
+            t.name.c_str(), r0, r0 + m - 1, whole, N, K, col0, ncols, accumulate, extras);
+    }
+  }
+  for (auto p : eb) delete p;
+}
+
 template <typename Act>
 static void test_convert(const Table<Act>& t, int n) {
   std::vector<float> x(n);
@@ -435,10 +490,13 @@ static void run_table(const Table<Act>& t, int iters) {
     test_repack(t, rint_(1, 100), RK, col0, rint_(1, std::min(64, RK - col0)));
     const int NN = rint_(1, 100), NK = rint_(1, 200), ncol0 = 2 * rint_(0, (NK - 1) / 2);
     test_nn(t, rint_(1, 120), NN, NK, ncol0, rint_(1, std::min(64, NK - ncol0)), it % 2 == 1);
+    test_nn_batch_invariant(t, NN, NK, ncol0, rint_(1, std::min(64, NK - ncol0)), it % 2 == 1, rint_(0, 3));
   }
   test_gemm(t, 64, 2048, 64, 0, 4, false, 3, false);
   // gemm_nn's forms change at 32 and 96 rows (AMX: 2 x 2 blocks, column tiles, repacked columns)
   for (int m : {1, 16, 17, 32, 33, 48, 80, 95, 96, 97}) test_nn(t, m, 2048, 128, 0, 64, m % 2 == 1);
+  test_nn_batch_invariant(t, 2048, 1408, 64, 64, false, 0);
+  test_nn_batch_invariant(t, 1408, 2048, 0, 64, true, 2);
   for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) {
     test_convert(t, n);
     test_glu(t, n, false);
