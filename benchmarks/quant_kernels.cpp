@@ -3,7 +3,7 @@
 // alternates with the others rep by rep; the minimum over reps is printed).
 //   decode: one activation row against 12 expert matrices 1408 x 2048 (DeepSeek-V2-Lite's gate/up),
 //           streamed from RAM: bf16 panels on the fp32 GEMM, int8 (integer dot), int4 and fp8 (fp32 on
-//           the codes);
+//           the codes; fp8 with a scale per row and 128-wide K group, as AMXFP8_SFT);
 //   dequant: the same matrices dequantized into bf16 panels, 4 panels x all K at a time (a forward
 //           task's block, in L2), as the prefill and training GEMMs get them.
 // Build and run from the repository root:
@@ -31,7 +31,9 @@ int main() {
   std::vector<uint8_t> bytes(pair_rows * 2 * E), nibbles(pair_rows * E);
   for (auto& v : bytes) v = uint8_t(r() % 256 == 0x7F ? 0 : r() % 256);
   for (auto& v : nibbles) v = uint8_t(r());
-  std::vector<float> scales(int64_t(padded_rows(N)) * E, 0.01f);
+  // fp8 as AMXFP8_SFT packs it (and DeepSeek-V3 ships it): one scale per row and 128-wide K group
+  const int kFp8Groups = K / 128;
+  std::vector<float> scales(int64_t(padded_rows(N)) * kFp8Groups * E, 0.01f);
   std::vector<float> x(K);
   for (auto& v : x) v = (r() % 1000) / 500.0f - 1.0f;
   const float* rows[1] = {x.data()};
@@ -41,7 +43,8 @@ int main() {
   std::vector<uint16_t> columns(int64_t(padded_rows(N)) * kColumnPairs * 2);
   const auto matrix = [&](WeightFormat f, int e) {
     const uint8_t* data = f == WeightFormat::Int4 ? nibbles.data() + e * pair_rows : bytes.data() + e * pair_rows * 2;
-    return QuantMatrix{f, data, scales.data() + e * padded_rows(N), K, 1};
+    const int groups = f == WeightFormat::Fp8 ? kFp8Groups : 1;
+    return QuantMatrix{f, data, scales.data() + e * padded_rows(N) * groups, K, groups};
   };
 
   struct Table {
@@ -96,8 +99,10 @@ int main() {
   for (const Table& t : tables)
     for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
       lines.push_back({std::string("dequant columns ") +
-                           (f == WeightFormat::Int8 ? "int8" : f == WeightFormat::Int4 ? "int4" : "fp8") + " (" +
-                           t.name + ")",
+                           (f == WeightFormat::Int8   ? "int8"
+                            : f == WeightFormat::Int4 ? "int4"
+                                                      : "fp8") +
+                           " (" + t.name + ")",
                        [&, t, f](int e) {
                          for (int kp0 = 0; kp0 < k_pairs(K); kp0 += kColumnPairs)
                            t.quant->dequant(matrix(f, e), 0, np, kp0, std::min<int64_t>(kColumnPairs, k_pairs(K) - kp0),

@@ -191,13 +191,6 @@ const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc,
   return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp, buffer);
 }
 
-ExpertWeights::ByteRuns ExpertWeights::column_runs(int64_t expert, int64_t k0, int64_t kc) const {
-  const int64_t pair_row_bytes = packed_bytes(format_, kPanelRows, 2);  // one k pair of one panel
-  const int64_t stride = k_pairs(cols_) * pair_row_bytes;
-  return {reinterpret_cast<const char*>(data_ + expert * expert_bytes_ + (k0 / 2) * pair_row_bytes), stride,
-          padded_rows(rows_) / kPanelRows, k_pairs(kc) * pair_row_bytes};
-}
-
 namespace {
 
 // [E, Np, K] -> [E, Np/16, Kp, 16, 2] (odd K padded by one column): the panel / k-pair order of

@@ -42,13 +42,6 @@ class ExpertWeights {
   const uint16_t* nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first,
                             uint16_t* buffer) const;
   int64_t nn_buffer_elems(int64_t kc) const { return padded_rows(rows_) * (k_pairs(kc) + 1) * 2; }
-  // Where the stored columns [k0, k0 + kc) (k0 even) lie, for a prefetch: one run of bytes per panel,
-  // `stride` bytes apart (the packed weights, or the codes that nn_panels dequantizes).
-  struct ByteRuns {
-    const char* first;
-    int64_t stride, runs, bytes;
-  };
-  ByteRuns column_runs(int64_t expert, int64_t k0, int64_t kc) const;
   bool is_bf16() const { return format_ == WeightFormat::Bf16; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }

@@ -433,18 +433,17 @@ std::vector<BlockRun> block_runs(const Routing& routing, int64_t cols, int64_t c
   return runs;
 }
 
-// The prefetch (gemm.h's extras) of W's columns [k0, k0 + kc), which the next task reads (packed bf16
-// weights in place, or the codes it dequantizes): one run of lines per panel, fetched while this
-// task's products run, so that the next one's DRAM reads overlap them.
+// The prefetch (gemm.h's extras) of W's columns [k0, k0 + kc) for the next repack: one run of lines
+// per panel. Only packed bf16 weights are read in place; quantized ones are dequantized anyway.
 template <typename Act>
 void prefetch_columns(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc, ExtraProducts<Act>& extra) {
-  if (kc <= 0) return;
-  const ExpertWeights::ByteRuns runs = w.column_runs(e, k0, kc);
-  extra.prefetch = runs.first;
-  extra.prefetch_stride = runs.stride;
-  extra.prefetch_rows = static_cast<int>(runs.runs);
-  // A run need not start on a line: one more line covers its end whatever the alignment.
-  extra.prefetch_lines = static_cast<int>(ceil_div(runs.bytes, 64) + 1);
+  if (!w.is_bf16() || kc <= 0) return;
+  int64_t k_total, k_first;
+  const uint16_t* base = w.nn_panels(e, k0, kc, k_total, k_first, nullptr);
+  extra.prefetch = reinterpret_cast<const char*>(base + (k_first / 2) * 2 * kPanelRows);
+  extra.prefetch_stride = k_pairs(k_total) * 2 * kPanelRows * static_cast<int64_t>(sizeof(uint16_t));
+  extra.prefetch_rows = static_cast<int>(padded_rows(w.rows()) / kPanelRows);
+  extra.prefetch_lines = static_cast<int>(ceil_div(kc, 2));
 }
 
 // Rows of a [rows, n] tensor of T, bf16 or another float type (converted to T once), as activations

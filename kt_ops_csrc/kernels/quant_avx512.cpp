@@ -67,16 +67,30 @@ struct Fp8Table {
   __m512i quarter[4];
 };
 
-inline Fp8Table fp8_table() {
+struct Fp8Bits {
   alignas(64) uint16_t bits[128];
-  for (int code = 0; code < 128; ++code) {
-    const float value = e4m3_value(static_cast<uint8_t>(code));
-    uint32_t word;
-    std::memcpy(&word, &value, sizeof(word));
-    bits[code] = static_cast<uint16_t>(word >> 16);
-  }
+};
+
+// Built once, on the first call (a function-local static: code of this unit must not run at load
+// time, on a CPU without AVX-512): a decode calls the kernels hundreds of times, and the 128 ldexpf
+// of e4m3_value cost about as much as a call's products.
+inline const Fp8Bits& fp8_bits() {
+  static const Fp8Bits table = [] {
+    Fp8Bits bits{};
+    for (int code = 0; code < 128; ++code) {
+      const float value = e4m3_value(static_cast<uint8_t>(code));
+      uint32_t word;
+      std::memcpy(&word, &value, sizeof(word));
+      bits.bits[code] = static_cast<uint16_t>(word >> 16);
+    }
+    return bits;
+  }();
+  return table;
+}
+
+inline Fp8Table fp8_table() {
   Fp8Table table;
-  for (int q = 0; q < 4; ++q) table.quarter[q] = _mm512_load_si512(bits + 32 * q);
+  for (int q = 0; q < 4; ++q) table.quarter[q] = _mm512_load_si512(fp8_bits().bits + 32 * q);
   return table;
 }
 
