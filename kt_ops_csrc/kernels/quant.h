@@ -89,9 +89,14 @@ void dequant_f32(const QuantMatrix& w, int64_t rows, float* out);
 const DequantKernels* avx2_dequant();
 // AVX-512 F/BW/VL + VNNI + AVX512_BF16, bit-identical to the others; nullptr when not compiled in.
 const DequantKernels* avx512_dequant();
-// The activation quantization of gemm_nt_int8 (above), for rows [0, m): q is [m][2 Kp] (odd K: the
-// padding k is 0), step [m][groups]. False if a row holds NaN or Inf or a group's reciprocal
-// overflows (the caller then multiplies in fp32). AVX2; every gemm_nt_int8 above ref shares it.
-bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step);
+// The activation quantization of gemm_nt_int8 (above), for rows [0, m), into per-thread buffers: q
+// [m][2 Kp] (odd K: the padding k is 0), step [m][groups], valid until the thread's next call. False
+// if a row holds NaN or Inf or a group's reciprocal overflows (the caller then multiplies in fp32).
+// AVX2; every gemm_nt_int8 above ref shares it.
+struct QuantizedRows {
+  const int16_t* q;
+  const float* step;
+};
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, QuantizedRows& out);
 
 }  // namespace kt

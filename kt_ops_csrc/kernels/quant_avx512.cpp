@@ -340,17 +340,13 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
 
 void gemm_nt_int8_avx512(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
   const int64_t Kp = k_pairs(w.K);
-  thread_local std::vector<int16_t> q_buf;
-  thread_local std::vector<float> step_buf;
-  if (q_buf.size() < size_t(m) * 2 * Kp) q_buf.resize(size_t(m) * 2 * Kp);
-  if (step_buf.size() < size_t(m) * w.groups) step_buf.resize(size_t(m) * w.groups);
-  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, q_buf.data(), step_buf.data()))
-    return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
+  QuantizedRows quantized;
+  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, quantized)) return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, 4, [&](int i, int rows) {
-      const int16_t* q = q_buf.data() + i * 2 * Kp;
-      const float* step = step_buf.data() + i * w.groups;
+      const int16_t* q = quantized.q + i * 2 * Kp;
+      const float* step = quantized.step + i * w.groups;
       float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
       switch (rows) {
         case 4:
