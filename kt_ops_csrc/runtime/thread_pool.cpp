@@ -328,10 +328,10 @@ void ThreadPool::ensure_workers() {
 bool ThreadPool::run_on_torch_threads(int64_t num_tasks, const std::function<void(int64_t)>& task) {
   if (index_ >= 0 || !have_openmp() || forked_child.load() || omp_in_parallel() || at::in_parallel_region())
     return false;
-  const int team = explicit_threads_ ? wanted_workers_ + 1 : at::get_num_threads();
+  const int team = at::get_num_threads();
   // A team of another size than torch's own would make libgomp release threads at every switch
   // between torch's regions and ours and start them again (and end the process where it cannot).
-  if (team != at::get_num_threads()) return false;
+  if (explicit_threads_ && wanted_workers_ + 1 != team) return false;
   if (team <= 1 || num_tasks == 1) {
     for (int64_t i = 0; i < num_tasks; ++i) {
       if (take_fault(true)) throw std::bad_alloc();
