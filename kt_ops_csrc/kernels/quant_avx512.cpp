@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -48,7 +49,7 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
   const float* first = w.scales + (panel * kPanelRows * w.groups + group) * width;
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(row_stride)));
-  PanelScales out{_mm512_setzero_ps(), _mm512_setzero_ps(), true};
+  PanelScales out{_mm512_setzero_ps(), _mm512_setzero_ps(), false};
   __mmask16 subnormal_products = 0;
   for (int part = 0; part < width; ++part) {
     const __m512 v = row_stride == 1 ? _mm512_loadu_ps(first) : _mm512_i32gather_ps(rows, first + part, 4);
@@ -250,9 +251,25 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, con
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * ldc, total[r]);
 }
 
+// Rows [0, m) in blocks of up to 4, each block's row count a compile-time constant (rows) for the
+// panel kernels, which keep every row's accumulators in registers.
 template <typename Panel>
-void for_row_blocks(int m, int block_rows, const Panel& panel) {
-  for (int i = 0; i < m; i += block_rows) panel(i, std::min(block_rows, m - i));
+void for_row_blocks(int m, const Panel& panel) {
+  for (int i = 0; i < m; i += 4) {
+    switch (std::min(4, m - i)) {
+      case 4:
+        panel(i, std::integral_constant<int, 4>{});
+        break;
+      case 3:
+        panel(i, std::integral_constant<int, 3>{});
+        break;
+      case 2:
+        panel(i, std::integral_constant<int, 2>{});
+        break;
+      default:
+        panel(i, std::integral_constant<int, 1>{});
+    }
+  }
 }
 
 void gemm_nt_codes_avx512(const QuantMatrix& w, const float* const* rows_in, int m, int p0, int np, float* c) {
@@ -270,18 +287,8 @@ void gemm_nt_codes_avx512(const QuantMatrix& w, const float* const* rows_in, int
   }
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
-    for_row_blocks(m, 4, [&](int i, int rows) {
-      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
-      switch (rows) {
-        case 4:
-          return codes_panel<4>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
-        case 3:
-          return codes_panel<3>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
-        case 2:
-          return codes_panel<2>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
-        default:
-          return codes_panel<1>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
-      }
+    for_row_blocks(m, [&](int i, auto rows) {
+      codes_panel<rows()>(w, a_rows.data() + i, p0 + p, fp8, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
 
@@ -344,20 +351,9 @@ void gemm_nt_int8_avx512(const QuantMatrix& w, const float* const* a_rows, int m
   if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, quantized)) return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
-    for_row_blocks(m, 4, [&](int i, int rows) {
-      const int16_t* q = quantized.q + i * 2 * Kp;
-      const float* step = quantized.step + i * w.groups;
-      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
-      switch (rows) {
-        case 4:
-          return int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-        case 3:
-          return int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-        case 2:
-          return int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-        default:
-          return int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-      }
+    for_row_blocks(m, [&](int i, auto rows) {
+      int8_panel<rows()>(w, quantized.q + i * 2 * Kp, 2 * Kp, quantized.step + i * w.groups, p0 + p,
+                         c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
 
