@@ -61,54 +61,40 @@ int main() {
 
   struct Line {
     std::string name;
-    std::function<void(int)> run;  // one expert's matrix
-    double weights_per_call;
+    std::function<void(int)> run;  // one expert's matrix, N x K weights
   };
   std::vector<Line> lines;
   const int np = padded_rows(N) / kPanelRows;
+  const auto name_of = [](WeightFormat f) {
+    return f == WeightFormat::Int8 ? "int8" : f == WeightFormat::Int4 ? "int4" : "fp8";
+  };
   for (const Table& t : tables) {
-    lines.push_back({"decode bf16 (" + t.name + " fp32 GEMM)",
-                     [&, t](int e) {
+    lines.push_back({"decode bf16 (" + t.name + " fp32 GEMM)", [&, t](int e) {
                        const int64_t stride = k_pairs(K) * 2 * kPanelRows;
                        t.gemm->gemm_w(x.data(), K, 1, K, bf16.data() + e * pair_rows * 2, stride, np, c.data(),
                                       padded_rows(N), false, nullptr);
-                     },
-                     double(N) * K});
-    lines.push_back({"decode int8 (" + t.name + ")",
-                     [&, t](int e) { t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, 1, 0, np, c.data()); },
-                     double(N) * K});
+                     }});
+    lines.push_back({"decode int8 (" + t.name + ")", [&, t](int e) {
+                       t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, 1, 0, np, c.data());
+                     }});
     for (WeightFormat f : {WeightFormat::Int4, WeightFormat::Fp8})
-      lines.push_back({std::string("decode ") + (f == WeightFormat::Int4 ? "int4" : "fp8") + " (" + t.name + ")",
-                       [&, t, f](int e) { t.quant->gemm_nt_codes(matrix(f, e), rows, 1, 0, np, c.data()); },
-                       double(N) * K});
+      lines.push_back({std::string("decode ") + name_of(f) + " (" + t.name + ")",
+                       [&, t, f](int e) { t.quant->gemm_nt_codes(matrix(f, e), rows, 1, 0, np, c.data()); }});
   }
-  for (const Table& t : tables)
-    for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
-      lines.push_back({std::string("dequant ") +
-                           (f == WeightFormat::Int8   ? "int8"
-                            : f == WeightFormat::Int4 ? "int4"
-                                                      : "fp8") +
-                           " (" + t.name + ")",
-                       [&, t, f](int e) {
-                         for (int p0 = 0; p0 < np; p0 += kBlockPanels)
-                           t.quant->dequant(matrix(f, e), p0, std::min(kBlockPanels, np - p0), 0, k_pairs(K),
-                                            panels.data());
-                       },
-                       double(N) * K});
-
-  for (const Table& t : tables)
-    for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
-      lines.push_back({std::string("dequant columns ") +
-                           (f == WeightFormat::Int8   ? "int8"
-                            : f == WeightFormat::Int4 ? "int4"
-                                                      : "fp8") +
-                           " (" + t.name + ")",
-                       [&, t, f](int e) {
-                         for (int kp0 = 0; kp0 < k_pairs(K); kp0 += kColumnPairs)
-                           t.quant->dequant(matrix(f, e), 0, np, kp0, std::min<int64_t>(kColumnPairs, k_pairs(K) - kp0),
-                                            columns.data());
-                       },
-                       double(N) * K});
+  for (const char* shape : {"", "columns "})
+    for (const Table& t : tables)
+      for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
+        lines.push_back({std::string("dequant ") + shape + name_of(f) + " (" + t.name + ")",
+                         [&, t, f, columns_form = *shape != 0](int e) {
+                           if (columns_form)
+                             for (int kp0 = 0; kp0 < k_pairs(K); kp0 += kColumnPairs)
+                               t.quant->dequant(matrix(f, e), 0, np, kp0,
+                                                std::min<int64_t>(kColumnPairs, k_pairs(K) - kp0), columns.data());
+                           else
+                             for (int p0 = 0; p0 < np; p0 += kBlockPanels)
+                               t.quant->dequant(matrix(f, e), p0, std::min(kBlockPanels, np - p0), 0, k_pairs(K),
+                                                panels.data());
+                         }});
   std::vector<double> best(lines.size(), 1e9);
   for (int rep = 0; rep < 40; ++rep)
     for (size_t i = 0; i < lines.size(); ++i) {
@@ -119,5 +105,5 @@ int main() {
   std::printf("%-32s %9s %14s\n", "kernel, 12 matrices 1408 x 2048", "ms", "Gweights/s");
   for (size_t i = 0; i < lines.size(); ++i)
     std::printf("%-32s %9.3f %14.2f\n", lines[i].name.c_str(), best[i] * 1e3,
-                kExperts * lines[i].weights_per_call / best[i] * 1e-9);
+                kExperts * double(N) * K / best[i] * 1e-9);
 }
