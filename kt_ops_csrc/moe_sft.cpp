@@ -330,6 +330,18 @@ constexpr int64_t kMaxStackRank = 256;  // rank-r rows up to this rank live on t
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The row stride of an activation row buffer of n values: act_stride(n), plus one cache line when that
+// is an even number of lines. With an odd number of lines, the 16 rows of an A tile (or the few rows of
+// a decode GEMM) fall into 16 different L1 sets; at a power-of-two stride (hidden size 2048 or 4096)
+// they would all share one set and evict each other and the weights' lines (a 4-KiB-stride A costs the
+// backward's 48-row product over W's rows a quarter of its speed).
+template <typename Act>
+int64_t row_stride(int64_t n) {
+  constexpr int64_t line = 64 / sizeof(Act);
+  const int64_t stride = act_stride(n);
+  return (stride / line) % 2 == 0 ? stride + line : stride;
+}
+
 // Rows of a row buffer holding R rows: a GEMM on rows [c0, c0 + m) may read up to row
 // c0 + row_capacity(m) (gemm.h), whatever c0.
 int64_t row_buffer(int64_t R) { return R + kRowAlign; }
@@ -766,8 +778,8 @@ class Forward {
           const LoraArgs& lora_args, T scaling, bool save, const Variant<T>& variant)
       : s_(s), k_(k), hidden_(hidden), gate_w_(gate_w), up_w_(up_w), down_w_(down_w), lora_args_(lora_args),
         scaling_(scaling), save_(save), variant_(variant), routing_(route(ids, s.E)), R_(routing_.order.size()),
-        order_(routing_.order.data()), w_(as_reused(weights, dtype())), ldx_(act_stride(s.H)), ldh_(act_stride(s.I)),
-        ldr_(expansion_stride<Act>(s.r)), xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
+        order_(routing_.order.data()), w_(as_reused(weights, dtype())), ldx_(row_stride<Act>(s.H)),
+        ldh_(row_stride<Act>(s.I)), ldr_(expansion_stride<Act>(s.r)), xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
         hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)), lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
         ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
         y_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
@@ -1076,7 +1088,7 @@ class Backward {
         weights_dtype_(weights.scalar_type()), hidden_dtype_(hidden.scalar_type()), options_(hidden.options()),
         dy_source_(grad_output, s.H), x_source_(hidden, s.H), w_(as_reused(weights, dtype())),
         pre_(as_reused(gate_up_pre, dtype())), mid_(as_reused(lora_mid, dtype())), mid_data_(mid_.data_ptr<T>()),
-        ldx_(act_stride(s.H)), ldi_(act_stride(s.I)), ldr_(expansion_stride<Act>(s.r)),
+        ldx_(row_stride<Act>(s.H)), ldi_(row_stride<Act>(s.I)), ldr_(expansion_stride<Act>(s.r)),
         ld2r_(expansion_stride<Act>(2 * s.r)), blocks_i_(ceil_div(padded_rows(s.I), kNnCols)),
         dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
         dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), rank_(std::max<int64_t>(3 * R_ * s.r, 1)),
