@@ -495,6 +495,8 @@ class RowSource {
     return scratch;
   }
   const T* row_values(int64_t row, T* scratch) const { return segment(row, 0, n_, scratch); }
+  // Row `row` as its bf16 bits when the source is bf16, else nullptr.
+  const uint16_t* bf16_row(int64_t row) const { return bf16_ ? bf16_ + row * n_ : nullptr; }
   T value(int64_t row, int64_t col) const { return values_ ? values_[row * n_ + col] : widen(bf16_[row * n_ + col]); }
 
  private:
@@ -596,6 +598,26 @@ class LoraMatrices {
     for (int64_t i = 0; i < n; ++i) sources_[m]->segment(first + i, 0, cols_[m], scratch + i * cols_[m]);
     return scratch;
   }
+  // The activation panels (stride apart, at dst) of the block rows [r0, r0 + n) x columns [c0, c0 +
+  // ncols) of expert e's matrix m, or of its transpose (by_columns), packed straight from the
+  // matrix's bits where they are the activations already (a bf16 matrix on a bf16-activation ISA:
+  // no conversion, no lo part). False, with nothing written, for other matrices (pack_slice packs
+  // those from T values).
+  bool pack_bits(const Kernels<T, Act>& k, Which m, int64_t e, int64_t r0, int64_t n, int64_t c0, int64_t ncols,
+                 bool by_columns, Act* dst, int64_t stride) const {
+    if constexpr (!kSplit<Act>) {
+      return false;
+    } else {
+      const uint16_t* bits = sources_[m]->bf16_row(e * rows_[m] + r0);
+      if (bits == nullptr) return false;
+      const int rows = static_cast<int>(n), cols = static_cast<int>(ncols);
+      if (by_columns)
+        k.pack_cols(bits + c0, cols_[m], rows, cols, dst, stride);
+      else
+        k.pack_rows(bits + c0, cols_[m], rows, cols, dst, stride);
+      return true;
+    }
+  }
   // Columns [c0, c0 + n) of row `row` of expert e's matrix m, into dst as T: a task converts only
   // the slice it uses, not whole rows once per column block.
   void copy_segment(Which m, int64_t e, int64_t row, int64_t c0, int64_t n, T* dst) const {
@@ -633,6 +655,24 @@ SlicePanels<Act> pack_slice(const Kernels<T, Act>& k, const T* m, int64_t lds, i
   out.hi = buffer;
   out.lo = lo_panels;
   return out;
+}
+
+// pack_slice of rows [r0, r0 + n) of expert e's LoRA matrix m (by_columns: of their transpose),
+// from the matrix's own bits where LoraMatrices::pack_bits can, else from its T rows (converted into
+// `scratch`, room for n * cols(m), if need be).
+template <typename T, typename Act>
+SlicePanels<Act> pack_lora(const Kernels<T, Act>& k, const LoraMatrices<T, Act>& lora,
+                           typename LoraMatrices<T, Act>::Which m, int64_t e, int64_t r0, int64_t n, bool by_columns,
+                           Slot slot, T* scratch) {
+  const int64_t cols = lora.cols(m), N = by_columns ? cols : n, K = by_columns ? n : cols;
+  SlicePanels<Act> out;
+  out.stride = act_panel_elems(K);
+  Act* panels = task_buffer<Act>(slot, ceil_div(N, kPanelRows) * out.stride);
+  if (lora.pack_bits(k, m, e, r0, n, 0, cols, by_columns, panels, out.stride)) {
+    out.hi = panels;
+    return out;
+  }
+  return pack_slice(k, lora.rows_of(m, e, r0, n, scratch), cols, N, K, by_columns, lora.has_lo(m), slot);
 }
 
 // The extra products of an expansion (gemm.h): V . B^T added to a weight GEMM's C, with V's rows
@@ -849,15 +889,23 @@ class Forward {
     const int64_t r = s_.r, H = s_.H, np = ceil_div(2 * r, kPanelRows), ldc = np * kPanelRows;
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
-      // [Ag; Au] of the expert (T, 2r rows), packed as B of the contraction.
-      T* stacked = task_buffer<T>(kConvert, 2 * r * H);
-      for (int half = 0; half < 2; ++half) {
-        const auto which = half ? L::UpA : L::GateA;
-        const T* rows = lora.rows_of(which, e, 0, r, stacked + half * r * H);
-        if (rows != stacked + half * r * H) std::copy_n(rows, r * H, stacked + half * r * H);
+      // [Ag; Au] of the expert (2r rows), packed as B of the contraction: straight from the
+      // matrices' bits where each fills whole panels, else from their T rows stacked in scratch.
+      SlicePanels<Act> a;
+      a.stride = act_panel_elems(H);
+      Act* panels = task_buffer<Act>(kPanels, np * a.stride);
+      if (r % kPanelRows == 0 && lora.pack_bits(k_, L::GateA, e, 0, r, 0, H, false, panels, a.stride) &&
+          lora.pack_bits(k_, L::UpA, e, 0, r, 0, H, false, panels + r / kPanelRows * a.stride, a.stride)) {
+        a.hi = panels;
+      } else {
+        T* stacked = task_buffer<T>(kConvert, 2 * r * H);
+        for (int half = 0; half < 2; ++half) {
+          const auto which = half ? L::UpA : L::GateA;
+          const T* rows = lora.rows_of(which, e, 0, r, stacked + half * r * H);
+          if (rows != stacked + half * r * H) std::copy_n(rows, r * H, stacked + half * r * H);
+        }
+        a = pack_slice(k_, stacked, H, 2 * r, H, false, lora.has_lo(L::GateA) || lora.has_lo(L::UpA), kPanels);
       }
-      const SlicePanels<Act> a =
-          pack_slice(k_, stacked, H, 2 * r, H, false, lora.has_lo(L::GateA) || lora.has_lo(L::UpA), kPanels);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -923,10 +971,8 @@ class Forward {
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
         T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * cols);
-        bg = pack_slice(k_, lora->rows_of(L::GateB, e, n0, nrows, scratch), r, nrows, r, false, lora->has_lo(L::GateB),
-                        kLoraA);
-        bu = pack_slice(k_, lora->rows_of(L::UpB, e, n0, nrows, scratch + nrows * r), r, nrows, r, false,
-                        lora->has_lo(L::UpB), kLoraB);
+        bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, false, kLoraA, scratch);
+        bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, false, kLoraB, scratch + nrows * r);
         T* ad = scratch + 2 * std::max(nrows, r) * r;  // Ad's columns [n0, n0 + cols): [r][cols]
         for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
         T* transposed = task_buffer<T>(kLoraC, cols * r);
@@ -1000,8 +1046,7 @@ class Forward {
       SlicePanels<Act> bd;  // rows [n0, n0 + 16 np) of Bd as expansion panels
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, H - n0);
-        bd = pack_slice(k_, lora->rows_of(L::DownB, e, n0, nrows, task_buffer<T>(kConvert, nrows * r)), r, nrows, r,
-                        false, lora->has_lo(L::DownB), kLoraA);
+        bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, false, kLoraA, task_buffer<T>(kConvert, nrows * r));
       }
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1187,8 +1232,7 @@ class Backward {
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       // Bd [H, r] is B^T of the contraction dY . Bd.
-      const SlicePanels<Act> b = pack_slice(k_, lora.rows_of(L::DownB, e, 0, H, task_buffer<T>(kConvert, H * r)), r, r,
-                                            H, true, lora.has_lo(L::DownB), kPanels);
+      const SlicePanels<Act> b = pack_lora(k_, lora, L::DownB, e, 0, H, true, kPanels, task_buffer<T>(kConvert, H * r));
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       T* scaled = task_buffer<T>(kStageB, r);
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1251,8 +1295,14 @@ class Backward {
         const T *bg = nullptr, *bu = nullptr;
         if (lora) {
           T* scratch = task_buffer<T>(kConvert, 3 * kc * r);
-          for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, k0, kc, scratch + q * kc);
-          ad = pack_slice(k_, scratch, kc, kc, r, true, lora->has_lo(L::DownA), kLoraA);
+          ad.stride = act_panel_elems(r);
+          Act* panels = task_buffer<Act>(kLoraA, ceil_div(kc, kPanelRows) * ad.stride);
+          if (lora->pack_bits(k_, L::DownA, e, 0, r, k0, kc, true, panels, ad.stride)) {
+            ad.hi = panels;
+          } else {
+            for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, k0, kc, scratch + q * kc);
+            ad = pack_slice(k_, scratch, kc, kc, r, true, lora->has_lo(L::DownA), kLoraA);
+          }
           bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * kc);
           bu = lora->rows_of(L::UpB, e, k0, kc, scratch + 2 * r * kc);
         }
