@@ -65,9 +65,6 @@ int main() {
   };
   std::vector<Line> lines;
   const int np = padded_rows(N) / kPanelRows;
-  const auto name_of = [](WeightFormat f) {
-    return f == WeightFormat::Int8 ? "int8" : f == WeightFormat::Int4 ? "int4" : "fp8";
-  };
   for (const Table& t : tables) {
     lines.push_back({"decode bf16 (" + t.name + " fp32 GEMM)", [&, t](int e) {
                        const int64_t stride = k_pairs(K) * 2 * kPanelRows;
@@ -78,13 +75,13 @@ int main() {
                        t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, 1, 0, np, c.data());
                      }});
     for (WeightFormat f : {WeightFormat::Int4, WeightFormat::Fp8})
-      lines.push_back({std::string("decode ") + name_of(f) + " (" + t.name + ")",
+      lines.push_back({std::string("decode ") + weight_format_name(f) + " (" + t.name + ")",
                        [&, t, f](int e) { t.quant->gemm_nt_codes(matrix(f, e), rows, 1, 0, np, c.data()); }});
   }
   for (const char* shape : {"", "columns "})
     for (const Table& t : tables)
       for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
-        lines.push_back({std::string("dequant ") + shape + name_of(f) + " (" + t.name + ")",
+        lines.push_back({std::string("dequant ") + shape + weight_format_name(f) + " (" + t.name + ")",
                          [&, t, f, columns_form = *shape != 0](int e) {
                            if (columns_form)
                              for (int kp0 = 0; kp0 < k_pairs(K); kp0 += kColumnPairs)

@@ -4,6 +4,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -11,20 +12,6 @@
 
 namespace kt {
 namespace {
-
-struct FormatInfo {
-  WeightFormat format;
-  const char* name;
-};
-
-constexpr FormatInfo kFormats[] = {{WeightFormat::Bf16, "bf16"},
-                                   {WeightFormat::Int8, "int8"},
-                                   {WeightFormat::Int4, "int4"},
-                                   {WeightFormat::Int4Zp, "int4_1"},
-                                   {WeightFormat::Int4KGroup, "int4_kgroup"},
-                                   {WeightFormat::Int4ZpKGroup, "int4_1_kgroup"},
-                                   {WeightFormat::Int8KGroup, "int8_kgroup"},
-                                   {WeightFormat::Fp8, "fp8"}};
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
@@ -81,16 +68,10 @@ std::pair<Tensor, Tensor> quantize_groups_fp8(const Tensor& grouped) {
 }  // namespace
 
 WeightFormat parse_weight_format(c10::string_view name) {
-  for (const auto& info : kFormats)
-    if (name == info.name) return info.format;
+  for (size_t i = 0; i < std::size(kWeightFormatNames); ++i)
+    if (name == kWeightFormatNames[i]) return static_cast<WeightFormat>(i);
   TORCH_CHECK_VALUE(false, "kt_ops: unknown weight_format '", std::string(name),
                     "'; supported: bf16, int8, int4, int4_1, int4_kgroup, int4_1_kgroup, int8_kgroup, fp8");
-}
-
-const char* weight_format_name(WeightFormat format) {
-  for (const auto& info : kFormats)
-    if (info.format == format) return info.name;
-  return "?";
 }
 
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols) {

@@ -14,7 +14,6 @@ namespace kt {
 using at::Tensor;
 
 WeightFormat parse_weight_format(c10::string_view name);  // ValueError listing the formats
-const char* weight_format_name(WeightFormat format);
 int64_t packed_bytes(WeightFormat format, int64_t rows, int64_t cols);
 
 // Validates `blob` ([E, bytes] uint8) and `scales` for an [E, rows, cols] matrix in `format`;

@@ -21,8 +21,12 @@
 namespace kt {
 
 enum class WeightFormat { Bf16, Int8, Int4, Int4Zp, Int4KGroup, Int4ZpKGroup, Int8KGroup, Fp8 };
+// The formats' names (the op's weight_format strings), in the enum's order.
+static constexpr const char* kWeightFormatNames[] = {"bf16",        "int8",          "int4",        "int4_1",
+                                                     "int4_kgroup", "int4_1_kgroup", "int8_kgroup", "fp8"};
 
 // `static`: this header is included by units compiled for different target ISAs (see gemm.h).
+static constexpr const char* weight_format_name(WeightFormat f) { return kWeightFormatNames[static_cast<int>(f)]; }
 static constexpr bool is_grouped(WeightFormat f) {
   return f == WeightFormat::Int4KGroup || f == WeightFormat::Int4ZpKGroup || f == WeightFormat::Int8KGroup ||
          f == WeightFormat::Fp8;

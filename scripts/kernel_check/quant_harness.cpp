@@ -164,27 +164,6 @@ struct CodedMatrix {
   QuantMatrix view() const { return {format, data.data(), scales.data(), K, groups}; }
 };
 
-static const char* format_name(WeightFormat f) {
-  switch (f) {
-    case WeightFormat::Int8:
-      return "int8";
-    case WeightFormat::Int8KGroup:
-      return "int8_kgroup";
-    case WeightFormat::Int4:
-      return "int4";
-    case WeightFormat::Int4Zp:
-      return "int4_1";
-    case WeightFormat::Int4KGroup:
-      return "int4_kgroup";
-    case WeightFormat::Int4ZpKGroup:
-      return "int4_1_kgroup";
-    case WeightFormat::Fp8:
-      return "fp8";
-    default:
-      return "?";
-  }
-}
-
 // Every table's dequantized panels must be the reference's bits; the reference's fp8 must equal the
 // E4M3 value times the scale rounded to bf16.
 static void test_dequant(const std::vector<Table>& tables, WeightFormat format, int N, int K, int64_t groups) {
@@ -197,8 +176,8 @@ static void test_dequant(const std::vector<Table>& tables, WeightFormat format, 
   const size_t out_size = size_t(np) * nkp * 32;
   std::vector<uint16_t> ref(out_size);
   char ctx[140];
-  std::snprintf(ctx, sizeof ctx, "%s N=%d K=%d groups=%ld p0=%d np=%d kp0=%ld nkp=%ld", format_name(format), N, K,
-                long(groups), p0, np, long(kp0), long(nkp));
+  std::snprintf(ctx, sizeof ctx, "%s N=%d K=%d groups=%ld p0=%d np=%d kp0=%ld nkp=%ld", weight_format_name(format), N,
+                K, long(groups), p0, np, long(kp0), long(nkp));
   for (size_t t = 0; t < tables.size(); ++t) {
     uint16_t* out = static_cast<uint16_t*>(std::malloc(out_size * 2));  // exact size
     tables[t].k->dequant(w, p0, np, kp0, nkp, out);
@@ -255,7 +234,7 @@ static void test_codes(const std::vector<Table>& tables, WeightFormat format, in
     row_ptrs[i] = rows[i].data();
   }
   char ctx[140];
-  std::snprintf(ctx, sizeof ctx, "codes %s m=%d N=%d K=%d groups=%ld p0=%d np=%d", format_name(format), m, N, K,
+  std::snprintf(ctx, sizeof ctx, "codes %s m=%d N=%d K=%d groups=%ld p0=%d np=%d", weight_format_name(format), m, N, K,
                 long(groups), p0, np);
   for (const Table& t : tables) {
     if (!t.k->gemm_nt_codes) continue;
