@@ -17,6 +17,7 @@
 // scale (+ min) in fp32 with no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace kt {
 
@@ -86,6 +87,29 @@ struct DequantKernels {
 
 constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
 constexpr int64_t kMaxPairsPerInt32 = 65536;
+
+// Rows [0, m) in blocks of up to kDirectQuantRows, each block's row count a compile-time constant
+// (`rows`, a std::integral_constant) for the decode kernels, which keep every row's accumulators in
+// registers: panel(first_row, rows).
+template <typename Panel>
+static void for_row_blocks(int m, const Panel& panel) {
+  static_assert(kDirectQuantRows == 4, "one case per row count below");
+  for (int i = 0; i < m; i += kDirectQuantRows) {
+    switch (m - i < kDirectQuantRows ? m - i : kDirectQuantRows) {
+      case 4:
+        panel(i, std::integral_constant<int, 4>{});
+        break;
+      case 3:
+        panel(i, std::integral_constant<int, 3>{});
+        break;
+      case 2:
+        panel(i, std::integral_constant<int, 2>{});
+        break;
+      default:
+        panel(i, std::integral_constant<int, 1>{});
+    }
+  }
+}
 
 const DequantKernels& ref_dequant();
 // The exact fp32 values of rows [0, rows) as [rows, K]: the weights the quantized formats stand for.

@@ -395,25 +395,10 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, int m, 
   if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, quantized)) return gemm_nt_codes_avx2(w, a_rows, m, p0, np, c);
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
-    for (int i = 0; i < m; i += 4) {
-      const int16_t* q = quantized.q + i * 2 * Kp;
-      const float* step = quantized.step + i * w.groups;
-      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
-      switch (std::min(4, m - i)) {
-        case 4:
-          int8_panel<4>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-          break;
-        case 3:
-          int8_panel<3>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-          break;
-        case 2:
-          int8_panel<2>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-          break;
-        default:
-          int8_panel<1>(w, q, 2 * Kp, step, p0 + p, out, ldc);
-          break;
-      }
-    }
+    for_row_blocks(m, [&](int i, auto rows) {
+      int8_panel<rows()>(w, quantized.q + i * 2 * Kp, 2 * Kp, quantized.step + i * w.groups, p0 + p,
+                         c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
+    });
 }
 
 }  // namespace

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -249,27 +248,6 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, con
     }
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * ldc, total[r]);
-}
-
-// Rows [0, m) in blocks of up to 4, each block's row count a compile-time constant (rows) for the
-// panel kernels, which keep every row's accumulators in registers.
-template <typename Panel>
-void for_row_blocks(int m, const Panel& panel) {
-  for (int i = 0; i < m; i += 4) {
-    switch (std::min(4, m - i)) {
-      case 4:
-        panel(i, std::integral_constant<int, 4>{});
-        break;
-      case 3:
-        panel(i, std::integral_constant<int, 3>{});
-        break;
-      case 2:
-        panel(i, std::integral_constant<int, 2>{});
-        break;
-      default:
-        panel(i, std::integral_constant<int, 1>{});
-    }
-  }
 }
 
 void gemm_nt_codes_avx512(const QuantMatrix& w, const float* const* rows_in, int m, int p0, int np, float* c) {
