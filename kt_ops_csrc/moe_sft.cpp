@@ -657,22 +657,28 @@ SlicePanels<Act> pack_slice(const Kernels<T, Act>& k, const T* m, int64_t lds, i
   return out;
 }
 
-// pack_slice of rows [r0, r0 + n) of expert e's LoRA matrix m (by_columns: of their transpose),
-// from the matrix's own bits where LoraMatrices::pack_bits can, else from its T rows (converted into
-// `scratch`, room for n * cols(m), if need be).
+// pack_slice of the block rows [r0, r0 + n) x columns [c0, c0 + ncols) of expert e's LoRA matrix m
+// (by_columns: of its transpose), from the matrix's own bits where LoraMatrices::pack_bits can, else
+// from its T values: whole rows in place where they are T, else converted or copied into `scratch`
+// (room for n * ncols).
 template <typename T, typename Act>
 SlicePanels<Act> pack_lora(const Kernels<T, Act>& k, const LoraMatrices<T, Act>& lora,
-                           typename LoraMatrices<T, Act>::Which m, int64_t e, int64_t r0, int64_t n, bool by_columns,
-                           Slot slot, T* scratch) {
-  const int64_t cols = lora.cols(m), N = by_columns ? cols : n, K = by_columns ? n : cols;
+                           typename LoraMatrices<T, Act>::Which m, int64_t e, int64_t r0, int64_t n, int64_t c0,
+                           int64_t ncols, bool by_columns, Slot slot, T* scratch) {
+  const int64_t N = by_columns ? ncols : n, K = by_columns ? n : ncols;
   SlicePanels<Act> out;
   out.stride = act_panel_elems(K);
   Act* panels = task_buffer<Act>(slot, ceil_div(N, kPanelRows) * out.stride);
-  if (lora.pack_bits(k, m, e, r0, n, 0, cols, by_columns, panels, out.stride)) {
+  if (lora.pack_bits(k, m, e, r0, n, c0, ncols, by_columns, panels, out.stride)) {
     out.hi = panels;
     return out;
   }
-  return pack_slice(k, lora.rows_of(m, e, r0, n, scratch), cols, N, K, by_columns, lora.has_lo(m), slot);
+  const T* values = scratch;
+  if (c0 == 0 && ncols == lora.cols(m))
+    values = lora.rows_of(m, e, r0, n, scratch);
+  else
+    for (int64_t q = 0; q < n; ++q) lora.copy_segment(m, e, r0 + q, c0, ncols, scratch + q * ncols);
+  return pack_slice(k, values, ncols, N, K, by_columns, lora.has_lo(m), slot);
 }
 
 // The extra products of an expansion (gemm.h): V . B^T added to a weight GEMM's C, with V's rows
@@ -971,8 +977,8 @@ class Forward {
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
         T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * cols);
-        bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, false, kLoraA, scratch);
-        bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, false, kLoraB, scratch + nrows * r);
+        bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
+        bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
         T* ad = scratch + 2 * std::max(nrows, r) * r;  // Ad's columns [n0, n0 + cols): [r][cols]
         for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
         T* transposed = task_buffer<T>(kLoraC, cols * r);
@@ -1046,7 +1052,7 @@ class Forward {
       SlicePanels<Act> bd;  // rows [n0, n0 + 16 np) of Bd as expansion panels
       if (lora) {
         const int64_t r = s_.r, nrows = std::min(np * kPanelRows, H - n0);
-        bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, false, kLoraA, task_buffer<T>(kConvert, nrows * r));
+        bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, r, false, kLoraA, task_buffer<T>(kConvert, nrows * r));
       }
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1232,7 +1238,8 @@ class Backward {
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       // Bd [H, r] is B^T of the contraction dY . Bd.
-      const SlicePanels<Act> b = pack_lora(k_, lora, L::DownB, e, 0, H, true, kPanels, task_buffer<T>(kConvert, H * r));
+      const SlicePanels<Act> b =
+          pack_lora(k_, lora, L::DownB, e, 0, H, 0, r, true, kPanels, task_buffer<T>(kConvert, H * r));
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       T* scaled = task_buffer<T>(kStageB, r);
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -1295,14 +1302,7 @@ class Backward {
         const T *bg = nullptr, *bu = nullptr;
         if (lora) {
           T* scratch = task_buffer<T>(kConvert, 3 * kc * r);
-          ad.stride = act_panel_elems(r);
-          Act* panels = task_buffer<Act>(kLoraA, ceil_div(kc, kPanelRows) * ad.stride);
-          if (lora->pack_bits(k_, L::DownA, e, 0, r, k0, kc, true, panels, ad.stride)) {
-            ad.hi = panels;
-          } else {
-            for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, k0, kc, scratch + q * kc);
-            ad = pack_slice(k_, scratch, kc, kc, r, true, lora->has_lo(L::DownA), kLoraA);
-          }
+          ad = pack_lora(k_, *lora, L::DownA, e, 0, r, k0, kc, true, kLoraA, scratch);
           bg = lora->rows_of(L::GateB, e, k0, kc, scratch + r * kc);
           bu = lora->rows_of(L::UpB, e, k0, kc, scratch + 2 * r * kc);
         }
