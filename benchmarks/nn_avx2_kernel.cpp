@@ -4,7 +4,7 @@
 // dh, gate/up 1408 x 2048 for dx), 64-column blocks as the backward's tasks, m rows of one expert,
 // each rep on another of 8 experts' weights (as a decode step reads each expert once, from DRAM).
 // The old source is compiled with its namespace renamed (its own includes, from its own directory),
-// so both tables live in one binary:
+// so both tables live in one binary; it must have this checkout's gemm_nn interface (W as NnWeights):
 //   git worktree add /tmp/old REV && k=kt_ops_csrc/kernels &&
 //   g++ -O3 -std=c++17 -ffp-contract=off -I/tmp/old/$k -Dkt=kt_old -c /tmp/old/$k/gemm_avx2.cpp -o /tmp/old_nn.o &&
 //   g++ -O3 -std=c++17 -ffp-contract=off -I$k benchmarks/nn_avx2_kernel.cpp /tmp/old_nn.o $k/gemm_avx2.cpp \
@@ -41,10 +41,12 @@ int main() {
       double best[2] = {1e9, 1e9};
       for (int rep = 0; rep < kReps; ++rep)
         for (int v = 0; v < 2; ++v) {
-          const uint16_t* we = w.data() + static_cast<size_t>(rep % kExperts) * n_padded * kp * 2;
+          NnWeights we;
+          we.panels = w.data() + static_cast<size_t>(rep % kExperts) * n_padded * kp * 2;
+          we.kp = kp;
           const auto t0 = std::chrono::steady_clock::now();
           for (int k0 = 0, b = 0; k0 < K; k0 += kCols, ++b)
-            tables[v]->gemm_nn(a.data(), lda, m, n_padded, we, kp, k0, std::min(kCols, K - k0),
+            tables[v]->gemm_nn(a.data(), lda, m, n_padded, we, k0, std::min(kCols, K - k0),
                                c[v].data() + static_cast<size_t>(b) * row_capacity(m) * kCols, kCols, false, nullptr);
           best[v] = std::min(best[v], std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }

@@ -134,12 +134,6 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
   return {format_, data_ + expert * expert_bytes_, scales_ + expert * expert_scales_, cols_, groups_};
 }
 
-const uint16_t* ExpertWeights::dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp,
-                                           uint16_t* out) const {
-  dequant_kernels().dequant(matrix(expert), p0, np, kp0, nkp, out);
-  return out;
-}
-
 bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np,
                                   float* c) const {
   if (format_ == WeightFormat::Bf16 || m > kDirectQuantRows) return false;
@@ -156,20 +150,20 @@ const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np,
   panel_stride = k_pairs(cols_) * 2 * kPanelRows;
   if (format_ == WeightFormat::Bf16)
     return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_) + p0 * panel_stride;
-  return dequantized(expert, p0, np, 0, k_pairs(cols_), buffer);
+  dequant_kernels().dequant(matrix(expert), p0, np, 0, k_pairs(cols_), buffer);
+  return buffer;
 }
 
-const uint16_t* ExpertWeights::nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first,
-                                         uint16_t* buffer) const {
+NnWeights ExpertWeights::nn_weights(int64_t expert) const {
+  NnWeights w;
   if (format_ == WeightFormat::Bf16) {
-    k_total = cols_;
-    k_first = k0;
-    return reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_);
+    w.panels = reinterpret_cast<const uint16_t*>(data_ + expert * expert_bytes_);
+    w.kp = k_pairs(cols_);
+  } else {
+    w.codes = matrix(expert);
+    w.dequant = dequant_kernels().dequant;
   }
-  const int64_t kp0 = k0 / 2, nkp = k_pairs(k0 + kc) - kp0;
-  k_total = 2 * nkp;
-  k_first = 0;
-  return dequantized(expert, 0, padded_rows(rows_) / kPanelRows, kp0, nkp, buffer);
+  return w;
 }
 
 namespace {

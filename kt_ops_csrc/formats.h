@@ -35,19 +35,14 @@ class ExpertWeights {
   // nt_buffer_elems(np) values.
   const uint16_t* nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& panel_stride, uint16_t* buffer) const;
   int64_t nt_buffer_elems(int64_t np) const { return np * k_pairs(cols_) * 2 * kPanelRows; }
-  // All panels, columns [k0, k0 + kc) (k0 even), for repack_nn: W[n, k0 + c] is column k_first + c
-  // of the returned panels, which hold k_pairs(k_total) pairs each; quantized formats are dequantized
-  // into `buffer` (room for nn_buffer_elems(kc) values).
-  const uint16_t* nn_panels(int64_t expert, int64_t k0, int64_t kc, int64_t& k_total, int64_t& k_first,
-                            uint16_t* buffer) const;
-  int64_t nn_buffer_elems(int64_t kc) const { return padded_rows(rows_) * (k_pairs(kc) + 1) * 2; }
+  // W as gemm_nn reads it (gemm.h): the packed bf16 panels, or the codes with this CPU's dequantizer.
+  NnWeights nn_weights(int64_t expert) const;
   bool is_bf16() const { return format_ == WeightFormat::Bf16; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
 
  private:
   QuantMatrix matrix(int64_t expert) const;
-  const uint16_t* dequantized(int64_t expert, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) const;
 
   WeightFormat format_;
   const uint8_t* data_;

@@ -450,10 +450,9 @@ std::vector<BlockRun> block_runs(const Routing& routing, int64_t cols, int64_t c
 template <typename Act>
 void prefetch_columns(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc, ExtraProducts<Act>& extra) {
   if (!w.is_bf16() || kc <= 0) return;
-  int64_t k_total, k_first;
-  const uint16_t* base = w.nn_panels(e, k0, kc, k_total, k_first, nullptr);
-  extra.prefetch = reinterpret_cast<const char*>(base + (k_first / 2) * 2 * kPanelRows);
-  extra.prefetch_stride = k_pairs(k_total) * 2 * kPanelRows * static_cast<int64_t>(sizeof(uint16_t));
+  const NnWeights panels = w.nn_weights(e);
+  extra.prefetch = reinterpret_cast<const char*>(panels.panels + (k0 / 2) * 2 * kPanelRows);
+  extra.prefetch_stride = panels.kp * 2 * kPanelRows * static_cast<int64_t>(sizeof(uint16_t));
   extra.prefetch_rows = static_cast<int>(padded_rows(w.rows()) / kPanelRows);
   extra.prefetch_lines = static_cast<int>(ceil_div(kc, 2));
 }
@@ -789,21 +788,6 @@ const float* act_row_f32(const Kernels<T, Act>& k, const Act* row, int64_t n, fl
     }
     return scratch;
   }
-}
-
-// W's columns [k0, k0 + kc) where gemm_nn reads them: the packed weights, or (quantized formats)
-// those columns dequantized into `slot`.
-struct NnSource {
-  const uint16_t* w;
-  int64_t kp;
-  int col0;
-};
-
-inline NnSource nn_source(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc, Slot slot) {
-  uint16_t* buffer = w.is_bf16() ? nullptr : task_buffer<uint16_t>(slot, w.nn_buffer_elems(kc));
-  int64_t k_total, k_first;
-  const uint16_t* panels = w.nn_panels(e, k0, kc, k_total, k_first, buffer);
-  return {panels, k_pairs(k_total), static_cast<int>(k_first)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1284,7 +1268,7 @@ class Backward {
         const int64_t k0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, I - k0);
         const bool last_block = k0 + kc == I;
-        const NnSource wd = nn_source(down_w_, e, k0, kc, kWeightsA);
+        const NnWeights wd = down_w_.nn_weights(e);
         // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
         // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
@@ -1314,8 +1298,8 @@ class Backward {
           if (lora) extra = expansion(ad, dyb_act(c0), r);
           if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count)
             prefetch_columns(down_w_, e, k0 + kNnCols, std::min(kNnCols, I - k0 - kNnCols), extra);
-          k_.gemm_nn(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), wd.w, wd.kp, wd.col0, kc, c, kNnCols, false,
-                     &extra);
+          k_.gemm_nn(dys_.data() + c0 * ldx_, ldx_, m, padded_rows(s_.H), wd, static_cast<int>(k0), kc, c, kNnCols,
+                     false, &extra);
           for (int64_t i = 0; i < m; ++i) {
             const int64_t row = c0 + i, p = order_[row];
             T* h = h_rows + i * kNnCols;
@@ -1398,7 +1382,7 @@ class Backward {
       for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
         const int64_t h0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, H - h0);
-        const NnSource wg = nn_source(gate_w_, e, h0, kc, kWeightsA), wu = nn_source(up_w_, e, h0, kc, kWeightsB);
+        const NnWeights wg = gate_w_.nn_weights(e), wu = up_w_.nn_weights(e);
         // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
         // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
@@ -1429,8 +1413,8 @@ class Backward {
             prefetch_columns(gate_w_, e, next, next_kc, next_g);
             prefetch_columns(up_w_, e, next, next_kc, extra_u);
           }
-          k_.gemm_nn(dgs_.data() + c0 * ldi_, ldi_, m, Ip, wg.w, wg.kp, wg.col0, kc, c, kNnCols, false, &next_g);
-          k_.gemm_nn(dus_.data() + c0 * ldi_, ldi_, m, Ip, wu.w, wu.kp, wu.col0, kc, c, kNnCols, true, &extra_u);
+          k_.gemm_nn(dgs_.data() + c0 * ldi_, ldi_, m, Ip, wg, static_cast<int>(h0), kc, c, kNnCols, false, &next_g);
+          k_.gemm_nn(dus_.data() + c0 * ldi_, ldi_, m, Ip, wu, static_cast<int>(h0), kc, c, kNnCols, true, &extra_u);
           for (int64_t i = 0; i < m; ++i) {
             const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
             std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);

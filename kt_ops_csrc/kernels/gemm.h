@@ -30,6 +30,8 @@
 #pragma once
 #include <cstdint>
 
+#include "quant.h"
+
 namespace kt {
 
 constexpr int kPanelRows = 16;
@@ -71,6 +73,17 @@ struct ExtraProducts {
   int prefetch_rows = 0, prefetch_lines = 0;
 };
 
+// W [n_padded x K] as gemm_nn reads it: bf16 weight panels (k_pairs(K) = kp pairs each), or a
+// quantized format's codes (quant.h), which the kernel dequantizes a panel's few wanted pairs at a
+// time as it reaches them, with `dequant`: the bf16 values never take a pass of their own through
+// memory. Either gives the same bits as the other on the same values.
+struct NnWeights {
+  const uint16_t* panels = nullptr;  // bf16; nullptr: codes
+  int64_t kp = 0;
+  QuantMatrix codes{};
+  void (*dequant)(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) = nullptr;
+};
+
 template <typename T, typename Act>
 struct Kernels {
   using act_type = Act;
@@ -82,18 +95,17 @@ struct Kernels {
   void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c, int64_t ldc,
                  bool accumulate);
   // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
-  // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), W
-  // given in its packed layout (n_padded rows, kp pairs; as repack_nn reads it), A rows of
-  // n_padded values. Columns from ncols on see zero weights. A row's result does not depend on m, bit
-  // for bit (data-parallel training compares half batches with whole ones).
-  void (*gemm_nn)(const Act* a, int64_t lda, int m, int n_padded, const uint16_t* w, int64_t kp, int col0, int ncols,
-                  T* c, int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
+  // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), A rows
+  // of n_padded values. Columns from ncols on see zero weights. A row's result does not depend on m,
+  // bit for bit (data-parallel training compares half batches with whole ones).
+  void (*gemm_nn)(const Act* a, int64_t lda, int m, int n_padded, const NnWeights& w, int col0, int ncols, T* c,
+                  int64_t ldc, bool accumulate, const ExtraProducts<Act>* extra);
   // Weight panels of W^T for gemm_nn-shaped products (the reduction over W's rows n): columns
-  // [col0, col0 + ncols) (col0 even) of the stored W [n_padded x K, k_pairs(K) = kp], transposed, as
-  // ceil(ncols / 16) panels panel_stride apart: row j of panel b holds (W[2j, c], W[2j + 1, c]) for
-  // its 16 columns c = col0 + 16 b + ... (zero beyond ncols), n pairs j < n_padded / 2; pairs
-  // [n_padded / 2, total_pairs) are zero.
-  void (*repack_nn)(const uint16_t* w, int64_t kp, int n_padded, int total_pairs, int col0, int ncols, uint16_t* dst,
+  // [col0, col0 + ncols) (col0 even) of W [n_padded x K], transposed, as ceil(ncols / 16) panels
+  // panel_stride apart: row j of panel b holds (W[2j, c], W[2j + 1, c]) for its 16 columns
+  // c = col0 + 16 b + ... (zero beyond ncols), n pairs j < n_padded / 2; pairs [n_padded / 2,
+  // total_pairs) are zero.
+  void (*repack_nn)(const NnWeights& w, int n_padded, int total_pairs, int col0, int ncols, uint16_t* dst,
                     int64_t panel_stride);
   // dst[0, n) = act(src[0, n)), dst[n, n_padded) = 0; from T or from bf16 bits.
   void (*to_act)(const T* src, int64_t n, Act* dst, int64_t n_padded);

@@ -38,6 +38,8 @@ static constexpr bool has_zero_point(WeightFormat f) {
 static constexpr bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
 // One byte per weight (int8 codes or fp8 codes): 2 bytes per (row, k pair) slot.
 static constexpr bool is_byte_coded(WeightFormat f) { return is_int8(f) || f == WeightFormat::Fp8; }
+// Bytes of one k pair of a panel (16 rows x 2 weights): the unit of the codes' panel / pair order.
+static constexpr int64_t code_bytes_per_pair(WeightFormat f) { return is_byte_coded(f) ? 32 : 16; }
 
 // The exact fp32 value of an E4M3 code (every one is exact in fp32; NaN for 0x7F and 0xFF).
 static inline float e4m3_value(uint8_t code) {

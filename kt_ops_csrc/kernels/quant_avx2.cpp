@@ -195,7 +195,7 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, flo
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool int8 = is_int8(w.format), zero_point = has_zero_point(w.format);
   const bool offset = !int8 && w.format != WeightFormat::Fp8;  // the 4-bit formats
-  const int64_t pair_bytes = is_byte_coded(w.format) ? 2 * kPanelRows : kPanelRows;
+  const int64_t pair_bytes = code_bytes_per_pair(w.format);
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
   __m256 t00 = _mm256_setzero_ps(), t01 = _mm256_setzero_ps(), t02 = _mm256_setzero_ps(), t03 = _mm256_setzero_ps();

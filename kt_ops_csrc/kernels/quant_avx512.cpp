@@ -146,7 +146,7 @@ constexpr int64_t kPanelsAhead = 2;
 void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
-  const int64_t pair_bytes = nibbles ? kPanelRows : kPairValues, range_bytes = nkp * pair_bytes;
+  const int64_t pair_bytes = code_bytes_per_pair(w.format), range_bytes = nkp * pair_bytes;
   const Fp8Table fp8 = w.format == WeightFormat::Fp8 ? fp8_table() : Fp8Table{};
   const __m512 eight = _mm512_set1_ps(8.0f);
   // word 2i: row i's even k (word i of the rounded pair), word 2i + 1: its odd k (word 16 + i)
@@ -210,7 +210,7 @@ template <int MR>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, const Fp8Table& fp8, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
-  const int64_t pair_bytes = nibbles ? kPanelRows : kPairValues;
+  const int64_t pair_bytes = code_bytes_per_pair(w.format);
   // x[k] for every lane, broadcast from memory; the padding k of an odd K multiplies a zero, not
   // what lies past the row
   const auto x_at = [&](int r, int64_t k) { return _mm512_set1_ps(a[r][k]); };

@@ -103,6 +103,12 @@ struct Weights {  // W [N, K] in bf16, packed as weight panels at its exact size
   }
   ~Weights() { std::free(packed); }
   float at(int n, int k) const { return n < N && k < K ? w[size_t(n) * K + k] : 0.0f; }
+  NnWeights nn() const {
+    NnWeights nw;
+    nw.panels = packed;
+    nw.kp = k_pairs(K);
+    return nw;
+  }
 };
 
 template <typename Act>
@@ -272,7 +278,7 @@ static void test_repack(const Table<Act>& t, int N, int K, int col0, int ncols) 
   const int64_t stride = int64_t(pairs) * 32;
   const int blocks = (ncols + 15) / 16;
   uint16_t* dst = exact<uint16_t>(size_t(blocks) * stride);
-  t.k->repack_nn(W.packed, k_pairs(K), n_padded, pairs, col0, ncols, dst, stride);
+  t.k->repack_nn(W.nn(), n_padded, pairs, col0, ncols, dst, stride);
   char ctx[96];
   std::snprintf(ctx, sizeof ctx, "N=%d K=%d col0=%d ncols=%d", N, K, col0, ncols);
   for (int b = 0; b < blocks; ++b)
@@ -301,7 +307,7 @@ static void test_nn(const Table<Act>& t, int m, int N, int K, int col0, int ncol
   std::vector<float> c0(size_t(m) * ldc);
   for (int i = 0; i < m; ++i)
     for (int j = 0; j < ldc; ++j) c[i * ldc + j] = c0[i * ldc + j] = accumulate ? randn() : 12345.0f;
-  t.k->gemm_nn(A.a, A.lda, m, n_padded, W.packed, k_pairs(K), col0, ncols, c, ldc, accumulate, nullptr);
+  t.k->gemm_nn(A.a, A.lda, m, n_padded, W.nn(), col0, ncols, c, ldc, accumulate, nullptr);
   char ctx[128];
   std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d col0=%d ncols=%d acc=%d", m, N, K, col0, ncols, accumulate);
   for (int i = 0; i < m; ++i)
@@ -351,7 +357,7 @@ static void test_nn_batch_invariant(const Table<Act>& t, int N, int K, int col0,
     float* c = exact<float>(size_t(row_capacity(m)) * ldc);
     std::memcpy(c, c0.data() + r0 * ldc, sizeof(float) * m * ldc);
     for (int e = 0; e < extras; ++e) extra.a[e] = EA.a + r0 * EA.lda + e * act_stride(Ke);
-    t.k->gemm_nn(A.a + r0 * A.lda, A.lda, m, n_padded, W.packed, k_pairs(K), col0, ncols, c, ldc, accumulate,
+    t.k->gemm_nn(A.a + r0 * A.lda, A.lda, m, n_padded, W.nn(), col0, ncols, c, ldc, accumulate,
                  extras ? &extra : nullptr);
     std::vector<float> rows(c, c + size_t(m) * ldc);
     std::free(c);
@@ -369,6 +375,58 @@ static void test_nn_batch_invariant(const Table<Act>& t, int N, int K, int col0,
     }
   }
   for (auto p : eb) delete p;
+}
+
+// gemm_nn and repack_nn on a quantized format's codes (the kernel dequantizes them as it goes, with
+// the reference dequantizer here) give bit for bit what they give on the same codes dequantized
+// into bf16 panels first.
+template <typename Act>
+static void test_nn_codes(const Table<Act>& t, WeightFormat format, int m, int N, int K, int col0, int ncols,
+                          bool accumulate) {
+  const int n_padded = int(padded_rows(N)), kp = int(k_pairs(K));
+  const int64_t groups = is_grouped(format) && K % 4 == 0 ? 2 : 1, width = has_zero_point(format) ? 2 : 1;
+  const size_t code_bytes = size_t(n_padded / 16) * kp * code_bytes_per_pair(format);
+  uint8_t* codes = exact<uint8_t>(code_bytes);
+  for (size_t i = 0; i < code_bytes; ++i) codes[i] = uint8_t(rng());
+  std::vector<float> scales(size_t(n_padded) * groups * width);
+  for (auto& x : scales) x = randn() * 0.01f;
+  const QuantMatrix q{format, codes, scales.data(), K, groups};
+  uint16_t* panels = exact<uint16_t>(size_t(n_padded) * kp * 2);
+  ref_dequant().dequant(q, 0, n_padded / 16, 0, kp, panels);
+  NnWeights on_codes, on_panels;
+  on_codes.codes = q;
+  on_codes.dequant = ref_dequant().dequant;
+  on_panels.panels = panels;
+  on_panels.kp = kp;
+  char ctx[128];
+  std::snprintf(ctx, sizeof ctx, "%s m=%d N=%d K=%d col0=%d ncols=%d acc=%d", weight_format_name(format), m, N, K, col0,
+                ncols, accumulate);
+  const int np = (ncols + 15) / 16;
+  const int64_t stride = int64_t(n_padded) * 16;
+  std::vector<uint16_t> repacked[2];
+  for (int i = 0; i < 2; ++i) {
+    uint16_t* dst = exact<uint16_t>(size_t(np) * stride);
+    t.k->repack_nn(i ? on_panels : on_codes, n_padded, n_padded / 2, col0, ncols, dst, stride);
+    repacked[i].assign(dst, dst + size_t(np) * stride);
+    std::free(dst);
+  }
+  if (repacked[0] != repacked[1] && failures++ < 20)
+    std::printf("FAIL %s repack_nn on codes differs from on panels: %s\n", t.name.c_str(), ctx);
+  Rows<Act> A(m, n_padded, 2 * rint_(0, 2));
+  const int64_t ldc = np * 16;
+  std::vector<float> c0(size_t(m) * ldc), results[2];
+  for (auto& x : c0) x = randn();
+  for (int i = 0; i < 2; ++i) {
+    float* c = exact<float>(size_t(row_capacity(m)) * ldc);
+    std::memcpy(c, c0.data(), sizeof(float) * c0.size());
+    t.k->gemm_nn(A.a, A.lda, m, n_padded, i ? on_panels : on_codes, col0, ncols, c, ldc, accumulate, nullptr);
+    results[i].assign(c, c + size_t(m) * ldc);
+    std::free(c);
+  }
+  if (std::memcmp(results[0].data(), results[1].data(), sizeof(float) * results[0].size()) != 0 && failures++ < 20)
+    std::printf("FAIL %s gemm_nn on codes differs from on panels: %s\n", t.name.c_str(), ctx);
+  std::free(panels);
+  std::free(codes);
 }
 
 template <typename Act>
@@ -496,6 +554,13 @@ static void run_table(const Table<Act>& t, int iters) {
   // gemm_nn's forms change at 32 and 96 rows (AMX: 2 x 2 blocks, column tiles, repacked columns)
   for (int m : {1, 16, 17, 32, 33, 48, 80, 95, 96, 97}) test_nn(t, m, 2048, 128, 0, 64, m % 2 == 1);
   test_nn_batch_invariant(t, 2048, 1408, 64, 64, false, 0);
+  // gemm_nn on codes, in every form (rows across 4, 32, 80) and format family (odd K where allowed)
+  for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8, WeightFormat::Int4ZpKGroup})
+    for (int m : {1, 5, 20, 40, 90}) {
+      const int N = rint_(1, 100), K = is_grouped(f) ? 2 * rint_(1, 100) : rint_(1, 200);
+      const int col0 = 2 * rint_(0, (K - 1) / 2);
+      test_nn_codes(t, f, m, N, K, col0, rint_(1, std::min(64, K - col0)), m % 2 == 1);
+    }
   test_nn_batch_invariant(t, 1408, 2048, 0, 64, true, 2);
   for (int n : {0, 1, 7, 15, 16, 17, 31, 63, 64, 65, 100, 1000}) {
     test_convert(t, n);

@@ -18,7 +18,7 @@ flags=(-std=c++20 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -W
 iters="${1:-200}"
 
 g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_avx512.cpp" "$k/gemm_amx.cpp" \
-  "$k/gemm_avx512_emu.cpp" "$k/gemm_avx2.cpp" -o "$out/native"
+  "$k/gemm_avx512_emu.cpp" "$k/gemm_avx2.cpp" "$k/quant_ref.cpp" -o "$out/native"
 echo "== native"
 "$out/native" "$iters"
 
@@ -34,7 +34,7 @@ if [ -f /usr/include/simde/x86/avx512.h ]; then
   sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
       -e 's|^#include <immintrin.h>|#include "gemm_simde.h"\n#include "amx_emu.h"|' "$k/gemm_amx.cpp" >"$out/src/gemm_amx.cpp"
   g++ "${flags[@]}" -DKT_SIMDE "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" \
-    "$out/src/gemm_avx512.cpp" "$out/src/gemm_amx.cpp" "$k/gemm_avx512_emu.cpp" -o "$out/simde" 2> >(grep -v "variable tracking\|^ *[0-9]* |\|^ *|\|In function" >&2)
+    "$out/src/gemm_avx512.cpp" "$out/src/gemm_amx.cpp" "$k/gemm_avx512_emu.cpp" "$k/quant_ref.cpp" -o "$out/simde" 2> >(grep -v "variable tracking\|^ *[0-9]* |\|^ *|\|In function" >&2)
   echo "== simde"
   "$out/simde" "$iters"
   sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
