@@ -130,6 +130,42 @@ inline PairValues pair_values(const QuantMatrix& w, int64_t pair_row, const Fp8T
   return nibble_values(w.data + pair_row * kPanelRows);
 }
 
+// w = code * scale (+ min) per row, in fp32 without FMA (quant.h's rule); int4 codes are offset by -8.
+inline PairValues scaled(PairValues v, const PanelScales& s, bool nibbles, bool zero_point) {
+  if (nibbles && zero_point)
+    return {_mm512_add_ps(_mm512_mul_ps(v.even, s.scale), s.offset),
+            _mm512_add_ps(_mm512_mul_ps(v.odd, s.scale), s.offset)};
+  if (nibbles) {
+    v.even = _mm512_sub_ps(v.even, _mm512_set1_ps(8.0f));
+    v.odd = _mm512_sub_ps(v.odd, _mm512_set1_ps(8.0f));
+  }
+  return {_mm512_mul_ps(v.even, s.scale), _mm512_mul_ps(v.odd, s.scale)};
+}
+
+// One k pair of int8 codes dequantized in stored order: rows 0-7 and 8-15 widened straight to fp32
+// (lane 2i + h: row i's k half h) against each row's scale in both of its lanes (scale_lo: rows 0-7,
+// scale_hi: rows 8-15), so the rounded words come out in the panel's order, with no even / odd split
+// to undo.
+struct Int8PairScales {
+  __m512 lo, hi;
+};
+
+inline Int8PairScales int8_pair_scales(const PanelScales& s) {
+  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  return {_mm512_permutexvar_ps(row_of_lane, s.scale),
+          _mm512_permutexvar_ps(_mm512_add_epi32(row_of_lane, _mm512_set1_epi32(8)), s.scale)};
+}
+
+inline __m512i int8_pair_bf16(const int8_t* codes, const Int8PairScales& s) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16))));
+  const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s.hi), _mm512_mul_ps(lo, s.lo));
+  __m512i words;
+  std::memcpy(&words, &rounded, sizeof(words));
+  return words;
+}
+
 // As in the AVX2 table: fetching 1 KiB ahead keeps more lines in flight than the short loops would.
 constexpr int64_t kPrefetchBytes = 1024;
 
@@ -148,7 +184,6 @@ void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, i
   const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
   const int64_t pair_bytes = code_bytes_per_pair(w.format), range_bytes = nkp * pair_bytes;
   const Fp8Table fp8 = w.format == WeightFormat::Fp8 ? fp8_table() : Fp8Table{};
-  const __m512 eight = _mm512_set1_ps(8.0f);
   // word 2i: row i's even k (word i of the rounded pair), word 2i + 1: its odd k (word 16 + i)
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                               6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -168,21 +203,20 @@ void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, i
         q0 = q1;
         continue;
       }
+      if (is_int8(w.format)) {
+        const Int8PairScales scales = int8_pair_scales(s);
+        for (; q0 < q1; ++q0, dst += kPairValues) {
+          const int64_t pair_row = (p0 + p) * Kp + kp0 + q0;
+          if (range_bytes > kShortRangeBytes) prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
+          _mm512_storeu_si512(dst,
+                              int8_pair_bf16(reinterpret_cast<const int8_t*>(w.data) + pair_row * pair_bytes, scales));
+        }
+        continue;
+      }
       for (; q0 < q1; ++q0, dst += kPairValues) {
         const int64_t pair_row = (p0 + p) * Kp + kp0 + q0;
         if (range_bytes > kShortRangeBytes) prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
-        PairValues v = pair_values(w, pair_row, fp8);
-        if (nibbles && zero_point) {
-          v.even = _mm512_add_ps(_mm512_mul_ps(v.even, s.scale), s.offset);
-          v.odd = _mm512_add_ps(_mm512_mul_ps(v.odd, s.scale), s.offset);
-        } else {
-          if (nibbles) {
-            v.even = _mm512_sub_ps(v.even, eight);
-            v.odd = _mm512_sub_ps(v.odd, eight);
-          }
-          v.even = _mm512_mul_ps(v.even, s.scale);
-          v.odd = _mm512_mul_ps(v.odd, s.scale);
-        }
+        const PairValues v = scaled(pair_values(w, pair_row, fp8), s, nibbles, zero_point);
         const __m512bh rounded = _mm512_cvtne2ps_pbh(v.odd, v.even);  // even rows in words 0-15
         __m512i words;
         std::memcpy(&words, &rounded, sizeof(words));
