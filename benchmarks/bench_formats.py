@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Weight formats side by side in one run: kt_ops forward (and forward+backward) per SFT method on
 the same weights and inputs, with the ratio to BF16. Default: DeepSeek-V2-Lite layer (E=64,
-H=2048, I=1408, k=6, LoRA r=16), qlen 1 (decode) and 512 (prefill), 2 threads.
+H=2048, I=1408, k=6, LoRA r=16), qlen 1 (decode: a rotation of tokens over all experts, so that the
+weights stream from DRAM) and 512 (prefill), 2 threads.
 
   .venv/bin/python benchmarks/bench_formats.py [--qlens 1,512] [--threads 2] [--quick]
       [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
@@ -33,6 +34,7 @@ from common import (
     machine_line,
     measure_alternating,
     parse_ints,
+    random_routed,
     set_threads,
 )
 from kt_ops.core.formats import SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
@@ -42,18 +44,33 @@ METHODS = SFT_METHODS + tuple(f for f in WEIGHT_FORMATS if f not in (SFT_METHOD_
 
 
 def build(args):
-    """Layers and inputs, identical in every process that calls this with the same arguments."""
+    """Layers and inputs, identical in every process that calls this with the same arguments. qlen 1
+    (decode) gets a rotation of routings that together hit every expert twice: one fixed token would
+    keep its few experts' weights in a large last-level cache (hundreds of MB on server CPUs) from
+    call to call, and time a cache instead of the DRAM streaming a decode step does."""
     shape = QUICK if args.quick else DSV2_LITE
     set_threads(args.threads)
     prob = Problem(shape, [1, 64] if args.quick else parse_ints(args.qlens))
     layers = {method: prob.layer(method, group_size=args.group_size) for method in args.methods.split(",")}
     prob.release_weights()
-    return shape, list(prob.inputs), layers, prob.inputs
+    inputs = dict(prob.inputs)
+    if 1 in inputs:
+        gen = torch.Generator().manual_seed(1)
+        inputs[1] = [random_routed(shape, 1, gen) for _ in range(2 * -(-shape.E // shape.k))]
+    return shape, list(prob.inputs), layers, inputs
+
+
+_next_routing = {}  # (method, backward) -> calls made with a rotation of routings
 
 
 def timed_call(layers, inputs, method, q, backward):
-    """Seconds for one forward (no grad) or forward+backward of `method` at qlen q."""
+    """Seconds for one forward (no grad) or forward+backward of `method` at qlen q (the next routing of
+    a rotation, where q has one)."""
     layer, inp = layers[method], inputs[q]
+    if isinstance(inp, list):
+        n = _next_routing.get((method, backward), 0)
+        _next_routing[(method, backward)] = n + 1
+        inp = inp[n % len(inp)]
     t0 = time.perf_counter()
     if backward:
         layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).sum().backward()
