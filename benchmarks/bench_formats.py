@@ -31,6 +31,7 @@ from common import (
     LoadWatch,
     MarkdownTable,
     Problem,
+    count_as_own,
     machine_line,
     measure_alternating,
     parse_ints,
@@ -102,6 +103,7 @@ class Baseline:
             stdout=subprocess.PIPE,
             text=True,
         )
+        count_as_own(self.proc.pid)
         self.path = json.loads(self.proc.stdout.readline())["ready"]
         if not os.path.abspath(self.path).startswith(os.path.abspath(directory)):
             raise RuntimeError(f"--baseline {directory}: the child imported kt_ops from {self.path}")
