@@ -1264,11 +1264,11 @@ class Backward {
     const T* wp = w_.data_ptr<T>();
     parallel_for(runs.size(), [&](int64_t ti) {
       const int64_t e = runs[ti].expert;
+      const NnWeights wd = down_w_.nn_weights(e);
       for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
         const int64_t k0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, I - k0);
         const bool last_block = k0 + kc == I;
-        const NnWeights wd = down_w_.nn_weights(e);
         // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
         // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
@@ -1379,10 +1379,10 @@ class Backward {
     const T* wp = w_.data_ptr<T>();
     parallel_for(runs.size(), [&](int64_t ti) {
       const int64_t e = runs[ti].expert;
+      const NnWeights wg = gate_w_.nn_weights(e), wu = up_w_.nn_weights(e);
       for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
         const int64_t h0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, H - h0);
-        const NnWeights wg = gate_w_.nn_weights(e), wu = up_w_.nn_weights(e);
         // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
         // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);

@@ -181,7 +181,7 @@ constexpr int64_t kPanelsAhead = 2;
 
 void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
-  const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
+  const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format), int8 = is_int8(w.format);
   const int64_t pair_bytes = code_bytes_per_pair(w.format), range_bytes = nkp * pair_bytes;
   const Fp8Table fp8 = w.format == WeightFormat::Fp8 ? fp8_table() : Fp8Table{};
   // word 2i: row i's even k (word i of the rounded pair), word 2i + 1: its odd k (word 16 + i)
@@ -203,19 +203,15 @@ void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, i
         q0 = q1;
         continue;
       }
-      if (is_int8(w.format)) {
-        const Int8PairScales scales = int8_pair_scales(s);
-        for (; q0 < q1; ++q0, dst += kPairValues) {
-          const int64_t pair_row = (p0 + p) * Kp + kp0 + q0;
-          if (range_bytes > kShortRangeBytes) prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
-          _mm512_storeu_si512(dst,
-                              int8_pair_bf16(reinterpret_cast<const int8_t*>(w.data) + pair_row * pair_bytes, scales));
-        }
-        continue;
-      }
+      const Int8PairScales int8_scales = int8 ? int8_pair_scales(s) : Int8PairScales{};
       for (; q0 < q1; ++q0, dst += kPairValues) {
         const int64_t pair_row = (p0 + p) * Kp + kp0 + q0;
         if (range_bytes > kShortRangeBytes) prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
+        if (int8) {
+          _mm512_storeu_si512(
+              dst, int8_pair_bf16(reinterpret_cast<const int8_t*>(w.data) + pair_row * pair_bytes, int8_scales));
+          continue;
+        }
         const PairValues v = scaled(pair_values(w, pair_row, fp8), s, nibbles, zero_point);
         const __m512bh rounded = _mm512_cvtne2ps_pbh(v.odd, v.even);  // even rows in words 0-15
         __m512i words;
