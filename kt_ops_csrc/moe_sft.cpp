@@ -1127,6 +1127,7 @@ class Backward {
         ld2r_(expansion_stride<Act>(2 * s.r)), blocks_i_(ceil_div(padded_rows(s.I), kNnCols)),
         dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
         dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), rank_(std::max<int64_t>(3 * R_ * s.r, 1)),
+        grad_factors_(std::max<int64_t>(3 * R_ * s.r, 1)),
         rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
         rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)),
         dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)), dx_pairs_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
@@ -1194,6 +1195,7 @@ class Backward {
   Act* dgub_act(int64_t row) const { return rank_act_.data() + row_buffer(R_) * ldr_ + row * ld2r_; }
   // lora_mid's plane (0 xa_g, 1 xa_u, 2 ha) for pair p.
   const T* mid(int plane, int64_t p) const { return mid_data_ + (plane * s_.pairs() + p) * s_.r; }
+  T* grad_factors(int64_t row) const { return grad_factors_.data() + row * 3 * s_.r; }
 
   std::vector<Tensor> lora_grad_tensors() const {
     const Tensor* inputs[6] = {&lora_args_.gate_a, &lora_args_.gate_b, &lora_args_.up_a,
@@ -1215,10 +1217,11 @@ class Backward {
     });
   }
 
-  // dYB = dY . Bd per expert (rank(0)), s dYB as activations.
+  // dYB = dY . Bd per expert (rank(0)), s dYB as activations, and grad_h's gradient factors.
   void down_rank_products(const LoraMatrices<T, Act>& lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t r = s_.r, H = s_.H, np = ceil_div(r, kPanelRows), ldc = np * kPanelRows;
+    const T* wp = w_.data_ptr<T>();
     parallel_for(routing_.hit_experts.size(), [&](int64_t slot) {
       const int64_t e = routing_.hit_experts[slot];
       // Bd [H, r] is B^T of the contraction dY . Bd.
@@ -1238,6 +1241,15 @@ class Backward {
           std::copy(ci, ci + r, rank(0, c0 + i));
           for (int64_t q = 0; q < r; ++q) scaled[q] = scaling_ * ci[q];
           expansion_row(k_, scaled, r, dyb_act(c0 + i));
+          if (lora_grads_) {
+            const int64_t p = order_[c0 + i];
+            T* f = grad_factors(c0 + i);
+            for (int64_t q = 0; q < r; ++q) {
+              f[q] = scaling_ * mid(0, p)[q];
+              f[r + q] = scaling_ * mid(1, p)[q];
+              f[2 * r + q] = scaling_ * wp[p] * ci[q];
+            }
+          }
         }
       }
     });
@@ -1269,15 +1281,14 @@ class Backward {
         const int64_t k0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, I - k0);
         const bool last_block = k0 + kc == I;
-        // T scratch: a chunk's rows of h, dg and du and of s xa_g, s xa_u, s w dYB; the block's dBg
-        // [kc][r], dBu [kc][r] and dAd [r][kc] accumulators.
+        // T scratch: a chunk's rows of h, dg and du; the block's dBg [kc][r], dBu [kc][r] and dAd
+        // [r][kc] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
         const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
-        T* h_rows = task_buffer<T>(kPanels, 3 * chunk * kNnCols + 3 * chunk * r + grads);
+        T* h_rows = task_buffer<T>(kPanels, 3 * chunk * kNnCols + grads);
         T* dg_rows = h_rows + chunk * kNnCols;
         T* du_rows = dg_rows + chunk * kNnCols;
-        T* rank_rows = du_rows + chunk * kNnCols;
-        T* acc = rank_rows + 3 * chunk * r;
+        T* acc = du_rows + chunk * kNnCols;
         std::fill(acc, acc + grads, T(0));
         const int64_t n_padded = last_block ? ldi_ - k0 : kc;
         // The block's LoRA: Ad's columns [k0, k0 + kc) as expansion panels (Ad [r, I] = B^T); Bg and
@@ -1312,21 +1323,14 @@ class Backward {
               k_.contract(dg, kc, bg, r, partial);
               k_.contract(du, kc, bu, r, partial + r);
             }
-            if (lora_grads_) {
-              T* rr = rank_rows + i * 3 * r;
-              for (int64_t q = 0; q < r; ++q) {
-                rr[q] = scaling_ * mid(0, p)[q];
-                rr[r + q] = scaling_ * mid(1, p)[q];
-                rr[2 * r + q] = scaling_ * wp[p] * rank(0, row)[q];
-              }
-            }
             k_.to_act(dg, kc, dgs_.data() + row * ldi_ + k0, n_padded);
             k_.to_act(du, kc, dus_.data() + row * ldi_ + k0, n_padded);
           }
           if (lora_grads_) {  // the chunk's terms of dBg = s dg^T xa_g, dBu = s du^T xa_u, dAd = s (w dYB)^T h
-            k_.outer_sum(dg_rows, kNnCols, kc, rank_rows, 3 * r, r, m, acc);
-            k_.outer_sum(du_rows, kNnCols, kc, rank_rows + r, 3 * r, r, m, acc + kNnCols * r);
-            k_.outer_sum(rank_rows + 2 * r, 3 * r, r, h_rows, kNnCols, kc, m, acc + 2 * kNnCols * r);
+            const T* factors = grad_factors(c0);
+            k_.outer_sum(dg_rows, kNnCols, kc, factors, 3 * r, r, m, acc);
+            k_.outer_sum(du_rows, kNnCols, kc, factors + r, 3 * r, r, m, acc + kNnCols * r);
+            k_.outer_sum(factors + 2 * r, 3 * r, r, h_rows, kNnCols, kc, m, acc + 2 * kNnCols * r);
           }
         }
         if (lora_grads_) {
@@ -1338,12 +1342,12 @@ class Backward {
     });
   }
 
-  // The routing-weight gradient; with LoRA, dgB and duB (sums of grad_h's partial contractions) and
-  // s [dgB, duB] as activations.
+  // The routing-weight gradient; with LoRA, dgB and duB (sums of grad_h's partial contractions),
+  // s [dgB, duB] as activations and grad_hidden_pairs' gradient factors.
   void per_row(T* dw) {
     const int64_t r = s_.r;
+    const T* wp = w_.data_ptr<T>();
     parallel_for(ceil_div(R_, kRowsPerTask), [&](int64_t task) {
-      T* scaled = task_buffer<T>(kStageB, 2 * r);
       for (int64_t row = task * kRowsPerTask; row < std::min(R_, (task + 1) * kRowsPerTask); ++row) {
         const int64_t p = order_[row];
         T sum = 0;
@@ -1363,11 +1367,15 @@ class Backward {
             dgb[q] += partial[b * 2 * r + q];
             dub[q] += partial[b * 2 * r + r + q];
           }
+        // grad_hidden_pairs' factors (grad_h, the last reader of the previous ones, is done); the
+        // first 2r are the values of the [dgB, duB] expansion too.
+        T* f = grad_factors(row);
         for (int64_t q = 0; q < r; ++q) {
-          scaled[q] = scaling_ * dgb[q];
-          scaled[r + q] = scaling_ * dub[q];
+          f[q] = scaling_ * dgb[q];
+          f[r + q] = scaling_ * dub[q];
+          f[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
         }
-        expansion_row(k_, scaled, 2 * r, dgub_act(row));
+        expansion_row(k_, f, 2 * r, dgub_act(row));
       }
     });
   }
@@ -1376,21 +1384,19 @@ class Backward {
     using L = LoraMatrices<T, Act>;
     const int64_t H = s_.H, Ip = padded_rows(s_.I), r = s_.r;
     const auto runs = block_runs(routing_, H, kNnCols);
-    const T* wp = w_.data_ptr<T>();
     parallel_for(runs.size(), [&](int64_t ti) {
       const int64_t e = runs[ti].expert;
       const NnWeights wg = gate_w_.nn_weights(e), wu = up_w_.nn_weights(e);
       for (int64_t block = runs[ti].first; block < runs[ti].first + runs[ti].count; ++block) {
         const int64_t h0 = block * kNnCols;
         const int64_t kc = std::min(kNnCols, H - h0);
-        // T scratch: a chunk's rows of the x and dY segments and of s dgB, s duB, s w ha; the block's
-        // dAg, dAu [r][kc] and dBd [kc][r] accumulators.
+        // T scratch: a chunk's rows of the x and dY segments; the block's dAg, dAu [r][kc] and dBd
+        // [kc][r] accumulators.
         const int64_t chunk = std::min(kChunkRows, routing_.offsets[e + 1] - routing_.offsets[e]);
         const int64_t grads = lora_grads_ ? 3 * kNnCols * r : 0;
-        T* x_rows = task_buffer<T>(kPanels, 2 * chunk * kNnCols + 3 * chunk * r + grads);
+        T* x_rows = task_buffer<T>(kPanels, 2 * chunk * kNnCols + grads);
         T* dy_rows = x_rows + chunk * kNnCols;
-        T* rank_rows = dy_rows + chunk * kNnCols;
-        T* acc = rank_rows + 3 * chunk * r;
+        T* acc = dy_rows + chunk * kNnCols;
         std::fill(acc, acc + grads, T(0));
         // The block's LoRA: [Ag; Au]'s columns [h0, h0 + kc) as expansion panels ([Ag; Au] [2r, H] =
         // B^T), from a T copy of the two stacked slices.
@@ -1419,12 +1425,6 @@ class Backward {
             const int64_t row = c0 + i, p = order_[row], t = p / s_.k;
             std::copy(c + i * kNnCols, c + i * kNnCols + kc, dx_pairs_.data() + p * H + h0);
             if (!lora_grads_) continue;
-            T* rr = rank_rows + i * 3 * r;
-            for (int64_t q = 0; q < r; ++q) {
-              rr[q] = scaling_ * rank(1, row)[q];
-              rr[r + q] = scaling_ * rank(2, row)[q];
-              rr[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
-            }
             // The exact hidden states and output gradients (as given) of the row's segment.
             T* xr = x_rows + i * kNnCols;
             T* dyr = dy_rows + i * kNnCols;
@@ -1434,9 +1434,10 @@ class Backward {
             if (dys != dyr) std::copy_n(dys, kc, dyr);
           }
           if (lora_grads_) {  // the chunk's terms of dAg = s dgB^T x, dAu = s duB^T x, dBd = s dY^T (w ha)
-            k_.outer_sum(rank_rows, 3 * r, r, x_rows, kNnCols, kc, m, acc);
-            k_.outer_sum(rank_rows + r, 3 * r, r, x_rows, kNnCols, kc, m, acc + kNnCols * r);
-            k_.outer_sum(dy_rows, kNnCols, kc, rank_rows + 2 * r, 3 * r, r, m, acc + 2 * kNnCols * r);
+            const T* factors = grad_factors(c0);
+            k_.outer_sum(factors, 3 * r, r, x_rows, kNnCols, kc, m, acc);
+            k_.outer_sum(factors + r, 3 * r, r, x_rows, kNnCols, kc, m, acc + kNnCols * r);
+            k_.outer_sum(dy_rows, kNnCols, kc, factors + 2 * r, 3 * r, r, m, acc + 2 * kNnCols * r);
           }
         }
         if (lora_grads_) {
@@ -1485,6 +1486,10 @@ class Backward {
   // [dgB, duB] and routing-weight gradients per block of I (summed by per_row); dX per pair (pair order).
   const ReusedBuffer<Act> dys_, dgs_, dus_;
   const ReusedBuffer<T> rank_;
+  // Per row (expert order), the rank-side factors of the LoRA gradients' outer sums, [3][r] each,
+  // computed once per row rather than once per column block: s xa_g, s xa_u, s w dYB for grad_h,
+  // then s dgB, s duB, s w ha for grad_hidden_pairs.
+  const ReusedBuffer<T> grad_factors_;
   const ReusedBuffer<Act> rank_act_;
   const ReusedBuffer<T> rank_partial_, dw_partial_, dx_pairs_;
   std::unique_ptr<ReusedBuffer<Act>> dys_lo_;
