@@ -1126,8 +1126,7 @@ class Backward {
         ldx_(row_stride<Act>(s.H)), ldi_(row_stride<Act>(s.I)), ldr_(expansion_stride<Act>(s.r)),
         ld2r_(expansion_stride<Act>(2 * s.r)), blocks_i_(ceil_div(padded_rows(s.I), kNnCols)),
         dys_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)), dgs_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)),
-        dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), rank_(std::max<int64_t>(3 * R_ * s.r, 1)),
-        grad_factors_(std::max<int64_t>(3 * R_ * s.r, 1)),
+        dus_(std::max<int64_t>(row_buffer(R_) * ldi_, 1)), grad_factors_(std::max<int64_t>(3 * R_ * s.r, 1)),
         rank_act_(std::max<int64_t>(row_buffer(R_) * (ldr_ + ld2r_), 1)),
         rank_partial_(std::max<int64_t>(R_ * blocks_i_ * 2 * s.r, 1)),
         dw_partial_(std::max<int64_t>(R_ * blocks_i_, 1)), dx_pairs_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
@@ -1188,8 +1187,6 @@ class Backward {
 
  private:
   static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
-  // Rank-r rows (expert order, T): 0 dYB, 1 dgB, 2 duB.
-  T* rank(int which, int64_t row) const { return rank_.data() + (which * R_ + row) * s_.r; }
   // s dYB (ldr) and s [dgB, duB] (ld2r) as activations.
   Act* dyb_act(int64_t row) const { return rank_act_.data() + row * ldr_; }
   Act* dgub_act(int64_t row) const { return rank_act_.data() + row_buffer(R_) * ldr_ + row * ld2r_; }
@@ -1217,7 +1214,7 @@ class Backward {
     });
   }
 
-  // dYB = dY . Bd per expert (rank(0)), s dYB as activations, and grad_h's gradient factors.
+  // dYB = dY . Bd per expert: s dYB as activations, and grad_h's gradient factors.
   void down_rank_products(const LoraMatrices<T, Act>& lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t r = s_.r, H = s_.H, np = ceil_div(r, kPanelRows), ldc = np * kPanelRows;
@@ -1238,7 +1235,6 @@ class Backward {
         if (dys_lo_) k_.gemm_a(dys_lo_->data() + c0 * ldx_, ldx_, m, H, b.hi, b.stride, np, c, ldc, true);
         for (int64_t i = 0; i < m; ++i) {
           const T* ci = c + i * ldc;
-          std::copy(ci, ci + r, rank(0, c0 + i));
           for (int64_t q = 0; q < r; ++q) scaled[q] = scaling_ * ci[q];
           expansion_row(k_, scaled, r, dyb_act(c0 + i));
           if (lora_grads_) {
@@ -1357,24 +1353,15 @@ class Backward {
           for (int64_t n = 0; n < s_.H; ++n) sum += dy_source_.value(p / s_.k, n) * bias[n];
         dw[p] = sum;
         if (r == 0) continue;
-        const T* partial = rank_partial_.data() + row * blocks_i_ * 2 * r;
-        T* dgb = rank(1, row);
-        T* dub = rank(2, row);
-        std::copy(partial, partial + r, dgb);
-        std::copy(partial + r, partial + 2 * r, dub);
-        for (int64_t b = 1; b < blocks_i_; ++b)
-          for (int64_t q = 0; q < r; ++q) {
-            dgb[q] += partial[b * 2 * r + q];
-            dub[q] += partial[b * 2 * r + r + q];
-          }
-        // grad_hidden_pairs' factors (grad_h, the last reader of the previous ones, is done); the
-        // first 2r are the values of the [dgB, duB] expansion too.
+        // grad_hidden_pairs' factors (grad_h, the last reader of the previous ones, is done): [dgB,
+        // duB] summed over the blocks' partials, then scaled (the values of its expansion too).
         T* f = grad_factors(row);
-        for (int64_t q = 0; q < r; ++q) {
-          f[q] = scaling_ * dgb[q];
-          f[r + q] = scaling_ * dub[q];
-          f[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
-        }
+        const T* partial = rank_partial_.data() + row * blocks_i_ * 2 * r;
+        std::copy(partial, partial + 2 * r, f);
+        for (int64_t b = 1; b < blocks_i_; ++b)
+          for (int64_t q = 0; q < 2 * r; ++q) f[q] += partial[b * 2 * r + q];
+        for (int64_t q = 0; q < 2 * r; ++q) f[q] = scaling_ * f[q];
+        for (int64_t q = 0; q < r; ++q) f[2 * r + q] = scaling_ * wp[p] * mid(2, p)[q];
         expansion_row(k_, f, 2 * r, dgub_act(row));
       }
     });
@@ -1482,10 +1469,10 @@ class Backward {
   const Tensor w_, pre_, mid_;
   const T* mid_data_;
   const int64_t ldx_, ldi_, ldr_, ld2r_, blocks_i_;
-  // Rows (expert order): dY, dg, du as activations; dYB, dgB, duB; their scaled activations; partial
-  // [dgB, duB] and routing-weight gradients per block of I (summed by per_row); dX per pair (pair order).
+  // Rows (expert order): dY, dg, du as activations; the gradient factors; s dYB and s [dgB, duB] as
+  // activations; partial [dgB, duB] and routing-weight gradients per block of I (summed by per_row);
+  // dX per pair (pair order).
   const ReusedBuffer<Act> dys_, dgs_, dus_;
-  const ReusedBuffer<T> rank_;
   // Per row (expert order), the rank-side factors of the LoRA gradients' outer sums, [3][r] each,
   // computed once per row rather than once per column block: s xa_g, s xa_u, s w dYB for grad_h,
   // then s dgB, s duB, s w ha for grad_hidden_pairs.
