@@ -1,5 +1,5 @@
-// AVX-512 dequantization and decode on the codes (quant.h), for CPUs with AVX-512 F/BW/VL, VNNI and
-// AVX512_BF16 (Zen 4/5, Sapphire Rapids and later): the AVX2 dequantizer takes 8 lanes and a dozen
+// AVX-512 dequantization and decode on the codes (quant.h), for CPUs with AVX-512 F/BW/VL, VNNI, VBMI
+// and AVX512_BF16 (Zen 4/5, Sapphire Rapids and later): the AVX2 dequantizer takes 8 lanes and a dozen
 // integer steps per 16 bf16, which on an AMX CPU costs more than the tile products it feeds (over half
 // of a quantized base's training step). Bit-identical to quant_ref.cpp like the AVX2 table; same
 // ODR rules as gemm_avx2.cpp (standard headers before the target pragma, internal linkage).
@@ -14,7 +14,7 @@
 // GCC >= 10 (AVX512_BF16 target support); clang ignores "#pragma GCC target", so it gets no table.
 #if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 10
 #define KT_HAVE_AVX512_QUANT_BUILD 1
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bf16,avx2,fma")
 // GCC 12 reports its own AVX-512 intrinsic headers ('__Y' may be used uninitialized, GCC bug
 // 105593) at every inlined use; silence that for the header's lines only.
 #pragma GCC diagnostic push
@@ -61,14 +61,21 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
   return out;
 }
 
-// E4M3 magnitudes 0..127 as bf16 bits (every E4M3 value is exact in bf16), four 32-entry quarters
-// for two vpermi2w lookups.
+// E4M3 magnitudes 0..127 as bf16 bits (every E4M3 value is exact in bf16), split into their low and
+// high bytes: 128-entry byte tables, each two registers, that vpermi2b indexes with a code's low 7
+// bits. One byte lookup covers 64 codes, so two k pairs cost two lookups and two byte interleaves;
+// a table of 16-bit words needed a widening and two multi-µop vpermi2w per pair (its fp8 decode
+// ran as slow as bf16's from DRAM with the weights in L3).
 struct Fp8Table {
-  __m512i quarter[4];
+  __m512i low[2], high[2];
+  __m512i first_pair, second_pair;  // byte interleaves: word j of a pair = (low[j], high[j])
 };
 
 struct Fp8Bits {
-  alignas(64) uint16_t bits[128];
+  alignas(64) uint8_t low[128];
+  alignas(64) uint8_t high[128];
+  alignas(64) uint8_t first_pair[64];
+  alignas(64) uint8_t second_pair[64];
 };
 
 // Built once, on the first call (a function-local static: code of this unit must not run at load
@@ -81,7 +88,15 @@ inline const Fp8Bits& fp8_bits() {
       const float value = e4m3_value(static_cast<uint8_t>(code));
       uint32_t word;
       std::memcpy(&word, &value, sizeof(word));
-      bits.bits[code] = static_cast<uint16_t>(word >> 16);
+      bits.low[code] = static_cast<uint8_t>(word >> 16);
+      bits.high[code] = static_cast<uint8_t>(word >> 24);
+    }
+    // vpermi2b index bit 6 picks the second source (the high bytes)
+    for (int j = 0; j < 32; ++j) {
+      bits.first_pair[2 * j] = static_cast<uint8_t>(j);
+      bits.first_pair[2 * j + 1] = static_cast<uint8_t>(64 + j);
+      bits.second_pair[2 * j] = static_cast<uint8_t>(32 + j);
+      bits.second_pair[2 * j + 1] = static_cast<uint8_t>(96 + j);
     }
     return bits;
   }();
@@ -89,8 +104,14 @@ inline const Fp8Bits& fp8_bits() {
 }
 
 inline Fp8Table fp8_table() {
+  const Fp8Bits& bits = fp8_bits();
   Fp8Table table;
-  for (int q = 0; q < 4; ++q) table.quarter[q] = _mm512_load_si512(fp8_bits().bits + 32 * q);
+  for (int half = 0; half < 2; ++half) {
+    table.low[half] = _mm512_load_si512(bits.low + 64 * half);
+    table.high[half] = _mm512_load_si512(bits.high + 64 * half);
+  }
+  table.first_pair = _mm512_load_si512(bits.first_pair);
+  table.second_pair = _mm512_load_si512(bits.second_pair);
   return table;
 }
 
@@ -113,21 +134,45 @@ inline PairValues nibble_values(const uint8_t* codes) {
           _mm512_cvtepi32_ps(_mm512_srli_epi32(rows, 4))};
 }
 
-// The code's low 6 bits index a 64-entry pair of quarters, bit 6 picks the pair, bit 7 is the sign.
-inline PairValues fp8_values(const uint8_t* codes, const Fp8Table& table) {
-  const __m512i code = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
-  const __m512i low = _mm512_permutex2var_epi16(table.quarter[0], code, table.quarter[1]);
-  const __m512i high = _mm512_permutex2var_epi16(table.quarter[2], code, table.quarter[3]);
-  __m512i bits = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(code, _mm512_set1_epi16(0x40)), high);
-  bits = _mm512_or_si512(bits, _mm512_slli_epi16(_mm512_and_si512(code, _mm512_set1_epi16(0x80)), 8));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)),
-          _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+// Two k pairs of fp8 codes (the second only if `both`; 64 bytes apart from the first's 32) as bf16
+// words in the codes' order: word 2i of a pair is row i's even k, word 2i + 1 its odd k.
+struct Fp8Words {
+  __m512i first, second;
+};
+
+inline Fp8Words fp8_words(const uint8_t* codes, bool both, const Fp8Table& t) {
+  const __m512i code =
+      both ? _mm512_loadu_si512(codes)
+           : _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), 0);
+  const __m512i low = _mm512_permutex2var_epi8(t.low[0], code, t.low[1]);
+  // high | (code & 0x80): the sign bit
+  const __m512i high = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.high[0], code, t.high[1]), code,
+                                                 _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  return {_mm512_permutex2var_epi8(low, t.first_pair, high), _mm512_permutex2var_epi8(low, t.second_pair, high)};
 }
 
-inline PairValues pair_values(const QuantMatrix& w, int64_t pair_row, const Fp8Table& fp8) {
-  if (w.format == WeightFormat::Fp8) return fp8_values(w.data + pair_row * kPairValues, fp8);
-  if (is_int8(w.format)) return int8_values(reinterpret_cast<const int8_t*>(w.data) + pair_row * kPairValues);
-  return nibble_values(w.data + pair_row * kPanelRows);
+// bf16 words in the codes' order as the exact fp32 values of the even and odd k.
+inline PairValues word_values(__m512i words) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(words, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+
+// The values of k pairs pair_row and, if `both`, pair_row + 1 (fp8 decodes the two at once). `is_fp8`:
+// w.format == Fp8, which a caller may know at compile time.
+inline void pair_values(const QuantMatrix& w, int64_t pair_row, bool both, bool is_fp8, const Fp8Table& fp8,
+                        PairValues& first, PairValues& second) {
+  if (is_fp8) {
+    const Fp8Words words = fp8_words(w.data + pair_row * kPairValues, both, fp8);
+    first = word_values(words.first);
+    second = word_values(words.second);
+    return;
+  }
+  const auto one = [&](int64_t row) {
+    if (is_int8(w.format)) return int8_values(reinterpret_cast<const int8_t*>(w.data) + row * kPairValues);
+    return nibble_values(w.data + row * kPanelRows);
+  };
+  first = one(pair_row);
+  if (both) second = one(pair_row + 1);
 }
 
 // w = code * scale (+ min) per row, in fp32 without FMA (quant.h's rule); int4 codes are offset by -8.
@@ -166,11 +211,14 @@ inline __m512i int8_pair_bf16(const int8_t* codes, const Int8PairScales& s) {
   return words;
 }
 
-// As in the AVX2 table: fetching 1 KiB ahead keeps more lines in flight than the short loops would.
-constexpr int64_t kPrefetchBytes = 1024;
+// A decode streams each panel's codes once, from DRAM, at a few cycles per line: fetching 8 KiB ahead
+// into L2 keeps enough lines in flight for one core to read near DRAM speed (on a Sapphire-Rapids-class
+// Xeon, INT8 / INT4 / FP8 decode ran 10-15% slower when fetching 1 KiB ahead into L1, the AVX2 table's
+// choice).
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline void prefetch_codes(const uint8_t* pair, int64_t kp, int64_t pair_bytes) {
-  if ((kp * pair_bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T0);
+  if ((kp * pair_bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T1);
 }
 
 // A panel's codes for a short k-pair range (a backward task's columns) are a few lines, the next
@@ -187,6 +235,12 @@ void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, i
   // word 2i: row i's even k (word i of the rounded pair), word 2i + 1: its odd k (word 16 + i)
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                               6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const auto store_pair = [&](const PairValues& v, uint16_t* dst) {
+    const __m512bh rounded = _mm512_cvtne2ps_pbh(v.odd, v.even);  // even rows in words 0-15
+    __m512i words;
+    std::memcpy(&words, &rounded, sizeof(words));
+    _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, words));
+  };
   for (int64_t p = 0; p < np; ++p) {
     if (range_bytes <= kShortRangeBytes && p + kPanelsAhead < np) {
       const uint8_t* ahead = w.data + ((p0 + p + kPanelsAhead) * Kp + kp0) * pair_bytes;
@@ -212,12 +266,16 @@ void dequant_avx512(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, i
               dst, int8_pair_bf16(reinterpret_cast<const int8_t*>(w.data) + pair_row * pair_bytes, int8_scales));
           continue;
         }
-        const PairValues v = scaled(pair_values(w, pair_row, fp8), s, nibbles, zero_point);
-        const __m512bh rounded = _mm512_cvtne2ps_pbh(v.odd, v.even);  // even rows in words 0-15
-        __m512i words;
-        std::memcpy(&words, &rounded, sizeof(words));
-        words = _mm512_permutexvar_epi16(interleave, words);
-        _mm512_storeu_si512(dst, words);
+        const bool both = q0 + 1 < q1;
+        if (both && range_bytes > kShortRangeBytes)
+          prefetch_codes(w.data + (pair_row + 1) * pair_bytes, pair_row + 1, pair_bytes);
+        PairValues first, second;
+        pair_values(w, pair_row, both, w.format == WeightFormat::Fp8, fp8, first, second);
+        store_pair(scaled(first, s, nibbles, zero_point), dst);
+        if (!both) continue;
+        store_pair(scaled(second, s, nibbles, zero_point), dst + kPairValues);
+        ++q0;
+        dst += kPairValues;
       }
     }
   }
@@ -236,7 +294,7 @@ inline float sum_range(const float* x, int64_t begin, int64_t end) {
 // scaled per row into the totals, plus offset * sum(x over the group) for the 4-bit formats (offset
 // -8 scale, or the zero point's min). Two k pairs per step into separate accumulators (four chains
 // per row) keep the FMA latency off the critical path at one row.
-template <int MR>
+template <int MR, bool kFp8>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, const Fp8Table& fp8, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format), nibbles = !is_byte_coded(w.format);
@@ -252,15 +310,16 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, con
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
     for (int64_t kp = kp_begin; kp < kp_end; kp += 2) {
       const int64_t pair_row = panel * Kp + kp;
+      const bool both = kp + 1 < kp_end;
       prefetch_codes(w.data + pair_row * pair_bytes, pair_row, pair_bytes);
-      const PairValues v0 = pair_values(w, pair_row, fp8);
+      if (both) prefetch_codes(w.data + (pair_row + 1) * pair_bytes, pair_row + 1, pair_bytes);
+      PairValues v0, v1;
+      pair_values(w, pair_row, both, kFp8, fp8, v0, v1);
       for (int r = 0; r < MR; ++r) {
         acc[r][0] = _mm512_fmadd_ps(x_at(r, 2 * kp), v0.even, acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(x_at(r, 2 * kp + 1), v0.odd, acc[r][1]);
       }
-      if (kp + 1 == kp_end) break;
-      prefetch_codes(w.data + (pair_row + 1) * pair_bytes, pair_row + 1, pair_bytes);
-      const PairValues v1 = pair_values(w, pair_row + 1, fp8);
+      if (!both) break;
       for (int r = 0; r < MR; ++r) {
         acc[r][2] = _mm512_fmadd_ps(x_at(r, 2 * kp + 2), v1.even, acc[r][2]);
         acc[r][3] = _mm512_fmadd_ps(x_at(r, 2 * kp + 3), v1.odd, acc[r][3]);
@@ -296,7 +355,11 @@ void gemm_nt_codes_avx512(const QuantMatrix& w, const float* const* rows_in, int
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
-      codes_panel<rows()>(w, a_rows.data() + i, p0 + p, fp8, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
+      float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
+      if (w.format == WeightFormat::Fp8)
+        codes_panel<rows(), true>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
+      else
+        codes_panel<rows(), false>(w, a_rows.data() + i, p0 + p, fp8, out, ldc);
     });
 }
 

@@ -40,6 +40,7 @@ CpuFeatures detect() {
   f.avx512bw = os_avx512 && (b & (1u << 30));
   f.avx512vl = os_avx512 && (b & (1u << 31));
   f.avx512_vnni = os_avx512 && (c & (1u << 11));
+  f.avx512_vbmi = os_avx512 && (c & (1u << 1));
   f.amx_bf16 = os_amx && (d & (1u << 22));
   f.amx_tile = os_amx && (d & (1u << 24));
   f.amx_int8 = os_amx && (d & (1u << 25));
@@ -184,6 +185,7 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
           {"avx512bw", f.avx512bw},
           {"avx512vl", f.avx512vl},
           {"avx512_vnni", f.avx512_vnni},
+          {"avx512_vbmi", f.avx512_vbmi},
           {"avx512_bf16", f.avx512_bf16},
           {"amx_tile", f.amx_tile},
           {"amx_bf16", f.amx_bf16},
@@ -250,7 +252,7 @@ const DequantKernels& active_dequant_kernels() {
   const CpuFeatures& f = cpu_features();
   const Isa isa = current_isa();
   if ((isa == Isa::Avx512 || isa == Isa::Amx) && avx512_dequant() && f.avx512f && f.avx512bw && f.avx512vl &&
-      f.avx512_vnni && f.avx512_bf16)
+      f.avx512_vnni && f.avx512_vbmi && f.avx512_bf16)
     return *avx512_dequant();
   return isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
 }

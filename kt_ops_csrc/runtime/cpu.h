@@ -9,7 +9,8 @@ namespace kt {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vnni = false, avx512_bf16 = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vnni = false, avx512_vbmi = false,
+       avx512_bf16 = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
 };
 

@@ -277,7 +277,8 @@ int main(int argc, char** argv) {
     tables.push_back({"avx512-simde", avx512_dequant()});
 #else
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+      __builtin_cpu_supports("avx512bf16") && avx512_dequant())
     tables.push_back({"avx512", avx512_dequant()});
 #endif
   for (const auto& t : tables) std::printf("table %s\n", t.name.c_str());
