@@ -15,6 +15,14 @@ namespace {
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
+using CodesKernel = void (*)(const QuantMatrix&, const float* const*, int, int, int, float*);
+
+// int8 codes: integer dot products on quantized activations where the ISA has them.
+CodesKernel codes_kernel(WeightFormat format) {
+  const DequantKernels& kernels = dequant_kernels();
+  return is_int8(format) && kernels.gemm_nt_int8 ? kernels.gemm_nt_int8 : kernels.gemm_nt_codes;
+}
+
 // Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
 // clipping the rare extreme values buys a finer step for all the others.
@@ -134,14 +142,14 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
   return {format_, data_ + expert * expert_bytes_, scales_ + expert * expert_scales_, cols_, groups_};
 }
 
+bool ExpertWeights::codes_path(int64_t m) const {
+  return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && codes_kernel(format_) != nullptr;
+}
+
 bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np,
                                   float* c) const {
-  if (format_ == WeightFormat::Bf16 || m > kDirectQuantRows) return false;
-  const DequantKernels& kernels = dequant_kernels();
-  // int8 codes: integer dot products on quantized activations where the ISA has them.
-  const auto direct = is_int8(format_) && kernels.gemm_nt_int8 ? kernels.gemm_nt_int8 : kernels.gemm_nt_codes;
-  if (direct == nullptr) return false;
-  direct(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
+  if (!codes_path(m)) return false;
+  codes_kernel(format_)(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
   return true;
 }
 

@@ -28,6 +28,8 @@ class ExpertWeights {
   ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales, int64_t rows,
                 int64_t cols, int64_t groups);
 
+  // Whether gemm_nt_codes takes m rows: a quantized format, m <= kDirectQuantRows, and a kernel for it.
+  bool codes_path(int64_t m) const;
   // gemm_nt straight on quantized codes for a few rows (see quant.h); false when not applicable.
   bool gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np, float* c) const;
   // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the

@@ -494,6 +494,16 @@ class RowSource {
     return scratch;
   }
   const T* row_values(int64_t row, T* scratch) const { return segment(row, 0, n_, scratch); }
+  // Fetches columns [c0, c0 + count) of row `row` into L2 (a hint; no conversion): L2, where the
+  // stream of weights that a task reads meanwhile does not evict them.
+  void prefetch(int64_t row, int64_t c0, int64_t count) const {
+    const char* first = values_ ? reinterpret_cast<const char*>(values_ + row * n_ + c0)
+                                : reinterpret_cast<const char*>(bf16_ + row * n_ + c0);
+    const char* end = first + count * (values_ ? sizeof(T) : sizeof(uint16_t));
+    for (uintptr_t line = reinterpret_cast<uintptr_t>(first) & ~uintptr_t{63}; line < reinterpret_cast<uintptr_t>(end);
+         line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(line), 0, 2);
+  }
   // Row `row` as its bf16 bits when the source is bf16, else nullptr.
   const uint16_t* bf16_row(int64_t row) const { return bf16_ ? bf16_ + row * n_ : nullptr; }
   T value(int64_t row, int64_t col) const { return values_ ? values_[row * n_ + col] : widen(bf16_[row * n_ + col]); }
@@ -617,6 +627,10 @@ class LoraMatrices {
       return true;
     }
   }
+  // The block rows [r0, r0 + n) x columns [c0, c0 + ncols) of expert e's matrix m into cache.
+  void prefetch(Which m, int64_t e, int64_t r0, int64_t n, int64_t c0, int64_t ncols) const {
+    for (int64_t q = 0; q < n; ++q) sources_[m]->prefetch(e * rows_[m] + r0 + q, c0, ncols);
+  }
   // Columns [c0, c0 + n) of row `row` of expert e's matrix m, into dst as T: a task converts only
   // the slice it uses, not whole rows once per column block.
   void copy_segment(Which m, int64_t e, int64_t row, int64_t c0, int64_t n, T* dst) const {
@@ -704,13 +718,6 @@ ExtraProducts<Act> expansion(const SlicePanels<Act>& b, const Act* rows, int64_t
   return extra;
 }
 
-// The extra products added to a C that another path computed (the products on codes).
-template <typename T, typename Act>
-void add_extra(const Kernels<T, Act>& k, const ExtraProducts<Act>& extra, int64_t m, int64_t np, T* c, int64_t ldc) {
-  for (int i = 0; i < extra.count; ++i)
-    k.gemm_a(extra.a[i], extra.lda, m, extra.K, extra.b[i], extra.panel_stride, np, c, ldc, true);
-}
-
 // VariantArgs checked and converted to T (biases are [E, I] / [E, H]: small, converted whole).
 template <typename T>
 class Variant {
@@ -763,16 +770,34 @@ inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t 
 }
 
 // Few rows of a quantized format (decode): the product straight on the codes (quant.h), where
-// dequantizing whole panels would cost more than the bandwidth it saves. C is dense [m, 16 np].
+// dequantizing whole panels would cost more than the bandwidth it saves; for the rows on_codes takes.
+// C is dense [m, 16 np].
 template <typename T, typename RowFn>
-bool direct_on_codes(const ExpertWeights& w, int64_t e, int64_t m, int64_t p0, int64_t np, const RowFn& row, T* c) {
+void direct_on_codes(const ExpertWeights& w, int64_t e, int64_t m, int64_t p0, int64_t np, const RowFn& row, T* c) {
   if constexpr (std::is_same_v<T, float>) {
-    if (w.is_bf16() || m > kDirectQuantRows) return false;
     const float* rows[kDirectQuantRows];
     for (int64_t i = 0; i < m; ++i) rows[i] = row(i);
-    return w.gemm_nt_codes(e, rows, static_cast<int>(m), p0, np, c);
+    w.gemm_nt_codes(e, rows, static_cast<int>(m), p0, np, c);
   }
-  return false;
+}
+
+// Whether an expert's `rows` rows take direct_on_codes in one chunk.
+template <typename T>
+bool on_codes(const ExpertWeights& w, int64_t rows) {
+  return std::is_same_v<T, float> && w.codes_path(rows);
+}
+
+// C[i, j] += sum_q V[i, q] B[j, q] (i < m, j < n; V [m, r], B [n, r] rows): a LoRA expansion of the
+// few rows that go direct_on_codes, from B's rows as exact T values. Packing B into panels and
+// running tiles for one row cost more than these products (over a quarter of an INT8 decode).
+template <typename T>
+void add_expansion_rows(const T* v, const T* b, int64_t m, int64_t n, int64_t r, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      T sum = 0;
+      for (int64_t q = 0; q < r; ++q) sum += v[i * r + q] * b[j * r + q];
+      c[i * ldc + j] += sum;
+    }
 }
 
 // An activation row as fp32 values: itself (fp32 ISAs) or widened from bf16 into `scratch`.
@@ -811,6 +836,7 @@ class Forward {
         order_(routing_.order.data()), w_(as_reused(weights, dtype())), ldx_(row_stride<Act>(s.H)),
         ldh_(row_stride<Act>(s.I)), ldr_(expansion_stride<Act>(s.r)), xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
         hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)), lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
+        lora_scaled_(std::max<int64_t>(3 * R_ * s.r, 1)),
         ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
         y_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
 
@@ -857,6 +883,8 @@ class Forward {
   static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
   // s * (rank-r product) rows as activations: [which][row capacity][ldr].
   Act* lora_act(int which) const { return lora_act_.data() + which * row_buffer(R_) * ldr_; }
+  // The same s * (rank-r product) rows as T values: [which][R][r].
+  T* lora_scaled(int which) const { return lora_scaled_.data() + which * R_ * s_.r; }
 
   // x as activation rows; with LoRA, when rounding them loses something (fp32 hidden states on a
   // rounding ISA), also what it lost, for the exact contraction x . A^T (split bf16, see above).
@@ -933,6 +961,7 @@ class Forward {
     T scaled[kMaxStackRank];
     T* s_values = r <= kMaxStackRank ? scaled : task_buffer<T>(kConvert, r);
     for (int64_t q = 0; q < r; ++q) s_values[q] = scaling_ * values[q];
+    std::copy(s_values, s_values + r, lora_scaled(plane) + row * r);
     expansion_row(k_, s_values, r, lora_act(plane) + row * ldr_);
   }
 
@@ -954,21 +983,37 @@ class Forward {
       int64_t stride_g = 0, stride_u = 0;
       const T* gate_bias = variant_.gate_bias(e);
       const T* up_bias = variant_.up_bias(e);
-      // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels, and Ad^T's rows
-      // [n0, n0 + cols) for the exact h . Ad^T.
+      // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (as T rows for the
+      // products on codes), and Ad^T's rows [n0, n0 + cols) for the exact h . Ad^T.
+      const bool codes = on_codes<T>(gate_w_, end - begin);
+      const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu;
+      const T *bg_rows = nullptr, *bu_rows = nullptr;
       const T* ad_t = nullptr;
-      if (lora) {
-        const int64_t r = s_.r, nrows = std::min(np * kPanelRows, I - n0);
-        T* scratch = task_buffer<T>(kConvert, std::max(nrows, r) * r * 2 + r * cols);
-        bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
-        bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
-        T* ad = scratch + 2 * std::max(nrows, r) * r;  // Ad's columns [n0, n0 + cols): [r][cols]
+      // Ad^T's rows [n0, n0 + cols), and (on codes) Bg's and Bu's rows as T.
+      const auto read_lora_rows = [&] {
+        const int64_t r = s_.r;
+        T* ad = task_buffer<T>(kConvert, r * cols);  // Ad's columns [n0, n0 + cols): [r][cols]
         for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
         T* transposed = task_buffer<T>(kLoraC, cols * r);
         for (int64_t n = 0; n < cols; ++n)
           for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * cols + n];
         ad_t = transposed;
+        if (!codes) return;
+        bg_rows = lora->rows_of(L::GateB, e, n0, nrows, task_buffer<T>(kLoraA, nrows * r));
+        bu_rows = lora->rows_of(L::UpB, e, n0, nrows, task_buffer<T>(kLoraB, nrows * r));
+      };
+      if (lora && codes) {
+        // Read after the products on codes, which take long enough for these to arrive from RAM.
+        lora->prefetch(L::DownA, e, 0, s_.r, n0, cols);
+        lora->prefetch(L::GateB, e, n0, nrows, 0, s_.r);
+        lora->prefetch(L::UpB, e, n0, nrows, 0, s_.r);
+      } else if (lora) {
+        const int64_t r = s_.r;
+        T* scratch = task_buffer<T>(kConvert, nrows * r * 2);
+        bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
+        bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
+        read_lora_rows();
       }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -980,16 +1025,20 @@ class Forward {
           if (x_scratch == nullptr) x_scratch = task_buffer<T>(kConvert, m * s_.H);
           return x_source.row_values(order_[c0 + i] / s_.k, x_scratch + i * s_.H);
         };
-        ExtraProducts<Act> lora_g, lora_u;
-        if (lora) {
-          lora_g = expansion(bg, lora_act(0) + c0 * ldr_, s_.r);
-          lora_u = expansion(bu, lora_act(1) + c0 * ldr_, s_.r);
-        }
-        if (direct_on_codes(gate_w_, e, m, p0, np, x_row, cg)) {
+        if (codes) {
+          direct_on_codes(gate_w_, e, m, p0, np, x_row, cg);
           direct_on_codes(up_w_, e, m, p0, np, x_row, cu);
-          add_extra(k_, lora_g, m, np, cg, ldc);
-          add_extra(k_, lora_u, m, np, cu, ldc);
+          if (lora) {
+            read_lora_rows();
+            add_expansion_rows(lora_scaled(0) + c0 * s_.r, bg_rows, m, nrows, s_.r, cg, ldc);
+            add_expansion_rows(lora_scaled(1) + c0 * s_.r, bu_rows, m, nrows, s_.r, cu, ldc);
+          }
         } else {
+          ExtraProducts<Act> lora_g, lora_u;
+          if (lora) {
+            lora_g = expansion(bg, lora_act(0) + c0 * ldr_, s_.r);
+            lora_u = expansion(bu, lora_act(1) + c0 * ldr_, s_.r);
+          }
           if (wg == nullptr) {
             wg = weight_panels(gate_w_, e, p0, np, stride_g, kWeightsA);
             wu = weight_panels(up_w_, e, p0, np, stride_u, kWeightsB);
@@ -1033,11 +1082,15 @@ class Forward {
       const uint16_t* wd = nullptr;
       int64_t stride = 0;
       const T* bias = variant_.down_bias(e);
-      SlicePanels<Act> bd;  // rows [n0, n0 + 16 np) of Bd as expansion panels
-      if (lora) {
-        const int64_t r = s_.r, nrows = std::min(np * kPanelRows, H - n0);
-        bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, r, false, kLoraA, task_buffer<T>(kConvert, nrows * r));
-      }
+      // Rows [n0, n0 + 16 np) of Bd as expansion panels (as T rows for the products on codes).
+      const bool codes = on_codes<T>(down_w_, routing_.offsets[e + 1] - routing_.offsets[e]);
+      const int64_t nrows = std::min(np * kPanelRows, H - n0);
+      SlicePanels<Act> bd;
+      if (lora && codes)
+        lora->prefetch(L::DownB, e, n0, nrows, 0, s_.r);  // read after the products on codes
+      else if (lora)
+        bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
+                       task_buffer<T>(kConvert, nrows * s_.r));
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -1047,11 +1100,15 @@ class Forward {
           if (h_scratch == nullptr) h_scratch = task_buffer<float>(kConvert, m * s_.I);
           return act_row_f32(k_, hs_.data() + (c0 + i) * ldh_, s_.I, h_scratch + i * s_.I);
         };
-        ExtraProducts<Act> lora_d;
-        if (lora) lora_d = expansion(bd, lora_act(2) + c0 * ldr_, s_.r);
-        if (direct_on_codes(down_w_, e, m, p0, np, h_row, c)) {
-          add_extra(k_, lora_d, m, np, c, ldc);
+        if (codes) {
+          direct_on_codes(down_w_, e, m, p0, np, h_row, c);
+          if (lora) {
+            const T* bd_rows = lora->rows_of(L::DownB, e, n0, nrows, task_buffer<T>(kLoraA, nrows * s_.r));
+            add_expansion_rows(lora_scaled(2) + c0 * s_.r, bd_rows, m, nrows, s_.r, c, ldc);
+          }
         } else {
+          ExtraProducts<Act> lora_d;
+          if (lora) lora_d = expansion(bd, lora_act(2) + c0 * ldr_, s_.r);
           if (wd == nullptr) wd = weight_panels(down_w_, e, p0, np, stride, kWeightsA);
           k_.gemm_w(hs_.data() + c0 * ldh_, ldh_, m, s_.I, wd, stride, np, c, ldc, false, lora ? &lora_d : nullptr);
         }
@@ -1086,6 +1143,7 @@ class Forward {
   // Rows (expert order): x and h as activations; s xa_g, s xa_u, s ha as activations; per-pair
   // weighted expert outputs y (pair order).
   const ReusedBuffer<Act> xs_, hs_, lora_act_;
+  const ReusedBuffer<T> lora_scaled_;
   // Partial ha = h . Ad^T per row and block of I (exact, summed by down_rank_products).
   const ReusedBuffer<T> ha_partial_, y_;
   std::unique_ptr<ReusedBuffer<Act>> xs_lo_;
