@@ -128,10 +128,11 @@ inline PairValues int8_values(const int8_t* codes) {
           _mm512_cvtepi32_ps(_mm512_srai_epi32(rows, 16))};
 }
 
+// A nibble's value by vpermps from the 16 values (the index's low 4 bits): no mask, no conversion.
 inline PairValues nibble_values(const uint8_t* codes) {
   const __m512i rows = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  return {_mm512_cvtepi32_ps(_mm512_and_si512(rows, _mm512_set1_epi32(0x0F))),
-          _mm512_cvtepi32_ps(_mm512_srli_epi32(rows, 4))};
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return {_mm512_permutexvar_ps(rows, values), _mm512_permutexvar_ps(_mm512_srli_epi32(rows, 4), values)};
 }
 
 // Two k pairs of fp8 codes (the second only if `both`; 64 bytes apart from the first's 32) as bf16
