@@ -1082,8 +1082,9 @@ class Forward {
       const uint16_t* wd = nullptr;
       int64_t stride = 0;
       const T* bias = variant_.down_bias(e);
+      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       // Rows [n0, n0 + 16 np) of Bd as expansion panels (as T rows for the products on codes).
-      const bool codes = on_codes<T>(down_w_, routing_.offsets[e + 1] - routing_.offsets[e]);
+      const bool codes = on_codes<T>(down_w_, end - begin);
       const int64_t nrows = std::min(np * kPanelRows, H - n0);
       SlicePanels<Act> bd;
       if (lora && codes)
@@ -1091,7 +1092,6 @@ class Forward {
       else if (lora)
         bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
                        task_buffer<T>(kConvert, nrows * s_.r));
-      const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
