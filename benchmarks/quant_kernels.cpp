@@ -37,6 +37,9 @@ int main() {
   std::vector<float> x(K);
   for (auto& v : x) v = (r() % 1000) / 500.0f - 1.0f;
   const float* rows[1] = {x.data()};
+  std::vector<int16_t> x_q(2 * k_pairs(K));
+  float x_step = 0;
+  quantize_rows_avx2(rows, 1, K, 1, x_q.data(), &x_step);
   std::vector<float> c(padded_rows(N));
   std::vector<uint16_t> panels(int64_t(kBlockPanels) * k_pairs(K) * 2 * kPanelRows);
   const int kColumnPairs = 32;  // a backward task's 64 columns of W, all rows (for gemm_nn)
@@ -72,7 +75,9 @@ int main() {
                                       padded_rows(N), false, nullptr);
                      }});
     lines.push_back({"decode int8 (" + t.name + ")", [&, t](int e) {
-                       t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, 1, 0, np, c.data());
+                       // The row is quantized once per call, as the op does, not per matrix.
+                       const QuantizedRows quantized{x_q.data(), &x_step};
+                       t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, &quantized, 1, 0, np, c.data());
                      }});
     for (WeightFormat f : {WeightFormat::Int4, WeightFormat::Fp8})
       lines.push_back({std::string("decode ") + weight_format_name(f) + " (" + t.name + ")",

@@ -15,13 +15,8 @@ namespace {
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
-using CodesKernel = void (*)(const QuantMatrix&, const float* const*, int, int, int, float*);
-
 // int8 codes: integer dot products on quantized activations where the ISA has them.
-CodesKernel codes_kernel(WeightFormat format) {
-  const DequantKernels& kernels = dequant_kernels();
-  return is_int8(format) && kernels.gemm_nt_int8 ? kernels.gemm_nt_int8 : kernels.gemm_nt_codes;
-}
+bool int8_products(WeightFormat format) { return is_int8(format) && dequant_kernels().gemm_nt_int8 != nullptr; }
 
 // Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
@@ -143,13 +138,24 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
 }
 
 bool ExpertWeights::codes_path(int64_t m) const {
-  return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && codes_kernel(format_) != nullptr;
+  return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows &&
+         (int8_products(format_) || dequant_kernels().gemm_nt_codes != nullptr);
 }
 
-bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np,
-                                  float* c) const {
+bool ExpertWeights::codes_quantized() const { return int8_products(format_); }
+
+bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, float* step) const {
+  return dequant_kernels().quantize_rows(a_rows, m, cols_, groups_, q, step);
+}
+
+bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,
+                                  int64_t p0, int64_t np, float* c) const {
   if (!codes_path(m)) return false;
-  codes_kernel(format_)(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
+  const DequantKernels& kernels = dequant_kernels();
+  if (int8_products(format_))
+    kernels.gemm_nt_int8(matrix(expert), a_rows, quantized, m, static_cast<int>(p0), static_cast<int>(np), c);
+  else
+    kernels.gemm_nt_codes(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
   return true;
 }
 

@@ -30,8 +30,16 @@ class ExpertWeights {
 
   // Whether gemm_nt_codes takes m rows: a quantized format, m <= kDirectQuantRows, and a kernel for it.
   bool codes_path(int64_t m) const;
-  // gemm_nt straight on quantized codes for a few rows (see quant.h); false when not applicable.
-  bool gemm_nt_codes(int64_t expert, const float* const* a_rows, int m, int64_t p0, int64_t np, float* c) const;
+  // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the int8 formats' integer dot
+  // products, quant.h) rather than fp32 rows.
+  bool codes_quantized() const;
+  // quant.h's quantize_rows for this matrix's K and groups: q [m][2 k_pairs(cols())], step [m][groups].
+  bool quantize_rows(const float* const* a_rows, int m, int16_t* q, float* step) const;
+  // gemm_nt straight on quantized codes for a few rows (see quant.h): `quantized` is the rows'
+  // quantize_rows where codes_quantized(), nullptr where that returned false or is not needed.
+  // False when not applicable.
+  bool gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,
+                     int64_t np, float* c) const;
   // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the
   // packed weights themselves, or (quantized formats) dequantized into `buffer`, which has room for
   // nt_buffer_elems(np) values.
@@ -42,6 +50,7 @@ class ExpertWeights {
   bool is_bf16() const { return format_ == WeightFormat::Bf16; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
+  int64_t groups() const { return groups_; }
 
  private:
   QuantMatrix matrix(int64_t expert) const;

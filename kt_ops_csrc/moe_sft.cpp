@@ -769,51 +769,53 @@ inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t 
   return w.nt_panels(e, p0, np, stride, buffer);
 }
 
-// Few rows of a quantized format (decode): the product straight on the codes (quant.h), where
-// dequantizing whole panels would cost more than the bandwidth it saves; for the rows on_codes takes.
-// C is dense [m, 16 np].
-template <typename T, typename RowFn>
-void direct_on_codes(const ExpertWeights& w, int64_t e, int64_t m, int64_t p0, int64_t np, const RowFn& row, T* c) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float* rows[kDirectQuantRows];
-    for (int64_t i = 0; i < m; ++i) rows[i] = row(i);
-    w.gemm_nt_codes(e, rows, static_cast<int>(m), p0, np, c);
-  }
-}
-
-// Whether an expert's `rows` rows take direct_on_codes in one chunk.
+// Whether an expert's `rows` rows take the products straight on the codes (quant.h; decode), where
+// dequantizing whole panels would cost more than the bandwidth it saves; in one chunk.
 template <typename T>
 bool on_codes(const ExpertWeights& w, int64_t rows) {
   return std::is_same_v<T, float> && w.codes_path(rows);
 }
 
-// C[i, j] += sum_q V[i, q] B[j, q] (i < m, j < n; V [m, r], B [n, r] rows): a LoRA expansion of the
-// few rows that go direct_on_codes, from B's rows as exact T values: at one row, 1024 products per
-// 64-column block, less than packing B into panels and setting up tiles for them.
-template <typename T>
-void add_expansion_rows(const T* v, const T* b, int64_t m, int64_t n, int64_t r, T* c, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      T sum = 0;
-      for (int64_t q = 0; q < r; ++q) sum += v[i * r + q] * b[j * r + q];
-      c[i * ldc + j] += sum;
-    }
-}
+// The input rows of the experts that on_codes takes, as the codes kernels read them: fp32 values and,
+// where the kernel multiplies quantized rows (int8), their quantization. Prepared once per row and
+// call: every (expert, column block) task of the expert reads them (22-32 tasks per expert of
+// DeepSeek-V2-Lite), which would otherwise convert and quantize the same rows each. An expert's rows
+// are consecutive slots; `shape` gives K and the groups (gate and up share them).
+class CodesRows {
+ public:
+  CodesRows(const ExpertWeights& shape, int64_t rows)
+      : K_(shape.cols()), groups_(shape.groups()), q_stride_(2 * k_pairs(K_)), quantized_(shape.codes_quantized()),
+        values_(std::max<int64_t>(rows * K_, 1)), q_(quantized_ ? std::max<int64_t>(rows * q_stride_, 1) : 1),
+        step_(quantized_ ? std::max<int64_t>(rows * groups_, 1) : 1), usable_(std::max<int64_t>(rows, 1), 0) {}
 
-// An activation row as fp32 values: itself (fp32 ISAs) or widened from bf16 into `scratch`.
-template <typename T, typename Act>
-const float* act_row_f32(const Kernels<T, Act>& k, const Act* row, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<Act, float>) {
-    return row;
-  } else {
-    (void)k;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(row[i]) << 16;
-      std::memcpy(scratch + i, &bits, sizeof(float));
-    }
-    return scratch;
+  float* row(int64_t slot) const { return values_.data() + slot * K_; }
+  // Quantizes the m rows from `slot` (one expert's, all written) where `w` multiplies quantized rows.
+  void quantize(const ExpertWeights& w, int64_t slot, int64_t m) {
+    if (!quantized_) return;
+    const float* rows[kDirectQuantRows];
+    for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
+    usable_[slot] =
+        w.quantize_rows(rows, static_cast<int>(m), q_.data() + slot * q_stride_, step_.data() + slot * groups_);
   }
-}
+  // C [m, 16 np] = rows [slot, slot + m) . W_e^T over panels [p0, p0 + np) of `w`.
+  template <typename T>
+  void gemm(const ExpertWeights& w, int64_t e, int64_t slot, int64_t m, int64_t p0, int64_t np, T* c) const {
+    if constexpr (std::is_same_v<T, float>) {
+      const float* rows[kDirectQuantRows];
+      for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
+      const QuantizedRows quantized{q_.data() + slot * q_stride_, step_.data() + slot * groups_};
+      w.gemm_nt_codes(e, rows, usable_[slot] ? &quantized : nullptr, static_cast<int>(m), p0, np, c);
+    }
+  }
+
+ private:
+  const int64_t K_, groups_, q_stride_;
+  const bool quantized_;
+  const ReusedBuffer<float> values_;
+  const ReusedBuffer<int16_t> q_;
+  const ReusedBuffer<float> step_;
+  std::vector<char> usable_;  // per expert's first slot: its quantization is there (no NaN / Inf)
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward:
@@ -836,9 +838,23 @@ class Forward {
         order_(routing_.order.data()), w_(as_reused(weights, dtype())), ldx_(row_stride<Act>(s.H)),
         ldh_(row_stride<Act>(s.I)), ldr_(expansion_stride<Act>(s.r)), xs_(std::max<int64_t>(row_buffer(R_) * ldx_, 1)),
         hs_(std::max<int64_t>(row_buffer(R_) * ldh_, 1)), lora_act_(std::max<int64_t>(3 * row_buffer(R_) * ldr_, 1)),
-        lora_scaled_(std::max<int64_t>(3 * R_ * s.r, 1)),
         ha_partial_(std::max<int64_t>(R_ * ceil_div(padded_rows(s.I), kColsPerTask) * s.r, 1)),
-        y_(std::max<int64_t>(s.pairs() * s.H, 1)) {}
+        y_(std::max<int64_t>(s.pairs() * s.H, 1)) {
+    codes_base_.assign(s.E, -1);
+    int64_t slots = 0;
+    for (int64_t e : routing_.hit_experts) {
+      const int64_t rows = routing_.offsets[e + 1] - routing_.offsets[e];
+      if (!on_codes<T>(gate_w_, rows)) continue;
+      codes_experts_.push_back(e);
+      codes_base_[e] = slots;
+      slots += rows;
+    }
+    if (slots == 0) return;
+    codes_x_.emplace(gate_w_, slots);
+    codes_h_.emplace(down_w_, slots);
+    if (s.r > 0) codes_scaled_.emplace(3 * slots * s.r);
+    codes_slots_ = slots;
+  }
 
   std::tuple<Tensor, Tensor, Tensor> run() {
     const auto opts = hidden_.options().dtype(dtype());
@@ -862,6 +878,10 @@ class Forward {
       const Phase phase("forward: x . A^T");
       input_rank_products(*lora);
     }
+    if (codes_slots_ > 0) {
+      const Phase phase("forward: rows on codes (x)");
+      prepare_codes_x();
+    }
     {
       const Phase phase("forward: gate/up GEMM + activation");
       gate_up(lora ? &*lora : nullptr);
@@ -869,6 +889,10 @@ class Forward {
     if (s_.r > 0) {
       const Phase phase("forward: h . Ad^T sums");
       down_rank_products();
+    }
+    if (codes_slots_ > 0) {
+      const Phase phase("forward: rows on codes (h)");
+      prepare_codes_h();
     }
     {
       const Phase phase("forward: down GEMM");
@@ -883,8 +907,10 @@ class Forward {
   static constexpr c10::ScalarType dtype() { return c10::CppTypeToScalarType<T>::value; }
   // s * (rank-r product) rows as activations: [which][row capacity][ldr].
   Act* lora_act(int which) const { return lora_act_.data() + which * row_buffer(R_) * ldr_; }
-  // The same s * (rank-r product) rows as T values: [which][R][r].
-  T* lora_scaled(int which) const { return lora_scaled_.data() + which * R_ * s_.r; }
+  // The s * (rank-r product) values of plane `which` (0 xa_g, 1 xa_u, 2 ha) for an on-codes row slot.
+  T* codes_scaled(int which, int64_t slot) const {
+    return codes_scaled_->data() + (which * codes_slots_ + slot) * s_.r;
+  }
 
   // x as activation rows; with LoRA, when rounding them loses something (fp32 hidden states on a
   // rounding ISA), also what it lost, for the exact contraction x . A^T (split bf16, see above).
@@ -961,18 +987,57 @@ class Forward {
     T scaled[kMaxStackRank];
     T* s_values = r <= kMaxStackRank ? scaled : task_buffer<T>(kConvert, r);
     for (int64_t q = 0; q < r; ++q) s_values[q] = scaling_ * values[q];
-    std::copy(s_values, s_values + r, lora_scaled(plane) + row * r);
+    const int64_t e = routing_.expert_of_pair[order_[row]];
+    if (codes_base_[e] >= 0)
+      std::copy(s_values, s_values + r, codes_scaled(plane, codes_base_[e] + row - routing_.offsets[e]));
     expansion_row(k_, s_values, r, lora_act(plane) + row * ldr_);
   }
 
   int64_t blocks_i() const { return ceil_div(padded_rows(s_.I), kColsPerTask); }
+
+  // The on-codes experts' input rows, once per call: x as fp32 (the hidden states as given),
+  // quantized where the kernel wants.
+  void prepare_codes_x() {
+    if constexpr (std::is_same_v<T, float>) {
+      const RowSource<T, Act> source(hidden_, s_.H);
+      parallel_for(codes_experts_.size(), [&](int64_t i) {
+        const int64_t e = codes_experts_[i], begin = routing_.offsets[e], m = routing_.offsets[e + 1] - begin;
+        const int64_t slot = codes_base_[e];
+        for (int64_t row = 0; row < m; ++row) {
+          float* dst = codes_x_->row(slot + row);
+          const float* values = source.row_values(order_[begin + row] / s_.k, dst);
+          if (values != dst) std::copy_n(values, s_.H, dst);
+        }
+        codes_x_->quantize(gate_w_, slot, m);
+      });
+    }
+  }
+
+  // The same for h (its activations, as the other rows' down GEMM reads them).
+  void prepare_codes_h() {
+    if constexpr (std::is_same_v<T, float>) {
+      parallel_for(codes_experts_.size(), [&](int64_t i) {
+        const int64_t e = codes_experts_[i], begin = routing_.offsets[e], m = routing_.offsets[e + 1] - begin;
+        const int64_t slot = codes_base_[e];
+        for (int64_t row = 0; row < m; ++row) {
+          const Act* h = hs_.data() + (begin + row) * ldh_;
+          float* dst = codes_h_->row(slot + row);
+          if constexpr (std::is_same_v<Act, float>) {
+            std::copy_n(h, s_.I, dst);
+          } else {
+            for (int64_t n = 0; n < s_.I; ++n) dst[n] = bf16_float(h[n]);
+          }
+        }
+        codes_h_->quantize(down_w_, slot, m);
+      });
+    }
+  }
 
   void gate_up(const LoraMatrices<T, Act>* lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t I = s_.I, Ip = padded_rows(I), P = s_.pairs();
     const auto tasks = block_tasks(routing_, Ip);
     T* prep = save_ ? gate_up_pre_.data_ptr<T>() : nullptr;
-    const RowSource<T, Act> x_source(hidden_, s_.H);
     parallel_for(tasks.size(), [&](int64_t ti) {
       const int64_t e = tasks[ti].expert, p0 = tasks[ti].block * kPanelsPerTask;
       const int64_t np = std::min(kPanelsPerTask, Ip / kPanelRows - p0), n0 = p0 * kPanelRows, ldc = np * kPanelRows;
@@ -983,15 +1048,14 @@ class Forward {
       int64_t stride_g = 0, stride_u = 0;
       const T* gate_bias = variant_.gate_bias(e);
       const T* up_bias = variant_.up_bias(e);
-      // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (as T rows for the
-      // products on codes), and Ad^T's rows [n0, n0 + cols) for the exact h . Ad^T.
+      // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (extra products of the
+      // tile GEMM, or gemm_a_exact after the products on codes), and Ad^T's rows [n0, n0 + cols) for
+      // the exact h . Ad^T.
       const bool codes = on_codes<T>(gate_w_, end - begin);
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu;
-      const T *bg_rows = nullptr, *bu_rows = nullptr;
       const T* ad_t = nullptr;
-      // Ad^T's rows [n0, n0 + cols), and (on codes) Bg's and Bu's rows as T.
-      const auto read_lora_rows = [&] {
+      const auto read_ad_t = [&] {
         const int64_t r = s_.r;
         T* ad = task_buffer<T>(kConvert, r * cols);  // Ad's columns [n0, n0 + cols): [r][cols]
         for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
@@ -999,9 +1063,6 @@ class Forward {
         for (int64_t n = 0; n < cols; ++n)
           for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * cols + n];
         ad_t = transposed;
-        if (!codes) return;
-        bg_rows = lora->rows_of(L::GateB, e, n0, nrows, task_buffer<T>(kLoraA, nrows * r));
-        bu_rows = lora->rows_of(L::UpB, e, n0, nrows, task_buffer<T>(kLoraB, nrows * r));
       };
       if (lora && codes) {
         // Read after the products on codes, which take long enough for these to arrive from RAM.
@@ -1013,25 +1074,24 @@ class Forward {
         T* scratch = task_buffer<T>(kConvert, nrows * r * 2);
         bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
         bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
-        read_lora_rows();
+        read_ad_t();
       }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* cg = task_buffer<T>(kStageA, row_capacity(m) * ldc);
         T* cu = task_buffer<T>(kStageB, row_capacity(m) * ldc);
-        // The exact input rows (the hidden states as given) for the products on codes.
-        T* x_scratch = nullptr;
-        const auto x_row = [&](int64_t i) {
-          if (x_scratch == nullptr) x_scratch = task_buffer<T>(kConvert, m * s_.H);
-          return x_source.row_values(order_[c0 + i] / s_.k, x_scratch + i * s_.H);
-        };
         if (codes) {
-          direct_on_codes(gate_w_, e, m, p0, np, x_row, cg);
-          direct_on_codes(up_w_, e, m, p0, np, x_row, cu);
+          const int64_t slot = codes_base_[e];
+          codes_x_->gemm(gate_w_, e, slot, m, p0, np, cg);
+          codes_x_->gemm(up_w_, e, slot, m, p0, np, cu);
           if (lora) {
-            read_lora_rows();
-            add_expansion_rows(lora_scaled(0) + c0 * s_.r, bg_rows, m, nrows, s_.r, cg, ldc);
-            add_expansion_rows(lora_scaled(1) + c0 * s_.r, bu_rows, m, nrows, s_.r, cu, ldc);
+            const int64_t r = s_.r;
+            T* scratch = task_buffer<T>(kConvert, nrows * r);
+            bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
+            k_.gemm_a_exact(codes_scaled(0, slot), r, m, r, bg.hi, bg.lo, bg.stride, np, cg, ldc);
+            bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch);
+            k_.gemm_a_exact(codes_scaled(1, slot), r, m, r, bu.hi, bu.lo, bu.stride, np, cu, ldc);
+            read_ad_t();
           }
         } else {
           ExtraProducts<Act> lora_g, lora_u;
@@ -1083,7 +1143,8 @@ class Forward {
       int64_t stride = 0;
       const T* bias = variant_.down_bias(e);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
-      // Rows [n0, n0 + 16 np) of Bd as expansion panels (as T rows for the products on codes).
+      // Rows [n0, n0 + 16 np) of Bd as expansion panels (extra products of the tile GEMM, or
+      // gemm_a_exact after the products on codes).
       const bool codes = on_codes<T>(down_w_, end - begin);
       const int64_t nrows = std::min(np * kPanelRows, H - n0);
       SlicePanels<Act> bd;
@@ -1095,16 +1156,13 @@ class Forward {
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
-        float* h_scratch = nullptr;
-        const auto h_row = [&](int64_t i) {
-          if (h_scratch == nullptr) h_scratch = task_buffer<float>(kConvert, m * s_.I);
-          return act_row_f32(k_, hs_.data() + (c0 + i) * ldh_, s_.I, h_scratch + i * s_.I);
-        };
         if (codes) {
-          direct_on_codes(down_w_, e, m, p0, np, h_row, c);
+          const int64_t slot = codes_base_[e];
+          codes_h_->gemm(down_w_, e, slot, m, p0, np, c);
           if (lora) {
-            const T* bd_rows = lora->rows_of(L::DownB, e, n0, nrows, task_buffer<T>(kLoraA, nrows * s_.r));
-            add_expansion_rows(lora_scaled(2) + c0 * s_.r, bd_rows, m, nrows, s_.r, c, ldc);
+            bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
+                           task_buffer<T>(kConvert, nrows * s_.r));
+            k_.gemm_a_exact(codes_scaled(2, slot), s_.r, m, s_.r, bd.hi, bd.lo, bd.stride, np, c, ldc);
           }
         } else {
           ExtraProducts<Act> lora_d;
@@ -1143,10 +1201,16 @@ class Forward {
   // Rows (expert order): x and h as activations; s xa_g, s xa_u, s ha as activations; per-pair
   // weighted expert outputs y (pair order).
   const ReusedBuffer<Act> xs_, hs_, lora_act_;
-  const ReusedBuffer<T> lora_scaled_;
   // Partial ha = h . Ad^T per row and block of I (exact, summed by down_rank_products).
   const ReusedBuffer<T> ha_partial_, y_;
   std::unique_ptr<ReusedBuffer<Act>> xs_lo_;
+  // The experts whose products run on the codes (on_codes), each one's first row slot (-1: not on
+  // codes), their prepared x and h rows and, with LoRA, their rows' s * (rank-r products) as T
+  // values ([3][codes_slots_][r]) for the exact expansions.
+  std::vector<int64_t> codes_experts_, codes_base_;
+  int64_t codes_slots_ = 0;
+  std::optional<CodesRows> codes_x_, codes_h_;
+  std::optional<ReusedBuffer<T>> codes_scaled_;
   Tensor gate_up_pre_, lora_mid_;
   T* lora_mid_data_ = nullptr;
 };

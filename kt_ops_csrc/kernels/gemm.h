@@ -94,6 +94,12 @@ struct Kernels {
   // The same with activation panels (b at b + p * panel_stride Act elements).
   void (*gemm_a)(const Act* a, int64_t lda, int m, int K, const Act* b, int64_t panel_stride, int np, T* c, int64_t ldc,
                  bool accumulate);
+  // C[i, 16 p + c] += sum_(k < K) V[i][k] (hi_p[c][k] + lo_p[c][k]) for i < m, p < np, c < 16:
+  // exact T rows V (ldv apart) times activation panels B = hi + lo (lo may be null: a split bf16 B,
+  // or one exact in Act), summed in T, then added to C. The LoRA expansion of the few rows that go
+  // on the codes (decode): exact, and without the 16-row tiles that gemm_a spends on each row.
+  void (*gemm_a_exact)(const T* v, int64_t ldv, int m, int K, const Act* hi, const Act* lo, int64_t panel_stride,
+                       int np, T* c, int64_t ldc);
   // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
   // 16 np >= ncols: the product that reduces over W's rows n (the backward's dY . Wd, dG . Wg), A rows
   // of n_padded values. Columns from ncols on see zero weights. A row's result does not depend on m,

@@ -57,6 +57,7 @@ template <typename T>
 constexpr Kernels<T, T> ref_table() {
   return {gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>,
           gemm_a_ref<T>,
+          gemm_a_exact_common<T, T>,
           gemm_nn_repacked<T, T, gemm_w_then_extra<T, T, gemm_w_ref<T>, gemm_a_ref<T>>, repack_nn>,
           repack_nn,
           to_act_common<T, T>,

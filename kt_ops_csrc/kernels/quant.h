@@ -63,6 +63,12 @@ struct QuantMatrix {  // one expert's W [N, K]
   int64_t groups;  // 1 for the per-row formats
 };
 
+// Rows quantized by quantize_rows: q rows 2 k_pairs(K) apart, steps `groups` apart.
+struct QuantizedRows {
+  const int16_t* q;
+  const float* step;
+};
+
 struct DequantKernels {
   // out: [np][nkp][16][2] bf16 for panels [p0, p0 + np) and k pairs [kp0, kp0 + nkp).
   void (*dequant)(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out);
@@ -73,18 +79,24 @@ struct DequantKernels {
   // E4M3 value (offset 0). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
   // The same product for the int8 formats with integer dot products (decode: rows up to
-  // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice). Each row's activations are
-  // quantized per K group of the weights (the whole row for int8):
+  // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice), on the rows' quantization by
+  // quantize_rows (below), done once per row by the caller rather than per call: `quantized`, or
+  // nullptr where quantize_rows returned false (the product then runs in fp32 on the codes, from
+  // a_rows, so that NaN and Inf propagate as on the other paths). Per group sum code * q is exact in
+  // int32 (chunks of at most kMaxPairsPerInt32 k pairs: 2 * 128 * 127 * 65536 < 2^31), and
+  // c += (float(acc) * weight_scale) * step, in group order, with no FMA: every ISA gives the same
+  // bits. Error against the fp32 product of the exact dequantized weights: |c - x.w| <= sum_groups
+  // step / 2 * sum_(k in group) |w[n, k]| (+ fp32 rounding). nullptr: not provided.
+  void (*gemm_nt_int8)(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
+                       int np, float* c);
+  // The activation quantization of gemm_nt_int8 for rows [0, m), per K group of the weights (the
+  // whole row for int8):
   //   step = max|x over the group| / 127,  q[k] = round_to_nearest_even(x[k] * (127 / max|x|))
   // so q lies in [-127, 127] and |x[k] - step * q[k]| <= step / 2 (up to fp32 rounding of the
-  // reciprocal). Per group sum code * q is exact in int32 (chunks of at most kMaxPairsPerInt32 k
-  // pairs: 2 * 128 * 127 * 65536 < 2^31), and c += (float(acc) * weight_scale) * step, in group
-  // order, with no FMA: every ISA gives the same bits. Error against the fp32 product of the exact
-  // dequantized weights: |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w[n, k]| (+ fp32
-  // rounding). Rows holding NaN or Inf (or a group so tiny that 127 / max|x| overflows) are
-  // multiplied in fp32 instead (the call falls back to fp32 on the codes), so NaN and Inf
-  // propagate as on the other paths. nullptr: not provided.
-  void (*gemm_nt_int8)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
+  // reciprocal). Into q [m][2 Kp] (odd K: the padding k is 0) and step [m][groups]. False if a row
+  // holds NaN or Inf or a group's reciprocal overflows (a group of tiny subnormals). Provided with
+  // gemm_nt_int8; every table gives the same bits.
+  bool (*quantize_rows)(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step);
 };
 
 constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
@@ -119,14 +131,7 @@ void dequant_f32(const QuantMatrix& w, int64_t rows, float* out);
 const DequantKernels* avx2_dequant();
 // AVX-512 F/BW/VL + VNNI + AVX512_BF16, bit-identical to the others; nullptr when not compiled in.
 const DequantKernels* avx512_dequant();
-// The activation quantization of gemm_nt_int8 (above), for rows [0, m), into per-thread buffers: q
-// [m][2 Kp] (odd K: the padding k is 0), step [m][groups], valid until the thread's next call. False
-// if a row holds NaN or Inf or a group's reciprocal overflows (the caller then multiplies in fp32).
-// AVX2; every gemm_nt_int8 above ref shares it.
-struct QuantizedRows {
-  const int16_t* q;
-  const float* step;
-};
-bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, QuantizedRows& out);
+// DequantKernels::quantize_rows of every table above ref (AVX2).
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step);
 
 }  // namespace kt

@@ -282,7 +282,9 @@ void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m,
 // k pairs overflow), an unpack and a vpmaddwd each: no fewer instructions than this. Activations
 // are stored as int16 values in [-127, 127] so that one 32-bit broadcast carries a pair.
 
-bool quantize_into(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
+}  // namespace
+
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
   const int64_t Kp = k_pairs(K), group_k = 2 * (Kp / groups);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i exponent = _mm256_set1_epi32(0x7F800000);
@@ -324,17 +326,6 @@ bool quantize_into(const float* const* a, int m, int64_t K, int64_t groups, int1
     if (K % 2) qr[K] = 0;
   }
   return true;
-}
-
-}  // namespace
-
-bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, QuantizedRows& out) {
-  thread_local std::vector<int16_t> q_buf;
-  thread_local std::vector<float> step_buf;
-  if (q_buf.size() < size_t(m) * 2 * k_pairs(K)) q_buf.resize(size_t(m) * 2 * k_pairs(K));
-  if (step_buf.size() < size_t(m) * groups) step_buf.resize(size_t(m) * groups);
-  out = {q_buf.data(), step_buf.data()};
-  return quantize_into(a, m, K, groups, q_buf.data(), step_buf.data());
 }
 
 namespace {
@@ -389,14 +380,14 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
   }
 }
 
-void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
+                       int np, float* c) {
+  if (quantized == nullptr) return gemm_nt_codes_avx2(w, a_rows, m, p0, np, c);
   const int64_t Kp = k_pairs(w.K);
-  QuantizedRows quantized;
-  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, quantized)) return gemm_nt_codes_avx2(w, a_rows, m, p0, np, c);
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
-      int8_panel<rows()>(w, quantized.q + i * 2 * Kp, 2 * Kp, quantized.step + i * w.groups, p0 + p,
+      int8_panel<rows()>(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * w.groups, p0 + p,
                          c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
@@ -404,7 +395,7 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, int m, 
 }  // namespace
 
 const DequantKernels* avx2_dequant() {
-  static const DequantKernels kernels{dequant_avx2, gemm_nt_codes_avx2, gemm_nt_int8_avx2};
+  static const DequantKernels kernels{dequant_avx2, gemm_nt_codes_avx2, gemm_nt_int8_avx2, quantize_rows_avx2};
   return &kernels;
 }
 

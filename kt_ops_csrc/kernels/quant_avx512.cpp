@@ -417,14 +417,14 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * ldc, total[r]);
 }
 
-void gemm_nt_int8_avx512(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
+void gemm_nt_int8_avx512(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m,
+                         int p0, int np, float* c) {
+  if (quantized == nullptr) return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
   const int64_t Kp = k_pairs(w.K);
-  QuantizedRows quantized;
-  if (!quantize_rows_avx2(a_rows, m, w.K, w.groups, quantized)) return gemm_nt_codes_avx512(w, a_rows, m, p0, np, c);
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
-      int8_panel<rows()>(w, quantized.q + i * 2 * Kp, 2 * Kp, quantized.step + i * w.groups, p0 + p,
+      int8_panel<rows()>(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * w.groups, p0 + p,
                          c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
@@ -437,7 +437,7 @@ namespace kt {
 
 const DequantKernels* avx512_dequant() {
 #ifdef KT_HAVE_AVX512_QUANT_BUILD
-  static const DequantKernels kernels{dequant_avx512, gemm_nt_codes_avx512, gemm_nt_int8_avx512};
+  static const DequantKernels kernels{dequant_avx512, gemm_nt_codes_avx512, gemm_nt_int8_avx512, quantize_rows_avx2};
   return &kernels;
 #else
   return nullptr;

@@ -80,19 +80,20 @@ bool quantize_row_ref(const float* x, int64_t K, int64_t groups, int16_t* q, flo
   return true;
 }
 
-void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
-  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
-  thread_local std::vector<int16_t> q_buf;
-  thread_local std::vector<float> step_buf;
-  q_buf.resize(std::max<size_t>(q_buf.size(), m * 2 * Kp));
-  step_buf.resize(std::max<size_t>(step_buf.size(), m * w.groups));
+bool quantize_rows_ref(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
   for (int r = 0; r < m; ++r)
-    if (!quantize_row_ref(a_rows[r], K, w.groups, q_buf.data() + r * 2 * Kp, step_buf.data() + r * w.groups))
-      return gemm_nt_f32_ref(w, a_rows, m, p0, np, c);
+    if (!quantize_row_ref(a[r], K, groups, q + r * 2 * k_pairs(K), step + r * groups)) return false;
+  return true;
+}
+
+void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
+                      int np, float* c) {
+  if (quantized == nullptr) return gemm_nt_f32_ref(w, a_rows, m, p0, np, c);
+  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const int8_t* data = reinterpret_cast<const int8_t*>(w.data);
   const int ldc = np * kPanelRows;
   for (int r = 0; r < m; ++r) {
-    const int16_t* q = q_buf.data() + r * 2 * Kp;
+    const int16_t* q = quantized->q + r * 2 * Kp;
     for (int j = 0; j < ldc; ++j) {
       const int64_t n = int64_t(p0) * kPanelRows + j, panel = n / kPanelRows, i = n % kPanelRows;
       float total = 0.0f;
@@ -104,7 +105,7 @@ void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, int m, i
             const int8_t* code = data + ((panel * Kp + kp) * kPanelRows + i) * 2;
             acc += code[0] * q[2 * kp] + code[1] * q[2 * kp + 1];
           }
-          total = total + (static_cast<float>(acc) * w.scales[n * w.groups + g]) * step_buf[r * w.groups + g];
+          total = total + (static_cast<float>(acc) * w.scales[n * w.groups + g]) * quantized->step[r * w.groups + g];
         }
       c[int64_t(r) * ldc + j] = total;
     }
@@ -119,7 +120,7 @@ void dequant_f32(const QuantMatrix& w, int64_t rows, float* out) {
 }
 
 const DequantKernels& ref_dequant() {
-  static const DequantKernels kernels{dequant_ref, nullptr, gemm_nt_int8_ref};
+  static const DequantKernels kernels{dequant_ref, nullptr, gemm_nt_int8_ref, quantize_rows_ref};
   return kernels;
 }
 

@@ -522,6 +522,36 @@ static void test_rank(const Table<Act>& t, int n, int r) {
     }
 }
 
+// gemm_a_exact: exact fp32 rows times the split panels (hi + lo) of an fp32 B, added to C: the
+// fp64 product to fp32 accuracy (with split bf16, hi + lo is B to about 2^-17).
+template <typename Act>
+static void test_gemm_a_exact(const Table<Act>& t, int m, int K, int N) {
+  const int ldv = K + 3, np = int(padded_rows(N) / 16), ldc = np * 16 + 5;
+  std::vector<float> v(size_t(m) * ldv), b(size_t(N) * K), c(size_t(m) * ldc);
+  for (auto& x : v) x = randn();
+  for (auto& x : b) x = randn();
+  for (auto& x : c) x = randn();
+  const std::vector<float> c0 = c;
+  const int64_t stride = act_panel_elems(K);
+  Act* hi = exact<Act>(size_t(np) * stride);
+  Act* lo = sizeof(Act) == 2 ? exact<Act>(size_t(np) * stride) : nullptr;
+  t.k->pack_rows_split(b.data(), K, N, K, hi, lo, stride);
+  t.k->gemm_a_exact(v.data(), ldv, m, K, hi, lo, stride, np, c.data(), ldc);
+  char ctx[48];
+  std::snprintf(ctx, sizeof ctx, "m=%d K=%d N=%d", m, K, N);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < ldc; ++j) {
+      double e = c0[size_t(i) * ldc + j], s = std::fabs(e);
+      for (int k = 0; j < N && k < K; ++k) {
+        e += double(v[size_t(i) * ldv + k]) * b[size_t(j) * K + k];
+        s += std::fabs(double(v[size_t(i) * ldv + k]) * b[size_t(j) * K + k]);
+      }
+      check(t.name, "gemm_a_exact", c[size_t(i) * ldc + j], e, s, ctx);
+    }
+  std::free(hi);
+  std::free(lo);
+}
+
 template <typename Act>
 static void run_table(const Table<Act>& t, int iters) {
   if (!t.k) {
@@ -543,6 +573,7 @@ static void run_table(const Table<Act>& t, int iters) {
     test_gemm(t, m, K, N, p0, np, it % 2 == 1, rint_(0, 3), it % 5 == 0);
     test_gemm_a(t, rint_(1, 80), rint_(1, 300), rint_(1, 70));
     test_pack(t, rint_(1, 70), rint_(1, 90));
+    test_gemm_a_exact(t, rint_(1, 4), rint_(1, 70), rint_(1, 140));
     const int RK = rint_(1, 200);
     const int col0 = 2 * rint_(0, (RK - 1) / 2);
     test_repack(t, rint_(1, 100), RK, col0, rint_(1, std::min(64, RK - col0)));

@@ -1,5 +1,5 @@
-// Kernel-level check of the int8 integer-dot decode (DequantKernels::gemm_nt_int8, kernels/quant.h):
-// every table must give the reference's bits, and the reference must meet the activation
+// Kernel-level check of the int8 integer-dot decode (DequantKernels::quantize_rows and gemm_nt_int8,
+// kernels/quant.h): every table must give the reference's bits, and the reference must meet the activation
 // quantization bound against float64 sums over the exact dequantized weights:
 //   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|.
 // Random and edge shapes (odd K, K groups, 1-4 rows, panel subsets, codes -128 and 127, negative
@@ -87,7 +87,12 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
   std::vector<float> ref(size_t(m) * ldc);
   for (size_t t = 0; t < tables.size(); ++t) {
     float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));  // exact size
-    tables[t].k->gemm_nt_int8(W.view(f), rows.data(), m, p0, np, c);
+    // Each table quantizes with its own quantize_rows; a false return (NaN / Inf) means fp32.
+    std::vector<int16_t> q(size_t(m) * 2 * k_pairs(K));
+    std::vector<float> step(size_t(m) * groups);
+    const QuantizedRows quantized{q.data(), step.data()};
+    const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, groups, q.data(), step.data());
+    tables[t].k->gemm_nt_int8(W.view(f), rows.data(), usable ? &quantized : nullptr, m, p0, np, c);
     const char* name = tables[t].name.c_str();
     if (t == 0) std::memcpy(ref.data(), c, sizeof(float) * m * ldc);
     // Calls with NaN / Inf rows run in fp32, whose summation order is each table's own.
