@@ -109,9 +109,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
             json.dump(memory, f)
     finally:
         torch.distributed.destroy_process_group()
-    # The results are on disk: leave without the interpreter's teardown. About one run in six on a
-    # loaded 2-core machine, a worker aborted there ("terminate called without an active exception",
-    # no Python frame left, every file written), which fails the spawn; under gdb it never did.
+    # The results are on disk: leave without the interpreter's teardown, as kt-sft's ranks do
+    # (kt_ops.cli._leave_without_teardown). About one run in six on a loaded 2-core machine, a worker
+    # aborted there ("terminate called without an active exception", no Python frame left, every file
+    # written), which fails the spawn; under gdb it never did.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
