@@ -1053,7 +1053,7 @@ class Forward {
       // the exact h . Ad^T.
       const bool codes = on_codes<T>(gate_w_, end - begin);
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
-      SlicePanels<Act> bg, bu;
+      SlicePanels<Act> bg, bu, ad;
       const T* ad_t = nullptr;
       const auto read_ad_t = [&] {
         const int64_t r = s_.r;
@@ -1091,7 +1091,9 @@ class Forward {
             k_.gemm_a_exact(codes_scaled(0, slot), r, m, r, bg.hi, bg.lo, bg.stride, np, cg, ldc);
             bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch);
             k_.gemm_a_exact(codes_scaled(1, slot), r, m, r, bu.hi, bu.lo, bu.stride, np, cu, ldc);
-            read_ad_t();
+            // Ad's rows over the block's columns as panels: h . Ad^T by gemm_a_exact below, where the
+            // transposed copy that contract reads cost more than the products at one row.
+            ad = pack_lora(k_, *lora, L::DownA, e, 0, r, n0, cols, false, kLoraC, task_buffer<T>(kConvert, r * cols));
           }
         } else {
           ExtraProducts<Act> lora_g, lora_u;
@@ -1121,8 +1123,20 @@ class Forward {
           }
           T* h = g;  // g is not needed once h is computed
           k_.glu_forward(g, u, cols, variant_.glu, h);
-          if (lora)
-            k_.contract(h, cols, ad_t, s_.r, ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r);
+          if (lora) {
+            T* partial = ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r;
+            if (codes) {
+              const int64_t panels = ceil_div(s_.r, kPanelRows);
+              T sums[kMaxStackRank + kPanelRows] = {};
+              T* out = s_.r <= kMaxStackRank ? sums : task_buffer<T>(kWeightsA, panels * kPanelRows);
+              std::fill(out, out + panels * kPanelRows, T(0));
+              k_.gemm_a_exact(h, cols, 1, static_cast<int>(cols), ad.hi, ad.lo, ad.stride, static_cast<int>(panels),
+                              out, panels * kPanelRows);
+              std::copy(out, out + s_.r, partial);
+            } else {
+              k_.contract(h, cols, ad_t, s_.r, partial);
+            }
+          }
           Act* h_row = hs_.data() + (c0 + i) * ldh_;
           k_.to_act(h, cols, h_row + n0, last_block ? ldh_ - n0 : cols);
         }
