@@ -96,8 +96,9 @@ struct Kernels {
                  bool accumulate);
   // C[i, 16 p + c] += sum_(k < K) V[i][k] (hi_p[c][k] + lo_p[c][k]) for i < m, p < np, c < 16:
   // exact T rows V (ldv apart) times activation panels B = hi + lo (lo may be null: a split bf16 B,
-  // or one exact in Act), summed in T, then added to C. The LoRA expansion of the few rows that go
-  // on the codes (decode): exact, and without the 16-row tiles that gemm_a spends on each row.
+  // or one exact in Act), summed in T, then added to C. The LoRA products of the few rows that go on
+  // the codes (decode: the expansions, and h . Ad^T): exact, and without the 16-row tiles that gemm_a
+  // spends on each row.
   void (*gemm_a_exact)(const T* v, int64_t ldv, int m, int K, const Act* hi, const Act* lo, int64_t panel_stride,
                        int np, T* c, int64_t ldc);
   // C[i, c] (+)= sum_n A[i][n] W[n, col0 + c] (+ the extra products) for i < m, c < 16 np, with
