@@ -1055,15 +1055,6 @@ class Forward {
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu, ad;
       const T* ad_t = nullptr;
-      const auto read_ad_t = [&] {
-        const int64_t r = s_.r;
-        T* ad = task_buffer<T>(kConvert, r * cols);  // Ad's columns [n0, n0 + cols): [r][cols]
-        for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad + q * cols);
-        T* transposed = task_buffer<T>(kLoraC, cols * r);
-        for (int64_t n = 0; n < cols; ++n)
-          for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad[q * cols + n];
-        ad_t = transposed;
-      };
       if (lora && codes) {
         // Read after the products on codes, which take long enough for these to arrive from RAM.
         lora->prefetch(L::DownA, e, 0, s_.r, n0, cols);
@@ -1074,7 +1065,12 @@ class Forward {
         T* scratch = task_buffer<T>(kConvert, nrows * r * 2);
         bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
         bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
-        read_ad_t();
+        T* ad_cols = task_buffer<T>(kConvert, r * cols);  // Ad's columns [n0, n0 + cols): [r][cols]
+        for (int64_t q = 0; q < r; ++q) lora->copy_segment(L::DownA, e, q, n0, cols, ad_cols + q * cols);
+        T* transposed = task_buffer<T>(kLoraC, cols * r);
+        for (int64_t n = 0; n < cols; ++n)
+          for (int64_t q = 0; q < r; ++q) transposed[n * r + q] = ad_cols[q * cols + n];
+        ad_t = transposed;
       }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
@@ -1127,7 +1123,7 @@ class Forward {
             T* partial = ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r;
             if (codes) {
               const int64_t panels = ceil_div(s_.r, kPanelRows);
-              T sums[kMaxStackRank + kPanelRows] = {};
+              T sums[kMaxStackRank + kPanelRows];
               T* out = s_.r <= kMaxStackRank ? sums : task_buffer<T>(kWeightsA, panels * kPanelRows);
               std::fill(out, out + panels * kPanelRows, T(0));
               k_.gemm_a_exact(h, cols, 1, static_cast<int>(cols), ad.hi, ad.lo, ad.stride, static_cast<int>(panels),
