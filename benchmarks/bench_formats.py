@@ -7,6 +7,9 @@ weights stream from DRAM) and 512 (prefill), 2 threads.
   .venv/bin/python benchmarks/bench_formats.py [--qlens 1,512] [--threads 2] [--quick]
       [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
 
+A method name with the suffix "+dot" (AMXINT8_SFT+dot, int8_kgroup+dot) is that int8 method with
+kt_ops.set_integer_dot(True): integer dot products at every row count, not only decode's.
+
 --baseline DIR times the same methods, weights and inputs with another build of kt_ops (DIR is a
 checkout with its extension built in place, e.g. the commit before a kernel change; it needs
 kt_ops/core/formats.py, which this checkout's common.py imports) in a child process, call by call
@@ -25,6 +28,7 @@ import time
 
 import torch
 
+import kt_ops
 from common import (
     DSV2_LITE,
     QUICK,
@@ -40,8 +44,15 @@ from common import (
 )
 from kt_ops.core.formats import SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
 
-# every SFT method, then the formats that no method name selects (by their format name)
-METHODS = SFT_METHODS + tuple(f for f in WEIGHT_FORMATS if f not in (SFT_METHOD_FORMATS[m] for m in SFT_METHODS))
+INTEGER_DOT = "+dot"  # method-name suffix: set_integer_dot(True) for its calls
+
+# every SFT method, then the formats that no method name selects (by their format name), and the int8
+# method with integer dot products at every row count
+METHODS = (
+    SFT_METHODS
+    + tuple(f for f in WEIGHT_FORMATS if f not in (SFT_METHOD_FORMATS[m] for m in SFT_METHODS))
+    + ("AMXINT8_SFT" + INTEGER_DOT,)
+)
 
 
 def build(args):
@@ -52,7 +63,10 @@ def build(args):
     shape = QUICK if args.quick else DSV2_LITE
     set_threads(args.threads)
     prob = Problem(shape, [1, 64] if args.quick else parse_ints(args.qlens))
-    layers = {method: prob.layer(method, group_size=args.group_size) for method in args.methods.split(",")}
+    layers = {
+        method: prob.layer(method.removesuffix(INTEGER_DOT), group_size=args.group_size)
+        for method in args.methods.split(",")
+    }
     prob.release_weights()
     inputs = dict(prob.inputs)
     if 1 in inputs:
@@ -72,19 +86,24 @@ def timed_call(layers, inputs, method, q, backward):
         n = _next_routing.get((method, backward), 0)
         _next_routing[(method, backward)] = n + 1
         inp = inp[n % len(inp)]
-    t0 = time.perf_counter()
-    if backward:
-        layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).sum().backward()
-    else:
-        with torch.no_grad():
-            layer(inp.x, inp.ids, inp.w)
-    return time.perf_counter() - t0
+    integer_dot = method.endswith(INTEGER_DOT)
+    if integer_dot:
+        kt_ops.set_integer_dot(True)
+    try:
+        t0 = time.perf_counter()
+        if backward:
+            layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).sum().backward()
+        else:
+            with torch.no_grad():
+                layer(inp.x, inp.ids, inp.w)
+        return time.perf_counter() - t0
+    finally:
+        if integer_dot:
+            kt_ops.set_integer_dot(False)
 
 
 def serve(args):
     """Child for --baseline: answers "method q backward" lines with one timed call each."""
-    import kt_ops
-
     _, _, layers, inputs = build(args)
     print(json.dumps({"ready": kt_ops.__file__}), flush=True)
     for line in sys.stdin:
@@ -132,8 +151,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.serve:
         return serve(args)
-    import kt_ops
-
     child_argv = [a for a in sys.argv[1:] if a != "--baseline" and a != args.baseline]
     baseline = Baseline(args.baseline, child_argv) if args.baseline else None
     shape, qlens, layers, inputs = build(args)

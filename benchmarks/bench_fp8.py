@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The fp8 weight format (AMXFP8_SFT) beside bf16 and int8: accuracy against the bf16 reference, and
+"""The fp8 weight format (AMXFP8_SFT) beside bf16 and int8 (with and without integer dot products,
+kt_ops.set_integer_dot): accuracy against the bf16 reference, and
 the AVX2 E4M3 decode measured against the alternative of a table gather. Speed and resident memory
 of the whole layer are bench_formats.py's (`--methods AMXBF16_SFT,AMXFP8_SFT,AMXINT8_SFT`).
 
@@ -8,8 +9,8 @@ of the whole layer are bench_formats.py's (`--methods AMXBF16_SFT,AMXFP8_SFT,AMX
 --accuracy: relative mean-abs error of the output and of every gradient against the float64
   reference on the bf16 weights, per method, on DeepSeek-V2-Lite's expert shape with fewer experts
   (E=16 H=2048 I=1408 k=4 r=16, T=64 tokens: the float64 reference holds every expert in float64;
-  weights N(0, 0.02), LoRA N(0, 0.02)), and of fp8 against the reference on its own dequantized
-  weights (the kernels' error alone).
+  weights N(0, 0.02), LoRA N(0, 0.02); hidden states N(0, 1), then again with 4 channels at 30x), and
+  of fp8 and int8 against the reference on their own dequantized weights (the kernels' error alone).
 --decode: ns per weight to dequantize one [1408, 2048] matrix into the GEMMs' bf16 panels, single
   thread: int8_kgroup and fp8 through kt_ops' AVX2 dequantizer (kernels/quant_avx2.cpp: E4M3 by
   integer bit manipulation into fp32), and two variants compiled here with the same loop otherwise:
@@ -180,13 +181,17 @@ def accuracy(threads):
     gen = torch.Generator().manual_seed(0)
     weights = [(torch.randn(*s, generator=gen) * 0.02).to(torch.bfloat16) for s in ((E, I, H), (E, I, H), (E, H, I))]
     lora = [torch.randn(*s, generator=gen) * 0.02 for s in kt_ops.core.formats.lora_shapes(E, H, I, r)]
-    x = torch.randn(T, H, generator=gen)
+    gaussian = torch.randn(T, H, generator=gen)
+    # LLM hidden states carry a few channels far above the rest ("massive activations"): here 4 of H at
+    # 30x, which sets the int8 activation step of every row.
+    outliers = gaussian.clone()
+    outliers[:, torch.randperm(H, generator=gen)[:4]] *= 30
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
     w = torch.softmax(torch.randn(T, k, generator=gen), -1)
     dy = torch.randn(T, H, generator=gen)
     scaling = 2.0
 
-    def grads(run, *base):
+    def grads(x, run, *base):
         leaves = [t.clone().double().requires_grad_() for t in (x, w, *lora)]
         if run is None:
             out = moe_sft_reference(
@@ -208,28 +213,34 @@ def accuracy(threads):
         return ((a - b).abs().mean() / b.abs().mean()).item()
 
     names = ["output", "grad x", "grad topk_weights", *(f"grad {n}" for n in kt_ops.LORA_NAMES)]
-    ref = grads(None, *weights)
-    rows = {}
-    for method, fmt in (
-        ("AMXBF16_SFT", "bf16"),
-        ("AMXFP8_SFT", "fp8"),
-        ("AMXINT8_SFT", "int8"),
-        ("int8_kgroup", "int8_kgroup"),
-    ):
-        experts = kt_ops.pack_experts(*weights, fmt, group_size=128)
-        got = grads(experts)
-        rows[method] = [rel(g, rr) for g, rr in zip(got, ref)]
-        if fmt == "fp8":
-            own = grads(None, *unpack_experts(experts))
-            rows["AMXFP8_SFT vs its dequantized weights"] = [rel(g, o) for g, o in zip(got, own)]
-    print(
-        f"# rel. mean-abs error vs the float64 reference on the bf16 weights, E={E} H={H} I={I} k={k} r={r} "
-        f"T={T}, threads={threads}: {header()}"
+    methods = (
+        ("AMXBF16_SFT", "bf16", False),
+        ("AMXFP8_SFT", "fp8", False),
+        ("AMXINT8_SFT", "int8", False),
+        ("AMXINT8_SFT+dot", "int8", True),
+        ("int8_kgroup", "int8_kgroup", False),
+        ("int8_kgroup+dot", "int8_kgroup", True),
     )
-    print("| method | " + " | ".join(names) + " |")
-    print("|---" * (1 + len(names)) + "|")
-    for method, errs in rows.items():
-        print(f"| {method} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+    packed = {fmt: kt_ops.pack_experts(*weights, fmt, group_size=128) for _, fmt, _ in methods}
+    for inputs, x in (("gaussian", gaussian), ("4 outlier channels at 30x", outliers)):
+        ref = grads(x, None, *weights)
+        own = {fmt: grads(x, None, *unpack_experts(packed[fmt])) for fmt in ("fp8", "int8")}
+        rows = {}
+        for method, fmt, integer_dot in methods:
+            kt_ops.set_integer_dot(integer_dot)
+            got = grads(x, packed[fmt])
+            rows[method] = [rel(g, rr) for g, rr in zip(got, ref)]
+            if fmt in own:  # the kernels' error alone
+                rows[f"{method} vs its dequantized weights"] = [rel(g, o) for g, o in zip(got, own[fmt])]
+        kt_ops.set_integer_dot(False)
+        print(
+            f"# rel. mean-abs error vs the float64 reference on the bf16 weights, hidden states {inputs}, "
+            f"E={E} H={H} I={I} k={k} r={r} T={T} (~{T * k // E} rows per expert), threads={threads}: {header()}"
+        )
+        print("| method | " + " | ".join(names) + " |")
+        print("|---" * (1 + len(names)) + "|")
+        for method, errs in rows.items():
+            print(f"| {method} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
 
 
 def main():

@@ -9,7 +9,16 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C  # noqa: F401
 from .core.formats import LORA_NAMES, SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
 from .core.packed import PackedExperts, pack_experts, unpack_experts
-from .core.runtime import cpu_info, get_isa, get_num_threads, set_isa, set_num_threads
+from .core.runtime import (
+    cpu_info,
+    environment_flag,
+    get_integer_dot,
+    get_isa,
+    get_num_threads,
+    set_integer_dot,
+    set_isa,
+    set_num_threads,
+)
 from .core.settings import KTSettings
 from .function import KTMoEFunction
 from .layer import KTMoELayer
@@ -51,6 +60,7 @@ __all__ = [
     "WEIGHT_FORMATS",
     "WorkerPoolConfig",
     "cpu_info",
+    "get_integer_dot",
     "get_isa",
     "get_num_threads",
     "load_packed_experts",
@@ -58,6 +68,7 @@ __all__ = [
     "pack_experts",
     "packed_layers",
     "save_packed_experts",
+    "set_integer_dot",
     "set_isa",
     "set_num_threads",
     "unpack_experts",
@@ -78,3 +89,5 @@ def __getattr__(name: str):
 
 if os.environ.get("KT_OPS_ISA"):
     set_isa(os.environ["KT_OPS_ISA"])
+if os.environ.get("KT_OPS_INTEGER_DOT"):
+    set_integer_dot(environment_flag("KT_OPS_INTEGER_DOT"))

@@ -138,14 +138,14 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
 }
 
 bool ExpertWeights::codes_path(int64_t m) const {
-  return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows &&
-         (int8_products(format_) || dequant_kernels().gemm_nt_codes != nullptr);
+  if (int8_products(format_)) return m <= kDirectQuantRows || integer_dot_enabled();
+  return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && dequant_kernels().gemm_nt_codes != nullptr;
 }
 
 bool ExpertWeights::codes_quantized() const { return int8_products(format_); }
 
-bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, float* step) const {
-  return dequant_kernels().quantize_rows(a_rows, m, cols_, groups_, q, step);
+bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const {
+  return dequant_kernels().quantize_rows(a_rows, m, cols_, groups_, q, q8, step);
 }
 
 bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,

@@ -28,14 +28,15 @@ class ExpertWeights {
   ExpertWeights(WeightFormat format, const Tensor& blob, const std::optional<Tensor>& scales, int64_t rows,
                 int64_t cols, int64_t groups);
 
-  // Whether gemm_nt_codes takes m rows: a quantized format, m <= kDirectQuantRows, and a kernel for it.
+  // Whether gemm_nt_codes takes m rows: a quantized format with a kernel for it and m <=
+  // kDirectQuantRows, or an int8 format with integer_dot_enabled() (runtime/cpu.h) at any m.
   bool codes_path(int64_t m) const;
   // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the int8 formats' integer dot
   // products, quant.h) rather than fp32 rows.
   bool codes_quantized() const;
-  // quant.h's quantize_rows for this matrix's K and groups: q [m][2 k_pairs(cols())], step [m][groups].
-  bool quantize_rows(const float* const* a_rows, int m, int16_t* q, float* step) const;
-  // gemm_nt straight on quantized codes for a few rows (see quant.h): `quantized` is the rows'
+  // quant.h's quantize_rows for this matrix's K and groups: q, q8 [m][2 k_pairs(cols())], step [m][groups].
+  bool quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const;
+  // gemm_nt straight on quantized codes where codes_path(m) (see quant.h): `quantized` is the rows'
   // quantize_rows where codes_quantized(), nullptr where that returned false or is not needed.
   // False when not applicable.
   bool gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,

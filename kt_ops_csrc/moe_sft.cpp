@@ -769,8 +769,9 @@ inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t 
   return w.nt_panels(e, p0, np, stride, buffer);
 }
 
-// Whether an expert's `rows` rows take the products straight on the codes (quant.h; decode), where
-// dequantizing whole panels would cost more than the bandwidth it saves; in one chunk.
+// Whether an expert's `rows` rows take the products straight on the codes (quant.h): decode, where
+// dequantizing whole panels would cost more than the bandwidth it saves, and the int8 formats' rows
+// under integer_dot_enabled() (runtime/cpu.h).
 template <typename T>
 bool on_codes(const ExpertWeights& w, int64_t rows) {
   return std::is_same_v<T, float> && w.codes_path(rows);
@@ -786,25 +787,28 @@ class CodesRows {
   CodesRows(const ExpertWeights& shape, int64_t rows)
       : K_(shape.cols()), groups_(shape.groups()), q_stride_(2 * k_pairs(K_)), quantized_(shape.codes_quantized()),
         values_(std::max<int64_t>(rows * K_, 1)), q_(quantized_ ? std::max<int64_t>(rows * q_stride_, 1) : 1),
+        q8_(quantized_ ? (rows + kTileRowSlack) * q_stride_ : 1),
         step_(quantized_ ? std::max<int64_t>(rows * groups_, 1) : 1), usable_(std::max<int64_t>(rows, 1), 0) {}
 
   float* row(int64_t slot) const { return values_.data() + slot * K_; }
   // Quantizes the m rows from `slot` (one expert's, all written) where `w` multiplies quantized rows.
   void quantize(const ExpertWeights& w, int64_t slot, int64_t m) {
     if (!quantized_) return;
-    const float* rows[kDirectQuantRows];
+    std::vector<const float*> rows(m);
     for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
-    usable_[slot] =
-        w.quantize_rows(rows, static_cast<int>(m), q_.data() + slot * q_stride_, step_.data() + slot * groups_);
+    const bool usable = w.quantize_rows(rows.data(), static_cast<int>(m), q_.data() + slot * q_stride_,
+                                        q8_.data() + slot * q_stride_, step_.data() + slot * groups_);
+    std::fill_n(usable_.begin() + slot, m, usable);
   }
   // C [m, 16 np] = rows [slot, slot + m) . W_e^T over panels [p0, p0 + np) of `w`.
   template <typename T>
   void gemm(const ExpertWeights& w, int64_t e, int64_t slot, int64_t m, int64_t p0, int64_t np, T* c) const {
     if constexpr (std::is_same_v<T, float>) {
-      const float* rows[kDirectQuantRows];
+      std::vector<const float*> rows(m);
       for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
-      const QuantizedRows quantized{q_.data() + slot * q_stride_, step_.data() + slot * groups_};
-      w.gemm_nt_codes(e, rows, usable_[slot] ? &quantized : nullptr, static_cast<int>(m), p0, np, c);
+      const QuantizedRows quantized{q_.data() + slot * q_stride_, q8_.data() + slot * q_stride_,
+                                    step_.data() + slot * groups_};
+      w.gemm_nt_codes(e, rows.data(), usable_[slot] ? &quantized : nullptr, static_cast<int>(m), p0, np, c);
     }
   }
 
@@ -813,8 +817,11 @@ class CodesRows {
   const bool quantized_;
   const ReusedBuffer<float> values_;
   const ReusedBuffer<int16_t> q_;
+  // The AMX tile products (quant_amx.inc) load rows in blocks of 16: up to 15 rows past the last.
+  static constexpr int64_t kTileRowSlack = 15;
+  const ReusedBuffer<int8_t> q8_;
   const ReusedBuffer<float> step_;
-  std::vector<char> usable_;  // per expert's first slot: its quantization is there (no NaN / Inf)
+  std::vector<char> usable_;  // per slot: its expert's quantization is there (no NaN / Inf in its rows)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -995,6 +1002,19 @@ class Forward {
 
   int64_t blocks_i() const { return ceil_div(padded_rows(s_.I), kColsPerTask); }
 
+  // Decode's few rows on the codes take exact LoRA products (gemm_a_exact) rather than tile
+  // products, which would spend 16-row tiles on each; more rows (integer dot products at every row
+  // count) take the tile GEMM's own, as add_products.
+  static bool few_rows(int64_t rows) { return rows <= kDirectQuantRows; }
+
+  // C += the extra products that the tile GEMM adds to its own (the LoRA expansions), for rows whose
+  // base product ran on the codes.
+  void add_products(const ExtraProducts<Act>& extra, int64_t m, int64_t np, T* c, int64_t ldc) const {
+    for (int j = 0; j < extra.count; ++j)
+      k_.gemm_a(extra.a[j], extra.lda, static_cast<int>(m), extra.K, extra.b[j], extra.panel_stride,
+                static_cast<int>(np), c, ldc, true);
+  }
+
   // The on-codes experts' input rows, once per call: x as fp32 (the hidden states as given),
   // quantized where the kernel wants.
   void prepare_codes_x() {
@@ -1051,11 +1071,11 @@ class Forward {
       // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (extra products of the
       // tile GEMM, or gemm_a_exact after the products on codes), and Ad^T's rows [n0, n0 + cols) for
       // the exact h . Ad^T.
-      const bool codes = on_codes<T>(gate_w_, end - begin);
+      const bool codes = on_codes<T>(gate_w_, end - begin), exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu, ad;
       const T* ad_t = nullptr;
-      if (lora && codes) {
+      if (lora && exact_lora) {
         // Read after the products on codes, which take long enough for these to arrive from RAM.
         lora->prefetch(L::DownA, e, 0, s_.r, n0, cols);
         lora->prefetch(L::GateB, e, n0, nrows, 0, s_.r);
@@ -1077,10 +1097,13 @@ class Forward {
         T* cg = task_buffer<T>(kStageA, row_capacity(m) * ldc);
         T* cu = task_buffer<T>(kStageB, row_capacity(m) * ldc);
         if (codes) {
-          const int64_t slot = codes_base_[e];
+          const int64_t slot = codes_base_[e] + (c0 - begin);
           codes_x_->gemm(gate_w_, e, slot, m, p0, np, cg);
           codes_x_->gemm(up_w_, e, slot, m, p0, np, cu);
-          if (lora) {
+          if (lora && !exact_lora) {
+            add_products(expansion(bg, lora_act(0) + c0 * ldr_, s_.r), m, np, cg, ldc);
+            add_products(expansion(bu, lora_act(1) + c0 * ldr_, s_.r), m, np, cu, ldc);
+          } else if (lora) {
             const int64_t r = s_.r;
             T* scratch = task_buffer<T>(kConvert, nrows * r);
             bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
@@ -1121,7 +1144,7 @@ class Forward {
           k_.glu_forward(g, u, cols, variant_.glu, h);
           if (lora) {
             T* partial = ha_partial_.data() + ((c0 + i) * blocks_i() + tasks[ti].block) * s_.r;
-            if (codes) {
+            if (exact_lora) {
               const int64_t panels = ceil_div(s_.r, kPanelRows);
               T sums[kMaxStackRank + kPanelRows];
               T* out = s_.r <= kMaxStackRank ? sums : task_buffer<T>(kWeightsA, panels * kPanelRows);
@@ -1155,10 +1178,10 @@ class Forward {
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       // Rows [n0, n0 + 16 np) of Bd as expansion panels (extra products of the tile GEMM, or
       // gemm_a_exact after the products on codes).
-      const bool codes = on_codes<T>(down_w_, end - begin);
+      const bool codes = on_codes<T>(down_w_, end - begin), exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, H - n0);
       SlicePanels<Act> bd;
-      if (lora && codes)
+      if (lora && exact_lora)
         lora->prefetch(L::DownB, e, n0, nrows, 0, s_.r);  // read after the products on codes
       else if (lora)
         bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
@@ -1167,9 +1190,11 @@ class Forward {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
         if (codes) {
-          const int64_t slot = codes_base_[e];
+          const int64_t slot = codes_base_[e] + (c0 - begin);
           codes_h_->gemm(down_w_, e, slot, m, p0, np, c);
-          if (lora) {
+          if (lora && !exact_lora) {
+            add_products(expansion(bd, lora_act(2) + c0 * ldr_, s_.r), m, np, c, ldc);
+          } else if (lora) {
             bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
                            task_buffer<T>(kConvert, nrows * s_.r));
             k_.gemm_a_exact(codes_scaled(2, slot), s_.r, m, s_.r, bd.hi, bd.lo, bd.stride, np, c, ldc);

@@ -16,6 +16,7 @@ from kt_testing import (
     assert_rel_mae,
     assert_tight,
     compare_with_reference,
+    isa_rounds_activations,
     make_case,
     rel_mae,
     run_ops,
@@ -76,13 +77,19 @@ def _activation_steps(x, groups):
     return torch.nn.functional.pad(x.abs(), (0, groups * group_k - K)).view(x.shape[0], groups, group_k).amax(-1) / 127
 
 
+def _direct_rows():
+    """Rows per expert up to which the int8 formats take integer dot products: DIRECT_ROWS, or every
+    row where kt_ops.set_integer_dot(True) applies."""
+    return float("inf") if kt_ops.get_integer_dot() else DIRECT_ROWS
+
+
 def int8_error_bounds(case, experts):
     """Elementwise bounds on |kernel - reference on the dequantized weights| of the output and of
     the gradient of the hidden states for the int8 formats, in float64 (first order in the errors).
     Each forward projection y = x . W^T of an expert is off by at most
       * sum_groups step / 2 * sum_(k in group) |W[n, k]|, step = max |x over the group| / 127, where
-        the expert has at most DIRECT_ROWS rows (integer dot products on activations quantized per
-        K group, kernels/quant.h);
+        the expert has at most _direct_rows() rows (integer dot products on activations quantized
+        per K group, kernels/quant.h);
       * 2^-7 |x| . |W|^T otherwise (the dequantized weights, and on the ISAs that do so the
         activations, rounded to bf16: 2^-8 each);
     the errors eg, eu of gate and up reach h = silu(g) u as 1.1 eg (|u| + eu) + |silu(g)| eu
@@ -120,7 +127,7 @@ def int8_error_bounds(case, experts):
             slots = torch.nonzero(ids == e).flatten()
             tokens = slots // case.k
             xe, we = x[tokens], w[slots].unsqueeze(1)
-            direct = len(slots) <= DIRECT_ROWS
+            direct = len(slots) <= _direct_rows()
             g = xe @ gate[e].T + s * ((xe @ ag[e].T) @ bg[e].T)
             u = xe @ up[e].T + s * ((xe @ au[e].T) @ bu[e].T)
             eg = projection_error(xe.abs(), gate[e], groups_h, direct)
@@ -206,6 +213,92 @@ def test_few_row_path_on_codes(isa, fmt, T):
         assert_tight("output", out, ref_out, rtol=1e-4)  # gate, up and down all read the codes
     else:  # bf16-rounded weights (2^-9 relative each); with 1-2 rows the mean is over few outputs
         assert_rel_mae("output", out, ref_out, 5e-3)
+
+
+@pytest.fixture
+def integer_dot():
+    kt_ops.set_integer_dot(True)
+    try:
+        yield
+    finally:
+        kt_ops.set_integer_dot(False)
+
+
+# "tiles": H, I and group_size 64 multiples of 64 k, as the AMX tile products need (quant_amx.inc;
+# other shapes take the vector kernels under the AMX ISAs too); ~40 rows per expert: two row tiles
+# and a partial one.
+DOT_SHAPES = {"multi_task": (SHAPES["multi_task"], 32), "grouped": (SHAPES["grouped"], 32)}
+DOT_SHAPES["tiles"] = (dict(T=40, E=2, k=2, H=128, I=192, r=2), 64)
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+@pytest.mark.parametrize("shape", list(DOT_SHAPES))
+def test_integer_dot_at_every_row_count(isa, fmt, shape, integer_dot):
+    """set_integer_dot(True): the int8 formats take integer dot products for experts of any size (here
+    ~10-60 rows each), held to that path's error model, forward and backward."""
+    dims, group_size = DOT_SHAPES[shape]
+    if fmt.endswith("kgroup") and shape == "multi_task":
+        pytest.skip("K-group formats need group_size to divide H and I")
+    case = make_case(seed=zlib.crc32(f"dot/{fmt}/{shape}".encode()) % 1000, **dims)
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down, fmt, group_size=group_size)
+    out, grads = run_ops(case, experts)
+    kt_ops.set_integer_dot(False)
+    out_off, _ = run_ops(case, experts, with_grads=False)
+    assert not torch.equal(out, out_off)  # the experts' many rows did leave the dequantized path
+    kt_ops.set_integer_dot(True)
+    _compare_quantized(_dequantized_case(case, experts), out, grads, experts)
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+def test_integer_dot_has_the_same_bits_on_every_isa(fmt, integer_dot):
+    """The integer sums are exact and the scales are applied in one order on every table (AMX tiles,
+    real or emulated, AVX-512 VNNI, AVX2): without LoRA, whose expansions sum in each ISA's own
+    order, the ISAs that round activations to bf16 (and share the AVX-512 activation's bits) agree bit
+    for bit. (ref and avx2 compute silu to different ulps, which can move an int8 step of h.)"""
+    names = [name for name in kt_ops.cpu_info()["available_isas"] if isa_rounds_activations(name)]
+    if len(names) < 2:
+        pytest.skip(f"one bf16-rounding ISA here ({names})")
+    case = make_case(seed=11, T=40, E=2, k=2, H=128, I=192, r=0, bf16_activations=True)
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down, fmt, group_size=64)
+    previous, outputs = kt_ops.get_isa(), {}
+    try:
+        for name in names:
+            kt_ops.set_isa(name)
+            outputs[name], _ = run_ops(case, experts, with_grads=False)
+    finally:
+        kt_ops.set_isa(previous)
+    for name in names[1:]:
+        assert torch.equal(outputs[name], outputs[names[0]]), f"{name} differs from {names[0]}"
+
+
+def test_integer_dot_over_many_chunks_and_non_finite_rows(isa, integer_dot):
+    """One expert with more rows than a task's chunk (256), a NaN in one token's hidden state: under
+    integer dot products the rows of every chunk meet their own quantization, and the expert whose
+    rows hold a NaN falls back to fp32 products on the codes, where the NaN stays in its token."""
+    case = make_case(seed=5, T=300, E=2, k=1, H=32, I=32, r=2, ids_mode="same")
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down, "int8")
+    out, grads = run_ops(case, experts)
+    ref_case = _dequantized_case(case, experts)
+    _compare_quantized(ref_case, out, grads, experts)
+    hidden = case.hidden.clone()
+    hidden[7, 3] = float("nan")
+    out_nan, _ = run_ops(dataclasses.replace(case, hidden=hidden), experts, with_grads=False)
+    assert torch.isnan(out_nan[7]).all()
+    finite = torch.ones(case.T, dtype=torch.bool)
+    finite[7] = False
+    ref_out, _ = run_reference(ref_case, with_grads=False)
+    assert_rel_mae("output of the other tokens (fp32 on the codes)", out_nan[finite], ref_out[finite], 3e-3)
+
+
+def test_set_integer_dot_checks_its_argument(monkeypatch):
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        kt_ops.set_integer_dot(1)
+    assert kt_ops.get_integer_dot() is False
+    monkeypatch.setenv("KT_OPS_INTEGER_DOT", "On")
+    assert kt_ops.environment_flag("KT_OPS_INTEGER_DOT") is True
+    monkeypatch.setenv("KT_OPS_INTEGER_DOT", "maybe")
+    with pytest.raises(ValueError, match="KT_OPS_INTEGER_DOT must be one of"):
+        kt_ops.environment_flag("KT_OPS_INTEGER_DOT")
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)

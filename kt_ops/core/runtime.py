@@ -1,4 +1,5 @@
-"""The kernels' run-time settings: which ISA runs and how many threads the kt_ops pool has."""
+"""The kernels' run-time settings: which ISA runs, how many threads the kt_ops pool has, and whether
+the int8 formats multiply by integer dot products."""
 
 from __future__ import annotations
 
@@ -18,6 +19,35 @@ def set_isa(name: str) -> None:
 
 def get_isa() -> str:
     return _C.get_isa()
+
+
+def set_integer_dot(enabled: bool) -> None:
+    """Multiply the int8 weight formats ("int8", "int8_kgroup"; methods AMXINT8_SFT, ...) by integer
+    dot products at every row count, process-wide (default off; the environment variable
+    KT_OPS_INTEGER_DOT=1 turns it on at import). Each expert's input rows of the forward projections
+    are then quantized to int8 per row and K group of the weights (step max|x| / 127), a coarser
+    rounding than bf16, and the weights are never dequantized into bf16 panels: a faster int8 forward
+    (AMX-INT8 tiles, AVX-512 VNNI, or AVX2's 16-bit products). Decode (up to 4 rows per expert) takes
+    these products whatever the setting. The backward is unchanged. The error, and when it is worth
+    it, is in benchmarks/RESULTS.md (bench_fp8.py --accuracy)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _C.set_integer_dot(enabled)
+
+
+def environment_flag(name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off, any case."""
+    value = os.environ[name].strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be one of 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
+
+
+def get_integer_dot() -> bool:
+    """The set_integer_dot setting."""
+    return _C.get_integer_dot()
 
 
 def set_num_threads(num_threads: int) -> None:

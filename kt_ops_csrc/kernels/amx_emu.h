@@ -1,9 +1,10 @@
-// A software model of the AMX tile intrinsics that gemm_amx.inc uses, so that the AMX kernel source
-// can be compiled a second time for any x86-64 CPU ("amx-emu") and tested on machines without AMX.
+// A software model of the AMX tile intrinsics that gemm_amx.inc and quant_amx.inc use, so that the
+// AMX kernel source can be compiled a second time for any x86-64 CPU ("amx-emu") and tested on
+// machines without AMX.
 //
 // Emulated: _tile_loadconfig, _tile_release, _tile_zero, _tile_loadd, _tile_stored, _tile_dpbf16ps,
-// on a thread-local register file of 8 tiles x 16 rows x 64 bytes (palette 1), as the hardware has
-// per logical CPU. What the model keeps of the architecture:
+// _tile_dpbssd, on a thread-local register file of 8 tiles x 16 rows x 64 bytes (palette 1), as the
+// hardware has per logical CPU. What the model keeps of the architecture:
 //   - _tile_loadconfig takes the 64-byte config (palette_id, start_row, colsb[16], rows[16]), checks
 //     it (palette 1, rows <= 16, colsb <= 64, unused tiles all zero) and zeroes every tile;
 //     palette 0 is the same as _tile_release.
@@ -148,6 +149,32 @@ void tile_dpbf16ps(int dst, int a, int b) {
   }
 }
 
+// C[m][n] += sum over k of the 4 signed-byte products A[m][4k + i] * B[k][4n + i] (int32 C; the sum
+// wraps modulo 2^32, as the hardware's does).
+void tile_dpbssd(int dst, int a, int b) {
+  check_tile(dst);
+  check_tile(a);
+  check_tile(b);
+  if (dst == a || dst == b || a == b) fail("tdpbssd needs three different tiles", dst);
+  const int M = t_tiles.rows[dst], N = t_tiles.colsb[dst] / 4, K = t_tiles.colsb[a] / 4;
+  if (t_tiles.colsb[dst] % 4 || t_tiles.colsb[a] % 4) fail("tdpbssd needs whole 4-byte elements", dst);
+  if (t_tiles.rows[a] != M) fail("tdpbssd: A rows differ from C rows", a);
+  if (t_tiles.rows[b] != K) fail("tdpbssd: B rows differ from the byte quads of A", b);
+  if (t_tiles.colsb[b] != t_tiles.colsb[dst]) fail("tdpbssd: B columns differ from C columns", b);
+  const int8_t* ta = reinterpret_cast<const int8_t*>(t_tiles.data[a]);
+  const int8_t* tb = reinterpret_cast<const int8_t*>(t_tiles.data[b]);
+  unsigned char* tc = t_tiles.data[dst];
+  for (int m = 0; m < M; ++m) {
+    uint32_t c[16];
+    std::memcpy(c, tc + m * kMaxColsb, 4 * N);
+    for (int k = 0; k < K; ++k)
+      for (int n = 0; n < N; ++n)
+        for (int i = 0; i < 4; ++i)
+          c[n] += static_cast<uint32_t>(ta[m * kMaxColsb + 4 * k + i] * tb[k * kMaxColsb + 4 * n + i]);
+    std::memcpy(tc + m * kMaxColsb, c, 4 * N);
+  }
+}
+
 }  // namespace
 }  // namespace amx_emu
 }  // namespace kt
@@ -159,3 +186,4 @@ void tile_dpbf16ps(int dst, int a, int b) {
 #define _tile_loadd(t, base, stride) ::kt::amx_emu::tile_loadd((t), (base), static_cast<long>(stride))
 #define _tile_stored(t, base, stride) ::kt::amx_emu::tile_stored((t), (base), static_cast<long>(stride))
 #define _tile_dpbf16ps(dst, a, b) ::kt::amx_emu::tile_dpbf16ps((dst), (a), (b))
+#define _tile_dpbssd(dst, a, b) ::kt::amx_emu::tile_dpbssd((dst), (a), (b))

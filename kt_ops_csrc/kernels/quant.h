@@ -63,9 +63,11 @@ struct QuantMatrix {  // one expert's W [N, K]
   int64_t groups;  // 1 for the per-row formats
 };
 
-// Rows quantized by quantize_rows: q rows 2 k_pairs(K) apart, steps `groups` apart.
+// Rows quantized by quantize_rows: q (as int16, and the same values as int8 in q8) rows 2 k_pairs(K)
+// apart, steps `groups` apart.
 struct QuantizedRows {
   const int16_t* q;
+  const int8_t* q8;
   const float* step;
 };
 
@@ -93,36 +95,32 @@ struct DequantKernels {
   // whole row for int8):
   //   step = max|x over the group| / 127,  q[k] = round_to_nearest_even(x[k] * (127 / max|x|))
   // so q lies in [-127, 127] and |x[k] - step * q[k]| <= step / 2 (up to fp32 rounding of the
-  // reciprocal). Into q [m][2 Kp] (odd K: the padding k is 0) and step [m][groups]. False if a row
-  // holds NaN or Inf or a group's reciprocal overflows (a group of tiny subnormals). Provided with
+  // reciprocal). Into q and q8 [m][2 Kp] (odd K: the padding k is 0) and step [m][groups]. False if a
+  // row holds NaN or Inf or a group's reciprocal overflows (a group of tiny subnormals). Provided with
   // gemm_nt_int8; every table gives the same bits.
-  bool (*quantize_rows)(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step);
+  bool (*quantize_rows)(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, int8_t* q8, float* step);
 };
 
 constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
 constexpr int64_t kMaxPairsPerInt32 = 65536;
 
-// Rows [0, m) in blocks of up to kDirectQuantRows, each block's row count a compile-time constant
-// (`rows`, a std::integral_constant) for the decode kernels, which keep every row's accumulators in
-// registers: panel(first_row, rows).
-template <typename Panel>
-static void for_row_blocks(int m, const Panel& panel) {
-  static_assert(kDirectQuantRows == 4, "one case per row count below");
-  for (int i = 0; i < m; i += kDirectQuantRows) {
-    switch (m - i < kDirectQuantRows ? m - i : kDirectQuantRows) {
-      case 4:
-        panel(i, std::integral_constant<int, 4>{});
-        break;
-      case 3:
-        panel(i, std::integral_constant<int, 3>{});
-        break;
-      case 2:
-        panel(i, std::integral_constant<int, 2>{});
-        break;
-      default:
-        panel(i, std::integral_constant<int, 1>{});
-    }
+template <int Rows, typename Panel>
+static void with_row_count(int rows, int first_row, const Panel& panel) {
+  if constexpr (Rows == 1) {
+    panel(first_row, std::integral_constant<int, 1>{});
+  } else if (rows == Rows) {
+    panel(first_row, std::integral_constant<int, Rows>{});
+  } else {
+    with_row_count<Rows - 1>(rows, first_row, panel);
   }
+}
+
+// Rows [0, m) in blocks of up to MaxRows, each block's row count a compile-time constant (`rows`, a
+// std::integral_constant) for the codes kernels, which keep every row's accumulators in registers:
+// panel(first_row, rows).
+template <int MaxRows = kDirectQuantRows, typename Panel>
+static void for_row_blocks(int m, const Panel& panel) {
+  for (int i = 0; i < m; i += MaxRows) with_row_count<MaxRows>(m - i < MaxRows ? m - i : MaxRows, i, panel);
 }
 
 const DequantKernels& ref_dequant();
@@ -131,7 +129,13 @@ void dequant_f32(const QuantMatrix& w, int64_t rows, float* out);
 const DequantKernels* avx2_dequant();
 // AVX-512 F/BW/VL + VNNI + AVX512_BF16, bit-identical to the others; nullptr when not compiled in.
 const DequantKernels* avx512_dequant();
+// `base` with gemm_nt_int8 on AMX-INT8 tiles where they apply (quant_amx.inc: rows beyond decode's,
+// K groups of whole 64-k tiles), base's kernel otherwise; the same bits. The first call's base is
+// kept. amx_int8_dequant: nullptr when not compiled in; only for a CPU with AMX-INT8 whose tile
+// state the OS granted. amx_emu_int8_dequant: the same on software tiles (any CPU).
+const DequantKernels* amx_int8_dequant(const DequantKernels& base);
+const DequantKernels* amx_emu_int8_dequant(const DequantKernels& base);
 // DequantKernels::quantize_rows of every table above ref (AVX2).
-bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step);
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, int8_t* q8, float* step);
 
 }  // namespace kt

@@ -284,7 +284,7 @@ void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m,
 
 }  // namespace
 
-bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
+bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, int8_t* q8, float* step) {
   const int64_t Kp = k_pairs(K), group_k = 2 * (Kp / groups);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i exponent = _mm256_set1_epi32(0x7F800000);
@@ -325,6 +325,7 @@ bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups,
     }
     if (K % 2) qr[K] = 0;
   }
+  std::copy(q, q + m * 2 * Kp, q8);  // |q| <= 127
   return true;
 }
 

@@ -80,9 +80,11 @@ bool quantize_row_ref(const float* x, int64_t K, int64_t groups, int16_t* q, flo
   return true;
 }
 
-bool quantize_rows_ref(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, float* step) {
+bool quantize_rows_ref(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, int8_t* q8, float* step) {
+  const int64_t row_q = 2 * k_pairs(K);
   for (int r = 0; r < m; ++r)
-    if (!quantize_row_ref(a[r], K, groups, q + r * 2 * k_pairs(K), step + r * groups)) return false;
+    if (!quantize_row_ref(a[r], K, groups, q + r * row_q, step + r * groups)) return false;
+  std::copy(q, q + m * row_q, q8);  // |q| <= 127
   return true;
 }
 

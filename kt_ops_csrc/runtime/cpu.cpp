@@ -156,6 +156,7 @@ Isa best_isa() {
 }
 
 std::atomic<int> g_isa{-1};
+std::atomic<bool> g_integer_dot{false};
 
 }  // namespace
 
@@ -248,14 +249,22 @@ IsaKernels active_gemm_kernels() { return info(current_isa()).kernels(); }
 const DequantKernels& active_dequant_kernels() {
   // The native AVX-512 ISAs dequantize with AVX-512 where the CPU has what that table needs; the
   // AVX2 dequantizer serves every other ISA above ref (the emulations included) on CPUs with AVX2.
-  // All give the same bits.
+  // The AMX ISAs add the int8 formats' tile products (real where the CPU has AMX-INT8, or software
+  // tiles) to that table. All give the same bits.
   const CpuFeatures& f = cpu_features();
   const Isa isa = current_isa();
-  if ((isa == Isa::Avx512 || isa == Isa::Amx) && avx512_dequant() && f.avx512f && f.avx512bw && f.avx512vl &&
-      f.avx512_vnni && f.avx512_vbmi && f.avx512_bf16)
-    return *avx512_dequant();
-  return isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant();
+  const DequantKernels& vector = (isa == Isa::Avx512 || isa == Isa::Amx) && avx512_dequant() && f.avx512f &&
+                                         f.avx512bw && f.avx512vl && f.avx512_vnni && f.avx512_vbmi && f.avx512_bf16
+                                     ? *avx512_dequant()
+                                     : (isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant());
+  if (isa == Isa::Amx && f.amx_int8 && amx_int8_dequant(vector)) return *amx_int8_dequant(vector);
+  if (isa == Isa::AmxEmu) return *amx_emu_int8_dequant(vector);
+  return vector;
 }
+
+void set_integer_dot(bool enabled) { g_integer_dot = enabled; }
+
+bool integer_dot_enabled() { return g_integer_dot.load(); }
 
 Isa current_isa() {
   int isa = g_isa.load();

@@ -2,7 +2,8 @@
 # CI's reliability checks beyond the test suite, each bounded in time:
 #   1. the kernel sanitizer harness (scripts/kernel_check: GEMM tables under ASan+UBSan);
 #   2. an ASan+UBSan build of the extension, in build/asan (the normal build is untouched), and the
-#      op-level tests under it: bad-input fuzz, error checks, failure injection.
+#      op-level tests under it: bad-input fuzz, error checks, failure injection, the int8 integer
+#      dot products (on the emulated AMX tiles too, whose 16-row blocks read into the rows' slack).
 # Output goes to build/ci-logs/*.log; a failing step prints its log's tail and the script exits non-zero.
 # Needs the .venv made by scripts/setup.sh. Usage: bash scripts/ci/sanitizers.sh
 set -euo pipefail
@@ -43,5 +44,7 @@ step asan_tests 900 'cd "$asan" && env LD_PRELOAD="$(gcc -print-file-name=libasa
     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     "$PY" -m pytest -q -p no:cacheprovider -x tests/test_errors.py tests/test_fuzz.py \
     tests/test_reliability.py::test_task_exception_becomes_python_error_and_pool_stays_usable \
-    tests/test_reliability.py::test_intermediate_size_overflow_is_refused'
+    tests/test_reliability.py::test_intermediate_size_overflow_is_refused \
+    tests/test_formats.py::test_integer_dot_at_every_row_count \
+    tests/test_formats.py::test_integer_dot_over_many_chunks_and_non_finite_rows'
 

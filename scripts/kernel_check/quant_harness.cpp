@@ -1,8 +1,8 @@
-// Kernel-level check of the int8 integer-dot decode (DequantKernels::quantize_rows and gemm_nt_int8,
+// Kernel-level check of the int8 integer dot products (DequantKernels::quantize_rows and gemm_nt_int8,
 // kernels/quant.h): every table must give the reference's bits, and the reference must meet the activation
 // quantization bound against float64 sums over the exact dequantized weights:
 //   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|.
-// Random and edge shapes (odd K, K groups, 1-4 rows, panel subsets, codes -128 and 127, negative
+// Random and edge shapes (odd K, K groups, 1-40 rows, panel subsets, codes -128 and 127, negative
 // and zero scales), a K long enough to need two int32 chunks, NaN / Inf / tiny rows (fp32 fallback).
 // Also the dequantization of every format (DequantKernels::dequant): every table must give the
 // reference's bf16 bits for random panels / k-pair ranges of random codes (all 256 E4M3 codes, NaN
@@ -10,6 +10,10 @@
 // reference's fp8 must equal the E4M3 value times the scale rounded to bf16. And gemm_nt_codes
 // (fp32 on the codes) within fp32 rounding of float64 sums over the exact dequantized weights.
 // Buffers have their exact sizes, so AddressSanitizer sees any out-of-bounds access. Built by run.sh.
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -89,9 +93,11 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
     float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));  // exact size
     // Each table quantizes with its own quantize_rows; a false return (NaN / Inf) means fp32.
     std::vector<int16_t> q(size_t(m) * 2 * k_pairs(K));
+    // the AMX tile products load rows in blocks of 16: q8 stays readable 15 rows past the last
+    std::vector<int8_t> q8(q.size() + 15 * 2 * k_pairs(K));
     std::vector<float> step(size_t(m) * groups);
-    const QuantizedRows quantized{q.data(), step.data()};
-    const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, groups, q.data(), step.data());
+    const QuantizedRows quantized{q.data(), q8.data(), step.data()};
+    const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, groups, q.data(), q8.data(), step.data());
     tables[t].k->gemm_nt_int8(W.view(f), rows.data(), usable ? &quantized : nullptr, m, p0, np, c);
     const char* name = tables[t].name.c_str();
     if (t == 0) std::memcpy(ref.data(), c, sizeof(float) * m * ldc);
@@ -286,13 +292,35 @@ int main(int argc, char** argv) {
       __builtin_cpu_supports("avx512bf16") && avx512_dequant())
     tables.push_back({"avx512", avx512_dequant()});
 #endif
+  // gemm_nt_int8 on AMX-INT8 tiles (quant_amx.inc) over the widest vector table: software tiles on
+  // any CPU, the real ones where the CPU has AMX-INT8 and the OS grants the tile state.
+  const DequantKernels& widest = *tables.back().k;
+  tables.push_back({"amx-emu int8 tiles", amx_emu_int8_dequant(widest)});
+#ifndef KT_SIMDE
+  unsigned a, b, c, d;
+  __cpuid_count(7, 0, a, b, c, d);
+  unsigned long perm = 0;
+  if ((d & (1u << 24)) && (d & (1u << 25)) && syscall(SYS_arch_prctl, 0x1023, 18) == 0 &&
+      syscall(SYS_arch_prctl, 0x1022, &perm) == 0 && (perm >> 18) & 1 && amx_int8_dequant(widest))
+    tables.push_back({"amx int8 tiles", amx_int8_dequant(widest)});
+  else
+    std::printf("amx int8 tiles: not run (no AMX-INT8 or no tile-data permission)\n");
+#endif
   for (const auto& t : tables) std::printf("table %s\n", t.name.c_str());
   for (int it = 0; it < iters; ++it) {
-    const int m = rint_(1, kDirectQuantRows), N = rint_(1, 70);
+    // decode's few rows, and (integer dot products at every row count) blocks of 8 rows and a remainder
+    const int m = rint_(1, it % 3 ? kDirectQuantRows : 20), N = rint_(1, 70);
     const bool grouped = rint_(0, 1);
     const int group = 2 * rint_(1, 24), K = grouped ? group * rint_(1, 5) : rint_(1, 300);
     const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
     test(tables, m, N, K, grouped ? K / group : 1, p0, np, it % 10 == 0 ? Rows::Specials : Rows::Normal);
+  }
+  // the tiles' shapes: groups of whole 64-k tiles, rows in blocks of 16 and 32 with a partial one
+  for (int it = 0; it < iters / 2; ++it) {
+    const int m = rint_(5, 40), N = rint_(1, 70), K = 64 * rint_(1, 6);
+    const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
+    test(tables, m, N, K, rint_(0, 1) ? K / 64 : 1, p0, np,
+         it % 10 == 0 ? Rows::Specials : (it % 10 == 1 ? Rows::Extreme : Rows::Normal));
   }
   const WeightFormat formats[] = {WeightFormat::Int8,   WeightFormat::Int8KGroup, WeightFormat::Int4,
                                   WeightFormat::Int4Zp, WeightFormat::Int4KGroup, WeightFormat::Int4ZpKGroup,
@@ -306,6 +334,8 @@ int main(int argc, char** argv) {
     }
   test(tables, 1, 16, 2 * kMaxPairsPerInt32 + 6, 1, 0, 1, Rows::Extreme);  // two int32 chunks at the edge
   test(tables, 3, 20, 2 * kMaxPairsPerInt32 + 3, 1, 1, 1, Rows::Normal);
+  test(tables, 11, 20, 2 * kMaxPairsPerInt32 + 3, 1, 0, 2, Rows::Extreme);
+  test(tables, 21, 40, 4 * kMaxPairsPerInt32, 1, 0, 3, Rows::Extreme);  // two chunks of whole tiles
   std::printf("%s: %d failures\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Kernel-level checks of the GEMM tables, outside Python, under AddressSanitizer + UBSan:
-#   quant:  the dequantizers and decode kernels of the weight formats (quant_harness.cpp), and under
+#   quant:  the dequantizers and integer-dot kernels of the weight formats (AMX-INT8 tiles real and
+#           emulated included; quant_harness.cpp), and under
 #           simde the AVX-512 one's logic on any CPU;
 #   native: ref, amx-emu, and the real avx2 / avx512 / avx512-bf16 / amx kernels where this CPU runs them;
 #           and avx512-bf16-emu (the AVX512_BF16 source on SIMDe) where SIMDe is installed;
@@ -22,7 +23,8 @@ g++ "${flags[@]}" "$here/harness.cpp" "$k/gemm_ref.cpp" "$k/gemm_amx_emu.cpp" "$
 echo "== native"
 "$out/native" "$iters"
 
-g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" "$k/quant_avx512.cpp" -o "$out/quant"
+g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" "$k/quant_avx512.cpp" \
+  "$k/gemm_amx_emu.cpp" "$k/gemm_amx.cpp" -o "$out/quant"
 echo "== quant: int8 integer-dot decode, dequantization, decode on the codes (ref; avx2 and avx512 where this CPU runs them)"
 "$out/quant" "$iters"
 
@@ -40,7 +42,7 @@ if [ -f /usr/include/simde/x86/avx512.h ]; then
   sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
       -e 's|^#include <immintrin.h>|#include "gemm_simde.h"|' "$k/quant_avx512.cpp" >"$out/src/quant_avx512.cpp"
   g++ "${flags[@]}" -DKT_SIMDE "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" \
-    "$out/src/quant_avx512.cpp" -o "$out/quant_simde"
+    "$out/src/quant_avx512.cpp" "$k/gemm_amx_emu.cpp" -o "$out/quant_simde"
   echo "== quant on simde: the avx512 dequantizer's logic"
   "$out/quant_simde" "$iters"
 else
