@@ -39,8 +39,9 @@ int main() {
   const float* rows[1] = {x.data()};
   std::vector<int16_t> x_q(2 * k_pairs(K));
   std::vector<int8_t> x_q8(x_q.size());
-  float x_step = 0;
-  quantize_rows_avx2(rows, 1, K, 1, x_q.data(), x_q8.data(), &x_step);
+  const int64_t act_groups = activation_groups(k_pairs(K), 1);  // as the op quantizes a row for int8
+  std::vector<float> x_step(act_groups);
+  quantize_rows_avx2(rows, 1, K, act_groups, x_q.data(), x_q8.data(), x_step.data());
   std::vector<float> c(padded_rows(N));
   std::vector<uint16_t> panels(int64_t(kBlockPanels) * k_pairs(K) * 2 * kPanelRows);
   const int kColumnPairs = 32;  // a backward task's 64 columns of W, all rows (for gemm_nn)
@@ -77,7 +78,7 @@ int main() {
                      }});
     lines.push_back({"decode int8 (" + t.name + ")", [&, t](int e) {
                        // The row is quantized once per call, as the op does, not per matrix.
-                       const QuantizedRows quantized{x_q.data(), x_q8.data(), &x_step};
+                       const QuantizedRows quantized{x_q.data(), x_q8.data(), x_step.data(), act_groups};
                        t.quant->gemm_nt_int8(matrix(WeightFormat::Int8, e), rows, &quantized, 1, 0, np, c.data());
                      }});
     for (WeightFormat f : {WeightFormat::Int4, WeightFormat::Fp8})

@@ -145,7 +145,7 @@ bool ExpertWeights::codes_path(int64_t m) const {
 bool ExpertWeights::codes_quantized() const { return int8_products(format_); }
 
 bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const {
-  return dequant_kernels().quantize_rows(a_rows, m, cols_, groups_, q, q8, step);
+  return dequant_kernels().quantize_rows(a_rows, m, cols_, activation_groups(), q, q8, step);
 }
 
 bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,

@@ -34,7 +34,8 @@ class ExpertWeights {
   // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the int8 formats' integer dot
   // products, quant.h) rather than fp32 rows.
   bool codes_quantized() const;
-  // quant.h's quantize_rows for this matrix's K and groups: q, q8 [m][2 k_pairs(cols())], step [m][groups].
+  // quant.h's quantize_rows for this matrix's K and activation groups: q, q8 [m][2 k_pairs(cols())],
+  // step [m][activation_groups()].
   bool quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const;
   // gemm_nt straight on quantized codes where codes_path(m) (see quant.h): `quantized` is the rows'
   // quantize_rows where codes_quantized(), nullptr where that returned false or is not needed.
@@ -51,7 +52,8 @@ class ExpertWeights {
   bool is_bf16() const { return format_ == WeightFormat::Bf16; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
-  int64_t groups() const { return groups_; }
+  // The K groups gemm_nt_codes quantizes rows in (quant.h activation_groups).
+  int64_t activation_groups() const { return kt::activation_groups(k_pairs(cols_), groups_); }
 
  private:
   QuantMatrix matrix(int64_t expert) const;

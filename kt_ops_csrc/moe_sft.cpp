@@ -785,18 +785,20 @@ bool on_codes(const ExpertWeights& w, int64_t rows) {
 class CodesRows {
  public:
   CodesRows(const ExpertWeights& shape, int64_t rows)
-      : K_(shape.cols()), groups_(shape.groups()), q_stride_(2 * k_pairs(K_)), quantized_(shape.codes_quantized()),
-        values_(std::max<int64_t>(rows * K_, 1)), q_(quantized_ ? std::max<int64_t>(rows * q_stride_, 1) : 1),
+      : K_(shape.cols()), groups_(shape.activation_groups()), q_stride_(2 * k_pairs(K_)),
+        quantized_(shape.codes_quantized()), values_(std::max<int64_t>(rows * K_, 1)),
+        q_(quantized_ ? std::max<int64_t>(rows * q_stride_, 1) : 1),
         q8_(quantized_ ? (rows + kTileRowSlack) * q_stride_ : 1),
-        step_(quantized_ ? std::max<int64_t>(rows * groups_, 1) : 1), usable_(std::max<int64_t>(rows, 1), 0) {}
+        step_(quantized_ ? std::max<int64_t>(rows * groups_, 1) : 1), usable_(std::max<int64_t>(rows, 1), 0),
+        row_pointers_(rows) {
+    for (int64_t slot = 0; slot < rows; ++slot) row_pointers_[slot] = row(slot);
+  }
 
   float* row(int64_t slot) const { return values_.data() + slot * K_; }
   // Quantizes the m rows from `slot` (one expert's, all written) where `w` multiplies quantized rows.
   void quantize(const ExpertWeights& w, int64_t slot, int64_t m) {
     if (!quantized_) return;
-    std::vector<const float*> rows(m);
-    for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
-    const bool usable = w.quantize_rows(rows.data(), static_cast<int>(m), q_.data() + slot * q_stride_,
+    const bool usable = w.quantize_rows(row_pointers_.data() + slot, static_cast<int>(m), q_.data() + slot * q_stride_,
                                         q8_.data() + slot * q_stride_, step_.data() + slot * groups_);
     std::fill_n(usable_.begin() + slot, m, usable);
   }
@@ -804,11 +806,10 @@ class CodesRows {
   template <typename T>
   void gemm(const ExpertWeights& w, int64_t e, int64_t slot, int64_t m, int64_t p0, int64_t np, T* c) const {
     if constexpr (std::is_same_v<T, float>) {
-      std::vector<const float*> rows(m);
-      for (int64_t i = 0; i < m; ++i) rows[i] = row(slot + i);
       const QuantizedRows quantized{q_.data() + slot * q_stride_, q8_.data() + slot * q_stride_,
-                                    step_.data() + slot * groups_};
-      w.gemm_nt_codes(e, rows.data(), usable_[slot] ? &quantized : nullptr, static_cast<int>(m), p0, np, c);
+                                    step_.data() + slot * groups_, groups_};
+      w.gemm_nt_codes(e, row_pointers_.data() + slot, usable_[slot] ? &quantized : nullptr, static_cast<int>(m), p0, np,
+                      c);
     }
   }
 
@@ -821,7 +822,8 @@ class CodesRows {
   static constexpr int64_t kTileRowSlack = 15;
   const ReusedBuffer<int8_t> q8_;
   const ReusedBuffer<float> step_;
-  std::vector<char> usable_;  // per slot: its expert's quantization is there (no NaN / Inf in its rows)
+  std::vector<char> usable_;                // per slot: its expert's quantization is there (no NaN / Inf in its rows)
+  std::vector<const float*> row_pointers_;  // row(slot) per slot, as the kernels take rows
 };
 
 // ---------------------------------------------------------------------------------------------

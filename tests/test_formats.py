@@ -62,6 +62,13 @@ INT8_FORMATS = ("int8", "int8_kgroup")
 DIRECT_ROWS = 4  # kernels/quant.h kDirectQuantRows: experts with up to this many rows read the codes
 
 
+def _activation_groups(K, weight_groups):
+    """kernels/quant.h activation_groups: the K groups the int8 products quantize activations in, the
+    weights' groups split into 64 k pairs (128 k) where they are longer and a multiple of it."""
+    pairs = (K + 1) // 2 // weight_groups
+    return (K + 1) // 2 // 64 if pairs > 64 and pairs % 64 == 0 else weight_groups
+
+
 def _group_abs_sums(w, groups):
     """sum |w| per row and K group of the format ([N, K] -> [N, groups]); odd K (per-row formats,
     one group) is padded with the zero column of the packed layout."""
@@ -89,7 +96,7 @@ def int8_error_bounds(case, experts):
     Each forward projection y = x . W^T of an expert is off by at most
       * sum_groups step / 2 * sum_(k in group) |W[n, k]|, step = max |x over the group| / 127, where
         the expert has at most _direct_rows() rows (integer dot products on activations quantized
-        per K group, kernels/quant.h);
+        per K group, _activation_groups; kernels/quant.h);
       * 2^-7 |x| . |W|^T otherwise (the dequantized weights, and on the ISAs that do so the
         activations, rounded to bf16: 2^-8 each);
     the errors eg, eu of gate and up reach h = silu(g) u as 1.1 eg (|u| + eu) + |silu(g)| eu
@@ -103,7 +110,8 @@ def int8_error_bounds(case, experts):
     eps = 2.0**-7
     with torch.no_grad():
         gate, up, down = (t.to(torch.float64) for t in kt_ops.unpack_experts(experts))
-        groups_h, groups_i = experts.gate_scale.shape[2], experts.down_scale.shape[2]
+        groups_h = _activation_groups(case.H, experts.gate_scale.shape[2])
+        groups_i = _activation_groups(case.I, experts.down_scale.shape[2])
         x, w = case.hidden.to(torch.float64), case.weights.to(torch.float64).reshape(-1)
         dy = case.grad_out.to(torch.float64)
         ag, bg, au, bu, ad, bd = (t.to(torch.float64) for t in case.lora)
@@ -225,10 +233,10 @@ def integer_dot():
 
 
 # "tiles": H, I and group_size 64 multiples of 64 k, as the AMX tile products need (quant_amx.inc;
-# other shapes take the vector kernels under the AMX ISAs too); ~40 rows per expert: two row tiles
-# and a partial one.
+# other shapes take the vector kernels under the AMX ISAs too), and the per-row format's activations
+# in groups of 128 k (2 and 3 of them); ~40 rows per expert: two row tiles and a partial one.
 DOT_SHAPES = {"multi_task": (SHAPES["multi_task"], 32), "grouped": (SHAPES["grouped"], 32)}
-DOT_SHAPES["tiles"] = (dict(T=40, E=2, k=2, H=128, I=192, r=2), 64)
+DOT_SHAPES["tiles"] = (dict(T=40, E=2, k=2, H=256, I=384, r=2), 64)
 
 
 @pytest.mark.parametrize("fmt", INT8_FORMATS)
@@ -258,7 +266,7 @@ def test_integer_dot_has_the_same_bits_on_every_isa(fmt, integer_dot):
     names = [name for name in kt_ops.cpu_info()["available_isas"] if isa_rounds_activations(name)]
     if len(names) < 2:
         pytest.skip(f"one bf16-rounding ISA here ({names})")
-    case = make_case(seed=11, T=40, E=2, k=2, H=128, I=192, r=0, bf16_activations=True)
+    case = make_case(seed=11, T=40, E=2, k=2, H=256, I=384, r=0, bf16_activations=True)
     experts = kt_ops.pack_experts(case.gate, case.up, case.down, fmt, group_size=64)
     previous, outputs = kt_ops.get_isa(), {}
     try:

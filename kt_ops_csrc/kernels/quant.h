@@ -63,13 +63,29 @@ struct QuantMatrix {  // one expert's W [N, K]
   int64_t groups;  // 1 for the per-row formats
 };
 
-// Rows quantized by quantize_rows: q (as int16, and the same values as int8 in q8) rows 2 k_pairs(K)
-// apart, steps `groups` apart.
+// Rows quantized by quantize_rows in `groups` K groups (activation_groups below): q (as int16, and the
+// same values as int8 in q8) rows 2 k_pairs(K) apart, steps `groups` apart.
 struct QuantizedRows {
   const int16_t* q;
   const int8_t* q8;
   const float* step;
+  int64_t groups;
 };
+
+// The K groups that gemm_nt_int8's activations are quantized in: the weights' groups, split into
+// groups of kActivationGroupPairs k pairs where they are longer and a multiple of it (a per-row
+// format's whole row included). Each lies within one weight group. A few large channels (the
+// outliers of LLM hidden states) then coarsen the step of their own 128 k only, not the whole row's.
+constexpr int64_t kActivationGroupPairs = 64;
+static constexpr int64_t activation_groups(int64_t k_pairs_total, int64_t weight_groups) {
+  const int64_t pairs = k_pairs_total / weight_groups;
+  return pairs > kActivationGroupPairs && pairs % kActivationGroupPairs == 0 ? k_pairs_total / kActivationGroupPairs
+                                                                             : weight_groups;
+}
+// The weight group that holds activation group g of `groups`.
+static constexpr int64_t weight_group_of(int64_t g, int64_t groups, int64_t weight_groups) {
+  return g / (groups / weight_groups);
+}
 
 struct DequantKernels {
   // out: [np][nkp][16][2] bf16 for panels [p0, p0 + np) and k pairs [kp0, kp0 + nkp).
@@ -80,19 +96,20 @@ struct DequantKernels {
   // differently from the dequantized bf16 path (no bf16 rounding of w); an fp8 code is its exact
   // E4M3 value (offset 0). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
-  // The same product for the int8 formats with integer dot products (decode: rows up to
-  // kDirectQuantRows; ExpertWeights::gemm_nt_codes makes the choice), on the rows' quantization by
-  // quantize_rows (below), done once per row by the caller rather than per call: `quantized`, or
-  // nullptr where quantize_rows returned false (the product then runs in fp32 on the codes, from
-  // a_rows, so that NaN and Inf propagate as on the other paths). Per group sum code * q is exact in
-  // int32 (chunks of at most kMaxPairsPerInt32 k pairs: 2 * 128 * 127 * 65536 < 2^31), and
-  // c += (float(acc) * weight_scale) * step, in group order, with no FMA: every ISA gives the same
-  // bits. Error against the fp32 product of the exact dequantized weights: |c - x.w| <= sum_groups
-  // step / 2 * sum_(k in group) |w[n, k]| (+ fp32 rounding). nullptr: not provided.
+  // The same product for the int8 formats with integer dot products (decode's rows up to
+  // kDirectQuantRows, or every row under set_integer_dot; ExpertWeights::gemm_nt_codes makes the
+  // choice), on the rows' quantization by quantize_rows (below) in activation_groups(), done once
+  // per row by the caller rather than per call: `quantized`, or nullptr where quantize_rows returned
+  // false (the product then runs in fp32 on the codes, from a_rows, so that NaN and Inf propagate as
+  // on the other paths). Per activation group sum code * q is exact in int32 (chunks of at most
+  // kMaxPairsPerInt32 k pairs: 2 * 128 * 127 * 65536 < 2^31), and c += (float(acc) * weight_scale)
+  // * step, in group order, with no FMA: every ISA gives the same bits. Error against the fp32
+  // product of the exact dequantized weights: |c - x.w| <= sum_groups step / 2 * sum_(k in group)
+  // |w[n, k]| (+ fp32 rounding), over the activation groups. nullptr: not provided.
   void (*gemm_nt_int8)(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
                        int np, float* c);
-  // The activation quantization of gemm_nt_int8 for rows [0, m), per K group of the weights (the
-  // whole row for int8):
+  // The activation quantization of gemm_nt_int8 for rows [0, m), per K group (`groups`:
+  // activation_groups()):
   //   step = max|x over the group| / 127,  q[k] = round_to_nearest_even(x[k] * (127 / max|x|))
   // so q lies in [-127, 127] and |x[k] - step * q[k]| <= step / 2 (up to fp32 rounding of the
   // reciprocal). Into q and q8 [m][2 Kp] (odd K: the padding k is 0) and step [m][groups]. False if a

@@ -343,16 +343,22 @@ inline __m256i broadcast_pair(const int16_t* q) {
 
 // One panel, all K, MR rows (1..4) sharing each widened load of the codes.
 template <int MR>
-void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t panel, float* c,
-                int ldc) {
-  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
+void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t groups,
+                int64_t panel, float* c, int ldc) {
+  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / groups;
   const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + panel * Kp * kPanelRows * 2;
   __m256 t[MR][2];
   for (int r = 0; r < MR; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.groups; ++g) {
-    alignas(32) float scale[kPanelRows];
-    for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + g];
-    const __m256 s0 = _mm256_load_ps(scale), s1 = _mm256_load_ps(scale + 8);
+  // per-row weights: every group's scales
+  __m256 s0 = _mm256_loadu_ps(w.scales + panel * kPanelRows), s1 = _mm256_loadu_ps(w.scales + panel * kPanelRows + 8);
+  for (int64_t g = 0; g < groups; ++g) {
+    if (w.groups > 1) {
+      alignas(32) float scale[kPanelRows];
+      const int64_t wg = weight_group_of(g, groups, w.groups);
+      for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + wg];
+      s0 = _mm256_load_ps(scale);
+      s1 = _mm256_load_ps(scale + 8);
+    }
     const int64_t g_end = (g + 1) * pairs_per_group;
     for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32) {
       const int64_t c1 = std::min(g_end, c0 + kMaxPairsPerInt32);
@@ -369,7 +375,7 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
         }
       }
       for (int r = 0; r < MR; ++r) {
-        const __m256 st = _mm256_set1_ps(step[r * w.groups + g]);
+        const __m256 st = _mm256_set1_ps(step[r * groups + g]);
         t[r][0] = _mm256_add_ps(t[r][0], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), st));
         t[r][1] = _mm256_add_ps(t[r][1], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), st));
       }
@@ -388,8 +394,8 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, const Q
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
-      int8_panel<rows()>(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * w.groups, p0 + p,
-                         c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
+      int8_panel<rows()>(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * quantized->groups,
+                         quantized->groups, p0 + p, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
 

@@ -91,7 +91,7 @@ bool quantize_rows_ref(const float* const* a, int m, int64_t K, int64_t groups, 
 void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
                       int np, float* c) {
   if (quantized == nullptr) return gemm_nt_f32_ref(w, a_rows, m, p0, np, c);
-  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
+  const int64_t K = w.K, Kp = k_pairs(K), groups = quantized->groups, pairs_per_group = Kp / groups;
   const int8_t* data = reinterpret_cast<const int8_t*>(w.data);
   const int ldc = np * kPanelRows;
   for (int r = 0; r < m; ++r) {
@@ -99,7 +99,7 @@ void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const Qu
     for (int j = 0; j < ldc; ++j) {
       const int64_t n = int64_t(p0) * kPanelRows + j, panel = n / kPanelRows, i = n % kPanelRows;
       float total = 0.0f;
-      for (int64_t g = 0; g < w.groups; ++g)
+      for (int64_t g = 0; g < groups; ++g)
         for (int64_t c0 = g * pairs_per_group; c0 < (g + 1) * pairs_per_group; c0 += kMaxPairsPerInt32) {
           const int64_t c1 = std::min((g + 1) * pairs_per_group, c0 + kMaxPairsPerInt32);
           int32_t acc = 0;
@@ -107,7 +107,8 @@ void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const Qu
             const int8_t* code = data + ((panel * Kp + kp) * kPanelRows + i) * 2;
             acc += code[0] * q[2 * kp] + code[1] * q[2 * kp + 1];
           }
-          total = total + (static_cast<float>(acc) * w.scales[n * w.groups + g]) * quantized->step[r * w.groups + g];
+          const float scale = w.scales[n * w.groups + weight_group_of(g, groups, w.groups)];
+          total = total + (static_cast<float>(acc) * scale) * quantized->step[r * groups + g];
         }
       c[int64_t(r) * ldc + j] = total;
     }

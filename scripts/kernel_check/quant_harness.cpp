@@ -1,7 +1,7 @@
 // Kernel-level check of the int8 integer dot products (DequantKernels::quantize_rows and gemm_nt_int8,
 // kernels/quant.h): every table must give the reference's bits, and the reference must meet the activation
 // quantization bound against float64 sums over the exact dequantized weights:
-//   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|.
+//   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|  (the activations' groups).
 // Random and edge shapes (odd K, K groups, 1-40 rows, panel subsets, codes -128 and 127, negative
 // and zero scales), a K long enough to need two int32 chunks, NaN / Inf / tiny rows (fp32 fallback).
 // Also the dequantization of every format (DequantKernels::dequant): every table must give the
@@ -71,6 +71,7 @@ enum class Rows { Normal, Extreme, Specials };
 
 static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t groups, int p0, int np, Rows kind) {
   const WeightFormat f = groups > 1 ? WeightFormat::Int8KGroup : WeightFormat::Int8;
+  const int64_t act_groups = activation_groups(k_pairs(K), groups);  // the activations' K groups
   Int8Matrix W(N, K, groups, kind == Rows::Extreme);
   std::vector<float*> rows(m);
   for (int i = 0; i < m; ++i) {
@@ -86,8 +87,8 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
   }
   const int ldc = np * 16;
   char ctx[160];
-  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d groups=%ld p0=%d np=%d kind=%d", m, N, K, long(groups), p0, np,
-                int(kind));
+  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d groups=%ld (activations %ld) p0=%d np=%d kind=%d", m, N, K,
+                long(groups), long(act_groups), p0, np, int(kind));
   std::vector<float> ref(size_t(m) * ldc);
   for (size_t t = 0; t < tables.size(); ++t) {
     float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));  // exact size
@@ -95,9 +96,9 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
     std::vector<int16_t> q(size_t(m) * 2 * k_pairs(K));
     // the AMX tile products load rows in blocks of 16: q8 stays readable 15 rows past the last
     std::vector<int8_t> q8(q.size() + 15 * 2 * k_pairs(K));
-    std::vector<float> step(size_t(m) * groups);
-    const QuantizedRows quantized{q.data(), q8.data(), step.data()};
-    const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, groups, q.data(), q8.data(), step.data());
+    std::vector<float> step(size_t(m) * act_groups);
+    const QuantizedRows quantized{q.data(), q8.data(), step.data(), act_groups};
+    const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, act_groups, q.data(), q8.data(), step.data());
     tables[t].k->gemm_nt_int8(W.view(f), rows.data(), usable ? &quantized : nullptr, m, p0, np, c);
     const char* name = tables[t].name.c_str();
     if (t == 0) std::memcpy(ref.data(), c, sizeof(float) * m * ldc);
@@ -106,13 +107,13 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
       for (int i = 0; i < m * ldc; ++i)
         if (std::memcmp(&c[i], &ref[i], 4) != 0 && failures++ < 20)
           std::printf("FAIL %s differs from ref at %d: %.9g vs %.9g %s\n", name, i, c[i], ref[i], ctx);
-    const int64_t group_k = 2 * (k_pairs(K) / groups);
+    const int64_t group_k = 2 * (k_pairs(K) / act_groups);
     for (int i = 0; i < m; ++i)
       for (int col = 0; col < ldc; ++col) {
         const int n = 16 * p0 + col;
         double exact = 0, sum_abs = 0, bound = 0;
         bool special = false;
-        for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t g = 0; g < act_groups; ++g) {
           double absmax = 0, wsum = 0;
           for (int64_t k = g * group_k; k < std::min<int64_t>(K, (g + 1) * group_k); ++k) {
             const double x = rows[i][k], w = W.w(n, k);
@@ -319,7 +320,10 @@ int main(int argc, char** argv) {
   for (int it = 0; it < iters / 2; ++it) {
     const int m = rint_(5, 40), N = rint_(1, 70), K = 64 * rint_(1, 6);
     const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
-    test(tables, m, N, K, rint_(0, 1) ? K / 64 : 1, p0, np,
+    // weight groups of 64 k, of K (one per row: activation groups of 128 k where 128 divides K), or
+    // of 256 k (activation groups of 128 k within each)
+    const int kind = rint_(0, 2);
+    test(tables, m, N, K, kind == 0 ? K / 64 : (kind == 1 || K % 256 ? 1 : K / 256), p0, np,
          it % 10 == 0 ? Rows::Specials : (it % 10 == 1 ? Rows::Extreme : Rows::Normal));
   }
   const WeightFormat formats[] = {WeightFormat::Int8,   WeightFormat::Int8KGroup, WeightFormat::Int4,
