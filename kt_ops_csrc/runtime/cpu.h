@@ -32,9 +32,9 @@ Isa current_isa();
 std::string isa_name(Isa isa);
 
 // Integer dot products for the int8 formats at every row count (opt-in, process-wide; off by
-// default): each expert's rows are quantized to int8 per row and K group of the weights, a coarser
-// rounding than bf16 (quant.h, gemm_nt_int8, bounds the error), in exchange for not dequantizing the
-// weights into bf16 panels. Up to kDirectQuantRows rows per expert (decode) the int8 formats take
+// default): each expert's rows are quantized to int8 per row and 128 k (quant.h activation_groups),
+// a coarser rounding than bf16 (quant.h, gemm_nt_int8, bounds the error), in exchange for not
+// dequantizing the weights into bf16 panels. Up to kDirectQuantRows rows per expert (decode) the int8 formats take
 // these products whatever the setting.
 void set_integer_dot(bool enabled);
 bool integer_dot_enabled();
