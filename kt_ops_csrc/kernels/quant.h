@@ -86,6 +86,12 @@ static constexpr int64_t activation_groups(int64_t k_pairs_total, int64_t weight
 static constexpr int64_t weight_group_of(int64_t g, int64_t groups, int64_t weight_groups) {
   return g / (groups / weight_groups);
 }
+// The scales of `panel`'s 16 rows (gemm.h's kPanelRows; gemm.h includes this header) for activation
+// group g of `groups` (symmetric formats).
+static inline void panel_scales(const QuantMatrix& w, int64_t panel, int64_t g, int64_t groups, float* out) {
+  const int64_t wg = weight_group_of(g, groups, w.groups);
+  for (int i = 0; i < 16; ++i) out[i] = w.scales[(panel * 16 + i) * w.groups + wg];
+}
 
 struct DequantKernels {
   // out: [np][nkp][16][2] bf16 for panels [p0, p0 + np) and k pairs [kp0, kp0 + nkp).

@@ -354,8 +354,7 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
   for (int64_t g = 0; g < groups; ++g) {
     if (w.groups > 1) {
       alignas(32) float scale[kPanelRows];
-      const int64_t wg = weight_group_of(g, groups, w.groups);
-      for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + wg];
+      panel_scales(w, panel, g, groups, scale);
       s0 = _mm256_load_ps(scale);
       s1 = _mm256_load_ps(scale + 8);
     }

@@ -436,8 +436,7 @@ void int8_panel(const QuantMatrix& w, const QuantizedRows& rows, int first, cons
   for (int64_t g = 0; g < groups; ++g) {
     if (w.groups > 1) {
       alignas(64) float scale[kPanelRows];
-      const int64_t wg = weight_group_of(g, groups, w.groups);
-      for (int i = 0; i < kPanelRows; ++i) scale[i] = w.scales[(panel * kPanelRows + i) * w.groups + wg];
+      panel_scales(w, panel, g, groups, scale);
       row_scale = _mm512_load_ps(scale);
     }
     const int64_t g_end = (g + 1) * pairs_per_group;
