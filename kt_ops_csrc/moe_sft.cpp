@@ -1071,8 +1071,8 @@ class Forward {
       const T* gate_bias = variant_.gate_bias(e);
       const T* up_bias = variant_.up_bias(e);
       // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (extra products of the
-      // tile GEMM, or gemm_a_exact after the products on codes), and Ad^T's rows [n0, n0 + cols) for
-      // the exact h . Ad^T.
+      // tile GEMM, also after the products on codes, or gemm_a_exact after decode's), and Ad^T's rows
+      // [n0, n0 + cols) for the exact h . Ad^T.
       const bool codes = on_codes<T>(gate_w_, end - begin), exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu, ad;
@@ -1178,8 +1178,8 @@ class Forward {
       int64_t stride = 0;
       const T* bias = variant_.down_bias(e);
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
-      // Rows [n0, n0 + 16 np) of Bd as expansion panels (extra products of the tile GEMM, or
-      // gemm_a_exact after the products on codes).
+      // Rows [n0, n0 + 16 np) of Bd as expansion panels (extra products of the tile GEMM, also after
+      // the products on codes, or gemm_a_exact after decode's).
       const bool codes = on_codes<T>(down_w_, end - begin), exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, H - n0);
       SlicePanels<Act> bd;
