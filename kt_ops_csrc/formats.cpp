@@ -148,15 +148,13 @@ bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q,
   return dequant_kernels().quantize_rows(a_rows, m, cols_, activation_groups(), q, q8, step);
 }
 
-bool ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,
+void ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,
                                   int64_t p0, int64_t np, float* c) const {
-  if (!codes_path(m)) return false;
   const DequantKernels& kernels = dequant_kernels();
   if (int8_products(format_))
     kernels.gemm_nt_int8(matrix(expert), a_rows, quantized, m, static_cast<int>(p0), static_cast<int>(np), c);
   else
     kernels.gemm_nt_codes(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);
-  return true;
 }
 
 const uint16_t* ExpertWeights::nt_panels(int64_t expert, int64_t p0, int64_t np, int64_t& panel_stride,

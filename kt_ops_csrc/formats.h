@@ -37,10 +37,10 @@ class ExpertWeights {
   // quant.h's quantize_rows for this matrix's K and activation groups: q, q8 [m][2 k_pairs(cols())],
   // step [m][activation_groups()].
   bool quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const;
-  // gemm_nt straight on quantized codes where codes_path(m) (see quant.h): `quantized` is the rows'
+  // gemm_nt straight on quantized codes, for rows the caller put on the codes (codes_path(m) when it
+  // chose, once per call: the setting may change meanwhile; see quant.h): `quantized` is the rows'
   // quantize_rows where codes_quantized(), nullptr where that returned false or is not needed.
-  // False when not applicable.
-  bool gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,
+  void gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,
                      int64_t np, float* c) const;
   // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the
   // packed weights themselves, or (quantized formats) dequantized into `buffer`, which has room for

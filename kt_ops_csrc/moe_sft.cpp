@@ -1073,7 +1073,7 @@ class Forward {
       // The block's LoRA: rows [n0, n0 + 16 np) of Bg and Bu as expansion panels (extra products of the
       // tile GEMM, also after the products on codes, or gemm_a_exact after decode's), and Ad^T's rows
       // [n0, n0 + cols) for the exact h . Ad^T.
-      const bool codes = on_codes<T>(gate_w_, end - begin), exact_lora = codes && few_rows(end - begin);
+      const bool codes = codes_base_[e] >= 0, exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, I - n0);
       SlicePanels<Act> bg, bu, ad;
       const T* ad_t = nullptr;
@@ -1180,7 +1180,7 @@ class Forward {
       const int64_t begin = routing_.offsets[e], end = routing_.offsets[e + 1];
       // Rows [n0, n0 + 16 np) of Bd as expansion panels (extra products of the tile GEMM, also after
       // the products on codes, or gemm_a_exact after decode's).
-      const bool codes = on_codes<T>(down_w_, end - begin), exact_lora = codes && few_rows(end - begin);
+      const bool codes = codes_base_[e] >= 0, exact_lora = codes && few_rows(end - begin);
       const int64_t nrows = std::min(np * kPanelRows, H - n0);
       SlicePanels<Act> bd;
       if (lora && exact_lora)
@@ -1241,9 +1241,10 @@ class Forward {
   // Partial ha = h . Ad^T per row and block of I (exact, summed by down_rank_products).
   const ReusedBuffer<T> ha_partial_, y_;
   std::unique_ptr<ReusedBuffer<Act>> xs_lo_;
-  // The experts whose products run on the codes (on_codes), each one's first row slot (-1: not on
-  // codes), their prepared x and h rows and, with LoRA, their rows' s * (rank-r products) as T
-  // values ([3][codes_slots_][r]) for the exact expansions.
+  // The experts whose products run on the codes (on_codes, decided here once per call: the
+  // set_integer_dot setting may change meanwhile), each one's first row slot (-1: not on codes),
+  // their prepared x and h rows and, with LoRA, their rows' s * (rank-r products) as T values
+  // ([3][codes_slots_][r]) for the exact expansions.
   std::vector<int64_t> codes_experts_, codes_base_;
   int64_t codes_slots_ = 0;
   std::optional<CodesRows> codes_x_, codes_h_;

@@ -298,6 +298,36 @@ def test_integer_dot_over_many_chunks_and_non_finite_rows(isa, integer_dot):
     assert_rel_mae("output of the other tokens (fp32 on the codes)", out_nan[finite], ref_out[finite], 3e-3)
 
 
+def test_integer_dot_toggled_during_calls():
+    """set_integer_dot from another thread while the op runs: each call decides once which rows go on
+    the codes, so every output is one of the two settings' outputs, bit for bit."""
+    import threading
+
+    case = make_case(seed=9, T=40, E=2, k=2, H=256, I=384, r=2)
+    experts = kt_ops.pack_experts(case.gate, case.up, case.down, "int8")
+    kt_ops.set_integer_dot(False)
+    off, _ = run_ops(case, experts, with_grads=False)
+    kt_ops.set_integer_dot(True)
+    on, _ = run_ops(case, experts, with_grads=False)
+    assert not torch.equal(on, off)
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            kt_ops.set_integer_dot(not kt_ops.get_integer_dot())
+
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:
+        for _ in range(30):
+            out, _ = run_ops(case, experts, with_grads=False)
+            assert torch.equal(out, on) or torch.equal(out, off)
+    finally:
+        stop.set()
+        thread.join()
+        kt_ops.set_integer_dot(False)
+
+
 def test_set_integer_dot_checks_its_argument(monkeypatch):
     with pytest.raises(TypeError, match="enabled must be a bool"):
         kt_ops.set_integer_dot(1)
