@@ -137,8 +137,8 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
   return {format_, data_ + expert * expert_bytes_, scales_ + expert * expert_scales_, cols_, groups_};
 }
 
-bool ExpertWeights::codes_path(int64_t m) const {
-  if (int8_products(format_)) return m <= kDirectQuantRows || integer_dot_enabled();
+bool ExpertWeights::codes_path(int64_t m, bool integer_dot) const {
+  if (int8_products(format_)) return m <= kDirectQuantRows || integer_dot;
   return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && dequant_kernels().gemm_nt_codes != nullptr;
 }
 

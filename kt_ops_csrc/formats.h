@@ -29,17 +29,18 @@ class ExpertWeights {
                 int64_t cols, int64_t groups);
 
   // Whether gemm_nt_codes takes m rows: a quantized format with a kernel for it and m <=
-  // kDirectQuantRows, or an int8 format with integer_dot_enabled() (runtime/cpu.h) at any m.
-  bool codes_path(int64_t m) const;
+  // kDirectQuantRows, or an int8 format at any m under integer_dot (runtime/cpu.h's setting, read
+  // once per call by the caller: another thread may change it meanwhile).
+  bool codes_path(int64_t m, bool integer_dot) const;
   // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the int8 formats' integer dot
   // products, quant.h) rather than fp32 rows.
   bool codes_quantized() const;
   // quant.h's quantize_rows for this matrix's K and activation groups: q, q8 [m][2 k_pairs(cols())],
   // step [m][activation_groups()].
   bool quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const;
-  // gemm_nt straight on quantized codes, for rows the caller put on the codes (codes_path(m) when it
-  // chose, once per call: the setting may change meanwhile; see quant.h): `quantized` is the rows'
-  // quantize_rows where codes_quantized(), nullptr where that returned false or is not needed.
+  // gemm_nt straight on quantized codes, for rows the caller put on the codes (codes_path; see
+  // quant.h): `quantized` is the rows' quantize_rows where codes_quantized(), nullptr where that
+  // returned false or is not needed.
   void gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,
                      int64_t np, float* c) const;
   // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the

@@ -773,8 +773,8 @@ inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t 
 // dequantizing whole panels would cost more than the bandwidth it saves, and the int8 formats' rows
 // under integer_dot_enabled() (runtime/cpu.h).
 template <typename T>
-bool on_codes(const ExpertWeights& w, int64_t rows) {
-  return std::is_same_v<T, float> && w.codes_path(rows);
+bool on_codes(const ExpertWeights& w, int64_t rows, bool integer_dot) {
+  return std::is_same_v<T, float> && w.codes_path(rows, integer_dot);
 }
 
 // The input rows of the experts that on_codes takes, as the codes kernels read them: fp32 values and,
@@ -851,9 +851,10 @@ class Forward {
         y_(std::max<int64_t>(s.pairs() * s.H, 1)) {
     codes_base_.assign(s.E, -1);
     int64_t slots = 0;
+    const bool integer_dot = integer_dot_enabled();  // once: every expert of the call sees one setting
     for (int64_t e : routing_.hit_experts) {
       const int64_t rows = routing_.offsets[e + 1] - routing_.offsets[e];
-      if (!on_codes<T>(gate_w_, rows)) continue;
+      if (!on_codes<T>(gate_w_, rows, integer_dot)) continue;
       codes_experts_.push_back(e);
       codes_base_[e] = slots;
       slots += rows;
