@@ -23,6 +23,7 @@ SOURCES = [
     "kt_ops_csrc/kernels/quant_ref.cpp",
     "kt_ops_csrc/kernels/quant_avx2.cpp",
     "kt_ops_csrc/kernels/quant_avx512.cpp",
+    "kt_ops_csrc/kernels/quant_avx512_vnni.cpp",
 ]
 # setuptools skips the build when the library is newer than `sources + depends`; listing the headers
 # and the kernel sources included by several units (*.inc) makes a change to one of them reach ninja,

@@ -8,8 +8,8 @@
 //           task's block, in L2), as the prefill and training GEMMs get them.
 // Build and run from the repository root:
 //   k=kt_ops_csrc/kernels; g++ -O3 -std=c++20 -ffp-contract=off -Wno-psabi -I$k benchmarks/quant_kernels.cpp \
-//     $k/quant_ref.cpp $k/quant_avx2.cpp $k/quant_avx512.cpp $k/gemm_avx2.cpp $k/gemm_avx512.cpp $k/gemm_ref.cpp \
-//     -o /tmp/quant_kernels && /tmp/quant_kernels
+//     $k/quant_ref.cpp $k/quant_avx2.cpp $k/quant_avx512.cpp $k/quant_avx512_vnni.cpp $k/gemm_avx2.cpp \
+//     $k/gemm_avx512.cpp $k/gemm_ref.cpp -o /tmp/quant_kernels && /tmp/quant_kernels
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -60,8 +60,12 @@ int main() {
   std::vector<Table> tables;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     tables.push_back({"avx2", avx2_dequant(), avx2_kernels_f32()});
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
+  const bool avx512_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                           __builtin_cpu_supports("avx512vbmi");
+  if (avx512_vnni && avx512_vnni_dequant())
+    tables.push_back({"avx512-vnni", avx512_vnni_dequant(), avx512_kernels_f32()});
+  if (avx512_vnni && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
     tables.push_back({"avx512", avx512_dequant(), avx512_kernels_f32()});
 
   struct Line {

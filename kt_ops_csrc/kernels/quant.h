@@ -150,8 +150,11 @@ const DequantKernels& ref_dequant();
 // The exact fp32 values of rows [0, rows) as [rows, K]: the weights the quantized formats stand for.
 void dequant_f32(const QuantMatrix& w, int64_t rows, float* out);
 const DequantKernels* avx2_dequant();
-// AVX-512 F/BW/VL + VNNI + AVX512_BF16, bit-identical to the others; nullptr when not compiled in.
+// AVX-512 F/BW/VL + VNNI + VBMI + AVX512_BF16, bit-identical to the others; nullptr when not compiled in.
 const DequantKernels* avx512_dequant();
+// The same kernels for AVX-512 F/BW/VL + VNNI + VBMI without AVX512_BF16 (bf16 rounding in integer
+// steps); nullptr when not compiled in.
+const DequantKernels* avx512_vnni_dequant();
 // `base` with gemm_nt_int8 on AMX-INT8 tiles where they apply (quant_amx.inc: rows beyond decode's,
 // K groups of whole 64-k tiles), base's kernel otherwise; the same bits. The first call's base is
 // kept. amx_int8_dequant: nullptr when not compiled in; only for a CPU with AMX-INT8 whose tile

@@ -16,15 +16,21 @@
 namespace kt {
 namespace {
 
+// fp32 lanes as bf16 bits in their low halves, round to nearest even. A NaN (a NaN scale's payload
+// passes through the products) is truncated and made quiet instead: rounding could carry through
+// its all-ones exponent into the sign.
+inline __m256i round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i increment = _mm256_andnot_si256(nan, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  const __m256i quiet = _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000));
+  return _mm256_srli_epi32(_mm256_or_si256(_mm256_add_epi32(bits, increment), quiet), 16);
+}
+
 // Round two fp32 vectors to bf16 (nearest even) and store them as 16 consecutive values.
 inline void store_bf16(__m256 a, __m256 b, uint16_t* dst) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
-  __m256i ia = _mm256_castps_si256(a), ib = _mm256_castps_si256(b);
-  ia = _mm256_srli_epi32(_mm256_add_epi32(ia, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ia, 16), one))),
-                         16);
-  ib = _mm256_srli_epi32(_mm256_add_epi32(ib, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ib, 16), one))),
-                         16);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(a), round_bf16(b)), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed);
 }
 

@@ -1,21 +1,18 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "gemm.h"
+#include "kernel_local.h"
 #include "quant.h"
 
 namespace kt {
 namespace {
-
-inline uint16_t round_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 const std::array<float, 256> kE4m3 = [] {
   std::array<float, 256> table{};
@@ -44,7 +41,7 @@ void dequant_ref(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int6
       uint16_t* dst = out + (p * nkp + q) * kPanelRows * 2;
       for (int i = 0; i < kPanelRows; ++i)
         for (int h = 0; h < 2; ++h)
-          dst[i * 2 + h] = round_to_bf16(dequant_value(w, (p0 + p) * kPanelRows + i, kp0 + q, h));
+          dst[i * 2 + h] = float_to_bf16(dequant_value(w, (p0 + p) * kPanelRows + i, kp0 + q, h));
     }
 }
 

@@ -247,16 +247,18 @@ void set_isa(const std::string& name) {
 IsaKernels active_gemm_kernels() { return info(current_isa()).kernels(); }
 
 const DequantKernels& active_dequant_kernels() {
-  // The native AVX-512 ISAs dequantize with AVX-512 where the CPU has what that table needs; the
-  // AVX2 dequantizer serves every other ISA above ref (the emulations included) on CPUs with AVX2.
+  // The native AVX-512 ISAs dequantize with AVX-512 where the CPU has VNNI and VBMI (rounding to bf16
+  // with AVX512_BF16 where it has that too); the AVX2 dequantizer serves every other ISA above ref
+  // (the emulations included) on CPUs with AVX2.
   // The AMX ISAs add the int8 formats' tile products (real where the CPU has AMX-INT8, or software
   // tiles) to that table. All give the same bits.
   const CpuFeatures& f = cpu_features();
   const Isa isa = current_isa();
-  const DequantKernels& vector = (isa == Isa::Avx512 || isa == Isa::Amx) && avx512_dequant() && f.avx512f &&
-                                         f.avx512bw && f.avx512vl && f.avx512_vnni && f.avx512_vbmi && f.avx512_bf16
-                                     ? *avx512_dequant()
-                                     : (isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant());
+  const bool avx512_quant = (isa == Isa::Avx512 || isa == Isa::Amx) && f.avx512f && f.avx512bw && f.avx512vl &&
+                            f.avx512_vnni && f.avx512_vbmi;
+  const DequantKernels* avx512 = !avx512_quant ? nullptr : f.avx512_bf16 ? avx512_dequant() : avx512_vnni_dequant();
+  const DequantKernels& vector =
+      avx512 ? *avx512 : (isa != Isa::Ref && f.avx2 && f.fma ? *avx2_dequant() : ref_dequant());
   if (isa == Isa::Amx && f.amx_int8 && amx_int8_dequant(vector)) return *amx_int8_dequant(vector);
   if (isa == Isa::AmxEmu) return *amx_emu_int8_dequant(vector);
   return vector;

@@ -147,9 +147,16 @@ static uint16_t bf16_bits(float value) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+static float nan_with_payload(uint32_t payload) {
+  const uint32_t bits = 0x7F800000u | payload;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 // Random codes of `format` in its packed layout for [N, K] (zero padding), scales (and mins) with
-// zeros, and now and then one so small that products turn subnormal (dequantizers that round in
-// hardware must fall back there).
+// zeros, now and then one so small that products turn subnormal (dequantizers that round in
+// hardware must fall back there), exact rounding ties and infinities.
 struct CodedMatrix {
   WeightFormat format;
   int N, K;
@@ -170,7 +177,15 @@ struct CodedMatrix {
     scales.assign(padded_rows(N) * groups * width, 0.0f);
     for (int64_t i = 0; i < N * groups * width; ++i) {
       const int kind = rint_(0, 19);
-      scales[i] = kind == 0 ? 0.0f : kind == 1 ? randn() * 0x1p-128f : randn() * std::exp(randn() * 4.0f);
+      // kind 2: halfway between two bf16 values times a power-of-two code, so that rounding to
+      // nearest even decides; kind 3: infinite (a zero code gives NaN) or NaN with a random payload
+      // (the products carry it: a rounding that added to it would carry into the sign)
+      const float sign = rint_(0, 1) ? 1.0f : -1.0f;
+      scales[i] = kind == 0   ? 0.0f
+                  : kind == 1 ? randn() * 0x1p-128f
+                  : kind == 2 ? sign * std::ldexp(1.0f + 0x1p-8f + float(rint_(0, 1)) * 0x1p-7f, rint_(-20, 20))
+                  : kind == 3 ? (rint_(0, 1) ? sign * INFINITY : nan_with_payload(uint32_t(rint_(1, 0x7FFFFF))))
+                              : randn() * std::exp(randn() * 4.0f);
     }
   }
   QuantMatrix view() const { return {format, data.data(), scales.data(), K, groups}; }
@@ -215,8 +230,10 @@ static void test_dequant(const std::vector<Table>& tables, WeightFormat format, 
                             want, ctx);
             }
     } else {
+      // NaN is NaN: which of two NaN operands' payloads an add passes on depends on the operand order
+      const auto is_nan = [](uint16_t bits) { return (bits & 0x7FFF) > 0x7F80; };
       for (size_t e = 0; e < out_size; ++e)
-        if (out[e] != ref[e]) {
+        if (out[e] != ref[e] && !(is_nan(out[e]) && is_nan(ref[e]))) {
           if (failures++ < 20)
             std::printf("FAIL %s dequant differs from ref at %zu: 0x%04x vs 0x%04x %s\n", tables[t].name.c_str(), e,
                         out[e], ref[e], ctx);
@@ -284,13 +301,17 @@ int main(int argc, char** argv) {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_dequant())
     tables.push_back({"avx2", avx2_dequant()});
 #ifdef KT_SIMDE
-  // quant_avx512.cpp on SIMDe: its logic, on any CPU (its fallback for tiny scales is the AVX2 table)
+  // quant_avx512.inc on SIMDe, both roundings: its logic, on any CPU (its fallback for tiny scales is the AVX2 table)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx512_vnni_dequant())
+    tables.push_back({"avx512-vnni-simde", avx512_vnni_dequant()});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx512_dequant())
     tables.push_back({"avx512-simde", avx512_dequant()});
 #else
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-      __builtin_cpu_supports("avx512bf16") && avx512_dequant())
+  const bool avx512_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                           __builtin_cpu_supports("avx512vbmi");
+  if (avx512_vnni && avx512_vnni_dequant()) tables.push_back({"avx512-vnni", avx512_vnni_dequant()});
+  if (avx512_vnni && __builtin_cpu_supports("avx512bf16") && avx512_dequant())
     tables.push_back({"avx512", avx512_dequant()});
 #endif
   // gemm_nt_int8 on AMX-INT8 tiles (quant_amx.inc) over the widest vector table: software tiles on

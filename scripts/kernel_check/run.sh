@@ -24,7 +24,7 @@ echo "== native"
 "$out/native" "$iters"
 
 g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" "$k/quant_avx512.cpp" \
-  "$k/gemm_amx_emu.cpp" "$k/gemm_amx.cpp" -o "$out/quant"
+  "$k/quant_avx512_vnni.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_amx.cpp" -o "$out/quant"
 echo "== quant: int8 integer dot products (AMX tiles emulated, and real where this CPU has AMX-INT8), dequantization, decode on the codes (ref; avx2 and avx512 where this CPU runs them)"
 "$out/quant" "$iters"
 
@@ -39,11 +39,13 @@ if [ -f /usr/include/simde/x86/avx512.h ]; then
     "$out/src/gemm_avx512.cpp" "$out/src/gemm_amx.cpp" "$k/gemm_avx512_emu.cpp" "$k/quant_ref.cpp" -o "$out/simde" 2> >(grep -v "variable tracking\|^ *[0-9]* |\|^ *|\|In function" >&2)
   echo "== simde"
   "$out/simde" "$iters"
-  sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
-      -e 's|^#include <immintrin.h>|#include "gemm_simde.h"|' "$k/quant_avx512.cpp" >"$out/src/quant_avx512.cpp"
+  for f in quant_avx512 quant_avx512_vnni; do
+    sed -e 's|^#pragma GCC target.*$|// (target pragma dropped for the SIMDe build)|' \
+        -e 's|^#include <immintrin.h>|#include "gemm_simde.h"|' "$k/$f.cpp" >"$out/src/$f.cpp"
+  done
   g++ "${flags[@]}" -DKT_SIMDE "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" \
-    "$out/src/quant_avx512.cpp" "$k/gemm_amx_emu.cpp" -o "$out/quant_simde"
-  echo "== quant on simde: the avx512 dequantizer's logic"
+    "$out/src/quant_avx512.cpp" "$out/src/quant_avx512_vnni.cpp" "$k/gemm_amx_emu.cpp" -o "$out/quant_simde"
+  echo "== quant on simde: the avx512 dequantizers' logic (bf16 rounding by instruction and in integer steps)"
   "$out/quant_simde" "$iters"
 else
   echo "== simde: skipped (no /usr/include/simde; apt-get install libsimde-dev)"

@@ -1,0 +1,39 @@
+// The AVX-512 quant table for CPUs with AVX-512 F/BW/VL, VNNI and VBMI but no AVX512_BF16 (Ice Lake,
+// Tiger Lake, Rocket Lake): quant_avx512.inc, rounding to bf16 in integer steps. Same ODR rules as
+// gemm_avx2.cpp (standard headers before the target pragma, internal linkage).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "quant.h"
+
+// clang ignores "#pragma GCC target", so it gets no table.
+#if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 10
+#define KT_HAVE_AVX512_VNNI_QUANT_BUILD 1
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma")
+// GCC 12 reports its own AVX-512 intrinsic headers ('__Y' may be used uninitialized, GCC bug
+// 105593) at every inlined use; silence that for the header's lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#define KT_QUANT_BF16_ROUNDING 0
+#include "quant_avx512.inc"
+#endif
+
+namespace kt {
+
+const DequantKernels* avx512_vnni_dequant() {
+#ifdef KT_HAVE_AVX512_VNNI_QUANT_BUILD
+  static const DequantKernels kernels{dequant_avx512, gemm_nt_codes_avx512, gemm_nt_int8_avx512, quantize_rows_avx2};
+  return &kernels;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace kt
