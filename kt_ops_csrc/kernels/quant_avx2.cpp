@@ -16,21 +16,17 @@
 namespace kt {
 namespace {
 
-// fp32 lanes as bf16 bits in their low halves, round to nearest even. A NaN (a NaN scale's payload
-// passes through the products) is truncated and made quiet instead: rounding could carry through
-// its all-ones exponent into the sign.
-inline __m256i round_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i increment = _mm256_andnot_si256(nan, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
-  const __m256i quiet = _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000));
-  return _mm256_srli_epi32(_mm256_or_si256(_mm256_add_epi32(bits, increment), quiet), 16);
-}
-
 // Round two fp32 vectors to bf16 (nearest even) and store them as 16 consecutive values.
+// A NaN could carry into the sign; dequant_avx2 leaves the only ones that can have such a payload,
+// those of a NaN scale or min, to quant_ref.
 inline void store_bf16(__m256 a, __m256 b, uint16_t* dst) {
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(a), round_bf16(b)), 0xD8);
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+  __m256i ia = _mm256_castps_si256(a), ib = _mm256_castps_si256(b);
+  ia = _mm256_srli_epi32(_mm256_add_epi32(ia, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ia, 16), one))),
+                         16);
+  ib = _mm256_srli_epi32(_mm256_add_epi32(ib, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ib, 16), one))),
+                         16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed);
 }
 
@@ -80,6 +76,26 @@ inline void e4m3_quads(const uint8_t* codes, __m256 out[4]) {
     out[j] = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j))));
 }
 
+// The (panel, group) ranges of out whose scale or min is NaN on some row, dequantized again by
+// quant_ref: store_bf16's rounding could carry such a NaN's payload into the sign. A check per group
+// after the fact keeps the loop above free of it (a branch there cost 8% of its time).
+void redo_nan_scales(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
+  const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups, width = has_zero_point(w.format) ? 2 : 1;
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t q0 = 0; q0 < nkp;) {
+      const int64_t group = (kp0 + q0) / pairs_per_group;
+      const int64_t q1 = std::min(nkp, (group + 1) * pairs_per_group - kp0);
+      bool nan = false;
+      for (int i = 0; i < kPanelRows; ++i)
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = w.scales[(((p0 + p) * kPanelRows + i) * w.groups + group) * width + j];
+          nan |= v != v;
+        }
+      if (nan) ref_dequant().dequant(w, p0 + p, 1, kp0 + q0, q1 - q0, out + (p * nkp + q0) * kPanelRows * 2);
+      q0 = q1;
+    }
+}
+
 void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int64_t nkp, uint16_t* out) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / w.groups;
   const bool zero_point = has_zero_point(w.format);
@@ -121,6 +137,7 @@ void dequant_avx2(const QuantMatrix& w, int64_t p0, int64_t np, int64_t kp0, int
       store_bf16(v[2], v[3], dst + 16);
     }
   }
+  redo_nan_scales(w, p0, np, kp0, nkp, out);
 }
 
 // The direct decode kernels stream a panel's codes once, with few instructions per byte: the core's
