@@ -524,6 +524,24 @@ def test_packed_codes_run_through_the_op(isa):
     _compare_quantized(_dequantized_case(case, experts), out, grads, experts)
 
 
+@pytest.mark.parametrize("fmt", ["int8_kgroup", "int4_1_kgroup"])
+def test_nan_scale_gives_nan_not_numbers(isa, fmt):
+    """A NaN scale or min with a full payload: rounding its products to bf16 once carried the payload into
+    the sign, so the weights became -0 and the expert's outputs finite. Enough rows per expert that the
+    prefill path dequantizes panels."""
+    case = make_case(seed=7, T=40, E=3, k=1, H=64, I=64, r=2)
+    pairs = [_random_codes(fmt, 3, 64, 64, 2, seed=i) for i in range(3)]
+    pairs = [(c, s.abs() * 0.01) for c, s in pairs]
+    gate_scales = pairs[0][1]
+    gate_scales.view(torch.int32)[0, 5, 1] = 0x7FFFFFFF  # expert 0, row 5, K group 1 (the min for int4_1)
+    experts = kt_ops.core.packed.pack_experts_from_codes(*pairs, fmt)
+    out, _ = run_ops(case, experts, with_grads=False)
+    on_expert0 = (case.ids == 0).any(dim=1)
+    assert on_expert0.sum() > 4 and (~on_expert0).sum() > 0
+    assert out[on_expert0].isnan().all()
+    assert out[~on_expert0].isfinite().all()
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
