@@ -37,11 +37,13 @@ from common import DSV2_LITE, QUICK, Problem, fmt, machine_line, measure_alterna
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # perf symbols of the GEMM inner loops: the register-blocked tile products of each ISA
-# (kernels/gemm_amx.inc, gemm_avx512.inc, gemm_avx2.cpp) and the products on quantized codes
-# (quant_avx2.cpp). Everything else kt_ops runs (repacks, conversions, activations, LoRA's own
-# passes) counts as outside them.
+# (kernels/gemm_amx.inc, gemm_avx512.inc, gemm_avx2.cpp), the few-row gemm_nn that streams W once
+# (gemm_nn_few.inc: the backward's dX products at decode) and the products on quantized codes
+# (quant_avx2.cpp, quant_avx512.inc). Everything else kt_ops runs (repacks, conversions,
+# activations, LoRA's own passes) counts as outside them.
 MICRO_KERNEL = re.compile(
-    r"tile_block|nn_block|nn_column|w_block|a_block|bf16_block|gemm_blocks|gemm_panels|WBlock|ABlock|codes_panel|int8_panel"
+    r"tile_block|nn_block|nn_column|gemm_nn_rows|w_block|a_block|bf16_block|gemm_blocks|gemm_panels|WBlock|ABlock"
+    r"|codes_panel|int8_panel"
 )
 
 
