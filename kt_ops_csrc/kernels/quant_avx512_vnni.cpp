@@ -11,7 +11,6 @@
 
 // clang ignores "#pragma GCC target", so it gets no table.
 #if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 10
-#define KT_HAVE_AVX512_VNNI_QUANT_BUILD 1
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma")
 // GCC 12 reports its own AVX-512 intrinsic headers ('__Y' may be used uninitialized, GCC bug
 // 105593) at every inlined use; silence that for the header's lines only.
@@ -22,18 +21,10 @@
 #pragma GCC diagnostic pop
 
 #define KT_QUANT_BF16_ROUNDING 0
+#define KT_QUANT_TABLE avx512_vnni_dequant
 #include "quant_avx512.inc"
-#endif
-
-namespace kt {
-
-const DequantKernels* avx512_vnni_dequant() {
-#ifdef KT_HAVE_AVX512_VNNI_QUANT_BUILD
-  static const DequantKernels kernels{dequant_avx512, gemm_nt_codes_avx512, gemm_nt_int8_avx512, quantize_rows_avx2};
-  return &kernels;
 #else
-  return nullptr;
-#endif
-}
-
+namespace kt {
+const DequantKernels* avx512_vnni_dequant() { return nullptr; }
 }  // namespace kt
+#endif
