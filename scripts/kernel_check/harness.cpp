@@ -172,6 +172,12 @@ static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, 
   }
   extra.lda = 3 * lda_e;
   extra.panel_stride = act_panel_elems(Ke);
+  if (rint_(0, 1)) {  // a prefetch of "the next block" (here W itself): a hint that must not change C
+    extra.prefetch = reinterpret_cast<const char*>(W.packed);
+    extra.prefetch_stride = 64 * rint_(1, 8);
+    extra.prefetch_rows = rint_(1, 20);
+    extra.prefetch_lines = rint_(1, 40);
+  }
   const int64_t ldc = np * 16 + rint_(0, 3);
   float* c = exact<float>(size_t(row_capacity(m)) * ldc);
   std::vector<float> c0(size_t(m) * ldc);
@@ -345,6 +351,12 @@ static void test_nn_batch_invariant(const Table<Act>& t, int N, int K, int col0,
   extra.K = Ke;
   extra.lda = EA.lda;
   extra.panel_stride = act_panel_elems(Ke);
+  if (rint_(0, 1)) {  // the backward's prefetch of the next block (here W's own panels): a hint only
+    extra.prefetch = reinterpret_cast<const char*>(W.nn().panels);
+    extra.prefetch_stride = 64 * rint_(1, 8);
+    extra.prefetch_rows = rint_(1, 20);
+    extra.prefetch_lines = rint_(1, 40);
+  }
   for (int e = 0; e < extras; ++e) {
     eb.push_back(new Panels<Act>(t.k, 16 * np, Ke));
     extra.b[e] = eb.back()->p;
@@ -423,7 +435,15 @@ static void test_nn_codes(const Table<Act>& t, WeightFormat format, int m, int N
     results[i].assign(c, c + size_t(m) * ldc);
     std::free(c);
   }
-  if (std::memcmp(results[0].data(), results[1].data(), sizeof(float) * results[0].size()) != 0 && failures++ < 20)
+  // Bit for bit, except that a NaN is a NaN: random fp8 bytes hold NaN weights, and a sum that meets
+  // a NaN in one operand order and an inf - inf in the other gets x86's default NaN (sign set) in one
+  // and the weight's quiet NaN in the other.
+  bool same = true;
+  for (size_t j = 0; j < results[0].size(); ++j) {
+    const float x = results[0][j], y = results[1][j];
+    same = same && ((std::isnan(x) && std::isnan(y)) || std::memcmp(&x, &y, sizeof(float)) == 0);
+  }
+  if (!same && failures++ < 20)
     std::printf("FAIL %s gemm_nn on codes differs from on panels: %s\n", t.name.c_str(), ctx);
   std::free(panels);
   std::free(codes);
@@ -487,7 +507,10 @@ static void test_glu(const Table<Act>& t, int n, bool clamped) {
     const double duv = clamped && (u[i] < -L || u[i] > L) ? 0.0 : dh * gc * sig;
     check(t.name, "glu h", h[i], hv, std::fabs(hv) * 10, ctx);
     check(t.name, "glu_backward h", h2[i], hv, std::fabs(hv) * 10, ctx);
-    check(t.name, "glu dg", dg[i], dgv, std::fabs(dgv) * 10 + 1e-6, ctx);
+    // dg's last factor 1 + a g (1 - sig) cancels near g = -1.28: fp32 keeps its error relative to the
+    // terms, not to what is left of them.
+    const double dg_terms = std::fabs(dh * (uc + off) * sig) * (1 + std::fabs(a * gc * (1 - sig)));
+    check(t.name, "glu dg", dg[i], dgv, dg_terms * 10 + 1e-6, ctx);
     check(t.name, "glu du", du[i], duv, std::fabs(duv) * 10 + 1e-6, ctx);
     e_dw += hv * raw[i];
     s_dw += std::fabs(hv * raw[i]);
