@@ -542,6 +542,28 @@ inline float bf16_float(uint16_t bits) {
   std::memcpy(&f, &widened, sizeof(f));
   return f;
 }
+// Four bf16 rows (lds apart) x four consecutive values, widened and transposed: out[j * kPanelRows +
+// i] = row i's value j, i.e. four units of a panel's rows i .. i + 3 (GCC vector extensions: SSE2
+// shuffles on x86-64's baseline).
+inline void widen_transposed_4x4(const uint16_t* src, int64_t lds, float* out) {
+  typedef uint16_t halves4 __attribute__((vector_size(8)));
+  typedef uint32_t words4 __attribute__((vector_size(16)));
+  typedef float floats4 __attribute__((vector_size(16)));
+  floats4 v[4];
+  for (int i = 0; i < 4; ++i) {
+    halves4 h;
+    std::memcpy(&h, src + i * lds, sizeof(h));
+    v[i] = reinterpret_cast<floats4>(__builtin_convertvector(h, words4) << 16);
+  }
+  const floats4 t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 1, 5),
+                t1 = __builtin_shufflevector(v[0], v[1], 2, 6, 3, 7);
+  const floats4 t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 1, 5),
+                t3 = __builtin_shufflevector(v[2], v[3], 2, 6, 3, 7);
+  const floats4 columns[4] = {__builtin_shufflevector(t0, t2, 0, 1, 4, 5), __builtin_shufflevector(t0, t2, 2, 3, 6, 7),
+                              __builtin_shufflevector(t1, t3, 0, 1, 4, 5), __builtin_shufflevector(t1, t3, 2, 3, 6, 7)};
+  for (int j = 0; j < 4; ++j) std::memcpy(out + j * kPanelRows, &columns[j], sizeof(floats4));
+}
+
 inline uint16_t bf16_lo(float x, uint16_t hi) {
   const float rest = x - bf16_float(hi);
   return std::isfinite(rest) ? round_bf16(rest) : uint16_t(0);
@@ -645,12 +667,24 @@ class LoraMatrices {
         for (int64_t u = 0; u < K; ++u)
           for (int i = 0; i < rows; ++i) panel[u * kPanelRows + i] = bf16_float(bits[u * lds + p * kPanelRows + i]);
       } else {
-        // 64 units (4 KiB of panel) at a time, which stay in L1 while the 16 rows fill them
-        for (int64_t u0 = 0; u0 < K; u0 += 64)
-          for (int i = 0; i < rows; ++i) {
+        // 64 units (4 KiB of panel) at a time, which stay in L1 while the 16 rows fill them; fp32
+        // panels in 4 x 4 blocks transposed in registers (a third of the scalar loop's time).
+        for (int64_t u0 = 0; u0 < K; u0 += 64) {
+          const int64_t u1 = std::min<int64_t>(K, u0 + 64);
+          int i = 0;
+          if constexpr (std::is_same_v<Act, float>)
+            for (; i + 4 <= rows; i += 4) {
+              const uint16_t* src = bits + (p * kPanelRows + i) * lds;
+              int64_t u = u0;
+              for (; u + 4 <= u1; u += 4) widen_transposed_4x4(src + u, lds, panel + u * kPanelRows + i);
+              for (; u < u1; ++u)
+                for (int j = 0; j < 4; ++j) panel[u * kPanelRows + i + j] = bf16_float(src[j * lds + u]);
+            }
+          for (; i < rows; ++i) {
             const uint16_t* src = bits + (p * kPanelRows + i) * lds;
-            for (int64_t u = u0; u < std::min<int64_t>(K, u0 + 64); ++u) panel[u * kPanelRows + i] = bf16_float(src[u]);
+            for (int64_t u = u0; u < u1; ++u) panel[u * kPanelRows + i] = bf16_float(src[u]);
           }
+        }
       }
     }
   }
