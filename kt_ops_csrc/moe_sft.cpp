@@ -457,6 +457,13 @@ void prefetch_columns(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc,
   extra.prefetch_lines = static_cast<int>(ceil_div(kc, 2));
 }
 
+inline float bf16_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &widened, sizeof(f));
+  return f;
+}
+
 // Rows of a [rows, n] tensor of T, bf16 or another float type (converted to T once), as activations
 // or as exact T values.
 template <typename T, typename Act>
@@ -490,7 +497,7 @@ class RowSource {
     if (values_) return values_ + row * n_ + c0;
     if (scratch == nullptr) return nullptr;
     const uint16_t* src = bf16_ + row * n_ + c0;
-    for (int64_t c = 0; c < count; ++c) scratch[c] = widen(src[c]);
+    for (int64_t c = 0; c < count; ++c) scratch[c] = static_cast<T>(bf16_float(src[c]));
     return scratch;
   }
   const T* row_values(int64_t row, T* scratch) const { return segment(row, 0, n_, scratch); }
@@ -506,15 +513,11 @@ class RowSource {
   }
   // Row `row` as its bf16 bits when the source is bf16, else nullptr.
   const uint16_t* bf16_row(int64_t row) const { return bf16_ ? bf16_ + row * n_ : nullptr; }
-  T value(int64_t row, int64_t col) const { return values_ ? values_[row * n_ + col] : widen(bf16_[row * n_ + col]); }
+  T value(int64_t row, int64_t col) const {
+    return values_ ? values_[row * n_ + col] : static_cast<T>(bf16_float(bf16_[row * n_ + col]));
+  }
 
  private:
-  static T widen(uint16_t bits) {
-    const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &widened, sizeof(f));
-    return static_cast<T>(f);
-  }
   Tensor tensor_;
   const T* values_ = nullptr;
   const uint16_t* bf16_ = nullptr;
@@ -535,12 +538,6 @@ inline uint16_t round_bf16(float x) {
   if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
-}
-inline float bf16_float(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &widened, sizeof(f));
-  return f;
 }
 // Four bf16 rows (lds apart) x four consecutive values, widened and transposed: out[j * kPanelRows +
 // i] = row i's value j, i.e. four units of a panel's rows i .. i + 3 (GCC vector extensions: SSE2
