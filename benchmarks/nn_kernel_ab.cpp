@@ -3,9 +3,10 @@
 // shape the two alternate rep by rep and the minimum over reps is printed. Shapes: DeepSeek-V2-Lite's
 // W [N, K] (down 2048 x 1408 for dh, gate/up 1408 x 2048 for dx), 64-column blocks as the backward's
 // tasks, m rows of one expert (1-4: the few-row form; more: the repacked one; 48 is a training
-// batch of 512 tokens), XX
-// KT_AB_TABLE names the table (avx2_kernels_f32, the default, or avx512_kernels_f32) and KT_AB_UNIT
-// its source file. The old source is compiled with its namespace renamed (its own includes, from its
+// batch of 512 tokens), each call on another of 16 experts' weights (from DRAM, as in a backward: a
+// build that ran on the same weights just before would leave them in L3 for the other).
+// KT_AB_TABLE names the table (avx2_kernels_f32, the default, or avx512_kernels_f32); u below is its
+// source file. The old source is compiled with its namespace renamed (its own includes, from its
 // own directory), so both tables live in one binary; it must have this checkout's gemm_nn interface:
 //   git worktree add /tmp/old REV && k=kt_ops_csrc/kernels && u=gemm_avx512.cpp t=avx512_kernels_f32 &&
 //   g++ -O3 -std=c++20 -ffp-contract=off -I/tmp/old/$k -Dkt=kt_old -c /tmp/old/$k/$u -o /tmp/old_nn.o &&
