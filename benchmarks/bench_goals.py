@@ -74,6 +74,12 @@ def decode_ratio(args) -> dict:
     return {m: t.med * 1e3 for m, t in zip(methods, got)}
 
 
+def training_step(layer, inp) -> None:
+    """One forward+backward of the layer on a fresh leaf copy of the inputs, its LoRA grads reset."""
+    layer.zero_grad(set_to_none=True)
+    layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).backward(inp.go)
+
+
 def lora_tax(args, qlens) -> dict:
     """{qlen: {"fwd"|"f+b": (r=0 ms, r=16 ms)}}, medians of the two layers' calls alternating call by
     call: a tax of a few percent needs both sides under the same load (bench_moe times them apart)."""
@@ -88,12 +94,8 @@ def lora_tax(args, qlens) -> dict:
             with torch.no_grad():
                 layer(inp.x, inp.ids, inp.w)
 
-        def step(layer):
-            layer.zero_grad(set_to_none=True)
-            layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).backward(inp.go)
-
         out[q] = {}
-        for label, call in (("fwd", fwd), ("f+b", step)):
+        for label, call in (("fwd", fwd), ("f+b", lambda layer: training_step(layer, inp))):
             got = measure_alternating(
                 [lambda lay=lay: call(lay) for lay in layers], repeats=7, min_time=2.0, max_repeats=40
             )
@@ -110,16 +112,12 @@ def phase_times(args, q: int) -> dict:
     prob.release_weights()
     inp = prob.inputs[q]
 
-    def step():
-        layer.zero_grad(set_to_none=True)
-        layer(inp.x.clone().requires_grad_(), inp.ids, inp.w).backward(inp.go)
-
-    step()
+    training_step(layer, inp)
     n = 3 if q >= 128 and not args.quick else 10
     _C._time_phases(True)
     t0 = time.perf_counter()
     for _ in range(n):
-        step()
+        training_step(layer, inp)
     total = (time.perf_counter() - t0) / n * 1e3
     _C._time_phases(False)
     return {"step": total, "phases": {name: s / n * 1e3 for name, s in _C._phase_times()}}
