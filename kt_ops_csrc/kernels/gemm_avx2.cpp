@@ -20,7 +20,9 @@
 #include "gemm_repack.inc"
 #undef KT_REPACK_AVX2
 #define KT_NN_FEW_DPBF16 0
+#define KT_NN_FEW_ZMM 0
 #include "gemm_nn_few.inc"
+#undef KT_NN_FEW_ZMM
 #undef KT_NN_FEW_DPBF16
 
 namespace kt {
@@ -163,7 +165,7 @@ const KernelsF32* avx2_kernels_f32() {
       gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>,
       gemm_a_avx2,
       gemm_a_exact_common<float, float>,
-      nn_few_fma::gemm_nn<
+      nn_few_fma::gemm_nn<4,
           gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
           gemm_a_avx2>,
       repack_nn,
