@@ -562,28 +562,6 @@ inline uint16_t round_bf16(float x) {
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
-// Four bf16 rows (lds apart) x four consecutive values, widened and transposed: out[j * kPanelRows +
-// i] = row i's value j, i.e. four units of a panel's rows i .. i + 3 (GCC vector extensions: SSE2
-// shuffles on x86-64's baseline).
-inline void widen_transposed_4x4(const uint16_t* src, int64_t lds, float* out) {
-  typedef uint16_t halves4 __attribute__((vector_size(8)));
-  typedef uint32_t words4 __attribute__((vector_size(16)));
-  typedef float floats4 __attribute__((vector_size(16)));
-  floats4 v[4];
-  for (int i = 0; i < 4; ++i) {
-    halves4 h;
-    std::memcpy(&h, src + i * lds, sizeof(h));
-    v[i] = reinterpret_cast<floats4>(__builtin_convertvector(h, words4) << 16);
-  }
-  const floats4 t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 1, 5),
-                t1 = __builtin_shufflevector(v[0], v[1], 2, 6, 3, 7);
-  const floats4 t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 1, 5),
-                t3 = __builtin_shufflevector(v[2], v[3], 2, 6, 3, 7);
-  const floats4 columns[4] = {__builtin_shufflevector(t0, t2, 0, 1, 4, 5), __builtin_shufflevector(t0, t2, 2, 3, 6, 7),
-                              __builtin_shufflevector(t1, t3, 0, 1, 4, 5), __builtin_shufflevector(t1, t3, 2, 3, 6, 7)};
-  for (int j = 0; j < 4; ++j) std::memcpy(out + j * kPanelRows, &columns[j], sizeof(floats4));
-}
-
 inline uint16_t bf16_lo(float x, uint16_t hi) {
   const float rest = x - bf16_float(hi);
   return std::isfinite(rest) ? round_bf16(rest) : uint16_t(0);
@@ -650,63 +628,20 @@ class LoraMatrices {
     return scratch;
   }
   // The activation panels (stride apart, at dst) of the block rows [r0, r0 + n) x columns [c0, c0 +
-  // ncols) of expert e's matrix m, or of its transpose (by_columns), packed straight from the
-  // matrix's bits where they are the activations already (a bf16 matrix on a bf16-activation ISA:
-  // no conversion, no lo part). False, with nothing written, for other matrices (pack_slice packs
-  // those from T values).
+  // ncols) of expert e's matrix m, or of its transpose (by_columns), packed straight from the matrix's
+  // bits where it is bf16 (widened as they are placed where the activations are wider: converting
+  // rows first, then packing them, took ~9% of a forward at qlen 32 with r = 16 on fp32 ISAs). False,
+  // with nothing written, for other matrices (pack_slice packs those from T values).
   bool pack_bits(const Kernels<T, Act>& k, Which m, int64_t e, int64_t r0, int64_t n, int64_t c0, int64_t ncols,
                  bool by_columns, Act* dst, int64_t stride) const {
-    if constexpr (!kSplit<Act>) {
-      // Exact activations (fp32, fp64) from a bf16 matrix: widened as they are placed, in one pass
-      // (converting rows first, then packing them, took ~9% of a forward at qlen 32 with r = 16).
-      const uint16_t* bits = sources_[m]->bf16_row(e * rows_[m] + r0);
-      if (bits == nullptr) return false;
-      widen_into_panels(bits + c0, cols_[m], by_columns ? ncols : n, by_columns ? n : ncols, by_columns, dst, stride);
-      return true;
-    } else {
-      const uint16_t* bits = sources_[m]->bf16_row(e * rows_[m] + r0);
-      if (bits == nullptr) return false;
-      const int rows = static_cast<int>(n), cols = static_cast<int>(ncols);
-      if (by_columns)
-        k.pack_cols(bits + c0, cols_[m], rows, cols, dst, stride);
-      else
-        k.pack_rows(bits + c0, cols_[m], rows, cols, dst, stride);
-      return true;
-    }
-  }
-  // The activation panels of B = M [N rows, K] or of B = M^T (by_columns: M [K rows, N]), M bf16
-  // bits lds apart: row i of panel p, unit u (a k) at p * stride + u * 16 + i; zero past N and K.
-  static void widen_into_panels(const uint16_t* bits, int64_t lds, int64_t N, int64_t K, bool by_columns, Act* dst,
-                                int64_t stride) {
-    const int64_t units = act_stride(K);
-    for (int64_t p = 0; p * kPanelRows < N; ++p) {
-      Act* panel = dst + p * stride;
-      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, N - p * kPanelRows));
-      if (rows < kPanelRows || units > K) std::fill(panel, panel + units * kPanelRows, Act(0));
-      if (by_columns) {
-        for (int64_t u = 0; u < K; ++u)
-          for (int i = 0; i < rows; ++i) panel[u * kPanelRows + i] = bf16_float(bits[u * lds + p * kPanelRows + i]);
-      } else {
-        // 64 units (4 KiB of panel) at a time, which stay in L1 while the 16 rows fill them; fp32
-        // panels in 4 x 4 blocks transposed in registers rather than by scalar stores 64 bytes apart.
-        for (int64_t u0 = 0; u0 < K; u0 += 64) {
-          const int64_t u1 = std::min<int64_t>(K, u0 + 64);
-          int i = 0;
-          if constexpr (std::is_same_v<Act, float>)
-            for (; i + 4 <= rows; i += 4) {
-              const uint16_t* src = bits + (p * kPanelRows + i) * lds;
-              int64_t u = u0;
-              for (; u + 4 <= u1; u += 4) widen_transposed_4x4(src + u, lds, panel + u * kPanelRows + i);
-              for (; u < u1; ++u)
-                for (int j = 0; j < 4; ++j) panel[u * kPanelRows + i + j] = bf16_float(src[j * lds + u]);
-            }
-          for (; i < rows; ++i) {
-            const uint16_t* src = bits + (p * kPanelRows + i) * lds;
-            for (int64_t u = u0; u < u1; ++u) panel[u * kPanelRows + i] = bf16_float(src[u]);
-          }
-        }
-      }
-    }
+    const uint16_t* bits = sources_[m]->bf16_row(e * rows_[m] + r0);
+    if (bits == nullptr) return false;
+    const int rows = static_cast<int>(n), cols = static_cast<int>(ncols);
+    if (by_columns)
+      k.pack_cols(bits + c0, cols_[m], rows, cols, dst, stride);
+    else
+      k.pack_rows(bits + c0, cols_[m], rows, cols, dst, stride);
+    return true;
   }
   // The block rows [r0, r0 + n) x columns [c0, c0 + ncols) of expert e's matrix m into cache.
   void prefetch(Which m, int64_t e, int64_t r0, int64_t n, int64_t c0, int64_t ncols) const {

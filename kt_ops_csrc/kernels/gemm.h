@@ -120,11 +120,12 @@ struct Kernels {
   // dst[0, n) = act(src - act(src)): what rounding to the activation type left out (zero for exact
   // types; with bf16, the lo of a split hi + lo), dst[n, n_padded) = 0.
   void (*to_act_residual)(const T* src, int64_t n, Act* dst, int64_t n_padded);
-  // Activation panels of B [N, K] given row-major (src row n at src + n * lds): ceil(N / 16) panels
-  // of act_pairs(K) pairs each, panel_stride elements apart, zero beyond N and K.
-  void (*pack_rows)(const Act* src, int64_t lds, int N, int K, Act* dst, int64_t panel_stride);
+  // Activation panels of a bf16 matrix B [N, K] given row-major as its bits (row n at src + n * lds):
+  // ceil(N / 16) panels of act_pairs(K) pairs each, panel_stride elements apart, zero beyond N and K;
+  // the values widened (exactly) where Act is wider than bf16 (the bf16 LoRA matrices' slices).
+  void (*pack_rows)(const uint16_t* src, int64_t lds, int N, int K, Act* dst, int64_t panel_stride);
   // The same panels of B given as B^T row-major: src [K rows][N columns] (row k at src + k * lds).
-  void (*pack_cols)(const Act* src, int64_t lds, int K, int N, Act* dst, int64_t panel_stride);
+  void (*pack_cols)(const uint16_t* src, int64_t lds, int K, int N, Act* dst, int64_t panel_stride);
   // pack_rows / pack_cols of T values: the panels of act(B) into hi and, where lo is not null, those
   // of act(B - act(B)) into lo (a split bf16 B = hi + lo; exact types have no lo).
   void (*pack_rows_split)(const T* src, int64_t lds, int N, int K, Act* hi, Act* lo, int64_t panel_stride);

@@ -1,7 +1,8 @@
 // Kernel-level check of the kernel tables (kernels/gemm.h) against float64 sums: gemm_w (with and
 // without accumulation and extra products) and gemm_a on random and edge shapes (m, K, N not
 // multiples of the tile sizes, odd K, panel subsets), NaN rows and Inf weights staying in their row /
-// column; the panel packers (pack_rows and pack_cols must agree bit for bit, and with the layout),
+// column; the panel packers of bf16 matrices (pack_rows and pack_cols must agree bit for bit, and
+// with the layout, widened where the activations are fp32),
 // repack_nn, gemm_nn (and its batch invariance, bit for bit), the activation conversions (rounding to
 // nearest even, the split residual), the gated activation and the rank-r contraction / rank-1 update.
 // Every buffer is allocated at the size the interface promises (A and C rows up to row_capacity(m),
@@ -126,13 +127,13 @@ struct Rows {  // m activation rows of K values, lda apart, readable to row_capa
 };
 
 template <typename Act>
-struct Panels {  // B [N, K] (Act) and its activation panels from the table's pack_rows
+struct Panels {  // B [N, K] (bf16 bits) and its activation panels from the table's pack_rows
   int N, K;
-  std::vector<Act> b;
+  std::vector<uint16_t> b;
   Act* p;
   int64_t stride;
   Panels(const Kernels<float, Act>* k, int N_, int K_) : N(N_), K(K_), b(size_t(N_) * K_), stride(act_panel_elems(K_)) {
-    for (auto& x : b) x = act_of<Act>(randn());
+    for (auto& x : b) x = act_of<uint16_t>(randn());
     p = exact<Act>(size_t((N + 15) / 16) * stride);
     k->pack_rows(b.data(), K, N, K, p, stride);
   }
@@ -251,7 +252,7 @@ static void test_gemm_a(const Table<Act>& t, int m, int K, int N) {
 template <typename Act>
 static void test_pack(const Table<Act>& t, int N, int K) {
   Panels<Act> B(t.k, N, K);
-  std::vector<Act> bt(size_t(K) * N);
+  std::vector<uint16_t> bt(size_t(K) * N);
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < K; ++k) bt[size_t(k) * N + n] = B.b[size_t(n) * K + k];
   const size_t elems = size_t((N + 15) / 16) * B.stride;
