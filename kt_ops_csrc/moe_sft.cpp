@@ -347,6 +347,9 @@ constexpr int64_t kPanelsPerTask = kColsPerTask / kPanelRows;
 // next to its h/dg/du rows.
 constexpr int64_t kNnCols = 64;
 constexpr int64_t kChunkRows = 256;
+// Tasks ahead whose LoRA slices a forward task prefetches: the next ones claimed, by this thread or
+// another, which would otherwise start by reading them cold from RAM.
+constexpr int64_t kLoraPrefetchTasks = 2;
 constexpr int64_t kRowsPerTask = 32;  // gathers and other per-row passes
 constexpr int64_t kTokensPerTask = 16;
 constexpr int64_t kMaxStackRank = 256;  // rank-r rows up to this rank live on the stack
@@ -1107,6 +1110,13 @@ class Forward {
         lora->prefetch(L::UpB, e, n0, nrows, 0, s_.r);
       } else if (lora) {
         const int64_t r = s_.r;
+        for (int64_t next = ti + 1; next <= ti + kLoraPrefetchTasks && next < static_cast<int64_t>(tasks.size());
+             ++next) {
+          const int64_t e1 = tasks[next].expert, n1 = tasks[next].block * kColsPerTask;
+          lora->prefetch(L::GateB, e1, n1, std::min(kColsPerTask, I - n1), 0, r);
+          lora->prefetch(L::UpB, e1, n1, std::min(kColsPerTask, I - n1), 0, r);
+          lora->prefetch(L::DownA, e1, 0, r, n1, std::min(kColsPerTask, I - n1));
+        }
         T* scratch = task_buffer<T>(kConvert, nrows * r * 2);
         bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
         bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
@@ -1205,9 +1215,15 @@ class Forward {
       SlicePanels<Act> bd;
       if (lora && exact_lora)
         lora->prefetch(L::DownB, e, n0, nrows, 0, s_.r);  // read after the products on codes
-      else if (lora)
+      else if (lora) {
+        for (int64_t next = ti + 1; next <= ti + kLoraPrefetchTasks && next < static_cast<int64_t>(tasks.size());
+             ++next) {
+          const int64_t n1 = tasks[next].block * kColsPerTask;
+          lora->prefetch(L::DownB, tasks[next].expert, n1, std::min(kColsPerTask, H - n1), 0, s_.r);
+        }
         bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
                        task_buffer<T>(kConvert, nrows * s_.r));
+      }
       for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
         const int64_t m = std::min(kChunkRows, end - c0);
         T* c = task_buffer<T>(kStageA, row_capacity(m) * ldc);
