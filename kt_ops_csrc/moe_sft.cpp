@@ -444,6 +444,13 @@ struct BlockTask {
   int64_t expert, block;
 };
 
+// f(task) for the kLoraPrefetchTasks tasks after task ti.
+template <typename F>
+void for_tasks_ahead(const std::vector<BlockTask>& tasks, int64_t ti, F f) {
+  const int64_t last = std::min<int64_t>(ti + kLoraPrefetchTasks, static_cast<int64_t>(tasks.size()) - 1);
+  for (int64_t next = ti + 1; next <= last; ++next) f(tasks[next]);
+}
+
 std::vector<BlockTask> block_tasks(const Routing& routing, int64_t cols, int64_t cols_per_task = kColsPerTask) {
   std::vector<BlockTask> tasks;
   for (int64_t e : routing.hit_experts)
@@ -1110,13 +1117,12 @@ class Forward {
         lora->prefetch(L::UpB, e, n0, nrows, 0, s_.r);
       } else if (lora) {
         const int64_t r = s_.r;
-        for (int64_t next = ti + 1; next <= ti + kLoraPrefetchTasks && next < static_cast<int64_t>(tasks.size());
-             ++next) {
-          const int64_t e1 = tasks[next].expert, n1 = tasks[next].block * kColsPerTask;
-          lora->prefetch(L::GateB, e1, n1, std::min(kColsPerTask, I - n1), 0, r);
-          lora->prefetch(L::UpB, e1, n1, std::min(kColsPerTask, I - n1), 0, r);
-          lora->prefetch(L::DownA, e1, 0, r, n1, std::min(kColsPerTask, I - n1));
-        }
+        for_tasks_ahead(tasks, ti, [&](const BlockTask& next) {
+          const int64_t n1 = next.block * kColsPerTask, cols1 = std::min(kColsPerTask, I - n1);
+          lora->prefetch(L::GateB, next.expert, n1, cols1, 0, r);
+          lora->prefetch(L::UpB, next.expert, n1, cols1, 0, r);
+          lora->prefetch(L::DownA, next.expert, 0, r, n1, cols1);
+        });
         T* scratch = task_buffer<T>(kConvert, nrows * r * 2);
         bg = pack_lora(k_, *lora, L::GateB, e, n0, nrows, 0, r, false, kLoraA, scratch);
         bu = pack_lora(k_, *lora, L::UpB, e, n0, nrows, 0, r, false, kLoraB, scratch + nrows * r);
@@ -1216,11 +1222,10 @@ class Forward {
       if (lora && exact_lora)
         lora->prefetch(L::DownB, e, n0, nrows, 0, s_.r);  // read after the products on codes
       else if (lora) {
-        for (int64_t next = ti + 1; next <= ti + kLoraPrefetchTasks && next < static_cast<int64_t>(tasks.size());
-             ++next) {
-          const int64_t n1 = tasks[next].block * kColsPerTask;
-          lora->prefetch(L::DownB, tasks[next].expert, n1, std::min(kColsPerTask, H - n1), 0, s_.r);
-        }
+        for_tasks_ahead(tasks, ti, [&](const BlockTask& next) {
+          const int64_t n1 = next.block * kColsPerTask;
+          lora->prefetch(L::DownB, next.expert, n1, std::min(kColsPerTask, H - n1), 0, s_.r);
+        });
         bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
                        task_buffer<T>(kConvert, nrows * s_.r));
       }

@@ -141,6 +141,15 @@ struct Panels {  // B [N, K] (bf16 bits) and its activation panels from the tabl
   double at(int n, int kk) const { return n < N && kk < K ? value_of(b[size_t(n) * K + kk]) : 0.0; }
 };
 
+// A random prefetch hint over `base` for a GEMM's extras (kernels may ignore it; it must not change C).
+template <typename Act>
+static void draw_prefetch(ExtraProducts<Act>& extra, const void* base) {
+  extra.prefetch = static_cast<const char*>(base);
+  extra.prefetch_stride = 64 * rint_(1, 8);
+  extra.prefetch_rows = rint_(1, 20);
+  extra.prefetch_lines = rint_(1, 40);
+}
+
 template <typename Act>
 static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, bool accumulate, int extras,
                       bool specials) {
@@ -173,12 +182,8 @@ static void test_gemm(const Table<Act>& t, int m, int K, int N, int p0, int np, 
   }
   extra.lda = 3 * lda_e;
   extra.panel_stride = act_panel_elems(Ke);
-  if (rint_(0, 1)) {  // a prefetch of "the next block" (here W itself): a hint that must not change C
-    extra.prefetch = reinterpret_cast<const char*>(W.packed);
-    extra.prefetch_stride = 64 * rint_(1, 8);
-    extra.prefetch_rows = rint_(1, 20);
-    extra.prefetch_lines = rint_(1, 40);
-  }
+  // a prefetch of "the next block" (here W itself): a hint that must not change C
+  if (rint_(0, 1)) draw_prefetch(extra, W.packed);
   const int64_t ldc = np * 16 + rint_(0, 3);
   float* c = exact<float>(size_t(row_capacity(m)) * ldc);
   std::vector<float> c0(size_t(m) * ldc);
@@ -352,12 +357,8 @@ static void test_nn_batch_invariant(const Table<Act>& t, int N, int K, int col0,
   extra.K = Ke;
   extra.lda = EA.lda;
   extra.panel_stride = act_panel_elems(Ke);
-  if (rint_(0, 1)) {  // the backward's prefetch of the next block (here W's own panels): a hint only
-    extra.prefetch = reinterpret_cast<const char*>(W.nn().panels);
-    extra.prefetch_stride = 64 * rint_(1, 8);
-    extra.prefetch_rows = rint_(1, 20);
-    extra.prefetch_lines = rint_(1, 40);
-  }
+  // the backward's prefetch of the next block (here W's own panels): a hint only
+  if (rint_(0, 1)) draw_prefetch(extra, W.nn().panels);
   for (int e = 0; e < extras; ++e) {
     eb.push_back(new Panels<Act>(t.k, 16 * np, Ke));
     extra.b[e] = eb.back()->p;
