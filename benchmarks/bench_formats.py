@@ -7,8 +7,9 @@ weights stream from DRAM) and 512 (prefill), 2 threads.
   .venv/bin/python benchmarks/bench_formats.py [--qlens 1,512] [--threads 2] [--quick]
       [--methods AMXBF16_SFT,AMXINT8_SFT,int8_kgroup] [--baseline DIR] [--stat median|min]
 
-A method name with the suffix "+dot" (AMXINT8_SFT+dot, int8_kgroup+dot) is that int8 method with
-kt_ops.set_integer_dot(True): integer dot products at every row count, not only decode's.
+A method name with the suffix "+dot" (AMXINT8_SFT+dot, AMXINT4_SFT+dot, int8_kgroup+dot) is that
+int8 or 4-bit method with kt_ops.set_integer_dot(True): integer dot products at every row count, not
+only decode's.
 
 --baseline DIR times the same methods, weights and inputs with another build of kt_ops (DIR is a
 checkout with its extension built in place, e.g. the commit before a kernel change; it needs
@@ -47,11 +48,11 @@ from kt_ops.core.formats import SFT_METHOD_FORMATS, SFT_METHODS, WEIGHT_FORMATS
 INTEGER_DOT = "+dot"  # method-name suffix: set_integer_dot(True) for its calls
 
 # every SFT method, then the formats that no method name selects (by their format name), and the int8
-# method with integer dot products at every row count
+# and int4 methods with integer dot products at every row count
 METHODS = (
     SFT_METHODS
     + tuple(f for f in WEIGHT_FORMATS if f not in (SFT_METHOD_FORMATS[m] for m in SFT_METHODS))
-    + ("AMXINT8_SFT" + INTEGER_DOT,)
+    + ("AMXINT8_SFT" + INTEGER_DOT, "AMXINT4_SFT" + INTEGER_DOT)
 )
 
 

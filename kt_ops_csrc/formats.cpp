@@ -15,8 +15,10 @@ namespace {
 
 const DequantKernels& dequant_kernels() { return active_dequant_kernels(); }
 
-// int8 codes: integer dot products on quantized activations where the ISA has them.
-bool int8_products(WeightFormat format) { return is_int8(format) && dequant_kernels().gemm_nt_int8 != nullptr; }
+// Integer codes (int8, 4-bit): integer dot products on quantized activations where the ISA has them.
+bool integer_products(WeightFormat format) {
+  return is_integer_coded(format) && dequant_kernels().gemm_nt_int8 != nullptr;
+}
 
 // Round-to-nearest codes for [rows, groups, group_size] values. The 4-bit formats try a few clipping
 // ratios of the range per group and keep the one with the least squared error: with 16 levels,
@@ -138,11 +140,11 @@ QuantMatrix ExpertWeights::matrix(int64_t expert) const {
 }
 
 bool ExpertWeights::codes_path(int64_t m, bool integer_dot) const {
-  if (int8_products(format_)) return m <= kDirectQuantRows || integer_dot;
+  if (integer_products(format_)) return m <= kDirectQuantRows || integer_dot;
   return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && dequant_kernels().gemm_nt_codes != nullptr;
 }
 
-bool ExpertWeights::codes_quantized() const { return int8_products(format_); }
+bool ExpertWeights::codes_quantized() const { return integer_products(format_); }
 
 bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const {
   return dequant_kernels().quantize_rows(a_rows, m, cols_, activation_groups(), q, q8, step);
@@ -151,7 +153,7 @@ bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q,
 void ExpertWeights::gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m,
                                   int64_t p0, int64_t np, float* c) const {
   const DequantKernels& kernels = dequant_kernels();
-  if (int8_products(format_))
+  if (integer_products(format_))
     kernels.gemm_nt_int8(matrix(expert), a_rows, quantized, m, static_cast<int>(p0), static_cast<int>(np), c);
   else
     kernels.gemm_nt_codes(matrix(expert), a_rows, m, static_cast<int>(p0), static_cast<int>(np), c);

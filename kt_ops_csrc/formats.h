@@ -29,11 +29,12 @@ class ExpertWeights {
                 int64_t cols, int64_t groups);
 
   // Whether gemm_nt_codes takes m rows: a quantized format with a kernel for it and m <=
-  // kDirectQuantRows, or an int8 format at any m under integer_dot (runtime/cpu.h's setting, read
-  // once per call by the caller: another thread may change it meanwhile).
+  // kDirectQuantRows, or an integer-coded format (int8, 4-bit) at any m under integer_dot
+  // (runtime/cpu.h's setting, read once per call by the caller: another thread may change it
+  // meanwhile).
   bool codes_path(int64_t m, bool integer_dot) const;
-  // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the int8 formats' integer dot
-  // products, quant.h) rather than fp32 rows.
+  // Whether gemm_nt_codes multiplies rows quantized by quantize_rows (the integer-coded formats'
+  // integer dot products, quant.h) rather than fp32 rows.
   bool codes_quantized() const;
   // quant.h's quantize_rows for this matrix's K and activation groups: q, q8 [m][2 k_pairs(cols())],
   // step [m][activation_groups()].

@@ -802,15 +802,15 @@ inline const uint16_t* weight_panels(const ExpertWeights& w, int64_t e, int64_t 
 }
 
 // Whether an expert's `rows` rows take the products straight on the codes (quant.h): decode, where
-// dequantizing whole panels would cost more than the bandwidth it saves, and the int8 formats' rows
-// under integer_dot_enabled() (runtime/cpu.h).
+// dequantizing whole panels would cost more than the bandwidth it saves, and the integer-coded
+// formats' rows (int8, 4-bit) under integer_dot_enabled() (runtime/cpu.h).
 template <typename T>
 bool on_codes(const ExpertWeights& w, int64_t rows, bool integer_dot) {
   return std::is_same_v<T, float> && w.codes_path(rows, integer_dot);
 }
 
 // The input rows of the experts that on_codes takes, as the codes kernels read them: fp32 values and,
-// where the kernel multiplies quantized rows (int8), their quantization. Prepared once per row and
+// where the kernel multiplies quantized rows (integer codes), their quantization. Prepared once per row and
 // call: every (expert, column block) task of the expert reads them (22-32 tasks per expert of
 // DeepSeek-V2-Lite), which would otherwise convert and quantize the same rows each. An expert's rows
 // are consecutive slots; `shape` gives K and the groups (gate and up share them).

@@ -46,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_isa", &kt::set_isa, "Choose the kernel ISA by name ('auto', 'ref', 'avx2', ...)");
   module.def("get_isa", [] { return kt::isa_name(kt::current_isa()); });
   module.def("available_isas", &kt::available_isa_names);
-  module.def("set_integer_dot", &kt::set_integer_dot, "int8 formats: integer dot products at every row count");
+  module.def("set_integer_dot", &kt::set_integer_dot,
+             "int8 and 4-bit formats: integer dot products at every row count");
   module.def("get_integer_dot", &kt::integer_dot_enabled);
   module.def("known_isas", &kt::known_isa_names);
   module.def("cpu_features", &kt::cpu_feature_list);

@@ -14,7 +14,6 @@ from kt_testing import (
     GRAD_NAMES,
     LORA_NAMES,
     assert_rel_mae,
-    assert_tight,
     compare_with_reference,
     isa_rounds_activations,
     make_case,
@@ -23,6 +22,7 @@ from kt_testing import (
     run_reference,
 )
 
+# Every format here has integer codes (fp8: test_fp8.py): their few-row path takes integer dot products.
 QUANTIZED = ("int8", "int4", "int4_1", "int4_kgroup", "int4_1_kgroup", "int8_kgroup")
 METHODS = {
     "AMXBF16_SFT": "bf16",
@@ -37,33 +37,25 @@ METHODS = {
 def _compare_quantized(case, out, grads, experts):
     """unpack_experts gives the exact fp32 value of each code; the buffered kernels compute with it
     rounded to bf16 (2^-9 relative per weight), so outputs agree to ~1e-3, far below the
-    quantization error itself (1e-2 to 2e-1). The int8 formats' few-row path quantizes the
-    activations instead: their output and hidden-state gradient are held to that path's error
-    model (int8_error_bounds)."""
+    quantization error itself (1e-2 to 2e-1). The few-row path quantizes the activations instead:
+    the output and hidden-state gradient are held to the error model of both (integer_error_bounds)."""
     ref_out, ref_grads = run_reference(case)
-    int8 = experts.weight_format in INT8_FORMATS
-    if int8:
-        out_bound, dx_bound, rest = int8_error_bounds(case, experts)
-        assert_within_model("output", out, ref_out, out_bound)
-        assert_within_model("grad hidden_states", grads[0], ref_grads[0], dx_bound)
-    else:
-        assert_rel_mae("output", out, ref_out, 3e-3)
-    for name, g, rg in zip(GRAD_NAMES, grads, ref_grads):
-        if int8 and name == "hidden_states":
-            continue
-        # int8: the buffered path's bar plus the mean of the activation quantization's bound
-        extra = 1.1 * rest[name].mean().item() / max(rg.abs().mean().item(), 1e-30) if int8 else 0.0
+    out_bound, dx_bound, rest = integer_error_bounds(case, experts)
+    assert_within_model("output", out, ref_out, out_bound)
+    assert_within_model("grad hidden_states", grads[0], ref_grads[0], dx_bound)
+    for name, g, rg in zip(GRAD_NAMES[1:], grads[1:], ref_grads[1:]):
+        # the buffered path's bar plus the mean of the activation quantization's bound
+        extra = 1.1 * rest[name].mean().item() / max(rg.abs().mean().item(), 1e-30)
         assert_rel_mae(f"grad {name}", g, rg, 4e-3 + extra)
 
 
-# ---- error model of the int8 formats ------------------------------------------------------------
+# ---- error model of the integer formats ---------------------------------------------------------
 
-INT8_FORMATS = ("int8", "int8_kgroup")
 DIRECT_ROWS = 4  # kernels/quant.h kDirectQuantRows: experts with up to this many rows read the codes
 
 
 def _activation_groups(K, weight_groups):
-    """kernels/quant.h activation_groups: the K groups the int8 products quantize activations in, the
+    """kernels/quant.h activation_groups: the K groups the integer products quantize activations in, the
     weights' groups split into 64 k pairs (128 k) where they are longer and a multiple of it."""
     pairs = (K + 1) // 2 // weight_groups
     return (K + 1) // 2 // 64 if pairs > 64 and pairs % 64 == 0 else weight_groups
@@ -85,14 +77,14 @@ def _activation_steps(x, groups):
 
 
 def _direct_rows():
-    """Rows per expert up to which the int8 formats take integer dot products: DIRECT_ROWS, or every
+    """Rows per expert up to which the integer formats take integer dot products: DIRECT_ROWS, or every
     row where kt_ops.set_integer_dot(True) applies."""
     return float("inf") if kt_ops.get_integer_dot() else DIRECT_ROWS
 
 
-def int8_error_bounds(case, experts):
+def integer_error_bounds(case, experts):
     """Elementwise bounds on |kernel - reference on the dequantized weights| of the output and of
-    the gradient of the hidden states for the int8 formats, in float64 (first order in the errors).
+    the gradient of the hidden states for the integer formats, in float64 (first order in the errors).
     Each forward projection y = x . W^T of an expert is off by at most
       * sum_groups step / 2 * sum_(k in group) |W[n, k]|, step = max |x over the group| / 127, where
         the expert has at most _direct_rows() rows (integer dot products on activations quantized
@@ -174,7 +166,7 @@ def assert_within_model(name, got, ref, bound):
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     slack = 1e-5 * max(ref.abs().max().item(), 1e-3)
     excess = ((got - ref).abs() - 1.1 * bound - slack).max().item()
-    assert excess <= 0, f"{name}: error exceeds the int8 error model by {excess:.3e}"
+    assert excess <= 0, f"{name}: error exceeds the integer formats' error model by {excess:.3e}"
 
 
 def _dequantized_case(case, experts):
@@ -204,23 +196,16 @@ def test_kernel_matches_reference_on_dequantized_weights(isa, fmt, shape):
 @pytest.mark.parametrize("fmt", QUANTIZED)
 @pytest.mark.parametrize("T", [1, 2, 7])
 def test_few_row_path_on_codes(isa, fmt, T):
-    """Up to 4 rows per expert (decode) the kernels read the codes directly. The int8 formats use
-    integer dot products on quantized activations on every ISA: held to that error model, which
-    must also show (a few ulps of fp32 would mean the activations were not quantized). The 4-bit
-    formats on AVX2 apply the scales once per group in fp32: the exact dequantized weights to fp32
-    rounding."""
+    """Up to 4 rows per expert (decode) the kernels read the codes directly, with integer dot
+    products on quantized activations on every ISA: held to that error model, which must also show
+    (a few ulps of fp32 would mean the activations were not quantized)."""
     case = make_case(seed=T, T=T, E=3, k=1, H=65 if not fmt.endswith("kgroup") else 64, I=64, r=2)
     experts = kt_ops.pack_experts(case.gate, case.up, case.down, fmt, group_size=32)
     out, _ = run_ops(case, experts, with_grads=False)
     ref_case = _dequantized_case(case, experts)
     ref_out, _ = run_reference(ref_case, with_grads=False)
-    if fmt in INT8_FORMATS:
-        assert_within_model("output", out, ref_out, int8_error_bounds(ref_case, experts)[0])
-        assert (out - ref_out).abs().max() > 1e-5 * ref_out.abs().max()
-    elif kt_ops.get_isa() == "avx2":
-        assert_tight("output", out, ref_out, rtol=1e-4)  # gate, up and down all read the codes
-    else:  # bf16-rounded weights (2^-9 relative each); with 1-2 rows the mean is over few outputs
-        assert_rel_mae("output", out, ref_out, 5e-3)
+    assert_within_model("output", out, ref_out, integer_error_bounds(ref_case, experts)[0])
+    assert (out - ref_out).abs().max() > 1e-5 * ref_out.abs().max()
 
 
 @pytest.fixture
@@ -239,10 +224,10 @@ DOT_SHAPES = {"multi_task": (SHAPES["multi_task"], 32), "grouped": (SHAPES["grou
 DOT_SHAPES["tiles"] = (dict(T=40, E=2, k=2, H=256, I=384, r=2), 64)
 
 
-@pytest.mark.parametrize("fmt", INT8_FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZED)
 @pytest.mark.parametrize("shape", list(DOT_SHAPES))
 def test_integer_dot_at_every_row_count(isa, fmt, shape, integer_dot):
-    """set_integer_dot(True): the int8 formats take integer dot products for experts of any size (here
+    """set_integer_dot(True): the integer formats take integer dot products for experts of any size (here
     ~10-60 rows each), held to that path's error model, forward and backward."""
     dims, group_size = DOT_SHAPES[shape]
     if fmt.endswith("kgroup") and shape == "multi_task":
@@ -257,7 +242,7 @@ def test_integer_dot_at_every_row_count(isa, fmt, shape, integer_dot):
     _compare_quantized(_dequantized_case(case, experts), out, grads, experts)
 
 
-@pytest.mark.parametrize("fmt", INT8_FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZED)
 def test_integer_dot_has_the_same_bits_on_every_isa(fmt, integer_dot):
     """The integer sums are exact and the scales are applied in one order on every table (AMX tiles,
     real or emulated, AVX-512 VNNI, AVX2): without LoRA, whose expansions sum in each ISA's own

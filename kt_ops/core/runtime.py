@@ -1,5 +1,5 @@
 """The kernels' run-time settings: which ISA runs, how many threads the kt_ops pool has, and whether
-the int8 formats multiply by integer dot products."""
+the int8 and 4-bit formats multiply by integer dot products."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ def get_isa() -> str:
 
 
 def set_integer_dot(enabled: bool) -> None:
-    """Multiply the int8 weight formats ("int8", "int8_kgroup"; methods AMXINT8_SFT, ...) by integer
-    dot products at every row count, process-wide (default off; the environment variable
-    KT_OPS_INTEGER_DOT=1 turns it on at import). Each expert's input rows of the forward projections
-    are then quantized to int8 per row and 128 k (within the weights' K groups; step max|x| / 127), a
-    coarser rounding than bf16, and the weights are never dequantized into bf16 panels: a faster int8
-    forward (AMX-INT8 tiles, AVX-512 VNNI, or AVX2's 16-bit products). Decode (up to 4 rows per expert) takes
-    these products whatever the setting. The backward is unchanged. The error, and when it is worth
+    """Multiply the int8 and 4-bit weight formats ("int8", "int8_kgroup", "int4", "int4_1",
+    "int4_kgroup", "int4_1_kgroup"; methods AMXINT8_SFT, AMXINT4_SFT, ...) by integer dot products at
+    every row count, process-wide (default off; the environment variable KT_OPS_INTEGER_DOT=1 turns
+    it on at import). Each expert's input rows of the forward projections are then quantized to int8
+    per row and 128 k (within the weights' K groups; step max|x| / 127), a coarser rounding than bf16,
+    and the weights are never dequantized into bf16 panels (int8: AMX-INT8 tiles, AVX-512 VNNI, or
+    AVX2's 16-bit products; 4-bit: AVX-512 VNNI or AVX2). Decode (up to 4 rows per expert) takes these
+    products whatever the setting. The backward is unchanged. The error, and when it is worth
     it, is in benchmarks/RESULTS.md (bench_fp8.py --accuracy)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")

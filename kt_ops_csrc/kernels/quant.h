@@ -36,6 +36,8 @@ static constexpr bool has_zero_point(WeightFormat f) {
   return f == WeightFormat::Int4Zp || f == WeightFormat::Int4ZpKGroup;
 }
 static constexpr bool is_int8(WeightFormat f) { return f == WeightFormat::Int8 || f == WeightFormat::Int8KGroup; }
+// Integer codes (int8 or 4-bit): what gemm_nt_int8 multiplies as integers.
+static constexpr bool is_integer_coded(WeightFormat f) { return f != WeightFormat::Bf16 && f != WeightFormat::Fp8; }
 // One byte per weight (int8 codes or fp8 codes): 2 bytes per (row, k pair) slot.
 static constexpr bool is_byte_coded(WeightFormat f) { return is_int8(f) || f == WeightFormat::Fp8; }
 // Bytes of one k pair of a panel (16 rows x 2 weights): the unit of the codes' panel / pair order.
@@ -87,10 +89,15 @@ static constexpr int64_t weight_group_of(int64_t g, int64_t groups, int64_t weig
   return g / (groups / weight_groups);
 }
 // The scales of `panel`'s 16 rows (gemm.h's kPanelRows; gemm.h includes this header) for activation
-// group g of `groups` (symmetric formats).
-static inline void panel_scales(const QuantMatrix& w, int64_t panel, int64_t g, int64_t groups, float* out) {
-  const int64_t wg = weight_group_of(g, groups, w.groups);
-  for (int i = 0; i < 16; ++i) out[i] = w.scales[(panel * 16 + i) * w.groups + wg];
+// group g of `groups`, and, for a zero-point format, their mins into `mins`.
+static inline void panel_scales(const QuantMatrix& w, int64_t panel, int64_t g, int64_t groups, float* out,
+                                float* mins = nullptr) {
+  const int64_t wg = weight_group_of(g, groups, w.groups), width = has_zero_point(w.format) ? 2 : 1;
+  for (int i = 0; i < 16; ++i) {
+    const float* s = w.scales + ((panel * 16 + i) * w.groups + wg) * width;
+    out[i] = s[0];
+    if (mins != nullptr) mins[i] = s[1];
+  }
 }
 
 struct DequantKernels {
@@ -102,16 +109,19 @@ struct DequantKernels {
   // differently from the dequantized bf16 path (no bf16 rounding of w); an fp8 code is its exact
   // E4M3 value (offset 0). nullptr: not provided.
   void (*gemm_nt_codes)(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c);
-  // The same product for the int8 formats with integer dot products (decode's rows up to
-  // kDirectQuantRows, or every row under set_integer_dot; ExpertWeights::gemm_nt_codes makes the
-  // choice), on the rows' quantization by quantize_rows (below) in activation_groups(), done once
-  // per row by the caller rather than per call: `quantized`, or nullptr where quantize_rows returned
-  // false (the product then runs in fp32 on the codes, from a_rows, so that NaN and Inf propagate as
-  // on the other paths). Per activation group sum code * q is exact in int32 (chunks of at most
-  // kMaxPairsPerInt32 k pairs: 2 * 128 * 127 * 65536 < 2^31), and c += (float(acc) * weight_scale)
-  // * step, in group order, with no FMA: every ISA gives the same bits. Error against the fp32
-  // product of the exact dequantized weights: |c - x.w| <= sum_groups step / 2 * sum_(k in group)
-  // |w[n, k]| (+ fp32 rounding), over the activation groups. nullptr: not provided.
+  // The same product for the integer-coded formats (int8 and 4-bit) with integer dot products
+  // (decode's rows up to kDirectQuantRows, or every row under set_integer_dot; ExpertWeights::
+  // gemm_nt_codes makes the choice), on the rows' quantization by quantize_rows (below) in
+  // activation_groups(), done once per row by the caller rather than per call: `quantized`, or
+  // nullptr where quantize_rows returned false (the product then runs in fp32 on the codes, from
+  // a_rows, so that NaN and Inf propagate as on the other paths). Per activation group (in chunks of
+  // at most kMaxPairsPerInt32 k pairs) two exact int32 sums: acc = sum q * v, with v the int8 code,
+  // or a 4-bit code u as u - 8 (symmetric) or u (zero point; 2 * 128 * 127 * 65536 < 2^31), and,
+  // for a zero point, sum_q = sum q. Then, in group order with no FMA, so that every ISA gives the
+  // same bits, c += term * step with term = float(acc) * weight_scale (+ float(sum_q) * weight_min).
+  // Error against the fp32 product of the exact dequantized weights: |c - x.w| <= sum_groups
+  // step / 2 * sum_(k in group) |w[n, k]| (+ fp32 rounding), over the activation groups. nullptr:
+  // not provided.
   void (*gemm_nt_int8)(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
                        int np, float* c);
   // The activation quantization of gemm_nt_int8 for rows [0, m), per K group (`groups`:

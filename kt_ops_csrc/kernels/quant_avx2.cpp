@@ -296,9 +296,9 @@ void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m,
     }
 }
 
-// ---- int8 formats: integer dot products on quantized activations (quant.h, gemm_nt_int8) --------
+// ---- integer dot products on quantized activations (quant.h, gemm_nt_int8) ----------------------
 //
-// vpmaddwd on the codes sign-extended to 16 bits: one k pair of a panel is 16 rows x (even k, odd k)
+// vpmaddwd on the codes widened to 16 bits: one k pair of a panel is 16 rows x (even k, odd k)
 // bytes, and vpmaddwd against the broadcast activation pair (q[k], q[k+1]) sums exactly each row's
 // pair into one int32 lane, so the accumulators hold rows 0-7 and 8-15 with no lane folding. The
 // 8-bit vpmaddubsw would need the pair sums widened per k pair anyway (its int16 sums of two
@@ -354,8 +354,26 @@ bool quantize_rows_avx2(const float* const* a, int m, int64_t K, int64_t groups,
 
 namespace {
 
-inline __m256i load_codes16(const int8_t* codes) {
-  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+// One k pair's codes as 16-bit values in vpmaddwd's order: rows 0-7 in w0 and 8-15 in w1, each row's
+// (even k, odd k) in one 32-bit lane. int8 codes are sign-extended; a 4-bit code's two nibbles are
+// split into their rows' lanes, as u - 8 for the symmetric formats (the value gemm_nt_int8 sums).
+template <bool kNibbles>
+inline void code_words(const uint8_t* codes, int64_t kp, bool zero_point, __m256i& w0, __m256i& w1) {
+  if constexpr (kNibbles) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + kp * kPanelRows));
+    const __m128i low = _mm_set1_epi8(15);
+    const __m128i even = _mm_and_si128(bytes, low), odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(even, odd));
+    w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(even, odd));
+    if (!zero_point) {
+      w0 = _mm256_sub_epi16(w0, _mm256_set1_epi16(8));
+      w1 = _mm256_sub_epi16(w1, _mm256_set1_epi16(8));
+    }
+  } else {
+    const int8_t* pair = reinterpret_cast<const int8_t*>(codes) + kp * kPanelRows * 2;
+    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
+  }
 }
 
 inline __m256i broadcast_pair(const int16_t* q) {
@@ -364,22 +382,43 @@ inline __m256i broadcast_pair(const int16_t* q) {
   return _mm256_set1_epi32(pair);
 }
 
-// One panel, all K, MR rows (1..4) sharing each widened load of the codes.
-template <int MR>
-void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t groups,
-                int64_t panel, float* c, int ldc) {
+// sum q over k pairs [c0, c1) of a row
+inline int32_t activation_sum(const int16_t* q, int64_t c0, int64_t c1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t k = 2 * c0;
+  const int64_t k1 = 2 * c1;
+  for (; k + 16 <= k1; k += 16)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k)), ones));
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  int32_t sum = 0;
+  for (int32_t lane : lanes) sum += lane;
+  for (; k < k1; ++k) sum += q[k];
+  return sum;
+}
+
+// One panel, all K, MR rows (1..4) sharing each widened load of the codes. A zero-point format adds
+// float(sum q) * min per chunk (sums computed here: decode's rows are few).
+template <int MR, bool kNibbles>
+void integer_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t groups,
+                   int64_t panel, float* c, int ldc) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / groups;
-  const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + panel * Kp * kPanelRows * 2;
+  const bool zero_point = has_zero_point(w.format);
+  const uint8_t* codes = w.data + panel * Kp * code_bytes_per_pair(w.format);
   __m256 t[MR][2];
   for (int r = 0; r < MR; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
-  // per-row weights: every group's scales
-  __m256 s0 = _mm256_loadu_ps(w.scales + panel * kPanelRows), s1 = _mm256_loadu_ps(w.scales + panel * kPanelRows + 8);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, min0 = s0, min1 = s0;
   for (int64_t g = 0; g < groups; ++g) {
-    if (w.groups > 1) {
-      alignas(32) float scale[kPanelRows];
-      panel_scales(w, panel, g, groups, scale);
+    if (g == 0 || w.groups > 1) {  // per-row weights: every group's scales are the first's
+      alignas(32) float scale[kPanelRows], mins[kPanelRows];
+      panel_scales(w, panel, g, groups, scale, zero_point ? mins : nullptr);
       s0 = _mm256_load_ps(scale);
       s1 = _mm256_load_ps(scale + 8);
+      if (zero_point) {
+        min0 = _mm256_load_ps(mins);
+        min1 = _mm256_load_ps(mins + 8);
+      }
     }
     const int64_t g_end = (g + 1) * pairs_per_group;
     for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32) {
@@ -387,9 +426,9 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
       __m256i acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int64_t kp = c0; kp < c1; ++kp) {
-        prefetch_codes(reinterpret_cast<const uint8_t*>(codes + kp * kPanelRows * 2), kp, 2 * kPanelRows);
-        const __m256i w0 = load_codes16(codes + kp * kPanelRows * 2);
-        const __m256i w1 = load_codes16(codes + kp * kPanelRows * 2 + 16);
+        prefetch_codes(codes + kp * code_bytes_per_pair(w.format), kp, code_bytes_per_pair(w.format));
+        __m256i w0, w1;
+        code_words<kNibbles>(codes, kp, zero_point, w0, w1);
         for (int r = 0; r < MR; ++r) {
           const __m256i x = broadcast_pair(q + r * q_stride + 2 * kp);
           acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, x));
@@ -397,9 +436,16 @@ void int8_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const 
         }
       }
       for (int r = 0; r < MR; ++r) {
+        __m256 term0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0);
+        __m256 term1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1);
+        if (zero_point) {
+          const __m256 sum_q = _mm256_set1_ps(static_cast<float>(activation_sum(q + r * q_stride, c0, c1)));
+          term0 = _mm256_add_ps(term0, _mm256_mul_ps(sum_q, min0));
+          term1 = _mm256_add_ps(term1, _mm256_mul_ps(sum_q, min1));
+        }
         const __m256 st = _mm256_set1_ps(step[r * groups + g]);
-        t[r][0] = _mm256_add_ps(t[r][0], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), st));
-        t[r][1] = _mm256_add_ps(t[r][1], _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), st));
+        t[r][0] = _mm256_add_ps(t[r][0], _mm256_mul_ps(term0, st));
+        t[r][1] = _mm256_add_ps(t[r][1], _mm256_mul_ps(term1, st));
       }
     }
   }
@@ -416,8 +462,9 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, const Q
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
-      int8_panel<rows()>(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * quantized->groups,
-                         quantized->groups, p0 + p, c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
+      const auto panel = is_int8(w.format) ? integer_panel<rows(), false> : integer_panel<rows(), true>;
+      panel(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * quantized->groups, quantized->groups, p0 + p,
+            c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
 

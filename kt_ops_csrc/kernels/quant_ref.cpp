@@ -85,11 +85,20 @@ bool quantize_rows_ref(const float* const* a, int m, int64_t K, int64_t groups, 
   return true;
 }
 
+// An integer code's value in the integer products: the int8 code, a symmetric 4-bit code u as u - 8,
+// a zero-point one as u (its min applies apart, to sum q).
+inline int32_t integer_code(const QuantMatrix& w, int64_t pair_row, int i, int h) {
+  if (is_int8(w.format)) return reinterpret_cast<const int8_t*>(w.data)[(pair_row * kPanelRows + i) * 2 + h];
+  const uint8_t byte = w.data[pair_row * kPanelRows + i];
+  const int32_t u = h ? byte >> 4 : byte & 15;
+  return has_zero_point(w.format) ? u : u - 8;
+}
+
 void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const QuantizedRows* quantized, int m, int p0,
                       int np, float* c) {
   if (quantized == nullptr) return gemm_nt_f32_ref(w, a_rows, m, p0, np, c);
   const int64_t K = w.K, Kp = k_pairs(K), groups = quantized->groups, pairs_per_group = Kp / groups;
-  const int8_t* data = reinterpret_cast<const int8_t*>(w.data);
+  const bool zero_point = has_zero_point(w.format);
   const int ldc = np * kPanelRows;
   for (int r = 0; r < m; ++r) {
     const int16_t* q = quantized->q + r * 2 * Kp;
@@ -99,13 +108,17 @@ void gemm_nt_int8_ref(const QuantMatrix& w, const float* const* a_rows, const Qu
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t c0 = g * pairs_per_group; c0 < (g + 1) * pairs_per_group; c0 += kMaxPairsPerInt32) {
           const int64_t c1 = std::min((g + 1) * pairs_per_group, c0 + kMaxPairsPerInt32);
-          int32_t acc = 0;
-          for (int64_t kp = c0; kp < c1; ++kp) {
-            const int8_t* code = data + ((panel * Kp + kp) * kPanelRows + i) * 2;
-            acc += code[0] * q[2 * kp] + code[1] * q[2 * kp + 1];
-          }
-          const float scale = w.scales[n * w.groups + weight_group_of(g, groups, w.groups)];
-          total = total + (static_cast<float>(acc) * scale) * quantized->step[r * groups + g];
+          int32_t acc = 0, sum_q = 0;
+          for (int64_t kp = c0; kp < c1; ++kp)
+            for (int h = 0; h < 2; ++h) {
+              acc += integer_code(w, panel * Kp + kp, static_cast<int>(i), h) * q[2 * kp + h];
+              sum_q += q[2 * kp + h];
+            }
+          const int64_t wg = weight_group_of(g, groups, w.groups);
+          const float* s = w.scales + (n * w.groups + wg) * (zero_point ? 2 : 1);
+          float term = static_cast<float>(acc) * s[0];
+          if (zero_point) term = term + static_cast<float>(sum_q) * s[1];
+          total = total + term * quantized->step[r * groups + g];
         }
       c[int64_t(r) * ldc + j] = total;
     }

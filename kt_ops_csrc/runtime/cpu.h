@@ -31,11 +31,11 @@ void set_isa(const std::string& name);  // throws c10::ValueError with the reaso
 Isa current_isa();
 std::string isa_name(Isa isa);
 
-// Integer dot products for the int8 formats at every row count (opt-in, process-wide; off by
-// default): each expert's rows are quantized to int8 per row and 128 k (quant.h activation_groups),
-// a coarser rounding than bf16 (quant.h, gemm_nt_int8, bounds the error), in exchange for not
-// dequantizing the weights into bf16 panels. Up to kDirectQuantRows rows per expert (decode) the int8 formats take
-// these products whatever the setting.
+// Integer dot products for the integer-coded formats (int8, 4-bit) at every row count (opt-in,
+// process-wide; off by default): each expert's rows are quantized to int8 per row and 128 k
+// (quant.h activation_groups), a coarser rounding than bf16 (quant.h, gemm_nt_int8, bounds the
+// error), in exchange for not dequantizing the weights into bf16 panels. Up to kDirectQuantRows rows
+// per expert (decode) these formats take these products whatever the setting.
 void set_integer_dot(bool enabled);
 bool integer_dot_enabled();
 

@@ -1,6 +1,6 @@
-// Kernel-level check of the int8 integer dot products (DequantKernels::quantize_rows and gemm_nt_int8,
-// kernels/quant.h): every table must give the reference's bits, and the reference must meet the activation
-// quantization bound against float64 sums over the exact dequantized weights:
+// Kernel-level check of the integer dot products on int8 and 4-bit codes (DequantKernels::quantize_rows
+// and gemm_nt_int8, kernels/quant.h): every table must give the reference's bits, and the reference must meet the
+// activation quantization bound against float64 sums over the exact dequantized weights:
 //   |c - x.w| <= sum_groups step / 2 * sum_(k in group) |w| + 1e-5 sum |x w|  (the activations' groups).
 // Random and edge shapes (odd K, K groups, 1-40 rows, panel subsets, codes -128 and 127, negative
 // and zero scales), a K long enough to need two int32 chunks, NaN / Inf / tiny rows (fp32 fallback).
@@ -60,19 +60,26 @@ struct Int8Matrix {
     std::free(scales);
   }
   QuantMatrix view(WeightFormat f) const { return {f, reinterpret_cast<const uint8_t*>(codes), scales, K, groups}; }
-  double w(int n, int k) const {
-    if (n >= N || k >= K) return 0.0;
-    const int64_t g = k / (2 * (k_pairs(K) / groups));
-    return double(codes[((n / 16 * k_pairs(K) + k / 2) * 16 + n % 16) * 2 + k % 2]) * scales[n * groups + g];
-  }
 };
 
 enum class Rows { Normal, Extreme, Specials };
 
-static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t groups, int p0, int np, Rows kind) {
-  const WeightFormat f = groups > 1 ? WeightFormat::Int8KGroup : WeightFormat::Int8;
-  const int64_t act_groups = activation_groups(k_pairs(K), groups);  // the activations' K groups
-  Int8Matrix W(N, K, groups, kind == Rows::Extreme);
+// gemm_nt_int8 of every table on `w` ([N, K] codes of an integer format): the reference's bits, and
+// within the activation quantization bound of float64 sums over the exact dequantized weights.
+static void test_integer(const std::vector<Table>& tables, const QuantMatrix& w, int m, int N, int p0, int np,
+                         Rows kind) {
+  const int K = static_cast<int>(w.K);
+  const int64_t groups = w.groups, act_groups = activation_groups(k_pairs(K), groups);  // the activations' K groups
+  std::vector<float> exact_w(size_t(N) * K);
+  dequant_f32(w, N, exact_w.data());
+  // The 4-bit formats' terms add sum q * offset to sum q * u * scale per chunk: fp32 rounding of
+  // those terms scales with |x| (15 |scale| + |offset|), not with |x w|.
+  const bool nibbles = !is_int8(w.format), zero_point = has_zero_point(w.format);
+  const int64_t width = zero_point ? 2 : 1, weight_group_k = 2 * (k_pairs(K) / groups);
+  const auto nibble_magnitude = [&](int n, int k) {
+    const float* sc = w.scales + (int64_t(n) * groups + k / weight_group_k) * width;
+    return 15.0 * std::fabs(sc[0]) + (zero_point ? std::fabs(sc[1]) : 8.0 * std::fabs(sc[0]));
+  };
   std::vector<float*> rows(m);
   for (int i = 0; i < m; ++i) {
     rows[i] = static_cast<float*>(std::malloc(sizeof(float) * K));  // exact K: no read of the padding k
@@ -87,8 +94,8 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
   }
   const int ldc = np * 16;
   char ctx[160];
-  std::snprintf(ctx, sizeof ctx, "m=%d N=%d K=%d groups=%ld (activations %ld) p0=%d np=%d kind=%d", m, N, K,
-                long(groups), long(act_groups), p0, np, int(kind));
+  std::snprintf(ctx, sizeof ctx, "%s m=%d N=%d K=%d groups=%ld (activations %ld) p0=%d np=%d kind=%d",
+                weight_format_name(w.format), m, N, K, long(groups), long(act_groups), p0, np, int(kind));
   std::vector<float> ref(size_t(m) * ldc);
   for (size_t t = 0; t < tables.size(); ++t) {
     float* c = static_cast<float*>(std::malloc(sizeof(float) * m * ldc));  // exact size
@@ -99,7 +106,7 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
     std::vector<float> step(size_t(m) * act_groups);
     const QuantizedRows quantized{q.data(), q8.data(), step.data(), act_groups};
     const bool usable = tables[t].k->quantize_rows(rows.data(), m, K, act_groups, q.data(), q8.data(), step.data());
-    tables[t].k->gemm_nt_int8(W.view(f), rows.data(), usable ? &quantized : nullptr, m, p0, np, c);
+    tables[t].k->gemm_nt_int8(w, rows.data(), usable ? &quantized : nullptr, m, p0, np, c);
     const char* name = tables[t].name.c_str();
     if (t == 0) std::memcpy(ref.data(), c, sizeof(float) * m * ldc);
     // Calls with NaN / Inf rows run in fp32, whose summation order is each table's own.
@@ -116,16 +123,21 @@ static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t 
         for (int64_t g = 0; g < act_groups; ++g) {
           double absmax = 0, wsum = 0;
           for (int64_t k = g * group_k; k < std::min<int64_t>(K, (g + 1) * group_k); ++k) {
-            const double x = rows[i][k], w = W.w(n, k);
+            const double x = rows[i][k], wk = n < N ? exact_w[size_t(n) * K + k] : 0.0;
             special = special || !std::isfinite(x);
             absmax = std::max(absmax, std::fabs(x));
-            exact += x * w, sum_abs += std::fabs(x * w), wsum += std::fabs(w);
+            exact += x * wk, sum_abs += std::fabs(x * wk), wsum += std::fabs(wk);
+            if (nibbles && n < N) sum_abs += std::fabs(x) * nibble_magnitude(n, int(k));
           }
           bound += absmax / 127.0 / 2.0 * wsum;
         }
         const double got = c[size_t(i) * ldc + col];
         if (special) {
-          const bool ok = std::isnan(exact) ? std::isnan(got) : got == exact;
+          // The 4-bit codes kernels sum x * u and x apart (u = 0 times an Inf is NaN): a non-finite
+          // exact sum may come out as NaN instead of the infinity.
+          const bool ok = std::isnan(exact)                  ? std::isnan(got)
+                          : nibbles && !std::isfinite(exact) ? !std::isfinite(got)
+                                                             : got == exact;
           if (!ok && failures++ < 20)
             std::printf("FAIL %s NaN/Inf row %d col %d: got %g expected %g %s\n", name, i, col, got, exact, ctx);
           continue;
@@ -190,6 +202,27 @@ struct CodedMatrix {
   }
   QuantMatrix view() const { return {format, data.data(), scales.data(), K, groups}; }
 };
+
+// gemm_nt_int8 on int8 codes (the extreme kind: every code -128, scales 1).
+static void test(const std::vector<Table>& tables, int m, int N, int K, int64_t groups, int p0, int np, Rows kind) {
+  const Int8Matrix W(N, K, groups, kind == Rows::Extreme);
+  test_integer(tables, W.view(groups > 1 ? WeightFormat::Int8KGroup : WeightFormat::Int8), m, N, p0, np, kind);
+}
+
+// gemm_nt_int8 on 4-bit codes, with finite scales (zero now and then) and mins; the extreme kind has
+// only the codes 0 and 15.
+static void test_nibbles(const std::vector<Table>& tables, WeightFormat format, int m, int N, int K, int64_t groups,
+                         int p0, int np, Rows kind) {
+  CodedMatrix W(format, N, K, groups);
+  for (float& s : W.scales) s = s == 0.0f || rint_(0, 9) == 0 ? 0.0f : randn() * 0.01f;
+  if (kind == Rows::Extreme)
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k) {
+        uint8_t& byte = W.data[(n / 16 * k_pairs(K) + k / 2) * 16 + n % 16];
+        byte = uint8_t((byte & (0xF0 >> (4 * (k % 2)))) | ((rint_(0, 1) ? 15 : 0) << (4 * (k % 2))));
+      }
+  test_integer(tables, W.view(), m, N, p0, np, kind);
+}
 
 // Every table's dequantized panels must be the reference's bits; the reference's fp8 must equal the
 // E4M3 value times the scale rounded to bf16.
@@ -347,6 +380,19 @@ int main(int argc, char** argv) {
     test(tables, m, N, K, kind == 0 ? K / 64 : (kind == 1 || K % 256 ? 1 : K / 256), p0, np,
          it % 10 == 0 ? Rows::Specials : (it % 10 == 1 ? Rows::Extreme : Rows::Normal));
   }
+  // the 4-bit formats: decode's rows and (integer dot products at every row count) more; groups of
+  // whole 4-k-pair blocks (the vector reordering of the activations) and of any even length
+  const WeightFormat nibble_formats[] = {WeightFormat::Int4, WeightFormat::Int4Zp, WeightFormat::Int4KGroup,
+                                         WeightFormat::Int4ZpKGroup};
+  for (int it = 0; it < iters; ++it) {
+    const WeightFormat format = nibble_formats[it % 4];
+    const int m = rint_(1, it % 3 ? kDirectQuantRows : 20), N = rint_(1, 70);
+    const int group = rint_(0, 1) ? 2 * rint_(1, 64) : 32 << rint_(0, 2);
+    const int K = is_grouped(format) ? group * rint_(1, 5) : (rint_(0, 1) ? rint_(1, 300) : 128 * rint_(1, 4));
+    const int p0 = rint_(0, (N - 1) / 16), np = rint_(1, padded_rows(N) / 16 - p0);
+    test_nibbles(tables, format, m, N, K, is_grouped(format) ? K / group : 1, p0, np,
+                 it % 10 == 0 ? Rows::Specials : (it % 10 == 1 ? Rows::Extreme : Rows::Normal));
+  }
   const WeightFormat formats[] = {WeightFormat::Int8,   WeightFormat::Int8KGroup, WeightFormat::Int4,
                                   WeightFormat::Int4Zp, WeightFormat::Int4KGroup, WeightFormat::Int4ZpKGroup,
                                   WeightFormat::Fp8};
@@ -361,6 +407,11 @@ int main(int argc, char** argv) {
   test(tables, 3, 20, 2 * kMaxPairsPerInt32 + 3, 1, 1, 1, Rows::Normal);
   test(tables, 11, 20, 2 * kMaxPairsPerInt32 + 3, 1, 0, 2, Rows::Extreme);
   test(tables, 21, 40, 4 * kMaxPairsPerInt32, 1, 0, 3, Rows::Extreme);  // two chunks of whole tiles
+  for (WeightFormat format : nibble_formats)
+    if (!is_grouped(format)) {
+      test_nibbles(tables, format, 1, 16, 2 * kMaxPairsPerInt32 + 6, 1, 0, 1, Rows::Extreme);
+      test_nibbles(tables, format, 7, 20, 2 * kMaxPairsPerInt32 + 3, 1, 0, 2, Rows::Extreme);
+    }
   std::printf("%s: %d failures\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
 }
