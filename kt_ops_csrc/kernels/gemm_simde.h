@@ -89,6 +89,26 @@ static inline simde__m512bh kt_shim_cvtne2ps_pbh(simde__m512 a, simde__m512 b) {
 #define _mm512_cvtne2ps_pbh(a, b) kt_shim_cvtne2ps_pbh((a), (b))
 typedef uint16_t __mmask16;
 typedef uint32_t __mmask32;
+typedef uint64_t __mmask64;
+
+static inline simde__m512i kt_shim_maskz_loadu_epi8(uint64_t m, const void* p) {
+  uint8_t x[64];
+  const uint8_t* s = static_cast<const uint8_t*>(p);
+  for (int i = 0; i < 64; ++i) x[i] = (m >> i) & 1 ? s[i] : 0;  // masked bytes are not read
+  simde__m512i r;
+  std::memcpy(&r, x, 64);
+  return r;
+}
+#define _mm512_maskz_loadu_epi8(m, p) kt_shim_maskz_loadu_epi8((m), (p))
+
+static inline void kt_shim_mask_storeu_epi8(void* p, uint64_t m, simde__m512i v) {
+  uint8_t x[64];
+  std::memcpy(x, &v, 64);
+  uint8_t* d = static_cast<uint8_t*>(p);
+  for (int i = 0; i < 64; ++i)
+    if ((m >> i) & 1) d[i] = x[i];
+}
+#define _mm512_mask_storeu_epi8(p, m, v) kt_shim_mask_storeu_epi8((p), (m), (v))
 static inline simde__m512i kt_shim_shuffle_i64x2(simde__m512i a, simde__m512i b, int imm) {
   uint64_t x[8], y[8], r[8];
   std::memcpy(x, &a, 64);

@@ -25,7 +25,7 @@ echo "== native"
 
 g++ "${flags[@]}" "$here/quant_harness.cpp" "$k/quant_ref.cpp" "$k/quant_avx2.cpp" "$k/quant_avx512.cpp" \
   "$k/quant_avx512_vnni.cpp" "$k/gemm_amx_emu.cpp" "$k/gemm_amx.cpp" -o "$out/quant"
-echo "== quant: int8 integer dot products (AMX tiles emulated, and real where this CPU has AMX-INT8), dequantization, decode on the codes (ref; avx2 and avx512 where this CPU runs them)"
+echo "== quant: integer dot products on int8 and 4-bit codes (int8 AMX tiles emulated, and real where this CPU has AMX-INT8), dequantization, decode on the codes (ref; avx2 and avx512 where this CPU runs them)"
 "$out/quant" "$iters"
 
 if [ -f /usr/include/simde/x86/avx512.h ]; then
