@@ -398,17 +398,33 @@ inline int32_t activation_sum(const int16_t* q, int64_t c0, int64_t c1) {
   return sum;
 }
 
+// sum q per row and chunk (activation groups cut every kMaxPairsPerInt32 k pairs): [m][chunks].
+std::vector<int32_t> chunk_activation_sums(const int16_t* q, int m, int64_t Kp, int64_t groups, int64_t& chunks) {
+  const int64_t pairs_per_group = Kp / groups;
+  chunks = groups * ((pairs_per_group + kMaxPairsPerInt32 - 1) / kMaxPairsPerInt32);
+  std::vector<int32_t> sums(static_cast<size_t>(m) * chunks);
+  for (int r = 0; r < m; ++r) {
+    int64_t chunk = 0;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c0 = g * pairs_per_group; c0 < (g + 1) * pairs_per_group; c0 += kMaxPairsPerInt32)
+        sums[r * chunks + chunk++] =
+            activation_sum(q + r * 2 * Kp, c0, std::min((g + 1) * pairs_per_group, c0 + kMaxPairsPerInt32));
+  }
+  return sums;
+}
+
 // One panel, all K, MR rows (1..4) sharing each widened load of the codes. A zero-point format adds
-// float(sum q) * min per chunk (sums computed here: decode's rows are few).
+// float(sum q) * min per chunk: chunk_sums, `chunks` per row (nullptr for the other formats).
 template <int MR, bool kNibbles>
 void integer_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, const float* step, int64_t groups,
-                   int64_t panel, float* c, int ldc) {
+                   const int32_t* chunk_sums, int64_t chunks, int64_t panel, float* c, int ldc) {
   const int64_t Kp = k_pairs(w.K), pairs_per_group = Kp / groups;
   const bool zero_point = has_zero_point(w.format);
   const uint8_t* codes = w.data + panel * Kp * code_bytes_per_pair(w.format);
   __m256 t[MR][2];
   for (int r = 0; r < MR; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, min0 = s0, min1 = s0;
+  int64_t chunk = 0;
   for (int64_t g = 0; g < groups; ++g) {
     if (g == 0 || w.groups > 1) {  // per-row weights: every group's scales are the first's
       alignas(32) float scale[kPanelRows], mins[kPanelRows];
@@ -421,7 +437,7 @@ void integer_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, con
       }
     }
     const int64_t g_end = (g + 1) * pairs_per_group;
-    for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32) {
+    for (int64_t c0 = g * pairs_per_group; c0 < g_end; c0 += kMaxPairsPerInt32, ++chunk) {
       const int64_t c1 = std::min(g_end, c0 + kMaxPairsPerInt32);
       __m256i acc[MR][2];
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -439,7 +455,7 @@ void integer_panel(const QuantMatrix& w, const int16_t* q, int64_t q_stride, con
         __m256 term0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0);
         __m256 term1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1);
         if (zero_point) {
-          const __m256 sum_q = _mm256_set1_ps(static_cast<float>(activation_sum(q + r * q_stride, c0, c1)));
+          const __m256 sum_q = _mm256_set1_ps(static_cast<float>(chunk_sums[r * chunks + chunk]));
           term0 = _mm256_add_ps(term0, _mm256_mul_ps(sum_q, min0));
           term1 = _mm256_add_ps(term1, _mm256_mul_ps(sum_q, min1));
         }
@@ -460,10 +476,15 @@ void gemm_nt_int8_avx2(const QuantMatrix& w, const float* const* a_rows, const Q
   if (quantized == nullptr) return gemm_nt_codes_avx2(w, a_rows, m, p0, np, c);
   const int64_t Kp = k_pairs(w.K);
   const int ldc = np * kPanelRows;
+  int64_t chunks = 0;
+  const std::vector<int32_t> chunk_sums = has_zero_point(w.format)
+                                              ? chunk_activation_sums(quantized->q, m, Kp, quantized->groups, chunks)
+                                              : std::vector<int32_t>();
   for (int p = 0; p < np; ++p)
     for_row_blocks(m, [&](int i, auto rows) {
       const auto panel = is_int8(w.format) ? integer_panel<rows(), false> : integer_panel<rows(), true>;
-      panel(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * quantized->groups, quantized->groups, p0 + p,
+      panel(w, quantized->q + i * 2 * Kp, 2 * Kp, quantized->step + i * quantized->groups, quantized->groups,
+            chunk_sums.empty() ? nullptr : chunk_sums.data() + i * chunks, chunks, p0 + p,
             c + static_cast<int64_t>(i) * ldc + p * kPanelRows, ldc);
     });
 }
