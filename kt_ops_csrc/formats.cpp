@@ -9,6 +9,7 @@
 
 #include "kernels/gemm.h"
 #include "runtime/cpu.h"
+#include "runtime/thread_pool.h"
 
 namespace kt {
 namespace {
@@ -182,27 +183,39 @@ NnWeights ExpertWeights::nn_weights(int64_t expert) const {
 
 namespace {
 
-// [E, Np, K] -> [E, Np/16, Kp, 16, 2] (odd K padded by one column): the panel / k-pair order of
-// every format.
-Tensor panel_order(const Tensor& t, int64_t E, int64_t Np, int64_t K) {
+// [E, Np, K] -> the view [E, Np/16, Kp, 16, 2] (odd K padded by one column): the panel / k-pair
+// order of every format.
+Tensor panel_view(const Tensor& t, int64_t E, int64_t Np, int64_t K) {
   const int64_t Kp = k_pairs(K);
   Tensor even = 2 * Kp != K ? at::constant_pad_nd(t, {0, 1}) : t;
-  return even.reshape({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4}).contiguous();
+  return even.reshape({E, Np / kPanelRows, kPanelRows, Kp, 2}).permute({0, 1, 3, 2, 4});
+}
+
+// A packed weight blob [E, bytes], uint8, to be filled. The layer keeps it for the process's life and
+// every op call streams it, so one of a huge page or more is on huge pages (map_pages).
+Tensor weight_blob(int64_t E, int64_t bytes) {
+  const size_t total = static_cast<size_t>(E) * static_cast<size_t>(bytes);
+  if (total < kHugePageBytes) return at::empty({E, bytes}, at::kByte);
+  void* pages = map_pages(total);
+  return at::from_blob(
+      pages, {E, bytes}, [total](void* p) { release_pages(p, total); }, at::TensorOptions().dtype(at::kByte));
 }
 
 // Codes [E, Np, K] (integer valued) as the format's byte blob [E, packed_bytes].
 Tensor codes_to_blob(const Tensor& codes, WeightFormat format, int64_t E, int64_t N, int64_t K) {
-  Tensor panels = panel_order(codes, E, padded_rows(N), K);
-  Tensor packed;
+  const int64_t Np = padded_rows(N), Kp = k_pairs(K);
+  Tensor blob = weight_blob(E, packed_bytes(format, N, K));
+  Tensor panels = panel_view(codes, E, Np, K);
   if (is_int8(format)) {
-    packed = panels.to(at::kChar).view(at::kByte);
+    blob.view(at::kChar).view(panels.sizes()).copy_(panels);
   } else if (format == WeightFormat::Fp8) {
-    packed = panels.to(at::kByte);
+    blob.view(panels.sizes()).copy_(panels);
   } else {
     Tensor nibbles = panels.to(at::kByte);  // [..., 16, 2]: even k in the low nibble
-    packed = nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)).contiguous();
+    blob.view({E, Np / kPanelRows, Kp, kPanelRows})
+        .copy_(nibbles.select(-1, 0).bitwise_or(nibbles.select(-1, 1).bitwise_left_shift(4)));
   }
-  return packed.reshape({E, packed_bytes(format, N, K)});
+  return blob;
 }
 
 }  // namespace
@@ -226,9 +239,10 @@ std::tuple<Tensor, Tensor> pack_weights(const Tensor& weight, c10::string_view w
   }
   const int64_t Np = padded_rows(N);
   if (format == WeightFormat::Bf16) {
-    Tensor packed = panel_order(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N}), E, Np, K);
-    return {packed.view(at::kByte).view({E, packed_bytes(format, N, K)}),
-            at::empty({0}, weight.options().dtype(at::kFloat))};
+    Tensor panels = panel_view(at::constant_pad_nd(weight.to(at::kBFloat16), {0, 0, 0, Np - N}), E, Np, K);
+    Tensor blob = weight_blob(E, packed_bytes(format, N, K));
+    blob.view(at::kBFloat16).view(panels.sizes()).copy_(panels);
+    return {blob, at::empty({0}, weight.options().dtype(at::kFloat))};
   }
   // Statistics over the real columns only; padded rows get zero scales (they dequantize to zero).
   // One expert at a time bounds the fp32 working copy to one expert's matrix.

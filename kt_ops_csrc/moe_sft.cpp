@@ -235,6 +235,9 @@ class ReusedBuffer {
     if (best < blocks.size()) {
       block_ = std::move(blocks[best]);
       blocks.erase(blocks.begin() + best);
+    } else if (size * sizeof(T) >= kHugePageBytes) {
+      // The large ones (activation rows, pre-activations, gradients the kernels stream) on huge pages.
+      block_ = {Storage(static_cast<T*>(map_pages(size * sizeof(T))), Release{size * sizeof(T)}), size};
     } else {
       // Uninitialized (no zero fill) and cache-line aligned: the kernels' 32- and 64-byte row loads
       // would otherwise straddle two lines every other load (operator new aligns to 16 bytes only).
@@ -260,10 +263,16 @@ class ReusedBuffer {
 
  private:
   static constexpr size_t kAlignment = 64;
-  struct AlignedDelete {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlignment}); }
+  struct Release {
+    size_t mapped_bytes = 0;  // map_pages' bytes; 0: operator new
+    void operator()(T* p) const {
+      if (mapped_bytes > 0)
+        release_pages(p, mapped_bytes);
+      else
+        ::operator delete[](p, std::align_val_t{kAlignment});
+    }
   };
-  using Storage = std::unique_ptr<T[], AlignedDelete>;
+  using Storage = std::unique_ptr<T[], Release>;
   struct Block {
     Storage data;
     size_t capacity = 0;

@@ -1,5 +1,4 @@
 // The op schemas (defined once, here), their CPU kernels, and the small runtime module.
-#include <sys/mman.h>
 #include <torch/extension.h>
 
 #include "formats.h"
@@ -84,7 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         const size_t bytes = t.nbytes();
         if (bytes == 0) return t.clone();
         void* copy = kt::first_touch_copy(t.data_ptr(), bytes);
-        return at::from_blob(copy, t.sizes(), [bytes](void* p) { munmap(p, bytes); }, t.options());
+        return at::from_blob(copy, t.sizes(), [bytes](void* p) { kt::release_pages(p, bytes); }, t.options());
       },
       py::call_guard<py::gil_scoped_release>(),
       "A copy of the tensor in fresh pages first written by the calling thread's pool (NUMA first touch)");

@@ -4,6 +4,7 @@ bf16, packing round trips, the saved pre-quantized form and bad input."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 
 import pytest
@@ -386,6 +387,41 @@ def test_packing_is_deterministic_and_compact(fmt):
     scales = sum(t.numel() * 4 for t in (a.gate_scale, a.up_scale, a.down_scale) if t is not None)
     assert a.nbytes() - scales == raw  # H, I multiples of 16: no padding
     assert a.nbytes() <= 1.05 * raw + scales
+
+
+def vm_flags(address: int) -> list:
+    """The VmFlags of this process's mapping that holds `address`."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="the kernel has no transparent huge pages"
+)
+@pytest.mark.parametrize("fmt", ("bf16", "int8", "int4_kgroup"))
+def test_large_blobs_are_on_huge_page_aligned_advised_pages(fmt):
+    """Every op call streams the weights: a blob of 2 MiB or more starts on a 2 MiB boundary and its
+    mapping is advised for transparent huge pages ("hg"), whatever torch's allocator does."""
+    gen = torch.Generator().manual_seed(1)
+    E, N, K = 8, 512, 1024  # bf16 8 MiB, int8 4 MiB, int4 2 MiB per matrix
+    w = torch.randn(E, N, K, generator=gen) * 0.05
+    blob, scales = torch.ops.kt.pack_weights(w, fmt, 64)
+    assert blob.data_ptr() % (2 << 20) == 0 and "hg" in vm_flags(blob.data_ptr())
+    unpacked = torch.ops.kt.unpack_weights(blob, scales if fmt != "bf16" else None, fmt, N, K)
+    if fmt == "bf16":
+        assert torch.equal(unpacked, w.to(torch.bfloat16))
+    else:  # the codes' values: what a blob in ordinary memory unpacks to
+        small, small_scales = torch.ops.kt.pack_weights(w[:1].contiguous(), fmt, 64)  # 1/8 of it: under 2 MiB
+        assert torch.equal(unpacked[:1], torch.ops.kt.unpack_weights(small, small_scales, fmt, N, K))
+    del blob, unpacked  # released with its tensor (munmap)
 
 
 @pytest.mark.parametrize("fmt", ("bf16",) + QUANTIZED)

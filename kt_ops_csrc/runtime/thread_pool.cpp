@@ -394,11 +394,29 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   if (error) std::rethrow_exception(error);
 }
 
+void* map_pages(size_t bytes) {
+  if (bytes == 0) throw std::invalid_argument("map_pages: no bytes");
+  // Over-map by a huge page and trim both ends: what stays starts on a 2 MiB boundary.
+  const size_t span = bytes + kHugePageBytes;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) throw std::bad_alloc();
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t end = aligned + (bytes + page - 1) / page * page;
+  if (aligned > start) munmap(raw, aligned - start);
+  if (start + span > end) munmap(reinterpret_cast<void*>(end), start + span - end);
+  void* pages = reinterpret_cast<void*>(aligned);
+  madvise(pages, bytes, MADV_HUGEPAGE);  // EINVAL where THP is not built in: 4 KiB pages then
+  return pages;
+}
+
+void release_pages(void* pages, size_t bytes) { munmap(pages, bytes); }
+
 void* first_touch_copy(const void* src, size_t bytes) {
   if (bytes == 0) throw std::invalid_argument("first_touch_copy: nothing to copy");
-  void* dst = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (dst == MAP_FAILED) throw std::bad_alloc();
-  constexpr size_t kChunk = size_t{2} << 20;  // a huge page per task
+  void* dst = map_pages(bytes);
+  constexpr size_t kChunk = kHugePageBytes;  // a huge page per task
   const int64_t tasks = static_cast<int64_t>((bytes + kChunk - 1) / kChunk);
   try {
     ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
@@ -407,7 +425,7 @@ void* first_touch_copy(const void* src, size_t bytes) {
                   std::min(kChunk, bytes - offset));
     });
   } catch (...) {
-    munmap(dst, bytes);
+    release_pages(dst, bytes);
     throw;
   }
   return dst;
