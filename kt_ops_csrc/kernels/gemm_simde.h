@@ -24,24 +24,32 @@ static inline float kt_shim_reduce_add_ps(simde__m512 v) {
 }
 #define _mm512_reduce_add_ps(v) kt_shim_reduce_add_ps(v)
 
-static inline simde__m512 kt_shim_maskz_loadu_ps(uint16_t m, const void* p) {
-  float f[16];
-  const float* s = static_cast<const float*>(p);
-  for (int i = 0; i < 16; ++i) f[i] = (m >> i) & 1 ? s[i] : 0.0f;  // masked lanes are not read
-  simde__m512 r;
-  std::memcpy(&r, f, 64);
+// Masked loads and stores of a vector of N Elem: bit i of m selects lane i. A load zeroes the other
+// lanes and does not read them; a store leaves their memory as it is.
+template <typename Elem, int N, typename Vec>
+static inline Vec kt_shim_maskz_loadu(uint64_t m, const void* p) {
+  Elem x[N];
+  const Elem* s = static_cast<const Elem*>(p);
+  for (int i = 0; i < N; ++i) x[i] = (m >> i) & 1 ? s[i] : Elem(0);
+  Vec r;
+  std::memcpy(&r, x, sizeof(r));
   return r;
 }
-#define _mm512_maskz_loadu_ps(m, p) kt_shim_maskz_loadu_ps((m), (p))
 
-static inline void kt_shim_mask_storeu_ps(void* p, uint16_t m, simde__m512 v) {
-  float f[16];
-  std::memcpy(f, &v, 64);
-  float* d = static_cast<float*>(p);
-  for (int i = 0; i < 16; ++i)
-    if ((m >> i) & 1) d[i] = f[i];
+template <typename Elem, int N, typename Vec>
+static inline void kt_shim_mask_storeu(void* p, uint64_t m, Vec v) {
+  Elem x[N];
+  std::memcpy(x, &v, sizeof(x));
+  Elem* d = static_cast<Elem*>(p);
+  for (int i = 0; i < N; ++i)
+    if ((m >> i) & 1) d[i] = x[i];
 }
-#define _mm512_mask_storeu_ps(p, m, v) kt_shim_mask_storeu_ps((p), (m), (v))
+#define _mm512_maskz_loadu_ps(m, p) kt_shim_maskz_loadu<float, 16, simde__m512>((m), (p))
+#define _mm512_mask_storeu_ps(p, m, v) kt_shim_mask_storeu<float, 16, simde__m512>((p), (m), (v))
+#define _mm256_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu<uint16_t, 16, simde__m256i>((p), (m), (v))
+#define _mm512_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu<uint16_t, 32, simde__m512i>((p), (m), (v))
+#define _mm512_maskz_loadu_epi8(m, p) kt_shim_maskz_loadu<uint8_t, 64, simde__m512i>((m), (p))
+#define _mm512_mask_storeu_epi8(p, m, v) kt_shim_mask_storeu<uint8_t, 64, simde__m512i>((p), (m), (v))
 
 static inline simde__m256i kt_shim_cvtepi32_epi16(simde__m512i v) {
   int32_t x[16];
@@ -53,24 +61,6 @@ static inline simde__m256i kt_shim_cvtepi32_epi16(simde__m512i v) {
   return r;
 }
 #define _mm512_cvtepi32_epi16(v) kt_shim_cvtepi32_epi16(v)
-
-static inline void kt_shim_mask_storeu_epi16_256(void* p, uint16_t m, simde__m256i v) {
-  uint16_t x[16];
-  std::memcpy(x, &v, 32);
-  uint16_t* d = static_cast<uint16_t*>(p);
-  for (int i = 0; i < 16; ++i)
-    if ((m >> i) & 1) d[i] = x[i];
-}
-#define _mm256_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu_epi16_256((p), (m), (v))
-
-static inline void kt_shim_mask_storeu_epi16_512(void* p, uint32_t m, simde__m512i v) {
-  uint16_t x[32];
-  std::memcpy(x, &v, 64);
-  uint16_t* d = static_cast<uint16_t*>(p);
-  for (int i = 0; i < 32; ++i)
-    if ((m >> i) & 1) d[i] = x[i];
-}
-#define _mm512_mask_storeu_epi16(p, m, v) kt_shim_mask_storeu_epi16_512((p), (m), (v))
 
 // vcvtne2ps2bf16: round to nearest even, NaN -> quiet NaN (denormals: hardware flushes; ignored here).
 static inline simde__m512bh kt_shim_cvtne2ps_pbh(simde__m512 a, simde__m512 b) {
@@ -91,24 +81,6 @@ typedef uint16_t __mmask16;
 typedef uint32_t __mmask32;
 typedef uint64_t __mmask64;
 
-static inline simde__m512i kt_shim_maskz_loadu_epi8(uint64_t m, const void* p) {
-  uint8_t x[64];
-  const uint8_t* s = static_cast<const uint8_t*>(p);
-  for (int i = 0; i < 64; ++i) x[i] = (m >> i) & 1 ? s[i] : 0;  // masked bytes are not read
-  simde__m512i r;
-  std::memcpy(&r, x, 64);
-  return r;
-}
-#define _mm512_maskz_loadu_epi8(m, p) kt_shim_maskz_loadu_epi8((m), (p))
-
-static inline void kt_shim_mask_storeu_epi8(void* p, uint64_t m, simde__m512i v) {
-  uint8_t x[64];
-  std::memcpy(x, &v, 64);
-  uint8_t* d = static_cast<uint8_t*>(p);
-  for (int i = 0; i < 64; ++i)
-    if ((m >> i) & 1) d[i] = x[i];
-}
-#define _mm512_mask_storeu_epi8(p, m, v) kt_shim_mask_storeu_epi8((p), (m), (v))
 static inline simde__m512i kt_shim_shuffle_i64x2(simde__m512i a, simde__m512i b, int imm) {
   uint64_t x[8], y[8], r[8];
   std::memcpy(x, &a, 64);
