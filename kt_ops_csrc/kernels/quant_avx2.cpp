@@ -3,6 +3,7 @@
 // The standard headers come before the target pragma: their inline templates are shared with units
 // built for plain x86-64, so they must not be compiled for AVX2 here.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -51,29 +52,82 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
   return out;
 }
 
-// Eight E4M3 codes (one per int32 lane) as their exact fp32 values, as e4m3_value in quant.h does it,
-// by bit manipulation: a normal code's exponent and mantissa bits shifted into fp32's place with the
-// exponent bias moved from 7 to 127; subnormals (exponent 0) are mantissa * 2^-9; 0x7F is NaN.
-// Compared (benchmarks/bench_fp8.py --decode, Zen 3 under load; benchmarks/RESULTS.md) with a
-// vgatherdps from a 256-entry table (never faster) and with the code's bits taken as an fp16 widened
-// by F16C (faster in some runs, slower in others): no clear win, so this one path stays.
-inline __m256 e4m3_to_f32(__m256i code) {
-  const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7F));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
-  const __m256 normal =
-      _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32((127 - 7) << 23)));
-  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(0x1p-9f));
-  __m256 value =
-      _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude)));
-  value = _mm256_blendv_ps(value, _mm256_set1_ps(__builtin_nanf("")),
-                           _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F))));
-  return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
+// An E4M3 value is exact in fp32 with its low 16 bits zero: the code's value is its fp32 bytes 2
+// ("low": the exponent's low bit and the 3 mantissa bits) and 3 ("high": sign and the exponent's top
+// 7 bits). A normal code's two bytes come from its nibbles: high by a 16-entry vpshufb table on the
+// high nibble (sign and e / 2; the exponent e + 120 halved is 60 + e / 2), low is the low nibble
+// shifted up. Zeros, subnormals (exponent 0) and NaN (0x7F) break that rule; 32 codes holding one take
+// a per-code table instead (rare in real weights: a zero or subnormal code is a weight below 2^-6 of
+// its scale, 1/28672 of the largest code's). The per-code arithmetic this replaces (shifts, an int to
+// float conversion, two blends per 8 codes) made fp8 decode 3x slower than int8's; this is ~2x.
+struct E4m3Bytes {
+  __m256i low, high;  // in the codes' order
+};
+
+inline const uint16_t* e4m3_top_halves() {
+  static const auto table = [] {
+    std::array<uint16_t, 256> halves{};
+    for (int code = 0; code < 256; ++code) {
+      const float value = e4m3_value(static_cast<uint8_t>(code));
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof(bits));
+      halves[code] = static_cast<uint16_t>(bits >> 16);
+    }
+    return halves;
+  }();
+  return table.data();
+}
+
+// Out of line (and its loop kept out of the callers' registers: inlined, it made the decode loop keep
+// its accumulators on the stack, 12 cycles per k pair).
+__attribute__((noinline, cold)) void e4m3_bytes_per_code(const uint8_t* codes, uint8_t* low, uint8_t* high) {
+  const uint16_t* halves = e4m3_top_halves();
+  for (int i = 0; i < 32; ++i) {
+    low[i] = static_cast<uint8_t>(halves[codes[i]]);
+    high[i] = static_cast<uint8_t>(halves[codes[i]] >> 8);
+  }
+}
+
+// The exceptions by nibble: bit 0 of exception_high[hn] is set where e / 2 is 0 (with the high
+// nibble's sign bit ignored), bit 1 where it is 7; bit 0 of exception_low[ln] where the exponent's low
+// bit is 0 (e is 0 if e / 2 is too), bit 1 where ln is 0xF (all ones: NaN if e is 15). A code is an
+// exception iff the two share a bit, which one vptest finds for 32 codes.
+inline __m256i lane_table(const uint8_t (&entries)[16]) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(entries));
+  return _mm256_broadcastsi128_si256(t);
+}
+
+inline E4m3Bytes e4m3_bytes(__m256i code) {
+  static constexpr uint8_t top[16] = {0x3C, 0x3D, 0x3E, 0x3F, 0x40, 0x41, 0x42, 0x43,
+                                      0xBC, 0xBD, 0xBE, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3};
+  static constexpr uint8_t exception_high[16] = {1, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 2};
+  static constexpr uint8_t exception_low[16] = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 2};
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i low_nibble = _mm256_and_si256(code, nibble);
+  const __m256i high_nibble = _mm256_and_si256(_mm256_srli_epi16(code, 4), nibble);
+  if (!_mm256_testz_si256(_mm256_shuffle_epi8(lane_table(exception_high), high_nibble),
+                          _mm256_shuffle_epi8(lane_table(exception_low), low_nibble))) [[unlikely]] {
+    alignas(32) uint8_t codes[32], low[32], high[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes), code);
+    e4m3_bytes_per_code(codes, low, high);
+    return {_mm256_load_si256(reinterpret_cast<const __m256i*>(low)),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(high))};
+  }
+  return {_mm256_slli_epi16(low_nibble, 4), _mm256_shuffle_epi8(lane_table(top), high_nibble)};
 }
 
 // 32 E4M3 codes (one k pair of a panel: 16 rows x 2) as exact fp32 values, 8 consecutive per vector.
 inline void e4m3_quads(const uint8_t* codes, __m256 out[4]) {
-  for (int j = 0; j < 4; ++j)
-    out[j] = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j))));
+  // dwords reordered so that the in-lane byte and word interleaves give codes 8j..8j+7 in vector j
+  const E4m3Bytes bytes = e4m3_bytes(_mm256_permutevar8x32_epi32(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
+  const __m256i first = _mm256_unpacklo_epi8(bytes.low, bytes.high);
+  const __m256i second = _mm256_unpackhi_epi8(bytes.low, bytes.high);
+  const __m256i zero = _mm256_setzero_si256();
+  out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, first));
+  out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, first));
+  out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, second));
+  out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, second));
 }
 
 // The (panel, group) ranges of out whose scale or min is NaN on some row, dequantized again by
@@ -163,11 +217,6 @@ inline __m256 int8_quad(const int8_t* codes) {
 inline __m256 uint8_quad(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 inline PairCodes pair_codes(const QuantMatrix& w, int64_t pair_row, bool int8) {
-  if (w.format == WeightFormat::Fp8) {  // the exact E4M3 values, 2 bytes per row like int8
-    __m256 v[4];
-    e4m3_quads(w.data + pair_row * kPanelRows * 2, v);
-    return {v[0], v[1], v[2], v[3]};
-  }
   if (int8) {
     const int8_t* codes = reinterpret_cast<const int8_t*>(w.data) + pair_row * kPanelRows * 2;
     return {int8_quad(codes), int8_quad(codes + 8), int8_quad(codes + 16), int8_quad(codes + 24)};
@@ -208,16 +257,16 @@ inline __m256 fold_pairs(__m256 rows_0_3, __m256 rows_4_7) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(rows_0_3, rows_4_7)), 0xD8));
 }
 
-// One panel, all K, MR (1 or 2) rows. Per group each row-interleaved accumulator collects
-// x * code; it is then scaled (scale per row, duplicated over the lane pair) into the totals, and
-// offset * sum(x over the group) is added, with offset = 0 (int8, fp8), -8 scale (int4) or min (zero
+// One panel, all K, MR (1 or 2) rows, int8 or 4-bit codes. Per group each row-interleaved accumulator
+// collects x * code; it is then scaled (scale per row, duplicated over the lane pair) into the totals,
+// and offset * sum(x over the group) is added, with offset = 0 (int8), -8 scale (int4) or min (zero
 // point). Four independent accumulators per row keep the FMA latency off the critical path; the
 // lane pairs are folded once per panel.
 template <int MR>
 void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
   const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
   const bool int8 = is_int8(w.format), zero_point = has_zero_point(w.format);
-  const bool offset = !int8 && w.format != WeightFormat::Fp8;  // the 4-bit formats
+  const bool offset = !int8;  // the 4-bit formats
   const int64_t pair_bytes = code_bytes_per_pair(w.format);
   const float* a0 = a[0];
   const float* a1 = a[MR > 1 ? 1 : 0];
@@ -284,12 +333,79 @@ void codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, flo
   }
 }
 
+// codes_panel for fp8: the two fp32 bytes of a k pair's 32 values, byte-interleaved within each 128-bit
+// lane, are (even k, odd k) word pairs of rows 0-3 and 8-11 (first) and 4-7 and 12-15 (second); a
+// shift and a mask make them fp32 vectors of one k each, against a broadcast x[k]: two shuffles per k
+// pair where the stored (row, k)-interleaved order took eight. Per group the rows' scales are
+// gathered in that order; the row order is restored once per panel.
+template <int MR>
+void fp8_codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel, float* c, int ldc) {
+  const int64_t K = w.K, Kp = k_pairs(K), pairs_per_group = Kp / w.groups;
+  constexpr int64_t kPairBytes = kPanelRows * 2;
+  // lanes of `first`: rows 0-3 and 8-11; of `second`: rows 4-7 and 12-15
+  const __m256i first_rows = _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11);
+  const __m256i second_rows = _mm256_add_epi32(first_rows, _mm256_set1_epi32(4));
+  const __m256i row_stride = _mm256_set1_epi32(static_cast<int>(w.groups));
+  const float* x[MR];
+  __m256 total[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    x[r] = a[r];
+    total[r][0] = total[r][1] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t kp_begin = g * pairs_per_group, kp_end = kp_begin + pairs_per_group;
+    __m256 acc[MR][4];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
+    const uint8_t* const codes = w.data + panel * Kp * kPairBytes;
+    const auto pair_products = [&](int64_t kp, bool odd_k_real) {
+      const uint8_t* pair = codes + kp * kPairBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes),
+                   _MM_HINT_T0);  // each line twice: cheaper than a test
+      const E4m3Bytes bytes = e4m3_bytes(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair)));
+      const __m256i first = _mm256_unpacklo_epi8(bytes.low, bytes.high);
+      const __m256i second = _mm256_unpackhi_epi8(bytes.low, bytes.high);
+      const __m256 first_even = _mm256_castsi256_ps(_mm256_slli_epi32(first, 16));
+      const __m256 first_odd = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(first, 16), 16));
+      const __m256 second_even = _mm256_castsi256_ps(_mm256_slli_epi32(second, 16));
+      const __m256 second_odd = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(second, 16), 16));
+      for (int r = 0; r < MR; ++r) {
+        // the padding k of an odd K multiplies a zero, not what lies past the row
+        const __m256 x_even = _mm256_broadcast_ss(x[r] + 2 * kp);
+        const __m256 x_odd = odd_k_real ? _mm256_broadcast_ss(x[r] + 2 * kp + 1) : _mm256_setzero_ps();
+        acc[r][0] = _mm256_fmadd_ps(x_even, first_even, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x_odd, first_odd, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(x_even, second_even, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(x_odd, second_odd, acc[r][3]);
+      }
+    };
+    const int64_t whole_pairs_end = std::min(kp_end, K / 2);
+    int64_t kp = kp_begin;
+    for (; kp < whole_pairs_end; ++kp) pair_products(kp, true);
+    if (kp < kp_end) pair_products(kp, false);
+    const float* scales = w.scales + panel * kPanelRows * w.groups + g;
+    const __m256 first_scale = _mm256_i32gather_ps(scales, _mm256_mullo_epi32(first_rows, row_stride), 4);
+    const __m256 second_scale = _mm256_i32gather_ps(scales, _mm256_mullo_epi32(second_rows, row_stride), 4);
+    for (int r = 0; r < MR; ++r) {
+      total[r][0] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][0], acc[r][1]), first_scale, total[r][0]);
+      total[r][1] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][2], acc[r][3]), second_scale, total[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, _mm256_permute2f128_ps(total[r][0], total[r][1], 0x20));      // rows 0-7
+    _mm256_storeu_ps(c + r * ldc + 8, _mm256_permute2f128_ps(total[r][0], total[r][1], 0x31));  // rows 8-15
+  }
+}
+
 void gemm_nt_codes_avx2(const QuantMatrix& w, const float* const* a_rows, int m, int p0, int np, float* c) {
   const int ldc = np * kPanelRows;
   for (int p = 0; p < np; ++p)
     for (int i = 0; i < m; i += 2) {
       float* out = c + static_cast<int64_t>(i) * ldc + p * kPanelRows;
-      if (i + 1 < m)
+      if (w.format == WeightFormat::Fp8 && i + 1 < m)
+        fp8_codes_panel<2>(w, a_rows + i, p0 + p, out, ldc);
+      else if (w.format == WeightFormat::Fp8)
+        fp8_codes_panel<1>(w, a_rows + i, p0 + p, out, ldc);
+      else if (i + 1 < m)
         codes_panel<2>(w, a_rows + i, p0 + p, out, ldc);
       else
         codes_panel<1>(w, a_rows + i, p0 + p, out, ldc);
