@@ -499,13 +499,6 @@ void prefetch_columns(const ExpertWeights& w, int64_t e, int64_t k0, int64_t kc,
   extra.prefetch_lines = static_cast<int>(ceil_div(kc, 2));
 }
 
-inline float bf16_float(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &widened, sizeof(f));
-  return f;
-}
-
 // Rows of a [rows, n] tensor of T, bf16 or another float type (converted to T once), as activations
 // or as exact T values.
 template <typename T, typename Act>
@@ -539,7 +532,7 @@ class RowSource {
     if (values_) return values_ + row * n_ + c0;
     if (scratch == nullptr) return nullptr;
     const uint16_t* src = bf16_ + row * n_ + c0;
-    for (int64_t c = 0; c < count; ++c) scratch[c] = static_cast<T>(bf16_float(src[c]));
+    for (int64_t c = 0; c < count; ++c) scratch[c] = static_cast<T>(bf16_value(src[c]));
     return scratch;
   }
   const T* row_values(int64_t row, T* scratch) const { return segment(row, 0, n_, scratch); }
@@ -556,7 +549,7 @@ class RowSource {
   // Row `row` as its bf16 bits when the source is bf16, else nullptr.
   const uint16_t* bf16_row(int64_t row) const { return bf16_ ? bf16_ + row * n_ : nullptr; }
   T value(int64_t row, int64_t col) const {
-    return values_ ? values_[row * n_ + col] : static_cast<T>(bf16_float(bf16_[row * n_ + col]));
+    return values_ ? values_[row * n_ + col] : static_cast<T>(bf16_value(bf16_[row * n_ + col]));
   }
 
  private:
@@ -582,7 +575,7 @@ inline uint16_t round_bf16(float x) {
   return static_cast<uint16_t>(bits >> 16);
 }
 inline uint16_t bf16_lo(float x, uint16_t hi) {
-  const float rest = x - bf16_float(hi);
+  const float rest = x - bf16_value(hi);
   return std::isfinite(rest) ? round_bf16(rest) : uint16_t(0);
 }
 
@@ -1089,7 +1082,7 @@ class Forward {
           if constexpr (std::is_same_v<Act, float>) {
             std::copy_n(h, s_.I, dst);
           } else {
-            for (int64_t n = 0; n < s_.I; ++n) dst[n] = bf16_float(h[n]);
+            for (int64_t n = 0; n < s_.I; ++n) dst[n] = bf16_value(h[n]);
           }
         }
         codes_h_->quantize(down_w_, slot, m);

@@ -128,6 +128,13 @@ def test_ktconfig_defaults_environment_and_named_errors(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_KT_MAX_CACHE_DEPTH", "3")
     cfg = KTConfig()
     assert (cfg.kt_backend, cfg.kt_lora_rank, cfg.kt_lora_alpha, cfg.kt_max_cache_depth) == ("AMXBF16", 8, 16.0, 3)
+    # on/off variables read as kt_ops.environment_flag reads them, and a value it does not know is named
+    monkeypatch.setenv("ACCELERATE_KT_TP_ENABLED", "On")
+    assert KTConfig().kt_tp_enabled is True
+    monkeypatch.setenv("ACCELERATE_KT_TP_ENABLED", "maybe")
+    with pytest.raises(ValueError, match="ACCELERATE_KT_TP_ENABLED must be one of"):
+        KTConfig()
+    monkeypatch.delenv("ACCELERATE_KT_TP_ENABLED")
     assert KTConfig(kt_lora_rank=2).kt_lora_alpha == 4.0
     settings = KTConfig(kt_lora_rank=2, kt_tp_enabled=True, kt_threadpool_count=2).to_settings()
     assert (settings.lora_rank, settings.lora_alpha, settings.kt_threadpool_count) == (2, 4.0, 2)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
+from ..core.runtime import environment_flag
 from ..core.settings import KTSettings
 from .backend import (
     EXPERT_WEIGHT_FORMATS,
@@ -81,8 +82,7 @@ def _env_float(key: str, default):
 
 
 def _env_bool(key: str, default: bool) -> bool:
-    value = os.environ.get(key)
-    return default if value in (None, "") else value.lower() in ("1", "true", "yes")
+    return default if os.environ.get(key, "").strip() == "" else environment_flag(key)
 
 
 def _available_cpu_ids() -> set:

@@ -27,6 +27,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "quant.h"  // bf16_value
+
 namespace kt {
 namespace amx_emu {
 namespace {
@@ -110,13 +112,6 @@ void tile_stored(int t, void* base, long stride) {
     std::memcpy(dst + r * stride, t_tiles.data[t] + r * kMaxColsb, t_tiles.colsb[t]);
 }
 
-float bf16_bits_to_float(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &widened, sizeof(value));
-  return value;
-}
-
 // C[m][n] += sum over k pairs of A[m][k].lo * B[k][n].lo + A[m][k].hi * B[k][n].hi (fp32 C, bf16 A/B).
 void tile_dpbf16ps(int dst, int a, int b) {
   check_tile(dst);
@@ -137,12 +132,12 @@ void tile_dpbf16ps(int dst, int a, int b) {
     for (int k = 0; k < K; ++k) {
       uint16_t ap[2];
       std::memcpy(ap, ta + m * kMaxColsb + 4 * k, sizeof(ap));
-      const float a0 = bf16_bits_to_float(ap[0]), a1 = bf16_bits_to_float(ap[1]);
+      const float a0 = bf16_value(ap[0]), a1 = bf16_value(ap[1]);
       uint16_t bp[32];
       std::memcpy(bp, tb + k * kMaxColsb, 4 * N);
       for (int n = 0; n < N; ++n) {
-        c[n] += a0 * bf16_bits_to_float(bp[2 * n]);
-        c[n] += a1 * bf16_bits_to_float(bp[2 * n + 1]);
+        c[n] += a0 * bf16_value(bp[2 * n]);
+        c[n] += a1 * bf16_value(bp[2 * n + 1]);
       }
     }
     std::memcpy(tc + m * kMaxColsb, c, 4 * N);

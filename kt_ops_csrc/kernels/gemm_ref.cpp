@@ -18,8 +18,6 @@
 namespace kt {
 namespace {
 
-inline float bf16_to_float(uint16_t bits) { return bf16_value(bits); }
-
 template <typename T>
 void gemm_w_ref(const T* a, int64_t lda, int m, int K, const uint16_t* w, int64_t panel_stride, int np, T* c,
                 int64_t ldc, bool accumulate) {
@@ -30,7 +28,7 @@ void gemm_w_ref(const T* a, int64_t lda, int m, int K, const uint16_t* w, int64_
       for (int col = 0; col < kPanelRows; ++col) {
         T acc = accumulate ? c[i * ldc + p * kPanelRows + col] : T(0);
         for (int k = 0; k < K; ++k)
-          acc += row[k] * static_cast<T>(bf16_to_float(panel[(k / 2) * 2 * kPanelRows + col * 2 + (k & 1)]));
+          acc += row[k] * static_cast<T>(bf16_value(panel[(k / 2) * 2 * kPanelRows + col * 2 + (k & 1)]));
         c[i * ldc + p * kPanelRows + col] = acc;
       }
     }

@@ -17,6 +17,7 @@
 // scale (+ min) in fp32 with no fused multiply-add, rounded to bf16 to nearest even: every ISA produces the same bits.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace kt {
@@ -42,6 +43,14 @@ static constexpr bool is_integer_coded(WeightFormat f) { return f != WeightForma
 static constexpr bool is_byte_coded(WeightFormat f) { return is_int8(f) || f == WeightFormat::Fp8; }
 // Bytes of one k pair of a panel (16 rows x 2 weights): the unit of the codes' panel / pair order.
 static constexpr int64_t code_bytes_per_pair(WeightFormat f) { return is_byte_coded(f) ? 32 : 16; }
+
+// A bf16's value (its bits widened into fp32's upper half).
+static inline float bf16_value(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
 
 // The exact fp32 value of an E4M3 code (every one is exact in fp32; NaN for 0x7F and 0xFF).
 static inline float e4m3_value(uint8_t code) {
