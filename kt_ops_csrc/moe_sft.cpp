@@ -551,6 +551,49 @@ class RowSource {
   T value(int64_t row, int64_t col) const {
     return values_ ? values_[row * n_ + col] : static_cast<T>(bf16_value(bf16_[row * n_ + col]));
   }
+  // dst[c * rows + q] = value(row0 + q, c0 + c) for q < rows, c < count: a block of columns transposed.
+  // From bf16 into float, 8 x 8 blocks go through an SSE2 transpose of the 16-bit values, widened as
+  // they are stored: element by element (a strided store each) it took 1.5% of a qlen-128 forward with
+  // LoRA, a fifth of LoRA's cost there.
+  void transpose_columns(int64_t row0, int64_t rows, int64_t c0, int64_t count, T* dst) const {
+    int64_t q = 0;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m128i zero = _mm_setzero_si128();
+      for (; bf16_ != nullptr && q + 8 <= rows; q += 8) {
+        int64_t c = 0;
+        for (; c + 8 <= count; c += 8) {
+          __m128i v[8];
+          for (int i = 0; i < 8; ++i)
+            v[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bf16_ + (row0 + q + i) * n_ + c0 + c));
+          // rows i, i + 1 interleaved, then pairs, then quads: t[j] = column j of the 8 rows
+          __m128i a[8], b[8];
+          for (int i = 0; i < 4; ++i) {
+            a[2 * i] = _mm_unpacklo_epi16(v[2 * i], v[2 * i + 1]);
+            a[2 * i + 1] = _mm_unpackhi_epi16(v[2 * i], v[2 * i + 1]);
+          }
+          for (int i = 0; i < 2; ++i)
+            for (int h = 0; h < 2; ++h) {
+              b[4 * i + 2 * h] = _mm_unpacklo_epi32(a[4 * i + h], a[4 * i + 2 + h]);
+              b[4 * i + 2 * h + 1] = _mm_unpackhi_epi32(a[4 * i + h], a[4 * i + 2 + h]);
+            }
+          for (int j = 0; j < 4; ++j) {
+            const __m128i columns[2] = {_mm_unpacklo_epi64(b[j], b[4 + j]), _mm_unpackhi_epi64(b[j], b[4 + j])};
+            for (int h = 0; h < 2; ++h) {
+              float* out = dst + (c + 2 * j + h) * rows + q;
+              _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi16(zero, columns[h]));
+              _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), _mm_unpackhi_epi16(zero, columns[h]));
+            }
+          }
+        }
+        for (; c < count; ++c)
+          for (int i = 0; i < 8; ++i) dst[c * rows + q + i] = value(row0 + q + i, c0 + c);
+      }
+    }
+#endif
+    for (; q < rows; ++q)
+      for (int64_t c = 0; c < count; ++c) dst[c * rows + q] = value(row0 + q, c0 + c);
+  }
 
  private:
   Tensor tensor_;
@@ -661,9 +704,7 @@ class LoraMatrices {
   }
   // Columns [c0, c0 + n) of expert e's matrix m transposed, into dst [n][rows(m)] as T, in one pass.
   void copy_columns(Which m, int64_t e, int64_t c0, int64_t n, T* dst) const {
-    const int64_t rows = rows_[m];
-    for (int64_t q = 0; q < rows; ++q)
-      for (int64_t c = 0; c < n; ++c) dst[c * rows + q] = sources_[m]->value(e * rows + q, c0 + c);
+    sources_[m]->transpose_columns(e * rows_[m], rows_[m], c0, n, dst);
   }
   // Columns [c0, c0 + n) of row `row` of expert e's matrix m, into dst as T: a task converts only
   // the slice it uses, not whole rows once per column block.

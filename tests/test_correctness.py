@@ -34,6 +34,8 @@ EDGE_CASES = {
     "r1": dict(T=10, E=4, k=2, H=32, I=24, r=1),
     "r0": dict(T=10, E=4, k=2, H=32, I=24, r=0),
     "r16": dict(T=10, E=4, k=2, H=64, I=48, r=16),
+    # r and the columns of a task's block past whole 8 x 8 blocks (Ad's columns are transposed in them)
+    "r12_ragged_columns": dict(T=20, E=3, k=2, H=40, I=78, r=12),
     "int32_ids": dict(T=10, E=4, k=2, H=32, I=24, r=4, ids_dtype=torch.int32),
     "some_minus_one": dict(T=16, E=4, k=3, H=32, I=24, r=4, neg_frac=0.3),
     "all_minus_one": dict(T=6, E=4, k=2, H=32, I=24, r=4, neg_frac=1.0),
