@@ -566,7 +566,7 @@ class RowSource {
           __m128i v[8];
           for (int i = 0; i < 8; ++i)
             v[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bf16_ + (row0 + q + i) * n_ + c0 + c));
-          // rows i, i + 1 interleaved, then pairs, then quads: t[j] = column j of the 8 rows
+          // rows i and i + 1 interleaved, then row pairs, then quads: the 8 rows of each column
           __m128i a[8], b[8];
           for (int i = 0; i < 4; ++i) {
             a[2 * i] = _mm_unpacklo_epi16(v[2 * i], v[2 * i + 1]);

@@ -59,7 +59,8 @@ inline PanelScales load_scales(const QuantMatrix& w, int64_t panel, int64_t grou
 // shifted up. Zeros, subnormals (exponent 0) and NaN (0x7F) break that rule; 32 codes holding one take
 // a per-code table instead (rare in real weights: a zero or subnormal code is a weight below 2^-6 of
 // its scale, 1/28672 of the largest code's). The per-code arithmetic this replaces (shifts, an int to
-// float conversion, two blends per 8 codes) made fp8 decode 3x slower than int8's; this is ~2x.
+// float conversion, two blends per 8 codes) made fp8 decode 3x slower than int8's
+// (benchmarks/quant_kernels.cpp); this is within 1.25x.
 struct E4m3Bytes {
   __m256i low, high;  // in the codes' order
 };
@@ -88,15 +89,16 @@ __attribute__((noinline, cold)) void e4m3_bytes_per_code(const uint8_t* codes, u
   }
 }
 
-// The exceptions by nibble: bit 0 of exception_high[hn] is set where e / 2 is 0 (with the high
-// nibble's sign bit ignored), bit 1 where it is 7; bit 0 of exception_low[ln] where the exponent's low
-// bit is 0 (e is 0 if e / 2 is too), bit 1 where ln is 0xF (all ones: NaN if e is 15). A code is an
-// exception iff the two share a bit, which one vptest finds for 32 codes.
+// A 16-entry vpshufb table in both 128-bit lanes.
 inline __m256i lane_table(const uint8_t (&entries)[16]) {
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(entries));
   return _mm256_broadcastsi128_si256(t);
 }
 
+// The exceptions by nibble: bit 0 of exception_high[hn] is set where e / 2 is 0 (the high nibble's
+// sign bit ignored), bit 1 where it is 7; bit 0 of exception_low[ln] where the exponent's low bit is 0
+// (so e is 0 where e / 2 is too), bit 1 where ln is 0xF (NaN where e is 15). A code is an exception
+// iff the two share a bit, which one vptest finds for 32 codes.
 inline E4m3Bytes e4m3_bytes(__m256i code) {
   static constexpr uint8_t top[16] = {0x3C, 0x3D, 0x3E, 0x3F, 0x40, 0x41, 0x42, 0x43,
                                       0xBC, 0xBD, 0xBE, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3};
@@ -346,6 +348,7 @@ void fp8_codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel,
   const __m256i first_rows = _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11);
   const __m256i second_rows = _mm256_add_epi32(first_rows, _mm256_set1_epi32(4));
   const __m256i row_stride = _mm256_set1_epi32(static_cast<int>(w.groups));
+  const uint8_t* const codes = w.data + panel * Kp * kPairBytes;
   const float* x[MR];
   __m256 total[MR][2];
   for (int r = 0; r < MR; ++r) {
@@ -356,11 +359,10 @@ void fp8_codes_panel(const QuantMatrix& w, const float* const* a, int64_t panel,
     const int64_t kp_begin = g * pairs_per_group, kp_end = kp_begin + pairs_per_group;
     __m256 acc[MR][4];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
-    const uint8_t* const codes = w.data + panel * Kp * kPairBytes;
     const auto pair_products = [&](int64_t kp, bool odd_k_real) {
       const uint8_t* pair = codes + kp * kPairBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes),
-                   _MM_HINT_T0);  // each line twice: cheaper than a test
+      // each line twice (two k pairs per line): cheaper than a test per k pair
+      _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T0);
       const E4m3Bytes bytes = e4m3_bytes(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair)));
       const __m256i first = _mm256_unpacklo_epi8(bytes.low, bytes.high);
       const __m256i second = _mm256_unpackhi_epi8(bytes.low, bytes.high);
