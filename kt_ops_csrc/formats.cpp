@@ -145,6 +145,16 @@ bool ExpertWeights::codes_path(int64_t m, bool integer_dot) const {
   return format_ != WeightFormat::Bf16 && m <= kDirectQuantRows && dequant_kernels().gemm_nt_codes != nullptr;
 }
 
+bool ExpertWeights::scaled_path(int64_t m) const {
+  return format_ != WeightFormat::Bf16 && m <= kScaledGemmRows && dequant_kernels().gemm_nt_scaled != nullptr;
+}
+
+void ExpertWeights::gemm_nt_scaled(int64_t expert, const float* a, int64_t lda, int64_t m, int64_t p0, int64_t np,
+                                   float* c, int64_t ldc) const {
+  dequant_kernels().gemm_nt_scaled(matrix(expert), a, lda, static_cast<int>(m), static_cast<int>(p0),
+                                   static_cast<int>(np), c, ldc);
+}
+
 bool ExpertWeights::codes_quantized() const { return integer_products(format_); }
 
 bool ExpertWeights::quantize_rows(const float* const* a_rows, int m, int16_t* q, int8_t* q8, float* step) const {

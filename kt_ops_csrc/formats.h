@@ -44,6 +44,12 @@ class ExpertWeights {
   // returned false or is not needed.
   void gemm_nt_codes(int64_t expert, const float* const* a_rows, const QuantizedRows* quantized, int m, int64_t p0,
                      int64_t np, float* c) const;
+  // Whether gemm_nt_scaled (quant.h) multiplies m rows: a quantized format, up to kScaledGemmRows rows,
+  // where the ISA's table has the kernel. Only the fp32 ISAs call it (the bf16 ones round activations
+  // and take bf16 panels).
+  bool scaled_path(int64_t m) const;
+  void gemm_nt_scaled(int64_t expert, const float* a, int64_t lda, int64_t m, int64_t p0, int64_t np, float* c,
+                      int64_t ldc) const;
   // Panels [p0, p0 + np) over all K as bf16 weight panels (gemm.h), panel_stride uint16 apart: the
   // packed weights themselves, or (quantized formats) dequantized into `buffer`, which has room for
   // nt_buffer_elems(np) values.

@@ -1093,6 +1093,25 @@ class Forward {
                 static_cast<int>(np), c, ldc, true);
   }
 
+  // c = rows . W_e^T over panels [p0, p0 + np) (K = W's columns), plus `extra`. On the fp32 ISAs a
+  // quantized W times few rows takes gemm_nt_scaled (its codes decoded in registers, no buffer);
+  // otherwise W's bf16 panels: the packed ones, or dequantized into the task buffer `slot` on first
+  // use (`panels` and `stride` keep them for the task's next row chunk).
+  void weight_product(const ExpertWeights& w, int64_t e, const Act* a, int64_t lda, int64_t m, int64_t p0, int64_t np,
+                      T* c, int64_t ldc, const ExtraProducts<Act>* extra, Slot slot, const uint16_t*& panels,
+                      int64_t& stride) const {
+    if constexpr (std::is_same_v<Act, float>) {
+      if (w.scaled_path(m)) {
+        w.gemm_nt_scaled(e, a, lda, m, p0, np, c, ldc);
+        if (extra != nullptr) add_products(*extra, m, np, c, ldc);
+        return;
+      }
+    }
+    if (panels == nullptr) panels = weight_panels(w, e, p0, np, stride, slot);
+    k_.gemm_w(a, lda, static_cast<int>(m), static_cast<int>(w.cols()), panels, stride, static_cast<int>(np), c, ldc,
+              false, extra);
+  }
+
   // The on-codes experts' input rows, once per call: x as fp32 (the hidden states as given),
   // quantized where the kernel wants.
   void prepare_codes_x() {
@@ -1201,13 +1220,9 @@ class Forward {
             lora_g = expansion(bg, lora_act(0) + c0 * ldr_, s_.r);
             lora_u = expansion(bu, lora_act(1) + c0 * ldr_, s_.r);
           }
-          if (wg == nullptr) {
-            wg = weight_panels(gate_w_, e, p0, np, stride_g, kWeightsA);
-            wu = weight_panels(up_w_, e, p0, np, stride_u, kWeightsB);
-          }
           const Act* x = xs_.data() + c0 * ldx_;
-          k_.gemm_w(x, ldx_, m, s_.H, wg, stride_g, np, cg, ldc, false, lora ? &lora_g : nullptr);
-          k_.gemm_w(x, ldx_, m, s_.H, wu, stride_u, np, cu, ldc, false, lora ? &lora_u : nullptr);
+          weight_product(gate_w_, e, x, ldx_, m, p0, np, cg, ldc, lora ? &lora_g : nullptr, kWeightsA, wg, stride_g);
+          weight_product(up_w_, e, x, ldx_, m, p0, np, cu, ldc, lora ? &lora_u : nullptr, kWeightsB, wu, stride_u);
         }
         for (int64_t i = 0; i < m; ++i) {
           const int64_t p = order_[c0 + i];
@@ -1288,8 +1303,8 @@ class Forward {
         } else {
           ExtraProducts<Act> lora_d;
           if (lora) lora_d = expansion(bd, lora_act(2) + c0 * ldr_, s_.r);
-          if (wd == nullptr) wd = weight_panels(down_w_, e, p0, np, stride, kWeightsA);
-          k_.gemm_w(hs_.data() + c0 * ldh_, ldh_, m, s_.I, wd, stride, np, c, ldc, false, lora ? &lora_d : nullptr);
+          weight_product(down_w_, e, hs_.data() + c0 * ldh_, ldh_, m, p0, np, c, ldc, lora ? &lora_d : nullptr,
+                         kWeightsA, wd, stride);
         }
         for (int64_t i = 0; i < m; ++i) {
           const int64_t p = order_[c0 + i];

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import kt_ops
+from kt_testing import assert_rel_mae
 from kt_ops.core.packed import unpack_experts
 from kt_ops.utils.loader import BF16SafeTensorLoader, SafeTensorLoader
 from kt_ops.weights import ktransformers as ktw
@@ -185,16 +186,18 @@ def test_sft_wrapper_trains_on_kt_directory(tmp_path, method, parts, pools):
     perm = torch.tensor([2, 0, 3, 1])
     w = sft_wrapper(f"AMX{method}_SFT", weight_path=str(tmp_path), threadpool_count=pools)
     w.load_weights(perm)
-    # reference: the dequantized values as bf16 experts, same permutation and pools
+    # reference: the dequantized values as bf16 experts, same permutation and pools. The quantized
+    # layer multiplies the same values rounded to bf16, or (fp32 ISAs, an expert's few rows) the exact
+    # ones: within 1e-2 relative mean error (measured ~3e-3), where a wrong expert order gives ~0.7.
     ref = sft_wrapper("AMXBF16_SFT", threadpool_count=pools)
     ref.load_weights_from_tensors(*(t.bfloat16() for t in truth[0]), perm)
     loras = lora()
     y, gx, grads = run_sft(w, loras)
     y_ref, gx_ref, grads_ref = run_sft(ref, loras)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert_rel_mae("output", y, y_ref, 1e-2)
+    assert_rel_mae("grad hidden_states", gx, gx_ref, 1e-2)
     for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5)
+        assert_rel_mae(name, grads[name], grads_ref[name], 1e-2)
 
 
 def test_kt_directory_repacked_for_another_numa_split_warns(tmp_path):

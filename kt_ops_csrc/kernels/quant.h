@@ -141,9 +141,21 @@ struct DequantKernels {
   // row holds NaN or Inf or a group's reciprocal overflows (a group of tiny subnormals). Provided with
   // gemm_nt_int8; every table gives the same bits.
   bool (*quantize_rows)(const float* const* a, int m, int64_t K, int64_t groups, int16_t* q, int8_t* q8, float* step);
+  // C [m, 16 np] (ldc apart) = A . W^T over panels [p0, p0 + np), for any number of fp32 rows A (lda
+  // apart, K values each): the fp32 ISAs' product on a quantized W beyond decode's rows. Each k pair's
+  // codes are decoded and scaled in registers (w = code * scale (+ min) in fp32 without FMA, the exact
+  // weight: no bf16 rounding) and multiplied in blocks of rows that share them, so the weights never
+  // pass through a dequantized buffer. nullptr: not provided (the bf16 panels of `dequant` serve).
+  void (*gemm_nt_scaled)(const QuantMatrix& w, const float* a, int64_t lda, int m, int p0, int np, float* c,
+                         int64_t ldc) = nullptr;
 };
 
 constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
+// Rows per expert up to which the fp32 ISAs multiply a quantized W by gemm_nt_scaled: it decodes the
+// codes once per 8 rows, bf16 panels once per call but at more instructions per weight than the
+// widening the fp32 GEMM then does per 8 rows (benchmarks/quant_kernels.cpp, Ice Lake, int8 and fp8:
+// faster up to 16 rows, slower from 24).
+constexpr int kScaledGemmRows = 16;
 constexpr int64_t kMaxPairsPerInt32 = 65536;
 
 template <int Rows, typename Panel>

@@ -7,13 +7,15 @@
 // Also the dequantization of every format (DequantKernels::dequant): every table must give the
 // reference's bf16 bits for random panels / k-pair ranges of random codes (all 256 E4M3 codes, NaN
 // included) and random scales (zero, and tiny enough for subnormal products now and then), and the
-// reference's fp8 must equal the E4M3 value times the scale rounded to bf16. And gemm_nt_codes
-// (fp32 on the codes) within fp32 rounding of float64 sums over the exact dequantized weights.
+// reference's fp8 must equal the E4M3 value times the scale rounded to bf16. And gemm_nt_codes and
+// gemm_nt_scaled (fp32 on the codes) within fp32 rounding of float64 sums over the exact dequantized
+// weights.
 // Buffers have their exact sizes, so AddressSanitizer sees any out-of-bounds access. Built by run.sh.
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -304,34 +306,46 @@ static void test_codes(const std::vector<Table>& tables, WeightFormat format, in
   char ctx[140];
   std::snprintf(ctx, sizeof ctx, "codes %s m=%d N=%d K=%d groups=%ld p0=%d np=%d", weight_format_name(format), m, N, K,
                 long(groups), p0, np);
-  for (const Table& t : tables) {
-    if (!t.k->gemm_nt_codes) continue;
-    std::vector<float> c(size_t(m) * ldc);
-    t.k->gemm_nt_codes(w, row_ptrs.data(), m, p0, np, c.data());
-    for (int i = 0; i < m; ++i)
-      for (int col = 0; col < ldc; ++col) {
-        const int n = 16 * p0 + col;
-        // The 4-bit formats sum x * code and x apart, then apply scale and offset per group: their
-        // fp32 rounding scales with |x| (15 |scale| + |offset|), not with |x w|.
-        const int64_t width = has_zero_point(format) ? 2 : 1, group_k = 2 * (k_pairs(K) / groups);
-        double exact = 0, magnitude = 0;
-        for (int k = 0; n < N && k < K; ++k) {
-          const double x = rows[i][k], term = x * exact_w[size_t(n) * K + k];
-          exact += term;
-          magnitude += std::fabs(term);
-          if (!is_byte_coded(format)) {
-            const float* s = &W.scales[(n * groups + k / group_k) * width];
-            magnitude +=
-                std::fabs(x) * (15.0 * std::fabs(s[0]) + (width == 2 ? std::fabs(s[1]) : 8.0 * std::fabs(s[0])));
-          }
-        }
-        const double allowed = 2e-5 * magnitude + 1e-30;
-        const double got = c[size_t(i) * ldc + col];
-        if (!(std::fabs(got - exact) <= allowed) && failures++ < 20)
-          std::printf("FAIL %s row %d col %d: got %.9g expected %.9g (allowed %.3g) %s\n", t.name.c_str(), i, col, got,
-                      exact, allowed, ctx);
+  // gemm_nt_scaled reads the rows lda apart and writes C ldc_scaled apart (both past their minimum)
+  const int lda = K + rint_(0, 5), ldc_scaled = ldc + rint_(0, 3);
+  std::vector<float> a(size_t(m) * lda);
+  for (int i = 0; i < m; ++i) std::copy(rows[i].begin(), rows[i].end(), a.begin() + size_t(i) * lda);
+  for (const Table& t : tables)
+    for (const bool scaled : {false, true}) {
+      if (!(scaled ? t.k->gemm_nt_scaled != nullptr : t.k->gemm_nt_codes != nullptr)) continue;
+      std::vector<float> c(size_t(m) * ldc);
+      if (scaled) {
+        std::vector<float> wide(size_t(m) * ldc_scaled);
+        t.k->gemm_nt_scaled(w, a.data(), lda, m, p0, np, wide.data(), ldc_scaled);
+        for (int i = 0; i < m; ++i)
+          std::copy_n(wide.begin() + size_t(i) * ldc_scaled, ldc, c.begin() + size_t(i) * ldc);
+      } else {
+        t.k->gemm_nt_codes(w, row_ptrs.data(), m, p0, np, c.data());
       }
-  }
+      for (int i = 0; i < m; ++i)
+        for (int col = 0; col < ldc; ++col) {
+          const int n = 16 * p0 + col;
+          // The 4-bit formats sum x * code and x apart, then apply scale and offset per group: their
+          // fp32 rounding scales with |x| (15 |scale| + |offset|), not with |x w|.
+          const int64_t width = has_zero_point(format) ? 2 : 1, group_k = 2 * (k_pairs(K) / groups);
+          double exact = 0, magnitude = 0;
+          for (int k = 0; n < N && k < K; ++k) {
+            const double x = rows[i][k], term = x * exact_w[size_t(n) * K + k];
+            exact += term;
+            magnitude += std::fabs(term);
+            if (!is_byte_coded(format)) {
+              const float* s = &W.scales[(n * groups + k / group_k) * width];
+              magnitude +=
+                  std::fabs(x) * (15.0 * std::fabs(s[0]) + (width == 2 ? std::fabs(s[1]) : 8.0 * std::fabs(s[0])));
+            }
+          }
+          const double allowed = 2e-5 * magnitude + 1e-30;
+          const double got = c[size_t(i) * ldc + col];
+          if (!(std::fabs(got - exact) <= allowed) && failures++ < 20)
+            std::printf("FAIL %s%s row %d col %d: got %.9g expected %.9g (allowed %.3g) %s\n", t.name.c_str(),
+                        scaled ? " scaled" : "", i, col, got, exact, allowed, ctx);
+        }
+    }
 }
 
 int main(int argc, char** argv) {
@@ -407,7 +421,9 @@ int main(int argc, char** argv) {
       const bool grouped = is_grouped(format);
       const int N = rint_(1, 70), group = 2 * rint_(1, 64), K = grouped ? group * rint_(1, 4) : rint_(1, 300);
       test_dequant(tables, format, N, K, grouped ? K / group : 1);
-      if (it % 4 == 0) test_codes(tables, format, rint_(1, kDirectQuantRows), N, K, grouped ? K / group : 1);
+      // decode's rows, and gemm_nt_scaled's blocks of 8 with a remainder
+      if (it % 4 == 0)
+        test_codes(tables, format, rint_(1, it % 8 ? kDirectQuantRows : 20), N, K, grouped ? K / group : 1);
     }
   test(tables, 1, 16, 2 * kMaxPairsPerInt32 + 6, 1, 0, 1, Rows::Extreme);  // two int32 chunks at the edge
   test(tables, 3, 20, 2 * kMaxPairsPerInt32 + 3, 1, 1, 1, Rows::Normal);
