@@ -612,7 +612,7 @@ static void run_table(const Table<Act>& t, int iters) {
   test_nn_batch_invariant(t, 2048, 1408, 64, 64, false, 0);
   // gemm_nn on codes, in every form (rows across 4, 32, 80) and format family (odd K where allowed)
   for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8, WeightFormat::Int4ZpKGroup})
-    for (int m : {1, 5, 20, 40, 90}) {
+    for (int m : {1, 3, 5, 10, 20, 40, 90}) {
       const int N = rint_(1, 100), K = is_grouped(f) ? 2 * rint_(1, 100) : rint_(1, 200);
       const int col0 = 2 * rint_(0, (K - 1) / 2);
       test_nn_codes(t, f, m, N, K, col0, rint_(1, std::min(64, K - col0)), m % 2 == 1);
