@@ -5,7 +5,11 @@
 //           streamed from RAM: bf16 panels on the fp32 GEMM, int8 (integer dot), int4 and fp8 (fp32 on
 //           the codes; fp8 with a scale per row and 128-wide K group, as AMXFP8_SFT, normal codes);
 //   dequant: the same matrices dequantized into bf16 panels, 4 panels x all K at a time (a forward
-//           task's block, in L2), as the prefill and training GEMMs get them.
+//           task's block, in L2), as the prefill and training GEMMs get them;
+//   prefill: 8, 12 and 16 rows (a training step's rows per expert around qlen 128) against the same
+//           matrices: bf16 panels on the fp32 GEMM, and int8 / fp8 by dequant + that GEMM or, where
+//           the table has it, gemm_nt_scaled (the codes decoded in registers), which quant.h's
+//           kScaledGemmRows picks up to 12 rows.
 // Build and run from the repository root:
 //   k=kt_ops_csrc/kernels; g++ -O3 -std=c++20 -ffp-contract=off -Wno-psabi -I$k benchmarks/quant_kernels.cpp \
 //     $k/quant_ref.cpp $k/quant_avx2.cpp $k/quant_avx512.cpp $k/quant_avx512_vnni.cpp $k/gemm_avx2.cpp \
@@ -45,7 +49,10 @@ int main() {
   const int64_t act_groups = activation_groups(k_pairs(K), 1);  // as the op quantizes a row for int8
   std::vector<float> x_step(act_groups);
   quantize_rows_avx2(rows, 1, K, act_groups, x_q.data(), x_q8.data(), x_step.data());
-  std::vector<float> c(padded_rows(N));
+  constexpr int kPrefillRows[] = {8, 12, 16};
+  std::vector<float> prefill_x(size_t(16) * K);
+  for (auto& v : prefill_x) v = (r() % 1000) / 500.0f - 1.0f;
+  std::vector<float> c(size_t(16) * padded_rows(N));
   std::vector<uint16_t> panels(int64_t(kBlockPanels) * k_pairs(K) * 2 * kPanelRows);
   const int kColumnPairs = 32;  // a backward task's 64 columns of W, all rows (for gemm_nn)
   std::vector<uint16_t> columns(int64_t(padded_rows(N)) * kColumnPairs * 2);
@@ -100,6 +107,35 @@ int main() {
                          t.quant->gemm_nt_codes(matrix(WeightFormat::Fp8, 0), rows, 1, 0, 8, c.data());
                      }});
   }
+  for (const Table& t : tables)
+    for (const int m : kPrefillRows) {
+      const std::string rows_name = std::to_string(m) + " rows";
+      const int64_t stride = k_pairs(K) * 2 * kPanelRows;
+      lines.push_back({"prefill " + rows_name + " bf16 (" + t.name + ")", [&, t, m, stride](int e) {
+                         for (int p0 = 0; p0 < np; p0 += kBlockPanels)
+                           t.gemm->gemm_w(prefill_x.data(), K, m, K, bf16.data() + e * pair_rows * 2 + p0 * stride,
+                                          stride, std::min(kBlockPanels, np - p0), c.data() + p0 * kPanelRows,
+                                          padded_rows(N), false, nullptr);
+                       }});
+      for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Fp8}) {
+        const std::string name = rows_name + " " + weight_format_name(f) + " (" + t.name + ")";
+        lines.push_back({"prefill " + name + " dequant", [&, t, m, f, stride](int e) {
+                           for (int p0 = 0; p0 < np; p0 += kBlockPanels) {
+                             const int n = std::min(kBlockPanels, np - p0);
+                             t.quant->dequant(matrix(f, e), p0, n, 0, k_pairs(K), panels.data());
+                             t.gemm->gemm_w(prefill_x.data(), K, m, K, panels.data(), stride, n,
+                                            c.data() + p0 * kPanelRows, padded_rows(N), false, nullptr);
+                           }
+                         }});
+        if (t.quant->gemm_nt_scaled)
+          lines.push_back({"prefill " + name + " scaled", [&, t, m, f](int e) {
+                             for (int p0 = 0; p0 < np; p0 += kBlockPanels)
+                               t.quant->gemm_nt_scaled(matrix(f, e), prefill_x.data(), K, m, p0,
+                                                       std::min(kBlockPanels, np - p0), c.data() + p0 * kPanelRows,
+                                                       padded_rows(N));
+                           }});
+      }
+    }
   for (const char* shape : {"", "columns "})
     for (const Table& t : tables)
       for (WeightFormat f : {WeightFormat::Int8, WeightFormat::Int4, WeightFormat::Fp8})
@@ -121,8 +157,8 @@ int main() {
       for (int e = 0; e < kExperts; ++e) lines[i].run((rep * kExperts + e) % E);
       best[i] = std::min(best[i], std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
-  std::printf("%-32s %9s %14s\n", "kernel, 12 matrices 1408 x 2048", "ms", "Gweights/s");
+  std::printf("%-44s %9s %14s\n", "kernel, 12 matrices 1408 x 2048", "ms", "Gweights/s");
   for (size_t i = 0; i < lines.size(); ++i)
-    std::printf("%-32s %9.3f %14.2f\n", lines[i].name.c_str(), best[i] * 1e3,
+    std::printf("%-44s %9.3f %14.2f\n", lines[i].name.c_str(), best[i] * 1e3,
                 kExperts * double(N) * K / best[i] * 1e-9);
 }
