@@ -9,7 +9,7 @@
 //   prefill: 8, 12 and 16 rows (a training step's rows per expert around qlen 128) against the same
 //           matrices: bf16 panels on the fp32 GEMM, and int8 / fp8 by dequant + that GEMM or, where
 //           the table has it, gemm_nt_scaled (the codes decoded in registers), which quant.h's
-//           kScaledGemmRows picks up to 12 rows.
+//           kScaledGemmRows picks up to 8 rows.
 // Build and run from the repository root:
 //   k=kt_ops_csrc/kernels; g++ -O3 -std=c++20 -ffp-contract=off -Wno-psabi -I$k benchmarks/quant_kernels.cpp \
 //     $k/quant_ref.cpp $k/quant_avx2.cpp $k/quant_avx512.cpp $k/quant_avx512_vnni.cpp $k/gemm_avx2.cpp \

@@ -155,9 +155,9 @@ struct DequantKernels {
 constexpr int kDirectQuantRows = 4;  // rows up to which gemm_nt_codes / gemm_nt_int8 are used
 // Rows per expert up to which the fp32 ISAs multiply a quantized W by gemm_nt_scaled: it decodes the
 // codes once per 8 rows, bf16 panels once per call but at more instructions per weight than the
-// widening the fp32 GEMM then does per 8 rows (benchmarks/quant_kernels.cpp, Ice Lake, int8 and fp8:
-// 25-45% faster at 4 to 8 rows, even at 12, 4-6% slower at 16).
-constexpr int kScaledGemmRows = 12;
+// widening the fp32 GEMM then does per 8 rows (benchmarks/quant_kernels.cpp, Ice Lake: int8 and fp8
+// about 20% faster at 8 rows; at 12 int8 6% faster and fp8 9% slower; both slower at 16).
+constexpr int kScaledGemmRows = 8;
 constexpr int64_t kMaxPairsPerInt32 = 65536;
 
 template <int Rows, typename Panel>
