@@ -325,15 +325,16 @@ static void test_codes(const std::vector<Table>& tables, WeightFormat format, in
       for (int i = 0; i < m; ++i)
         for (int col = 0; col < ldc; ++col) {
           const int n = 16 * p0 + col;
-          // The 4-bit formats sum x * code and x apart, then apply scale and offset per group: their
-          // fp32 rounding scales with |x| (15 |scale| + |offset|), not with |x w|.
+          // gemm_nt_codes' 4-bit formats sum x * code and x apart, then apply scale and offset per
+          // group: their fp32 rounding scales with |x| (15 |scale| + |offset|), not with |x w|.
+          // gemm_nt_scaled sums x * w on the exact weights.
           const int64_t width = has_zero_point(format) ? 2 : 1, group_k = 2 * (k_pairs(K) / groups);
           double exact = 0, magnitude = 0;
           for (int k = 0; n < N && k < K; ++k) {
             const double x = rows[i][k], term = x * exact_w[size_t(n) * K + k];
             exact += term;
             magnitude += std::fabs(term);
-            if (!is_byte_coded(format)) {
+            if (!scaled && !is_byte_coded(format)) {
               const float* s = &W.scales[(n * groups + k / group_k) * width];
               magnitude +=
                   std::fabs(x) * (15.0 * std::fabs(s[0]) + (width == 2 ? std::fabs(s[1]) : 8.0 * std::fabs(s[0])));
