@@ -39,7 +39,7 @@ int main() {
     return 1;
   }
   for (auto NK : {std::pair<int, int>{2048, 1408}, {1408, 2048}})
-    for (int m : {1, 4, 5, 8, 10, 11, 16, 48}) {
+    for (int m : {1, 4, 5, 8, 10, 11, 12, 16, 48}) {
       const int N = NK.first, K = NK.second, n_padded = static_cast<int>(padded_rows(N));
       const int64_t kp = k_pairs(K), lda = act_stride(n_padded);
       std::vector<uint16_t> w(static_cast<size_t>(kExperts) * n_padded * kp * 2);
@@ -53,9 +53,18 @@ int main() {
         NnWeights we;
         we.panels = w.data() + static_cast<size_t>(expert) * n_padded * kp * 2;
         we.kp = kp;
-        for (int k0 = 0, b = 0; k0 < K; k0 += kCols, ++b)
+        for (int k0 = 0, b = 0; k0 < K; k0 += kCols, ++b) {
+          // The backward's hint (moe_sft.cpp's prefetch_columns): the next block's columns of every panel.
+          ExtraProducts<float> next;
+          if (k0 + kCols < K) {
+            next.prefetch = reinterpret_cast<const char*>(we.panels + ((k0 + kCols) / 2) * 2 * kPanelRows);
+            next.prefetch_stride = kp * 2 * kPanelRows * static_cast<int64_t>(sizeof(uint16_t));
+            next.prefetch_rows = n_padded / kPanelRows;
+            next.prefetch_lines = (std::min(kCols, K - k0 - kCols) + 1) / 2;
+          }
           tables[v]->gemm_nn(a.data(), lda, m, n_padded, we, k0, std::min(kCols, K - k0),
-                             c[v].data() + static_cast<size_t>(b) * row_capacity(m) * kCols, kCols, false, nullptr);
+                             c[v].data() + static_cast<size_t>(b) * row_capacity(m) * kCols, kCols, false, &next);
+        }
       };
       double best[2] = {1e9, 1e9};
       for (int rep = 0; rep < kReps; ++rep)

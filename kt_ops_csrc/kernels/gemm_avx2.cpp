@@ -172,7 +172,7 @@ const KernelsF32* avx2_kernels_f32() {
       to_act_common<float, float>,
       bf16_to_act_common<float>,
       to_act_residual_common<float, float>,
-      pack_rows_common<float>,
+      pack_rows_bf16<float>,
       pack_cols_common<float>,
       pack_rows_split_common<float, float>,
       pack_cols_split_common<float, float>,
