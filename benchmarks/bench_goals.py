@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import DSV2_LITE, QUICK, Problem, cpu_flags, fmt, machine_line, measure_alternating, set_threads
+from common import DSV2_LITE, QUICK, Problem, fmt, has_native_bf16, machine_line, measure_alternating, set_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -240,7 +240,7 @@ def goal_rows(moe: dict, decode: dict | None, tax: dict, perf: dict) -> list:
     rows.append((f"1 f+b vs kt-kernel AMXBF16_SFT, qlen {big}", ">= 1.50x", fmt(ktk, "{:.2f}x"), ktk, 1.5))
     # Without native bf16 products torch's bf16 mm is a slow fallback: goal 2's shares would read far over
     # 100% and mean nothing. kt_ops multiplies in fp32 there, so goal 9 holds its step to the fp32 ceiling.
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    native_bf16 = has_native_bf16()
     for label, key, step, target in (("fwd", "kt_fwd", False, 0.80), ("f+b", "kt_step", True, 0.70)):
         t = med(big, key)
         share = flops(big, step) / t / 1e9 / peak16 if t and peak16 and native_bf16 else None

@@ -84,6 +84,12 @@ def cpu_flags() -> set:
     return set((_cpuinfo_field("flags") or "").split())
 
 
+def has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): without it torch's bf16 mm is
+    a slow fallback, and kt_ops multiplies in fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def set_threads(n: int) -> None:
     """n threads for torch and for kt_ops' worker pool."""
     import kt_ops
@@ -344,7 +350,7 @@ def ceilings(gemm_n: int, dram_bytes: int) -> dict:
     print("# measuring fp32 and bf16 GEMM peaks and DRAM bandwidth ...", file=sys.stderr, flush=True)
     # Without native bf16 products torch's bf16 mm is a slow fallback (one thread on a Zen 3: over 30 s
     # per 2048^3 call), and the ceiling means nothing there: an n/4 product shows that it is slow.
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    native_bf16 = has_native_bf16()
     bf16_n = gemm_n if native_bf16 else max(gemm_n // 4, 64)
     return {
         "gemm": gemm_peak(gemm_n),
