@@ -48,6 +48,9 @@ EDGE_CASES = {
     # Beyond the small sizes: > 64 rows per expert and > 64 output columns, so the kernels split
     # one expert's work over several row blocks, column panels and threads.
     "multi_task_split": dict(T=150, E=3, k=2, H=136, I=144, r=8, ids_mode="hot", neg_frac=0.05),
+    # Few rows per expert and several 64-column blocks per task (ragged last ones): the backward's
+    # products over a task's whole run of blocks, then each block's LoRA products.
+    "few_rows_wide_runs": dict(T=3, E=4, k=2, H=201, I=261, r=8),
 }
 
 DTYPE_MODES = {
