@@ -2,12 +2,12 @@
 // between this checkout and an older source of the same table, one thread, no thread pool: for each
 // shape the two alternate rep by rep and the minimum over reps is printed. Shapes: DeepSeek-V2-Lite's
 // W [N, K] (down 2048 x 1408 for dh, gate/up 1408 x 2048 for dx), 64-column blocks as the backward's
-// tasks, m rows of one expert (up to 4, 10 with AVX-512: the few-row form; more: the repacked one; 48 is a training
-// batch of 512 tokens), each call on another of 16 experts' weights (from DRAM, as in a backward: a
-// build that ran on the same weights just before would leave them in L3 for the other).
-// KT_AB_TABLE names the table (avx2_kernels_f32, the default, or avx512_kernels_f32); u below is its
-// source file. The old source is compiled with its namespace renamed (its own includes, from its
-// own directory), so both tables live in one binary; it must have this checkout's gemm_nn interface:
+// tasks, m rows of one expert (up to 8 with AVX2, 10 with AVX-512: the few-row form; more: the repacked one; 48 is a
+// training batch of 512 tokens), each call on another of 16 experts' weights (from DRAM, as in a backward: a build that
+// ran on the same weights just before would leave them in L3 for the other). KT_AB_TABLE names the table
+// (avx2_kernels_f32, the default, or avx512_kernels_f32); u below is its source file. The old source is compiled with
+// its namespace renamed (its own includes, from its own directory), so both tables live in one binary; it must have
+// this checkout's gemm_nn interface:
 //   git worktree add /tmp/old REV && k=kt_ops_csrc/kernels && u=gemm_avx512.cpp t=avx512_kernels_f32 &&
 //   g++ -O3 -std=c++20 -ffp-contract=off -I/tmp/old/$k -Dkt=kt_old -c /tmp/old/$k/$u -o /tmp/old_nn.o &&
 //   g++ -O3 -std=c++20 -ffp-contract=off -I$k -DKT_AB_TABLE=$t benchmarks/nn_kernel_ab.cpp /tmp/old_nn.o \
@@ -39,7 +39,7 @@ int main() {
     return 1;
   }
   for (auto NK : {std::pair<int, int>{2048, 1408}, {1408, 2048}})
-    for (int m : {1, 4, 5, 8, 10, 11, 12, 16, 48}) {
+    for (int m : {1, 4, 5, 6, 8, 10, 11, 12, 16, 48}) {
       const int N = NK.first, K = NK.second, n_padded = static_cast<int>(padded_rows(N));
       const int64_t kp = k_pairs(K), lda = act_stride(n_padded);
       std::vector<uint16_t> w(static_cast<size_t>(kExperts) * n_padded * kp * 2);

@@ -51,6 +51,8 @@ EDGE_CASES = {
     # Few rows per expert and several 64-column blocks per task (ragged last ones): the backward's
     # products over a task's whole run of blocks, then each block's LoRA products.
     "few_rows_wide_runs": dict(T=3, E=4, k=2, H=201, I=261, r=8),
+    # About 6 rows per expert: AVX2's few-row product in two passes over W, run-wide as well.
+    "some_rows_wide_runs": dict(T=12, E=4, k=2, H=201, I=261, r=8),
 }
 
 DTYPE_MODES = {

@@ -167,7 +167,7 @@ const KernelsF32* avx2_kernels_f32() {
       gemm_a_exact_common<float, float>,
       nn_few_fma::gemm_nn<
           4, gemm_nn_repacked<float, float, gemm_w_then_extra<float, float, gemm_w_avx2, gemm_a_avx2>, repack_nn>,
-          gemm_a_avx2>,
+          gemm_a_avx2, 2>,
       repack_nn,
       to_act_common<float, float>,
       bf16_to_act_common<float>,
