@@ -799,6 +799,16 @@ ExtraProducts<Act> expansion(const SlicePanels<Act>& b, const Act* rows, int64_t
   return extra;
 }
 
+// C += the extra products (the LoRA expansions) over np panels, by the table's gemm_a, as the weight
+// GEMMs add them after their own product (the same bits): for rows whose base product ran elsewhere
+// (on the codes, or over a backward task's whole run of blocks).
+template <typename T, typename Act>
+void add_products(const Kernels<T, Act>& k, const ExtraProducts<Act>& extra, int64_t m, int64_t np, T* c, int64_t ldc) {
+  for (int j = 0; j < extra.count; ++j)
+    k.gemm_a(extra.a[j], extra.lda, static_cast<int>(m), extra.K, extra.b[j], extra.panel_stride, static_cast<int>(np),
+             c, ldc, true);
+}
+
 // VariantArgs checked and converted to T (biases are [E, I] / [E, H]: small, converted whole).
 template <typename T>
 class Variant {
@@ -1091,14 +1101,6 @@ class Forward {
   // count) take the tile GEMM's own, as add_products.
   static bool few_rows(int64_t rows) { return rows <= kDirectQuantRows; }
 
-  // C += the extra products that the tile GEMM adds to its own (the LoRA expansions), for rows whose
-  // base product ran on the codes.
-  void add_products(const ExtraProducts<Act>& extra, int64_t m, int64_t np, T* c, int64_t ldc) const {
-    for (int j = 0; j < extra.count; ++j)
-      k_.gemm_a(extra.a[j], extra.lda, static_cast<int>(m), extra.K, extra.b[j], extra.panel_stride,
-                static_cast<int>(np), c, ldc, true);
-  }
-
   // c = rows . W_e^T over panels [p0, p0 + np) (K = W's columns), plus `extra`. On the fp32 ISAs a
   // quantized W times few rows takes gemm_nt_scaled (its codes decoded in registers, no buffer);
   // otherwise W's bf16 panels: the packed ones, or dequantized into the task buffer `slot` on first
@@ -1109,7 +1111,7 @@ class Forward {
     if constexpr (std::is_same_v<Act, float>) {
       if (w.scaled_path(m)) {
         w.gemm_nt_scaled(e, a, lda, m, p0, np, c, ldc);
-        if (extra != nullptr) add_products(*extra, m, np, c, ldc);
+        if (extra != nullptr) add_products(k_, *extra, m, np, c, ldc);
         return;
       }
     }
@@ -1207,8 +1209,8 @@ class Forward {
           codes_x_->gemm(gate_w_, e, slot, m, p0, np, cg);
           codes_x_->gemm(up_w_, e, slot, m, p0, np, cu);
           if (lora && !exact_lora) {
-            add_products(expansion(bg, lora_act(0) + c0 * ldr_, s_.r), m, np, cg, ldc);
-            add_products(expansion(bu, lora_act(1) + c0 * ldr_, s_.r), m, np, cu, ldc);
+            add_products(k_, expansion(bg, lora_act(0) + c0 * ldr_, s_.r), m, np, cg, ldc);
+            add_products(k_, expansion(bu, lora_act(1) + c0 * ldr_, s_.r), m, np, cu, ldc);
           } else if (lora) {
             const int64_t r = s_.r;
             T* scratch = task_buffer<T>(kConvert, nrows * r);
@@ -1300,7 +1302,7 @@ class Forward {
           const int64_t slot = codes_base_[e] + (c0 - begin);
           codes_h_->gemm(down_w_, e, slot, m, p0, np, c);
           if (lora && !exact_lora) {
-            add_products(expansion(bd, lora_act(2) + c0 * ldr_, s_.r), m, np, c, ldc);
+            add_products(k_, expansion(bd, lora_act(2) + c0 * ldr_, s_.r), m, np, c, ldc);
           } else if (lora) {
             bd = pack_lora(k_, *lora, L::DownB, e, n0, nrows, 0, s_.r, false, kLoraA,
                            task_buffer<T>(kConvert, nrows * s_.r));
@@ -1549,14 +1551,6 @@ class Backward {
     return out;
   }
 
-  // What gemm_nn adds after its base product (the LoRA expansions), where the base product came from
-  // the run's: the table's gemm_a over the block's panels, as gemm_nn itself does it (the same bits).
-  void add_extras(const ExtraProducts<Act>& extra, int64_t m, int64_t cols, T* c, int64_t ldc) const {
-    for (int j = 0; j < extra.count; ++j)
-      k_.gemm_a(extra.a[j], extra.lda, static_cast<int>(m), extra.K, extra.b[j], extra.panel_stride,
-                static_cast<int>(ceil_div(cols, kPanelRows)), c, ldc, true);
-  }
-
   void grad_h(const LoraMatrices<T, Act>* lora) {
     using L = LoraMatrices<T, Act>;
     const int64_t I = s_.I, P = s_.pairs(), r = s_.r;
@@ -1604,7 +1598,7 @@ class Backward {
           if (run.c != nullptr) {
             c = run.c + (block - runs[ti].first) * kNnCols;
             ldc = run.ldc;
-            add_extras(extra, m, kc, c, ldc);
+            add_products(k_, extra, m, ceil_div(kc, kPanelRows), c, ldc);
           } else {
             c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
             if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count)
@@ -1717,7 +1711,7 @@ class Backward {
           if (run.c != nullptr) {
             c = run.c + (block - runs[ti].first) * kNnCols;
             ldc = run.ldc;
-            add_extras(extra_u, m, kc, c, ldc);
+            add_products(k_, extra_u, m, ceil_div(kc, kPanelRows), c, ldc);
           } else {
             c = task_buffer<T>(kStageA, row_capacity(m) * kNnCols);
             if (c0 == begin && block + 1 < runs[ti].first + runs[ti].count) {
